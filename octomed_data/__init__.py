@@ -1,0 +1,3 @@
+"""octomed-data: the OctoMed data recipe as a library."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,269 @@
+"""The one record schema of the factory.
+
+Every stage reads and writes these Arrow schemas:
+
+* ``QUESTION_SCHEMA``: one medical question (ingest, decontamination, distillation input).
+* ``QUARANTINE_SCHEMA``: an input record that could not become a question, with the reason.
+* ``REMOVED_SCHEMA``: a question removed by decontamination, with the benchmark item it matched.
+* ``SAMPLE_SCHEMA``: one teacher sample (reasoning trace + verdict) for one question.
+
+Rows are plain dicts; :func:`question_row` builds and validates a question row so every loader
+produces the same shape. ``question_id`` is derived from content (source, question text,
+options, image hashes), so the same question from the same source gets the same id on
+every run, whatever file or record index it came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
+from enum import StrEnum
+from typing import Any
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+
+
+class TaskType(StrEnum):
+    """What kind of question a record is; decides prompt, teacher routing and answer check."""
+
+    TEXT_MCQ = "text_mcq"  # text multiple choice (MedQA, MedMCQA, HeadQA, MMLU ...)
+    MM_MCQ = "mm_mcq"  # multimodal multiple choice (PMC-VQA, MedXpertQA MM, OmniMedVQA ...)
+    IMAGING_CLS = "imaging_cls"  # imaging classification turned into multiple choice
+    YES_NO_MAYBE = "yes_no_maybe"  # PubMedQA-style closed answers, and closed VQA yes/no
+    OPEN_VQA = "open_vqa"  # open-ended VQA answered with short normalised text
+    OPEN_QA = "open_qa"  # open-ended text question (e.g. PathVQA textbook pairs), short normalised answer
+
+    @property
+    def is_multiple_choice(self) -> bool:
+        return self in (TaskType.TEXT_MCQ, TaskType.MM_MCQ, TaskType.IMAGING_CLS)
+
+    @property
+    def is_multimodal(self) -> bool:
+        return self in (TaskType.MM_MCQ, TaskType.IMAGING_CLS, TaskType.OPEN_VQA)
+
+
+OPTION_TYPE = pa.struct([("label", pa.string()), ("text", pa.string())])
+
+IMAGE_TYPE = pa.struct(
+    [
+        ("sha256", pa.string()),  # of the normalised (resized, re-encoded) bytes: the content address
+        ("uri", pa.string()),  # where the normalised image is stored
+        ("phash", pa.uint64()),  # 64-bit perceptual hash for near-duplicate detection
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+    ]
+)
+
+QUESTION_SCHEMA = pa.schema(
+    [
+        pa.field("question_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("task_type", pa.string(), nullable=False),
+        pa.field("modality", pa.string()),
+        pa.field("anatomy", pa.string()),
+        pa.field("question", pa.string(), nullable=False),
+        pa.field("options", pa.list_(OPTION_TYPE), nullable=False),
+        pa.field("answer", pa.string(), nullable=False),
+        pa.field("answer_text", pa.string()),
+        pa.field("images", pa.list_(IMAGE_TYPE), nullable=False),
+        pa.field("metadata", pa.string()),  # JSON object of source-specific extras (subject, ...)
+        pa.field("input_file", pa.string(), nullable=False),
+        pa.field("record_index", pa.int64(), nullable=False),
+    ],
+    metadata={"octomed.schema": "question", "octomed.schema_version": SCHEMA_VERSION},
+)
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("input_file", pa.string(), nullable=False),
+        pa.field("record_index", pa.int64(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),  # short machine-readable code
+        pa.field("detail", pa.string()),  # human-readable explanation
+        pa.field("raw", pa.string()),  # the offending record, truncated
+    ],
+    metadata={"octomed.schema": "quarantine", "octomed.schema_version": SCHEMA_VERSION},
+)
+
+REMOVED_SCHEMA = pa.schema(
+    list(QUESTION_SCHEMA)
+    + [
+        pa.field("match_kind", pa.string(), nullable=False),  # text_ngram | image_sha256 | image_phash
+        pa.field("match_benchmark", pa.string(), nullable=False),
+        pa.field("match_item", pa.string(), nullable=False),  # benchmark item id
+        pa.field("match_detail", pa.string()),  # the shared n-gram, or the hamming distance
+    ],
+    metadata={"octomed.schema": "removed", "octomed.schema_version": SCHEMA_VERSION},
+)
+
+SAMPLE_SCHEMA = pa.schema(
+    [
+        pa.field("question_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("task_type", pa.string(), nullable=False),
+        pa.field("sample_idx", pa.int32(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field(
+            "teacher", pa.string(), nullable=False
+        ),  # teacher name from config ("sandbox" for the sandbox)
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("prompt_version", pa.string(), nullable=False),
+        pa.field("params_hash", pa.string(), nullable=False),
+        pa.field("reasoning", pa.string()),
+        pa.field("response", pa.string()),
+        pa.field("extracted_answer", pa.string()),
+        pa.field("gold_answer", pa.string(), nullable=False),
+        pa.field("correct", pa.bool_(), nullable=False),
+        pa.field("finish_reason", pa.string()),
+        pa.field("reject_reason", pa.string()),  # null when correct
+        pa.field("prompt_tokens", pa.int64()),
+        pa.field("completion_tokens", pa.int64()),
+        pa.field("latency_s", pa.float64()),
+        pa.field("attempts", pa.int32()),
+        pa.field("error", pa.string()),  # last error for samples that failed after all retries
+        pa.field("created_at", pa.timestamp("ms", tz="UTC")),
+    ],
+    metadata={"octomed.schema": "sample", "octomed.schema_version": SCHEMA_VERSION},
+)
+
+
+class RecordError(ValueError):
+    """A single input record is invalid; the loader quarantines it with ``reason``."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def normalize_text(text: str) -> str:
+    """Unicode-normalise and strip; used for ids so whitespace noise doesn't change identity."""
+    return " ".join(unicodedata.normalize("NFKC", text).split())
+
+
+def make_question_id(
+    source: str,
+    question: str,
+    options: Sequence[tuple[str, str]] = (),
+    image_hashes: Sequence[str] = (),
+) -> str:
+    """Stable content id: same source + question + options + images -> same id on every run."""
+    payload = json.dumps(
+        [
+            source,
+            normalize_text(question),
+            [[k, normalize_text(v)] for k, v in options],
+            sorted(image_hashes),
+        ],
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:24]
+
+
+def option_labels(n: int) -> list[str]:
+    """Labels for ``n`` options: A, B, C, ... (at most 26)."""
+    if not 0 <= n <= 26:
+        raise RecordError("too_many_options", f"{n} options")
+    return [chr(ord("A") + i) for i in range(n)]
+
+
+def question_row(
+    *,
+    source: str,
+    split: str,
+    task_type: TaskType | str,
+    question: str,
+    answer: str,
+    input_file: str,
+    record_index: int,
+    options: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+    answer_text: str | None = None,
+    images: Sequence[Mapping[str, Any]] = (),
+    modality: str | None = None,
+    anatomy: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Build one validated question row; raises :class:`RecordError` for an invalid record."""
+    task = TaskType(task_type)
+    if not isinstance(question, str) or not question.strip():
+        raise RecordError("missing_question", "question text is empty")
+    opts = list(options.items() if isinstance(options, Mapping) else (options or []))
+    opts = [(str(k).strip(), "" if v is None else str(v).strip()) for k, v in opts]
+    if answer is None or not str(answer).strip():
+        raise RecordError("missing_answer", "gold answer is empty")
+    answer = str(answer).strip()
+    if task.is_multiple_choice:
+        if len(opts) < 2:
+            raise RecordError("too_few_options", f"{len(opts)} options for a multiple-choice question")
+        labels = [k for k, _ in opts]
+        if len(set(labels)) != len(labels):
+            raise RecordError("duplicate_option_labels", ",".join(labels))
+        if any(not t for _, t in opts):
+            raise RecordError("empty_option", "an option has no text")
+        answer = answer.upper()
+        if answer not in labels:
+            raise RecordError("answer_not_in_options", f"answer {answer!r} not among {labels}")
+        if answer_text is None:
+            answer_text = dict(opts)[answer]
+    elif task == TaskType.YES_NO_MAYBE:
+        answer = answer.lower()
+        if answer not in ("yes", "no", "maybe"):
+            raise RecordError("invalid_answer", f"{answer!r} is not yes/no/maybe")
+    else:
+        answer = normalize_text(answer).lower()
+    if task.is_multimodal and not images:
+        raise RecordError("missing_image", "a multimodal question has no image")
+    image_list = [dict(im) for im in images]
+    return {
+        "question_id": make_question_id(source, question, opts, [im["sha256"] for im in image_list]),
+        "source": source,
+        "split": split,
+        "task_type": task.value,
+        "modality": modality,
+        "anatomy": anatomy,
+        "question": question.strip(),
+        "options": [{"label": k, "text": v} for k, v in opts],
+        "answer": answer,
+        "answer_text": answer_text,
+        "images": image_list,
+        "metadata": json.dumps(dict(metadata), ensure_ascii=False, sort_keys=True, default=str)
+        if metadata
+        else None,
+        "input_file": input_file,
+        "record_index": int(record_index),
+    }
+
+
+def quarantine_row(
+    *, source: str, input_file: str, record_index: int, reason: str, detail: str = "", raw: Any = None
+) -> dict[str, Any]:
+    """Build one quarantine row. ``raw`` is stored as JSON/text, truncated to 4 kB."""
+    if raw is not None and not isinstance(raw, str):
+        try:
+            raw = json.dumps(raw, ensure_ascii=False, default=str)
+        except (TypeError, ValueError):
+            raw = repr(raw)
+    return {
+        "source": source,
+        "input_file": input_file,
+        "record_index": int(record_index),
+        "reason": reason,
+        "detail": detail[:2000] if detail else None,
+        "raw": raw[:4096] if raw else None,
+    }
+
+
+def options_of(row: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The ordered (label, text) options of a question row."""
+    return [(o["label"], o["text"]) for o in (row.get("options") or [])]
+
+
+def to_table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Rows -> Arrow table with exactly ``schema`` (missing nullable fields become null)."""
+    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)

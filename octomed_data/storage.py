@@ -1,0 +1,325 @@
+"""The one storage layer: Parquet datasets of atomically committed shards behind fsspec URIs.
+
+A *dataset* is a folder ``URI`` holding ``part-<shard>.parquet`` files and a manifest folder
+``URI/_manifest/`` with one JSON marker per committed shard (file, row count, bytes). A shard
+is committed in two steps: the Parquet file is written atomically (temp file + rename on
+filesystems that rename atomically; a single PUT on object stores, which makes an object
+visible only once complete), then its marker is written the same way. Readers go by the
+manifest, so they never see a half-written shard, and re-writing a shard replaces it, so a
+re-run never duplicates rows. Folders starting with ``_`` or ``.`` are ignored by
+``pyarrow.dataset`` and by the ``*.parquet`` glob that ``datasets.load_dataset`` is given.
+
+URIs: a plain path or ``file://`` (default), ``s3://bucket/prefix`` through s3fs against any
+S3-compatible endpoint, or ``memory://`` (tests). S3 endpoint and credentials come from the
+environment (``OCTOMED_S3_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL``; ``AWS_ACCESS_KEY_ID`` /
+``AWS_SECRET_ACCESS_KEY`` read by botocore itself) or from :func:`configure`, never from code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from octomed_data.errors import StorageError
+
+MANIFEST_DIR = "_manifest"
+SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+_configured: dict[str, dict[str, Any]] = {}
+_lock = threading.Lock()
+
+
+def configure(protocol: str, **options: Any) -> None:
+    """Set storage options for a protocol (e.g. ``configure("s3", endpoint_url=...)``)."""
+    with _lock:
+        _configured[protocol] = dict(options)
+
+
+def protocol_of(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+def storage_options(uri: str) -> dict[str, Any]:
+    """fsspec storage options for ``uri``: configuration first, then the environment.
+
+    Returns a fresh dict on every call (``datasets.load_dataset`` mutates what it is given).
+    """
+    proto = protocol_of(uri)
+    if proto in ("s3", "s3a"):
+        opts: dict[str, Any] = {}
+        endpoint = os.environ.get("OCTOMED_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            opts["endpoint_url"] = endpoint
+        # Fail fast on an unreachable endpoint instead of retrying for minutes.
+        opts["config_kwargs"] = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3}}
+        opts.update(_configured.get("s3", {}))
+        return opts
+    return dict(_configured.get(proto, {}))
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and the protocol-less path of ``uri``."""
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **storage_options(uri))
+    except (ImportError, ValueError) as exc:
+        raise StorageError(f"cannot open storage URI {uri!r}: {exc}") from None
+    return fs, path
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI (always with ``/``)."""
+    if "://" in uri:
+        proto, rest = uri.split("://", 1)
+        return f"{proto}://" + posixpath.join(rest.rstrip("/"), *parts) if rest else uri
+    return os.path.join(uri, *parts)
+
+
+def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Re-attach the protocol to a path returned by ``fs``."""
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if proto in ("file", "local"):
+        return path
+    return f"{proto}://{path}"
+
+
+def describe_error(uri: str, exc: BaseException) -> str:
+    """One line saying why ``uri`` could not be used (no traceback, no secrets)."""
+    name = type(exc).__name__
+    msg = str(exc).splitlines()[0] if str(exc) else name
+    if "Could not connect" in msg or "EndpointConnectionError" in name or "Connect" in name:
+        return f"cannot reach the storage endpoint for {uri}: {msg}"
+    if isinstance(exc, PermissionError) or "AccessDenied" in msg or "InvalidAccessKeyId" in msg:
+        return f"access denied to {uri}: {msg}"
+    if "NoCredentials" in name or "Unable to locate credentials" in msg:
+        return f"no credentials for {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+    if isinstance(exc, FileNotFoundError) or "NoSuchBucket" in msg:
+        return f"not found: {uri} ({msg})"
+    return f"storage error on {uri}: {name}: {msg}"
+
+
+def _wrap(uri: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except StorageError:
+        raise
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise StorageError(describe_error(uri, exc)) from exc
+    except Exception as exc:  # botocore / aiohttp errors are not OSError subclasses
+        if type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "s3fs"):
+            raise StorageError(describe_error(uri, exc)) from exc
+        raise
+
+
+def _atomic_put(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    parent = posixpath.dirname(path) if "/" in path else ""
+    if protocol_of(to_uri(fs, path)) in ("s3", "s3a", "gs", "gcs", "az", "abfs"):
+        # Object stores publish an object only when its upload completes: a PUT is atomic.
+        with fs.open(path, "wb") as fh:
+            fh.write(data)
+        return
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+    if fs.protocol in ("file", "local") or "file" in fs.protocol:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    else:
+        with fs.open(tmp, "wb") as fh:
+            fh.write(data)
+        fs.mv(tmp, path)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` to ``uri`` atomically: readers see the old object or the new, never half."""
+    fs, path = filesystem(uri)
+    _wrap(uri, _atomic_put, fs, path, data)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    return _wrap(uri, fs.cat_file, path)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return bool(_wrap(uri, fs.exists, path))
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode("utf-8"))
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def ensure_writable(uri: str) -> None:
+    """Check early that ``uri`` can be written (bucket exists, endpoint reachable, path creatable)."""
+    fs, path = filesystem(uri)
+    if protocol_of(uri) in ("s3", "s3a"):
+        bucket = path.split("/", 1)[0]
+        if len(bucket) < 3:
+            raise StorageError(f"invalid bucket name in {uri!r}")
+        if not _wrap(uri, fs.exists, bucket):
+            raise StorageError(
+                f"bucket {bucket!r} does not exist (or is not visible) at the configured endpoint"
+            )
+        return
+    _wrap(uri, fs.makedirs, path, exist_ok=True)
+
+
+def table_to_parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """A committed shard as the manifest records it."""
+
+    shard: str
+    file: str  # file name inside the dataset folder
+    rows: int
+    bytes: int
+    committed_at: float
+    extra: dict[str, Any]
+
+
+class Dataset:
+    """A Parquet dataset at ``uri``: shards committed atomically, listed by a manifest."""
+
+    def __init__(self, uri: str, schema: pa.Schema | None = None) -> None:
+        self.uri = uri.rstrip("/") if uri.endswith("/") and len(uri) > 1 else uri
+        self.schema = schema
+
+    def __repr__(self) -> str:
+        return f"Dataset({self.uri!r})"
+
+    @staticmethod
+    def shard_name(shard: int | str) -> str:
+        name = f"{shard:05d}" if isinstance(shard, int) else str(shard)
+        if not SHARD_NAME.match(name):
+            raise ValueError(f"invalid shard name {name!r}")
+        return name
+
+    def file_uri(self, shard: int | str) -> str:
+        return join(self.uri, f"part-{self.shard_name(shard)}.parquet")
+
+    def marker_uri(self, shard: int | str) -> str:
+        return join(self.uri, MANIFEST_DIR, f"{self.shard_name(shard)}.json")
+
+    def write_shard(
+        self,
+        shard: int | str,
+        data: pa.Table | Sequence[Mapping[str, Any]],
+        extra: Mapping[str, Any] | None = None,
+    ) -> ShardInfo:
+        """Commit one shard (replacing any earlier commit of the same shard)."""
+        name = self.shard_name(shard)
+        if isinstance(data, pa.Table):
+            table = data if self.schema is None else data.select(self.schema.names).cast(self.schema)
+        else:
+            if self.schema is None:
+                raise ValueError("rows need a schema")
+            table = pa.Table.from_pylist(
+                [{f.name: r.get(f.name) for f in self.schema} for r in data], schema=self.schema
+            )
+        payload = table_to_parquet_bytes(table)
+        write_bytes(self.file_uri(name), payload)
+        info = ShardInfo(
+            shard=name,
+            file=f"part-{name}.parquet",
+            rows=table.num_rows,
+            bytes=len(payload),
+            committed_at=time.time(),
+            extra=dict(extra or {}),
+        )
+        write_json(self.marker_uri(name), asdict(info))
+        return info
+
+    def manifest(self) -> dict[str, ShardInfo]:
+        """Committed shards, by name, sorted."""
+        fs, path = filesystem(self.uri)
+        mdir = posixpath.join(path, MANIFEST_DIR) if "://" in self.uri else os.path.join(path, MANIFEST_DIR)
+        if not _wrap(self.uri, fs.exists, mdir):
+            return {}
+        out: dict[str, ShardInfo] = {}
+        for p in sorted(_wrap(self.uri, fs.ls, mdir, detail=False)):
+            base = posixpath.basename(p)
+            if not base.endswith(".json") or base.startswith("."):
+                continue
+            info = json.loads(_wrap(self.uri, fs.cat_file, p))
+            out[info["shard"]] = ShardInfo(**info)
+        return dict(sorted(out.items()))
+
+    def is_committed(self, shard: int | str) -> bool:
+        return exists(self.marker_uri(shard))
+
+    def shard_info(self, shard: int | str) -> ShardInfo | None:
+        uri = self.marker_uri(shard)
+        return ShardInfo(**read_json(uri)) if exists(uri) else None
+
+    def num_rows(self) -> int:
+        return sum(s.rows for s in self.manifest().values())
+
+    def files(self) -> list[str]:
+        """URIs of the committed shard files (what ``datasets.load_dataset`` should be given)."""
+        return [join(self.uri, s.file) for s in self.manifest().values()]
+
+    def read_shard(self, shard: int | str, columns: Sequence[str] | None = None) -> pa.Table:
+        fs, path = filesystem(self.file_uri(shard))
+        with _wrap(self.uri, fs.open, path, "rb") as fh:
+            return pq.read_table(fh, columns=list(columns) if columns else None)
+
+    def iter_batches(
+        self,
+        batch_size: int = 4096,
+        columns: Sequence[str] | None = None,
+        shards: Sequence[str] | None = None,
+    ) -> Iterator[pa.RecordBatch]:
+        """Stream committed shards batch by batch; memory stays bounded by one batch."""
+        names = list(shards) if shards is not None else list(self.manifest())
+        for name in names:
+            fs, path = filesystem(self.file_uri(name))
+            with _wrap(self.uri, fs.open, path, "rb") as fh:
+                pf = pq.ParquetFile(fh)
+                yield from pf.iter_batches(batch_size=batch_size, columns=list(columns) if columns else None)
+
+    def iter_rows(
+        self, batch_size: int = 4096, shards: Sequence[str] | None = None
+    ) -> Iterator[dict[str, Any]]:
+        for batch in self.iter_batches(batch_size=batch_size, shards=shards):
+            yield from batch.to_pylist()
+
+    def read_all(self, columns: Sequence[str] | None = None) -> pa.Table:
+        """Read every committed shard (for small datasets and tests only)."""
+        tables = [self.read_shard(s, columns) for s in self.manifest()]
+        if not tables:
+            if self.schema is None:
+                raise StorageError(f"no committed shards in {self.uri}")
+            schema = self.schema if not columns else pa.schema([self.schema.field(c) for c in columns])
+            return schema.empty_table()
+        return pa.concat_tables(tables, promote_options="default")
+
+    def delete_shard(self, shard: int | str) -> None:
+        """Un-commit a shard: marker first, so readers stop seeing it before the file goes."""
+        for uri in (self.marker_uri(shard), self.file_uri(shard)):
+            fs, path = filesystem(uri)
+            if _wrap(uri, fs.exists, path):
+                _wrap(uri, fs.rm, path)
