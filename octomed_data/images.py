@@ -88,3 +88,22 @@ def phash(img: Image.Image) -> int:
 
 def hamming(a: int, b: int) -> int:
     return (int(a) ^ int(b)).bit_count()
+
+
+def open_raster(source: str | bytes) -> Image.Image:
+    """Decode a JPEG/PNG (or any PIL raster) from a path or bytes, EXIF orientation applied."""
+    from PIL import ImageOps
+
+    img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    img.load()
+    return ImageOps.exif_transpose(img)
+
+
+def fingerprint(img: Image.Image, max_pixels: int = MAX_PIXELS) -> tuple[bytes, str, int]:
+    """Normalise ``img`` and return (normalised PNG bytes, SHA-256 hex, 64-bit pHash).
+
+    Ingest and the benchmark registry both go through this, so equal images get equal hashes.
+    """
+    norm = normalize_image(img, max_pixels=max_pixels)
+    data = encode_png(norm)
+    return data, sha256_hex(data), phash(norm)
