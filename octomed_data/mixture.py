@@ -1,0 +1,540 @@
+"""The training mixture: accepted traces from every source, weighted, capped, deduplicated, shuffled, split.
+
+Input: accepted samples (``SAMPLE_SCHEMA``, the output of rejection sampling) and the questions
+they answer (``QUESTION_SCHEMA``, after decontamination). Output: ``OUT/train`` and
+``OUT/validation`` datasets of :data:`MIXTURE_SCHEMA` rows (question + one accepted trace),
+plus ``OUT/mixture.json`` with per-source counts.
+
+Nothing holds a whole run in memory. The work is three streaming passes over hash buckets:
+
+1. *partition*: samples and questions are spilled to ``OUT/_work`` bucketed by ``question_id``,
+   so every trace of a question, and the question itself, land in the same bucket;
+2. *select*: per bucket, duplicates (same question + same normalised reasoning and response)
+   are dropped, the per-question limit and the per-source weight are applied, and per-source
+   caps keep the traces with the smallest seeded priority (a bounded heap per capped source);
+3. *shuffle*: selected rows are range-partitioned by a seeded 64-bit key and each partition
+   is sorted, so concatenating the output shards in order is one global seeded shuffle.
+
+Every random choice is a hash of (seed, content), so the same inputs and seed give the same
+mixture on any machine and with any bucket count. The train/validation split is by
+``question_id``: no question is in both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import heapq
+import json
+import math
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from octomed_data import storage
+from octomed_data.errors import ConfigError, StorageError
+from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA, normalize_text
+
+SPLITS = ("train", "validation")
+
+# Derived from the one record schema (same field types), never redefined.
+MIXTURE_SCHEMA = pa.schema(
+    [
+        QUESTION_SCHEMA.field("question_id"),
+        QUESTION_SCHEMA.field("source"),
+        QUESTION_SCHEMA.field("task_type"),
+        pa.field("split", pa.string(), nullable=False),  # train | validation (of the mixture)
+        QUESTION_SCHEMA.field("modality"),
+        QUESTION_SCHEMA.field("question"),
+        QUESTION_SCHEMA.field("options"),
+        QUESTION_SCHEMA.field("images"),
+        pa.field("gold_answer", pa.string(), nullable=False),
+        QUESTION_SCHEMA.field("answer_text"),
+        SAMPLE_SCHEMA.field("sample_idx"),
+        SAMPLE_SCHEMA.field("teacher"),
+        SAMPLE_SCHEMA.field("model"),
+        SAMPLE_SCHEMA.field("reasoning"),
+        SAMPLE_SCHEMA.field("response"),
+        SAMPLE_SCHEMA.field("extracted_answer"),
+        pa.field("copy", pa.int32(), nullable=False),  # >0 for extra copies when a weight is > 1
+        pa.field("shuffle_key", pa.uint64(), nullable=False),
+    ],
+    metadata={"octomed.schema": "mixture", "octomed.schema_version": "1"},
+)
+
+_SAMPLE_COLUMNS = [
+    "question_id",
+    "source",
+    "task_type",
+    "sample_idx",
+    "teacher",
+    "model",
+    "reasoning",
+    "response",
+    "extracted_answer",
+    "correct",
+]
+_QUESTION_COLUMNS = [
+    "question_id",
+    "source",
+    "task_type",
+    "modality",
+    "question",
+    "options",
+    "images",
+    "answer",
+    "answer_text",
+]
+_WORK_SAMPLE_SCHEMA = pa.schema(
+    [SAMPLE_SCHEMA.field(c) for c in _SAMPLE_COLUMNS if c != "correct"]
+    + [pa.field("dedupe_key", pa.string(), nullable=False)]
+)
+_WORK_QUESTION_SCHEMA = pa.schema([QUESTION_SCHEMA.field(c) for c in _QUESTION_COLUMNS])
+_TWO64 = float(2**64)
+
+
+class MixtureConfig(BaseModel):
+    """How accepted traces become the training mixture."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per-source weight: <1 keeps that seeded fraction of its traces, >1 repeats them "
+        "(2.5 = two copies plus a third for half). Unlisted sources use default_weight.",
+    )
+    default_weight: float = Field(1.0, ge=0)
+    caps: dict[str, int] = Field(
+        default_factory=dict, description="Per-source maximum number of distinct traces (before repeats)."
+    )
+    max_traces_per_question: int | None = Field(
+        None, ge=1, description="Keep at most this many distinct accepted traces per question."
+    )
+    seed: int = 0
+    validation_fraction: float = Field(0.05, ge=0, lt=1, description="Share of questions held out.")
+    shard_rows: int = Field(5000, ge=1, description="Target rows per output shard.")
+    bucket_rows: int = Field(50_000, ge=1, description="Target samples per work bucket (memory bound).")
+
+    @field_validator("weights")
+    @classmethod
+    def _non_negative(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: w for k, w in v.items() if not (w >= 0 and math.isfinite(w))}
+        if bad:
+            raise ValueError(f"weights must be finite and >= 0: {bad}")
+        return v
+
+    @field_validator("caps")
+    @classmethod
+    def _positive_caps(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = {k: c for k, c in v.items() if c < 0}
+        if bad:
+            raise ValueError(f"caps must be >= 0: {bad}")
+        return v
+
+    def weight(self, source: str) -> float:
+        return self.weights.get(source, self.default_weight)
+
+
+@dataclass
+class SourceCounts:
+    """What happened to one source's accepted traces."""
+
+    accepted: int = 0  # correct samples read
+    duplicates: int = 0
+    over_question_limit: int = 0
+    dropped_by_weight: int = 0
+    dropped_by_cap: int = 0
+    missing_question: int = 0  # trace whose question is not in the questions dataset
+    selected: int = 0  # distinct traces kept
+    rows_train: int = 0  # rows written, copies included
+    rows_validation: int = 0
+
+
+@dataclass
+class MixtureResult:
+    """Where the mixture went and what it holds."""
+
+    uri: str
+    train_uri: str
+    validation_uri: str
+    rows_train: int
+    rows_validation: int
+    questions_train: int
+    questions_validation: int
+    sources: dict[str, SourceCounts] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _h64(*parts: object) -> int:
+    """Seeded, platform-independent 64-bit hash (Python's ``hash`` is salted per process)."""
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        h.update(str(p).encode("utf-8"))
+        h.update(b"\x1f")
+    return int.from_bytes(h.digest(), "big")
+
+
+def dedupe_key(question_id: str, reasoning: str | None, response: str | None) -> str:
+    """Two traces are duplicates when they answer the same question with the same normalised text."""
+    text = normalize_text(reasoning or "").lower() + "\x1e" + normalize_text(response or "").lower()
+    return hashlib.blake2b(f"{question_id}\x1f{text}".encode(), digest_size=12).hexdigest()
+
+
+def split_of(question_id: str, seed: int, validation_fraction: float) -> str:
+    """Train or validation, decided by the question alone so no question lands in both."""
+    return "validation" if _h64(seed, "split", question_id) / _TWO64 < validation_fraction else "train"
+
+
+def copies_for(weight: float, priority: float) -> int:
+    """How many copies of a trace a weight asks for; ``priority`` in [0,1) decides the fraction."""
+    whole = math.floor(weight)
+    return whole + (1 if priority < weight - whole else 0)
+
+
+def _as_list(uris: str | Sequence[str]) -> list[str]:
+    return [uris] if isinstance(uris, str) else list(uris)
+
+
+class _Spill:
+    """Buffers rows per bucket and commits them as work shards ``b<bucket>-<n>`` when full."""
+
+    def __init__(self, dataset: storage.Dataset, limit_rows: int) -> None:
+        self.dataset = dataset
+        self.limit = limit_rows
+        self.buffers: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        self.buffered = 0
+        self.chunks: Counter[int] = Counter()
+        self.shards: dict[int, list[str]] = defaultdict(list)
+
+    def add(self, bucket: int, row: dict[str, Any]) -> None:
+        self.buffers[bucket].append(row)
+        self.buffered += 1
+        if self.buffered >= self.limit:
+            self.flush()
+
+    def flush(self) -> None:
+        for bucket, rows in self.buffers.items():
+            if rows:
+                name = f"b{bucket:05d}-{self.chunks[bucket]:05d}"
+                self.chunks[bucket] += 1
+                self.dataset.write_shard(name, rows)
+                self.shards[bucket].append(name)
+        self.buffers = defaultdict(list)
+        self.buffered = 0
+
+
+def _count_rows(uris: Iterable[str]) -> int:
+    return sum(storage.Dataset(u).num_rows() for u in uris)
+
+
+def _iter_rows(uris: Iterable[str], columns: Sequence[str]) -> Iterator[dict[str, Any]]:
+    for uri in uris:
+        ds = storage.Dataset(uri)
+        if not ds.manifest():
+            continue
+        for batch in ds.iter_batches(batch_size=2048, columns=columns):
+            yield from batch.to_pylist()
+
+
+def _bucket_candidates(
+    rows: list[dict[str, Any]], config: MixtureConfig, counts: dict[str, SourceCounts]
+) -> list[tuple[dict[str, Any], float, int]]:
+    """Dedupe, per-question limit and weights for one bucket: (row, priority, copies) per candidate.
+
+    Deterministic in the rows alone, so the select pass can recompute it after the cap pass.
+    ``counts`` is updated only when given a fresh dict (the caller decides which pass counts).
+    """
+    rows = sorted(rows, key=lambda r: (r["question_id"], r["teacher"], r["model"], r["sample_idx"]))
+    seen: set[str] = set()
+    per_question: dict[str, list[tuple[float, dict[str, Any]]]] = defaultdict(list)
+    for row in rows:
+        if row["dedupe_key"] in seen:
+            counts[row["source"]].duplicates += 1
+            continue
+        seen.add(row["dedupe_key"])
+        priority = _h64(config.seed, "pick", row["dedupe_key"]) / _TWO64
+        per_question[row["question_id"]].append((priority, row))
+    out: list[tuple[dict[str, Any], float, int]] = []
+    for items in per_question.values():
+        items.sort(key=lambda t: t[0])
+        if config.max_traces_per_question is not None:
+            for _, row in items[config.max_traces_per_question :]:
+                counts[row["source"]].over_question_limit += 1
+            items = items[: config.max_traces_per_question]
+        for priority, row in items:
+            n = copies_for(config.weight(row["source"]), priority)
+            if n == 0:
+                counts[row["source"]].dropped_by_weight += 1
+                continue
+            out.append((row, priority, n))
+    return out
+
+
+def build_mixture(
+    accepted: str | Sequence[str],
+    questions: str | Sequence[str],
+    out: str,
+    config: MixtureConfig | None = None,
+    *,
+    progress: bool = False,
+) -> MixtureResult:
+    """Build the mixture from accepted-sample and question datasets into ``out``.
+
+    Re-running with the same inputs replaces the previous mixture at ``out`` (same rows, same order).
+    """
+    from tqdm import tqdm
+
+    config = config or MixtureConfig()
+    t0 = time.time()
+    accepted_uris, question_uris = _as_list(accepted), _as_list(questions)
+    for uri in accepted_uris + question_uris:
+        if not storage.Dataset(uri).manifest():
+            if not storage.exists(uri):
+                raise StorageError(f"mixture input not found: {uri}")
+    storage.ensure_writable(out)
+    work = storage.join(out, "_work")
+    _remove_tree(work)
+    n_samples = _count_rows(accepted_uris)
+    n_buckets = max(1, math.ceil(n_samples / config.bucket_rows))
+    spill_limit = max(1000, min(config.bucket_rows, 20_000))
+
+    # Pass 1: partition samples and questions by question_id.
+    counts: dict[str, SourceCounts] = defaultdict(SourceCounts)
+    sample_spill = _Spill(storage.Dataset(storage.join(work, "samples"), _WORK_SAMPLE_SCHEMA), spill_limit)
+    rows = _iter_rows(accepted_uris, _SAMPLE_COLUMNS)
+    for row in tqdm(rows, total=n_samples, desc="mixture: partition", disable=not progress, unit="trace"):
+        if not row.get("correct"):
+            continue  # only accepted traces enter a mixture, whatever dataset we were given
+        counts[row["source"]].accepted += 1
+        row.pop("correct")
+        row["dedupe_key"] = dedupe_key(row["question_id"], row["reasoning"], row["response"])
+        sample_spill.add(_h64("bucket", row["question_id"]) % n_buckets, row)
+    sample_spill.flush()
+    question_spill = _Spill(
+        storage.Dataset(storage.join(work, "questions"), _WORK_QUESTION_SCHEMA), spill_limit
+    )
+    for row in _iter_rows(question_uris, _QUESTION_COLUMNS):
+        bucket = _h64("bucket", row["question_id"]) % n_buckets
+        if bucket in sample_spill.shards:  # a question nobody answered correctly is not needed
+            question_spill.add(bucket, row)
+    question_spill.flush()
+    samples_ds = storage.Dataset(storage.join(work, "samples"))
+    questions_ds = storage.Dataset(storage.join(work, "questions"))
+
+    # Pass 2a: per-source caps need the global k smallest priorities: a bounded heap per capped
+    # source. The same pass counts the rows each split will get, which sizes the output shards.
+    heaps: dict[str, list[tuple[float, int, str]]] = defaultdict(list)
+    capped = set(config.caps)
+    expected: Counter[str] = Counter()
+    for bucket in sample_spill.shards:
+        bucket_rows = list(samples_ds.iter_rows(shards=sample_spill.shards[bucket]))
+        scratch: dict[str, SourceCounts] = defaultdict(SourceCounts)
+        for row, priority, n in _bucket_candidates(bucket_rows, config, scratch):
+            src = row["source"]
+            split = split_of(row["question_id"], config.seed, config.validation_fraction)
+            if src not in capped:
+                expected[split] += n
+                continue
+            heap = heaps[src]  # max-heap by negated priority: keeps the cap smallest priorities
+            item = (-priority, n, split)
+            if len(heap) < config.caps[src]:
+                heapq.heappush(heap, item)
+            elif heap and item[0] > heap[0][0]:
+                heapq.heapreplace(heap, item)
+    threshold = {s: (-heaps[s][0][0] if len(heaps[s]) >= config.caps[s] > 0 else 1.0) for s in capped}
+    for heap in heaps.values():
+        for _, n, split in heap:
+            expected[split] += n
+    n_out = {s: max(1, math.ceil(expected[s] / config.shard_rows)) for s in SPLITS}
+
+    # Pass 2b: select, join with the question, assign split and shuffle key, range-partition.
+    shuffle_spills = {
+        s: _Spill(storage.Dataset(storage.join(work, f"shuffle-{s}"), MIXTURE_SCHEMA), spill_limit)
+        for s in SPLITS
+    }
+    questions_by_split: dict[str, set[str]] = {s: set() for s in SPLITS}
+    q_counts: Counter[str] = Counter()
+    for bucket in tqdm(sorted(sample_spill.shards), desc="mixture: select", disable=not progress):
+        bucket_rows = list(samples_ds.iter_rows(shards=sample_spill.shards[bucket]))
+        qshards = question_spill.shards.get(bucket, [])
+        qrows = {q["question_id"]: q for q in questions_ds.iter_rows(shards=qshards)} if qshards else {}
+        for row, priority, n in _bucket_candidates(bucket_rows, config, counts):
+            src = row["source"]
+            if src in capped and not _within_cap(config.caps[src], priority, threshold[src]):
+                counts[src].dropped_by_cap += 1
+                continue
+            q = qrows.get(row["question_id"])
+            if q is None:
+                counts[src].missing_question += 1
+                continue
+            split = split_of(row["question_id"], config.seed, config.validation_fraction)
+            counts[src].selected += 1
+            if row["question_id"] not in questions_by_split[split]:
+                questions_by_split[split].add(row["question_id"])
+                q_counts[split] += 1
+            for copy in range(n):
+                key = _h64(config.seed, "order", row["dedupe_key"], copy)
+                out_row = {
+                    "question_id": row["question_id"],
+                    "source": src,
+                    "task_type": row["task_type"],
+                    "split": split,
+                    "modality": q["modality"],
+                    "question": q["question"],
+                    "options": q["options"],
+                    "images": q["images"],
+                    "gold_answer": q["answer"],
+                    "answer_text": q["answer_text"],
+                    "sample_idx": row["sample_idx"],
+                    "teacher": row["teacher"],
+                    "model": row["model"],
+                    "reasoning": row["reasoning"],
+                    "response": row["response"],
+                    "extracted_answer": row["extracted_answer"],
+                    "copy": copy,
+                    "shuffle_key": key,
+                }
+                shuffle_spills[split].add(int(key * n_out[split] // 2**64), out_row)
+                if split == "train":
+                    counts[src].rows_train += 1
+                else:
+                    counts[src].rows_validation += 1
+        # The set of ids per split is only needed for counting questions; keep it per bucket.
+        questions_by_split = {s: set() for s in SPLITS}
+    for spill in shuffle_spills.values():
+        spill.flush()
+
+    # Pass 3: sort each range partition by its key; shard order = global shuffle order.
+    rows_out: Counter[str] = Counter()
+    for split in SPLITS:
+        target = storage.Dataset(storage.join(out, split), MIXTURE_SCHEMA)
+        _remove_tree(target.uri)
+        spill = shuffle_spills[split]
+        src_ds = storage.Dataset(spill.dataset.uri)
+        for part in range(n_out[split]):
+            names = spill.shards.get(part, [])
+            if names:
+                table = pa.concat_tables([src_ds.read_shard(n) for n in names])
+                table = table.sort_by("shuffle_key")
+            else:
+                table = MIXTURE_SCHEMA.empty_table()
+            target.write_shard(part, table)
+            rows_out[split] += table.num_rows
+    _remove_tree(work)
+
+    result = MixtureResult(
+        uri=out,
+        train_uri=storage.join(out, "train"),
+        validation_uri=storage.join(out, "validation"),
+        rows_train=rows_out["train"],
+        rows_validation=rows_out["validation"],
+        questions_train=q_counts["train"],
+        questions_validation=q_counts["validation"],
+        sources=dict(sorted(counts.items())),
+        seconds=round(time.time() - t0, 3),
+    )
+    storage.write_json(
+        storage.join(out, "mixture.json"),
+        {"config": config.model_dump(), "inputs": {"accepted": accepted_uris, "questions": question_uris}}
+        | result.to_dict(),
+    )
+    return result
+
+
+def _within_cap(cap: int, priority: float, threshold: float) -> bool:
+    return cap > 0 and priority <= threshold
+
+
+def _remove_tree(uri: str) -> None:
+    fs, path = storage.filesystem(uri)
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+
+
+def load_result(out: str) -> MixtureResult:
+    """Read ``OUT/mixture.json`` back."""
+    uri = storage.join(out, "mixture.json")
+    if not storage.exists(uri):
+        raise StorageError(f"no mixture at {out} (missing mixture.json)")
+    data = storage.read_json(uri)
+    sources = {k: SourceCounts(**v) for k, v in data["sources"].items()}
+    keep = {f for f in MixtureResult.__dataclass_fields__}
+    return MixtureResult(**{k: v for k, v in data.items() if k in keep and k != "sources"}, sources=sources)
+
+
+def parse_weights(items: Sequence[str] | None, kind: type = float) -> dict[str, Any]:
+    """``["medqa=0.5", "pubmedqa=2"]`` -> ``{"medqa": 0.5, "pubmedqa": 2.0}`` (CLI helper)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"expected SOURCE=VALUE, got {item!r}")
+        try:
+            out[name.strip()] = kind(value)
+        except ValueError:
+            raise ConfigError(f"not a number in {item!r}") from None
+    return out
+
+
+def _cmd_mix(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    try:
+        config = MixtureConfig(
+            weights=parse_weights(args.weight),
+            caps=parse_weights(args.cap, int),
+            max_traces_per_question=args.max_per_question,
+            seed=args.seed,
+            validation_fraction=args.validation_fraction,
+            shard_rows=args.shard_rows,
+        )
+    except ValidationError as exc:
+        raise ConfigError(f"invalid mixture settings: {exc.errors()[0]['msg']}") from None
+    result = build_mixture(args.accepted, args.questions, args.out, config, progress=True)
+    print(json.dumps(result.to_dict(), indent=2))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from octomed_data.export import export
+
+    result = export(
+        args.mixture, args.out, formats=args.format, embed_images=not args.no_embed, progress=True
+    )
+    print(json.dumps(result.to_dict(), indent=2))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """``octomed-data mix`` and ``octomed-data export``."""
+    p = subparsers.add_parser("mix", help="build the training mixture from accepted traces")
+    p.add_argument("--accepted", nargs="+", required=True, help="accepted-sample dataset URI(s)")
+    p.add_argument("--questions", nargs="+", required=True, help="question dataset URI(s)")
+    p.add_argument("--out", required=True, help="mixture output URI")
+    p.add_argument("--weight", action="append", metavar="SOURCE=W", help="per-source weight (repeatable)")
+    p.add_argument("--cap", action="append", metavar="SOURCE=N", help="per-source cap (repeatable)")
+    p.add_argument("--max-per-question", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--validation-fraction", type=float, default=0.05)
+    p.add_argument("--shard-rows", type=int, default=5000)
+    p.set_defaults(func=_cmd_mix)
+
+    e = subparsers.add_parser("export", help="export a mixture to LLaMA-Factory and TRL Parquet")
+    e.add_argument("mixture", help="mixture URI (holds train/ and validation/)")
+    e.add_argument("--out", required=True, help="export output URI")
+    e.add_argument(
+        "--format", action="append", choices=["llamafactory", "trl"], help="default: both (repeatable)"
+    )
+    e.add_argument("--no-embed", action="store_true", help="TRL: reference images by URI, don't embed bytes")
+    e.set_defaults(func=_cmd_export)

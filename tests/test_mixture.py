@@ -1,0 +1,96 @@
+"""Mixture: weights, caps, dedupe, seeded shuffle, question-level split, streaming buckets."""
+
+from __future__ import annotations
+
+import pytest
+
+from octomed_data import storage
+from octomed_data.errors import ConfigError
+from octomed_data.mixture import MixtureConfig, build_mixture, load_result, parse_weights
+from tests.orchestration_data import write_inputs
+
+
+@pytest.fixture
+def inputs(shared_data, tmp_path):
+    return write_inputs(shared_data, str(tmp_path / "in"), n_text=12, n_image=3)
+
+
+def _rows(uri: str) -> list[dict]:
+    return list(storage.Dataset(uri).iter_rows())
+
+
+def test_dedupe_split_and_counts(inputs, tmp_path):
+    accepted, questions = inputs
+    result = build_mixture(accepted, questions, str(tmp_path / "mix"), MixtureConfig(validation_fraction=0.3))
+    train, val = _rows(result.train_uri), _rows(result.validation_uri)
+    # 15 questions x 3 traces, of which 2 are distinct (variant 0 and 1): 30 rows; the rejected never enter.
+    assert len(train) + len(val) == 30
+    assert all(r["teacher"] == "sandbox" and r["reasoning"] != "wrong" for r in train + val)
+    assert {r["question_id"] for r in train}.isdisjoint({r["question_id"] for r in val})
+    assert len(val) > 0 and len(train) > 0
+    medqa = result.sources["medqa"]
+    assert (medqa.accepted, medqa.duplicates, medqa.selected) == (36, 12, 24)
+    assert result.rows_train == len(train) and result.rows_validation == len(val)
+    assert load_result(str(tmp_path / "mix")).rows_train == len(train)
+    # images travel with the question
+    assert all(r["images"] for r in train + val if r["source"] == "vqa_rad")
+
+
+def test_same_seed_same_order_any_bucket_count(inputs, tmp_path):
+    accepted, questions = inputs
+    a = build_mixture(accepted, questions, str(tmp_path / "a"), MixtureConfig(seed=7, bucket_rows=10_000))
+    b = build_mixture(
+        accepted, questions, str(tmp_path / "b"), MixtureConfig(seed=7, bucket_rows=5, shard_rows=4)
+    )
+    c = build_mixture(accepted, questions, str(tmp_path / "c"), MixtureConfig(seed=8))
+    order = lambda res: [(r["question_id"], r["reasoning"]) for r in _rows(res.train_uri)]  # noqa: E731
+    assert order(a) == order(b)  # 1 bucket vs many buckets + many shards: same global shuffle
+    assert len(storage.Dataset(b.train_uri).manifest()) > 1
+    assert order(a) != order(c)
+    keys = [r["shuffle_key"] for r in _rows(b.train_uri)]
+    assert keys == sorted(keys)  # concatenated shards are in shuffle-key order
+
+
+def test_weights_and_caps(inputs, tmp_path):
+    accepted, questions = inputs
+    cfg = MixtureConfig(weights={"vqa_rad": 2.0, "medqa": 0.5}, caps={"medqa": 5}, validation_fraction=0)
+    result = build_mixture(accepted, questions, str(tmp_path / "m"), cfg)
+    rows = _rows(result.train_uri)
+    by_src = {s: [r for r in rows if r["source"] == s] for s in ("medqa", "vqa_rad")}
+    assert len(by_src["medqa"]) == 5 and result.sources["medqa"].dropped_by_cap > 0
+    assert len(by_src["vqa_rad"]) == 12  # 6 distinct traces, two copies each
+    assert sorted({r["copy"] for r in by_src["vqa_rad"]}) == [0, 1]
+    per_q = build_mixture(
+        accepted,
+        questions,
+        str(tmp_path / "q"),
+        MixtureConfig(max_traces_per_question=1, validation_fraction=0),
+    )
+    assert per_q.rows_train == 15 and per_q.sources["medqa"].over_question_limit == 12
+
+
+def test_rerun_replaces_and_bad_config(inputs, tmp_path):
+    accepted, questions = inputs
+    out = str(tmp_path / "m")
+    build_mixture(accepted, questions, out, MixtureConfig(shard_rows=3))
+    again = build_mixture(accepted, questions, out, MixtureConfig(shard_rows=100))
+    assert len(_rows(again.train_uri)) == again.rows_train  # no stale shards from the first run
+    assert not storage.exists(storage.join(out, "_work"))
+    with pytest.raises(ConfigError):
+        parse_weights(["medqa"])
+    with pytest.raises(ValueError):
+        MixtureConfig(weights={"medqa": -1})
+
+
+def test_missing_input_is_one_line_error(tmp_path):
+    from octomed_data.errors import StorageError
+
+    with pytest.raises(StorageError, match="not found"):
+        build_mixture(str(tmp_path / "nope"), str(tmp_path / "nope2"), str(tmp_path / "m"))
+
+
+def test_mix_on_s3(inputs, s3_bucket):
+    accepted, questions = inputs
+    result = build_mixture(accepted, questions, f"{s3_bucket}/mix", MixtureConfig(bucket_rows=10))
+    assert result.rows_train + result.rows_validation == 30
+    assert len(_rows(result.train_uri)) == result.rows_train
