@@ -1,0 +1,253 @@
+"""Run report: statistics streamed from the raw samples, a PNG plot, markdown, table rows.
+
+The plot has two panels: reasoning length (words) per task type, and pass rate (accepted /
+all samples) per source. The markdown report says what the run produced and where, and says
+plainly when traces came from the sandbox teacher (not a model). The same rows feed the
+Prefect table artifacts, so the dashboard and the report never disagree.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import random
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from octomed_data import storage
+
+SANDBOX_TEACHER = "sandbox"
+_RESERVOIR = 20_000  # lengths kept per task type for the box plot; counts and means stay exact
+
+
+@dataclass
+class SourceStats:
+    samples: int = 0
+    accepted: int = 0
+    reject_reasons: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def pass_rate(self) -> float:
+        return self.accepted / self.samples if self.samples else 0.0
+
+
+@dataclass
+class LengthStats:
+    count: int = 0
+    total_words: int = 0
+    reservoir: list[int] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float:
+        return self.total_words / self.count if self.count else 0.0
+
+
+@dataclass
+class SampleStats:
+    """What the raw samples of a run say, aggregated in one streaming pass."""
+
+    sources: dict[str, SourceStats] = field(default_factory=lambda: defaultdict(SourceStats))
+    task_lengths: dict[str, LengthStats] = field(default_factory=lambda: defaultdict(LengthStats))
+    teachers: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def samples(self) -> int:
+        return sum(s.samples for s in self.sources.values())
+
+    @property
+    def accepted(self) -> int:
+        return sum(s.accepted for s in self.sources.values())
+
+    @property
+    def sandbox_only(self) -> bool:
+        return bool(self.teachers) and set(self.teachers) == {SANDBOX_TEACHER}
+
+    @property
+    def any_sandbox(self) -> bool:
+        return SANDBOX_TEACHER in self.teachers
+
+
+def collect_sample_stats(raw_uris: str | Sequence[str], *, seed: int = 0) -> SampleStats:
+    """Stream SAMPLE_SCHEMA datasets (all samples, accepted or not) into :class:`SampleStats`."""
+    rng = random.Random(seed)
+    stats = SampleStats()
+    columns = ["source", "task_type", "teacher", "correct", "reject_reason", "reasoning"]
+    for uri in [raw_uris] if isinstance(raw_uris, str) else raw_uris:
+        ds = storage.Dataset(uri)
+        if not ds.manifest():
+            continue
+        for batch in ds.iter_batches(columns=columns):
+            for row in batch.to_pylist():
+                src = stats.sources[row["source"]]
+                src.samples += 1
+                stats.teachers[row["teacher"]] += 1
+                if row["correct"]:
+                    src.accepted += 1
+                    # Length of the traces that will be trained on.
+                    words = len((row["reasoning"] or "").split())
+                    ls = stats.task_lengths[row["task_type"]]
+                    ls.count += 1
+                    ls.total_words += words
+                    if len(ls.reservoir) < _RESERVOIR:
+                        ls.reservoir.append(words)
+                    else:  # reservoir sampling keeps a uniform sample at bounded memory
+                        j = rng.randrange(ls.count)
+                        if j < _RESERVOIR:
+                            ls.reservoir[j] = words
+                else:
+                    src.reject_reasons[row["reject_reason"] or "unknown"] += 1
+    return stats
+
+
+def rejection_rows(stats: SampleStats) -> list[dict[str, Any]]:
+    """One row per source: samples, accepted, pass rate, top rejection reasons."""
+    rows = []
+    for name, s in sorted(stats.sources.items()):
+        rows.append(
+            {
+                "source": name,
+                "samples": s.samples,
+                "accepted": s.accepted,
+                "rejected": s.samples - s.accepted,
+                "pass_rate": round(s.pass_rate, 4),
+                "reject_reasons": ", ".join(f"{k}={v}" for k, v in s.reject_reasons.most_common(5)) or "-",
+            }
+        )
+    return rows
+
+
+def shard_table_rows(shards: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Rows for the shard table: stage, shard, state, counts; unknown keys are dropped."""
+    keys = ("stage", "shard", "state", "questions", "samples", "accepted", "removed", "seconds", "error")
+    return [{k: s.get(k) for k in keys} for s in shards]
+
+
+def render_plot(stats: SampleStats) -> bytes:
+    """PNG with reasoning length per task type and pass rate per source (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
+    tasks = sorted(stats.task_lengths)
+    if tasks:
+        ax1.boxplot([stats.task_lengths[t].reservoir or [0] for t in tasks], showfliers=False)
+        ax1.set_xticks(range(1, len(tasks) + 1), tasks, rotation=20)
+    else:
+        ax1.text(0.5, 0.5, "no accepted traces", ha="center", va="center", transform=ax1.transAxes)
+    ax1.set_title("Reasoning length of accepted traces")
+    ax1.set_ylabel("words")
+    sources = sorted(stats.sources)
+    rates = [stats.sources[s].pass_rate for s in sources]
+    ax2.bar(range(len(sources)), rates, color="#4C72B0")
+    ax2.set_xticks(range(len(sources)), sources, rotation=20)
+    ax2.set_ylim(0, 1)
+    ax2.set_title("Pass rate per source (accepted / samples)")
+    for i, r in enumerate(rates):
+        ax2.text(i, min(r + 0.02, 0.95), f"{r:.0%}", ha="center", fontsize=8)
+    if stats.sandbox_only:
+        fig.suptitle("SANDBOX TEACHER: not model traces", color="#B00020")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _md_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    if not rows:
+        return "_none_\n"
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report_markdown(
+    *,
+    run_id: str,
+    stats: SampleStats,
+    shards: Sequence[Mapping[str, Any]] = (),
+    outputs: Mapping[str, str] | None = None,
+    cost: Mapping[str, Any] | None = None,
+    counts: Mapping[str, Any] | None = None,
+    png: str | bytes | None = None,
+) -> str:
+    """The run report. ``png`` is a link target (URI) or the PNG bytes, embedded as a data URI."""
+    lines = [f"# OctoMed data factory run `{run_id}`", ""]
+    if stats.any_sandbox:
+        share = stats.teachers[SANDBOX_TEACHER] / max(1, sum(stats.teachers.values()))
+        lines += [
+            f"> **Warning: {share:.0%} of the samples come from the sandbox teacher (`teacher=sandbox`). "
+            "These are NOT model traces**: the sandbox is a deterministic OpenAI-compatible stand-in "
+            "that exercises the pipeline. Configure a real teacher endpoint for real data.",
+            "",
+        ]
+    lines += [
+        f"Samples: **{stats.samples}**, accepted (final answer = gold): **{stats.accepted}**"
+        + (f" ({stats.accepted / stats.samples:.1%})" if stats.samples else ""),
+        "",
+    ]
+    if counts:
+        lines += ["## Counts", "", _md_table([{"stage": k, "count": v} for k, v in counts.items()]), ""]
+    lines += ["## Rejection sampling per source", "", _md_table(rejection_rows(stats)), ""]
+    length_rows = [
+        {"task_type": t, "accepted_traces": s.count, "mean_reasoning_words": round(s.mean, 1)}
+        for t, s in sorted(stats.task_lengths.items())
+    ]
+    lines += ["## Reasoning length per task type", "", _md_table(length_rows), ""]
+    if png is not None:
+        src = (
+            "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+            if isinstance(png, bytes)
+            else str(png)
+        )
+        lines += [f"![reasoning length and pass rate]({src})", ""]
+    if cost:
+        lines += ["## Cost", "", _md_table([{"item": k, "value": v} for k, v in cost.items()]), ""]
+    if shards:
+        lines += ["## Shards", "", _md_table(shard_table_rows(shards)), ""]
+    if outputs:
+        lines += ["## Outputs", "", _md_table([{"output": k, "uri": v} for k, v in outputs.items()]), ""]
+    return "\n".join(lines)
+
+
+@dataclass
+class ReportResult:
+    markdown_uri: str
+    png_uri: str
+    markdown: str
+    stats: SampleStats
+
+
+def write_report(
+    raw_uris: str | Sequence[str],
+    out: str,
+    *,
+    run_id: str,
+    shards: Sequence[Mapping[str, Any]] = (),
+    outputs: Mapping[str, str] | None = None,
+    cost: Mapping[str, Any] | None = None,
+    counts: Mapping[str, Any] | None = None,
+) -> ReportResult:
+    """Write ``out/report.png`` and ``out/report.md`` (which links the PNG next to it)."""
+    stats = collect_sample_stats(raw_uris)
+    png = render_plot(stats)
+    png_uri = storage.join(out, "report.png")
+    storage.write_bytes(png_uri, png)
+    md = report_markdown(
+        run_id=run_id,
+        stats=stats,
+        shards=shards,
+        outputs=outputs,
+        cost=cost,
+        counts=counts,
+        png="report.png",
+    )
+    md_uri = storage.join(out, "report.md")
+    storage.write_bytes(md_uri, md.encode("utf-8"))
+    return ReportResult(markdown_uri=md_uri, png_uri=png_uri, markdown=md, stats=stats)

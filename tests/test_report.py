@@ -1,0 +1,59 @@
+"""Report: streamed statistics, PNG plot, markdown with the sandbox warning, table rows."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image
+
+from octomed_data import storage
+from octomed_data.report import (
+    collect_sample_stats,
+    rejection_rows,
+    render_plot,
+    report_markdown,
+    shard_table_rows,
+    write_report,
+)
+from tests.orchestration_data import write_inputs
+
+
+def test_stats_plot_and_markdown(shared_data, tmp_path):
+    accepted, _ = write_inputs(shared_data, str(tmp_path / "in"), n_text=4, n_image=2)
+    stats = collect_sample_stats(accepted)
+    # 6 questions x (3 accepted + 1 rejected)
+    assert (stats.samples, stats.accepted) == (24, 18)
+    assert stats.sandbox_only
+    rows = {r["source"]: r for r in rejection_rows(stats)}
+    assert rows["medqa"]["pass_rate"] == 0.75 and "unknown=4" in rows["medqa"]["reject_reasons"]
+    assert set(stats.task_lengths) == {"text_mcq", "mm_mcq"}
+
+    png = render_plot(stats)
+    assert Image.open(io.BytesIO(png)).size[0] > 500
+
+    result = write_report(
+        accepted,
+        str(tmp_path / "report"),
+        run_id="r1",
+        shards=[{"stage": "distill", "shard": "00000", "state": "COMPLETED", "samples": 24, "extra": 1}],
+        outputs={"mixture": "file:///x"},
+        cost={"usd": 0.0},
+    )
+    assert storage.read_bytes(result.png_uri)[:8] == b"\x89PNG\r\n\x1a\n"
+    md = storage.read_bytes(result.markdown_uri).decode()
+    assert "NOT model traces" in md and "![reasoning length and pass rate](report.png)" in md
+    assert "| medqa | 16 | 12 | 4 | 0.75 |" in md
+    embedded = report_markdown(run_id="r1", stats=stats, png=png)
+    assert "data:image/png;base64," in embedded
+
+
+def test_shard_rows_keep_known_keys():
+    rows = shard_table_rows([{"stage": "ingest", "shard": "a", "state": "FAILED", "error": "x", "junk": 1}])
+    assert rows[0]["state"] == "FAILED" and "junk" not in rows[0] and rows[0]["samples"] is None
+
+
+def test_empty_run_renders(tmp_path):
+    stats = collect_sample_stats(str(tmp_path / "nothing"))
+    assert stats.samples == 0 and not stats.any_sandbox
+    assert render_plot(stats)[:4] == b"\x89PNG"
+    assert "NOT model traces" not in report_markdown(run_id="e", stats=stats)
