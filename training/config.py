@@ -1,0 +1,182 @@
+"""Typed configuration for SFT and evaluation, loadable from YAML.
+
+Defaults follow the OctoMed recipe (arXiv 2511.23269): full SFT of Qwen2.5-VL-7B-Instruct for
+3 epochs at a global batch of 512 sequences, learning rate 5e-5 on a cosine schedule, DeepSpeed
+ZeRO-3, bf16 on GPU, images capped at 262144 pixels. The warmup ratio and sequence length are
+not fixed by the brief; the defaults here are common choices for long reasoning traces.
+
+The global batch is a contract, not a hint: ``per_device_batch_size * grad_accum * world_size``
+must equal ``global_batch_size`` exactly, and :meth:`TrainConfig.batch_plan` says clearly when the
+numbers can't be met instead of silently training at another batch size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from octomed_data.errors import ConfigError
+
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the global batch is reached on ``world_size`` processes."""
+
+    global_batch_size: int
+    per_device_batch_size: int
+    gradient_accumulation_steps: int
+    world_size: int
+
+
+class TrainConfig(BaseModel):
+    """One SFT run: data, model, schedule, parallelism and where the checkpoint goes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Data: the TRL conversational export (Parquet with `messages` [{role, content}] and `images` [uri]).
+    # Each entry is a dataset folder (with a manifest), a folder of *.parquet, or one Parquet file.
+    train_data: list[str] = Field(min_length=1)
+    model_path: str  # a local folder loadable with from_pretrained (no hub downloads)
+    output_uri: str  # where the final checkpoint (and checkpoint.json) is uploaded: local or s3://
+    work_dir: str | None = None  # local staging folder for checkpoints; default: a temp folder
+
+    num_train_epochs: float = 3.0
+    global_batch_size: int = 512
+    per_device_batch_size: int = 1
+    learning_rate: float = 5e-5
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = Field(default=0.05, ge=0.0, lt=1.0)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_seq_len: int = Field(default=16384, ge=16)
+    max_pixels: int = 262144  # images are resized to at most this many pixels before patching
+    precision: Precision = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    offload_optimizer: bool = False  # ZeRO CPU-Adam offload (compiles an op; ~2 GB RAM per compile)
+    gradient_checkpointing: bool = True
+    max_steps: int | None = None  # override for smoke runs; None = derived from epochs
+    world_size: int | None = None  # None: the WORLD_SIZE the launcher set (1 without a launcher)
+    streaming: bool = False  # True: iterate Parquet without the local Arrow cache
+    shuffle_buffer: int = 10_000  # streaming only
+    seed: int = 42
+    logging_steps: int = 10
+    save_steps: int | None = None  # intermediate checkpoints every N steps (uploaded too)
+    dataloader_num_workers: int = 0
+
+    @field_validator("train_data", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("global_batch_size", "per_device_batch_size")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+    def resolved_world_size(self) -> int:
+        """World size from the config, else from the launcher's WORLD_SIZE, else 1."""
+        if self.world_size is not None:
+            return self.world_size
+        try:
+            return int(os.environ.get("WORLD_SIZE", "1"))
+        except ValueError:
+            raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer") from None
+
+    def batch_plan(self, world_size: int | None = None) -> BatchPlan:
+        """Gradient accumulation that makes ``per_device * accum * world_size == global`` exactly."""
+        ws = world_size if world_size is not None else self.resolved_world_size()
+        if ws < 1:
+            raise ConfigError(f"world size must be >= 1, got {ws}")
+        per_step = self.per_device_batch_size * ws
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"global_batch_size {self.global_batch_size} is not a multiple of "
+                f"per_device_batch_size {self.per_device_batch_size} x world_size {ws} = {per_step}; "
+                f"choose per_device_batch_size/GPU count so that it divides {self.global_batch_size}"
+            )
+        return BatchPlan(
+            global_batch_size=self.global_batch_size,
+            per_device_batch_size=self.per_device_batch_size,
+            gradient_accumulation_steps=self.global_batch_size // per_step,
+            world_size=ws,
+        )
+
+    def resolved_precision(self, cuda_available: bool) -> Literal["bf16", "fp16", "fp32"]:
+        """``auto`` -> bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and lossy here)."""
+        if self.precision == "auto":
+            return "bf16" if cuda_available else "fp32"
+        if self.precision in ("bf16", "fp16") and not cuda_available:
+            raise ConfigError(f"precision {self.precision!r} needs a GPU; use 'fp32' or 'auto' on CPU")
+        return self.precision
+
+    def config_hash(self) -> str:
+        """Stable hash of everything that changes what is trained (not where it is written)."""
+        payload = self.model_dump(
+            exclude={"output_uri", "work_dir", "logging_steps", "dataloader_num_workers", "save_steps"}
+        )
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class EvalConfig(BaseModel):
+    """One evaluation: a checkpoint, a question dataset, and generation settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    checkpoint_uri: str  # a local folder or URI holding the model (e.g. what train() returned)
+    questions_uri: str  # QUESTION_SCHEMA dataset folder (with manifest), folder of *.parquet, or file
+    output_uri: str | None = None  # default: <checkpoint_uri>/eval/<name>
+    name: str = "eval"
+    max_new_tokens: int = Field(default=2048, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    limit: int | None = Field(default=None, ge=1)  # first N questions only (smoke runs)
+    sources: list[str] | None = None  # only these sources
+    task_types: list[str] | None = None  # only these task types
+    precision: Precision = "auto"
+    max_pixels: int = 262144
+    shard_size: int = Field(default=1024, ge=1)  # predictions rows per committed Parquet shard
+    work_dir: str | None = None  # local cache for a downloaded checkpoint
+
+    def resolved_output_uri(self) -> str:
+        from octomed_data.storage import join
+
+        return self.output_uri or join(self.checkpoint_uri, "eval", self.name)
+
+
+def load_yaml_config(path: str | Path, cls: type[BaseModel], overrides: dict[str, Any] | None = None):
+    """Load ``cls`` from a YAML file (local path or URI); invalid files raise :class:`ConfigError`."""
+    from octomed_data import storage
+
+    try:
+        text = storage.read_bytes(str(path)).decode("utf-8")
+    except Exception as exc:  # StorageError already names the path
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of settings")
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return validate_config(cls, data, str(path))
+
+
+def validate_config(cls: type[BaseModel], data: dict[str, Any], where: str = "config"):
+    """Build ``cls`` from a dict, turning pydantic's report into one clear line."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"invalid {cls.__name__} in {where}: {problems}") from None

@@ -1,0 +1,522 @@
+"""Full-parameter SFT with HF ``Trainer`` + DeepSpeed ZeRO on the factory's conversational export.
+
+``train(config)`` is the one entry point (the Prefect training flow calls it, so does
+``octomed-data train`` and ``python -m training.sft``). It
+
+1. resolves the export's Parquet files (manifest-committed shards only) and checks them,
+2. tokenises with loss on assistant tokens only (:mod:`training.data`), counting malformed rows,
+3. trains with a DeepSpeed JSON config generated from :class:`TrainConfig` ("auto" values filled
+   by ``Trainer`` from the same numbers, so the two can't disagree),
+4. saves the final model (ZeRO-3 gathers full weights), uploads it to ``output_uri`` and writes
+   ``checkpoint.json`` last, so a checkpoint without it is known to be incomplete.
+
+Multi-GPU: run the same module under a launcher (see :func:`launch_command`); each process
+reads RANK/WORLD_SIZE from the launcher. Without a launcher, single-process defaults are set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from octomed_data import storage
+from octomed_data.errors import ConfigError, OctomedError
+from training.config import TrainConfig, load_yaml_config
+from training.data import (
+    RowEncoder,
+    SFTCollator,
+    check_columns,
+    count_rows_with_images,
+    resolve_data_files,
+)
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_MARKER = "checkpoint.json"
+VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    checkpoint_uri: str
+    steps: int
+    final_loss: float | None  # last logged training loss
+    mean_loss: float | None  # mean over the run (Trainer's training_loss)
+    samples_seen: int  # sequences that went through forward/backward, over all processes
+    rows: int  # rows in the export files
+    skipped: dict[str, int] = field(default_factory=dict)  # malformed rows by reason (streaming: seen so far)
+    truncated: int = 0
+    runtime_s: float = 0.0
+    losses: list[float] = field(default_factory=list)  # every logged loss, in order
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def ensure_distributed_env() -> None:
+    """Single process without a launcher: set the variables DeepSpeed/torch.distributed read.
+
+    Without them DeepSpeed tries MPI discovery (mpi4py) and fails.
+    """
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+
+def is_vision_model(model_path: str | Path) -> bool:
+    """Whether the checkpoint at ``model_path`` is a Qwen2(.5)-VL (reads config.json only)."""
+    cfg = json.loads((Path(model_path) / "config.json").read_text())
+    return cfg.get("model_type") in VL_MODEL_TYPES
+
+
+def check_model_path(model_path: str) -> Path:
+    """A local model folder; a URI or a hub name is refused (no downloads in this project)."""
+    path = Path(model_path)
+    if "://" in model_path or not (path / "config.json").is_file():
+        raise ConfigError(
+            f"model_path {model_path!r} is not a local model folder with config.json "
+            "(models are never downloaded; build one with `python -m training.tiny` or copy weights locally)"
+        )
+    return path
+
+
+def load_model_and_processors(model_path: str | Path, torch_dtype: Any = None):
+    """(model, tokenizer, image_processor or None) from a local folder, offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path), local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        raise ConfigError(f"tokenizer at {model_path} has no pad token")
+    kwargs = {"local_files_only": True}
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    if is_vision_model(model_path):
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(str(model_path), **kwargs)
+        image_processor = load_image_processor(model_path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
+        image_processor = None
+    return model, tokenizer, image_processor
+
+
+def load_image_processor(model_path: str | Path):
+    """The PIL Qwen2-VL image processor (the torchvision one can't be installed on CPU machines)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    if not (Path(model_path) / "preprocessor_config.json").is_file():
+        raise ConfigError(f"vision model at {model_path} has no preprocessor_config.json")
+    return Qwen2VLImageProcessorPil.from_pretrained(str(model_path), local_files_only=True)
+
+
+# --------------------------------------------------------------------------- deepspeed
+
+
+def deepspeed_config(config: TrainConfig) -> dict[str, Any]:
+    """DeepSpeed JSON config for ``config``. "auto" values are filled by ``Trainer`` from its args."""
+    zero: dict[str, Any] = {
+        "stage": config.zero_stage,
+        "contiguous_gradients": True,
+        "overlap_comm": True,
+        "reduce_bucket_size": "auto",
+    }
+    if config.zero_stage == 3:
+        zero.update(
+            {
+                "stage3_prefetch_bucket_size": "auto",
+                "stage3_param_persistence_threshold": "auto",
+                "stage3_max_live_parameters": 1e9,
+                "stage3_max_reuse_distance": 1e9,
+                "sub_group_size": 1e9,
+                # Save a full (unsharded) model.safetensors, loadable without DeepSpeed.
+                "stage3_gather_16bit_weights_on_model_save": True,
+            }
+        )
+    if config.zero_stage == 2:
+        zero["allgather_bucket_size"] = 5e8
+    ds: dict[str, Any] = {
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_optimization": zero,
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "steps_per_print": 10**9,  # Trainer logs; DeepSpeed's own prints only add noise
+        "wall_clock_breakdown": False,
+    }
+    if config.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        # CPU offload needs DeepSpeed's own (CPU-Adam) optimizer.
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
+        }
+    return ds
+
+
+def launch_command(
+    config_path: str,
+    *,
+    num_gpus: int,
+    num_nodes: int = 1,
+    launcher: str = "deepspeed",
+    master_addr: str | None = None,
+    master_port: int = 29500,
+    hostfile: str | None = None,
+) -> list[str]:
+    """The command line that runs ``training.sft`` on ``num_gpus`` GPUs per node (not run here).
+
+    ``deepspeed`` reads a hostfile for multi-node runs; ``torchrun`` is run once per node with a
+    c10d rendezvous at ``master_addr:master_port``.
+    """
+    if num_gpus < 1 or num_nodes < 1:
+        raise ConfigError("num_gpus and num_nodes must be >= 1")
+    if launcher == "deepspeed":
+        cmd = ["deepspeed", "--num_gpus", str(num_gpus)]
+        if num_nodes > 1:
+            if not hostfile or not master_addr:
+                raise ConfigError("a multi-node deepspeed launch needs hostfile and master_addr")
+            cmd += ["--num_nodes", str(num_nodes), "--hostfile", hostfile]
+            cmd += ["--master_addr", master_addr, "--master_port", str(master_port)]
+        return cmd + ["--module", "training.sft", "--config", config_path]
+    if launcher == "torchrun":
+        cmd = ["torchrun", "--nproc_per_node", str(num_gpus), "--nnodes", str(num_nodes)]
+        if num_nodes > 1:
+            if not master_addr:
+                raise ConfigError("a multi-node torchrun launch needs master_addr")
+            cmd += ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"{master_addr}:{master_port}"]
+        return cmd + ["-m", "training.sft", "--config", config_path]
+    raise ConfigError(f"unknown launcher {launcher!r} (deepspeed or torchrun)")
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class CountingTrainer(Trainer):
+        """Counts the sequences that really go through the model (exact samples_seen)."""
+
+        samples_seen_local = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            if model.training:
+                self.samples_seen_local += int(inputs["input_ids"].shape[0])
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+
+    return CountingTrainer
+
+
+def _upload_callback(output_uri: str, meta: dict[str, Any]):
+    from transformers import TrainerCallback
+
+    class UploadCheckpoints(TrainerCallback):
+        """Uploads each intermediate checkpoint Trainer saves (rank 0), marker last."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if local.is_dir():
+                dest = storage.join(output_uri, "checkpoints", local.name)
+                upload_folder(local, dest)
+                loss = next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None)
+                storage.write_json(
+                    storage.join(dest, CHECKPOINT_MARKER),
+                    {**meta, "step": state.global_step, "loss": loss, "final": False},
+                )
+
+    return UploadCheckpoints()
+
+
+def upload_folder(local: Path, dest_uri: str) -> list[str]:
+    """Copy every file under ``local`` to ``dest_uri`` (streamed: model shards can be many GB)."""
+    fs, base = storage.filesystem(dest_uri)
+    uploaded = []
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        rel = path.relative_to(local).as_posix()
+        target = f"{base.rstrip('/')}/{rel}" if "://" in dest_uri else os.path.join(base, rel)
+        try:
+            if "://" not in dest_uri:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+            fs.put_file(str(path), target)
+        except Exception as exc:
+            raise ConfigError(storage.describe_error(dest_uri, exc)) from None
+        uploaded.append(rel)
+    return uploaded
+
+
+class _CountingEncoder(RowEncoder):
+    """Streaming mode: rows are encoded lazily, so problems are counted as they pass."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.errors: Counter = Counter()
+        self.truncated = 0
+
+    def __call__(self, row):
+        out = super().__call__(row)
+        if out["encode_error"]:
+            self.errors[out["encode_error"]] += 1
+        self.truncated += int(out["truncated"])
+        return out
+
+
+def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
+    """Run SFT as configured; returns where the checkpoint went and what the run did."""
+    ensure_distributed_env()
+    started = time.time()
+    model_path = check_model_path(config.model_path)
+    files = resolve_data_files(config.train_data)
+    check_columns(files)
+    rows = sum(f.rows for f in files)
+    if rows == 0:
+        raise ConfigError(f"training data {config.train_data} has no rows")
+    vision = is_vision_model(model_path)
+    if not vision:
+        with_images = count_rows_with_images(files)
+        if with_images:
+            raise ConfigError(
+                f"{with_images} of {rows} training rows have images but the model at {model_path} is "
+                "text-only; train a vision-language model or export a text-only mixture"
+            )
+    plan = config.batch_plan()
+    storage.ensure_writable(config.output_uri)
+
+    import datasets
+    import torch
+    from transformers import TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    precision = config.resolved_precision(cuda)
+    rank = int(os.environ.get("RANK", "0"))
+    work_dir = Path(config.work_dir or tempfile.mkdtemp(prefix="octomed-sft-"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    ds_config = deepspeed_config(config) if config.zero_stage > 0 else None
+
+    model, tokenizer, image_processor = load_model_and_processors(model_path)
+    if config.gradient_checkpointing:
+        model.config.use_cache = False
+
+    max_steps = config.max_steps or -1
+    if config.streaming and max_steps < 0:
+        # An iterable dataset has no length: derive the step count from the footer row counts.
+        max_steps = max(1, math.ceil(rows * config.num_train_epochs / plan.global_batch_size))
+
+    args = TrainingArguments(
+        output_dir=str(work_dir / "trainer"),
+        per_device_train_batch_size=plan.per_device_batch_size,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=max_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_ratio,  # a float < 1 is a ratio of total steps
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not cuda,
+        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
+        report_to="none",
+        deepspeed=ds_config,
+        seed=config.seed,
+        data_seed=config.seed,
+        dataloader_num_workers=config.dataloader_num_workers,
+        remove_unused_columns=False,
+        disable_tqdm=not progress,
+    )
+
+    data_files = [f.uri for f in files]
+    encoder_cls = _CountingEncoder if config.streaming else RowEncoder
+    encoder = encoder_cls(tokenizer, config.max_seq_len, multimodal=vision)
+    skipped: dict[str, int] = {}
+    truncated = 0
+    with args.main_process_first(desc="tokenize"):
+        # load_dataset mutates storage_options: always hand it a fresh copy.
+        raw = datasets.load_dataset(
+            "parquet",
+            data_files=data_files,
+            split="train",
+            streaming=config.streaming,
+            storage_options=storage.storage_options(data_files[0]),
+        )
+        columns = list(raw.column_names or [])
+        if config.streaming:
+            train_ds = (
+                raw.map(encoder, remove_columns=columns)
+                .filter(lambda e: e is None, input_columns=["encode_error"])
+                .remove_columns(["encode_error", "truncated"])
+                .shuffle(seed=config.seed, buffer_size=config.shuffle_buffer)
+            )
+        else:
+            encoded = raw.map(encoder, remove_columns=columns, desc="tokenize")
+            errors = encoded.data.column("encode_error").value_counts().to_pylist()
+            skipped = {e["values"]: int(e["counts"]) for e in errors if e["values"] is not None}
+            truncated = int(sum(encoded.data.column("truncated").to_pylist()))
+            train_ds = encoded.filter(lambda e: e is None, input_columns=["encode_error"]).remove_columns(
+                ["encode_error", "truncated"]
+            )
+            if len(train_ds) == 0:
+                raise ConfigError(f"no usable training rows: all {rows} rows were malformed ({skipped})")
+    if skipped:
+        log.warning("skipped malformed training rows: %s", skipped)
+
+    collator = SFTCollator(
+        pad_token_id=tokenizer.pad_token_id,
+        max_seq_len=config.max_seq_len,
+        image_processor=image_processor,
+        image_token_id=getattr(model.config, "image_token_id", None),
+        max_pixels=config.max_pixels,
+    )
+    meta = {
+        "config_hash": config.config_hash(),
+        "config": config.model_dump(),
+        "data_manifest": [{"uri": f.uri, "rows": f.rows} for f in files],
+        "world_size": plan.world_size,
+        "precision": precision,
+        "zero_stage": config.zero_stage,
+        "base_model": str(model_path),
+    }
+    trainer = _trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[_upload_callback(config.output_uri, meta)] if config.save_steps else None,
+    )
+    output = trainer.train()
+    samples_seen = _all_reduce_sum(trainer.samples_seen_local)
+    losses = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    final_loss = losses[-1] if losses else None
+    if config.streaming:
+        skipped, truncated = dict(encoder.errors), encoder.truncated
+
+    final_dir = work_dir / "final"
+    trainer.save_model(str(final_dir))  # every rank takes part (ZeRO-3 gathers the weights)
+    result = TrainResult(
+        checkpoint_uri=config.output_uri,
+        steps=int(output.global_step),
+        final_loss=final_loss,
+        mean_loss=float(output.training_loss) if output.training_loss is not None else None,
+        samples_seen=samples_seen,
+        rows=rows,
+        skipped=skipped,
+        truncated=truncated,
+        runtime_s=round(time.time() - started, 3),
+        losses=losses,
+    )
+    if rank == 0:
+        tokenizer.save_pretrained(str(final_dir))
+        if image_processor is not None:
+            image_processor.save_pretrained(str(final_dir))
+        (final_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+        uploaded = upload_folder(final_dir, config.output_uri)
+        # The marker goes last: a checkpoint folder without it is an interrupted upload.
+        storage.write_json(
+            storage.join(config.output_uri, CHECKPOINT_MARKER),
+            {
+                **meta,
+                "step": result.steps,
+                "loss": final_loss,
+                "mean_loss": result.mean_loss,
+                "samples_seen": samples_seen,
+                "skipped": skipped,
+                "truncated": truncated,
+                "files": uploaded,
+                "final": True,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "versions": _versions(),
+            },
+        )
+        if not config.work_dir:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    return result
+
+
+def _all_reduce_sum(value: int) -> int:
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([value], dtype=torch.long)
+        dist.all_reduce(t)
+        return int(t.item())
+    return value
+
+
+def _versions() -> dict[str, str]:
+    import deepspeed
+    import torch
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "deepspeed": deepspeed.__version__,
+    }
+
+
+def read_checkpoint_marker(checkpoint_uri: str) -> dict[str, Any]:
+    """The ``checkpoint.json`` of a finished checkpoint; a missing one means an incomplete upload."""
+    marker = storage.join(checkpoint_uri, CHECKPOINT_MARKER)
+    if not storage.exists(marker):
+        raise ConfigError(f"no {CHECKPOINT_MARKER} at {checkpoint_uri}: not a finished checkpoint")
+    return storage.read_json(marker)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m training.sft --config cfg.yaml``: what each launched process runs."""
+    parser = argparse.ArgumentParser(prog="python -m training.sft", description="OctoMed SFT (DeepSpeed)")
+    parser.add_argument("--config", required=True, help="TrainConfig YAML (local path or URI)")
+    parser.add_argument("--max-steps", type=int, default=None, help="override max_steps (smoke runs)")
+    # The deepspeed launcher appends --local_rank; LOCAL_RANK in the environment is what is used.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_yaml_config(args.config, TrainConfig, {"max_steps": args.max_steps})
+        result = train(config, progress=not args.no_progress)
+    except OctomedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result.to_dict()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
