@@ -1,0 +1,278 @@
+"""THE answer-extraction module: rejection filtering and the evaluation harness both use it.
+
+A teacher's final answer is found from its *explicit final-answer statements* (``\\boxed{C}``,
+``<answer>C</answer>``, "Final answer: C", "The answer is (C)", "Answer: C", bold
+``**Answer: C**``) and, when there are none, from a bare answer (the whole response is "C",
+"(C)", "C. <option text>", "Yes.") or a bold label in the last paragraph. The last statement
+wins. A statement is read as a label, a label with a trailing explanation, or an option's text
+instead of its label. Anything unparseable or ambiguous ("C or D", an explicit statement naming
+two different options) is rejected with a reason, never guessed.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from octomed_data.schema import TaskType
+
+NO_ANSWER = "no_answer"
+AMBIGUOUS = "ambiguous"
+
+# "<keyword> <verb/colon> <rest of line>". The verb is required so that prose such as
+# "to answer this question" is not taken for a statement.
+_STATEMENT = re.compile(
+    r"(?P<kw>final\s+answer|correct\s+(?:answer|option|choice|response)|best\s+(?:answer|option|choice)"
+    r"|right\s+answer|the\s+answer|answer)"
+    r"(?:\s*\([^)\n]{0,20}\))?"  # "Answer (letter): C"
+    r"[\s*_]*(?:is|would\s+be|should\s+be|will\s+be|must\s+be|=|:|-|–|—)(?![a-z])[\s*_:]*(?P<rest>[^\n]*)",
+    re.IGNORECASE,
+)
+_STRONG_KW = re.compile(r"final|correct|best|right", re.IGNORECASE)
+_BOXED = re.compile(r"\\boxed\s*\{(?P<rest>(?:[^{}]|\{[^{}]*\})*)\}")
+_ANSWER_TAG = re.compile(r"<answer>(?P<rest>.*?)</answer>", re.IGNORECASE | re.DOTALL)
+_BOLD = re.compile(r"\*\*(?P<rest>[^*\n]{1,200})\*\*")
+_THINK = re.compile(r"<think>.*?</think>", re.IGNORECASE | re.DOTALL)
+_LATEX_TEXT = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}")
+_LABEL_ONLY = re.compile(r"^[\(\[]?(?P<label>[A-Z])[\)\]]?[.:]?$")
+_LABEL_LEAD = re.compile(r"^[\(\[]?(?P<label>[A-Z])(?P<sep>[\)\]][.:]?|[.:]|\s*[-–—]|(?=\s))\s*(?P<tail>.*)$")
+_MULTI_LABEL = re.compile(
+    r"^[\(\[]?[A-Z][\)\]]?[.:]?\s*(?:,|/|&|\band\b|\bor\b|\bthen\b)\s*(?:option\s+)?[\(\[]?[A-Z][\)\]]?(?:[\s.,;:]|$)",
+    re.IGNORECASE,
+)
+_OPTION_WORD = re.compile(r"^(?:option|choice|letter)\s+", re.IGNORECASE)
+_CONNECTOR = re.compile(r"^(?:[-–—,;(]|because\b|since\b|as\b|which\b|given\b|due\b|is\b)", re.IGNORECASE)
+_YNM = re.compile(r"^(?P<w>yes|no|maybe)\b", re.IGNORECASE)
+_ARTICLES = re.compile(r"\b(?:a|an|the)\b")
+_PUNCT = str.maketrans({c: " " for c in string.punctuation})
+_REFUSAL = re.compile(
+    r"\b(?:I\s*(?:'m|am)\s+(?:sorry|unable)|I\s+(?:can(?:'|no)t|cannot|won't|will\s+not)\s+"
+    r"(?:help|assist|provide|answer|comply))",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """The result of reading a response: an answer, or ``None`` with a reason."""
+
+    answer: str | None
+    method: str  # which form was read: boxed, answer_tag, statement, bold, bare, none
+    reason: str | None = None  # no_answer | ambiguous when answer is None
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    pos: int
+    method: str
+    raw: str
+    strong: bool  # boxed / <answer> / "final|correct answer": an unparseable one is not skipped
+
+
+def normalize_open(text: str) -> str:
+    """Normalise an open-ended answer: NFKC, lower case, no punctuation or articles, single spaces."""
+    text = unicodedata.normalize("NFKC", text).lower().translate(_PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def _clean(raw: str) -> str:
+    """Strip markup around a stated answer (bold, LaTeX wrappers, quotes, trailing period)."""
+    text = raw.strip()
+    for _ in range(3):  # \boxed{\text{C}} nests
+        m = _BOXED.search(text)
+        if m:
+            text = text[: m.start()] + m.group("rest") + text[m.end() :]
+        text = _LATEX_TEXT.sub(r"\1", text)
+    text = text.replace("**", "").replace("__", "").replace("$", "").replace("`", "")
+    text = text.strip().strip("\"'“”‘’").strip()
+    text = _OPTION_WORD.sub("", text)
+    return text.rstrip(" .;,!").strip()
+
+
+def _norm_option(text: str) -> str:
+    return normalize_open(text)
+
+
+def _label_from_text(text: str, options: Sequence[tuple[str, str]]) -> str | None:
+    """The label whose option text the answer equals or starts with (longest match wins)."""
+    norm = _norm_option(text)
+    if not norm:
+        return None
+    best: tuple[int, str] | None = None
+    for label, opt in options:
+        o = _norm_option(opt)
+        if not o:
+            continue
+        if norm == o or norm.startswith(o + " "):
+            if best is None or len(o) > best[0]:
+                best = (len(o), label)
+            elif len(o) == best[0] and best[1] != label:
+                return None  # two options with the same text: cannot tell
+    return best[1] if best else None
+
+
+def _parse_choice(raw: str, options: Sequence[tuple[str, str]]) -> tuple[str | None, str | None]:
+    """Read a stated multiple-choice answer as (label, None) or (None, reason)."""
+    text = _clean(raw)
+    labels = {label for label, _ in options}
+    if not text:
+        return None, NO_ANSWER
+    if _MULTI_LABEL.match(text):
+        return None, AMBIGUOUS
+    by_text = _label_from_text(text, options)
+    m = _LABEL_ONLY.match(text)
+    if m:
+        label = m.group("label")
+        return (label, None) if label in labels else (None, NO_ANSWER)
+    m = _LABEL_LEAD.match(text)
+    if m and m.group("label") in labels:
+        label, sep, tail = m.group("label"), m.group("sep"), m.group("tail").strip()
+        tail_label = _label_from_text(tail, options) if tail else None
+        if tail_label is not None and tail_label != label:
+            # "C. <text of option D>": the label and the text disagree.
+            return None, AMBIGUOUS
+        # A bare space after a capital could be an article ("A fracture of ..."): accept it
+        # only when what follows is the option's text or clearly an explanation.
+        if sep.strip() or tail_label == label or not tail or _CONNECTOR.match(tail):
+            if by_text is not None and by_text != label and tail_label is None:
+                return None, AMBIGUOUS
+            return label, None
+    if by_text is not None:
+        return by_text, None
+    return None, NO_ANSWER
+
+
+def _parse_ynm(raw: str, options: Sequence[tuple[str, str]]) -> tuple[str | None, str | None]:
+    text = _clean(raw)
+    # "yes or no", "no/maybe": more than one verdict in the statement.
+    if re.match(r"^(?:yes|no|maybe)\s*(?:/|or\b|and\b|,)\s*(?:yes|no|maybe)\b", text, re.IGNORECASE):
+        return None, AMBIGUOUS
+    if options:
+        label, reason = _parse_choice(text, options)
+        if label is not None:
+            word = dict(options)[label].strip().lower()
+            if word in ("yes", "no", "maybe"):
+                return word, None
+    m = _YNM.match(text)
+    if not m:
+        return None, NO_ANSWER
+    return m.group("w").lower(), None
+
+
+def _parse_open(raw: str, options: Sequence[tuple[str, str]]) -> tuple[str | None, str | None]:
+    text = _clean(raw)
+    norm = normalize_open(text)
+    return (norm, None) if norm else (None, NO_ANSWER)
+
+
+def _candidates(text: str) -> list[_Candidate]:
+    found: list[_Candidate] = []
+    for m in _BOXED.finditer(text):
+        found.append(_Candidate(m.start(), "boxed", m.group("rest"), True))
+    for m in _ANSWER_TAG.finditer(text):
+        found.append(_Candidate(m.start(), "answer_tag", m.group("rest"), True))
+    boxed_spans = [(m.start(), m.end()) for m in _BOXED.finditer(text)]
+    for m in _STATEMENT.finditer(text):
+        rest = m.group("rest")
+        # "Final answer: \boxed{C}": the boxed candidate already covers it.
+        if any(s >= m.start("rest") and s <= m.end("rest") for s, _ in boxed_spans) and "\\boxed" in rest:
+            continue
+        if "<answer>" in rest.lower():
+            continue
+        found.append(_Candidate(m.start(), "statement", rest, bool(_STRONG_KW.search(m.group("kw")))))
+    found.sort(key=lambda c: c.pos)
+    return found
+
+
+def _fallback_lines(text: str) -> list[str]:
+    """The last paragraph's non-empty lines: where a bare or bold answer would be."""
+    paragraphs = [p for p in re.split(r"\n\s*\n", text.strip()) if p.strip()]
+    if not paragraphs:
+        return []
+    return [ln.strip() for ln in paragraphs[-1].splitlines() if ln.strip()]
+
+
+def extract_answer(
+    response: str | None, task_type: str | TaskType, options: Sequence[tuple[str, str]] = ()
+) -> Extraction:
+    """Read the final answer of ``response`` for a question of ``task_type``.
+
+    ``options`` are the question's ``(label, text)`` pairs. Multiple choice returns the label,
+    yes/no/maybe returns ``yes``/``no``/``maybe``, open-ended returns :func:`normalize_open` text.
+    """
+    task = TaskType(task_type)
+    if not response or not response.strip():
+        return Extraction(None, "none", NO_ANSWER)
+    # Inline reasoning is not the answer: only what follows </think> counts.
+    text = _THINK.sub(" ", response)
+    if "</think>" in text.lower():
+        text = text[text.lower().rindex("</think>") + len("</think>") :]
+    opts = [(str(k), str(v)) for k, v in options]
+    if task.is_multiple_choice:
+
+        def parse(raw: str) -> tuple[str | None, str | None]:
+            return _parse_choice(raw, opts)
+    elif task == TaskType.YES_NO_MAYBE:
+
+        def parse(raw: str) -> tuple[str | None, str | None]:
+            return _parse_ynm(raw, opts)
+    else:
+
+        def parse(raw: str) -> tuple[str | None, str | None]:
+            return _parse_open(raw, opts)
+
+    candidates = _candidates(text)
+    for cand in reversed(candidates):
+        answer, reason = parse(cand.raw)
+        if answer is not None:
+            return Extraction(answer, cand.method)
+        if reason == AMBIGUOUS or cand.strong:
+            return Extraction(None, cand.method, reason)
+        # A weak unparseable statement ("the answer is clear") is prose: keep looking.
+    if candidates:
+        return Extraction(None, "statement", NO_ANSWER)
+    return _fallback(text, task, opts, parse)
+
+
+def _fallback(text: str, task: TaskType, opts: Sequence[tuple[str, str]], parse) -> Extraction:
+    lines = _fallback_lines(text)
+    if not lines:
+        return Extraction(None, "none", NO_ANSWER)
+    bold = [m.group("rest") for ln in lines for m in _BOLD.finditer(ln)]
+    if bold and task != TaskType.OPEN_QA and task != TaskType.OPEN_VQA:
+        answers = {parse(b)[0] for b in bold}
+        answers.discard(None)
+        if len(answers) == 1:
+            return Extraction(answers.pop(), "bold")
+        if len(answers) > 1:
+            return Extraction(None, "bold", AMBIGUOUS)
+    # A bare answer: the whole response is one short line ("C", "(C) Metformin", "Yes.").
+    if len(lines) == 1 and len(text.strip().splitlines()) <= 2:
+        line = lines[0]
+        if task.is_multiple_choice or task == TaskType.YES_NO_MAYBE or len(line.split()) <= 8:
+            answer, reason = parse(line)
+            if answer is not None:
+                return Extraction(answer, "bare")
+            if reason == AMBIGUOUS:
+                return Extraction(None, "bare", AMBIGUOUS)
+    return Extraction(None, "none", NO_ANSWER)
+
+
+def is_correct(extracted: str | None, gold: str, task_type: str | TaskType) -> bool:
+    """Exact match of an extracted answer with the gold answer (after the task's normalisation)."""
+    if extracted is None or gold is None:
+        return False
+    task = TaskType(task_type)
+    if task.is_multiple_choice:
+        return extracted.strip().upper() == gold.strip().upper()
+    if task == TaskType.YES_NO_MAYBE:
+        return extracted.strip().lower() == gold.strip().lower()
+    return normalize_open(extracted) == normalize_open(gold)
+
+
+def looks_like_refusal(text: str | None) -> bool:
+    """A response that declines to answer (checked only when no answer was extracted)."""
+    return bool(text) and bool(_REFUSAL.search(text or ""))

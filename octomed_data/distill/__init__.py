@@ -1,0 +1,40 @@
+"""Distillation: N teacher samples per question, verified, durable, resumable.
+
+``adistill_shard`` / ``distill_shard`` run one questions shard; ``run_local`` runs every shard
+in-process; ``finalize`` writes per-source statistics and the cost ledger; ``estimate``
+projects a run's cost and duration from a small sample. The Ray executor lives in
+``tasks/ray_distill.py`` and calls the same functions.
+"""
+
+from octomed_data.distill.engine import (
+    ShardReport,
+    TeacherUnreachable,
+    accepted_uri,
+    adistill_shard,
+    config_fingerprint,
+    distill_shard,
+    is_shard_done,
+    raw_uri,
+    sample_seed,
+    shard_names,
+)
+from octomed_data.distill.journal import read_done_keys, sample_key
+from octomed_data.distill.run import estimate, finalize, run_local
+
+__all__ = [
+    "ShardReport",
+    "TeacherUnreachable",
+    "accepted_uri",
+    "adistill_shard",
+    "config_fingerprint",
+    "distill_shard",
+    "estimate",
+    "finalize",
+    "is_shard_done",
+    "raw_uri",
+    "read_done_keys",
+    "run_local",
+    "sample_key",
+    "sample_seed",
+    "shard_names",
+]

@@ -1,0 +1,257 @@
+"""Whole-run helpers: run every shard in-process, finalize statistics + cost, estimate before spending."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import SecretStr
+
+from octomed_data import storage
+from octomed_data.cost import cost_ledger
+from octomed_data.distill.engine import (
+    STATE_DIR,
+    ShardReport,
+    adistill_shard,
+    raw_uri,
+    shard_names,
+)
+from octomed_data.errors import StorageError
+from octomed_data.ratelimit import LocalRateLimiter, RateLimiter
+from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA
+from octomed_data.stats import source_statistics
+from octomed_data.teachers import DistillConfig
+
+
+def _progress_bar(total: int, enabled: bool, desc: str = "distill"):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="sample", desc=desc, file=sys.stderr, dynamic_ncols=True)
+
+
+async def arun_local(
+    questions_uri: str,
+    out: str,
+    config: DistillConfig,
+    *,
+    shards: Sequence[str] | None = None,
+    api_keys: Mapping[str, str | SecretStr] | None = None,
+    limiter: RateLimiter | None = None,
+    progress: bool = True,
+) -> list[ShardReport]:
+    """Distill the given (default: all) shards one after another, sharing one rate limiter."""
+    names = list(shards) if shards else shard_names(questions_uri)
+    manifest = storage.Dataset(questions_uri, QUESTION_SCHEMA).manifest()
+    missing = [s for s in names if s not in manifest]
+    if missing:
+        raise StorageError(f"questions shards not committed in {questions_uri}: {', '.join(missing)}")
+    limiter = limiter or LocalRateLimiter.for_teachers(config.teachers)
+    bar = _progress_bar(sum(manifest[s].rows for s in names) * config.samples, progress)
+    reports = []
+    try:
+        for name in names:
+            report = await adistill_shard(
+                questions_uri, name, out, config, api_keys=api_keys, limiter=limiter, progress=bar
+            )
+            reports.append(report)
+            if report.aborted:
+                break  # the teacher is unreachable: the next shards would fail the same way
+    finally:
+        if bar is not None:
+            bar.close()
+    return reports
+
+
+def run_local(
+    questions_uri: str,
+    out: str,
+    config: DistillConfig,
+    *,
+    shards: Sequence[str] | None = None,
+    api_keys: Mapping[str, str | SecretStr] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Distill in this process (no Ray), then :func:`finalize`. Returns a run summary."""
+    reports = asyncio.run(
+        arun_local(questions_uri, out, config, shards=shards, api_keys=api_keys, progress=progress)
+    )
+    return summarize(reports, finalize(out, questions_uri, config))
+
+
+def summarize(reports: Sequence[ShardReport], final: Mapping[str, Any]) -> dict[str, Any]:
+    """One dict for a run: totals over the shard reports plus the finalized stats and cost."""
+    keys = (
+        "questions",
+        "expected",
+        "stored_before",
+        "new_samples",
+        "failed",
+        "accepted",
+        "requests",
+        "retries",
+    )
+    totals = {k: sum(getattr(r, k) for r in reports) for k in keys}
+    rejected: Counter[str] = Counter()
+    for r in reports:
+        rejected.update(r.rejected)
+    return {
+        **totals,
+        "rejected": dict(sorted(rejected.items())),
+        "complete": bool(reports) and all(r.complete for r in reports),
+        "aborted": next((r.aborted for r in reports if r.aborted), None),
+        "shards": [r.to_dict() for r in reports],
+        "stats_uri": final.get("stats_uri"),
+        "cost_uri": final.get("cost_uri"),
+        "total_usd": final.get("cost", {}).get("total_usd"),
+    }
+
+
+def finalize(
+    out: str, questions_uri: str | None = None, config: DistillConfig | None = None
+) -> dict[str, Any]:
+    """Write ``OUT/stats.json`` (per-source pass rates ...) and ``OUT/cost.json`` (token ledger).
+
+    The config (for prices and N) defaults to the one the engine saved in ``OUT/_distill``.
+    """
+    if config is None:
+        saved = storage.join(out, STATE_DIR, "config.json")
+        config = DistillConfig.parse(storage.read_json(saved), where=saved) if storage.exists(saved) else None
+    raw = raw_uri(out)
+    stats = source_statistics(raw, questions_uri, config.samples if config else None)
+    cost = cost_ledger(raw, config)
+    stats_uri = storage.join(out, "stats.json")
+    cost_uri = storage.join(out, "cost.json")
+    storage.write_json(stats_uri, stats)
+    storage.write_json(cost_uri, cost)
+    return {"stats": stats, "cost": cost, "stats_uri": stats_uri, "cost_uri": cost_uri}
+
+
+def _teacher_counts(questions_uri: str, config: DistillConfig) -> dict[str, int]:
+    counts: Counter[str] = Counter()
+    ds = storage.Dataset(questions_uri, QUESTION_SCHEMA)
+    for batch in ds.iter_batches(batch_size=65536, columns=["task_type"]):
+        for task_type, n in Counter(batch.column(0).to_pylist()).items():
+            counts[config.teacher_for(task_type).name] += n
+    return dict(counts)
+
+
+def estimate(
+    questions_uri: str,
+    config: DistillConfig,
+    sample_questions: int = 20,
+    *,
+    samples_per_question: int = 2,
+    out: str | None = None,
+    api_keys: Mapping[str, str | SecretStr] | None = None,
+) -> dict[str, Any]:
+    """Project the full run's tokens, cost and duration from a small real sample.
+
+    Sends ``sample_questions x samples_per_question`` requests (the first questions of the
+    dataset, stored under ``OUT/_estimate`` or a temporary folder), measures tokens and latency
+    per teacher, and scales by the number of questions each teacher will get and the config's
+    N, prices, in-flight bound and rate limits.
+    """
+    counts = _teacher_counts(questions_uri, config)
+    if not counts:
+        raise StorageError(f"no questions in {questions_uri}")
+    picked: list[dict[str, Any]] = []
+    for row in storage.Dataset(questions_uri, QUESTION_SCHEMA).iter_rows(batch_size=256):
+        picked.append(row)
+        if len(picked) >= sample_questions:
+            break
+    tmp = None
+    if out is None:
+        tmp = tempfile.TemporaryDirectory(prefix="octomed-estimate-")
+        work = tmp.name
+    else:
+        work = storage.join(out, "_estimate")
+    try:
+        qdir = storage.join(work, "questions")
+        storage.Dataset(qdir, QUESTION_SCHEMA).write_shard("sample", picked)
+        probe = config.model_copy(update={"samples": samples_per_question})
+        started = time.monotonic()
+        report = asyncio.run(
+            adistill_shard(qdir, "sample", storage.join(work, "out"), probe, api_keys=api_keys)
+        )
+        wall = time.monotonic() - started
+        per_teacher = _measure(raw_uri(storage.join(work, "out")))
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    projection: dict[str, Any] = {}
+    total_usd = 0.0
+    durations = []
+    for name, n_questions in sorted(counts.items()):
+        t = config.teacher(name)
+        m = per_teacher.get(name)
+        if not m:
+            projection[name] = {"questions": n_questions, "error": "no successful sample to measure"}
+            continue
+        samples = n_questions * config.samples
+        requests = samples if not t.supports_n else n_questions
+        prompt_tokens = int(m["prompt_tokens_per_request"] * requests)
+        completion_tokens = int(m["completion_tokens_per_sample"] * samples)
+        usd = t.cost_usd(prompt_tokens, completion_tokens)
+        # The slowest of: concurrency x latency, the request budget, the token budget.
+        bounds = {"in_flight": requests * m["latency_s_median"] / t.max_in_flight}
+        if t.rpm:
+            bounds["rpm"] = requests / t.rpm * t.rate_window_s
+        if t.tpm:
+            bounds["tpm"] = (prompt_tokens + completion_tokens) / t.tpm * t.rate_window_s
+        seconds = max(bounds.values())
+        durations.append(seconds)
+        total_usd += usd
+        projection[name] = {
+            "questions": n_questions,
+            "samples": samples,
+            "requests": requests,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "cost_usd": round(usd, 2),
+            "duration_s": round(seconds, 1),
+            "bound_by": max(bounds, key=lambda k: bounds[k]),
+            "measured": m,
+        }
+    return {
+        "sampled_questions": len(picked),
+        "samples_per_question": samples_per_question,
+        "probe_requests": report.requests,
+        "probe_failed": report.failed,
+        "probe_seconds": round(wall, 2),
+        "teachers": projection,
+        "total_cost_usd": round(total_usd, 2),
+        "total_duration_s": round(max(durations), 1) if durations else None,
+        "assumes": "teachers run concurrently; pass rate and lengths as in the sample",
+    }
+
+
+def _measure(raw: str) -> dict[str, dict[str, float]]:
+    by: dict[str, dict[str, list[float]]] = {}
+    cols = ["teacher", "prompt_tokens", "completion_tokens", "latency_s", "correct", "reject_reason"]
+    ds = storage.Dataset(raw, SAMPLE_SCHEMA)
+    for row in ds.iter_rows():
+        if row["reject_reason"] == "request_failed":
+            continue
+        d = by.setdefault(row["teacher"], {c: [] for c in cols[1:5]})
+        for c in cols[1:5]:
+            d[c].append(float(row[c] or 0))
+    out = {}
+    for name, d in by.items():
+        n = len(d["latency_s"])
+        prompts = [p for p in d["prompt_tokens"] if p > 0]
+        out[name] = {
+            "samples": n,
+            "prompt_tokens_per_request": statistics.fmean(prompts) if prompts else 0.0,
+            "completion_tokens_per_sample": statistics.fmean(d["completion_tokens"]),
+            "latency_s_median": statistics.median(d["latency_s"]),
+            "pass_rate": sum(d["correct"]) / n,
+        }
+    return out

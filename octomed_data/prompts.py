@@ -1,0 +1,80 @@
+"""Versioned prompt templates for teacher sampling.
+
+The system prompt asks for step-by-step reasoning and then exactly one final line in a form
+:mod:`octomed_data.answers` reads (``Final answer: \\boxed{X}``). ``PROMPT_VERSION`` is stored
+with every sample and is part of its key: change the wording -> bump the version -> new samples.
+Images are sent as base64 data URLs (OpenAI / vLLM vision format), read through the storage layer.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from octomed_data.schema import TaskType, options_of
+
+PROMPT_VERSION = "octomed-v1"
+
+_REASON = (
+    "You are a medical expert. Reason step by step about the question, then end your reply "
+    "with exactly one line of the form "
+)
+
+SYSTEM_PROMPTS: dict[str, str] = {
+    "choice": _REASON + "'Final answer: \\boxed{X}' where X is the letter of the single best option.",
+    "yes_no_maybe": _REASON + "'Final answer: \\boxed{X}' where X is one of yes, no or maybe.",
+    "open": _REASON + "'Final answer: \\boxed{X}' where X is a short answer of a few words.",
+}
+
+
+def system_prompt(task_type: str | TaskType) -> str:
+    task = TaskType(task_type)
+    if task.is_multiple_choice:
+        return SYSTEM_PROMPTS["choice"]
+    if task == TaskType.YES_NO_MAYBE:
+        return SYSTEM_PROMPTS["yes_no_maybe"]
+    return SYSTEM_PROMPTS["open"]
+
+
+def render_question(row: Mapping[str, Any]) -> str:
+    """The user turn's text: the question, then its options one per line as ``A. text``."""
+    parts = [f"Question:\n{row['question'].strip()}"]
+    opts = options_of(row)
+    if opts:
+        parts.append("Options:\n" + "\n".join(f"{label}. {text}" for label, text in opts))
+    return "\n\n".join(parts)
+
+
+def _mime(data: bytes) -> str:
+    if data.startswith(b"\x89PNG"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return "application/octet-stream"
+
+
+def image_data_url(data: bytes) -> str:
+    return f"data:{_mime(data)};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def build_messages(
+    row: Mapping[str, Any], *, read_image: Callable[[str], bytes] | None = None
+) -> list[dict[str, Any]]:
+    """Chat messages for one question row (images as data URLs before the text)."""
+    if read_image is None:
+        from octomed_data.storage import read_bytes as read_image
+    text = render_question(row)
+    images = row.get("images") or []
+    if images:
+        content: list[dict[str, Any]] = [
+            {"type": "image_url", "image_url": {"url": image_data_url(read_image(im["uri"]))}}
+            for im in images
+        ]
+        content.append({"type": "text", "text": text})
+        user: dict[str, Any] = {"role": "user", "content": content}
+    else:
+        user = {"role": "user", "content": text}
+    return [{"role": "system", "content": system_prompt(row["task_type"])}, user]

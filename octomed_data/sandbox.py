@@ -1,0 +1,423 @@
+"""A loopback OpenAI-compatible chat-completions server: the sandbox teacher.
+
+Used by the tests, the benchmark and the end-to-end demo. It is *not a model*: every reasoning
+trace it returns starts with ``[sandbox teacher: not a model trace]``. It reads the options out
+of the prompt and picks one deterministically from (prompt, seed), so pass rates look like
+1/k, and states the answer in a rotating mix of the forms real teachers write. Its reasoning
+arrives as ``reasoning_content`` (DeepSeek / vLLM) or inline ``<think>`` or a mix of both.
+
+Fault injection (deterministic given ``FaultConfig.seed``): 429 with Retry-After, 500s,
+dropped connections, slow replies, malformed JSON bodies, truncated completions
+(``finish_reason=length``) and refusals. Transient faults hit one request key (messages +
+seed) at most ``max_faults_per_request`` times, so a client that retries gets through; truncation
+and refusal are properties of the key and come back every time. An optional server-side
+requests-per-window limit answers 429 and counts violations.
+
+``GET /_sandbox/stats`` returns the per-request log (arrival time, key, seed, status, fault).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import math
+import re
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from aiohttp import web
+
+SANDBOX_MARK = "[sandbox teacher: not a model trace]"
+Style = Literal["reasoning_content", "think", "mixed"]
+
+_OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[.)]\s+(.+?)\s*$", re.MULTILINE)
+_FORMATS = (
+    "Final answer: \\boxed{{{label}}}",
+    "The answer is ({label}).",
+    "Answer: {label}",
+    "<answer>{label}</answer>",
+    "After weighing the options, I choose:\n\n**{label}**",
+    "{label}. {text}",
+    "The correct answer is {text}.",
+    "**Answer: {label}** - the other options fit the findings less well.",
+)
+_FILLER = (
+    "The key findings in the stem point toward a specific mechanism. ",
+    "Each option is weighed against the presentation and the timeline. ",
+    "Distractors that explain only part of the picture are discarded. ",
+    "The most consistent explanation is kept and re-checked against the stem. ",
+)
+
+
+@dataclass
+class FaultConfig:
+    """Which faults to inject, as probabilities per request (transient) or per key (terminal)."""
+
+    seed: int = 0
+    rate_limited: float = 0.0  # 429 with Retry-After
+    retry_after_s: float = 0.05
+    server_error: float = 0.0  # 500
+    dropped: float = 0.0  # connection closed without a reply
+    slow: float = 0.0  # reply after an extra ``slow_s``
+    slow_s: float = 2.0
+    malformed: float = 0.0  # 200 with a body that is not JSON
+    truncated: float = 0.0  # finish_reason=length, no final answer (per key)
+    refusal: float = 0.0  # a refusal instead of an answer (per key)
+    max_faults_per_request: int = 2
+    rpm: int | None = None  # server-side limit per ``rpm_window_s``; excess -> 429 + violation
+    rpm_window_s: float = 60.0
+    honour_n: bool = False
+
+
+@dataclass
+class _State:
+    latency_s: float
+    faults: FaultConfig
+    style: Style
+    log_requests: bool
+    log: list[dict[str, Any]] = field(default_factory=list)
+    seen: dict[str, int] = field(default_factory=dict)
+    window: deque[float] = field(default_factory=deque)
+    violations: int = 0
+    requests: int = 0
+    completed: int = 0
+
+
+def _unit(*parts: Any) -> float:
+    """A deterministic number in [0, 1) from the parts."""
+    digest = hashlib.blake2b("|".join(str(p) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def _prompt_text(messages: list[dict[str, Any]]) -> str:
+    chunks: list[str] = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            chunks.append(content)
+        elif isinstance(content, list):
+            chunks.extend(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return "\n".join(chunks)
+
+
+def _answer_for(prompt: str, seed: int, choice: int) -> tuple[str, str, str]:
+    """(label-or-answer, option text, kind) chosen from the options the prompt lists."""
+    user = prompt.split("Question:", 1)[-1]
+    options = _OPTION_LINE.findall(user)
+    u = _unit("answer", prompt, seed, choice)
+    if options:
+        label, text = options[int(u * len(options))]
+        return label, text, "choice"
+    if "yes, no or maybe" in prompt:
+        word = ("yes", "no", "maybe")[int(u * 3)]
+        return word, word, "verdict"
+    words = [w.strip(".,?;:()").lower() for w in user.split() if len(w) > 3]
+    word = words[int(u * len(words))] if words else "unknown"
+    return word, word, "open"
+
+
+def _completion(prompt: str, seed: int, choice: int, style: Style, truncated: bool, refusal: bool):
+    """One choice: (message dict, finish_reason, completion_tokens)."""
+    label, text, kind = _answer_for(prompt, seed, choice)
+    n_filler = 1 + int(_unit("len", prompt, seed, choice) * 12)
+    reasoning = SANDBOX_MARK + " " + "".join(_FILLER[i % len(_FILLER)] for i in range(n_filler))
+    if kind == "choice":
+        fmt = _FORMATS[int(_unit("fmt", prompt, seed, choice) * len(_FORMATS))]
+        answer = fmt.format(label=label, text=text)
+    else:
+        answer = f"Final answer: \\boxed{{{label}}}"
+    use_think = style == "think" or (style == "mixed" and _unit("style", prompt, seed, choice) < 0.5)
+    message: dict[str, Any] = {"role": "assistant"}
+    finish = "stop"
+    if refusal:
+        message.update(content="I'm sorry, but I can't help with that request.", refusal="declined")
+        return message, finish, 12
+    if truncated:
+        reasoning = reasoning[: max(len(SANDBOX_MARK) + 10, len(reasoning) // 2)]
+        finish = "length"
+        answer = ""
+    if use_think:
+        closing = "" if truncated else "</think>\n\n"
+        message["content"] = f"<think>{reasoning}{closing}{answer}"
+    else:
+        message["content"] = answer
+        message["reasoning_content"] = reasoning
+    return message, finish, max(1, (len(reasoning) + len(answer)) // 4)
+
+
+def _transient_fault(state: _State, key: str, occurrence: int) -> str | None:
+    f = state.faults
+    if occurrence >= f.max_faults_per_request:
+        return None
+    u = _unit("fault", f.seed, key, occurrence)
+    for name, p in (
+        ("rate_limited", f.rate_limited),
+        ("server_error", f.server_error),
+        ("dropped", f.dropped),
+        ("slow", f.slow),
+        ("malformed", f.malformed),
+    ):
+        if u < p:
+            return name
+        u -= p
+    return None
+
+
+def _over_limit(state: _State, now: float) -> bool:
+    f = state.faults
+    if f.rpm is None:
+        return False
+    while state.window and now - state.window[0] >= f.rpm_window_s:
+        state.window.popleft()
+    state.window.append(now)
+    return len(state.window) > f.rpm
+
+
+async def _chat(request: web.Request) -> web.StreamResponse:
+    state: _State = request.app["state"]
+    arrived = time.time()
+    state.requests += 1
+    try:
+        body = await request.json()
+        messages = body["messages"]
+    except (ValueError, KeyError, TypeError):
+        return web.json_response({"error": {"message": "invalid request body"}}, status=400)
+    model = str(body.get("model", ""))
+    seed = int(body.get("seed") or 0)
+    n = int(body.get("n") or 1)
+    prompt = _prompt_text(messages)
+    key = hashlib.blake2b(f"{model}|{seed}|{prompt}".encode(), digest_size=10).hexdigest()
+    occurrence = state.seen.get(key, 0)
+    state.seen[key] = occurrence + 1
+    over = _over_limit(state, time.monotonic())
+    fault = "rpm_exceeded" if over else _transient_fault(state, key, occurrence)
+    if over:
+        state.violations += 1
+    if state.log_requests:
+        state.log.append({"t": arrived, "key": key, "seed": seed, "model": model, "n": n, "fault": fault})
+    f = state.faults
+    if state.latency_s:
+        await asyncio.sleep(state.latency_s)
+    if fault in ("rate_limited", "rpm_exceeded"):
+        headers = {
+            "Retry-After": str(max(1, math.ceil(f.retry_after_s))),
+            "retry-after-ms": str(int(f.retry_after_s * 1000)),
+        }
+        err = {"error": {"message": "rate limited (sandbox)", "type": "rate_limit_error"}}
+        return web.json_response(err, status=429, headers=headers)
+    if fault == "server_error":
+        return web.json_response({"error": {"message": "internal error (sandbox)"}}, status=500)
+    if fault == "dropped":
+        if request.transport is not None:
+            request.transport.abort()
+        raise asyncio.CancelledError
+    if fault == "slow":
+        await asyncio.sleep(f.slow_s)
+    if fault == "malformed":
+        return web.Response(
+            body=b'{"id": "chatcmpl-sandbox", "choices": [{"mess', content_type="application/json"
+        )
+    truncated = _unit("truncated", f.seed, key) < f.truncated
+    refusal = not truncated and _unit("refusal", f.seed, key) < f.refusal
+    choices = []
+    completion_tokens = 0
+    for i in range(n if f.honour_n else 1):
+        message, finish, tokens = _completion(prompt, seed, i, state.style, truncated, refusal)
+        choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": None})
+        completion_tokens += tokens
+    state.completed += 1
+    payload = {
+        "id": f"chatcmpl-{key}",
+        "object": "chat.completion",
+        "created": int(arrived),
+        "model": model,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": max(1, len(prompt) // 4),
+            "completion_tokens": completion_tokens,
+            "total_tokens": max(1, len(prompt) // 4) + completion_tokens,
+        },
+    }
+    return web.json_response(payload)
+
+
+async def _models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [{"id": "sandbox", "object": "model"}]})
+
+
+async def _stats(request: web.Request) -> web.Response:
+    state: _State = request.app["state"]
+    return web.json_response(_stats_of(state))
+
+
+def _stats_of(state: _State) -> dict[str, Any]:
+    return {
+        "requests": state.requests,
+        "completed": state.completed,
+        "violations": state.violations,
+        "log": list(state.log),
+    }
+
+
+def build_app(
+    *,
+    latency_s: float = 0.0,
+    faults: FaultConfig | None = None,
+    style: Style = "mixed",
+    log_requests: bool = True,
+) -> web.Application:
+    """The aiohttp application (for embedding); :func:`start_sandbox` runs it in a thread."""
+    if style not in ("reasoning_content", "think", "mixed"):
+        raise ValueError(f"unknown style {style!r}")
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app["state"] = _State(latency_s, faults or FaultConfig(), style, log_requests)
+    app.router.add_post("/v1/chat/completions", _chat)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/_sandbox/stats", _stats)
+    return app
+
+
+class SandboxHandle:
+    """A running sandbox server in a background thread."""
+
+    def __init__(self, app: web.Application, host: str) -> None:
+        self._app = app
+        self._host = host
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self.port = 0
+        self._thread = threading.Thread(target=self._run, name="sandbox-teacher", daemon=True)
+
+    def _run(self, port: int = 0) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._serve())
+
+    async def _serve(self) -> None:
+        runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self._host, self._requested_port)
+            await site.start()
+            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        except OSError as exc:
+            self._error = exc
+            self._ready.set()
+            await runner.cleanup()
+            return
+        self._stop = asyncio.Event()
+        self._ready.set()
+        await self._stop.wait()
+        await runner.cleanup()
+
+    def start(self, port: int) -> SandboxHandle:
+        self._requested_port = port
+        self._thread.start()
+        self._ready.wait(30)
+        if self._error is not None:
+            raise OSError(f"sandbox teacher could not listen on {self._host}:{port}: {self._error}")
+        return self
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self._host}:{self.port}/v1"
+
+    def stats(self) -> dict[str, Any]:
+        """Counts and the per-request log (arrival ``t``, ``key``, ``seed``, ``fault``)."""
+        state: _State = self._app["state"]
+        fut = asyncio.run_coroutine_threadsafe(_snapshot(state), self._loop)
+        return fut.result(10)
+
+    def stop(self) -> None:
+        if self._stop is not None and self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    def __enter__(self) -> SandboxHandle:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+async def _snapshot(state: _State) -> dict[str, Any]:
+    return _stats_of(state)
+
+
+def start_sandbox(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    latency_s: float = 0.0,
+    faults: FaultConfig | None = None,
+    style: Style = "mixed",
+    log_requests: bool = True,
+) -> SandboxHandle:
+    """Start the sandbox teacher in a background thread; ``port=0`` picks a free port."""
+    app = build_app(latency_s=latency_s, faults=faults, style=style, log_requests=log_requests)
+    return SandboxHandle(app, host).start(port)
+
+
+def max_in_window(times: list[float], window_s: float) -> int:
+    """The most arrivals in any half-open window of ``window_s`` seconds (two pointers)."""
+    ts = sorted(times)
+    best = 0
+    lo = 0
+    for hi, t in enumerate(ts):
+        while t - ts[lo] >= window_s:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "sandbox-teacher",
+        help="run the loopback OpenAI-compatible sandbox teacher (not a model: labelled fake traces)",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--latency-ms", type=float, default=0.0)
+    p.add_argument("--style", choices=["reasoning_content", "think", "mixed"], default="mixed")
+    p.add_argument("--faults", default=None, help="JSON FaultConfig, e.g. '{\"rate_limited\": 0.1}'")
+    p.add_argument("--no-log", action="store_true", help="keep counts only (long benchmarks)")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    from octomed_data.errors import ConfigError
+
+    try:
+        faults = FaultConfig(**json.loads(args.faults)) if args.faults else FaultConfig()
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"invalid --faults: {exc}") from None
+    app = build_app(
+        latency_s=args.latency_ms / 1000.0, faults=faults, style=args.style, log_requests=not args.no_log
+    )
+
+    async def serve() -> None:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, args.host, args.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        # Parents (benchmarks, demos) wait for this line to know the port.
+        print(f"sandbox teacher listening on http://{args.host}:{port}/v1", flush=True)
+        print(json.dumps({"faults": asdict(faults)}), file=sys.stderr, flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(serve())
+    return 0

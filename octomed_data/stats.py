@@ -1,0 +1,163 @@
+"""Per-source statistics of a distillation run, streamed from ``OUT/raw`` shard by shard.
+
+Per source: samples, accepted, pass rate, pass@N (questions with at least one accepted trace),
+questions with no accepted trace, reject reasons, and the reasoning-length distribution (chars;
+percentiles from a fixed-size reservoir so memory does not grow with the run). A source whose
+rejection rate is below 30% is flagged ``too_easy`` (the paper's sign of a too-easy source or an
+overconfident teacher). Memory: one shard's question counters at a time.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from octomed_data import storage
+from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA
+
+TOO_EASY_REJECTION_RATE = 0.30
+FAILED = "request_failed"
+_RESERVOIR = 10_000
+
+
+@dataclass
+class _Lengths:
+    """Reservoir of lengths (bounded memory) plus exact count / mean / max."""
+
+    n: int = 0
+    total: int = 0
+    max: int = 0
+    sample: list[int] = field(default_factory=list)
+    rng: random.Random = field(default_factory=lambda: random.Random(0))
+
+    def add(self, value: int) -> None:
+        self.n += 1
+        self.total += value
+        self.max = max(self.max, value)
+        if len(self.sample) < _RESERVOIR:
+            self.sample.append(value)
+        else:
+            j = self.rng.randrange(self.n)
+            if j < _RESERVOIR:
+                self.sample[j] = value
+
+    def summary(self) -> dict[str, Any]:
+        if not self.n:
+            return {"count": 0}
+        s = sorted(self.sample)
+
+        def pct(p: float) -> int:
+            return s[min(len(s) - 1, int(p * len(s)))]
+
+        return {
+            "count": self.n,
+            "mean": round(self.total / self.n, 1),
+            "p10": pct(0.10),
+            "p25": pct(0.25),
+            "p50": pct(0.50),
+            "p75": pct(0.75),
+            "p90": pct(0.90),
+            "max": self.max,
+        }
+
+
+@dataclass
+class _Source:
+    samples: int = 0
+    accepted: int = 0
+    failed: int = 0
+    questions: int = 0
+    questions_with_accepted: int = 0
+    questions_not_distilled: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    reasoning_all: _Lengths = field(default_factory=_Lengths)
+    reasoning_accepted: _Lengths = field(default_factory=_Lengths)
+
+    def summary(self, samples_per_question: int | None) -> dict[str, Any]:
+        pass_rate = self.accepted / self.samples if self.samples else None
+        rejection = 1.0 - pass_rate if pass_rate is not None else None
+        return {
+            "samples": self.samples,
+            "accepted": self.accepted,
+            "failed_requests": self.failed,
+            "pass_rate": round(pass_rate, 4) if pass_rate is not None else None,
+            "rejection_rate": round(rejection, 4) if rejection is not None else None,
+            "questions": self.questions,
+            "questions_with_accepted": self.questions_with_accepted,
+            "questions_without_accepted": self.questions - self.questions_with_accepted,
+            "questions_not_distilled": self.questions_not_distilled,
+            f"pass@{samples_per_question or 'N'}": round(self.questions_with_accepted / self.questions, 4)
+            if self.questions
+            else None,
+            "reject_reasons": dict(sorted(self.rejected.items())),
+            "reasoning_chars": self.reasoning_all.summary(),
+            "reasoning_chars_accepted": self.reasoning_accepted.summary(),
+            "too_easy": bool(rejection is not None and rejection < TOO_EASY_REJECTION_RATE),
+        }
+
+
+def source_statistics(
+    raw: str, questions_uri: str | None = None, samples_per_question: int | None = None
+) -> dict[str, Any]:
+    """Statistics per source (and overall) of the raw samples dataset at ``raw``."""
+    sources: dict[str, _Source] = defaultdict(_Source)
+    total = _Source()
+    ds = storage.Dataset(raw, SAMPLE_SCHEMA)
+    cols = ["question_id", "source", "correct", "reject_reason", "reasoning"]
+    raw_shards = ds.manifest()
+    for shard in raw_shards:
+        per_q: dict[str, list[Any]] = {}  # question_id -> [source, n, correct]
+        for batch in ds.iter_batches(batch_size=4096, columns=cols, shards=[shard]):
+            for qid, src, ok, reason, reasoning in zip(
+                *(batch.column(c).to_pylist() for c in cols), strict=True
+            ):
+                s = sources[src]
+                entry = per_q.setdefault(qid, [src, 0, 0])
+                if reason == FAILED:
+                    s.failed += 1
+                    total.failed += 1
+                    continue
+                entry[1] += 1
+                length = len(reasoning or "")
+                for agg in (s, total):
+                    agg.samples += 1
+                    agg.reasoning_all.add(length)
+                    if ok:
+                        agg.accepted += 1
+                        agg.reasoning_accepted.add(length)
+                    else:
+                        agg.rejected[reason or "unknown"] += 1
+                if ok:
+                    entry[2] += 1
+        for src, _n, n_ok in per_q.values():
+            for agg in (sources[src], total):
+                agg.questions += 1
+                agg.questions_with_accepted += 1 if n_ok else 0
+        if questions_uri:
+            _count_not_distilled(questions_uri, shard, set(per_q), sources, total)
+    if questions_uri:
+        qds = storage.Dataset(questions_uri, QUESTION_SCHEMA)
+        for shard in qds.manifest():
+            if shard not in raw_shards:
+                _count_not_distilled(questions_uri, shard, set(), sources, total)
+    return {
+        "samples_per_question": samples_per_question,
+        "too_easy_rejection_rate": TOO_EASY_REJECTION_RATE,
+        "sources": {k: v.summary(samples_per_question) for k, v in sorted(sources.items())},
+        "overall": total.summary(samples_per_question),
+    }
+
+
+def _count_not_distilled(
+    questions_uri: str, shard: str, seen: set[str], sources: dict[str, _Source], total: _Source
+) -> None:
+    qds = storage.Dataset(questions_uri, QUESTION_SCHEMA)
+    if not qds.is_committed(shard):
+        return
+    for batch in qds.iter_batches(columns=["question_id", "source"], shards=[shard]):
+        for qid, src in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
+            if qid not in seen:
+                sources[src].questions_not_distilled += 1
+                total.questions_not_distilled += 1

@@ -1,0 +1,184 @@
+"""Teacher endpoints and the distillation configuration (typed, validated, secret-free).
+
+A teacher is any OpenAI-compatible chat-completions endpoint (OpenAI, DeepSeek, vLLM, SGLang,
+the loopback sandbox). API keys are never part of a config: they come from the environment
+(``api_key_env``) or, in ``tasks/``, from a Prefect Secret block named by ``api_key_secret``,
+and travel as :class:`pydantic.SecretStr` so a repr or a log line never shows them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from octomed_data.errors import ConfigError
+from octomed_data.prompts import PROMPT_VERSION
+from octomed_data.schema import TaskType
+
+_THINK_OPEN = "<think>"
+_THINK_CLOSE = "</think>"
+_THINK_BLOCK = re.compile(r"<think>(.*?)</think>", re.DOTALL | re.IGNORECASE)
+
+
+class TeacherConfig(BaseModel):
+    """One OpenAI-compatible teacher endpoint and how to sample from it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")  # stored in every sample's ``teacher``
+    base_url: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+    api_key_env: str = "OPENAI_API_KEY"
+    api_key_secret: str | None = None  # Prefect Secret block name; resolved only in tasks/
+    supports_n: bool = False  # send n>1 in one request only where the server honours it
+    temperature: float = Field(0.6, ge=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_tokens: int = Field(8192, gt=0)
+    timeout_s: float = Field(600.0, gt=0.0)
+    max_in_flight: int = Field(64, gt=0)
+    rpm: int | None = Field(None, gt=0)  # requests per rate window (per minute by default)
+    tpm: int | None = Field(None, gt=0)  # tokens per rate window
+    rate_window_s: float = Field(60.0, gt=0.0)
+    price_prompt_per_1m: float = Field(0.0, ge=0.0)  # USD per 1M prompt tokens
+    price_completion_per_1m: float = Field(0.0, ge=0.0)  # USD per 1M completion tokens
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+
+    def sampling_params(self) -> dict[str, Any]:
+        """What changes the distribution of a sample: hashed into every sample key."""
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_tokens": self.max_tokens,
+            "extra_body": self.extra_body,
+        }
+
+    def params_hash(self) -> str:
+        blob = json.dumps(self.sampling_params(), sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (
+            prompt_tokens * self.price_prompt_per_1m + completion_tokens * self.price_completion_per_1m
+        ) / 1e6
+
+
+class DistillConfig(BaseModel):
+    """Teachers, routing by task type, and the sampling / retry / durability knobs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    teachers: list[TeacherConfig] = Field(min_length=1)
+    # task type (or "text" / "multimodal") -> teacher name; one teacher serves everything by default.
+    routing: dict[str, str] = Field(default_factory=dict)
+    samples: int = Field(16, gt=0, le=1024)
+    prompt_version: str = PROMPT_VERSION
+    seed: int = 0
+    max_attempts: int = Field(6, gt=0)
+    backoff_base_s: float = Field(1.0, ge=0.0)
+    backoff_max_s: float = Field(60.0, ge=0.0)
+    flush_every: int = Field(256, gt=0)  # journal segment after this many samples ...
+    flush_interval_s: float = Field(0.5, gt=0.0)  # ... or this long, whichever first
+
+    @model_validator(mode="after")
+    def _check_routing(self) -> DistillConfig:
+        names = [t.name for t in self.teachers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate teacher names: {names}")
+        valid_keys = {t.value for t in TaskType} | {"text", "multimodal"}
+        for key, name in self.routing.items():
+            if key not in valid_keys:
+                raise ValueError(f"routing key {key!r} is not a task type, 'text' or 'multimodal'")
+            if name not in names:
+                raise ValueError(f"routing {key!r} -> unknown teacher {name!r}")
+        return self
+
+    def teacher(self, name: str) -> TeacherConfig:
+        for t in self.teachers:
+            if t.name == name:
+                return t
+        raise ConfigError(f"no teacher named {name!r} in the config")
+
+    def teacher_for(self, task_type: str | TaskType) -> TeacherConfig:
+        """Route a task type to its teacher: exact task type, then text/multimodal, then the only one."""
+        task = TaskType(task_type)
+        name = self.routing.get(task.value) or self.routing.get(
+            "multimodal" if task.is_multimodal else "text"
+        )
+        if name:
+            return self.teacher(name)
+        if len(self.teachers) == 1:
+            return self.teachers[0]
+        raise ConfigError(f"no teacher routed for task type {task.value!r} (set routing in the config)")
+
+    def public_dict(self) -> dict[str, Any]:
+        """A JSON-able copy (the config never holds secrets; keys live in env / secret blocks)."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> DistillConfig:
+        import yaml
+
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        return cls.parse(data, where=str(p))
+
+    @classmethod
+    def parse(cls, data: Mapping[str, Any], where: str = "config") -> DistillConfig:
+        try:
+            return cls.model_validate(dict(data))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(x) for x in first["loc"])
+            raise ConfigError(f"invalid {where}: {loc}: {first['msg']}") from None
+
+
+def resolve_api_key(
+    teacher: TeacherConfig, api_keys: Mapping[str, str | SecretStr] | None = None
+) -> SecretStr:
+    """The teacher's key: an explicitly passed one (from a secret block), else its env variable."""
+    if api_keys and teacher.name in api_keys:
+        key = api_keys[teacher.name]
+        return key if isinstance(key, SecretStr) else SecretStr(str(key))
+    value = os.environ.get(teacher.api_key_env)
+    if not value:
+        hint = f" or Prefect Secret block {teacher.api_key_secret!r}" if teacher.api_key_secret else ""
+        raise ConfigError(
+            f"no API key for teacher {teacher.name!r}: set environment variable {teacher.api_key_env}{hint}"
+        )
+    return SecretStr(value)
+
+
+def split_reasoning(content: str | None, reasoning_content: str | None = None) -> tuple[str | None, str]:
+    """Separate the reasoning trace from the answer text.
+
+    DeepSeek and vLLM/SGLang reasoning parsers return ``reasoning_content``; servers without
+    one leave the trace inline as ``<think>...</think>``. A truncated reply may have an
+    unclosed ``<think>``: all of it is reasoning and there is no answer text.
+    """
+    content = content or ""
+    if reasoning_content:
+        return reasoning_content, content.strip()
+    blocks = _THINK_BLOCK.findall(content)
+    if blocks:
+        rest = _THINK_BLOCK.sub("", content)
+        return "\n".join(b.strip() for b in blocks), rest.strip()
+    low = content.lower()
+    if _THINK_OPEN in low:
+        start = low.index(_THINK_OPEN)
+        return content[start + len(_THINK_OPEN) :].strip(), content[:start].strip()
+    if _THINK_CLOSE in low:  # some templates put <think> in the prompt: only the close arrives
+        end = low.rindex(_THINK_CLOSE)
+        return content[:end].strip(), content[end + len(_THINK_CLOSE) :].strip()
+    return None, content.strip()

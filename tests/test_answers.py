@@ -1,0 +1,161 @@
+"""Table-driven tests of the one answer-extraction module (rejection filtering + evaluation)."""
+
+from __future__ import annotations
+
+import pytest
+
+from octomed_data.answers import AMBIGUOUS, NO_ANSWER, extract_answer, is_correct, normalize_open
+from octomed_data.schema import TaskType
+
+OPTS = [
+    ("A", "Metformin"),
+    ("B", "Insulin glargine"),
+    ("C", "Tell the attending that he cannot fail to disclose this mistake"),
+    ("D", "Report the physician to the ethics committee"),
+    ("E", "Glipizide"),
+]
+
+R1_STYLE = """Okay, so the patient is a 54-year-old with newly diagnosed type 2 diabetes. Let me think.
+Option A, metformin, is first-line. Option B is insulin, which is not needed here because HbA1c is 7.2%.
+Wait, but the answer could be E? No, sulfonylureas cause hypoglycemia.
+
+So the answer should be metformin.
+
+**Final Answer**
+\\boxed{A}"""
+
+GPT4O_STYLE = """To determine the best next step, consider the ethical principles involved:
+
+1. **Option A** is not relevant.
+2. **Option D** escalates prematurely.
+
+The most appropriate action is to encourage disclosure.
+
+**Answer: C. Tell the attending that he cannot fail to disclose this mistake**"""
+
+MCQ_CASES = [
+    # (response, expected label, expected reason)
+    ("Final answer: \\boxed{C}", "C", None),
+    ("\\boxed{\\text{C}}", "C", None),
+    ("\\boxed{(C)}", "C", None),
+    ("The answer is (C).", "C", None),
+    ("The answer is C because the attending must disclose.", "C", None),
+    ("Answer: C", "C", None),
+    ("answer: c", None, NO_ANSWER),  # lower-case c is not a label
+    ("<answer>C</answer>", "C", None),
+    ("<answer> D </answer>", "D", None),
+    ("After weighing the options...\n\n**C**", "C", None),
+    ("**Answer:** B", "B", None),
+    ("The correct answer is Insulin glargine.", "B", None),
+    ("Final answer: Glipizide", "E", None),
+    ("C. Tell the attending that he cannot fail to disclose this mistake", "C", None),
+    ("(E) Glipizide", "E", None),
+    ("C", "C", None),
+    ("The correct option is B - insulin is needed given ketosis.", "B", None),
+    ("Answer: Option D", "D", None),
+    # last explicit statement wins
+    ("The answer is A.\nOn reflection, that ignores the ketosis.\nFinal answer: B", "B", None),
+    ("Answer: B\n\nWait, reconsider.\n\n\\boxed{E}", "E", None),
+    # ambiguous / unparseable: rejected, never guessed
+    ("The answer is C or D.", None, AMBIGUOUS),
+    ("Final answer: A and B", None, AMBIGUOUS),
+    ("Final answer: C. Report the physician to the ethics committee", None, AMBIGUOUS),
+    ("**A** is wrong. **B** might work.\n**D** too.", None, AMBIGUOUS),
+    ("I think it is probably one of the sulfonylureas.", None, NO_ANSWER),
+    ("Final answer: F", None, NO_ANSWER),  # not an option
+    ("\\boxed{}", None, NO_ANSWER),
+    ("", None, NO_ANSWER),
+    ("Final answer: I am not sure.", None, NO_ANSWER),
+    # near-misses: prose that only looks like a statement
+    ("To answer this question we need the HbA1c. A 54-year-old man ...", None, NO_ANSWER),
+    ("A 54-year-old man presents with polyuria.", None, NO_ANSWER),
+    # <think> content is not the answer
+    ("<think>Maybe the answer is A.</think>\nThe answer is (B).", "B", None),
+    ("<think>Final answer: A</think>", None, NO_ANSWER),
+    (R1_STYLE, "A", None),
+    (GPT4O_STYLE, "C", None),
+]
+
+
+@pytest.mark.parametrize(("response", "label", "reason"), MCQ_CASES)
+def test_multiple_choice_forms(response: str, label: str | None, reason: str | None) -> None:
+    got = extract_answer(response, TaskType.TEXT_MCQ, OPTS)
+    assert got.answer == label, got
+    if label is None:
+        assert got.reason == reason, got
+
+
+def test_option_text_prefix_prefers_longest_option() -> None:
+    opts = [("A", "Type 1"), ("B", "Type 1 diabetes mellitus"), ("C", "Type 2")]
+    assert extract_answer("The answer is Type 1 diabetes mellitus.", "text_mcq", opts).answer == "B"
+    assert extract_answer("The answer is Type 1.", "text_mcq", opts).answer == "A"
+
+
+def test_imaging_classification_label_text() -> None:
+    opts = [("A", "Chronic infarct"), ("B", "Acute infarct"), ("C", "Normal")]
+    assert extract_answer("Final answer: acute infarct", TaskType.IMAGING_CLS, opts).answer == "B"
+    assert extract_answer("The image shows **Normal**", TaskType.IMAGING_CLS, opts).answer == "C"
+
+
+YNM_CASES = [
+    ("Final answer: \\boxed{yes}", "yes", None),
+    ("The answer is: No.", "no", None),
+    ("Answer: Maybe, the evidence is mixed.", "maybe", None),
+    ("Yes", "yes", None),
+    ("<answer>no</answer>", "no", None),
+    ("Final answer: yes or no depending on the cohort", None, AMBIGUOUS),
+    ("The trial was not conclusive.", None, NO_ANSWER),
+    ("Final answer: (B)", "no", None),  # options given as labels
+]
+
+
+@pytest.mark.parametrize(("response", "verdict", "reason"), YNM_CASES)
+def test_yes_no_maybe(response: str, verdict: str | None, reason: str | None) -> None:
+    got = extract_answer(response, TaskType.YES_NO_MAYBE, [("A", "yes"), ("B", "no"), ("C", "maybe")])
+    assert got.answer == verdict, got
+    if verdict is None:
+        assert got.reason == reason
+
+
+OPEN_CASES = [
+    ("Final answer: \\boxed{Right lung}", "right lung"),
+    ("The answer is: the left kidney.", "left kidney"),
+    ("<answer>CT</answer>", "ct"),
+    ("MRI", "mri"),
+    ("Squamous cell carcinoma", "squamous cell carcinoma"),
+]
+
+
+@pytest.mark.parametrize(("response", "text"), OPEN_CASES)
+def test_open_ended(response: str, text: str) -> None:
+    got = extract_answer(response, TaskType.OPEN_VQA)
+    assert got.answer == text, got
+
+
+def test_open_ended_long_prose_is_not_an_answer() -> None:
+    prose = (
+        "The image is an axial CT of the abdomen showing several structures and I would need "
+        "more context to say anything definitive about what is asked here."
+    )
+    assert extract_answer(prose, TaskType.OPEN_QA).answer is None
+
+
+@pytest.mark.parametrize(
+    ("extracted", "gold", "task", "ok"),
+    [
+        ("C", "C", TaskType.TEXT_MCQ, True),
+        ("c", "C", TaskType.MM_MCQ, True),
+        ("B", "C", TaskType.TEXT_MCQ, False),
+        (None, "C", TaskType.TEXT_MCQ, False),
+        ("Yes", "yes", TaskType.YES_NO_MAYBE, True),
+        ("maybe", "no", TaskType.YES_NO_MAYBE, False),
+        ("The Left  Kidney.", "left kidney", TaskType.OPEN_VQA, True),
+        ("left kidneys", "left kidney", TaskType.OPEN_VQA, False),
+    ],
+)
+def test_is_correct(extracted, gold, task, ok) -> None:
+    assert is_correct(extracted, gold, task) is ok
+
+
+def test_normalize_open() -> None:
+    assert normalize_open("  The  Right-Lung! ") == "right lung"
