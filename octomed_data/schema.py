@@ -127,6 +127,7 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("attempts", pa.int32()),
         pa.field("error", pa.string()),  # last error for samples that failed after all retries
         pa.field("created_at", pa.timestamp("ms", tz="UTC")),
+        pa.field("extraction_method", pa.string()),  # which answer form was read (boxed, statement, ...)
     ],
     metadata={"octomed.schema": "sample", "octomed.schema_version": SCHEMA_VERSION},
 )
