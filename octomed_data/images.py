@@ -12,9 +12,16 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+from octomed_data import storage
+from octomed_data.schema import RecordError
 
 MAX_PIXELS = 262_144
 
@@ -107,3 +114,290 @@ def fingerprint(img: Image.Image, max_pixels: int = MAX_PIXELS) -> tuple[bytes, 
     norm = normalize_image(img, max_pixels=max_pixels)
     data = encode_png(norm)
     return data, sha256_hex(data), phash(norm)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading JPEG/PNG, DICOM and NIfTI files, and the content-addressed image store.
+# --------------------------------------------------------------------------------------------
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """A decoded image and the one header field we keep: the DICOM ``Modality`` (or None)."""
+
+    image: Image.Image
+    modality: str | None
+
+
+def _to_uint8(arr: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    """Linearly map ``[lo, hi]`` (default: the array's min/max) to 0..255, clipping outside."""
+    arr = np.nan_to_num(np.asarray(arr, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo = float(arr.min()) if lo is None else lo
+    hi = float(arr.max()) if hi is None else hi
+    if hi <= lo:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    out = (np.clip(arr, lo, hi) - lo) * (255.0 / (hi - lo))
+    return np.rint(out).astype(np.uint8)
+
+
+def _looks_like_dicom(path: str, head: bytes) -> bool:
+    return head[128:132] == b"DICM" or path.lower().endswith(DICOM_SUFFIXES)
+
+
+def _looks_like_nifti(path: str, head: bytes) -> bool:
+    if path.lower().endswith(NIFTI_SUFFIXES):
+        return True
+    # NIfTI-1 magic at byte 344, NIfTI-2 at byte 4 (uncompressed files without the usual suffix).
+    return head[344:348] in (b"n+1\x00", b"ni1\x00") or head[4:8] in (b"n+2\x00", b"ni2\x00")
+
+
+def _first(value):
+    """First item of a DICOM multi-value (or the value itself)."""
+    if isinstance(value, str | bytes):
+        return value
+    try:
+        return value[0]
+    except (TypeError, IndexError, KeyError):
+        return value
+
+
+def _dicom_window(ds) -> tuple[float, float] | None:
+    """The first stored VOI window (center, width) of a DICOM dataset, if it is usable."""
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if center is None or width is None:
+        return None
+    try:
+        c, w = float(_first(center)), float(_first(width))
+    except (TypeError, ValueError):
+        return None
+    return (c, w) if w > 0 and math.isfinite(c) and math.isfinite(w) else None
+
+
+def load_dicom(path: str) -> LoadedImage:
+    """Decode a DICOM file into an 8-bit image; only ``Modality`` survives from the header.
+
+    Modality LUT (rescale) first, then the stored VOI window (or VOI LUT), falling back to the
+    pixel min/max; MONOCHROME1 is inverted so that bright means dense everywhere; multi-frame
+    objects give their middle frame. Objects without pixel data (RT structure sets and plans,
+    structured reports, waveforms) and pixel data no installed decoder can read raise
+    ``RecordError("unreadable_image")``.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    try:
+        # force=True reads files without the 128-byte preamble / "DICM" magic.
+        ds = pydicom.dcmread(path, force=True)
+    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError) as exc:
+        raise RecordError("corrupt_image", f"not a readable DICOM file ({type(exc).__name__})") from None
+    modality = str(ds.get("Modality") or "").strip() or None
+    what = f"DICOM {modality or 'object'}"
+    if not any(k in ds for k in _PIXEL_KEYWORDS):
+        if modality is None and "SOPClassUID" not in ds:
+            # force=True "succeeds" on anything; a dataset with neither is not one we can parse.
+            raise RecordError(
+                "unreadable_image", "DICOM dataset could not be parsed (no pixel data, no SOP class)"
+            )
+        raise RecordError("unreadable_image", f"{what} has no pixel data")
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" not in meta:
+        # Files without File Meta (no preamble) still say how they were parsed.
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian if ds.is_implicit_VR else ExplicitVRLittleEndian
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # decoder plugins raise many types: any failure is one unreadable record
+        msg = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise RecordError(
+            "unreadable_image", f"{what}: pixel data not decodable: {type(exc).__name__}: {msg}"
+        ) from None
+    frames = int(_first(ds.get("NumberOfFrames", 1)) or 1)
+    if frames > 1 and arr.ndim >= 3 and arr.shape[0] == frames:
+        arr = arr[frames // 2]  # a representative frame of a cine / multi-slice object
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    try:
+        if photometric == "PALETTE COLOR":
+            arr = apply_color_lut(arr, ds)
+        if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+            rgb = arr[..., :3]
+            rgb = rgb if rgb.dtype == np.uint8 else _to_uint8(rgb)
+            return LoadedImage(Image.fromarray(np.ascontiguousarray(rgb), "RGB"), modality)
+        if arr.ndim != 2:
+            raise RecordError("unreadable_image", f"{what}: unexpected pixel array shape {arr.shape}")
+        values = apply_modality_lut(arr, ds)
+        window = _dicom_window(ds)
+        if window is not None:
+            center, width = window
+            grey = _to_uint8(values, center - width / 2.0, center + width / 2.0)
+        elif "VOILUTSequence" in ds:
+            grey = _to_uint8(apply_voi_lut(values, ds, index=0))
+        else:
+            grey = _to_uint8(values)
+    except RecordError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+        raise RecordError(
+            "unreadable_image", f"{what}: cannot convert pixels: {type(exc).__name__}"
+        ) from None
+    if photometric == "MONOCHROME1":
+        grey = 255 - grey
+    return LoadedImage(Image.fromarray(np.ascontiguousarray(grey), "L"), modality)
+
+
+def load_nifti(path: str) -> LoadedImage:
+    """A representative 8-bit slice of a NIfTI-1/-2 volume (either byte order, .nii or .nii.gz).
+
+    The middle axial slice of the first volume, found from the affine (the array axis closest
+    to superior-inferior), oriented with anterior up, windowed at the 1st-99th percentile.
+    Only that slice is read from disk.
+    """
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
+
+    try:
+        img = nib.load(path)
+        shape = img.shape
+    except (ImageFileError, OSError, EOFError, ValueError, TypeError) as exc:
+        raise RecordError("corrupt_image", f"not a readable NIfTI file ({type(exc).__name__})") from None
+    if len(shape) < 2 or min(shape[:2]) < 1:
+        raise RecordError("unreadable_image", f"NIfTI has no 2-D image data (shape {tuple(shape)})")
+    try:
+        if len(shape) == 2:
+            plane = np.asanyarray(img.dataobj[:, :])
+        else:
+            ornt = nib.orientations.io_orientation(img.affine)
+            axis_of = {int(ornt[i, 0]): i for i in range(3) if not np.isnan(ornt[i, 0])}
+            si_axis = axis_of.get(2, 2)
+            index: list = [slice(None)] * 3 + [0] * (len(shape) - 3)  # first volume of 4-D+
+            index[si_axis] = shape[si_axis] // 2
+            plane = np.asanyarray(img.dataobj[tuple(index)])
+            in_plane = [a for a in range(3) if a != si_axis]
+            # Put the left-right axis first and anterior-posterior second, pointing R and A.
+            ras = [int(ornt[a, 0]) if not np.isnan(ornt[a, 0]) else k for k, a in enumerate(in_plane)]
+            if ras[0] > ras[1]:
+                plane = plane.T
+                in_plane = in_plane[::-1]
+                ras = ras[::-1]
+            for k, a in enumerate(in_plane):
+                if not np.isnan(ornt[a, 1]) and ornt[a, 1] < 0:
+                    plane = np.flip(plane, axis=k)
+    except (OSError, EOFError, ValueError, TypeError, IndexError) as exc:
+        raise RecordError("corrupt_image", f"NIfTI data not readable ({type(exc).__name__})") from None
+    plane = np.asarray(plane, dtype=np.float64)
+    if plane.ndim != 2:
+        raise RecordError("unreadable_image", f"NIfTI slice has shape {plane.shape}")
+    finite = plane[np.isfinite(plane)]
+    if finite.size == 0:
+        raise RecordError("unreadable_image", "NIfTI slice has no finite values")
+    lo, hi = np.percentile(finite, [1.0, 99.0])
+    grey = _to_uint8(plane, float(lo), float(hi))
+    # Rows top-to-bottom = anterior-to-posterior, columns = right-to-left axis as stored.
+    return LoadedImage(Image.fromarray(np.ascontiguousarray(np.flipud(grey.T)), "L"), None)
+
+
+def load_image(path: str | os.PathLike[str]) -> LoadedImage:
+    """Decode an image file: JPEG/PNG (any PIL raster), DICOM or NIfTI, by content and suffix.
+
+    Raises :class:`~octomed_data.schema.RecordError` with reason ``missing_image`` (no such
+    file), ``corrupt_image`` (not decodable as its format) or ``unreadable_image`` (a DICOM
+    object without decodable pixels). Nothing from any file header except the DICOM
+    ``Modality`` is returned.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(352)
+    except FileNotFoundError:
+        raise RecordError("missing_image", f"no such file: {path}") from None
+    except IsADirectoryError:
+        raise RecordError("missing_image", f"is a directory, not an image: {path}") from None
+    except OSError as exc:
+        raise RecordError("missing_image", f"cannot read {path}: {exc.strerror or exc}") from None
+    if not head:
+        raise RecordError("corrupt_image", f"empty file: {os.path.basename(path)}")
+    if _looks_like_nifti(path, head):
+        return load_nifti(path)
+    if _looks_like_dicom(path, head):
+        return load_dicom(path)
+    try:
+        return LoadedImage(open_raster(path), None)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise RecordError(
+            "corrupt_image", f"cannot decode {os.path.basename(path)}: {type(exc).__name__}"
+        ) from None
+
+
+class ImageStore:
+    """Content-addressed store of normalised PNGs under ``root_uri/images/<sha[:2]>/<sha>.png``.
+
+    ``put(path)`` returns ``(image, modality)``: ``image`` is a dict matching
+    ``schema.IMAGE_TYPE`` (sha256, uri, phash, width, height) and ``modality`` the DICOM
+    Modality (or None). An image referenced by many questions is decoded once per process
+    (bounded LRU keyed by resolved path; failures are remembered too) and written once (an
+    object already in the store is not rewritten). With ``root_uri=None`` images are decoded
+    and fingerprinted but not stored (``uri`` is None): for inspection and tests only.
+    """
+
+    def __init__(self, root_uri: str | None, cache_size: int = 4096, max_pixels: int = MAX_PIXELS) -> None:
+        self.root_uri = root_uri
+        self.images_uri = storage.join(root_uri, "images") if root_uri else None
+        self.cache_size = cache_size
+        self.max_pixels = max_pixels
+        self._cache: OrderedDict[str, tuple[dict[str, Any], str | None] | RecordError] = OrderedDict()
+        self._known: OrderedDict[str, None] = OrderedDict()  # shas known to be in the store
+        self.decoded = 0  # files decoded (cache misses)
+        self.written = 0  # objects written to the store
+        self.reused = 0  # puts answered from the cache or by an object already stored
+
+    def __repr__(self) -> str:
+        return f"ImageStore({self.root_uri!r})"
+
+    def uri_for(self, sha: str) -> str | None:
+        return storage.join(self.images_uri, sha[:2], f"{sha}.png") if self.images_uri else None
+
+    def put(self, path: str | os.PathLike[str]) -> tuple[dict[str, Any], str | None]:
+        """Decode, normalise and store the image at ``path``; raises ``RecordError`` if unusable."""
+        key = os.path.realpath(os.fspath(path))
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            self.reused += 1
+            if isinstance(hit, RecordError):
+                raise RecordError(hit.reason, hit.detail)
+            return dict(hit[0]), hit[1]
+        try:
+            loaded = load_image(key)
+            data, sha, ph = fingerprint(loaded.image, max_pixels=self.max_pixels)
+        except RecordError as exc:
+            self._remember(key, exc)
+            raise
+        self.decoded += 1
+        width, height = _png_size(data)
+        uri = self.uri_for(sha)
+        if uri is not None and sha not in self._known:
+            if storage.exists(uri):
+                self.reused += 1
+            else:
+                storage.write_bytes(uri, data)
+                self.written += 1
+            self._known[sha] = None
+            if len(self._known) > self.cache_size * 16:
+                self._known.popitem(last=False)
+        image = {"sha256": sha, "uri": uri, "phash": ph, "width": width, "height": height}
+        self._remember(key, (image, loaded.modality))
+        return dict(image), loaded.modality
+
+    def _remember(self, key: str, value) -> None:
+        self._cache[key] = value
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk (no second decode)."""
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")

@@ -1,0 +1,402 @@
+"""Ingest: read an upstream file as a FORMAT and write questions + quarantine as Parquet.
+
+``ingest(fmt, input_path, out)`` streams records from :func:`octomed_data.sources.iter_records`
+into ``out/questions`` (QUESTION_SCHEMA) and ``out/quarantine`` (QUARANTINE_SCHEMA), shards
+of ``shard_size`` rows committed atomically through :class:`~octomed_data.storage.Dataset`,
+and images into the content-addressed store ``out/images/``. At most one shard of rows is
+held in memory. A question id seen earlier in the run is quarantined as ``duplicate``.
+Invariant: ``records == questions + quarantined``.
+
+``ingest_many(entries, out)`` does the same for several inputs into one output (the demo);
+shard names carry the entry name (``medqa-00000``) so they never collide, and duplicates are
+found across entries.
+
+A run owns the shards named with its prefix: shards of an earlier run with the same prefix
+that this run did not rewrite are un-committed at the end, so re-running never leaves stale
+rows behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from octomed_data import storage
+from octomed_data.errors import ConfigError
+from octomed_data.images import ImageStore
+from octomed_data.schema import QUARANTINE_SCHEMA, QUESTION_SCHEMA, quarantine_row
+from octomed_data.sources import FORMATS, get_format, iter_records
+
+SAMPLE_DATA_DIR = Path(__file__).resolve().parent / "sample_data"
+DEMO_CONFIG = SAMPLE_DATA_DIR / "demo.yaml"
+REPORT_NAME = "ingest.json"
+
+
+@dataclass
+class IngestResult:
+    """What an ingest run wrote and counted. All fields are plain data (JSON-serialisable)."""
+
+    questions_uri: str
+    quarantine_uri: str
+    images_uri: str
+    records: int = 0
+    questions: int = 0
+    quarantined: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    shards: list[str] = field(default_factory=list)  # committed question shard names
+    quarantine_shards: list[str] = field(default_factory=list)
+    images_stored: int = 0  # objects newly written to the image store
+    images_decoded: int = 0
+    per_source: dict[str, dict[str, int]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _ShardWriter:
+    """Buffers rows and commits a shard every ``shard_size`` rows."""
+
+    def __init__(
+        self, dataset: storage.Dataset, prefix: str, shard_size: int, extra: Mapping[str, Any]
+    ) -> None:
+        self.dataset = dataset
+        self.prefix = prefix
+        self.shard_size = shard_size
+        self.extra = dict(extra)
+        self.rows: list[dict[str, Any]] = []
+        self.written: list[str] = []
+
+    def name(self, n: int) -> str:
+        return f"{self.prefix}-{n:05d}" if self.prefix else f"{n:05d}"
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if len(self.rows) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        name = self.name(len(self.written))
+        self.dataset.write_shard(name, self.rows, extra=self.extra)
+        self.written.append(name)
+        self.rows = []
+
+    def drop_stale(self) -> None:
+        """Un-commit shards of an earlier run with this prefix that this run did not write."""
+        own = re.compile(rf"^{re.escape(self.prefix)}-\d{{5}}$" if self.prefix else r"^\d{5}$")
+        for name in self.dataset.manifest():
+            if own.match(name) and name not in self.written:
+                self.dataset.delete_shard(name)
+
+
+class _Seen:
+    """Question ids already written in this run, with where each first appeared."""
+
+    def __init__(self) -> None:
+        self.first: dict[int, tuple[int, int]] = {}  # int(question_id) -> (file no, record index)
+        self.files: list[str] = []
+        self._file_no: dict[str, int] = {}
+
+    def check(self, row: dict[str, Any]) -> str | None:
+        """None if new (and remember it), else where the first occurrence was."""
+        key = int(row["question_id"], 16)
+        hit = self.first.get(key)
+        if hit is not None:
+            return f"{self.files[hit[0]]}#{hit[1]}"
+        f = row["input_file"]
+        if f not in self._file_no:
+            self._file_no[f] = len(self.files)
+            self.files.append(f)
+        self.first[key] = (self._file_no[f], row["record_index"])
+        return None
+
+
+def _entry_name(entry: Mapping[str, Any]) -> str:
+    name = str(entry.get("name") or entry.get("source") or entry["format"])
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", name).strip("_.-") or str(entry["format"])
+
+
+def ingest_many(
+    entries: Iterable[Mapping[str, Any]],
+    out: str,
+    *,
+    shard_size: int = 5000,
+    progress: bool = False,
+    shard_prefix: bool = True,
+) -> IngestResult:
+    """Ingest several inputs into one output (questions, quarantine, images under ``out``).
+
+    Each entry is a mapping: ``format``, ``input`` (path), optional ``images`` (folder),
+    ``name`` (shard prefix; defaults to the format), ``split``, ``source`` (name written to
+    rows; defaults to the format) and ``options`` (per-format ``--option`` values). Shards are named
+    ``<name>-00000`` ...; with ``shard_prefix=False`` and a single entry, ``00000`` ...
+    Raises :class:`~octomed_data.errors.OctomedError` for an unknown format, a missing
+    input or an unusable output before any record is read.
+    """
+    entries = [dict(e) for e in entries]
+    if shard_size < 1:
+        raise ConfigError(f"shard size must be >= 1, got {shard_size}")
+    if not entries:
+        raise ConfigError("nothing to ingest: no entries")
+    if not shard_prefix and len(entries) > 1:
+        raise ConfigError("several inputs into one output need shard prefixes")
+    # Validate everything first: a typo in the last entry should not cost a half-written run.
+    names: Counter[str] = Counter()
+    plans = []
+    for entry in entries:
+        if "format" not in entry or "input" not in entry:
+            raise ConfigError(f"ingest entry needs 'format' and 'input': {entry}")
+        get_format(str(entry["format"]))
+        name = _entry_name(entry)
+        names[name] += 1
+        if names[name] > 1:
+            name = f"{name}-{names[name]}"
+        options = dict(entry.get("options") or {})
+        for key in ("split", "source"):
+            if entry.get(key):
+                options[key] = entry[key]
+        options.setdefault("source", entry["format"])
+        plans.append((name, entry, options))
+        # Fail on unknown options / wrong paths now (iter_records checks eagerly).
+        iter_records(str(entry["format"]), str(entry["input"]), images_dir=entry.get("images"), **options)
+
+    storage.ensure_writable(out)
+    questions_ds = storage.Dataset(storage.join(out, "questions"), QUESTION_SCHEMA)
+    quarantine_ds = storage.Dataset(storage.join(out, "quarantine"), QUARANTINE_SCHEMA)
+    store = ImageStore(out)
+    result = IngestResult(
+        questions_uri=questions_ds.uri, quarantine_uri=quarantine_ds.uri, images_uri=store.images_uri or ""
+    )
+    seen = _Seen()
+    reasons: Counter[str] = Counter()
+    started = time.perf_counter()
+    bar = _progress_bar(progress)
+    try:
+        for name, entry, options in plans:
+            prefix = name if shard_prefix else ""
+            extra = {"format": entry["format"], "input": str(entry["input"]), "entry": name}
+            q_writer = _ShardWriter(questions_ds, prefix, shard_size, extra)
+            x_writer = _ShardWriter(quarantine_ds, prefix, shard_size, extra)
+            counts: Counter[str] = Counter()
+            if bar is not None:
+                bar.set_description(name)
+            records = iter_records(
+                str(entry["format"]),
+                str(entry["input"]),
+                image_store=store,
+                images_dir=entry.get("images"),
+                **options,
+            )
+            for kind, row in records:
+                counts["records"] += 1
+                if kind == "question":
+                    first = seen.check(row)
+                    if first is not None:
+                        kind, row = "quarantine", _duplicate(row, first)
+                if kind == "question":
+                    q_writer.add(row)
+                    counts["questions"] += 1
+                else:
+                    x_writer.add(row)
+                    counts["quarantined"] += 1
+                    reasons[row["reason"]] += 1
+                if bar is not None:
+                    bar.update(1)
+                    if counts["records"] % 500 == 0:
+                        bar.set_postfix(questions=result.questions + counts["questions"], refresh=False)
+            q_writer.flush()
+            x_writer.flush()
+            q_writer.drop_stale()
+            x_writer.drop_stale()
+            result.shards.extend(q_writer.written)
+            result.quarantine_shards.extend(x_writer.written)
+            result.per_source[name] = {k: counts[k] for k in ("records", "questions", "quarantined")}
+            result.records += counts["records"]
+            result.questions += counts["questions"]
+            result.quarantined += counts["quarantined"]
+    finally:
+        if bar is not None:
+            bar.close()
+    result.reasons = dict(sorted(reasons.items()))
+    result.images_stored = store.written
+    result.images_decoded = store.decoded
+    result.seconds = round(time.perf_counter() - started, 3)
+    storage.write_json(storage.join(out, REPORT_NAME), result.to_dict())
+    return result
+
+
+def ingest(
+    fmt: str,
+    input_path: str,
+    out: str,
+    *,
+    images: str | None = None,
+    shard_size: int = 5000,
+    progress: bool = False,
+    shard_prefix: str | None = None,
+    **options: Any,
+) -> IngestResult:
+    """Ingest one input file (or folder) read as ``fmt`` into ``out``.
+
+    Writes ``out/questions`` (shards ``00000``, ``00001``, ... or ``<shard_prefix>-00000`` ...),
+    ``out/quarantine`` and ``out/images/``; ``options`` are the format's options (``split``,
+    ``source``, loader-specific keys). Use ``shard_prefix`` when several ingests write into
+    the same ``out`` independently (each owns its prefix).
+    """
+    entry = {"format": fmt, "input": input_path, "images": images, "options": options, "name": shard_prefix}
+    return ingest_many(
+        [entry], out, shard_size=shard_size, progress=progress, shard_prefix=bool(shard_prefix)
+    )
+
+
+def _duplicate(row: dict[str, Any], first: str) -> dict[str, Any]:
+    raw = {k: row[k] for k in ("question_id", "question", "answer") if k in row}
+    return quarantine_row(
+        source=row["source"],
+        input_file=row["input_file"],
+        record_index=row["record_index"],
+        reason="duplicate",
+        detail=f"same question_id {row['question_id']} as {first}",
+        raw=raw,
+    )
+
+
+def _progress_bar(enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(unit=" records", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+
+
+# ------------------------------------------------------------------------------------------
+# The bundled demo inputs
+# ------------------------------------------------------------------------------------------
+
+
+def demo_entries(config: str | Path = DEMO_CONFIG) -> list[dict[str, Any]]:
+    """The ingest entries of the bundled demo (``sample_data/demo.yaml``), paths made absolute."""
+    import yaml
+
+    path = Path(config)
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"demo config not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"demo config {path} is not valid YAML: {exc}") from None
+    entries = doc.get("entries") if isinstance(doc, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"demo config {path} has no 'entries' list")
+    base = path.parent
+    out = []
+    for entry in entries:
+        entry = dict(entry)
+        entry["input"] = str(base / entry["input"])
+        if entry.get("images"):
+            entry["images"] = str(base / entry["images"])
+        out.append(entry)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------
+
+
+def _parse_options(pairs: list[str] | None) -> dict[str, str]:
+    options: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--option expects KEY=VALUE, got {pair!r}")
+        options[key.strip()] = value.strip()
+    return options
+
+
+def summary_lines(result: IngestResult) -> list[str]:
+    """Human-readable summary of a run (what the CLI prints)."""
+    lines = [
+        f"records: {result.records}  questions: {result.questions}  quarantined: {result.quarantined}"
+        f"  ({result.seconds:.1f}s)",
+    ]
+    if len(result.per_source) > 1:
+        for name, c in result.per_source.items():
+            lines.append(
+                f"  {name}: {c['records']} records -> {c['questions']} questions, {c['quarantined']} quarantined"
+            )
+    if result.reasons:
+        lines.append("quarantine reasons: " + ", ".join(f"{k}={v}" for k, v in result.reasons.items()))
+    lines.append(f"questions:  {result.questions_uri}  ({len(result.shards)} shards)")
+    lines.append(f"quarantine: {result.quarantine_uri}  ({len(result.quarantine_shards)} shards)")
+    lines.append(
+        f"images:     {result.images_uri}  ({result.images_stored} new, {result.images_decoded} decoded)"
+    )
+    return lines
+
+
+def _run(args: argparse.Namespace) -> int:
+    options = _parse_options(args.option)
+    if args.split:
+        options["split"] = args.split
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    result = ingest(
+        args.format,
+        args.input,
+        args.out,
+        images=args.images,
+        shard_size=args.shard_size,
+        progress=progress,
+        shard_prefix=args.shard_prefix,
+        **options,
+    )
+    print("\n".join(summary_lines(result)))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``octomed-data ingest FORMAT INPUT --out URI ...``."""
+    p = subparsers.add_parser(
+        "ingest",
+        help="read an upstream dataset file as FORMAT; write questions + quarantine as Parquet",
+        description="Formats: " + ", ".join(FORMATS),
+    )
+    p.add_argument("format", metavar="FORMAT", help="one of: " + ", ".join(FORMATS))
+    p.add_argument("input", metavar="INPUT", help="input file (or folder)")
+    p.add_argument(
+        "--out", required=True, metavar="URI", help="output root: path, file:// or s3://bucket/prefix"
+    )
+    p.add_argument("--images", metavar="DIR", help="folder that image references resolve against")
+    p.add_argument("--shard-size", type=int, default=5000, metavar="N", help="rows per Parquet shard (5000)")
+    p.add_argument("--split", help="override the split written to every row")
+    p.add_argument("--shard-prefix", help="name shards <prefix>-00000 (several ingests into one --out)")
+    p.add_argument(
+        "--option", action="append", metavar="KEY=VALUE", help="format option, e.g. per_class=50 (repeatable)"
+    )
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal)",
+    )
+    p.set_defaults(func=_run)
+
+
+__all__ = [
+    "IngestResult",
+    "ingest",
+    "ingest_many",
+    "demo_entries",
+    "register",
+    "summary_lines",
+    "SAMPLE_DATA_DIR",
+]

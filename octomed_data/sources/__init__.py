@@ -1,0 +1,128 @@
+"""Source loaders: one per upstream FORMAT, all yielding the one question schema.
+
+``FORMATS`` maps a format name to its :class:`SourceFormat`; :func:`iter_records` is the public
+entry point. For every input record a loader yields exactly one
+``("question", question_row)`` or ``("quarantine", quarantine_row)``: malformed lines,
+missing or invalid answers, answers not among the options, missing or corrupt images and
+unreadable DICOM objects are quarantined with a reason, never dropped.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from octomed_data.errors import ConfigError, SourceError
+from octomed_data.images import ImageStore
+from octomed_data.sources.base import LoaderContext, Record
+from octomed_data.sources.imaging import load_imaging
+from octomed_data.sources.text import (
+    load_headqa,
+    load_medbullets,
+    load_medmcqa,
+    load_medqa,
+    load_medxpertqa,
+    load_mmlu,
+    load_mmlu_pro,
+    load_pubmedqa,
+)
+from octomed_data.sources.vqa import load_omnimedvqa, load_pathvqa, load_pmc_vqa, load_slake, load_vqa_rad
+
+__all__ = ["FORMATS", "SourceFormat", "iter_records", "LoaderContext", "Record"]
+
+# Options every format accepts: the split override and the source name written to rows.
+COMMON_OPTIONS = ("split", "source")
+
+
+@dataclass(frozen=True)
+class SourceFormat:
+    """A named upstream format: its loader and the ``--option`` keys it accepts."""
+
+    name: str
+    load: Callable[..., Iterator[Record]]
+    multimodal: bool
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        params = list(inspect.signature(self.load).parameters)[2:]  # after (ctx, path)
+        return COMMON_OPTIONS + tuple(params)
+
+    @property
+    def description(self) -> str:
+        doc = inspect.getdoc(self.load) or ""
+        return doc.split("\n\n")[0].replace("\n", " ")
+
+
+FORMATS: dict[str, SourceFormat] = {
+    f.name: f
+    for f in (
+        SourceFormat("medqa", load_medqa, False),
+        SourceFormat("medmcqa", load_medmcqa, False),
+        SourceFormat("pubmedqa", load_pubmedqa, False),
+        SourceFormat("mmlu", load_mmlu, False),
+        SourceFormat("mmlu_pro", load_mmlu_pro, False),
+        SourceFormat("medxpertqa", load_medxpertqa, True),
+        SourceFormat("medbullets", load_medbullets, False),
+        SourceFormat("vqa_rad", load_vqa_rad, True),
+        SourceFormat("slake", load_slake, True),
+        SourceFormat("pathvqa", load_pathvqa, True),
+        SourceFormat("omnimedvqa", load_omnimedvqa, True),
+        SourceFormat("pmc_vqa", load_pmc_vqa, True),
+        SourceFormat("headqa", load_headqa, False),
+        SourceFormat("imaging", load_imaging, True),
+    )
+}
+
+
+def get_format(fmt: str) -> SourceFormat:
+    """The format named ``fmt``; an unknown name is one clear error listing the known ones."""
+    try:
+        return FORMATS[fmt]
+    except KeyError:
+        raise ConfigError(f"unknown format {fmt!r}; known formats: {', '.join(FORMATS)}") from None
+
+
+def iter_records(
+    fmt: str,
+    input_path: str,
+    *,
+    image_store: ImageStore | None = None,
+    images_dir: str | None = None,
+    **options: Any,
+) -> Iterator[Record]:
+    """Yield ``(kind, row)`` for every record of ``input_path`` read as ``fmt``.
+
+    ``kind`` is ``"question"`` (a :data:`~octomed_data.schema.QUESTION_SCHEMA` row) or
+    ``"quarantine"`` (a :data:`~octomed_data.schema.QUARANTINE_SCHEMA` row). ``images_dir``
+    is where relative image references resolve (else the input file's folder);
+    ``image_store`` stores the normalised images (``None``: fingerprint only, nothing
+    stored). ``options``: ``split`` (override), ``source`` (name written to rows, default
+    the format name), and per-format keys (see ``FORMATS[fmt].options``). Unknown format,
+    unknown option or nonexistent path raise :class:`~octomed_data.errors.OctomedError`
+    before anything is read.
+    """
+    spec = get_format(fmt)
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) {', '.join(unknown)} for format {fmt}; accepted: {', '.join(spec.options)}"
+        )
+    path = Path(input_path)
+    if not path.exists():
+        raise SourceError(f"input path does not exist: {input_path}")
+    img_dir = Path(images_dir) if images_dir else None
+    if img_dir is not None and not img_dir.is_dir():
+        raise SourceError(f"images folder does not exist: {images_dir}")
+    split = options.pop("split", None)
+    source = options.pop("source", None) or fmt
+    ctx = LoaderContext(
+        fmt=fmt,
+        source=str(source),
+        image_store=image_store if image_store is not None else ImageStore(None),
+        images_dir=img_dir,
+        split=str(split) if split else None,
+    )
+    return spec.load(ctx, path, **options)

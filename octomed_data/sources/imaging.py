@@ -1,0 +1,225 @@
+"""``imaging``: labelled medical images turned into multiple-choice classification questions.
+
+As OctoMed did for Aptos, MESSIDOR2, BCSS, brain-tumour MRI and DermaMNIST: each image
+becomes "which of these classes is this?" with the true label plus distractors drawn from the
+dataset's label set. Input is either a folder with one sub-folder per class, or a CSV of image
+path + label (header ``path,label`` style or header-less two columns).
+
+Sampling is class-balanced and stratified: ``per_class`` images per label, chosen with a
+seeded shuffle, so the same input and seed always select the same images. Records not
+selected are quarantined with reason ``not_sampled``, so records = questions + quarantined
+holds here too. Only selected images are decoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from octomed_data.errors import ConfigError, SourceError
+from octomed_data.schema import RecordError, TaskType
+from octomed_data.sources.base import LoaderContext, MalformedLine, Record, iter_csv, mcq_row
+
+DEFAULT_TEMPLATE = "Which of the following is the correct classification of this {subject}?"
+_PATH_COLUMNS = ("path", "image", "image_path", "file", "filename", "filepath", "img", "image_name")
+_LABEL_COLUMNS = ("label", "class", "category", "diagnosis", "target", "level")
+
+
+def _rows_from_folder(root: Path) -> list[tuple[str, str, str]]:
+    """(record key, image path, label) for every file under each class sub-folder, sorted."""
+    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise SourceError(f"{root}: no class sub-folders (expected one folder per label)")
+    rows = []
+    for cls in classes:
+        for f in sorted(p for p in cls.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            rows.append((str(f.relative_to(root)), str(f), cls.name))
+    return rows
+
+
+def _rows_from_csv(ctx: LoaderContext, csv_path: Path) -> Iterator[tuple[int, Any]]:
+    """(index, (path ref, label) | MalformedLine) from a CSV with or without a header."""
+    rows = iter_csv(csv_path, header=False)
+    first = next(rows, None)
+    if first is None:
+        return
+    index, row = first
+    path_col, label_col, has_header = 0, 1, False
+    if isinstance(row, list):
+        lowered = [c.strip().lower() for c in row]
+        p = next((i for i, c in enumerate(lowered) if c in _PATH_COLUMNS), None)
+        lab = next((i for i, c in enumerate(lowered) if c in _LABEL_COLUMNS), None)
+        if p is not None and lab is not None:
+            path_col, label_col, has_header = p, lab, True
+
+    def pick(i: int, r: Any) -> tuple[int, Any]:
+        if isinstance(r, MalformedLine):
+            return i, r
+        if len(r) <= max(path_col, label_col):
+            return i, MalformedLine(",".join(r), f"{len(r)} columns, need path and label")
+        return i, (r[path_col].strip(), r[label_col].strip())
+
+    if not has_header:
+        yield pick(index, row)
+    for i, r in rows:
+        # Without a header the first data row is index 0; with one, data rows start at 0 too.
+        yield pick(i - 1 if has_header else i, r)
+
+
+def _stable_rng(seed: int, key: str) -> random.Random:
+    """A per-record RNG: the options of a record do not depend on which others were sampled."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def load_imaging(
+    ctx: LoaderContext,
+    path: Path,
+    per_class: int | str | None = None,
+    seed: int | str = 0,
+    num_options: int | str = 4,
+    modality: str | None = None,
+    anatomy: str | None = None,
+    question: str | None = None,
+) -> Iterator[Record]:
+    """Classification questions from a class-folder tree or a (path, label) CSV.
+
+    Options (``--option KEY=VALUE``): ``per_class`` (images sampled per label; default all),
+    ``seed`` (default 0), ``num_options`` (default 4, capped by the number of labels),
+    ``modality`` / ``anatomy`` (dataset-level, used in the question when they don't give the
+    answer away), ``question`` (template with ``{subject}``, e.g. "What grade of diabetic
+    retinopathy does this {subject} show?").
+    """
+    try:
+        per_class_n = None if per_class in (None, "", "all") else int(per_class)
+        seed_n = int(seed)
+        k = int(num_options)
+    except (TypeError, ValueError):
+        raise ConfigError("imaging options per_class, seed and num_options must be integers") from None
+    if (per_class_n is not None and per_class_n < 1) or k < 2:
+        raise ConfigError("imaging needs per_class >= 1 and num_options >= 2")
+    template = question or DEFAULT_TEMPLATE
+    if "{subject}" not in template:
+        raise ConfigError("imaging question template must contain {subject}")
+
+    if path.is_dir():
+        input_file = path
+        records: list[tuple[int, Any]] = [
+            (i, (p, lab)) for i, (_, p, lab) in enumerate(_rows_from_folder(path))
+        ]
+    elif path.is_file():
+        input_file = path
+        records = list(_rows_from_csv(ctx, path))  # (path, label) pairs only: small even for 100k images
+    else:
+        raise SourceError(f"input path does not exist: {path}")
+
+    by_label: dict[str, list[int]] = defaultdict(list)
+    for index, rec in records:
+        if not isinstance(rec, MalformedLine) and rec[0] and rec[1]:
+            by_label[rec[1]].append(index)
+    labels = sorted(by_label)
+    selected: set[int] = set()
+    for label, indexes in by_label.items():
+        chosen = list(indexes)
+        _stable_rng(seed_n, f"sample:{label}").shuffle(chosen)
+        selected.update(chosen if per_class_n is None else chosen[:per_class_n])
+    split = ctx.split_for(input_file, "train")
+
+    for index, rec in records:
+        if isinstance(rec, MalformedLine):
+            yield ctx.quarantine(input_file, index, "malformed_row", rec.error, rec.text)
+            continue
+        ref, label = rec
+        raw = {"path": ref, "label": label}
+        if not ref or not label:
+            yield ctx.quarantine(
+                input_file, index, "missing_answer" if ref else "missing_image", "empty path or label", raw
+            )
+            continue
+        if len(labels) < 2:
+            yield ctx.quarantine(
+                input_file, index, "too_few_options", f"only one label in the dataset: {label}", raw
+            )
+            continue
+        if index not in selected:
+            yield ctx.quarantine(
+                input_file,
+                index,
+                "not_sampled",
+                f"not among the {per_class_n} sampled for label {label}",
+                raw,
+            )
+            continue
+        yield ctx.build(
+            input_file,
+            index,
+            raw,
+            _imaging_row,
+            ctx,
+            input_file,
+            index,
+            split,
+            ref,
+            label,
+            labels,
+            k,
+            seed_n,
+            template,
+            modality,
+            anatomy,
+        )
+
+
+def _imaging_row(
+    ctx: LoaderContext,
+    input_file: Path,
+    index: int,
+    split: str,
+    ref: str,
+    label: str,
+    labels: list[str],
+    k: int,
+    seed: int,
+    template: str,
+    modality: str | None,
+    anatomy: str | None,
+) -> dict[str, Any]:
+    base = input_file.parent if input_file.is_file() else input_file
+    image_path = Path(ref) if Path(ref).is_absolute() else (ctx.images_dir or base) / ref
+    if not image_path.exists():
+        raise RecordError("missing_image", f"image not found: {ref}")
+    image, dicom_modality = ctx.image_store.put(image_path)
+    rng = _stable_rng(seed, f"options:{ref}")
+    distractors = rng.sample([lab for lab in labels if lab != label], min(k, len(labels)) - 1)
+    choices = [label, *distractors]
+    rng.shuffle(choices)
+    options = [(chr(ord("A") + i), _display(c)) for i, c in enumerate(choices)]
+    answer = options[choices.index(label)][0]
+    known = modality or dicom_modality
+    # Never name the modality when the labels are modalities: that would give the answer away.
+    label_words = {_display(lab).casefold() for lab in labels}
+    mention = known if known and known.casefold() not in label_words else None
+    subject = f"{mention} image" if mention else "medical image"
+    return mcq_row(
+        ctx,
+        input_file=input_file,
+        index=index,
+        split=split,
+        question=template.format(subject=subject),
+        options=options,
+        answer=answer,
+        task_type=TaskType.IMAGING_CLS,
+        images=[image],
+        modality=known,
+        anatomy=anatomy,
+        metadata={"label": label, "image": ref, "labels": len(labels)},
+    )
+
+
+def _display(label: str) -> str:
+    """Class folder names like ``glioma_tumor`` read as ``glioma tumor`` in the options."""
+    return label.replace("_", " ").strip()
