@@ -212,7 +212,7 @@ def load_mmlu(ctx: LoaderContext, path: Path) -> Iterator[Record]:
             yield from _json_mcq_loader(ctx, input_file, "test", ("subject",))
             continue
         split = ctx.split_for(input_file, "unknown")
-        subject = input_file.stem
+        subject = input_file.name.split(".")[0]  # anatomy_test.head5.csv -> anatomy
         for suffix in ("_test", "_dev", "_val", "_train"):
             if subject.endswith(suffix):
                 subject = subject[: -len(suffix)]
