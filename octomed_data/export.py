@@ -10,7 +10,8 @@ LLaMA-Factory placeholders) inside question or trace text are escaped, so the nu
 ``{"type": "image"}`` part per image, and ``images`` as HF ``Image`` values (PNG bytes embedded
 by default, so the export is self-contained, also on ``s3://``).
 
-The assistant turn is ``<think>reasoning</think>`` then the response, as OctoMed trains it.
+Turns: the system prompt and user text the teacher saw (:mod:`octomed_data.prompts`, also what
+evaluation asks), then the assistant turn ``<think>reasoning</think>`` and the teacher's response.
 Every export shard mirrors one mixture shard, so exports stream with bounded memory.
 Load either with ``datasets.load_dataset("parquet", data_files=Dataset(uri).files(),
 storage_options=storage.storage_options(uri))``.
@@ -27,6 +28,7 @@ import pyarrow as pa
 
 from octomed_data import storage
 from octomed_data.errors import ConfigError, StorageError
+from octomed_data.prompts import render_question, system_prompt
 
 FORMATS = ("llamafactory", "trl")
 SPLITS = ("train", "validation")
@@ -102,12 +104,8 @@ def escape_placeholders(text: str | None) -> tuple[str, int]:
 
 
 def user_text(row: Mapping[str, Any]) -> str:
-    """The question as the student model sees it: question, then lettered options if any."""
-    parts = [row["question"].strip()]
-    options = row.get("options") or []
-    if options:
-        parts.append("\n".join(f"{o['label']}. {o['text']}" for o in options))
-    return "\n\n".join(parts)
+    """The question exactly as the teacher saw it (and as evaluation asks it)."""
+    return render_question(row)
 
 
 def assistant_text(row: Mapping[str, Any]) -> str:
@@ -130,7 +128,11 @@ def llamafactory_row(row: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
     images = [im["uri"] for im in row.get("images") or []]
     user = IMAGE_TOKEN * len(images) + user
     return {
-        "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}],
+        "messages": [
+            {"role": "system", "content": system_prompt(row["task_type"])},
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": assistant},
+        ],
         "images": images,
         "question_id": row["question_id"],
         "source": row["source"],
@@ -148,6 +150,7 @@ def trl_row(row: Mapping[str, Any], *, embed_images: bool = True) -> tuple[dict[
     ]
     return {
         "messages": [
+            {"role": "system", "content": [{"type": "text", "text": system_prompt(row["task_type"])}]},
             {"role": "user", "content": content},
             {"role": "assistant", "content": [{"type": "text", "text": assistant}]},
         ],

@@ -33,8 +33,8 @@ def test_llamafactory_export_loads_and_counts_match(mixture, tmp_path):
     assert len(ds) == mixture.rows_train
     with_images = 0
     for row in ds:
-        user, assistant = row["messages"]
-        assert (user["role"], assistant["role"]) == ("user", "assistant")
+        system, user, assistant = row["messages"]
+        assert (system["role"], user["role"], assistant["role"]) == ("system", "user", "assistant")
         assert user["content"].count(IMAGE_TOKEN) == len(row["images"])
         assert assistant["content"].count(IMAGE_TOKEN) == 0
         assert assistant["content"].startswith("<think>") and "</think>" in assistant["content"]
@@ -51,7 +51,7 @@ def test_trl_export_embeds_images_and_loads_from_s3(mixture, s3_bucket):
     assert mm, "multimodal rows expected"
     row = mm[0]
     assert isinstance(row["images"][0], Image.Image)
-    parts = row["messages"][0]["content"]
+    parts = row["messages"][1]["content"]
     assert sum(p["type"] == "image" for p in parts) == len(row["images"])
     assert IMAGE_TOKEN not in parts[-1]["text"]
     # the LLaMA-Factory flavour from s3 as well, through the documented storage options

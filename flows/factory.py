@@ -1,0 +1,75 @@
+"""The factory: ingest -> decontaminate -> distill -> filter -> mixture -> export -> train -> checkpoint
+-> evaluate, each stage its own flow, driven by one recipe file.
+
+Re-running the factory with the same ``run_id`` resumes it: finished shards are reused (Prefect
+cache + committed-shard markers) and only missing work runs. With ``shards`` set, per-shard
+stages touch exactly those shards and the global stages (filter, mixture, export, report) are
+rebuilt from all committed shards, so the outputs end as if nothing had failed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.common import RunParams, ShardFailures, prepare, publish_shard_table
+from flows.decontaminate import decontaminate_flow
+from flows.distill import distill_flow
+from flows.export import export_flow
+from flows.filter import filter_flow, report_task
+from flows.ingest import ingest_flow
+from flows.mixture import mixture_flow
+from flows.training import TrainParams, train_flow
+from octomed_data.recipe import STAGES
+
+Stage = Literal["ingest", "decontaminate", "distill", "filter", "mixture", "export", "train", "checkpoint", "evaluate"]
+
+
+def _training_left_to_automation(automation_on: bool) -> bool:
+    """Under a deployment with the automation on, the automation starts training, not the factory."""
+    return automation_on and flow_run.get_deployment_id() is not None
+
+
+@flow(name="factory", log_prints=True)
+def factory_flow(run: RunParams = RunParams(), stages: list[Stage] | None = None) -> dict[str, Any]:
+    """Run the whole factory (or the named stages) for one run of a recipe."""
+    recipe, paths = prepare(run)
+    run = run.model_copy(update={"run_id": paths.run_id, "store": paths.store})
+    todo = [s for s in STAGES if stages is None or s in stages]
+    logger = get_run_logger()
+    print(f"run {paths.run_id}: {paths.root}")
+    out: dict[str, Any] = {"run_id": paths.run_id, "root": paths.root}
+    try:
+        if "ingest" in todo:
+            out["ingest"] = ingest_flow(run.model_copy(update={"shards": None}))
+        if "decontaminate" in todo:
+            out["decontaminate"] = decontaminate_flow(run)
+        if "distill" in todo:
+            workers = recipe.distill.max_concurrent_shards
+            out["distill"] = distill_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))(run)
+        if "filter" in todo:
+            out["filter"] = filter_flow(run)
+        if "mixture" in todo:
+            out["mixture"] = mixture_flow(run)
+        if "export" in todo:
+            out["export"] = export_flow(run)
+        wants_training = any(s in todo for s in ("train", "checkpoint", "evaluate"))
+        if wants_training and recipe.training.enabled:
+            if _training_left_to_automation(recipe.automation.train_on_mixture):
+                print("training: left to the automation that runs the `train` deployment on mixture completion")
+            elif "train" in todo:
+                out["train"] = train_flow(TrainParams(run=run, evaluate="evaluate" in todo or "checkpoint" in todo))
+        elif wants_training:
+            print("training: disabled in the recipe")
+    except ShardFailures:
+        # The report still shows which shards failed and what the others produced.
+        report_task(paths)
+        publish_shard_table(paths)
+        raise
+    out["report"] = report_task(paths)
+    publish_shard_table(paths)
+    logger.info("factory run %s finished", paths.run_id)
+    return out

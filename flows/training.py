@@ -1,0 +1,182 @@
+"""Train, checkpoint and evaluate flows: SFT on the TRL export, register the checkpoint, score it.
+
+The ``train`` deployment is what the dashboard's "Run" form and the mixture automation start.
+These flows call Helper E's ``training`` package; where a piece of it is not installed they fail
+with a message naming what is missing, never pretending a model was trained.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tempfile
+from typing import Any
+
+from prefect import flow, task
+from pydantic import BaseModel, ConfigDict, Field
+
+from flows.common import RunParams, configured, prepare, publish_markdown, publish_table
+from octomed_data import storage
+from octomed_data.errors import ConfigError, OctomedError, StorageError
+from octomed_data.recipe import Recipe, RunPaths
+from tasks.stages import RETRY
+
+
+class TrainingUnavailable(OctomedError):
+    """The training entry point this flow needs is not part of this install."""
+
+
+def _training_module(name: str):
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name and name.startswith(exc.name.split(".")[0]):
+            raise TrainingUnavailable(
+                f"{name} is not available in this install ({exc}); nothing was trained"
+            ) from None
+        raise
+
+
+class TrainParams(BaseModel):
+    """The training form in the UI: the run whose export to train on, plus the common knobs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run: RunParams = Field(default_factory=RunParams)
+    model_path: str | None = Field(None, description="Local model folder; empty: the recipe's setting.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    learning_rate: float | None = Field(None, gt=0)
+    num_train_epochs: float | None = Field(None, gt=0)
+    evaluate: bool = Field(True, description="Register the checkpoint and evaluate it afterwards.")
+
+
+def _local_dir(paths: RunPaths, name: str) -> str:
+    """A local folder for things that must be local (models): under the run for file stores."""
+    if "://" not in paths.store or paths.store.startswith("file://"):
+        path = os.path.abspath(storage.join(paths.root.removeprefix("file://"), name))
+    else:
+        path = os.path.join(tempfile.gettempdir(), "octomed", paths.run_id, name)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def train_config(recipe: Recipe, paths: RunPaths, params: TrainParams) -> Any:
+    """The TrainConfig for this run: recipe settings, run locations, then the form's overrides."""
+    config_mod = _training_module("training.config")
+    export_uri = storage.join(paths.stage("export"), "trl", "train")
+    files = storage.Dataset(export_uri).files()
+    if not files:
+        raise StorageError(f"no TRL export at {export_uri}: run the export flow first")
+    data = dict(recipe.training.config)
+    model_path = params.model_path or data.pop("model_path", None)
+    if model_path is None and recipe.training.tiny_model:
+        tiny = _training_module("training.tiny")
+        target = _local_dir(paths, f"models/tiny-{recipe.training.tiny_model}")
+        if not os.path.exists(os.path.join(target, "config.json")):
+            build = tiny.build_vl_model if recipe.training.tiny_model == "vl" else tiny.build_text_model
+            build(target)
+        model_path = target
+    if model_path is None:
+        raise ConfigError("no model to train: set training.config.model_path in the recipe or the form")
+    data.update(train_data=files, model_path=model_path, output_uri=paths.stage("checkpoints"))
+    data.setdefault("work_dir", _local_dir(paths, "train-work"))
+    for key in ("max_steps", "learning_rate", "num_train_epochs"):
+        if getattr(params, key) is not None:
+            data[key] = getattr(params, key)
+    return config_mod.validate_config(config_mod.TrainConfig, data, where="training config")
+
+
+@task(name="train", retries=0)
+def train_task(config: Any) -> dict[str, Any]:
+    """DeepSpeed SFT (long and stateful: no automatic retry; re-run the flow instead)."""
+    from dataclasses import asdict
+
+    sft = _training_module("training.sft")
+    return asdict(sft.train(config, progress=False))
+
+
+@task(name="register-checkpoint", **RETRY)
+def checkpoint_task(paths: RunPaths) -> dict[str, Any]:
+    """Verify the uploaded checkpoint and record it as this run's (and the store's latest) model."""
+    sft = _training_module("training.sft")
+    uri = paths.stage("checkpoints")
+    marker = sft.read_checkpoint_marker(uri)
+    record = {"run_id": paths.run_id, "checkpoint_uri": uri, "marker": marker}
+    storage.write_json(storage.join(paths.root, "checkpoint.json"), record)
+    storage.write_json(storage.join(paths.store, "checkpoints", "latest.json"), record)
+    return record
+
+
+@task(name="evaluate", retries=0)
+def evaluate_task(config: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    evaluation = _training_module("training.evaluate")
+    return asdict(evaluation.evaluate(config, progress=False))
+
+
+def eval_config(recipe: Recipe, paths: RunPaths) -> Any:
+    config_mod = _training_module("training.config")
+    questions = recipe.evaluation.questions or storage.join(paths.stage("decontaminate"), "removed")
+    if not storage.Dataset(questions).manifest():
+        raise StorageError(f"no evaluation questions at {questions}")
+    data = dict(recipe.evaluation.config)
+    data.update(
+        checkpoint_uri=paths.stage("checkpoints"), questions_uri=questions, output_uri=paths.stage("evaluate")
+    )
+    return config_mod.validate_config(config_mod.EvalConfig, data, where="evaluation config")
+
+
+@flow(name="checkpoint", log_prints=True)
+def checkpoint_flow(run: RunParams = RunParams()) -> dict[str, Any]:
+    """Register the run's finished checkpoint (checks its ``checkpoint.json`` marker)."""
+    _, paths = prepare(run)
+    record = configured(checkpoint_task, paths)(paths)
+    print(f"checkpoint: {record['checkpoint_uri']}")
+    return record
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(run: RunParams = RunParams()) -> dict[str, Any]:
+    """Evaluate the run's checkpoint on held-out questions (default: items decontamination removed)."""
+    recipe, paths = prepare(run)
+    result = evaluate_task(eval_config(recipe, paths))
+    rows = [
+        {"source": s} | {k: v for k, v in m.items() if not isinstance(v, dict)}
+        for s, m in result["per_source"].items()
+    ]
+    publish_table("evaluation", paths, rows, f"Evaluation per source, run {paths.run_id}")
+    print(
+        f"evaluate: accuracy {result['accuracy']} on {result['questions']} question(s) -> {result['output_uri']}"
+    )
+    return result
+
+
+@flow(name="train", log_prints=True)
+def train_flow(params: TrainParams = TrainParams()) -> dict[str, Any]:
+    """SFT on the run's TRL export, then (by default) register and evaluate the checkpoint."""
+    recipe, paths = prepare(params.run)
+    config = train_config(recipe, paths, params)
+    result = train_task(config)
+    publish_markdown(
+        "training",
+        paths,
+        "\n".join(
+            [f"# Training, run `{paths.run_id}`", ""]
+            + [f"- **{k}**: {v}" for k, v in result.items() if not isinstance(v, dict)]
+            + (
+                ["", "_Tiny random model (demo): a pipeline check, not a trained medical model._"]
+                if recipe.training.tiny_model and not params.model_path
+                else []
+            )
+        ),
+        f"Training run {paths.run_id}",
+    )
+    print(f"train: checkpoint at {result.get('checkpoint_uri')}")
+    out = {"run_id": paths.run_id, "train": result}
+    if params.evaluate:
+        run = params.run.model_copy(update={"run_id": paths.run_id, "store": paths.store})
+        out["checkpoint"] = checkpoint_flow(run)
+        if recipe.evaluation.enabled:
+            out["evaluate"] = evaluate_flow(run)
+    return out

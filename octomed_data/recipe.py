@@ -1,0 +1,414 @@
+"""The recipe: one YAML file that drives the whole factory, and the per-run state it leaves behind.
+
+A recipe names the sources to ingest, the store, decontamination settings, the teachers and their
+routing, the number of samples, the mixture, the export formats, training and evaluation
+settings, and whether finishing a mixture triggers training. :func:`load_recipe` turns YAML into
+a validated :class:`Recipe` or raises one clear :class:`~octomed_data.errors.ConfigError` line.
+
+Each run lives under ``STORE/runs/<run_id>/``: ``run.json`` (the recipe as run, no secrets),
+one folder per stage's outputs, and ``state/<stage>/<shard>.json`` per shard (state, counts,
+error), written atomically by whoever ran the shard, so concurrent shards never race on one file
+and ``octomed-data rerun`` knows where everything is. No Prefect or Ray here: flows call this.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from octomed_data import storage
+from octomed_data.errors import ConfigError, StorageError
+from octomed_data.mixture import MixtureConfig
+from octomed_data.teachers import DistillConfig, TeacherConfig
+
+DEMO_RECIPE = "demo"
+SANDBOX_TEACHER = "sandbox"
+SANDBOX_MODEL = "sandbox-not-a-model"
+# A recipe teacher with no base_url uses this endpoint when set, else the loopback sandbox.
+ENV_TEACHER_BASE_URL = "OCTOMED_TEACHER_BASE_URL"
+ENV_TEACHER_MODEL = "OCTOMED_TEACHER_MODEL"
+STAGES = (
+    "ingest",
+    "decontaminate",
+    "distill",
+    "filter",
+    "mixture",
+    "export",
+    "train",
+    "checkpoint",
+    "evaluate",
+)
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+class SourceEntry(BaseModel):
+    """One ingest entry: a file (or folder) in a named source format, with its images."""
+
+    model_config = ConfigDict(extra="allow")  # format-specific options pass through to the loader
+
+    format: str = Field(min_length=1)
+    input: str = Field(min_length=1)
+    images: str | None = None
+
+
+class DecontamSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    registry: str | None = None  # None: the bundled benchmark registry pack
+    phash_threshold: int = Field(6, ge=0, le=64)
+    short_match: Literal["item", "text"] = "item"
+
+
+class RecipeTeacher(TeacherConfig):
+    """A teacher as a recipe names it; ``base_url: null`` means "the configured default endpoint"."""
+
+    base_url: str | None = None  # type: ignore[assignment]
+    model: str = SANDBOX_MODEL
+
+
+class SandboxSettings(BaseModel):
+    """Knobs of the loopback sandbox teacher (used only when no teacher endpoint is configured)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    latency_s: float = Field(0.0, ge=0)
+    faults: dict[str, Any] = Field(default_factory=dict)  # octomed_data.sandbox.FaultConfig fields
+
+
+class DistillSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    samples: int = Field(16, gt=0, le=1024)
+    seed: int = 0
+    max_attempts: int = Field(6, gt=0)
+    ray_address: str | None = None  # None: local Ray; "ray://head:10001" or "auto" for a cluster
+    max_concurrent_shards: int = Field(2, ge=1)
+    sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
+
+
+class ExportSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    formats: list[Literal["llamafactory", "trl"]] = Field(default_factory=lambda: ["llamafactory", "trl"])
+    embed_images: bool = True
+
+
+class TrainingSettings(BaseModel):
+    """Passed to ``training`` (TrainConfig); data and output locations are filled in per run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    tiny_model: Literal["text", "vl"] | None = None  # build a tiny random model offline (demo/tests)
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class EvalSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    questions: str | None = None  # QUESTION_SCHEMA dataset; None: this run's decontaminated-away items
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class AutomationSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    train_on_mixture: bool = True  # a completed mixture flow run triggers the training deployment
+
+
+class Recipe(BaseModel):
+    """Everything one factory run needs. Secrets are never here: only env var / secret block names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("octomed", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    store: str = "./runs/demo"
+    shard_size: int = Field(5000, gt=0)
+    sources: list[SourceEntry] = Field(default_factory=list)
+    sources_file: str | None = None  # YAML list of entries (or {entries: [...]}) added to ``sources``
+    decontam: DecontamSettings = Field(default_factory=DecontamSettings)
+    teachers: list[RecipeTeacher] = Field(default_factory=lambda: [RecipeTeacher(name=SANDBOX_TEACHER)])
+    routing: dict[str, str] = Field(default_factory=dict)
+    distill: DistillSettings = Field(default_factory=DistillSettings)
+    mixture: MixtureConfig = Field(default_factory=MixtureConfig)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    evaluation: EvalSettings = Field(default_factory=EvalSettings)
+    automation: AutomationSettings = Field(default_factory=AutomationSettings)
+    base_dir: str | None = Field(None, description="Folder relative input paths resolve against.")
+
+    @field_validator("teachers")
+    @classmethod
+    def _unique_names(cls, v: list[RecipeTeacher]) -> list[RecipeTeacher]:
+        names = [t.name for t in v]
+        if not v:
+            raise ValueError("at least one teacher is needed")
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate teacher names: {names}")
+        return v
+
+    # ---------------------------------------------------------------- derived settings
+    def uses_sandbox(self) -> bool:
+        """True when some teacher has no endpoint and the environment configures none either."""
+        return any(t.base_url is None for t in self.teachers) and not os.environ.get(ENV_TEACHER_BASE_URL)
+
+    def distill_config(self, sandbox_url: str | None = None) -> DistillConfig:
+        """The distillation config with every teacher resolved to a real endpoint.
+
+        Teachers without ``base_url`` take ``$OCTOMED_TEACHER_BASE_URL`` (model from
+        ``$OCTOMED_TEACHER_MODEL``) or, when that is unset, the sandbox at ``sandbox_url``; all
+        sandbox-bound teachers become the one teacher named ``sandbox`` so every row says so.
+        """
+        env_url = os.environ.get(ENV_TEACHER_BASE_URL)
+        teachers: list[TeacherConfig] = []
+        rename: dict[str, str] = {}
+        for t in self.teachers:
+            data = t.model_dump()
+            if t.base_url is None and env_url:
+                model = os.environ.get(ENV_TEACHER_MODEL) or (None if t.model == SANDBOX_MODEL else t.model)
+                if not model:
+                    raise ConfigError(f"{ENV_TEACHER_BASE_URL} is set: also set {ENV_TEACHER_MODEL}")
+                data.update(base_url=env_url, model=model)
+            elif t.base_url is None:
+                if sandbox_url is None:
+                    raise ConfigError(f"teacher {t.name!r} has no base_url and no sandbox teacher is running")
+                rename[t.name] = SANDBOX_TEACHER
+                if any(x.name == SANDBOX_TEACHER for x in teachers):
+                    continue
+                data.update(name=SANDBOX_TEACHER, base_url=sandbox_url, model=SANDBOX_MODEL)
+                data.update(price_prompt_per_1m=0.0, price_completion_per_1m=0.0, api_key_secret=None)
+            teachers.append(TeacherConfig(**data))
+        routing = {k: rename.get(v, v) for k, v in self.routing.items()}
+        try:
+            return DistillConfig(
+                teachers=teachers,
+                routing=routing,
+                samples=self.distill.samples,
+                seed=self.distill.seed,
+                max_attempts=self.distill.max_attempts,
+            )
+        except ValidationError as exc:
+            raise ConfigError(f"invalid teachers/routing: {_first_error(exc)}") from None
+
+    def public_dict(self) -> dict[str, Any]:
+        """JSON-able recipe (it holds no secrets by construction)."""
+        return self.model_dump(mode="json")
+
+    def resolve_path(self, path: str) -> str:
+        """Resolve a relative input path against the recipe's folder (URIs pass through)."""
+        if "://" in path or os.path.isabs(path) or self.base_dir is None:
+            return path
+        return os.path.normpath(os.path.join(self.base_dir, path))
+
+    def ingest_entries(self) -> list[dict[str, Any]]:
+        """All ingest entries (``sources`` + ``sources_file``) with paths resolved."""
+        entries = [e.model_dump(exclude_none=True) for e in self.sources]
+        if self.sources_file:
+            path = _package_path(self.sources_file) or self.resolve_path(self.sources_file)
+            try:
+                data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise ConfigError(f"sources_file not found: {path}") from None
+            except yaml.YAMLError as exc:
+                raise ConfigError(
+                    f"sources_file {path} is not valid YAML: {str(exc).splitlines()[0]}"
+                ) from None
+            items = data.get("entries", data.get("sources")) if isinstance(data, dict) else data
+            if not isinstance(items, list):
+                raise ConfigError(f"sources_file {path} must hold a list of entries")
+            base = os.path.dirname(os.path.abspath(path))
+            for item in items:
+                try:
+                    entry = SourceEntry.model_validate(item).model_dump(exclude_none=True)
+                except ValidationError as exc:
+                    raise ConfigError(f"invalid entry in {path}: {_first_error(exc)}") from None
+                for key in ("input", "images"):
+                    if key in entry and "://" not in entry[key] and not os.path.isabs(entry[key]):
+                        entry[key] = os.path.normpath(os.path.join(base, entry[key]))
+                entries.append(entry)
+        else:
+            for entry in entries:
+                for key in ("input", "images"):
+                    if key in entry:
+                        entry[key] = self.resolve_path(entry[key])
+        if not entries:
+            raise ConfigError("the recipe names no sources (set `sources` or `sources_file`)")
+        return entries
+
+
+def _package_path(spec: str) -> str | None:
+    """``package:sample_data/demo.yaml`` -> the file inside the installed octomed_data package."""
+    if not spec.startswith("package:"):
+        return None
+    return str(resources.files("octomed_data").joinpath(spec.removeprefix("package:")))
+
+
+def _first_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    loc = ".".join(str(x) for x in first["loc"]) or "(root)"
+    return f"{loc}: {first['msg']}"
+
+
+def parse_recipe(data: Mapping[str, Any], where: str = "recipe", base_dir: str | None = None) -> Recipe:
+    """Validate a recipe mapping; one-line :class:`ConfigError` on the first problem."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} must be a YAML mapping, got {type(data).__name__}")
+    data = dict(data)
+    if base_dir is not None and data.get("base_dir") is None:
+        data["base_dir"] = base_dir
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid {where}: {_first_error(exc)}") from None
+
+
+def load_recipe(
+    path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | None = None
+) -> Recipe:
+    """Load a recipe YAML (``None`` or ``"demo"``: the embedded demo recipe), then apply overrides."""
+    if path is None or str(path) == DEMO_RECIPE:
+        text = resources.files("octomed_data").joinpath("recipes/demo.yaml").read_text(encoding="utf-8")
+        where, base_dir = "embedded demo recipe", None
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"recipe file not found: {p}")
+        text, where, base_dir = p.read_text(encoding="utf-8"), f"recipe {p}", str(p.resolve().parent)
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if overrides:
+        data = _deep_merge(data, overrides)
+    return parse_recipe(data, where, base_dir)
+
+
+def _deep_merge(base: Any, extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base) if isinstance(base, Mapping) else {}
+    for k, v in extra.items():
+        out[k] = (
+            _deep_merge(out.get(k), v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+        )
+    return out
+
+
+# -------------------------------------------------------------------- run layout and state
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one run's outputs live (all URIs under ``STORE/runs/<run_id>``)."""
+
+    store: str
+    run_id: str
+
+    @property
+    def root(self) -> str:
+        return storage.join(self.store, "runs", self.run_id)
+
+    def stage(self, name: str) -> str:
+        return storage.join(self.root, name)
+
+    @property
+    def run_json(self) -> str:
+        return storage.join(self.root, "run.json")
+
+    @property
+    def questions(self) -> str:
+        """Questions that go to the teachers: decontaminated when decontamination is on."""
+        return storage.join(self.root, "decontaminate", "questions")
+
+    @property
+    def results(self) -> str:
+        """Prefect task results and cache records for this store."""
+        return storage.join(self.store, "_prefect")
+
+    def state_uri(self, stage: str, shard: str) -> str:
+        return storage.join(self.root, "state", stage, f"{shard}.json")
+
+
+def new_run_id(recipe: Recipe, now: _dt.datetime | None = None) -> str:
+    now = now or _dt.datetime.now(_dt.UTC)
+    return f"{recipe.name}-{now.strftime('%Y%m%dT%H%M%S')}-{os.urandom(2).hex()}"
+
+
+def check_run_id(run_id: str) -> str:
+    if not _RUN_ID.match(run_id):
+        raise ConfigError(f"invalid run id {run_id!r} (letters, digits, '_', '-', '.')")
+    return run_id
+
+
+def start_run(recipe: Recipe, run_id: str | None = None, store: str | None = None) -> RunPaths:
+    """Create (or re-open) a run: writes ``run.json`` on first use and returns its paths.
+
+    Re-opening an existing run keeps its recorded recipe: a resumed run continues with the
+    settings it started with, whatever the recipe file says now.
+    """
+    paths = RunPaths(store or recipe.store, check_run_id(run_id or new_run_id(recipe)))
+    storage.ensure_writable(paths.root)
+    if not storage.exists(paths.run_json):
+        storage.write_json(
+            paths.run_json,
+            {
+                "run_id": paths.run_id,
+                "store": paths.store,
+                "created_at": _dt.datetime.now(_dt.UTC).isoformat(),
+                "recipe": recipe.public_dict(),
+            },
+        )
+    return paths
+
+
+def open_run(run_id: str, store: str) -> tuple[Recipe, RunPaths]:
+    """The recipe and paths of an existing run (for resume and ``rerun``)."""
+    paths = RunPaths(store, check_run_id(run_id))
+    if not storage.exists(paths.run_json):
+        raise StorageError(f"no run {run_id!r} under {store} (missing {paths.run_json})")
+    data = storage.read_json(paths.run_json)
+    return parse_recipe(data["recipe"], where=f"recipe of run {run_id}"), paths
+
+
+def record_shard(paths: RunPaths, stage: str, shard: str, state: str, **info: Any) -> dict[str, Any]:
+    """Write one shard's state (COMPLETED / FAILED / RUNNING / SKIPPED) and counts."""
+    doc = {
+        "stage": stage,
+        "shard": shard,
+        "state": state,
+        "updated_at": _dt.datetime.now(_dt.UTC).isoformat(),
+    }
+    doc.update(info)
+    storage.write_json(paths.state_uri(stage, shard), doc)
+    return doc
+
+
+def shard_states(paths: RunPaths, stage: str | None = None) -> list[dict[str, Any]]:
+    """All recorded shard states of a run (optionally one stage), in stage then shard order."""
+    stages = [stage] if stage else list(STAGES)
+    out: list[dict[str, Any]] = []
+    for name in stages:
+        folder = storage.join(paths.root, "state", name)
+        fs, path = storage.filesystem(folder)
+        if not fs.exists(path):
+            continue
+        for p in sorted(fs.ls(path, detail=False)):
+            if p.endswith(".json") and not p.rsplit("/", 1)[-1].startswith("."):
+                out.append(storage.read_json(storage.to_uri(fs, p)))
+    return out
+
+
+def shard_name(shard: str | int) -> str:
+    """``3`` or ``"3"`` -> ``"00003"`` (the storage layer's name for shard 3); names pass through."""
+    if isinstance(shard, int) or str(shard).isdigit():
+        return storage.Dataset.shard_name(int(shard))
+    return storage.Dataset.shard_name(str(shard))
