@@ -14,9 +14,10 @@ Rules (as in s1 and OctoMed, plus near-duplicate images):
 * **Short items (< 16 tokens): whole-item equality**, never containment: containing "is there
   a fracture" would remove half of all VQA data. Two modes (``short_match``):
 
-  - ``"item"`` (default): a short text-only item (a generic MCQ stem such as "Which of the
-    following is true?") matches a question whose normalised stem equals it AND whose option
-    texts are the same set (order-free, so shuffled copies match). Short image-grounded items
+  - ``"item"`` (default): a short text-only item matches a question whose normalised stem equals
+    it AND that shares at least half of the item's option texts (at least 2; order-free), so
+    shuffled copies and 4-/5-option variants match while a generic stem ("Which of the following
+    is true?") with other options does not. Short image-grounded items
     (VQA templates like "What modality is used to take this image?") are not matched on text at
     all: the same template on another image is not the test item; they are caught by image hash.
   - ``"text"``: the literal rule: a question whose whole normalised text equals a short item's
@@ -77,7 +78,6 @@ _MASK64 = (1 << 64) - 1
 # Odd 64-bit multipliers for the polynomial hashes (arithmetic is mod 2**64).
 _P_NGRAM = np.uint64(0x9E3779B97F4A7C15)
 _P_EXACT = 0xC2B2AE3D27D4EB4F
-_P_OPTIONS = 0x165667B19E3779F9
 
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
 _TOKEN_RE = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+")
@@ -144,13 +144,14 @@ def _fold(values: Iterable[int], start: int, mult: int) -> int:
     return h
 
 
-def exact_key(token_values: Sequence[int], option_keys: Sequence[int] | None) -> int:
-    """Whole-item key: the stem's token values in order, plus (item mode) the *set* of option keys."""
-    h = _fold(token_values, len(token_values) + 1, _P_EXACT)
-    if option_keys is not None:
-        opts = sorted(set(option_keys))
-        h = (h ^ _fold(opts, len(opts) + 7, _P_OPTIONS)) * _P_EXACT & _MASK64
-    return h
+def exact_key(token_values: Sequence[int]) -> int:
+    """Whole-text key of a short text (stem or option): its token values in order, and its length."""
+    return _fold(token_values, len(token_values) + 1, _P_EXACT)
+
+
+def options_required(n_options: int) -> int:
+    """Options a question must share with a short benchmark item of ``n_options`` options."""
+    return 0 if n_options == 0 else max(min(2, n_options), -(-n_options // 2))
 
 
 def _ngram_hashes(values: np.ndarray, n: int = NGRAM) -> np.ndarray:
@@ -223,6 +224,8 @@ class DecontamIndex:
         ngram_items: np.ndarray,
         exact_hashes: np.ndarray,
         exact_items: np.ndarray,
+        exact_option_offsets: np.ndarray,
+        exact_option_keys: np.ndarray,
         image_sha256: np.ndarray,
         image_sha256_items: np.ndarray,
         image_phash: np.ndarray,
@@ -244,6 +247,9 @@ class DecontamIndex:
         self.ngram_items = np.asarray(ngram_items, dtype=np.int32)
         self.exact_hashes = np.asarray(exact_hashes, dtype=np.uint64)
         self.exact_items = np.asarray(exact_items, dtype=np.int32)
+        # Option keys of each short item (CSR: entry i owns keys[offsets[i]:offsets[i+1]]).
+        self.exact_option_offsets = np.asarray(exact_option_offsets, dtype=np.int64)
+        self.exact_option_keys = np.asarray(exact_option_keys, dtype=np.uint64)
         self.image_sha256 = np.asarray(image_sha256, dtype="S64")
         self.image_sha256_items = np.asarray(image_sha256_items, dtype=np.int32)
         self._sha_lookup = {
@@ -345,21 +351,22 @@ class DecontamIndex:
         else:
             ngram_hashes, ngram_items = np.empty(0, np.uint64), np.empty(0, np.int32)
 
-        exact: dict[int, int] = {}
+        exact: dict[tuple[int, tuple[int, ...]], int] = {}
         for ids, option_ids, idx in exact_pending:
-            option_keys = (
-                None if option_ids is None else [exact_key(values[o].tolist(), None) for o in option_ids]
-            )
-            exact.setdefault(exact_key(values[ids].tolist(), option_keys), idx)
+            option_keys = tuple(sorted({exact_key(values[o].tolist()) for o in option_ids or [] if o}))
+            exact.setdefault((exact_key(values[ids].tolist()), option_keys), idx)
         exact_sorted = sorted(exact.items())
+        option_counts = [len(keys) for (_, keys), _ in exact_sorted]
 
         index = cls(
             vocab=vocab_tokens,
             vocab_hashes=vocab_hashes,
             ngram_hashes=ngram_hashes,
             ngram_items=ngram_items,
-            exact_hashes=np.array([h for h, _ in exact_sorted], dtype=np.uint64),
+            exact_hashes=np.array([h for (h, _), _ in exact_sorted], dtype=np.uint64),
             exact_items=np.array([i for _, i in exact_sorted], dtype=np.int32),
+            exact_option_offsets=np.concatenate(([0], np.cumsum(option_counts, dtype=np.int64))),
+            exact_option_keys=np.array([k for (_, keys), _ in exact_sorted for k in keys], dtype=np.uint64),
             image_sha256=np.array(list(sha_items), dtype="S64"),
             image_sha256_items=np.array(list(sha_items.values()), dtype=np.int32),
             image_phash=np.array(list(phash_items), dtype=np.uint64),
@@ -388,6 +395,8 @@ class DecontamIndex:
             self.ngram_items,
             self.exact_hashes,
             self.exact_items,
+            self.exact_option_offsets,
+            self.exact_option_keys,
             self.image_sha256,
             self.image_sha256_items,
             self.image_phash,
@@ -417,6 +426,8 @@ class DecontamIndex:
             ngram_items=self.ngram_items,
             exact_hashes=self.exact_hashes,
             exact_items=self.exact_items,
+            exact_option_offsets=self.exact_option_offsets,
+            exact_option_keys=self.exact_option_keys,
             image_sha256=self.image_sha256,
             image_sha256_items=self.image_sha256_items,
             image_phash=self.image_phash,
@@ -444,6 +455,8 @@ class DecontamIndex:
             ngram_items=npz["ngram_items"],
             exact_hashes=npz["exact_hashes"],
             exact_items=npz["exact_items"],
+            exact_option_offsets=npz["exact_option_offsets"],
+            exact_option_keys=npz["exact_option_keys"],
             image_sha256=npz["image_sha256"],
             image_sha256_items=npz["image_sha256_items"],
             image_phash=npz["image_phash"],
@@ -477,20 +490,30 @@ class DecontamIndex:
         get = self._vocab.get
         return [get(t, 0) for t in toks]
 
-    def _exact_key_of(self, stem_ids: list[int], options: Sequence[str] | None) -> int | None:
-        """Key of a short question, or None when it holds a token no benchmark item has."""
-        if 0 in stem_ids:
+    def _short_match(self, stem_ids: list[int], options: Sequence[str] | None) -> int | None:
+        """The registry entry a short question equals (whole-item rule), or None."""
+        if 0 in stem_ids:  # a token no benchmark item has: cannot equal one
             return None
-        values = self.vocab_hashes
-        option_keys: list[int] | None = None
-        if self.short_match == "item":
-            option_keys = []
-            for opt in options or ():
-                oids = self._ids(tokens(opt))
-                if 0 in oids:
-                    return None
-                option_keys.append(exact_key(values[oids].tolist(), None))
-        return exact_key(values[stem_ids].tolist(), option_keys)
+        key = np.uint64(exact_key(self.vocab_hashes[stem_ids].tolist()))
+        lo = int(np.searchsorted(self.exact_hashes, key, side="left"))
+        hi = int(np.searchsorted(self.exact_hashes, key, side="right"))
+        if lo == hi:
+            return None
+        if self.short_match == "text":
+            return lo
+        option_keys: set[int] = set()
+        for opt in options or ():
+            oids = self._ids(tokens(opt))
+            if oids and 0 not in oids:
+                option_keys.add(exact_key(self.vocab_hashes[oids].tolist()))
+        for entry in range(lo, hi):
+            item_keys = self.exact_option_keys[
+                self.exact_option_offsets[entry] : self.exact_option_offsets[entry + 1]
+            ]
+            shared = len(option_keys.intersection(item_keys.tolist()))
+            if shared >= options_required(len(item_keys)):
+                return entry
+        return None
 
     def check_texts(
         self,
@@ -519,13 +542,9 @@ class DecontamIndex:
             else:
                 short_options = [options[q] if options is not None else None for q in short]
             for q, opts in zip(short, short_options, strict=True):
-                stem_ids = ids[starts[q] : starts[q + 1]].tolist()
-                key = self._exact_key_of(stem_ids, opts)
-                if key is None:
-                    continue
-                pos = int(np.searchsorted(self.exact_hashes, np.uint64(key)))
-                if pos < len(self.exact_hashes) and int(self.exact_hashes[pos]) == key:
-                    bench, item = self._item(int(self.exact_items[pos]))
+                entry = self._short_match(ids[starts[q] : starts[q + 1]].tolist(), opts)
+                if entry is not None:
+                    bench, item = self._item(int(self.exact_items[entry]))
                     matches[q] = Match(TEXT_EXACT, bench, item, " ".join(token_lists[q]))
 
         # 16-gram overlap: one vectorised pass over the whole batch.
