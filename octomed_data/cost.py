@@ -43,13 +43,13 @@ def cost_ledger(raw: str, config: DistillConfig | None) -> dict[str, Any]:
                 "samples": n,
                 "prompt_tokens": p,
                 "completion_tokens": c,
-                "cost_usd": round(usd, 6),
+                "cost_usd": round(usd, 8),
             }
         )
         agg = per_teacher[teacher]
         agg["prompt_tokens"] += p
         agg["completion_tokens"] += c
-        agg["cost_usd"] = round(agg["cost_usd"] + usd, 6)
+        agg["cost_usd"] = round(agg["cost_usd"] + usd, 8)
     return {
         "prices_per_1m": {
             name: {"prompt": t.price_prompt_per_1m, "completion": t.price_completion_per_1m}
@@ -57,7 +57,7 @@ def cost_ledger(raw: str, config: DistillConfig | None) -> dict[str, Any]:
         },
         "by_teacher_source": rows,
         "by_teacher": dict(per_teacher),
-        "total_usd": round(sum(r["cost_usd"] for r in rows), 6),
+        "total_usd": round(sum(r["cost_usd"] for r in rows), 8),
         "total_prompt_tokens": sum(r["prompt_tokens"] for r in rows),
         "total_completion_tokens": sum(r["completion_tokens"] for r in rows),
         "unpriced_teachers": sorted(unpriced),

@@ -34,6 +34,8 @@ from typing import Any, Literal
 from aiohttp import web
 
 SANDBOX_MARK = "[sandbox teacher: not a model trace]"
+SANDBOX_FINGERPRINT = "octomed-sandbox"
+SANDBOX_TEACHER = "sandbox"
 Style = Literal["reasoning_content", "think", "mixed"]
 
 _OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[.)]\s+(.+?)\s*$", re.MULTILINE)
@@ -87,6 +89,9 @@ class _State:
     violations: int = 0
     requests: int = 0
     completed: int = 0
+
+
+_STATE: web.AppKey[_State] = web.AppKey("sandbox_state", _State)
 
 
 def _unit(*parts: Any) -> float:
@@ -180,7 +185,7 @@ def _over_limit(state: _State, now: float) -> bool:
 
 
 async def _chat(request: web.Request) -> web.StreamResponse:
-    state: _State = request.app["state"]
+    state: _State = request.app[_STATE]
     arrived = time.time()
     state.requests += 1
     try:
@@ -237,6 +242,8 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         "object": "chat.completion",
         "created": int(arrived),
         "model": model,
+        # Lets the engine label every sample from here teacher="sandbox", whatever the config says.
+        "system_fingerprint": SANDBOX_FINGERPRINT,
         "choices": choices,
         "usage": {
             "prompt_tokens": max(1, len(prompt) // 4),
@@ -252,7 +259,7 @@ async def _models(request: web.Request) -> web.Response:
 
 
 async def _stats(request: web.Request) -> web.Response:
-    state: _State = request.app["state"]
+    state: _State = request.app[_STATE]
     return web.json_response(_stats_of(state))
 
 
@@ -276,7 +283,7 @@ def build_app(
     if style not in ("reasoning_content", "think", "mixed"):
         raise ValueError(f"unknown style {style!r}")
     app = web.Application(client_max_size=64 * 1024 * 1024)
-    app["state"] = _State(latency_s, faults or FaultConfig(), style, log_requests)
+    app[_STATE] = _State(latency_s, faults or FaultConfig(), style, log_requests)
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/_sandbox/stats", _stats)
@@ -331,7 +338,7 @@ class SandboxHandle:
 
     def stats(self) -> dict[str, Any]:
         """Counts and the per-request log (arrival ``t``, ``key``, ``seed``, ``fault``)."""
-        state: _State = self._app["state"]
+        state: _State = self._app[_STATE]
         fut = asyncio.run_coroutine_threadsafe(_snapshot(state), self._loop)
         return fut.result(10)
 

@@ -42,6 +42,7 @@ from octomed_data.distill.journal import (
 from octomed_data.errors import OctomedError, StorageError
 from octomed_data.prompts import build_messages
 from octomed_data.ratelimit import LocalRateLimiter, RateLimiter
+from octomed_data.sandbox import SANDBOX_FINGERPRINT, SANDBOX_TEACHER
 from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA, TaskType, options_of
 from octomed_data.teachers import DistillConfig, TeacherConfig, resolve_api_key, split_reasoning
 
@@ -67,6 +68,7 @@ class ShardReport:
     expected: int = 0  # questions x samples
     stored_before: int = 0  # samples already in the journal when the run started
     new_samples: int = 0  # samples finished and persisted by this run
+    stored: int = 0  # expected samples stored after this run (== expected when complete)
     failed: int = 0  # samples whose requests failed after all attempts (not done)
     accepted: int = 0  # accepted rows in the compacted shard
     rejected: dict[str, int] = field(default_factory=dict)  # reject reason -> rows
@@ -394,9 +396,13 @@ async def _sample_group(
         options = options_of(q)
         usage = getattr(response, "usage", None)
         choices = list(response.choices)[: len(group)]
+        # Sandbox traces are never passed off as a real teacher's, whatever the config calls it.
+        sandbox = getattr(response, "system_fingerprint", None) == SANDBOX_FINGERPRINT
         for j, (i, choice) in enumerate(zip(group, choices, strict=False)):
             row = _base_row(q, teacher, run.config, i, seeds[i])
             row.update(_verdict(choice, task, options, q["answer"]))
+            if sandbox:
+                row["teacher"] = SANDBOX_TEACHER
             # Usage is per request: the prompt is billed once, completion split over choices.
             p_tok = (usage.prompt_tokens if usage else None) if j == 0 else 0
             c_tok = (usage.completion_tokens // len(choices)) if usage else None
@@ -673,6 +679,7 @@ def _compact(out: str, shard: str, config: DistillConfig, qids: set[str], report
     report.accepted = acc.rows
     report.rejected = dict(sorted(rejected.items()))
     report.failed = len(failures)
+    report.stored = len(written)
     report.complete = len(written) == report.expected and not failures
 
 

@@ -91,6 +91,7 @@ def summarize(reports: Sequence[ShardReport], final: Mapping[str, Any]) -> dict[
     keys = (
         "questions",
         "expected",
+        "stored",
         "stored_before",
         "new_samples",
         "failed",

@@ -1,0 +1,121 @@
+"""``octomed-data distill``: run the engine against any OpenAI-compatible server.
+
+    octomed-data distill QUESTIONS_URI --base-url URL --model NAME [--samples 16] --out URI
+
+The key is read from ``OPENAI_API_KEY`` (or ``--api-key-env VAR``) and never printed. With
+``--config YAML`` the teachers, routing and prices come from the file. ``--estimate`` projects
+the run's cost and duration from a small sample and stops. Re-running the same command resumes:
+stored samples are not requested again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import re
+import sys
+from typing import Any
+
+from octomed_data.distill.engine import TeacherUnreachable
+from octomed_data.distill.run import estimate, run_local
+from octomed_data.errors import ConfigError
+from octomed_data.teachers import DistillConfig
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "distill",
+        help="sample N teacher traces per question, verify answers, write OUT/raw and OUT/accepted",
+    )
+    p.add_argument("questions_uri", help="questions dataset (ingest / decontaminate output)")
+    p.add_argument("--out", required=True, help="output URI (OUT/raw, OUT/accepted, OUT/stats.json ...)")
+    p.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--model", help="model name to request")
+    p.add_argument("--samples", type=int, default=None, help="samples per question (default 16)")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
+    p.add_argument("--teacher-name", default=None, help="teacher name stored in samples (default: model)")
+    p.add_argument("--config", help="YAML DistillConfig (teachers, routing, prices, limits)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local")
+    p.add_argument("--address", default=None, help="Ray address for --executor ray (ray://..., auto)")
+    p.add_argument("--shards", nargs="+", default=None, help="only these question shards")
+    p.add_argument("--max-in-flight", type=int, default=None)
+    p.add_argument("--max-attempts", type=int, default=None)
+    p.add_argument("--rpm", type=int, default=None, help="requests per minute for the teacher")
+    p.add_argument("--estimate", action="store_true", help="project cost and duration, then stop")
+    p.add_argument("--estimate-questions", type=int, default=20)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cli)
+
+
+def build_config(args: argparse.Namespace) -> DistillConfig:
+    """A config from ``--config`` and/or the single-teacher flags (flags override the file)."""
+    data: dict[str, Any] = {}
+    if args.config:
+        data = DistillConfig.from_yaml(args.config).public_dict()
+    teacher_flags = {
+        "base_url": args.base_url,
+        "model": args.model,
+        "max_in_flight": args.max_in_flight,
+        "rpm": args.rpm,
+    }
+    if not data:
+        if not args.base_url or not args.model:
+            raise ConfigError("give --base-url and --model (or --config FILE)")
+        name = args.teacher_name or re.sub(r"[^A-Za-z0-9_.\-]+", "-", args.model).strip("-") or "teacher"
+        data = {"teachers": [{"name": name, "api_key_env": args.api_key_env}]}
+    elif len(data["teachers"]) == 1:
+        if args.teacher_name:
+            teacher_flags["name"] = args.teacher_name
+        if args.api_key_env != "OPENAI_API_KEY":
+            teacher_flags["api_key_env"] = args.api_key_env
+    elif any(v is not None for v in teacher_flags.values()):
+        raise ConfigError("--base-url/--model/--max-in-flight/--rpm need a config with exactly one teacher")
+    if len(data["teachers"]) == 1:
+        data["teachers"][0].update({k: v for k, v in teacher_flags.items() if v is not None})
+    if args.samples is not None:
+        data["samples"] = args.samples
+    if args.max_attempts is not None:
+        data["max_attempts"] = args.max_attempts
+    return DistillConfig.parse(data, where=args.config or "command line")
+
+
+def _cli(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    if args.estimate:
+        result = estimate(args.questions_uri, config, sample_questions=args.estimate_questions, out=args.out)
+        print(json.dumps(result, indent=2))
+        return 0
+    if args.executor == "ray":
+        # The Ray executor lives outside the library (tasks/); loaded only when asked for.
+        ray_distill = importlib.import_module("tasks.ray_distill")
+        summary = ray_distill.run_distill(
+            args.questions_uri,
+            args.out,
+            config,
+            address=args.address,
+            shards=args.shards,
+            progress=not args.no_progress,
+        )
+    else:
+        summary = run_local(
+            args.questions_uri, args.out, config, shards=args.shards, progress=not args.no_progress
+        )
+    print(json.dumps({k: v for k, v in summary.items() if k != "shards"}, indent=2))
+    line = (
+        f"distilled {summary['questions']} questions: "
+        f"{summary['stored']}/{summary['expected']} samples stored "
+        f"({summary['new_samples']} new, {summary['stored_before']} already stored), "
+        f"{summary['accepted']} accepted, {summary['failed']} failed, {summary['requests']} requests"
+    )
+    print(line, file=sys.stderr)
+    if summary.get("aborted"):
+        raise TeacherUnreachable(summary["aborted"])
+    if summary["failed"]:
+        print(
+            f"error: {summary['failed']} samples failed after all attempts; "
+            "run the same command again to retry exactly those",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
