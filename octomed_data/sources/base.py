@@ -258,7 +258,8 @@ def parse_lettered_options(text: str, style: Literal["paren", "suffix"]) -> tupl
     """Split ``"stem (A) x (B) y"`` (style ``paren``) or ``"stem A) x, B) y"`` (``suffix``).
 
     Labels must run A, B, C ... in order; each is searched after the previous one, so option
-    text that merely mentions a later letter does not split early. Returns (stem, options);
+    text mentioning any letter other than the next one (e.g. "unlike (D)" inside option B)
+    does not split early. Returns (stem, options);
     options is empty when no ``A`` marker is found.
     """
 
