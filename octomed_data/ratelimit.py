@@ -45,12 +45,12 @@ class WindowBudget:
         self.window_s = window_s + (safety_margin(window_s) if margin_s is None else margin_s)
         self._grants: deque[float] = deque()
         self._tokens = float(tpm) if tpm else 0.0
-        self._tokens_at = time.monotonic()
+        self._tokens_at: float | None = None  # first take() sets the clock (callers pass `now`)
 
     def _refill(self, now: float) -> None:
-        if self.tpm:
+        if self.tpm and self._tokens_at is not None:
             rate = self.tpm / self.window_s
-            self._tokens = min(float(self.tpm), self._tokens + (now - self._tokens_at) * rate)
+            self._tokens = min(float(self.tpm), self._tokens + max(0.0, now - self._tokens_at) * rate)
         self._tokens_at = now
 
     def take(self, n: int, tokens_each: int, now: float) -> tuple[int, float]:
