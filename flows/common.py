@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import re
 from collections.abc import Sequence
@@ -23,7 +25,6 @@ from octomed_data.recipe import (
     start_run,
 )
 from octomed_data.report import shard_table_rows
-from tasks.stages import SHARD_CACHE
 
 ENV_STORE = "OCTOMED_STORE"
 
@@ -59,34 +60,52 @@ def prepare(run: RunParams) -> tuple[Recipe, RunPaths]:
 
 
 def wanted_shards(run: RunParams, available: Sequence[str]) -> list[str]:
-    """The shards to process: all available ones, or exactly those the caller named."""
+    """The shards to process: all, or exactly those named (a name, or a 0-based position)."""
     if not run.shards:
         return list(available)
-    names = [shard_name(s) for s in run.shards]
-    missing = [s for s in names if s not in available]
-    if missing:
-        raise OctomedError(f"unknown shard(s) {missing}; this run has {list(available)[:20]}")
+    names = []
+    for s in run.shards:
+        s = str(s)
+        if s in available:
+            names.append(s)
+        elif s.isdigit() and shard_name(s) in available:
+            names.append(shard_name(s))
+        elif s.isdigit() and int(s) < len(available):
+            names.append(sorted(available)[int(s)])  # N = position in the run's shard list
+        else:
+            raise OctomedError(f"unknown shard {s!r}; this run has {sorted(available)[:20]}")
     return names
 
 
-def result_storage(paths: RunPaths):
-    """Where Prefect persists task results and cache records: the run's own store."""
+@functools.lru_cache(maxsize=16)
+def _saved_block(uri: str, api_url: str) -> tuple[str, Any]:
     from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 
-    uri = paths.results
+    name = "octomed-results-" + hashlib.sha256(uri.encode()).hexdigest()[:12]
     if "://" not in uri or uri.startswith("file://"):
-        return LocalFileSystem(basepath=os.path.abspath(uri.removeprefix("file://")))
-    settings = {k: v for k, v in storage.storage_options(uri).items() if k != "config_kwargs"}
-    return RemoteFileSystem(basepath=uri, settings=settings)
+        block: Any = LocalFileSystem(basepath=os.path.abspath(uri.removeprefix("file://")))
+        slug = f"local-file-system/{name}"
+    else:
+        # Endpoint only; credentials stay in the environment (botocore reads them), never in a block.
+        settings = {k: v for k, v in storage.storage_options(uri).items() if k != "config_kwargs"}
+        block = RemoteFileSystem(basepath=uri, settings=settings)
+        slug = f"remote-file-system/{name}"
+    block.save(name, overwrite=True)  # Prefect needs result storage registered server-side
+    return slug, block
+
+
+def result_storage(paths: RunPaths) -> tuple[str, Any]:
+    """Where Prefect persists task results and cache records: the run's own store (block slug, block)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return _saved_block(paths.results, str(PREFECT_API_URL.value()))
 
 
 def configured(task: Task, paths: RunPaths, *, refresh: bool = False) -> Task:
     """``task`` with results and cache keys kept in the run's store (and optionally a fresh cache)."""
-    fs = result_storage(paths)
-    options: dict[str, Any] = {"result_storage": fs, "refresh_cache": refresh or None}
-    if task.cache_policy is not None and getattr(task.cache_policy, "compute_key", None):
-        options["cache_policy"] = SHARD_CACHE.configure(key_storage=fs)
-    return task.with_options(**options)
+    slug, _ = result_storage(paths)
+    # Cache records live with the results (Prefect's default key storage is the result storage).
+    return task.with_options(result_storage=slug, refresh_cache=refresh or None)
 
 
 def artifact_key(kind: str, run_id: str) -> str:

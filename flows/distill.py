@@ -10,6 +10,7 @@ and are not model traces.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,6 +38,17 @@ SANDBOX_NOTICE = (
     "No teacher endpoint configured: using the SANDBOX teacher (loopback, deterministic). "
     "Its samples say teacher=sandbox and are NOT model traces."
 )
+
+
+def ensure_ray(address: str | None) -> None:
+    """Connect once, from the flow's thread: concurrent ``ray.init`` calls from shard threads race."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address is None:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
 
 
 @contextlib.contextmanager
@@ -76,6 +88,7 @@ def distill_flow(run: RunParams = RunParams()) -> dict[str, Any]:
     )
     results: dict[str, Any] = {}
     failed: list[str] = []
+    ensure_ray(recipe.distill.ray_address)
     with teacher_endpoints(recipe) as config:
         task = configured(distill_shard_task, paths, refresh=bool(run.shards))
         futures = {
@@ -83,6 +96,7 @@ def distill_flow(run: RunParams = RunParams()) -> dict[str, Any]:
         }
         for done, fut in enumerate(as_completed(list(futures)), start=1):
             shard = futures[fut]
+            fut.wait()  # the final state, not the API's possibly older view of it
             if fut.state.is_completed():
                 results[shard] = fut.result()
             else:

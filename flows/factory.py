@@ -25,7 +25,9 @@ from flows.mixture import mixture_flow
 from flows.training import TrainParams, train_flow
 from octomed_data.recipe import STAGES
 
-Stage = Literal["ingest", "decontaminate", "distill", "filter", "mixture", "export", "train", "checkpoint", "evaluate"]
+Stage = Literal[
+    "ingest", "decontaminate", "distill", "filter", "mixture", "export", "train", "checkpoint", "evaluate"
+]
 
 
 def _training_left_to_automation(automation_on: bool) -> bool:
@@ -49,7 +51,9 @@ def factory_flow(run: RunParams = RunParams(), stages: list[Stage] | None = None
             out["decontaminate"] = decontaminate_flow(run)
         if "distill" in todo:
             workers = recipe.distill.max_concurrent_shards
-            out["distill"] = distill_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))(run)
+            out["distill"] = distill_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))(
+                run
+            )
         if "filter" in todo:
             out["filter"] = filter_flow(run)
         if "mixture" in todo:
@@ -59,9 +63,13 @@ def factory_flow(run: RunParams = RunParams(), stages: list[Stage] | None = None
         wants_training = any(s in todo for s in ("train", "checkpoint", "evaluate"))
         if wants_training and recipe.training.enabled:
             if _training_left_to_automation(recipe.automation.train_on_mixture):
-                print("training: left to the automation that runs the `train` deployment on mixture completion")
+                print(
+                    "training: left to the automation that runs the `train` deployment on mixture completion"
+                )
             elif "train" in todo:
-                out["train"] = train_flow(TrainParams(run=run, evaluate="evaluate" in todo or "checkpoint" in todo))
+                out["train"] = train_flow(
+                    TrainParams(run=run, evaluate="evaluate" in todo or "checkpoint" in todo)
+                )
         elif wants_training:
             print("training: disabled in the recipe")
     except ShardFailures:

@@ -16,11 +16,8 @@ def ingest_flow(run: RunParams = RunParams()) -> dict[str, Any]:
     recipe, paths = prepare(run)
     summary = configured(ingest_task, paths)(recipe.ingest_entries(), paths, recipe.shard_size)
     publish_shard_table(paths, "ingest")
-    sources = summary.get("sources") or []
     rows = [
-        {k: s.get(k) for k in ("source", "records", "questions", "quarantined", "reasons")}
-        for s in sources
-        if isinstance(s, dict)
+        {"source": name} | dict(counts) for name, counts in sorted((summary.get("per_source") or {}).items())
     ]
     publish_table("ingest", paths, rows, f"Ingest per source, run {paths.run_id}")
     print(f"ingest: {summary.get('questions_uri')} ({len(summary.get('shards', []))} shard(s))")

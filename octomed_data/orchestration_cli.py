@@ -1,0 +1,142 @@
+"""``octomed-data demo | run | rerun | serve``: the factory's flows from the command line.
+
+This module is CLI glue: it imports the Prefect flows lazily, only when one of its commands runs,
+so the library never depends on Prefect or Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from octomed_data import storage
+from octomed_data.recipe import STAGES
+
+DEFAULT_STORE = "./runs/demo"
+
+
+def _closed_network_defaults(local_ray: bool) -> None:
+    """Settings for a laptop / CI run: no telemetry, and no Ray token auth for a local Ray."""
+    import logging
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call drowns the output
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if local_ray:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def _print_outputs(result: dict[str, Any]) -> None:
+    root = result["root"]
+    join = storage.join
+    lines = [
+        "",
+        f"run {result['run_id']} finished; everything is under {root}",
+        f"  questions (Parquet):       {join(root, 'decontaminate', 'questions')}",
+        f"  removed by decontam:       {join(root, 'decontaminate', 'removed')}",
+        f"  samples, all verdicts:     {join(root, 'distill', 'raw')}",
+        f"  samples, accepted:         {join(root, 'distill', 'accepted')}",
+        f"  mixture (train/validation): {join(root, 'mixture')}",
+    ]
+    export = result.get("export") or {}
+    for fmt, splits in (export.get("datasets") or {}).items():
+        lines.append(f"  export {fmt + ':':<19} {storage.join(export['uri'], fmt)} ({', '.join(splits)})")
+    train = result.get("train") or {}
+    if train:
+        lines.append(f"  checkpoint:                {train.get('train', {}).get('checkpoint_uri')}")
+        if train.get("evaluate"):
+            lines.append(f"  evaluation:                {train['evaluate'].get('output_uri')}")
+    report = result.get("report") or {}
+    lines.append(f"  report:                    {report.get('report')} (plot: {report.get('plot')})")
+    if report.get("sandbox"):
+        lines.append(
+            "  NOTE: samples came from the SANDBOX teacher (teacher=sandbox): they are NOT model traces."
+        )
+    print("\n".join(lines))
+
+
+def _run_factory(
+    recipe_path: str,
+    *,
+    run_id: str | None,
+    store: str | None,
+    shards: list[str] | None = None,
+    stages: list[str] | None = None,
+) -> int:
+    from octomed_data.recipe import load_recipe
+
+    recipe = None if run_id and shards else load_recipe(recipe_path)
+    _closed_network_defaults(local_ray=recipe is None or recipe.distill.ray_address is None)
+    if recipe is not None and recipe.uses_sandbox():
+        print(
+            "teacher: none configured -> starting the SANDBOX teacher (NOT a model; rows say teacher=sandbox)"
+        )
+    from flows.common import RunParams
+    from flows.factory import factory_flow
+
+    params = RunParams(recipe_path=recipe_path, run_id=run_id, store=store, shards=shards)
+    result = factory_flow(run=params, stages=stages)
+    _print_outputs(result)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    return _run_factory("demo", run_id=args.run_id, store=args.store, stages=args.stage)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    return _run_factory(args.recipe, run_id=args.run_id, store=args.store, stages=args.stage)
+
+
+def _cmd_rerun(args: argparse.Namespace) -> int:
+    from octomed_data.recipe import open_run
+
+    store = args.store or os.environ.get("OCTOMED_STORE") or DEFAULT_STORE
+    open_run(args.run_id, store)  # fail early, in one line, on a wrong id or store
+    return _run_factory("demo", run_id=args.run_id, store=store, shards=args.shard or None)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from flows.serve import serve
+
+    _closed_network_defaults(local_ray=True)
+    serve(recipe_path=args.recipe, with_automation=not args.no_automation, schedules=not args.no_schedules)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``demo``, ``run``, ``rerun`` and ``serve``."""
+    stage_help = f"only these stages (repeatable): {', '.join(STAGES)}"
+    d = subparsers.add_parser(
+        "demo", help="the whole factory end to end on the bundled sample data (local Prefect + Ray)"
+    )
+    d.add_argument("--store", default=None, help=f"store URI (default: the demo recipe's, {DEFAULT_STORE})")
+    d.add_argument("--run-id", default=None, help="resume this run instead of starting a new one")
+    d.add_argument("--stage", action="append", choices=STAGES, help=stage_help)
+    d.set_defaults(func=_cmd_demo)
+
+    r = subparsers.add_parser("run", help="run the factory flow for a recipe file")
+    r.add_argument("recipe", help="recipe YAML (or 'demo')")
+    r.add_argument("--store", default=None, help="override the recipe's store URI")
+    r.add_argument("--run-id", default=None, help="resume this run (finished shards are reused)")
+    r.add_argument("--stage", action="append", choices=STAGES, help=stage_help)
+    r.set_defaults(func=_cmd_run)
+
+    rr = subparsers.add_parser(
+        "rerun", help="re-run exactly the named shard(s) of a run, then rebuild outputs"
+    )
+    rr.add_argument("run_id")
+    rr.add_argument("--shard", action="append", required=True, help="shard name or number (repeatable)")
+    rr.add_argument(
+        "--store", default=None, help=f"the run's store (default: $OCTOMED_STORE or {DEFAULT_STORE})"
+    )
+    rr.set_defaults(func=_cmd_rerun)
+
+    s = subparsers.add_parser(
+        "serve", help="serve the factory's deployments (schedules, UI forms, automation)"
+    )
+    s.add_argument("--recipe", default="demo", help="recipe the deployments run by default")
+    s.add_argument("--no-automation", action="store_true", help="don't create the mixture->train automation")
+    s.add_argument("--no-schedules", action="store_true", help="serve without cron schedules")
+    s.set_defaults(func=_cmd_serve)
