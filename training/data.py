@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
-IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+IMAGE_TOKEN = "<image>"  # LLaMA-Factory's placeholder in sharegpt text
 
 
 # --------------------------------------------------------------------------- data files
@@ -59,7 +59,7 @@ def resolve_data_files(uris: Sequence[str]) -> list[DataFile]:
     for uri in uris:
         if uri.endswith(".parquet"):
             if not storage.exists(uri):
-                raise ConfigError(f"training data file not found: {uri}")
+                raise ConfigError(f"data file not found: {uri}")
             files.append(DataFile(uri, _parquet_rows(uri)))
             continue
         ds = storage.Dataset(uri)
@@ -73,14 +73,14 @@ def resolve_data_files(uris: Sequence[str]) -> list[DataFile]:
         except Exception as exc:  # unreachable endpoint, no credentials
             raise ConfigError(storage.describe_error(uri, exc)) from None
         if not found:
-            raise ConfigError(f"no Parquet files (and no manifest) at training data URI {uri}")
+            raise ConfigError(f"no Parquet files (and no manifest) at {uri}")
         for p in found:
             file_uri = storage.to_uri(fs, p)
             files.append(DataFile(file_uri, _parquet_rows(file_uri)))
     protocols = {storage.protocol_of(f.uri) for f in files}
     if len(protocols) > 1:
         # datasets.load_dataset takes one set of storage options for all files.
-        raise ConfigError(f"training data mixes storage protocols {sorted(protocols)}; use one store")
+        raise ConfigError(f"data files mix storage protocols {sorted(protocols)}; use one store")
     return files
 
 
@@ -135,7 +135,18 @@ def normalize_messages(messages: Any, num_images: int) -> list[dict[str, Any]]:
             raise RecordError("bad_role", f"message without a role in {ROLES}")
         content = m.get("content")
         if isinstance(content, str):
-            out.append({"role": m["role"], "content": content})
+            if IMAGE_TOKEN in content:
+                # LLaMA-Factory sharegpt: "<image>" marks where each image goes.
+                pieces = content.split(IMAGE_TOKEN)
+                parts = [{"type": "text", "text": pieces[0]}] if pieces[0] else []
+                for piece in pieces[1:]:
+                    parts.append({"type": "image"})
+                    image_parts += 1
+                    if piece:
+                        parts.append({"type": "text", "text": piece})
+                out.append({"role": m["role"], "content": parts})
+            else:
+                out.append({"role": m["role"], "content": content})
             continue
         if not isinstance(content, Sequence):
             raise RecordError("bad_content", f"{m['role']} content is neither text nor a list of parts")
@@ -220,6 +231,31 @@ def encode_conversation(
     return Encoded(ids, labels, truncated)
 
 
+def image_ref(image: Any) -> dict[str, Any]:
+    """One image of an export row as ``{bytes, path}``: a URI string (LLaMA-Factory export) or an
+    undecoded HF ``Image`` value (TRL export, bytes usually embedded)."""
+    if isinstance(image, str):
+        return {"bytes": None, "path": image}
+    if isinstance(image, Mapping) and (image.get("bytes") or image.get("path")):
+        return {"bytes": image.get("bytes"), "path": image.get("path")}
+    raise RecordError("bad_image", f"image is neither a URI nor {{bytes, path}}: {type(image).__name__}")
+
+
+def encoded_features():
+    """Fixed output types of :class:`RowEncoder` (type inference fails on all-empty image lists)."""
+    import datasets
+
+    return datasets.Features(
+        {
+            "input_ids": datasets.List(datasets.Value("int32")),
+            "labels": datasets.List(datasets.Value("int32")),
+            "images": datasets.List({"bytes": datasets.Value("binary"), "path": datasets.Value("string")}),
+            "truncated": datasets.Value("bool"),
+            "encode_error": datasets.Value("string"),
+        }
+    )
+
+
 class RowEncoder:
     """``datasets.map`` function: export row -> input_ids/labels/images/encode_error.
 
@@ -233,7 +269,7 @@ class RowEncoder:
         self.multimodal = multimodal
 
     def __call__(self, row: Mapping[str, Any]) -> dict[str, Any]:
-        images = [str(u) for u in (row.get("images") or [])]
+        images = [image_ref(im) for im in (row.get("images") or [])]
         try:
             if images and not self.multimodal:
                 raise RecordError("images_for_text_model", "row has images but the model is text-only")
@@ -244,7 +280,7 @@ class RowEncoder:
             return {
                 "input_ids": enc.input_ids,
                 "labels": enc.labels,
-                "image_uris": images,
+                "images": images,
                 "truncated": enc.truncated,
                 "encode_error": None,
             }
@@ -252,7 +288,7 @@ class RowEncoder:
             return {
                 "input_ids": [],
                 "labels": [],
-                "image_uris": [],
+                "images": [],
                 "truncated": False,
                 "encode_error": exc.reason,
             }
@@ -278,11 +314,11 @@ class SFTCollator:
         rows: list[tuple[list[int], list[int]]] = []
         for f in features:
             ids, labels = list(f["input_ids"]), list(f["labels"])
-            uris = f.get("image_uris") or []
-            if uris:
+            images = f.get("images") or []
+            if images:
                 if self.image_processor is None:
                     raise ConfigError("a training row has images but the model has no image processor")
-                pv, grid, ids, labels = self._expand_images(ids, labels, uris)
+                pv, grid, ids, labels = self._expand_images(ids, labels, images)
                 pixel_values.append(pv)
                 grids.append(grid)
             rows.append((ids[: self.max_seq_len], labels[: self.max_seq_len]))
@@ -300,12 +336,13 @@ class SFTCollator:
             batch["image_grid_thw"] = torch.cat(grids, dim=0)
         return batch
 
-    def _expand_images(self, ids: list[int], labels: list[int], uris: list[str]):
+    def _expand_images(self, ids: list[int], labels: list[int], refs: list[dict[str, Any]]):
         from PIL import Image
 
         images = []
-        for uri in uris:
-            with Image.open(io.BytesIO(storage.read_bytes(uri))) as im:
+        for ref in refs:
+            data = ref.get("bytes") or storage.read_bytes(ref["path"])
+            with Image.open(io.BytesIO(data)) as im:
                 images.append(_fit_pixels(im.convert("RGB"), self.max_pixels))
         out = self.image_processor(images=images, return_tensors="pt")
         grid = out["image_grid_thw"]

@@ -26,6 +26,7 @@ import socket
 import sys
 import tempfile
 import time
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from training.data import (
     SFTCollator,
     check_columns,
     count_rows_with_images,
+    encoded_features,
     resolve_data_files,
 )
 
@@ -291,6 +293,8 @@ class _CountingEncoder(RowEncoder):
 def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     """Run SFT as configured; returns where the checkpoint went and what the run did."""
     ensure_distributed_env()
+    # torch.distributed warns on every ZeRO collective about renamed APIs DeepSpeed still calls.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     started = time.time()
     model_path = check_model_path(config.model_path)
     files = resolve_data_files(config.train_data)
@@ -355,6 +359,9 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         data_seed=config.seed,
         dataloader_num_workers=config.dataloader_num_workers,
         remove_unused_columns=False,
+        # Streaming: every process reads the stream and keeps its share of samples. Dispatching
+        # collated batches from rank 0 would slice pixel_values (patches, not samples) by batch size.
+        accelerator_config={"dispatch_batches": False} if config.streaming else None,
         disable_tqdm=not progress,
     )
 
@@ -373,15 +380,19 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
             storage_options=storage.storage_options(data_files[0]),
         )
         columns = list(raw.column_names or [])
+        if isinstance(raw.features, datasets.Features) and "images" in raw.features:
+            # Keep images as {bytes, path}: decoding every image while tokenising would be wasted
+            # work, and the collator decodes (and resizes) only what a batch needs.
+            raw = raw.cast_column("images", datasets.List(datasets.Image(decode=False)))
         if config.streaming:
             train_ds = (
-                raw.map(encoder, remove_columns=columns)
+                raw.map(encoder, remove_columns=columns, features=encoded_features())
                 .filter(lambda e: e is None, input_columns=["encode_error"])
                 .remove_columns(["encode_error", "truncated"])
                 .shuffle(seed=config.seed, buffer_size=config.shuffle_buffer)
             )
         else:
-            encoded = raw.map(encoder, remove_columns=columns, desc="tokenize")
+            encoded = raw.map(encoder, remove_columns=columns, features=encoded_features(), desc="tokenize")
             errors = encoded.data.column("encode_error").value_counts().to_pylist()
             skipped = {e["values"]: int(e["counts"]) for e in errors if e["values"] is not None}
             truncated = int(sum(encoded.data.column("truncated").to_pylist()))

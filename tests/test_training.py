@@ -1,0 +1,416 @@
+"""Training and evaluation entry points, on CPU with tiny models built offline.
+
+DeepSpeed runs start in a subprocess (``python -m training.sft``), as a launcher would start them:
+each gets a clean process group and environment. The first run on a machine compiles a
+DeepSpeed communication op (~26 s, cached afterwards in ~/.cache/torch_extensions).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from octomed_data import storage
+from octomed_data.errors import ConfigError
+from octomed_data.export import LLAMAFACTORY_SCHEMA
+from octomed_data.schema import QUESTION_SCHEMA, RecordError, question_row
+from training.config import EvalConfig, TrainConfig, load_yaml_config
+from training.data import IGNORE_INDEX, SFTCollator, encode_conversation, normalize_messages
+from training.evaluate import EvalResult, chat_messages, evaluate, reasoning_span
+from training.sft import deepspeed_config, launch_command, train
+
+REPO = Path(__file__).resolve().parent.parent
+ANSWER_A = "<think>\nAspirin.\n</think>\n\nFinal answer: \\boxed{A}"
+
+
+@pytest.fixture(scope="module")
+def tiny_text(tmp_path_factory) -> Path:
+    from training.tiny import build_text_model
+
+    return build_text_model(tmp_path_factory.mktemp("tiny") / "text")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_text):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_text), local_files_only=True)
+
+
+def _run_sft(config_path: Path, timeout: int = 240) -> dict:
+    """``python -m training.sft --config ...`` in a fresh process; returns its TrainResult JSON."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.sft", "--config", str(config_path), "--no-progress"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _question(i: int, answer: str, source: str, **kw) -> dict:
+    return question_row(
+        source=source,
+        split="test",
+        task_type=kw.pop("task_type", "text_mcq"),
+        question=f"Which drug for case {i}?",
+        options=kw.pop("options", {"A": "aspirin", "B": "heparin"}),
+        answer=answer,
+        input_file="questions.jsonl",
+        record_index=i,
+        **kw,
+    )
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_global_batch_512_math(monkeypatch):
+    base = {"train_data": ["x"], "model_path": "m", "output_uri": "o"}
+    cfg = TrainConfig(**base)
+    assert (cfg.num_train_epochs, cfg.global_batch_size, cfg.learning_rate) == (3.0, 512, 5e-5)
+    assert (cfg.lr_scheduler_type, cfg.zero_stage, cfg.max_pixels) == ("cosine", 3, 262144)
+    assert cfg.batch_plan(world_size=1).gradient_accumulation_steps == 512
+    plan = TrainConfig(**base, per_device_batch_size=4).batch_plan(world_size=8)
+    assert (plan.per_device_batch_size, plan.gradient_accumulation_steps, plan.world_size) == (4, 16, 8)
+    assert plan.per_device_batch_size * plan.gradient_accumulation_steps * plan.world_size == 512
+    monkeypatch.setenv("WORLD_SIZE", "16")  # what a launcher sets
+    assert TrainConfig(**base, per_device_batch_size=2).batch_plan().gradient_accumulation_steps == 16
+    with pytest.raises(ConfigError, match="not a multiple of per_device_batch_size 3 x world_size 8"):
+        TrainConfig(**base, per_device_batch_size=3).batch_plan(world_size=8)
+    with pytest.raises(ConfigError, match="not a multiple"):
+        TrainConfig(**base, per_device_batch_size=1).batch_plan(world_size=24)
+    assert cfg.resolved_precision(cuda_available=False) == "fp32"
+    assert cfg.resolved_precision(cuda_available=True) == "bf16"
+    with pytest.raises(ConfigError, match="needs a GPU"):
+        TrainConfig(**base, precision="bf16").resolved_precision(cuda_available=False)
+
+
+def test_yaml_config_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train_data: [x]\nmodel_path: m\noutput_uri: o\nglobal_batch_size: 0\nlearnign_rate: 1\n")
+    with pytest.raises(ConfigError) as exc:
+        load_yaml_config(bad, TrainConfig)
+    msg = str(exc.value)
+    assert "global_batch_size" in msg and "learnign_rate" in msg and "\n" not in msg
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_yaml_config(tmp_path / "missing.yaml", TrainConfig)
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_yaml_config(tmp_path / "list.yaml", EvalConfig)
+
+
+def test_deepspeed_config_and_launch_lines():
+    cfg = TrainConfig(train_data=["x"], model_path="m", output_uri="o")
+    ds = deepspeed_config(cfg)
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"] is True
+    assert ds["train_micro_batch_size_per_gpu"] == ds["gradient_accumulation_steps"] == "auto"
+    assert "optimizer" not in ds  # Trainer's AdamW unless offloading
+    offload = deepspeed_config(
+        TrainConfig(train_data=["x"], model_path="m", output_uri="o", offload_optimizer=True)
+    )
+    assert offload["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert offload["optimizer"]["type"] == "AdamW"
+    assert launch_command("c.yaml", num_gpus=8) == [
+        "deepspeed", "--num_gpus", "8", "--module", "training.sft", "--config", "c.yaml"
+    ]  # fmt: skip
+    tr = launch_command("c.yaml", num_gpus=8, num_nodes=2, launcher="torchrun", master_addr="10.0.0.1")
+    assert tr[:6] == ["torchrun", "--nproc_per_node", "8", "--nnodes", "2", "--rdzv_backend"]
+    assert "10.0.0.1:29500" in tr and tr[-3:] == ["training.sft", "--config", "c.yaml"]
+    with pytest.raises(ConfigError, match="hostfile"):
+        launch_command("c.yaml", num_gpus=8, num_nodes=2)
+
+
+# --------------------------------------------------------------------------- encoding + collator
+
+
+def test_labels_mask_everything_but_assistant_turns(tokenizer):
+    messages = normalize_messages(
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "First question?"},
+            {"role": "assistant", "content": "<think>one</think>First answer."},
+            {"role": "user", "content": "Second question?"},
+            {"role": "assistant", "content": "Second answer."},
+        ],
+        num_images=0,
+    )
+    enc = encode_conversation(tokenizer, messages, max_seq_len=512)
+    assert len(enc.input_ids) == len(enc.labels) and not enc.truncated
+    learned = [t for t, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != IGNORE_INDEX]
+    assert all(lab in (IGNORE_INDEX, t) for t, lab in zip(enc.input_ids, enc.labels, strict=True))
+    assert tokenizer.decode(learned) == "<think>one</think>First answer.<|im_end|>Second answer.<|im_end|>"
+    # Nothing of the system or user turns (nor the role headers) is learned.
+    masked = tokenizer.decode([t for t, lab in zip(enc.input_ids, enc.labels, strict=True) if lab == -100])
+    assert "First question?" in masked and "Be brief." in masked and "answer" not in masked
+
+    collator = SFTCollator(pad_token_id=tokenizer.pad_token_id, max_seq_len=512)
+    short = encode_conversation(
+        tokenizer,
+        normalize_messages([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}], 0),
+    )
+    batch = collator(
+        [
+            {"input_ids": enc.input_ids, "labels": enc.labels, "images": []},
+            {"input_ids": short.input_ids, "labels": short.labels, "images": []},
+        ]
+    )
+    n = len(short.input_ids)
+    assert batch["input_ids"].shape == batch["labels"].shape == (2, len(enc.input_ids))
+    assert batch["attention_mask"][1].sum().item() == n
+    assert (batch["labels"][1, n:] == IGNORE_INDEX).all()  # padding is never learned
+    assert (batch["input_ids"][1, n:] == tokenizer.pad_token_id).all()
+
+    cut = encode_conversation(tokenizer, messages, max_seq_len=len(enc.input_ids) - 3)
+    assert cut.truncated and len(cut.input_ids) == len(enc.input_ids) - 3
+    with pytest.raises(RecordError, match="too_long"):
+        encode_conversation(tokenizer, messages, max_seq_len=8)
+
+
+def test_normalize_messages_formats_and_malformed_rows():
+    # TRL parts (image parts carry text=None in the export) and LLaMA-Factory <image> markers.
+    trl = normalize_messages(
+        [
+            {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "Q"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "A"}]},
+        ],
+        num_images=1,
+    )
+    assert trl[0]["content"] == [{"type": "image"}, {"type": "text", "text": "Q"}]
+    lf = normalize_messages(
+        [{"role": "user", "content": "<image><image>Compare."}, {"role": "assistant", "content": "Same."}], 2
+    )
+    assert lf[0]["content"] == [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare."}]
+    plain = normalize_messages([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}], 1)
+    assert plain[0]["content"] == [{"type": "image"}, {"type": "text", "text": "Q"}]
+    bad = {
+        "bad_role": [{"role": "doctor", "content": "x"}],
+        "no_assistant_turn": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": " "}],
+        "bad_turn_order": [{"role": "assistant", "content": "A"}],
+        "bad_messages": [],
+    }
+    for reason, messages in bad.items():
+        with pytest.raises(RecordError) as exc:
+            normalize_messages(messages, 0)
+        assert exc.value.reason == reason
+    with pytest.raises(RecordError, match="image_count_mismatch"):
+        normalize_messages(
+            [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "A"}], 2
+        )
+
+
+def test_reasoning_span():
+    assert reasoning_span("<think>a b</think>Final answer: A") == ("a b", True)
+    assert reasoning_span("<think>still thinking") == ("still thinking", False)
+    assert reasoning_span("Final answer: A") == ("", True)
+
+
+# --------------------------------------------------------------------------- loud failures
+
+
+def test_text_model_refuses_multimodal_rows_and_bad_paths(tiny_text, tmp_path):
+    export = storage.Dataset(str(tmp_path / "export"), LLAMAFACTORY_SCHEMA)
+    row = {
+        "messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "A"}],
+        "images": ["/nowhere/x.png"],
+        "question_id": "q",
+        "source": "s",
+        "teacher": "t",
+    }
+    export.write_shard(0, [row])
+    cfg = TrainConfig(train_data=[export.uri], model_path=str(tiny_text), output_uri=str(tmp_path / "ck"))
+    with pytest.raises(ConfigError, match="1 of 1 training rows have images but the model .* is text-only"):
+        train(cfg)
+    with pytest.raises(ConfigError, match="not a local model folder"):
+        train(cfg.model_copy(update={"model_path": "Qwen/Qwen2.5-VL-7B-Instruct"}))
+    with pytest.raises(ConfigError, match="no Parquet files"):
+        train(cfg.model_copy(update={"train_data": [str(tmp_path / "empty")]}))
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from octomed_data.cli import main
+
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot read config") and "\n" not in err
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(yaml.safe_dump({"checkpoint_uri": str(tmp_path), "questions_uri": str(tmp_path / "q")}))
+    assert main(["evaluate", "--config", str(cfg)]) == 2
+    assert "no Parquet files" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _training_rows(n: int) -> list[dict]:
+    """Conversations prompted exactly as evaluation prompts, always answering A."""
+    rows = []
+    for i in range(n):
+        messages = chat_messages(_question(i, "A", "train")) + [{"role": "assistant", "content": ANSWER_A}]
+        rows.append(
+            {"messages": messages, "images": [], "question_id": f"q{i}", "source": "s", "teacher": "t"}
+        )
+    return rows
+
+
+def test_sft_zero3_on_cpu_to_s3_then_evaluate(tiny_text, tmp_path, s3_bucket):
+    """Tiny Qwen2, DeepSpeed ZeRO-3, checkpoint uploaded to S3; then eval reloads it and generates."""
+    export = storage.Dataset(str(tmp_path / "export"), LLAMAFACTORY_SCHEMA)
+    export.write_shard(0, _training_rows(8))
+    malformed = {"messages": [{"role": "user", "content": "no reply"}], "images": [], "question_id": "bad"}
+    export.write_shard(1, _training_rows(16)[8:] + [{**malformed, "source": "s", "teacher": "t"}])
+    checkpoint = f"{s3_bucket}/runs/tiny/checkpoint"
+    cfg = {
+        "train_data": [export.uri],
+        "model_path": str(tiny_text),
+        "output_uri": checkpoint,
+        "global_batch_size": 8,
+        "per_device_batch_size": 4,  # -> gradient accumulation 2
+        "max_steps": 80,
+        "learning_rate": 5e-3,
+        "lr_scheduler_type": "constant",
+        "warmup_ratio": 0.0,
+        "max_seq_len": 256,
+        "zero_stage": 3,
+        "logging_steps": 10,
+    }
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
+    result = _run_sft(tmp_path / "train.yaml")
+
+    assert result["steps"] == 80 and result["samples_seen"] == 80 * 8
+    assert result["rows"] == 17 and result["skipped"] == {"no_assistant_turn": 1}
+    losses = result["losses"]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] / 10
+    marker = storage.read_json(f"{checkpoint}/checkpoint.json")
+    assert marker["final"] and marker["step"] == 80 and marker["zero_stage"] == 3
+    assert marker["config_hash"] == TrainConfig(**cfg).config_hash()
+    assert [d["rows"] for d in marker["data_manifest"]] == [8, 9]
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(marker["files"])
+
+    # Held-out style questions: two sources, gold A (what the model learned to say) and gold B.
+    questions = storage.Dataset(str(tmp_path / "questions"), QUESTION_SCHEMA)
+    questions.write_shard(
+        0, [_question(i, "A", "gold_a") for i in range(3)] + [_question(i, "B", "gold_b") for i in range(3)]
+    )
+    ev = evaluate(
+        EvalConfig(
+            checkpoint_uri=checkpoint,
+            questions_uri=questions.uri,
+            max_new_tokens=24,
+            batch_size=4,
+            shard_size=4,
+        ),
+        progress=False,
+    )
+    assert isinstance(ev, EvalResult) and ev.questions == 6
+    assert ev.per_source["gold_a"]["accuracy"] == 1.0 and ev.per_source["gold_b"]["accuracy"] == 0.0
+    assert ev.accuracy == 0.5
+    mcq = ev.per_task_type["text_mcq"]
+    assert mcq["n"] == 6 and mcq["reasoning_tokens_mean"] > 0 and mcq["think_unclosed"] == 0
+    metrics = storage.read_json(ev.metrics_uri)
+    assert ev.metrics_uri == f"{checkpoint}/eval/eval/metrics.json"
+    assert metrics["checkpoint_step"] == 80 and metrics["per_source"] == ev.per_source
+    preds = storage.Dataset(ev.predictions_uri).read_all()
+    assert preds.num_rows == 6 and len(storage.Dataset(ev.predictions_uri).manifest()) == 2
+    assert sum(preds.column("correct").to_pylist()) == 3
+    assert set(preds.column("extracted_answer").to_pylist()) == {"A"}
+
+
+def _png(seed: int, size: tuple[int, int]) -> bytes:
+    arr = (np.random.default_rng(seed).random((size[1], size[0], 3)) * 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_vl_sft_from_trl_export_streaming_then_evaluate(tmp_path):
+    """Tiny Qwen2.5-VL trained (ZeRO-2, streaming) on the real TRL export with embedded images."""
+    from octomed_data.export import export
+    from octomed_data.mixture import MIXTURE_SCHEMA
+    from training.tiny import build_vl_model
+
+    model_dir = build_vl_model(tmp_path / "vl")
+    images = []
+    for i in range(3):
+        uri = str(tmp_path / "img" / f"scan{i}.png")
+        storage.write_bytes(uri, _png(i, (64 + 16 * i, 72)))
+        images.append({"sha256": f"{i:064d}", "uri": uri, "phash": i, "width": 64 + 16 * i, "height": 72})
+    mixture = storage.Dataset(str(tmp_path / "mix" / "train"), MIXTURE_SCHEMA)
+    rows = []
+    for i in range(8):
+        q = _question(
+            i, "yes", "vqa", task_type="yes_no_maybe", options=None, images=[images[i % 3]] if i % 4 else []
+        )
+        rows.append(
+            {**q, "split": "train", "gold_answer": "yes", "sample_idx": 0, "teacher": "t", "model": "m",
+             "reasoning": "Look.", "response": "Final answer: yes", "extracted_answer": "yes", "copy": 0,
+             "shuffle_key": i}
+        )  # fmt: skip
+    mixture.write_shard(0, rows)
+    trl = export(str(tmp_path / "mix"), str(tmp_path / "export"), formats=["trl"]).datasets["trl"]["train"]
+    pf = pq.ParquetFile(storage.Dataset(trl).files()[0])
+    assert pa.types.is_struct(pf.schema_arrow.field("images").type.value_type)  # bytes embedded
+
+    cfg = {
+        "train_data": [trl],
+        "model_path": str(model_dir),
+        "output_uri": str(tmp_path / "vl-ckpt"),
+        "global_batch_size": 4,
+        "per_device_batch_size": 2,
+        "num_train_epochs": 2,
+        "streaming": True,  # steps come from the Parquet footers: ceil(8 * 2 / 4) = 4
+        "learning_rate": 1e-3,
+        "max_seq_len": 512,
+        "zero_stage": 2,
+        "logging_steps": 1,
+        "max_pixels": 96 * 96,
+    }
+    (tmp_path / "vl.yaml").write_text(yaml.safe_dump(cfg))
+    result = _run_sft(tmp_path / "vl.yaml")
+    assert result["steps"] == 4 and result["samples_seen"] == 16 and result["skipped"] == {}
+    assert all(math.isfinite(x) for x in result["losses"])
+    ckpt = Path(cfg["output_uri"])
+    assert (ckpt / "preprocessor_config.json").is_file() and (ckpt / "checkpoint.json").is_file()
+
+    questions = storage.Dataset(str(tmp_path / "vq"), QUESTION_SCHEMA)
+    questions.write_shard(
+        0,
+        [
+            _question(i, "yes", "vqa", task_type="yes_no_maybe", options=None, images=[images[i]])
+            for i in range(3)
+        ],
+    )
+    ev = evaluate(
+        EvalConfig(checkpoint_uri=str(ckpt), questions_uri=questions.uri, max_new_tokens=8, batch_size=2),
+        progress=False,
+    )
+    assert ev.questions == 3 and ev.per_task_type["yes_no_maybe"]["n"] == 3
+    preds = storage.Dataset(ev.predictions_uri).read_all().to_pylist()
+    assert all(p["completion_tokens"] > 0 and p["finish_reason"] in ("stop", "length") for p in preds)
+
+    # The text-only tiny checkpoint must refuse image questions instead of ignoring the images.
+    from training.tiny import build_text_model
+
+    text_dir = build_text_model(tmp_path / "text")
+    with pytest.raises(ConfigError, match="3 of 3 selected questions have images"):
+        evaluate(EvalConfig(checkpoint_uri=str(text_dir), questions_uri=questions.uri), progress=False)

@@ -1,0 +1,71 @@
+"""``octomed-data train`` / ``evaluate`` / ``tiny-model`` commands.
+
+``train`` runs in this process (single process; DeepSpeed gets single-process defaults). For
+several GPUs, ``train --launch-line N`` prints the ``deepspeed`` (or ``torchrun``) command that
+runs ``python -m training.sft`` on N GPUs with the same config, which is how multi-GPU jobs start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the training commands to the ``octomed-data`` parser."""
+    p = subparsers.add_parser("train", help="SFT a model on an exported mixture (HF Trainer + DeepSpeed)")
+    p.add_argument("--config", required=True, help="TrainConfig YAML")
+    p.add_argument("--max-steps", type=int, default=None, help="override max_steps (smoke runs)")
+    p.add_argument(
+        "--launch-line", type=int, metavar="NUM_GPUS", default=None, help="print the launch command"
+    )
+    p.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_train)
+
+    p = subparsers.add_parser("evaluate", help="evaluate a checkpoint on a question dataset")
+    p.add_argument("--config", required=True, help="EvalConfig YAML")
+    p.add_argument("--limit", type=int, default=None, help="first N questions only")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_evaluate)
+
+    p = subparsers.add_parser(
+        "tiny-model", help="build a tiny random Qwen model + tokenizer offline (demo/tests)"
+    )
+    p.add_argument("out_dir")
+    p.add_argument("--vl", action="store_true", help="Qwen2.5-VL instead of a text LM")
+    p.set_defaults(func=_tiny)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.config import TrainConfig, load_yaml_config
+
+    config = load_yaml_config(args.config, TrainConfig, {"max_steps": args.max_steps})
+    if args.launch_line is not None:
+        from training.sft import launch_command
+
+        print(shlex.join(launch_command(args.config, num_gpus=args.launch_line, launcher=args.launcher)))
+        return 0
+    from training.sft import train
+
+    result = train(config, progress=not args.no_progress)
+    print(json.dumps(result.to_dict()))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from training.config import EvalConfig, load_yaml_config
+    from training.evaluate import evaluate
+
+    config = load_yaml_config(args.config, EvalConfig, {"limit": args.limit})
+    result = evaluate(config, progress=not args.no_progress)
+    print(json.dumps(result.to_dict()))
+    return 0
+
+
+def _tiny(args: argparse.Namespace) -> int:
+    from training.tiny import build_text_model, build_vl_model
+
+    print((build_vl_model if args.vl else build_text_model)(args.out_dir))
+    return 0
