@@ -562,14 +562,28 @@ class DecontamIndex:
                 pos = np.searchsorted(self.ngram_hashes, ch)
                 pos[pos == len(self.ngram_hashes)] = 0
                 hit = self.ngram_hashes[pos] == ch
-                hit_starts, hit_pos = cand[hit], pos[hit]
-                hit_q = qid_of_start[hit_starts]
-                uq, first = np.unique(hit_q, return_index=True)
-                for q, f in zip(uq.tolist(), first.tolist(), strict=True):
+                if not hit.any():
+                    return matches
+                hit_starts = cand[hit]
+                hit_q = qid_of_start[hit_starts].astype(np.int64)
+                hit_owner = self.ngram_items[pos[hit]].astype(np.int64)
+                # Report the item sharing the most n-grams with the question (a shared opening like
+                # "a 23 year old woman presents to her" may belong to another item first), and the
+                # question's first window shared with it. Hits are in window order, so
+                # np.unique's first index is the earliest window of each (question, item) pair.
+                pair, first, count = np.unique(
+                    hit_q * len(self.item_ids) + hit_owner, return_index=True, return_counts=True
+                )
+                pair_q = pair // len(self.item_ids)
+                best = np.lexsort((first, -count, pair_q))
+                take = best[np.concatenate(([True], pair_q[best][1:] != pair_q[best][:-1]))]
+                for p in take.tolist():
+                    q = int(pair_q[p])
                     if matches[q] is not None:
                         continue
+                    f = int(first[p])
                     offset = int(hit_starts[f] - starts[q])
-                    bench, item = self._item(int(self.ngram_items[hit_pos[f]]))
+                    bench, item = self._item(int(hit_owner[f]))
                     detail = " ".join(token_lists[q][offset : offset + NGRAM])
                     matches[q] = Match(TEXT_NGRAM, bench, item, detail)
         return matches
