@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
+from prefect.runtime import deployment
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.common import RunParams, ShardFailures, prepare, publish_shard_table
@@ -22,7 +22,7 @@ from flows.export import export_flow
 from flows.filter import filter_flow, report_task
 from flows.ingest import ingest_flow
 from flows.mixture import mixture_flow
-from flows.training import TrainParams, train_flow
+from flows.training import TrainParams, checkpoint_flow, evaluate_flow, train_flow
 from octomed_data.recipe import STAGES
 
 Stage = Literal[
@@ -32,7 +32,7 @@ Stage = Literal[
 
 def _training_left_to_automation(automation_on: bool) -> bool:
     """Under a deployment with the automation on, the automation starts training, not the factory."""
-    return automation_on and flow_run.get_deployment_id() is not None
+    return automation_on and deployment.id is not None
 
 
 @flow(name="factory", log_prints=True)
@@ -67,9 +67,13 @@ def factory_flow(run: RunParams = RunParams(), stages: list[Stage] | None = None
                     "training: left to the automation that runs the `train` deployment on mixture completion"
                 )
             elif "train" in todo:
-                out["train"] = train_flow(
-                    TrainParams(run=run, evaluate="evaluate" in todo or "checkpoint" in todo)
-                )
+                evaluate = "evaluate" in todo or "checkpoint" in todo
+                out["train"] = train_flow(TrainParams(run=run, evaluate=evaluate))
+            else:  # checkpoint / evaluate of an earlier training
+                if "checkpoint" in todo:
+                    out["checkpoint"] = checkpoint_flow(run)
+                if "evaluate" in todo and recipe.evaluation.enabled:
+                    out["evaluate"] = evaluate_flow(run)
         elif wants_training:
             print("training: disabled in the recipe")
     except ShardFailures:

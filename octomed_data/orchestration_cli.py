@@ -68,7 +68,7 @@ def _run_factory(
 
     recipe = None if run_id and shards else load_recipe(recipe_path)
     _closed_network_defaults(local_ray=recipe is None or recipe.distill.ray_address is None)
-    if recipe is not None and recipe.uses_sandbox():
+    if recipe is not None and recipe.uses_sandbox() and (not stages or "distill" in stages):
         print(
             "teacher: none configured -> starting the SANDBOX teacher (NOT a model; rows say teacher=sandbox)"
         )

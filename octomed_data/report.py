@@ -120,7 +120,19 @@ def rejection_rows(stats: SampleStats) -> list[dict[str, Any]]:
 
 def shard_table_rows(shards: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Rows for the shard table: stage, shard, state, counts; unknown keys are dropped."""
-    keys = ("stage", "shard", "state", "questions", "samples", "accepted", "removed", "seconds", "error")
+    keys = (
+        "stage",
+        "shard",
+        "state",
+        "input",
+        "kept",
+        "removed",
+        "questions",
+        "samples",
+        "accepted",
+        "seconds",
+        "error",
+    )
     return [{k: s.get(k) for k in keys} for s in shards]
 
 
