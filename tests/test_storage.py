@@ -1,0 +1,161 @@
+"""The storage layer on local disk and on a real S3-compatible server (moto, loopback):
+atomic shard commits, manifest row counts, re-writes, and loading outputs with pyarrow.dataset
+and datasets.load_dataset; ingest straight to S3."""
+
+from __future__ import annotations
+
+import threading
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from octomed_data import storage
+from octomed_data.errors import StorageError
+from octomed_data.ingest import ingest
+from octomed_data.schema import QUESTION_SCHEMA, question_row
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path) -> str:
+    """A dataset root on local disk or in a fresh bucket of the loopback S3 server."""
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return request.getfixturevalue("s3_bucket") + "/store"
+
+
+def _questions(n: int, offset: int = 0, pad: int = 0) -> list[dict]:
+    return [
+        question_row(
+            source="test",
+            split="train",
+            task_type="text_mcq",
+            question=f"Question number {i}? " + "x" * pad,
+            options={"A": "first", "B": "second"},
+            answer="A" if i % 2 else "B",
+            input_file="synthetic.jsonl",
+            record_index=i,
+        )
+        for i in range(offset, offset + n)
+    ]
+
+
+def test_manifest_counts_and_rewrite_replaces(root):
+    ds = storage.Dataset(storage.join(root, "questions"), QUESTION_SCHEMA)
+    assert ds.manifest() == {} and ds.num_rows() == 0
+    ds.write_shard(0, _questions(30), extra={"entry": "a"})
+    ds.write_shard(1, _questions(12, offset=30))
+    manifest = ds.manifest()
+    assert list(manifest) == ["00000", "00001"] and [s.rows for s in manifest.values()] == [30, 12]
+    assert manifest["00000"].extra == {"entry": "a"} and manifest["00000"].bytes > 0
+    ds.write_shard(0, _questions(5))  # a re-run of shard 0 replaces it, never appends
+    assert ds.num_rows() == 17 and ds.shard_info(0).rows == 5
+    assert sum(b.num_rows for b in ds.iter_batches(batch_size=4)) == 17
+    ds.delete_shard(1)
+    assert list(ds.manifest()) == ["00000"] and ds.read_all().num_rows == 5
+
+
+def test_reader_never_sees_a_partial_shard(root):
+    """While shards are written, a concurrent reader only ever finds complete Parquet files."""
+    ds = storage.Dataset(storage.join(root, "questions"), QUESTION_SCHEMA)
+    fs, path = storage.filesystem(ds.uri)
+    rows = _questions(400, pad=400)  # ~170 kB per shard: writes take long enough to overlap
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            for shard in range(12):
+                ds.write_shard(shard, rows)
+        except BaseException as exc:  # surfaced by the main thread
+            errors.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    seen_files = checks = 0
+    while not done.is_set() or checks == 0:
+        if hasattr(fs, "invalidate_cache"):
+            fs.invalidate_cache()
+        # Everything a plain directory listing shows under a Parquet name is complete...
+        for p in fs.glob(f"{path}/*.parquet"):
+            with fs.open(p, "rb") as fh:
+                assert pq.ParquetFile(fh).metadata.num_rows == 400
+            seen_files += 1
+        # ...and every shard the manifest lists reads back with the manifest's row count.
+        for name, info in ds.manifest().items():
+            assert ds.read_shard(name).num_rows == info.rows == 400
+        checks += 1
+    thread.join()
+    assert not errors, errors
+    assert checks > 1 and seen_files > 0
+    assert ds.num_rows() == 12 * 400
+
+
+def test_outputs_load_with_pyarrow_dataset_and_hf_datasets(root, tmp_path):
+    import datasets
+
+    ds = storage.Dataset(storage.join(root, "questions"), QUESTION_SCHEMA)
+    ds.write_shard(0, _questions(25))
+    ds.write_shard(1, _questions(15, offset=25))
+    fs, path = storage.filesystem(ds.uri)
+    # The folder as a whole: _manifest/ and temp files are ignored by pyarrow's discovery.
+    table = pads.dataset(path, format="parquet", filesystem=fs).to_table()
+    assert (
+        table.num_rows == 40 and table.schema.field("options").type == QUESTION_SCHEMA.field("options").type
+    )
+    # The committed files the manifest lists.
+    files = [storage.filesystem(u)[1] for u in ds.files()]
+    assert pads.dataset(files, format="parquet", filesystem=fs).count_rows() == 40
+    # Hugging Face datasets, with a copy of the storage options (load_dataset mutates them).
+    options = storage.storage_options(ds.uri)
+    hf = datasets.load_dataset(
+        "parquet",
+        data_files=ds.files(),
+        split="train",
+        storage_options=dict(options),
+        cache_dir=str(tmp_path / "hf_cache"),
+    )
+    assert hf.num_rows == 40 and set(QUESTION_SCHEMA.names) <= set(hf.column_names)
+    assert sorted(hf["record_index"]) == list(range(40))
+    assert "hf" not in options
+
+
+def test_write_shard_casts_tables_to_the_schema(root):
+    ds = storage.Dataset(storage.join(root, "questions"), QUESTION_SCHEMA)
+    table = pa.Table.from_pylist(_questions(3)).select(list(reversed(QUESTION_SCHEMA.names)))
+    ds.write_shard("extra-00000", table)
+    assert ds.read_shard("extra-00000").schema.names == QUESTION_SCHEMA.names
+
+
+def test_ingest_to_s3_with_images(shared_data, s3_bucket):
+    out = f"{s3_bucket}/runs/vqa"
+    result = ingest(
+        "vqa_rad",
+        str(shared_data / "vqa_rad/testset.json"),
+        out,
+        images=str(shared_data / "vqa_rad/images"),
+        shard_size=20,
+    )
+    assert result.questions == 36 and result.quarantined == 415 and result.shards == ["00000", "00001"]
+    ds = storage.Dataset(result.questions_uri, QUESTION_SCHEMA)
+    assert ds.num_rows() == 36
+    uris = {im["uri"] for row in ds.read_all(["images"]).to_pylist() for im in row["images"]}
+    assert len(uris) == 12 and all(u.startswith(f"{s3_bucket}/runs/vqa/images/") for u in uris)
+    assert all(storage.read_bytes(u)[:8] == b"\x89PNG\r\n\x1a\n" for u in uris)
+    assert storage.read_json(storage.join(out, "ingest.json"))["questions"] == 36
+    # A second run finds every image already stored and writes none.
+    again = ingest(
+        "vqa_rad", str(shared_data / "vqa_rad/testset.json"), out, images=str(shared_data / "vqa_rad/images")
+    )
+    assert again.images_stored == 0 and ds.num_rows() == 36 and again.shards == ["00000"]
+
+
+def test_missing_bucket_is_one_clear_error(shared_data, s3_endpoint):
+    with pytest.raises(StorageError) as err:
+        ingest(
+            "medqa", str(shared_data / "medqa/phrases_no_exclude_test.jsonl"), "s3://no-such-bucket-here/run"
+        )
+    assert "does not exist" in str(err.value) and "\n" not in str(err.value)
