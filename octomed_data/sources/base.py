@@ -254,6 +254,11 @@ def iter_csv(path: Path, header: bool) -> Iterator[tuple[int, list[str] | dict[s
 _ANSWER_CHOICES = re.compile(r"\s*Answer Choices:\s*", re.IGNORECASE)
 
 
+_LETTERS = [chr(ord("A") + i) for i in range(26)]
+_PAREN_MARKERS = {L: re.compile(rf"(?:^|(?<=\s))\({L}\)\s*") for L in _LETTERS}
+_SUFFIX_MARKERS = {L: re.compile(rf"(?:^|(?<=[\s,;]))(?<![A-Za-z]){L}\)\s*") for L in _LETTERS}
+
+
 def parse_lettered_options(text: str, style: Literal["paren", "suffix"]) -> tuple[str, list[tuple[str, str]]]:
     """Split ``"stem (A) x (B) y"`` (style ``paren``) or ``"stem A) x, B) y"`` (``suffix``).
 
@@ -263,16 +268,12 @@ def parse_lettered_options(text: str, style: Literal["paren", "suffix"]) -> tupl
     options is empty when no ``A`` marker is found.
     """
 
-    def marker(label: str) -> re.Pattern[str]:
-        if style == "paren":
-            return re.compile(rf"(?:^|(?<=\s))\({label}\)\s*")
-        return re.compile(rf"(?:^|(?<=[\s,;]))(?<![A-Za-z]){label}\)\s*")
-
+    markers = _PAREN_MARKERS if style == "paren" else _SUFFIX_MARKERS
     found: list[tuple[str, int, int]] = []
     pos = 0
     for i in range(26):
         label = chr(ord("A") + i)
-        m = marker(label).search(text, pos)
+        m = markers[label].search(text, pos)
         if m is None:
             break
         found.append((label, m.start(), m.end()))
@@ -289,14 +290,22 @@ def parse_lettered_options(text: str, style: Literal["paren", "suffix"]) -> tupl
     return text[: found[0][1]].strip(), options
 
 
-def split_answer_choices(question: str) -> tuple[str, list[tuple[str, str]]]:
-    """Strip a trailing ``"Answer Choices: (A) ... (B) ..."`` block (MedXpertQA-eval style)."""
-    matches = list(_ANSWER_CHOICES.finditer(question))
-    if not matches:
-        return question.strip(), []
-    m = matches[-1]
-    _, options = parse_lettered_options(question[m.end() :], "paren")
-    return question[: m.start()].strip(), options
+def split_answer_choices(question: str, parse: bool = True) -> tuple[str, list[tuple[str, str]]]:
+    """Strip a trailing ``"Answer Choices: (A) ... (B) ..."`` block (MedXpertQA-eval style).
+
+    Returns (stem, options); with ``parse=False`` (the record has its own options) only the
+    stem is computed, which is most of the cost saved on 10-option questions.
+    """
+    at, end = question.rfind("Answer Choices:"), -1
+    if at >= 0:
+        end = at + len("Answer Choices:")
+    else:  # rare spellings ("answer choices:") take the slower case-insensitive search
+        matches = list(_ANSWER_CHOICES.finditer(question))
+        if not matches:
+            return question.strip(), []
+        at, end = matches[-1].start(), matches[-1].end()
+    options = parse_lettered_options(question[end:], "paren")[1] if parse else []
+    return question[:at].strip(), options
 
 
 _LABEL = re.compile(r"^\(?\s*([A-Za-z])\s*[\).:]?$")

@@ -70,8 +70,9 @@ def generic_mcq(
     whose options exist only as an "Answer Choices:" block appended to the question.
     """
     text = text_of(rec.get("question"), "question")
-    stem, parsed = split_answer_choices(text)
-    options = _options_of(rec.get("options")) or parsed
+    given = _options_of(rec.get("options"))
+    stem, parsed = split_answer_choices(text, parse=not given)
+    options = given or parsed
     if not options:
         raise RecordError("too_few_options", "record has no options and no 'Answer Choices:' block")
     if "answer_idx" in rec:
