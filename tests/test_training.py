@@ -293,11 +293,12 @@ def test_sft_zero3_on_cpu_to_s3_then_evaluate(tiny_text, tmp_path, s3_bucket):
         "max_seq_len": 256,
         "zero_stage": 3,
         "logging_steps": 10,
+        "save_steps": 40,  # intermediate checkpoints (with ZeRO optimizer shards) uploaded too
     }
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
     result = _run_sft(tmp_path / "train.yaml")
 
-    assert result["steps"] == 80 and result["samples_seen"] == 80 * 8
+    assert result["steps"] == 80 and result["samples_seen"] == 80 * 8 and result["resumed_from_step"] == 0
     assert result["rows"] == 17 and result["skipped"] == {"no_assistant_turn": 1}
     losses = result["losses"]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] / 10
@@ -306,6 +307,18 @@ def test_sft_zero3_on_cpu_to_s3_then_evaluate(tiny_text, tmp_path, s3_bucket):
     assert marker["config_hash"] == TrainConfig(**cfg).config_hash()
     assert [d["rows"] for d in marker["data_manifest"]] == [8, 9]
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(marker["files"])
+
+    step40 = storage.read_json(f"{checkpoint}/checkpoints/checkpoint-40/checkpoint.json")
+    assert step40["step"] == 40 and not step40["final"] and "trainer_state.json" in step40["files"]
+    assert any(f.startswith("global_step40/") for f in step40["files"])  # DeepSpeed ZeRO shards
+
+    # A run killed after step 40 (its later checkpoints never uploaded) resumes from step 40.
+    fs, path = storage.filesystem(f"{checkpoint}/checkpoints/checkpoint-80")
+    fs.rm(path, recursive=True)
+    resumed = _run_sft(tmp_path / "train.yaml")
+    assert resumed["resumed_from_step"] == 40 and resumed["steps"] == 80
+    assert resumed["samples_seen"] == 40 * 8 and math.isfinite(resumed["final_loss"])
+    assert resumed["final_loss"] < losses[0] / 10
 
     # Held-out style questions: two sources, gold A (what the model learned to say) and gold B.
     questions = storage.Dataset(str(tmp_path / "questions"), QUESTION_SCHEMA)

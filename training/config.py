@@ -70,6 +70,7 @@ class TrainConfig(BaseModel):
     seed: int = 42
     logging_steps: int = 10
     save_steps: int | None = None  # intermediate checkpoints every N steps (uploaded too)
+    resume: bool = True  # continue from the latest uploaded intermediate checkpoint of the same config
     dataloader_num_workers: int = 0
 
     @field_validator("train_data", mode="before")
@@ -123,7 +124,14 @@ class TrainConfig(BaseModel):
     def config_hash(self) -> str:
         """Stable hash of everything that changes what is trained (not where it is written)."""
         payload = self.model_dump(
-            exclude={"output_uri", "work_dir", "logging_steps", "dataloader_num_workers", "save_steps"}
+            exclude={
+                "output_uri",
+                "work_dir",
+                "logging_steps",
+                "dataloader_num_workers",
+                "save_steps",
+                "resume",
+            }
         )
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -64,6 +64,7 @@ class TrainResult:
     truncated: int = 0
     runtime_s: float = 0.0
     losses: list[float] = field(default_factory=list)  # every logged loss, in order
+    resumed_from_step: int = 0  # > 0 when the run continued an uploaded intermediate checkpoint
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -247,14 +248,57 @@ def _upload_callback(output_uri: str, meta: dict[str, Any]):
             local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if local.is_dir():
                 dest = storage.join(output_uri, "checkpoints", local.name)
-                upload_folder(local, dest)
+                files = upload_folder(local, dest)
                 loss = next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None)
                 storage.write_json(
                     storage.join(dest, CHECKPOINT_MARKER),
-                    {**meta, "step": state.global_step, "loss": loss, "final": False},
+                    {**meta, "step": state.global_step, "loss": loss, "final": False, "files": files},
                 )
 
     return UploadCheckpoints()
+
+
+def latest_resumable(output_uri: str, config_hash: str) -> tuple[str, dict[str, Any]] | None:
+    """The newest uploaded intermediate checkpoint of this exact config (URI, marker), if any.
+
+    Checkpoints of another config (other data, schedule or model) are never resumed from.
+    """
+    base = storage.join(output_uri, "checkpoints")
+    fs, path = storage.filesystem(base)
+    try:
+        if not fs.exists(path):
+            return None
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    except Exception as exc:
+        raise ConfigError(storage.describe_error(base, exc)) from None
+    found = []
+    for name in names:
+        marker_uri = storage.join(base, name, CHECKPOINT_MARKER)
+        if name.startswith("checkpoint-") and storage.exists(marker_uri):
+            marker = storage.read_json(marker_uri)
+            if marker.get("config_hash") == config_hash:
+                found.append((int(marker["step"]), storage.join(base, name), marker))
+            else:
+                log.warning("not resuming from %s: it was trained with another config", name)
+    if not found:
+        return None
+    _, uri, marker = max(found, key=lambda f: f[0])
+    return uri, marker
+
+
+def download_folder(src_uri: str, files: list[str], local: Path) -> Path:
+    """Copy ``files`` (relative paths) from ``src_uri`` into ``local`` (streamed)."""
+    fs, base = storage.filesystem(src_uri)
+    for rel in files:
+        target = local / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fs.get_file(
+                f"{base.rstrip('/')}/{rel}" if "://" in src_uri else os.path.join(base, rel), str(target)
+            )
+        except Exception as exc:
+            raise ConfigError(storage.describe_error(src_uri, exc)) from None
+    return local
 
 
 def upload_folder(local: Path, dest_uri: str) -> list[str]:
@@ -428,9 +472,23 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         processing_class=tokenizer,
         callbacks=[_upload_callback(config.output_uri, meta)] if config.save_steps else None,
     )
-    output = trainer.train()
+    resume_from = None
+    if config.resume:
+        found = latest_resumable(config.output_uri, meta["config_hash"])
+        if found:
+            uri, marker = found
+            resume_from = work_dir / "resume" / f"checkpoint-{marker['step']}"
+            # Every node needs the checkpoint on local disk (DeepSpeed reads its own shards).
+            with args.main_process_first(local=True, desc="download checkpoint"):
+                if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+                    download_folder(uri, marker["files"], resume_from)
+            log.info("resuming from %s (step %s)", uri, marker["step"])
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     samples_seen = _all_reduce_sum(trainer.samples_seen_local)
     losses = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    resumed_step = (
+        int(json.loads((resume_from / "trainer_state.json").read_text())["global_step"]) if resume_from else 0
+    )
     final_loss = losses[-1] if losses else None
     if config.streaming:
         skipped, truncated = dict(encoder.errors), encoder.truncated
@@ -448,6 +506,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         truncated=truncated,
         runtime_s=round(time.time() - started, 3),
         losses=losses,
+        resumed_from_step=resumed_step,
     )
     if rank == 0:
         tokenizer.save_pretrained(str(final_dir))
