@@ -5,6 +5,12 @@ Every image that enters the factory is normalised the same way: decoded, convert
 the aspect ratio, and re-encoded as PNG with no metadata. The SHA-256 of those normalised
 bytes is the image's content address; a 64-bit DCT perceptual hash finds near-duplicates
 (re-encoded, rescaled, slightly brightened copies) that an exact hash misses.
+
+:func:`load_image` decodes JPEG/PNG, DICOM (windowed; only ``Modality`` kept) and NIfTI (a
+representative slice); :class:`ImageStore` stores each normalised image once, content-addressed
+under ``<root>/images/<sha[:2]>/<sha>.png``. Per-image problems raise
+:class:`~octomed_data.schema.RecordError` (``missing_image``, ``corrupt_image``,
+``unreadable_image``) so the record is quarantined.
 """
 
 from __future__ import annotations
