@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # botocore announces where it found credentials at INFO: noise, and names the credential source.
+    for noisy in ("botocore", "aiobotocore", "s3fs", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from octomed_data import storage
-from octomed_data.errors import ConfigError, StorageError
+from octomed_data.errors import ConfigError
 from octomed_data.images import ImageStore
 from octomed_data.schema import QUARANTINE_SCHEMA, QUESTION_SCHEMA, quarantine_row
 from octomed_data.sources import FORMATS, get_format, iter_records
@@ -260,16 +260,6 @@ def ingest(
 
 def check_output(out: str) -> None:
     """Fail early, in one line, if ``out`` cannot be written (unreachable endpoint, no bucket, bad path)."""
-    if storage.protocol_of(out) in ("s3", "s3a"):
-        fs, path = storage.filesystem(out)
-        bucket = path.split("/", 1)[0]
-        try:
-            # A listing tells "endpoint unreachable" apart from "no such bucket" (exists() can't).
-            fs.ls(bucket, refresh=True)
-        except FileNotFoundError:
-            raise StorageError(f"bucket {bucket!r} does not exist at the configured S3 endpoint") from None
-        except Exception as exc:  # botocore/aiohttp errors are not OSError subclasses
-            raise StorageError(storage.describe_error(out, exc)) from None
     storage.ensure_writable(out)
 
 

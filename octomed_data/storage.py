@@ -175,10 +175,13 @@ def ensure_writable(uri: str) -> None:
         bucket = path.split("/", 1)[0]
         if len(bucket) < 3:
             raise StorageError(f"invalid bucket name in {uri!r}")
-        if not _wrap(uri, fs.exists, bucket):
-            raise StorageError(
-                f"bucket {bucket!r} does not exist (or is not visible) at the configured endpoint"
-            )
+        try:
+            # A listing tells "endpoint unreachable" apart from "no such bucket" (exists() can't).
+            fs.ls(bucket, refresh=True)
+        except FileNotFoundError:
+            raise StorageError(f"bucket {bucket!r} does not exist at the configured S3 endpoint") from None
+        except Exception as exc:  # botocore/aiohttp errors are not OSError subclasses
+            raise StorageError(describe_error(uri, exc)) from None
         return
     _wrap(uri, fs.makedirs, path, exist_ok=True)
 
