@@ -62,7 +62,8 @@ class TrainResult:
     rows: int  # rows in the export files
     skipped: dict[str, int] = field(default_factory=dict)  # malformed rows by reason (streaming: seen so far)
     truncated: int = 0
-    runtime_s: float = 0.0
+    runtime_s: float = 0.0  # whole call: loading, tokenising, training, saving, uploading
+    train_runtime_s: float = 0.0  # the training loop alone (Trainer's train_runtime)
     losses: list[float] = field(default_factory=list)  # every logged loss, in order
     resumed_from_step: int = 0  # > 0 when the run continued an uploaded intermediate checkpoint
 
@@ -505,6 +506,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         skipped=skipped,
         truncated=truncated,
         runtime_s=round(time.time() - started, 3),
+        train_runtime_s=round(float(output.metrics.get("train_runtime", 0.0)), 3),
         losses=losses,
         resumed_from_step=resumed_step,
     )
