@@ -516,15 +516,8 @@ class DecontamIndex:
         get = self._vocab.get
         return [get(t, 0) for t in toks]
 
-    def _short_match(self, stem_ids: list[int], options: Sequence[str] | None) -> int | None:
-        """The registry entry a short question equals (whole-item rule), or None."""
-        if 0 in stem_ids:  # a token no benchmark item has: cannot equal one
-            return None
-        key = np.uint64(exact_key(self.vocab_hashes[stem_ids].tolist()))
-        lo = int(np.searchsorted(self.exact_hashes, key, side="left"))
-        hi = int(np.searchsorted(self.exact_hashes, key, side="right"))
-        if lo == hi:
-            return None
+    def _options_match(self, lo: int, hi: int, options: Sequence[str] | None) -> int | None:
+        """Item rule: the first registry entry in ``[lo, hi)`` (same stem) whose options the question shares."""
         if self.short_match == "text":
             return lo
         option_keys: set[int] = set()
@@ -536,10 +529,26 @@ class DecontamIndex:
             item_keys = self.exact_option_keys[
                 self.exact_option_offsets[entry] : self.exact_option_offsets[entry + 1]
             ]
-            shared = len(option_keys.intersection(item_keys.tolist()))
-            if shared >= options_required(len(item_keys)):
+            if len(option_keys.intersection(item_keys.tolist())) >= options_required(len(item_keys)):
                 return entry
         return None
+
+    def _short_keys(
+        self, ids: np.ndarray, starts: np.ndarray, short: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Vectorised :func:`exact_key` of each short question's tokens; False where one is unknown."""
+        width = NGRAM - 1
+        length = starts[short + 1] - starts[short]
+        col = np.arange(width)[None, :]
+        valid = col < length[:, None]
+        pos = np.minimum(starts[short][:, None] + col, len(ids) - 1)
+        tok = np.where(valid, ids[pos], -1)
+        known = ~((tok == 0).any(axis=1))
+        values = self.vocab_hashes[np.maximum(tok, 0)]
+        h = (length + 1).astype(np.uint64)
+        for k in range(width):
+            h = np.where(valid[:, k], h * np.uint64(_P_EXACT) + values[:, k], h)
+        return h, known
 
     def check_texts(
         self,
@@ -560,18 +569,24 @@ class DecontamIndex:
         starts = np.concatenate(([0], np.cumsum(lengths)))
         matches: list[Match | None] = [None] * n
 
-        # Whole-item equality for short questions.
-        short = np.nonzero((lengths < NGRAM) & (lengths > 0))[0].tolist()
-        if len(self.exact_hashes) and short:
-            if callable(options):
-                short_options: list[Sequence[str] | None] = list(options(short))
-            else:
-                short_options = [options[q] if options is not None else None for q in short]
-            for q, opts in zip(short, short_options, strict=True):
-                entry = self._short_match(ids[starts[q] : starts[q + 1]].tolist(), opts)
-                if entry is not None:
-                    bench, item = self._item(int(self.exact_items[entry]))
-                    matches[q] = Match(TEXT_EXACT, bench, item, " ".join(token_lists[q]))
+        # Whole-item equality for short questions: keys vectorised, options fetched only on a stem hit.
+        short = np.nonzero((lengths < NGRAM) & (lengths > 0))[0]
+        if len(self.exact_hashes) and len(short):
+            keys, known = self._short_keys(ids, starts, short)
+            lo = np.searchsorted(self.exact_hashes, keys, side="left")
+            hi = np.searchsorted(self.exact_hashes, keys, side="right")
+            found = np.nonzero(known & (hi > lo))[0]
+            rows = short[found].tolist()
+            if rows:
+                if callable(options):
+                    row_options: list[Sequence[str] | None] = list(options(rows))
+                else:
+                    row_options = [options[q] if options is not None else None for q in rows]
+                for f, q, opts in zip(found.tolist(), rows, row_options, strict=True):
+                    entry = self._options_match(int(lo[f]), int(hi[f]), opts)
+                    if entry is not None:
+                        bench, item = self._item(int(self.exact_items[entry]))
+                        matches[q] = Match(TEXT_EXACT, bench, item, " ".join(token_lists[q]))
 
         # 16-gram overlap: one vectorised pass over the whole batch.
         if len(self.ngram_hashes) and len(ids) >= NGRAM:
