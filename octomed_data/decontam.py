@@ -22,17 +22,22 @@ Rules (as in s1 and OctoMed, plus near-duplicate images):
     all: the same template on another image is not the test item; they are caught by image hash.
   - ``"text"``: the literal rule: a question whose whole normalised text equals a short item's
     text is removed, options and images ignored. Aggressive on VQA training sets.
-* **What is checked**: the question text (appended option blocks cut off), plus the context
-  passage for PubMedQA-style rows (``metadata`` keys ``context`` / ``contexts``), as the
-  s1/OctoMed recipe does; option texts only through the short-item rule above.
+* **What is checked**: the question text (appended option blocks cut off), which for
+  PubMedQA-style rows already holds the context (ingest writes "Context: ... Question: ...");
+  a context kept in ``metadata`` (keys ``context`` / ``contexts``) is checked too. Option texts
+  count only through the short-item rule above, as in s1/OctoMed.
 * **Images**: exact SHA-256 of the normalised image (the content address ingest stores), and
-  near-duplicates by 64-bit pHash Hamming distance <= ``phash_threshold`` (default 6).
+  near-duplicates by 64-bit pHash Hamming distance <= ``phash_threshold`` (default 6; re-encoded,
+  resized or brightened copies of the real images land at 0-4, distinct images at >= 16).
+* **Reported match**: kinds are tried as image_sha256, text_exact, text_ngram, image_phash; an
+  n-gram match names the item sharing the most 16-grams with the question and the first of them.
 
 The :class:`DecontamIndex` is built once from the registry pack into a few numpy arrays
 (sorted 64-bit n-gram hashes, whole-item hashes, image hashes) and saved as one ``.npz`` file
 through the storage layer, so shard workers load it and never re-read benchmark files.
 Hashes are stable across processes: per-token 64-bit values come from BLAKE2b of the token,
-never from Python's randomised ``hash()``.
+never from Python's randomised ``hash()``. n-grams are compared by 64-bit polynomial hash, so a
+false match needs a 64-bit collision (~4e-6 expected over 1M questions against 800k n-grams).
 """
 
 from __future__ import annotations
@@ -821,27 +826,44 @@ def _concat(parts: list[pa.Table], schema: pa.Schema) -> pa.Table:
     return pa.concat_tables([p.select(schema.names).cast(schema) for p in parts])
 
 
+def drop_stale_shards(out: str, shards: Iterable[str]) -> list[str]:
+    """Un-commit ``out/questions`` and ``out/removed`` shards whose input shard is gone; returns their names."""
+    keep = set(shards)
+    dropped: set[str] = set()
+    for name, schema in (("questions", QUESTION_SCHEMA), ("removed", REMOVED_SCHEMA)):
+        ds = storage.Dataset(storage.join(out, name), schema)
+        for shard in ds.manifest():
+            if shard not in keep:
+                ds.delete_shard(shard)
+                dropped.add(shard)
+    return sorted(dropped)
+
+
 def decontaminate(
     questions_uri: str,
     out: str,
     *,
     registry: str | None = None,
     index: DecontamIndex | None = None,
-    phash_threshold: int = DEFAULT_PHASH_THRESHOLD,
+    phash_threshold: int | None = None,
     short_match: str = "item",
     progress: bool = False,
 ) -> DecontamResult:
     """Decontaminate every committed shard of ``questions_uri`` into ``out/questions`` + ``out/removed``.
 
-    The index is built once (from ``registry``, default the bundled pack) unless one is given.
-    Shards are streamed one at a time; a summary is written to ``out/decontam.json``.
+    The index is built once (from ``registry``, default the bundled pack) unless one is given;
+    ``phash_threshold`` defaults to the index's (6). Shards are streamed one at a time; output
+    shards left by an earlier run over other input shards are un-committed, and a summary is
+    written to ``out/decontam.json``.
     """
     started = time.perf_counter()
     source = _questions_dataset(questions_uri)
     storage.ensure_writable(out)
     if index is None:
         index = DecontamIndex.from_registry(
-            registry, short_match=short_match, phash_threshold=phash_threshold
+            registry,
+            short_match=short_match,
+            phash_threshold=DEFAULT_PHASH_THRESHOLD if phash_threshold is None else phash_threshold,
         )
     result = DecontamResult(
         questions_uri=source.uri,
@@ -869,6 +891,7 @@ def decontaminate(
             bar.set_postfix(kept=result.kept, removed=result.removed)
     if bar is not None:
         bar.close()
+    drop_stale_shards(out, shards)
     result.by_benchmark = dict(sorted(by_benchmark.items()))
     result.by_kind = dict(sorted(by_kind.items()))
     result.seconds = round(time.perf_counter() - started, 3)

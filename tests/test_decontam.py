@@ -446,6 +446,11 @@ def test_decontaminate_keeps_plus_removed_equals_input(index, medqa, tmp_path):
     again = decontaminate(src, out, index=index)
     assert (again.kept, again.removed) == (result.kept, result.removed)
     assert kept.num_rows() + removed.num_rows() == 120
+    # An input shard that disappeared (re-ingest wrote fewer) takes its outputs with it.
+    storage.Dataset(src, QUESTION_SCHEMA).delete_shard("00002")
+    third = decontaminate(src, out, index=index)
+    assert third.input == 80 and list(kept.manifest()) == list(removed.manifest()) == ["00000", "00001"]
+    assert kept.num_rows() + removed.num_rows() == 80
 
 
 def test_decontaminate_shard_on_s3(index, medqa, s3_bucket):
