@@ -45,6 +45,32 @@ def run_outputs(paths: RunPaths) -> dict[str, str]:
     return {k: v for k, v in candidates.items() if storage.exists(v)}
 
 
+def run_counts(paths: RunPaths) -> dict[str, Any]:
+    """Question counts per stage, and what decontamination removed per benchmark (streamed)."""
+    from collections import Counter
+
+    def rows(uri: str) -> int | None:
+        ds = storage.Dataset(uri)
+        return ds.num_rows() if ds.manifest() else None
+
+    counts: dict[str, Any] = {
+        "questions ingested": rows(storage.join(paths.stage("ingest"), "questions")),
+        "records quarantined": rows(storage.join(paths.stage("ingest"), "quarantine")),
+        "questions after decontamination": rows(paths.questions),
+        "mixture rows (train)": rows(storage.join(paths.stage("mixture"), "train")),
+        "mixture rows (validation)": rows(storage.join(paths.stage("mixture"), "validation")),
+    }
+    removed = storage.Dataset(storage.join(paths.stage("decontaminate"), "removed"))
+    if removed.manifest():
+        by_benchmark: Counter[str] = Counter()
+        for batch in removed.iter_batches(columns=["match_benchmark"]):
+            by_benchmark.update(batch.column(0).to_pylist())
+        counts["removed by decontamination"] = sum(by_benchmark.values())
+        for bench, n in sorted(by_benchmark.items()):
+            counts[f"  removed: {bench}"] = n
+    return {k: v for k, v in counts.items() if v is not None}
+
+
 @task(name="write-report", **RETRY)
 def report_task(paths: RunPaths) -> dict[str, Any]:
     """Write ``RUN/report/report.{md,png}`` and publish the report and rejection artifacts."""
@@ -56,6 +82,7 @@ def report_task(paths: RunPaths) -> dict[str, Any]:
         shards=shard_states(paths),
         outputs=run_outputs(paths),
         cost=cost,
+        counts=run_counts(paths),
     )
     publish_table(
         "rejections",
@@ -77,6 +104,7 @@ def report_task(paths: RunPaths) -> dict[str, Any]:
         shards=shard_states(paths),
         outputs=run_outputs(paths) | {"report": result.markdown_uri, "plot": result.png_uri},
         cost=cost,
+        counts=run_counts(paths),
         png=storage.read_bytes(result.png_uri),
     )
     publish_markdown("report", paths, embedded, f"Run report {paths.run_id}")

@@ -1,0 +1,304 @@
+"""The Prefect flows on local Ray: factory end to end, resume after a kill, one failed shard re-run
+alone, the mixture -> training automation, and the dashboard artifacts (queried from the API).
+
+The sandbox teacher stands in for a model everywhere here (rows say teacher=sandbox).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from octomed_data import storage
+from octomed_data.recipe import RunPaths, shard_states
+
+SAMPLE_DATA = Path(__file__).resolve().parent.parent / "octomed_data" / "sample_data"
+SAMPLES = 2
+
+
+def write_recipe(tmp: Path, *, training: bool = False, concurrent: int = 2, latency: float = 0.0) -> str:
+    """A small recipe: 80 PathVQA textbook questions (4 shards) + 8 MedQA test items (removed)."""
+    recipe = {
+        "name": "flowtest",
+        "store": str(tmp / "store"),
+        "shard_size": 20,
+        "sources": [
+            {
+                "format": "pathvqa",
+                "input": str(SAMPLE_DATA / "pathvqa" / "QA_pairs_vb.sample80.json"),
+                "name": "pathvqa",
+            },
+            {
+                "format": "medqa",
+                "input": str(SAMPLE_DATA / "medqa" / "phrases_no_exclude_test.head8.jsonl"),
+                "name": "medqa_test",
+            },
+        ],
+        "distill": {
+            "samples": SAMPLES,
+            "max_concurrent_shards": concurrent,
+            "sandbox": {"latency_s": latency},
+        },
+        "mixture": {"validation_fraction": 0.2},
+        "training": {
+            "enabled": training,
+            "tiny_model": "text",
+            "config": {
+                "max_steps": 1,
+                "global_batch_size": 1,
+                "max_seq_len": 512,
+                "zero_stage": 0,
+                "gradient_checkpointing": False,
+            },
+        },
+        "evaluation": {"enabled": training, "config": {"limit": 2, "max_new_tokens": 8, "batch_size": 2}},
+    }
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def markers(paths: RunPaths, dataset: str) -> dict[str, float]:
+    """committed_at of every committed shard of a distill output dataset."""
+    ds = storage.Dataset(storage.join(paths.stage("distill"), dataset))
+    return {name: info.committed_at for name, info in ds.manifest().items()}
+
+
+def artifact_keys(wanted: list[str]) -> set[str]:
+    """Which of ``wanted`` artifact keys exist on the API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=wanted)), limit=200
+        )
+        return {a.key for a in found}
+
+
+@pytest.fixture(scope="module")
+def finished_run(prefect_harness, ray_local, tmp_path_factory):
+    """One clean factory run (ingest .. export + report), shared by several tests."""
+    from flows.common import RunParams
+    from flows.factory import factory_flow
+
+    tmp = tmp_path_factory.mktemp("factory")
+    recipe = write_recipe(tmp)
+    t0 = time.time()
+    result = factory_flow(run=RunParams(recipe_path=recipe, run_id="clean"), stages=None)
+    return result, RunPaths(str(tmp / "store"), "clean"), time.time() - t0
+
+
+def test_factory_end_to_end(finished_run):
+    result, paths, _ = finished_run
+    raw = storage.Dataset(storage.join(paths.stage("distill"), "raw"))
+    questions = storage.Dataset(paths.questions).num_rows()
+    ingested = storage.Dataset(storage.join(paths.stage("ingest"), "questions")).num_rows()
+    removed = list(storage.Dataset(storage.join(paths.stage("decontaminate"), "removed")).iter_rows())
+    assert questions == ingested - len(removed) and questions > 40
+    # all 8 MedQA test items are removed on purpose; no kept question is a benchmark test item
+    assert sum(r["source"] == "medqa" for r in removed) == 8
+    assert all(r["source"] != "medqa" for r in storage.Dataset(paths.questions).iter_rows())
+    assert raw.num_rows() == questions * SAMPLES
+    assert {r["teacher"] for r in raw.iter_rows()} == {"sandbox"}
+    mix = result["mixture"]
+    assert mix["rows_train"] > 0 and mix["rows_validation"] > 0
+    trl = storage.Dataset(result["export"]["datasets"]["trl"]["train"])
+    assert trl.num_rows() == mix["rows_train"]
+    report = storage.read_bytes(result["report"]["report"]).decode()
+    assert "NOT model traces" in report and f"removed by decontamination | {len(removed)}" in report
+    states = shard_states(paths, "distill")
+    assert len(states) == len(storage.Dataset(paths.questions).manifest())
+    assert {s["state"] for s in states} == {"COMPLETED"}
+    assert storage.exists(storage.join(paths.root, "run.json"))
+
+
+def test_artifacts_created(finished_run):
+    kinds = (
+        "shards",
+        "rejections",
+        "cost",
+        "report",
+        "distill-progress",
+        "mixture",
+        "export",
+        "decontamination",
+    )
+    wanted = [f"{kind}-clean" for kind in kinds]
+    assert artifact_keys(wanted) == set(wanted)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        (progress,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["distill-progress-clean"]))
+        )
+        assert float(progress.data) == 100.0
+        reports = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["report-clean"]))
+        )
+        # one version from the filter flow, one at the end of the factory; each embeds the plot
+        assert len(reports) == 2 and all("data:image/png;base64," in r.data for r in reports)
+
+
+def test_failed_shard_rerun_alone(finished_run, monkeypatch, tmp_path):
+    """One shard fails (injected teacher outage); re-running it alone completes the run exactly."""
+    import tasks.ray_distill as ray_distill
+    from flows.common import RunParams, ShardFailures
+    from flows.factory import factory_flow
+
+    clean_result, clean_paths, _ = finished_run
+    real = ray_distill.distill_shard_ray
+    broken = "pathvqa-00002"
+    calls: list[str] = []
+
+    def flaky(questions_uri, shard, out, config, **kw):
+        calls.append(shard)
+        if shard == broken:
+            raise ConnectionError("injected: teacher endpoint unreachable for this shard")
+        return real(questions_uri, shard, out, config, **kw)
+
+    monkeypatch.setattr(ray_distill, "distill_shard_ray", flaky)
+    recipe = write_recipe(tmp_path)
+    with pytest.raises(ShardFailures, match=broken):
+        factory_flow(run=RunParams(recipe_path=recipe, run_id="flaky"))
+    paths = RunPaths(str(tmp_path / "store"), "flaky")
+    failed = {s["shard"]: s for s in shard_states(paths, "distill")}
+    assert failed[broken]["state"] == "FAILED" and "injected" in failed[broken]["error"]
+    before = markers(paths, "raw")
+    assert broken not in before and len(before) == len(markers(clean_paths, "raw")) - 1
+    assert not storage.exists(paths.stage("mixture"))  # nothing downstream of a failed shard
+
+    monkeypatch.setattr(ray_distill, "distill_shard_ray", real)
+    calls.clear()
+    spy_calls: list[str] = []
+
+    def spy(questions_uri, shard, out, config, **kw):
+        spy_calls.append(shard)
+        return real(questions_uri, shard, out, config, **kw)
+
+    monkeypatch.setattr(ray_distill, "distill_shard_ray", spy)
+    position = sorted(storage.Dataset(paths.questions).manifest()).index(broken)
+    # `--shard N` takes a name or a position in the run's shard list; use the position here
+    result = factory_flow(run=RunParams(recipe_path=recipe, run_id="flaky", shards=[str(position)]))
+    assert spy_calls == [broken]  # exactly that shard, no other
+    after = markers(paths, "raw")
+    assert {k: v for k, v in after.items() if k != broken} == before  # others untouched
+    assert set(after) == set(markers(clean_paths, "raw"))
+    # Outputs as if nothing had failed: same rows as the clean run, manifest complete.
+    for name in ("raw", "accepted"):
+        ds = storage.Dataset(storage.join(paths.stage("distill"), name))
+        clean = storage.Dataset(storage.join(clean_paths.stage("distill"), name))
+        assert ds.num_rows() == clean.num_rows()
+    assert result["mixture"]["rows_train"] == clean_result["mixture"]["rows_train"]
+    assert {s["state"] for s in shard_states(paths, "distill")} == {"COMPLETED"}
+
+
+def test_killed_run_resumes_without_redoing_shards(prefect_harness, ray_local, tmp_path, monkeypatch):
+    """SIGKILL the factory mid-distillation; resuming the run id reuses finished shards."""
+    import tasks.ray_distill as ray_distill
+    from flows.common import RunParams
+    from flows.factory import factory_flow
+
+    recipe = write_recipe(tmp_path, concurrent=1, latency=0.02)
+    paths = RunPaths(str(tmp_path / "store"), "killed")
+    env = dict(os.environ, OCTOMED_TRACEBACK="1", RAY_AUTH_MODE="disabled")
+    env.pop("PREFECT_API_URL", None)  # the child runs its own local Prefect, as a user would
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "octomed_data.cli",
+            "run",
+            recipe,
+            "--run-id",
+            "killed",
+            "--stage",
+            "ingest",
+            "--stage",
+            "decontaminate",
+            "--stage",
+            "distill",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not any(
+            s["state"] == "COMPLETED" for s in shard_states(paths, "distill")
+        ):
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done_before = {s["shard"] for s in shard_states(paths, "distill") if s["state"] == "COMPLETED"}
+    assert done_before and len(done_before) < len(storage.Dataset(paths.questions).manifest())
+    stamps = markers(paths, "raw")
+
+    real = ray_distill.distill_shard_ray
+    called: list[str] = []
+
+    def spy(questions_uri, shard, out, config, **kw):
+        called.append(shard)
+        return real(questions_uri, shard, out, config, **kw)
+
+    monkeypatch.setattr(ray_distill, "distill_shard_ray", spy)
+    factory_flow(
+        run=RunParams(recipe_path=recipe, run_id="killed"),
+        stages=["ingest", "decontaminate", "distill", "filter"],
+    )
+    assert called and not set(called) & done_before  # finished shards were not redone
+    after = markers(paths, "raw")
+    assert all(after[s] == stamps[s] for s in done_before)
+    raw = storage.Dataset(storage.join(paths.stage("distill"), "raw"))
+    rows = list(raw.iter_rows())
+    assert len(rows) == storage.Dataset(paths.questions).num_rows() * SAMPLES  # none lost, none duplicated
+    assert len({(r["question_id"], r["sample_idx"]) for r in rows}) == len(rows)
+
+
+def test_automation_fires_training_deployment(finished_run):
+    """A completed mixture flow run starts the training deployment with that run's parameters."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    from flows.automation import AUTOMATION_NAME, ensure_training_automation
+    from flows.common import RunParams
+    from flows.mixture import mixture_flow
+    from flows.training import train_flow
+
+    _, paths, _ = finished_run
+    deployment_id = train_flow.to_deployment(name="train").apply()
+    automation = ensure_training_automation(deployment_id)
+    assert automation is not None and automation.name == AUTOMATION_NAME
+    time.sleep(2)  # the triggers service loads new automations periodically
+    mixture_flow(RunParams(run_id=paths.run_id, store=paths.store))
+    runs = []
+    deadline = time.time() + 60
+    with get_client(sync_client=True) as client:
+        while time.time() < deadline and not runs:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+            )
+            time.sleep(1)
+    assert runs, "the automation did not start the training deployment"
+    assert runs[0].parameters["params"]["run"]["run_id"] == paths.run_id
+    assert ensure_training_automation(deployment_id, enabled=False) is None
+
+
+def test_rerun_unknown_run_is_one_line_error(tmp_path, capsys):
+    from octomed_data.cli import main
+
+    assert main(["rerun", "nope", "--shard", "0", "--store", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no run 'nope'")
