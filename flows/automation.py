@@ -53,3 +53,24 @@ def ensure_training_automation(
     if not enabled:
         return None
     return training_automation(train_deployment_id, mixture_flow_name=mixture_flow_name).create()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flows.automation [--deployment train/train] [--disable]`` (after ``prefect deploy``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m flows.automation", description=main.__doc__)
+    parser.add_argument("--deployment", default="train/train", help="FLOW/DEPLOYMENT to start on a mixture")
+    parser.add_argument("--disable", action="store_true", help="remove the automation instead")
+    args = parser.parse_args(argv)
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(args.deployment)
+    automation = ensure_training_automation(deployment.id, enabled=not args.disable)
+    print(f"automation {AUTOMATION_NAME}: {'removed' if automation is None else 'created'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

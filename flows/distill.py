@@ -2,7 +2,7 @@
 
 Shards fan out as Prefect tasks (bounded by ``distill.max_concurrent_shards``); inside each,
 ``tasks.ray_distill.distill_shard_ray`` drives the engine's Ray actor pool (local Ray by
-default, a cluster at ``distill.ray_address``). When no teacher endpoint is configured, the
+default, a cluster at ``distill.ray_address`` or ``$OCTOMED_RAY_ADDRESS``). When no teacher endpoint is configured, the
 loopback sandbox teacher is started for the flow's lifetime: its rows say ``teacher=sandbox``
 and are not model traces.
 """
@@ -88,12 +88,11 @@ def distill_flow(run: RunParams = RunParams()) -> dict[str, Any]:
     )
     results: dict[str, Any] = {}
     failed: list[str] = []
-    ensure_ray(recipe.distill.ray_address)
+    ray_address = recipe.distill.ray_address or os.environ.get("OCTOMED_RAY_ADDRESS") or None
+    ensure_ray(ray_address)
     with teacher_endpoints(recipe) as config:
         task = configured(distill_shard_task, paths, refresh=bool(run.shards))
-        futures = {
-            task.submit(questions.uri, s, config, recipe.distill.ray_address, paths): s for s in shards
-        }
+        futures = {task.submit(questions.uri, s, config, ray_address, paths): s for s in shards}
         for done, fut in enumerate(as_completed(list(futures)), start=1):
             shard = futures[fut]
             fut.wait()  # the final state, not the API's possibly older view of it
