@@ -254,10 +254,19 @@ class _Run:
         self.limiter = limiter
         self.progress = progress
         self.counters = _Counters()
-        self.journal = JournalWriter(out, shard, config.flush_every, config.flush_interval_s)
+        self.journal = JournalWriter(
+            out, shard, config.flush_every, config.flush_interval_s, on_durable=self._durable
+        )
         self.sleep = sleep
         self.abort: str | None = None
         self.breaker = 8
+
+    def _durable(self, stored: int, failed: int) -> None:
+        # Done means durable: samples count once the journal segment holding them is written.
+        self.counters.new += stored
+        self.counters.failed += failed
+        if self.progress is not None and stored:
+            self.progress.update(stored)
 
     def _backoff(self, attempt: int, hint: float | None) -> float:
         cfg = self.config
@@ -384,14 +393,12 @@ async def _sample_group(
             tc, messages, seeds[group[0]], len(group), prompt_chars
         )
     now_ms = int(time.time() * 1000)
-    stored: list[asyncio.Future[None]] = []
-    failed: list[asyncio.Future[None]] = []
     leftover: list[int] = []
     if response is None:
         for i in group:
             row = _base_row(q, teacher, run.config, i, seeds[i])
             row.update(correct=False, reject_reason=FAILED, attempts=attempts, error=error, created_at=now_ms)
-            failed.append(run.journal.add(row))
+            run.journal.add(row)
     else:
         options = options_of(q)
         usage = getattr(response, "usage", None)
@@ -415,17 +422,8 @@ async def _sample_group(
             )
             run.counters.prompt_tokens += p_tok or 0
             run.counters.completion_tokens += c_tok or 0
-            stored.append(run.journal.add(row))
+            run.journal.add(row)
         leftover = group[len(choices) :]  # a server that returned fewer choices than asked
-    # Done means durable: count only once the journal segment holding the row is written.
-    for w in stored:
-        await w
-        run.counters.new += 1
-        if run.progress is not None:
-            run.progress.update(1)
-    for w in failed:
-        await w
-        run.counters.failed += 1
     for i in leftover:
         await _sample_group(run, q, tc, messages, [i])
 

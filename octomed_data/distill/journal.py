@@ -14,7 +14,7 @@ import json
 import posixpath
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from octomed_data import storage
@@ -76,16 +76,27 @@ def read_done_keys(out: str, shard: str) -> tuple[set[str], set[str]]:
 class JournalWriter:
     """Buffers finished samples and writes them as one segment every ``every`` rows or ``interval_s``.
 
-    :meth:`add` returns a future that resolves once the sample is durable; one writer task
-    writes segments in order, off the event loop (storage calls block).
+    One writer task writes segments in order, off the event loop (storage calls block). After
+    each segment is durable it calls ``on_durable(stored, failed)``: that, not :meth:`add`, is
+    when a sample counts as done. Callers do not wait for it, so a slow store never holds
+    request slots.
     """
 
-    def __init__(self, out: str, shard: str, every: int = 256, interval_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        out: str,
+        shard: str,
+        every: int = 256,
+        interval_s: float = 0.5,
+        on_durable: Callable[[int, int], None] | None = None,
+    ) -> None:
         self._uri = journal_uri(out, shard)
         self._every = every
         self._interval = interval_s
+        self._on_durable = on_durable
         self._lines: list[str] = []
-        self._waiters: list[asyncio.Future[None]] = []
+        self._stored = 0
+        self._failed = 0
         self._wake = asyncio.Event()
         self._closed = False
         self._task: asyncio.Task[None] | None = None
@@ -96,13 +107,17 @@ class JournalWriter:
         self._task = asyncio.create_task(self._run())
         return self
 
-    def add(self, row: dict[str, Any]) -> asyncio.Future[None]:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def add(self, row: dict[str, Any]) -> None:
+        """Queue one finished (or finally failed) sample for the next segment."""
+        if self._task is not None and self._task.done() and self._task.exception() is not None:
+            raise self._task.exception()  # type: ignore[misc]  # the store failed: stop the shard
         self._lines.append(json.dumps(row, ensure_ascii=False, separators=(",", ":")))
-        self._waiters.append(fut)
+        if row.get("reject_reason") == FAILED:
+            self._failed += 1
+        else:
+            self._stored += 1
         if len(self._lines) >= self._every:
             self._wake.set()
-        return fut
 
     async def _run(self) -> None:
         while True:
@@ -118,25 +133,18 @@ class JournalWriter:
     async def _flush(self) -> None:
         if not self._lines:
             return
-        lines, waiters = self._lines, self._waiters
-        self._lines, self._waiters = [], []
+        lines, stored, failed = self._lines, self._stored, self._failed
+        self._lines, self._stored, self._failed = [], 0, 0
         data = ("\n".join(lines) + "\n").encode("utf-8")
         name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.jsonl"
-        try:
-            await asyncio.to_thread(storage.write_bytes, storage.join(self._uri, name), data)
-        except BaseException as exc:
-            for w in waiters:
-                if not w.done():
-                    w.set_exception(exc)
-            raise
+        await asyncio.to_thread(storage.write_bytes, storage.join(self._uri, name), data)
         self.segments += 1
         self.rows += len(lines)
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
+        if self._on_durable is not None:
+            self._on_durable(stored, failed)
 
     async def close(self) -> None:
-        """Flush what is buffered and stop the writer."""
+        """Flush what is buffered and stop the writer (raises if a segment could not be written)."""
         self._closed = True
         self._wake.set()
         if self._task is not None:
