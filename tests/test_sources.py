@@ -71,7 +71,8 @@ REAL_FILES = [
     ("slake", "slake/test.json", None, 2094, 0, {"missing_image": 2094}),
     ("slake", "slake/test_open.csv", None, 645, 0, {"missing_image": 645}),
     ("slake", "slake/test_close.csv", None, 416, 0, {"missing_image": 416}),
-    ("pathvqa", "pathvqa/pvqa_test.json", None, 6761, 0, {"missing_image": 6761}),
+    # 6761 QA pairs on 858 image entries, plus the 133 entries with empty lists (991 in all).
+    ("pathvqa", "pathvqa/pvqa_test.json", None, 6894, 0, {"missing_image": 6761, "no_questions": 133}),
     ("pathvqa", "pathvqa/QA_pairs_vb.json", None, 5429, 5429, {}),
     ("omnimedvqa", "omnimedvqa/MRI_CT_XRAY_300each_dataset.json", None, 900, 11, {"missing_image": 889}),
     ("omnimedvqa", "omnimedvqa/med_r1_splits/X-Ray_test.json", None, 1615, 0, {"missing_image": 1615}),
@@ -230,10 +231,44 @@ def test_slake_with_images_folder(shared_data, tmp_path):
 def test_pathvqa_lxmert_one_record_per_pair(shared_data, tmp_path):
     shutil.copyfile(shared_data / "vqa_rad/images/synpic54610.jpg", tmp_path / "test_0001.jpg")
     rows, quarantined = run("pathvqa", shared_data / "pathvqa/pvqa_test.json", images_dir=str(tmp_path))
-    assert len(rows) + len(quarantined) == 6761
+    assert len(rows) + len(quarantined) == 6761 + 133
     assert {json.loads(r["metadata"])["img_id"] for r in rows} == {"test_0001"}
     assert rows[0]["answer"] == "squamous cell carcinoma" and rows[0]["task_type"] == "open_vqa"
     assert rows[1]["answer"] == "yes" and rows[1]["task_type"] == "yes_no_maybe"
+    doc = json.loads((shared_data / "pathvqa/pvqa_test.json").read_text())
+    pairs = doc[1]["sentf"]["pvqa"]
+    assert [r["question"] for r in rows] == [q.strip() for q in pairs]
+    assert [r["answer"] for r in rows] == [next(iter(d)) for d in doc[1]["labelf"]["pvqa"]]
+    empty = [q for q in quarantined if q["reason"] == "no_questions"]
+    assert len(empty) == sum(1 for e in doc if not e["sentf"]["pvqa"]) == 133
+    assert json.loads(empty[0]["raw"])["img_id"] == "test_0000"
+
+
+def test_pathvqa_lxmert_every_entry_is_accounted_for(tmp_path):
+    entries = [
+        {"img_id": "a", "sentf": {"pvqa": ["Q1?", "Q2?"]}, "labelf": {"pvqa": [{"yes": 1}, {"tumor": 1}]}},
+        {"img_id": "b", "sentf": {"pvqa": []}, "labelf": {"pvqa": []}},  # empty entry
+        {"img_id": "c", "sentf": {"pvqa": ["Q3?"]}, "labelf": {"pvqa": []}},  # question, no answer
+        {"img_id": "d", "sentf": {"pvqa": ["Q4?"]}, "labelf": {"pvqa": [{"no": 1}, {"extra": 1}]}},
+        {"img_id": "e", "sentf": ["not", "a", "dict"], "labelf": {}},  # wrong shape
+        {"img_id": "f", "sentf": {"pvqa": []}, "labelf": {"pvqa": [{"orphan": 1}]}},  # answers only
+        "not an object",
+    ]
+    path = tmp_path / "pvqa_train.json"
+    path.write_text(json.dumps(entries))
+    rows, quarantined = run("pathvqa", path, images_dir=str(tmp_path))
+    assert rows == []
+    assert [(q["record_index"], q["reason"]) for q in quarantined] == [
+        (0, "missing_image"),
+        (1, "missing_image"),
+        (2, "no_questions"),
+        (3, "missing_answer"),
+        (4, "missing_image"),
+        (5, "malformed_record"),  # d's surplus answer
+        (6, "malformed_record"),  # e
+        (7, "malformed_record"),  # f
+        (8, "malformed_record"),  # the string entry
+    ]
 
 
 def test_pathvqa_textbook_pairs_are_text_questions(shared_data):
@@ -517,3 +552,63 @@ def test_entry_point_errors(shared_data, tmp_path):
     with pytest.raises(SourceError) as err:
         list(iter_records("mmlu_pro", str(broken)))
     assert "not valid JSON" in str(err.value)
+
+
+def test_pubmedqa_folder_reads_ground_truth_as_split_list_only(shared_data):
+    rows, quarantined = run("pubmedqa", shared_data / "pubmedqa")
+    assert len(rows) == 1000 and quarantined == []
+    assert Counter(r["split"] for r in rows) == {"test": 500, "train": 500}
+
+
+def test_every_record_maps_to_the_raw_answer(shared_data):
+    """Field mapping against the raw files, record by record (not just the first one)."""
+    dev = [json.loads(line) for line in (shared_data / "medmcqa/dev.json").read_text().splitlines()]
+    rows, _ = run("medmcqa", shared_data / "medmcqa/dev.json")
+    assert len(rows) == len(dev)
+    for raw, row in zip(dev, rows, strict=True):
+        options = {o["label"]: o["text"] for o in row["options"]}
+        assert options == {k: raw[f"op{k.lower()}"].strip() for k in "ABCD"}
+        assert row["answer"] == "ABCD"[raw["cop"] - 1] and row["question"] == raw["question"].strip()
+    pro = json.loads((shared_data / "huatuogpt_o1_eval/MMLU-Pro_Medical_test.json").read_text())
+    rows, _ = run("mmlu_pro", shared_data / "huatuogpt_o1_eval/MMLU-Pro_Medical_test.json")
+    assert len(rows) == len(pro)
+    for raw, row in zip(pro, rows, strict=True):
+        assert [(o["label"], o["text"]) for o in row["options"]] == [
+            (k, str(v).strip()) for k, v in raw["options"].items()
+        ]
+        assert row["answer"] == raw["answer_idx"] and row["answer_text"] == raw["answer"].strip()
+    bullets = [
+        json.loads(line)
+        for line in (shared_data / "medreason_eval/medbullets_op5.jsonl").read_text().splitlines()
+    ]
+    rows, _ = run("medbullets", shared_data / "medreason_eval/medbullets_op5.jsonl")
+    assert [r["answer"] for r in rows] == [b["answer_idx"] for b in bullets]
+
+
+def test_jsonl_with_a_bad_first_line_quarantines_only_that_line(shared_data, tmp_path):
+    good = (shared_data / "medqa/phrases_no_exclude_test.jsonl").read_text().splitlines()[:3]
+    for bad in ("[1, 2, 3]", '"just a string"', "{not json"):
+        path = tmp_path / "first_bad_test.jsonl"
+        path.write_text("\n".join([bad, *good]) + "\n")
+        rows, quarantined = run("medqa", path)
+        assert len(rows) == 3 and [q["record_index"] for q in quarantined] == [0], bad
+        assert quarantined[0]["reason"] == "malformed_json"
+    # A minified one-line JSON array is still one document.
+    one_line = tmp_path / "one_line_test.json"
+    one_line.write_text(json.dumps([json.loads(g) for g in good]))
+    assert len(run("medqa", one_line)[0]) == 3
+
+
+def test_csv_empty_cell_rows_are_quarantined_and_non_utf8_is_one_error(tmp_path):
+    path = tmp_path / "anatomy_test.csv"
+    path.write_text('Q1?,a,b,c,d,A\n\n,,,,,\n"Q2?",a,b,c,d,B\n')
+    rows, quarantined = run("mmlu", path)
+    # The blank line is not a record; the row of empty cells is one, and is not lost silently.
+    assert [r["record_index"] for r in rows] == [0, 2]
+    assert [(q["record_index"], q["reason"], q["detail"]) for q in quarantined] == [
+        (1, "malformed_row", "empty row")
+    ]
+    latin = tmp_path / "latin_test.csv"
+    latin.write_bytes("Q?,caf\xe9,b,c,d,A\n".encode("latin-1"))
+    with pytest.raises(SourceError, match="not UTF-8"):
+        run("mmlu", latin)

@@ -10,7 +10,6 @@ at all) raise :class:`~octomed_data.errors.SourceError`.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -152,27 +151,38 @@ class MalformedLine:
     error: str
 
 
+def _open_input(path: Path):
+    """Open an input file for reading; an unreadable file is one clear error, not a traceback."""
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
 def sniff_json(path: Path) -> Literal["json", "jsonl"]:
-    """JSON Lines (one object per line, even if named .json) or one JSON document."""
-    with open(path, "rb") as fh:
-        for raw in fh:
-            line = raw.strip()
-            if not line:
-                continue
-            if line.startswith(b"["):
-                return "json"
-            try:
-                obj = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                # A lone "{" opens a pretty-printed document; anything else is a bad first line.
-                return "json" if line == b"{" else "jsonl"
-            return "jsonl" if isinstance(obj, dict) else "json"
-    return "jsonl"
+    """JSON Lines (one object per line, even if named .json) or one JSON document.
+
+    A first line that is a complete JSON value means JSON Lines when more lines follow (a bad
+    first record, quarantined later), one document when it is the only line (a minified array).
+    """
+    with _open_input(path) as fh:
+        lines = (raw.strip() for raw in fh)
+        first = next((line for line in lines if line), None)
+        if first is None:
+            return "jsonl"
+        try:
+            obj = json.loads(first)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            # "[" or "{" alone opens a pretty-printed document; anything else is a bad first line.
+            return "json" if first in (b"{", b"[") or first.startswith(b"[") else "jsonl"
+        if isinstance(obj, dict):
+            return "jsonl"
+        return "jsonl" if next((line for line in lines if line), None) is not None else "json"
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | MalformedLine]]:
     """(line index, object) per non-blank line; bad lines come back as :class:`MalformedLine`."""
-    with open(path, "rb") as fh:
+    with _open_input(path) as fh:
         for index, raw in enumerate(fh):
             if not raw.strip():
                 continue
@@ -199,6 +209,8 @@ def load_json(path: Path) -> Any:
         raise SourceError(f"{path} is not UTF-8 text: {exc.reason}") from None
     except json.JSONDecodeError as exc:
         raise SourceError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    except OSError as exc:
+        raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
@@ -213,38 +225,51 @@ def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def iter_csv(path: Path, header: bool) -> Iterator[tuple[int, list[str] | dict[str, str] | MalformedLine]]:
-    """CSV rows with their 0-based data-row index (header excluded); undecodable text is quarantined."""
+    """CSV rows with their 0-based data-row index (header excluded), streamed from disk.
+
+    Blank lines are not records; a row whose cells are all empty is one (quarantined as a
+    :class:`MalformedLine`). Text that is not UTF-8 makes the whole file unreadable.
+    """
     try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise SourceError(f"{path} is not UTF-8 text: {exc.reason}") from None
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        columns = next(reader) if header else None
-    except StopIteration:
-        return
-    except csv.Error as exc:
-        raise SourceError(f"{path}: unreadable CSV header: {exc}") from None
-    index = 0
-    while True:
+        fh = open(path, encoding="utf-8-sig", newline="")
+    except OSError as exc:
+        raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from None
+    with fh:
+        reader = csv.reader(fh)
+
+        def next_row() -> list[str]:
+            try:
+                return next(reader)
+            except UnicodeDecodeError as exc:
+                raise SourceError(f"{path} is not UTF-8 text: {exc.reason}") from None
+
         try:
-            row = next(reader)
+            columns = next_row() if header else None
         except StopIteration:
             return
         except csv.Error as exc:
-            yield index, MalformedLine("", f"CSV error: {exc}")
-            index += 1
-            continue
-        if not row or not any(cell.strip() for cell in row):
-            continue
-        if columns is not None:
-            if len(row) != len(columns):
+            raise SourceError(f"{path}: unreadable CSV header: {exc}") from None
+        index = 0
+        while True:
+            try:
+                row = next_row()
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield index, MalformedLine("", f"CSV error: {exc}")
+                index += 1
+                continue
+            if not row:
+                continue  # a blank line
+            if not any(cell.strip() for cell in row):
+                yield index, MalformedLine(json.dumps(row), "empty row")
+            elif columns is not None and len(row) != len(columns):
                 yield index, MalformedLine(json.dumps(row), f"{len(row)} fields, header has {len(columns)}")
-            else:
+            elif columns is not None:
                 yield index, dict(zip(columns, row, strict=True))
-        else:
-            yield index, row
-        index += 1
+            else:
+                yield index, row
+            index += 1
 
 
 # ------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from octomed_data.sources.base import (
 )
 
 JSON_PATTERNS = ("*.jsonl", "*.json")
+PUBMEDQA_TRUTH = "test_ground_truth.json"
 
 
 def _options_of(value: Any) -> list[tuple[str, str]]:
@@ -248,14 +249,19 @@ def load_pubmedqa(ctx: LoaderContext, path: Path) -> Iterator[Record]:
     The question text is the abstract sections (with their labels) followed by the question,
     since the answer depends on the context. Split: ``test`` for the PMIDs listed in
     ``test_ground_truth.json`` when that file sits beside the input, else ``train``; without it,
-    ``--split`` (or ``unknown``).
+    ``--split`` (or ``unknown``). Given the folder, the ground-truth file is read as the split
+    list only.
     """
-    for input_file in input_files(path, ("*.json",)):
+    files = input_files(path, ("*.json",))
+    if path.is_dir():
+        # In a folder, the ground-truth file is the split list of its neighbour, not records.
+        files = [f for f in files if f.name != PUBMEDQA_TRUTH] or files
+    for input_file in files:
         doc = load_json(input_file)
         if not isinstance(doc, dict):
             raise SourceError(f"{input_file}: expected a JSON object keyed by PMID")
         test_ids: set[str] | None = None
-        truth = input_file.parent / "test_ground_truth.json"
+        truth = input_file.parent / PUBMEDQA_TRUTH
         if ctx.split is None and truth.exists() and truth != input_file:
             ground = load_json(truth)
             test_ids = set(ground) if isinstance(ground, dict) else None

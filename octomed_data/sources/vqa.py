@@ -187,9 +187,10 @@ def _slake_row(ctx: LoaderContext, rec: dict, input_file: Path, index: int, spli
 def load_pathvqa(ctx: LoaderContext, path: Path) -> Iterator[Record]:
     """PathVQA: the LXMERT-format split json (``img_id``, ``sentf.pvqa`` questions parallel to
     ``labelf.pvqa`` {answer: score}; one record per QA pair, images ``<img_id>.jpg`` under
-    ``--images``), or the textbook ``QA_pairs_vb.json`` (Image_ID, Questions, Answers), read as
-    text questions: yes/no -> yes_no_maybe, others -> open_qa. The textbook pairs are unsplit
-    and not a benchmark test set, so their split defaults to ``train``."""
+    ``--images``; an image entry with no QA pair is one ``no_questions`` record), or the
+    textbook ``QA_pairs_vb.json`` (Image_ID, Questions, Answers), read as text questions:
+    yes/no -> yes_no_maybe, others -> open_qa. The textbook pairs are unsplit and not a
+    benchmark test set, so their split defaults to ``train``."""
     for input_file in input_files(path, ("*.json",)):
         doc = load_json(input_file)
         if not isinstance(doc, list):
@@ -225,18 +226,32 @@ def _pathvqa_textbook(ctx: LoaderContext, input_file: Path, doc: list) -> Iterat
 
 
 def _pathvqa_lxmert(ctx: LoaderContext, input_file: Path, doc: list) -> Iterator[Record]:
+    """One record per QA pair, plus one quarantined record per image entry that contributes
+    no pair (133 of the 991 test entries have empty lists) or has answers without questions,
+    so every entry of the file is accounted for."""
     split = ctx.split_for(input_file, "unknown")
-    index = 0  # one record per QA pair, counted across image entries
+    index = 0  # one record per QA pair (or per pair-less entry), counted across image entries
     for entry_no, entry in enumerate(doc):
-        if not isinstance(entry, dict):
+        questions = labels = None
+        if isinstance(entry, dict):
+            sentf, labelf = entry.get("sentf") or {}, entry.get("labelf") or {}
+            if isinstance(sentf, dict) and isinstance(labelf, dict):
+                questions, labels = sentf.get("pvqa") or [], labelf.get("pvqa") or []
+        if not isinstance(questions, list) or not isinstance(labels, list):
             yield ctx.quarantine(
-                input_file, index, "malformed_record", f"entry {entry_no} is not an object", entry
+                input_file, index, "malformed_record", f"entry {entry_no}: no sentf/labelf.pvqa lists", entry
             )
             index += 1
             continue
-        questions = (entry.get("sentf") or {}).get("pvqa") or []
-        labels = (entry.get("labelf") or {}).get("pvqa") or []
         img_id = str(entry.get("img_id") or "")
+        if not questions:
+            detail = f"entry {entry_no} ({img_id or 'no img_id'}) has no questions"
+            reason = "malformed_record" if labels else "no_questions"
+            yield ctx.quarantine(
+                input_file, index, reason, detail + (f" but {len(labels)} answers" if labels else ""), entry
+            )
+            index += 1
+            continue
         for k, question in enumerate(questions):
             label = labels[k] if k < len(labels) else None
             raw = {"img_id": img_id, "question": question, "label": label}
@@ -254,6 +269,16 @@ def _pathvqa_lxmert(ctx: LoaderContext, input_file: Path, doc: list) -> Iterator
                 k,
                 question,
                 label,
+            )
+            index += 1
+        if len(labels) > len(questions):
+            # Answers with no question to attach to: one record saying so, not silence.
+            yield ctx.quarantine(
+                input_file,
+                index,
+                "malformed_record",
+                f"entry {entry_no} ({img_id}): {len(labels) - len(questions)} answers without a question",
+                {"img_id": img_id, "labels": labels[len(questions) :]},
             )
             index += 1
 
