@@ -53,6 +53,10 @@ def normalize_image(img: Image.Image, max_pixels: int = MAX_PIXELS) -> Image.Ima
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, img).convert("RGB")
+    elif img.mode == "I" or img.mode.startswith(("I;16", "F")):
+        # 16-bit / 32-bit / float greyscale (common for radiographs): PIL's convert("L") clips at
+        # 255, which turns a 12-bit X-ray white. Stretch min..max onto 0..255 instead.
+        img = Image.fromarray(_to_uint8(np.asarray(img)), "L")
     elif img.mode not in ("L", "RGB"):
         img = img.convert("RGB") if img.mode in ("CMYK", "YCbCr", "LAB", "HSV") else img.convert("L")
     w, h = fit_within(*img.size, max_pixels=max_pixels)
