@@ -330,13 +330,21 @@ def load_image(path: str | os.PathLike[str]) -> LoadedImage:
         raise RecordError("missing_image", f"cannot read {path}: {exc.strerror or exc}") from None
     if not head:
         raise RecordError("corrupt_image", f"empty file: {os.path.basename(path)}")
-    if _looks_like_nifti(path, head):
-        return load_nifti(path)
-    if _looks_like_dicom(path, head):
-        return load_dicom(path)
     try:
+        if _looks_like_nifti(path, head):
+            return load_nifti(path)
+        if _looks_like_dicom(path, head):
+            return load_dicom(path)
         return LoadedImage(open_raster(path), None)
+    except (RecordError, MemoryError):
+        raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise RecordError(
+            "corrupt_image", f"cannot decode {os.path.basename(path)}: {type(exc).__name__}"
+        ) from None
+    except Exception as exc:
+        # Damaged files make the decoders raise their own types (zlib.error from a broken .nii.gz,
+        # pydicom's BytesLengthException, struct.error ...): one bad file is one quarantined record.
         raise RecordError(
             "corrupt_image", f"cannot decode {os.path.basename(path)}: {type(exc).__name__}"
         ) from None
