@@ -356,7 +356,7 @@ def _png(seed: int, size: tuple[int, int]) -> bytes:
     return buf.getvalue()
 
 
-def test_vl_sft_from_trl_export_streaming_then_evaluate(tmp_path):
+def test_vl_sft_from_trl_export_streaming_then_evaluate(tiny_text, tmp_path):
     """Tiny Qwen2.5-VL trained (ZeRO-2, streaming) on the real TRL export with embedded images."""
     from octomed_data.export import export
     from octomed_data.mixture import MIXTURE_SCHEMA
@@ -422,8 +422,5 @@ def test_vl_sft_from_trl_export_streaming_then_evaluate(tmp_path):
     assert all(p["completion_tokens"] > 0 and p["finish_reason"] in ("stop", "length") for p in preds)
 
     # The text-only tiny checkpoint must refuse image questions instead of ignoring the images.
-    from training.tiny import build_text_model
-
-    text_dir = build_text_model(tmp_path / "text")
     with pytest.raises(ConfigError, match="3 of 3 selected questions have images"):
-        evaluate(EvalConfig(checkpoint_uri=str(text_dir), questions_uri=questions.uri), progress=False)
+        evaluate(EvalConfig(checkpoint_uri=str(tiny_text), questions_uri=questions.uri), progress=False)

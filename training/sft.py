@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
+
 from octomed_data import storage
 from octomed_data.errors import ConfigError, OctomedError
 from training.config import TrainConfig, load_yaml_config
@@ -58,7 +60,7 @@ class TrainResult:
     steps: int
     final_loss: float | None  # last logged training loss
     mean_loss: float | None  # mean over the run (Trainer's training_loss)
-    samples_seen: int  # sequences that went through forward/backward, over all processes
+    samples_seen: int  # sequences through forward/backward in this call (all processes; not before a resume)
     rows: int  # rows in the export files
     skipped: dict[str, int] = field(default_factory=dict)  # malformed rows by reason (streaming: seen so far)
     truncated: int = 0
@@ -259,10 +261,13 @@ def _upload_callback(output_uri: str, meta: dict[str, Any]):
     return UploadCheckpoints()
 
 
-def latest_resumable(output_uri: str, config_hash: str) -> tuple[str, dict[str, Any]] | None:
+def latest_resumable(
+    output_uri: str, config_hash: str, data_manifest: list[dict[str, Any]] | None = None
+) -> tuple[str, dict[str, Any]] | None:
     """The newest uploaded intermediate checkpoint of this exact config (URI, marker), if any.
 
-    Checkpoints of another config (other data, schedule or model) are never resumed from.
+    Checkpoints of another config (schedule, model, data URIs) or of other data files (row
+    counts differ) are never resumed from.
     """
     base = storage.join(output_uri, "checkpoints")
     fs, path = storage.filesystem(base)
@@ -277,7 +282,8 @@ def latest_resumable(output_uri: str, config_hash: str) -> tuple[str, dict[str, 
         marker_uri = storage.join(base, name, CHECKPOINT_MARKER)
         if name.startswith("checkpoint-") and storage.exists(marker_uri):
             marker = storage.read_json(marker_uri)
-            if marker.get("config_hash") == config_hash:
+            same_data = data_manifest is None or marker.get("data_manifest") == data_manifest
+            if marker.get("config_hash") == config_hash and same_data:
                 found.append((int(marker["step"]), storage.join(base, name), marker))
             else:
                 log.warning("not resuming from %s: it was trained with another config", name)
@@ -440,7 +446,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
             encoded = raw.map(encoder, remove_columns=columns, features=encoded_features(), desc="tokenize")
             errors = encoded.data.column("encode_error").value_counts().to_pylist()
             skipped = {e["values"]: int(e["counts"]) for e in errors if e["values"] is not None}
-            truncated = int(sum(encoded.data.column("truncated").to_pylist()))
+            truncated = int(pc.sum(encoded.data.column("truncated")).as_py() or 0)
             train_ds = encoded.filter(lambda e: e is None, input_columns=["encode_error"]).remove_columns(
                 ["encode_error", "truncated"]
             )
@@ -475,7 +481,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     )
     resume_from = None
     if config.resume:
-        found = latest_resumable(config.output_uri, meta["config_hash"])
+        found = latest_resumable(config.output_uri, meta["config_hash"], meta["data_manifest"])
         if found:
             uri, marker = found
             resume_from = work_dir / "resume" / f"checkpoint-{marker['step']}"
