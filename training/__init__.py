@@ -1,0 +1,1 @@
+"""SFT and evaluation entry points (torch / transformers / DeepSpeed; never Prefect or Ray)."""
