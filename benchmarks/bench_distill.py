@@ -224,14 +224,25 @@ def main() -> None:
             questions = max(1, args.samples // N)
             if not args.skip_throughput:
                 asyncio.run(bare_round(base_url, 32))  # warm-up: connections, imports
-                engine, bare, ratios = [], [], []
+                engine, bare, ratios, cpu_b, cpu_e = [], [], [], [], []
                 for r in range(args.rounds):
+                    # Client-process CPU per sample is robust to other load on a shared VM;
+                    # wall-clock samples/s is what a run sees.
+                    c0 = time.process_time()
                     b = asyncio.run(bare_round(base_url, questions))
+                    c1 = time.process_time()
                     e = asyncio.run(engine_round(base_url, work, questions, f"r{r}"))
+                    c2 = time.process_time()
                     bare.append(b)
                     engine.append(e)
                     ratios.append(e / b)
-                    print(f"round {r}: bare {b:.0f}/s engine {e:.0f}/s ratio {e / b:.2f}", file=sys.stderr)
+                    cpu_b.append((c1 - c0) / (questions * N) * 1000)
+                    cpu_e.append((c2 - c1) / (questions * N) * 1000)
+                    print(
+                        f"round {r}: bare {b:.0f}/s engine {e:.0f}/s ratio {e / b:.2f}; "
+                        f"cpu ms/sample bare {cpu_b[-1]:.2f} engine {cpu_e[-1]:.2f}",
+                        file=sys.stderr,
+                    )
                 result["throughput"] = {
                     "samples_per_round": questions * N,
                     "bare_samples_per_s": [round(x, 1) for x in bare],
@@ -239,6 +250,11 @@ def main() -> None:
                     "bare_median": round(statistics.median(bare), 1),
                     "engine_median": round(statistics.median(engine), 1),
                     "ratio_median": round(statistics.median(ratios), 3),
+                    "cpu_ms_per_sample_bare": [round(x, 3) for x in cpu_b],
+                    "cpu_ms_per_sample_engine": [round(x, 3) for x in cpu_e],
+                    "cpu_ratio_median": round(
+                        statistics.median(b / e for b, e in zip(cpu_b, cpu_e, strict=True)), 3
+                    ),
                 }
             checkpoints = [int(x) for x in args.rss_checkpoints.split(",") if x]
             if checkpoints:

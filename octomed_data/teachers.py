@@ -8,6 +8,7 @@ and travel as :class:`pydantic.SecretStr` so a repr or a log line never shows th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -25,6 +26,11 @@ from octomed_data.schema import TaskType
 _THINK_OPEN = "<think>"
 _THINK_CLOSE = "</think>"
 _THINK_BLOCK = re.compile(r"<think>(.*?)</think>", re.DOTALL | re.IGNORECASE)
+
+
+@functools.lru_cache(maxsize=256)
+def _params_hash(blob: str) -> str:
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 class TeacherConfig(BaseModel):
@@ -60,8 +66,10 @@ class TeacherConfig(BaseModel):
         }
 
     def params_hash(self) -> str:
-        blob = json.dumps(self.sampling_params(), sort_keys=True, separators=(",", ":"), default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        """Short hash of :meth:`sampling_params` (part of every sample key)."""
+        return _params_hash(
+            json.dumps(self.sampling_params(), sort_keys=True, separators=(",", ":"), default=str)
+        )
 
     def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
         return (

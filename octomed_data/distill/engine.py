@@ -208,6 +208,7 @@ class _TeacherClient:
             timeout=teacher.timeout_s,
         )
         self.slots = asyncio.Semaphore(teacher.max_in_flight)
+        self.params_hash = teacher.params_hash()
         self.successes = 0
         self.final_failures = 0
         self.last_error: str | None = None
@@ -365,7 +366,9 @@ def _verdict(choice: Any, task: TaskType, options: list[tuple[str, str]], gold: 
     }
 
 
-def _base_row(q: Mapping[str, Any], teacher: TeacherConfig, config: DistillConfig, idx: int, seed: int):
+def _base_row(
+    q: Mapping[str, Any], teacher: TeacherConfig, config: DistillConfig, idx: int, seed: int, params_hash: str
+) -> dict[str, Any]:
     return {
         "question_id": q["question_id"],
         "source": q["source"],
@@ -375,7 +378,7 @@ def _base_row(q: Mapping[str, Any], teacher: TeacherConfig, config: DistillConfi
         "teacher": teacher.name,
         "model": teacher.model,
         "prompt_version": config.prompt_version,
-        "params_hash": teacher.params_hash(),
+        "params_hash": params_hash,
         "gold_answer": q["answer"],
     }
 
@@ -396,7 +399,7 @@ async def _sample_group(
     leftover: list[int] = []
     if response is None:
         for i in group:
-            row = _base_row(q, teacher, run.config, i, seeds[i])
+            row = _base_row(q, teacher, run.config, i, seeds[i], tc.params_hash)
             row.update(correct=False, reject_reason=FAILED, attempts=attempts, error=error, created_at=now_ms)
             run.journal.add(row)
     else:
@@ -406,7 +409,7 @@ async def _sample_group(
         # Sandbox traces are never passed off as a real teacher's, whatever the config calls it.
         sandbox = getattr(response, "system_fingerprint", None) == SANDBOX_FINGERPRINT
         for j, (i, choice) in enumerate(zip(group, choices, strict=False)):
-            row = _base_row(q, teacher, run.config, i, seeds[i])
+            row = _base_row(q, teacher, run.config, i, seeds[i], tc.params_hash)
             row.update(_verdict(choice, task, options, q["answer"]))
             if sandbox:
                 row["teacher"] = SANDBOX_TEACHER
@@ -512,7 +515,7 @@ async def adistill_shard(
                 t = tc.teacher
                 pending = []
                 for i in range(config.samples):
-                    key = sample_key(q["question_id"], t.model, config.prompt_version, t.params_hash(), i)
+                    key = sample_key(q["question_id"], t.model, config.prompt_version, tc.params_hash, i)
                     if key in done:
                         report.stored_before += 1
                     else:
