@@ -19,6 +19,7 @@ rows behind.
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import sys
 import time
@@ -37,6 +38,8 @@ from octomed_data.sources import FORMATS, get_format, iter_records
 SAMPLE_DATA_DIR = Path(__file__).resolve().parent / "sample_data"
 DEMO_CONFIG = SAMPLE_DATA_DIR / "demo.yaml"
 REPORT_NAME = "ingest.json"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -89,6 +92,15 @@ class _ShardWriter:
         self.dataset.write_shard(name, self.rows, extra=self.extra)
         self.written.append(name)
         self.rows = []
+
+    def owned_inputs(self) -> set[str]:
+        """Inputs (format:path) of the shards already committed under this writer's prefix."""
+        own = re.compile(rf"^{re.escape(self.prefix)}-\d{{5}}$" if self.prefix else r"^\d{5}$")
+        return {
+            f"{info.extra.get('format')}:{info.extra.get('input')}"
+            for name, info in self.dataset.manifest().items()
+            if own.match(name)
+        }
 
     def drop_stale(self) -> None:
         """Un-commit shards of an earlier run with this prefix that this run did not write."""
@@ -193,6 +205,17 @@ def ingest_many(
             q_writer = _ShardWriter(questions_ds, prefix, shard_size, extra)
             x_writer = _ShardWriter(quarantine_ds, prefix, shard_size, extra)
             counts: Counter[str] = Counter()
+            # Same output + same shard names = a re-run that replaces them. Say so when the shards
+            # being replaced came from another input: that is lost data if it was not intended.
+            this_input = f"{extra['format']}:{extra['input']}"
+            others = sorted(q_writer.owned_inputs() - {this_input})
+            if others:
+                log.warning(
+                    "%s: replacing shards%s written from %s; use a shard prefix to keep both",
+                    questions_ds.uri,
+                    f" {prefix}-*" if prefix else "",
+                    ", ".join(others),
+                )
             if bar is not None:
                 bar.set_description(name)
             records = iter_records(

@@ -245,3 +245,16 @@ def test_output_shards_are_plain_parquet(shared_data, tmp_path):
     files = sorted(Path(result.questions_uri).glob("part-*.parquet"))
     assert [pq.read_metadata(f).num_rows for f in files] == [300, 300, 300, 100]
     assert pq.read_schema(files[0]).metadata[b"octomed.schema"] == b"question"
+
+
+def test_replacing_another_inputs_shards_is_announced(shared_data, tmp_path, caplog):
+    op4 = str(shared_data / "medreason_eval/medbullets_op4.jsonl")
+    op5 = str(shared_data / "medreason_eval/medbullets_op5.jsonl")
+    ingest("medbullets", op4, str(tmp_path))
+    with caplog.at_level("WARNING", logger="octomed_data.ingest"):
+        ingest("medbullets", op4, str(tmp_path))  # a plain re-run: nothing to say
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="octomed_data.ingest"):
+        second = ingest("medbullets", op5, str(tmp_path))
+    assert len(caplog.records) == 1 and f"medbullets:{op4}" in caplog.records[0].getMessage()
+    assert storage.Dataset(second.questions_uri).num_rows() == second.questions
