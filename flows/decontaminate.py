@@ -56,6 +56,13 @@ def decontaminate_flow(run: RunParams = RunParams()) -> dict[str, Any]:
         raise ShardFailures(
             f"{len(failed)} decontamination shard(s) failed: {failed}; {rerun_hint(paths, failed)}"
         )
+    if not run.shards:
+        # A full run also un-commits outputs of input shards that no longer exist.
+        from octomed_data.decontam import drop_stale_shards
+
+        stale = drop_stale_shards(paths.stage("decontaminate"), available)
+        if stale:
+            print(f"decontaminate: dropped outputs of vanished input shards {stale}")
     summary = {
         "run_id": paths.run_id,
         "questions_uri": paths.questions,

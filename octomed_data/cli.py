@@ -24,8 +24,6 @@ COMMAND_MODULES = [
     "octomed_data.orchestration_cli",  # run, demo, rerun, serve (drive the Prefect flows)
     "training.cli",  # train, evaluate
 ]
-# During parallel development some command modules may not exist yet.
-_OPTIONAL_WHILE_BUILDING = True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,13 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if _OPTIONAL_WHILE_BUILDING and exc.name and name.startswith(exc.name):
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

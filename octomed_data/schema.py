@@ -93,7 +93,9 @@ QUARANTINE_SCHEMA = pa.schema(
 REMOVED_SCHEMA = pa.schema(
     list(QUESTION_SCHEMA)
     + [
-        pa.field("match_kind", pa.string(), nullable=False),  # text_ngram | image_sha256 | image_phash
+        pa.field(
+            "match_kind", pa.string(), nullable=False
+        ),  # text_ngram | text_exact | image_sha256 | image_phash
         pa.field("match_benchmark", pa.string(), nullable=False),
         pa.field("match_item", pa.string(), nullable=False),  # benchmark item id
         pa.field("match_detail", pa.string()),  # the shared n-gram, or the hamming distance

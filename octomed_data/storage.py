@@ -131,7 +131,8 @@ def _atomic_put(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         return
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+    # Hidden and not ending in .parquet: no reader or "*.parquet" glob picks up a half-written file.
+    tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
     if fs.protocol in ("file", "local") or "file" in fs.protocol:
         with open(tmp, "wb") as fh:
             fh.write(data)

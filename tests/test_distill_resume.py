@@ -38,6 +38,8 @@ def _command(q_uri: str, out: str, base_url: str) -> list[str]:
         str(N),
         "--max-in-flight",
         "4",
+        "--executor",
+        "local",
         "--out",
         out,
     ]

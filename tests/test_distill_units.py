@@ -175,6 +175,8 @@ def test_cli_unreachable_teacher_fails_with_a_summary(tmp_path: Path, capsys, mo
             "--max-attempts",
             "1",
             "--no-progress",
+            "--executor",
+            "local",
             "--out",
             str(tmp_path / "out"),
         ]

@@ -36,7 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
     p.add_argument("--teacher-name", default=None, help="teacher name stored in samples (default: model)")
     p.add_argument("--config", help="YAML DistillConfig (teachers, routing, prices, limits)")
-    p.add_argument("--executor", choices=["local", "ray"], default="local")
+    p.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default="ray",
+        help="ray: async actors on local Ray (or --address); local: one asyncio loop in this process",
+    )
     p.add_argument("--address", default=None, help="Ray address for --executor ray (ray://..., auto)")
     p.add_argument("--shards", nargs="+", default=None, help="only these question shards")
     p.add_argument("--max-in-flight", type=int, default=None)
