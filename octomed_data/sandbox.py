@@ -13,6 +13,11 @@ seed) at most ``max_faults_per_request`` times, so a client that retries gets th
 and refusal are properties of the key and come back every time. An optional server-side
 requests-per-window limit answers 429 and counts violations.
 
+As a difficulty grader (a system prompt asking to "rate the difficulty ... from L to H", as
+:mod:`octomed_data.distill.filtering` sends) it replies ``Difficulty: N`` with N derived from a
+hash of the question text (:func:`difficulty_score`), or, for keys hit by the ``unparseable``
+fault, a reply with no integer score.
+
 ``GET /_sandbox/stats`` returns the per-request log (arrival time, key, seed, status, fault).
 """
 
@@ -49,6 +54,8 @@ _FORMATS = (
     "The correct answer is {text}.",
     "**Answer: {label}** - the other options fit the findings less well.",
 )
+# A grading request: the system turn asks for a difficulty rating on an integer scale.
+_GRADING = re.compile(r"rate the difficulty\b.*?\bfrom (\d+) to (\d+)", re.IGNORECASE | re.DOTALL)
 _FILLER = (
     "The key findings in the stem point toward a specific mechanism. ",
     "Each option is weighed against the presentation and the timeline. ",
@@ -71,6 +78,7 @@ class FaultConfig:
     malformed: float = 0.0  # 200 with a body that is not JSON
     truncated: float = 0.0  # finish_reason=length, no final answer (per key)
     refusal: float = 0.0  # a refusal instead of an answer (per key)
+    unparseable: float = 0.0  # grading replies with no integer score (per key)
     max_faults_per_request: int = 2
     rpm: int | None = None  # server-side limit per ``rpm_window_s``; excess -> 429 + violation
     rpm_window_s: float = 60.0
@@ -110,6 +118,41 @@ def _prompt_text(messages: list[dict[str, Any]]) -> str:
         elif isinstance(content, list):
             chunks.extend(str(p.get("text", "")) for p in content if isinstance(p, dict))
     return "\n".join(chunks)
+
+
+def _split_turns(messages: list[dict[str, Any]]) -> tuple[str, str]:
+    """(system text, text of every other turn)."""
+    system = _prompt_text([m for m in messages if m.get("role") == "system"])
+    return system, _prompt_text([m for m in messages if m.get("role") != "system"])
+
+
+def difficulty_score(question_text: str, low: int = 1, high: int = 10) -> int:
+    """The sandbox grader's score for a question: a hash of its user turn's text mapped to [low, high]."""
+    return low + int(_unit("difficulty", question_text) * (high - low + 1))
+
+
+def _grading(system: str, user: str, seed: int, style: Style, unparseable: bool, truncated: bool):
+    """A grading reply (message dict, finish_reason, completion_tokens), or None for other prompts."""
+    m = _GRADING.search(system)
+    if m is None:
+        return None
+    low, high = int(m.group(1)), int(m.group(2))
+    score = difficulty_score(user, low, high)
+    reasoning = SANDBOX_MARK + " " + _FILLER[score % len(_FILLER)]
+    if unparseable:
+        answer = "Reason: it depends on the reader's background.\nDifficulty: moderate"
+    else:
+        answer = f"Reason: the stem needs about {score} inferential steps.\nDifficulty: {score}"
+    finish = "stop"
+    if truncated:
+        finish, answer = "length", ""
+    message: dict[str, Any] = {"role": "assistant"}
+    if style == "think" or (style == "mixed" and _unit("style", user, seed) < 0.5):
+        message["content"] = f"<think>{reasoning}" + ("" if truncated else f"</think>\n\n{answer}")
+    else:
+        message["content"] = answer
+        message["reasoning_content"] = reasoning
+    return message, finish, max(1, (len(reasoning) + len(answer)) // 4)
 
 
 def _answer_for(prompt: str, seed: int, choice: int) -> tuple[str, str, str]:
@@ -235,8 +278,14 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     refusal = not truncated and _unit("refusal", f.seed, key) < f.refusal
     choices = []
     completion_tokens = 0
+    system, user = _split_turns(messages)
+    unparseable = _unit("unparseable", f.seed, key) < f.unparseable
     for i in range(n if f.honour_n else 1):
-        message, finish, tokens = _completion(prompt, seed, i, state.style, truncated, refusal)
+        graded = None if refusal else _grading(system, user, seed, state.style, unparseable, truncated)
+        if graded is not None:
+            message, finish, tokens = graded
+        else:
+            message, finish, tokens = _completion(prompt, seed, i, state.style, truncated, refusal)
         choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": None})
         completion_tokens += tokens
     state.completed += 1

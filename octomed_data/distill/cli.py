@@ -51,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--estimate-questions", type=int, default=20)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cli)
+    _register_filter_difficulty(subparsers)
 
 
 def build_config(args: argparse.Namespace) -> DistillConfig:
@@ -120,6 +121,84 @@ def _cli(args: argparse.Namespace) -> int:
         print(
             f"error: {summary['failed']} samples failed after all attempts; "
             "run the same command again to retry exactly those",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _register_filter_difficulty(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "filter-difficulty",
+        help="optional: keep questions whose LLM difficulty score (1-10) lies in [--low, --high]",
+    )
+    p.add_argument("questions_uri", help="questions dataset to filter")
+    p.add_argument("--out", required=True, help="OUT: grading state and scores (OUT/difficulty/...)")
+    p.add_argument("--filtered", default=None, help="kept questions (default OUT/questions)")
+    p.add_argument("--base-url", required=True, help="OpenAI-compatible endpoint of the grader")
+    p.add_argument("--model", required=True, help="grader model name")
+    p.add_argument("--low", type=int, required=True, help="lowest kept score (1-10)")
+    p.add_argument("--high", type=int, required=True, help="highest kept score (1-10)")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
+    p.add_argument("--grader-name", default=None, help="grader name stored with scores (default: model)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-tokens", type=int, default=2048, help="raise for reasoning models")
+    p.add_argument("--max-in-flight", type=int, default=64)
+    p.add_argument("--rpm", type=int, default=None, help="requests per minute for the grader")
+    p.add_argument("--max-attempts", type=int, default=6)
+    p.add_argument("--shards", nargs="+", default=None, help="only these question shards")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cli_filter_difficulty)
+
+
+def _cli_filter_difficulty(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from octomed_data import storage
+    from octomed_data.distill.filtering import filter_by_difficulty
+    from octomed_data.teachers import TeacherConfig
+
+    name = args.grader_name or re.sub(r"[^A-Za-z0-9_.\-]+", "-", args.model).strip("-") or "grader"
+    try:
+        grader = TeacherConfig(
+            name=name,
+            base_url=args.base_url,
+            model=args.model,
+            api_key_env=args.api_key_env,
+            temperature=args.temperature,
+            max_tokens=args.max_tokens,
+            max_in_flight=args.max_in_flight,
+            rpm=args.rpm,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(f"invalid grader: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    filtered = args.filtered or storage.join(args.out, "questions")
+    result = filter_by_difficulty(
+        args.questions_uri,
+        args.out,
+        filtered,
+        teacher=grader,
+        low=args.low,
+        high=args.high,
+        shards=args.shards,
+        max_attempts=args.max_attempts,
+        progress=not args.no_progress,
+    )
+    print(json.dumps(result, indent=2))
+    print(
+        f"graded {sum(result[k] for k in ('kept', 'dropped', 'unscored', 'failed'))} questions: "
+        f"{result['kept']} kept, {result['dropped']} dropped, {result['unscored']} unscored, "
+        f"{result['failed']} failed ({result['new_scores']} new scores, {result['stored_before']} already "
+        f"stored, {result['requests']} requests)",
+        file=sys.stderr,
+    )
+    if result["aborted"]:
+        raise TeacherUnreachable(result["aborted"])
+    if result["failed"]:
+        print(
+            f"error: {result['failed']} questions could not be graded after all attempts "
+            f"(shards not written: {', '.join(result['incomplete_shards'])}); run the same command again",
             file=sys.stderr,
         )
         return 1

@@ -606,22 +606,23 @@ def _expected_row(row: Mapping[str, Any], config: DistillConfig, qids: set[str])
 class _ShardWriter:
     """Streams rows into an in-memory Parquet file in row groups, then commits it as a shard."""
 
-    def __init__(self, uri: str, rows_per_group: int = 2048) -> None:
-        self.ds = storage.Dataset(uri, SAMPLE_SCHEMA)
+    def __init__(self, uri: str, rows_per_group: int = 2048, schema: pa.Schema = SAMPLE_SCHEMA) -> None:
+        self.schema = schema
+        self.ds = storage.Dataset(uri, schema)
         self.sink = pa.BufferOutputStream()
-        self.writer = pq.ParquetWriter(self.sink, SAMPLE_SCHEMA, compression="zstd")
+        self.writer = pq.ParquetWriter(self.sink, schema, compression="zstd")
         self.buffer: list[dict[str, Any]] = []
         self.rows = 0
         self.per_group = rows_per_group
 
     def add(self, row: Mapping[str, Any]) -> None:
-        self.buffer.append({f.name: row.get(f.name) for f in SAMPLE_SCHEMA})
+        self.buffer.append({f.name: row.get(f.name) for f in self.schema})
         if len(self.buffer) >= self.per_group:
             self._flush()
 
     def _flush(self) -> None:
         if self.buffer:
-            self.writer.write_table(pa.Table.from_pylist(self.buffer, schema=SAMPLE_SCHEMA))
+            self.writer.write_table(pa.Table.from_pylist(self.buffer, schema=self.schema))
             self.rows += len(self.buffer)
             self.buffer = []
 
