@@ -38,34 +38,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from octomed_data import storage
 from octomed_data.errors import ConfigError, StorageError
-from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA, normalize_text
+from octomed_data.schema import (
+    MIXTURE_SCHEMA,
+    QUESTION_SCHEMA,
+    SAMPLE_SCHEMA,
+    normalize_text,
+)
 
 SPLITS = ("train", "validation")
 
-# Derived from the one record schema (same field types), never redefined.
-MIXTURE_SCHEMA = pa.schema(
-    [
-        QUESTION_SCHEMA.field("question_id"),
-        QUESTION_SCHEMA.field("source"),
-        QUESTION_SCHEMA.field("task_type"),
-        pa.field("split", pa.string(), nullable=False),  # train | validation (of the mixture)
-        QUESTION_SCHEMA.field("modality"),
-        QUESTION_SCHEMA.field("question"),
-        QUESTION_SCHEMA.field("options"),
-        QUESTION_SCHEMA.field("images"),
-        pa.field("gold_answer", pa.string(), nullable=False),
-        QUESTION_SCHEMA.field("answer_text"),
-        SAMPLE_SCHEMA.field("sample_idx"),
-        SAMPLE_SCHEMA.field("teacher"),
-        SAMPLE_SCHEMA.field("model"),
-        SAMPLE_SCHEMA.field("reasoning"),
-        SAMPLE_SCHEMA.field("response"),
-        SAMPLE_SCHEMA.field("extracted_answer"),
-        pa.field("copy", pa.int32(), nullable=False),  # >0 for extra copies when a weight is > 1
-        pa.field("shuffle_key", pa.uint64(), nullable=False),
-    ],
-    metadata={"octomed.schema": "mixture", "octomed.schema_version": "1"},
-)
 
 _SAMPLE_COLUMNS = [
     "question_id",

@@ -35,24 +35,12 @@ from octomed_data import storage
 from octomed_data.decontam import normalized_text, strip_choices
 from octomed_data.errors import OctomedError
 from octomed_data.images import fingerprint, open_raster
+from octomed_data.schema import REGISTRY_SCHEMA
 
 log = logging.getLogger(__name__)
 
 BUNDLED_REGISTRY = Path(__file__).resolve().parent / "registry" / "benchmarks.parquet"
 
-REGISTRY_SCHEMA = pa.schema(
-    [
-        pa.field("benchmark", pa.string(), nullable=False),
-        pa.field("item_id", pa.string(), nullable=False),
-        pa.field("text", pa.string(), nullable=False),  # question (+ context for PubMedQA), choices cut off
-        pa.field("options", pa.list_(pa.string())),  # option texts, in file order
-        pa.field("image_grounded", pa.bool_(), nullable=False),  # the item is about an image (VQA, MM)
-        pa.field("image_sha256", pa.string()),  # of the normalised image, as ingest stores it
-        pa.field("image_phash", pa.uint64()),
-        pa.field("source_file", pa.string(), nullable=False),  # every file holding this text, ";"-joined
-    ],
-    metadata={"octomed.schema": "benchmark_registry", "octomed.schema_version": "1"},
-)
 
 # The HuatuoGPT-o1 bundle puts this instruction between a PubMedQA abstract and its question;
 # it is template text, not benchmark content (16-gram matching on it would flag any prompt using it).

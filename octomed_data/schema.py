@@ -1,4 +1,4 @@
-"""The one record schema of the factory.
+"""The one record schema of the factory (every Arrow schema any stage writes is defined here).
 
 Every stage reads and writes these Arrow schemas:
 
@@ -132,6 +132,94 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("extraction_method", pa.string()),  # which answer form was read (boxed, statement, ...)
     ],
     metadata={"octomed.schema": "sample", "octomed.schema_version": SCHEMA_VERSION},
+)
+
+
+# Mixture rows: one accepted trace joined with its question, split and shuffle key.
+MIXTURE_SCHEMA = pa.schema(
+    [
+        QUESTION_SCHEMA.field("question_id"),
+        QUESTION_SCHEMA.field("source"),
+        QUESTION_SCHEMA.field("task_type"),
+        pa.field("split", pa.string(), nullable=False),  # train | validation (of the mixture)
+        QUESTION_SCHEMA.field("modality"),
+        QUESTION_SCHEMA.field("question"),
+        QUESTION_SCHEMA.field("options"),
+        QUESTION_SCHEMA.field("images"),
+        pa.field("gold_answer", pa.string(), nullable=False),
+        QUESTION_SCHEMA.field("answer_text"),
+        SAMPLE_SCHEMA.field("sample_idx"),
+        SAMPLE_SCHEMA.field("teacher"),
+        SAMPLE_SCHEMA.field("model"),
+        SAMPLE_SCHEMA.field("reasoning"),
+        SAMPLE_SCHEMA.field("response"),
+        SAMPLE_SCHEMA.field("extracted_answer"),
+        pa.field("copy", pa.int32(), nullable=False),  # >0 for extra copies when a weight is > 1
+        pa.field("shuffle_key", pa.uint64(), nullable=False),
+    ],
+    metadata={"octomed.schema": "mixture", "octomed.schema_version": "1"},
+)
+
+# LLM difficulty scores (optional question filter).
+SCORE_SCHEMA = pa.schema(
+    [
+        pa.field("question_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("task_type", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),  # scored | unscored | request_failed
+        pa.field("score", pa.int32()),  # null unless scored
+        pa.field("reason", pa.string()),  # why unscored (no_score, ambiguous, truncated, ...)
+        pa.field("kept", pa.bool_()),  # within the band of the run that wrote this shard
+        pa.field("grader", pa.string(), nullable=False),  # grader config name ("sandbox" for the sandbox)
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("grading_version", pa.string(), nullable=False),
+        pa.field("params_hash", pa.string(), nullable=False),
+        pa.field("response", pa.string()),  # the grader's stated reason and score line
+        pa.field("reasoning", pa.string()),
+        pa.field("finish_reason", pa.string()),
+        pa.field("prompt_tokens", pa.int64()),
+        pa.field("completion_tokens", pa.int64()),
+        pa.field("latency_s", pa.float64()),
+        pa.field("attempts", pa.int32()),
+        pa.field("error", pa.string()),
+        pa.field("created_at", pa.timestamp("ms", tz="UTC")),
+    ],
+    metadata={"octomed.schema": "difficulty_score", "octomed.schema_version": "1"},
+)
+
+# Evaluation predictions of a checkpoint, one row per benchmark item.
+PREDICTION_SCHEMA = pa.schema(
+    [
+        pa.field("question_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("task_type", pa.string(), nullable=False),
+        pa.field("gold_answer", pa.string(), nullable=False),
+        pa.field("extracted_answer", pa.string()),
+        pa.field("extract_method", pa.string()),
+        pa.field("no_answer_reason", pa.string()),  # why nothing was extracted (no_answer | ambiguous)
+        pa.field("correct", pa.bool_(), nullable=False),
+        pa.field("response", pa.string()),
+        pa.field("reasoning_tokens", pa.int64(), nullable=False),  # tokens inside <think>...</think>
+        pa.field("think_closed", pa.bool_(), nullable=False),  # False: ran out of tokens while thinking
+        pa.field("completion_tokens", pa.int64(), nullable=False),
+        pa.field("finish_reason", pa.string(), nullable=False),  # stop | length
+    ],
+    metadata={"octomed.schema": "prediction", "octomed.schema_version": "1"},
+)
+
+# The benchmark registry pack: held-out items decontamination matches against.
+REGISTRY_SCHEMA = pa.schema(
+    [
+        pa.field("benchmark", pa.string(), nullable=False),
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),  # question (+ context for PubMedQA), choices cut off
+        pa.field("options", pa.list_(pa.string())),  # option texts, in file order
+        pa.field("image_grounded", pa.bool_(), nullable=False),  # the item is about an image (VQA, MM)
+        pa.field("image_sha256", pa.string()),  # of the normalised image, as ingest stores it
+        pa.field("image_phash", pa.uint64()),
+        pa.field("source_file", pa.string(), nullable=False),  # every file holding this text, ";"-joined
+    ],
+    metadata={"octomed.schema": "benchmark_registry", "octomed.schema_version": "1"},
 )
 
 

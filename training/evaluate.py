@@ -31,38 +31,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from octomed_data import storage
 from octomed_data.answers import extract_answer, is_correct
 from octomed_data.errors import ConfigError, OctomedError
 from octomed_data.prompts import PROMPT_VERSION, render_question, system_prompt
-from octomed_data.schema import QUESTION_SCHEMA, options_of
+from octomed_data.schema import (
+    PREDICTION_SCHEMA,
+    QUESTION_SCHEMA,
+    options_of,
+)
 from training.config import EvalConfig, load_yaml_config
 from training.data import DataFile, resolve_data_files
 from training.sft import CHECKPOINT_MARKER, check_model_path, is_vision_model, load_model_and_processors
 
 log = logging.getLogger(__name__)
 
-PREDICTION_SCHEMA = pa.schema(
-    [
-        pa.field("question_id", pa.string(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),
-        pa.field("task_type", pa.string(), nullable=False),
-        pa.field("gold_answer", pa.string(), nullable=False),
-        pa.field("extracted_answer", pa.string()),
-        pa.field("extract_method", pa.string()),
-        pa.field("no_answer_reason", pa.string()),  # why nothing was extracted (no_answer | ambiguous)
-        pa.field("correct", pa.bool_(), nullable=False),
-        pa.field("response", pa.string()),
-        pa.field("reasoning_tokens", pa.int64(), nullable=False),  # tokens inside <think>...</think>
-        pa.field("think_closed", pa.bool_(), nullable=False),  # False: ran out of tokens while thinking
-        pa.field("completion_tokens", pa.int64(), nullable=False),
-        pa.field("finish_reason", pa.string(), nullable=False),  # stop | length
-    ],
-    metadata={"octomed.schema": "prediction", "octomed.schema_version": "1"},
-)
 
 _THINK_SPAN = re.compile(r"<think>(.*?)(</think>|$)", re.DOTALL)
 

@@ -25,7 +25,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
 from pydantic import SecretStr
 
 from octomed_data import storage
@@ -45,7 +44,11 @@ from octomed_data.errors import ConfigError, StorageError
 from octomed_data.prompts import build_messages
 from octomed_data.ratelimit import LocalRateLimiter, RateLimiter
 from octomed_data.sandbox import SANDBOX_FINGERPRINT, SANDBOX_TEACHER
-from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA
+from octomed_data.schema import (
+    QUESTION_SCHEMA,
+    SAMPLE_SCHEMA,
+    SCORE_SCHEMA,
+)
 from octomed_data.teachers import DistillConfig, TeacherConfig, resolve_api_key, split_reasoning
 
 
@@ -105,31 +108,6 @@ GRADING_SYSTEM_PROMPT = (
 DIFFICULTY_DIR = "difficulty"
 SCORED, UNSCORED = "scored", "unscored"
 
-SCORE_SCHEMA = pa.schema(
-    [
-        pa.field("question_id", pa.string(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),
-        pa.field("task_type", pa.string(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),  # scored | unscored | request_failed
-        pa.field("score", pa.int32()),  # null unless scored
-        pa.field("reason", pa.string()),  # why unscored (no_score, ambiguous, truncated, ...)
-        pa.field("kept", pa.bool_()),  # within the band of the run that wrote this shard
-        pa.field("grader", pa.string(), nullable=False),  # grader config name ("sandbox" for the sandbox)
-        pa.field("model", pa.string(), nullable=False),
-        pa.field("grading_version", pa.string(), nullable=False),
-        pa.field("params_hash", pa.string(), nullable=False),
-        pa.field("response", pa.string()),  # the grader's stated reason and score line
-        pa.field("reasoning", pa.string()),
-        pa.field("finish_reason", pa.string()),
-        pa.field("prompt_tokens", pa.int64()),
-        pa.field("completion_tokens", pa.int64()),
-        pa.field("latency_s", pa.float64()),
-        pa.field("attempts", pa.int32()),
-        pa.field("error", pa.string()),
-        pa.field("created_at", pa.timestamp("ms", tz="UTC")),
-    ],
-    metadata={"octomed.schema": "difficulty_score", "octomed.schema_version": "1"},
-)
 
 # One statement line: "Difficulty: 7", "**Difficulty:** 7/10", "Difficulty = 7." (whole line).
 _SCORE_LINE = re.compile(
