@@ -44,10 +44,12 @@ IN_FLIGHT = 256
 DRUGS = ["Metformin", "Insulin glargine", "Glipizide", "Sitagliptin", "Pioglitazone"]
 
 
-def start_server(latency_ms: float) -> tuple[subprocess.Popen, str]:
+def start_server(latency_ms: float, honour_n: bool = False) -> tuple[subprocess.Popen, str]:
+    faults = ["--faults", json.dumps({"honour_n": True})] if honour_n else []
     proc = subprocess.Popen(
         [sys.executable, "-m", "octomed_data.cli", "sandbox-teacher", "--port", "0", "--no-log"]
-        + ["--latency-ms", str(latency_ms), "--style", "mixed"],
+        + ["--latency-ms", str(latency_ms), "--style", "mixed"]
+        + faults,
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -97,12 +99,16 @@ class Stamps:
         self.t.extend([now] * n)
 
 
+SUPPORTS_N = False  # --supports-n: one request returns all N samples (as vLLM honours n)
+
+
 def config(base_url: str) -> DistillConfig:
+    teacher = {"name": "sandbox", "base_url": base_url, "model": "bench", "max_in_flight": IN_FLIGHT}
+    if SUPPORTS_N:
+        teacher["supports_n"] = True
     return DistillConfig.parse(
         {
-            "teachers": [
-                {"name": "sandbox", "base_url": base_url, "model": "bench", "max_in_flight": IN_FLIGHT}
-            ],
+            "teachers": [teacher],
             "samples": N,
         }
     )
@@ -215,10 +221,22 @@ def main() -> None:
     ap.add_argument("--rss-checkpoints", default="25000,50000,100000")
     ap.add_argument("--shard-questions", type=int, default=500)
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument(
+        "--supports-n",
+        action="store_true",
+        help="teacher and sandbox use n=N per request: the cheap way to reach 1M samples for the RSS run",
+    )
     args = ap.parse_args()
+    global SUPPORTS_N
+    SUPPORTS_N = args.supports_n
     os.environ.setdefault("OPENAI_API_KEY", "sk-bench-sandbox")
-    server, base_url = start_server(args.latency_ms)
-    result: dict = {"cpu_count": os.cpu_count(), "in_flight": IN_FLIGHT, "latency_ms": args.latency_ms}
+    server, base_url = start_server(args.latency_ms, honour_n=args.supports_n)
+    result: dict = {
+        "cpu_count": os.cpu_count(),
+        "in_flight": IN_FLIGHT,
+        "latency_ms": args.latency_ms,
+        "supports_n": args.supports_n,
+    }
     try:
         with tempfile.TemporaryDirectory(prefix="bench-distill-") as work:
             questions = max(1, args.samples // N)
