@@ -45,7 +45,29 @@ _MULTI_LABEL = re.compile(
 )
 _OPTION_WORD = re.compile(r"^(?:option|choice|letter)\s+", re.IGNORECASE)
 _CONNECTOR = re.compile(r"^(?:[-–—,;(]|because\b|since\b|as\b|which\b|given\b|due\b|is\b)", re.IGNORECASE)
-_YNM = re.compile(r"^(?P<w>yes|no|maybe)\b", re.IGNORECASE)
+# The verdict must end the statement or be followed by punctuation or an explanation:
+# "no longer clear", "No evidence was found", "yes-ish" are prose, not verdicts.
+_YNM = re.compile(
+    r"^(?P<w>yes|no|maybe)(?:\s*$|\s*[.,;:!(]|\s+[-–—]\s|\s+(?:because|since|as|given|due|based)\b)",
+    re.IGNORECASE,
+)
+# A statement that negates or hedges ("the answer is not B", "... is unclear") retracts any
+# earlier answer: it is never skipped as prose.
+_HEDGE = re.compile(
+    r"^(?:not\b|neither\b|none\b|either\b|unclear|uncertain|ambiguous|debatable|indeterminate"
+    r"|cannot\b|can't\b|can not\b|impossible\b|unknown\b)",
+    re.IGNORECASE,
+)
+# What may follow an option's text in a statement: nothing, punctuation, or an explanation.
+_TEXT_TAIL = re.compile(
+    r"^(?:[\s.!]*$|\s*[,;:(]|[.!]\s|\s+[-–—]\s|\s+(?:because|since|as|which|given|due)\b)",
+    re.IGNORECASE,
+)
+_PAREN_LABEL = re.compile(r"\(\s*([A-Z])\s*\)")
+# "B (or possibly C)": a hedge between labels in the explanation.
+_OR_OTHER = re.compile(
+    r"\b[Oo][Rr]\s+(?:possibly\s+|perhaps\s+|maybe\s+)?(?:option\s+)?\(?([A-Z])\)?(?![A-Za-z])"
+)
 _ARTICLES = re.compile(r"\b(?:a|an|the)\b")
 _PUNCT = str.maketrans({c: " " for c in string.punctuation})
 _REFUSAL = re.compile(
@@ -96,22 +118,52 @@ def _norm_option(text: str) -> str:
     return normalize_open(text)
 
 
+def _light_norm(text: str) -> str:
+    """NFKC, lower case, single spaces: punctuation kept so that what follows a match can be read."""
+    return " ".join(unicodedata.normalize("NFKC", text).lower().split())
+
+
 def _label_from_text(text: str, options: Sequence[tuple[str, str]]) -> str | None:
-    """The label whose option text the answer equals or starts with (longest match wins)."""
+    """The label whose option text the answer equals, or starts with followed by an explanation.
+
+    "Insulin resistance", "Aspirin-induced asthma", "Metformin or insulin" name no option: the
+    option text must be followed by nothing, punctuation or a connector ("because ..."), and an
+    explanation that names another option ("metformin (C)", "metformin, not insulin") is
+    rejected rather than guessed. The longest matching option wins ("Metformin and insulin").
+    """
     norm = _norm_option(text)
     if not norm:
         return None
+    light = _light_norm(_clean(text))
     best: tuple[int, str] | None = None
     for label, opt in options:
         o = _norm_option(opt)
         if not o:
             continue
-        if norm == o or norm.startswith(o + " "):
+        ok = norm == o
+        lo = _light_norm(opt).rstrip(" .")
+        if not ok and lo and light.startswith(lo):
+            tail = light[len(lo) :]
+            ok = bool(_TEXT_TAIL.match(tail)) and not _names_other(tail, label, options)
+        if ok:
             if best is None or len(o) > best[0]:
                 best = (len(o), label)
             elif len(o) == best[0] and best[1] != label:
                 return None  # two options with the same text: cannot tell
     return best[1] if best else None
+
+
+def _names_other(tail: str, label: str, options: Sequence[tuple[str, str]]) -> bool:
+    """Does an explanation after an option's text name a different option (by "(X)" or text)?"""
+    for m in _PAREN_LABEL.finditer(tail.upper()):
+        if m.group(1) != label and any(m.group(1) == k for k, _ in options):
+            return True
+    words = f" {normalize_open(tail)} "
+    for other, opt in options:
+        o = normalize_open(opt)
+        if other != label and o and f" {o} " in words:
+            return True
+    return False
 
 
 def _parse_choice(raw: str, options: Sequence[tuple[str, str]]) -> tuple[str | None, str | None]:
@@ -136,6 +188,8 @@ def _parse_choice(raw: str, options: Sequence[tuple[str, str]]) -> tuple[str | N
             return None, AMBIGUOUS
         # A bare space after a capital could be an article ("A fracture of ..."): accept it
         # only when what follows is the option's text or clearly an explanation.
+        if any(m.group(1) != label and m.group(1) in labels for m in _OR_OTHER.finditer(tail)):
+            return None, AMBIGUOUS
         if sep.strip() or tail_label == label or not tail or _CONNECTOR.match(tail):
             if by_text is not None and by_text != label and tail_label is None:
                 return None, AMBIGUOUS
@@ -148,7 +202,7 @@ def _parse_choice(raw: str, options: Sequence[tuple[str, str]]) -> tuple[str | N
 def _parse_ynm(raw: str, options: Sequence[tuple[str, str]]) -> tuple[str | None, str | None]:
     text = _clean(raw)
     # "yes or no", "no/maybe": more than one verdict in the statement.
-    if re.match(r"^(?:yes|no|maybe)\s*(?:/|or\b|and\b|,)\s*(?:yes|no|maybe)\b", text, re.IGNORECASE):
+    if re.match(r"^(?:yes|no|maybe)\s*(?:/|or\b|and\b|,)?\s*(?:yes|no|maybe)\b", text, re.IGNORECASE):
         return None, AMBIGUOUS
     if options:
         label, reason = _parse_choice(text, options)
@@ -226,6 +280,8 @@ def extract_answer(
 
     candidates = _candidates(text)
     for cand in reversed(candidates):
+        if _HEDGE.match(_clean(cand.raw)):
+            return Extraction(None, cand.method, AMBIGUOUS)
         answer, reason = parse(cand.raw)
         if answer is not None:
             return Extraction(answer, cand.method)

@@ -77,6 +77,37 @@ MCQ_CASES = [
 ]
 
 
+# Adversarial near-misses found in review: each was once accepted with a wrong or guessed label.
+ADVERSARIAL_OPTS = [("A", "Aspirin"), ("B", "Metformin"), ("C", "Insulin"), ("D", "Metformin and insulin")]
+ADVERSARIAL_MCQ = [
+    # option text that is only a prefix of a different concept names no option
+    ("The answer is Insulin resistance", None, NO_ANSWER),
+    ("The answer is Aspirin-induced asthma", None, NO_ANSWER),
+    ("The answer is Metformin or insulin", None, NO_ANSWER),
+    ("The answer is metformin (C).", None, NO_ANSWER),  # text and label disagree
+    ("The answer is B (or possibly C)", None, AMBIGUOUS),
+    # a later negating / hedging statement retracts an earlier answer
+    ("The answer is B.\n\nHowever, on reflection, the answer is not B.", None, AMBIGUOUS),
+    ("The answer is B.\n\nOn reflection the answer is unclear.", None, AMBIGUOUS),
+    ("The correct answer is neither A nor B", None, AMBIGUOUS),
+    ("Answer: not C", None, AMBIGUOUS),
+    # still read correctly
+    ("C is incorrect; the answer is B.", "B", None),
+    ("The answer is Metformin and insulin", "D", None),
+    ("The answer is Metformin.", "B", None),
+    ("The answer is Metformin, because it is first line", "B", None),
+    ("The answer is insulin (C).", "C", None),
+    ("A 45-year-old man presents.\n\nFinal answer: \\boxed{A}", "A", None),
+]
+
+
+@pytest.mark.parametrize(("response", "label", "reason"), ADVERSARIAL_MCQ)
+def test_multiple_choice_adversarial(response: str, label: str | None, reason: str | None) -> None:
+    got = extract_answer(response, TaskType.TEXT_MCQ, ADVERSARIAL_OPTS)
+    assert got.answer == label, got
+    assert got.reason == reason, got
+
+
 @pytest.mark.parametrize(("response", "label", "reason"), MCQ_CASES)
 def test_multiple_choice_forms(response: str, label: str | None, reason: str | None) -> None:
     got = extract_answer(response, TaskType.TEXT_MCQ, OPTS)
@@ -106,6 +137,15 @@ YNM_CASES = [
     ("Final answer: yes or no depending on the cohort", None, AMBIGUOUS),
     ("The trial was not conclusive.", None, NO_ANSWER),
     ("Final answer: (B)", "no", None),  # options given as labels
+    # yes/no words inside prose are not verdicts
+    ("There is no evidence of harm. The answer is yes.", "yes", None),
+    ("No evidence was found.", None, NO_ANSWER),
+    ("The answer is no longer clear", None, NO_ANSWER),
+    ("The answer is yes-ish", None, NO_ANSWER),
+    ("The answer is maybe yes", None, AMBIGUOUS),
+    ("The answer is not yes", None, AMBIGUOUS),
+    ("The answer is yes because the trial met its endpoint.", "yes", None),
+    ("No, it does not.", "no", None),
 ]
 
 
