@@ -154,9 +154,12 @@ class LeasedRateLimiter:
                     permits.popleft()
                     return
                 correction = self._corrections.pop(teacher, 0)
+                # The holder stamps a grant some time after this; the TTL counts from *before*
+                # the call, so a slow lease round trip can't stretch a permit past its margin.
+                asked = time.monotonic()
                 granted, wait = await self._lease(teacher, self._chunks.get(teacher, 1), tokens, correction)
                 if granted:
-                    expiry = time.monotonic() + self._ttl
+                    expiry = asked + self._ttl
                     permits.extend([expiry] * granted)
                     continue
                 await asyncio.sleep(wait)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from pydantic import SecretStr
 from octomed_data import storage
 from octomed_data.cli import main
 from octomed_data.errors import ConfigError
-from octomed_data.ratelimit import WindowBudget, lease_chunk
+from octomed_data.ratelimit import LeasedRateLimiter, WindowBudget, lease_chunk
 from octomed_data.sandbox import max_in_window
 from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA
 from octomed_data.stats import source_statistics
@@ -44,6 +45,29 @@ def test_lease_chunks_scale_with_rate() -> None:
     assert lease_chunk(None, 60, 0.5) == 32
     assert lease_chunk(60, 60, 0.5) == 1
     assert lease_chunk(60_000, 60, 0.5) == 32
+
+
+def test_leased_permit_lifetime_counts_from_before_a_slow_lease_call() -> None:
+    """A permit granted by the budget holder must expire TTL after the grant at the latest.
+
+    The holder counts the permit at its grant time; a lease reply that is slow to arrive must
+    not extend the permit's life beyond the window margin the holder reserved for it.
+    """
+    calls: list[float] = []
+
+    async def slow_lease(teacher: str, n: int, tokens: int, correction: int) -> tuple[int, float]:
+        calls.append(asyncio.get_running_loop().time())
+        await asyncio.sleep(0.3)  # the grant is stamped at the start; the reply is slow
+        return n, 0.0
+
+    async def scenario() -> int:
+        limiter = LeasedRateLimiter(slow_lease, {"t": 4}, ttl_s=0.4)
+        await limiter.acquire("t", 10)  # ~0.3 s: leased 4, spent 1
+        await asyncio.sleep(0.15)  # now ~0.45 s after asking: the 3 left are past their TTL
+        await limiter.acquire("t", 10)
+        return len(calls)
+
+    assert asyncio.run(scenario()) == 2
 
 
 def test_split_reasoning_forms() -> None:
