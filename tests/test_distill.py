@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import os
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -203,6 +205,42 @@ def test_n_per_request_when_the_server_honours_it(tmp_path: Path) -> None:
         report = distill_shard(q_uri, "00000", out, config(sb.base_url, teacher={"supports_n": True}))
         assert sb.stats()["requests"] == 5
     assert report.complete and len(read_raw(out)) == 20
+
+
+class _TrickleServer:
+    """Sends headers at once, then the body one byte every 0.1 s: each read is quick, the reply slow."""
+
+    def __init__(self) -> None:
+        from octomed_data.sandbox import SandboxHandle
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+            await resp.prepare(request)
+            for _ in range(60):
+                await resp.write(b" ")  # leading whitespace is valid JSON padding
+                await asyncio.sleep(0.1)
+            await resp.write(b"{}")
+            return resp
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", handler)
+        self.handle = SandboxHandle(app, "127.0.0.1").start(0)
+
+
+def test_timeout_bounds_the_whole_request_not_each_read(tmp_path: Path) -> None:
+    q_uri = str(tmp_path / "q")
+    make_questions(q_uri, 1)
+    server = _TrickleServer()
+    try:
+        cfg = config(server.handle.base_url, samples=1, max_attempts=1, teacher={"timeout_s": 0.5})
+        started = time.monotonic()
+        report = distill_shard(q_uri, "00000", str(tmp_path / "out"), cfg)
+        elapsed = time.monotonic() - started
+    finally:
+        server.handle.stop()
+    assert report.failed == 1 and not report.complete
+    assert elapsed < 3.0, elapsed  # the reply would take 6 s
+    assert read_raw(str(tmp_path / "out"))[0]["error"] == "request timed out"
 
 
 class _EchoKeyServer:

@@ -304,7 +304,11 @@ class _Run:
                 self.counters.retries += 1
             started = time.monotonic()
             try:
-                response = await tc.client.chat.completions.create(**kwargs)
+                # The client's timeout bounds each read, not the whole reply: a server that
+                # trickles bytes could hold a slot for ever. This bounds the request end to end.
+                response = await asyncio.wait_for(
+                    tc.client.chat.completions.create(**kwargs), teacher.timeout_s
+                )
                 if not getattr(response, "choices", None):
                     raise ValueError("response has no choices")
             except Exception as exc:  # every client-side failure is classified, none escapes
