@@ -207,6 +207,47 @@ def test_n_per_request_when_the_server_honours_it(tmp_path: Path) -> None:
     assert report.complete and len(read_raw(out)) == 20
 
 
+def test_resume_with_n_per_request_after_lost_samples_and_interrupted_compaction(tmp_path: Path) -> None:
+    """supports_n resume: only the missing samples are asked for (one request, n = missing),
+    a journal holding a sample twice still compacts to exactly N per question, and a shard whose
+    compaction was interrupted (no done marker, stale raw shard) is rebuilt from the journal."""
+    from octomed_data.distill.engine import _done_marker
+    from octomed_data.distill.journal import iter_journal, segment_uris
+
+    q_uri, out = str(tmp_path / "q"), str(tmp_path / "out")
+    questions = make_questions(q_uri, 5)
+    cfg_over = {"teacher": {"supports_n": True}}
+    with start_sandbox(faults=FaultConfig(honour_n=True)) as sb:
+        first = distill_shard(q_uri, "00000", out, config(sb.base_url, **cfg_over))
+    assert first.complete
+    rows = list(iter_journal(out, "00000"))
+    lost_q = questions[0]["question_id"]
+    # Samples 1 and 3 of one question never became durable; every other row is journalled twice.
+    kept = [r for r in rows if not (r["question_id"] == lost_q and r["sample_idx"] in (1, 3))]
+    for uri in segment_uris(out, "00000"):
+        os.remove(uri)
+    journal = storage.join(out, "_journal", "00000")
+    for name in ("00000000000000000001-a.jsonl", "00000000000000000002-b.jsonl"):
+        data = "".join(json.dumps(r) + "\n" for r in kept)
+        storage.write_bytes(storage.join(journal, name), data.encode())
+    os.remove(_done_marker(out, "00000"))  # killed mid-compaction: raw exists, no marker
+    with start_sandbox(faults=FaultConfig(honour_n=True)) as sb:
+        again = distill_shard(q_uri, "00000", out, config(sb.base_url, **cfg_over))
+        log = sb.stats()["log"]
+    assert [e["n"] for e in log] == [2] and again.requests == 1
+    assert again.stored_before == 18 and again.new_samples == 2 and again.complete
+    final = read_raw(out)
+    assert len(final) == 20
+    assert set(Counter((r["question_id"], r["sample_idx"]) for r in final).values()) == {1}
+    assert Counter(r["question_id"] for r in final) == {q["question_id"]: 4 for q in questions}
+    before = {(r["question_id"], r["sample_idx"]): r["response"] for r in kept}
+    assert all(
+        before[(r["question_id"], r["sample_idx"])] == r["response"]
+        for r in final
+        if r["question_id"] != lost_q
+    )
+
+
 class _TrickleServer:
     """Sends headers at once, then the body one byte every 0.1 s: each read is quick, the reply slow."""
 
