@@ -110,6 +110,15 @@ def test_faults_every_question_gets_exactly_n_verified_samples(tmp_path: Path) -
     for name in ("rate_limited", "server_error", "dropped", "slow", "malformed"):
         assert faults[name] > 0, faults
     assert report.requests == stats["requests"] == 160 + sum(v for k, v in faults.items() if k)
+    # Retry-After (0.05 s) is honoured: the engine's own backoff here would be ~0.01 s.
+    last: dict[str, dict] = {}
+    gaps = []
+    for e in stats["log"]:
+        prev = last.get(e["key"])
+        if prev is not None and prev["fault"] == "rate_limited":
+            gaps.append(e["t"] - prev["t"])
+        last[e["key"]] = e
+    assert gaps and min(gaps) >= 0.045, sorted(gaps)[:5]
     rows = read_raw(out)
     assert len(rows) == 160
     keys = Counter((r["question_id"], r["sample_idx"]) for r in rows)
