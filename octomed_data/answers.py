@@ -35,6 +35,7 @@ _STRONG_KW = re.compile(r"final|correct|best|right", re.IGNORECASE)
 _BOXED = re.compile(r"\\boxed\s*\{(?P<rest>(?:[^{}]|\{[^{}]*\})*)\}")
 _ANSWER_TAG = re.compile(r"<answer>(?P<rest>.*?)</answer>", re.IGNORECASE | re.DOTALL)
 _BOLD = re.compile(r"\*\*(?P<rest>[^*\n]{1,200})\*\*")
+_BOLD_LINE = re.compile(r"^\*\*(?P<rest>[^*\n]{1,200})\*\*[\s.]*$")
 _THINK = re.compile(r"<think>.*?</think>", re.IGNORECASE | re.DOTALL)
 _LATEX_TEXT = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}")
 _LABEL_ONLY = re.compile(r"^[\(\[]?(?P<label>[A-Z])[\)\]]?[.:]?$")
@@ -241,6 +242,23 @@ def _candidates(text: str) -> list[_Candidate]:
     return found
 
 
+def _later_bold_disagrees(text: str, cand: _Candidate, answer: str, parse) -> bool:
+    """Does a later line that is only a bold answer ("**C**") name something else?
+
+    Bold inside prose ("1. **Option A** is wrong") is an explanation, not an answer.
+    """
+    line_end = text.find("\n", cand.pos)
+    if line_end < 0:
+        return False
+    for line in text[line_end:].splitlines():
+        m = _BOLD_LINE.match(line.strip())
+        if m:
+            other = parse(m.group("rest"))[0]
+            if other is not None and other != answer:
+                return True
+    return False
+
+
 def _fallback_lines(text: str) -> list[str]:
     """The last paragraph's non-empty lines: where a bare or bold answer would be."""
     paragraphs = [p for p in re.split(r"\n\s*\n", text.strip()) if p.strip()]
@@ -284,6 +302,13 @@ def extract_answer(
             return Extraction(None, cand.method, AMBIGUOUS)
         answer, reason = parse(cand.raw)
         if answer is not None:
+            if (
+                task != TaskType.OPEN_QA
+                and task != TaskType.OPEN_VQA
+                and _later_bold_disagrees(text, cand, answer, parse)
+            ):
+                # "... the answer is B. But wait ...\n\n**C**": a later bold answer retracts it.
+                return Extraction(None, cand.method, AMBIGUOUS)
             return Extraction(answer, cand.method)
         if reason == AMBIGUOUS or cand.strong:
             return Extraction(None, cand.method, reason)

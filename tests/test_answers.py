@@ -91,7 +91,12 @@ ADVERSARIAL_MCQ = [
     ("The answer is B.\n\nOn reflection the answer is unclear.", None, AMBIGUOUS),
     ("The correct answer is neither A nor B", None, AMBIGUOUS),
     ("Answer: not C", None, AMBIGUOUS),
+    # a later line that is only a bold answer retracts an earlier statement
+    ("I first thought the answer is B. But wait.\n\n**C**", None, AMBIGUOUS),
+    ("The answer is B.\n\n**Insulin**.", None, AMBIGUOUS),
     # still read correctly
+    ("The answer is B.\n\n**B**", "B", None),
+    ("Final answer: B\n\n1. **Option A** is wrong: no antiplatelet role.", "B", None),
     ("C is incorrect; the answer is B.", "B", None),
     ("The answer is Metformin and insulin", "D", None),
     ("The answer is Metformin.", "B", None),
