@@ -162,7 +162,13 @@ def trl_row(row: Mapping[str, Any], *, embed_images: bool = True) -> tuple[dict[
 
 
 def dataset_info(prefix: str = "octomed") -> dict[str, Any]:
-    """LLaMA-Factory ``dataset_info.json`` for the two split folders next to it."""
+    """LLaMA-Factory ``dataset_info.json`` for the two split folders next to it.
+
+    The folders are registered as ``script_url``, not ``file_name``: for a ``file_name`` folder
+    LLaMA-Factory hands *every* directory entry to ``load_dataset`` and stops with "File types
+    should be identical" at the storage layer's ``_manifest/`` folder. ``script_url`` makes it
+    call ``load_dataset(<folder>)``, whose file discovery reads the Parquet shards only.
+    """
     entry = {
         "formatting": "sharegpt",
         "columns": {"messages": "messages", "images": "images"},
@@ -174,7 +180,7 @@ def dataset_info(prefix: str = "octomed") -> dict[str, Any]:
             "system_tag": "system",
         },
     }
-    return {f"{prefix}_{split}": {"file_name": split, **entry} for split in SPLITS}
+    return {f"{prefix}_{split}": {"script_url": split, "split": "train", **entry} for split in SPLITS}
 
 
 def export(

@@ -27,8 +27,6 @@ def test_escape_placeholders():
 
 def test_llamafactory_export_loads_and_counts_match(mixture, tmp_path):
     result = export(mixture.uri, str(tmp_path / "exp"), formats=["llamafactory"])
-    info = storage.read_json(storage.join(result.uri, "llamafactory", "dataset_info.json"))
-    assert info["octomed_train"]["formatting"] == "sharegpt" and info["octomed_train"]["file_name"] == "train"
     ds = load_export(result.datasets["llamafactory"]["train"])
     assert len(ds) == mixture.rows_train
     with_images = 0
@@ -41,6 +39,28 @@ def test_llamafactory_export_loads_and_counts_match(mixture, tmp_path):
         with_images += bool(row["images"])
     assert with_images > 0
     assert result.escaped_placeholders > 0  # the test data carries literal <image> strings
+
+
+def test_llamafactory_dataset_info_loads_as_llamafactory_does(mixture, tmp_path):
+    """dataset_info.json entries load the way LLaMA-Factory's loader resolves them.
+
+    LLaMA-Factory: ``script_url`` -> ``load_dataset(path=dataset_dir/script_url, split=split)``;
+    ``file_name`` naming a folder -> every entry of ``os.listdir`` as a data file, which the
+    ``_manifest/`` folder of each split breaks, so that form must not be used here.
+    """
+    import datasets
+
+    result = export(mixture.uri, str(tmp_path / "exp"), formats=["llamafactory"])
+    dataset_dir = storage.join(result.uri, "llamafactory")
+    info = storage.read_json(storage.join(dataset_dir, "dataset_info.json"))
+    assert set(info) == {"octomed_train", "octomed_validation"}
+    expected = {"octomed_train": mixture.rows_train, "octomed_validation": mixture.rows_validation}
+    for name, entry in info.items():
+        assert entry["formatting"] == "sharegpt" and "file_name" not in entry
+        assert entry["columns"] == {"messages": "messages", "images": "images"}
+        loaded = datasets.load_dataset(path=f"{dataset_dir}/{entry['script_url']}", split=entry["split"])
+        assert len(loaded) == expected[name]
+        assert set(loaded.column_names) >= {"messages", "images"}
 
 
 def test_trl_export_embeds_images_and_loads_from_s3(mixture, s3_bucket):
