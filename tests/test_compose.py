@@ -102,6 +102,10 @@ def test_cross_references(compose):
         image = svc.get("image", "")
         if image.startswith("octomed-data"):
             assert image in built_images, f"{name} uses {image} that no service builds"
+    # every Ray node and client enforces the same token (the dashboard port is published)
+    for name in ("ray-head", "ray-worker", "prefect-worker"):
+        env = services[name]["environment"]
+        assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"], name
     # a worker needs its dependencies to come up first
     assert set(services["prefect-worker"]["depends_on"]) >= {"prefect-server", "minio-init"}
 
