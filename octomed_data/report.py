@@ -142,12 +142,15 @@ def render_plot(stats: SampleStats) -> bytes:
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (PercentFormatter below)
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
     tasks = sorted(stats.task_lengths)
     if tasks:
         ax1.boxplot([stats.task_lengths[t].reservoir or [0] for t in tasks], showfliers=False)
-        ax1.set_xticks(range(1, len(tasks) + 1), tasks, rotation=20)
+        # n under each box: a box over 3 traces and one over 30,000 look alike otherwise
+        labels = [f"{t}\n(n={stats.task_lengths[t].count:,})" for t in tasks]
+        ax1.set_xticks(range(1, len(tasks) + 1), labels, rotation=20)
     else:
         ax1.text(0.5, 0.5, "no accepted traces", ha="center", va="center", transform=ax1.transAxes)
     ax1.set_title("Reasoning length of accepted traces")
@@ -157,11 +160,16 @@ def render_plot(stats: SampleStats) -> bytes:
     ax2.bar(range(len(sources)), rates, color="#4C72B0")
     ax2.set_xticks(range(len(sources)), sources, rotation=20)
     ax2.set_ylim(0, 1)
+    ax2.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     ax2.set_title("Pass rate per source (accepted / samples)")
-    for i, r in enumerate(rates):
-        ax2.text(i, min(r + 0.02, 0.95), f"{r:.0%}", ha="center", fontsize=8)
+    for i, (name, r) in enumerate(zip(sources, rates, strict=True)):
+        s = stats.sources[name]
+        ax2.text(i, min(r + 0.02, 0.9), f"{r:.0%}\n{s.accepted:,}/{s.samples:,}", ha="center", fontsize=8)
     if stats.sandbox_only:
         fig.suptitle("SANDBOX TEACHER: not model traces", color="#B00020")
+    elif stats.any_sandbox:
+        share = stats.teachers[SANDBOX_TEACHER] / sum(stats.teachers.values())
+        fig.suptitle(f"{share:.0%} of samples from the SANDBOX TEACHER (not model traces)", color="#B00020")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
