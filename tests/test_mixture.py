@@ -94,3 +94,21 @@ def test_mix_on_s3(inputs, s3_bucket):
     result = build_mixture(accepted, questions, f"{s3_bucket}/mix", MixtureConfig(bucket_rows=10))
     assert result.rows_train + result.rows_validation == 30
     assert len(_rows(result.train_uri)) == result.rows_train
+
+
+def test_traces_of_removed_questions_never_enter(inputs, tmp_path):
+    """A trace whose question decontamination removed (absent from the questions) is dropped."""
+    from octomed_data.schema import QUESTION_SCHEMA
+
+    accepted, questions = inputs
+    all_questions = _rows(questions)
+    removed = {q["question_id"] for q in all_questions if q["source"] == "vqa_rad"}
+    kept_uri = str(tmp_path / "kept")
+    kept = [q for q in all_questions if q["question_id"] not in removed]
+    storage.Dataset(kept_uri, QUESTION_SCHEMA).write_shard(0, kept)
+    result = build_mixture(accepted, kept_uri, str(tmp_path / "m"), MixtureConfig(validation_fraction=0.3))
+    rows = _rows(result.train_uri) + _rows(result.validation_uri)
+    assert rows and not {r["question_id"] for r in rows} & removed
+    # 3 removed questions x 2 distinct accepted traces each
+    assert result.sources["vqa_rad"].missing_question == 6 and result.sources["vqa_rad"].selected == 0
+    assert len(rows) == 24  # the 12 MedQA questions keep their 2 distinct traces each
