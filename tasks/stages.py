@@ -13,24 +13,119 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
+from prefect.utilities.hashing import hash_objects
 
 from octomed_data import storage
 from octomed_data.errors import OctomedError
 from octomed_data.recipe import DecontamSettings, RunPaths, record_shard
 
 SHARD_CACHE = INPUTS + TASK_SOURCE
+
+
+@dataclass
+class CommittedOutputs(CachePolicy):
+    """Inputs + task source, trusted only while the task's outputs are still committed.
+
+    Prefect's cache alone would hand back a recorded result after someone deleted the outputs
+    by hand (same run id, same inputs). ``probe`` fingerprints the committed outputs from the
+    task's inputs; while they are missing the key is ``None`` (no cache lookup), so the task
+    runs and rebuilds them. The fingerprint is part of the key, so a rewrite is a new entry.
+    """
+
+    probe: Callable[[dict[str, Any]], str | None] | None = None
+    inner: CachePolicy = field(default_factory=lambda: SHARD_CACHE)
+
+    def compute_key(
+        self,
+        task_ctx: TaskRunContext,
+        inputs: dict[str, Any],
+        flow_parameters: dict[str, Any],
+        **kwargs: Any,
+    ) -> str | None:
+        fingerprint = self.probe(inputs) if self.probe is not None else None
+        if fingerprint is None:
+            return None
+        key = self.inner.compute_key(
+            task_ctx=task_ctx, inputs=inputs, flow_parameters=flow_parameters, **kwargs
+        )
+        return None if key is None else hash_objects(key, fingerprint, raise_on_failure=True)
+
+
+def _files_present(uri: str, files: list[str]) -> bool:
+    """All ``files`` exist in the dataset folder ``uri`` (one listing, not one request per file)."""
+    fs, path = storage.filesystem(uri)
+    if not fs.exists(path):
+        return False
+    listed = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+    return set(files) <= listed
+
+
+def shard_fingerprint(dataset_uri: str, shard: str) -> str | None:
+    """The committed shard's marker + file as one string, or None when either is gone."""
+    info = storage.Dataset(dataset_uri).shard_info(shard)
+    if info is None or not storage.exists(storage.join(dataset_uri, info.file)):
+        return None
+    return f"{dataset_uri}|{info.shard}|{info.file}|{info.rows}|{info.committed_at}"
+
+
+def dataset_fingerprint(dataset_uri: str) -> str | None:
+    """Every committed shard's marker, when all their files are present; None otherwise."""
+    manifest = storage.Dataset(dataset_uri).manifest()
+    if not manifest or not _files_present(dataset_uri, [i.file for i in manifest.values()]):
+        return None
+    return "|".join(f"{i.shard}:{i.file}:{i.rows}:{i.committed_at}" for i in manifest.values())
+
+
+def _joined(*parts: str | None) -> str | None:
+    return None if any(p is None for p in parts) else "||".join(parts)  # type: ignore[arg-type]
+
+
+def ingest_outputs(paths: RunPaths) -> str | None:
+    """Fingerprint of a committed ingest: its summary file and every question shard."""
+    out = paths.stage("ingest")
+    if not storage.exists(storage.join(out, "ingest.json")):
+        return None
+    return dataset_fingerprint(storage.join(out, "questions"))
+
+
+def index_outputs(paths: RunPaths) -> str | None:
+    uri = storage.join(paths.stage("decontaminate"), "index.npz")
+    return uri if storage.exists(uri) else None
+
+
+def decontam_outputs(paths: RunPaths, shard: str) -> str | None:
+    """Both halves of a decontaminated shard (kept questions and removed items) are committed."""
+    out = paths.stage("decontaminate")
+    return _joined(
+        shard_fingerprint(storage.join(out, "questions"), shard),
+        shard_fingerprint(storage.join(out, "removed"), shard),
+    )
+
+
+def distill_outputs(paths: RunPaths, shard: str, config: Any) -> str | None:
+    """The engine's done marker (for this config) plus the committed raw and accepted shards."""
+    from octomed_data.distill import accepted_uri, is_shard_done, raw_uri
+
+    out = paths.stage("distill")
+    if not is_shard_done(out, shard, config):
+        return None
+    return _joined(shard_fingerprint(raw_uri(out), shard), shard_fingerprint(accepted_uri(out), shard))
+
+
 RETRY = {
     "retries": 2,
     "retry_delay_seconds": exponential_backoff(backoff_factor=2),
     "retry_jitter_factor": 0.5,
 }
 # A shard task runs minutes to hours; these bound only the orchestration bookkeeping.
-TASK_DEFAULTS: dict[str, Any] = {"cache_policy": SHARD_CACHE, "persist_result": True, **RETRY}
+TASK_DEFAULTS: dict[str, Any] = {"persist_result": True, **RETRY}
 
 
 class ShardIncomplete(OctomedError):
@@ -58,14 +153,18 @@ def _tracked(stage: str, paths: RunPaths, shard: str, fn: Callable[[], dict[str,
 # ------------------------------------------------------------------------------- ingest
 
 
-@task(name="ingest-sources", **TASK_DEFAULTS)
+@task(
+    name="ingest-sources",
+    cache_policy=CommittedOutputs(probe=lambda i: ingest_outputs(i["paths"])),
+    **TASK_DEFAULTS,
+)
 def ingest_task(entries: list[dict[str, Any]], paths: RunPaths, shard_size: int) -> dict[str, Any]:
     """Ingest every source entry into ``RUN/ingest`` (questions, quarantine, images)."""
     from octomed_data.ingest import ingest_many
 
     out = paths.stage("ingest")
     questions = storage.Dataset(storage.join(out, "questions"))
-    if storage.exists(storage.join(out, "ingest.json")) and questions.manifest():
+    if ingest_outputs(paths) is not None:
         get_run_logger().info("ingest already committed at %s; reusing it", out)
         return storage.read_json(storage.join(out, "ingest.json"))
 
@@ -110,7 +209,11 @@ def _load_index(uri: str):
     return DecontamIndex.load(uri)
 
 
-@task(name="decontam-index", **TASK_DEFAULTS)
+@task(
+    name="decontam-index",
+    cache_policy=CommittedOutputs(probe=lambda i: index_outputs(i["paths"])),
+    **TASK_DEFAULTS,
+)
 def decontam_index_task(settings: DecontamSettings, paths: RunPaths) -> str:
     """Build the benchmark index once per run and save it; shard tasks load it by URI."""
     from octomed_data.decontam import DecontamIndex
@@ -124,7 +227,11 @@ def decontam_index_task(settings: DecontamSettings, paths: RunPaths) -> str:
     return uri
 
 
-@task(name="decontaminate-shard", **TASK_DEFAULTS)
+@task(
+    name="decontaminate-shard",
+    cache_policy=CommittedOutputs(probe=lambda i: decontam_outputs(i["paths"], i["shard"])),
+    **TASK_DEFAULTS,
+)
 def decontaminate_shard_task(
     index_uri: str, questions_uri: str, shard: str, settings: DecontamSettings, paths: RunPaths
 ) -> dict[str, Any]:
@@ -133,9 +240,8 @@ def decontaminate_shard_task(
 
     out = paths.stage("decontaminate")
     kept = storage.Dataset(storage.join(out, "questions"))
-    removed = storage.Dataset(storage.join(out, "removed"))
     info = kept.shard_info(shard)
-    if info is not None and removed.is_committed(shard):
+    if info is not None and decontam_outputs(paths, shard) is not None:
         counts = {k: info.extra.get(k) for k in ("input", "kept", "removed")}
         record_shard(paths, "decontaminate", shard, "COMPLETED", reused=True, **counts)
         return info.extra
@@ -151,13 +257,17 @@ def decontaminate_shard_task(
     return _tracked("decontaminate", paths, shard, run)
 
 
-@task(name="skip-decontamination", **TASK_DEFAULTS)
+@task(
+    name="skip-decontamination",
+    cache_policy=CommittedOutputs(probe=lambda i: shard_fingerprint(i["paths"].questions, i["shard"])),
+    **TASK_DEFAULTS,
+)
 def passthrough_task(questions_uri: str, shard: str, paths: RunPaths) -> dict[str, Any]:
     """Decontamination off: copy the shard unchanged so later stages read one place."""
     from octomed_data.schema import QUESTION_SCHEMA
 
     target = storage.Dataset(paths.questions, QUESTION_SCHEMA)
-    if target.is_committed(shard):
+    if shard_fingerprint(target.uri, shard) is not None:
         return {"input": target.shard_info(shard).rows}
 
     def run() -> dict[str, Any]:
@@ -195,21 +305,31 @@ def resolve_api_keys(config: Any) -> dict[str, Any]:
     return keys
 
 
-@task(name="distill-shard", **TASK_DEFAULTS)
+@task(
+    name="distill-shard",
+    cache_policy=CommittedOutputs(probe=lambda i: distill_outputs(i["paths"], i["shard"], i["config"])),
+    **TASK_DEFAULTS,
+)
 def distill_shard_task(
     questions_uri: str, shard: str, config: Any, ray_address: str | None, paths: RunPaths
 ) -> dict[str, Any]:
     """Distill one question shard on Ray (the engine's actor pool) into ``RUN/distill``."""
-    from octomed_data.distill import is_shard_done
-
     out = paths.stage("distill")
-    if is_shard_done(out, shard, config):
+    if distill_outputs(paths, shard, config) is not None:
         record_shard(paths, "distill", shard, "COMPLETED", reused=True)
         return {"shard": shard, "reused": True}
 
     def run() -> dict[str, Any]:
+        from octomed_data.distill import is_shard_done
+        from octomed_data.distill.engine import _done_marker
         from tasks.ray_distill import distill_shard_ray
 
+        if is_shard_done(out, shard, config):
+            # Done marker without its committed outputs (deleted by hand): the engine trusts the
+            # marker alone, so drop it; the engine then rebuilds the shard from its journal.
+            get_run_logger().warning("distill shard %s: outputs missing; rebuilding them", shard)
+            fs, marker = storage.filesystem(_done_marker(out, shard))
+            fs.rm(marker)
         report = distill_shard_ray(
             questions_uri, shard, out, config, address=ray_address, api_keys=resolve_api_keys(config)
         )

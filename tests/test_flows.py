@@ -7,6 +7,7 @@ The sandbox teacher stands in for a model everywhere here (rows say teacher=sand
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -265,6 +266,44 @@ def test_killed_run_resumes_without_redoing_shards(prefect_harness, ray_local, t
     rows = list(raw.iter_rows())
     assert len(rows) == storage.Dataset(paths.questions).num_rows() * SAMPLES  # none lost, none duplicated
     assert len({(r["question_id"], r["sample_idx"]) for r in rows}) == len(rows)
+
+
+def test_outputs_deleted_by_hand_are_rebuilt_not_served_from_cache(prefect_harness, ray_local, tmp_path):
+    """Same run id, outputs deleted by hand: the cache must not answer for outputs that are gone."""
+    from flows.common import RunParams
+    from flows.factory import factory_flow
+
+    recipe = write_recipe(tmp_path)
+    stages = ["ingest", "decontaminate", "distill"]
+    params = RunParams(recipe_path=recipe, run_id="stale")
+    paths = RunPaths(str(tmp_path / "store"), "stale")
+    distill = paths.stage("distill")
+
+    def rows() -> dict[str, int]:
+        uris = {
+            "ingested": storage.join(paths.stage("ingest"), "questions"),
+            "kept": paths.questions,
+            "removed": storage.join(paths.stage("decontaminate"), "removed"),
+            "raw": storage.join(distill, "raw"),
+            "accepted": storage.join(distill, "accepted"),
+        }
+        return {k: storage.Dataset(u).num_rows() for k, u in uris.items()}
+
+    factory_flow(run=params, stages=stages)
+    before = rows()
+    assert all(before.values()), before
+    # the shard with the most samples (some shards are emptied by decontamination)
+    raw_manifest = storage.Dataset(storage.join(distill, "raw")).manifest()
+    victim = max(raw_manifest, key=lambda name: raw_manifest[name].rows)
+    # Whole ingest + decontaminate folders gone; one distilled shard's outputs gone (its done
+    # marker and journal stay: the engine's own bookkeeping would call the shard finished).
+    shutil.rmtree(paths.stage("ingest"))
+    shutil.rmtree(paths.stage("decontaminate"))
+    for name in ("raw", "accepted"):
+        storage.Dataset(storage.join(distill, name)).delete_shard(victim)
+    factory_flow(run=params, stages=stages)
+    assert rows() == before
+    assert victim in storage.Dataset(storage.join(distill, "raw")).manifest()
 
 
 def test_automation_fires_training_deployment(finished_run):
