@@ -30,25 +30,26 @@ def _closed_network_defaults(local_ray: bool) -> None:
 def _print_outputs(result: dict[str, Any]) -> None:
     root = result["root"]
     join = storage.join
-    lines = [
-        "",
-        f"run {result['run_id']} finished; everything is under {root}",
-        f"  questions (Parquet):       {join(root, 'decontaminate', 'questions')}",
-        f"  removed by decontam:       {join(root, 'decontaminate', 'removed')}",
-        f"  samples, all verdicts:     {join(root, 'distill', 'raw')}",
-        f"  samples, accepted:         {join(root, 'distill', 'accepted')}",
-        f"  mixture (train/validation): {join(root, 'mixture')}",
+    lines = ["", f"run {result['run_id']} finished; everything is under {root}"]
+    stage_outputs = [
+        ("questions (Parquet):", join(root, "decontaminate", "questions")),
+        ("removed by decontam:", join(root, "decontaminate", "removed")),
+        ("samples, all verdicts:", join(root, "distill", "raw")),
+        ("samples, accepted:", join(root, "distill", "accepted")),
+        ("mixture (train/validation):", join(root, "mixture")),
     ]
+    # Only what this run has produced (``--stage`` may have stopped early).
+    lines += [f"  {label:<27} {uri}" for label, uri in stage_outputs if storage.exists(uri)]
     export = result.get("export") or {}
     for fmt, splits in (export.get("datasets") or {}).items():
-        lines.append(f"  export {fmt + ':':<19} {storage.join(export['uri'], fmt)} ({', '.join(splits)})")
+        lines.append(f"  export {fmt + ':':<20} {storage.join(export['uri'], fmt)} ({', '.join(splits)})")
     train = result.get("train") or {}
     if train:
-        lines.append(f"  checkpoint:                {train.get('train', {}).get('checkpoint_uri')}")
+        lines.append(f"  checkpoint:                 {train.get('train', {}).get('checkpoint_uri')}")
         if train.get("evaluate"):
-            lines.append(f"  evaluation:                {train['evaluate'].get('output_uri')}")
+            lines.append(f"  evaluation:                 {train['evaluate'].get('output_uri')}")
     report = result.get("report") or {}
-    lines.append(f"  report:                    {report.get('report')} (plot: {report.get('plot')})")
+    lines.append(f"  report:                     {report.get('report')} (plot: {report.get('plot')})")
     if report.get("sandbox"):
         lines.append(
             "  NOTE: samples came from the SANDBOX teacher (teacher=sandbox): they are NOT model traces."

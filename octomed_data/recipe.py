@@ -313,6 +313,12 @@ class RunPaths:
     store: str
     run_id: str
 
+    def __post_init__(self) -> None:
+        # A relative local store ("./runs/demo") would put cwd-relative image paths into the
+        # Parquet outputs and exports, which break as soon as they are read from elsewhere.
+        if "://" not in self.store:
+            object.__setattr__(self, "store", os.path.abspath(self.store))
+
     @property
     def root(self) -> str:
         return storage.join(self.store, "runs", self.run_id)

@@ -341,3 +341,11 @@ def test_rerun_unknown_run_is_one_line_error(tmp_path, capsys):
     assert main(["rerun", "nope", "--shard", "0", "--store", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: no run 'nope'")
+
+
+def test_relative_store_becomes_absolute(tmp_path, monkeypatch):
+    """Image URIs in Parquet and exports derive from the store: never cwd-relative."""
+    monkeypatch.chdir(tmp_path)
+    paths = RunPaths("./runs/demo", "r")
+    assert paths.store == str(tmp_path / "runs" / "demo") and paths.root.startswith(str(tmp_path))
+    assert RunPaths("s3://bucket/x", "r").store == "s3://bucket/x"
