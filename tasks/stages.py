@@ -320,16 +320,10 @@ def distill_shard_task(
         return {"shard": shard, "reused": True}
 
     def run() -> dict[str, Any]:
-        from octomed_data.distill import is_shard_done
-        from octomed_data.distill.engine import _done_marker
         from tasks.ray_distill import distill_shard_ray
 
-        if is_shard_done(out, shard, config):
-            # Done marker without its committed outputs (deleted by hand): the engine trusts the
-            # marker alone, so drop it; the engine then rebuilds the shard from its journal.
-            get_run_logger().warning("distill shard %s: outputs missing; rebuilding them", shard)
-            fs, marker = storage.filesystem(_done_marker(out, shard))
-            fs.rm(marker)
+        # Outputs deleted by hand: is_shard_done is then false and the engine rebuilds them from its
+        # journal without re-requesting stored samples.
         report = distill_shard_ray(
             questions_uri, shard, out, config, address=ray_address, api_keys=resolve_api_keys(config)
         )

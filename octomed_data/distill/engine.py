@@ -125,7 +125,10 @@ def is_shard_done(out: str, shard: str, config: DistillConfig | None = None) -> 
     marker = storage.read_json(uri)
     if not marker.get("complete"):
         return False
-    return config is None or marker.get("fingerprint") == config_fingerprint(config)
+    if config is not None and marker.get("fingerprint") != config_fingerprint(config):
+        return False
+    # The marker alone is not enough: outputs deleted by hand are rebuilt from the journal.
+    return all(storage.Dataset(uri_of(out)).is_committed(shard) for uri_of in (raw_uri, accepted_uri))
 
 
 def sample_seed(base: int, question_id: str, sample_idx: int) -> int:
