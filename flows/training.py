@@ -10,9 +10,9 @@ from __future__ import annotations
 import importlib
 import os
 import tempfile
-from typing import Any
+from typing import Any, Literal
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.common import RunParams, configured, prepare, publish_markdown, publish_table
@@ -47,6 +47,13 @@ class TrainParams(BaseModel):
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     learning_rate: float | None = Field(None, gt=0)
     num_train_epochs: float | None = Field(None, gt=0)
+    launcher: Literal["auto", "inprocess", "torchrun", "deepspeed", "ray"] | None = Field(
+        None,
+        description="auto = torchrun on this node; ray = Ray Train across the cluster. Empty: the recipe's.",
+    )
+    processes: int | None = Field(
+        None, ge=1, description="Processes per node (Ray: workers). Empty: one per GPU."
+    )
     evaluate: bool = Field(True, description="Register the checkpoint and evaluate it afterwards.")
 
 
@@ -87,12 +94,28 @@ def train_config(recipe: Recipe, paths: RunPaths, params: TrainParams) -> Any:
 
 
 @task(name="train", retries=0)
-def train_task(config: Any) -> dict[str, Any]:
-    """DeepSpeed SFT (long and stateful: no automatic retry; re-run the flow instead)."""
-    from dataclasses import asdict
+def train_task(config: Any, launcher: str, processes: int | None, ray_address: str | None) -> dict[str, Any]:
+    """One SFT job: ``torchrun``/``deepspeed`` on this node, or Ray Train workers across a cluster.
 
-    sft = _training_module("training.sft")
-    return asdict(sft.train(config, progress=False))
+    Long and stateful, so no automatic retry: a re-run resumes from the last uploaded checkpoint.
+    """
+    logger = get_run_logger()
+    if launcher == "ray":
+        import torch
+
+        ray_train = _training_module("tasks.ray_train")
+        workers = processes or max(1, torch.cuda.device_count())
+        return ray_train.train_on_ray(
+            config, num_workers=workers, use_gpu=torch.cuda.is_available(), address=ray_address
+        )
+    launch = _training_module("training.launch")
+    return launch.launch_training(
+        config,
+        work_dir=os.path.join(config.work_dir, "job"),
+        launcher=launcher,
+        processes=processes,
+        on_line=logger.info,
+    )
 
 
 @task(name="register-checkpoint", **RETRY)
@@ -157,7 +180,12 @@ def train_flow(params: TrainParams = TrainParams()) -> dict[str, Any]:
     """SFT on the run's TRL export, then (by default) register and evaluate the checkpoint."""
     recipe, paths = prepare(params.run)
     config = train_config(recipe, paths, params)
-    result = train_task(config)
+    result = train_task(
+        config,
+        params.launcher or recipe.training.launcher,
+        params.processes or recipe.training.processes,
+        recipe.training.ray_address,
+    )
     publish_markdown(
         "training",
         paths,

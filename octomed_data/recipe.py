@@ -111,6 +111,11 @@ class TrainingSettings(BaseModel):
     enabled: bool = True
     tiny_model: Literal["text", "vl"] | None = None  # build a tiny random model offline (demo/tests)
     config: dict[str, Any] = Field(default_factory=dict)
+    # How the job starts: auto (= torchrun on this node), torchrun, deepspeed, inprocess, or ray
+    # (Ray Train workers across a cluster). processes: per node, or Ray workers; None = one per GPU.
+    launcher: Literal["auto", "inprocess", "torchrun", "deepspeed", "ray"] = "auto"
+    processes: int | None = Field(default=None, ge=1)
+    ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray
 
 
 class EvalSettings(BaseModel):

@@ -424,3 +424,189 @@ def test_vl_sft_from_trl_export_streaming_then_evaluate(tiny_text, tmp_path):
     # The text-only tiny checkpoint must refuse image questions instead of ignoring the images.
     with pytest.raises(ConfigError, match="3 of 3 selected questions have images"):
         evaluate(EvalConfig(checkpoint_uri=str(tiny_text), questions_uri=questions.uri), progress=False)
+
+
+# --------------------------------------------------------------------------- launchers, resume, Ray Train
+
+
+def test_shipped_zero2_and_zero3_recipes_validate(tmp_path):
+    """The paper's recipe as shipped configs: both ZeRO stages, 512 examples per step on 8 GPUs."""
+    for stage in (2, 3):
+        path = REPO / "training" / "configs" / f"octomed-7b-zero{stage}.yaml"
+        cfg = load_yaml_config(
+            path, TrainConfig, {"train_data": ["s3://b/export"], "output_uri": "s3://b/ck"}
+        )
+        assert cfg.zero_stage == stage and cfg.model_path == "Qwen/Qwen2.5-VL-7B-Instruct"
+        assert (cfg.num_train_epochs, cfg.learning_rate, cfg.lr_scheduler_type) == (3, 5e-5, "cosine")
+        assert (cfg.warmup_ratio, cfg.precision, cfg.max_pixels) == (0.1, "bf16", 262144)
+        plan = cfg.batch_plan(world_size=8)
+        assert plan.per_device_batch_size * plan.gradient_accumulation_steps * 8 == 512
+        assert deepspeed_config(cfg)["zero_optimization"]["stage"] == stage
+    # Without data/output the config is one clear line naming both.
+    with pytest.raises(ConfigError, match=r"train_data: Field required; output_uri: Field required"):
+        load_yaml_config(REPO / "training" / "configs" / "octomed-7b-zero3.yaml", TrainConfig)
+
+
+def test_resolve_model_folder_checkpoint_uri_and_hub_id(tiny_text, tmp_path, s3_bucket, monkeypatch):
+    from training.sft import resolve_model, upload_folder
+
+    assert resolve_model(str(tiny_text), tmp_path / "c1") == tiny_text
+    assert resolve_model(f"file://{tiny_text}", tmp_path / "c1") == tiny_text
+    uri = f"{s3_bucket}/models/tiny"
+    files = upload_folder(tiny_text, uri)
+    with pytest.raises(ConfigError, match="no checkpoint.json"):
+        resolve_model(uri, tmp_path / "c2")  # an upload without its marker is unfinished
+    storage.write_json(f"{uri}/checkpoint.json", {"files": files, "created_at": "t0"})
+    local = resolve_model(uri, tmp_path / "c2")
+    assert sorted(p.name for p in local.iterdir() if not p.name.startswith(".")) == sorted(files)
+    # Not in the HF cache, hub forbidden: one line, no traceback, no network.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ConfigError, match="cannot resolve model 'Qwen/Qwen2.5-VL-7B-Instruct'") as exc:
+        resolve_model("Qwen/Qwen2.5-VL-7B-Instruct", tmp_path / "c3")
+    assert "\n" not in str(exc.value)
+    with pytest.raises(ConfigError, match="not a local model folder"):
+        resolve_model(str(tmp_path / "nowhere"), tmp_path / "c4")
+
+
+def _launch_config(export_uri: str, model: Path, output_uri: str, tmp_path: Path, **kw) -> TrainConfig:
+    base = {
+        "train_data": [export_uri],
+        "model_path": str(model),
+        "output_uri": output_uri,
+        "global_batch_size": 8,
+        "per_device_batch_size": 2,  # x 2 processes -> gradient accumulation 2
+        "max_steps": 8,
+        "learning_rate": 2e-3,
+        "lr_scheduler_type": "constant",  # step t's loss depends only on steps before it
+        "warmup_ratio": 0.0,
+        "max_seq_len": 256,
+        "zero_stage": 3,
+        "logging_steps": 1,
+        "save_steps": 2,
+        "work_dir": str(tmp_path / "work"),
+    }
+    return TrainConfig(**(base | kw))
+
+
+@pytest.fixture(scope="module")
+def launch_export(tmp_path_factory) -> str:
+    export = storage.Dataset(str(tmp_path_factory.mktemp("launch") / "export"), LLAMAFACTORY_SCHEMA)
+    export.write_shard(0, _training_rows(16))
+    return export.uri
+
+
+@pytest.fixture(scope="module")
+def launch_bucket(s3_endpoint) -> str:
+    """One loopback S3 bucket shared by the launcher tests of this module."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, key="testing", secret="testing")
+    fs.mkdir("octomed-launch")
+    return "s3://octomed-launch"
+
+
+@pytest.fixture(scope="module")
+def reference_run(launch_export, tiny_text, tmp_path_factory, launch_bucket) -> dict:
+    """An uninterrupted 2-process ZeRO-3 run (torchrun, gloo) checkpointing to S3 every 2 steps."""
+    from training.launch import launch_training
+
+    s3_bucket = launch_bucket
+    tmp = tmp_path_factory.mktemp("reference")
+    config = _launch_config(launch_export, tiny_text, f"{s3_bucket}/launch/reference", tmp)
+    lines: list[str] = []
+    result = launch_training(
+        config, work_dir=tmp / "job", launcher="torchrun", processes=2, on_line=lines.append
+    )
+    return {"config": config, "result": result, "lines": lines}
+
+
+def test_torchrun_two_processes_zero3_checkpoints_on_s3(reference_run):
+    result, config = reference_run["result"], reference_run["config"]
+    assert result["steps"] == 8 and result["samples_seen"] == 8 * 8 and len(result["losses"]) == 8
+    assert all(math.isfinite(x) for x in result["losses"]) and result["losses"][-1] < result["losses"][0]
+    # Both ranks really ran: each rank's ZeRO-3 optimizer shard is uploaded with every checkpoint.
+    for step in (2, 4, 6, 8):
+        marker = storage.read_json(f"{config.output_uri}/checkpoints/checkpoint-{step}/checkpoint.json")
+        shards = [f for f in marker["files"] if f.startswith(f"global_step{step}/") and "optim_states" in f]
+        assert len(shards) == 2 and marker["world_size"] == 2 and marker["step"] == step
+    final = storage.read_json(f"{config.output_uri}/checkpoint.json")
+    assert final["final"] and final["zero_stage"] == 3 and "model.safetensors" in final["files"]
+
+
+def test_killed_job_resumes_from_s3_with_identical_losses(reference_run, launch_export, tiny_text, tmp_path):
+    """SIGKILL the whole job after a checkpoint reached S3; the re-run resumes and matches the reference."""
+    import signal
+
+    from training.launch import _child_env, job_command, launch_training
+
+    ref = reference_run["config"]
+    config = _launch_config(launch_export, tiny_text, ref.output_uri.replace("reference", "killed"), tmp_path)
+    assert config.config_hash() == ref.config_hash()  # same job, another place
+    config_path = tmp_path / "train.yaml"
+    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    cmd = job_command(config_path, tmp_path / "r.json", launcher="torchrun", processes=2)
+    proc = subprocess.Popen(
+        cmd,
+        env=_child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    logged_steps = 0
+    for line in proc.stdout:  # rank 0 logs each step's loss; step 3's comes after checkpoint-2 is on S3
+        logged_steps += "'loss':" in line
+        if logged_steps == 3:
+            os.killpg(proc.pid, signal.SIGKILL)  # launcher and both workers, mid-run
+            break
+    proc.wait()
+    proc.stdout.close()
+    assert logged_steps == 3
+    assert storage.exists(f"{config.output_uri}/checkpoints/checkpoint-2/checkpoint.json")
+    assert not storage.exists(f"{config.output_uri}/checkpoint.json")
+
+    # The re-run starts from a fresh local work folder: what it resumes from comes from S3.
+    resumed = launch_training(
+        config.model_copy(update={"work_dir": str(tmp_path / "work2")}),
+        work_dir=tmp_path / "job2",
+        launcher="torchrun",
+        processes=2,
+    )
+    k = resumed["resumed_from_step"]
+    assert k in (2, 4) and resumed["steps"] == 8 and resumed["samples_seen"] == (8 - k) * 8
+    # Same data order and state: every step after the resume has the reference's loss.
+    np.testing.assert_allclose(resumed["losses"], reference_run["result"]["losses"], rtol=1e-5)
+
+
+def test_ray_train_two_workers_matches_torchrun(ray_local, reference_run, launch_export, tiny_text, tmp_path):
+    """Ray Train (2 CPU workers, gloo) runs the same SFT: the same losses as torchrun, step for step."""
+    from tasks.ray_train import train_on_ray
+
+    ref = reference_run["config"]
+    config = _launch_config(
+        launch_export,
+        tiny_text,
+        ref.output_uri.replace("reference", "ray"),
+        tmp_path,
+        max_steps=4,
+        save_steps=None,
+    )
+    result = train_on_ray(config, num_workers=2, cpus_per_worker=0.5, storage_path=str(tmp_path / "ray"))
+    assert result["steps"] == 4 and result["samples_seen"] == 4 * 8
+    np.testing.assert_allclose(result["losses"], reference_run["result"]["losses"][:4], rtol=1e-5)
+    assert storage.read_json(f"{config.output_uri}/checkpoint.json")["world_size"] == 2
+
+
+def test_failed_job_is_one_line(launch_export, tiny_text, tmp_path):
+    from training.launch import TrainingFailed, launch_training
+
+    config = _launch_config(launch_export, tiny_text, str(tmp_path / "out"), tmp_path, max_seq_len=16)
+    bad = config.model_copy(update={"model_path": str(tmp_path)})  # no config.json: fails inside the job
+    with pytest.raises(
+        TrainingFailed, match=r"exited with code \d+: model_path .* is not a local model"
+    ) as exc:
+        launch_training(bad, work_dir=tmp_path / "job", launcher="torchrun", processes=1)
+    assert "\n" not in str(exc.value)
+    with pytest.raises(ConfigError, match="not a multiple"):
+        launch_training(config, work_dir=tmp_path / "job", launcher="torchrun", processes=3)

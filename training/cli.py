@@ -10,17 +10,37 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the training commands to the ``octomed-data`` parser."""
     p = subparsers.add_parser("train", help="SFT a model on an exported mixture (HF Trainer + DeepSpeed)")
-    p.add_argument("--config", required=True, help="TrainConfig YAML")
+    p.add_argument(
+        "--config", required=True, help="TrainConfig YAML (e.g. training/configs/octomed-7b-zero3.yaml)"
+    )
+    p.add_argument("--train-data", nargs="+", default=None, help="export folder(s) or Parquet file(s)")
+    p.add_argument("--output-uri", default=None, help="where checkpoints go (local or s3://)")
+    p.add_argument("--model", default=None, help="model folder, checkpoint URI or HF model id")
     p.add_argument("--max-steps", type=int, default=None, help="override max_steps (smoke runs)")
     p.add_argument(
-        "--launch-line", type=int, metavar="NUM_GPUS", default=None, help="print the launch command"
+        "--launcher",
+        choices=["auto", "inprocess", "torchrun", "deepspeed"],
+        default="auto",
+        help="auto = torchrun with one process per GPU (1 on CPU)",
     )
-    p.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
+    p.add_argument("--processes", type=int, default=None, help="processes on this node (default: GPUs)")
+    p.add_argument(
+        "--launch-line",
+        type=int,
+        metavar="NUM_GPUS",
+        default=None,
+        help="print the command for NUM_GPUS per node (with --nodes) instead of running",
+    )
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--master-addr", default=None)
+    p.add_argument("--hostfile", default=None)
+    p.add_argument("--print-deepspeed-config", action="store_true", help="print the DeepSpeed JSON and exit")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_train)
 
@@ -41,16 +61,52 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     from training.config import TrainConfig, load_yaml_config
 
-    config = load_yaml_config(args.config, TrainConfig, {"max_steps": args.max_steps})
+    overrides = {
+        "max_steps": args.max_steps,
+        "train_data": args.train_data,
+        "output_uri": args.output_uri,
+        "model_path": args.model,
+    }
+    config = load_yaml_config(args.config, TrainConfig, overrides)
+    if args.print_deepspeed_config:
+        from training.sft import deepspeed_config
+
+        print(json.dumps(deepspeed_config(config), indent=2))
+        return 0
     if args.launch_line is not None:
+        from octomed_data.errors import ConfigError
         from training.sft import launch_command
 
-        print(shlex.join(launch_command(args.config, num_gpus=args.launch_line, launcher=args.launcher)))
-        return 0
-    from training.sft import train
+        if args.train_data or args.output_uri or args.model or args.max_steps:
+            raise ConfigError(
+                "--launch-line runs the YAML as it is: put train_data/output_uri/model_path in it"
+            )
 
-    result = train(config, progress=not args.no_progress)
-    print(json.dumps(result.to_dict()))
+        launcher = "deepspeed" if args.launcher in ("auto", "deepspeed") else args.launcher
+        cmd = launch_command(
+            args.config,
+            num_gpus=args.launch_line,
+            num_nodes=args.nodes,
+            launcher=launcher,
+            master_addr=args.master_addr,
+            hostfile=args.hostfile,
+        )
+        print(shlex.join(cmd))
+        return 0
+    import tempfile
+
+    from training.launch import launch_training
+
+    work = config.work_dir or tempfile.mkdtemp(prefix="octomed-train-")
+    result = launch_training(
+        config,
+        work_dir=f"{work}/job",
+        launcher=args.launcher,
+        processes=args.processes,
+        on_line=lambda line: print(line, file=sys.stderr),
+        progress=not args.no_progress,
+    )
+    print(json.dumps(result))
     return 0
 
 

@@ -1,9 +1,9 @@
 """Typed configuration for SFT and evaluation, loadable from YAML.
 
 Defaults follow the OctoMed recipe (arXiv 2511.23269): full SFT of Qwen2.5-VL-7B-Instruct for
-3 epochs at a global batch of 512 sequences, learning rate 5e-5 on a cosine schedule, DeepSpeed
-ZeRO-3, bf16 on GPU, images capped at 262144 pixels. The warmup ratio and sequence length are
-not fixed by the brief; the defaults here are common choices for long reasoning traces.
+3 epochs at a global batch of 512 sequences, learning rate 5e-5 on a cosine schedule with warmup
+ratio 0.1, DeepSpeed ZeRO-3, bf16 on GPU, images capped at 262144 pixels. The sequence length is
+not fixed by the paper; 16384 tokens fits long reasoning traces.
 
 The global batch is a contract, not a hint: ``per_device_batch_size * grad_accum * world_size``
 must equal ``global_batch_size`` exactly, and :meth:`TrainConfig.batch_plan` says clearly when the
@@ -45,7 +45,9 @@ class TrainConfig(BaseModel):
     # Data: the TRL conversational export (Parquet with `messages` [{role, content}] and `images` [uri]).
     # Each entry is a dataset folder (with a manifest), a folder of *.parquet, or one Parquet file.
     train_data: list[str] = Field(min_length=1)
-    model_path: str  # a local folder loadable with from_pretrained (no hub downloads)
+    # A local model folder, a finished checkpoint URI (s3://, file:// with checkpoint.json) or a
+    # Hugging Face model id (resolved through the local HF cache; downloaded only where the hub is reachable).
+    model_path: str
     output_uri: str  # where the final checkpoint (and checkpoint.json) is uploaded: local or s3://
     work_dir: str | None = None  # local staging folder for checkpoints; default: a temp folder
 
@@ -54,7 +56,7 @@ class TrainConfig(BaseModel):
     per_device_batch_size: int = 1
     learning_rate: float = 5e-5
     lr_scheduler_type: str = "cosine"
-    warmup_ratio: float = Field(default=0.05, ge=0.0, lt=1.0)
+    warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     max_seq_len: int = Field(default=16384, ge=16)
@@ -69,7 +71,9 @@ class TrainConfig(BaseModel):
     shuffle_buffer: int = 10_000  # streaming only
     seed: int = 42
     logging_steps: int = 10
-    save_steps: int | None = None  # intermediate checkpoints every N steps (uploaded too)
+    # Intermediate checkpoints every N steps, uploaded to output_uri/checkpoints; None: only the final one.
+    save_steps: int | None = Field(default=250, ge=1)
+    save_total_limit: int | None = Field(default=2, ge=1)  # local copies kept (the store keeps every upload)
     resume: bool = True  # continue from the latest uploaded intermediate checkpoint of the same config
     dataloader_num_workers: int = 0
 
@@ -130,6 +134,7 @@ class TrainConfig(BaseModel):
                 "logging_steps",
                 "dataloader_num_workers",
                 "save_steps",
+                "save_total_limit",
                 "resume",
             }
         )

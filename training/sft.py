@@ -17,10 +17,12 @@ reads RANK/WORLD_SIZE from the launcher. Without a launcher, single-process defa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import sys
@@ -104,14 +106,55 @@ def is_vision_model(model_path: str | Path) -> bool:
 
 
 def check_model_path(model_path: str) -> Path:
-    """A local model folder; a URI or a hub name is refused (no downloads in this project)."""
+    """A local model folder with ``config.json``; anything else is one clear error."""
     path = Path(model_path)
     if "://" in model_path or not (path / "config.json").is_file():
         raise ConfigError(
             f"model_path {model_path!r} is not a local model folder with config.json "
-            "(models are never downloaded; build one with `python -m training.tiny` or copy weights locally)"
+            "(give a folder, a finished checkpoint URI, or a Hugging Face model id)"
         )
     return path
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model(model: str, cache_dir: Path) -> Path:
+    """A local folder holding ``model``: a folder is used in place, a finished checkpoint URI
+    (``s3://``/``file://``, with ``checkpoint.json``) is downloaded into ``cache_dir``, and a Hugging Face
+    model id (``Qwen/Qwen2.5-VL-7B-Instruct``) comes from the local HF cache, or from the hub where it is
+    reachable (``HF_HUB_OFFLINE=1`` forbids that). Whatever fails is one :class:`ConfigError` line.
+    """
+    if "://" in model and not model.startswith("file://"):
+        marker_uri = storage.join(model, CHECKPOINT_MARKER)
+        if not storage.exists(marker_uri):
+            raise ConfigError(f"no {CHECKPOINT_MARKER} at {model}: not a finished checkpoint")
+        marker = storage.read_json(marker_uri)
+        local = cache_dir / "checkpoint"
+        done = local / ".complete"
+        if not done.is_file() or done.read_text() != marker.get("created_at", ""):
+            download_folder(model, marker.get("files") or [], local)
+            done.write_text(marker.get("created_at", ""))
+        return check_model_path(str(local))
+    path = Path(model.removeprefix("file://"))
+    if path.exists() or not _HUB_ID.match(model):
+        return check_model_path(str(path))
+    try:
+        from huggingface_hub import snapshot_download
+
+        return check_model_path(snapshot_download(model, allow_patterns=_MODEL_FILES))
+    except ConfigError:
+        raise
+    except Exception as exc:  # offline, unknown repo, gated model, no network
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"cannot resolve model {model!r} from the Hugging Face cache or hub ({type(exc).__name__}: "
+            f"{first[:200]}); download it where the hub is reachable and give the local folder"
+        ) from None
+
+
+# What a from_pretrained load needs: weights, configs, tokenizer and processor files.
+_MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.py"]
 
 
 def load_model_and_processors(model_path: str | Path, torch_dtype: Any = None):
@@ -217,7 +260,9 @@ def launch_command(
         return cmd + ["--module", "training.sft", "--config", config_path]
     if launcher == "torchrun":
         cmd = ["torchrun", "--nproc_per_node", str(num_gpus), "--nnodes", str(num_nodes)]
-        if num_nodes > 1:
+        if num_nodes == 1:
+            cmd.insert(1, "--standalone")  # private rendezvous on a free port
+        else:
             if not master_addr:
                 raise ConfigError("a multi-node torchrun launch needs master_addr")
             cmd += ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"{master_addr}:{master_port}"]
@@ -248,22 +293,67 @@ def _upload_callback(output_uri: str, meta: dict[str, Any]):
     from transformers import TrainerCallback
 
     class UploadCheckpoints(TrainerCallback):
-        """Uploads each intermediate checkpoint Trainer saves (rank 0), marker last."""
+        """Uploads each intermediate checkpoint Trainer saves; the marker goes last.
+
+        Every node's local rank 0 uploads what its node wrote (with several nodes, ZeRO shards are
+        spread over their local disks), then global rank 0 lists the upload and writes the marker.
+        """
 
         def on_save(self, args, state, control, **kwargs):
-            if not state.is_world_process_zero:
-                return
             local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if local.is_dir():
-                dest = storage.join(output_uri, "checkpoints", local.name)
-                files = upload_folder(local, dest)
+            dest = storage.join(output_uri, "checkpoints", local.name)
+            if state.is_local_process_zero and local.is_dir():
+                upload_folder(local, dest)
+            _barrier()
+            if state.is_world_process_zero:
                 loss = next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None)
                 storage.write_json(
                     storage.join(dest, CHECKPOINT_MARKER),
-                    {**meta, "step": state.global_step, "loss": loss, "final": False, "files": files},
+                    {
+                        **meta,
+                        "step": state.global_step,
+                        "loss": loss,
+                        "final": False,
+                        "files": list_files(dest),
+                    },
                 )
+            _barrier()
 
     return UploadCheckpoints()
+
+
+@contextlib.contextmanager
+def _node_lock(path: Path):
+    """An exclusive lock among the processes of one node (an flock on a file in the work folder)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def list_files(uri: str) -> list[str]:
+    """Every file under ``uri``, as sorted paths relative to it."""
+    fs, base = storage.filesystem(uri)
+    base = base.rstrip("/")
+    try:
+        found = fs.find(base)
+    except Exception as exc:
+        raise ConfigError(storage.describe_error(uri, exc)) from None
+    return sorted(
+        p[len(base) + 1 :] for p in found if p.startswith(base + "/") and CHECKPOINT_MARKER not in p
+    )
 
 
 def latest_resumable(
@@ -352,20 +442,11 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     # torch.distributed warns on every ZeRO collective about renamed APIs DeepSpeed still calls.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     started = time.time()
-    model_path = check_model_path(config.model_path)
     files = resolve_data_files(config.train_data)
     check_columns(files)
     rows = sum(f.rows for f in files)
     if rows == 0:
         raise ConfigError(f"training data {config.train_data} has no rows")
-    vision = is_vision_model(model_path)
-    if not vision:
-        with_images = count_rows_with_images(files)
-        if with_images:
-            raise ConfigError(
-                f"{with_images} of {rows} training rows have images but the model at {model_path} is "
-                "text-only; train a vision-language model or export a text-only mixture"
-            )
     plan = config.batch_plan()
     storage.ensure_writable(config.output_uri)
 
@@ -376,10 +457,23 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     cuda = torch.cuda.is_available()
     precision = config.resolved_precision(cuda)
     rank = int(os.environ.get("RANK", "0"))
-    work_dir = Path(config.work_dir or tempfile.mkdtemp(prefix="octomed-sft-"))
+    # Every process of a job must agree on the work folder (ZeRO writes its shards there).
+    default_work = Path(tempfile.gettempdir()) / f"octomed-sft-{config.config_hash()}"
+    work_dir = Path(config.work_dir) if config.work_dir else default_work
     work_dir.mkdir(parents=True, exist_ok=True)
     ds_config = deepspeed_config(config) if config.zero_stage > 0 else None
-
+    # Before TrainingArguments: the full model is loaded on each process and partitioned when the
+    # DeepSpeed engine starts (after it, ZeRO-3 would partition at load with a world size not yet known).
+    with _node_lock(work_dir / ".resolve-model.lock"):  # one download per node; the others reuse it
+        model_path = resolve_model(config.model_path, work_dir / "base-model")
+    vision = is_vision_model(model_path)
+    if not vision:
+        with_images = count_rows_with_images(files)
+        if with_images:
+            raise ConfigError(
+                f"{with_images} of {rows} training rows have images but the model at {model_path} is "
+                "text-only; train a vision-language model or export a text-only mixture"
+            )
     model, tokenizer, image_processor = load_model_and_processors(model_path)
     if config.gradient_checkpointing:
         model.config.use_cache = False
@@ -409,6 +503,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         logging_first_step=True,
         save_strategy="steps" if config.save_steps else "no",
         save_steps=config.save_steps or 500,
+        save_total_limit=config.save_total_limit,
         report_to="none",
         deepspeed=ds_config,
         seed=config.seed,
@@ -588,6 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     # The deepspeed launcher appends --local_rank; LOCAL_RANK in the environment is what is used.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--result-file", default=None, help="rank 0 writes the TrainResult JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -597,7 +693,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(result.to_dict()))
+        text = json.dumps(result.to_dict())
+        if args.result_file:
+            Path(args.result_file).write_text(text)
+        print(text)
     return 0
 
 

@@ -1,0 +1,207 @@
+"""Start an SFT job the way a cluster would: a launcher command, one process per GPU, on one node.
+
+The train flow calls :func:`launch_training`; it writes the :class:`TrainConfig` as YAML into the
+job's work folder, runs ``torchrun`` (default) or ``deepspeed`` over ``python -m training.sft`` with
+``--nproc_per_node`` processes, streams every output line to the caller's logger, and returns the
+:class:`~training.sft.TrainResult` that rank 0 wrote. A failed job is one :class:`TrainingFailed`
+line naming the launcher and the last error line, not a wall of worker tracebacks.
+
+Several nodes go through Ray Train (``tasks/ray_train.py``), which starts the same
+:func:`training.sft.train` in each worker.
+
+``inprocess`` runs :func:`training.sft.train` in the calling process (one process, no launcher):
+quick for a laptop or a test, but DeepSpeed then shares the flow's process.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from octomed_data.errors import ConfigError, OctomedError
+from training.config import TrainConfig
+
+Launcher = Literal["auto", "inprocess", "torchrun", "deepspeed"]
+LAUNCHERS: tuple[str, ...] = ("auto", "inprocess", "torchrun", "deepspeed")
+
+# Variables a launcher sets per process; inherited from a parent job they would confuse the child.
+_DIST_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+)
+
+
+class TrainingFailed(OctomedError):
+    """The training job exited with an error."""
+
+
+def default_processes() -> int:
+    """One process per visible GPU; one on a CPU-only machine."""
+    import torch
+
+    return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _program(name: str) -> str:
+    """The launcher script of this interpreter's environment (a venv's, not whatever is on PATH)."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.is_file() else name
+
+
+def job_command(
+    config_path: Path, result_path: Path, *, launcher: str, processes: int, progress: bool = False
+) -> list[str]:
+    """The command line that runs ``training.sft`` with ``processes`` processes on this node."""
+    tail = ["--config", str(config_path), "--result-file", str(result_path)]
+    if not progress:
+        tail.append("--no-progress")
+    port = str(_free_port())
+    if launcher == "torchrun":
+        # --standalone: a private rendezvous on a free port, so two jobs on one node never collide.
+        return [
+            _program("torchrun"),
+            "--standalone",
+            "--nproc_per_node",
+            str(processes),
+            "-m",
+            "training.sft",
+        ] + tail
+    if launcher == "deepspeed":
+        return [
+            _program("deepspeed"),
+            "--num_gpus",
+            str(processes),
+            "--master_port",
+            port,
+            "--module",
+            "training.sft",
+        ] + tail
+    raise ConfigError(f"unknown launcher {launcher!r}; choose one of {', '.join(LAUNCHERS)}")
+
+
+def _child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+    # The job must import this checkout's training package whether or not it is installed.
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def launch_training(
+    config: TrainConfig,
+    *,
+    work_dir: str | Path,
+    launcher: str = "auto",
+    processes: int | None = None,
+    on_line: Callable[[str], None] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Run one SFT job and return its TrainResult as a dict.
+
+    ``launcher``: ``auto`` (= ``torchrun``), ``torchrun``, ``deepspeed`` or ``inprocess``.
+    ``processes``: processes on this node (default: one per GPU, 1 on CPU). ``on_line`` receives
+    every output line of the job (a Prefect logger's ``info`` in the flow).
+    """
+    if launcher not in LAUNCHERS:
+        raise ConfigError(f"unknown launcher {launcher!r}; choose one of {', '.join(LAUNCHERS)}")
+    processes = processes or default_processes()
+    if processes < 1:
+        raise ConfigError(f"processes must be >= 1, got {processes}")
+    config.batch_plan(processes)  # a batch the job can't reach fails here, before anything starts
+    if launcher == "inprocess":
+        if processes != 1:
+            raise ConfigError("the inprocess launcher runs one process; use torchrun for several")
+        from training.sft import train
+
+        return train(config, progress=progress).to_dict()
+    launcher = "torchrun" if launcher == "auto" else launcher
+
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    config_path = work / "train-config.yaml"
+    result_path = work / "train-result.json"
+    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    result_path.unlink(missing_ok=True)  # never report an earlier job's result
+    cmd = job_command(config_path, result_path, launcher=launcher, processes=processes, progress=progress)
+    tail: collections.deque[str] = collections.deque(maxlen=60)
+    root_cause: str | None = None  # the first worker failure: later lines are the launcher's echo
+    try:
+        proc = subprocess.Popen(
+            cmd,
+            env=_child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            start_new_session=True,  # the whole job (launcher + workers) can be stopped as one group
+        )
+    except FileNotFoundError:
+        raise ConfigError(
+            f"launcher {cmd[0]!r} not found; install torch/deepspeed in this environment"
+        ) from None
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            root_cause = root_cause or _root_cause(line)
+            if on_line is not None:
+                on_line(line)
+        rc = proc.wait()
+    except BaseException:
+        # Cancelled flow run or Ctrl-C: stop every worker, not just the launcher.
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        raise
+    if rc != 0 or not result_path.is_file():
+        raise TrainingFailed(
+            f"training job ({launcher}, {processes} process(es)) exited with code {rc}: "
+            f"{(root_cause or _last_error(tail))[:500]}"
+        )
+    return json.loads(result_path.read_text())
+
+
+_RANK_ERROR = re.compile(r"^\[rank\d+\]:\s+(?P<msg>[\w.]*(?:Error|Exception|Exit)\w*:.*)$")
+
+
+def _root_cause(line: str) -> str | None:
+    """A worker's own failure in one line: its ``error:`` line or the exception a rank died of."""
+    if line.startswith("error: ") or "]: error: " in line:
+        return line[line.index("error: ") + len("error: ") :].strip()
+    m = _RANK_ERROR.match(line.strip())
+    return m.group("msg").strip() if m else None
+
+
+def _last_error(lines: collections.deque[str]) -> str:
+    """The most telling line of a failed job when no worker named its own error."""
+    for line in reversed(lines):
+        stripped = line.strip()
+        if stripped and (stripped.split(":")[0].endswith(("Error", "Exception")) or "Error:" in stripped):
+            return stripped[-400:]
+    return next((s.strip()[-400:] for s in reversed(lines) if s.strip()), "no output")
