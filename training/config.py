@@ -72,6 +72,10 @@ class TrainConfig(BaseModel):
     save_steps: int | None = None  # intermediate checkpoints every N steps (uploaded too)
     resume: bool = True  # continue from the latest uploaded intermediate checkpoint of the same config
     dataloader_num_workers: int = 0
+    # Sequence packing (training.packing): several examples per max_seq_len row, isolated from
+    # each other; global_batch_size then counts examples, not rows.
+    packing: bool = True
+    packing_window: int = Field(default=4096, ge=1)  # examples bin-packed together (and streaming buffer)
 
     @field_validator("train_data", mode="before")
     @classmethod
