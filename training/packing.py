@@ -242,10 +242,14 @@ class LengthModel:
             return min(len(input_ids), self.max_seq_len)  # text rows were truncated when encoded
         if self.image_processor is None:
             raise RecordError("images_for_text_model", "row has images but the model has no image processor")
-        counts = [image_token_count(*image_size(ref), self.image_processor, self.max_pixels) for ref in images]
+        counts = [
+            image_token_count(*image_size(ref), self.image_processor, self.max_pixels) for ref in images
+        ]
         positions = [i for i, t in enumerate(input_ids) if t == self.image_token_id]
         if len(positions) != len(counts):
-            raise RecordError("image_count_mismatch", f"{len(positions)} image tokens for {len(counts)} images")
+            raise RecordError(
+                "image_count_mismatch", f"{len(positions)} image tokens for {len(counts)} images"
+            )
         extra = sum(counts) - len(counts)
         total = len(input_ids) + extra
         last_image_end = positions[-1] + extra + 1
@@ -262,7 +266,9 @@ class LengthModel:
         return min(total, self.max_seq_len)
 
 
-def example_lengths(dataset: Any, length_model: LengthModel, batch_size: int = 4096) -> tuple[np.ndarray, Counter]:
+def example_lengths(
+    dataset: Any, length_model: LengthModel, batch_size: int = 4096
+) -> tuple[np.ndarray, Counter]:
     """Token count of every example of an encoded ``datasets.Dataset`` (streamed in Arrow batches).
 
     Text rows cost nothing but their list lengths; only rows with images are read in Python
@@ -277,7 +283,9 @@ def example_lengths(dataset: Any, length_model: LengthModel, batch_size: int = 4
         n = table.num_rows
         token_counts = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
         lengths[start : start + n] = np.minimum(token_counts, length_model.max_seq_len)
-        image_counts = pc.list_value_length(table.column("images")).fill_null(0).to_numpy(zero_copy_only=False)
+        image_counts = (
+            pc.list_value_length(table.column("images")).fill_null(0).to_numpy(zero_copy_only=False)
+        )
         for i in np.flatnonzero(image_counts > 0).tolist():
             row = table.slice(i, 1).to_pylist()[0]
             try:
@@ -355,9 +363,7 @@ def iter_packs(
         yield from flush()
 
 
-def streaming_packed_dataset(
-    source: Any, length_model: LengthModel, *, seed: int, window: int
-) -> Any:
+def streaming_packed_dataset(source: Any, length_model: LengthModel, *, seed: int, window: int) -> Any:
     """A torch ``IterableDataset`` of packs over a streaming ``datasets.IterableDataset``.
 
     ``errors`` on the returned object counts skipped examples by reason, as they stream past.

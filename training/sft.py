@@ -38,7 +38,6 @@ import pyarrow.compute as pc
 from octomed_data import storage
 from octomed_data.errors import ConfigError, OctomedError
 from training.config import TrainConfig, load_yaml_config
-from training.packing import build_packed_data
 from training.data import (
     RowEncoder,
     SFTCollator,
@@ -47,6 +46,7 @@ from training.data import (
     encoded_features,
     resolve_data_files,
 )
+from training.packing import build_packed_data
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,9 @@ def _trainer_class():
             # Packed batches say how many examples their rows hold; it is no model input.
             examples = inputs.pop("num_examples", None)
             if model.training:
-                self.samples_seen_local += int(examples if examples is not None else inputs["input_ids"].shape[0])
+                self.samples_seen_local += int(
+                    examples if examples is not None else inputs["input_ids"].shape[0]
+                )
             return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
 
     return CountingTrainer
@@ -479,7 +481,9 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         skipped = dict(Counter(skipped) + packed.errors)
         updates: dict[str, Any] = {"gradient_accumulation_steps": packed.plan.gradient_accumulation_steps}
         if config.streaming and not config.max_steps:
-            updates["max_steps"] = max(1, math.ceil(rows * config.num_train_epochs / packed.plan.examples_per_step))
+            updates["max_steps"] = max(
+                1, math.ceil(rows * config.num_train_epochs / packed.plan.examples_per_step)
+            )
         # replace() re-runs __post_init__, which re-derives DeepSpeed's "auto" batch sizes.
         args = dataclasses.replace(args, **updates)
     else:
@@ -530,7 +534,10 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     )
     final_loss = losses[-1] if losses else None
     if config.streaming:
-        skipped, truncated = dict(encoder.errors + (packed.errors if packed else Counter())), encoder.truncated
+        skipped, truncated = (
+            dict(encoder.errors + (packed.errors if packed else Counter())),
+            encoder.truncated,
+        )
 
     final_dir = work_dir / "final"
     trainer.save_model(str(final_dir))  # every rank takes part (ZeRO-3 gathers the weights)
