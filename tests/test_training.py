@@ -95,10 +95,12 @@ def test_global_batch_512_math(monkeypatch):
     assert plan.per_device_batch_size * plan.gradient_accumulation_steps * plan.world_size == 512
     monkeypatch.setenv("WORLD_SIZE", "16")  # what a launcher sets
     assert TrainConfig(**base, per_device_batch_size=2).batch_plan().gradient_accumulation_steps == 16
+    # Padded batches must divide 512 exactly; packed ones are planned from examples per pack.
     with pytest.raises(ConfigError, match="not a multiple of per_device_batch_size 3 x world_size 8"):
-        TrainConfig(**base, per_device_batch_size=3).batch_plan(world_size=8)
+        TrainConfig(**base, per_device_batch_size=3, packing=False).batch_plan(world_size=8)
     with pytest.raises(ConfigError, match="not a multiple"):
-        TrainConfig(**base, per_device_batch_size=1).batch_plan(world_size=24)
+        TrainConfig(**base, per_device_batch_size=1, packing=False).batch_plan(world_size=24)
+    assert TrainConfig(**base, per_device_batch_size=1).batch_plan(world_size=24).world_size == 24
     assert cfg.resolved_precision(cuda_available=False) == "fp32"
     assert cfg.resolved_precision(cuda_available=True) == "bf16"
     with pytest.raises(ConfigError, match="needs a GPU"):
@@ -242,7 +244,7 @@ def test_text_model_refuses_multimodal_rows_and_bad_paths(tiny_text, tmp_path):
     with pytest.raises(ConfigError, match="1 of 1 training rows have images but the model .* is text-only"):
         train(cfg)
     with pytest.raises(ConfigError, match="not a local model folder"):
-        train(cfg.model_copy(update={"model_path": "Qwen/Qwen2.5-VL-7B-Instruct"}))
+        train(cfg.model_copy(update={"model_path": str(tmp_path / "no-model")}))
     with pytest.raises(ConfigError, match="no Parquet files"):
         train(cfg.model_copy(update={"train_data": [str(tmp_path / "empty")]}))
 
@@ -608,5 +610,6 @@ def test_failed_job_is_one_line(launch_export, tiny_text, tmp_path):
     ) as exc:
         launch_training(bad, work_dir=tmp_path / "job", launcher="torchrun", processes=1)
     assert "\n" not in str(exc.value)
+    unpacked = config.model_copy(update={"packing": False})  # packed plans round; padded ones must divide
     with pytest.raises(ConfigError, match="not a multiple"):
-        launch_training(config, work_dir=tmp_path / "job", launcher="torchrun", processes=3)
+        launch_training(unpacked, work_dir=tmp_path / "job", launcher="torchrun", processes=3)

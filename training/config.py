@@ -76,6 +76,10 @@ class TrainConfig(BaseModel):
     save_total_limit: int | None = Field(default=2, ge=1)  # local copies kept (the store keeps every upload)
     resume: bool = True  # continue from the latest uploaded intermediate checkpoint of the same config
     dataloader_num_workers: int = 0
+    # Sequence packing (training.packing): several examples per max_seq_len row, isolated from
+    # each other; global_batch_size then counts examples, not rows.
+    packing: bool = True
+    packing_window: int = Field(default=4096, ge=1)  # examples bin-packed together (and streaming buffer)
 
     @field_validator("train_data", mode="before")
     @classmethod
@@ -104,6 +108,16 @@ class TrainConfig(BaseModel):
         if ws < 1:
             raise ConfigError(f"world size must be >= 1, got {ws}")
         per_step = self.per_device_batch_size * ws
+        if self.packing:
+            # With packing a micro-batch holds packs of several examples: the packed plan
+            # (training.packing.packed_batch_plan) sets accumulation from the measured examples per
+            # pack, so only a first estimate is needed here.
+            return BatchPlan(
+                global_batch_size=self.global_batch_size,
+                per_device_batch_size=self.per_device_batch_size,
+                gradient_accumulation_steps=max(1, round(self.global_batch_size / per_step)),
+                world_size=ws,
+            )
         if self.global_batch_size % per_step:
             raise ConfigError(
                 f"global_batch_size {self.global_batch_size} is not a multiple of "

@@ -334,47 +334,78 @@ class SFTCollator:
         if pixel_values:
             batch["pixel_values"] = torch.cat(pixel_values, dim=0)
             batch["image_grid_thw"] = torch.cat(grids, dim=0)
+            # Without the token types Qwen2.5-VL cannot locate the images and silently falls
+            # back to 1-D positions for them instead of its 3-D (mrope) positions.
+            batch["mm_token_type_ids"] = (input_ids == self.image_token_id).to(torch.int32)
         return batch
 
     def _expand_images(self, ids: list[int], labels: list[int], refs: list[dict[str, Any]]):
-        from PIL import Image
+        return expand_images(  # shared with the packed collator
+            ids, labels, refs, self.image_processor, self.image_token_id, self.max_pixels, self.max_seq_len
+        )
 
-        images = []
-        for ref in refs:
-            data = ref.get("bytes") or storage.read_bytes(ref["path"])
-            with Image.open(io.BytesIO(data)) as im:
-                images.append(_fit_pixels(im.convert("RGB"), self.max_pixels))
-        out = self.image_processor(images=images, return_tensors="pt")
-        grid = out["image_grid_thw"]
-        merge = getattr(self.image_processor, "merge_size", 2) or 2
-        counts = [int(g.prod()) // (merge * merge) for g in grid]
-        positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
-        if len(positions) != len(counts):
-            raise ConfigError(f"{len(positions)} image tokens in the text for {len(counts)} images")
-        new_ids: list[int] = []
-        new_labels: list[int] = []
-        prev = 0
-        for pos, n in zip(positions, counts, strict=True):
-            new_ids += ids[prev:pos] + [self.image_token_id] * n
-            new_labels += labels[prev:pos] + [IGNORE_INDEX] * n
-            prev = pos + 1
-        new_ids += ids[prev:]
-        new_labels += labels[prev:]
-        # Truncation may only cut text after the last image: cutting through image tokens
-        # would desynchronise the text from the patches.
-        last_image = len(new_ids) - 1 - new_ids[::-1].index(self.image_token_id)
-        if last_image >= self.max_seq_len:
-            raise ConfigError(
-                f"a training row needs {last_image + 1} tokens up to its last image, more than "
-                f"max_seq_len={self.max_seq_len}; raise max_seq_len or lower max_pixels"
-            )
-        return out["pixel_values"], grid, new_ids, new_labels
+
+def load_image(ref: Mapping[str, Any]) -> Any:
+    """Decode one ``{bytes, path}`` image reference to RGB (bytes first: the export embeds them)."""
+    from PIL import Image
+
+    data = ref.get("bytes") or storage.read_bytes(ref["path"])
+    with Image.open(io.BytesIO(data)) as im:
+        return im.convert("RGB")
+
+
+def expand_images(
+    ids: list[int],
+    labels: list[int],
+    refs: Sequence[Mapping[str, Any]],
+    image_processor: Any,
+    image_token_id: int | None,
+    max_pixels: int,
+    max_seq_len: int,
+):
+    """Load and patch a row's images; expand each ``<|image_pad|>`` to its patch count.
+
+    Returns ``(pixel_values, image_grid_thw, ids, labels)``; image tokens are never learned.
+    Used by the padded :class:`SFTCollator` and by the packed collator (:mod:`training.packing`).
+    """
+    images = [_fit_pixels(load_image(ref), max_pixels) for ref in refs]
+    out = image_processor(images=images, return_tensors="pt")
+    grid = out["image_grid_thw"]
+    merge = getattr(image_processor, "merge_size", 2) or 2
+    counts = [int(g.prod()) // (merge * merge) for g in grid]
+    positions = [i for i, t in enumerate(ids) if t == image_token_id]
+    if len(positions) != len(counts):
+        raise ConfigError(f"{len(positions)} image tokens in the text for {len(counts)} images")
+    new_ids: list[int] = []
+    new_labels: list[int] = []
+    prev = 0
+    for pos, n in zip(positions, counts, strict=True):
+        new_ids += ids[prev:pos] + [image_token_id] * n
+        new_labels += labels[prev:pos] + [IGNORE_INDEX] * n
+        prev = pos + 1
+    new_ids += ids[prev:]
+    new_labels += labels[prev:]
+    # Truncation may only cut text after the last image: cutting through image tokens
+    # would desynchronise the text from the patches.
+    last_image = len(new_ids) - 1 - new_ids[::-1].index(image_token_id)
+    if last_image >= max_seq_len:
+        raise ConfigError(
+            f"a training row needs {last_image + 1} tokens up to its last image, more than "
+            f"max_seq_len={max_seq_len}; raise max_seq_len or lower max_pixels"
+        )
+    return out["pixel_values"], grid, new_ids, new_labels
 
 
 def _fit_pixels(image: Any, max_pixels: int) -> Any:
     """Downscale (keeping aspect) so that width*height <= max_pixels."""
-    w, h = image.size
-    if w * h <= max_pixels:
-        return image
-    scale = (max_pixels / (w * h)) ** 0.5
-    return image.resize((max(28, int(w * scale)), max(28, int(h * scale))))
+    size = fitted_size(*image.size, max_pixels)
+    return image if size == image.size else image.resize(size)
+
+
+def fitted_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """The (width, height) :func:`_fit_pixels` resizes an image to; pure, so packing can predict
+    image token counts from the image header alone."""
+    if width * height <= max_pixels:
+        return width, height
+    scale = (max_pixels / (width * height)) ** 0.5
+    return max(28, int(width * scale)), max(28, int(height * scale))

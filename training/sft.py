@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -47,6 +48,7 @@ from training.data import (
     encoded_features,
     resolve_data_files,
 )
+from training.packing import build_packed_data
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,8 @@ class TrainResult:
     train_runtime_s: float = 0.0  # the training loop alone (Trainer's train_runtime)
     losses: list[float] = field(default_factory=list)  # every logged loss, in order
     resumed_from_step: int = 0  # > 0 when the run continued an uploaded intermediate checkpoint
+    examples_per_step: float | None = None  # examples per optimizer step (packing: expected, from the mean)
+    packing: dict[str, Any] | None = None  # packing statistics and plan; None when padding
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -282,8 +286,12 @@ def _trainer_class():
         samples_seen_local = 0
 
         def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            # Packed batches say how many examples their rows hold; it is no model input.
+            examples = inputs.pop("num_examples", None)
             if model.training:
-                self.samples_seen_local += int(inputs["input_ids"].shape[0])
+                self.samples_seen_local += int(
+                    examples if examples is not None else inputs["input_ids"].shape[0]
+                )
             return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
 
     return CountingTrainer
@@ -552,16 +560,38 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
             )
             if len(train_ds) == 0:
                 raise ConfigError(f"no usable training rows: all {rows} rows were malformed ({skipped})")
+
+    # ---- packing (training.packing): packs replace rows; the global batch counts examples ----
+    packed = None
+    if config.packing:
+        packed = build_packed_data(
+            config,
+            train_ds,
+            model_config=model.config,
+            pad_token_id=tokenizer.pad_token_id,
+            image_processor=image_processor,
+            world_size=plan.world_size,
+        )
+        train_ds, collator = packed.dataset, packed.collator
+        skipped = dict(Counter(skipped) + packed.errors)
+        updates: dict[str, Any] = {"gradient_accumulation_steps": packed.plan.gradient_accumulation_steps}
+        if config.streaming and not config.max_steps:
+            updates["max_steps"] = max(
+                1, math.ceil(rows * config.num_train_epochs / packed.plan.examples_per_step)
+            )
+        # replace() re-runs __post_init__, which re-derives DeepSpeed's "auto" batch sizes.
+        args = dataclasses.replace(args, **updates)
+    else:
+        collator = SFTCollator(
+            pad_token_id=tokenizer.pad_token_id,
+            max_seq_len=config.max_seq_len,
+            image_processor=image_processor,
+            image_token_id=getattr(model.config, "image_token_id", None),
+            max_pixels=config.max_pixels,
+        )
+    # ---- end packing ----
     if skipped:
         log.warning("skipped malformed training rows: %s", skipped)
-
-    collator = SFTCollator(
-        pad_token_id=tokenizer.pad_token_id,
-        max_seq_len=config.max_seq_len,
-        image_processor=image_processor,
-        image_token_id=getattr(model.config, "image_token_id", None),
-        max_pixels=config.max_pixels,
-    )
     meta = {
         "config_hash": config.config_hash(),
         "config": config.model_dump(),
@@ -570,6 +600,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         "precision": precision,
         "zero_stage": config.zero_stage,
         "base_model": str(model_path),
+        "packing": packed.info if packed else None,
     }
     trainer = _trainer_class()(
         model=model,
@@ -598,7 +629,10 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     )
     final_loss = losses[-1] if losses else None
     if config.streaming:
-        skipped, truncated = dict(encoder.errors), encoder.truncated
+        skipped, truncated = (
+            dict(encoder.errors + (packed.errors if packed else Counter())),
+            encoder.truncated,
+        )
 
     final_dir = work_dir / "final"
     trainer.save_model(str(final_dir))  # every rank takes part (ZeRO-3 gathers the weights)
@@ -615,6 +649,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         train_runtime_s=round(float(output.metrics.get("train_runtime", 0.0)), 3),
         losses=losses,
         resumed_from_step=resumed_step,
+        examples_per_step=packed.plan.examples_per_step if packed else float(plan.global_batch_size),
+        packing=packed.info if packed else None,
     )
     if rank == 0:
         tokenizer.save_pretrained(str(final_dir))
@@ -631,6 +667,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
                 "loss": final_loss,
                 "mean_loss": result.mean_loss,
                 "samples_seen": samples_seen,
+                "examples_per_step": result.examples_per_step,
                 "skipped": skipped,
                 "truncated": truncated,
                 "files": uploaded,
