@@ -6,8 +6,9 @@
     python benchmarks/bench_sft_mfu.py --preset small --device cpu --seq-len 2048 --steps 3 --warmup 1
 
 What one step is: a packed micro-batch of ``--seq-len`` tokens holding several examples whose lengths
-follow a reasoning-trace-like distribution, position ids reset per example and no attention mask
-(so attention is block-diagonal, as in ``training/packing``), loss on the assistant share of each
+follow a reasoning-trace-like distribution, collated by the trainer's own ``PackedCollator`` (position
+ids reset per example, no attention mask, so attention is block-diagonal; varlen flash-attention
+when flash_attn is installed), loss on the assistant share of each
 example, forward + backward + optimizer step through a DeepSpeed engine built from
 :func:`training.sft.deepspeed_config` (ZeRO stage from ``--zero``). Tokens/s counts real tokens.
 
@@ -108,21 +109,20 @@ def example_lengths(rng, seq_len: int) -> list[int]:
     return lengths or [seq_len]
 
 
-def packed_batch(rng, seq_len: int, vocab: int, device: str):
-    import torch
+def packed_batch(rng, seq_len: int, vocab: int, device: str, flatten: bool):
+    """One packed row through the trainer's own collator (training.packing.PackedCollator)."""
+    from training.packing import PackedCollator
 
     lengths = example_lengths(rng, seq_len)
-    total = sum(lengths)
-    ids = torch.randint(0, min(vocab, 150000), (1, total), device=device)
-    text_pos = torch.cat([torch.arange(n, device=device) for n in lengths]).view(1, 1, total)
-    # Text-only examples: mrope's three rows equal the text positions; row 0 drives the packed mask.
-    position_ids = text_pos.expand(4, 1, total).contiguous()
-    labels = ids.clone()
-    start = 0
-    for n in lengths:  # prompt tokens (first ~quarter) and each example's first token are not learned
-        labels[0, start : start + max(1, n // 4)] = -100
-        start += n
-    return {"input_ids": ids, "position_ids": position_ids, "labels": labels}, lengths
+    examples = []
+    for n in lengths:
+        ids = [rng.randrange(0, min(vocab, 150000)) for _ in range(n)]
+        prompt = max(1, n // 4)  # the prompt share is not learned
+        examples.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:], "images": []})
+    collate = PackedCollator(pad_token_id=0, max_seq_len=seq_len, mrope=True, flatten=flatten)
+    batch = collate([{"examples": examples}])
+    batch.pop("num_examples")
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}, lengths
 
 
 def flops_per_step(config, lengths: list[int]) -> float:
@@ -187,7 +187,13 @@ def main() -> int:
     rng = random.Random(args.seed)
     times, tokens, flops = [], [], []
     for step in range(args.warmup + args.steps):
-        batch, lengths = packed_batch(rng, args.seq_len, config.text_config.vocab_size, args.device)
+        batch, lengths = packed_batch(
+            rng,
+            args.seq_len,
+            config.text_config.vocab_size,
+            args.device,
+            config._attn_implementation != "sdpa",
+        )
         if args.device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
