@@ -22,6 +22,7 @@ Output under ``output_uri`` (local or ``s3://``, through :mod:`octomed_data.stor
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import shutil
@@ -320,8 +321,9 @@ def evaluate(config: EvalConfig, *, progress: bool = True) -> EvalResult:
                     stats.items += 1
                     yield row
 
-            for source_rows in _group_runs(counted(iter_questions(files, config))):
-                run_rows(source_rows[0], source_rows[1], loads[source_rows[0]])
+            # Consecutive rows of one source form a group (a source may come back in several groups).
+            for source, group in itertools.groupby(counted(iter_questions(files, config)), key=_source):
+                run_rows(source, group, loads[source])
         bar.close()
 
         per_benchmark: dict[str, dict[str, Any]] = {}
@@ -387,12 +389,8 @@ def evaluate(config: EvalConfig, *, progress: bool = True) -> EvalResult:
     )
 
 
-def _group_runs(rows: Iterator[dict[str, Any]]) -> Iterator[tuple[str, Iterator[dict[str, Any]]]]:
-    """Consecutive rows of the same source as (source, rows) groups, lazily (like itertools.groupby)."""
-    import itertools
-
-    for source, group in itertools.groupby(rows, key=lambda r: r["source"]):
-        yield source, group
+def _source(row: Mapping[str, Any]) -> str:
+    return row["source"]
 
 
 def _checkpoint_step(model: str) -> int | None:
