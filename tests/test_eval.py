@@ -200,6 +200,8 @@ def test_hf_tiny_model_forced_end_and_seeds(shared_data, tmp_path):
         assert r["response"].startswith("<think>\n")
         assert r["completion_tokens"] <= 6 + (3 if r["forced_end"] else 0)
         assert (FORCE_CUE in r["response"]) == r["forced_end"]
+        if r["forced_end"]:  # the whole first pass was reasoning, counted in generated tokens
+            assert r["reasoning_tokens"] == 6 and r["finish_reason"] == "forced" and r["think_closed"]
         q = items[r["question_id"]]
         assert r["extracted_answer"] == extract_answer(r["response"], q["task_type"], options_of(q)).answer
     assert (Path(result.output_uri) / "report.md").is_file()

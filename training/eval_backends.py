@@ -248,7 +248,11 @@ class HFBackend:
                 g.completion_tokens += c_n
                 g.forced_end = True
                 g.finish_reason = "forced"
-        for g in gens:
+        for i, g in enumerate(gens):
+            if g.forced_end:
+                # Every token of the first pass was reasoning: count it exactly, not by re-tokenizing.
+                g.reasoning_tokens = tokens[i]
+                continue
             span = reasoning_span(g.text)[0]
             g.reasoning_tokens = (
                 len(self.tokenizer(span, add_special_tokens=False)["input_ids"]) if span else 0
@@ -649,10 +653,13 @@ class VLLMBackend:
             for i, o in zip(forced, f_outs, strict=True):
                 c = o.outputs[0]
                 g = gens[i]
+                g.reasoning_tokens = g.completion_tokens
                 g.text, g.forced_end, g.finish_reason = g.text + FORCE_CUE + c.text, True, "forced"
                 g.completion_tokens += len(c.token_ids)
         tok = self.llm.get_tokenizer()
         for g in gens:
+            if g.forced_end:
+                continue  # counted exactly above: the whole first pass was reasoning
             span = reasoning_span(g.text)[0]
             g.reasoning_tokens = len(tok(span, add_special_tokens=False)["input_ids"]) if span else 0
         n = len(rows)
