@@ -15,6 +15,7 @@ import pytest
 from octomed_data import storage
 from octomed_data.answers import extract_answer, is_correct, token_f1
 from octomed_data.errors import ConfigError
+from octomed_data.prompts import system_prompt
 from octomed_data.sandbox import FaultConfig, start_sandbox
 from octomed_data.schema import options_of
 from training.config import EvalConfig
@@ -269,9 +270,12 @@ def test_api_key_never_in_outputs(shared_data, tmp_path, monkeypatch):
     with start_sandbox() as sb:
         cfg = EvalConfig(
             model=sb.base_url, benchmarks="medqa", data_dir=str(shared_data), output_uri=str(tmp_path / "o"),
-            limit=1, seeds=1, api_key_env="EVAL_TEST_KEY",
+            limit=1, seeds=1, api_key_env="EVAL_TEST_KEY", prompting="direct",
         )  # fmt: skip
         result = evaluate(cfg, progress=False)
+    rows = storage.Dataset(result.predictions_uri).read_all().to_pylist()
+    assert [r["prompt_version"] for r in rows] == ["octomed-direct-v1"]
+    assert "without explanation" in system_prompt("text_mcq", "direct") != system_prompt("text_mcq")
     for f in (tmp_path / "o").rglob("*"):
         if f.is_file():
             assert b"sk-verysecretvalue123" not in f.read_bytes(), f
