@@ -7,6 +7,7 @@ with a message naming what is missing, never pretending a model was trained.
 
 from __future__ import annotations
 
+import base64
 import importlib
 import os
 import tempfile
@@ -132,6 +133,7 @@ def checkpoint_task(paths: RunPaths) -> dict[str, Any]:
 
 @task(name="evaluate", retries=0)
 def evaluate_task(config: Any) -> dict[str, Any]:
+    """The benchmark harness on the run's checkpoint (long: no automatic retry; re-run the flow)."""
     from dataclasses import asdict
 
     evaluation = _training_module("training.evaluate")
@@ -139,14 +141,20 @@ def evaluate_task(config: Any) -> dict[str, Any]:
 
 
 def eval_config(recipe: Recipe, paths: RunPaths) -> Any:
+    """The EvalConfig for this run: the run's checkpoint on the recipe's benchmarks (or question dataset)."""
     config_mod = _training_module("training.config")
-    questions = recipe.evaluation.questions or storage.join(paths.stage("decontaminate"), "removed")
-    if not storage.Dataset(questions).manifest():
-        raise StorageError(f"no evaluation questions at {questions}")
     data = dict(recipe.evaluation.config)
-    data.update(
-        checkpoint_uri=paths.stage("checkpoints"), questions_uri=questions, output_uri=paths.stage("evaluate")
-    )
+    data.update(model=paths.stage("checkpoints"), output_uri=paths.stage("evaluate"))
+    data.pop("checkpoint_uri", None)
+    if recipe.evaluation.benchmarks:
+        data.update(benchmarks=list(recipe.evaluation.benchmarks), data_dir=recipe.evaluation.data_dir)
+    else:
+        questions = recipe.evaluation.questions or storage.join(paths.stage("decontaminate"), "removed")
+        if not storage.Dataset(questions).manifest():
+            raise StorageError(f"no evaluation questions at {questions}")
+        data.update(questions_uri=questions)
+    # The tiny demo model is text-only or VL as built; a work folder under the run keeps downloads local.
+    data.setdefault("work_dir", _local_dir(paths, "eval-work"))
     return config_mod.validate_config(config_mod.EvalConfig, data, where="evaluation config")
 
 
@@ -161,18 +169,39 @@ def checkpoint_flow(run: RunParams = RunParams()) -> dict[str, Any]:
 
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(run: RunParams = RunParams()) -> dict[str, Any]:
-    """Evaluate the run's checkpoint on held-out questions (default: items decontamination removed)."""
+    """Evaluate the run's checkpoint on the recipe's held-out benchmarks; publish the table and the plot."""
     recipe, paths = prepare(run)
     result = evaluate_task(eval_config(recipe, paths))
     rows = [
-        {"source": s} | {k: v for k, v in m.items() if not isinstance(v, dict)}
-        for s, m in result["per_source"].items()
+        {"benchmark": name}
+        | {k: v for k, v in m.items() if k in _TABLE_COLUMNS}
+        | {"skipped_by_reason": ", ".join(f"{r}: {n}" for r, n in (m.get("skipped_by_reason") or {}).items())}
+        for name, m in result["per_benchmark"].items()
     ]
-    publish_table("evaluation", paths, rows, f"Evaluation per source, run {paths.run_id}")
+    publish_table("evaluation", paths, rows, f"Evaluation per benchmark, run {paths.run_id}")
+    report = storage.read_bytes(result["report_uri"]).decode("utf-8")
+    # The PNG travels inside the markdown (a data URL) so the artifact shows it without the store.
+    png = base64.b64encode(storage.read_bytes(result["plot_uri"])).decode("ascii")
+    report = report.replace("](reasoning_length.png)", f"](data:image/png;base64,{png})")
+    publish_markdown("evaluation-report", paths, report, f"Evaluation report, run {paths.run_id}")
     print(
-        f"evaluate: accuracy {result['accuracy']} on {result['questions']} question(s) -> {result['output_uri']}"
+        f"evaluate: macro accuracy {result['macro_accuracy']} on {result['items']} item(s) "
+        f"x seeds = {result['predictions']} prediction(s) -> {result['output_uri']}"
     )
     return result
+
+
+_TABLE_COLUMNS = (
+    "items",
+    "skipped",
+    "accuracy_mean",
+    "accuracy_std",
+    "parse_failure_rate",
+    "token_f1_mean",
+    "reasoning_tokens_mean",
+    "forced_end",
+    "paper_octomed_7b",
+)
 
 
 @flow(name="train", log_prints=True)

@@ -357,3 +357,29 @@ def is_correct(extracted: str | None, gold: str, task_type: str | TaskType) -> b
 def looks_like_refusal(text: str | None) -> bool:
     """A response that declines to answer (checked only when no answer was extracted)."""
     return bool(text) and bool(_REFUSAL.search(text or ""))
+
+
+def token_f1(predicted: str | None, gold: str | None) -> float:
+    """SQuAD-style token F1 of an open answer against the gold (both :func:`normalize_open`-ed).
+
+    Open-ended VQA answers ("left lower lobe" vs "lower lobe") earn partial credit by overlap of
+    their token multisets; an unparseable prediction (``None``) scores 0, never a guess.
+    """
+    if predicted is None or gold is None:
+        return 0.0
+    pred, ref = normalize_open(predicted).split(), normalize_open(gold).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    for t in ref:
+        counts[t] = counts.get(t, 0) + 1
+    for t in pred:
+        if counts.get(t, 0) > 0:
+            counts[t] -= 1
+            common[t] = common.get(t, 0) + 1
+    overlap = sum(common.values())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(pred), overlap / len(ref)
+    return 2 * precision * recall / (precision + recall)

@@ -15,6 +15,10 @@ from typing import Any
 from octomed_data.schema import TaskType, options_of
 
 PROMPT_VERSION = "octomed-v1"
+# Direct prompting (evaluation only): the answer line without any reasoning. Versioned separately
+# so that predictions made with it are never mistaken for chain-of-thought ones.
+DIRECT_PROMPT_VERSION = "octomed-direct-v1"
+PROMPTINGS = ("cot", "direct")
 
 _REASON = (
     "You are a medical expert. Reason step by step about the question, then end your reply "
@@ -28,13 +32,34 @@ SYSTEM_PROMPTS: dict[str, str] = {
 }
 
 
-def system_prompt(task_type: str | TaskType) -> str:
+_DIRECT = (
+    "You are a medical expert. Answer directly, without explanation or reasoning: reply with "
+    "exactly one line of the form "
+)
+
+DIRECT_SYSTEM_PROMPTS: dict[str, str] = {
+    "choice": _DIRECT + "'Final answer: \\boxed{X}' where X is the letter of the single best option.",
+    "yes_no_maybe": _DIRECT + "'Final answer: \\boxed{X}' where X is one of yes, no or maybe.",
+    "open": _DIRECT + "'Final answer: \\boxed{X}' where X is a short answer of a few words.",
+}
+
+
+def system_prompt(task_type: str | TaskType, prompting: str = "cot") -> str:
+    """The system prompt for a task type: step-by-step reasoning (``cot``) or the answer alone (``direct``)."""
+    if prompting not in PROMPTINGS:
+        raise ValueError(f"unknown prompting {prompting!r}; expected one of {PROMPTINGS}")
+    prompts = SYSTEM_PROMPTS if prompting == "cot" else DIRECT_SYSTEM_PROMPTS
     task = TaskType(task_type)
     if task.is_multiple_choice:
-        return SYSTEM_PROMPTS["choice"]
+        return prompts["choice"]
     if task == TaskType.YES_NO_MAYBE:
-        return SYSTEM_PROMPTS["yes_no_maybe"]
-    return SYSTEM_PROMPTS["open"]
+        return prompts["yes_no_maybe"]
+    return prompts["open"]
+
+
+def prompt_version(prompting: str = "cot") -> str:
+    """The version string stored with predictions made with ``prompting``."""
+    return PROMPT_VERSION if prompting == "cot" else DIRECT_PROMPT_VERSION
 
 
 def render_question(row: Mapping[str, Any]) -> str:
@@ -61,7 +86,10 @@ def image_data_url(data: bytes) -> str:
 
 
 def build_messages(
-    row: Mapping[str, Any], *, read_image: Callable[[str], bytes] | None = None
+    row: Mapping[str, Any],
+    *,
+    read_image: Callable[[str], bytes] | None = None,
+    prompting: str = "cot",
 ) -> list[dict[str, Any]]:
     """Chat messages for one question row (images as data URLs before the text)."""
     if read_image is None:
@@ -77,4 +105,4 @@ def build_messages(
         user: dict[str, Any] = {"role": "user", "content": content}
     else:
         user = {"role": "user", "content": text}
-    return [{"role": "system", "content": system_prompt(row["task_type"])}, user]
+    return [{"role": "system", "content": system_prompt(row["task_type"], prompting)}, user]

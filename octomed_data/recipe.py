@@ -119,11 +119,16 @@ class TrainingSettings(BaseModel):
 
 
 class EvalSettings(BaseModel):
+    """The evaluation after training: registry benchmarks, or a question dataset (``training`` EvalConfig)."""
+
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
+    # Registry names (``octomed-data eval --list``). Empty: evaluate a question dataset instead.
+    benchmarks: list[str] = Field(default_factory=list)
+    data_dir: str | None = None  # benchmark files; None: $OCTOMED_EVAL_DATA, else ../shared/data
     questions: str | None = None  # QUESTION_SCHEMA dataset; None: this run's decontaminated-away items
-    config: dict[str, Any] = Field(default_factory=dict)
+    config: dict[str, Any] = Field(default_factory=dict)  # protocol and backend settings (EvalConfig)
 
 
 class AutomationSettings(BaseModel):

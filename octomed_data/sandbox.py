@@ -200,6 +200,39 @@ def _completion(prompt: str, seed: int, choice: int, style: Style, truncated: bo
     return message, finish, max(1, (len(reasoning) + len(answer)) // 4)
 
 
+def _cut_to_budget(message: dict[str, Any], max_tokens: int) -> tuple[dict[str, Any], str, int]:
+    """The reply a server gives when ``max_tokens`` runs out mid-reasoning (about 4 chars a token).
+
+    Sandbox reasoning is a few hundred tokens, so a small budget always ends inside the reasoning:
+    no ``</think>``, no answer, ``finish_reason=length``, as a real reasoning model would stop.
+    """
+    keep = max_tokens * 4
+    cut: dict[str, Any] = {"role": "assistant"}
+    if "reasoning_content" in message:
+        cut.update(content="", reasoning_content=message["reasoning_content"][:keep])
+    else:
+        content = message.get("content") or ""
+        start = content.find("<think>")
+        body = content[start + len("<think>") :] if start >= 0 else content
+        cut["content"] = ("<think>" if start >= 0 else "") + body[:keep].replace("</think>", "")
+    return cut, "length", max_tokens
+
+
+def _continuation(messages: list[dict[str, Any]], body: dict[str, Any], seed: int):
+    """A reply continuing a final assistant message (vLLM's ``continue_final_message``), or None.
+
+    Evaluation forces the end of thinking by sending the truncated reasoning + ``</think>`` + an
+    answer cue as a partial assistant turn; the continuation is only the new text: the answer
+    (closing ``\\boxed{`` when the cue opened it), chosen from the options as any reply would be.
+    """
+    if not body.get("continue_final_message") or not messages or messages[-1].get("role") != "assistant":
+        return None
+    prefix = _prompt_text(messages[-1:])
+    label, _, _ = _answer_for(_prompt_text(messages[:-1]), seed, 0)
+    text = f"{label}}}" if prefix.rstrip().endswith("\\boxed{") else f"Final answer: \\boxed{{{label}}}"
+    return {"role": "assistant", "content": text}, "stop", max(1, len(text) // 4)
+
+
 def _transient_fault(state: _State, key: str, occurrence: int) -> str | None:
     f = state.faults
     if occurrence >= f.max_faults_per_request:
@@ -280,12 +313,18 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     completion_tokens = 0
     system, user = _split_turns(messages)
     unparseable = _unit("unparseable", f.seed, key) < f.unparseable
+    continuation = _continuation(messages, body, seed)
+    max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
     for i in range(n if f.honour_n else 1):
         graded = None if refusal else _grading(system, user, seed, state.style, unparseable, truncated)
-        if graded is not None:
+        if continuation is not None:
+            message, finish, tokens = continuation
+        elif graded is not None:
             message, finish, tokens = graded
         else:
             message, finish, tokens = _completion(prompt, seed, i, state.style, truncated, refusal)
+            if isinstance(max_tokens, int) and 0 < max_tokens < tokens:
+                message, finish, tokens = _cut_to_budget(message, max_tokens)
         choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": None})
         completion_tokens += tokens
     state.completed += 1

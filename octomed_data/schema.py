@@ -203,8 +203,15 @@ PREDICTION_SCHEMA = pa.schema(
         pa.field("think_closed", pa.bool_(), nullable=False),  # False: ran out of tokens while thinking
         pa.field("completion_tokens", pa.int64(), nullable=False),
         pa.field("finish_reason", pa.string(), nullable=False),  # stop | length
+        # Benchmark harness (nullable: older prediction files lack them).
+        pa.field("benchmark", pa.string()),  # registry name, or the source for a question dataset
+        pa.field("seed", pa.int64()),  # the protocol seed this prediction was sampled with
+        pa.field("forced_end", pa.bool_()),  # thinking ran out of budget: </think> + answer cue appended
+        pa.field("token_f1", pa.float64()),  # open-ended answers: token F1 against the gold
+        pa.field("prompt_version", pa.string()),  # octomed-v1 (chain of thought) | octomed-direct-v1
+        pa.field("error", pa.string()),  # the request failed after all retries (scored wrong)
     ],
-    metadata={"octomed.schema": "prediction", "octomed.schema_version": "1"},
+    metadata={"octomed.schema": "prediction", "octomed.schema_version": "2"},
 )
 
 # The benchmark registry pack: held-out items decontamination matches against.

@@ -334,17 +334,20 @@ def test_sft_zero3_on_cpu_to_s3_then_evaluate(tiny_text, tmp_path, s3_bucket):
             max_new_tokens=24,
             batch_size=4,
             shard_size=4,
+            seeds=1,
+            temperature=0.0,  # greedy: what the model learned, without sampling noise
         ),
         progress=False,
     )
-    assert isinstance(ev, EvalResult) and ev.questions == 6
-    assert ev.per_source["gold_a"]["accuracy"] == 1.0 and ev.per_source["gold_b"]["accuracy"] == 0.0
-    assert ev.accuracy == 0.5
+    assert isinstance(ev, EvalResult) and ev.items == 6 and ev.predictions == 6
+    per = ev.per_benchmark  # a question dataset's sources are its benchmarks
+    assert per["gold_a"]["accuracy_mean"] == 1.0 and per["gold_b"]["accuracy_mean"] == 0.0
+    assert ev.macro_accuracy == 0.5
     mcq = ev.per_task_type["text_mcq"]
-    assert mcq["n"] == 6 and mcq["reasoning_tokens_mean"] > 0 and mcq["think_unclosed"] == 0
+    assert mcq["predictions"] == 6 and mcq["reasoning_tokens_mean"] > 0 and mcq["forced_end"] == 0
     metrics = storage.read_json(ev.metrics_uri)
     assert ev.metrics_uri == f"{checkpoint}/eval/eval/metrics.json"
-    assert metrics["checkpoint_step"] == 80 and metrics["per_source"] == ev.per_source
+    assert metrics["checkpoint_step"] == 80 and metrics["per_benchmark"] == ev.per_benchmark
     preds = storage.Dataset(ev.predictions_uri).read_all()
     assert preds.num_rows == 6 and len(storage.Dataset(ev.predictions_uri).manifest()) == 2
     assert sum(preds.column("correct").to_pylist()) == 3
@@ -416,10 +419,12 @@ def test_vl_sft_from_trl_export_streaming_then_evaluate(tiny_text, tmp_path):
         ],
     )
     ev = evaluate(
-        EvalConfig(checkpoint_uri=str(ckpt), questions_uri=questions.uri, max_new_tokens=8, batch_size=2),
+        EvalConfig(
+            checkpoint_uri=str(ckpt), questions_uri=questions.uri, max_new_tokens=8, batch_size=2, seeds=2
+        ),
         progress=False,
     )
-    assert ev.questions == 3 and ev.per_task_type["yes_no_maybe"]["n"] == 3
+    assert ev.items == 3 and ev.per_task_type["yes_no_maybe"]["predictions"] == 3 * 2
     preds = storage.Dataset(ev.predictions_uri).read_all().to_pylist()
     assert all(p["completion_tokens"] > 0 and p["finish_reason"] in ("stop", "length") for p in preds)
 

@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from octomed_data.errors import ConfigError
 
@@ -156,28 +164,75 @@ class TrainConfig(BaseModel):
 
 
 class EvalConfig(BaseModel):
-    """One evaluation: a checkpoint, a question dataset, and generation settings."""
+    """One evaluation: a model (folder, checkpoint URI or endpoint URL), what to ask it, and the protocol.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    The sampling defaults are the OctoMed paper's evaluation protocol: temperature 0.6, top-p
+    0.95, 5 seeds, up to 8192 new tokens, end of thinking forced when the budget runs out.
+    Questions come from the benchmark registry (``benchmarks``, read from ``data_dir``) or from a
+    QUESTION_SCHEMA dataset (``questions_uri``; each source is reported as a benchmark).
+    """
 
-    checkpoint_uri: str  # a local folder or URI holding the model (e.g. what train() returned)
-    questions_uri: str  # QUESTION_SCHEMA dataset folder (with manifest), folder of *.parquet, or file
-    output_uri: str | None = None  # default: <checkpoint_uri>/eval/<name>
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    # A local model folder, an s3:// / file:// checkpoint (with checkpoint.json) or an http(s) endpoint.
+    model: str = Field(validation_alias=AliasChoices("model", "checkpoint_uri"), min_length=1)
+    backend: Literal["auto", "hf", "openai", "vllm"] = "auto"  # auto: http(s) URL -> openai, else hf
+    benchmarks: list[str] | None = None  # registry names (training.eval_benchmarks.BENCHMARKS)
+    questions_uri: str | None = None  # or: a QUESTION_SCHEMA dataset folder / *.parquet folder / file
+    data_dir: str | None = None  # benchmark files; default $OCTOMED_EVAL_DATA, else ../shared/data
+    output_uri: str | None = None  # default: <model>/eval/<name> (required for endpoints)
     name: str = "eval"
-    max_new_tokens: int = Field(default=2048, ge=1)
-    batch_size: int = Field(default=8, ge=1)
-    limit: int | None = Field(default=None, ge=1)  # first N questions only (smoke runs)
-    sources: list[str] | None = None  # only these sources
-    task_types: list[str] | None = None  # only these task types
+
+    prompting: Literal["cot", "direct"] = "cot"
+    seeds: int = Field(default=5, ge=1)  # protocol seeds seed, seed+1, ...
+    seed: int = 0
+    temperature: float = Field(default=0.6, ge=0.0, le=2.0)  # 0: greedy (one seed is then enough)
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(default=8192, ge=1)
+    force_end_of_thinking: bool = True
+    force_answer_tokens: int = Field(default=64, ge=1)  # the extra budget of a forced answer
+    prefill_think: bool = False  # open the reply with "<think>" (R1-style evaluation of non-template models)
+
+    limit: int | None = Field(default=None, ge=1)  # first N items per benchmark (per dataset)
+    sources: list[str] | None = None  # questions_uri only: only these sources
+    task_types: list[str] | None = None  # questions_uri only: only these task types
+    batch_size: int = Field(default=8, ge=1)  # hf: sequences per generate call
+    concurrency: int = Field(default=32, ge=1)  # openai: requests in flight
+
+    served_model_name: str | None = None  # openai: default the first model the server lists
+    api_key_env: str = "OPENAI_API_KEY"  # the NAME of the environment variable holding the key
+    request_timeout_s: float = Field(default=600.0, gt=0.0)
+    extra_body: dict[str, Any] = Field(default_factory=dict)  # openai: extra request fields
+
     precision: Precision = "auto"
     max_pixels: int = 262144
     shard_size: int = Field(default=1024, ge=1)  # predictions rows per committed Parquet shard
-    work_dir: str | None = None  # local cache for a downloaded checkpoint
+    work_dir: str | None = None  # local cache for a downloaded checkpoint and benchmark images
+
+    @field_validator("benchmarks", mode="before")
+    @classmethod
+    def _comma_list(cls, v: Any) -> Any:
+        return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _one_input(self) -> EvalConfig:
+        if bool(self.benchmarks) == bool(self.questions_uri):
+            raise ValueError("give exactly one of benchmarks (registry names) or questions_uri (a dataset)")
+        return self
+
+    @property
+    def checkpoint_uri(self) -> str:
+        """The model location (the name the training flow and older configs use)."""
+        return self.model
 
     def resolved_output_uri(self) -> str:
         from octomed_data.storage import join
 
-        return self.output_uri or join(self.checkpoint_uri, "eval", self.name)
+        if self.output_uri:
+            return self.output_uri
+        if self.model.startswith(("http://", "https://")):
+            raise ConfigError("an endpoint model needs an output location: pass --out URI (output_uri)")
+        return join(self.model, "eval", self.name)
 
 
 def load_yaml_config(path: str | Path, cls: type[BaseModel], overrides: dict[str, Any] | None = None):

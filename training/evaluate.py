@@ -1,31 +1,35 @@
-"""Evaluate a checkpoint on a question dataset: greedy generation, THE answer extraction, metrics.
+"""The evaluation harness: a model on held-out medical benchmarks under the OctoMed protocol.
 
-``evaluate(config)`` streams QUESTION_SCHEMA Parquet (what ingest writes) batch by batch,
-prompts the model the way teachers are prompted (:mod:`octomed_data.prompts`: system prompt per
-task type, question and lettered options), generates greedily, reads the final answer with
-:func:`octomed_data.answers.extract_answer` and scores it with :func:`~octomed_data.answers.is_correct`
-(the same code that filters teacher traces, so training data and evaluation agree on what
-"correct" means). It writes next to the checkpoint (or to ``output_uri``):
+``evaluate(config)`` takes questions from the benchmark registry
+(:mod:`training.eval_benchmarks`, read with the existing source loaders) or from a
+QUESTION_SCHEMA dataset, asks a backend (:mod:`training.eval_backends`: ``hf``, ``openai``,
+``vllm``) for replies under every protocol seed (temperature 0.6, top-p 0.95, 5 seeds, up to
+8192 new tokens, end of thinking forced at the budget by default), reads each answer with THE
+extraction module (:func:`octomed_data.answers.extract_answer`; unparseable = wrong, counted,
+never guessed) and scores it (:func:`~octomed_data.answers.is_correct`, plus token F1 for
+open-ended answers). Items are streamed batch by batch; nothing holds a whole benchmark.
 
-* ``predictions/``: one row per question (PREDICTION_SCHEMA), committed shard by shard;
-* ``metrics.json``: accuracy overall and per source, reasoning length (tokens inside
-  ``<think>...</think>``) per task type.
+Output under ``output_uri`` (local or ``s3://``, through :mod:`octomed_data.storage`):
 
-Held-out benchmarks are what this is for; keeping them out of training is the decontamination
-stage's job (questions in a ``removed`` set never reach the mixture), not this module's.
+* ``predictions/``: one PREDICTION_SCHEMA row per (item, seed), committed in shards per benchmark;
+* ``metrics.json``: per benchmark accuracy mean ± std over seeds, parse-failure rate, items
+  evaluated / skipped (by reason), token F1, mean reasoning tokens, forced-end counts; per task
+  type reasoning length; the protocol and backend (no secrets);
+* ``reasoning_length.png``: mean reasoning tokens per task type and per benchmark;
+* ``report.md``: the table beside the paper's OctoMed-7B numbers.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
-import re
 import shutil
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,22 +38,37 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from octomed_data import storage
-from octomed_data.answers import extract_answer, is_correct
+from octomed_data.answers import extract_answer, is_correct, token_f1
 from octomed_data.errors import ConfigError, OctomedError
-from octomed_data.prompts import PROMPT_VERSION, render_question, system_prompt
-from octomed_data.schema import (
-    PREDICTION_SCHEMA,
-    QUESTION_SCHEMA,
-    options_of,
-)
+from octomed_data.images import ImageStore
+from octomed_data.prompts import prompt_version
+from octomed_data.schema import PREDICTION_SCHEMA, QUESTION_SCHEMA, TaskType, options_of
 from training.config import EvalConfig, load_yaml_config
 from training.data import DataFile, resolve_data_files
-from training.sft import CHECKPOINT_MARKER, check_model_path, is_vision_model, load_model_and_processors
+from training.eval_backends import (
+    Backend,
+    Generation,
+    SamplingProtocol,
+    auto_backend,
+    chat_messages,
+    make_backend,
+    reasoning_span,
+)
+from training.eval_benchmarks import (
+    BENCHMARKS,
+    LoadStats,
+    benchmark_files,
+    get_benchmarks,
+    iter_benchmark,
+    resolve_data_dir,
+)
+from training.eval_report import MetricsAccumulator, macro_accuracy, reasoning_length_png, report_markdown
+
+__all__ = ["EvalResult", "chat_messages", "evaluate", "reasoning_span", "score_generation"]
 
 log = logging.getLogger(__name__)
 
-
-_THINK_SPAN = re.compile(r"<think>(.*?)(</think>|$)", re.DOTALL)
+TEXT_ONLY_MODEL = "text_only_model"  # skip reason: an image question for a model without vision
 
 
 @dataclass
@@ -59,9 +78,12 @@ class EvalResult:
     output_uri: str
     metrics_uri: str
     predictions_uri: str
-    questions: int
-    accuracy: float | None
-    per_source: dict[str, dict[str, Any]] = field(default_factory=dict)
+    report_uri: str
+    plot_uri: str
+    items: int  # distinct items evaluated (each under every seed)
+    predictions: int
+    macro_accuracy: float | None
+    per_benchmark: dict[str, dict[str, Any]] = field(default_factory=dict)
     per_task_type: dict[str, dict[str, Any]] = field(default_factory=dict)
     runtime_s: float = 0.0
 
@@ -72,112 +94,38 @@ class EvalResult:
 # --------------------------------------------------------------------------- scoring
 
 
-def reasoning_span(response: str) -> tuple[str, bool]:
-    """The text inside the first ``<think>...</think>`` (to the end if never closed), and whether it closed.
-
-    A response without ``<think>`` has no reasoning span (empty, closed).
-    """
-    m = _THINK_SPAN.search(response)
-    if not m:
-        return "", True
-    return m.group(1), bool(m.group(2))
-
-
-def score_response(row: Mapping[str, Any], response: str, tokenizer: Any) -> dict[str, Any]:
-    """Extract and check the answer of one response; count its reasoning tokens."""
-    extraction = extract_answer(response, row["task_type"], options_of(row))
-    span, closed = reasoning_span(response)
-    reasoning_tokens = len(tokenizer(span, add_special_tokens=False)["input_ids"]) if span else 0
+def score_generation(
+    row: Mapping[str, Any], gen: Generation, *, benchmark: str, seed: int, version: str
+) -> dict[str, Any]:
+    """One PREDICTION_SCHEMA row: THE extraction on the full reply, correctness, token F1 for open answers."""
+    task = TaskType(row["task_type"])
+    extraction = extract_answer(gen.text, task, options_of(row))
+    _, closed = reasoning_span(gen.text)
+    open_answer = task in (TaskType.OPEN_VQA, TaskType.OPEN_QA)
     return {
         "question_id": row["question_id"],
         "source": row["source"],
-        "task_type": row["task_type"],
+        "task_type": task.value,
         "gold_answer": row["answer"],
         "extracted_answer": extraction.answer,
         "extract_method": extraction.method,
         "no_answer_reason": extraction.reason,
-        "correct": is_correct(extraction.answer, row["answer"], row["task_type"]),
-        "response": response,
-        "reasoning_tokens": reasoning_tokens,
+        "correct": is_correct(extraction.answer, row["answer"], task),
+        "response": gen.text,
+        "reasoning_tokens": int(gen.reasoning_tokens),
         "think_closed": closed,
+        "completion_tokens": int(gen.completion_tokens),
+        "finish_reason": gen.finish_reason,
+        "benchmark": benchmark,
+        "seed": seed,
+        "forced_end": gen.forced_end,
+        "token_f1": token_f1(extraction.answer, row["answer"]) if open_answer else None,
+        "prompt_version": version,
+        "error": gen.error,
     }
 
 
-class MetricsAccumulator:
-    """Running counts per source and task type (constant memory in the number of questions)."""
-
-    def __init__(self) -> None:
-        self.by_source: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        self.by_task: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-
-    def add(self, p: Mapping[str, Any]) -> None:
-        for bucket in (self.by_source[p["source"]], self.by_task[p["task_type"]]):
-            bucket["n"] += 1
-            bucket["correct"] += int(p["correct"])
-            bucket["no_answer"] += int(p["extracted_answer"] is None)
-        t = self.by_task[p["task_type"]]
-        t["reasoning_tokens_sum"] += p["reasoning_tokens"]
-        t["reasoning_tokens_max"] = max(t["reasoning_tokens_max"], p["reasoning_tokens"])
-        t["think_unclosed"] += int(not p["think_closed"])
-        t["completion_tokens_sum"] += p["completion_tokens"]
-
-    def summary(self) -> dict[str, Any]:
-        def acc(b: Mapping[str, int]) -> float | None:
-            return round(b["correct"] / b["n"], 6) if b["n"] else None
-
-        per_source = {
-            s: {"n": b["n"], "correct": b["correct"], "accuracy": acc(b), "no_answer": b["no_answer"]}
-            for s, b in sorted(self.by_source.items())
-        }
-        per_task = {
-            t: {
-                "n": b["n"],
-                "correct": b["correct"],
-                "accuracy": acc(b),
-                "no_answer": b["no_answer"],
-                "reasoning_tokens_mean": round(b["reasoning_tokens_sum"] / b["n"], 3) if b["n"] else None,
-                "reasoning_tokens_max": b["reasoning_tokens_max"],
-                "think_unclosed": b["think_unclosed"],
-                "completion_tokens_mean": round(b["completion_tokens_sum"] / b["n"], 3) if b["n"] else None,
-            }
-            for t, b in sorted(self.by_task.items())
-        }
-        n = sum(b["n"] for b in self.by_source.values())
-        correct = sum(b["correct"] for b in self.by_source.values())
-        return {
-            "questions": n,
-            "correct": correct,
-            "accuracy": round(correct / n, 6) if n else None,
-            # Macro average: each source counts once, whatever its size.
-            "macro_accuracy": round(sum(v["accuracy"] for v in per_source.values()) / len(per_source), 6)
-            if per_source
-            else None,
-            "per_source": per_source,
-            "per_task_type": per_task,
-        }
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-def resolve_checkpoint(checkpoint_uri: str, cache_dir: Path) -> Path:
-    """A local folder holding the model: used in place, or downloaded from a URI (needs checkpoint.json)."""
-    if "://" not in checkpoint_uri or checkpoint_uri.startswith("file://"):
-        path = Path(checkpoint_uri.removeprefix("file://"))
-        return check_model_path(str(path))
-    marker = storage.join(checkpoint_uri, CHECKPOINT_MARKER)
-    if not storage.exists(marker):
-        raise ConfigError(f"no {CHECKPOINT_MARKER} at {checkpoint_uri}: not a finished checkpoint")
-    fs, base = storage.filesystem(checkpoint_uri)
-    local = cache_dir / "checkpoint"
-    for name in storage.read_json(marker).get("files") or []:
-        target = local / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fs.get_file(f"{base.rstrip('/')}/{name}", str(target))
-        except Exception as exc:
-            raise ConfigError(storage.describe_error(checkpoint_uri, exc)) from None
-    return check_model_path(str(local))
+# --------------------------------------------------------------------------- question datasets
 
 
 def _selected(row: Mapping[str, Any], config: EvalConfig) -> bool:
@@ -206,9 +154,8 @@ def scan_questions(files: list[DataFile], config: EvalConfig) -> tuple[int, int]
     return selected, with_images
 
 
-def iter_questions(files: list[DataFile], config: EvalConfig) -> Iterator[list[dict[str, Any]]]:
-    """Selected question rows in batches of ``config.batch_size`` (streamed file by file)."""
-    batch: list[dict[str, Any]] = []
+def iter_questions(files: list[DataFile], config: EvalConfig) -> Iterator[dict[str, Any]]:
+    """Selected question rows of a dataset, streamed file by file (at most ``config.limit``)."""
     taken = 0
     columns = [f.name for f in QUESTION_SCHEMA]
     for f in files:
@@ -220,196 +167,320 @@ def iter_questions(files: list[DataFile], config: EvalConfig) -> Iterator[list[d
                 for row in record_batch.to_pylist():
                     if not _selected(row, config):
                         continue
-                    batch.append(row)
+                    yield row
                     taken += 1
-                    if len(batch) == config.batch_size:
-                        yield batch
-                        batch = []
                     if config.limit and taken >= config.limit:
-                        if batch:
-                            yield batch
                         return
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class _PredictionWriter:
+    """Buffers prediction rows per benchmark and commits a shard every ``shard_size`` rows."""
+
+    def __init__(self, uri: str, shard_size: int) -> None:
+        self.dataset = storage.Dataset(uri, PREDICTION_SCHEMA)
+        self.shard_size = shard_size
+        self.pending: list[dict[str, Any]] = []
+        self.shards: Counter = Counter()
+        self.rows = 0
+        for name in list(self.dataset.manifest()):  # a re-run replaces, never mixes, predictions
+            self.dataset.delete_shard(name)
+
+    def add(self, benchmark: str, row: dict[str, Any]) -> None:
+        self.pending.append(row)
+        if len(self.pending) >= self.shard_size:
+            self.flush(benchmark)
+
+    def flush(self, benchmark: str) -> None:
+        if not self.pending:
+            return
+        safe = "".join(ch if ch.isalnum() or ch in "_.-" else "_" for ch in benchmark) or "x"
+        self.dataset.write_shard(f"{safe}-{self.shards[safe]:05d}", self.pending)
+        self.shards[safe] += 1
+        self.rows += len(self.pending)
+        self.pending = []
+
+
+def _batches(rows: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == size:
+            yield batch
+            batch = []
     if batch:
         yield batch
 
 
-# --------------------------------------------------------------------------- generation
+def _protocol(config: EvalConfig) -> SamplingProtocol:
+    return SamplingProtocol(
+        temperature=config.temperature,
+        top_p=config.top_p,
+        max_new_tokens=config.max_new_tokens,
+        force_end=config.force_end_of_thinking,
+        force_tokens=config.force_answer_tokens,
+        prompting=config.prompting,
+        prefill_think=config.prefill_think,
+    )
 
 
-def chat_messages(row: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The teacher prompt for ``row`` as chat messages for a local model (image parts first)."""
-    text = render_question(row)
-    images = row.get("images") or []
-    user: Any = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}] if images else text
-    return [{"role": "system", "content": system_prompt(row["task_type"])}, {"role": "user", "content": user}]
-
-
-class Generator:
-    """Greedy batched generation with a loaded model (left padding; images through the PIL processor)."""
-
-    def __init__(self, model: Any, tokenizer: Any, image_processor: Any, max_pixels: int) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.max_pixels = max_pixels
-        self.image_token = "<|image_pad|>"
-
-    def __call__(self, rows: list[dict[str, Any]], max_new_tokens: int) -> list[tuple[str, int, str]]:
-        """(response text, completion tokens, finish reason) per row."""
-        import torch
-
-        texts = [
-            self.tokenizer.apply_chat_template(chat_messages(r), tokenize=False, add_generation_prompt=True)
-            for r in rows
-        ]
-        extra: dict[str, Any] = {}
-        if any(r.get("images") for r in rows):
-            texts, extra = self._with_images(rows, texts)
-        self.tokenizer.padding_side = "left"  # generation continues from the right edge
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.inference_mode():
-            out = self.model.generate(
-                **enc,
-                **extra,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id,
-            )
-        new = out[:, enc["input_ids"].shape[1] :]
-        results = []
-        for ids in new.tolist():
-            eos = self.tokenizer.eos_token_id
-            stopped = eos in ids
-            ids = ids[: ids.index(eos)] if stopped else ids
-            ids = [t for t in ids if t != self.tokenizer.pad_token_id]
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            results.append((text, len(ids), "stop" if stopped else "length"))
-        return results
-
-    def _with_images(self, rows: list[dict[str, Any]], texts: list[str]) -> tuple[list[str], dict[str, Any]]:
-        import io
-
-        import torch
-        from PIL import Image
-
-        from training.data import _fit_pixels
-
-        pil = []
-        for r in rows:
-            for im in r.get("images") or []:
-                with Image.open(io.BytesIO(storage.read_bytes(im["uri"]))) as img:
-                    pil.append(_fit_pixels(img.convert("RGB"), self.max_pixels))
-        out = self.image_processor(images=pil, return_tensors="pt")
-        merge = getattr(self.image_processor, "merge_size", 2) or 2
-        counts = iter(int(g.prod()) // (merge * merge) for g in out["image_grid_thw"])
-        expanded = []
-        for text in texts:
-            pieces = text.split(self.image_token)
-            rebuilt = pieces[0]
-            for piece in pieces[1:]:
-                rebuilt += self.image_token * next(counts) + piece
-            expanded.append(rebuilt)
-        return expanded, {
-            "pixel_values": out["pixel_values"],
-            "image_grid_thw": torch.as_tensor(out["image_grid_thw"]),
-        }
-
-
-# --------------------------------------------------------------------------- entry point
+def _backend_options(config: EvalConfig) -> dict[str, Any]:
+    return {
+        "hf": {
+            "precision": config.precision,
+            "max_pixels": config.max_pixels,
+            "batch_size": config.batch_size,
+        },
+        "openai": {
+            "served_model_name": config.served_model_name,
+            "api_key_env": config.api_key_env,
+            "concurrency": config.concurrency,
+            "timeout_s": config.request_timeout_s,
+            "extra_body": config.extra_body,
+        },
+        "vllm": {},
+    }
 
 
 def evaluate(config: EvalConfig, *, progress: bool = True) -> EvalResult:
-    """Generate and score every selected question; write predictions + metrics.json."""
-    import torch
+    """Generate and score every selected item under every seed; write predictions, metrics, plot, report."""
     from tqdm import tqdm
 
     started = time.time()
     out_uri = config.resolved_output_uri()
-    files = resolve_data_files([config.questions_uri])
-    total, with_images = scan_questions(files, config)
-    if total == 0:
-        raise ConfigError(f"no questions selected from {config.questions_uri} (sources/task_types filters?)")
+    kind = auto_backend(config.model, config.backend)
+    seeds = [config.seed + i for i in range(config.seeds)]
+    version = prompt_version(config.prompting)
+
+    # Inputs first: a wrong name or a missing file is reported before any model is loaded.
+    files: list[DataFile] = []
+    specs = []
+    if config.benchmarks:
+        specs = get_benchmarks(config.benchmarks)
+        data_dir = resolve_data_dir(config.data_dir)
+        for spec in specs:
+            benchmark_files(spec, data_dir)
+        total = len(specs) * config.limit if config.limit else None
+        with_images = 0
+    else:
+        files = resolve_data_files([config.questions_uri or ""])
+        total, with_images = scan_questions(files, config)
+        if total == 0:
+            raise ConfigError(
+                f"no questions selected from {config.questions_uri} (sources/task_types filters?)"
+            )
+
     cache_dir = Path(config.work_dir or tempfile.mkdtemp(prefix="octomed-eval-"))
+    backend: Backend | None = None
     try:
-        model_dir = resolve_checkpoint(config.checkpoint_uri, cache_dir)
-        if with_images and not is_vision_model(model_dir):
+        backend = make_backend(
+            kind, config.model, _protocol(config), options=_backend_options(config), cache_dir=cache_dir
+        )
+        if with_images and not backend.supports_images:
             raise ConfigError(
                 f"{with_images} of {total} selected questions have images but the checkpoint is text-only; "
                 "select text task types (task_types: [text_mcq, yes_no_maybe, open_qa]) or use a VL checkpoint"
             )
         storage.ensure_writable(out_uri)
-        cuda = torch.cuda.is_available()
-        if config.precision in ("bf16", "fp16") and not cuda:
-            raise ConfigError(f"precision {config.precision!r} needs a GPU; use 'fp32' or 'auto' on CPU")
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-            config.precision if config.precision != "auto" else ("bf16" if cuda else "fp32"), torch.float32
-        )
-        model, tokenizer, image_processor = load_model_and_processors(model_dir, torch_dtype=dtype)
-        model.eval()
-        if cuda:
-            model.to("cuda")
-        generate = Generator(model, tokenizer, image_processor, config.max_pixels)
-
-        predictions = storage.Dataset(storage.join(out_uri, "predictions"), PREDICTION_SCHEMA)
-        for name in list(predictions.manifest()):  # a re-run replaces, never mixes, predictions
-            predictions.delete_shard(name)
+        writer = _PredictionWriter(storage.join(out_uri, "predictions"), config.shard_size)
         metrics = MetricsAccumulator()
-        pending: list[dict[str, Any]] = []
-        shard = 0
-        bar = tqdm(total=total, desc="evaluate", unit="q", disable=not progress, file=sys.stderr)
-        for rows in iter_questions(files, config):
-            for row, (response, n_tokens, finish) in zip(
-                rows, generate(rows, config.max_new_tokens), strict=True
-            ):
-                p = score_response(row, response, tokenizer)
-                p.update(completion_tokens=n_tokens, finish_reason=finish)
-                metrics.add(p)
-                pending.append(p)
-            if len(pending) >= config.shard_size:
-                predictions.write_shard(shard, pending)
-                shard, pending = shard + 1, []
-            bar.update(len(rows))
-        bar.close()
-        if pending:
-            predictions.write_shard(shard, pending)
+        loads: dict[str, LoadStats] = {}
+        step = config.batch_size if kind != "openai" else max(1, config.concurrency)
+        bar = tqdm(total=total, desc="eval", unit="item", disable=not progress, file=sys.stderr)
 
-        summary = metrics.summary()
-        marker_uri = storage.join(config.checkpoint_uri, CHECKPOINT_MARKER)
-        report = {
-            **summary,
-            "checkpoint_uri": config.checkpoint_uri,
-            "checkpoint_step": storage.read_json(marker_uri).get("step")
-            if storage.exists(marker_uri)
-            else None,
-            "questions_uri": config.questions_uri,
-            "prompt_version": PROMPT_VERSION,
-            "config": config.model_dump(),
+        def run_rows(name: str, rows: Iterator[dict[str, Any]], stats: LoadStats) -> None:
+            for batch in _batches(rows, step):
+                if not backend.supports_images:
+                    kept = [r for r in batch if not r.get("images")]
+                    stats.skipped[TEXT_ONLY_MODEL] += len(batch) - len(kept)
+                    stats.items -= len(batch) - len(kept)
+                    batch = kept
+                if batch:
+                    for seed, gens in zip(seeds, backend.generate(batch, seeds), strict=True):
+                        for row, gen in zip(batch, gens, strict=True):
+                            p = score_generation(row, gen, benchmark=name, seed=seed, version=version)
+                            metrics.add(p)
+                            writer.add(name, p)
+                bar.update(len(batch))
+            writer.flush(name)
+
+        if specs:
+            store = ImageStore(str(cache_dir / "benchmark-images"))
+            for spec in specs:
+                stats = loads[spec.name] = LoadStats()
+                bar.set_postfix_str(spec.name)
+                run_rows(spec.name, iter_benchmark(spec, data_dir, store, stats, config.limit), stats)
+                log.info("%s: %d item(s) evaluated, skipped %s", spec.name, stats.items, dict(stats.skipped))
+        else:
+            # A dataset's sources play the part of benchmarks (items are grouped by source).
+            def counted(rows: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+                for row in rows:
+                    stats = loads.setdefault(row["source"], LoadStats(files=[config.questions_uri or ""]))
+                    stats.items += 1
+                    yield row
+
+            # Consecutive rows of one source form a group (a source may come back in several groups).
+            for source, group in itertools.groupby(counted(iter_questions(files, config)), key=_source):
+                run_rows(source, group, loads[source])
+        bar.close()
+
+        per_benchmark: dict[str, dict[str, Any]] = {}
+        for name, stats in loads.items():
+            spec = BENCHMARKS.get(name) if specs else None
+            per_benchmark[name] = {
+                "title": spec.title if spec else name,
+                **stats.to_dict(),
+                **metrics.benchmark_summary(name),
+                "paper_octomed_7b": spec.paper_octomed_7b if spec else None,
+            }
+        report: dict[str, Any] = {
+            "model": config.model,
+            "backend": backend.describe(),
+            "protocol": {
+                "prompting": config.prompting,
+                "temperature": config.temperature,
+                "top_p": config.top_p,
+                "seeds": seeds,
+                "max_new_tokens": config.max_new_tokens,
+                "force_end_of_thinking": config.force_end_of_thinking,
+                "force_answer_tokens": config.force_answer_tokens,
+                "prefill_think": config.prefill_think,
+                "limit_per_benchmark": config.limit,
+                "std": "sample standard deviation over seeds (ddof 1)",
+            },
+            "prompt_version": version,
+            "inputs": {"benchmarks": [s.name for s in specs]}
+            if specs
+            else {"questions_uri": config.questions_uri},
+            "items": sum(s.items for s in loads.values()),
+            "predictions": writer.rows,
+            "macro_accuracy": macro_accuracy(per_benchmark),
+            "per_benchmark": per_benchmark,
+            "per_task_type": metrics.task_summary(),
+            "checkpoint_step": _checkpoint_step(config.model),
             "runtime_s": round(time.time() - started, 3),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         metrics_uri = storage.join(out_uri, "metrics.json")
+        plot_uri = storage.join(out_uri, "reasoning_length.png")
+        report_uri = storage.join(out_uri, "report.md")
+        storage.write_bytes(plot_uri, reasoning_length_png(report))
+        storage.write_bytes(report_uri, report_markdown(report).encode("utf-8"))
         storage.write_json(metrics_uri, report)
     finally:
+        if backend is not None:
+            backend.close()
         if not config.work_dir:
             shutil.rmtree(cache_dir, ignore_errors=True)
     return EvalResult(
         output_uri=out_uri,
         metrics_uri=metrics_uri,
-        predictions_uri=predictions.uri,
-        questions=summary["questions"],
-        accuracy=summary["accuracy"],
-        per_source=summary["per_source"],
-        per_task_type=summary["per_task_type"],
+        predictions_uri=writer.dataset.uri,
+        report_uri=report_uri,
+        plot_uri=plot_uri,
+        items=report["items"],
+        predictions=report["predictions"],
+        macro_accuracy=report["macro_accuracy"],
+        per_benchmark=per_benchmark,
+        per_task_type=report["per_task_type"],
         runtime_s=report["runtime_s"],
     )
 
 
+def _source(row: Mapping[str, Any]) -> str:
+    return row["source"]
+
+
+def _checkpoint_step(model: str) -> int | None:
+    """The training step recorded in a checkpoint's checkpoint.json, when the model is one."""
+    from training.sft import CHECKPOINT_MARKER
+
+    if model.startswith(("http://", "https://")):
+        return None
+    marker = storage.join(model, CHECKPOINT_MARKER)
+    try:
+        return storage.read_json(marker).get("step") if storage.exists(marker) else None
+    except (OctomedError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``eval`` command's flags (protocol defaults are the paper's; see EvalConfig)."""
+    p.add_argument("--model", help="local model folder, s3:// or file:// checkpoint, or http(s) endpoint URL")
+    p.add_argument("--benchmarks", help="comma-separated registry names (see --list)")
+    p.add_argument("--out", dest="output_uri", help="output folder (local or s3://)")
+    p.add_argument("--list", action="store_true", help="list the benchmark registry and exit")
+    p.add_argument("--backend", choices=["auto", "hf", "openai", "vllm"], default=None)
+    p.add_argument(
+        "--data-dir", default=None, help="benchmark files (default $OCTOMED_EVAL_DATA or ../shared/data)"
+    )
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (default 8192)")
+    p.add_argument("--temperature", type=float, default=None, help="default 0.6")
+    p.add_argument("--top-p", type=float, default=None, help="default 0.95")
+    p.add_argument("--prompting", choices=["cot", "direct"], default=None)
+    p.add_argument("--limit", type=int, default=None, help="first N items per benchmark")
+    p.add_argument("--api-key-env", default=None, help="NAME of the env var holding the endpoint's key")
+    p.add_argument(
+        "--served-model-name", default=None, help="model name at the endpoint (default: first listed)"
+    )
+    p.add_argument("--concurrency", type=int, default=None, help="openai: requests in flight (default 32)")
+    p.add_argument("--batch-size", type=int, default=None, help="hf: sequences per generate call (default 8)")
+    p.add_argument(
+        "--no-force-end", action="store_true", help="do not force the end of thinking at the budget"
+    )
+    p.add_argument("--prefill-think", action="store_true", help="open every reply with <think>")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    """An EvalConfig from the ``eval`` flags (unset flags keep the protocol defaults)."""
+    from training.config import validate_config
+
+    if not args.model:
+        raise ConfigError("--model is required (a model folder, checkpoint URI or endpoint URL)")
+    if not args.benchmarks:
+        raise ConfigError("--benchmarks is required (comma-separated; see `octomed-data eval --list`)")
+    data: dict[str, Any] = {"model": args.model, "benchmarks": args.benchmarks}
+    for key in (
+        "output_uri", "backend", "data_dir", "seeds", "max_new_tokens", "temperature", "top_p", "prompting",
+        "limit", "api_key_env", "served_model_name", "concurrency", "batch_size",
+    ):  # fmt: skip
+        value = getattr(args, key)
+        if value is not None:
+            data[key] = value
+    if args.no_force_end:
+        data["force_end_of_thinking"] = False
+    if args.prefill_think:
+        data["prefill_think"] = True
+    return validate_config(EvalConfig, data, where="eval flags")
+
+
+def list_text(data_dir: str | None) -> str:
+    """The registry as a text table for ``eval --list``."""
+    from training.eval_benchmarks import list_benchmarks
+
+    rows = list_benchmarks(data_dir)
+    out = [f"{'name':<18} {'present':<8} {'images':<7} {'paper':>6}  title"]
+    for r in rows:
+        paper = f"{r['paper_octomed_7b']:.2f}" if r["paper_octomed_7b"] is not None else "-"
+        images = "n/a" if not r["images"] else ("yes" if r["images_present"] else "no")
+        out.append(
+            f"{r['name']:<18} {'yes' if r['present'] else 'no':<8} {images:<7} {paper:>6}  {r['title']}"
+        )
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m training.evaluate --config eval.yaml``."""
-    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description="Evaluate a checkpoint")
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description="Evaluate a model")
     parser.add_argument("--config", required=True, help="EvalConfig YAML (local path or URI)")
-    parser.add_argument("--limit", type=int, default=None, help="first N questions only")
+    parser.add_argument("--limit", type=int, default=None, help="first N items per benchmark")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

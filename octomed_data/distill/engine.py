@@ -284,8 +284,6 @@ class _Run:
     ) -> tuple[Any | None, int, float, str | None]:
         """(response or None, attempts, latency of the successful attempt, last error)."""
         teacher = tc.teacher
-        estimate = prompt_chars // 4 + int(tc.avg_completion) * n
-        last_error: str | None = None
         kwargs: dict[str, Any] = {
             "model": teacher.model,
             "messages": messages,
@@ -298,38 +296,35 @@ class _Run:
             kwargs["n"] = n
         if teacher.extra_body:
             kwargs["extra_body"] = teacher.extra_body
-        for attempt in range(1, self.config.max_attempts + 1):
-            if self.abort:
-                return None, attempt - 1, 0.0, last_error or self.abort
-            await self.limiter.acquire(teacher.name, estimate)
+
+        def attempted(attempt: int) -> None:
             self.counters.requests += 1
             if attempt > 1:
                 self.counters.retries += 1
-            started = time.monotonic()
-            try:
-                # The client's timeout bounds each read, not the whole reply: a server that
-                # trickles bytes could hold a slot for ever. This bounds the request end to end.
-                response = await asyncio.wait_for(
-                    tc.client.chat.completions.create(**kwargs), teacher.timeout_s
-                )
-                if not getattr(response, "choices", None):
-                    raise ValueError("response has no choices")
-            except Exception as exc:  # every client-side failure is classified, none escapes
-                failure = _classify(exc)
-                last_error = scrub(str(failure), [tc.secret])
-                self.limiter.record_usage(teacher.name, estimate, 0)
-                if not failure.retryable or attempt == self.config.max_attempts:
-                    break
-                await self.sleep(self._backoff(attempt, failure.delay))
-                continue
-            latency = time.monotonic() - started
-            usage = getattr(response, "usage", None)
-            used = (usage.prompt_tokens + usage.completion_tokens) if usage else estimate
-            self.limiter.record_usage(teacher.name, estimate, used)
-            if usage and usage.completion_tokens:
-                tc.avg_completion = 0.9 * tc.avg_completion + 0.1 * usage.completion_tokens / n
-            tc.successes += 1
-            return response, attempt, latency, None
+
+        stopped = False
+
+        def should_stop() -> str | None:
+            nonlocal stopped
+            stopped = stopped or bool(self.abort)
+            return self.abort
+
+        response, attempts, latency, last_error = await request_with_retries(
+            tc,
+            kwargs,
+            max_attempts=self.config.max_attempts,
+            backoff=self._backoff,
+            limiter=self.limiter,
+            estimate=prompt_chars // 4 + int(tc.avg_completion) * n,
+            n=n,
+            sleep=self.sleep,
+            stop=should_stop,
+            on_attempt=attempted,
+        )
+        if response is not None:
+            return response, attempts, latency, None
+        if stopped:
+            return None, attempts, 0.0, last_error  # stopped by the breaker, not a failure of its own
         tc.final_failures += 1
         tc.last_error = last_error
         if tc.unreachable(self.breaker) and not self.abort:
@@ -338,6 +333,61 @@ class _Run:
                 f"after {self.config.max_attempts} attempts each and none succeeded; last error: {last_error}"
             )
         return None, self.config.max_attempts, 0.0, last_error
+
+
+async def request_with_retries(
+    tc: _TeacherClient,
+    kwargs: dict[str, Any],
+    *,
+    max_attempts: int,
+    backoff: Callable[[int, float | None], float],
+    limiter: RateLimiter,
+    estimate: int,
+    n: int = 1,
+    sleep: Callable[[float], Any] = asyncio.sleep,
+    stop: Callable[[], str | None] = lambda: None,
+    on_attempt: Callable[[int], None] | None = None,
+) -> tuple[Any | None, int, float, str | None]:
+    """One chat-completions call with retries: THE request path (distillation, grading, evaluation).
+
+    Every attempt waits for the rate limiter, is bounded end to end by the teacher's timeout, and a
+    failure is classified (retryable or not, Retry-After honoured through ``backoff``). Returns
+    (response or None, attempts made, latency of the successful attempt, last error with secrets
+    scrubbed). ``stop()`` returning a message ends the retries early with that message.
+    """
+    teacher = tc.teacher
+    last_error: str | None = None
+    for attempt in range(1, max_attempts + 1):
+        reason = stop()
+        if reason:
+            return None, attempt - 1, 0.0, last_error or reason
+        await limiter.acquire(teacher.name, estimate)
+        if on_attempt is not None:
+            on_attempt(attempt)
+        started = time.monotonic()
+        try:
+            # The client's timeout bounds each read, not the whole reply: a server that
+            # trickles bytes could hold a slot for ever. This bounds the request end to end.
+            response = await asyncio.wait_for(tc.client.chat.completions.create(**kwargs), teacher.timeout_s)
+            if not getattr(response, "choices", None):
+                raise ValueError("response has no choices")
+        except Exception as exc:  # every client-side failure is classified, none escapes
+            failure = _classify(exc)
+            last_error = scrub(str(failure), [tc.secret])
+            limiter.record_usage(teacher.name, estimate, 0)
+            if not failure.retryable or attempt == max_attempts:
+                return None, attempt, 0.0, last_error
+            await sleep(backoff(attempt, failure.delay))
+            continue
+        latency = time.monotonic() - started
+        usage = getattr(response, "usage", None)
+        used = (usage.prompt_tokens + usage.completion_tokens) if usage else estimate
+        limiter.record_usage(teacher.name, estimate, used)
+        if usage and usage.completion_tokens:
+            tc.avg_completion = 0.9 * tc.avg_completion + 0.1 * usage.completion_tokens / n
+        tc.successes += 1
+        return response, attempt, latency, None
+    return None, max_attempts, 0.0, last_error
 
 
 def _verdict(choice: Any, task: TaskType, options: list[tuple[str, str]], gold: str) -> dict[str, Any]:

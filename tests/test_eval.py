@@ -1,0 +1,282 @@
+"""The evaluation harness on the real benchmark files: sandbox endpoint on loopback, tiny HF models.
+
+Metrics are checked against the predictions read back from Parquet (mean ± std over seeds recomputed
+by hand), forced ends against the continuation the sandbox wrote, and every error path is one line.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from octomed_data import storage
+from octomed_data.answers import extract_answer, is_correct, token_f1
+from octomed_data.errors import ConfigError
+from octomed_data.prompts import system_prompt
+from octomed_data.sandbox import FaultConfig, start_sandbox
+from octomed_data.schema import options_of
+from training.config import EvalConfig
+from training.eval_backends import FORCE_CUE, Generation, SamplingProtocol, still_thinking
+from training.eval_benchmarks import BENCHMARKS, get_benchmarks, iter_benchmark, resolve_data_dir
+from training.evaluate import evaluate, score_generation
+
+
+def _by_benchmark_seed(rows: list[dict]) -> dict[str, dict[int, list[dict]]]:
+    out: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        out[r["benchmark"]][r["seed"]].append(r)
+    return out
+
+
+# --------------------------------------------------------------------------- units
+
+
+def test_token_f1_cases():
+    assert token_f1("left lower lobe", "Left lower lobe.") == 1.0
+    assert token_f1("lower lobe", "left lower lobe") == pytest.approx(2 * 1.0 * (2 / 3) / (1 + 2 / 3))
+    assert token_f1("the right kidney", "kidney") == pytest.approx(2 * 0.5 * 1.0 / 1.5)  # article dropped
+    assert token_f1("liver", "spleen") == 0.0
+    assert token_f1(None, "spleen") == 0.0  # unparseable earns nothing
+    assert token_f1("a a b", "a b b") == pytest.approx(2 / 3)  # multiset overlap, not set overlap
+
+
+def test_unparseable_is_wrong_and_counted_not_guessed():
+    row = next(iter_benchmark(BENCHMARKS["medqa"], resolve_data_dir(), _no_store(), _stats(), limit=1))
+    gen = Generation("I am not sure; it could be several things.", 12, 0, "stop")
+    p = score_generation(row, gen, benchmark="medqa", seed=0, version="v")
+    assert p["extracted_answer"] is None and p["no_answer_reason"] == "no_answer" and p["correct"] is False
+    ok = score_generation(
+        row, Generation(f"<think>x</think>\n\nFinal answer: \\boxed{{{row['answer']}}}", 5, 1, "stop"),
+        benchmark="medqa", seed=0, version="v",
+    )  # fmt: skip
+    assert ok["correct"] and ok["extract_method"] == "boxed" and ok["think_closed"]
+    assert (
+        still_thinking("<think>step 1")
+        and not still_thinking("<think>a</think> B")
+        and not still_thinking("B")
+    )
+
+
+def _no_store():
+    from octomed_data.images import ImageStore
+
+    return ImageStore(None)
+
+
+def _stats():
+    from training.eval_benchmarks import LoadStats
+
+    return LoadStats()
+
+
+def test_registry_loads_real_files_with_existing_loaders(shared_data):
+    stats = _stats()
+    rows = list(iter_benchmark(BENCHMARKS["pubmedqa"], shared_data, _no_store(), stats))
+    assert stats.items == len(rows) == 500 and stats.excluded == 500 and not stats.skipped  # test ids only
+    assert {r["task_type"] for r in rows} == {"yes_no_maybe"} and {r["split"] for r in rows} == {"test"}
+    stats = _stats()
+    rows = list(iter_benchmark(BENCHMARKS["mmlu_medical"], shared_data, _no_store(), stats))
+    # 1089 items; MMLU repeats some questions across subjects (same content -> same question_id).
+    assert stats.items == len(rows) == 1089 and len({r["input_file"] for r in rows}) == 6
+    stats = _stats()
+    assert list(iter_benchmark(BENCHMARKS["medxpertqa_mm"], shared_data, _no_store(), stats)) == []
+    assert stats.skipped == {"missing_image": 2000}  # images are not public: every item skipped, counted
+    with pytest.raises(ConfigError, match="unknown benchmark.*nope"):
+        get_benchmarks("medqa,nope")
+    with pytest.raises(ConfigError, match="benchmark data folder not found"):
+        resolve_data_dir("/nonexistent/data")
+
+
+# --------------------------------------------------------------------------- openai backend
+
+
+def test_openai_sandbox_end_to_end_to_s3(shared_data, s3_bucket):
+    """MCQ + PubMedQA + VQA-RAD (real images) + SLAKE (no images) against the loopback sandbox, output on S3."""
+    out = f"{s3_bucket}/eval/sandbox"
+    with start_sandbox(style="mixed") as sb:
+        cfg = EvalConfig(
+            model=sb.base_url,
+            benchmarks=["medqa", "pubmedqa", "vqa_rad", "slake"],
+            data_dir=str(shared_data),
+            output_uri=out,
+            limit=5,
+            seeds=3,
+            max_new_tokens=40,  # sandbox traces are ~15-200 tokens: some replies hit the budget
+            force_answer_tokens=8,
+            concurrency=8,
+        )
+        result = evaluate(cfg, progress=False)
+        log = sb.stats()["log"]
+    metrics = storage.read_json(f"{out}/metrics.json")
+    assert metrics["protocol"]["temperature"] == 0.6 and metrics["protocol"]["seeds"] == [0, 1, 2]
+    assert metrics["backend"]["backend"] == "openai" and metrics["backend"]["served_model_name"] == "sandbox"
+    assert storage.read_bytes(f"{out}/reasoning_length.png")[:4] == b"\x89PNG"
+    report = storage.read_bytes(f"{out}/report.md").decode()
+    assert "OctoMed, arXiv 2511.23269" in report and "| medqa | 5 |" in report and "90.81" in report
+    assert "missing_image: 1061" in report
+
+    per = metrics["per_benchmark"]
+    assert per["slake"]["items"] == 0 and per["slake"]["skipped_by_reason"] == {"missing_image": 1061}
+    assert per["vqa_rad"]["items"] == 5 and per["vqa_rad"]["skipped"] == 0  # the 5 have real images
+    assert per["pubmedqa"]["excluded_other_split"] > 0  # non-test PQA-L items read before the 5th test item
+
+    rows = storage.Dataset(result.predictions_uri).read_all().to_pylist()
+    assert len(rows) == result.predictions == 3 * 5 * 3
+    grouped = _by_benchmark_seed(rows)
+    for name in ("medqa", "pubmedqa", "vqa_rad"):
+        accs = [sum(r["correct"] for r in grouped[name][s]) / len(grouped[name][s]) for s in (0, 1, 2)]
+        assert per[name]["accuracy_per_seed"] == pytest.approx(accs, abs=1e-6)
+        assert per[name]["accuracy_mean"] == pytest.approx(statistics.fmean(accs), abs=1e-6)
+        assert per[name]["accuracy_std"] == pytest.approx(statistics.stdev(accs), abs=1e-6)
+        fails = sum(r["extracted_answer"] is None for s in (0, 1, 2) for r in grouped[name][s])
+        assert per[name]["parse_failures"] == fails
+        forced = sum(r["forced_end"] for s in (0, 1, 2) for r in grouped[name][s])
+        assert per[name]["forced_end"] == forced
+    assert {r["task_type"] for r in grouped["vqa_rad"][0]} == {"yes_no_maybe", "open_vqa"}
+    for r in rows:
+        assert (r["token_f1"] is not None) == (r["task_type"] == "open_vqa")
+        assert r["correct"] == (
+            r["extracted_answer"] is not None and r["extracted_answer"] == r["gold_answer"]
+        )
+
+    # Forced ends: the budget ran out inside <think>; the answer is the continuation after the cue.
+    forced = [r for r in rows if r["forced_end"]]
+    assert forced and all(r["finish_reason"] == "forced" for r in forced)
+    for r in forced:
+        head, tail = r["response"].split(FORCE_CUE)
+        assert still_thinking(head) and tail.endswith("}")
+        assert is_correct(r["extracted_answer"], tail[:-1], r["task_type"])  # read from the continuation
+    assert len(log) == 3 * 5 * 3 + len(forced)  # one request per (item, seed) + one per forced end
+    assert len({e["seed"] for e in log}) > 15  # per-item, per-seed request seeds
+
+
+def test_unparseable_replies_count_as_wrong(shared_data, tmp_path):
+    with start_sandbox(faults=FaultConfig(refusal=1.0)) as sb:
+        cfg = EvalConfig(
+            model=sb.base_url, benchmarks="medbullets_op4", data_dir=str(shared_data),
+            output_uri=str(tmp_path / "out"), limit=3, seeds=2,
+        )  # fmt: skip
+        result = evaluate(cfg, progress=False)
+    m = result.per_benchmark["medbullets_op4"]
+    assert m["accuracy_mean"] == 0.0 and m["parse_failures"] == 6 and m["parse_failure_rate"] == 1.0
+
+
+# --------------------------------------------------------------------------- hf backend
+
+
+def test_hf_tiny_model_forced_end_and_seeds(shared_data, tmp_path):
+    """Tiny random Qwen2 through HF generate: budget exhausted inside <think> -> forced, per-seed sampling."""
+    from training.eval_backends import HFBackend
+    from training.tiny import build_text_model
+
+    model = build_text_model(tmp_path / "tiny")
+    cfg = EvalConfig(
+        model=str(model),
+        benchmarks=["medqa", "pubmedqa", "vqa_rad"],
+        data_dir=str(shared_data),
+        output_uri=str(tmp_path / "out"),
+        limit=2,
+        seeds=2,
+        max_new_tokens=6,
+        force_answer_tokens=3,
+        prefill_think=True,  # a random model never opens <think> by itself
+        batch_size=4,
+    )
+    result = evaluate(cfg, progress=False)
+    per = result.per_benchmark
+    assert per["vqa_rad"]["items"] == 0 and per["vqa_rad"]["skipped_by_reason"] == {"text_only_model": 2}
+    assert per["medqa"]["predictions"] == per["pubmedqa"]["predictions"] == 4
+    rows = storage.Dataset(result.predictions_uri).read_all().to_pylist()
+    forced = [r for r in rows if r["forced_end"]]
+    assert forced, "a 6-token budget must end inside the thought"
+    items = {
+        q["question_id"]: q
+        for name in ("medqa", "pubmedqa")
+        for q in iter_benchmark(BENCHMARKS[name], shared_data, _no_store(), _stats(), limit=2)
+    }
+    for r in rows:
+        assert r["response"].startswith("<think>\n")
+        assert r["completion_tokens"] <= 6 + (3 if r["forced_end"] else 0)
+        assert (FORCE_CUE in r["response"]) == r["forced_end"]
+        if r["forced_end"]:  # the whole first pass was reasoning, counted in generated tokens
+            assert r["reasoning_tokens"] == 6 and r["finish_reason"] == "forced" and r["think_closed"]
+        q = items[r["question_id"]]
+        assert r["extracted_answer"] == extract_answer(r["response"], q["task_type"], options_of(q)).answer
+    assert (Path(result.output_uri) / "report.md").is_file()
+
+    # Seeded sampling: the same seed gives the same replies, another seed other ones.
+    backend = HFBackend(str(model), SamplingProtocol(max_new_tokens=8, force_end=False), cache_dir=tmp_path)
+    stats = _stats()
+    items = list(iter_benchmark(BENCHMARKS["medqa"], shared_data, _no_store(), stats, limit=3))
+    a, b = backend.generate(items, [7, 7]), backend.generate(items, [8])
+    assert [g.text for g in a[0]] == [g.text for g in a[1]] and [g.text for g in a[0]] != [
+        g.text for g in b[0]
+    ]
+
+
+def test_hf_tiny_vl_model_on_real_vqa_rad_images(shared_data, tmp_path):
+    from training.tiny import build_vl_model
+
+    model = build_vl_model(tmp_path / "vl")
+    result = evaluate(
+        EvalConfig(
+            model=str(model), benchmarks=["vqa_rad"], data_dir=str(shared_data), output_uri=str(tmp_path / "o"),
+            limit=2, seeds=1, max_new_tokens=4, max_pixels=64 * 64,
+        ),
+        progress=False,
+    )  # fmt: skip
+    assert result.per_benchmark["vqa_rad"]["items"] == 2 and result.predictions == 2
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    from octomed_data.cli import main
+
+    rc = main(argv)
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err.strip()
+
+
+def test_cli_list_and_one_line_errors(shared_data, tmp_path, capsys):
+    rc, out, _ = _cli(["eval", "--list", "--data-dir", str(shared_data)], capsys)
+    assert rc == 0 and all(name in out for name in BENCHMARKS) and "90.81" in out
+
+    base = ["eval", "--data-dir", str(shared_data), "--out", str(tmp_path / "o"), "--no-progress"]
+    cases = [
+        (["--model", str(tmp_path), "--benchmarks", "medqa,nope"], "unknown benchmark(s) nope"),
+        (["--model", str(tmp_path / "missing"), "--benchmarks", "medqa"], "is not a local model folder"),
+        (["--model", "http://127.0.0.1:9/v1", "--benchmarks", "medqa"], "cannot list models at http://127.0.0.1:9/v1"),
+        (["--model", str(tmp_path), "--benchmarks", "pmc_vqa"], "PMC-VQA is distributed on the HF hub only"),
+        (["--model", str(tmp_path), "--benchmarks", "medqa", "--backend", "vllm"], "needs the vllm package"),
+        (["--model", str(tmp_path), "--benchmarks", "medqa", "--seeds", "0"], "invalid EvalConfig in eval flags"),
+    ]  # fmt: skip
+    for extra, message in cases:
+        rc, _, err = _cli(base + extra, capsys)
+        assert rc == 2 and err.startswith("error: ") and "\n" not in err and message in err, (extra, err)
+    rc, _, err = _cli(
+        ["eval", "--model", str(tmp_path), "--benchmarks", "medqa", "--data-dir", str(tmp_path / "none")],
+        capsys,
+    )
+    assert rc == 2 and "benchmark data folder not found" in err and "\n" not in err
+
+
+def test_api_key_never_in_outputs(shared_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("EVAL_TEST_KEY", "sk-verysecretvalue123")
+    with start_sandbox() as sb:
+        cfg = EvalConfig(
+            model=sb.base_url, benchmarks="medqa", data_dir=str(shared_data), output_uri=str(tmp_path / "o"),
+            limit=1, seeds=1, api_key_env="EVAL_TEST_KEY", prompting="direct",
+        )  # fmt: skip
+        result = evaluate(cfg, progress=False)
+    rows = storage.Dataset(result.predictions_uri).read_all().to_pylist()
+    assert [r["prompt_version"] for r in rows] == ["octomed-direct-v1"]
+    assert "without explanation" in system_prompt("text_mcq", "direct") != system_prompt("text_mcq")
+    for f in (tmp_path / "o").rglob("*"):
+        if f.is_file():
+            assert b"sk-verysecretvalue123" not in f.read_bytes(), f
+    assert "sk-verysecret" not in repr(cfg) and result.predictions == 1
