@@ -137,24 +137,11 @@ def make_backend(
 
 
 def resolve_checkpoint(checkpoint_uri: str, cache_dir: Path) -> Path:
-    """A local folder holding the model: used in place, or downloaded from a URI (needs checkpoint.json)."""
-    from training.sft import CHECKPOINT_MARKER, check_model_path
+    """A local folder holding the model: a folder, a finished checkpoint URI or a HF model id
+    (the one resolver training uses too: :func:`training.sft.resolve_model`)."""
+    from training.sft import resolve_model
 
-    if "://" not in checkpoint_uri or checkpoint_uri.startswith("file://"):
-        return check_model_path(checkpoint_uri.removeprefix("file://"))
-    marker = storage.join(checkpoint_uri, CHECKPOINT_MARKER)
-    if not storage.exists(marker):
-        raise ConfigError(f"no {CHECKPOINT_MARKER} at {checkpoint_uri}: not a finished checkpoint")
-    fs, base = storage.filesystem(checkpoint_uri)
-    local = cache_dir / "checkpoint"
-    for name in storage.read_json(marker).get("files") or []:
-        target = local / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fs.get_file(f"{base.rstrip('/')}/{name}", str(target))
-        except Exception as exc:
-            raise ConfigError(storage.describe_error(checkpoint_uri, exc)) from None
-    return check_model_path(str(local))
+    return resolve_model(checkpoint_uri, cache_dir)
 
 
 # --------------------------------------------------------------------------- hf
@@ -271,6 +258,11 @@ class HFBackend:
             texts, extra = self._with_images(rows, texts)
         self.tokenizer.padding_side = "left"  # generation continues from the right edge
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        if extra:
+            # Qwen2.5-VL builds its 3-D (mrope) image positions only when told which tokens are
+            # image tokens; without this it silently falls back to 1-D positions for the image.
+            image_token_id = getattr(self.model.config, "image_token_id", None)
+            extra["mm_token_type_ids"] = (enc["input_ids"] == image_token_id).to(torch.int32)
         enc = {k: v.to(self.device) for k, v in enc.items()}
         extra = {k: v.to(self.device) for k, v in extra.items()}
         sampling: dict[str, Any] = {"do_sample": False}
