@@ -153,10 +153,12 @@ def main() -> int:
                     questions_uri=qds.uri,
                     max_new_tokens=args.max_new_tokens,
                     batch_size=8,
+                    seeds=1,
+                    temperature=0.0,  # greedy: the same work as before the protocol defaults existed
                 ),
                 progress=False,
             )
-            eval_qps.append(ev.questions / ev.runtime_s)
+            eval_qps.append(ev.predictions / ev.runtime_s)
 
     report = {
         "model": f"tiny qwen2 hidden={args.hidden} layers={args.layers}",
