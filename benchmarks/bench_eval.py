@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,22 +31,8 @@ from octomed_data import storage  # noqa: E402
 from training.config import EvalConfig  # noqa: E402
 from training.evaluate import evaluate  # noqa: E402
 
-
-def start_server(latency_ms: float) -> tuple[subprocess.Popen, str]:
-    """The sandbox in its own process (its event loop must not share this one's CPU time slice)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "octomed_data.cli", "sandbox-teacher", "--port", "0", "--no-log"]
-        + ["--latency-ms", str(latency_ms), "--style", "mixed"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    line = proc.stdout.readline()
-    if "listening on" not in line:
-        proc.kill()
-        raise SystemExit(f"sandbox did not start: {line!r}")
-    return proc, line.strip().rsplit(" ", 1)[-1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_distill import start_server  # noqa: E402  (the sandbox in its own process, one way)
 
 
 def one_run(config: EvalConfig) -> dict[str, float]:

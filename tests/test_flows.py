@@ -6,6 +6,7 @@ The sandbox teacher stands in for a model everywhere here (rows say teacher=sand
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -349,3 +350,24 @@ def test_relative_store_becomes_absolute(tmp_path, monkeypatch):
     paths = RunPaths("./runs/demo", "r")
     assert paths.store == str(tmp_path / "runs" / "demo") and paths.root.startswith(str(tmp_path))
     assert RunPaths("s3://bucket/x", "r").store == "s3://bucket/x"
+
+
+def test_train_flow_launches_torchrun_then_registers_and_evaluates(finished_run):
+    """The dashboard's train deployment path: torchrun job, checkpoint registered, eval artifacts published."""
+    from flows.common import RunParams
+    from flows.training import TrainParams, evaluate_flow, train_flow
+
+    _, paths, _ = finished_run
+    run = RunParams(run_id=paths.run_id, store=paths.store)
+    out = train_flow(TrainParams(run=run, launcher="torchrun", processes=1, max_steps=1, evaluate=True))
+    assert out["train"]["steps"] == 1 and math.isfinite(out["train"]["final_loss"])
+    assert out["checkpoint"]["marker"]["final"] and out["checkpoint"]["marker"]["world_size"] == 1
+    latest = storage.read_json(storage.join(paths.store, "checkpoints", "latest.json"))
+    assert latest["checkpoint_uri"] == paths.stage("checkpoints")
+    # This run's recipe leaves evaluation off; the evaluate flow is its own deployment too.
+    assert "evaluate" not in out
+    ev = evaluate_flow(run)
+    assert ev["items"] == 2 and ev["predictions"] == 2 * 5  # limit 2 removed MedQA items x 5 seeds
+    assert set(ev["per_benchmark"]) == {"medqa"}
+    keys = [f"{k}-{paths.run_id}" for k in ("training", "evaluation", "evaluation-report")]
+    assert artifact_keys(keys) == set(keys)
