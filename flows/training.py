@@ -147,7 +147,11 @@ def eval_config(recipe: Recipe, paths: RunPaths) -> Any:
     data.update(model=paths.stage("checkpoints"), output_uri=paths.stage("evaluate"))
     data.pop("checkpoint_uri", None)
     if recipe.evaluation.benchmarks:
-        data.update(benchmarks=list(recipe.evaluation.benchmarks), data_dir=recipe.evaluation.data_dir)
+        data_dir = recipe.evaluation.data_dir
+        data.update(
+            benchmarks=list(recipe.evaluation.benchmarks),
+            data_dir=recipe.resolve_path(data_dir) if data_dir else None,
+        )
     else:
         questions = recipe.evaluation.questions or storage.join(paths.stage("decontaminate"), "removed")
         if not storage.Dataset(questions).manifest():

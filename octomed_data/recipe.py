@@ -216,7 +216,10 @@ class Recipe(BaseModel):
         return self.model_dump(mode="json")
 
     def resolve_path(self, path: str) -> str:
-        """Resolve a relative input path against the recipe's folder (URIs pass through)."""
+        """Resolve an input path: ``package:...`` inside the installed package, a relative path
+        against the recipe's folder; URIs and absolute paths pass through."""
+        if path.startswith("package:"):
+            return str(resources.files("octomed_data").joinpath(path.removeprefix("package:")))
         if "://" in path or os.path.isabs(path) or self.base_dir is None:
             return path
         return os.path.normpath(os.path.join(self.base_dir, path))
@@ -225,7 +228,7 @@ class Recipe(BaseModel):
         """All ingest entries (``sources`` + ``sources_file``) with paths resolved."""
         entries = [e.model_dump(exclude_none=True) for e in self.sources]
         if self.sources_file:
-            path = _package_path(self.sources_file) or self.resolve_path(self.sources_file)
+            path = self.resolve_path(self.sources_file)
             try:
                 data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
             except FileNotFoundError:
@@ -255,13 +258,6 @@ class Recipe(BaseModel):
         if not entries:
             raise ConfigError("the recipe names no sources (set `sources` or `sources_file`)")
         return entries
-
-
-def _package_path(spec: str) -> str | None:
-    """``package:sample_data/demo.yaml`` -> the file inside the installed octomed_data package."""
-    if not spec.startswith("package:"):
-        return None
-    return str(resources.files("octomed_data").joinpath(spec.removeprefix("package:")))
 
 
 def _first_error(exc: ValidationError) -> str:
