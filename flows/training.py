@@ -102,13 +102,9 @@ def train_task(config: Any, launcher: str, processes: int | None, ray_address: s
     """
     logger = get_run_logger()
     if launcher == "ray":
-        import torch
-
+        # Workers and GPU use come from the cluster's resources, not from this (flow) machine.
         ray_train = _training_module("tasks.ray_train")
-        workers = processes or max(1, torch.cuda.device_count())
-        return ray_train.train_on_ray(
-            config, num_workers=workers, use_gpu=torch.cuda.is_available(), address=ray_address
-        )
+        return ray_train.train_on_ray(config, num_workers=processes, address=ray_address)
     launch = _training_module("training.launch")
     return launch.launch_training(
         config,

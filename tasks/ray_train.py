@@ -40,25 +40,38 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 def train_on_ray(
     config: TrainConfig,
     *,
-    num_workers: int,
-    use_gpu: bool = False,
+    num_workers: int | None = None,
+    use_gpu: bool | None = None,
     cpus_per_worker: float = 1.0,
     address: str | None = None,
     storage_path: str | None = None,
 ) -> dict[str, Any]:
-    """Run one SFT job on ``num_workers`` Ray Train workers; returns rank 0's TrainResult dict."""
+    """Run one SFT job on Ray Train workers; returns rank 0's TrainResult dict.
+
+    ``use_gpu`` and ``num_workers`` default to what the *cluster* has (one worker per GPU, or one
+    CPU worker on a cluster without GPUs), not to what the machine submitting the job has.
+    """
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if num_workers < 1:
-        raise ConfigError(f"num_workers must be >= 1, got {num_workers}")
-    config.batch_plan(num_workers)  # an unreachable global batch fails before the cluster is asked
     if not ray.is_initialized():
         try:
             ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=False)
         except ConnectionError as exc:
             raise ConfigError(f"cannot reach the Ray cluster at {address!r}: {exc}") from None
+    cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
+    if use_gpu is None:
+        use_gpu = cluster_gpus > 0
+    if num_workers is None:
+        num_workers = cluster_gpus if use_gpu else 1
+    if num_workers < 1:
+        raise ConfigError(f"num_workers must be >= 1, got {num_workers}")
+    if use_gpu and num_workers > cluster_gpus:
+        raise ConfigError(
+            f"{num_workers} GPU workers asked for, but the Ray cluster has {cluster_gpus} GPU(s)"
+        )
+    config.batch_plan(num_workers)  # an unreachable global batch fails before workers start
     result_uri = storage.join(config.output_uri, RESULT_FILE)
     if storage.exists(result_uri):  # never return an earlier job's result
         fs, path = storage.filesystem(result_uri)

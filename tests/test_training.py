@@ -618,3 +618,36 @@ def test_failed_job_is_one_line(launch_export, tiny_text, tmp_path):
     unpacked = config.model_copy(update={"packing": False})  # packed plans round; padded ones must divide
     with pytest.raises(ConfigError, match="not a multiple"):
         launch_training(unpacked, work_dir=tmp_path / "job", launcher="torchrun", processes=3)
+
+
+def test_stale_local_checkpoints_never_rotate_away_fresh_saves(launch_export, tiny_text, tmp_path):
+    """A killed earlier job's higher-numbered local checkpoints must not make Trainer delete new ones."""
+    config = _launch_config(
+        launch_export,
+        tiny_text,
+        str(tmp_path / "out"),
+        tmp_path,
+        max_steps=4,
+        zero_stage=0,
+        save_total_limit=1,
+    )
+    import time
+
+    for step in (500, 750):  # what a crashed longer job left behind in the same work folder
+        stale = tmp_path / "work" / "trainer" / f"checkpoint-{step}"
+        stale.mkdir(parents=True)
+        (stale / "trainer_state.json").write_text("{}")
+        # Clock skew on shared storage (or a fuse mount's fake mtimes): they look newer than new saves,
+        # so Trainer's rotation would keep them and delete the fresh checkpoint before its upload.
+        later = time.time() + 3600
+        os.utime(stale, (later, later))
+    config_path = tmp_path / "train.yaml"
+    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    result = _run_sft(config_path)
+    assert result["steps"] == 4
+    for step in (2, 4):
+        marker = storage.read_json(
+            str(tmp_path / "out" / "checkpoints" / f"checkpoint-{step}" / "checkpoint.json")
+        )
+        assert "model.safetensors" in marker["files"] and "trainer_state.json" in marker["files"]
+    assert not (tmp_path / "work" / "trainer" / "checkpoint-750").exists()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -310,9 +311,15 @@ def _upload_callback(output_uri: str, meta: dict[str, Any]):
         def on_save(self, args, state, control, **kwargs):
             local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             dest = storage.join(output_uri, "checkpoints", local.name)
-            if state.is_local_process_zero and local.is_dir():
-                upload_folder(local, dest)
-            _barrier()
+            uploaded = True
+            if state.is_local_process_zero:
+                uploaded = local.is_dir()
+                if uploaded:
+                    upload_folder(local, dest)
+            # The marker says "complete": only when every node uploaded what it saved.
+            if not _all_nodes_ok(uploaded):
+                log.warning("checkpoint %s was not uploaded by every node: no marker written", local.name)
+                return
             if state.is_world_process_zero:
                 loss = next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None)
                 storage.write_json(
@@ -342,6 +349,28 @@ def _node_lock(path: Path):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _all_nodes_ok(ok: bool) -> bool:
+    """True on every rank when ``ok`` is true on every rank (a MIN all-reduce; also a barrier)."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([int(ok)], dtype=torch.long, device=_collective_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+    return ok
+
+
+def _collective_device():
+    """Where a tensor for a collective must live: the current GPU under NCCL, else the CPU."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _barrier() -> None:
@@ -465,8 +494,10 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     cuda = torch.cuda.is_available()
     precision = config.resolved_precision(cuda)
     rank = int(os.environ.get("RANK", "0"))
-    # Every process of a job must agree on the work folder (ZeRO writes its shards there).
-    default_work = Path(tempfile.gettempdir()) / f"octomed-sft-{config.config_hash()}"
+    # Every process of a job must agree on the work folder (ZeRO writes its shards there): derived
+    # from what is trained and where it goes, so two jobs never share one.
+    job_key = hashlib.sha256(f"{config.config_hash()} {config.output_uri}".encode()).hexdigest()[:16]
+    default_work = Path(tempfile.gettempdir()) / f"octomed-sft-{job_key}"
     work_dir = Path(config.work_dir) if config.work_dir else default_work
     work_dir.mkdir(parents=True, exist_ok=True)
     ds_config = deepspeed_config(config) if config.zero_stage > 0 else None
@@ -523,6 +554,11 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         accelerator_config={"dispatch_batches": False} if config.streaming else None,
         disable_tqdm=not progress,
     )
+    # Checkpoints a killed earlier job left on local disk are never reused (a resume comes from the
+    # store): stale higher-numbered ones would make Trainer's rotation delete fresh saves.
+    with args.main_process_first(local=True, desc="clear stale local checkpoints"):
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            shutil.rmtree(work_dir / "trainer", ignore_errors=True)
 
     data_files = [f.uri for f in files]
     encoder_cls = _CountingEncoder if config.streaming else RowEncoder
@@ -686,7 +722,7 @@ def _all_reduce_sum(value: int) -> int:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([value], dtype=torch.long)
+        t = torch.tensor([value], dtype=torch.long, device=_collective_device())
         dist.all_reduce(t)
         return int(t.item())
     return value
