@@ -259,6 +259,27 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     cfg.write_text(yaml.safe_dump({"checkpoint_uri": str(tmp_path), "questions_uri": str(tmp_path / "q")}))
     assert main(["evaluate", "--config", str(cfg)]) == 2
     assert "no Parquet files" in capsys.readouterr().err
+    # Wrong data or model paths fail before any launcher starts: one line, no worker output.
+    recipe = str(REPO / "training" / "configs" / "octomed-7b-zero2.yaml")
+    out = str(tmp_path / "out")
+    assert (
+        main(["train", "--config", recipe, "--train-data", str(tmp_path / "none"), "--output-uri", out]) == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no Parquet files") and "\n" not in err
+    export = storage.Dataset(str(tmp_path / "export"), LLAMAFACTORY_SCHEMA)
+    export.write_shard(0, _training_rows(2))
+    args = ["--train-data", export.uri, "--output-uri", out, "--model", str(tmp_path / "no-model")]
+    assert main(["train", "--config", recipe, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: model_path") and "\n" not in err
+    # The per-node launch line for a scheduler, with the resolved config written for every node.
+    resolved = tmp_path / "resolved.yaml"
+    launch = ["--launch-line", "8", "--nodes", "2", "--master-addr", "10.0.0.1", "--hostfile", "hosts"]
+    assert main(["train", "--config", recipe, *args[:4], *launch, "--config-out", str(resolved)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("deepspeed --num_gpus 8 --num_nodes 2") and line.endswith(f"--config {resolved}")
+    assert load_yaml_config(resolved, TrainConfig).train_data == [export.uri]
 
 
 # --------------------------------------------------------------------------- end to end
@@ -609,12 +630,13 @@ def test_failed_job_is_one_line(launch_export, tiny_text, tmp_path):
     from training.launch import TrainingFailed, launch_training
 
     config = _launch_config(launch_export, tiny_text, str(tmp_path / "out"), tmp_path, max_seq_len=16)
-    bad = config.model_copy(update={"model_path": str(tmp_path)})  # no config.json: fails inside the job
-    with pytest.raises(
-        TrainingFailed, match=r"exited with code \d+: model_path .* is not a local model"
-    ) as exc:
-        launch_training(bad, work_dir=tmp_path / "job", launcher="torchrun", processes=1)
+    # max_seq_len 16 leaves no learnable token in any row: the worker fails, the caller gets its reason.
+    with pytest.raises(TrainingFailed, match=r"exited with code \d+: no usable training rows") as exc:
+        launch_training(config, work_dir=tmp_path / "job", launcher="torchrun", processes=1)
     assert "\n" not in str(exc.value)
+    bad = config.model_copy(update={"model_path": str(tmp_path)})  # no config.json: refused before launch
+    with pytest.raises(ConfigError, match=r"model_path .* is not a local model"):
+        launch_training(bad, work_dir=tmp_path / "job", launcher="torchrun", processes=1)
     unpacked = config.model_copy(update={"packing": False})  # packed plans round; padded ones must divide
     with pytest.raises(ConfigError, match="not a multiple"):
         launch_training(unpacked, work_dir=tmp_path / "job", launcher="torchrun", processes=3)

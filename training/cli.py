@@ -40,6 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--master-addr", default=None)
     p.add_argument("--hostfile", default=None)
+    p.add_argument("--config-out", default=None, help="with --launch-line: where the resolved config goes")
     p.add_argument("--print-deepspeed-config", action="store_true", help="print the DeepSpeed JSON and exit")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_train)
@@ -85,17 +86,20 @@ def _train(args: argparse.Namespace) -> int:
         print(json.dumps(deepspeed_config(config), indent=2))
         return 0
     if args.launch_line is not None:
-        from octomed_data.errors import ConfigError
         from training.sft import launch_command
 
+        config_path = args.config
         if args.train_data or args.output_uri or args.model or args.max_steps:
-            raise ConfigError(
-                "--launch-line runs the YAML as it is: put train_data/output_uri/model_path in it"
-            )
+            # Every node must run the same resolved config: write it out and launch that.
+            import yaml
 
+            config_path = args.config_out or f"train-{config.config_hash()}.yaml"
+            with open(config_path, "w", encoding="utf-8") as fh:
+                yaml.safe_dump(config.model_dump(mode="json"), fh, sort_keys=False)
+            print(f"resolved config written to {config_path} (copy it to every node)", file=sys.stderr)
         launcher = "deepspeed" if args.launcher in ("auto", "deepspeed") else args.launcher
         cmd = launch_command(
-            args.config,
+            config_path,
             num_gpus=args.launch_line,
             num_nodes=args.nodes,
             launcher=launcher,

@@ -104,6 +104,26 @@ def job_command(
     raise ConfigError(f"unknown launcher {launcher!r}; choose one of {', '.join(LAUNCHERS)}")
 
 
+def preflight(config: TrainConfig) -> None:
+    """Cheap checks of what the job will need, so a wrong path is one line before any process starts."""
+    from octomed_data import storage
+    from training.data import check_columns, resolve_data_files
+
+    files = resolve_data_files(config.train_data)
+    check_columns(files)
+    storage.ensure_writable(config.output_uri)
+    model = config.model_path
+    if "://" in model and not model.startswith("file://"):
+        if not storage.exists(storage.join(model, "checkpoint.json")):
+            raise ConfigError(f"no checkpoint.json at {model}: not a finished checkpoint")
+    else:
+        from training.sft import _HUB_ID, check_model_path
+
+        path = Path(model.removeprefix("file://"))
+        if path.exists() or not _HUB_ID.match(model):
+            check_model_path(str(path))
+
+
 def _child_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
     # The job must import this checkout's training package whether or not it is installed.
@@ -134,6 +154,7 @@ def launch_training(
     if processes < 1:
         raise ConfigError(f"processes must be >= 1, got {processes}")
     config.batch_plan(processes)  # a batch the job can't reach fails here, before anything starts
+    preflight(config)
     if launcher == "inprocess":
         if processes != 1:
             raise ConfigError("the inprocess launcher runs one process; use torchrun for several")
