@@ -255,6 +255,7 @@ def test_cli_list_and_one_line_errors(shared_data, tmp_path, capsys):
         (["--model", str(tmp_path), "--benchmarks", "pmc_vqa"], "PMC-VQA is distributed on the HF hub only"),
         (["--model", str(tmp_path), "--benchmarks", "medqa", "--backend", "vllm"], "needs the vllm package"),
         (["--model", str(tmp_path), "--benchmarks", "medqa", "--seeds", "0"], "invalid EvalConfig in eval flags"),
+        (["--model", str(tmp_path), "--benchmarks", "medqa", "--max-request-error-rate", "2"], "max_request_error_rate"),
     ]  # fmt: skip
     for extra, message in cases:
         rc, _, err = _cli(base + extra, capsys)

@@ -121,6 +121,15 @@ def still_thinking(text: str) -> bool:
     return start >= 0 and low.find(THINK_CLOSE, start) < 0
 
 
+def template_opens_think(tokenizer: Any) -> bool:
+    """Whether the chat template opens the thought in the generation prompt (R1, Qwen3 templates):
+    the reply then starts inside it although it carries no ``<think>`` of its own."""
+    probe = [{"role": "user", "content": "x"}]
+    with_gen = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    without = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=False)
+    return still_thinking(with_gen[len(without) :])
+
+
 def chat_messages(row: Mapping[str, Any], prompting: str = "cot") -> list[dict[str, Any]]:
     """The teacher prompt for ``row`` as chat messages for a local model (image parts first)."""
     text = render_question(row)
@@ -212,12 +221,7 @@ class HFBackend:
         self.supports_images = is_vision_model(self.model_dir)
         self.max_pixels = max_pixels
         self.image_token = "<|image_pad|>"
-        # Templates of reasoning models (R1, Qwen3) open the thought in the generation prompt:
-        # the reply then starts inside it although it carries no "<think>" of its own.
-        probe = [{"role": "user", "content": "x"}]
-        with_gen = self.tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
-        without = self.tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=False)
-        self.template_opens_think = still_thinking(with_gen[len(without) :])
+        self.template_opens_think = template_opens_think(self.tokenizer)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -708,6 +712,7 @@ class VLLMBackend:
             max_model_len=max_model_len,
             limit_mm_per_prompt={"image": 8},
         )
+        self.template_opens_think = template_opens_think(self.llm.get_tokenizer())
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -747,9 +752,12 @@ class VLLMBackend:
             use_tqdm=False,
         )
         gens = []
+        opened = p.prefill_think or self.template_opens_think
         for o in outs:
             c = o.outputs[0]
-            text = (THINK_PREFILL if p.prefill_think else "") + c.text
+            # As in the hf backend: a reply that starts inside a thought gets its "<think>" back,
+            # so that a cut reply is forced (or has no answer) instead of being read mid-thought.
+            text = (THINK_PREFILL + c.text) if opened and THINK_OPEN not in c.text[:32] else c.text
             gens.append(Generation(text, len(c.token_ids), 0, c.finish_reason or "stop"))
         forced = [
             i

@@ -554,6 +554,19 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
         "--no-force-end", action="store_true", help="do not force the end of thinking at the budget"
     )
     p.add_argument("--prefill-think", action="store_true", help="open every reply with <think>")
+    p.add_argument(
+        "--sampling-extras",
+        choices=["auto", "on", "off"],
+        default=None,
+        help="openai: send top_k=-1, repetition_penalty=1.0 (vLLM/SGLang) so the server does not use the "
+        "checkpoint's generation_config; auto = on except api.openai.com / Azure, which reject them",
+    )
+    p.add_argument(
+        "--max-request-error-rate",
+        type=float,
+        default=None,
+        help="fail the run when more replies than this share had a request error (default 0.05)",
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -568,7 +581,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     data: dict[str, Any] = {"model": args.model, "benchmarks": args.benchmarks}
     for key in (
         "output_uri", "backend", "data_dir", "seeds", "max_new_tokens", "temperature", "top_p", "prompting",
-        "limit", "api_key_env", "served_model_name", "concurrency", "batch_size",
+        "limit", "api_key_env", "served_model_name", "concurrency", "batch_size", "sampling_extras",
+        "max_request_error_rate",
     ):  # fmt: skip
         value = getattr(args, key)
         if value is not None:
