@@ -197,6 +197,7 @@ _TABLE_COLUMNS = (
     "accuracy_mean",
     "accuracy_std",
     "parse_failure_rate",
+    "request_errors",
     "token_f1_mean",
     "reasoning_tokens_mean",
     "forced_end",

@@ -21,6 +21,9 @@ from octomed_data.schema import TaskType
 
 NO_ANSWER = "no_answer"
 AMBIGUOUS = "ambiguous"
+# The reply ends inside a thought (an opened <think> never closed): whatever it says is reasoning
+# in progress, not a final answer, so nothing is read from it.
+UNFINISHED_THOUGHT = "unfinished_thought"
 
 # "<keyword> <verb/colon> <rest of line>". The verb is required so that prose such as
 # "to answer this question" is not taken for a statement.
@@ -84,7 +87,7 @@ class Extraction:
 
     answer: str | None
     method: str  # which form was read: boxed, answer_tag, statement, bold, bare, none
-    reason: str | None = None  # no_answer | ambiguous when answer is None
+    reason: str | None = None  # no_answer | ambiguous | unfinished_thought when answer is None
 
 
 @dataclass(frozen=True)
@@ -282,6 +285,9 @@ def extract_answer(
     text = _THINK.sub(" ", response)
     if "</think>" in text.lower():
         text = text[text.lower().rindex("</think>") + len("</think>") :]
+    if "<think>" in text.lower():
+        # Cut off (or stopped) mid-thought: "the answer is B" there is a step, not a verdict.
+        return Extraction(None, "none", UNFINISHED_THOUGHT)
     opts = [(str(k), str(v)) for k, v in options]
     if task.is_multiple_choice:
 

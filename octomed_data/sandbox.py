@@ -8,7 +8,7 @@ arrives as ``reasoning_content`` (DeepSeek / vLLM) or inline ``<think>`` or a mi
 
 Fault injection (deterministic given ``FaultConfig.seed``): 429 with Retry-After, 500s,
 dropped connections, slow replies, malformed JSON bodies, truncated completions
-(``finish_reason=length``) and refusals. Transient faults hit one request key (messages +
+(``finish_reason=length``), refusals and 400 bad requests. Transient faults hit one request key (messages +
 seed) at most ``max_faults_per_request`` times, so a client that retries gets through; truncation
 and refusal are properties of the key and come back every time. An optional server-side
 requests-per-window limit answers 429 and counts violations.
@@ -17,6 +17,11 @@ As a difficulty grader (a system prompt asking to "rate the difficulty ... from 
 :mod:`octomed_data.distill.filtering` sends) it replies ``Difficulty: N`` with N derived from a
 hash of the question text (:func:`difficulty_score`), or, for keys hit by the ``unparseable``
 fault, a reply with no integer score.
+
+With ``continuation_as_reasoning`` it answers a ``continue_final_message`` request as vLLM with
+``--reasoning-parser deepseek_r1`` does: that parser calls any output without ``</think>``
+reasoning, so the continuation (``B}`` after a forced ``</think> ... \\boxed{``) comes back as
+``reasoning_content`` with no ``content``.
 
 ``GET /_sandbox/stats`` returns the per-request log (arrival time, key, seed, status, fault).
 """
@@ -79,6 +84,7 @@ class FaultConfig:
     truncated: float = 0.0  # finish_reason=length, no final answer (per key)
     refusal: float = 0.0  # a refusal instead of an answer (per key)
     unparseable: float = 0.0  # grading replies with no integer score (per key)
+    bad_request: float = 0.0  # 400 invalid_request_error, not retryable (per key)
     max_faults_per_request: int = 2
     rpm: int | None = None  # server-side limit per ``rpm_window_s``; excess -> 429 + violation
     rpm_window_s: float = 60.0
@@ -98,6 +104,7 @@ class _State:
     requests: int = 0
     track_keys: bool = True
     completed: int = 0
+    continuation_as_reasoning: bool = False
 
 
 _STATE: web.AppKey[_State] = web.AppKey("sandbox_state", _State)
@@ -281,11 +288,25 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         state.seen[key] = occurrence + 1
     over = _over_limit(state, time.monotonic())
     fault = "rpm_exceeded" if over else _transient_fault(state, key, occurrence)
+    f = state.faults
+    if fault is None and _unit("bad_request", f.seed, key) < f.bad_request:
+        fault = "bad_request"
     if over:
         state.violations += 1
     if state.log_requests:
-        state.log.append({"t": arrived, "key": key, "seed": seed, "model": model, "n": n, "fault": fault})
-    f = state.faults
+        # The sampling fields as sent: shows whether a client switched the server's defaults off.
+        sampling = {k: body[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty") if k in body}
+        state.log.append(
+            {
+                "t": arrived,
+                "key": key,
+                "seed": seed,
+                "model": model,
+                "n": n,
+                "fault": fault,
+                "sampling": sampling,
+            }
+        )
     if state.latency_s:
         await asyncio.sleep(state.latency_s)
     if fault in ("rate_limited", "rpm_exceeded"):
@@ -297,6 +318,9 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         return web.json_response(err, status=429, headers=headers)
     if fault == "server_error":
         return web.json_response({"error": {"message": "internal error (sandbox)"}}, status=500)
+    if fault == "bad_request":
+        err = {"error": {"message": "bad request (sandbox)", "type": "invalid_request_error"}}
+        return web.json_response(err, status=400)
     if fault == "dropped":
         if request.transport is not None:
             request.transport.abort()
@@ -319,6 +343,8 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         graded = None if refusal else _grading(system, user, seed, state.style, unparseable, truncated)
         if continuation is not None:
             message, finish, tokens = continuation
+            if state.continuation_as_reasoning:
+                message = {"role": "assistant", "content": None, "reasoning_content": message["content"]}
         elif graded is not None:
             message, finish, tokens = graded
         else:
@@ -369,6 +395,7 @@ def build_app(
     faults: FaultConfig | None = None,
     style: Style = "mixed",
     log_requests: bool = True,
+    continuation_as_reasoning: bool = False,
 ) -> web.Application:
     """The aiohttp application (for embedding); :func:`start_sandbox` runs it in a thread."""
     if style not in ("reasoning_content", "think", "mixed"):
@@ -376,7 +403,14 @@ def build_app(
     app = web.Application(client_max_size=64 * 1024 * 1024)
     f = faults or FaultConfig()
     transient = f.rate_limited + f.server_error + f.dropped + f.slow + f.malformed
-    app[_STATE] = _State(latency_s, f, style, log_requests, track_keys=log_requests or transient > 0)
+    app[_STATE] = _State(
+        latency_s,
+        f,
+        style,
+        log_requests,
+        track_keys=log_requests or transient > 0,
+        continuation_as_reasoning=continuation_as_reasoning,
+    )
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/_sandbox/stats", _stats)
@@ -459,9 +493,20 @@ def start_sandbox(
     faults: FaultConfig | None = None,
     style: Style = "mixed",
     log_requests: bool = True,
+    continuation_as_reasoning: bool = False,
 ) -> SandboxHandle:
-    """Start the sandbox teacher in a background thread; ``port=0`` picks a free port."""
-    app = build_app(latency_s=latency_s, faults=faults, style=style, log_requests=log_requests)
+    """Start the sandbox teacher in a background thread; ``port=0`` picks a free port.
+
+    ``continuation_as_reasoning``: answer message continuations as vLLM's deepseek_r1 reasoning
+    parser does (the new text in ``reasoning_content``).
+    """
+    app = build_app(
+        latency_s=latency_s,
+        faults=faults,
+        style=style,
+        log_requests=log_requests,
+        continuation_as_reasoning=continuation_as_reasoning,
+    )
     return SandboxHandle(app, host).start(port)
 
 
@@ -488,6 +533,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--style", choices=["reasoning_content", "think", "mixed"], default="mixed")
     p.add_argument("--faults", default=None, help="JSON FaultConfig, e.g. '{\"rate_limited\": 0.1}'")
     p.add_argument("--no-log", action="store_true", help="keep counts only (long benchmarks)")
+    p.add_argument(
+        "--continuation-as-reasoning",
+        action="store_true",
+        help="return message continuations as reasoning_content (vLLM --reasoning-parser deepseek_r1)",
+    )
     p.set_defaults(func=_cli)
 
 
@@ -499,7 +549,11 @@ def _cli(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"invalid --faults: {exc}") from None
     app = build_app(
-        latency_s=args.latency_ms / 1000.0, faults=faults, style=args.style, log_requests=not args.no_log
+        latency_s=args.latency_ms / 1000.0,
+        faults=faults,
+        style=args.style,
+        log_requests=not args.no_log,
+        continuation_as_reasoning=args.continuation_as_reasoning,
     )
 
     async def serve() -> None:

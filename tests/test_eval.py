@@ -21,6 +21,7 @@ from octomed_data.schema import options_of
 from training.config import EvalConfig
 from training.eval_backends import FORCE_CUE, Generation, SamplingProtocol, still_thinking
 from training.eval_benchmarks import BENCHMARKS, get_benchmarks, iter_benchmark, resolve_data_dir
+from training.eval_report import MetricsAccumulator
 from training.evaluate import evaluate, score_generation
 
 
@@ -254,6 +255,7 @@ def test_cli_list_and_one_line_errors(shared_data, tmp_path, capsys):
         (["--model", str(tmp_path), "--benchmarks", "pmc_vqa"], "PMC-VQA is distributed on the HF hub only"),
         (["--model", str(tmp_path), "--benchmarks", "medqa", "--backend", "vllm"], "needs the vllm package"),
         (["--model", str(tmp_path), "--benchmarks", "medqa", "--seeds", "0"], "invalid EvalConfig in eval flags"),
+        (["--model", str(tmp_path), "--benchmarks", "medqa", "--max-request-error-rate", "2"], "max_request_error_rate"),
     ]  # fmt: skip
     for extra, message in cases:
         rc, _, err = _cli(base + extra, capsys)
@@ -280,3 +282,185 @@ def test_api_key_never_in_outputs(shared_data, tmp_path, monkeypatch):
         if f.is_file():
             assert b"sk-verysecretvalue123" not in f.read_bytes(), f
     assert "sk-verysecret" not in repr(cfg) and result.predictions == 1
+
+
+# --------------------------------------------------------------------------- review fixes
+
+
+def test_unfinished_thought_is_no_answer_and_a_parse_failure():
+    """A reply cut (or stopped) inside <think> has no answer, whatever the reasoning says so far."""
+    row = next(iter_benchmark(BENCHMARKS["medqa"], resolve_data_dir(), _no_store(), _stats(), limit=1))
+    cut = Generation(f"<think>So far the answer is {row['answer']}, but let me check", 40, 40, "length")
+    p = score_generation(row, cut, benchmark="medqa", seed=0, version="v")
+    assert p["extracted_answer"] is None and p["no_answer_reason"] == "unfinished_thought"
+    assert p["correct"] is False and p["think_closed"] is False
+    m = MetricsAccumulator()
+    m.add(p)
+    assert m.benchmark_summary("medqa")["parse_failures"] == 1
+    # A template that opened the thought itself: only the close arrives, the answer after it counts.
+    ok = extract_answer(
+        f"reasoning ...</think>\n\nFinal answer: \\boxed{{{row['answer']}}}", "text_mcq", options_of(row)
+    )
+    assert ok.answer == row["answer"]
+
+
+def test_openai_reply_with_template_opened_thought():
+    """No <think> but a </think>: the reply is put back as <think>...</think> as the HF backend does."""
+    from types import SimpleNamespace
+
+    from training.eval_backends import _reply, reasoning_span
+
+    def response(content: str, finish: str, reasoning: str | None = None):
+        msg = SimpleNamespace(
+            content=content, model_extra={"reasoning_content": reasoning} if reasoning else {}
+        )
+        usage = SimpleNamespace(completion_tokens=100, completion_tokens_details=None)
+        return SimpleNamespace(choices=[SimpleNamespace(message=msg, finish_reason=finish)], usage=usage)
+
+    text, finish, tokens, reasoning = _reply(response("weighing A vs B ...</think>\n\nAnswer: B", "stop"), "")
+    assert text.startswith("<think>") and reasoning_span(text) == ("weighing A vs B ...", True)
+    assert 0 < reasoning < tokens and not still_thinking(text)
+    # Cut off with the thought in reasoning_content: still thinking, so it gets forced (or no answer).
+    text, *_ = _reply(response("", "length", reasoning="weighing A vs B"), "")
+    assert still_thinking(text) and extract_answer(text, "text_mcq").reason == "unfinished_thought"
+
+
+def test_no_force_end_cut_replies_have_no_answer(shared_data, tmp_path):
+    with start_sandbox(style="mixed") as sb:
+        cfg = EvalConfig(
+            model=sb.base_url, benchmarks="medqa", data_dir=str(shared_data), output_uri=str(tmp_path / "o"),
+            limit=4, seeds=2, max_new_tokens=20, force_end_of_thinking=False, concurrency=8,
+        )  # fmt: skip
+        result = evaluate(cfg, progress=False)
+    rows = storage.Dataset(result.predictions_uri).read_all().to_pylist()
+    cut = [r for r in rows if r["finish_reason"] == "length"]
+    assert cut and not any(r["forced_end"] for r in rows)
+    assert all(r["extracted_answer"] is None and r["no_answer_reason"] == "unfinished_thought" for r in cut)
+    assert result.per_benchmark["medqa"]["parse_failures"] >= len(cut)
+
+
+def test_forced_answer_behind_reasoning_parser(shared_data, tmp_path):
+    """vLLM --reasoning-parser deepseek_r1 returns the continuation "B}" as reasoning_content."""
+    with start_sandbox(style="reasoning_content", continuation_as_reasoning=True) as sb:
+        cfg = EvalConfig(
+            model=sb.base_url, benchmarks="medqa", data_dir=str(shared_data), output_uri=str(tmp_path / "o"),
+            limit=4, seeds=2, max_new_tokens=8, force_answer_tokens=8, concurrency=8,
+        )  # fmt: skip
+        result = evaluate(cfg, progress=False)
+        log = sb.stats()["log"]
+    rows = storage.Dataset(result.predictions_uri).read_all().to_pylist()
+    assert len(rows) == 8 and all(r["forced_end"] for r in rows)  # an 8-token budget ends mid-thought
+    for r in rows:
+        head, tail = r["response"].split(FORCE_CUE)
+        assert "<think>" not in tail and tail.endswith("}")  # joined raw, not wrapped as a thought
+        assert r["extracted_answer"] == tail[:-1] and r["extract_method"] == "boxed"
+    # vLLM sampling fields sent by default, so the server cannot fall back to generation_config.
+    assert all(e["sampling"]["top_k"] == -1 and e["sampling"]["repetition_penalty"] == 1.0 for e in log)
+    metrics = storage.read_json(f"{tmp_path / 'o'}/metrics.json")
+    assert metrics["sampling"]["extra_body"] == {"top_k": -1, "repetition_penalty": 1.0}
+
+
+def test_request_errors_fail_the_run_or_are_shown(shared_data, tmp_path):
+    from training.eval_backends import wants_sampling_extras
+    from training.evaluate import TooManyRequestErrors
+
+    faults = FaultConfig(seed=1, bad_request=0.3)  # 400 on ~30% of requests, every attempt
+    base = dict(benchmarks="medqa", data_dir=str(shared_data), limit=4, seeds=3, concurrency=8)
+    with start_sandbox(faults=faults) as sb:
+        with pytest.raises(TooManyRequestErrors) as exc:
+            evaluate(EvalConfig(model=sb.base_url, output_uri=str(tmp_path / "a"), **base), progress=False)
+        message = str(exc.value)
+        assert (
+            "\n" not in message and "of 12 replies had a request error" in message and "HTTP 400" in message
+        )
+        result = evaluate(
+            EvalConfig(
+                model=sb.base_url, output_uri=str(tmp_path / "b"), max_request_error_rate=1.0,
+                sampling_extras="off", **base,
+            ),
+            progress=False,
+        )  # fmt: skip
+        log = sb.stats()["log"]
+    rows = storage.Dataset(result.predictions_uri).read_all().to_pylist()
+    errors = sum(r["error"] is not None for r in rows)
+    assert 0 < errors < 12 and result.request_errors == errors
+    assert result.per_benchmark["medqa"]["request_errors"] == errors
+    report = (tmp_path / "b" / "report.md").read_text()
+    assert "| Request errors |" in report and f"Request errors: {errors} of 12 replies" in report
+    assert not any("top_k" in e["sampling"] for e in log[-12:])  # sampling_extras: off
+    assert not wants_sampling_extras("https://api.openai.com/v1", "auto")
+    assert wants_sampling_extras("http://127.0.0.1:8000/v1", "auto")
+    from flows.training import _TABLE_COLUMNS
+
+    assert "request_errors" in _TABLE_COLUMNS
+
+
+def test_malformed_question_rows_are_counted_not_fatal(tmp_path):
+    """Unknown task type / no answer / no options are skipped by reason; no images column = no images."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def q(i: int, **over):
+        row = {
+            "question_id": f"q{i}", "source": "mine", "split": "test", "task_type": "text_mcq",
+            "question": f"Which drug number {i}?", "answer": "A",
+            "options": [{"label": "A", "text": "aspirin"}, {"label": "B", "text": "insulin"}],
+            "input_file": "x", "record_index": i,
+        }  # fmt: skip
+        row.update(over)
+        return row
+
+    rows = [q(0), q(1, task_type="essay"), q(2, answer=None), q(3, options=[]), q(4), q(5, source=None)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "questions.parquet")  # no images column
+    with start_sandbox() as sb:
+        cfg = EvalConfig(
+            model=sb.base_url, questions_uri=str(tmp_path / "questions.parquet"), output_uri=str(tmp_path / "o"),
+            seeds=1,
+        )  # fmt: skip
+        result = evaluate(cfg, progress=False)
+    mine = result.per_benchmark["mine"]
+    assert mine["items"] == 2 and mine["predictions"] == 2
+    assert mine["skipped_by_reason"] == {"missing_answer": 1, "missing_options": 1, "unknown_task_type": 1}
+    assert result.per_benchmark["(no source)"]["skipped_by_reason"] == {"missing_source": 1}
+
+
+def _qwen_style_generation_config(model_dir: Path, **over) -> None:
+    """The generation_config.json Qwen2.5-VL-7B-Instruct ships (greedy in effect: top_k 1)."""
+    import json
+
+    path = model_dir / "generation_config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(do_sample=True, top_k=1, top_p=0.001, temperature=0.1, repetition_penalty=1.05, **over)
+    path.write_text(json.dumps(cfg))
+
+
+def test_hf_samples_despite_qwen_generation_config_and_stops_on_every_eos(shared_data, tmp_path):
+    from training.eval_backends import HFBackend, cut_at_stop
+    from training.tiny import build_text_model
+
+    model = build_text_model(tmp_path / "tiny")
+    items = list(iter_benchmark(BENCHMARKS["medqa"], shared_data, _no_store(), _stats(), limit=2))
+    protocol = SamplingProtocol(max_new_tokens=8, force_end=False)
+    _qwen_style_generation_config(model)
+    backend = HFBackend(str(model), protocol, cache_dir=tmp_path)
+    out = backend.generate(items, [1, 2, 3])
+    assert len({tuple(g.text for g in seed) for seed in out}) == 3, "every seed was greedy"
+    sampling = backend.describe()["sampling"]
+    assert (
+        sampling["top_k"] == "off"
+        and sampling["repetition_penalty"] == 1.0
+        and sampling["temperature"] == 0.6
+    )
+    assert sampling["ignored_checkpoint_generation_config"]["top_k"] == 1
+
+    # Every id of the checkpoint's eos list stops generation and reads as finish=stop (here the
+    # list is the whole vocabulary, so the first token ends every reply).
+    eos = backend.tokenizer.eos_token_id
+    vocab = backend.model.config.get_text_config().vocab_size
+    _qwen_style_generation_config(model, eos_token_id=[t for t in range(vocab) if t != eos])
+    backend = HFBackend(str(model), protocol, cache_dir=tmp_path)
+    assert eos in backend.eos_ids and len(backend.eos_ids) == vocab
+    gens = backend.generate(items, [1])[0]
+    assert all(g.finish_reason == "stop" and g.completion_tokens == 0 for g in gens)
+    assert cut_at_stop([5, 6, 9, 7], [9, 3], 0) == ([5, 6], "stop")
+    assert cut_at_stop([5, 0, 6], [9, 3], 0) == ([5, 6], "length")

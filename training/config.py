@@ -203,6 +203,15 @@ class EvalConfig(BaseModel):
     api_key_env: str = "OPENAI_API_KEY"  # the NAME of the environment variable holding the key
     request_timeout_s: float = Field(default=600.0, gt=0.0)
     extra_body: dict[str, Any] = Field(default_factory=dict)  # openai: extra request fields
+    # openai: send top_k=-1 and repetition_penalty=1.0 (vLLM/SGLang fields) so a server does not fill
+    # them from the checkpoint's generation_config (Qwen2.5-VL: top_k 1 = greedy every seed). auto:
+    # on, except for api.openai.com / *.openai.azure.com, which reject fields outside their API (400).
+    sampling_extras: Literal["auto", "on", "off"] = "auto"
+    # Fail the run when more than this share of requests failed (checked once
+    # request_error_min_count replies are in, and on the whole run at the end): failed requests
+    # score as wrong, so a flaky endpoint would otherwise pass for a weak model.
+    max_request_error_rate: float = Field(default=0.05, ge=0.0, le=1.0)
+    request_error_min_count: int = Field(default=20, ge=1)
 
     precision: Precision = "auto"
     max_pixels: int = 262144

@@ -21,6 +21,15 @@ continuation included) and ``forced_end`` records that it was forced.
   failure, ``finish_reason=length``), never forced or guessed.
 * ``vllm``: offline ``vllm.LLM`` on a GPU (imported lazily). Without vllm or a GPU it fails with
   one clear line.
+
+Sampling is the protocol's and nothing else: a checkpoint's ``generation_config.json`` carries the
+base model's chat defaults (Qwen2.5-VL-7B-Instruct: ``top_k 1``, ``top_p 0.001``, ``temperature
+0.1``, ``repetition_penalty 1.05``; fine-tuned checkpoints keep that file), and HF ``generate`` and
+vLLM servers fill every field a request leaves out from it, which would make every seed greedy.
+So top-k is off and the repetition penalty 1.0 explicitly, in all three backends; only the stop
+tokens (the config's eos list plus the tokenizer's) are taken from the checkpoint. Each backend's
+``describe()["sampling"]`` records the settings in effect (and, for ``hf``, the checkpoint's
+sampling fields that were ignored).
 """
 
 from __future__ import annotations
@@ -47,6 +56,16 @@ THINK_CLOSE = "</think>"
 # that the short continuation is the answer itself (read by THE extraction module).
 FORCE_CUE = "\n</think>\n\nFinal answer: \\boxed{"
 THINK_PREFILL = "<think>\n"
+# vLLM / SGLang sampling fields that switch off what a server would otherwise fill in from the
+# model's generation_config (-1 = top-k off: accepted by old vLLM, where 0 is an error, and new).
+SERVER_SAMPLING_EXTRAS: dict[str, Any] = {"top_k": -1, "repetition_penalty": 1.0}
+# Hosts that answer 400 "Unrecognized request argument supplied" to any field outside their API.
+STRICT_OPENAI_HOSTS = ("api.openai.com", ".openai.azure.com")
+# Checkpoint generation_config fields that change sampling: recorded when the protocol overrides them.
+_SAMPLING_FIELDS = (
+    "do_sample", "temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty",
+    "no_repeat_ngram_size", "epsilon_cutoff", "eta_cutoff", "num_beams",
+)  # fmt: skip
 
 
 class EndpointUnreachable(OctomedError):
@@ -100,6 +119,15 @@ def still_thinking(text: str) -> bool:
     low = text.lower()
     start = low.rfind(THINK_OPEN)
     return start >= 0 and low.find(THINK_CLOSE, start) < 0
+
+
+def template_opens_think(tokenizer: Any) -> bool:
+    """Whether the chat template opens the thought in the generation prompt (R1, Qwen3 templates):
+    the reply then starts inside it although it carries no ``<think>`` of its own."""
+    probe = [{"role": "user", "content": "x"}]
+    with_gen = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    without = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=False)
+    return still_thinking(with_gen[len(without) :])
 
 
 def chat_messages(row: Mapping[str, Any], prompting: str = "cot") -> list[dict[str, Any]]:
@@ -176,16 +204,24 @@ class HFBackend:
         self.model.eval()
         if cuda:
             self.model.to("cuda")
+        # Stop on every end token the checkpoint declares (Qwen: <|im_end|> and <|endoftext|>),
+        # not only the tokenizer's, and sample with the protocol alone (see the module docstring).
+        ckpt = self.model.generation_config
+        self.eos_ids = eos_token_ids(getattr(ckpt, "eos_token_id", None), self.tokenizer.eos_token_id)
+        self.ignored_generation_config = {
+            k: v for k in _SAMPLING_FIELDS if (v := getattr(ckpt, k, None)) is not None
+        }
+        self.model.generation_config = protocol_generation_config(
+            protocol,
+            eos_ids=self.eos_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+            bos_token_id=getattr(ckpt, "bos_token_id", None),
+        )
         self.device = self.model.device
         self.supports_images = is_vision_model(self.model_dir)
         self.max_pixels = max_pixels
         self.image_token = "<|image_pad|>"
-        # Templates of reasoning models (R1, Qwen3) open the thought in the generation prompt:
-        # the reply then starts inside it although it carries no "<think>" of its own.
-        probe = [{"role": "user", "content": "x"}]
-        with_gen = self.tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
-        without = self.tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=False)
-        self.template_opens_think = still_thinking(with_gen[len(without) :])
+        self.template_opens_think = template_opens_think(self.tokenizer)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -193,6 +229,20 @@ class HFBackend:
             "model": self.model_uri,
             "dtype": self.dtype,
             "device": str(self.device),
+            "sampling": self.sampling_settings(),
+        }
+
+    def sampling_settings(self) -> dict[str, Any]:
+        """The generate settings in effect, and the checkpoint's sampling fields they replaced."""
+        g = self.model.generation_config
+        return {
+            "do_sample": bool(g.do_sample),
+            "temperature": g.temperature if g.do_sample else 0.0,
+            "top_p": g.top_p if g.do_sample else None,
+            "top_k": "off" if not g.top_k else g.top_k,
+            "repetition_penalty": g.repetition_penalty,
+            "eos_token_id": list(self.eos_ids),
+            "ignored_checkpoint_generation_config": dict(self.ignored_generation_config),
         }
 
     def close(self) -> None:
@@ -265,33 +315,17 @@ class HFBackend:
             extra["mm_token_type_ids"] = (enc["input_ids"] == image_token_id).to(torch.int32)
         enc = {k: v.to(self.device) for k, v in enc.items()}
         extra = {k: v.to(self.device) for k, v in extra.items()}
-        sampling: dict[str, Any] = {"do_sample": False}
-        if self.protocol.temperature > 0:
-            sampling = {
-                "do_sample": True,
-                "temperature": self.protocol.temperature,
-                "top_p": self.protocol.top_p,
-            }
         torch.manual_seed(seed)  # one seed per (batch, protocol seed): reruns sample the same replies
         with torch.inference_mode():
-            out = self.model.generate(
-                **enc,
-                **extra,
-                **sampling,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id,
-            )
+            # Sampling, eos and pad come from the protocol's generation_config set in __init__.
+            out = self.model.generate(**enc, **extra, max_new_tokens=max_new_tokens)
         new = out[:, enc["input_ids"].shape[1] :]
-        eos = self.tokenizer.eos_token_id
         result_texts, counts, finishes = [], [], []
         for ids in new.tolist():
-            stopped = eos in ids
-            ids = ids[: ids.index(eos)] if stopped else ids
-            ids = [t for t in ids if t != self.tokenizer.pad_token_id]
-            result_texts.append(self.tokenizer.decode(ids, skip_special_tokens=True))
-            counts.append(len(ids))
-            finishes.append("stop" if stopped else "length")
+            kept, finish = cut_at_stop(ids, self.eos_ids, self.tokenizer.pad_token_id)
+            result_texts.append(self.tokenizer.decode(kept, skip_special_tokens=True))
+            counts.append(len(kept))
+            finishes.append(finish)
         return result_texts, counts, finishes
 
     def _with_images(self, rows: list[dict[str, Any]], texts: list[str]) -> tuple[list[str], dict[str, Any]]:
@@ -338,6 +372,62 @@ def reasoning_span(response: str) -> tuple[str, bool]:
     return body, end >= 0
 
 
+def eos_token_ids(*sources: Any) -> list[int]:
+    """Every end token id named by ``sources`` (ints, lists of ints or None), first occurrence order."""
+    out: list[int] = []
+    for src in sources:
+        for t in src if isinstance(src, (list, tuple)) else [src]:
+            if t is not None and int(t) not in out:
+                out.append(int(t))
+    return out
+
+
+def cut_at_stop(ids: list[int], eos_ids: list[int], pad_token_id: int | None) -> tuple[list[int], str]:
+    """Generated ids up to the first end token (any of ``eos_ids``) and ``stop``, else all and ``length``."""
+    stops = set(eos_ids)
+    for i, t in enumerate(ids):
+        if t in stops:
+            return [x for x in ids[:i] if x != pad_token_id], "stop"
+    return [x for x in ids if x != pad_token_id], "length"
+
+
+def protocol_generation_config(
+    protocol: SamplingProtocol, *, eos_ids: list[int], pad_token_id: int | None, bos_token_id: int | None
+) -> Any:
+    """A fresh ``GenerationConfig`` from the protocol alone: top-k off, no repetition penalty.
+
+    transformers fills every field left unset from the model's own generation_config and then
+    from its global defaults (``top_k=50``), so the neutral values are set explicitly.
+    """
+    from transformers import GenerationConfig
+
+    sampling: dict[str, Any] = {"do_sample": False}
+    if protocol.temperature > 0:
+        sampling = {"do_sample": True, "temperature": protocol.temperature, "top_p": protocol.top_p}
+    return GenerationConfig(
+        **sampling,
+        top_k=0,  # 0 = no top-k filter (transformers adds TopK only for top_k not in (None, 0))
+        repetition_penalty=1.0,
+        num_beams=1,
+        eos_token_id=list(eos_ids),
+        pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+    )
+
+
+def wants_sampling_extras(url: str, mode: str) -> bool:
+    """Whether to send :data:`SERVER_SAMPLING_EXTRAS`: ``on``/``off``, or ``auto`` = on except
+    for hosts known to reject fields outside the OpenAI API (:data:`STRICT_OPENAI_HOSTS`)."""
+    if mode in ("on", "off"):
+        return mode == "on"
+    if mode != "auto":
+        raise ConfigError(f"sampling_extras must be auto, on or off, not {mode!r}")
+    from urllib.parse import urlparse
+
+    host = (urlparse(url).hostname or "").lower()
+    return not any(host == h or (h.startswith(".") and host.endswith(h)) for h in STRICT_OPENAI_HOSTS)
+
+
 # --------------------------------------------------------------------------- openai
 
 
@@ -358,6 +448,7 @@ class OpenAIBackend:
         timeout_s: float = 600.0,
         max_attempts: int = 4,
         extra_body: Mapping[str, Any] | None = None,
+        sampling_extras: str = "auto",
     ) -> None:
         from octomed_data.distill.engine import _TeacherClient
         from octomed_data.ratelimit import LocalRateLimiter
@@ -366,7 +457,10 @@ class OpenAIBackend:
         self.url = url.rstrip("/")
         self.protocol = protocol
         self.max_attempts = max_attempts
-        self.extra_body = dict(extra_body or {})
+        self.sampling_extras = sampling_extras
+        sends = wants_sampling_extras(self.url, sampling_extras)
+        # The user's extra_body wins over the defaults (e.g. a deliberate top_k).
+        self.extra_body = {**(SERVER_SAMPLING_EXTRAS if sends else {}), **dict(extra_body or {})}
         self.api_key_env = api_key_env
         key = os.environ.get(api_key_env)
         if not key:
@@ -432,6 +526,14 @@ class OpenAIBackend:
             "served_model_name": self.teacher.model,
             "api_key_env": self.api_key_env,  # the variable's name, never its value
             "concurrency": self.teacher.max_in_flight,
+            "sampling": {
+                "temperature": self.protocol.temperature,
+                "top_p": self.protocol.top_p,
+                "seed": "per (item, protocol seed)",
+                "sampling_extras": self.sampling_extras,
+                # Every extra request field except the message-continuation switches.
+                "extra_body": dict(self.extra_body),
+            },
         }
 
     def close(self) -> None:
@@ -518,25 +620,47 @@ class OpenAIBackend:
                 gen.error = f"forced continuation failed: {error}"
                 gen.text = prefix
             else:
-                c_text, _, c_tokens, _ = _reply(cont, "")
+                # Raw: a reasoning parser (vLLM deepseek_r1) calls any output without </think>
+                # reasoning, so the answer "B}" may come back as reasoning_content.
+                c_text, c_tokens = _continuation_text(cont)
                 gen.text = prefix + c_text
                 gen.completion_tokens += c_tokens
         return gen
 
 
+def _message_parts(response: Any) -> tuple[str, str]:
+    """(content, reasoning) of the first choice; reasoning from ``reasoning_content`` or ``reasoning``."""
+    msg = response.choices[0].message
+    extra = getattr(msg, "model_extra", None) or {}
+    reasoning = (
+        getattr(msg, "reasoning_content", None)
+        or extra.get("reasoning_content")
+        or extra.get("reasoning")
+        or ""
+    )
+    return msg.content or "", reasoning
+
+
+def _continuation_text(response: Any) -> tuple[str, int]:
+    """A forced continuation's new text, reasoning field and content joined as they were generated."""
+    content, reasoning = _message_parts(response)
+    usage = getattr(response, "usage", None)
+    return reasoning + content, int(getattr(usage, "completion_tokens", 0) or 0)
+
+
 def _reply(response: Any, prefill: str) -> tuple[str, str, int, int]:
     """(full text with the reasoning in <think>, finish_reason, completion tokens, reasoning tokens)."""
     choice = response.choices[0]
-    msg = choice.message
-    content = msg.content or ""
-    extra = getattr(msg, "model_extra", None) or {}
-    reasoning = extra.get("reasoning_content") or extra.get("reasoning") or ""
+    content, reasoning = _message_parts(response)
     finish = choice.finish_reason or "stop"
     if reasoning:
         # A reasoning parser split the thought off: put it back inline. An empty answer after a
         # length stop means the budget ran out mid-thought (the parser never saw </think>).
         closed = bool(content.strip()) or finish != "length"
         text = THINK_OPEN + reasoning + (THINK_CLOSE + "\n\n" + content if closed else "")
+    elif THINK_CLOSE in content.lower() and THINK_OPEN not in content.lower().split(THINK_CLOSE)[0]:
+        # The chat template opened the thought in the prompt (R1, Qwen3): only the close arrives.
+        text = THINK_OPEN + content
     else:
         text = content
     if prefill and not text.lstrip().lower().startswith(THINK_OPEN):
@@ -588,12 +712,20 @@ class VLLMBackend:
             max_model_len=max_model_len,
             limit_mm_per_prompt={"image": 8},
         )
+        self.template_opens_think = template_opens_think(self.llm.get_tokenizer())
 
     def describe(self) -> dict[str, Any]:
         return {
             "backend": self.name,
             "model": self.model_uri,
             "vllm": getattr(self._vllm, "__version__", "?"),
+            "sampling": {
+                "temperature": self.protocol.temperature,
+                "top_p": self.protocol.top_p if self.protocol.temperature > 0 else 1.0,
+                **SERVER_SAMPLING_EXTRAS,
+                "min_p": 0.0,
+                "seed": "per (item, protocol seed)",
+            },
         }
 
     def close(self) -> None:
@@ -620,9 +752,12 @@ class VLLMBackend:
             use_tqdm=False,
         )
         gens = []
+        opened = p.prefill_think or self.template_opens_think
         for o in outs:
             c = o.outputs[0]
-            text = (THINK_PREFILL if p.prefill_think else "") + c.text
+            # As in the hf backend: a reply that starts inside a thought gets its "<think>" back,
+            # so that a cut reply is forced (or has no answer) instead of being read mid-thought.
+            text = (THINK_PREFILL + c.text) if opened and THINK_OPEN not in c.text[:32] else c.text
             gens.append(Generation(text, len(c.token_ids), 0, c.finish_reason or "stop"))
         forced = [
             i
@@ -664,4 +799,6 @@ class VLLMBackend:
             top_p=p.top_p if p.temperature > 0 else 1.0,
             max_tokens=max_tokens,
             seed=seed,
+            **SERVER_SAMPLING_EXTRAS,  # explicit: never the checkpoint's generation_config values
+            min_p=0.0,
         )

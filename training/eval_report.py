@@ -81,8 +81,10 @@ class MetricsAccumulator:
         c = self.seed_counts[name][seed]
         c["n"] += 1
         c["correct"] += int(p["correct"])
+        # A request error (the reply's request, or its forced continuation, failed) is counted
+        # as such; a reply that never arrived is not also a parse failure.
         failed = p.get("error") is not None and not p.get("response")
-        c["errors"] += int(failed)
+        c["errors"] += int(p.get("error") is not None)
         c["parse_failures"] += int(p["extracted_answer"] is None and not failed)
         if task in OPEN_TASKS:
             c["open"] += 1
@@ -194,6 +196,23 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.2f}"
 
 
+def _sampling_text(sampling: Mapping[str, Any] | None) -> str:
+    """The effective sampling settings as ``key=value`` pairs (the checkpoint's ignored ones apart)."""
+    if not sampling:
+        return "not recorded"
+    shown = {
+        k: v for k, v in sampling.items() if k not in ("ignored_checkpoint_generation_config", "extra_body")
+    }
+    text = ", ".join(f"{k}={v}" for k, v in shown.items())
+    extra = sampling.get("extra_body")
+    if extra:
+        text += f", extra request fields {dict(extra)}"
+    ignored = sampling.get("ignored_checkpoint_generation_config")
+    if ignored:
+        text += f"; ignored from the checkpoint's generation_config: {dict(ignored)}"
+    return text
+
+
 def report_markdown(metrics: Mapping[str, Any]) -> str:
     """The per-benchmark table beside the paper's OctoMed-7B numbers, plus the protocol used."""
     proto = metrics.get("protocol", {})
@@ -206,9 +225,11 @@ def report_markdown(metrics: Mapping[str, Any]) -> str:
         f"{len(proto.get('seeds', []))} seed(s) {proto.get('seeds')}, up to {proto.get('max_new_tokens')} new tokens, "
         f"end of thinking forced: {proto.get('force_end_of_thinking')} (+{proto.get('force_answer_tokens')} tokens).",
         "",
-        "| Benchmark | Items | Skipped | Accuracy % (mean ± std over seeds) | Parse fail % | Token F1 (open) "
-        "| Reasoning tokens (mean) | Forced ends | OctoMed-7B (paper) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"Sampling in effect: {_sampling_text(metrics.get('sampling'))}.",
+        "",
+        "| Benchmark | Items | Skipped | Accuracy % (mean ± std over seeds) | Parse fail % | Request errors "
+        "| Token F1 (open) | Reasoning tokens (mean) | Forced ends | OctoMed-7B (paper) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, b in (metrics.get("per_benchmark") or {}).items():
         skipped = b.get("skipped", 0)
@@ -222,6 +243,7 @@ def report_markdown(metrics: Mapping[str, Any]) -> str:
         paper = BENCHMARKS[name].paper_octomed_7b if name in BENCHMARKS else None
         lines.append(
             f"| {name} | {b.get('items', 0)} | {skip_txt} | {acc_txt} | {_pct(b.get('parse_failure_rate'))} "
+            f"| {b.get('request_errors', 0)} "
             f"| {'–' if f1 is None else f'{f1:.3f}'} | {b.get('reasoning_tokens_mean') if b.get('reasoning_tokens_mean') is not None else '–'} "
             f"| {b.get('forced_end', 0)} | {'–' if paper is None else f'{paper:.2f}'} |"
         )
@@ -232,7 +254,9 @@ def report_markdown(metrics: Mapping[str, Any]) -> str:
     ]
     lines += [
         "",
-        f"Macro accuracy over the benchmarks above: {_pct(metrics.get('macro_accuracy'))} %.",
+        f"Macro accuracy over the benchmarks above: {_pct(metrics.get('macro_accuracy'))} %. "
+        f"Request errors: {metrics.get('request_errors', 0)} of {metrics.get('predictions', 0)} replies "
+        "(scored wrong; the run fails past max_request_error_rate).",
         "",
         f"Paper column: OctoMed-7B as reported in {PAPER_CITATION} (MedQA 90.81, MedMCQA 72.70, "
         "MedXpertQA-Text 24.51, PMC-VQA 61.13, MedXpertQA-MM 36.65). The paper evaluates full test sets with "

@@ -12,9 +12,15 @@ open-ended answers). Items are streamed batch by batch; nothing holds a whole be
 Output under ``output_uri`` (local or ``s3://``, through :mod:`octomed_data.storage`):
 
 * ``predictions/``: one PREDICTION_SCHEMA row per (item, seed), committed in shards per benchmark;
-* ``metrics.json``: per benchmark accuracy mean ± std over seeds, parse-failure rate, items
-  evaluated / skipped (by reason), token F1, mean reasoning tokens, forced-end counts; per task
-  type reasoning length; the protocol and backend (no secrets);
+* ``metrics.json``: per benchmark accuracy mean ± std over seeds, parse-failure rate, request
+  errors, items evaluated / skipped (by reason), token F1, mean reasoning tokens, forced-end
+  counts; per task type reasoning length; the protocol, the sampling settings in effect and the
+  backend (no secrets);
+
+A reply whose request failed is scored wrong, so the run fails with one line when more than
+``max_request_error_rate`` of the replies had a request error (:class:`TooManyRequestErrors`):
+numbers from a flaky endpoint are not a model's accuracy. Malformed rows of a question dataset
+(unknown task type, no question/answer, bad options or images) are skipped and counted by reason.
 * ``reasoning_length.png``: mean reasoning tokens per task type and per benchmark;
 * ``report.md``: the table beside the paper's OctoMed-7B numbers.
 """
@@ -30,7 +36,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +75,55 @@ __all__ = ["EvalResult", "chat_messages", "evaluate", "reasoning_span", "score_g
 log = logging.getLogger(__name__)
 
 TEXT_ONLY_MODEL = "text_only_model"  # skip reason: an image question for a model without vision
+NO_SOURCE = "(no source)"  # where a question row without a source is counted
+
+
+class TooManyRequestErrors(OctomedError):
+    """More replies than ``max_request_error_rate`` allows had a failed request."""
+
+
+class RequestErrorBudget:
+    """Counts replies with a request error and fails the run past ``max_rate`` (one clear line).
+
+    Checked after every batch once ``min_count`` replies are in (a dead endpoint stops the run
+    early), and on the whole run at the end whatever its size.
+    """
+
+    def __init__(self, max_rate: float, min_count: int) -> None:
+        self.max_rate = max_rate
+        self.min_count = min_count
+        self.replies = 0
+        self.errors = 0
+        self.first_error: str | None = None
+
+    def add(self, gens: list[Generation]) -> None:
+        """Count a batch of replies; raise :class:`TooManyRequestErrors` past the threshold."""
+        for g in gens:
+            self.replies += 1
+            if g.error is not None:
+                self.errors += 1
+                self.first_error = self.first_error or g.error
+        if self.replies >= self.min_count:
+            self.check()
+
+    def rate(self) -> float:
+        return self.errors / self.replies if self.replies else 0.0
+
+    def check(self) -> None:
+        """Raise when the error rate so far is above ``max_rate``."""
+        if not self.errors or self.rate() <= self.max_rate:
+            return
+        first = (self.first_error or "").splitlines()[0][:300] if self.first_error else "?"
+        hint = ""
+        if (
+            "unrecognized request argument" in first.lower()
+            or "extra inputs are not permitted" in first.lower()
+        ):
+            hint = "; the endpoint rejects non-OpenAI fields: set sampling_extras: off"
+        raise TooManyRequestErrors(
+            f"{self.errors} of {self.replies} replies had a request error ({self.rate():.1%} > "
+            f"max_request_error_rate {self.max_rate:.1%}); first: {first}{hint}"
+        )
 
 
 @dataclass
@@ -86,6 +141,7 @@ class EvalResult:
     per_benchmark: dict[str, dict[str, Any]] = field(default_factory=dict)
     per_task_type: dict[str, dict[str, Any]] = field(default_factory=dict)
     runtime_s: float = 0.0
+    request_errors: int = 0  # replies whose request failed (scored wrong)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,21 +197,61 @@ def scan_questions(files: list[DataFile], config: EvalConfig) -> tuple[int, int]
         fs, path = storage.filesystem(f.uri)
         with fs.open(path, "rb") as fh:
             pf = pq.ParquetFile(fh)
-            missing = {"question_id", "task_type", "source", "answer"} - set(pf.schema_arrow.names)
+            missing = {"question_id", "task_type", "source", "question", "answer"} - set(
+                pf.schema_arrow.names
+            )
             if missing:
                 raise ConfigError(f"{f.uri} is not a question dataset: missing columns {sorted(missing)}")
-            for batch in pf.iter_batches(columns=["source", "task_type", "images"], batch_size=65536):
+            # A dataset without an images column has no image questions.
+            cols = [c for c in ("source", "task_type", "images") if c in pf.schema_arrow.names]
+            for batch in pf.iter_batches(columns=cols, batch_size=65536):
                 for row in batch.to_pylist():
                     if _selected(row, config):
                         selected += 1
-                        with_images += int(bool(row["images"]))
+                        with_images += int(bool(row.get("images")))
                     if config.limit and selected >= config.limit:
                         return selected, with_images
     return selected, with_images
 
 
-def iter_questions(files: list[DataFile], config: EvalConfig) -> Iterator[dict[str, Any]]:
-    """Selected question rows of a dataset, streamed file by file (at most ``config.limit``)."""
+def question_problem(row: dict[str, Any]) -> str | None:
+    """Why a question row cannot be asked and scored (a skip reason), or None when it can.
+
+    Normalises in place what has a safe reading: no ``images`` / ``options`` value -> none.
+    """
+    if not row.get("question_id"):
+        return "missing_question_id"
+    if not row.get("source"):
+        return "missing_source"
+    try:
+        task = TaskType(row.get("task_type"))
+    except ValueError:
+        return "unknown_task_type"
+    if not isinstance(row.get("question"), str) or not row["question"].strip():
+        return "missing_question"
+    if row.get("answer") is None or not str(row["answer"]).strip():
+        return "missing_answer"
+    row["options"] = row.get("options") or []
+    row["images"] = row.get("images") or []
+    if any(
+        not isinstance(o, Mapping) or o.get("label") is None or o.get("text") is None for o in row["options"]
+    ):
+        return "malformed_options"
+    if task.is_multiple_choice and not row["options"]:
+        return "missing_options"  # nothing to choose from: the answer could not be read
+    if any(not isinstance(im, Mapping) or not im.get("uri") for im in row["images"]):
+        return "malformed_images"
+    return None
+
+
+def iter_questions(
+    files: list[DataFile], config: EvalConfig, on_skip: Callable[[str, str], None] | None = None
+) -> Iterator[dict[str, Any]]:
+    """Selected, valid question rows of a dataset, streamed file by file (at most ``config.limit``).
+
+    A selected row that cannot be asked (:func:`question_problem`) is not yielded:
+    ``on_skip(source, reason)`` counts it and the run goes on.
+    """
     taken = 0
     columns = [f.name for f in QUESTION_SCHEMA]
     for f in files:
@@ -166,6 +262,11 @@ def iter_questions(files: list[DataFile], config: EvalConfig) -> Iterator[dict[s
             for record_batch in pf.iter_batches(columns=cols, batch_size=1024):
                 for row in record_batch.to_pylist():
                     if not _selected(row, config):
+                        continue
+                    problem = question_problem(row)
+                    if problem is not None:
+                        if on_skip is not None:
+                            on_skip(row.get("source") or NO_SOURCE, problem)
                         continue
                     yield row
                     taken += 1
@@ -239,6 +340,7 @@ def _backend_options(config: EvalConfig) -> dict[str, Any]:
             "concurrency": config.concurrency,
             "timeout_s": config.request_timeout_s,
             "extra_body": config.extra_body,
+            "sampling_extras": config.sampling_extras,
         },
         "vllm": {},
     }
@@ -286,6 +388,7 @@ def evaluate(config: EvalConfig, *, progress: bool = True) -> EvalResult:
         storage.ensure_writable(out_uri)
         writer = _PredictionWriter(storage.join(out_uri, "predictions"), config.shard_size)
         metrics = MetricsAccumulator()
+        budget = RequestErrorBudget(config.max_request_error_rate, config.request_error_min_count)
         loads: dict[str, LoadStats] = {}
         step = config.batch_size if kind != "openai" else max(1, config.concurrency)
         bar = tqdm(total=total, desc="eval", unit="item", disable=not progress, file=sys.stderr)
@@ -298,7 +401,9 @@ def evaluate(config: EvalConfig, *, progress: bool = True) -> EvalResult:
                     stats.items -= len(batch) - len(kept)
                     batch = kept
                 if batch:
-                    for seed, gens in zip(seeds, backend.generate(batch, seeds), strict=True):
+                    replies = backend.generate(batch, seeds)
+                    budget.add([g for gens in replies for g in gens])
+                    for seed, gens in zip(seeds, replies, strict=True):
                         for row, gen in zip(batch, gens, strict=True):
                             p = score_generation(row, gen, benchmark=name, seed=seed, version=version)
                             metrics.add(p)
@@ -315,16 +420,24 @@ def evaluate(config: EvalConfig, *, progress: bool = True) -> EvalResult:
                 log.info("%s: %d item(s) evaluated, skipped %s", spec.name, stats.items, dict(stats.skipped))
         else:
             # A dataset's sources play the part of benchmarks (items are grouped by source).
+            def stats_of(source: str) -> LoadStats:
+                return loads.setdefault(source, LoadStats(files=[config.questions_uri or ""]))
+
+            def skip(source: str, reason: str) -> None:
+                stats_of(source).skipped[reason] += 1
+                bar.update(1)
+
             def counted(rows: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
                 for row in rows:
-                    stats = loads.setdefault(row["source"], LoadStats(files=[config.questions_uri or ""]))
-                    stats.items += 1
+                    stats_of(row["source"]).items += 1
                     yield row
 
             # Consecutive rows of one source form a group (a source may come back in several groups).
-            for source, group in itertools.groupby(counted(iter_questions(files, config)), key=_source):
+            rows = counted(iter_questions(files, config, on_skip=skip))
+            for source, group in itertools.groupby(rows, key=_source):
                 run_rows(source, group, loads[source])
         bar.close()
+        budget.check()  # the whole run, however small
 
         per_benchmark: dict[str, dict[str, Any]] = {}
         for name, stats in loads.items():
@@ -348,14 +461,19 @@ def evaluate(config: EvalConfig, *, progress: bool = True) -> EvalResult:
                 "force_answer_tokens": config.force_answer_tokens,
                 "prefill_think": config.prefill_think,
                 "limit_per_benchmark": config.limit,
+                "max_request_error_rate": config.max_request_error_rate,
                 "std": "sample standard deviation over seeds (ddof 1)",
             },
+            # What the backend actually sent / set (top-k off, no repetition penalty, eos list ...).
+            "sampling": backend.describe().get("sampling"),
             "prompt_version": version,
             "inputs": {"benchmarks": [s.name for s in specs]}
             if specs
             else {"questions_uri": config.questions_uri},
             "items": sum(s.items for s in loads.values()),
             "predictions": writer.rows,
+            "request_errors": budget.errors,
+            "request_error_rate": round(budget.rate(), 6),
             "macro_accuracy": macro_accuracy(per_benchmark),
             "per_benchmark": per_benchmark,
             "per_task_type": metrics.task_summary(),
@@ -386,6 +504,7 @@ def evaluate(config: EvalConfig, *, progress: bool = True) -> EvalResult:
         per_benchmark=per_benchmark,
         per_task_type=report["per_task_type"],
         runtime_s=report["runtime_s"],
+        request_errors=report["request_errors"],
     )
 
 
@@ -435,6 +554,19 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
         "--no-force-end", action="store_true", help="do not force the end of thinking at the budget"
     )
     p.add_argument("--prefill-think", action="store_true", help="open every reply with <think>")
+    p.add_argument(
+        "--sampling-extras",
+        choices=["auto", "on", "off"],
+        default=None,
+        help="openai: send top_k=-1, repetition_penalty=1.0 (vLLM/SGLang) so the server does not use the "
+        "checkpoint's generation_config; auto = on except api.openai.com / Azure, which reject them",
+    )
+    p.add_argument(
+        "--max-request-error-rate",
+        type=float,
+        default=None,
+        help="fail the run when more replies than this share had a request error (default 0.05)",
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -449,7 +581,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     data: dict[str, Any] = {"model": args.model, "benchmarks": args.benchmarks}
     for key in (
         "output_uri", "backend", "data_dir", "seeds", "max_new_tokens", "temperature", "top_p", "prompting",
-        "limit", "api_key_env", "served_model_name", "concurrency", "batch_size",
+        "limit", "api_key_env", "served_model_name", "concurrency", "batch_size", "sampling_extras",
+        "max_request_error_rate",
     ):  # fmt: skip
         value = getattr(args, key)
         if value is not None:
