@@ -569,22 +569,12 @@ def test_killed_job_resumes_from_s3_with_identical_losses(reference_run, launch_
     """SIGKILL the whole job after a checkpoint reached S3; the re-run resumes and matches the reference."""
     import signal
 
-    from training.launch import _child_env, job_command, launch_training
+    from training.launch import launch_training, start_job
 
     ref = reference_run["config"]
     config = _launch_config(launch_export, tiny_text, ref.output_uri.replace("reference", "killed"), tmp_path)
     assert config.config_hash() == ref.config_hash()  # same job, another place
-    config_path = tmp_path / "train.yaml"
-    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
-    cmd = job_command(config_path, tmp_path / "r.json", launcher="torchrun", processes=2)
-    proc = subprocess.Popen(
-        cmd,
-        env=_child_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc, _ = start_job(config, tmp_path / "job1", launcher="torchrun", processes=2)
     logged_steps = 0
     for line in proc.stdout:  # rank 0 logs each step's loss; step 3's comes after checkpoint-2 is on S3
         logged_steps += "'loss':" in line

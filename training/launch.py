@@ -124,6 +124,35 @@ def preflight(config: TrainConfig) -> None:
             check_model_path(str(path))
 
 
+def start_job(
+    config: TrainConfig, work_dir: str | Path, *, launcher: str, processes: int, progress: bool = False
+) -> tuple[subprocess.Popen, Path]:
+    """Start the launcher process (its own process group, output on one pipe); returns it and
+    where rank 0 will write the result."""
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    config_path = work / "train-config.yaml"
+    result_path = work / "train-result.json"
+    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    result_path.unlink(missing_ok=True)  # never report an earlier job's result
+    cmd = job_command(config_path, result_path, launcher=launcher, processes=processes, progress=progress)
+    try:
+        proc = subprocess.Popen(
+            cmd,
+            env=_child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            start_new_session=True,  # the whole job (launcher + workers) can be stopped as one group
+        )
+    except FileNotFoundError:
+        raise ConfigError(
+            f"launcher {cmd[0]!r} not found; install torch/deepspeed in this environment"
+        ) from None
+    return proc, result_path
+
+
 def _child_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
     # The job must import this checkout's training package whether or not it is installed.
@@ -162,30 +191,9 @@ def launch_training(
 
         return train(config, progress=progress).to_dict()
     launcher = "torchrun" if launcher == "auto" else launcher
-
-    work = Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    config_path = work / "train-config.yaml"
-    result_path = work / "train-result.json"
-    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    result_path.unlink(missing_ok=True)  # never report an earlier job's result
-    cmd = job_command(config_path, result_path, launcher=launcher, processes=processes, progress=progress)
+    proc, result_path = start_job(config, work_dir, launcher=launcher, processes=processes, progress=progress)
     tail: collections.deque[str] = collections.deque(maxlen=60)
     root_cause: str | None = None  # the first worker failure: later lines are the launcher's echo
-    try:
-        proc = subprocess.Popen(
-            cmd,
-            env=_child_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-            start_new_session=True,  # the whole job (launcher + workers) can be stopped as one group
-        )
-    except FileNotFoundError:
-        raise ConfigError(
-            f"launcher {cmd[0]!r} not found; install torch/deepspeed in this environment"
-        ) from None
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
