@@ -23,6 +23,13 @@ With ``continuation_as_reasoning`` it answers a ``continue_final_message`` reque
 reasoning, so the continuation (``B}`` after a forced ``</think> ... \\boxed{``) comes back as
 ``reasoning_content`` with no ``content``.
 
+``server`` makes it answer as that kind of server does where kinds differ (see
+:mod:`octomed_data.inference.servers`): ``vllm`` serves ``/version`` and honours ``n``;
+``llamacpp`` lists its model as llama-cpp-python does (``owned_by: "me"``), ignores ``n`` and
+answers ``top_k < 0`` with llama-cpp-python's HTTP 500 validation error; ``generic`` (default)
+says nothing about itself. ``reasoning_field`` names the field separated reasoning arrives in:
+``reasoning_content`` (DeepSeek, vLLM < 0.10) or ``reasoning`` (vLLM >= 0.10, SGLang).
+
 ``GET /_sandbox/stats`` returns the per-request log (arrival time, key, seed, status, fault).
 """
 
@@ -47,6 +54,12 @@ SANDBOX_MARK = "[sandbox teacher: not a model trace]"
 SANDBOX_FINGERPRINT = "octomed-sandbox"
 SANDBOX_TEACHER = "sandbox"
 Style = Literal["reasoning_content", "think", "mixed"]
+ServerLike = Literal["generic", "vllm", "llamacpp"]
+# llama-cpp-python 0.3's answer to top_k=-1 (its pydantic request model wants top_k >= 0).
+LLAMACPP_TOP_K_ERROR = (
+    "1 validation error:\n  {'type': 'greater_than_equal', 'loc': ('body', 'top_k'), "
+    "'msg': 'Input should be greater than or equal to 0', 'input': -1, 'ctx': {'ge': 0}}"
+)
 
 _OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[.)]\s+(.+?)\s*$", re.MULTILINE)
 _FORMATS = (
@@ -105,6 +118,8 @@ class _State:
     track_keys: bool = True
     completed: int = 0
     continuation_as_reasoning: bool = False
+    server: ServerLike = "generic"
+    reasoning_field: str = "reasoning_content"
 
 
 _STATE: web.AppKey[_State] = web.AppKey("sandbox_state", _State)
@@ -280,6 +295,11 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     model = str(body.get("model", ""))
     seed = int(body.get("seed") or 0)
     n = int(body.get("n") or 1)
+    if state.server == "llamacpp":
+        n = 1  # llama.cpp ignores n
+        if isinstance(body.get("top_k"), int) and body["top_k"] < 0:
+            err = {"error": {"message": LLAMACPP_TOP_K_ERROR, "type": "internal_server_error"}}
+            return web.json_response(err, status=500)
     prompt = _prompt_text(messages)
     key = hashlib.blake2b(f"{model}|{seed}|{prompt}".encode(), digest_size=10).hexdigest()
     occurrence = 0
@@ -295,7 +315,8 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         state.violations += 1
     if state.log_requests:
         # The sampling fields as sent: shows whether a client switched the server's defaults off.
-        sampling = {k: body[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty") if k in body}
+        fields = ("temperature", "top_p", "top_k", "repetition_penalty", "repeat_penalty")
+        sampling = {k: body[k] for k in fields if k in body}
         state.log.append(
             {
                 "t": arrived,
@@ -339,7 +360,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     unparseable = _unit("unparseable", f.seed, key) < f.unparseable
     continuation = _continuation(messages, body, seed)
     max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
-    for i in range(n if f.honour_n else 1):
+    for i in range(n if (f.honour_n or state.server == "vllm") else 1):
         graded = None if refusal else _grading(system, user, seed, state.style, unparseable, truncated)
         if continuation is not None:
             message, finish, tokens = continuation
@@ -351,6 +372,9 @@ async def _chat(request: web.Request) -> web.StreamResponse:
             message, finish, tokens = _completion(prompt, seed, i, state.style, truncated, refusal)
             if isinstance(max_tokens, int) and 0 < max_tokens < tokens:
                 message, finish, tokens = _cut_to_budget(message, max_tokens)
+        if state.reasoning_field != "reasoning_content" and "reasoning_content" in message:
+            message = dict(message)
+            message[state.reasoning_field] = message.pop("reasoning_content")
         choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": None})
         completion_tokens += tokens
     state.completed += 1
@@ -372,7 +396,15 @@ async def _chat(request: web.Request) -> web.StreamResponse:
 
 
 async def _models(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [{"id": "sandbox", "object": "model"}]})
+    state: _State = request.app[_STATE]
+    owner = {"vllm": "vllm", "llamacpp": "me"}.get(state.server, SANDBOX_FINGERPRINT)
+    return web.json_response(
+        {"object": "list", "data": [{"id": "sandbox", "object": "model", "owned_by": owner}]}
+    )
+
+
+async def _version(request: web.Request) -> web.Response:
+    return web.json_response({"version": "0.32.0+sandbox"})
 
 
 async def _stats(request: web.Request) -> web.Response:
@@ -396,6 +428,8 @@ def build_app(
     style: Style = "mixed",
     log_requests: bool = True,
     continuation_as_reasoning: bool = False,
+    server: ServerLike = "generic",
+    reasoning_field: str = "reasoning_content",
 ) -> web.Application:
     """The aiohttp application (for embedding); :func:`start_sandbox` runs it in a thread."""
     if style not in ("reasoning_content", "think", "mixed"):
@@ -410,9 +444,15 @@ def build_app(
         log_requests,
         track_keys=log_requests or transient > 0,
         continuation_as_reasoning=continuation_as_reasoning,
+        server=server,
+        reasoning_field=reasoning_field,
     )
+    if server not in ("generic", "vllm", "llamacpp"):
+        raise ValueError(f"unknown server kind {server!r}")
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_get("/v1/models", _models)
+    if server == "vllm":
+        app.router.add_get("/version", _version)
     app.router.add_get("/_sandbox/stats", _stats)
     return app
 
@@ -494,6 +534,8 @@ def start_sandbox(
     style: Style = "mixed",
     log_requests: bool = True,
     continuation_as_reasoning: bool = False,
+    server: ServerLike = "generic",
+    reasoning_field: str = "reasoning_content",
 ) -> SandboxHandle:
     """Start the sandbox teacher in a background thread; ``port=0`` picks a free port.
 
@@ -506,6 +548,8 @@ def start_sandbox(
         style=style,
         log_requests=log_requests,
         continuation_as_reasoning=continuation_as_reasoning,
+        server=server,
+        reasoning_field=reasoning_field,
     )
     return SandboxHandle(app, host).start(port)
 
@@ -538,6 +582,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="return message continuations as reasoning_content (vLLM --reasoning-parser deepseek_r1)",
     )
+    p.add_argument(
+        "--server",
+        choices=["generic", "vllm", "llamacpp"],
+        default="generic",
+        help="answer as this kind of server where kinds differ (/version, n, top_k validation)",
+    )
+    p.add_argument(
+        "--reasoning-field",
+        choices=["reasoning_content", "reasoning"],
+        default="reasoning_content",
+        help="the field separated reasoning arrives in (vLLM >= 0.10 and SGLang: reasoning)",
+    )
     p.set_defaults(func=_cli)
 
 
@@ -554,6 +610,8 @@ def _cli(args: argparse.Namespace) -> int:
         style=args.style,
         log_requests=not args.no_log,
         continuation_as_reasoning=args.continuation_as_reasoning,
+        server=args.server,
+        reasoning_field=args.reasoning_field,
     )
 
     async def serve() -> None:

@@ -109,7 +109,7 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("source", pa.string(), nullable=False),
         pa.field("task_type", pa.string(), nullable=False),
         pa.field("sample_idx", pa.int32(), nullable=False),
-        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("seed", pa.int64()),  # the seed the request carried; null when none was sent
         pa.field(
             "teacher", pa.string(), nullable=False
         ),  # teacher name from config ("sandbox" for the sandbox)

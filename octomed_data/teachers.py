@@ -12,20 +12,15 @@ import functools
 import hashlib
 import json
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from octomed_data.errors import ConfigError
 from octomed_data.prompts import PROMPT_VERSION
 from octomed_data.schema import TaskType
-
-_THINK_OPEN = "<think>"
-_THINK_CLOSE = "</think>"
-_THINK_BLOCK = re.compile(r"<think>(.*?)</think>", re.DOTALL | re.IGNORECASE)
 
 
 @functools.lru_cache(maxsize=256)
@@ -43,7 +38,13 @@ class TeacherConfig(BaseModel):
     model: str = Field(min_length=1)
     api_key_env: str = "OPENAI_API_KEY"
     api_key_secret: str | None = None  # Prefect Secret block name; resolved only in tasks/
-    supports_n: bool = False  # send n>1 in one request only where the server honours it
+    # What kind of server this is (which sampling fields it accepts, whether it honours ``n``):
+    # ``auto`` asks the server once (see :mod:`octomed_data.inference.servers`).
+    server: Literal["auto", "openai", "deepseek", "vllm", "sglang", "llamacpp", "generic"] = "auto"
+    supports_n: bool | None = None  # n>1 in one request; None = as the server kind says
+    # ``per_sample``: every request carries the sample's seed. ``off``: none is sent (vLLM-CPU with
+    # chunked prefill crashes on seeds); resume stays exact either way, keys do not hold seeds.
+    seed_policy: Literal["per_sample", "off"] = "per_sample"
     temperature: float = Field(0.6, ge=0.0, le=2.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     max_tokens: int = Field(8192, gt=0)
@@ -166,27 +167,3 @@ def resolve_api_key(
             f"no API key for teacher {teacher.name!r}: set environment variable {teacher.api_key_env}{hint}"
         )
     return SecretStr(value)
-
-
-def split_reasoning(content: str | None, reasoning_content: str | None = None) -> tuple[str | None, str]:
-    """Separate the reasoning trace from the answer text.
-
-    DeepSeek and vLLM/SGLang reasoning parsers return ``reasoning_content``; servers without
-    one leave the trace inline as ``<think>...</think>``. A truncated reply may have an
-    unclosed ``<think>``: all of it is reasoning and there is no answer text.
-    """
-    content = content or ""
-    if reasoning_content:
-        return reasoning_content, content.strip()
-    blocks = _THINK_BLOCK.findall(content)
-    if blocks:
-        rest = _THINK_BLOCK.sub("", content)
-        return "\n".join(b.strip() for b in blocks), rest.strip()
-    low = content.lower()
-    if _THINK_OPEN in low:
-        start = low.index(_THINK_OPEN)
-        return content[start + len(_THINK_OPEN) :].strip(), content[:start].strip()
-    if _THINK_CLOSE in low:  # some templates put <think> in the prompt: only the close arrives
-        end = low.rindex(_THINK_CLOSE)
-        return content[:end].strip(), content[end + len(_THINK_CLOSE) :].strip()
-    return None, content.strip()

@@ -103,3 +103,42 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> str:
+    """The interpreter of a real vLLM (CPU build, own venv; built once and cached, ~2-4 min).
+
+    It cannot be built: the test fails with one line saying why. Never skipped.
+    """
+    from octomed_data.inference.vllm_service import CPU_SPEC, VLLMUnavailable, ensure_venv
+
+    try:
+        return ensure_venv(CPU_SPEC, log=lambda m: print(m, file=sys.stderr, flush=True))
+    except VLLMUnavailable as exc:
+        pytest.fail(f"real vLLM unavailable: {exc}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_vllm_model(tmp_path_factory) -> Path:
+    """A tiny random Qwen2 that the vLLM CPU attention kernel accepts (head_dim 64)."""
+    from training.tiny import build_text_model
+
+    return build_text_model(tmp_path_factory.mktemp("vllm-model") / "tiny-r1", hidden_size=256)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(vllm_python, tiny_vllm_model, tmp_path_factory):
+    """A real vLLM OpenAI server on loopback with the deepseek_r1 reasoning parser (1-5 min start)."""
+    from octomed_data.inference.vllm_service import VLLMServer, VLLMUnavailable
+
+    log = tmp_path_factory.mktemp("vllm-log") / "server.log"
+    server = VLLMServer(
+        tiny_vllm_model, python=vllm_python, served_model_name="tiny-r1", max_model_len=2048, log_path=log
+    )
+    try:
+        server.start(timeout_s=900)
+    except VLLMUnavailable as exc:
+        pytest.fail(f"real vLLM server did not start: {exc}", pytrace=False)
+    yield server
+    server.stop()

@@ -16,7 +16,7 @@ from octomed_data.ratelimit import LeasedRateLimiter, WindowBudget, lease_chunk
 from octomed_data.sandbox import max_in_window
 from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA
 from octomed_data.stats import source_statistics
-from octomed_data.teachers import DistillConfig, TeacherConfig, resolve_api_key, split_reasoning
+from octomed_data.teachers import DistillConfig, TeacherConfig, resolve_api_key
 
 
 def test_window_budget_never_exceeds_rpm_in_any_window() -> None:
@@ -68,15 +68,6 @@ def test_leased_permit_lifetime_counts_from_before_a_slow_lease_call() -> None:
         return len(calls)
 
     assert asyncio.run(scenario()) == 2
-
-
-def test_split_reasoning_forms() -> None:
-    assert split_reasoning("Final answer: C", "because...") == ("because...", "Final answer: C")
-    assert split_reasoning("<think>step 1\nstep 2</think>\n\nAnswer: B") == ("step 1\nstep 2", "Answer: B")
-    assert split_reasoning("<think>cut off mid-thought") == ("cut off mid-thought", "")
-    assert split_reasoning("reasoning only</think>Answer: A") == ("reasoning only", "Answer: A")
-    assert split_reasoning("Answer: D") == (None, "Answer: D")
-    assert split_reasoning(None) == (None, "")
 
 
 def _teacher(**over) -> dict:

@@ -253,7 +253,7 @@ def test_cli_list_and_one_line_errors(shared_data, tmp_path, capsys):
         (["--model", str(tmp_path / "missing"), "--benchmarks", "medqa"], "is not a local model folder"),
         (["--model", "http://127.0.0.1:9/v1", "--benchmarks", "medqa"], "cannot list models at http://127.0.0.1:9/v1"),
         (["--model", str(tmp_path), "--benchmarks", "pmc_vqa"], "PMC-VQA is distributed on the HF hub only"),
-        (["--model", str(tmp_path), "--benchmarks", "medqa", "--backend", "vllm"], "needs the vllm package"),
+        (["--model", str(tmp_path), "--benchmarks", "medqa", "--backend", "vllm"], "is not a local model folder"),
         (["--model", str(tmp_path), "--benchmarks", "medqa", "--seeds", "0"], "invalid EvalConfig in eval flags"),
         (["--model", str(tmp_path), "--benchmarks", "medqa", "--max-request-error-rate", "2"], "max_request_error_rate"),
     ]  # fmt: skip
@@ -340,8 +340,10 @@ def test_no_force_end_cut_replies_have_no_answer(shared_data, tmp_path):
 
 
 def test_forced_answer_behind_reasoning_parser(shared_data, tmp_path):
-    """vLLM --reasoning-parser deepseek_r1 returns the continuation "B}" as reasoning_content."""
-    with start_sandbox(style="reasoning_content", continuation_as_reasoning=True) as sb:
+    """vLLM --reasoning-parser deepseek_r1 returns the continuation "B}" as reasoning (vLLM >= 0.10)."""
+    with start_sandbox(
+        style="reasoning_content", continuation_as_reasoning=True, server="vllm", reasoning_field="reasoning"
+    ) as sb:
         cfg = EvalConfig(
             model=sb.base_url, benchmarks="medqa", data_dir=str(shared_data), output_uri=str(tmp_path / "o"),
             limit=4, seeds=2, max_new_tokens=8, force_answer_tokens=8, concurrency=8,
@@ -361,7 +363,7 @@ def test_forced_answer_behind_reasoning_parser(shared_data, tmp_path):
 
 
 def test_request_errors_fail_the_run_or_are_shown(shared_data, tmp_path):
-    from training.eval_backends import wants_sampling_extras
+    from training.eval_backends import sampling_extras_for
     from training.evaluate import TooManyRequestErrors
 
     faults = FaultConfig(seed=1, bad_request=0.3)  # 400 on ~30% of requests, every attempt
@@ -388,8 +390,11 @@ def test_request_errors_fail_the_run_or_are_shown(shared_data, tmp_path):
     report = (tmp_path / "b" / "report.md").read_text()
     assert "| Request errors |" in report and f"Request errors: {errors} of 12 replies" in report
     assert not any("top_k" in e["sampling"] for e in log[-12:])  # sampling_extras: off
-    assert not wants_sampling_extras("https://api.openai.com/v1", "auto")
-    assert wants_sampling_extras("http://127.0.0.1:8000/v1", "auto")
+    assert sampling_extras_for("openai", "auto") == {} and sampling_extras_for("generic", "auto") == {}
+    assert sampling_extras_for("vllm", "auto") == {"top_k": -1, "repetition_penalty": 1.0}
+    assert sampling_extras_for("llamacpp", "auto") == {"top_k": 0, "repeat_penalty": 1.0}
+    assert sampling_extras_for("generic", "on") == {"top_k": -1, "repetition_penalty": 1.0}
+    assert sampling_extras_for("vllm", "off") == {}
     from flows.training import _TABLE_COLUMNS
 
     assert "request_errors" in _TABLE_COLUMNS

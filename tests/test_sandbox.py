@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from octomed_data.answers import extract_answer
+from octomed_data.inference.replies import read_choice
 from octomed_data.sandbox import SANDBOX_MARK, FaultConfig, start_sandbox
-from octomed_data.teachers import split_reasoning
 
 PROMPT = [
     {"role": "system", "content": "Reason, then 'Final answer: \\boxed{X}'."},
@@ -45,24 +45,14 @@ def test_answers_are_labelled_deterministic_and_parseable() -> None:
         for seed in range(40):
             status, body, _ = post(sb.base_url, {"model": "m", "messages": PROMPT, "seed": seed})
             assert status == 200 and body["system_fingerprint"] == "octomed-sandbox"
-            msg = body["choices"][0]["message"]
-            reasoning, response = split_reasoning(msg["content"], msg.get("reasoning_content"))
+            reply = read_choice(body["choices"][0])
+            reasoning, response = reply.reasoning, reply.answer
             assert reasoning.startswith(SANDBOX_MARK)
             got = extract_answer(response, "text_mcq", OPTIONS)
             assert got.answer in {"A", "B", "C"}, response
             seen[seed] = got.answer
         again = post(sb.base_url, {"model": "m", "messages": PROMPT, "seed": 3})[1]
-        assert (
-            extract_answer(
-                split_reasoning(
-                    again["choices"][0]["message"]["content"],
-                    again["choices"][0]["message"].get("reasoning_content"),
-                )[1],
-                "text_mcq",
-                OPTIONS,
-            ).answer
-            == seen[3]
-        )
+        assert extract_answer(read_choice(again["choices"][0]).answer, "text_mcq", OPTIONS).answer == seen[3]
     # About 1/k of the picks hit any given label: all three appear over 40 seeds.
     assert set(seen.values()) == {"A", "B", "C"}
 

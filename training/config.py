@@ -203,10 +203,14 @@ class EvalConfig(BaseModel):
     api_key_env: str = "OPENAI_API_KEY"  # the NAME of the environment variable holding the key
     request_timeout_s: float = Field(default=600.0, gt=0.0)
     extra_body: dict[str, Any] = Field(default_factory=dict)  # openai: extra request fields
-    # openai: send top_k=-1 and repetition_penalty=1.0 (vLLM/SGLang fields) so a server does not fill
-    # them from the checkpoint's generation_config (Qwen2.5-VL: top_k 1 = greedy every seed). auto:
-    # on, except for api.openai.com / *.openai.azure.com, which reject fields outside their API (400).
+    # openai: switch top-k and the repetition penalty off explicitly (vLLM/SGLang: top_k=-1,
+    # repetition_penalty=1.0; llama.cpp: top_k=0, repeat_penalty=1.0) so a server does not fill them
+    # from the checkpoint's generation_config (Qwen2.5-VL: top_k 1 = greedy every seed). auto: as the
+    # server kind accepts them (nothing for OpenAI / DeepSeek / unknown servers); on: also for unknown.
     sampling_extras: Literal["auto", "on", "off"] = "auto"
+    # openai: the server kind (decides how the fields above are spelled, and whether they are sent);
+    # auto asks the server (vLLM /version, SGLang, llama.cpp) once. See octomed_data.inference.servers.
+    server: Literal["auto", "openai", "deepseek", "vllm", "sglang", "llamacpp", "generic"] = "auto"
     # Fail the run when more than this share of requests failed (checked once
     # request_error_min_count replies are in, and on the whole run at the end): failed requests
     # score as wrong, so a flaky endpoint would otherwise pass for a weak model.

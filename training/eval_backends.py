@@ -19,14 +19,17 @@ continuation included) and ``forced_end`` records that it was forced.
   (OpenAI o-series style: no ``reasoning_content``, no inline ``<think>``) return nothing to
   continue: a budget-exhausted reply there has no answer and is scored wrong (counted as a parse
   failure, ``finish_reason=length``), never forced or guessed.
-* ``vllm``: offline ``vllm.LLM`` on a GPU (imported lazily). Without vllm or a GPU it fails with
-  one clear line.
+* ``vllm``: the checkpoint served by a vLLM OpenAI server started from vLLM's own environment
+  (:mod:`octomed_data.inference.vllm_service`; vLLM's pins exclude this project's, so it never
+  shares its venv), then the ``openai`` path against it with enough requests in flight that the
+  server batches them as offline ``vllm.LLM`` would. Works on a GPU and, with the CPU build, here.
 
 Sampling is the protocol's and nothing else: a checkpoint's ``generation_config.json`` carries the
 base model's chat defaults (Qwen2.5-VL-7B-Instruct: ``top_k 1``, ``top_p 0.001``, ``temperature
 0.1``, ``repetition_penalty 1.05``; fine-tuned checkpoints keep that file), and HF ``generate`` and
 vLLM servers fill every field a request leaves out from it, which would make every seed greedy.
-So top-k is off and the repetition penalty 1.0 explicitly, in all three backends; only the stop
+So top-k is off and the repetition penalty 1.0 explicitly, in all three backends (spelled as the
+server kind accepts it, :mod:`octomed_data.inference.servers`; never sent where it is rejected); only the stop
 tokens (the config's eos list plus the tokenizer's) are taken from the checkpoint. Each backend's
 ``describe()["sampling"]`` records the settings in effect (and, for ``hf``, the checkpoint's
 sampling fields that were ignored).
@@ -46,6 +49,8 @@ from pydantic import SecretStr
 
 from octomed_data import storage
 from octomed_data.errors import ConfigError, OctomedError
+from octomed_data.inference.replies import read_choice, reasoning_field
+from octomed_data.inference.servers import ServerKind, detect_kind, profile
 from octomed_data.prompts import build_messages, render_question, system_prompt
 
 log = logging.getLogger(__name__)
@@ -56,11 +61,6 @@ THINK_CLOSE = "</think>"
 # that the short continuation is the answer itself (read by THE extraction module).
 FORCE_CUE = "\n</think>\n\nFinal answer: \\boxed{"
 THINK_PREFILL = "<think>\n"
-# vLLM / SGLang sampling fields that switch off what a server would otherwise fill in from the
-# model's generation_config (-1 = top-k off: accepted by old vLLM, where 0 is an error, and new).
-SERVER_SAMPLING_EXTRAS: dict[str, Any] = {"top_k": -1, "repetition_penalty": 1.0}
-# Hosts that answer 400 "Unrecognized request argument supplied" to any field outside their API.
-STRICT_OPENAI_HOSTS = ("api.openai.com", ".openai.azure.com")
 # Checkpoint generation_config fields that change sampling: recorded when the protocol overrides them.
 _SAMPLING_FIELDS = (
     "do_sample", "temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty",
@@ -415,17 +415,21 @@ def protocol_generation_config(
     )
 
 
-def wants_sampling_extras(url: str, mode: str) -> bool:
-    """Whether to send :data:`SERVER_SAMPLING_EXTRAS`: ``on``/``off``, or ``auto`` = on except
-    for hosts known to reject fields outside the OpenAI API (:data:`STRICT_OPENAI_HOSTS`)."""
-    if mode in ("on", "off"):
-        return mode == "on"
-    if mode != "auto":
-        raise ConfigError(f"sampling_extras must be auto, on or off, not {mode!r}")
-    from urllib.parse import urlparse
+def sampling_extras_for(kind: ServerKind | str, mode: str) -> dict[str, Any]:
+    """The neutral sampling fields (top-k off, no repetition penalty) to send to a server of ``kind``.
 
-    host = (urlparse(url).hostname or "").lower()
-    return not any(host == h or (h.startswith(".") and host.endswith(h)) for h in STRICT_OPENAI_HOSTS)
+    ``auto``: as the kind spells them (nothing for OpenAI, DeepSeek and unknown servers, which
+    reject or ignore them); ``off``: nothing; ``on``: the kind's, or vLLM's spelling for a server
+    whose kind is unknown (the user vouches that it accepts them).
+    """
+    if mode == "off":
+        return {}
+    if mode not in ("auto", "on"):
+        raise ConfigError(f"sampling_extras must be auto, on or off, not {mode!r}")
+    fields = dict(profile(kind).neutral_sampling)
+    if not fields and mode == "on":
+        fields = dict(profile(ServerKind.VLLM).neutral_sampling)
+    return fields
 
 
 # --------------------------------------------------------------------------- openai
@@ -449,6 +453,8 @@ class OpenAIBackend:
         max_attempts: int = 4,
         extra_body: Mapping[str, Any] | None = None,
         sampling_extras: str = "auto",
+        server: str = "auto",
+        opens_think: bool = False,
     ) -> None:
         from octomed_data.distill.engine import _TeacherClient
         from octomed_data.ratelimit import LocalRateLimiter
@@ -458,9 +464,8 @@ class OpenAIBackend:
         self.protocol = protocol
         self.max_attempts = max_attempts
         self.sampling_extras = sampling_extras
-        sends = wants_sampling_extras(self.url, sampling_extras)
-        # The user's extra_body wins over the defaults (e.g. a deliberate top_k).
-        self.extra_body = {**(SERVER_SAMPLING_EXTRAS if sends else {}), **dict(extra_body or {})}
+        # The chat template opens the thought in the prompt: replies start inside it.
+        self.opens_think = opens_think
         self.api_key_env = api_key_env
         key = os.environ.get(api_key_env)
         if not key:
@@ -468,6 +473,9 @@ class OpenAIBackend:
             log.info("no API key in $%s: sending a placeholder (fine for local vLLM/SGLang)", api_key_env)
             key = "EMPTY"
         self._key = SecretStr(key)
+        self.server_kind = detect_kind(self.url, key, server)
+        # The user's extra_body wins over the defaults (e.g. a deliberate top_k).
+        self.extra_body = {**sampling_extras_for(self.server_kind, sampling_extras), **dict(extra_body or {})}
         self._loop = asyncio.new_event_loop()
         self.failures = 0
         self.successes = 0
@@ -475,6 +483,7 @@ class OpenAIBackend:
         self.teacher = TeacherConfig(
             name="eval",
             base_url=self.url,
+            server=self.server_kind.value,
             model=model,
             api_key_env=api_key_env,
             temperature=protocol.temperature,
@@ -487,7 +496,7 @@ class OpenAIBackend:
         self.client = self._loop.run_until_complete(self._open(_TeacherClient))
 
     async def _open(self, cls: Any) -> Any:
-        return cls(self.teacher, self._key)  # its semaphore belongs to this backend's loop
+        return cls(self.teacher, self._key, self.server_kind)  # its semaphore belongs to this backend's loop
 
     def _first_model(self) -> str:
         """The served model (GET /models); also the up-front reachability check."""
@@ -523,6 +532,7 @@ class OpenAIBackend:
         return {
             "backend": self.name,
             "endpoint": self.url,
+            "server": self.server_kind.value,
             "served_model_name": self.teacher.model,
             "api_key_env": self.api_key_env,  # the variable's name, never its value
             "concurrency": self.teacher.max_in_flight,
@@ -576,10 +586,8 @@ class OpenAIBackend:
             "temperature": self.protocol.temperature,
             "top_p": self.protocol.top_p,
             "max_tokens": max_tokens,
-            "seed": seed,
+            **self.client.request_fields(seed, 1, extra),
         }
-        if extra:
-            kwargs["extra_body"] = extra
         chars = sum(len(str(m["content"])) for m in messages)
         async with self.client.slots:
             response, _, _, error = await request_with_retries(
@@ -607,7 +615,8 @@ class OpenAIBackend:
         response, error = await self._request(messages, request_seed, p.max_new_tokens, prefilled)
         if response is None:
             return Generation("", 0, 0, "error", error=error)
-        text, finish, tokens, reasoning_tokens = _reply(response, THINK_PREFILL if prefilled else "")
+        opened = prefilled or self.opens_think
+        text, finish, tokens, reasoning_tokens = _reply(response, THINK_PREFILL if opened else "")
         gen = Generation(text, tokens, reasoning_tokens, finish)
         if p.force_end and finish == "length" and still_thinking(text):
             prefix = text + FORCE_CUE
@@ -628,41 +637,25 @@ class OpenAIBackend:
         return gen
 
 
-def _message_parts(response: Any) -> tuple[str, str]:
-    """(content, reasoning) of the first choice; reasoning from ``reasoning_content`` or ``reasoning``."""
-    msg = response.choices[0].message
-    extra = getattr(msg, "model_extra", None) or {}
-    reasoning = (
-        getattr(msg, "reasoning_content", None)
-        or extra.get("reasoning_content")
-        or extra.get("reasoning")
-        or ""
-    )
-    return msg.content or "", reasoning
-
-
 def _continuation_text(response: Any) -> tuple[str, int]:
-    """A forced continuation's new text, reasoning field and content joined as they were generated."""
-    content, reasoning = _message_parts(response)
+    """A forced continuation's new text, raw: reasoning field and content joined as generated.
+
+    Raw because a reasoning parser (vLLM deepseek_r1) calls any output without ``</think>``
+    reasoning, so the forced answer ``B}`` may come back in the reasoning field.
+    """
+    msg = response.choices[0].message
     usage = getattr(response, "usage", None)
-    return reasoning + content, int(getattr(usage, "completion_tokens", 0) or 0)
+    text = (reasoning_field(msg) or "") + (msg.content or "")
+    return text, int(getattr(usage, "completion_tokens", 0) or 0)
 
 
 def _reply(response: Any, prefill: str) -> tuple[str, str, int, int]:
     """(full text with the reasoning in <think>, finish_reason, completion tokens, reasoning tokens)."""
     choice = response.choices[0]
-    content, reasoning = _message_parts(response)
     finish = choice.finish_reason or "stop"
-    if reasoning:
-        # A reasoning parser split the thought off: put it back inline. An empty answer after a
-        # length stop means the budget ran out mid-thought (the parser never saw </think>).
-        closed = bool(content.strip()) or finish != "length"
-        text = THINK_OPEN + reasoning + (THINK_CLOSE + "\n\n" + content if closed else "")
-    elif THINK_CLOSE in content.lower() and THINK_OPEN not in content.lower().split(THINK_CLOSE)[0]:
-        # The chat template opened the thought in the prompt (R1, Qwen3): only the close arrives.
-        text = THINK_OPEN + content
-    else:
-        text = content
+    # THE reply reader (also distillation's): reasoning field, inline <think>, a lone </think>
+    # (template-opened thought), or all reasoning (cut mid-thought), put back inline.
+    text = read_choice(choice).inline()
     if prefill and not text.lstrip().lower().startswith(THINK_OPEN):
         text = prefill + text
     usage = getattr(response, "usage", None)
@@ -682,123 +675,85 @@ def _reply(response: Any, prefill: str) -> tuple[str, str, int, int]:
 
 
 class VLLMBackend:
-    """Offline ``vllm.LLM`` on a GPU: the same protocol, forced end via ``continue_final_message``."""
+    """The checkpoint behind a vLLM OpenAI server of its own (own venv), evaluated over HTTP.
+
+    The server is started here from :func:`octomed_data.inference.vllm_service.ensure_venv`'s
+    interpreter (``OCTOMED_VLLM_PYTHON`` for a ready one) and stopped by :meth:`close`. Requests go
+    through :class:`OpenAIBackend` (same protocol, seeds, forced end) with ``concurrency`` in
+    flight, so vLLM's scheduler batches them as the offline engine would. No reasoning parser:
+    the raw reply is scored, as with ``hf``.
+    """
 
     name = "vllm"
     supports_images = True
 
     def __init__(
-        self, model: str, protocol: SamplingProtocol, *, cache_dir: Path, tensor_parallel_size: int = 1,
+        self,
+        model: str,
+        protocol: SamplingProtocol,
+        *,
+        cache_dir: Path,
+        concurrency: int = 256,
         max_model_len: int | None = None,
-    ) -> None:  # fmt: skip
-        try:
-            import vllm
-        except ImportError:
-            raise ConfigError(
-                "backend 'vllm' needs the vllm package and a CUDA GPU (pip install 'octomed-data[gpu]'); "
-                "vllm is not installed here: use --backend hf or serve the model and pass its URL"
-            ) from None
-        import torch
+        python: str | None = None,
+        extra_args: tuple[str, ...] = (),
+        timeout_s: float = 600.0,
+        start_timeout_s: float = 900.0,
+    ) -> None:
+        from octomed_data.inference.vllm_service import VLLMServer, ensure_venv
 
-        if not torch.cuda.is_available():
-            raise ConfigError("backend 'vllm' needs a CUDA GPU and none is visible; use --backend hf on CPU")
         self.protocol = protocol
         self.model_uri = model
         self.model_dir = resolve_checkpoint(model, cache_dir)
-        self._vllm = vllm
-        self.llm = vllm.LLM(
-            model=str(self.model_dir),
-            tensor_parallel_size=tensor_parallel_size,
-            max_model_len=max_model_len,
-            limit_mm_per_prompt={"image": 8},
-        )
-        self.template_opens_think = template_opens_think(self.llm.get_tokenizer())
+        opens_think = False
+        try:
+            from transformers import AutoTokenizer
+
+            opens_think = template_opens_think(AutoTokenizer.from_pretrained(str(self.model_dir)))
+        except Exception as exc:  # no chat template: the server will say so on the first request
+            log.info("cannot read the chat template of %s: %s", self.model_dir, exc)
+        need = protocol.max_new_tokens + protocol.force_tokens + 2048  # reply + forced answer + prompt
+        self.server = VLLMServer(
+            self.model_dir,
+            python=python or ensure_venv(log=log.info),
+            served_model_name="octomed-eval",
+            max_model_len=max_model_len or need,
+            reasoning_parser=None,
+            extra_args=extra_args,
+        ).start(start_timeout_s)
+        try:
+            self.client = OpenAIBackend(
+                self.server.base_url,
+                protocol,
+                served_model_name="octomed-eval",
+                concurrency=concurrency,
+                timeout_s=timeout_s,
+                server="vllm",
+                opens_think=opens_think,
+            )
+        except BaseException:
+            self.server.stop()
+            raise
 
     def describe(self) -> dict[str, Any]:
+        inner = self.client.describe()
         return {
             "backend": self.name,
             "model": self.model_uri,
-            "vllm": getattr(self._vllm, "__version__", "?"),
-            "sampling": {
-                "temperature": self.protocol.temperature,
-                "top_p": self.protocol.top_p if self.protocol.temperature > 0 else 1.0,
-                **SERVER_SAMPLING_EXTRAS,
-                "min_p": 0.0,
-                "seed": "per (item, protocol seed)",
+            "server": {
+                "kind": "vllm",
+                "python": self.server.python,
+                "max_model_len": self.server.max_model_len,
             },
+            "concurrency": inner["concurrency"],
+            "sampling": inner["sampling"],
         }
 
-    def close(self) -> None:
-        self.llm = None
-
     def generate(self, rows: list[dict[str, Any]], seeds: list[int]) -> list[list[Generation]]:
-        from octomed_data.distill.engine import sample_seed
+        return self.client.generate(rows, seeds)
 
-        p = self.protocol
-        base = [build_messages(r, prompting=p.prompting) for r in rows]
-        convs, params, keys = [], [], []
-        for seed in seeds:
-            for r, m in zip(rows, base, strict=True):
-                convs.append(
-                    m + ([{"role": "assistant", "content": THINK_PREFILL}] if p.prefill_think else [])
-                )
-                params.append(self._params(sample_seed(seed, r["question_id"], 0), p.max_new_tokens))
-                keys.append(sample_seed(seed, r["question_id"], 0))
-        outs = self.llm.chat(
-            convs,
-            sampling_params=params,
-            add_generation_prompt=not p.prefill_think,
-            continue_final_message=p.prefill_think,
-            use_tqdm=False,
-        )
-        gens = []
-        opened = p.prefill_think or self.template_opens_think
-        for o in outs:
-            c = o.outputs[0]
-            # As in the hf backend: a reply that starts inside a thought gets its "<think>" back,
-            # so that a cut reply is forced (or has no answer) instead of being read mid-thought.
-            text = (THINK_PREFILL + c.text) if opened and THINK_OPEN not in c.text[:32] else c.text
-            gens.append(Generation(text, len(c.token_ids), 0, c.finish_reason or "stop"))
-        forced = [
-            i
-            for i, g in enumerate(gens)
-            if p.force_end and g.finish_reason == "length" and still_thinking(g.text)
-        ]
-        if forced:
-            f_convs = [
-                base[i % len(rows)] + [{"role": "assistant", "content": gens[i].text + FORCE_CUE}]
-                for i in forced
-            ]
-            f_params = [self._params(keys[i], p.force_tokens) for i in forced]
-            f_outs = self.llm.chat(
-                f_convs,
-                sampling_params=f_params,
-                add_generation_prompt=False,
-                continue_final_message=True,
-                use_tqdm=False,
-            )
-            for i, o in zip(forced, f_outs, strict=True):
-                c = o.outputs[0]
-                g = gens[i]
-                g.reasoning_tokens = g.completion_tokens
-                g.text, g.forced_end, g.finish_reason = g.text + FORCE_CUE + c.text, True, "forced"
-                g.completion_tokens += len(c.token_ids)
-        tok = self.llm.get_tokenizer()
-        for g in gens:
-            if g.forced_end:
-                continue  # counted exactly above: the whole first pass was reasoning
-            span = reasoning_span(g.text)[0]
-            g.reasoning_tokens = len(tok(span, add_special_tokens=False)["input_ids"]) if span else 0
-        n = len(rows)
-        return [gens[s * n : (s + 1) * n] for s in range(len(seeds))]
-
-    def _params(self, seed: int, max_tokens: int) -> Any:
-        p = self.protocol
-        return self._vllm.SamplingParams(
-            temperature=p.temperature,
-            top_p=p.top_p if p.temperature > 0 else 1.0,
-            max_tokens=max_tokens,
-            seed=seed,
-            **SERVER_SAMPLING_EXTRAS,  # explicit: never the checkpoint's generation_config values
-            min_p=0.0,
-        )
+    def close(self) -> None:
+        try:
+            self.client.close()
+        finally:
+            self.server.stop()

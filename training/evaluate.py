@@ -341,8 +341,9 @@ def _backend_options(config: EvalConfig) -> dict[str, Any]:
             "timeout_s": config.request_timeout_s,
             "extra_body": config.extra_body,
             "sampling_extras": config.sampling_extras,
+            "server": config.server,
         },
-        "vllm": {},
+        "vllm": {"concurrency": max(config.concurrency, 64)},
     }
 
 
@@ -558,8 +559,15 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
         "--sampling-extras",
         choices=["auto", "on", "off"],
         default=None,
-        help="openai: send top_k=-1, repetition_penalty=1.0 (vLLM/SGLang) so the server does not use the "
-        "checkpoint's generation_config; auto = on except api.openai.com / Azure, which reject them",
+        help="openai: switch top-k and repetition penalty off explicitly, spelled as the server kind "
+        "accepts (vLLM top_k=-1, llama.cpp top_k=0) so the server does not use the checkpoint's "
+        "generation_config; auto = where the server kind takes them, on = also for unknown servers",
+    )
+    p.add_argument(
+        "--server",
+        choices=["auto", "openai", "deepseek", "vllm", "sglang", "llamacpp", "generic"],
+        default=None,
+        help="openai: the endpoint's server kind (default auto: asked once from the server)",
     )
     p.add_argument(
         "--max-request-error-rate",
@@ -582,7 +590,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     for key in (
         "output_uri", "backend", "data_dir", "seeds", "max_new_tokens", "temperature", "top_p", "prompting",
         "limit", "api_key_env", "served_model_name", "concurrency", "batch_size", "sampling_extras",
-        "max_request_error_rate",
+        "max_request_error_rate", "server",
     ):  # fmt: skip
         value = getattr(args, key)
         if value is not None:

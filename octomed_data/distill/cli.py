@@ -47,6 +47,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-in-flight", type=int, default=None)
     p.add_argument("--max-attempts", type=int, default=None)
     p.add_argument("--rpm", type=int, default=None, help="requests per minute for the teacher")
+    p.add_argument("--max-tokens", type=int, default=None, help="completion budget per sample (default 8192)")
+    p.add_argument(
+        "--server",
+        choices=["auto", "openai", "deepseek", "vllm", "sglang", "llamacpp", "generic"],
+        default=None,
+        help="the teacher's server kind: which sampling fields it takes, whether it honours n "
+        "(default auto: asked once from the server)",
+    )
+    p.add_argument(
+        "--seed-policy",
+        choices=["per_sample", "off"],
+        default=None,
+        help="send each sample's seed (default) or none (servers that crash on seeds); resume stays exact",
+    )
     p.add_argument("--estimate", action="store_true", help="project cost and duration, then stop")
     p.add_argument("--estimate-questions", type=int, default=20)
     p.add_argument("--no-progress", action="store_true")
@@ -64,6 +78,9 @@ def build_config(args: argparse.Namespace) -> DistillConfig:
         "model": args.model,
         "max_in_flight": args.max_in_flight,
         "rpm": args.rpm,
+        "max_tokens": args.max_tokens,
+        "server": args.server,
+        "seed_policy": args.seed_policy,
     }
     if not data:
         if not args.base_url or not args.model:
@@ -76,7 +93,10 @@ def build_config(args: argparse.Namespace) -> DistillConfig:
         if args.api_key_env != "OPENAI_API_KEY":
             teacher_flags["api_key_env"] = args.api_key_env
     elif any(v is not None for v in teacher_flags.values()):
-        raise ConfigError("--base-url/--model/--max-in-flight/--rpm need a config with exactly one teacher")
+        raise ConfigError(
+            "--base-url/--model/--max-in-flight/--rpm/--max-tokens/--server/--seed-policy need a config "
+            "with exactly one teacher"
+        )
     if len(data["teachers"]) == 1:
         data["teachers"][0].update({k: v for k, v in teacher_flags.items() if v is not None})
     if args.samples is not None:

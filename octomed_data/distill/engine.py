@@ -40,11 +40,13 @@ from octomed_data.distill.journal import (
     sample_key,
 )
 from octomed_data.errors import OctomedError, StorageError
+from octomed_data.inference.replies import read_choice
+from octomed_data.inference.servers import ServerKind, detect_kind, profile
 from octomed_data.prompts import build_messages
 from octomed_data.ratelimit import LocalRateLimiter, RateLimiter
 from octomed_data.sandbox import SANDBOX_FINGERPRINT, SANDBOX_TEACHER
 from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA, TaskType, options_of
-from octomed_data.teachers import DistillConfig, TeacherConfig, resolve_api_key, split_reasoning
+from octomed_data.teachers import DistillConfig, TeacherConfig, resolve_api_key
 
 log = logging.getLogger("octomed_data.distill")
 
@@ -52,7 +54,11 @@ RAW_DIR = "raw"
 ACCEPTED_DIR = "accepted"
 STATE_DIR = "_distill"
 _RETRYABLE_STATUS = {408, 409, 425, 429}
-_KEYLIKE = re.compile(r"\b(?:sk|key|api)[-_][A-Za-z0-9_\-*]{6,}", re.IGNORECASE)
+# Key-shaped: a key prefix, then a long run holding a digit ("sk-proj-3f9...", "api_0123..."); prose
+# such as "key-shaped" or "api_key_env" is not.
+_KEYLIKE = re.compile(r"\b(?:sk|key|api)[-_](?=[A-Za-z_\-*]*\d)[A-Za-z0-9_\-*]{10,}", re.IGNORECASE)
+# A server's error is kept whole (the cause is often on its last line), on one line, bounded.
+MAX_ERROR_CHARS = 600
 
 
 class TeacherUnreachable(OctomedError):
@@ -138,11 +144,21 @@ def sample_seed(base: int, question_id: str, sample_idx: int) -> int:
 
 
 def scrub(text: str, secrets: Iterable[str]) -> str:
-    """Remove keys (and anything key-shaped) from an error message before it is stored or logged."""
+    """Remove keys (and anything key-shaped) from an error message before it is stored or logged.
+
+    A key is replaced where it stands as a token of its own, never inside a longer word: a short
+    placeholder key must not turn ``max_tokens`` into ``ma***_tokens``.
+    """
     for s in secrets:
         if s:
-            text = text.replace(s, "***")
+            text = re.sub(rf"(?<![A-Za-z0-9_\-]){re.escape(s)}(?![A-Za-z0-9_\-])", "***", text)
     return _KEYLIKE.sub("***", text)
+
+
+def one_line(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """Collapse a (server's) message to one line of at most ``limit`` characters."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 def _retry_after(exc: BaseException) -> float | None:
@@ -184,7 +200,7 @@ def _classify(exc: BaseException) -> _Failure:
     if isinstance(exc, openai.APIStatusError):
         code = exc.status_code
         retryable = code in _RETRYABLE_STATUS or code >= 500
-        return _Failure(f"HTTP {code}: {str(exc).splitlines()[0][:200]}", retryable, _retry_after(exc))
+        return _Failure(f"HTTP {code}: {one_line(str(exc))}", retryable, _retry_after(exc))
     if isinstance(exc, openai.APITimeoutError):
         return _Failure("request timed out", True)
     if isinstance(exc, openai.APIConnectionError):
@@ -195,15 +211,19 @@ def _classify(exc: BaseException) -> _Failure:
         return _Failure(f"malformed response: {type(exc).__name__}", True)
     if isinstance(exc, asyncio.TimeoutError):
         return _Failure("request timed out", True)
-    return _Failure(f"{type(exc).__name__}: {str(exc)[:200]}", True)
+    return _Failure(f"{type(exc).__name__}: {one_line(str(exc), 300)}", True)
 
 
 class _TeacherClient:
-    """One teacher's client, concurrency bound, and failure breaker."""
+    """One teacher's client, concurrency bound, failure breaker, and what its server accepts."""
 
-    def __init__(self, teacher: TeacherConfig, key: SecretStr) -> None:
+    def __init__(self, teacher: TeacherConfig, key: SecretStr, kind: ServerKind | None = None) -> None:
         self.teacher = teacher
         self._key = key
+        self.kind = kind or detect_kind(teacher.base_url, key.get_secret_value(), teacher.server)
+        self.profile = profile(self.kind)
+        self.supports_n = teacher.supports_n if teacher.supports_n is not None else self.profile.honours_n
+        self.sends_seed = teacher.seed_policy == "per_sample" and self.profile.accepts_seed
         self.client = openai.AsyncOpenAI(
             api_key=key.get_secret_value(),
             base_url=teacher.base_url,
@@ -215,6 +235,7 @@ class _TeacherClient:
         self.successes = 0
         self.final_failures = 0
         self.last_error: str | None = None
+        self.last_attempts = 0
         self.avg_completion = float(min(teacher.max_tokens, 1024))
 
     @property
@@ -223,6 +244,24 @@ class _TeacherClient:
 
     def unreachable(self, threshold: int) -> bool:
         return self.successes == 0 and self.final_failures >= threshold
+
+    def request_fields(
+        self, seed: int | None, n: int, extra_body: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The optional request fields this server accepts: seed, n, neutral sampling + ``extra_body``
+        (the teacher's own when not given)."""
+        if extra_body is None:
+            extra_body = self.teacher.extra_body
+        fields: dict[str, Any] = {}
+        if seed is not None and self.sends_seed:
+            fields["seed"] = seed
+        if n > 1:
+            fields["n"] = n
+        # The user's extra_body wins over the neutral values (e.g. a deliberate top_k).
+        extra = {**self.profile.neutral_sampling, **(extra_body or {})}
+        if extra:
+            fields["extra_body"] = extra
+        return fields
 
     async def close(self) -> None:
         await self.client.close()
@@ -290,12 +329,8 @@ class _Run:
             "temperature": teacher.temperature,
             "top_p": teacher.top_p,
             "max_tokens": teacher.max_tokens,
-            "seed": seed,
+            **tc.request_fields(seed, n),
         }
-        if n > 1:
-            kwargs["n"] = n
-        if teacher.extra_body:
-            kwargs["extra_body"] = teacher.extra_body
 
         def attempted(attempt: int) -> None:
             self.counters.requests += 1
@@ -327,12 +362,14 @@ class _Run:
             return None, attempts, 0.0, last_error  # stopped by the breaker, not a failure of its own
         tc.final_failures += 1
         tc.last_error = last_error
+        tc.last_attempts = attempts
         if tc.unreachable(self.breaker) and not self.abort:
+            tries = "attempt" if attempts == 1 else "attempts"
             self.abort = (
                 f"teacher {teacher.name!r} at {teacher.base_url}: {tc.final_failures} samples failed "
-                f"after {self.config.max_attempts} attempts each and none succeeded; last error: {last_error}"
+                f"(the last after {attempts} {tries}) and none succeeded; last error: {last_error}"
             )
-        return None, self.config.max_attempts, 0.0, last_error
+        return None, attempts, 0.0, last_error
 
 
 async def request_with_retries(
@@ -392,9 +429,8 @@ async def request_with_retries(
 
 def _verdict(choice: Any, task: TaskType, options: list[tuple[str, str]], gold: str) -> dict[str, Any]:
     msg = choice.message
-    extra = getattr(msg, "model_extra", None) or {}
-    reasoning_field = getattr(msg, "reasoning_content", None) or extra.get("reasoning_content")
-    reasoning, response = split_reasoning(msg.content, reasoning_field)
+    reply = read_choice(choice)
+    reasoning, response = reply.reasoning, reply.answer
     finish = choice.finish_reason
     refusal = getattr(msg, "refusal", None)
     extracted = None
@@ -424,7 +460,12 @@ def _verdict(choice: Any, task: TaskType, options: list[tuple[str, str]], gold: 
 
 
 def _base_row(
-    q: Mapping[str, Any], teacher: TeacherConfig, config: DistillConfig, idx: int, seed: int, params_hash: str
+    q: Mapping[str, Any],
+    teacher: TeacherConfig,
+    config: DistillConfig,
+    idx: int,
+    seed: int | None,
+    params_hash: str,
 ) -> dict[str, Any]:
     return {
         "question_id": q["question_id"],
@@ -448,15 +489,17 @@ async def _sample_group(
     task = TaskType(q["task_type"])
     prompt_chars = sum(len(str(m["content"])) for m in messages)
     seeds = {i: sample_seed(run.config.seed, q["question_id"], i) for i in group}
+    sent = seeds[group[0]]
     async with tc.slots:
-        response, attempts, latency, error = await run.request(
-            tc, messages, seeds[group[0]], len(group), prompt_chars
-        )
+        response, attempts, latency, error = await run.request(tc, messages, sent, len(group), prompt_chars)
+    # Rows record the seed the request carried (one for all samples of an n-request; none when
+    # the teacher's seed policy is off), never a seed that was not sent.
+    recorded = {i: (sent if tc.sends_seed else None) for i in group}
     now_ms = int(time.time() * 1000)
     leftover: list[int] = []
     if response is None:
         for i in group:
-            row = _base_row(q, teacher, run.config, i, seeds[i], tc.params_hash)
+            row = _base_row(q, teacher, run.config, i, recorded[i], tc.params_hash)
             row.update(correct=False, reject_reason=FAILED, attempts=attempts, error=error, created_at=now_ms)
             run.journal.add(row)
     else:
@@ -466,7 +509,7 @@ async def _sample_group(
         # Sandbox traces are never passed off as a real teacher's, whatever the config calls it.
         sandbox = getattr(response, "system_fingerprint", None) == SANDBOX_FINGERPRINT
         for j, (i, choice) in enumerate(zip(group, choices, strict=False)):
-            row = _base_row(q, teacher, run.config, i, seeds[i], tc.params_hash)
+            row = _base_row(q, teacher, run.config, i, recorded[i], tc.params_hash)
             row.update(_verdict(choice, task, options, q["answer"]))
             if sandbox:
                 row["teacher"] = SANDBOX_TEACHER
@@ -554,7 +597,8 @@ async def adistill_shard(
     done, _ = await asyncio.to_thread(read_done_keys, out, shard)
     report.stored_before = 0
     needed = {config.teacher_for(t).name for t in _task_types_needed(config)}
-    clients = _open_clients(config, api_keys, needed)
+    # Server kinds are detected over HTTP once per URL: off the event loop.
+    clients = await asyncio.to_thread(_open_clients, config, api_keys, needed)
     limiter = limiter or LocalRateLimiter.for_teachers(config.teachers)
     run = _Run(config, out, shard, clients, limiter, progress)
     run.journal.start()
@@ -582,7 +626,7 @@ async def adistill_shard(
                 if not pending or run.abort:
                     continue
                 messages = await _messages(q)
-                groups = [pending] if t.supports_n and len(pending) > 1 else [[i] for i in pending]
+                groups = [pending] if tc.supports_n and len(pending) > 1 else [[i] for i in pending]
                 for group in groups:
                     # Bound the work in flight: wait for a slot before creating more tasks.
                     while len(tasks) >= limit:

@@ -41,6 +41,7 @@ from octomed_data.distill.engine import (
 )
 from octomed_data.distill.journal import FAILED, iter_journal
 from octomed_data.errors import ConfigError, StorageError
+from octomed_data.inference.replies import read_choice
 from octomed_data.prompts import build_messages
 from octomed_data.ratelimit import LocalRateLimiter, RateLimiter
 from octomed_data.sandbox import SANDBOX_FINGERPRINT, SANDBOX_TEACHER
@@ -49,7 +50,7 @@ from octomed_data.schema import (
     SAMPLE_SCHEMA,
     SCORE_SCHEMA,
 )
-from octomed_data.teachers import DistillConfig, TeacherConfig, resolve_api_key, split_reasoning
+from octomed_data.teachers import DistillConfig, TeacherConfig, resolve_api_key
 
 
 def _correct_counts(out: str, shard: str, teacher: str | None) -> dict[str, int]:
@@ -167,10 +168,8 @@ def _grade_of(response: Any) -> dict[str, Any]:
     """Status, score and texts of a successful grading response."""
     choice = response.choices[0]
     msg = choice.message
-    extra = getattr(msg, "model_extra", None) or {}
-    reasoning, text = split_reasoning(
-        msg.content, getattr(msg, "reasoning_content", None) or extra.get("reasoning_content")
-    )
+    reply = read_choice(choice)
+    reasoning, text = reply.reasoning, reply.answer
     refusal = getattr(msg, "refusal", None)
     finish = choice.finish_reason
     if finish == "length":

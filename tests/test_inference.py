@@ -1,0 +1,192 @@
+"""The inference package: reading replies (recorded real server bodies too), server kinds, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from octomed_data.answers import extract_answer
+from octomed_data.inference import servers
+from octomed_data.inference.replies import Reply, read_choice, split_reasoning
+from octomed_data.inference.servers import ServerKind, detect_kind, probe_kind
+from octomed_data.sandbox import start_sandbox
+
+FIXTURES = Path(__file__).parent / "fixtures" / "servers"
+
+
+def recorded(name: str) -> dict:
+    return json.loads((FIXTURES / name).read_text())
+
+
+def test_split_reasoning_every_form() -> None:
+    assert split_reasoning("Final answer: C", "because...") == Reply("because...", "Final answer: C")
+    assert split_reasoning("<think>step 1\nstep 2</think>\n\nAnswer: B") == Reply(
+        "step 1\nstep 2", "Answer: B"
+    )
+    assert split_reasoning("<think>cut off mid-thought") == Reply("cut off mid-thought", "", closed=False)
+    assert split_reasoning("reasoning only</think>Answer: A") == Reply("reasoning only", "Answer: A")
+    assert split_reasoning("Answer: D") == Reply(None, "Answer: D")
+    assert split_reasoning(None) == Reply(None, "")
+    # A parser that never saw </think>: all reasoning, no answer; cut by the budget = still thinking.
+    assert split_reasoning(None, "weighing A vs B", "length") == Reply("weighing A vs B", "", closed=False)
+    assert split_reasoning(None, "weighing A vs B", "stop") == Reply("weighing A vs B", "", closed=True)
+    assert Reply("R", "", closed=False).inline() == "<think>R"
+    assert Reply("R", "Answer: B").inline() == "<think>R</think>\n\nAnswer: B"
+
+
+@pytest.mark.parametrize("field", ["reasoning", "reasoning_content"])
+def test_reasoning_field_of_sdk_objects_and_dicts(field: str) -> None:
+    import openai.types.chat as t
+
+    body = {
+        "id": "x", "object": "chat.completion", "created": 0, "model": "m",
+        "choices": [{"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": "Answer: B", field: "B fits best"}}],
+    }  # fmt: skip
+    sdk = t.ChatCompletion.model_validate(body)
+    for choice in (sdk.choices[0], body["choices"][0]):
+        assert read_choice(choice) == Reply("B fits best", "Answer: B")
+
+
+def test_recorded_vllm_bodies_keep_their_reasoning() -> None:
+    """Real vLLM 0.32 (CPU) bodies with --reasoning-parser deepseek_r1: reasoning is in `reasoning`."""
+    n2 = recorded("vllm-0.32-cpu_n2_seeded.json")
+    assert n2["status"] == 200 and len(n2["body"]["choices"]) == 2
+    for choice in n2["body"]["choices"]:
+        assert "reasoning_content" not in choice["message"] and choice["message"]["reasoning"]
+        reply = read_choice(choice)
+        assert reply.reasoning == choice["message"]["reasoning"]
+        assert reply.answer == (choice["message"]["content"] or "").strip()
+        # Cut by the budget: no answer is read from it, whatever it says.
+        assert choice["finish_reason"] == "length"
+    unseeded = recorded("vllm-0.32-cpu_unseeded.json")["body"]["choices"][0]
+    assert read_choice(unseeded).reasoning == unseeded["message"]["reasoning"]
+    # The same bodies through the OpenAI SDK (what distillation and evaluation receive).
+    import openai.types.chat as t
+
+    sdk = t.ChatCompletion.model_validate(n2["body"])
+    assert [read_choice(c).reasoning for c in sdk.choices] == [
+        c["message"]["reasoning"] for c in n2["body"]["choices"]
+    ]
+
+
+def test_recorded_vllm_continuation_is_read_raw() -> None:
+    from training.eval_backends import _continuation_text
+
+    body = recorded("vllm-0.32-cpu_continuation.json")["body"]
+    import openai.types.chat as t
+
+    text, tokens = _continuation_text(t.ChatCompletion.model_validate(body))
+    msg = body["choices"][0]["message"]
+    assert (
+        text == (msg.get("reasoning") or "") + (msg.get("content") or "")
+        and tokens == body["usage"]["completion_tokens"]
+    )
+
+
+def _status_error(recorded_body: dict, status: int):
+    import httpx
+    import openai
+
+    request = httpx.Request("POST", "http://127.0.0.1:1/v1/chat/completions")
+    response = httpx.Response(status, json=recorded_body, request=request)
+    cls = openai.BadRequestError if status == 400 else openai.InternalServerError
+    return cls(f"Error code: {status} - {recorded_body}", response=response, body=recorded_body)
+
+
+def test_server_errors_keep_the_whole_message_on_one_line() -> None:
+    from octomed_data.distill.engine import _classify
+    from octomed_data.sandbox import LLAMACPP_TOP_K_ERROR
+
+    vllm400 = recorded("vllm-0.32-cpu_http400_max_tokens.json")
+    failure = _classify(_status_error(vllm400["body"], 400))
+    assert not failure.retryable and "\n" not in str(failure)
+    assert "max_tokens=999999 cannot be greater than max_model_len=2048" in str(failure)
+    # llama-cpp-python's 500 for top_k=-1: the cause is on the lines after the first.
+    body = {"error": {"message": LLAMACPP_TOP_K_ERROR, "type": "internal_server_error"}}
+    failure = _classify(_status_error(body, 500))
+    assert (
+        "\n" not in str(failure) and "greater than or equal to 0" in str(failure) and "top_k" in str(failure)
+    )
+    assert len(str(_classify(_status_error({"error": {"message": "x" * 5000}}, 500)))) <= 620
+
+
+def test_scrub_replaces_only_key_shaped_text() -> None:
+    from octomed_data.distill.engine import scrub
+
+    assert scrub("bad max_tokens for key ma", ["ma"]) == "bad max_tokens for key ***"
+    assert scrub("auth failed for sk-live-abcdef123456", ["sk-live-abcdef123456"]) == "auth failed for ***"
+    assert "abcdefghij12" not in scrub("Bearer abcdefghij12 rejected", ["abcdefghij12"])
+    assert scrub("key-shaped api_0123456789ab leaks", []) == "key-shaped *** leaks"
+    assert scrub("set api_key_env to the variable", []) == "set api_key_env to the variable"
+
+
+def test_server_kinds_are_detected_from_what_servers_say() -> None:
+    assert probe_kind("https://api.openai.com/v1") == ServerKind.OPENAI
+    assert probe_kind("https://res.openai.azure.com/openai") == ServerKind.OPENAI
+    assert probe_kind("https://api.deepseek.com/v1") == ServerKind.DEEPSEEK
+    for like, kind in (
+        ("vllm", ServerKind.VLLM),
+        ("llamacpp", ServerKind.LLAMACPP),
+        ("generic", ServerKind.GENERIC),
+    ):
+        with start_sandbox(server=like) as sb:
+            assert probe_kind(sb.base_url) == kind
+            servers.forget(sb.base_url)
+            assert detect_kind(sb.base_url) == kind
+            assert detect_kind(sb.base_url, configured="sglang") == ServerKind.SGLANG
+    # Unreachable: generic for now (only OpenAI API fields), asked again next time (not cached).
+    assert probe_kind("http://127.0.0.1:9/v1") is None
+    assert detect_kind("http://127.0.0.1:9/v1") == ServerKind.GENERIC
+    assert "http://127.0.0.1:9/v1" not in servers._detected
+
+
+def test_request_fields_follow_the_server_kind_and_seed_policy() -> None:
+    from pydantic import SecretStr
+
+    from octomed_data.distill.engine import _TeacherClient
+    from octomed_data.teachers import TeacherConfig
+
+    def client(kind: str, **over) -> _TeacherClient:
+        t = TeacherConfig(name="t", base_url="http://127.0.0.1:9/v1", model="m", server=kind, **over)
+        return _TeacherClient(t, SecretStr("k"))
+
+    assert client("vllm").request_fields(7, 4) == {
+        "seed": 7, "n": 4, "extra_body": {"top_k": -1, "repetition_penalty": 1.0}
+    }  # fmt: skip
+    assert client("llamacpp").request_fields(7, 1) == {
+        "seed": 7,
+        "extra_body": {"top_k": 0, "repeat_penalty": 1.0},
+    }
+    assert client("openai").request_fields(7, 1) == {"seed": 7}
+    assert client("vllm", seed_policy="off").request_fields(7, 1)["extra_body"]["top_k"] == -1
+    assert "seed" not in client("vllm", seed_policy="off").request_fields(7, 1)
+    assert client("vllm", extra_body={"top_k": 20}).request_fields(None, 1) == {
+        "extra_body": {"top_k": 20, "repetition_penalty": 1.0}
+    }
+    assert (
+        client("vllm").supports_n and not client("llamacpp").supports_n and not client("generic").supports_n
+    )
+    assert not client("vllm", supports_n=False).supports_n and client("generic", supports_n=True).supports_n
+
+
+def test_sandbox_answers_as_llamacpp_and_vllm() -> None:
+    from tests.test_sandbox import OPTIONS, PROMPT, post
+
+    with start_sandbox(server="llamacpp") as sb:
+        status, body, _ = post(sb.base_url, {"model": "m", "messages": PROMPT, "top_k": -1})
+        assert status == 500 and "greater than or equal to 0" in body["error"]["message"]
+        status, body, _ = post(sb.base_url, {"model": "m", "messages": PROMPT, "top_k": 0, "n": 3})
+        assert status == 200 and len(body["choices"]) == 1  # llama.cpp ignores n
+    with start_sandbox(server="vllm", reasoning_field="reasoning", style="reasoning_content") as sb:
+        status, body, _ = post(sb.base_url, {"model": "m", "messages": PROMPT, "n": 2, "seed": 1})
+        assert status == 200 and len(body["choices"]) == 2
+        msg = body["choices"][0]["message"]
+        assert "reasoning_content" not in msg and msg["reasoning"]
+        assert extract_answer(read_choice(body["choices"][0]).answer, "text_mcq", OPTIONS).answer in {
+            "A",
+            "B",
+            "C",
+        }
