@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "octomed_data.decontam",  # decontaminate, registry
     "octomed_data.distill.cli",  # distill
     "octomed_data.sandbox",  # sandbox-teacher
+    "octomed_data.inference.cli",  # vllm setup, vllm serve
     "octomed_data.mixture",  # mix, export
     "octomed_data.orchestration_cli",  # run, demo, rerun, serve (drive the Prefect flows)
     "training.cli",  # train, evaluate

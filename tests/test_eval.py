@@ -469,3 +469,28 @@ def test_hf_samples_despite_qwen_generation_config_and_stops_on_every_eos(shared
     assert all(g.finish_reason == "stop" and g.completion_tokens == 0 for g in gens)
     assert cut_at_stop([5, 6, 9, 7], [9, 3], 0) == ([5, 6], "stop")
     assert cut_at_stop([5, 0, 6], [9, 3], 0) == ([5, 6], "length")
+
+
+def test_llamacpp_endpoint_gets_no_rejected_parameter(shared_data, tmp_path):
+    """llama.cpp answers top_k=-1 with HTTP 500: its kind is detected and top-k off is spelled top_k=0."""
+    base = dict(benchmarks="medqa", data_dir=str(shared_data), limit=3, seeds=2, concurrency=4)
+    with start_sandbox(server="llamacpp") as sb:
+        result = evaluate(
+            EvalConfig(model=sb.base_url, output_uri=str(tmp_path / "a"), **base), progress=False
+        )
+        log = sb.stats()["log"]
+        assert result.request_errors == 0
+        assert log and all(
+            e["sampling"].get("top_k") == 0 and e["sampling"]["repeat_penalty"] == 1.0 for e in log
+        )
+        # Told it is a vLLM server, the same endpoint rejects every request, and the cause is shown whole.
+        from training.eval_backends import EndpointUnreachable
+
+        with pytest.raises(EndpointUnreachable) as exc:
+            evaluate(
+                EvalConfig(model=sb.base_url, output_uri=str(tmp_path / "b"), server="vllm", **base),
+                progress=False,
+            )
+    assert "greater than or equal to 0" in str(exc.value) and "\n" not in str(exc.value)
+    metrics = storage.read_json(f"{tmp_path / 'a'}/metrics.json")
+    assert metrics["backend"]["server"] == "llamacpp"

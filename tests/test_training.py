@@ -7,6 +7,7 @@ DeepSpeed communication op (~26 s, cached afterwards in ~/.cache/torch_extension
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import math
@@ -666,3 +667,14 @@ def test_stale_local_checkpoints_never_rotate_away_fresh_saves(launch_export, ti
         )
         assert "model.safetensors" in marker["files"] and "trainer_state.json" in marker["files"]
     assert not (tmp_path / "work" / "trainer" / "checkpoint-750").exists()
+
+
+def test_attention_implementation_is_a_setting(tiny_text):
+    from training.sft import load_model_and_processors
+
+    model, _, _ = load_model_and_processors(tiny_text, attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+    if importlib.util.find_spec("flash_attn") is None:  # CPU machines: one clear line, nothing loaded
+        with pytest.raises(ConfigError, match="needs flash-attn on a GPU"):
+            load_model_and_processors(tiny_text, attn_implementation="flash_attention_2")
+    assert TrainConfig(train_data="x", model_path="m", output_uri="o").attn_implementation == "auto"

@@ -70,6 +70,9 @@ class TrainConfig(BaseModel):
     max_seq_len: int = Field(default=16384, ge=16)
     max_pixels: int = 262144  # images are resized to at most this many pixels before patching
     precision: Precision = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # auto: transformers' default (sdpa). flash_attention_2 needs flash-attn installed (GPU); packed
+    # rows then take its varlen path.
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     zero_stage: Literal[0, 1, 2, 3] = 3
     offload_optimizer: bool = False  # ZeRO CPU-Adam offload (compiles an op; ~2 GB RAM per compile)
     gradient_checkpointing: bool = True

@@ -162,7 +162,9 @@ def resolve_model(model: str, cache_dir: Path) -> Path:
 _MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.py"]
 
 
-def load_model_and_processors(model_path: str | Path, torch_dtype: Any = None):
+def load_model_and_processors(
+    model_path: str | Path, torch_dtype: Any = None, attn_implementation: str = "auto"
+):
     """(model, tokenizer, image_processor or None) from a local folder, offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -172,6 +174,16 @@ def load_model_and_processors(model_path: str | Path, torch_dtype: Any = None):
     kwargs = {"local_files_only": True}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
+    if attn_implementation != "auto":
+        if attn_implementation.startswith("flash"):
+            import importlib.util
+
+            if importlib.util.find_spec("flash_attn") is None:
+                raise ConfigError(
+                    "attn_implementation flash_attention_2 needs flash-attn on a GPU "
+                    "(pip install flash-attn --no-build-isolation); use auto or sdpa here"
+                )
+        kwargs["attn_implementation"] = attn_implementation
     if is_vision_model(model_path):
         from transformers import AutoModelForImageTextToText
 
@@ -513,7 +525,9 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
                 f"{with_images} of {rows} training rows have images but the model at {model_path} is "
                 "text-only; train a vision-language model or export a text-only mixture"
             )
-    model, tokenizer, image_processor = load_model_and_processors(model_path)
+    model, tokenizer, image_processor = load_model_and_processors(
+        model_path, attn_implementation=config.attn_implementation
+    )
     if config.gradient_checkpointing:
         model.config.use_cache = False
 
