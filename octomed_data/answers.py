@@ -64,7 +64,7 @@ _HEDGE = re.compile(
 )
 # What may follow an option's text in a statement: nothing, punctuation, or an explanation.
 _TEXT_TAIL = re.compile(
-    r"^(?:[\s.!]*$|\s*[,;:(]|[.!]\s|\s+[-–—]\s|\s+(?:because|since|as|which|given|due)\b)",
+    r"^(?:[\s.!]*$|\s*[,;:(\[]|[.!]\s|\s+[-–—]\s|\s+(?:because|since|as|which|given|due)\b)",
     re.IGNORECASE,
 )
 # "B (or possibly C)": a hedge between labels in the explanation.
@@ -81,6 +81,7 @@ _LABEL_COMMA = re.compile(
 _COMMA_CONNECTOR = re.compile(
     r"^[\(\[]?(?P<label>[A-Z])[\)\]]?\s*,\s*(?:because|since|which|given|due\s+to)\b"
 )
+_LONE_CAPITAL = re.compile(r"(?<![A-Za-z0-9])([A-Z])(?![A-Za-z0-9])")
 _LEAD_ARTICLE = re.compile(r"^(?:the|an|a)\s+", re.IGNORECASE)
 _QUOTES = "\"'“”‘’«»"
 # "most likely C", "probably Ulna": a qualifier before the stated answer.
@@ -149,7 +150,17 @@ def _clean(raw: str) -> str:
 
 
 def _norm_option(text: str) -> str:
-    return normalize_open(text)
+    """:func:`normalize_open`, but a lone capital ("(A)", ", A", "Hepatitis A") is a label, not an article.
+
+    Only a leading "A " before a lower-case word is read as the article ("A fracture of the ulna").
+    """
+
+    def keep(m: re.Match) -> str:
+        if m.start() == 0 and re.match(r"A\s+[a-z]", text):
+            return m.group(0)
+        return f" label{m.group(1).lower()} "
+
+    return normalize_open(_LONE_CAPITAL.sub(keep, text.strip()))
 
 
 def _light_norm(text: str) -> str:
@@ -295,6 +306,8 @@ def _parse_ynm(raw: str, options: Sequence[tuple[str, str]]) -> tuple[str | None
             word = dict(options)[label].strip().lower()
             if word in ("yes", "no", "maybe"):
                 return word, None
+        elif reason == AMBIGUOUS:  # "A, no", "yes (B)": the label and the verdict disagree
+            return None, AMBIGUOUS
     m = _YNM.match(text)
     if not m:
         return None, NO_ANSWER
@@ -385,7 +398,8 @@ def extract_answer(
 
     candidates = _candidates(text)
     for cand in reversed(candidates):
-        if _HEDGE.match(_clean(cand.raw)):
+        # "None of the above" is a hedge unless it is an option's text.
+        if _HEDGE.match(_clean(cand.raw)) and _label_from_text(cand.raw, opts) is None:
             return Extraction(None, cand.method, AMBIGUOUS)
         answer, reason = parse(cand.raw)
         if answer is not None:
