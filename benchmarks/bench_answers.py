@@ -6,14 +6,22 @@ unparsed (no answer, unfinished thought), and how many agree with the recorded e
 A false accept (an answer where a rejection is expected, or another answer) is counted apart.
 Prints a markdown table; ``--json`` writes the numbers too.
 
+``--real-html`` also measures agreement with real, published marks: the chain-of-thought sample
+pages of Liévin et al., "Can large language models reason about medical questions?"
+(github.com/vlievin/medical-reasoning, ``docs/samples/*.html``: InstructGPT replies, each marked
+correct or incorrect by the authors). A reply agrees when (extracted == gold) equals its mark.
+
     .venv/bin/python benchmarks/bench_answers.py
+    .venv/bin/python benchmarks/bench_answers.py --real-html usmle-valid.html pubmedqa.html
 """
 
 from __future__ import annotations
 
 import argparse
+import html
 import importlib.util
 import json
+import re
 import sys
 import time
 from collections import defaultdict
@@ -22,7 +30,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from octomed_data.answers import AMBIGUOUS, extract_answer  # noqa: E402
+from octomed_data.answers import AMBIGUOUS, extract_answer, is_correct  # noqa: E402
+
+_ROW = re.compile(r"<tr data-qid=(\w+)>(.*?)</tr>", re.DOTALL)
+_CELL = re.compile(r"<td[^>]*>(.*?)</td>", re.DOTALL)
+_OPTION = re.compile(r"^(?:<strong>)?([A-Z])\) (.*?)(?:</strong>)?$", re.MULTILINE)
+_MARK = {"\u2705": True, "\u274c": False}
 
 
 def load_rows() -> list[dict]:
@@ -76,9 +89,47 @@ def table(per: dict[str, dict[str, int]]) -> str:
     return "\n".join(lines)
 
 
+def real_agreement(path: Path) -> dict[str, int]:
+    """Agreement of THE extractor with the published correct/incorrect marks of one sample page."""
+    counts = {"replies": 0, "agree": 0, "unparsed": 0, "false_accept": 0, "marked_correct": 0, "read": 0}
+    question: tuple[list[tuple[str, str]], str] | None = None
+    for _qid, body in _ROW.findall(path.read_text(encoding="utf-8")):
+        cells = _CELL.findall(body)
+        if len(cells) == 1 and "colspan" in body:
+            opts = [
+                (k, html.unescape(re.sub(r"<[^>]+>", "", v)).strip()) for k, v in _OPTION.findall(cells[0])
+            ]
+            gold = re.search(r"<strong>([A-Z])\)", cells[0])
+            question = (opts, gold.group(1)) if gold else None
+            continue
+        if question is None:
+            continue
+        opts, gold = question
+        ynm = [v.lower() for _, v in opts] == ["yes", "no", "maybe"]
+        task = "yes_no_maybe" if ynm else "text_mcq"
+        gold_answer = dict(opts)[gold].lower() if ynm else gold
+        for cell in cells:
+            text = html.unescape(cell).strip()
+            if not text or text[0] not in _MARK:
+                continue
+            mark, reply = _MARK[text[0]], text[1:].strip()
+            got = extract_answer(reply, task, opts)
+            ok = is_correct(got.answer, gold_answer, task)
+            counts["replies"] += 1
+            counts["marked_correct"] += mark
+            counts["read"] += got.answer is not None
+            counts["unparsed"] += got.answer is None
+            counts["agree"] += ok == mark
+            counts["false_accept"] += ok and not mark
+    return counts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, help="also write the per-form counts here")
+    ap.add_argument(
+        "--real-html", type=Path, nargs="*", default=[], help="published sample pages (see above)"
+    )
     args = ap.parse_args()
     rows = load_rows()
     started = time.perf_counter()
@@ -86,6 +137,19 @@ def main() -> None:
     elapsed = time.perf_counter() - started
     print(table(per))
     print(f"\n{len(rows)} replies, {elapsed * 1000 / len(rows):.3f} ms per reply")
+    if args.real_html:
+        print(
+            "\n| sample page | replies | marked correct | read | unparsed | agree with the mark "
+            "| accepted but marked incorrect |\n|---|---|---|---|---|---|---|"
+        )
+        for path in args.real_html:
+            c = real_agreement(path)
+            n = max(c["replies"], 1)
+            print(
+                f"| {path.name} | {c['replies']} | {c['marked_correct']} | {c['read']} | {c['unparsed']} "
+                f"| {c['agree']} ({100 * c['agree'] / n:.1f}%) | {c['false_accept']} |"
+            )
+            per[f"real:{path.name}"] = c
     if args.json:
         args.json.write_text(json.dumps(per, indent=2, sort_keys=True))
 
