@@ -4,9 +4,13 @@ A teacher's final answer is found from its *explicit final-answer statements* (`
 ``<answer>C</answer>``, "Final answer: C", "The answer is (C)", "Answer: C", bold
 ``**Answer: C**``) and, when there are none, from a bare answer (the whole response is "C",
 "(C)", "C. <option text>", "Yes.") or a bold label in the last paragraph. The last statement
-wins. A statement is read as a label, a label with a trailing explanation, or an option's text
-instead of its label. Anything unparseable or ambiguous ("C or D", an explicit statement naming
-two different options) is rejected with a reason, never guessed.
+wins, and only the last: when it cannot be read the reply is unparsed, never handed to an earlier
+(perhaps hypothetical) statement; only a statement that describes the answer ("the answer is
+clear: ...", "this answer is consistent with ...") is skipped as prose. A statement is read as a
+label, a label with a trailing explanation, a label followed by a comma / dash(es) / "or" and
+that option's text ("D, Ulna", 'C, "maybe."'), "most likely C", or an option's text instead of its
+label. Anything unparseable or ambiguous ("C or D", a label and an option text that name
+different options in either order) is rejected with a reason, never guessed.
 """
 
 from __future__ import annotations
