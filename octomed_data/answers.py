@@ -4,9 +4,13 @@ A teacher's final answer is found from its *explicit final-answer statements* (`
 ``<answer>C</answer>``, "Final answer: C", "The answer is (C)", "Answer: C", bold
 ``**Answer: C**``) and, when there are none, from a bare answer (the whole response is "C",
 "(C)", "C. <option text>", "Yes.") or a bold label in the last paragraph. The last statement
-wins. A statement is read as a label, a label with a trailing explanation, or an option's text
-instead of its label. Anything unparseable or ambiguous ("C or D", an explicit statement naming
-two different options) is rejected with a reason, never guessed.
+wins, and only the last: when it cannot be read the reply is unparsed, never handed to an earlier
+(perhaps hypothetical) statement; only a statement that describes the answer ("the answer is
+clear: ...", "this answer is consistent with ...") is skipped as prose. A statement is read as a
+label, a label with a trailing explanation, a label followed by a comma / dash(es) / "or" and
+that option's text ("D, Ulna", 'C, "maybe."'), "most likely C", or an option's text instead of its
+label. Anything unparseable or ambiguous ("C or D", a label and an option text that name
+different options in either order) is rejected with a reason, never guessed.
 """
 
 from __future__ import annotations
@@ -64,15 +68,46 @@ _HEDGE = re.compile(
 )
 # What may follow an option's text in a statement: nothing, punctuation, or an explanation.
 _TEXT_TAIL = re.compile(
-    r"^(?:[\s.!]*$|\s*[,;:(]|[.!]\s|\s+[-–—]\s|\s+(?:because|since|as|which|given|due)\b)",
+    r"^(?:[\s.!]*$|\s*[,;:(\[]|[.!]\s|\s+[-–—]\s|\s+(?:because|since|as|which|given|due)\b)",
     re.IGNORECASE,
 )
-_PAREN_LABEL = re.compile(r"\(\s*([A-Z])\s*\)")
 # "B (or possibly C)": a hedge between labels in the explanation.
 _OR_OTHER = re.compile(
     r"\b[Oo][Rr]\s+(?:possibly\s+|perhaps\s+|maybe\s+)?(?:option\s+)?\(?([A-Z])\)?(?![A-Za-z])"
 )
 _ARTICLES = re.compile(r"\b(?:a|an|the)\b")
+# "D, Ulna", "D - Ulna", "D -- Ulna", "D, or generalized anxiety disorder", "C, \"maybe.\"": a label,
+# a comma / dash(es) / "or", then (it must be checked) that option's text.
+_LABEL_COMMA = re.compile(
+    r"^[\(\[]?(?P<label>[A-Z])[\)\]]?\s*(?:,|;|-{1,2}|–|—)?\s*(?:\bor\s+)?(?P<tail>\S.*)$", re.DOTALL
+)
+# "D, because ...", "D, which ...": a label, a comma and an explanation.
+_COMMA_CONNECTOR = re.compile(
+    r"^[\(\[]?(?P<label>[A-Z])[\)\]]?\s*,\s*(?:because|since|which|given|due\s+to)\b"
+)
+_LONE_CAPITAL = re.compile(r"(?<![A-Za-z0-9])([A-Z])(?![A-Za-z0-9])")
+_LEAD_ARTICLE = re.compile(r"^(?:the|an|a)\s+", re.IGNORECASE)
+_QUOTES = "\"'“”‘’«»"
+# "most likely C", "probably Ulna": a qualifier before the stated answer.
+_QUALIFIER = re.compile(
+    r"^[\s,]*(?:most\s+likely|most\s+probably|likely|probably|definitely|clearly|therefore|thus)\s*[:,]?\s+",
+    re.IGNORECASE,
+)
+# Another label named in an explanation: "(B)", "[option B]", ", B", "- option B", "B is", a lone " B.".
+_OTHER_LABEL = re.compile(
+    r"[\(\[]\s*(?:option\s+|choice\s+)?(?P<a>[A-Z])\s*[\)\]]"
+    r"|(?:^|[\s,;:/])(?:option\s+|choice\s+)?(?P<b>[A-Z])(?=\s*(?:[).,;:\]!?]|$|\s+(?:is|was|would|could|might|may|or|and)\b))",
+)
+# A weak statement whose rest begins like this describes the answer rather than stating it
+# ("The answer is clear: ...", "This answer is consistent with ..."): it is prose, and the search
+# goes on. Any other unreadable statement ends the search.
+_PROSE_REST = re.compile(
+    r"^(?:clear|obvious|evident|apparent|straightforward|simple|tricky|complex|complicated|difficult"
+    r"|challenging|subtle|nuanced|consistent|inconsistent|supported|based|found|determined|derived|related"
+    r"|hidden|key|important|relevant|correct\s+because|in\s+line|within|as\s+follows|below|above"
+    r"|further|more\s+|less\s+|a\s+matter|one\s+of\s+the\s+following|to\s+be\s+found|likely\s+to)",
+    re.IGNORECASE,
+)
 _PUNCT = str.maketrans({c: " " for c in string.punctuation})
 _REFUSAL = re.compile(
     r"\b(?:I\s*(?:'m|am)\s+(?:sorry|unable)|I\s+(?:can(?:'|no)t|cannot|won't|will\s+not)\s+"
@@ -119,7 +154,17 @@ def _clean(raw: str) -> str:
 
 
 def _norm_option(text: str) -> str:
-    return normalize_open(text)
+    """:func:`normalize_open`, but a lone capital ("(A)", ", A", "Hepatitis A") is a label, not an article.
+
+    Only a leading "A " before a lower-case word is read as the article ("A fracture of the ulna").
+    """
+
+    def keep(m: re.Match) -> str:
+        if m.start() == 0 and re.match(r"A\s+[a-z]", text):
+            return m.group(0)
+        return f" label{m.group(1).lower()} "
+
+    return normalize_open(_LONE_CAPITAL.sub(keep, text.strip()))
 
 
 def _light_norm(text: str) -> str:
@@ -128,18 +173,26 @@ def _light_norm(text: str) -> str:
 
 
 def _label_from_text(text: str, options: Sequence[tuple[str, str]]) -> str | None:
+    label = _text_match(text, options)
+    return None if label == AMBIGUOUS else label
+
+
+def _text_match(text: str, options: Sequence[tuple[str, str]]) -> str | None:
     """The label whose option text the answer equals, or starts with followed by an explanation.
 
     "Insulin resistance", "Aspirin-induced asthma", "Metformin or insulin" name no option: the
     option text must be followed by nothing, punctuation or a connector ("because ..."), and an
-    explanation that names another option ("metformin (C)", "metformin, not insulin") is
-    rejected rather than guessed. The longest matching option wins ("Metformin and insulin").
+    explanation that names another option ("metformin (C)", "metformin, not insulin") makes the
+    answer :data:`AMBIGUOUS` (returned in place of a label). The longest matching option wins
+    ("Metformin and insulin").
     """
     norm = _norm_option(text)
     if not norm:
         return None
-    light = _light_norm(_clean(text))
+    cleaned = " ".join(unicodedata.normalize("NFKC", _clean(text)).split())
+    light = cleaned.lower()
     best: tuple[int, str] | None = None
+    conflict = False
     for label, opt in options:
         o = _norm_option(opt)
         if not o:
@@ -147,20 +200,25 @@ def _label_from_text(text: str, options: Sequence[tuple[str, str]]) -> str | Non
         ok = norm == o
         lo = _light_norm(opt).rstrip(" .")
         if not ok and lo and light.startswith(lo):
-            tail = light[len(lo) :]
-            ok = bool(_TEXT_TAIL.match(tail)) and not _names_other(tail, label, options)
+            tail = cleaned[len(lo) :] if len(cleaned) == len(light) else light[len(lo) :].upper()
+            ok = bool(_TEXT_TAIL.match(tail))
+            if ok and _names_other(tail, label, options):
+                ok, conflict = False, True
         if ok:
             if best is None or len(o) > best[0]:
                 best = (len(o), label)
             elif len(o) == best[0] and best[1] != label:
                 return None  # two options with the same text: cannot tell
+    if best is None and conflict:
+        return AMBIGUOUS
     return best[1] if best else None
 
 
 def _names_other(tail: str, label: str, options: Sequence[tuple[str, str]]) -> bool:
-    """Does an explanation after an option's text name a different option (by "(X)" or text)?"""
-    for m in _PAREN_LABEL.finditer(tail.upper()):
-        if m.group(1) != label and any(m.group(1) == k for k, _ in options):
+    """Does an explanation after an option's text name a different option (by "(X)", ", X" or text)?"""
+    for m in _OTHER_LABEL.finditer(tail):
+        other = m.group("a") or m.group("b")
+        if other != label and any(other == k for k, _ in options):
             return True
     words = f" {normalize_open(tail)} "
     for other, opt in options:
@@ -176,13 +234,21 @@ def _parse_choice(raw: str, options: Sequence[tuple[str, str]]) -> tuple[str | N
     labels = {label for label, _ in options}
     if not text:
         return None, NO_ANSWER
-    if _MULTI_LABEL.match(text):
-        return None, AMBIGUOUS
-    by_text = _label_from_text(text, options)
+    qualified = _QUALIFIER.sub("", text, count=1)
+    if qualified != text:  # "most likely C", "probably Ulna"
+        text = _clean(qualified)
     m = _LABEL_ONLY.match(text)
     if m:
         label = m.group("label")
         return (label, None) if label in labels else (None, NO_ANSWER)
+    pair = _label_and_text(text, labels, options)
+    if pair is not None:
+        return pair
+    if _MULTI_LABEL.match(text):
+        return None, AMBIGUOUS
+    by_text = _text_match(text, options)
+    if by_text == AMBIGUOUS:  # "riboflavin (B)" where riboflavin is option C
+        return None, AMBIGUOUS
     m = _LABEL_LEAD.match(text)
     if m and m.group("label") in labels:
         label, sep, tail = m.group("label"), m.group("sep"), m.group("tail").strip()
@@ -198,9 +264,39 @@ def _parse_choice(raw: str, options: Sequence[tuple[str, str]]) -> tuple[str | N
             if by_text is not None and by_text != label and tail_label is None:
                 return None, AMBIGUOUS
             return label, None
+    m = _COMMA_CONNECTOR.match(text)
+    if m and m.group("label") in labels:
+        label, tail = m.group("label"), text[m.end() :]
+        if _names_other(tail, label, options) or _OR_OTHER.search(tail):
+            return None, AMBIGUOUS
+        return label, None
     if by_text is not None:
         return by_text, None
     return None, NO_ANSWER
+
+
+def _label_and_text(
+    text: str, labels: set[str], options: Sequence[tuple[str, str]]
+) -> tuple[str | None, str | None] | None:
+    """Read "D, Ulna" / "D - Ulna" / "D, or Ulna" / 'C, "maybe."': a label, then that option's text.
+
+    ``None`` when the text is not of this form (what follows the label names no option); an
+    :data:`AMBIGUOUS` rejection when it names a different option than the label ("D, <text of A>").
+    """
+    m = _LABEL_COMMA.match(text)
+    if not m or m.group("label") not in labels:
+        return None
+    label = m.group("label")
+    tail = m.group("tail").strip().strip(_QUOTES).strip()
+    tail = _LEAD_ARTICLE.sub("", tail).strip(_QUOTES).strip()
+    if not tail:
+        return None
+    named = _text_match(tail, options)
+    if named is None:
+        return None
+    if named != label:
+        return None, AMBIGUOUS
+    return label, None
 
 
 def _parse_ynm(raw: str, options: Sequence[tuple[str, str]]) -> tuple[str | None, str | None]:
@@ -214,6 +310,8 @@ def _parse_ynm(raw: str, options: Sequence[tuple[str, str]]) -> tuple[str | None
             word = dict(options)[label].strip().lower()
             if word in ("yes", "no", "maybe"):
                 return word, None
+        elif reason == AMBIGUOUS:  # "A, no", "yes (B)": the label and the verdict disagree
+            return None, AMBIGUOUS
     m = _YNM.match(text)
     if not m:
         return None, NO_ANSWER
@@ -304,7 +402,8 @@ def extract_answer(
 
     candidates = _candidates(text)
     for cand in reversed(candidates):
-        if _HEDGE.match(_clean(cand.raw)):
+        # "None of the above" is a hedge unless it is an option's text.
+        if _HEDGE.match(_clean(cand.raw)) and _label_from_text(cand.raw, opts) is None:
             return Extraction(None, cand.method, AMBIGUOUS)
         answer, reason = parse(cand.raw)
         if answer is not None:
@@ -318,7 +417,11 @@ def extract_answer(
             return Extraction(answer, cand.method)
         if reason == AMBIGUOUS or cand.strong:
             return Extraction(None, cand.method, reason)
-        # A weak unparseable statement ("the answer is clear") is prose: keep looking.
+        if not _PROSE_REST.match(_clean(cand.raw)):
+            # The last explicit statement cannot be read: the reply is unparsed. An earlier
+            # statement ("... the answer would be A if ...") is never its verdict.
+            return Extraction(None, cand.method, reason)
+        # A weak statement that describes the answer ("the answer is clear: ...") is prose.
     if candidates:
         return Extraction(None, "statement", NO_ANSWER)
     return _fallback(text, task, opts, parse)

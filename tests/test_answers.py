@@ -84,7 +84,7 @@ ADVERSARIAL_MCQ = [
     ("The answer is Insulin resistance", None, NO_ANSWER),
     ("The answer is Aspirin-induced asthma", None, NO_ANSWER),
     ("The answer is Metformin or insulin", None, NO_ANSWER),
-    ("The answer is metformin (C).", None, NO_ANSWER),  # text and label disagree
+    ("The answer is metformin (C).", None, AMBIGUOUS),  # text and label disagree (issue 13: ambiguous)
     ("The answer is B (or possibly C)", None, AMBIGUOUS),
     # a later negating / hedging statement retracts an earlier answer
     ("The answer is B.\n\nHowever, on reflection, the answer is not B.", None, AMBIGUOUS),
