@@ -190,3 +190,41 @@ def test_sandbox_answers_as_llamacpp_and_vllm() -> None:
             "B",
             "C",
         }
+
+
+def test_breaker_message_counts_the_attempts_really_made(tmp_path: Path, monkeypatch) -> None:
+    """HTTP 400 is not retried: the breaker says "after 1 attempt", not "after 6 attempts each"."""
+    from octomed_data.distill.engine import distill_shard
+    from octomed_data.sandbox import FaultConfig
+    from tests.test_distill import config, make_questions
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-breaker-0000000001")
+    q_uri, out = str(tmp_path / "q"), str(tmp_path / "out")
+    make_questions(q_uri, 12)
+    with start_sandbox(faults=FaultConfig(seed=0, bad_request=1.0)) as sb:
+        report = distill_shard(q_uri, "00000", out, config(sb.base_url, max_attempts=6))
+        requests = sb.stats()["requests"]
+    assert (
+        report.aborted
+        and "(the last after 1 attempt)" in report.aborted
+        and "none succeeded" in report.aborted
+    )
+    assert "HTTP 400" in report.aborted and "bad request (sandbox)" in report.aborted
+    assert requests == report.requests and report.retries == 0
+
+
+def test_distill_keeps_reasoning_sent_as_message_reasoning(tmp_path: Path, monkeypatch) -> None:
+    """The data-loss bug: vLLM >= 0.10 sends `reasoning`; every stored row must keep it."""
+    from octomed_data.distill.engine import distill_shard
+    from octomed_data.sandbox import SANDBOX_MARK
+    from tests.test_distill import config, make_questions, read_raw
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-reasoning-000000001")
+    q_uri, out = str(tmp_path / "q"), str(tmp_path / "out")
+    make_questions(q_uri, 10)
+    with start_sandbox(server="vllm", reasoning_field="reasoning", style="reasoning_content") as sb:
+        report = distill_shard(q_uri, "00000", out, config(sb.base_url))
+    rows = read_raw(out)
+    assert report.complete and len(rows) == 40 and report.requests == 10  # detected vLLM: n=4 per request
+    assert all(r["reasoning"] and r["reasoning"].startswith(SANDBOX_MARK) for r in rows)
+    assert all(r["response"] and r["extracted_answer"] for r in rows)
