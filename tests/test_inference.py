@@ -228,3 +228,17 @@ def test_distill_keeps_reasoning_sent_as_message_reasoning(tmp_path: Path, monke
     assert report.complete and len(rows) == 40 and report.requests == 10  # detected vLLM: n=4 per request
     assert all(r["reasoning"] and r["reasoning"].startswith(SANDBOX_MARK) for r in rows)
     assert all(r["response"] and r["extracted_answer"] for r in rows)
+
+
+def test_sampling_extras_off_sends_nothing_even_to_vllm(shared_data, tmp_path: Path) -> None:
+    from training.config import EvalConfig
+    from training.evaluate import evaluate
+
+    with start_sandbox(server="vllm") as sb:
+        cfg = EvalConfig(
+            model=sb.base_url, benchmarks="medqa", data_dir=str(shared_data), output_uri=str(tmp_path / "e"),
+            limit=2, seeds=1, sampling_extras="off",
+        )  # fmt: skip
+        evaluate(cfg, progress=False)
+        log = sb.stats()["log"]
+    assert log and not any("top_k" in e["sampling"] or "repetition_penalty" in e["sampling"] for e in log)

