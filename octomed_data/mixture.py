@@ -491,7 +491,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from octomed_data.export import export
 
     result = export(
-        args.mixture, args.out, formats=args.format, embed_images=not args.no_embed, progress=True
+        args.mixture,
+        args.out,
+        formats=args.format,
+        embed_images=not args.no_embed,
+        llamafactory_images=args.llamafactory_images,
+        answer_format=args.answer_format,
+        progress=True,
     )
     print(json.dumps(result.to_dict(), indent=2))
     return 0
@@ -518,4 +524,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--format", action="append", choices=["llamafactory", "trl"], help="default: both (repeatable)"
     )
     e.add_argument("--no-embed", action="store_true", help="TRL: reference images by URI, don't embed bytes")
+    e.add_argument(
+        "--llamafactory-images",
+        choices=["relative", "absolute"],
+        default="relative",
+        help="relative: copy/link images into the export (default); absolute: the run's paths (shared FS)",
+    )
+    e.add_argument(
+        "--answer-format",
+        choices=["normalize", "as_is"],
+        default="normalize",
+        help="normalize: replies end in the system prompt's answer line (default); as_is: keep replies, "
+        "system prompt states no format",
+    )
     e.set_defaults(func=_cmd_export)
