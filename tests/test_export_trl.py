@@ -16,6 +16,7 @@ from octomed_data.export import export
 from octomed_data.mixture import MixtureConfig, build_mixture
 from octomed_data.prompts import FINAL_ANSWER_LINE
 from tests.orchestration_data import write_inputs
+from tests.test_export import load_config
 
 IGNORE = -100
 # The tiny models' Qwen2.5 template with {% generation %} markers around each assistant turn
@@ -86,7 +87,6 @@ def _config(tmp_path, **kw):
 
 
 def test_trl_text_model_trains_on_text_configuration(trl_copy, tmp_path):
-    import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from training.tiny import build_text_model
@@ -95,7 +95,7 @@ def test_trl_text_model_trains_on_text_configuration(trl_copy, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
     tokenizer.chat_template = GENERATION_TEMPLATE
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
-    ds = datasets.load_dataset(str(trl_copy), "text", split="train")
+    ds = load_config(trl_copy, "text", "train")
     assert "images" not in ds.column_names and isinstance(ds[0]["messages"][0]["content"], str)
     trainer = trl.SFTTrainer(
         model=model, args=_config(tmp_path), train_dataset=ds, processing_class=tokenizer
@@ -135,7 +135,6 @@ def _tiny_vl_processor(model_dir, tokenizer):
 
 
 def test_trl_vlm_trains_on_vision_configuration(trl_copy, tmp_path):
-    import datasets
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     from training.tiny import build_vl_model
@@ -144,8 +143,8 @@ def test_trl_vlm_trains_on_vision_configuration(trl_copy, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
     processor = _tiny_vl_processor(tmp_path / "model", tokenizer)
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "model")
-    ds = datasets.load_dataset(str(trl_copy), "vision", split="train")
-    text_rows = datasets.load_dataset(str(trl_copy), "text", split="train")
+    ds = load_config(trl_copy, "vision", "train")
+    text_rows = load_config(trl_copy, "text", "train")
     with_images = [i for i, row in enumerate(ds) if row["images"]]
     assert with_images and len(ds) - len(with_images) == len(text_rows)
     trainer = trl.SFTTrainer(
