@@ -12,11 +12,9 @@ from tasks.stages import export_task
 
 @flow(name="export", log_prints=True)
 def export_flow(run: RunParams = RunParams()) -> dict[str, Any]:
-    """``RUN/mixture`` -> ``RUN/export/{llamafactory,trl}/{train,validation}``."""
+    """``RUN/mixture`` -> ``RUN/export/llamafactory/…`` and ``RUN/export/trl/{text,vision}/…``."""
     recipe, paths = prepare(run)
-    result = configured(export_task, paths)(
-        paths.stage("mixture"), paths, list(recipe.export.formats), recipe.export.embed_images
-    )
+    result = configured(export_task, paths)(paths.stage("mixture"), paths, recipe.export.model_dump())
     rows = [
         {"format": fmt, "split": split, "rows": result["rows"][fmt][split], "uri": uri}
         for fmt, splits in result["datasets"].items()

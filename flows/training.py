@@ -71,10 +71,6 @@ def _local_dir(paths: RunPaths, name: str) -> str:
 def train_config(recipe: Recipe, paths: RunPaths, params: TrainParams) -> Any:
     """The TrainConfig for this run: recipe settings, run locations, then the form's overrides."""
     config_mod = _training_module("training.config")
-    export_uri = storage.join(paths.stage("export"), "trl", "train")
-    files = storage.Dataset(export_uri).files()
-    if not files:
-        raise StorageError(f"no TRL export at {export_uri}: run the export flow first")
     data = dict(recipe.training.config)
     model_path = params.model_path or data.pop("model_path", None)
     if model_path is None and recipe.training.tiny_model:
@@ -86,6 +82,16 @@ def train_config(recipe: Recipe, paths: RunPaths, params: TrainParams) -> Any:
         model_path = target
     if model_path is None:
         raise ConfigError("no model to train: set training.config.model_path in the recipe or the form")
+    # The TRL export's "text" configuration (text rows) for a text-only model, "vision" (every row)
+    # otherwise; a model that is not a local folder yet (hub id, checkpoint URI) gets "vision".
+    config_file = os.path.join(str(model_path), "config.json")
+    text_only = os.path.isfile(config_file) and not _training_module("training.sft").is_vision_model(
+        model_path
+    )
+    export_uri = storage.join(paths.stage("export"), "trl", "text" if text_only else "vision", "train")
+    files = storage.Dataset(export_uri).files()
+    if not files:
+        raise StorageError(f"no TRL export at {export_uri}: run the export flow first")
     data.update(train_data=files, model_path=model_path, output_uri=paths.stage("checkpoints"))
     data.setdefault("work_dir", _local_dir(paths, "train-work"))
     for key in ("max_steps", "learning_rate", "num_train_epochs"):

@@ -17,7 +17,10 @@ Nothing holds a whole run in memory. The work is three streaming passes over has
 
 Every random choice is a hash of (seed, content), so the same inputs and seed give the same
 mixture on any machine and with any bucket count. The train/validation split is by
-``question_id``: no question is in both.
+``question_id``: no question is in both. It is stratified by (source, task type): each question's
+seeded hash decides, and a stratum with at least two selected questions that the hash left
+without a validation (or without a training) question gets its lowest-hash (highest-hash) one
+moved over, so validation covers every source and task type that training has.
 """
 
 from __future__ import annotations
@@ -98,6 +101,11 @@ class MixtureConfig(BaseModel):
     )
     seed: int = 0
     validation_fraction: float = Field(0.05, ge=0, lt=1, description="Share of questions held out.")
+    stratify_validation: bool = Field(
+        True,
+        description="Every (source, task type) with 2+ questions has questions in both splits "
+        "(when validation_fraction > 0).",
+    )
     shard_rows: int = Field(5000, ge=1, description="Target rows per output shard.")
     bucket_rows: int = Field(50_000, ge=1, description="Target samples per work bucket (memory bound).")
 
@@ -148,6 +156,7 @@ class MixtureResult:
     questions_train: int
     questions_validation: int
     sources: dict[str, SourceCounts] = field(default_factory=dict)
+    stratified_moves: int = 0  # questions moved between splits so every stratum is in both
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -172,6 +181,38 @@ def dedupe_key(question_id: str, reasoning: str | None, response: str | None) ->
 def split_of(question_id: str, seed: int, validation_fraction: float) -> str:
     """Train or validation, decided by the question alone so no question lands in both."""
     return "validation" if _h64(seed, "split", question_id) / _TWO64 < validation_fraction else "train"
+
+
+@dataclass
+class _Stratum:
+    """Split statistics of one (source, task type): counts and the questions a move would take."""
+
+    train: int = 0
+    validation: int = 0
+    train_lowest: tuple[int, str] | None = None  # (split hash, question_id)
+    validation_highest: tuple[int, str] | None = None
+
+    def add(self, question_id: str, split: str, seed: int) -> None:
+        key = (_h64(seed, "split", question_id), question_id)
+        if split == "train":
+            self.train += 1
+            if self.train_lowest is None or key < self.train_lowest:
+                self.train_lowest = key
+        else:
+            self.validation += 1
+            if self.validation_highest is None or key > self.validation_highest:
+                self.validation_highest = key
+
+
+def stratified_moves(strata: dict[tuple[str, str], _Stratum]) -> dict[str, str]:
+    """question_id -> split for the questions that give each stratum a question in both splits."""
+    moves: dict[str, str] = {}
+    for stats in strata.values():
+        if stats.validation == 0 and stats.train >= 2 and stats.train_lowest:
+            moves[stats.train_lowest[1]] = "validation"
+        elif stats.train == 0 and stats.validation >= 2 and stats.validation_highest:
+            moves[stats.validation_highest[1]] = "train"
+    return moves
 
 
 def copies_for(weight: float, priority: float) -> int:
@@ -312,28 +353,40 @@ def build_mixture(
 
     # Pass 2a: per-source caps need the global k smallest priorities: a bounded heap per capped
     # source. The same pass counts the rows each split will get, which sizes the output shards.
-    heaps: dict[str, list[tuple[float, int, str]]] = defaultdict(list)
+    # The same pass gathers per-stratum split statistics (O(strata) memory) for the stratified split.
+    heaps: dict[str, list[tuple[float, int, str, str, str]]] = defaultdict(list)
     capped = set(config.caps)
     expected: Counter[str] = Counter()
+    strata: dict[tuple[str, str], _Stratum] = defaultdict(_Stratum)
     for bucket in sample_spill.shards:
         bucket_rows = list(samples_ds.iter_rows(shards=sample_spill.shards[bucket]))
         scratch: dict[str, SourceCounts] = defaultdict(SourceCounts)
+        seen_here: set[str] = set()  # every trace of a question is in this bucket
         for row, priority, n in _bucket_candidates(bucket_rows, config, scratch):
             src = row["source"]
             split = split_of(row["question_id"], config.seed, config.validation_fraction)
             if src not in capped:
                 expected[split] += n
+                if row["question_id"] not in seen_here:
+                    seen_here.add(row["question_id"])
+                    strata[(src, row["task_type"])].add(row["question_id"], split, config.seed)
                 continue
             heap = heaps[src]  # max-heap by negated priority: keeps the cap smallest priorities
-            item = (-priority, n, split)
+            item = (-priority, n, split, row["question_id"], row["task_type"])
             if len(heap) < config.caps[src]:
                 heapq.heappush(heap, item)
             elif heap and item[0] > heap[0][0]:
                 heapq.heapreplace(heap, item)
     threshold = {s: (-heaps[s][0][0] if len(heaps[s]) >= config.caps[s] > 0 else 1.0) for s in capped}
-    for heap in heaps.values():
-        for _, n, split in heap:
+    for src, heap in heaps.items():
+        seen_capped: set[str] = set()  # bounded by the cap
+        for _, n, split, question_id, task_type in heap:
             expected[split] += n
+            if question_id not in seen_capped:
+                seen_capped.add(question_id)
+                strata[(src, task_type)].add(question_id, split, config.seed)
+    moves = stratified_moves(strata) if config.stratify_validation and config.validation_fraction > 0 else {}
+    del strata
     n_out = {s: max(1, math.ceil(expected[s] / config.shard_rows)) for s in SPLITS}
 
     # Pass 2b: select, join with the question, assign split and shuffle key, range-partition.
@@ -356,7 +409,9 @@ def build_mixture(
             if q is None:
                 counts[src].missing_question += 1
                 continue
-            split = split_of(row["question_id"], config.seed, config.validation_fraction)
+            split = moves.get(row["question_id"]) or split_of(
+                row["question_id"], config.seed, config.validation_fraction
+            )
             counts[src].selected += 1
             if row["question_id"] not in questions_by_split[split]:
                 questions_by_split[split].add(row["question_id"])
@@ -420,6 +475,7 @@ def build_mixture(
         questions_train=q_counts["train"],
         questions_validation=q_counts["validation"],
         sources=dict(sorted(counts.items())),
+        stratified_moves=len(moves),
         seconds=round(time.time() - t0, 3),
     )
     storage.write_json(
@@ -491,7 +547,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from octomed_data.export import export
 
     result = export(
-        args.mixture, args.out, formats=args.format, embed_images=not args.no_embed, progress=True
+        args.mixture,
+        args.out,
+        formats=args.format,
+        embed_images=not args.no_embed,
+        llamafactory_images=args.llamafactory_images,
+        answer_format=args.answer_format,
+        progress=True,
     )
     print(json.dumps(result.to_dict(), indent=2))
     return 0
@@ -518,4 +580,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--format", action="append", choices=["llamafactory", "trl"], help="default: both (repeatable)"
     )
     e.add_argument("--no-embed", action="store_true", help="TRL: reference images by URI, don't embed bytes")
+    e.add_argument(
+        "--llamafactory-images",
+        choices=["relative", "absolute"],
+        default="relative",
+        help="relative: copy/link images into the export (default); absolute: the run's paths (shared FS)",
+    )
+    e.add_argument(
+        "--answer-format",
+        choices=["normalize", "as_is"],
+        default="normalize",
+        help="normalize: replies end in the system prompt's answer line (default); as_is: keep replies, "
+        "system prompt states no format",
+    )
     e.set_defaults(func=_cmd_export)

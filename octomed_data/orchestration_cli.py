@@ -42,7 +42,8 @@ def _print_outputs(result: dict[str, Any]) -> None:
     lines += [f"  {label:<27} {uri}" for label, uri in stage_outputs if storage.exists(uri)]
     export = result.get("export") or {}
     for fmt, splits in (export.get("datasets") or {}).items():
-        lines.append(f"  export {fmt + ':':<20} {storage.join(export['uri'], fmt)} ({', '.join(splits)})")
+        folder = os.path.dirname(next(iter(splits.values()))) if splits else storage.join(export["uri"], fmt)
+        lines.append(f"  export {fmt + ':':<20} {folder} ({', '.join(splits)})")
     train = result.get("train") or {}
     if train:
         lines.append(f"  checkpoint:                 {train.get('train', {}).get('checkpoint_uri')}")

@@ -32,6 +32,20 @@ SYSTEM_PROMPTS: dict[str, str] = {
 }
 
 
+# Training exports whose replies keep the teachers' own answer forms (``export.answer_format:
+# as_is``) use these: the same instruction without a format the data would not follow.
+_REASON_FREE = (
+    "You are a medical expert. Reason step by step about the question, then state your final answer: "
+)
+FREE_FORM_SYSTEM_PROMPTS: dict[str, str] = {
+    "choice": _REASON_FREE + "the letter of the single best option.",
+    "yes_no_maybe": _REASON_FREE + "yes, no or maybe.",
+    "open": _REASON_FREE + "a short answer of a few words.",
+}
+# The line SYSTEM_PROMPTS ask for; the export normalises accepted replies to end with it.
+FINAL_ANSWER_LINE = "Final answer: \\boxed{{{answer}}}"
+
+
 _DIRECT = (
     "You are a medical expert. Answer directly, without explanation or reasoning: reply with "
     "exactly one line of the form "
@@ -44,11 +58,19 @@ DIRECT_SYSTEM_PROMPTS: dict[str, str] = {
 }
 
 
-def system_prompt(task_type: str | TaskType, prompting: str = "cot") -> str:
-    """The system prompt for a task type: step-by-step reasoning (``cot``) or the answer alone (``direct``)."""
+def system_prompt(task_type: str | TaskType, prompting: str = "cot", *, answer_line: bool = True) -> str:
+    """The system prompt for a task type: step-by-step reasoning (``cot``) or the answer alone (``direct``).
+
+    ``answer_line=False`` (``cot`` only): the prompt states no answer-line format (for training
+    data whose replies end in the teachers' own forms).
+    """
     if prompting not in PROMPTINGS:
         raise ValueError(f"unknown prompting {prompting!r}; expected one of {PROMPTINGS}")
+    if not answer_line and prompting != "cot":
+        raise ValueError("answer_line=False is only defined for cot prompting")
     prompts = SYSTEM_PROMPTS if prompting == "cot" else DIRECT_SYSTEM_PROMPTS
+    if not answer_line:
+        prompts = FREE_FORM_SYSTEM_PROMPTS
     task = TaskType(task_type)
     if task.is_multiple_choice:
         return prompts["choice"]

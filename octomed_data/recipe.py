@@ -97,10 +97,20 @@ class DistillSettings(BaseModel):
 
 
 class ExportSettings(BaseModel):
+    """How the mixture becomes training data (``octomed_data.export``)."""
+
     model_config = ConfigDict(extra="forbid")
 
     formats: list[Literal["llamafactory", "trl"]] = Field(default_factory=lambda: ["llamafactory", "trl"])
+    # TRL: PNG bytes inside the Parquet (self-contained, also on s3://); false: the run's image URIs.
     embed_images: bool = True
+    # LLaMA-Factory: "relative" copies (hard-links where it can) each image once into
+    # export/llamafactory/images/ and references it relative to that folder (its dataset_dir), so the
+    # folder trains anywhere; "absolute" writes the run's image URIs (a shared filesystem only).
+    llamafactory_images: Literal["relative", "absolute"] = "relative"
+    # "normalize": each reply's final answer line becomes the system prompt's 'Final answer: \boxed{X}'
+    # (reasoning untouched); "as_is": replies are kept and the system prompt states no answer format.
+    answer_format: Literal["normalize", "as_is"] = "normalize"
 
 
 class TrainingSettings(BaseModel):

@@ -360,8 +360,8 @@ def mixture_task(accepted_uri: str, questions_uri: str, paths: RunPaths, config:
 
 
 @task(name="export", **RETRY)
-def export_task(mixture_uri: str, paths: RunPaths, formats: list[str], embed_images: bool) -> dict[str, Any]:
-    """LLaMA-Factory and TRL Parquet exports of the mixture."""
+def export_task(mixture_uri: str, paths: RunPaths, settings: dict[str, Any]) -> dict[str, Any]:
+    """LLaMA-Factory and TRL Parquet exports of the mixture (``settings``: the recipe's ExportSettings)."""
     from octomed_data.export import export
 
-    return export(mixture_uri, paths.stage("export"), formats=formats, embed_images=embed_images).to_dict()
+    return export(mixture_uri, paths.stage("export"), **settings).to_dict()
