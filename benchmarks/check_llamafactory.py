@@ -32,47 +32,24 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from octomed_data.venvs import VenvBuildError as BuildError  # noqa: E402  (the test names it so)
+from octomed_data.venvs import cached_venv  # noqa: E402
+
 VERSION = "0.9.5"
 TORCH = "torch==2.13.0"
 WORKER = Path(__file__).resolve().parent / "llamafactory_worker.py"
-READY = ".octomed-ready"
-
-
-class BuildError(RuntimeError):
-    pass
-
-
-def venv_dir(version: str = VERSION) -> Path:
-    root = Path(os.environ.get("OCTOMED_CACHE_DIR", Path.home() / ".cache" / "octomed-data"))
-    return root / f"llamafactory-{version}"
-
-
-def _run(cmd: list[str], step: str, timeout: int = 1200) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip() and "WARNING" not in ln]
-        raise BuildError(f"{step} failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}")
 
 
 def ensure_venv(version: str = VERSION, rebuild: bool = False) -> tuple[Path, float]:
     """LLaMA-Factory's venv (built once, reused while its ready marker is there); (python, build seconds)."""
-    venv = venv_dir(version)
-    python = venv / "bin" / "python"
-    if not rebuild and (venv / READY).is_file() and python.is_file():
-        return python, 0.0
-    t0 = time.time()
-    if venv.exists():
-        shutil.rmtree(venv)
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    _run([sys.executable, "-m", "venv", str(venv)], "python -m venv")
-    pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    _run([*pip, TORCH], f"pip install {TORCH}")
-    _run([*pip, f"llamafactory=={version}", TORCH], f"pip install llamafactory=={version}")
-    uninstall = [str(python), "-m", "pip", "uninstall", "-y", "-q", "torchvision", "torchaudio"]
-    _run(uninstall, "pip uninstall torchvision torchaudio")
-    freeze = subprocess.run([str(python), "-m", "pip", "freeze"], capture_output=True, text=True).stdout
-    (venv / READY).write_text(freeze)
-    return python, round(time.time() - t0, 1)
+    python, seconds = cached_venv(
+        f"llamafactory-{version}",
+        [[TORCH], [f"llamafactory=={version}", TORCH]],
+        remove=("torchvision", "torchaudio"),
+        rebuild=rebuild,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    return Path(python), seconds
 
 
 def _fixture_export(work: Path) -> Path:

