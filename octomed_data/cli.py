@@ -17,7 +17,7 @@ from octomed_data.errors import OctomedError
 
 COMMAND_MODULES = [
     "octomed_data.ingest",  # ingest
-    "octomed_data.decontam",  # decontaminate, registry
+    "octomed_data.decontam.cli",  # decontaminate, registry
     "octomed_data.distill.cli",  # distill
     "octomed_data.sandbox",  # sandbox-teacher
     "octomed_data.inference.cli",  # vllm setup, vllm serve
