@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from octomed_data import storage
-from octomed_data.recipe import STAGES
+from octomed_data.runs import STAGES
 
 DEFAULT_STORE = "./runs/demo"
 
@@ -92,7 +92,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_rerun(args: argparse.Namespace) -> int:
-    from octomed_data.recipe import open_run
+    from octomed_data.runs import open_run
 
     store = args.store or os.environ.get("OCTOMED_STORE") or DEFAULT_STORE
     open_run(args.run_id, store)  # fail early, in one line, on a wrong id or store

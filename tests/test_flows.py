@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from octomed_data import storage
-from octomed_data.recipe import RunPaths, shard_states
+from octomed_data.layout import RunPaths
+from octomed_data.runs import shard_states
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "octomed_data" / "sample_data"
 SAMPLES = 2
@@ -153,6 +154,7 @@ def test_artifacts_created(finished_run):
 def test_failed_shard_rerun_alone(finished_run, monkeypatch, tmp_path):
     """One shard fails (injected teacher outage); re-running it alone completes the run exactly."""
     import tasks.ray_distill as ray_distill
+
     from flows.common import RunParams, ShardFailures
     from flows.factory import factory_flow
 
@@ -206,6 +208,7 @@ def test_failed_shard_rerun_alone(finished_run, monkeypatch, tmp_path):
 def test_killed_run_resumes_without_redoing_shards(prefect_harness, ray_local, tmp_path, monkeypatch):
     """SIGKILL the factory mid-distillation; resuming the run id reuses finished shards."""
     import tasks.ray_distill as ray_distill
+
     from flows.common import RunParams
     from flows.factory import factory_flow
 

@@ -8,10 +8,9 @@ and :func:`drop_stale_shards` once at the end.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -64,6 +63,7 @@ def decontaminate_shard(
     *,
     phash_threshold: int | None = None,
     batch_size: int = 8192,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Decontaminate one committed question shard.
 
@@ -107,9 +107,11 @@ def decontaminate_shard(
     }
     if counts["kept"] + counts["removed"] != total:  # cannot happen; never write a lossy shard
         raise DecontamError(f"shard {shard}: kept + removed != input ({counts})")
-    storage.Dataset(storage.join(out, "questions"), QUESTION_SCHEMA).write_shard(shard, kept, extra=counts)
+    # ``removed`` is committed last: its marker is the shard's done-signal (``extra``: the stage's).
+    marker = counts | dict(extra or {})
+    storage.Dataset(storage.join(out, "questions"), QUESTION_SCHEMA).write_shard(shard, kept, extra=marker)
     storage.Dataset(storage.join(out, "removed"), REMOVED_SCHEMA).write_shard(
-        shard, removed_table, extra=counts
+        shard, removed_table, extra=marker
     )
     return counts
 
@@ -122,14 +124,10 @@ def _concat(parts: list[pa.Table], schema: pa.Schema) -> pa.Table:
 
 def drop_stale_shards(out: str, shards: Iterable[str]) -> list[str]:
     """Un-commit ``out/questions`` and ``out/removed`` shards whose input shard is gone; returns their names."""
-    keep = set(shards)
+    keep = list(shards)
     dropped: set[str] = set()
     for name, schema in (("questions", QUESTION_SCHEMA), ("removed", REMOVED_SCHEMA)):
-        ds = storage.Dataset(storage.join(out, name), schema)
-        for shard in ds.manifest():
-            if shard not in keep:
-                ds.delete_shard(shard)
-                dropped.add(shard)
+        dropped.update(storage.Dataset(storage.join(out, name), schema).drop_stale(keep))
     return sorted(dropped)
 
 
@@ -150,15 +148,29 @@ def decontaminate(
     shards left by an earlier run over other input shards are un-committed, and a summary is
     written to ``out/decontam.json``.
     """
+    from octomed_data.layout import RunPaths
+    from octomed_data.stages import LocalExecutor, raise_for_failures, run_stage
+    from octomed_data.stages.decontaminate import DecontaminateStage
+
     started = time.perf_counter()
     source = _questions_dataset(questions_uri)
     storage.ensure_writable(out)
+    threshold = DEFAULT_PHASH_THRESHOLD if phash_threshold is None else phash_threshold
+    stage = DecontaminateStage(
+        RunPaths.at(out),
+        registry=registry,
+        phash_threshold=phash_threshold,
+        short_match=short_match,
+        source=source.uri,
+        out=out,
+        index_uri=storage.join(out, "index.npz"),
+    )
     if index is None:
-        index = DecontamIndex.from_registry(
-            registry,
-            short_match=short_match,
-            phash_threshold=DEFAULT_PHASH_THRESHOLD if phash_threshold is None else phash_threshold,
-        )
+        index = DecontamIndex.from_registry(registry, short_match=short_match, phash_threshold=threshold)
+    index.save(stage.index_uri)
+    # The CLI always re-runs every shard (force): its index may differ from the last run's.
+    run = run_stage(stage, LocalExecutor(progress=progress), force=True)
+    raise_for_failures(run)
     result = DecontamResult(
         questions_uri=source.uri,
         kept_uri=storage.join(out, "questions"),
@@ -166,28 +178,19 @@ def decontaminate(
     )
     by_benchmark: Counter[str] = Counter()
     by_kind: Counter[str] = Counter()
-    shards = list(source.manifest())
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(shards), desc="decontaminate", unit="shard", file=sys.stderr)
-    for shard in shards:
-        counts = decontaminate_shard(index, source.uri, shard, out, phash_threshold=phash_threshold)
+    for shard in stage.input_shards():
+        counts = {k: v for k, v in stage.removed().shard_info(shard).extra.items() if k in _COUNT_KEYS}
         result.shards.append(counts)
         result.input += counts["input"]
         result.kept += counts["kept"]
         result.removed += counts["removed"]
         by_benchmark.update(counts["by_benchmark"])
         by_kind.update(counts["by_kind"])
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(kept=result.kept, removed=result.removed)
-    if bar is not None:
-        bar.close()
-    drop_stale_shards(out, shards)
     result.by_benchmark = dict(sorted(by_benchmark.items()))
     result.by_kind = dict(sorted(by_kind.items()))
     result.seconds = round(time.perf_counter() - started, 3)
     storage.write_json(storage.join(out, "decontam.json"), result.to_dict())
     return result
+
+
+_COUNT_KEYS = ("shard", "input", "kept", "removed", "by_benchmark", "by_kind")

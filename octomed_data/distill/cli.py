@@ -114,7 +114,7 @@ def _cli(args: argparse.Namespace) -> int:
         return 0
     if args.executor == "ray":
         # The Ray executor lives outside the library (tasks/); loaded only when asked for.
-        ray_distill = importlib.import_module("tasks.ray_distill")
+        ray_distill = importlib.import_module("tasks.ray_executor")
         summary = ray_distill.run_distill(
             args.questions_uri,
             args.out,
