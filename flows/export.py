@@ -15,7 +15,9 @@ def export_flow(run: RunParams = RunParams()) -> dict[str, Any]:
     """``RUN/mixture`` -> ``RUN/export/llamafactory/…`` and ``RUN/export/trl/{text,vision}/…``."""
     recipe, paths = prepare(run)
     stage = ExportStage(paths, recipe.export.model_dump())
-    result = next(iter(run_stage_flow(stage, run.model_copy(update={"shards": None})).outcomes.values())).counts
+    result = next(
+        iter(run_stage_flow(stage, run.model_copy(update={"shards": None})).outcomes.values())
+    ).counts
     rows = [
         {"format": fmt, "split": split, "rows": result["rows"][fmt][split], "uri": uri}
         for fmt, splits in result["datasets"].items()

@@ -19,7 +19,10 @@ def report_task(paths: RunPaths) -> dict[str, Any]:
     """Write ``RUN/report/report.{md,png}`` and publish the report, rejection and cost artifacts."""
     result, embedded = write_run_report(paths)
     publish_table(
-        "rejections", paths, rejection_rows(result.stats), f"Rejection sampling per source, run {paths.run_id}"
+        "rejections",
+        paths,
+        rejection_rows(result.stats),
+        f"Rejection sampling per source, run {paths.run_id}",
     )
     cost = run_cost(paths)
     if cost:

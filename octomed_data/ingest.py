@@ -18,7 +18,6 @@ rows behind.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 import sys
@@ -33,7 +32,7 @@ from octomed_data import storage
 from octomed_data.errors import ConfigError
 from octomed_data.images import ImageStore
 from octomed_data.schema import ENTRY_SCHEMA, QUARANTINE_SCHEMA, QUESTION_SCHEMA, quarantine_row
-from octomed_data.sources import FORMATS, get_format, iter_records
+from octomed_data.sources import get_format, iter_records
 
 SAMPLE_DATA_DIR = Path(__file__).resolve().parent / "sample_data"
 DEMO_CONFIG = SAMPLE_DATA_DIR / "demo.yaml"
@@ -186,7 +185,9 @@ def entries_uri(out: str) -> str:
     return storage.join(out, "entries")
 
 
-def ingest_entry(plan: EntryPlan, out: str, *, shard_size: int = 5000, progress: bool = False) -> dict[str, Any]:
+def ingest_entry(
+    plan: EntryPlan, out: str, *, shard_size: int = 5000, progress: bool = False
+) -> dict[str, Any]:
     """Ingest one entry into ``out`` (questions, quarantine, images); returns and commits its counts.
 
     Duplicates within the entry are quarantined here; duplicates of other entries by
@@ -266,7 +267,9 @@ def ingest_entry(plan: EntryPlan, out: str, *, shard_size: int = 5000, progress:
     row = {k: extra[k] for k in ("entry", "format", "input")} | {
         k: counts[k] for k in ("records", "questions", "quarantined")
     }
-    storage.Dataset(entries_uri(out), ENTRY_SCHEMA).write_shard(plan.name, [row], extra=extra | {"counts": result})
+    storage.Dataset(entries_uri(out), ENTRY_SCHEMA).write_shard(
+        plan.name, [row], extra=extra | {"counts": result}
+    )
     return result
 
 
@@ -324,7 +327,11 @@ def summarize_ingest(out: str, plans: list[EntryPlan], seconds: float = 0.0) -> 
         dup_moved = sum(x_manifest[f"{s}-dup"].rows for s in c["shards"] if f"{s}-dup" in x_manifest)
         questions = c["questions"] - dup_moved
         quarantined = c["quarantined"] + dup_moved
-        result.per_source[plan.name] = {"records": c["records"], "questions": questions, "quarantined": quarantined}
+        result.per_source[plan.name] = {
+            "records": c["records"],
+            "questions": questions,
+            "quarantined": quarantined,
+        }
         result.records += c["records"]
         result.questions += questions
         result.quarantined += quarantined
@@ -454,95 +461,10 @@ def demo_entries(config: str | Path = DEMO_CONFIG) -> list[dict[str, Any]]:
     return out
 
 
-# ------------------------------------------------------------------------------------------
-# CLI
-# ------------------------------------------------------------------------------------------
-
-
-def _parse_options(pairs: list[str] | None) -> dict[str, str]:
-    options: dict[str, str] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--option expects KEY=VALUE, got {pair!r}")
-        options[key.strip()] = value.strip()
-    return options
-
-
-def summary_lines(result: IngestResult) -> list[str]:
-    """Human-readable summary of a run (what the CLI prints)."""
-    lines = [
-        f"records: {result.records}  questions: {result.questions}  quarantined: {result.quarantined}"
-        f"  ({result.seconds:.1f}s)",
-    ]
-    if len(result.per_source) > 1:
-        for name, c in result.per_source.items():
-            lines.append(
-                f"  {name}: {c['records']} records -> {c['questions']} questions, {c['quarantined']} quarantined"
-            )
-    if result.reasons:
-        lines.append("quarantine reasons: " + ", ".join(f"{k}={v}" for k, v in result.reasons.items()))
-    lines.append(f"questions:  {result.questions_uri}  ({len(result.shards)} shards)")
-    lines.append(f"quarantine: {result.quarantine_uri}  ({len(result.quarantine_shards)} shards)")
-    lines.append(
-        f"images:     {result.images_uri}  ({result.images_stored} new, {result.images_decoded} decoded)"
-    )
-    return lines
-
-
-def _run(args: argparse.Namespace) -> int:
-    options = _parse_options(args.option)
-    if args.split:
-        options["split"] = args.split
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
-    result = ingest(
-        args.format,
-        args.input,
-        args.out,
-        images=args.images,
-        shard_size=args.shard_size,
-        progress=progress,
-        shard_prefix=args.shard_prefix,
-        **options,
-    )
-    print("\n".join(summary_lines(result)))
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``octomed-data ingest FORMAT INPUT --out URI ...``."""
-    p = subparsers.add_parser(
-        "ingest",
-        help="read an upstream dataset file as FORMAT; write questions + quarantine as Parquet",
-        description="Formats: " + ", ".join(FORMATS),
-    )
-    p.add_argument("format", metavar="FORMAT", help="one of: " + ", ".join(FORMATS))
-    p.add_argument("input", metavar="INPUT", help="input file (or folder)")
-    p.add_argument(
-        "--out", required=True, metavar="URI", help="output root: path, file:// or s3://bucket/prefix"
-    )
-    p.add_argument("--images", metavar="DIR", help="folder that image references resolve against")
-    p.add_argument("--shard-size", type=int, default=5000, metavar="N", help="rows per Parquet shard (5000)")
-    p.add_argument("--split", help="override the split written to every row")
-    p.add_argument("--shard-prefix", help="name shards <prefix>-00000 (several ingests into one --out)")
-    p.add_argument(
-        "--option", action="append", metavar="KEY=VALUE", help="format option, e.g. per_class=50 (repeatable)"
-    )
-    p.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="progress bar on stderr (default: when stderr is a terminal)",
-    )
-    p.set_defaults(func=_run)
-
-
 __all__ = [
     "IngestResult",
     "ingest",
     "ingest_many",
     "demo_entries",
-    "register",
-    "summary_lines",
     "SAMPLE_DATA_DIR",
 ]

@@ -32,7 +32,12 @@ JUDGE_VERSION = "1"  # bump when the verdict rules change: committed verdict sha
 def judge(row: Mapping[str, Any], options: list[tuple[str, str]]) -> dict[str, Any]:
     """The verdict on one stored reply: extracted answer, method, correct, reject reason."""
     if row.get("reject_reason") == FAILED:
-        return {"extracted_answer": None, "extraction_method": None, "correct": False, "reject_reason": FAILED}
+        return {
+            "extracted_answer": None,
+            "extraction_method": None,
+            "correct": False,
+            "reject_reason": FAILED,
+        }
     finish = row.get("finish_reason")
     response = row.get("response")
     extracted = method = None

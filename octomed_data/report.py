@@ -333,7 +333,9 @@ def write_run_report(paths: RunPaths) -> tuple[ReportResult, str]:
     outputs = run_outputs(paths)
     cost = run_cost(paths)
     counts = run_counts(paths)
-    result = write_report(stats, paths.report, run_id=paths.run_id, shards=shards, outputs=outputs, cost=cost, counts=counts)
+    result = write_report(
+        stats, paths.report, run_id=paths.run_id, shards=shards, outputs=outputs, cost=cost, counts=counts
+    )
     # The dashboard copy embeds the PNG (the stored file may not be reachable from a browser).
     embedded = report_markdown(
         run_id=paths.run_id,

@@ -113,7 +113,8 @@ class PrefectExecutor:
 
     def map(self, stage: Stage, shards: Sequence[str], *, force: bool = False) -> dict[str, ShardOutcome]:
         futures = {
-            shard_task.submit(stage, s, force, f"{stage.name} {s}", self.ray, self.ray_address): s for s in shards
+            shard_task.submit(stage, s, force, f"{stage.name} {s}", self.ray, self.ray_address): s
+            for s in shards
         }
         out: dict[str, ShardOutcome] = {}
         for fut in as_completed(list(futures)):
@@ -121,7 +122,9 @@ class PrefectExecutor:
             fut.wait()  # the final state, not the API's possibly older view of it
             if fut.state.is_completed():
                 d = fut.result()
-                out[shard] = ShardOutcome(shard, d["state"], d.get("counts") or {}, d.get("error"), d["seconds"])
+                out[shard] = ShardOutcome(
+                    shard, d["state"], d.get("counts") or {}, d.get("error"), d["seconds"]
+                )
             else:
                 try:
                     fut.result(raise_on_failure=True)
@@ -132,4 +135,3 @@ class PrefectExecutor:
             if self.on_outcome is not None:
                 self.on_outcome(out[shard])
         return out
-

@@ -241,7 +241,9 @@ def distill_shard_ray(
     from octomed_data.distill import raw_uri
     from octomed_data.stages.distill import DistillStage
 
-    stage = DistillStage(RunPaths.at(out), config, questions=questions_uri, out=out, api_keys=secret_keys(api_keys))
+    stage = DistillStage(
+        RunPaths.at(out), config, questions=questions_uri, out=out, api_keys=secret_keys(api_keys)
+    )
     pool = RayPool.get(address)
     try:
         pool.run(stage, shard)
@@ -270,8 +272,12 @@ def run_distill(
     from octomed_data.stages.distill import DistillStage
 
     names = list(shards) if shards else shard_names(questions_uri)
-    stage = DistillStage(RunPaths.at(out), config, questions=questions_uri, out=out, api_keys=secret_keys(api_keys))
-    result = run_stage(stage, RayExecutor(address, progress=progress), shards=names, force=False, finalize=False)
+    stage = DistillStage(
+        RunPaths.at(out), config, questions=questions_uri, out=out, api_keys=secret_keys(api_keys)
+    )
+    result = run_stage(
+        stage, RayExecutor(address, progress=progress), shards=names, force=False, finalize=False
+    )
     reports = [r for r in (shard_report(out, s) for s in names) if r is not None]
     summary = summarize(reports, finalize(out, questions_uri, config), result.failed)
     if result.failed and not reports:

@@ -11,8 +11,8 @@ from octomed_data.report import (
     rejection_rows,
     render_plot,
     report_markdown,
-    shard_table_rows,
     sample_stats,
+    shard_table_rows,
     write_report,
 )
 from octomed_data.schema import SAMPLE_SCHEMA, VERDICT_SCHEMA

@@ -4,7 +4,7 @@
 verdict); ``run_local`` runs the distill stage in-process; ``finalize`` runs the filter stage
 (:mod:`octomed_data.rejection`: verdicts, accepted traces, statistics) and the cost ledger; ``estimate``
 projects a run's cost and duration from a small sample. The Ray executor lives in
-``tasks/ray_distill.py`` and calls the same functions.
+``tasks/ray_executor.py`` and calls the same functions.
 """
 
 from octomed_data.distill.engine import (

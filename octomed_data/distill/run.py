@@ -63,7 +63,9 @@ def run_local(
         if bar is not None:
             bar.close()
     reports = [shard_report(out, s) for s in names]
-    return summarize([r for r in reports if r is not None], finalize(out, questions_uri, config), result.failed)
+    return summarize(
+        [r for r in reports if r is not None], finalize(out, questions_uri, config), result.failed
+    )
 
 
 def shard_report(out: str, shard: str) -> ShardReport | None:
@@ -77,7 +79,16 @@ def summarize(
     reports: Sequence[ShardReport], final: Mapping[str, Any], failed: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
     """One dict for a run: totals over the shard reports plus the finalized stats and cost."""
-    keys = ("questions", "expected", "stored", "stored_before", "new_samples", "failed", "requests", "retries")
+    keys = (
+        "questions",
+        "expected",
+        "stored",
+        "stored_before",
+        "new_samples",
+        "failed",
+        "requests",
+        "retries",
+    )
     totals = {k: sum(getattr(r, k) for r in reports) for k in keys}
     overall = (final.get("stats") or {}).get("overall") or {}
     return {
@@ -112,7 +123,11 @@ def finalize(
     raw = raw_uri(out)
     paths = RunPaths.at(out)
     stage = FilterStage(
-        paths, raw=raw, questions=questions_uri, out=out, samples_per_question=config.samples if config else None
+        paths,
+        raw=raw,
+        questions=questions_uri,
+        out=out,
+        samples_per_question=config.samples if config else None,
     )
     if questions_uri is None:
         raise StorageError(f"judging {raw} needs the questions dataset (options): pass questions_uri")

@@ -184,7 +184,9 @@ class Stage(ABC):
         wanted = self.fingerprint()
         if wanted is not None and info.extra.get("fingerprint") != wanted:
             return False
-        if "input_committed_at" in info.extra and info.extra["input_committed_at"] != self.input_version(shard):
+        if "input_committed_at" in info.extra and info.extra["input_committed_at"] != self.input_version(
+            shard
+        ):
             return False
         return True
 
@@ -275,7 +277,9 @@ def _failed(stage: Stage, shard: str, attempt: int, t0: float, exc: BaseExceptio
 
 def _completed(stage: Stage, shard: str, attempt: int, t0: float, counts: dict[str, Any]) -> ShardOutcome:
     seconds = round(time.time() - t0, 3)
-    record_shard(stage.paths, stage.name, shard, "COMPLETED", attempt=attempt, seconds=seconds, **_flat(counts))
+    record_shard(
+        stage.paths, stage.name, shard, "COMPLETED", attempt=attempt, seconds=seconds, **_flat(counts)
+    )
     return ShardOutcome(shard, "COMPLETED", counts, seconds=seconds)
 
 

@@ -78,7 +78,9 @@ class DecontaminateStage(Stage):
         return [self.kept(), self.removed()]
 
     def fingerprint(self) -> str | None:
-        return f"enabled={self.enabled}|registry={self.registry}|phash={self.phash_threshold}|{self.short_match}"
+        return (
+            f"enabled={self.enabled}|registry={self.registry}|phash={self.phash_threshold}|{self.short_match}"
+        )
 
     def prepare(self) -> str | None:
         """Build the benchmark index once per run and save it; shards load it by URI."""

@@ -50,7 +50,10 @@ class DistillStage(Stage):
     ) -> DistillStage:
         """A copy bound to this process's keys, rate limiter and progress bar."""
         other = DistillStage(self.paths, self.config, questions=self.questions, out=self.out)
-        other.api_keys = {k: v if isinstance(v, SecretStr) else SecretStr(str(v)) for k, v in (api_keys or self.api_keys or {}).items()} or None
+        other.api_keys = {
+            k: v if isinstance(v, SecretStr) else SecretStr(str(v))
+            for k, v in (api_keys or self.api_keys or {}).items()
+        } or None
         other.limiter = limiter if limiter is not None else self.limiter
         other.progress = progress if progress is not None else self.progress
         return other

@@ -69,7 +69,9 @@ class IngestStage(Stage):
         return []  # other prefixes in the same folder belong to other ingests (CLI): never dropped
 
     def run_shard(self, shard: str) -> dict[str, Any]:
-        counts = ingest_entry(self.by_name[shard], self.out, shard_size=self.shard_size, progress=self.progress)
+        counts = ingest_entry(
+            self.by_name[shard], self.out, shard_size=self.shard_size, progress=self.progress
+        )
         return {k: counts[k] for k in ("records", "questions", "quarantined")}
 
     def done_counts(self, shard: str) -> dict[str, Any]:

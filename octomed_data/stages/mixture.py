@@ -26,7 +26,9 @@ class MixtureStage(Stage):
 
         if not storage.Dataset(self.paths.accepted).manifest():
             raise StorageError(f"no accepted samples at {self.paths.accepted}: run the filter stage first")
-        return build_mixture(self.paths.accepted, self.paths.questions, self.paths.mixture, self.config).to_dict()
+        return build_mixture(
+            self.paths.accepted, self.paths.questions, self.paths.mixture, self.config
+        ).to_dict()
 
 
 class ExportStage(Stage):
