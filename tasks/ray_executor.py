@@ -245,15 +245,20 @@ def distill_shard_ray(
         RunPaths.at(out), config, questions=questions_uri, out=out, api_keys=secret_keys(api_keys)
     )
     pool = RayPool.get(address)
+    reused = False
     try:
-        pool.run(stage, shard)
+        reused = pool.run(stage, shard).state == "REUSED"
     except Exception as exc:
         from octomed_data.stages import ShardIncomplete
 
         if not isinstance(_cause(exc), ShardIncomplete):
             raise _cause(exc) from None
     info = storage.Dataset(raw_uri(out)).shard_info(shard)
-    return dict(info.extra.get("report") or {}) if info is not None else {}
+    report = dict(info.extra.get("report") or {}) if info is not None else {}
+    if reused:  # nothing was sent this time: every expected sample was already stored
+        report.update(stored_before=report.get("expected", 0), new_samples=0, requests=0, retries=0)
+        report.update(prompt_tokens=0, completion_tokens=0)
+    return report
 
 
 def run_distill(

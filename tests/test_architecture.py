@@ -28,7 +28,6 @@ HEAVY = {"prefect", "ray", "flows", "tasks", "training", "evaluation"}
 # training/eval -> evaluation/ and training/ CLI modules). Empty this after merging.
 KNOWN_UNTIL_MERGE: set[tuple[str, str, str]] = {
     # (b) argparse outside octomed_data/cli/
-    ("argparse", "octomed_data/decontam.py", "argparse"),  # decontam helper: decontam.cli
     ("argparse", "training/cli.py", "argparse"),  # eval helper: training/evaluation CLI
     ("argparse", "training/evaluate.py", "argparse"),  # eval helper
     ("argparse", "training/sft.py", "argparse"),  # eval helper (torchrun entry point)
@@ -40,7 +39,6 @@ KNOWN_UNTIL_MERGE: set[tuple[str, str, str]] = {
     ("private", "octomed_data/distill/filtering.py", "octomed_data.distill.engine._TeacherClient"),  # infer
     ("private", "octomed_data/distill/filtering.py", "octomed_data.distill.engine._ts"),  # infer
     ("private", "octomed_data/distill/filtering.py", "octomed_data.distill.run._progress_bar"),  # infer
-    ("private", "octomed_data/distill/journal.py", "octomed_data.storage._wrap"),  # lead (storage layer)
     ("private", "training/eval_backends.py", "training.data._fit_pixels"),  # eval helper
     ("private", "training/eval_backends.py", "octomed_data.distill.engine._TeacherClient"),  # infer/eval
     ("private", "training/launch.py", "training.sft._HUB_ID"),  # eval helper
