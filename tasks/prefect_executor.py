@@ -20,6 +20,7 @@ from prefect.futures import as_completed
 from prefect.tasks import exponential_backoff
 
 from octomed_data.errors import ConfigError
+from octomed_data.runs import record_shard
 from octomed_data.stages import ShardOutcome, Stage, describe_error, run_one
 
 RETRIES = 2
@@ -50,14 +51,32 @@ def shard_task(
     """Run one shard of ``stage`` (``label`` is the task run's name, e.g. ``distill medqa-00003``)."""
     ctx = TaskRunContext.get()
     attempt = ctx.task_run.run_count if ctx is not None else 1
-    stage = bind_secrets(stage)
-    if ray:
-        from tasks.ray_executor import RayPool
+    try:
+        stage = bind_secrets(stage)
+        if ray:
+            from tasks.ray_executor import RayPool
 
-        outcome = RayPool.get(ray_address).run(stage, shard, force=force, attempt=attempt)
-    else:
-        outcome = run_one(stage, shard, force=force, attempt=attempt)
+            outcome = RayPool.get(ray_address).run(stage, shard, force=force, attempt=attempt)
+        else:
+            outcome = run_one(stage, shard, force=force, attempt=attempt)
+    except BaseException as exc:
+        # The shard's own failure is recorded by run_one; a failure around it (a missing key, a
+        # Ray actor killed by the OOM killer) is recorded here, so no shard stays RUNNING.
+        cause = getattr(exc, "cause", None) or exc
+        record_failure(stage, shard, attempt, cause)
+        raise cause from None
     return outcome.to_dict()
+
+
+def record_failure(stage: Stage, shard: str, attempt: int, exc: BaseException) -> None:
+    """Mark this attempt FAILED unless run_one already did."""
+    from octomed_data import storage
+
+    uri = stage.paths.state_uri(stage.name, shard)
+    current = storage.read_json(uri) if storage.exists(uri) else {}
+    if current.get("state") == "FAILED" and current.get("attempt") == attempt:
+        return
+    record_shard(stage.paths, stage.name, shard, "FAILED", attempt=attempt, error=describe_error(exc))
 
 
 def bind_secrets(stage: Stage) -> Stage:

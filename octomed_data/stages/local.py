@@ -93,7 +93,12 @@ def run_stage(
     selected = stage.select(shards)
     force = bool(shards) if force is None else force
     result = StageResult(stage.name)
-    outcomes = executor.map(stage, selected, force=force)
+    # Done shards are answered here from their markers: no task, no actor call, no request.
+    todo = [s for s in selected if force or stage.global_step or not stage.is_done(s)]
+    for s in selected:
+        if s not in todo:
+            result.outcomes[s] = ShardOutcome(s, "REUSED", stage.done_counts(s))
+    outcomes = executor.map(stage, todo, force=force) if todo else {}
     result.outcomes.update(outcomes)
     if on_outcome is not None:
         for o in outcomes.values():
