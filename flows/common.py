@@ -62,6 +62,7 @@ def run_stage_flow(
     ray: bool = False,
     ray_address: str | None = None,
     raise_on_failure: bool = True,
+    also_pending: bool = False,
 ) -> StageResult:
     """Run ``stage`` with the Prefect executor (shards named in ``run``, else all) and publish its table."""
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -87,7 +88,7 @@ def run_stage_flow(
             update_progress_artifact(progress_id, 100.0 * done[0] / len(shards))
 
     executor = PrefectExecutor(ray=ray, ray_address=ray_address, on_outcome=on_outcome)
-    result = run_stage(stage, executor, shards=run.shards)
+    result = run_stage(stage, executor, shards=run.shards, also_pending=also_pending)
     if result.stale:
         print(f"{stage.name}: dropped outputs of vanished input shards {result.stale}")
     if not stage.global_step:

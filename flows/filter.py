@@ -45,7 +45,9 @@ def filter_flow(run: RunParams = RunParams()) -> dict[str, Any]:
     stage = FilterStage(paths, samples_per_question=recipe.distill.samples)
     if not stage.input_shards():
         raise StorageError(f"no distilled samples at {stage.raw}: run the distill flow first")
-    result = run_stage_flow(stage, run)
+    # Named shards are judged again; any other shard not judged yet (e.g. after a failed distill
+    # shard was repaired) is judged too, so the statistics cover the whole run.
+    result = run_stage_flow(stage, run, also_pending=True)
     report = report_task(paths)
     print(
         f"filter: {report['accepted']} of {report['samples']} samples accepted; report at {report['report']}"

@@ -15,9 +15,8 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from pydantic import BaseModel, ConfigDict, Field
-from tasks.stages import RETRY
 
-from flows.common import RunParams, configured, prepare, publish_markdown, publish_table
+from flows.common import RunParams, prepare, publish_markdown, publish_table
 from octomed_data import storage
 from octomed_data.errors import ConfigError, OctomedError, StorageError
 from octomed_data.layout import RunPaths
@@ -122,7 +121,7 @@ def train_task(config: Any, launcher: str, processes: int | None, ray_address: s
     )
 
 
-@task(name="register-checkpoint", **RETRY)
+@task(name="register-checkpoint", retries=2)
 def checkpoint_task(paths: RunPaths) -> dict[str, Any]:
     """Verify the uploaded checkpoint and record it as this run's (and the store's latest) model."""
     sft = _training_module("training.sft")
@@ -169,7 +168,7 @@ def eval_config(recipe: Recipe, paths: RunPaths) -> Any:
 def checkpoint_flow(run: RunParams = RunParams()) -> dict[str, Any]:
     """Register the run's finished checkpoint (checks its ``checkpoint.json`` marker)."""
     _, paths = prepare(run)
-    record = configured(checkpoint_task, paths)(paths)
+    record = checkpoint_task(paths)
     print(f"checkpoint: {record['checkpoint_uri']}")
     return record
 

@@ -283,10 +283,16 @@ def _completed(stage: Stage, shard: str, attempt: int, t0: float, counts: dict[s
     return ShardOutcome(shard, "COMPLETED", counts, seconds=seconds)
 
 
+_RECORD_KEYS = {"stage", "shard", "state", "attempt", "seconds", "updated_at", "reused", "error"}
+
+
 def _flat(counts: dict[str, Any]) -> dict[str, Any]:
-    """Counts that fit a table cell (nested dicts are summarised by their total)."""
+    """Counts that fit a table cell (nested dicts summarised by their total; lists and the attempt
+    record's own keys left out)."""
     out: dict[str, Any] = {}
     for k, v in counts.items():
+        if k in _RECORD_KEYS or isinstance(v, list):
+            continue
         if isinstance(v, dict):
             out[k] = sum(x for x in v.values() if isinstance(x, int | float))
         else:

@@ -80,21 +80,26 @@ def run_stage(
     shards: Sequence[str | int] | None = None,
     force: bool | None = None,
     finalize: bool = True,
+    also_pending: bool = False,
     on_outcome: Callable[[ShardOutcome], Any] | None = None,
 ) -> StageResult:
     """Run ``stage`` over its shards (all, or those named) with ``executor`` (default: local).
 
     Shards named explicitly are re-run even when done (``force`` defaults to "shards were named");
     a full pass skips done shards and un-commits outputs of input shards that vanished. The result
-    lists failed and still-pending shards; :meth:`StageResult.raise_for_failures` turns them into
-    one error line. Finalize runs only when every input shard is done.
+    lists failed and still-pending shards; :func:`raise_for_failures` turns them into one error
+    line. Finalize runs only when every input shard is done. ``also_pending``: with shards named,
+    also run every other shard that is not done (a downstream stage completing a repaired run).
     """
     executor = executor or LocalExecutor()
     selected = stage.select(shards)
+    if shards and also_pending:
+        selected += [s for s in stage.input_shards() if s not in selected and not stage.is_done(s)]
     force = bool(shards) if force is None else force
     result = StageResult(stage.name)
     # Done shards are answered here from their markers: no task, no actor call, no request.
-    todo = [s for s in selected if force or stage.global_step or not stage.is_done(s)]
+    named = set(stage.select(shards)) if force else set()
+    todo = [s for s in selected if s in named or stage.global_step or not stage.is_done(s)]
     for s in selected:
         if s not in todo:
             result.outcomes[s] = ShardOutcome(s, "REUSED", stage.done_counts(s))
