@@ -160,7 +160,8 @@ def main() -> int:
         )
         return 2
     from training.config import TrainConfig
-    from training.sft import deepspeed_config, ensure_distributed_env
+    from training.deepspeed_config import deepspeed_config
+    from training.distributed import ensure_distributed_env
 
     ensure_distributed_env()
     import deepspeed

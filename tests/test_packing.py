@@ -206,7 +206,7 @@ def _image_ref(path: Path) -> dict:
 def test_predicted_image_lengths_equal_collator_lengths(vl_model_dir, shared_data):
     from transformers import AutoTokenizer
 
-    from training.sft import load_image_processor
+    from training.models import load_image_processor
 
     tokenizer = AutoTokenizer.from_pretrained(str(vl_model_dir))
     processor = load_image_processor(vl_model_dir)
@@ -252,7 +252,7 @@ def test_packed_logits_equal_per_example_logits_vl(vl_model_dir, shared_data):
     from transformers import AutoModelForImageTextToText, AutoTokenizer
     from transformers.masking_utils import find_packed_sequence_indices
 
-    from training.sft import load_image_processor
+    from training.models import load_image_processor
 
     tokenizer = AutoTokenizer.from_pretrained(str(vl_model_dir))
     processor = load_image_processor(vl_model_dir)

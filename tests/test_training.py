@@ -27,10 +27,12 @@ from octomed_data import storage
 from octomed_data.errors import ConfigError
 from octomed_data.export import LLAMAFACTORY_SCHEMA
 from octomed_data.schema import QUESTION_SCHEMA, RecordError, question_row
+from evaluation.harness import EvalResult, chat_messages, evaluate, reasoning_span
 from training.config import EvalConfig, TrainConfig, load_yaml_config
 from training.data import IGNORE_INDEX, SFTCollator, encode_conversation, normalize_messages
-from training.evaluate import EvalResult, chat_messages, evaluate, reasoning_span
-from training.sft import deepspeed_config, launch_command, train
+from training.deepspeed_config import deepspeed_config
+from training.launch import launch_command
+from training.sft import train
 
 REPO = Path(__file__).resolve().parent.parent
 ANSWER_A = "<think>\nAspirin.\n</think>\n\nFinal answer: \\boxed{A}"
@@ -480,7 +482,8 @@ def test_shipped_zero2_and_zero3_recipes_validate(tmp_path):
 
 
 def test_resolve_model_folder_checkpoint_uri_and_hub_id(tiny_text, tmp_path, s3_bucket, monkeypatch):
-    from training.sft import resolve_model, upload_folder
+    from training.checkpoints import upload_folder
+    from training.models import resolve_model
 
     assert resolve_model(str(tiny_text), tmp_path / "c1") == tiny_text
     assert resolve_model(f"file://{tiny_text}", tmp_path / "c1") == tiny_text
@@ -670,7 +673,7 @@ def test_stale_local_checkpoints_never_rotate_away_fresh_saves(launch_export, ti
 
 
 def test_attention_implementation_is_a_setting(tiny_text):
-    from training.sft import load_model_and_processors
+    from training.models import load_model_and_processors
 
     model, _, _ = load_model_and_processors(tiny_text, attn_implementation="eager")
     assert model.config._attn_implementation == "eager"

@@ -81,12 +81,12 @@ def _train(args: argparse.Namespace) -> int:
     }
     config = load_yaml_config(args.config, TrainConfig, overrides)
     if args.print_deepspeed_config:
-        from training.sft import deepspeed_config
+        from training.deepspeed_config import deepspeed_config
 
         print(json.dumps(deepspeed_config(config), indent=2))
         return 0
     if args.launch_line is not None:
-        from training.sft import launch_command
+        from training.launch import launch_command
 
         config_path = args.config
         if args.train_data or args.output_uri or args.model or args.max_steps:
