@@ -23,7 +23,8 @@ COMMAND_MODULES = [
     "octomed_data.inference.cli",  # vllm setup, vllm serve
     "octomed_data.mixture",  # mix, export
     "octomed_data.orchestration_cli",  # run, demo, rerun, serve (drive the Prefect flows)
-    "training.cli",  # train, evaluate
+    "training.cli",  # train, tiny-model
+    "evaluation.cli",  # eval
 ]
 
 

@@ -260,7 +260,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("error: cannot read config") and "\n" not in err
     cfg = tmp_path / "eval.yaml"
     cfg.write_text(yaml.safe_dump({"checkpoint_uri": str(tmp_path), "questions_uri": str(tmp_path / "q")}))
-    assert main(["evaluate", "--config", str(cfg)]) == 2
+    assert main(["eval", "--config", str(cfg)]) == 2
     assert "no Parquet files" in capsys.readouterr().err
     # Wrong data or model paths fail before any launcher starts: one line, no worker output.
     recipe = str(REPO / "training" / "configs" / "octomed-7b-zero2.yaml")
