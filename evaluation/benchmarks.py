@@ -1,8 +1,9 @@
-"""The evaluation benchmark registry: held-out test files -> QUESTION_SCHEMA rows, with skip counts.
+"""The evaluation benchmarks: held-out test files -> QUESTION_SCHEMA rows, with skip counts.
 
-Each :class:`BenchmarkSpec` names the canonical held-out file(s) of one benchmark inside the
-benchmark data folder (``../shared/data`` by default; see its README's "Benchmark TEST sets"
-table) and the EXISTING source loader (:data:`octomed_data.sources.FORMATS`) that reads them, so
+The test sets are THE held-out benchmark table's (:data:`octomed_data.benchmarks.BENCHMARKS`, which
+decontamination reads too): each :class:`~octomed_data.benchmarks.EvalSet` names the held-out
+file(s) of one scored test set inside the benchmark data folder (``../shared/data`` by default;
+see its README's "Benchmark TEST sets" table) and the EXISTING source loader (:data:`octomed_data.sources.FORMATS`) that reads them, so
 evaluation and ingest parse every file the same way. Items a loader quarantines (an image that is
 not available here -> ``missing_image``, a malformed record) are counted per reason and reported
 as *skipped*, never dropped silently; records of the file outside the benchmark's test split
@@ -18,107 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from octomed_data.benchmarks import EvalSet, eval_sets
 from octomed_data.errors import ConfigError
 from octomed_data.images import ImageStore
 from octomed_data.sources import iter_records
 
 ENV_DATA_DIR = "OCTOMED_EVAL_DATA"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PAPER_CITATION = "OctoMed, arXiv 2511.23269"
 
-
-@dataclass(frozen=True)
-class BenchmarkSpec:
-    """One held-out benchmark: where its test file is and which loader reads it."""
-
-    name: str
-    title: str
-    fmt: str  # a key of octomed_data.sources.FORMATS
-    files: tuple[str, ...]  # relative to the data folder; the first that exists is read ...
-    images: str | None = None  # image folder relative to the data folder (absent here: items skipped)
-    split: str | None = "test"  # keep only rows the loader put in this split; None: every row
-    all_files: bool = False  # ... or, when True, every listed file is read (SLAKE open + closed)
-    paper_octomed_7b: float | None = None  # accuracy (%) the paper reports for OctoMed-7B
-    note: str = ""
-    missing_hint: str = ""  # what to do when the file is not there (PMC-VQA)
-    options: dict[str, Any] = field(default_factory=dict)  # extra loader options
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "title": self.title,
-            "format": self.fmt,
-            "files": list(self.files),
-            "images": self.images,
-            "split": self.split,
-            "paper_octomed_7b": self.paper_octomed_7b,
-            "note": self.note,
-        }
-
-
-BENCHMARKS: dict[str, BenchmarkSpec] = {
-    b.name: b
-    for b in (
-        BenchmarkSpec(
-            "medqa", "MedQA-USMLE (4 options)", "medqa", ("medqa/phrases_no_exclude_test.jsonl",),
-            paper_octomed_7b=90.81,
-        ),
-        BenchmarkSpec(
-            "medmcqa", "MedMCQA dev", "medmcqa", ("medmcqa/dev.json",), split="dev", paper_octomed_7b=72.70
-        ),
-        BenchmarkSpec(
-            "pubmedqa", "PubMedQA PQA-L test (500)", "pubmedqa", ("pubmedqa/ori_pqal.json",),
-            note="the 500 ids of test_ground_truth.json; the other 500 PQA-L items are excluded",
-        ),
-        BenchmarkSpec(
-            "mmlu_medical", "MMLU medical (6 subjects)", "mmlu", ("mmlu_medical",),
-            note="anatomy, clinical_knowledge, college_biology, college_medicine, medical_genetics, "
-            "professional_medicine",
-        ),
-        BenchmarkSpec(
-            "mmlu_pro_medical", "MMLU-Pro medical", "mmlu_pro", ("huatuogpt_o1_eval/MMLU-Pro_Medical_test.json",)
-        ),
-        BenchmarkSpec(
-            "medxpertqa_text", "MedXpertQA Text", "medxpertqa", ("medxpertqa/medxpertqa_text.jsonl",),
-            paper_octomed_7b=24.51,
-        ),
-        BenchmarkSpec(
-            "medxpertqa_mm", "MedXpertQA MM", "medxpertqa", ("medxpertqa/medxpertqa_mm_input.jsonl",),
-            images="medxpertqa/images", paper_octomed_7b=36.65,
-            note="images are distributed only in the HF dataset's zip: put them in medxpertqa/images",
-        ),
-        BenchmarkSpec("medbullets_op4", "MedBullets (4 options)", "medbullets", ("medreason_eval/medbullets_op4.jsonl",)),
-        BenchmarkSpec("medbullets_op5", "MedBullets (5 options)", "medbullets", ("medreason_eval/medbullets_op5.jsonl",)),
-        BenchmarkSpec(
-            "vqa_rad", "VQA-RAD test", "vqa_rad", ("vqa_rad/testset.json",), images="vqa_rad/images",
-            note="closed yes/no -> yes_no_maybe, open answers -> open_vqa (exact match + token F1)",
-        ),
-        BenchmarkSpec(
-            "slake", "SLAKE 1.0 test (English)", "slake", ("slake/test_open.csv", "slake/test_close.csv"),
-            images="slake/imgs", all_files=True,
-            note="images are not public in git: put the xmlab* folders in slake/imgs",
-        ),
-        BenchmarkSpec(
-            "pathvqa", "PathVQA test", "pathvqa", ("pathvqa/pvqa_test.json",), images="pathvqa/images",
-            note="images are copyrighted and not here: put <img_id>.jpg in pathvqa/images",
-        ),
-        BenchmarkSpec(
-            "omnimedvqa", "OmniMedVQA (MedVLM-R1 MR/CT/X-ray 900)", "omnimedvqa",
-            ("omnimedvqa/MRI_CT_XRAY_300each_dataset.json",), images="omnimedvqa",
-            note="11 of the 900 images are public in git (omnimedvqa/images); the rest are skipped",
-        ),
-        BenchmarkSpec(
-            "omnimedvqa_xray", "OmniMedVQA X-ray test (Med-R1 split)", "omnimedvqa",
-            ("omnimedvqa/med_r1_splits/X-Ray_test.json",), images="omnimedvqa",
-        ),
-        BenchmarkSpec(
-            "pmc_vqa", "PMC-VQA test", "pmc_vqa", ("pmc_vqa/test_clean.csv", "pmc_vqa/test.csv"),
-            images="pmc_vqa/images", split=None, paper_octomed_7b=61.13,
-            missing_hint="PMC-VQA is distributed on the HF hub only (xmcmic/PMC-VQA): put test_clean.csv "
-            "(or test.csv) in <data-dir>/pmc_vqa/ and the figures in <data-dir>/pmc_vqa/images/",
-        ),
-    )
-}  # fmt: skip
+# The scored test sets of THE held-out benchmark table (octomed_data.benchmarks), by name.
+BENCHMARKS: dict[str, EvalSet] = eval_sets()
 
 
 def resolve_data_dir(data_dir: str | None = None) -> Path:
@@ -130,7 +40,7 @@ def resolve_data_dir(data_dir: str | None = None) -> Path:
     return path.resolve()
 
 
-def get_benchmarks(names: list[str] | str) -> list[BenchmarkSpec]:
+def get_benchmarks(names: list[str] | str) -> list[EvalSet]:
     """Specs for ``names`` (a list or a comma-separated string); an unknown name is one clear error."""
     if isinstance(names, str):
         names = [n for n in names.split(",")]
@@ -143,7 +53,7 @@ def get_benchmarks(names: list[str] | str) -> list[BenchmarkSpec]:
     return [BENCHMARKS[n] for n in dict.fromkeys(wanted)]
 
 
-def benchmark_files(spec: BenchmarkSpec, data_dir: Path) -> list[Path]:
+def benchmark_files(spec: EvalSet, data_dir: Path) -> list[Path]:
     """The file(s) to read for ``spec``; a missing file is one clear error (with the spec's hint)."""
     present = [data_dir / f for f in spec.files if (data_dir / f).exists()]
     if not present or (spec.all_files and len(present) != len(spec.files)):
@@ -172,7 +82,7 @@ class LoadStats:
 
 
 def iter_benchmark(
-    spec: BenchmarkSpec,
+    spec: EvalSet,
     data_dir: Path,
     image_store: ImageStore,
     stats: LoadStats,
