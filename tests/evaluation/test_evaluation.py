@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from evaluation.backends import FORCE_CUE, Generation, SamplingProtocol, still_thinking
+from evaluation.benchmarks import BENCHMARKS, get_benchmarks, iter_benchmark, resolve_data_dir
+from evaluation.harness import evaluate, score_generation
+from evaluation.report import MetricsAccumulator
 from octomed_data import storage
 from octomed_data.answers import extract_answer, is_correct, token_f1
 from octomed_data.errors import ConfigError
@@ -19,10 +23,6 @@ from octomed_data.prompts import system_prompt
 from octomed_data.sandbox import FaultConfig, start_sandbox
 from octomed_data.schema import options_of
 from training.config import EvalConfig
-from evaluation.backends import FORCE_CUE, Generation, SamplingProtocol, still_thinking
-from evaluation.benchmarks import BENCHMARKS, get_benchmarks, iter_benchmark, resolve_data_dir
-from evaluation.report import MetricsAccumulator
-from evaluation.harness import evaluate, score_generation
 
 
 def _by_benchmark_seed(rows: list[dict]) -> dict[str, dict[int, list[dict]]]:
@@ -318,7 +318,9 @@ def test_openai_reply_with_template_opened_thought():
         usage = SimpleNamespace(completion_tokens=100, completion_tokens_details=None)
         return SimpleNamespace(choices=[SimpleNamespace(message=msg, finish_reason=finish)], usage=usage)
 
-    text, finish, tokens, reasoning = read_reply(response("weighing A vs B ...</think>\n\nAnswer: B", "stop"), "")
+    text, finish, tokens, reasoning = read_reply(
+        response("weighing A vs B ...</think>\n\nAnswer: B", "stop"), ""
+    )
     assert text.startswith("<think>") and reasoning_span(text) == ("weighing A vs B ...", True)
     assert 0 < reasoning < tokens and not still_thinking(text)
     # Cut off with the thought in reasoning_content: still thinking, so it gets forced (or no answer).

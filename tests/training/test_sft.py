@@ -23,18 +23,18 @@ import pytest
 import yaml
 from PIL import Image
 
+from evaluation.harness import EvalResult, chat_messages, evaluate, reasoning_span
 from octomed_data import storage
 from octomed_data.errors import ConfigError
 from octomed_data.export import LLAMAFACTORY_SCHEMA
 from octomed_data.schema import QUESTION_SCHEMA, RecordError, question_row
-from evaluation.harness import EvalResult, chat_messages, evaluate, reasoning_span
 from training.config import EvalConfig, TrainConfig, load_yaml_config
 from training.data import IGNORE_INDEX, SFTCollator, encode_conversation, normalize_messages
 from training.deepspeed_config import deepspeed_config
 from training.launch import launch_command
 from training.sft import train
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ANSWER_A = "<think>\nAspirin.\n</think>\n\nFinal answer: \\boxed{A}"
 
 
