@@ -30,6 +30,7 @@ from evaluation.backends.base import (
 )
 from octomed_data import storage
 from octomed_data.errors import ConfigError
+from training.models import is_vision_model, load_model_and_processors
 
 # Checkpoint generation_config fields that change sampling: recorded when the protocol overrides them.
 _SAMPLING_FIELDS = (
@@ -48,7 +49,6 @@ class HFBackend:
         batch_size: int = 8,
     ) -> None:  # fmt: skip
         import torch
-        from training.models import is_vision_model, load_model_and_processors
 
         self.model_uri = model
         self.protocol = protocol
