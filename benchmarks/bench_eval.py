@@ -1,7 +1,7 @@
 """Benchmark the evaluation harness's throughput: questions/s and generated tokens/s.
 
 1. ``openai`` backend against the loopback sandbox (a separate process) with a fixed reply latency,
-   at several concurrency levels. Every run is the whole harness (``training.evaluate.evaluate``):
+   at several concurrency levels. Every run is the whole harness (``evaluation.harness.evaluate``):
    MedQA test items read with the source loader, one request per (item, seed), THE answer
    extraction, predictions committed to Parquet, metrics/plot/report written. The baseline beside
    it is the latency bound ``concurrency / latency`` (requests/s a client could reach if nothing
@@ -27,9 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from evaluation.harness import evaluate  # noqa: E402
 from octomed_data import storage  # noqa: E402
 from training.config import EvalConfig  # noqa: E402
-from training.evaluate import evaluate  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_distill import start_server  # noqa: E402  (the sandbox in its own process, one way)

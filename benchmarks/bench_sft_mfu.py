@@ -1,6 +1,6 @@
 """SFT throughput and MFU of the Qwen2.5-VL-7B architecture at real shapes (random weights).
 
-    # on a GPU machine (bf16, DeepSpeed ZeRO from training.sft's own config builder):
+    # on a GPU machine (bf16, DeepSpeed ZeRO from training.deepspeed_config's config builder):
     python benchmarks/bench_sft_mfu.py --preset 7b --seq-len 16384 --steps 8 --warmup 3
     # CPU check of the same code path with a scaled-down architecture (no MFU claim):
     python benchmarks/bench_sft_mfu.py --preset small --device cpu --seq-len 2048 --steps 3 --warmup 1
@@ -10,7 +10,7 @@ follow a reasoning-trace-like distribution, collated by the trainer's own ``Pack
 ids reset per example, no attention mask, so attention is block-diagonal; varlen flash-attention
 when flash_attn is installed), loss on the assistant share of each
 example, forward + backward + optimizer step through a DeepSpeed engine built from
-:func:`training.sft.deepspeed_config` (ZeRO stage from ``--zero``). Tokens/s counts real tokens.
+:func:`training.deepspeed_config.deepspeed_config` (ZeRO stage from ``--zero``). Tokens/s counts real tokens.
 
 MFU = model FLOPs per second / peak: model FLOPs per token are 6·N (N = parameters of the language
 model that do matmuls per token, lm_head included, embeddings excluded) plus causal attention
@@ -160,7 +160,8 @@ def main() -> int:
         )
         return 2
     from training.config import TrainConfig
-    from training.sft import deepspeed_config, ensure_distributed_env
+    from training.deepspeed_config import deepspeed_config
+    from training.distributed import ensure_distributed_env
 
     ensure_distributed_env()
     import deepspeed

@@ -85,7 +85,7 @@ def train_config(recipe: Recipe, paths: RunPaths, params: TrainParams) -> Any:
     # The TRL export's "text" configuration (text rows) for a text-only model, "vision" (every row)
     # otherwise; a model that is not a local folder yet (hub id, checkpoint URI) gets "vision".
     config_file = os.path.join(str(model_path), "config.json")
-    text_only = os.path.isfile(config_file) and not _training_module("training.sft").is_vision_model(
+    text_only = os.path.isfile(config_file) and not _training_module("training.models").is_vision_model(
         model_path
     )
     export_uri = storage.join(paths.trl_export(text_only), "train")
@@ -124,9 +124,9 @@ def train_task(config: Any, launcher: str, processes: int | None, ray_address: s
 @task(name="register-checkpoint", retries=2)
 def checkpoint_task(paths: RunPaths) -> dict[str, Any]:
     """Verify the uploaded checkpoint and record it as this run's (and the store's latest) model."""
-    sft = _training_module("training.sft")
+    checkpoints = _training_module("training.checkpoints")
     uri = paths.checkpoints
-    marker = sft.read_checkpoint_marker(uri)
+    marker = checkpoints.read_checkpoint_marker(uri)
     record = {"run_id": paths.run_id, "checkpoint_uri": uri, "marker": marker}
     storage.write_json(paths.checkpoint_record, record)
     storage.write_json(paths.latest_checkpoint, record)
@@ -138,7 +138,7 @@ def evaluate_task(config: Any) -> dict[str, Any]:
     """The benchmark harness on the run's checkpoint (long: no automatic retry; re-run the flow)."""
     from dataclasses import asdict
 
-    evaluation = _training_module("training.evaluate")
+    evaluation = _training_module("evaluation.harness")
     return asdict(evaluation.evaluate(config, progress=False))
 
 

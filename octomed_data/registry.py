@@ -1,9 +1,9 @@
 """The benchmark registry: every held-out test item decontamination must keep out of training.
 
-One :class:`BenchmarkSpec` per held-out file of ``../shared/data`` (its README's "Benchmark TEST
-sets" table): the canonical file of each benchmark defines the items and their ids; the other
-copies (5-option variants, evaluation bundles, official subsets, per-language CSVs) are linked
-back to those ids by their normalised question text (plus the image name for VQA), so a copy
+One :class:`BenchmarkSpec` per held-out file of THE benchmark table
+(:data:`octomed_data.benchmarks.BENCHMARKS`, which evaluation reads too): the canonical file of each
+benchmark defines the items and their ids; the other copies (5-option variants, evaluation
+bundles, official subsets, per-language CSVs) are linked back to those ids by their normalised question text (plus the image name for VQA), so a copy
 adds rows only where its text differs. Per item the registry keeps the question text (the fields
 the README names; appended "Answer Choices:" blocks cut off), the option texts, whether the item
 is image-grounded, and for the images that exist here (VQA-RAD 12, OmniMedVQA 11) the SHA-256 and
@@ -31,6 +31,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import octomed_data.benchmarks as benchmark_table
 from octomed_data import storage
 from octomed_data.decontam.text import normalized_text, strip_choices
 from octomed_data.errors import OctomedError
@@ -223,80 +224,34 @@ def read_omnimed_med_r1(path: Path, data_dir: Path) -> Iterator[RawItem]:
         yield RawItem(f"med_r1_xray:{i}", stem, options, None, str(r.get("image") or ""))
 
 
-# --------------------------------------------------------------------------- the held-out files
+# --------------------------------------------------------------------------- the held-out files (THE table)
 
-SPECS: tuple[BenchmarkSpec, ...] = (
-    BenchmarkSpec("medqa", "medqa/phrases_no_exclude_test.jsonl", read_medqa, True, records=1273),
-    BenchmarkSpec("medqa", "medqa/medqa_test_5opt.jsonl", read_medqa, False, records=1273),
-    BenchmarkSpec("medqa", "huatuogpt_o1_eval/MedQA_USLME_test.json", read_huatuo, False, records=1273),
-    BenchmarkSpec("medqa", "medqa/medqa_input.head200.jsonl", read_eval_input, False, records=200),
-    BenchmarkSpec("medmcqa", "medmcqa/dev.json", read_medmcqa, True, records=4183),
-    BenchmarkSpec("medmcqa", "huatuogpt_o1_eval/MedMCQA_validation.json", read_huatuo, False, records=4183),
-    BenchmarkSpec("medmcqa", "medmcqa/medmcqa_input.head500.jsonl", read_eval_input, False, records=500),
-    BenchmarkSpec("pubmedqa", "pubmedqa/ori_pqal.json", read_pubmedqa, True, records=1000),
-    BenchmarkSpec("pubmedqa", "huatuogpt_o1_eval/PubMedQA_test.json", read_huatuo, False, records=1000),
-    *(
-        BenchmarkSpec("mmlu_medical", f"mmlu_medical/{subject}_test.csv", read_mmlu_csv, True, records=n)
-        for subject, n in (
-            ("anatomy", 135),
-            ("clinical_knowledge", 265),
-            ("college_biology", 144),
-            ("college_medicine", 173),
-            ("medical_genetics", 100),
-            ("professional_medicine", 272),
-        )
-    ),
-    BenchmarkSpec(
-        "mmlu_medical", "mmlu_medical/mmlu_medical_input.jsonl", read_eval_input, False, records=1089
-    ),
-    BenchmarkSpec(
-        "mmlu_pro_medical", "huatuogpt_o1_eval/MMLU-Pro_Medical_test.json", read_huatuo, True, records=1535
-    ),
-    BenchmarkSpec(
-        "medxpertqa_text", "medxpertqa/medxpertqa_text.jsonl", read_medxpertqa_hf, True, records=2450
-    ),
-    BenchmarkSpec(
-        "medxpertqa_text",
-        "medxpertqa/medxpertqa_sampled_text_input.jsonl",
-        read_eval_input,
-        False,
-        records=244,
-    ),
-    BenchmarkSpec("medxpertqa_mm", "medxpertqa/medxpertqa_mm_input.jsonl", read_eval_input, True, True, 2000),
-    BenchmarkSpec(
-        "medxpertqa_mm", "medxpertqa/medxpertqa_sampled_mm_input.jsonl", read_eval_input, False, True, 199
-    ),
-    BenchmarkSpec("medbullets", "medreason_eval/medbullets_op4.jsonl", read_medbullets, True, records=308),
-    BenchmarkSpec("medbullets", "medreason_eval/medbullets_op5.jsonl", read_medbullets, False, records=308),
-    BenchmarkSpec("vqa_rad", "vqa_rad/testset.json", read_vqa_rad_testset, True, True, 451),
-    BenchmarkSpec("vqa_rad", "vqa_rad/VQA_RAD_Dataset_Public.json", read_vqa_rad_public, False, True, 451),
-    BenchmarkSpec("slake", "slake/test.json", read_slake_json, True, True, 2094),
-    BenchmarkSpec("slake", "slake/test_open.csv", read_slake_csv, False, True, 645),
-    BenchmarkSpec("slake", "slake/test_close.csv", read_slake_csv, False, True, 416),
-    BenchmarkSpec("pathvqa", "pathvqa/pvqa_test.json", read_pathvqa, True, True, 6761),
-    BenchmarkSpec(
-        "omnimedvqa", "omnimedvqa/MRI_CT_XRAY_300each_dataset.json", read_omnimed_medvlm, True, True, 900
-    ),
-    BenchmarkSpec(
-        "omnimedvqa", "omnimedvqa/med_r1_splits/X-Ray_test.json", read_omnimed_med_r1, True, True, 1615
-    ),
+READERS: dict[str, Callable[[Path, Path], Iterator[RawItem]]] = {
+    "medqa": read_medqa,
+    "eval_input": read_eval_input,
+    "medmcqa": read_medmcqa,
+    "huatuo": read_huatuo,
+    "pubmedqa": read_pubmedqa,
+    "mmlu_csv": read_mmlu_csv,
+    "medxpertqa_hf": read_medxpertqa_hf,
+    "medbullets": read_medbullets,
+    "vqa_rad_testset": read_vqa_rad_testset,
+    "vqa_rad_public": read_vqa_rad_public,
+    "slake_json": read_slake_json,
+    "slake_csv": read_slake_csv,
+    "pathvqa": read_pathvqa,
+    "omnimed_medvlm": read_omnimed_medvlm,
+    "omnimed_med_r1": read_omnimed_med_r1,
+}
+
+# The held-out files of THE benchmark table (octomed_data.benchmarks), each with its reader.
+SPECS: tuple[BenchmarkSpec, ...] = tuple(
+    BenchmarkSpec(b.name, f.file, READERS[f.reader], f.canonical, b.image_grounded, f.records)
+    for b, f in benchmark_table.held_out_files()
 )
 
 # Distinct held-out items per benchmark, as the data README lists them.
-EXPECTED_ITEMS: dict[str, int] = {
-    "medqa": 1273,
-    "medmcqa": 4183,
-    "pubmedqa": 1000,
-    "mmlu_medical": 1089,
-    "mmlu_pro_medical": 1535,
-    "medxpertqa_text": 2450,
-    "medxpertqa_mm": 2000,
-    "medbullets": 308,
-    "vqa_rad": 451,
-    "slake": 2094,
-    "pathvqa": 6761,
-    "omnimedvqa": 900 + 1615,
-}
+EXPECTED_ITEMS: dict[str, int] = benchmark_table.expected_items()
 
 
 # --------------------------------------------------------------------------- build / load

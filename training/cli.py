@@ -1,4 +1,4 @@
-"""``octomed-data train`` / ``evaluate`` / ``eval`` / ``tiny-model`` commands.
+"""``octomed-data train`` / ``tiny-model`` commands (``eval`` is :mod:`evaluation.cli`).
 
 ``train`` runs in this process (single process; DeepSpeed gets single-process defaults). For
 several GPUs, ``train --launch-line N`` prints the ``deepspeed`` (or ``torchrun``) command that
@@ -46,23 +46,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_train)
 
     p = subparsers.add_parser(
-        "evaluate", help="evaluate a model from an EvalConfig YAML (benchmarks or a question dataset)"
-    )
-    p.add_argument("--config", required=True, help="EvalConfig YAML")
-    p.add_argument("--limit", type=int, default=None, help="first N items per benchmark")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_evaluate)
-
-    from training.evaluate import add_eval_arguments
-
-    p = subparsers.add_parser(
-        "eval",
-        help="evaluate a model on medical benchmarks (paper protocol: T=0.6, top-p 0.95, 5 seeds, 8192 tokens)",
-    )
-    add_eval_arguments(p)
-    p.set_defaults(func=_eval)
-
-    p = subparsers.add_parser(
         "tiny-model", help="build a tiny random Qwen model + tokenizer offline (demo/tests)"
     )
     p.add_argument("out_dir")
@@ -81,12 +64,12 @@ def _train(args: argparse.Namespace) -> int:
     }
     config = load_yaml_config(args.config, TrainConfig, overrides)
     if args.print_deepspeed_config:
-        from training.sft import deepspeed_config
+        from training.deepspeed_config import deepspeed_config
 
         print(json.dumps(deepspeed_config(config), indent=2))
         return 0
     if args.launch_line is not None:
-        from training.sft import launch_command
+        from training.launch import launch_command
 
         config_path = args.config
         if args.train_data or args.output_uri or args.model or args.max_steps:
@@ -122,27 +105,6 @@ def _train(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     print(json.dumps(result))
-    return 0
-
-
-def _evaluate(args: argparse.Namespace) -> int:
-    from training.config import EvalConfig, load_yaml_config
-    from training.evaluate import evaluate
-
-    config = load_yaml_config(args.config, EvalConfig, {"limit": args.limit})
-    result = evaluate(config, progress=not args.no_progress)
-    print(json.dumps(result.to_dict()))
-    return 0
-
-
-def _eval(args: argparse.Namespace) -> int:
-    from training.evaluate import config_from_args, evaluate, list_text
-
-    if args.list:
-        print(list_text(args.data_dir))
-        return 0
-    result = evaluate(config_from_args(args), progress=not args.no_progress)
-    print(json.dumps(result.to_dict()))
     return 0
 
 

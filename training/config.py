@@ -180,7 +180,7 @@ class EvalConfig(BaseModel):
     # A local model folder, an s3:// / file:// checkpoint (with checkpoint.json) or an http(s) endpoint.
     model: str = Field(validation_alias=AliasChoices("model", "checkpoint_uri"), min_length=1)
     backend: Literal["auto", "hf", "openai", "vllm"] = "auto"  # auto: http(s) URL -> openai, else hf
-    benchmarks: list[str] | None = None  # registry names (training.eval_benchmarks.BENCHMARKS)
+    benchmarks: list[str] | None = None  # registry names (evaluation.benchmarks.BENCHMARKS)
     questions_uri: str | None = None  # or: a QUESTION_SCHEMA dataset folder / *.parquet folder / file
     data_dir: str | None = None  # benchmark files; default $OCTOMED_EVAL_DATA, else ../shared/data
     output_uri: str | None = None  # default: <model>/eval/<name> (required for endpoints)

@@ -368,7 +368,7 @@ def expand_images(
     Returns ``(pixel_values, image_grid_thw, ids, labels)``; image tokens are never learned.
     Used by the padded :class:`SFTCollator` and by the packed collator (:mod:`training.packing`).
     """
-    images = [_fit_pixels(load_image(ref), max_pixels) for ref in refs]
+    images = [fit_pixels(load_image(ref), max_pixels) for ref in refs]
     out = image_processor(images=images, return_tensors="pt")
     grid = out["image_grid_thw"]
     merge = getattr(image_processor, "merge_size", 2) or 2
@@ -396,14 +396,14 @@ def expand_images(
     return out["pixel_values"], grid, new_ids, new_labels
 
 
-def _fit_pixels(image: Any, max_pixels: int) -> Any:
+def fit_pixels(image: Any, max_pixels: int) -> Any:
     """Downscale (keeping aspect) so that width*height <= max_pixels."""
     size = fitted_size(*image.size, max_pixels)
     return image if size == image.size else image.resize(size)
 
 
 def fitted_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
-    """The (width, height) :func:`_fit_pixels` resizes an image to; pure, so packing can predict
+    """The (width, height) :func:`fit_pixels` resizes an image to; pure, so packing can predict
     image token counts from the image header alone."""
     if width * height <= max_pixels:
         return width, height

@@ -23,7 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,35 +73,51 @@ def _program(name: str) -> str:
     return str(local) if local.is_file() else name
 
 
-def job_command(
-    config_path: Path, result_path: Path, *, launcher: str, processes: int, progress: bool = False
+def launch_command(
+    config_path: str | Path,
+    *,
+    num_gpus: int,
+    num_nodes: int = 1,
+    launcher: str = "deepspeed",
+    master_addr: str | None = None,
+    master_port: int | None = None,
+    hostfile: str | None = None,
+    extra_args: Sequence[str] = (),
+    local_programs: bool = False,
 ) -> list[str]:
-    """The command line that runs ``training.sft`` with ``processes`` processes on this node."""
-    tail = ["--config", str(config_path), "--result-file", str(result_path)]
-    if not progress:
-        tail.append("--no-progress")
-    port = str(_free_port())
-    if launcher == "torchrun":
-        # --standalone: a private rendezvous on a free port, so two jobs on one node never collide.
-        return [
-            _program("torchrun"),
-            "--standalone",
-            "--nproc_per_node",
-            str(processes),
-            "-m",
-            "training.sft",
-        ] + tail
+    """The command line that runs ``training.sft`` on ``num_gpus`` processes per node.
+
+    The one builder: ``octomed-data train --launch-line`` prints it for a cluster, and
+    :func:`start_job` runs it on this node (``local_programs``: the launcher scripts of this
+    interpreter's environment; ``extra_args`` after the config, e.g. ``--result-file``).
+    ``deepspeed`` reads a hostfile for multi-node runs (``--master_port`` only when given, or
+    29500 across nodes); ``torchrun`` runs once per node with a c10d rendezvous at
+    ``master_addr:master_port``, or ``--standalone`` (a private rendezvous on a free port) on one node.
+    """
+    if num_gpus < 1 or num_nodes < 1:
+        raise ConfigError("num_gpus and num_nodes must be >= 1")
+    program = _program if local_programs else str
+    tail = ["training.sft", "--config", str(config_path), *extra_args]
     if launcher == "deepspeed":
-        return [
-            _program("deepspeed"),
-            "--num_gpus",
-            str(processes),
-            "--master_port",
-            port,
-            "--module",
-            "training.sft",
-        ] + tail
-    raise ConfigError(f"unknown launcher {launcher!r}; choose one of {', '.join(LAUNCHERS)}")
+        cmd = [program("deepspeed"), "--num_gpus", str(num_gpus)]
+        if num_nodes > 1:
+            if not hostfile or not master_addr:
+                raise ConfigError("a multi-node deepspeed launch needs hostfile and master_addr")
+            cmd += ["--num_nodes", str(num_nodes), "--hostfile", hostfile]
+            cmd += ["--master_addr", master_addr, "--master_port", str(master_port or 29500)]
+        elif master_port is not None:
+            cmd += ["--master_port", str(master_port)]
+        return cmd + ["--module", *tail]
+    if launcher == "torchrun":
+        cmd = [program("torchrun"), "--nproc_per_node", str(num_gpus), "--nnodes", str(num_nodes)]
+        if num_nodes == 1:
+            cmd.insert(1, "--standalone")  # private rendezvous on a free port: two jobs never collide
+        else:
+            if not master_addr:
+                raise ConfigError("a multi-node torchrun launch needs master_addr")
+            cmd += ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"{master_addr}:{master_port or 29500}"]
+        return cmd + ["-m", *tail]
+    raise ConfigError(f"unknown launcher {launcher!r} (deepspeed or torchrun)")
 
 
 def preflight(config: TrainConfig) -> None:
@@ -114,13 +130,14 @@ def preflight(config: TrainConfig) -> None:
     storage.ensure_writable(config.output_uri)
     model = config.model_path
     if "://" in model and not model.startswith("file://"):
-        if not storage.exists(storage.join(model, "checkpoint.json")):
-            raise ConfigError(f"no checkpoint.json at {model}: not a finished checkpoint")
+        from training.checkpoints import read_checkpoint_marker
+
+        read_checkpoint_marker(model)
     else:
-        from training.sft import _HUB_ID, check_model_path
+        from training.models import check_model_path, is_hub_id
 
         path = Path(model.removeprefix("file://"))
-        if path.exists() or not _HUB_ID.match(model):
+        if path.exists() or not is_hub_id(model):
             check_model_path(str(path))
 
 
@@ -135,7 +152,15 @@ def start_job(
     result_path = work / "train-result.json"
     config_path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     result_path.unlink(missing_ok=True)  # never report an earlier job's result
-    cmd = job_command(config_path, result_path, launcher=launcher, processes=processes, progress=progress)
+    tail = ["--result-file", str(result_path)] + ([] if progress else ["--no-progress"])
+    cmd = launch_command(
+        config_path,
+        num_gpus=processes,
+        launcher=launcher,
+        master_port=_free_port() if launcher == "deepspeed" else None,
+        extra_args=tail,
+        local_programs=True,
+    )
     try:
         proc = subprocess.Popen(
             cmd,

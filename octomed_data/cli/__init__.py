@@ -25,7 +25,8 @@ COMMAND_MODULES = [
     "octomed_data.cli.vllm",  # vllm setup, vllm serve
     "octomed_data.cli.mixture",  # mix, export
     "octomed_data.cli.run",  # demo, run, rerun, serve, deployments (drive the Prefect flows)
-    "training.cli",  # train, evaluate, eval (may move to evaluation.cli)
+    "training.cli",  # train, tiny-model
+    "evaluation.cli",  # eval
 ]
 
 

@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from evaluation.backends import FORCE_CUE, Generation, SamplingProtocol, still_thinking
+from evaluation.benchmarks import BENCHMARKS, get_benchmarks, iter_benchmark, resolve_data_dir
+from evaluation.harness import evaluate, score_generation
+from evaluation.report import MetricsAccumulator
 from octomed_data import storage
 from octomed_data.answers import extract_answer, is_correct, token_f1
 from octomed_data.errors import ConfigError
@@ -19,10 +23,6 @@ from octomed_data.prompts import system_prompt
 from octomed_data.sandbox import FaultConfig, start_sandbox
 from octomed_data.schema import options_of
 from training.config import EvalConfig
-from training.eval_backends import FORCE_CUE, Generation, SamplingProtocol, still_thinking
-from training.eval_benchmarks import BENCHMARKS, get_benchmarks, iter_benchmark, resolve_data_dir
-from training.eval_report import MetricsAccumulator
-from training.evaluate import evaluate, score_generation
 
 
 def _by_benchmark_seed(rows: list[dict]) -> dict[str, dict[int, list[dict]]]:
@@ -68,7 +68,7 @@ def _no_store():
 
 
 def _stats():
-    from training.eval_benchmarks import LoadStats
+    from evaluation.benchmarks import LoadStats
 
     return LoadStats()
 
@@ -170,7 +170,7 @@ def test_unparseable_replies_count_as_wrong(shared_data, tmp_path):
 
 def test_hf_tiny_model_forced_end_and_seeds(shared_data, tmp_path):
     """Tiny random Qwen2 through HF generate: budget exhausted inside <think> -> forced, per-seed sampling."""
-    from training.eval_backends import HFBackend
+    from evaluation.backends.hf import HFBackend
     from training.tiny import build_text_model
 
     model = build_text_model(tmp_path / "tiny")
@@ -308,7 +308,8 @@ def test_openai_reply_with_template_opened_thought():
     """No <think> but a </think>: the reply is put back as <think>...</think> as the HF backend does."""
     from types import SimpleNamespace
 
-    from training.eval_backends import _reply, reasoning_span
+    from evaluation.backends import reasoning_span
+    from evaluation.backends.openai import read_reply
 
     def response(content: str, finish: str, reasoning: str | None = None):
         msg = SimpleNamespace(
@@ -317,11 +318,13 @@ def test_openai_reply_with_template_opened_thought():
         usage = SimpleNamespace(completion_tokens=100, completion_tokens_details=None)
         return SimpleNamespace(choices=[SimpleNamespace(message=msg, finish_reason=finish)], usage=usage)
 
-    text, finish, tokens, reasoning = _reply(response("weighing A vs B ...</think>\n\nAnswer: B", "stop"), "")
+    text, finish, tokens, reasoning = read_reply(
+        response("weighing A vs B ...</think>\n\nAnswer: B", "stop"), ""
+    )
     assert text.startswith("<think>") and reasoning_span(text) == ("weighing A vs B ...", True)
     assert 0 < reasoning < tokens and not still_thinking(text)
     # Cut off with the thought in reasoning_content: still thinking, so it gets forced (or no answer).
-    text, *_ = _reply(response("", "length", reasoning="weighing A vs B"), "")
+    text, *_ = read_reply(response("", "length", reasoning="weighing A vs B"), "")
     assert still_thinking(text) and extract_answer(text, "text_mcq").reason == "unfinished_thought"
 
 
@@ -363,8 +366,8 @@ def test_forced_answer_behind_reasoning_parser(shared_data, tmp_path):
 
 
 def test_request_errors_fail_the_run_or_are_shown(shared_data, tmp_path):
-    from training.eval_backends import sampling_extras_for
-    from training.evaluate import TooManyRequestErrors
+    from evaluation.backends.openai import sampling_extras_for
+    from evaluation.harness import TooManyRequestErrors
 
     faults = FaultConfig(seed=1, bad_request=0.3)  # 400 on ~30% of requests, every attempt
     base = dict(benchmarks="medqa", data_dir=str(shared_data), limit=4, seeds=3, concurrency=8)
@@ -440,7 +443,7 @@ def _qwen_style_generation_config(model_dir: Path, **over) -> None:
 
 
 def test_hf_samples_despite_qwen_generation_config_and_stops_on_every_eos(shared_data, tmp_path):
-    from training.eval_backends import HFBackend, cut_at_stop
+    from evaluation.backends.hf import HFBackend, cut_at_stop
     from training.tiny import build_text_model
 
     model = build_text_model(tmp_path / "tiny")
@@ -484,7 +487,7 @@ def test_llamacpp_endpoint_gets_no_rejected_parameter(shared_data, tmp_path):
             e["sampling"].get("top_k") == 0 and e["sampling"]["repeat_penalty"] == 1.0 for e in log
         )
         # Told it is a vLLM server, the same endpoint rejects every request, and the cause is shown whole.
-        from training.eval_backends import EndpointUnreachable
+        from evaluation.backends import EndpointUnreachable
 
         with pytest.raises(EndpointUnreachable) as exc:
             evaluate(

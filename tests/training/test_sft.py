@@ -8,12 +8,8 @@ DeepSpeed communication op (~26 s, cached afterwards in ~/.cache/torch_extension
 from __future__ import annotations
 
 import importlib.util
-import io
-import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,19 +17,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from PIL import Image
+from sft_helpers import png, question, run_sft, training_rows
 
+from evaluation.harness import EvalResult, evaluate, reasoning_span
 from octomed_data import storage
 from octomed_data.errors import ConfigError
 from octomed_data.export import LLAMAFACTORY_SCHEMA
-from octomed_data.schema import QUESTION_SCHEMA, RecordError, question_row
+from octomed_data.schema import QUESTION_SCHEMA, RecordError
 from training.config import EvalConfig, TrainConfig, load_yaml_config
 from training.data import IGNORE_INDEX, SFTCollator, encode_conversation, normalize_messages
-from training.evaluate import EvalResult, chat_messages, evaluate, reasoning_span
-from training.sft import deepspeed_config, launch_command, train
+from training.deepspeed_config import deepspeed_config
+from training.launch import launch_command
+from training.sft import train
 
-REPO = Path(__file__).resolve().parent.parent
-ANSWER_A = "<think>\nAspirin.\n</think>\n\nFinal answer: \\boxed{A}"
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -48,38 +45,6 @@ def tokenizer(tiny_text):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tiny_text), local_files_only=True)
-
-
-def _run_sft(config_path: Path, timeout: int = 240) -> dict:
-    """``python -m training.sft --config ...`` in a fresh process; returns its TrainResult JSON."""
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
-    }
-    env["PYTHONPATH"] = str(REPO)
-    proc = subprocess.run(
-        [sys.executable, "-m", "training.sft", "--config", str(config_path), "--no-progress"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _question(i: int, answer: str, source: str, **kw) -> dict:
-    return question_row(
-        source=source,
-        split="test",
-        task_type=kw.pop("task_type", "text_mcq"),
-        question=f"Which drug for case {i}?",
-        options=kw.pop("options", {"A": "aspirin", "B": "heparin"}),
-        answer=answer,
-        input_file="questions.jsonl",
-        record_index=i,
-        **kw,
-    )
 
 
 # --------------------------------------------------------------------------- config
@@ -258,7 +223,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("error: cannot read config") and "\n" not in err
     cfg = tmp_path / "eval.yaml"
     cfg.write_text(yaml.safe_dump({"checkpoint_uri": str(tmp_path), "questions_uri": str(tmp_path / "q")}))
-    assert main(["evaluate", "--config", str(cfg)]) == 2
+    assert main(["eval", "--config", str(cfg)]) == 2
     assert "no Parquet files" in capsys.readouterr().err
     # Wrong data or model paths fail before any launcher starts: one line, no worker output.
     recipe = str(REPO / "training" / "configs" / "octomed-7b-zero2.yaml")
@@ -269,7 +234,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no Parquet files") and "\n" not in err
     export = storage.Dataset(str(tmp_path / "export"), LLAMAFACTORY_SCHEMA)
-    export.write_shard(0, _training_rows(2))
+    export.write_shard(0, training_rows(2))
     args = ["--train-data", export.uri, "--output-uri", out, "--model", str(tmp_path / "no-model")]
     assert main(["train", "--config", recipe, *args]) == 2
     err = capsys.readouterr().err.strip()
@@ -286,23 +251,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 # --------------------------------------------------------------------------- end to end
 
 
-def _training_rows(n: int) -> list[dict]:
-    """Conversations prompted exactly as evaluation prompts, always answering A."""
-    rows = []
-    for i in range(n):
-        messages = chat_messages(_question(i, "A", "train")) + [{"role": "assistant", "content": ANSWER_A}]
-        rows.append(
-            {"messages": messages, "images": [], "question_id": f"q{i}", "source": "s", "teacher": "t"}
-        )
-    return rows
-
-
 def test_sft_zero3_on_cpu_to_s3_then_evaluate(tiny_text, tmp_path, s3_bucket):
     """Tiny Qwen2, DeepSpeed ZeRO-3, checkpoint uploaded to S3; then eval reloads it and generates."""
     export = storage.Dataset(str(tmp_path / "export"), LLAMAFACTORY_SCHEMA)
-    export.write_shard(0, _training_rows(8))
+    export.write_shard(0, training_rows(8))
     malformed = {"messages": [{"role": "user", "content": "no reply"}], "images": [], "question_id": "bad"}
-    export.write_shard(1, _training_rows(16)[8:] + [{**malformed, "source": "s", "teacher": "t"}])
+    export.write_shard(1, training_rows(16)[8:] + [{**malformed, "source": "s", "teacher": "t"}])
     checkpoint = f"{s3_bucket}/runs/tiny/checkpoint"
     cfg = {
         "train_data": [export.uri],
@@ -320,7 +274,7 @@ def test_sft_zero3_on_cpu_to_s3_then_evaluate(tiny_text, tmp_path, s3_bucket):
         "save_steps": 40,  # intermediate checkpoints (with ZeRO optimizer shards) uploaded too
     }
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
-    result = _run_sft(tmp_path / "train.yaml")
+    result = run_sft(tmp_path / "train.yaml")
 
     assert result["steps"] == 80 and result["samples_seen"] == 80 * 8 and result["resumed_from_step"] == 0
     assert result["rows"] == 17 and result["skipped"] == {"no_assistant_turn": 1}
@@ -339,7 +293,7 @@ def test_sft_zero3_on_cpu_to_s3_then_evaluate(tiny_text, tmp_path, s3_bucket):
     # A run killed after step 40 (its later checkpoints never uploaded) resumes from step 40.
     fs, path = storage.filesystem(f"{checkpoint}/checkpoints/checkpoint-80")
     fs.rm(path, recursive=True)
-    resumed = _run_sft(tmp_path / "train.yaml")
+    resumed = run_sft(tmp_path / "train.yaml")
     assert resumed["resumed_from_step"] == 40 and resumed["steps"] == 80
     assert resumed["samples_seen"] == 40 * 8 and math.isfinite(resumed["final_loss"])
     assert resumed["final_loss"] < losses[0] / 10
@@ -347,7 +301,7 @@ def test_sft_zero3_on_cpu_to_s3_then_evaluate(tiny_text, tmp_path, s3_bucket):
     # Held-out style questions: two sources, gold A (what the model learned to say) and gold B.
     questions = storage.Dataset(str(tmp_path / "questions"), QUESTION_SCHEMA)
     questions.write_shard(
-        0, [_question(i, "A", "gold_a") for i in range(3)] + [_question(i, "B", "gold_b") for i in range(3)]
+        0, [question(i, "A", "gold_a") for i in range(3)] + [question(i, "B", "gold_b") for i in range(3)]
     )
     ev = evaluate(
         EvalConfig(
@@ -376,13 +330,6 @@ def test_sft_zero3_on_cpu_to_s3_then_evaluate(tiny_text, tmp_path, s3_bucket):
     assert set(preds.column("extracted_answer").to_pylist()) == {"A"}
 
 
-def _png(seed: int, size: tuple[int, int]) -> bytes:
-    arr = (np.random.default_rng(seed).random((size[1], size[0], 3)) * 255).astype("uint8")
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def test_vl_sft_from_trl_export_streaming_then_evaluate(tiny_text, tmp_path):
     """Tiny Qwen2.5-VL trained (ZeRO-2, streaming) on the real TRL export with embedded images."""
     from octomed_data.export import export
@@ -393,12 +340,12 @@ def test_vl_sft_from_trl_export_streaming_then_evaluate(tiny_text, tmp_path):
     images = []
     for i in range(3):
         uri = str(tmp_path / "img" / f"scan{i}.png")
-        storage.write_bytes(uri, _png(i, (64 + 16 * i, 72)))
+        storage.write_bytes(uri, png(i, (64 + 16 * i, 72)))
         images.append({"sha256": f"{i:064d}", "uri": uri, "phash": i, "width": 64 + 16 * i, "height": 72})
     mixture = storage.Dataset(str(tmp_path / "mix" / "train"), MIXTURE_SCHEMA)
     rows = []
     for i in range(8):
-        q = _question(
+        q = question(
             i, "yes", "vqa", task_type="yes_no_maybe", options=None, images=[images[i % 3]] if i % 4 else []
         )
         rows.append(
@@ -426,7 +373,7 @@ def test_vl_sft_from_trl_export_streaming_then_evaluate(tiny_text, tmp_path):
         "max_pixels": 96 * 96,
     }
     (tmp_path / "vl.yaml").write_text(yaml.safe_dump(cfg))
-    result = _run_sft(tmp_path / "vl.yaml")
+    result = run_sft(tmp_path / "vl.yaml")
     assert result["steps"] == 4 and result["samples_seen"] == 16 and result["skipped"] == {}
     assert all(math.isfinite(x) for x in result["losses"])
     ckpt = Path(cfg["output_uri"])
@@ -436,7 +383,7 @@ def test_vl_sft_from_trl_export_streaming_then_evaluate(tiny_text, tmp_path):
     questions.write_shard(
         0,
         [
-            _question(i, "yes", "vqa", task_type="yes_no_maybe", options=None, images=[images[i]])
+            question(i, "yes", "vqa", task_type="yes_no_maybe", options=None, images=[images[i]])
             for i in range(3)
         ],
     )
@@ -480,7 +427,8 @@ def test_shipped_zero2_and_zero3_recipes_validate(tmp_path):
 
 
 def test_resolve_model_folder_checkpoint_uri_and_hub_id(tiny_text, tmp_path, s3_bucket, monkeypatch):
-    from training.sft import resolve_model, upload_folder
+    from training.checkpoints import upload_folder
+    from training.models import resolve_model
 
     assert resolve_model(str(tiny_text), tmp_path / "c1") == tiny_text
     assert resolve_model(f"file://{tiny_text}", tmp_path / "c1") == tiny_text
@@ -524,7 +472,7 @@ def _launch_config(export_uri: str, model: Path, output_uri: str, tmp_path: Path
 @pytest.fixture(scope="module")
 def launch_export(tmp_path_factory) -> str:
     export = storage.Dataset(str(tmp_path_factory.mktemp("launch") / "export"), LLAMAFACTORY_SCHEMA)
-    export.write_shard(0, _training_rows(16))
+    export.write_shard(0, training_rows(16))
     return export.uri
 
 
@@ -659,7 +607,7 @@ def test_stale_local_checkpoints_never_rotate_away_fresh_saves(launch_export, ti
         os.utime(stale, (later, later))
     config_path = tmp_path / "train.yaml"
     config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
-    result = _run_sft(config_path)
+    result = run_sft(config_path)
     assert result["steps"] == 4
     for step in (2, 4):
         marker = storage.read_json(
@@ -670,7 +618,7 @@ def test_stale_local_checkpoints_never_rotate_away_fresh_saves(launch_export, ti
 
 
 def test_attention_implementation_is_a_setting(tiny_text):
-    from training.sft import load_model_and_processors
+    from training.models import load_model_and_processors
 
     model, _, _ = load_model_and_processors(tiny_text, attn_implementation="eager")
     assert model.config._attn_implementation == "eager"

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from test_training import _png, _question, _run_sft, _training_rows
+from sft_helpers import png, question, run_sft, training_rows
 
 from octomed_data import storage
 from octomed_data.errors import ConfigError
@@ -206,7 +206,7 @@ def _image_ref(path: Path) -> dict:
 def test_predicted_image_lengths_equal_collator_lengths(vl_model_dir, shared_data):
     from transformers import AutoTokenizer
 
-    from training.sft import load_image_processor
+    from training.models import load_image_processor
 
     tokenizer = AutoTokenizer.from_pretrained(str(vl_model_dir))
     processor = load_image_processor(vl_model_dir)
@@ -252,7 +252,7 @@ def test_packed_logits_equal_per_example_logits_vl(vl_model_dir, shared_data):
     from transformers import AutoModelForImageTextToText, AutoTokenizer
     from transformers.masking_utils import find_packed_sequence_indices
 
-    from training.sft import load_image_processor
+    from training.models import load_image_processor
 
     tokenizer = AutoTokenizer.from_pretrained(str(vl_model_dir))
     processor = load_image_processor(vl_model_dir)
@@ -313,7 +313,7 @@ def test_packed_logits_equal_per_example_logits_vl(vl_model_dir, shared_data):
 def test_sft_with_packing_trains_every_row(text_model_dir, tmp_path):
     """Packing on (the default) through ``python -m training.sft``: every usable row once per epoch."""
     export = storage.Dataset(str(tmp_path / "export"), LLAMAFACTORY_SCHEMA)
-    rows = _training_rows(13)
+    rows = training_rows(13)
     for i, row in enumerate(rows):  # varied lengths, so packs hold different numbers of examples
         row["messages"][-1]["content"] = "<think>" + "Reason. " * (1 + 3 * (i % 5)) + "</think>\\boxed{A}"
     malformed = {"messages": [{"role": "user", "content": "no reply"}], "images": [], "question_id": "bad"}
@@ -331,7 +331,7 @@ def test_sft_with_packing_trains_every_row(text_model_dir, tmp_path):
         "logging_steps": 1,
     }
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
-    result = _run_sft(tmp_path / "train.yaml")
+    result = run_sft(tmp_path / "train.yaml")
     info = result["packing"]
     assert TrainConfig(**cfg).packing and info["mode"] == "map" and info["examples"] == 13
     assert info["mean_examples_per_pack"] > 2 and info["fill"] > 0.5
@@ -356,8 +356,8 @@ def test_vl_streaming_packed_and_padded_runs(vl_model_dir, tmp_path):
     rows = []
     for i in range(8):
         image = str(tmp_path / "img" / f"scan{i}.png")
-        storage.write_bytes(image, _png(i, (56 + 28 * (i % 3), 84)))
-        q = _question(i, "yes", "vqa", task_type="yes_no_maybe", options=None)
+        storage.write_bytes(image, png(i, (56 + 28 * (i % 3), 84)))
+        q = question(i, "yes", "vqa", task_type="yes_no_maybe", options=None)
         has_image = i % 4 != 0
         rows.append(
             {
@@ -389,7 +389,7 @@ def test_vl_streaming_packed_and_padded_runs(vl_model_dir, tmp_path):
         "max_pixels": 96 * 96,
     }
     (tmp_path / "vl.yaml").write_text(yaml.safe_dump(cfg))
-    result = _run_sft(tmp_path / "vl.yaml")
+    result = run_sft(tmp_path / "vl.yaml")
     info = result["packing"]
     assert info["mode"] == "streaming" and info["measured_on_first"]["examples"] == 4
     assert result["skipped"] == {"image_not_found": 1}
@@ -400,5 +400,5 @@ def test_vl_streaming_packed_and_padded_runs(vl_model_dir, tmp_path):
     export.write_shard(0, rows)
     cfg.update({"packing": False, "streaming": False, "max_steps": 2, "output_uri": str(tmp_path / "padded")})
     (tmp_path / "padded.yaml").write_text(yaml.safe_dump(cfg))
-    padded = _run_sft(tmp_path / "padded.yaml")
+    padded = run_sft(tmp_path / "padded.yaml")
     assert padded["packing"] is None and padded["samples_seen"] == 2 * 4 and padded["examples_per_step"] == 4

@@ -15,7 +15,8 @@ from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
-from training.eval_benchmarks import BENCHMARKS, PAPER_CITATION
+from evaluation.benchmarks import BENCHMARKS
+from octomed_data.benchmarks import PAPER_CITATION
 
 OPEN_TASKS = ("open_vqa", "open_qa")
 

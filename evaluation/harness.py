@@ -1,8 +1,8 @@
 """The evaluation harness: a model on held-out medical benchmarks under the OctoMed protocol.
 
 ``evaluate(config)`` takes questions from the benchmark registry
-(:mod:`training.eval_benchmarks`, read with the existing source loaders) or from a
-QUESTION_SCHEMA dataset, asks a backend (:mod:`training.eval_backends`: ``hf``, ``openai``,
+(:mod:`evaluation.benchmarks`, read with the existing source loaders) or from a
+QUESTION_SCHEMA dataset, asks a backend (:mod:`evaluation.backends`: ``hf``, ``openai``,
 ``vllm``) for replies under every protocol seed (temperature 0.6, top-p 0.95, 5 seeds, up to
 8192 new tokens, end of thinking forced at the budget by default), reads each answer with THE
 extraction module (:func:`octomed_data.answers.extract_answer`; unparseable = wrong, counted,
@@ -27,9 +27,7 @@ numbers from a flaky endpoint are not a model's accuracy. Malformed rows of a qu
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import logging
 import shutil
 import sys
@@ -43,15 +41,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from octomed_data import storage
-from octomed_data.answers import extract_answer, is_correct, token_f1
-from octomed_data.errors import ConfigError, OctomedError
-from octomed_data.images import ImageStore
-from octomed_data.prompts import prompt_version
-from octomed_data.schema import PREDICTION_SCHEMA, QUESTION_SCHEMA, TaskType, options_of
-from training.config import EvalConfig, load_yaml_config
-from training.data import DataFile, resolve_data_files
-from training.eval_backends import (
+from evaluation.backends import (
     Backend,
     Generation,
     SamplingProtocol,
@@ -60,7 +50,7 @@ from training.eval_backends import (
     make_backend,
     reasoning_span,
 )
-from training.eval_benchmarks import (
+from evaluation.benchmarks import (
     BENCHMARKS,
     LoadStats,
     benchmark_files,
@@ -68,7 +58,15 @@ from training.eval_benchmarks import (
     iter_benchmark,
     resolve_data_dir,
 )
-from training.eval_report import MetricsAccumulator, macro_accuracy, reasoning_length_png, report_markdown
+from evaluation.report import MetricsAccumulator, macro_accuracy, reasoning_length_png, report_markdown
+from octomed_data import storage
+from octomed_data.answers import extract_answer, is_correct, token_f1
+from octomed_data.errors import ConfigError, OctomedError
+from octomed_data.images import ImageStore
+from octomed_data.prompts import prompt_version
+from octomed_data.schema import PREDICTION_SCHEMA, QUESTION_SCHEMA, TaskType, options_of
+from training.config import EvalConfig
+from training.data import DataFile, resolve_data_files
 
 __all__ = ["EvalResult", "chat_messages", "evaluate", "reasoning_span", "score_generation"]
 
@@ -515,7 +513,7 @@ def _source(row: Mapping[str, Any]) -> str:
 
 def _checkpoint_step(model: str) -> int | None:
     """The training step recorded in a checkpoint's checkpoint.json, when the model is one."""
-    from training.sft import CHECKPOINT_MARKER
+    from training.checkpoints import CHECKPOINT_MARKER
 
     if model.startswith(("http://", "https://")):
         return None
@@ -524,116 +522,3 @@ def _checkpoint_step(model: str) -> int | None:
         return storage.read_json(marker).get("step") if storage.exists(marker) else None
     except (OctomedError, ValueError):
         return None
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``eval`` command's flags (protocol defaults are the paper's; see EvalConfig)."""
-    p.add_argument("--model", help="local model folder, s3:// or file:// checkpoint, or http(s) endpoint URL")
-    p.add_argument("--benchmarks", help="comma-separated registry names (see --list)")
-    p.add_argument("--out", dest="output_uri", help="output folder (local or s3://)")
-    p.add_argument("--list", action="store_true", help="list the benchmark registry and exit")
-    p.add_argument("--backend", choices=["auto", "hf", "openai", "vllm"], default=None)
-    p.add_argument(
-        "--data-dir", default=None, help="benchmark files (default $OCTOMED_EVAL_DATA or ../shared/data)"
-    )
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (default 8192)")
-    p.add_argument("--temperature", type=float, default=None, help="default 0.6")
-    p.add_argument("--top-p", type=float, default=None, help="default 0.95")
-    p.add_argument("--prompting", choices=["cot", "direct"], default=None)
-    p.add_argument("--limit", type=int, default=None, help="first N items per benchmark")
-    p.add_argument("--api-key-env", default=None, help="NAME of the env var holding the endpoint's key")
-    p.add_argument(
-        "--served-model-name", default=None, help="model name at the endpoint (default: first listed)"
-    )
-    p.add_argument("--concurrency", type=int, default=None, help="openai: requests in flight (default 32)")
-    p.add_argument("--batch-size", type=int, default=None, help="hf: sequences per generate call (default 8)")
-    p.add_argument(
-        "--no-force-end", action="store_true", help="do not force the end of thinking at the budget"
-    )
-    p.add_argument("--prefill-think", action="store_true", help="open every reply with <think>")
-    p.add_argument(
-        "--sampling-extras",
-        choices=["auto", "on", "off"],
-        default=None,
-        help="openai: switch top-k and repetition penalty off explicitly, spelled as the server kind "
-        "accepts (vLLM top_k=-1, llama.cpp top_k=0) so the server does not use the checkpoint's "
-        "generation_config; auto = where the server kind takes them, on = also for unknown servers",
-    )
-    p.add_argument(
-        "--server",
-        choices=["auto", "openai", "deepseek", "vllm", "sglang", "llamacpp", "generic"],
-        default=None,
-        help="openai: the endpoint's server kind (default auto: asked once from the server)",
-    )
-    p.add_argument(
-        "--max-request-error-rate",
-        type=float,
-        default=None,
-        help="fail the run when more replies than this share had a request error (default 0.05)",
-    )
-    p.add_argument("--no-progress", action="store_true")
-
-
-def config_from_args(args: argparse.Namespace) -> EvalConfig:
-    """An EvalConfig from the ``eval`` flags (unset flags keep the protocol defaults)."""
-    from training.config import validate_config
-
-    if not args.model:
-        raise ConfigError("--model is required (a model folder, checkpoint URI or endpoint URL)")
-    if not args.benchmarks:
-        raise ConfigError("--benchmarks is required (comma-separated; see `octomed-data eval --list`)")
-    data: dict[str, Any] = {"model": args.model, "benchmarks": args.benchmarks}
-    for key in (
-        "output_uri", "backend", "data_dir", "seeds", "max_new_tokens", "temperature", "top_p", "prompting",
-        "limit", "api_key_env", "served_model_name", "concurrency", "batch_size", "sampling_extras",
-        "max_request_error_rate", "server",
-    ):  # fmt: skip
-        value = getattr(args, key)
-        if value is not None:
-            data[key] = value
-    if args.no_force_end:
-        data["force_end_of_thinking"] = False
-    if args.prefill_think:
-        data["prefill_think"] = True
-    return validate_config(EvalConfig, data, where="eval flags")
-
-
-def list_text(data_dir: str | None) -> str:
-    """The registry as a text table for ``eval --list``."""
-    from training.eval_benchmarks import list_benchmarks
-
-    rows = list_benchmarks(data_dir)
-    out = [f"{'name':<18} {'present':<8} {'images':<7} {'paper':>6}  title"]
-    for r in rows:
-        paper = f"{r['paper_octomed_7b']:.2f}" if r["paper_octomed_7b"] is not None else "-"
-        images = "n/a" if not r["images"] else ("yes" if r["images_present"] else "no")
-        out.append(
-            f"{r['name']:<18} {'yes' if r['present'] else 'no':<8} {images:<7} {paper:>6}  {r['title']}"
-        )
-    return "\n".join(out)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m training.evaluate --config eval.yaml``."""
-    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description="Evaluate a model")
-    parser.add_argument("--config", required=True, help="EvalConfig YAML (local path or URI)")
-    parser.add_argument("--limit", type=int, default=None, help="first N items per benchmark")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = load_yaml_config(args.config, EvalConfig, {"limit": args.limit})
-        result = evaluate(config, progress=not args.no_progress)
-    except OctomedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(result.to_dict()))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

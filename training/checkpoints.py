@@ -1,0 +1,108 @@
+"""Checkpoint I/O shared by SFT and evaluation: the ``checkpoint.json`` marker (written last, so a
+checkpoint without it is an incomplete upload), listing, uploading and downloading checkpoint
+folders (streamed, local or ``s3://``), and finding the newest resumable intermediate checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from octomed_data import storage
+from octomed_data.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_MARKER = "checkpoint.json"
+
+
+def write_checkpoint_marker(checkpoint_uri: str, marker: dict[str, Any]) -> None:
+    """Write ``checkpoint.json`` into ``checkpoint_uri``: last, after every file is uploaded."""
+    storage.write_json(storage.join(checkpoint_uri, CHECKPOINT_MARKER), marker)
+
+
+def read_checkpoint_marker(checkpoint_uri: str) -> dict[str, Any]:
+    """The ``checkpoint.json`` of a finished checkpoint; a missing one means an incomplete upload."""
+    marker = storage.join(checkpoint_uri, CHECKPOINT_MARKER)
+    if not storage.exists(marker):
+        raise ConfigError(f"no {CHECKPOINT_MARKER} at {checkpoint_uri}: not a finished checkpoint")
+    return storage.read_json(marker)
+
+
+def list_files(uri: str) -> list[str]:
+    """Every file under ``uri``, as sorted paths relative to it."""
+    fs, base = storage.filesystem(uri)
+    base = base.rstrip("/")
+    try:
+        found = fs.find(base)
+    except Exception as exc:
+        raise ConfigError(storage.describe_error(uri, exc)) from None
+    return sorted(
+        p[len(base) + 1 :] for p in found if p.startswith(base + "/") and CHECKPOINT_MARKER not in p
+    )
+
+
+def latest_resumable(
+    output_uri: str, config_hash: str, data_manifest: list[dict[str, Any]] | None = None
+) -> tuple[str, dict[str, Any]] | None:
+    """The newest uploaded intermediate checkpoint of this exact config (URI, marker), if any.
+
+    Checkpoints of another config (schedule, model, data URIs) or of other data files (row
+    counts differ) are never resumed from.
+    """
+    base = storage.join(output_uri, "checkpoints")
+    fs, path = storage.filesystem(base)
+    try:
+        if not fs.exists(path):
+            return None
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    except Exception as exc:
+        raise ConfigError(storage.describe_error(base, exc)) from None
+    found = []
+    for name in names:
+        marker_uri = storage.join(base, name, CHECKPOINT_MARKER)
+        if name.startswith("checkpoint-") and storage.exists(marker_uri):
+            marker = storage.read_json(marker_uri)
+            same_data = data_manifest is None or marker.get("data_manifest") == data_manifest
+            if marker.get("config_hash") == config_hash and same_data:
+                found.append((int(marker["step"]), storage.join(base, name), marker))
+            else:
+                log.warning("not resuming from %s: it was trained with another config", name)
+    if not found:
+        return None
+    _, uri, marker = max(found, key=lambda f: f[0])
+    return uri, marker
+
+
+def download_folder(src_uri: str, files: list[str], local: Path) -> Path:
+    """Copy ``files`` (relative paths) from ``src_uri`` into ``local`` (streamed)."""
+    fs, base = storage.filesystem(src_uri)
+    for rel in files:
+        target = local / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fs.get_file(
+                f"{base.rstrip('/')}/{rel}" if "://" in src_uri else os.path.join(base, rel), str(target)
+            )
+        except Exception as exc:
+            raise ConfigError(storage.describe_error(src_uri, exc)) from None
+    return local
+
+
+def upload_folder(local: Path, dest_uri: str) -> list[str]:
+    """Copy every file under ``local`` to ``dest_uri`` (streamed: model shards can be many GB)."""
+    fs, base = storage.filesystem(dest_uri)
+    uploaded = []
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        rel = path.relative_to(local).as_posix()
+        target = f"{base.rstrip('/')}/{rel}" if "://" in dest_uri else os.path.join(base, rel)
+        try:
+            if "://" not in dest_uri:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+            fs.put_file(str(path), target)
+        except Exception as exc:
+            raise ConfigError(storage.describe_error(dest_uri, exc)) from None
+        uploaded.append(rel)
+    return uploaded

@@ -1,0 +1,80 @@
+"""What SFT processes need from ``torch.distributed``: single-process defaults without a launcher,
+a per-node lock, and the few collectives (sum, all-ok, barrier) that work with or without a group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from pathlib import Path
+
+
+def ensure_distributed_env() -> None:
+    """Single process without a launcher: set the variables DeepSpeed/torch.distributed read.
+
+    Without them DeepSpeed tries MPI discovery (mpi4py) and fails.
+    """
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def node_lock(path: Path):
+    """An exclusive lock among the processes of one node (an flock on a file in the work folder)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def all_nodes_ok(ok: bool) -> bool:
+    """True on every rank when ``ok`` is true on every rank (a MIN all-reduce; also a barrier)."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([int(ok)], dtype=torch.long, device=collective_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+    return ok
+
+
+def collective_device():
+    """Where a tensor for a collective must live: the current GPU under NCCL, else the CPU."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(value: int) -> int:
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([value], dtype=torch.long, device=collective_device())
+        dist.all_reduce(t)
+        return int(t.item())
+    return value
