@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from evaluation.harness import evaluate  # noqa: E402
 from octomed_data import storage  # noqa: E402
-from training.config import EvalConfig  # noqa: E402
+from octomed_data.job_config import EvalConfig  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_distill import start_server  # noqa: E402  (the sandbox in its own process, one way)

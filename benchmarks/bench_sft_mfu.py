@@ -159,7 +159,7 @@ def main() -> int:
             file=sys.stderr,
         )
         return 2
-    from training.config import TrainConfig
+    from octomed_data.job_config import TrainConfig
     from training.deepspeed_config import deepspeed_config
     from training.distributed import ensure_distributed_env
 

@@ -32,8 +32,8 @@ import yaml  # noqa: E402
 from evaluation.harness import chat_messages, evaluate  # noqa: E402
 from octomed_data import storage  # noqa: E402
 from octomed_data.export import LLAMAFACTORY_SCHEMA  # noqa: E402
+from octomed_data.job_config import EvalConfig  # noqa: E402
 from octomed_data.schema import QUESTION_SCHEMA, question_row  # noqa: E402
-from training.config import EvalConfig  # noqa: E402
 from training.data import RowEncoder  # noqa: E402
 from training.tiny import build_text_model  # noqa: E402
 

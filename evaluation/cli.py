@@ -1,7 +1,7 @@
 """``octomed-data eval``: the one evaluation command.
 
 A model on held-out benchmarks (``--benchmarks``) or on a question dataset (``--questions``), from
-flags alone or from an :class:`~training.config.EvalConfig` YAML (``--config``) that flags given
+flags alone or from an :class:`~octomed_data.job_config.EvalConfig` YAML (``--config``) that flags given
 alongside override. Protocol defaults are the paper's (T=0.6, top-p 0.95, 5 seeds, 8192 tokens).
 """
 
@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from octomed_data.errors import ConfigError
-from training.config import EvalConfig
+from octomed_data.job_config import EvalConfig
 
 # Flags that map one-to-one onto EvalConfig fields (argparse dest = field name).
 _FIELD_FLAGS = (
@@ -92,7 +92,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
     """An EvalConfig from the ``eval`` flags, over ``--config`` when given (unset flags keep the
     file's values, then the protocol defaults)."""
-    from training.config import load_yaml_config, validate_config
+    from octomed_data.job_config import load_yaml_config, validate_config
 
     flags: dict[str, Any] = {key: getattr(args, key) for key in _FIELD_FLAGS}
     if args.no_force_end:

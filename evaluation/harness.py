@@ -63,9 +63,9 @@ from octomed_data import storage
 from octomed_data.answers import extract_answer, is_correct, token_f1
 from octomed_data.errors import ConfigError, OctomedError
 from octomed_data.images import ImageStore
+from octomed_data.job_config import EvalConfig
 from octomed_data.prompts import prompt_version
 from octomed_data.schema import PREDICTION_SCHEMA, QUESTION_SCHEMA, TaskType, options_of
-from training.config import EvalConfig
 from training.data import DataFile, resolve_data_files
 
 __all__ = ["EvalResult", "chat_messages", "evaluate", "reasoning_span", "score_generation"]

@@ -18,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flows.common import RunParams, prepare, publish_markdown, publish_table
 from octomed_data import storage
+from octomed_data.config import validate_config
 from octomed_data.errors import ConfigError, OctomedError, StorageError
+from octomed_data.job_config import EvalConfig, TrainConfig
 from octomed_data.layout import RunPaths
 from octomed_data.recipe import Recipe
 
@@ -70,7 +72,6 @@ def _local_dir(paths: RunPaths, name: str) -> str:
 
 def train_config(recipe: Recipe, paths: RunPaths, params: TrainParams) -> Any:
     """The TrainConfig for this run: recipe settings, run locations, then the form's overrides."""
-    config_mod = _training_module("training.config")
     data = dict(recipe.training.config)
     model_path = params.model_path or data.pop("model_path", None)
     if model_path is None and recipe.training.tiny_model:
@@ -97,7 +98,7 @@ def train_config(recipe: Recipe, paths: RunPaths, params: TrainParams) -> Any:
     for key in ("max_steps", "learning_rate", "num_train_epochs"):
         if getattr(params, key) is not None:
             data[key] = getattr(params, key)
-    return config_mod.validate_config(config_mod.TrainConfig, data, where="training config")
+    return validate_config(TrainConfig, data, where="training config")
 
 
 @task(name="train", retries=0)
@@ -144,7 +145,6 @@ def evaluate_task(config: Any) -> dict[str, Any]:
 
 def eval_config(recipe: Recipe, paths: RunPaths) -> Any:
     """The EvalConfig for this run: the run's checkpoint on the recipe's benchmarks (or question dataset)."""
-    config_mod = _training_module("training.config")
     data = dict(recipe.evaluation.config)
     data.update(model=paths.checkpoints, output_uri=paths.evaluation)
     data.pop("checkpoint_uri", None)
@@ -161,7 +161,7 @@ def eval_config(recipe: Recipe, paths: RunPaths) -> Any:
         data.update(questions_uri=questions)
     # The tiny demo model is text-only or VL as built; a work folder under the run keeps downloads local.
     data.setdefault("work_dir", _local_dir(paths, "eval-work"))
-    return config_mod.validate_config(config_mod.EvalConfig, data, where="evaluation config")
+    return validate_config(EvalConfig, data, where="evaluation config")
 
 
 @flow(name="checkpoint", log_prints=True)

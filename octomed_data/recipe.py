@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from octomed_data.config import first_error
 from octomed_data.errors import ConfigError
 from octomed_data.mixture import MixtureConfig
 from octomed_data.teachers import DistillConfig, TeacherConfig
@@ -95,14 +96,41 @@ class ExportSettings(BaseModel):
     answer_format: Literal["normalize", "as_is"] = "normalize"
 
 
+# Filled in per run (the run's export, checkpoint folder, model); stand-ins while a recipe loads.
+_PER_RUN = "<filled in per run>"
+
+
+def _typed_block(cls: type[BaseModel], config: dict[str, Any], per_run: dict[str, Any]) -> dict[str, Any]:
+    """Validate a recipe's training/evaluation block against its job schema now, at load time.
+
+    A typo or an out-of-range value fails before any stage runs (not after hours of
+    distillation); the block stays a mapping because the run fills in data and output locations.
+    """
+    try:
+        cls.model_validate(per_run | dict(config))
+    except ValidationError as exc:
+        raise ValueError(first_error(exc)) from None
+    return config
+
+
 class TrainingSettings(BaseModel):
-    """Passed to ``training`` (TrainConfig); data and output locations are filled in per run."""
+    """Passed to training (:class:`~octomed_data.job_config.TrainConfig`); data and output locations
+    are filled in per run. ``config`` is validated against TrainConfig when the recipe loads."""
 
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
     tiny_model: Literal["text", "vl"] | None = None  # build a tiny random model offline (demo/tests)
     config: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("config")
+    @classmethod
+    def _check_config(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from octomed_data.job_config import TrainConfig
+
+        per_run = {"train_data": [_PER_RUN], "model_path": _PER_RUN, "output_uri": _PER_RUN}
+        return _typed_block(TrainConfig, v, per_run)
+
     # How the job starts: auto (= torchrun on this node), torchrun, deepspeed, inprocess, or ray
     # (Ray Train workers across a cluster). processes: per node, or Ray workers; None = one per GPU.
     launcher: Literal["auto", "inprocess", "torchrun", "deepspeed", "ray"] = "auto"
@@ -121,6 +149,13 @@ class EvalSettings(BaseModel):
     data_dir: str | None = None  # benchmark files; None: $OCTOMED_EVAL_DATA, else ../shared/data
     questions: str | None = None  # QUESTION_SCHEMA dataset; None: this run's decontaminated-away items
     config: dict[str, Any] = Field(default_factory=dict)  # protocol and backend settings (EvalConfig)
+
+    @field_validator("config")
+    @classmethod
+    def _check_config(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from octomed_data.job_config import EvalConfig
+
+        return _typed_block(EvalConfig, v, {"model": _PER_RUN, "questions_uri": _PER_RUN})
 
 
 class AutomationSettings(BaseModel):
@@ -201,7 +236,7 @@ class Recipe(BaseModel):
                 max_attempts=self.distill.max_attempts,
             )
         except ValidationError as exc:
-            raise ConfigError(f"invalid teachers/routing: {_first_error(exc)}") from None
+            raise ConfigError(f"invalid teachers/routing: {first_error(exc)}") from None
 
     def public_dict(self) -> dict[str, Any]:
         """JSON-able recipe (it holds no secrets by construction)."""
@@ -237,7 +272,7 @@ class Recipe(BaseModel):
                 try:
                     entry = SourceEntry.model_validate(item).model_dump(exclude_none=True)
                 except ValidationError as exc:
-                    raise ConfigError(f"invalid entry in {path}: {_first_error(exc)}") from None
+                    raise ConfigError(f"invalid entry in {path}: {first_error(exc)}") from None
                 for key in ("input", "images"):
                     if key in entry and "://" not in entry[key] and not os.path.isabs(entry[key]):
                         entry[key] = os.path.normpath(os.path.join(base, entry[key]))
@@ -252,12 +287,6 @@ class Recipe(BaseModel):
         return entries
 
 
-def _first_error(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    loc = ".".join(str(x) for x in first["loc"]) or "(root)"
-    return f"{loc}: {first['msg']}"
-
-
 def parse_recipe(data: Mapping[str, Any], where: str = "recipe", base_dir: str | None = None) -> Recipe:
     """Validate a recipe mapping; one-line :class:`ConfigError` on the first problem."""
     if not isinstance(data, Mapping):
@@ -268,7 +297,7 @@ def parse_recipe(data: Mapping[str, Any], where: str = "recipe", base_dir: str |
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"invalid {where}: {_first_error(exc)}") from None
+        raise ConfigError(f"invalid {where}: {first_error(exc)}") from None
 
 
 def load_recipe(

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from octomed_data.config import first_error
 from octomed_data.errors import ConfigError
 from octomed_data.prompts import PROMPT_VERSION
 from octomed_data.schema import TaskType
@@ -148,9 +149,7 @@ class DistillConfig(BaseModel):
         try:
             return cls.model_validate(dict(data))
         except ValidationError as exc:
-            first = exc.errors()[0]
-            loc = ".".join(str(x) for x in first["loc"])
-            raise ConfigError(f"invalid {where}: {loc}: {first['msg']}") from None
+            raise ConfigError(f"invalid {where}: {first_error(exc)}") from None
 
 
 def resolve_api_key(

@@ -17,7 +17,7 @@ from typing import Any
 
 from octomed_data import storage
 from octomed_data.errors import ConfigError
-from training.config import TrainConfig
+from octomed_data.job_config import TrainConfig
 from training.launch import TrainingFailed
 
 RESULT_FILE = "train-result.json"

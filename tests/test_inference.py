@@ -231,8 +231,9 @@ def test_distill_keeps_reasoning_sent_as_message_reasoning(tmp_path: Path, monke
 
 
 def test_sampling_extras_off_sends_nothing_even_to_vllm(shared_data, tmp_path: Path) -> None:
-    from training.config import EvalConfig
     from training.evaluate import evaluate
+
+    from octomed_data.job_config import EvalConfig
 
     with start_sandbox(server="vllm") as sb:
         cfg = EvalConfig(

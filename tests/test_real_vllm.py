@@ -157,8 +157,8 @@ def test_kill_9_then_resume_against_vllm(vllm_server, tmp_path: Path) -> None:
 
 
 def test_evaluate_against_vllm_with_forced_end(vllm_server, shared_data, tmp_path: Path) -> None:
-    from training.config import EvalConfig
-    from training.evaluate import evaluate
+    from evaluation.harness import evaluate
+    from octomed_data.job_config import EvalConfig
 
     cfg = EvalConfig(
         model=vllm_server.base_url, benchmarks="medqa", data_dir=str(shared_data), output_uri=str(tmp_path / "e"),
@@ -183,8 +183,8 @@ def test_vllm_backend_serves_the_checkpoint_itself(
     vllm_python, tiny_vllm_model, shared_data, tmp_path: Path
 ) -> None:
     """``--backend vllm``: the checkpoint behind a vLLM server started from vLLM's own venv."""
-    from training.config import EvalConfig
-    from training.evaluate import evaluate
+    from evaluation.harness import evaluate
+    from octomed_data.job_config import EvalConfig
 
     cfg = EvalConfig(
         model=str(tiny_vllm_model), backend="vllm", benchmarks="medqa", data_dir=str(shared_data),

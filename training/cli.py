@@ -54,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from training.config import TrainConfig, load_yaml_config
+    from octomed_data.job_config import TrainConfig, load_yaml_config
 
     overrides = {
         "max_steps": args.max_steps,

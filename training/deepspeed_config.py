@@ -1,4 +1,4 @@
-"""The DeepSpeed JSON config SFT runs with, generated from :class:`~training.config.TrainConfig`.
+"""The DeepSpeed JSON config SFT runs with, generated from :class:`~octomed_data.job_config.TrainConfig`.
 
 "auto" values are filled by the HF ``Trainer`` from its own arguments (the same numbers), so the
 two can't disagree.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from training.config import TrainConfig
+from octomed_data.job_config import TrainConfig
 
 
 def deepspeed_config(config: TrainConfig) -> dict[str, Any]:

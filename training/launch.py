@@ -30,7 +30,7 @@ from typing import Any, Literal
 import yaml
 
 from octomed_data.errors import ConfigError, OctomedError
-from training.config import TrainConfig
+from octomed_data.job_config import TrainConfig
 
 Launcher = Literal["auto", "inprocess", "torchrun", "deepspeed"]
 LAUNCHERS: tuple[str, ...] = ("auto", "inprocess", "torchrun", "deepspeed")

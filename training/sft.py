@@ -42,6 +42,7 @@ import pyarrow.compute as pc
 
 from octomed_data import storage
 from octomed_data.errors import ConfigError, OctomedError
+from octomed_data.job_config import TrainConfig, load_yaml_config
 from training.checkpoints import (
     download_folder,
     latest_resumable,
@@ -49,7 +50,6 @@ from training.checkpoints import (
     upload_folder,
     write_checkpoint_marker,
 )
-from training.config import TrainConfig, load_yaml_config
 from training.data import (
     DataFile,
     RowEncoder,

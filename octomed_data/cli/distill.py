@@ -16,6 +16,7 @@ import re
 import sys
 from typing import Any
 
+from octomed_data.config import first_error
 from octomed_data.distill.engine import TeacherUnreachable
 from octomed_data.distill.run import estimate, run_local
 from octomed_data.errors import ConfigError
@@ -191,8 +192,7 @@ def _cli_filter_difficulty(args: argparse.Namespace) -> int:
             rpm=args.rpm,
         )
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(f"invalid grader: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise ConfigError(f"invalid grader: {first_error(exc)}") from None
     filtered = args.filtered or storage.join(args.out, "questions")
     result = filter_by_difficulty(
         args.questions_uri,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from octomed_data.config import first_error
 from octomed_data.errors import ConfigError
 from octomed_data.mixture import MixtureConfig, build_mixture, parse_weights
 
@@ -22,7 +23,7 @@ def _cmd_mix(args: argparse.Namespace) -> int:
             shard_rows=args.shard_rows,
         )
     except ValidationError as exc:
-        raise ConfigError(f"invalid mixture settings: {exc.errors()[0]['msg']}") from None
+        raise ConfigError(f"invalid mixture settings: {first_error(exc)}") from None
     result = build_mixture(args.accepted, args.questions, args.out, config, progress=True)
     print(json.dumps(result.to_dict(), indent=2))
     return 0

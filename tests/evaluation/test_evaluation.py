@@ -19,10 +19,10 @@ from evaluation.report import MetricsAccumulator
 from octomed_data import storage
 from octomed_data.answers import extract_answer, is_correct, token_f1
 from octomed_data.errors import ConfigError
+from octomed_data.job_config import EvalConfig
 from octomed_data.prompts import system_prompt
 from octomed_data.sandbox import FaultConfig, start_sandbox
 from octomed_data.schema import options_of
-from training.config import EvalConfig
 
 
 def _by_benchmark_seed(rows: list[dict]) -> dict[str, dict[int, list[dict]]]:

@@ -49,9 +49,11 @@ def write_run(root: str) -> RunPaths:
                 "gold_answer": "B",
             }
             rows += [
-                base | {"sample_idx": 0, "reasoning": "think a while", "response": "Final answer: \\boxed{B}"},
+                base
+                | {"sample_idx": 0, "reasoning": "think a while", "response": "Final answer: \\boxed{B}"},
                 base | {"sample_idx": 1, "reasoning": "think", "response": "The answer is C."},
-                base | {"sample_idx": 2, "reasoning": "long", "response": "So the", "finish_reason": "length"},
+                base
+                | {"sample_idx": 2, "reasoning": "long", "response": "So the", "finish_reason": "length"},
                 base | {"sample_idx": 3, "reject_reason": "request_failed", "error": "HTTP 500"},
             ]
         questions.write_shard(shard, qs)
@@ -124,7 +126,9 @@ def test_a_failing_shard_is_recorded_and_the_others_commit(tmp_path) -> None:
         run_stage(FilterStage(paths), shards=["nope"])
 
 
-def test_prefect_and_ray_executors_write_what_the_local_one_writes(tmp_path, prefect_harness, ray_local) -> None:
+def test_prefect_and_ray_executors_write_what_the_local_one_writes(
+    tmp_path, prefect_harness, ray_local
+) -> None:
     from prefect import flow
 
     from tasks.prefect_executor import PrefectExecutor

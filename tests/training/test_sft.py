@@ -23,8 +23,8 @@ from evaluation.harness import EvalResult, evaluate, reasoning_span
 from octomed_data import storage
 from octomed_data.errors import ConfigError
 from octomed_data.export import LLAMAFACTORY_SCHEMA
+from octomed_data.job_config import EvalConfig, TrainConfig, load_yaml_config
 from octomed_data.schema import QUESTION_SCHEMA, RecordError
-from training.config import EvalConfig, TrainConfig, load_yaml_config
 from training.data import IGNORE_INDEX, SFTCollator, encode_conversation, normalize_messages
 from training.deepspeed_config import deepspeed_config
 from training.launch import launch_command

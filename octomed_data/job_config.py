@@ -16,21 +16,21 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
+from octomed_data.config import load_yaml_config, validate_config
 from octomed_data.errors import ConfigError
+
+__all__ = ["BatchPlan", "EvalConfig", "TrainConfig", "load_yaml_config", "validate_config"]
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 
@@ -249,32 +249,3 @@ class EvalConfig(BaseModel):
         if self.model.startswith(("http://", "https://")):
             raise ConfigError("an endpoint model needs an output location: pass --out URI (output_uri)")
         return join(self.model, "eval", self.name)
-
-
-def load_yaml_config(path: str | Path, cls: type[BaseModel], overrides: dict[str, Any] | None = None):
-    """Load ``cls`` from a YAML file (local path or URI); invalid files raise :class:`ConfigError`."""
-    from octomed_data import storage
-
-    try:
-        text = storage.read_bytes(str(path)).decode("utf-8")
-    except Exception as exc:  # StorageError already names the path
-        raise ConfigError(f"cannot read config {path}: {exc}") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config {path} must be a mapping of settings")
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return validate_config(cls, data, str(path))
-
-
-def validate_config(cls: type[BaseModel], data: dict[str, Any], where: str = "config"):
-    """Build ``cls`` from a dict, turning pydantic's report into one clear line."""
-    try:
-        return cls.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()
-        )
-        raise ConfigError(f"invalid {cls.__name__} in {where}: {problems}") from None

@@ -1,0 +1,64 @@
+"""The one config loader: YAML files and mappings into typed models, or one ``ConfigError`` line.
+
+Every typed config (the recipe, teachers, mixture, training and evaluation jobs) is validated
+here, so a bad setting always reads the same way: where, which field, what is wrong.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from octomed_data.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _problem(e: Any) -> str:
+    msg = str(e["msg"]).removeprefix("Value error, ")
+    return f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {msg}"
+
+
+def first_error(exc: ValidationError) -> str:
+    """``field.path: message`` of pydantic's first problem."""
+    return _problem(exc.errors()[0])
+
+
+def all_errors(exc: ValidationError) -> str:
+    """Every problem, ``; ``-separated, on one line."""
+    return "; ".join(_problem(e) for e in exc.errors())
+
+
+def validate_config(cls: type[M], data: Any, where: str = "config") -> M:
+    """Build ``cls`` from a mapping, turning pydantic's report into one clear line."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid {cls.__name__} in {where}: {all_errors(exc)}") from None
+
+
+def read_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """A YAML mapping from a local path or URI; unreadable, invalid or non-mapping files are one line."""
+    from octomed_data import storage
+
+    try:
+        text = storage.read_bytes(str(path)).decode("utf-8")
+    except Exception as exc:  # StorageError already names the path
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must be a mapping of settings")
+    return data
+
+
+def load_yaml_config(path: str | Path, cls: type[M], overrides: dict[str, Any] | None = None) -> M:
+    """Load ``cls`` from a YAML file (local path or URI); invalid files raise :class:`ConfigError`."""
+    data = read_yaml(path)
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return validate_config(cls, data, str(path))
