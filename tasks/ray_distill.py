@@ -1,7 +1,7 @@
 """Ray executor for the distillation engine: async actors plus one global budget per teacher.
 
 * :class:`TeacherBudget` is a named, detached actor holding every teacher's requests/tokens
-  window (the library's :class:`~octomed_data.ratelimit.WindowBudget`) for all actors on all
+  window (the library's :class:`~octomed_data.inference.ratelimit.WindowBudget`) for all actors on all
   machines. Workers lease permits in small chunks that expire, so the budget actor is asked
   a few times per second, not once per request.
 * :class:`DistillWorker` is an async actor running :func:`~octomed_data.distill.adistill_shard`;
@@ -25,7 +25,7 @@ from pydantic import SecretStr
 
 from octomed_data.distill import ShardReport, adistill_shard, finalize, shard_names
 from octomed_data.distill.run import summarize
-from octomed_data.ratelimit import LeasedRateLimiter, WindowBudget, lease_chunk, safety_margin
+from octomed_data.inference.ratelimit import LeasedRateLimiter, WindowBudget, lease_chunk, safety_margin
 from octomed_data.teachers import DistillConfig
 
 NAMESPACE = "octomed"

@@ -12,7 +12,7 @@ from pydantic import SecretStr
 from octomed_data import storage
 from octomed_data.cli import main
 from octomed_data.errors import ConfigError
-from octomed_data.ratelimit import LeasedRateLimiter, WindowBudget, lease_chunk
+from octomed_data.inference.ratelimit import LeasedRateLimiter, WindowBudget, lease_chunk
 from octomed_data.sandbox import max_in_window
 from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA
 from octomed_data.stats import source_statistics

@@ -457,7 +457,7 @@ class OpenAIBackend:
         opens_think: bool = False,
     ) -> None:
         from octomed_data.distill.engine import _TeacherClient
-        from octomed_data.ratelimit import LocalRateLimiter
+        from octomed_data.inference.ratelimit import LocalRateLimiter
         from octomed_data.teachers import TeacherConfig
 
         self.url = url.rstrip("/")

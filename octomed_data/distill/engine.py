@@ -40,10 +40,10 @@ from octomed_data.distill.journal import (
     sample_key,
 )
 from octomed_data.errors import OctomedError, StorageError
+from octomed_data.inference.ratelimit import LocalRateLimiter, RateLimiter
 from octomed_data.inference.replies import read_choice
 from octomed_data.inference.servers import ServerKind, detect_kind, profile
 from octomed_data.prompts import build_messages
-from octomed_data.ratelimit import LocalRateLimiter, RateLimiter
 from octomed_data.sandbox import SANDBOX_FINGERPRINT, SANDBOX_TEACHER
 from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA, TaskType, options_of
 from octomed_data.teachers import DistillConfig, TeacherConfig, resolve_api_key

@@ -41,9 +41,9 @@ from octomed_data.distill.engine import (
 )
 from octomed_data.distill.journal import FAILED, iter_journal
 from octomed_data.errors import ConfigError, StorageError
+from octomed_data.inference.ratelimit import LocalRateLimiter, RateLimiter
 from octomed_data.inference.replies import read_choice
 from octomed_data.prompts import build_messages
-from octomed_data.ratelimit import LocalRateLimiter, RateLimiter
 from octomed_data.sandbox import SANDBOX_FINGERPRINT, SANDBOX_TEACHER
 from octomed_data.schema import (
     QUESTION_SCHEMA,

@@ -23,7 +23,7 @@ from octomed_data.distill.engine import (
     shard_names,
 )
 from octomed_data.errors import StorageError
-from octomed_data.ratelimit import LocalRateLimiter, RateLimiter
+from octomed_data.inference.ratelimit import LocalRateLimiter, RateLimiter
 from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA
 from octomed_data.stats import source_statistics
 from octomed_data.teachers import DistillConfig
