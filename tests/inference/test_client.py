@@ -222,27 +222,31 @@ def test_request_with_retries_stops_every_request_once_the_endpoint_is_dead() ->
         name="t", base_url="http://127.0.0.1:9/v1", model="m", server="openai", timeout_s=5
     )
 
+    client = EndpointClient(teacher, SecretStr("sk-test-0000000000001"), breaker_threshold=4)
+    limiter = LocalRateLimiter.for_teachers([teacher])
+    kwargs = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
     async def main() -> list[tuple]:
-        client = EndpointClient(teacher, SecretStr("sk-test-0000000000001"), breaker_threshold=4)
-        limiter = LocalRateLimiter.for_teachers([teacher])
-        kwargs = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
         try:
-            return await asyncio.gather(
+            first = await asyncio.gather(
                 *(
                     request_with_retries(client, kwargs, max_attempts=6, limiter=limiter, estimate=10)
                     for _ in range(12)
                 )
             )
+            # A request sent after the trip is not sent at all: it returns the reason.
+            later = await request_with_retries(client, kwargs, max_attempts=6, limiter=limiter, estimate=10)
+            return [*first, later]
         finally:
             await client.close()
 
     started = time.monotonic()
     results = asyncio.run(main())
-    assert time.monotonic() - started < 10  # not 12 requests x 6 backed-off attempts
-    assert all(r[0] is None for r in results)
-    assert any("unreachable" in (r[3] or "") for r in results) or all(
-        "connection error" in r[3] for r in results
-    )
+    assert time.monotonic() - started < 10  # not 12 requests x 6 backed-off attempts (~30 s each)
+    assert client.breaker.tripped and "unreachable: connection error" in client.breaker.tripped
+    assert all(r[0] is None for r in results) and all(r[1] <= 2 for r in results[:-1])
+    assert results[-1][1] == 0 and results[-1][3] == client.breaker.tripped
+    assert "sk-test-0000000000001" not in client.breaker.tripped
 
 
 def _stop_after(sb, requests: int) -> threading.Thread:
