@@ -35,7 +35,9 @@ sys.path.insert(0, str(REPO))
 import pyarrow as pa  # noqa: E402
 
 from octomed_data import storage  # noqa: E402
-from octomed_data.decontam import DecontamIndex, decontaminate, tokens  # noqa: E402
+from octomed_data.decontam.index import DecontamIndex  # noqa: E402
+from octomed_data.decontam.shard import decontaminate  # noqa: E402
+from octomed_data.decontam.text import tokens  # noqa: E402
 from octomed_data.schema import QUESTION_SCHEMA  # noqa: E402
 
 DATA = Path(os.environ.get("OCTOMED_SHARED_DATA", REPO.parent / "shared" / "data"))

@@ -55,22 +55,20 @@ def ensure_training_automation(
     return training_automation(train_deployment_id, mixture_flow_name=mixture_flow_name).create()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m flows.automation [--deployment train/train] [--disable]`` (after ``prefect deploy``)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m flows.automation", description=main.__doc__)
-    parser.add_argument("--deployment", default="train/train", help="FLOW/DEPLOYMENT to start on a mixture")
-    parser.add_argument("--disable", action="store_true", help="remove the automation instead")
-    args = parser.parse_args(argv)
+def ensure_automation_for(deployment_name: str = "train/train", *, enabled: bool = True) -> Automation | None:
+    """Create (or remove) the automation for the deployment ``FLOW/DEPLOYMENT`` (after ``prefect deploy``)."""
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name(args.deployment)
-    automation = ensure_training_automation(deployment.id, enabled=not args.disable)
-    print(f"automation {AUTOMATION_NAME}: {'removed' if automation is None else 'created'}")
-    return 0
+        deployment = client.read_deployment_by_name(deployment_name)
+    return ensure_training_automation(deployment.id, enabled=enabled)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # ``python -m flows.automation [--deployment train/train] [--disable]`` is
+    # ``octomed-data automation ...`` (argparse lives in octomed_data/cli/).
+    import sys
+
+    from octomed_data.cli import main
+
+    sys.exit(main(["automation", *sys.argv[1:]]))

@@ -1,32 +1,32 @@
-"""What every flow shares: typed run parameters, opening the run, result storage, artifacts."""
+"""What every flow shares: typed run parameters, opening the run, running a stage, artifacts.
+
+A flow composes stages (:mod:`octomed_data.stages`) and publishes artifacts; it holds no stage
+logic. :func:`run_stage_flow` is the one way a flow runs a stage: the Prefect executor (one task
+per shard, named ``<stage> <shard>``), a progress artifact updated per shard, one shard table per
+stage when it ends (artifact data grows with the shards, not with their square), and one error line
+naming the shards that failed and how to re-run them.
+"""
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import os
 import re
 from collections.abc import Sequence
 from typing import Any
 
-from prefect import Task, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
 from octomed_data import storage
-from octomed_data.errors import OctomedError
-from octomed_data.recipe import (
-    Recipe,
-    RunPaths,
-    load_recipe,
-    open_run,
-    shard_name,
-    shard_states,
-    start_run,
-)
+from octomed_data.layout import RunPaths
+from octomed_data.recipe import Recipe, load_recipe
 from octomed_data.report import shard_table_rows
+from octomed_data.runs import open_run, shard_states, start_run
+from octomed_data.stages import Stage, StageFailed, StageResult, raise_for_failures, run_stage
 
 ENV_STORE = "OCTOMED_STORE"
+ShardFailures = StageFailed  # some shards failed; the others are committed: re-run the failed ones alone
 
 
 class RunParams(BaseModel):
@@ -42,10 +42,6 @@ class RunParams(BaseModel):
     )
 
 
-class ShardFailures(OctomedError):
-    """Some shards failed; the others are committed. Re-run the failed ones alone."""
-
-
 def prepare(run: RunParams) -> tuple[Recipe, RunPaths]:
     """Open the run named by ``run`` (its recorded recipe wins) or start a new one from the recipe."""
     store = run.store or os.environ.get(ENV_STORE)
@@ -59,53 +55,46 @@ def prepare(run: RunParams) -> tuple[Recipe, RunPaths]:
     return recipe, paths
 
 
-def wanted_shards(run: RunParams, available: Sequence[str]) -> list[str]:
-    """The shards to process: all, or exactly those named (a name, or a 0-based position)."""
-    if not run.shards:
-        return list(available)
-    names = []
-    for s in run.shards:
-        s = str(s)
-        if s in available:
-            names.append(s)
-        elif s.isdigit() and shard_name(s) in available:
-            names.append(shard_name(s))
-        elif s.isdigit() and int(s) < len(available):
-            names.append(sorted(available)[int(s)])  # N = position in the run's shard list
-        else:
-            raise OctomedError(f"unknown shard {s!r}; this run has {sorted(available)[:20]}")
-    return names
+def run_stage_flow(
+    stage: Stage,
+    run: RunParams,
+    *,
+    ray: bool = False,
+    ray_address: str | None = None,
+    raise_on_failure: bool = True,
+) -> StageResult:
+    """Run ``stage`` with the Prefect executor (shards named in ``run``, else all) and publish its table."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
+    from tasks.prefect_executor import PrefectExecutor
 
-@functools.lru_cache(maxsize=16)
-def _saved_block(uri: str, api_url: str) -> tuple[str, Any]:
-    from prefect.filesystems import LocalFileSystem, RemoteFileSystem
+    paths = stage.paths
+    shards = stage.select(run.shards)
+    progress_id = None
+    if len(shards) > 1:
+        progress_id = create_progress_artifact(
+            0.0,
+            key=artifact_key(f"{stage.name}-progress", paths.run_id),
+            description=f"{stage.name}: shards done, run {paths.run_id}",
+        )
+    done = [0]
 
-    name = "octomed-results-" + hashlib.sha256(uri.encode()).hexdigest()[:12]
-    if "://" not in uri or uri.startswith("file://"):
-        block: Any = LocalFileSystem(basepath=os.path.abspath(uri.removeprefix("file://")))
-        slug = f"local-file-system/{name}"
-    else:
-        # Endpoint only; credentials stay in the environment (botocore reads them), never in a block.
-        settings = {k: v for k, v in storage.storage_options(uri).items() if k != "config_kwargs"}
-        block = RemoteFileSystem(basepath=uri, settings=settings)
-        slug = f"remote-file-system/{name}"
-    block.save(name, overwrite=True)  # Prefect needs result storage registered server-side
-    return slug, block
+    def on_outcome(outcome: Any) -> None:
+        done[0] += 1
+        if outcome.state == "FAILED":
+            get_run_logger().error("%s shard %s failed: %s", stage.name, outcome.shard, outcome.error)
+        if progress_id is not None:
+            update_progress_artifact(progress_id, 100.0 * done[0] / len(shards))
 
-
-def result_storage(paths: RunPaths) -> tuple[str, Any]:
-    """Where Prefect persists task results and cache records: the run's own store (block slug, block)."""
-    from prefect.settings import PREFECT_API_URL
-
-    return _saved_block(paths.results, str(PREFECT_API_URL.value()))
-
-
-def configured(task: Task, paths: RunPaths, *, refresh: bool = False) -> Task:
-    """``task`` with results and cache keys kept in the run's store (and optionally a fresh cache)."""
-    slug, _ = result_storage(paths)
-    # Cache records live with the results (Prefect's default key storage is the result storage).
-    return task.with_options(result_storage=slug, refresh_cache=refresh or None)
+    executor = PrefectExecutor(ray=ray, ray_address=ray_address, on_outcome=on_outcome)
+    result = run_stage(stage, executor, shards=run.shards)
+    if result.stale:
+        print(f"{stage.name}: dropped outputs of vanished input shards {result.stale}")
+    if not stage.global_step:
+        publish_shard_table(paths, stage.name)
+    if raise_on_failure:
+        raise_for_failures(result, lambda bad: rerun_hint(paths, bad))
+    return result
 
 
 def artifact_key(kind: str, run_id: str) -> str:
@@ -114,12 +103,16 @@ def artifact_key(kind: str, run_id: str) -> str:
 
 
 def publish_shard_table(paths: RunPaths, stage: str | None = None) -> list[dict[str, Any]]:
-    """Table artifact of shard states (counts, state, error) for the run."""
+    """Table artifact of shard states (state, error, counts) for one stage or the whole run.
+
+    One key per stage (``shards-<stage>-<run>``), published once when the stage ends: a run shows
+    one card per stage, not one per shard update.
+    """
     rows = shard_table_rows(shard_states(paths, stage))
     if rows:
         create_table_artifact(
             rows,
-            key=artifact_key("shards", paths.run_id),
+            key=artifact_key(f"shards-{stage}" if stage else "shards", paths.run_id),
             description=f"Shards of run {paths.run_id}" + (f" ({stage})" if stage else ""),
         )
     return rows
@@ -132,21 +125,6 @@ def publish_table(kind: str, paths: RunPaths, rows: list[dict[str, Any]], descri
 
 def publish_markdown(kind: str, paths: RunPaths, markdown: str, description: str) -> None:
     create_markdown_artifact(markdown, key=artifact_key(kind, paths.run_id), description=description)
-
-
-def collect(futures: dict[str, Any], stage: str) -> tuple[dict[str, Any], list[str]]:
-    """Wait for shard futures; results of the good ones and the names of failed ones (logged)."""
-    logger = get_run_logger()
-    results: dict[str, Any] = {}
-    failed: list[str] = []
-    for shard, fut in futures.items():
-        fut.wait()
-        if fut.state.is_completed():
-            results[shard] = fut.result()
-        else:
-            failed.append(shard)
-            logger.error("%s shard %s failed: %s", stage, shard, fut.state.message)
-    return results, failed
 
 
 def rerun_hint(paths: RunPaths, failed: Sequence[str]) -> str:

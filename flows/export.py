@@ -6,15 +6,18 @@ from typing import Any
 
 from prefect import flow
 
-from flows.common import RunParams, configured, prepare, publish_table
-from tasks.stages import export_task
+from flows.common import RunParams, prepare, publish_table, run_stage_flow
+from octomed_data.stages.mixture import ExportStage
 
 
 @flow(name="export", log_prints=True)
 def export_flow(run: RunParams = RunParams()) -> dict[str, Any]:
     """``RUN/mixture`` -> ``RUN/export/llamafactory/…`` and ``RUN/export/trl/{text,vision}/…``."""
     recipe, paths = prepare(run)
-    result = configured(export_task, paths)(paths.stage("mixture"), paths, recipe.export.model_dump())
+    stage = ExportStage(paths, recipe.export.model_dump())
+    result = next(
+        iter(run_stage_flow(stage, run.model_copy(update={"shards": None})).outcomes.values())
+    ).counts
     rows = [
         {"format": fmt, "split": split, "rows": result["rows"][fmt][split], "uri": uri}
         for fmt, splits in result["datasets"].items()

@@ -23,7 +23,7 @@ from flows.filter import filter_flow, report_task
 from flows.ingest import ingest_flow
 from flows.mixture import mixture_flow
 from flows.training import TrainParams, checkpoint_flow, evaluate_flow, train_flow
-from octomed_data.recipe import STAGES
+from octomed_data.runs import STAGES
 
 Stage = Literal[
     "ingest", "decontaminate", "distill", "filter", "mixture", "export", "train", "checkpoint", "evaluate"

@@ -1,4 +1,4 @@
-"""Ingest flow: every source entry of the recipe -> normalised question shards + quarantine."""
+"""Ingest flow: the recipe's source entries -> question shards + quarantine, one task per entry."""
 
 from __future__ import annotations
 
@@ -6,16 +6,16 @@ from typing import Any
 
 from prefect import flow
 
-from flows.common import RunParams, configured, prepare, publish_shard_table, publish_table
-from tasks.stages import ingest_task
+from flows.common import RunParams, prepare, publish_table, run_stage_flow
+from octomed_data.stages.ingest import IngestStage
 
 
 @flow(name="ingest", log_prints=True)
 def ingest_flow(run: RunParams = RunParams()) -> dict[str, Any]:
-    """Read the recipe's sources into ``RUN/ingest`` (one task: ingest shards by size as it streams)."""
+    """Read the recipe's sources into ``RUN/ingest`` (one task per source entry; done entries are kept)."""
     recipe, paths = prepare(run)
-    summary = configured(ingest_task, paths)(recipe.ingest_entries(), paths, recipe.shard_size)
-    publish_shard_table(paths, "ingest")
+    stage = IngestStage.for_run(paths, recipe.ingest_entries(), recipe.shard_size)
+    summary = run_stage_flow(stage, run.model_copy(update={"shards": None})).final
     rows = [
         {"source": name} | dict(counts) for name, counts in sorted((summary.get("per_source") or {}).items())
     ]

@@ -9,25 +9,19 @@ from typing import Any
 
 from prefect import flow
 
-from flows.common import RunParams, configured, prepare, publish_table
-from octomed_data import storage
-from octomed_data.errors import StorageError
-from tasks.stages import mixture_task
+from flows.common import RunParams, prepare, publish_table, run_stage_flow
+from octomed_data.stages.mixture import MixtureStage
 
 MIXTURE_FLOW_NAME = "mixture"
 
 
 @flow(name=MIXTURE_FLOW_NAME, log_prints=True)
 def mixture_flow(run: RunParams = RunParams()) -> dict[str, Any]:
-    """Build ``RUN/mixture/{train,validation}`` from ``RUN/distill/accepted`` and the questions."""
+    """Build ``RUN/mixture/{train,validation}`` from ``RUN/filter/accepted`` and the questions."""
     recipe, paths = prepare(run)
-    accepted = storage.join(paths.stage("distill"), "accepted")
-    if not storage.Dataset(accepted).manifest():
-        raise StorageError(f"no accepted samples at {accepted}: run the distill flow first")
-    result = configured(mixture_task, paths)(accepted, paths.questions, paths, recipe.mixture)
-    rows = [{"source": s} | c for s, c in sorted(result["sources"].items())]
+    result = run_stage_flow(MixtureStage(paths, recipe.mixture), run.model_copy(update={"shards": None}))
+    mix = next(iter(result.outcomes.values())).counts
+    rows = [{"source": s} | c for s, c in sorted(mix["sources"].items())]
     publish_table("mixture", paths, rows, f"Mixture per source, run {paths.run_id}")
-    print(
-        f"mixture: {result['rows_train']} train / {result['rows_validation']} validation rows at {result['uri']}"
-    )
-    return {"run_id": paths.run_id} | result
+    print(f"mixture: {mix['rows_train']} train / {mix['rows_validation']} validation rows at {mix['uri']}")
+    return {"run_id": paths.run_id} | mix

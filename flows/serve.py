@@ -1,65 +1,29 @@
-"""Serve the factory's deployments from one process: ``python -m flows.serve`` or ``octomed-data serve``.
+"""Serve the factory's deployments from one process: ``octomed-data serve`` (or ``python -m flows.serve``).
 
-Deployments: ``factory/factory`` (nightly cron), every stage flow (``ingest/ingest``,
-``distill/distill`` ... runnable from the UI with their parameter forms, including ``shards`` to
-re-run one shard), and ``train/train`` (the training form). With the recipe's automation on,
-a completed ``mixture`` flow run starts ``train/train``. ``deploy/prefect.yaml`` describes the
-same deployments for a work pool and worker.
+The deployments are defined once, in :mod:`flows.deployments`: ``factory/factory`` (nightly cron),
+every stage flow (``ingest/ingest``, ``distill/distill`` ... runnable from the UI with their
+parameter forms, including ``shards`` to re-run one shard), and ``train/train`` (the training
+form). With the recipe's automation on, a completed ``mixture`` flow run starts ``train/train``.
+``deploy/prefect.yaml`` is generated from the same definition for a work pool and worker.
 """
 
 from __future__ import annotations
 
-import argparse
+import sys
 from typing import Any
 
 from prefect import serve as prefect_serve
 from prefect.deployments.runner import RunnerDeployment
 
-from flows.common import RunParams
-from flows.decontaminate import decontaminate_flow
-from flows.distill import distill_flow
-from flows.export import export_flow
-from flows.factory import factory_flow
-from flows.filter import filter_flow
-from flows.ingest import ingest_flow
-from flows.mixture import mixture_flow
-from flows.training import TrainParams, checkpoint_flow, evaluate_flow, train_flow
+from flows.deployments import FACTORY_CRON, runner_deployments
 from octomed_data.recipe import load_recipe
 
-FACTORY_CRON = "0 2 * * *"  # nightly; keep in step with deploy/prefect.yaml
+__all__ = ["FACTORY_CRON", "apply_training_automation", "deployments", "serve"]
 
 
 def deployments(recipe_path: str = "demo", *, schedules: bool = True) -> list[RunnerDeployment]:
     """The factory's deployments, parameters defaulting to ``recipe_path``."""
-    run = RunParams(recipe_path=recipe_path).model_dump()
-    stage_flows = [
-        ingest_flow,
-        decontaminate_flow,
-        distill_flow,
-        filter_flow,
-        mixture_flow,
-        export_flow,
-        checkpoint_flow,
-        evaluate_flow,
-    ]
-    out = [
-        factory_flow.to_deployment(
-            name="factory",
-            cron=FACTORY_CRON if schedules else None,
-            parameters={"run": run},
-            tags=["octomed"],
-            description="The whole factory for the recipe (a new run each time).",
-        ),
-        train_flow.to_deployment(
-            name="train",
-            parameters={"params": TrainParams(run=RunParams(recipe_path=recipe_path)).model_dump()},
-            tags=["octomed", "training"],
-            description="SFT on a run's export; started from the UI form or by the mixture automation.",
-        ),
-    ]
-    for f in stage_flows:
-        out.append(f.to_deployment(name=f.name, parameters={"run": run}, tags=["octomed", "stage"]))
-    return out
+    return runner_deployments(recipe_path, schedules=schedules)
 
 
 def apply_training_automation(train: RunnerDeployment, enabled: bool) -> Any:
@@ -79,15 +43,8 @@ def serve(recipe_path: str = "demo", *, with_automation: bool = True, schedules:
     prefect_serve(*deps)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default="demo")
-    parser.add_argument("--no-automation", action="store_true")
-    parser.add_argument("--no-schedules", action="store_true")
-    args = parser.parse_args(argv)
-    serve(args.recipe, with_automation=not args.no_automation, schedules=not args.no_schedules)
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # The same parser as ``octomed-data serve`` (argparse lives in octomed_data/cli/).
+    from octomed_data.cli import main
+
+    sys.exit(main(["serve", *sys.argv[1:]]))

@@ -15,12 +15,13 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from pydantic import BaseModel, ConfigDict, Field
+from tasks.stages import RETRY
 
 from flows.common import RunParams, configured, prepare, publish_markdown, publish_table
 from octomed_data import storage
 from octomed_data.errors import ConfigError, OctomedError, StorageError
-from octomed_data.recipe import Recipe, RunPaths
-from tasks.stages import RETRY
+from octomed_data.layout import RunPaths
+from octomed_data.recipe import Recipe
 
 
 class TrainingUnavailable(OctomedError):
@@ -88,11 +89,11 @@ def train_config(recipe: Recipe, paths: RunPaths, params: TrainParams) -> Any:
     text_only = os.path.isfile(config_file) and not _training_module("training.sft").is_vision_model(
         model_path
     )
-    export_uri = storage.join(paths.stage("export"), "trl", "text" if text_only else "vision", "train")
+    export_uri = storage.join(paths.trl_export(text_only), "train")
     files = storage.Dataset(export_uri).files()
     if not files:
         raise StorageError(f"no TRL export at {export_uri}: run the export flow first")
-    data.update(train_data=files, model_path=model_path, output_uri=paths.stage("checkpoints"))
+    data.update(train_data=files, model_path=model_path, output_uri=paths.checkpoints)
     data.setdefault("work_dir", _local_dir(paths, "train-work"))
     for key in ("max_steps", "learning_rate", "num_train_epochs"):
         if getattr(params, key) is not None:
@@ -125,11 +126,11 @@ def train_task(config: Any, launcher: str, processes: int | None, ray_address: s
 def checkpoint_task(paths: RunPaths) -> dict[str, Any]:
     """Verify the uploaded checkpoint and record it as this run's (and the store's latest) model."""
     sft = _training_module("training.sft")
-    uri = paths.stage("checkpoints")
+    uri = paths.checkpoints
     marker = sft.read_checkpoint_marker(uri)
     record = {"run_id": paths.run_id, "checkpoint_uri": uri, "marker": marker}
-    storage.write_json(storage.join(paths.root, "checkpoint.json"), record)
-    storage.write_json(storage.join(paths.store, "checkpoints", "latest.json"), record)
+    storage.write_json(paths.checkpoint_record, record)
+    storage.write_json(paths.latest_checkpoint, record)
     return record
 
 
@@ -146,7 +147,7 @@ def eval_config(recipe: Recipe, paths: RunPaths) -> Any:
     """The EvalConfig for this run: the run's checkpoint on the recipe's benchmarks (or question dataset)."""
     config_mod = _training_module("training.config")
     data = dict(recipe.evaluation.config)
-    data.update(model=paths.stage("checkpoints"), output_uri=paths.stage("evaluate"))
+    data.update(model=paths.checkpoints, output_uri=paths.evaluation)
     data.pop("checkpoint_uri", None)
     if recipe.evaluation.benchmarks:
         data_dir = recipe.evaluation.data_dir
@@ -155,7 +156,7 @@ def eval_config(recipe: Recipe, paths: RunPaths) -> Any:
             data_dir=recipe.resolve_path(data_dir) if data_dir else None,
         )
     else:
-        questions = recipe.evaluation.questions or storage.join(paths.stage("decontaminate"), "removed")
+        questions = recipe.evaluation.questions or paths.removed
         if not storage.Dataset(questions).manifest():
             raise StorageError(f"no evaluation questions at {questions}")
         data.update(questions_uri=questions)

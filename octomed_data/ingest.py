@@ -18,7 +18,6 @@ rows behind.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 import sys
@@ -32,8 +31,8 @@ from typing import Any
 from octomed_data import storage
 from octomed_data.errors import ConfigError
 from octomed_data.images import ImageStore
-from octomed_data.schema import QUARANTINE_SCHEMA, QUESTION_SCHEMA, quarantine_row
-from octomed_data.sources import FORMATS, get_format, iter_records
+from octomed_data.schema import ENTRY_SCHEMA, QUARANTINE_SCHEMA, QUESTION_SCHEMA, quarantine_row
+from octomed_data.sources import get_format, iter_records
 
 SAMPLE_DATA_DIR = Path(__file__).resolve().parent / "sample_data"
 DEMO_CONFIG = SAMPLE_DATA_DIR / "demo.yaml"
@@ -143,31 +142,23 @@ def _entry_name(entry: Mapping[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]+", "_", name).strip("_.-") or str(entry["format"])
 
 
-def ingest_many(
-    entries: Iterable[Mapping[str, Any]],
-    out: str,
-    *,
-    shard_size: int = 5000,
-    progress: bool = False,
-    shard_prefix: bool = True,
-) -> IngestResult:
-    """Ingest several inputs into one output (questions, quarantine, images under ``out``).
+@dataclass(frozen=True)
+class EntryPlan:
+    """One validated source entry: its name (shard prefix), the entry and the loader options."""
 
-    Each entry is a mapping: ``format``, ``input`` (path), optional ``images`` (folder),
-    ``name`` (shard prefix; defaults to the format), ``split``, ``source`` (name written to
-    rows; defaults to the format) and ``options`` (per-format ``--option`` values). Shards are named
-    ``<name>-00000`` ...; with ``shard_prefix=False`` and a single entry, ``00000`` ...
-    Raises :class:`~octomed_data.errors.OctomedError` for an unknown format, a missing
-    input or an unusable output before any record is read.
-    """
+    name: str
+    entry: dict[str, Any]
+    options: dict[str, Any]
+    prefix: str  # "" when the single entry writes shards 00000, 00001, ...
+
+
+def plan_entries(entries: Iterable[Mapping[str, Any]], *, shard_prefix: bool = True) -> list[EntryPlan]:
+    """Validate every entry before any record is read: a typo in the last one costs nothing."""
     entries = [dict(e) for e in entries]
-    if shard_size < 1:
-        raise ConfigError(f"shard size must be >= 1, got {shard_size}")
     if not entries:
         raise ConfigError("nothing to ingest: no entries")
     if not shard_prefix and len(entries) > 1:
         raise ConfigError("several inputs into one output need shard prefixes")
-    # Validate everything first: a typo in the last entry should not cost a half-written run.
     names: Counter[str] = Counter()
     plans = []
     for entry in entries:
@@ -183,84 +174,212 @@ def ingest_many(
             if entry.get(key):
                 options[key] = entry[key]
         options.setdefault("source", entry["format"])
-        plans.append((name, entry, options))
         # Fail on unknown options / wrong paths now (iter_records checks eagerly).
         iter_records(str(entry["format"]), str(entry["input"]), images_dir=entry.get("images"), **options)
+        plans.append(EntryPlan(name, entry, options, name if shard_prefix else ""))
+    return plans
 
-    check_output(out)
+
+def entries_uri(out: str) -> str:
+    """One committed shard per ingested entry (its counts): the ingest stage's done-signal."""
+    return storage.join(out, "entries")
+
+
+def ingest_entry(
+    plan: EntryPlan, out: str, *, shard_size: int = 5000, progress: bool = False
+) -> dict[str, Any]:
+    """Ingest one entry into ``out`` (questions, quarantine, images); returns and commits its counts.
+
+    Duplicates within the entry are quarantined here; duplicates of other entries by
+    :func:`quarantine_cross_duplicates` once all entries are in. The entry's marker in
+    ``out/entries`` is written last: it is the entry's done-signal.
+    """
+    if shard_size < 1:
+        raise ConfigError(f"shard size must be >= 1, got {shard_size}")
+    entry = plan.entry
     questions_ds = storage.Dataset(storage.join(out, "questions"), QUESTION_SCHEMA)
     quarantine_ds = storage.Dataset(storage.join(out, "quarantine"), QUARANTINE_SCHEMA)
     store = ImageStore(out)
-    result = IngestResult(
-        questions_uri=questions_ds.uri, quarantine_uri=quarantine_ds.uri, images_uri=store.images_uri or ""
-    )
-    seen = _Seen()
+    extra = {"format": entry["format"], "input": str(entry["input"]), "entry": plan.name}
+    q_writer = _ShardWriter(questions_ds, plan.prefix, shard_size, extra)
+    x_writer = _ShardWriter(quarantine_ds, plan.prefix, shard_size, extra)
+    counts: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
-    started = time.perf_counter()
+    # Same output + same shard names = a re-run that replaces them. Say so when the shards
+    # being replaced came from another input: that is lost data if it was not intended.
+    this_input = f"{extra['format']}:{extra['input']}"
+    others = sorted(q_writer.owned_inputs() - {this_input})
+    if others:
+        log.warning(
+            "%s: replacing shards%s written from %s; use a shard prefix to keep both",
+            questions_ds.uri,
+            f" {plan.prefix}-*" if plan.prefix else "",
+            ", ".join(others),
+        )
+    seen = _Seen()
     bar = _progress_bar(progress)
+    if bar is not None:
+        bar.set_description(plan.name)
+    started = time.perf_counter()
     try:
-        for name, entry, options in plans:
-            prefix = name if shard_prefix else ""
-            extra = {"format": entry["format"], "input": str(entry["input"]), "entry": name}
-            q_writer = _ShardWriter(questions_ds, prefix, shard_size, extra)
-            x_writer = _ShardWriter(quarantine_ds, prefix, shard_size, extra)
-            counts: Counter[str] = Counter()
-            # Same output + same shard names = a re-run that replaces them. Say so when the shards
-            # being replaced came from another input: that is lost data if it was not intended.
-            this_input = f"{extra['format']}:{extra['input']}"
-            others = sorted(q_writer.owned_inputs() - {this_input})
-            if others:
-                log.warning(
-                    "%s: replacing shards%s written from %s; use a shard prefix to keep both",
-                    questions_ds.uri,
-                    f" {prefix}-*" if prefix else "",
-                    ", ".join(others),
-                )
+        records = iter_records(
+            str(entry["format"]),
+            str(entry["input"]),
+            image_store=store,
+            images_dir=entry.get("images"),
+            **plan.options,
+        )
+        for kind, row in records:
+            counts["records"] += 1
+            if kind == "question":
+                first = seen.check(row)
+                if first is not None:
+                    kind, row = "quarantine", _duplicate(row, first)
+            if kind == "question":
+                q_writer.add(row)
+                counts["questions"] += 1
+            else:
+                x_writer.add(row)
+                counts["quarantined"] += 1
+                reasons[row["reason"]] += 1
             if bar is not None:
-                bar.set_description(name)
-            records = iter_records(
-                str(entry["format"]),
-                str(entry["input"]),
-                image_store=store,
-                images_dir=entry.get("images"),
-                **options,
-            )
-            for kind, row in records:
-                counts["records"] += 1
-                if kind == "question":
-                    first = seen.check(row)
-                    if first is not None:
-                        kind, row = "quarantine", _duplicate(row, first)
-                if kind == "question":
-                    q_writer.add(row)
-                    counts["questions"] += 1
-                else:
-                    x_writer.add(row)
-                    counts["quarantined"] += 1
-                    reasons[row["reason"]] += 1
-                if bar is not None:
-                    bar.update(1)
-                    if counts["records"] % 500 == 0:
-                        bar.set_postfix(questions=result.questions + counts["questions"], refresh=False)
-            q_writer.flush()
-            x_writer.flush()
-            q_writer.drop_stale()
-            x_writer.drop_stale()
-            result.shards.extend(q_writer.written)
-            result.quarantine_shards.extend(x_writer.written)
-            result.per_source[name] = {k: counts[k] for k in ("records", "questions", "quarantined")}
-            result.records += counts["records"]
-            result.questions += counts["questions"]
-            result.quarantined += counts["quarantined"]
+                bar.update(1)
+                if counts["records"] % 500 == 0:
+                    bar.set_postfix(questions=counts["questions"], refresh=False)
     finally:
         if bar is not None:
             bar.close()
+    q_writer.flush()
+    x_writer.flush()
+    q_writer.drop_stale()
+    x_writer.drop_stale()
+    result = {
+        "records": counts["records"],
+        "questions": counts["questions"],
+        "quarantined": counts["quarantined"],
+        "reasons": dict(sorted(reasons.items())),
+        "shards": q_writer.written,
+        "quarantine_shards": x_writer.written,
+        "images_stored": store.written,
+        "images_decoded": store.decoded,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    row = {k: extra[k] for k in ("entry", "format", "input")} | {
+        k: counts[k] for k in ("records", "questions", "quarantined")
+    }
+    storage.Dataset(entries_uri(out), ENTRY_SCHEMA).write_shard(
+        plan.name, [row], extra=extra | {"counts": result}
+    )
+    return result
+
+
+def quarantine_cross_duplicates(out: str, plans: list[EntryPlan]) -> int:
+    """Move questions seen in an earlier entry (recipe order) to quarantine as ``duplicate``.
+
+    Streams question ids entry by entry (the one per-question state: :class:`_Seen`); a shard
+    holding duplicates is rewritten without them and the duplicates committed as the quarantine
+    shard ``<shard>-dup``, so ``records == questions + quarantined`` still holds. Idempotent.
+    """
+    questions_ds = storage.Dataset(storage.join(out, "questions"), QUESTION_SCHEMA)
+    quarantine_ds = storage.Dataset(storage.join(out, "quarantine"), QUARANTINE_SCHEMA)
+    manifest = questions_ds.manifest()
+    seen = _Seen()
+    moved = 0
+    for plan in plans:
+        for shard in (info_name for info_name in manifest if _owned_by(info_name, plan.prefix)):
+            if shard.endswith("-dup"):
+                continue
+            keep: list[dict[str, Any]] = []
+            dups: list[dict[str, Any]] = []
+            for row in questions_ds.iter_rows(shards=[shard]):
+                first = seen.check(row)
+                (keep if first is None else dups).append(row if first is None else _duplicate(row, first))
+            if dups:
+                extra = manifest[shard].extra
+                questions_ds.write_shard(shard, keep, extra=extra)
+                quarantine_ds.write_shard(f"{shard}-dup", dups, extra=extra)
+                moved += len(dups)
+    return moved
+
+
+def _owned_by(shard: str, prefix: str) -> bool:
+    return bool(re.match(rf"^{re.escape(prefix)}-\d{{5}}$" if prefix else r"^\d{5}$", shard))
+
+
+def summarize_ingest(out: str, plans: list[EntryPlan], seconds: float = 0.0) -> IngestResult:
+    """The run's summary from the entries' markers (and the duplicates moved across entries)."""
+    questions_ds = storage.Dataset(storage.join(out, "questions"), QUESTION_SCHEMA)
+    quarantine_ds = storage.Dataset(storage.join(out, "quarantine"), QUARANTINE_SCHEMA)
+    result = IngestResult(
+        questions_uri=questions_ds.uri,
+        quarantine_uri=quarantine_ds.uri,
+        images_uri=ImageStore(out).images_uri or "",
+    )
+    entries = storage.Dataset(entries_uri(out))
+    reasons: Counter[str] = Counter()
+    q_manifest = questions_ds.manifest()
+    x_manifest = quarantine_ds.manifest()
+    for plan in plans:
+        info = entries.shard_info(plan.name)
+        if info is None:
+            continue
+        c = info.extra["counts"]
+        dup_moved = sum(x_manifest[f"{s}-dup"].rows for s in c["shards"] if f"{s}-dup" in x_manifest)
+        questions = c["questions"] - dup_moved
+        quarantined = c["quarantined"] + dup_moved
+        result.per_source[plan.name] = {
+            "records": c["records"],
+            "questions": questions,
+            "quarantined": quarantined,
+        }
+        result.records += c["records"]
+        result.questions += questions
+        result.quarantined += quarantined
+        reasons.update(c["reasons"])
+        if dup_moved:
+            reasons["duplicate"] += dup_moved
+        result.shards.extend(s for s in c["shards"] if s in q_manifest)
+        result.quarantine_shards.extend(c["quarantine_shards"])
+        result.quarantine_shards.extend(f"{s}-dup" for s in c["shards"] if f"{s}-dup" in x_manifest)
+        result.images_stored += c["images_stored"]
+        result.images_decoded += c["images_decoded"]
     result.reasons = dict(sorted(reasons.items()))
-    result.images_stored = store.written
-    result.images_decoded = store.decoded
-    result.seconds = round(time.perf_counter() - started, 3)
+    result.seconds = seconds
     storage.write_json(storage.join(out, REPORT_NAME), result.to_dict())
     return result
+
+
+def ingest_many(
+    entries: Iterable[Mapping[str, Any]],
+    out: str,
+    *,
+    shard_size: int = 5000,
+    progress: bool = False,
+    shard_prefix: bool = True,
+) -> IngestResult:
+    """Ingest several inputs into one output (questions, quarantine, images under ``out``).
+
+    Each entry is a mapping: ``format``, ``input`` (path), optional ``images`` (folder),
+    ``name`` (shard prefix; defaults to the format), ``split``, ``source`` (name written to
+    rows; defaults to the format) and ``options`` (per-format ``--option`` values). Shards are named
+    ``<name>-00000`` ...; with ``shard_prefix=False`` and a single entry, ``00000`` ...
+    Raises :class:`~octomed_data.errors.OctomedError` for an unknown format, a missing
+    input or an unusable output before any record is read. Runs the ingest stage (one shard per
+    entry) with the local executor.
+    """
+    from octomed_data.stages import LocalExecutor, raise_for_failures, run_stage
+    from octomed_data.stages.ingest import IngestStage
+
+    if shard_size < 1:
+        raise ConfigError(f"shard size must be >= 1, got {shard_size}")
+    plans = plan_entries(entries, shard_prefix=shard_prefix)
+    check_output(out)
+    started = time.perf_counter()
+    stage = IngestStage.for_folder(out, plans, shard_size=shard_size, progress=progress)
+    result = run_stage(stage, LocalExecutor(progress=False), force=True)
+    raise_for_failures(result)
+    summary = summarize_ingest(out, plans, seconds=round(time.perf_counter() - started, 3))
+    return summary
 
 
 def ingest(
@@ -342,95 +461,10 @@ def demo_entries(config: str | Path = DEMO_CONFIG) -> list[dict[str, Any]]:
     return out
 
 
-# ------------------------------------------------------------------------------------------
-# CLI
-# ------------------------------------------------------------------------------------------
-
-
-def _parse_options(pairs: list[str] | None) -> dict[str, str]:
-    options: dict[str, str] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--option expects KEY=VALUE, got {pair!r}")
-        options[key.strip()] = value.strip()
-    return options
-
-
-def summary_lines(result: IngestResult) -> list[str]:
-    """Human-readable summary of a run (what the CLI prints)."""
-    lines = [
-        f"records: {result.records}  questions: {result.questions}  quarantined: {result.quarantined}"
-        f"  ({result.seconds:.1f}s)",
-    ]
-    if len(result.per_source) > 1:
-        for name, c in result.per_source.items():
-            lines.append(
-                f"  {name}: {c['records']} records -> {c['questions']} questions, {c['quarantined']} quarantined"
-            )
-    if result.reasons:
-        lines.append("quarantine reasons: " + ", ".join(f"{k}={v}" for k, v in result.reasons.items()))
-    lines.append(f"questions:  {result.questions_uri}  ({len(result.shards)} shards)")
-    lines.append(f"quarantine: {result.quarantine_uri}  ({len(result.quarantine_shards)} shards)")
-    lines.append(
-        f"images:     {result.images_uri}  ({result.images_stored} new, {result.images_decoded} decoded)"
-    )
-    return lines
-
-
-def _run(args: argparse.Namespace) -> int:
-    options = _parse_options(args.option)
-    if args.split:
-        options["split"] = args.split
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
-    result = ingest(
-        args.format,
-        args.input,
-        args.out,
-        images=args.images,
-        shard_size=args.shard_size,
-        progress=progress,
-        shard_prefix=args.shard_prefix,
-        **options,
-    )
-    print("\n".join(summary_lines(result)))
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``octomed-data ingest FORMAT INPUT --out URI ...``."""
-    p = subparsers.add_parser(
-        "ingest",
-        help="read an upstream dataset file as FORMAT; write questions + quarantine as Parquet",
-        description="Formats: " + ", ".join(FORMATS),
-    )
-    p.add_argument("format", metavar="FORMAT", help="one of: " + ", ".join(FORMATS))
-    p.add_argument("input", metavar="INPUT", help="input file (or folder)")
-    p.add_argument(
-        "--out", required=True, metavar="URI", help="output root: path, file:// or s3://bucket/prefix"
-    )
-    p.add_argument("--images", metavar="DIR", help="folder that image references resolve against")
-    p.add_argument("--shard-size", type=int, default=5000, metavar="N", help="rows per Parquet shard (5000)")
-    p.add_argument("--split", help="override the split written to every row")
-    p.add_argument("--shard-prefix", help="name shards <prefix>-00000 (several ingests into one --out)")
-    p.add_argument(
-        "--option", action="append", metavar="KEY=VALUE", help="format option, e.g. per_class=50 (repeatable)"
-    )
-    p.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="progress bar on stderr (default: when stderr is a terminal)",
-    )
-    p.set_defaults(func=_run)
-
-
 __all__ = [
     "IngestResult",
     "ingest",
     "ingest_many",
     "demo_entries",
-    "register",
-    "summary_lines",
     "SAMPLE_DATA_DIR",
 ]

@@ -1,23 +1,18 @@
-"""The recipe: one YAML file that drives the whole factory, and the per-run state it leaves behind.
+"""The recipe: one YAML file that drives the whole factory.
 
 A recipe names the sources to ingest, the store, decontamination settings, the teachers and their
 routing, the number of samples, the mixture, the export formats, training and evaluation
 settings, and whether finishing a mixture triggers training. :func:`load_recipe` turns YAML into
 a validated :class:`Recipe` or raises one clear :class:`~octomed_data.errors.ConfigError` line.
 
-Each run lives under ``STORE/runs/<run_id>/``: ``run.json`` (the recipe as run, no secrets),
-one folder per stage's outputs, and ``state/<stage>/<shard>.json`` per shard (state, counts,
-error), written atomically by whoever ran the shard, so concurrent shards never race on one file
-and ``octomed-data rerun`` knows where everything is. No Prefect or Ray here: flows call this.
+Where a run's outputs go is :mod:`octomed_data.layout`; starting and re-opening runs is
+:mod:`octomed_data.runs`. No Prefect or Ray here: flows call this.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -25,8 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from octomed_data import storage
-from octomed_data.errors import ConfigError, StorageError
+from octomed_data.errors import ConfigError
 from octomed_data.mixture import MixtureConfig
 from octomed_data.teachers import DistillConfig, TeacherConfig
 
@@ -36,18 +30,6 @@ SANDBOX_MODEL = "sandbox-not-a-model"
 # A recipe teacher with no base_url uses this endpoint when set, else the loopback sandbox.
 ENV_TEACHER_BASE_URL = "OCTOMED_TEACHER_BASE_URL"
 ENV_TEACHER_MODEL = "OCTOMED_TEACHER_MODEL"
-STAGES = (
-    "ingest",
-    "decontaminate",
-    "distill",
-    "filter",
-    "mixture",
-    "export",
-    "train",
-    "checkpoint",
-    "evaluate",
-)
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 
 class SourceEntry(BaseModel):
@@ -317,120 +299,3 @@ def _deep_merge(base: Any, extra: Mapping[str, Any]) -> dict[str, Any]:
             _deep_merge(out.get(k), v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
         )
     return out
-
-
-# -------------------------------------------------------------------- run layout and state
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """Where one run's outputs live (all URIs under ``STORE/runs/<run_id>``)."""
-
-    store: str
-    run_id: str
-
-    def __post_init__(self) -> None:
-        # A relative local store ("./runs/demo") would put cwd-relative image paths into the
-        # Parquet outputs and exports, which break as soon as they are read from elsewhere.
-        if "://" not in self.store:
-            object.__setattr__(self, "store", os.path.abspath(self.store))
-
-    @property
-    def root(self) -> str:
-        return storage.join(self.store, "runs", self.run_id)
-
-    def stage(self, name: str) -> str:
-        return storage.join(self.root, name)
-
-    @property
-    def run_json(self) -> str:
-        return storage.join(self.root, "run.json")
-
-    @property
-    def questions(self) -> str:
-        """Questions that go to the teachers: decontaminated when decontamination is on."""
-        return storage.join(self.root, "decontaminate", "questions")
-
-    @property
-    def results(self) -> str:
-        """Prefect task results and cache records for this store."""
-        return storage.join(self.store, "_prefect")
-
-    def state_uri(self, stage: str, shard: str) -> str:
-        return storage.join(self.root, "state", stage, f"{shard}.json")
-
-
-def new_run_id(recipe: Recipe, now: _dt.datetime | None = None) -> str:
-    now = now or _dt.datetime.now(_dt.UTC)
-    return f"{recipe.name}-{now.strftime('%Y%m%dT%H%M%S')}-{os.urandom(2).hex()}"
-
-
-def check_run_id(run_id: str) -> str:
-    if not _RUN_ID.match(run_id):
-        raise ConfigError(f"invalid run id {run_id!r} (letters, digits, '_', '-', '.')")
-    return run_id
-
-
-def start_run(recipe: Recipe, run_id: str | None = None, store: str | None = None) -> RunPaths:
-    """Create (or re-open) a run: writes ``run.json`` on first use and returns its paths.
-
-    Re-opening an existing run keeps its recorded recipe: a resumed run continues with the
-    settings it started with, whatever the recipe file says now.
-    """
-    paths = RunPaths(store or recipe.store, check_run_id(run_id or new_run_id(recipe)))
-    storage.ensure_writable(paths.root)
-    if not storage.exists(paths.run_json):
-        storage.write_json(
-            paths.run_json,
-            {
-                "run_id": paths.run_id,
-                "store": paths.store,
-                "created_at": _dt.datetime.now(_dt.UTC).isoformat(),
-                "recipe": recipe.public_dict(),
-            },
-        )
-    return paths
-
-
-def open_run(run_id: str, store: str) -> tuple[Recipe, RunPaths]:
-    """The recipe and paths of an existing run (for resume and ``rerun``)."""
-    paths = RunPaths(store, check_run_id(run_id))
-    if not storage.exists(paths.run_json):
-        raise StorageError(f"no run {run_id!r} under {store} (missing {paths.run_json})")
-    data = storage.read_json(paths.run_json)
-    return parse_recipe(data["recipe"], where=f"recipe of run {run_id}"), paths
-
-
-def record_shard(paths: RunPaths, stage: str, shard: str, state: str, **info: Any) -> dict[str, Any]:
-    """Write one shard's state (COMPLETED / FAILED / RUNNING / SKIPPED) and counts."""
-    doc = {
-        "stage": stage,
-        "shard": shard,
-        "state": state,
-        "updated_at": _dt.datetime.now(_dt.UTC).isoformat(),
-    }
-    doc.update(info)
-    storage.write_json(paths.state_uri(stage, shard), doc)
-    return doc
-
-
-def shard_states(paths: RunPaths, stage: str | None = None) -> list[dict[str, Any]]:
-    """All recorded shard states of a run (optionally one stage), in stage then shard order."""
-    stages = [stage] if stage else list(STAGES)
-    out: list[dict[str, Any]] = []
-    for name in stages:
-        folder = storage.join(paths.root, "state", name)
-        fs, path = storage.filesystem(folder)
-        if not fs.exists(path):
-            continue
-        for p in sorted(fs.ls(path, detail=False)):
-            if p.endswith(".json") and not p.rsplit("/", 1)[-1].startswith("."):
-                out.append(storage.read_json(storage.to_uri(fs, p)))
-    return out
-
-
-def shard_name(shard: str | int) -> str:
-    """``3`` or ``"3"`` -> ``"00003"`` (the storage layer's name for shard 3); names pass through."""
-    if isinstance(shard, int) or str(shard).isdigit():
-        return storage.Dataset.shard_name(int(shard))
-    return storage.Dataset.shard_name(str(shard))

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from octomed_data import storage
-from octomed_data.decontam import normalized_text, strip_choices
+from octomed_data.decontam.text import normalized_text, strip_choices
 from octomed_data.errors import OctomedError
 from octomed_data.images import fingerprint, open_raster
 from octomed_data.schema import REGISTRY_SCHEMA

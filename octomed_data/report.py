@@ -1,4 +1,4 @@
-"""Run report: statistics streamed from the raw samples, a PNG plot, markdown, table rows.
+"""Run report: the filter stage's statistics as a PNG plot, markdown and table rows.
 
 The plot has two panels: reasoning length (words) per task type, and pass rate (accepted /
 all samples) per source. The markdown report says what the run produced and where, and says
@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import base64
 import io
-import random
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from octomed_data import storage
+from octomed_data.layout import RunPaths
 
 SANDBOX_TEACHER = "sandbox"
 _RESERVOIR = 20_000  # lengths kept per task type for the box plot; counts and means stay exact
@@ -24,8 +24,9 @@ _RESERVOIR = 20_000  # lengths kept per task type for the box plot; counts and m
 
 @dataclass
 class SourceStats:
-    samples: int = 0
+    samples: int = 0  # teacher replies (failed requests are not samples)
     accepted: int = 0
+    failed: int = 0  # requests that failed after every retry
     reject_reasons: Counter[str] = field(default_factory=Counter)
 
     @property
@@ -69,36 +70,22 @@ class SampleStats:
         return SANDBOX_TEACHER in self.teachers
 
 
-def collect_sample_stats(raw_uris: str | Sequence[str], *, seed: int = 0) -> SampleStats:
-    """Stream SAMPLE_SCHEMA datasets (all samples, accepted or not) into :class:`SampleStats`."""
-    rng = random.Random(seed)
-    stats = SampleStats()
-    columns = ["source", "task_type", "teacher", "correct", "reject_reason", "reasoning"]
-    for uri in [raw_uris] if isinstance(raw_uris, str) else raw_uris:
-        ds = storage.Dataset(uri)
-        if not ds.manifest():
-            continue
-        for batch in ds.iter_batches(columns=columns):
-            for row in batch.to_pylist():
-                src = stats.sources[row["source"]]
-                src.samples += 1
-                stats.teachers[row["teacher"]] += 1
-                if row["correct"]:
-                    src.accepted += 1
-                    # Length of the traces that will be trained on.
-                    words = len((row["reasoning"] or "").split())
-                    ls = stats.task_lengths[row["task_type"]]
-                    ls.count += 1
-                    ls.total_words += words
-                    if len(ls.reservoir) < _RESERVOIR:
-                        ls.reservoir.append(words)
-                    else:  # reservoir sampling keeps a uniform sample at bounded memory
-                        j = rng.randrange(ls.count)
-                        if j < _RESERVOIR:
-                            ls.reservoir[j] = words
-                else:
-                    src.reject_reasons[row["reject_reason"] or "unknown"] += 1
-    return stats
+def sample_stats(stats: Mapping[str, Any]) -> SampleStats:
+    """The report's view of the filter stage's statistics (``filter/stats.json``, one pass for both)."""
+    out = SampleStats()
+    for name, src in (stats.get("sources") or {}).items():
+        s = out.sources[name]
+        s.samples = int(src.get("samples") or 0)
+        s.accepted = int(src.get("accepted") or 0)
+        s.failed = int(src.get("failed_requests") or 0)
+        s.reject_reasons.update(src.get("reject_reasons") or {})
+    for task, lengths in (stats.get("reasoning_words_by_task") or {}).items():
+        ls = out.task_lengths[task]
+        ls.count = int(lengths.get("count") or 0)
+        ls.total_words = round((lengths.get("mean") or 0) * ls.count)
+        ls.reservoir = list(lengths.get("sample") or [])
+    out.teachers.update(stats.get("teachers") or {})
+    return out
 
 
 def rejection_rows(stats: SampleStats) -> list[dict[str, Any]]:
@@ -111,6 +98,7 @@ def rejection_rows(stats: SampleStats) -> list[dict[str, Any]]:
                 "samples": s.samples,
                 "accepted": s.accepted,
                 "rejected": s.samples - s.accepted,
+                "failed_requests": s.failed,
                 "pass_rate": round(s.pass_rate, 4),
                 "reject_reasons": ", ".join(f"{k}={v}" for k, v in s.reject_reasons.most_common(5)) or "-",
             }
@@ -245,7 +233,7 @@ class ReportResult:
 
 
 def write_report(
-    raw_uris: str | Sequence[str],
+    statistics: Mapping[str, Any],
     out: str,
     *,
     run_id: str,
@@ -254,8 +242,11 @@ def write_report(
     cost: Mapping[str, Any] | None = None,
     counts: Mapping[str, Any] | None = None,
 ) -> ReportResult:
-    """Write ``out/report.png`` and ``out/report.md`` (which links the PNG next to it)."""
-    stats = collect_sample_stats(raw_uris)
+    """Write ``out/report.png`` and ``out/report.md`` (which links the PNG next to it).
+
+    ``statistics`` is the filter stage's ``stats.json`` (empty before any sample was judged).
+    """
+    stats = sample_stats(statistics)
     png = render_plot(stats)
     png_uri = storage.join(out, "report.png")
     storage.write_bytes(png_uri, png)
@@ -271,3 +262,88 @@ def write_report(
     md_uri = storage.join(out, "report.md")
     storage.write_bytes(md_uri, md.encode("utf-8"))
     return ReportResult(markdown_uri=md_uri, png_uri=png_uri, markdown=md, stats=stats)
+
+
+# ---------------------------------------------------------------------------- a run's report
+
+
+def run_outputs(paths: RunPaths) -> dict[str, str]:
+    """The run's output locations that exist so far, for the report's table."""
+    candidates = {
+        "questions (ingested)": paths.ingested,
+        "quarantine": paths.quarantine,
+        "questions (decontaminated)": paths.questions,
+        "removed by decontamination": paths.removed,
+        "samples (all teacher replies)": paths.raw,
+        "verdicts": paths.verdicts,
+        "samples (accepted)": paths.accepted,
+        "mixture": paths.mixture,
+        "export": paths.export,
+        "checkpoint": paths.checkpoints,
+        "evaluation": paths.evaluation,
+    }
+    return {k: v for k, v in candidates.items() if storage.exists(v)}
+
+
+def run_counts(paths: RunPaths) -> dict[str, Any]:
+    """Question counts per stage, and what decontamination removed per benchmark (streamed)."""
+
+    def rows(uri: str) -> int | None:
+        ds = storage.Dataset(uri)
+        return ds.num_rows() if ds.manifest() else None
+
+    counts: dict[str, Any] = {
+        "questions ingested": rows(paths.ingested),
+        "records quarantined": rows(paths.quarantine),
+        "questions after decontamination": rows(paths.questions),
+        "mixture rows (train)": rows(paths.mixture_train),
+        "mixture rows (validation)": rows(paths.mixture_validation),
+    }
+    removed = storage.Dataset(paths.removed)
+    if removed.manifest():
+        by_benchmark: Counter[str] = Counter()
+        for batch in removed.iter_batches(columns=["match_benchmark"]):
+            by_benchmark.update(batch.column(0).to_pylist())
+        counts["removed by decontamination"] = sum(by_benchmark.values())
+        for bench, n in sorted(by_benchmark.items()):
+            counts[f"  removed: {bench}"] = n
+    return {k: v for k, v in counts.items() if v is not None}
+
+
+def run_cost(paths: RunPaths) -> dict[str, Any]:
+    """The cost ledger's flat totals (empty before distillation finalised)."""
+    if not storage.exists(paths.cost):
+        return {}
+    cost = storage.read_json(paths.cost)
+    flat = {k: v for k, v in cost.items() if isinstance(v, int | float | str)}
+    return flat or {"cost": str(cost)[:200]}
+
+
+def run_statistics(paths: RunPaths) -> dict[str, Any]:
+    """The filter stage's ``stats.json`` (empty before any sample was judged)."""
+    return storage.read_json(paths.stats) if storage.exists(paths.stats) else {}
+
+
+def write_run_report(paths: RunPaths) -> tuple[ReportResult, str]:
+    """Write ``RUN/report/report.{md,png}``; returns the result and the markdown with the PNG embedded."""
+    from octomed_data.runs import shard_states
+
+    stats = run_statistics(paths)
+    shards = shard_states(paths)
+    outputs = run_outputs(paths)
+    cost = run_cost(paths)
+    counts = run_counts(paths)
+    result = write_report(
+        stats, paths.report, run_id=paths.run_id, shards=shards, outputs=outputs, cost=cost, counts=counts
+    )
+    # The dashboard copy embeds the PNG (the stored file may not be reachable from a browser).
+    embedded = report_markdown(
+        run_id=paths.run_id,
+        stats=result.stats,
+        shards=shards,
+        outputs=outputs | {"report": result.markdown_uri, "plot": result.png_uri},
+        cost=cost,
+        counts=counts,
+        png=storage.read_bytes(result.png_uri),
+    )
+    return result, embedded

@@ -120,7 +120,10 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("response", pa.string()),
         pa.field("extracted_answer", pa.string()),
         pa.field("gold_answer", pa.string(), nullable=False),
-        pa.field("correct", pa.bool_(), nullable=False),
+        # The verdict (extracted_answer, correct, reject_reason, extraction_method) is null in
+        # ``distill/raw`` and set by the filter stage; ``reject_reason`` is ``request_failed`` in raw
+        # for a sample whose requests failed after all attempts.
+        pa.field("correct", pa.bool_()),
         pa.field("finish_reason", pa.string()),
         pa.field("reject_reason", pa.string()),  # null when correct
         pa.field("prompt_tokens", pa.int64()),
@@ -130,8 +133,45 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("error", pa.string()),  # last error for samples that failed after all retries
         pa.field("created_at", pa.timestamp("ms", tz="UTC")),
         pa.field("extraction_method", pa.string()),  # which answer form was read (boxed, statement, ...)
+        pa.field("refusal", pa.string()),  # the server's refusal message, when it sent one
     ],
     metadata={"octomed.schema": "sample", "octomed.schema_version": SCHEMA_VERSION},
+)
+
+# One row per ingested source entry (the ingest stage's per-entry commit: its done-signal).
+ENTRY_SCHEMA = pa.schema(
+    [
+        pa.field("entry", pa.string(), nullable=False),
+        pa.field("format", pa.string(), nullable=False),
+        pa.field("input", pa.string(), nullable=False),
+        pa.field("records", pa.int64(), nullable=False),
+        pa.field("questions", pa.int64(), nullable=False),
+        pa.field("quarantined", pa.int64(), nullable=False),
+    ],
+    metadata={"octomed.schema": "ingest_entry", "octomed.schema_version": SCHEMA_VERSION},
+)
+
+# The filter stage's verdict per sample (no reply text): what statistics and the report read.
+VERDICT_SCHEMA = pa.schema(
+    [
+        pa.field("question_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("task_type", pa.string(), nullable=False),
+        pa.field("sample_idx", pa.int32(), nullable=False),
+        pa.field("teacher", pa.string(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("extracted_answer", pa.string()),
+        pa.field("extraction_method", pa.string()),
+        pa.field("gold_answer", pa.string(), nullable=False),
+        pa.field("correct", pa.bool_(), nullable=False),
+        pa.field("reject_reason", pa.string()),  # null when correct; request_failed for failed requests
+        pa.field("finish_reason", pa.string()),
+        pa.field("reasoning_chars", pa.int64(), nullable=False),
+        pa.field("reasoning_words", pa.int64(), nullable=False),
+        pa.field("prompt_tokens", pa.int64()),
+        pa.field("completion_tokens", pa.int64()),
+    ],
+    metadata={"octomed.schema": "verdict", "octomed.schema_version": SCHEMA_VERSION},
 )
 
 

@@ -1,4 +1,9 @@
-"""Per-source statistics of a distillation run, streamed from ``OUT/raw`` shard by shard.
+"""The one statistics pass of rejection sampling, streamed from the verdicts shard by shard.
+
+``stats.json`` and the run report both read what :func:`source_statistics` returns, so they never
+disagree. The rule for failed requests (teacher errors after every retry) is one: they are not
+samples; they are counted as ``failed_requests`` and left out of pass rates.
+
 
 Per source: samples, accepted, pass rate, pass@N (questions with at least one accepted trace),
 questions with no accepted trace, reject reasons, and the reasoning-length distribution (chars;
@@ -15,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from octomed_data import storage
-from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA
+from octomed_data.schema import QUESTION_SCHEMA, VERDICT_SCHEMA
 
 TOO_EASY_REJECTION_RATE = 0.30
 FAILED = "request_failed"
@@ -99,18 +104,21 @@ class _Source:
 
 
 def source_statistics(
-    raw: str, questions_uri: str | None = None, samples_per_question: int | None = None
+    verdicts: str, questions_uri: str | None = None, samples_per_question: int | None = None
 ) -> dict[str, Any]:
-    """Statistics per source (and overall) of the raw samples dataset at ``raw``."""
+    """Statistics per source (and overall), per task type and per teacher, of a verdicts dataset."""
     sources: dict[str, _Source] = defaultdict(_Source)
     total = _Source()
-    ds = storage.Dataset(raw, SAMPLE_SCHEMA)
-    cols = ["question_id", "source", "correct", "reject_reason", "reasoning"]
+    tasks: dict[str, _Lengths] = defaultdict(_Lengths)  # words of accepted reasoning, per task type
+    teachers: Counter[str] = Counter()
+    ds = storage.Dataset(verdicts, VERDICT_SCHEMA)
+    cols = ["question_id", "source", "correct", "reject_reason", "reasoning_chars", "reasoning_words"]
+    cols += ["task_type", "teacher"]
     raw_shards = ds.manifest()
     for shard in raw_shards:
         per_q: dict[str, list[Any]] = {}  # question_id -> [source, n, correct]
         for batch in ds.iter_batches(batch_size=4096, columns=cols, shards=[shard]):
-            for qid, src, ok, reason, reasoning in zip(
+            for qid, src, ok, reason, length, words, task, teacher in zip(
                 *(batch.column(c).to_pylist() for c in cols), strict=True
             ):
                 s = sources[src]
@@ -120,7 +128,9 @@ def source_statistics(
                     total.failed += 1
                     continue
                 entry[1] += 1
-                length = len(reasoning or "")
+                teachers[teacher] += 1
+                if ok:
+                    tasks[task].add(words)
                 for agg in (s, total):
                     agg.samples += 1
                     agg.reasoning_all.add(length)
@@ -147,6 +157,12 @@ def source_statistics(
         "too_easy_rejection_rate": TOO_EASY_REJECTION_RATE,
         "sources": {k: v.summary(samples_per_question) for k, v in sorted(sources.items())},
         "overall": total.summary(samples_per_question),
+        # Words of accepted reasoning per task type: summary plus a bounded sample for box plots.
+        "reasoning_words_by_task": {
+            k: v.summary() | {"sample": sorted(v.sample)[:: max(1, len(v.sample) // 2000)]}
+            for k, v in sorted(tasks.items())
+        },
+        "teachers": dict(sorted(teachers.items())),
     }
 
 

@@ -24,7 +24,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -161,6 +161,19 @@ def exists(uri: str) -> bool:
     return bool(_wrap(uri, fs.exists, path))
 
 
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """URIs of the visible files directly in folder ``uri`` (sorted; hidden names skipped)."""
+    fs, path = filesystem(uri)
+    if not _wrap(uri, fs.exists, path):
+        return []
+    names = sorted(
+        posixpath.basename(p.rstrip("/"))
+        for p in _wrap(uri, fs.ls, path, detail=False)
+        if p.rstrip("/").endswith(suffix)
+    )
+    return [join(uri, n) for n in names if not n.startswith((".", "_"))]
+
+
 def write_json(uri: str, obj: Any) -> None:
     write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode("utf-8"))
 
@@ -205,6 +218,62 @@ class ShardInfo:
     extra: dict[str, Any]
 
 
+class ShardWriter:
+    """Streams rows into one shard (Parquet row groups in memory), committed by :meth:`commit`.
+
+    The one shard writer: :meth:`Dataset.write_shard` and every stage use it, so the commit
+    (file, then manifest marker) is written once. Rows beyond the schema are dropped; missing
+    columns are null.
+    """
+
+    def __init__(self, dataset: Dataset, shard: int | str, rows_per_group: int = 2048) -> None:
+        if dataset.schema is None:
+            raise ValueError("a shard writer needs a schema")
+        self.dataset = dataset
+        self.shard = dataset.shard_name(shard)
+        self.schema = dataset.schema
+        self.sink = pa.BufferOutputStream()
+        self.writer = pq.ParquetWriter(self.sink, self.schema, compression="zstd")
+        self.buffer: list[dict[str, Any]] = []
+        self.rows = 0
+        self.per_group = rows_per_group
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        self.buffer.append({f.name: row.get(f.name) for f in self.schema})
+        if len(self.buffer) >= self.per_group:
+            self.flush()
+
+    def add_table(self, table: pa.Table) -> None:
+        self.flush()
+        table = table.select(self.schema.names).cast(self.schema)
+        if table.num_rows:
+            self.writer.write_table(table)
+            self.rows += table.num_rows
+
+    def flush(self) -> None:
+        if self.buffer:
+            self.writer.write_table(pa.Table.from_pylist(self.buffer, schema=self.schema))
+            self.rows += len(self.buffer)
+            self.buffer = []
+
+    def commit(self, extra: Mapping[str, Any] | None = None) -> ShardInfo:
+        """Write the Parquet file atomically, then its manifest marker: the shard's done-signal."""
+        self.flush()
+        self.writer.close()
+        payload = self.sink.getvalue().to_pybytes()
+        write_bytes(self.dataset.file_uri(self.shard), payload)
+        info = ShardInfo(
+            shard=self.shard,
+            file=f"part-{self.shard}.parquet",
+            rows=self.rows,
+            bytes=len(payload),
+            committed_at=time.time(),
+            extra=dict(extra or {}),
+        )
+        write_json(self.dataset.marker_uri(self.shard), asdict(info))
+        return info
+
+
 class Dataset:
     """A Parquet dataset at ``uri``: shards committed atomically, listed by a manifest."""
 
@@ -235,27 +304,20 @@ class Dataset:
         extra: Mapping[str, Any] | None = None,
     ) -> ShardInfo:
         """Commit one shard (replacing any earlier commit of the same shard)."""
-        name = self.shard_name(shard)
-        if isinstance(data, pa.Table):
-            table = data if self.schema is None else data.select(self.schema.names).cast(self.schema)
+        if isinstance(data, pa.Table) and self.schema is None:
+            writer = Dataset(self.uri, data.schema).writer(shard)
         else:
-            if self.schema is None:
-                raise ValueError("rows need a schema")
-            table = pa.Table.from_pylist(
-                [{f.name: r.get(f.name) for f in self.schema} for r in data], schema=self.schema
-            )
-        payload = table_to_parquet_bytes(table)
-        write_bytes(self.file_uri(name), payload)
-        info = ShardInfo(
-            shard=name,
-            file=f"part-{name}.parquet",
-            rows=table.num_rows,
-            bytes=len(payload),
-            committed_at=time.time(),
-            extra=dict(extra or {}),
-        )
-        write_json(self.marker_uri(name), asdict(info))
-        return info
+            writer = self.writer(shard)
+        if isinstance(data, pa.Table):
+            writer.add_table(data)
+        else:
+            for row in data:
+                writer.add(row)
+        return writer.commit(extra)
+
+    def writer(self, shard: int | str, rows_per_group: int = 2048) -> ShardWriter:
+        """A streaming writer for one shard of this dataset (needs a schema)."""
+        return ShardWriter(self, shard, rows_per_group)
 
     def manifest(self) -> dict[str, ShardInfo]:
         """Committed shards, by name, sorted."""
@@ -320,6 +382,18 @@ class Dataset:
             schema = self.schema if not columns else pa.schema([self.schema.field(c) for c in columns])
             return schema.empty_table()
         return pa.concat_tables(tables, promote_options="default")
+
+    def drop_stale(self, keep: Sequence[str], owns: Callable[[str], bool] | None = None) -> list[str]:
+        """Un-commit every committed shard not in ``keep`` (and, when given, ``owns(name)``).
+
+        The one stale-shard cleaner: a stage whose input shards vanished, or a re-run that wrote
+        fewer shards, calls this so re-runs never leave stale rows behind.
+        """
+        wanted = set(keep)
+        stale = [n for n in self.manifest() if n not in wanted and (owns is None or owns(n))]
+        for name in stale:
+            self.delete_shard(name)
+        return stale
 
     def delete_shard(self, shard: int | str) -> None:
         """Un-commit a shard: marker first, so readers stop seeing it before the file goes."""

@@ -79,8 +79,22 @@ def config(base_url: str, **over) -> DistillConfig:
     return DistillConfig.parse(data)
 
 
-def read_raw(out: str):
-    return storage.Dataset(storage.join(out, "raw"), SAMPLE_SCHEMA).read_all().to_pylist()
+def read_raw(out: str, q_uri: str | None = None):
+    """The raw replies; with ``q_uri``, judged by the filter stage (verdict columns filled in)."""
+    rows = storage.Dataset(storage.join(out, "raw"), SAMPLE_SCHEMA).read_all().to_pylist()
+    if q_uri is None:
+        return rows
+    from octomed_data.distill import finalize
+    from octomed_data.schema import VERDICT_SCHEMA
+
+    finalize(out, q_uri)
+    verdicts = storage.Dataset(storage.join(out, "verdicts"), VERDICT_SCHEMA).read_all().to_pylist()
+    by_key = {(v["question_id"], v["sample_idx"]): v for v in verdicts}
+    assert len(by_key) == len(rows)
+    for r in rows:
+        v = by_key[(r["question_id"], r["sample_idx"])]
+        r.update({k: v[k] for k in ("extracted_answer", "extraction_method", "correct", "reject_reason")})
+    return rows
 
 
 ALL_FAULTS = FaultConfig(
@@ -119,7 +133,7 @@ def test_faults_every_question_gets_exactly_n_verified_samples(tmp_path: Path) -
             gaps.append(e["t"] - prev["t"])
         last[e["key"]] = e
     assert gaps and min(gaps) >= 0.045, sorted(gaps)[:5]
-    rows = read_raw(out)
+    rows = read_raw(out, q_uri)
     assert len(rows) == 160
     keys = Counter((r["question_id"], r["sample_idx"]) for r in rows)
     assert set(keys.values()) == {1}
@@ -145,7 +159,7 @@ def test_faults_every_question_gets_exactly_n_verified_samples(tmp_path: Path) -
         assert r["reject_reason"] == (None if r["correct"] else "wrong_answer")
     assert reasons["truncated"] > 0 and reasons["refusal"] > 0
     accepted = storage.Dataset(storage.join(out, "accepted"), SAMPLE_SCHEMA).read_all().to_pylist()
-    assert len(accepted) == report.accepted == sum(r["correct"] for r in rows)
+    assert len(accepted) == sum(r["correct"] for r in rows)
     assert 0 < len(accepted) < len(rows)
     assert is_shard_done(out, "00000", cfg)
     # The same command again sends nothing: every sample is stored.
@@ -162,7 +176,7 @@ def test_reasoning_styles(tmp_path: Path, style: str) -> None:
     with start_sandbox(style=style) as sb:
         report = distill_shard(q_uri, "00000", out, config(sb.base_url, samples=2))
     assert report.complete
-    for r in read_raw(out):
+    for r in read_raw(out, q_uri):
         assert r["reasoning"].startswith(SANDBOX_MARK)
         assert "<think>" not in r["response"] and "</think>" not in r["response"]
         assert r["extracted_answer"] is not None
@@ -220,7 +234,6 @@ def test_resume_with_n_per_request_after_lost_samples_and_interrupted_compaction
     """supports_n resume: only the missing samples are asked for (one request, n = missing),
     a journal holding a sample twice still compacts to exactly N per question, and a shard whose
     compaction was interrupted (no done marker, stale raw shard) is rebuilt from the journal."""
-    from octomed_data.distill.engine import _done_marker
     from octomed_data.distill.journal import iter_journal, segment_uris
 
     q_uri, out = str(tmp_path / "q"), str(tmp_path / "out")
@@ -239,7 +252,8 @@ def test_resume_with_n_per_request_after_lost_samples_and_interrupted_compaction
     for name in ("00000000000000000001-a.jsonl", "00000000000000000002-b.jsonl"):
         data = "".join(json.dumps(r) + "\n" for r in kept)
         storage.write_bytes(storage.join(journal, name), data.encode())
-    os.remove(_done_marker(out, "00000"))  # killed mid-compaction: raw exists, no marker
+    # Killed mid-compaction: the raw file exists, its marker (the done-signal) does not.
+    os.remove(storage.Dataset(storage.join(out, "raw")).marker_uri("00000"))
     with start_sandbox(faults=FaultConfig(honour_n=True)) as sb:
         again = distill_shard(q_uri, "00000", out, config(sb.base_url, **cfg_over))
         log = sb.stats()["log"]

@@ -17,7 +17,7 @@ KEY = "sk-test-ray-SECRET-77d0e1"
 
 
 def test_ray_runs_shards_end_to_end_within_one_global_budget(tmp_path: Path, ray_local) -> None:
-    from tasks.ray_distill import distill_shard_ray, run_distill
+    from tasks.ray_executor import distill_shard_ray, run_distill
 
     q_uri, out = str(tmp_path / "q"), str(tmp_path / "out")
     make_questions(q_uri, 10, shard="00000")

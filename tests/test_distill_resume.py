@@ -50,7 +50,7 @@ def _stored(out: str) -> dict[str, int]:
     return {
         f"{r['question_id']}|{r['sample_idx']}": r["seed"]
         for r in iter_journal(out, "00000")
-        if r["reject_reason"] != "request_failed"
+        if r.get("reject_reason") != "request_failed"
     }
 
 

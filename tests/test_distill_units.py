@@ -12,7 +12,7 @@ from pydantic import SecretStr
 from octomed_data import storage
 from octomed_data.cli import main
 from octomed_data.errors import ConfigError
-from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA
+from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA, VERDICT_SCHEMA
 from octomed_data.stats import source_statistics
 from octomed_data.teachers import DistillConfig, TeacherConfig, resolve_api_key
 
@@ -84,8 +84,11 @@ def test_source_statistics_flag_too_easy_sources(tmp_path: Path) -> None:
     for q in range(4):  # hard: question h0 has 3 correct, the rest none; one failed request
         rows += [_row(f"h{q}", "hard", i, q == 0 and i < 3) for i in range(15)]
         rows.append(_row(f"h{q}", "hard", 15, False, "request_failed"))
-    storage.Dataset(str(tmp_path / "raw"), SAMPLE_SCHEMA).write_shard("00000", rows)
-    stats = source_statistics(str(tmp_path / "raw"), samples_per_question=16)
+    for r in rows:  # the filter stage's verdict rows carry the reasoning length, not the text
+        r["reasoning_chars"] = len(r["reasoning"])
+        r["reasoning_words"] = len(r["reasoning"].split())
+    storage.Dataset(str(tmp_path / "verdicts"), VERDICT_SCHEMA).write_shard("00000", rows)
+    stats = source_statistics(str(tmp_path / "verdicts"), samples_per_question=16)
     easy, hard = stats["sources"]["easy"], stats["sources"]["hard"]
     assert easy["pass_rate"] == 0.875 and easy["too_easy"] is True and easy["pass@16"] == 1.0
     assert hard["samples"] == 60 and hard["failed_requests"] == 4 and hard["accepted"] == 3

@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from octomed_data import storage
-from octomed_data.recipe import RunPaths, shard_states
+from octomed_data.layout import RunPaths
+from octomed_data.runs import shard_states
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "octomed_data" / "sample_data"
 SAMPLES = 2
@@ -152,22 +153,22 @@ def test_artifacts_created(finished_run):
 
 def test_failed_shard_rerun_alone(finished_run, monkeypatch, tmp_path):
     """One shard fails (injected teacher outage); re-running it alone completes the run exactly."""
-    import tasks.ray_distill as ray_distill
     from flows.common import RunParams, ShardFailures
     from flows.factory import factory_flow
+    from tasks.ray_executor import RayPool
 
     clean_result, clean_paths, _ = finished_run
-    real = ray_distill.distill_shard_ray
+    real = RayPool.run
     broken = "pathvqa-00002"
     calls: list[str] = []
 
-    def flaky(questions_uri, shard, out, config, **kw):
+    def flaky(self, stage, shard, **kw):
         calls.append(shard)
         if shard == broken:
             raise ConnectionError("injected: teacher endpoint unreachable for this shard")
-        return real(questions_uri, shard, out, config, **kw)
+        return real(self, stage, shard, **kw)
 
-    monkeypatch.setattr(ray_distill, "distill_shard_ray", flaky)
+    monkeypatch.setattr(RayPool, "run", flaky)
     recipe = write_recipe(tmp_path)
     with pytest.raises(ShardFailures, match=broken):
         factory_flow(run=RunParams(recipe_path=recipe, run_id="flaky"))
@@ -178,15 +179,14 @@ def test_failed_shard_rerun_alone(finished_run, monkeypatch, tmp_path):
     assert broken not in before and len(before) == len(markers(clean_paths, "raw")) - 1
     assert not storage.exists(paths.stage("mixture"))  # nothing downstream of a failed shard
 
-    monkeypatch.setattr(ray_distill, "distill_shard_ray", real)
     calls.clear()
     spy_calls: list[str] = []
 
-    def spy(questions_uri, shard, out, config, **kw):
+    def spy(self, stage, shard, **kw):
         spy_calls.append(shard)
-        return real(questions_uri, shard, out, config, **kw)
+        return real(self, stage, shard, **kw)
 
-    monkeypatch.setattr(ray_distill, "distill_shard_ray", spy)
+    monkeypatch.setattr(RayPool, "run", spy)
     position = sorted(storage.Dataset(paths.questions).manifest()).index(broken)
     # `--shard N` takes a name or a position in the run's shard list; use the position here
     result = factory_flow(run=RunParams(recipe_path=recipe, run_id="flaky", shards=[str(position)]))
@@ -196,8 +196,8 @@ def test_failed_shard_rerun_alone(finished_run, monkeypatch, tmp_path):
     assert set(after) == set(markers(clean_paths, "raw"))
     # Outputs as if nothing had failed: same rows as the clean run, manifest complete.
     for name in ("raw", "accepted"):
-        ds = storage.Dataset(storage.join(paths.stage("distill"), name))
-        clean = storage.Dataset(storage.join(clean_paths.stage("distill"), name))
+        ds = storage.Dataset(getattr(paths, name))
+        clean = storage.Dataset(getattr(clean_paths, name))
         assert ds.num_rows() == clean.num_rows()
     assert result["mixture"]["rows_train"] == clean_result["mixture"]["rows_train"]
     assert {s["state"] for s in shard_states(paths, "distill")} == {"COMPLETED"}
@@ -205,9 +205,9 @@ def test_failed_shard_rerun_alone(finished_run, monkeypatch, tmp_path):
 
 def test_killed_run_resumes_without_redoing_shards(prefect_harness, ray_local, tmp_path, monkeypatch):
     """SIGKILL the factory mid-distillation; resuming the run id reuses finished shards."""
-    import tasks.ray_distill as ray_distill
     from flows.common import RunParams
     from flows.factory import factory_flow
+    from tasks.ray_executor import RayPool
 
     recipe = write_recipe(tmp_path, concurrent=1, latency=0.02)
     paths = RunPaths(str(tmp_path / "store"), "killed")
@@ -248,14 +248,14 @@ def test_killed_run_resumes_without_redoing_shards(prefect_harness, ray_local, t
     assert done_before and len(done_before) < len(storage.Dataset(paths.questions).manifest())
     stamps = markers(paths, "raw")
 
-    real = ray_distill.distill_shard_ray
+    real = RayPool.run
     called: list[str] = []
 
-    def spy(questions_uri, shard, out, config, **kw):
+    def spy(self, stage, shard, **kw):
         called.append(shard)
-        return real(questions_uri, shard, out, config, **kw)
+        return real(self, stage, shard, **kw)
 
-    monkeypatch.setattr(ray_distill, "distill_shard_ray", spy)
+    monkeypatch.setattr(RayPool, "run", spy)
     factory_flow(
         run=RunParams(recipe_path=recipe, run_id="killed"),
         stages=["ingest", "decontaminate", "distill", "filter"],
@@ -275,7 +275,7 @@ def test_outputs_deleted_by_hand_are_rebuilt_not_served_from_cache(prefect_harne
     from flows.factory import factory_flow
 
     recipe = write_recipe(tmp_path)
-    stages = ["ingest", "decontaminate", "distill"]
+    stages = ["ingest", "decontaminate", "distill", "filter"]
     params = RunParams(recipe_path=recipe, run_id="stale")
     paths = RunPaths(str(tmp_path / "store"), "stale")
     distill = paths.stage("distill")
@@ -285,8 +285,8 @@ def test_outputs_deleted_by_hand_are_rebuilt_not_served_from_cache(prefect_harne
             "ingested": storage.join(paths.stage("ingest"), "questions"),
             "kept": paths.questions,
             "removed": storage.join(paths.stage("decontaminate"), "removed"),
-            "raw": storage.join(distill, "raw"),
-            "accepted": storage.join(distill, "accepted"),
+            "raw": paths.raw,
+            "accepted": paths.accepted,
         }
         return {k: storage.Dataset(u).num_rows() for k, u in uris.items()}
 
@@ -300,8 +300,8 @@ def test_outputs_deleted_by_hand_are_rebuilt_not_served_from_cache(prefect_harne
     # marker and journal stay: the engine's own bookkeeping would call the shard finished).
     shutil.rmtree(paths.stage("ingest"))
     shutil.rmtree(paths.stage("decontaminate"))
-    for name in ("raw", "accepted"):
-        storage.Dataset(storage.join(distill, name)).delete_shard(victim)
+    for uri in (paths.raw, paths.accepted):
+        storage.Dataset(uri).delete_shard(victim)
     factory_flow(run=params, stages=stages)
     assert rows() == before
     assert victim in storage.Dataset(storage.join(distill, "raw")).manifest()

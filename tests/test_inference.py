@@ -139,7 +139,7 @@ def test_distill_keeps_reasoning_sent_as_message_reasoning(tmp_path: Path, monke
     make_questions(q_uri, 10)
     with start_sandbox(server="vllm", reasoning_field="reasoning", style="reasoning_content") as sb:
         report = distill_shard(q_uri, "00000", out, config(sb.base_url))
-    rows = read_raw(out)
+    rows = read_raw(out, q_uri)  # with the filter stage's verdicts
     assert report.complete and len(rows) == 40 and report.requests == 10  # detected vLLM: n=4 per request
     assert all(r["reasoning"] and r["reasoning"].startswith(SANDBOX_MARK) for r in rows)
     assert all(r["response"] and r["extracted_answer"] for r in rows)

@@ -8,19 +8,33 @@ from PIL import Image
 
 from octomed_data import storage
 from octomed_data.report import (
-    collect_sample_stats,
     rejection_rows,
     render_plot,
     report_markdown,
+    sample_stats,
     shard_table_rows,
     write_report,
 )
+from octomed_data.schema import SAMPLE_SCHEMA, VERDICT_SCHEMA
+from octomed_data.stats import source_statistics
 from tests.orchestration_data import write_inputs
+
+
+def statistics_of(samples_uri: str, tmp_path) -> dict:
+    """The filter stage's one statistics pass over judged samples (written as verdicts)."""
+    verdicts = storage.Dataset(str(tmp_path / "verdicts"), VERDICT_SCHEMA)
+    rows = storage.Dataset(samples_uri, SAMPLE_SCHEMA).read_all().to_pylist()
+    for r in rows:
+        r["reasoning_chars"] = len(r["reasoning"] or "")
+        r["reasoning_words"] = len((r["reasoning"] or "").split())
+    verdicts.write_shard("00000", rows)
+    return source_statistics(verdicts.uri)
 
 
 def test_stats_plot_and_markdown(shared_data, tmp_path):
     accepted, _ = write_inputs(shared_data, str(tmp_path / "in"), n_text=4, n_image=2)
-    stats = collect_sample_stats(accepted)
+    statistics = statistics_of(accepted, tmp_path)
+    stats = sample_stats(statistics)
     # 6 questions x (3 accepted + 1 rejected)
     assert (stats.samples, stats.accepted) == (24, 18)
     assert stats.sandbox_only
@@ -32,7 +46,7 @@ def test_stats_plot_and_markdown(shared_data, tmp_path):
     assert Image.open(io.BytesIO(png)).size[0] > 500
 
     result = write_report(
-        accepted,
+        statistics,
         str(tmp_path / "report"),
         run_id="r1",
         shards=[{"stage": "distill", "shard": "00000", "state": "COMPLETED", "samples": 24, "extra": 1}],
@@ -42,7 +56,7 @@ def test_stats_plot_and_markdown(shared_data, tmp_path):
     assert storage.read_bytes(result.png_uri)[:8] == b"\x89PNG\r\n\x1a\n"
     md = storage.read_bytes(result.markdown_uri).decode()
     assert "NOT model traces" in md and "![reasoning length and pass rate](report.png)" in md
-    assert "| medqa | 16 | 12 | 4 | 0.75 |" in md
+    assert "| medqa | 16 | 12 | 4 | 0 | 0.75 |" in md
     embedded = report_markdown(run_id="r1", stats=stats, png=png)
     assert "data:image/png;base64," in embedded
 
@@ -53,7 +67,7 @@ def test_shard_rows_keep_known_keys():
 
 
 def test_empty_run_renders(tmp_path):
-    stats = collect_sample_stats(str(tmp_path / "nothing"))
+    stats = sample_stats({})
     assert stats.samples == 0 and not stats.any_sandbox
     assert render_plot(stats)[:4] == b"\x89PNG"
     assert "NOT model traces" not in report_markdown(run_id="e", stats=stats)

@@ -1,14 +1,14 @@
 """Distillation: N teacher samples per question, verified, durable, resumable.
 
-``adistill_shard`` / ``distill_shard`` run one questions shard; ``run_local`` runs every shard
-in-process; ``finalize`` writes per-source statistics and the cost ledger; ``estimate``
+``adistill_shard`` / ``distill_shard`` run one questions shard into ``OUT/raw`` (replies, no
+verdict); ``run_local`` runs the distill stage in-process; ``finalize`` runs the filter stage
+(:mod:`octomed_data.rejection`: verdicts, accepted traces, statistics) and the cost ledger; ``estimate``
 projects a run's cost and duration from a small sample. The Ray executor lives in
-``tasks/ray_distill.py`` and calls the same functions.
+``tasks/ray_executor.py`` and calls the same functions.
 """
 
 from octomed_data.distill.engine import (
     ShardReport,
-    accepted_uri,
     adistill_shard,
     config_fingerprint,
     distill_shard,
@@ -23,7 +23,6 @@ from octomed_data.inference.client import TeacherUnreachable, sample_seed
 __all__ = [
     "ShardReport",
     "TeacherUnreachable",
-    "accepted_uri",
     "adistill_shard",
     "config_fingerprint",
     "distill_shard",

@@ -3,11 +3,13 @@
 For one questions shard: stream its questions, skip every sample key the journal already holds,
 send the rest to the routed teacher with bounded in-flight requests (one semaphore per teacher),
 a per-request timeout, a rate limiter, and retries with exponential backoff + jitter that honour
-Retry-After. Each finished sample is verified (:mod:`octomed_data.answers`), appended to the
-journal and counts as done only once its journal segment is written. A request that still fails
-after ``max_attempts`` is journalled as a failure (not done): the shard finishes anyway, reports
-it, and a re-run retries exactly those. At the end the journal is compacted into ``OUT/raw`` and
-``OUT/accepted`` (same shard name as the questions shard), and a done marker is written.
+Retry-After. Each finished reply (reasoning, answer text, finish reason, refusal) is appended to
+the journal and counts as done only once its journal segment is written; no verdict is made here
+(rejection sampling is its own stage, :mod:`octomed_data.rejection`, so replies can be judged again
+without paying a teacher twice). A request that still fails after ``max_attempts`` is journalled
+as a failure (not done): the shard finishes anyway, reports it, and a re-run retries exactly
+those. At the end the journal is compacted into ``OUT/raw`` (same shard name as the questions
+shard), whose committed marker (complete, config fingerprint) is the shard's one done-signal.
 """
 
 from __future__ import annotations
@@ -17,17 +19,13 @@ import hashlib
 import json
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import SecretStr
 
 from octomed_data import storage
-from octomed_data.answers import extract_answer, is_correct, looks_like_refusal
 from octomed_data.distill.journal import (
     FAILED,
     JournalWriter,
@@ -43,13 +41,12 @@ from octomed_data.inference.replies import read_choice
 from octomed_data.inference.retry import Backoff
 from octomed_data.prompts import build_messages
 from octomed_data.sandbox import SANDBOX_FINGERPRINT, SANDBOX_TEACHER
-from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA, TaskType, options_of
+from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA, TaskType
 from octomed_data.teachers import DistillConfig, TeacherConfig, resolve_api_key
 
 log = logging.getLogger("octomed_data.distill")
 
 RAW_DIR = "raw"
-ACCEPTED_DIR = "accepted"
 STATE_DIR = "_distill"
 
 
@@ -64,8 +61,6 @@ class ShardReport:
     new_samples: int = 0  # samples finished and persisted by this run
     stored: int = 0  # expected samples stored after this run (== expected when complete)
     failed: int = 0  # samples whose requests failed after all attempts (not done)
-    accepted: int = 0  # accepted rows in the compacted shard
-    rejected: dict[str, int] = field(default_factory=dict)  # reject reason -> rows
     requests: int = 0  # HTTP requests sent by this run (attempts)
     retries: int = 0
     prompt_tokens: int = 0
@@ -74,7 +69,6 @@ class ShardReport:
     aborted: str | None = None  # why the run stopped early (teacher unreachable)
     seconds: float = 0.0
     raw_uri: str = ""
-    accepted_uri: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,14 +76,6 @@ class ShardReport:
 
 def raw_uri(out: str) -> str:
     return storage.join(out, RAW_DIR)
-
-
-def accepted_uri(out: str) -> str:
-    return storage.join(out, ACCEPTED_DIR)
-
-
-def _done_marker(out: str, shard: str) -> str:
-    return storage.join(out, STATE_DIR, "done", f"{shard}.json")
 
 
 def config_fingerprint(config: DistillConfig) -> str:
@@ -112,17 +98,18 @@ def _route_id(config: DistillConfig, task: TaskType) -> str | None:
 
 
 def is_shard_done(out: str, shard: str, config: DistillConfig | None = None) -> bool:
-    """True when ``shard`` was distilled completely (with ``config``, when given) and compacted."""
-    uri = _done_marker(out, shard)
-    if not storage.exists(uri):
+    """True when ``OUT/raw`` holds ``shard`` committed complete (with ``config``, when given).
+
+    The committed marker of the raw shard is the one done-signal: it carries ``complete`` and
+    the config fingerprint, and it is written only after the Parquet file it describes.
+    """
+    ds = storage.Dataset(raw_uri(out))
+    info = ds.shard_info(shard)
+    if info is None or not info.extra.get("complete"):
         return False
-    marker = storage.read_json(uri)
-    if not marker.get("complete"):
+    if config is not None and info.extra.get("fingerprint") != config_fingerprint(config):
         return False
-    if config is not None and marker.get("fingerprint") != config_fingerprint(config):
-        return False
-    # The marker alone is not enough: outputs deleted by hand are rebuilt from the journal.
-    return all(storage.Dataset(uri_of(out)).is_committed(shard) for uri_of in (raw_uri, accepted_uri))
+    return storage.exists(storage.join(ds.uri, info.file))
 
 
 @dataclass
@@ -210,35 +197,16 @@ class ShardRun:
         return response, attempts, latency, last_error
 
 
-def _verdict(choice: Any, task: TaskType, options: list[tuple[str, str]], gold: str) -> dict[str, Any]:
+def reply_fields(choice: Any) -> dict[str, Any]:
+    """What is stored of one choice: reasoning, answer text, refusal, finish reason (no verdict)."""
     msg = choice.message
     reply = read_choice(choice)
-    reasoning, response = reply.reasoning, reply.answer
-    finish = choice.finish_reason
     refusal = getattr(msg, "refusal", None)
-    extracted = None
-    method = None
-    if finish == "length":
-        reject = "truncated"
-    elif refusal or finish == "content_filter":
-        reject = "refusal"
-    else:
-        ex = extract_answer(response, task, options)
-        extracted, method = ex.answer, ex.method
-        if ex.answer is None:
-            reject = "refusal" if looks_like_refusal(response) else (ex.reason or "no_answer")
-        elif is_correct(ex.answer, gold, task):
-            reject = None
-        else:
-            reject = "wrong_answer"
     return {
-        "reasoning": reasoning,
-        "response": response if response else (refusal or None),
-        "extracted_answer": extracted,
-        "extraction_method": method,
-        "correct": reject is None,
-        "finish_reason": finish,
-        "reject_reason": reject,
+        "reasoning": reply.reasoning,
+        "response": reply.answer if reply.answer else (refusal or None),
+        "refusal": refusal or None,
+        "finish_reason": choice.finish_reason,
     }
 
 
@@ -269,7 +237,6 @@ async def _sample_group(
 ) -> None:
     """Request samples ``group`` of one question: one request (with ``n`` when it has several)."""
     teacher = tc.teacher
-    task = TaskType(q["task_type"])
     prompt_chars = sum(len(str(m["content"])) for m in messages)
     seeds = {i: sample_seed(run.config.seed, q["question_id"], i) for i in group}
     sent = seeds[group[0]]
@@ -283,17 +250,16 @@ async def _sample_group(
     if response is None:
         for i in group:
             row = _base_row(q, teacher, run.config, i, recorded[i], tc.params_hash)
-            row.update(correct=False, reject_reason=FAILED, attempts=attempts, error=error, created_at=now_ms)
+            row.update(reject_reason=FAILED, attempts=attempts, error=error, created_at=now_ms)
             run.journal.add(row)
     else:
-        options = options_of(q)
         usage = getattr(response, "usage", None)
         choices = list(response.choices)[: len(group)]
         # Sandbox traces are never passed off as a real teacher's, whatever the config calls it.
         sandbox = getattr(response, "system_fingerprint", None) == SANDBOX_FINGERPRINT
         for j, (i, choice) in enumerate(zip(group, choices, strict=False)):
             row = _base_row(q, teacher, run.config, i, recorded[i], tc.params_hash)
-            row.update(_verdict(choice, task, options, q["answer"]))
+            row.update(reply_fields(choice))
             if sandbox:
                 row["teacher"] = SANDBOX_TEACHER
             # Usage is per request: the prompt is billed once, completion split over choices.
@@ -357,10 +323,9 @@ async def adistill_shard(
     """
     started = time.monotonic()
     shard = storage.Dataset.shard_name(shard)
-    report = ShardReport(shard=shard, raw_uri=raw_uri(out), accepted_uri=accepted_uri(out))
+    report = ShardReport(shard=shard, raw_uri=raw_uri(out))
     if is_shard_done(out, shard, config):
-        marker = storage.read_json(_done_marker(out, shard))
-        prior = marker["report"]
+        prior = storage.Dataset(raw_uri(out)).shard_info(shard).extra["report"]
         # Nothing was sent this time: every expected sample was already stored.
         report = ShardReport(
             **{
@@ -431,21 +396,15 @@ async def adistill_shard(
     report.requests, report.retries = c.requests, c.retries
     report.prompt_tokens, report.completion_tokens = c.prompt_tokens, c.completion_tokens
     report.aborted = run.abort
-    await asyncio.to_thread(_compact, out, shard, config, qids, report)
-    report.seconds = round(time.monotonic() - started, 3)
-    storage.write_json(
-        _done_marker(out, shard),
-        {"complete": report.complete, "fingerprint": config_fingerprint(config), "report": report.to_dict()},
-    )
+    await asyncio.to_thread(_compact, out, shard, config, qids, report, started)
     log.info(
-        "shard %s: %d questions, %d/%d samples stored (%d new, %d failed), %d accepted, %d requests",
+        "shard %s: %d questions, %d/%d samples stored (%d new, %d failed), %d requests",
         shard,
         report.questions,
         report.expected - report.failed,
         report.expected,
         report.new_samples,
         report.failed,
-        report.accepted,
         report.requests,
     )
     return report
@@ -487,57 +446,21 @@ def _expected_row(row: Mapping[str, Any], config: DistillConfig, qids: set[str])
     return row["model"] == t.model and row["params_hash"] == t.params_hash()
 
 
-class _ShardWriter:
-    """Streams rows into an in-memory Parquet file in row groups, then commits it as a shard."""
+def _compact(
+    out: str, shard: str, config: DistillConfig, qids: set[str], report: ShardReport, started: float
+) -> None:
+    """Journal -> the raw shard: one row per expected key, a stored sample beating a failure.
 
-    def __init__(self, uri: str, rows_per_group: int = 2048, schema: pa.Schema = SAMPLE_SCHEMA) -> None:
-        self.schema = schema
-        self.ds = storage.Dataset(uri, schema)
-        self.sink = pa.BufferOutputStream()
-        self.writer = pq.ParquetWriter(self.sink, schema, compression="zstd")
-        self.buffer: list[dict[str, Any]] = []
-        self.rows = 0
-        self.per_group = rows_per_group
-
-    def add(self, row: Mapping[str, Any]) -> None:
-        self.buffer.append({f.name: row.get(f.name) for f in self.schema})
-        if len(self.buffer) >= self.per_group:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self.buffer:
-            self.writer.write_table(pa.Table.from_pylist(self.buffer, schema=self.schema))
-            self.rows += len(self.buffer)
-            self.buffer = []
-
-    def commit(self, shard: str, extra: Mapping[str, Any]) -> None:
-        self._flush()
-        self.writer.close()
-        payload = self.sink.getvalue().to_pybytes()
-        # Same two-step commit as Dataset.write_shard (file, then manifest marker), streamed.
-        storage.write_bytes(self.ds.file_uri(shard), payload)
-        info = storage.ShardInfo(
-            shard=shard,
-            file=f"part-{shard}.parquet",
-            rows=self.rows,
-            bytes=len(payload),
-            committed_at=time.time(),
-            extra=dict(extra),
-        )
-        storage.write_json(self.ds.marker_uri(shard), asdict(info))
-
-
-def _compact(out: str, shard: str, config: DistillConfig, qids: set[str], report: ShardReport) -> None:
-    """Journal -> raw + accepted shards: one row per expected key, a stored sample beating a failure."""
+    Streamed through the storage layer's shard writer; its marker (written last) carries the
+    shard report, ``complete`` and the config fingerprint: the shard's done-signal.
+    """
     done: set[str] = set()
     failures: dict[str, dict[str, Any]] = {}
     for rec in iter_journal(out, shard):
         if rec.get("reject_reason") != FAILED and _expected_row(rec, config, qids):
             done.add(row_key(rec))
-    raw = _ShardWriter(raw_uri(out))
-    acc = _ShardWriter(accepted_uri(out))
+    raw = storage.Dataset(raw_uri(out), SAMPLE_SCHEMA).writer(shard)
     written: set[str] = set()
-    rejected: Counter[str] = Counter()
     for rec in iter_journal(out, shard):
         if not _expected_row(rec, config, qids):
             continue
@@ -551,22 +474,30 @@ def _compact(out: str, shard: str, config: DistillConfig, qids: set[str], report
         written.add(key)
         rec["created_at"] = _ts(rec.get("created_at"))
         raw.add(rec)
-        if rec["correct"]:
-            acc.add(rec)
-        else:
-            rejected[rec["reject_reason"] or "unknown"] += 1
     for rec in failures.values():
         rec["created_at"] = _ts(rec.get("created_at"))
         raw.add(rec)
-        rejected[FAILED] += 1
-    extra = {"fingerprint": config_fingerprint(config), "samples": config.samples}
-    raw.commit(shard, extra)
-    acc.commit(shard, extra)
-    report.accepted = acc.rows
-    report.rejected = dict(sorted(rejected.items()))
     report.failed = len(failures)
     report.stored = len(written)
     report.complete = len(written) == report.expected and not failures
+    report.seconds = round(time.monotonic() - started, 3)
+    counts = {
+        "questions": report.questions,
+        "samples": report.expected,
+        "stored": report.stored,
+        "new_samples": report.new_samples,
+        "failed": report.failed,
+        "requests": report.requests,
+    }
+    raw.commit(
+        {
+            "fingerprint": config_fingerprint(config),
+            "samples": config.samples,
+            "complete": report.complete,
+            "counts": counts,
+            "report": report.to_dict(),
+        }
+    )
 
 
 def _ts(value: Any) -> Any:

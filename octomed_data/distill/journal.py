@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import posixpath
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -40,16 +39,7 @@ def journal_uri(out: str, shard: str) -> str:
 
 def segment_uris(out: str, shard: str) -> list[str]:
     """Committed journal segments of a shard, oldest first (names start with a time stamp)."""
-    uri = journal_uri(out, shard)
-    fs, path = storage.filesystem(uri)
-    if not storage._wrap(uri, fs.exists, path):
-        return []
-    names = sorted(
-        posixpath.basename(p)
-        for p in storage._wrap(uri, fs.ls, path, detail=False)
-        if p.endswith(".jsonl") and not posixpath.basename(p).startswith(".")
-    )
-    return [storage.join(uri, n) for n in names]
+    return storage.list_files(journal_uri(out, shard), suffix=".jsonl")
 
 
 def iter_journal(out: str, shard: str) -> Iterator[dict[str, Any]]:

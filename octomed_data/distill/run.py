@@ -15,17 +15,10 @@ from pydantic import SecretStr
 
 from octomed_data import storage
 from octomed_data.cost import cost_ledger
-from octomed_data.distill.engine import (
-    STATE_DIR,
-    ShardReport,
-    adistill_shard,
-    raw_uri,
-    shard_names,
-)
+from octomed_data.distill.engine import STATE_DIR, ShardReport, adistill_shard, raw_uri, shard_names
 from octomed_data.errors import StorageError
-from octomed_data.inference.ratelimit import LocalRateLimiter, RateLimiter
+from octomed_data.layout import RunPaths
 from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA
-from octomed_data.stats import source_statistics
 from octomed_data.teachers import DistillConfig
 
 
@@ -37,39 +30,6 @@ def _progress_bar(total: int, enabled: bool, desc: str = "distill"):
     return tqdm(total=total, unit="sample", desc=desc, file=sys.stderr, dynamic_ncols=True)
 
 
-async def arun_local(
-    questions_uri: str,
-    out: str,
-    config: DistillConfig,
-    *,
-    shards: Sequence[str] | None = None,
-    api_keys: Mapping[str, str | SecretStr] | None = None,
-    limiter: RateLimiter | None = None,
-    progress: bool = True,
-) -> list[ShardReport]:
-    """Distill the given (default: all) shards one after another, sharing one rate limiter."""
-    names = list(shards) if shards else shard_names(questions_uri)
-    manifest = storage.Dataset(questions_uri, QUESTION_SCHEMA).manifest()
-    missing = [s for s in names if s not in manifest]
-    if missing:
-        raise StorageError(f"questions shards not committed in {questions_uri}: {', '.join(missing)}")
-    limiter = limiter or LocalRateLimiter.for_teachers(config.teachers)
-    bar = _progress_bar(sum(manifest[s].rows for s in names) * config.samples, progress)
-    reports = []
-    try:
-        for name in names:
-            report = await adistill_shard(
-                questions_uri, name, out, config, api_keys=api_keys, limiter=limiter, progress=bar
-            )
-            reports.append(report)
-            if report.aborted:
-                break  # the teacher is unreachable: the next shards would fail the same way
-    finally:
-        if bar is not None:
-            bar.close()
-    return reports
-
-
 def run_local(
     questions_uri: str,
     out: str,
@@ -79,14 +39,45 @@ def run_local(
     api_keys: Mapping[str, str | SecretStr] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Distill in this process (no Ray), then :func:`finalize`. Returns a run summary."""
-    reports = asyncio.run(
-        arun_local(questions_uri, out, config, shards=shards, api_keys=api_keys, progress=progress)
+    """Distill in this process (no Ray), then :func:`finalize` (verdicts, statistics, cost).
+
+    Runs the distill stage with the local executor over the given (default: all) shards, one after
+    another; ``OUT/raw`` gets the replies, ``OUT/accepted`` / ``OUT/verdicts`` / ``OUT/stats.json``
+    the filter stage's outputs. Returns a run summary.
+    """
+    from octomed_data.stages import LocalExecutor, run_stage
+    from octomed_data.stages.distill import DistillStage
+
+    names = list(shards) if shards else shard_names(questions_uri)
+    manifest = storage.Dataset(questions_uri, QUESTION_SCHEMA).manifest()
+    missing = [s for s in names if s not in manifest]
+    if missing:
+        raise StorageError(f"questions shards not committed in {questions_uri}: {', '.join(missing)}")
+    storage.ensure_writable(out)
+    bar = _progress_bar(sum(manifest[s].rows for s in names) * config.samples, progress)
+    stage = DistillStage(RunPaths.at(out), config, questions=questions_uri, out=out, api_keys=api_keys)
+    stage.progress = bar
+    try:
+        result = run_stage(stage, LocalExecutor(progress=False), shards=names, force=False, finalize=False)
+    finally:
+        if bar is not None:
+            bar.close()
+    reports = [shard_report(out, s) for s in names]
+    return summarize(
+        [r for r in reports if r is not None], finalize(out, questions_uri, config), result.failed
     )
-    return summarize(reports, finalize(out, questions_uri, config))
 
 
-def summarize(reports: Sequence[ShardReport], final: Mapping[str, Any]) -> dict[str, Any]:
+def shard_report(out: str, shard: str) -> ShardReport | None:
+    info = storage.Dataset(raw_uri(out)).shard_info(shard)
+    if info is None or "report" not in info.extra:
+        return None
+    return ShardReport(**info.extra["report"])
+
+
+def summarize(
+    reports: Sequence[ShardReport], final: Mapping[str, Any], failed: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """One dict for a run: totals over the shard reports plus the finalized stats and cost."""
     keys = (
         "questions",
@@ -95,22 +86,22 @@ def summarize(reports: Sequence[ShardReport], final: Mapping[str, Any]) -> dict[
         "stored_before",
         "new_samples",
         "failed",
-        "accepted",
         "requests",
         "retries",
     )
     totals = {k: sum(getattr(r, k) for r in reports) for k in keys}
-    rejected: Counter[str] = Counter()
-    for r in reports:
-        rejected.update(r.rejected)
+    overall = (final.get("stats") or {}).get("overall") or {}
     return {
         **totals,
-        "rejected": dict(sorted(rejected.items())),
-        "complete": bool(reports) and all(r.complete for r in reports),
+        "accepted": overall.get("accepted", 0),
+        "rejected": overall.get("reject_reasons", {}),
+        "complete": bool(reports) and all(r.complete for r in reports) and not failed,
         "aborted": next((r.aborted for r in reports if r.aborted), None),
+        "errors": dict(failed or {}),
         "shards": [r.to_dict() for r in reports],
         "stats_uri": final.get("stats_uri"),
         "cost_uri": final.get("cost_uri"),
+        "accepted_uri": final.get("accepted_uri"),
         "total_usd": final.get("cost", {}).get("total_usd"),
     }
 
@@ -118,21 +109,35 @@ def summarize(reports: Sequence[ShardReport], final: Mapping[str, Any]) -> dict[
 def finalize(
     out: str, questions_uri: str | None = None, config: DistillConfig | None = None
 ) -> dict[str, Any]:
-    """Write ``OUT/stats.json`` (per-source pass rates ...) and ``OUT/cost.json`` (token ledger).
+    """Judge every raw shard (the filter stage, into ``OUT/accepted`` + ``OUT/verdicts``), then write
+    ``OUT/stats.json`` (per-source pass rates ...) and ``OUT/cost.json`` (token ledger).
 
     The config (for prices and N) defaults to the one the engine saved in ``OUT/_distill``.
     """
+    from octomed_data.stages import LocalExecutor, raise_for_failures, run_stage
+    from octomed_data.stages.filter import FilterStage
+
     if config is None:
         saved = storage.join(out, STATE_DIR, "config.json")
         config = DistillConfig.parse(storage.read_json(saved), where=saved) if storage.exists(saved) else None
     raw = raw_uri(out)
-    stats = source_statistics(raw, questions_uri, config.samples if config else None)
+    paths = RunPaths.at(out)
+    stage = FilterStage(
+        paths,
+        raw=raw,
+        questions=questions_uri,
+        out=out,
+        samples_per_question=config.samples if config else None,
+    )
+    if questions_uri is None:
+        raise StorageError(f"judging {raw} needs the questions dataset (options): pass questions_uri")
+    result = run_stage(stage, LocalExecutor(progress=False), force=False, finalize=False)
+    raise_for_failures(result)
+    stats = stage.finalize(stage.input_shards())
     cost = cost_ledger(raw, config)
-    stats_uri = storage.join(out, "stats.json")
     cost_uri = storage.join(out, "cost.json")
-    storage.write_json(stats_uri, stats)
     storage.write_json(cost_uri, cost)
-    return {"stats": stats, "cost": cost, "stats_uri": stats_uri, "cost_uri": cost_uri}
+    return stats | {"cost": cost, "cost_uri": cost_uri, "accepted_uri": stage.accepted_uri}
 
 
 def _teacher_counts(questions_uri: str, config: DistillConfig) -> dict[str, int]:
@@ -183,7 +188,7 @@ def estimate(
             adistill_shard(qdir, "sample", storage.join(work, "out"), probe, api_keys=api_keys)
         )
         wall = time.monotonic() - started
-        per_teacher = _measure(raw_uri(storage.join(work, "out")))
+        per_teacher = _measure(raw_uri(storage.join(work, "out")), qdir)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -234,13 +239,19 @@ def estimate(
     }
 
 
-def _measure(raw: str) -> dict[str, dict[str, float]]:
+def _measure(raw: str, questions_uri: str) -> dict[str, dict[str, float]]:
+    from octomed_data.rejection import judge, question_options
+
     by: dict[str, dict[str, list[float]]] = {}
     cols = ["teacher", "prompt_tokens", "completion_tokens", "latency_s", "correct", "reject_reason"]
     ds = storage.Dataset(raw, SAMPLE_SCHEMA)
+    options: dict[str, list[tuple[str, str]]] = {}
+    for shard in ds.manifest():
+        options.update(question_options(questions_uri, shard))
     for row in ds.iter_rows():
         if row["reject_reason"] == "request_failed":
             continue
+        row.update(judge(row, options.get(row["question_id"], [])))
         d = by.setdefault(row["teacher"], {c: [] for c in cols[1:5]})
         for c in cols[1:5]:
             d[c].append(float(row[c] or 0))

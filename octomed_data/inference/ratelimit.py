@@ -2,7 +2,7 @@
 
 The core, :class:`WindowBudget`, is plain synchronous bookkeeping with the clock passed in, so
 the same code runs in-process (:class:`LocalRateLimiter`) and inside the Ray actor that holds
-a teacher's global budget for every machine (``tasks/ray_distill.py``), which hands permits out
+a teacher's global budget for every machine (``tasks/ray_executor.py``), which hands permits out
 in small leases through :class:`LeasedRateLimiter`.
 
 Requests are counted in a sliding window (a log of grant times), so that *no* window of

@@ -1,59 +1,20 @@
-"""Decontamination: remove training questions that overlap a held-out benchmark item.
+"""The decontamination index: the registry's held-out items as compact numpy arrays, and matching.
 
-Rules (as in s1 and OctoMed, plus near-duplicate images):
-
-* **Text normalisation** (:func:`tokens`): NFKC, casefold, then every character that is not a
-  letter or digit (punctuation, symbols, ASCII and unicode quotes and dashes, underscores) is a
-  separator and whitespace collapses. Tokens are words; CJK characters are one token each, since
-  Chinese and Japanese text has no spaces. Appended "Answer Choices: (A) ..." / "A) ... B) ..."
-  blocks are cut off first (:func:`strip_choices`), so copies that append options match
-  copies that don't.
-* **Long items (>= 16 tokens): 16-gram overlap, order-aware.** A question is contaminated when
-  any 16 consecutive tokens of it equal 16 consecutive tokens of a benchmark item. Shuffled words
-  or a 15-token overlap do not match.
-* **Short items (< 16 tokens): whole-item equality**, never containment: containing "is there
-  a fracture" would remove half of all VQA data. Two modes (``short_match``):
-
-  - ``"item"`` (default): a short text-only item matches a question whose normalised stem equals
-    it AND that shares at least half of the item's option texts (at least 2; order-free), so
-    shuffled copies and 4-/5-option variants match while a generic stem ("Which of the following
-    is true?") with other options does not. Short image-grounded items
-    (VQA templates like "What modality is used to take this image?") are not matched on text at
-    all: the same template on another image is not the test item; they are caught by image hash.
-  - ``"text"``: the literal rule: a question whose whole normalised text equals a short item's
-    text is removed, options and images ignored. Aggressive on VQA training sets.
-* **What is checked**: the question text (appended option blocks cut off), which for
-  PubMedQA-style rows already holds the context (ingest writes "Context: ... Question: ...");
-  a context kept in ``metadata`` (keys ``context`` / ``contexts``) is checked too. Option texts
-  count only through the short-item rule above, as in s1/OctoMed.
-* **Images**: exact SHA-256 of the normalised image (the content address ingest stores), and
-  near-duplicates by 64-bit pHash Hamming distance <= ``phash_threshold`` (default 6; re-encoded,
-  resized or brightened copies of the real images land at 0-4, distinct images at >= 16).
-* **Reported match**: kinds are tried as image_sha256, text_exact, text_ngram, image_phash; an
-  n-gram match names the item sharing the most 16-grams with the question and the first of them.
-
-The :class:`DecontamIndex` is built once from the registry pack into a few numpy arrays
-(sorted 64-bit n-gram hashes, whole-item hashes, image hashes) and saved as one ``.npz`` file
-through the storage layer, so shard workers load it and never re-read benchmark files.
-Hashes are stable across processes: per-token 64-bit values come from BLAKE2b of the token,
-never from Python's randomised ``hash()``. n-grams are compared by 64-bit polynomial hash, so a
-false match needs a 64-bit collision (~4e-6 expected over 1M questions against 800k n-grams).
+:class:`DecontamIndex` is built once from the registry pack (sorted 64-bit n-gram hashes,
+whole-item hashes, image hashes), saved as one ``.npz`` through the storage layer, and loaded by
+shard workers, which never re-read benchmark files. Match kinds are tried as image_sha256,
+text_exact, text_ngram, image_phash (the rules: :mod:`octomed_data.decontam`). This module
+imports the registry (to build the index); the registry imports only :mod:`.text`, so no circle.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import io
 import json
 import logging
-import re
-import sys
 import time
-import unicodedata
-from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from itertools import chain, repeat
 from typing import Any
 
@@ -62,12 +23,24 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from octomed_data import storage
+from octomed_data.decontam.text import (
+    NGRAM,
+    clean_windows,
+    context_of,
+    exact_key,
+    exact_keys,
+    options_required,
+    rolling_hashes,
+    strip_choices,
+    token_hash,
+    tokens,
+)
 from octomed_data.errors import OctomedError
-from octomed_data.schema import QUESTION_SCHEMA, REMOVED_SCHEMA
+from octomed_data.registry import load_registry
+from octomed_data.schema import QUESTION_SCHEMA
 
 log = logging.getLogger(__name__)
 
-NGRAM = 16
 DEFAULT_PHASH_THRESHOLD = 6
 SHORT_MATCH_MODES = ("item", "text")
 INDEX_FORMAT = "octomed-decontam-index/1"
@@ -79,149 +52,11 @@ TEXT_NGRAM = "text_ngram"
 IMAGE_PHASH = "image_phash"
 MATCH_KINDS = (IMAGE_SHA256, TEXT_EXACT, TEXT_NGRAM, IMAGE_PHASH)
 
-_MASK64 = (1 << 64) - 1
 _FILTER_BITS = 27
-# Odd 64-bit multipliers for the polynomial hashes (arithmetic is mod 2**64).
-_P_NGRAM = np.uint64(0x9E3779B97F4A7C15)
-_P_EXACT = 0xC2B2AE3D27D4EB4F
-
-_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
-_TOKEN_RE = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+")
-# "...\nAnswer Choices: (A) ..." (MedXpertQA eval format) or "...\nA) x\nB) y" / "... A)x, B)y" (R1 formats).
-# ASCII letters/digits kept (upper -> lower), every other ASCII byte -> space; bytes >= 128 (UTF-8
-# sequences) untouched, so the result is still valid UTF-8.
-_ASCII_TABLE = bytes(
-    (c | 0x20 if 65 <= c <= 90 else c) if chr(c).isalnum() or c >= 128 else 32 for c in range(256)
-)
-_CHOICES_RE = re.compile(r"\s*\n\s*Answer Choices:.*\Z", re.DOTALL)
-_LETTER_LIST_RE = re.compile(r"\s+\(?A\)\s*\S.*?\s\(?B\)\s*\S.*\Z", re.DOTALL)
 
 
 class DecontamError(OctomedError):
     """The decontamination input, registry or index cannot be used."""
-
-
-# --------------------------------------------------------------------------- text
-
-
-def strip_choices(text: str) -> str:
-    """Cut an appended answer-choice block ("Answer Choices: (A) ...", "A) ... B) ...") off a question."""
-    # Substring tests first: the regexes cost ~10x more and most questions have no choice block.
-    stripped = _CHOICES_RE.sub("", text) if "Answer Choices:" in text else text
-    if stripped == text and "A)" in text and "B)" in text:
-        stripped = _LETTER_LIST_RE.sub("", text)
-    return stripped.strip() or text.strip()
-
-
-def normalize(text: str) -> str:
-    """NFKC + casefold; the separators (punctuation, quotes, dashes, whitespace) are left to :func:`tokens`."""
-    return unicodedata.normalize("NFKC", text).casefold()
-
-
-def tokens(text: str) -> list[str]:
-    """Normalised word tokens of ``text`` (punctuation is a separator; CJK characters are single tokens).
-
-    Equivalent to ``_TOKEN_RE.findall(normalize(text))``, but ASCII separators are removed with a
-    byte-table translate first (~8x faster than the regex); only pieces that still hold non-ASCII
-    characters go through the regex.
-    """
-    if text.isascii():  # NFKC and casefold are the identity / lowercasing on ASCII
-        return text.encode("ascii").translate(_ASCII_TABLE).decode("ascii").split()
-    # Only the (few, short) runs of non-ASCII characters need per-character rules.
-    text = _NON_ASCII_RUN.sub(_separate_non_ascii, normalize(text))
-    return text.encode("utf-8").translate(_ASCII_TABLE).decode("utf-8").split()
-
-
-_NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]+")
-_CJK_CHAR = re.compile(rf"[{_CJK}]")
-_run_cache: dict[str, str] = {}
-
-
-def _separate_non_ascii(match: re.Match[str]) -> str:
-    """A non-ASCII run with separators as spaces and CJK characters as space-delimited tokens.
-
-    Word characters (``str.isalnum``, exactly what ``\\w`` minus ``_`` means to ``re``) stay
-    attached to their neighbours, so "café" stays one token, as with ``_TOKEN_RE``.
-    """
-    run = match.group()
-    fixed = _run_cache.get(run)
-    if fixed is None:
-        fixed = "".join((f" {c} " if _CJK_CHAR.match(c) else c) if c.isalnum() else " " for c in run)
-        if len(_run_cache) < 100_000:  # runs repeat ("°", "±", "’"); bound the cache all the same
-            _run_cache[run] = fixed
-    return fixed
-
-
-def normalized_text(text: str) -> str:
-    """The normalised form two texts are compared in: tokens joined by single spaces."""
-    return " ".join(tokens(text))
-
-
-def token_hash(token: str) -> int:
-    """Stable 64-bit value of one token (BLAKE2b; never 0, which marks an unknown token)."""
-    value = int.from_bytes(hashlib.blake2b(token.encode("utf-8"), digest_size=8).digest(), "little")
-    return value or 1
-
-
-def _fold(values: Iterable[int], start: int, mult: int) -> int:
-    h = start
-    for v in values:
-        h = (h * mult + v) & _MASK64
-    return h
-
-
-def exact_key(token_values: Sequence[int]) -> int:
-    """Whole-text key of a short text (stem or option): its token values in order, and its length."""
-    return _fold(token_values, len(token_values) + 1, _P_EXACT)
-
-
-def options_required(n_options: int) -> int:
-    """Options a question must share with a short benchmark item of ``n_options`` options."""
-    return 0 if n_options == 0 else max(min(2, n_options), -(-n_options // 2))
-
-
-def _ngram_hashes(values: np.ndarray, n: int = NGRAM) -> np.ndarray:
-    """Rolling polynomial hash of every length-``n`` window of ``values`` (uint64, wraps mod 2**64)."""
-    count = len(values) - n + 1
-    if count <= 0:
-        return np.empty(0, dtype=np.uint64)
-    h = values[:count].copy()
-    for k in range(1, n):
-        h *= _P_NGRAM
-        h += values[k : k + count]
-    return h
-
-
-def _window_ok(bad: np.ndarray, n: int = NGRAM) -> np.ndarray:
-    """For each window start, True when none of the ``n`` tokens in the window is ``bad``."""
-    count = len(bad) - n + 1
-    if count <= 0:
-        return np.zeros(0, dtype=bool)
-    csum = np.concatenate(([0], np.cumsum(bad, dtype=np.int64)))
-    return (csum[n : n + count] - csum[:count]) == 0
-
-
-def _context_of(metadata: str | None) -> str:
-    """The context passage of a PubMedQA-style row, from its metadata JSON (empty if none)."""
-    if not metadata:
-        return ""
-    try:
-        meta = json.loads(metadata)
-    except ValueError:
-        return ""
-    if not isinstance(meta, dict):
-        return ""
-    parts: list[str] = []
-    for key in ("contexts", "context"):
-        value = meta.get(key)
-        if isinstance(value, str):
-            parts.append(value)
-        elif isinstance(value, list):
-            parts.extend(str(v) for v in value if v)
-    return "\n".join(parts)
-
-
-# --------------------------------------------------------------------------- index
 
 
 @dataclass(frozen=True)
@@ -312,8 +147,6 @@ class DecontamIndex:
         phash_threshold: int = DEFAULT_PHASH_THRESHOLD,
     ) -> DecontamIndex:
         """Build the index from a registry table or pack path (default: the bundled pack)."""
-        from octomed_data.registry import load_registry  # registry imports this module's text rules
-
         table = registry if isinstance(registry, pa.Table) else load_registry(registry)
         if short_match not in SHORT_MATCH_MODES:
             raise DecontamError(f"short_match must be one of {SHORT_MATCH_MODES}, not {short_match!r}")
@@ -372,7 +205,7 @@ class DecontamIndex:
         values = np.concatenate(([np.uint64(0)], vocab_hashes))
 
         if ngram_chunks:
-            hashes = np.concatenate([_ngram_hashes(values[c]) for c in ngram_chunks])
+            hashes = np.concatenate([rolling_hashes(values[c]) for c in ngram_chunks])
             owners = np.concatenate(ngram_item_chunks)
             # Sort by hash, keep the first item (lowest index) that owns each n-gram.
             order = np.lexsort((owners, hashes))
@@ -550,10 +383,7 @@ class DecontamIndex:
         tok = np.where(valid, ids[pos], -1)
         known = ~((tok == 0).any(axis=1))
         values = self.vocab_hashes[np.maximum(tok, 0)]
-        h = (length + 1).astype(np.uint64)
-        for k in range(width):
-            h = np.where(valid[:, k], h * np.uint64(_P_EXACT) + values[:, k], h)
-        return h, known
+        return exact_keys(values, valid, length), known
 
     def check_texts(
         self,
@@ -595,10 +425,10 @@ class DecontamIndex:
 
         # 16-gram overlap: one vectorised pass over the whole batch.
         if len(self.ngram_hashes) and len(ids) >= NGRAM:
-            hashes = _ngram_hashes(self.vocab_hashes[ids])
+            hashes = rolling_hashes(self.vocab_hashes[ids])
             # Checkable windows hold no unknown token (it can't be in a benchmark n-gram) and end
             # inside their own question (windows across a question boundary are discarded).
-            ok = _window_ok(ids == 0)
+            ok = clean_windows(ids == 0)
             window_q = np.repeat(np.arange(n), lengths)[: len(ok)]
             ok &= np.arange(len(ok)) + NGRAM <= starts[window_q + 1]
             qid_of_start = window_q
@@ -674,7 +504,7 @@ class DecontamIndex:
             metadata = table.column("metadata")
             has_ctx = pc.fill_null(pc.match_substring(metadata, '"context'), False)
             for i in np.nonzero(np.asarray(has_ctx))[0].tolist():
-                ctx = _context_of(metadata[i].as_py())
+                ctx = context_of(metadata[i].as_py())
                 if ctx:
                     texts[i] = f"{texts[i]}\n{ctx}"
 
@@ -724,270 +554,3 @@ def load_index(index: str | None = None, registry: str | None = None, **kwargs: 
     if index:
         return DecontamIndex.load(index)
     return DecontamIndex.from_registry(registry, **kwargs)
-
-
-# --------------------------------------------------------------------------- datasets
-
-
-@dataclass
-class DecontamResult:
-    """What one decontamination run did."""
-
-    questions_uri: str
-    kept_uri: str
-    removed_uri: str
-    input: int = 0
-    kept: int = 0
-    removed: int = 0
-    by_benchmark: dict[str, int] = field(default_factory=dict)
-    by_kind: dict[str, int] = field(default_factory=dict)
-    shards: list[dict[str, Any]] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _questions_dataset(questions_uri: str) -> storage.Dataset:
-    """The question dataset at ``questions_uri``, or at ``questions_uri/questions`` (an ingest output root)."""
-    ds = storage.Dataset(questions_uri, QUESTION_SCHEMA)
-    if ds.manifest():
-        return ds
-    nested = storage.Dataset(storage.join(questions_uri, "questions"), QUESTION_SCHEMA)
-    if nested.manifest():
-        return nested
-    raise DecontamError(
-        f"no committed question shards at {questions_uri} (nor at {nested.uri}); "
-        "expected a dataset written by `octomed-data ingest`"
-    )
-
-
-def decontaminate_shard(
-    index: DecontamIndex,
-    questions_uri: str,
-    shard: str,
-    out: str,
-    *,
-    phash_threshold: int | None = None,
-    batch_size: int = 8192,
-) -> dict[str, Any]:
-    """Decontaminate one committed question shard.
-
-    Writes the same-named shard to ``out/questions`` (kept, QUESTION_SCHEMA) and ``out/removed``
-    (REMOVED_SCHEMA, with the matched benchmark item); both are written even when empty, so a
-    re-run replaces rather than duplicates. Returns the shard's counts.
-    """
-    source = storage.Dataset(questions_uri, QUESTION_SCHEMA)
-    kept_parts: list[pa.Table] = []
-    removed_parts: list[pa.Table] = []
-    by_benchmark: Counter[str] = Counter()
-    by_kind: Counter[str] = Counter()
-    total = 0
-    for batch in source.iter_batches(batch_size=batch_size, shards=[shard]):
-        table = pa.Table.from_batches([batch])
-        matches = index.check_table(table, phash_threshold)
-        total += table.num_rows
-        hit = np.fromiter((m is not None for m in matches), dtype=bool, count=len(matches))
-        kept_parts.append(table.filter(pa.array(~hit)))
-        if hit.any():
-            found = [m for m in matches if m is not None]
-            removed = table.filter(pa.array(hit))
-            removed = removed.append_column("match_kind", pa.array([m.kind for m in found], pa.string()))
-            removed = removed.append_column(
-                "match_benchmark", pa.array([m.benchmark for m in found], pa.string())
-            )
-            removed = removed.append_column("match_item", pa.array([m.item_id for m in found], pa.string()))
-            removed = removed.append_column("match_detail", pa.array([m.detail for m in found], pa.string()))
-            removed_parts.append(removed)
-            by_benchmark.update(m.benchmark for m in found)
-            by_kind.update(m.kind for m in found)
-    kept = _concat(kept_parts, QUESTION_SCHEMA)
-    removed_table = _concat(removed_parts, REMOVED_SCHEMA)
-    counts = {
-        "shard": shard,
-        "input": total,
-        "kept": kept.num_rows,
-        "removed": removed_table.num_rows,
-        "by_benchmark": dict(sorted(by_benchmark.items())),
-        "by_kind": dict(sorted(by_kind.items())),
-    }
-    if counts["kept"] + counts["removed"] != total:  # cannot happen; never write a lossy shard
-        raise DecontamError(f"shard {shard}: kept + removed != input ({counts})")
-    storage.Dataset(storage.join(out, "questions"), QUESTION_SCHEMA).write_shard(shard, kept, extra=counts)
-    storage.Dataset(storage.join(out, "removed"), REMOVED_SCHEMA).write_shard(
-        shard, removed_table, extra=counts
-    )
-    return counts
-
-
-def _concat(parts: list[pa.Table], schema: pa.Schema) -> pa.Table:
-    if not parts:
-        return schema.empty_table()
-    return pa.concat_tables([p.select(schema.names).cast(schema) for p in parts])
-
-
-def drop_stale_shards(out: str, shards: Iterable[str]) -> list[str]:
-    """Un-commit ``out/questions`` and ``out/removed`` shards whose input shard is gone; returns their names."""
-    keep = set(shards)
-    dropped: set[str] = set()
-    for name, schema in (("questions", QUESTION_SCHEMA), ("removed", REMOVED_SCHEMA)):
-        ds = storage.Dataset(storage.join(out, name), schema)
-        for shard in ds.manifest():
-            if shard not in keep:
-                ds.delete_shard(shard)
-                dropped.add(shard)
-    return sorted(dropped)
-
-
-def decontaminate(
-    questions_uri: str,
-    out: str,
-    *,
-    registry: str | None = None,
-    index: DecontamIndex | None = None,
-    phash_threshold: int | None = None,
-    short_match: str = "item",
-    progress: bool = False,
-) -> DecontamResult:
-    """Decontaminate every committed shard of ``questions_uri`` into ``out/questions`` + ``out/removed``.
-
-    The index is built once (from ``registry``, default the bundled pack) unless one is given;
-    ``phash_threshold`` defaults to the index's (6). Shards are streamed one at a time; output
-    shards left by an earlier run over other input shards are un-committed, and a summary is
-    written to ``out/decontam.json``.
-    """
-    started = time.perf_counter()
-    source = _questions_dataset(questions_uri)
-    storage.ensure_writable(out)
-    if index is None:
-        index = DecontamIndex.from_registry(
-            registry,
-            short_match=short_match,
-            phash_threshold=DEFAULT_PHASH_THRESHOLD if phash_threshold is None else phash_threshold,
-        )
-    result = DecontamResult(
-        questions_uri=source.uri,
-        kept_uri=storage.join(out, "questions"),
-        removed_uri=storage.join(out, "removed"),
-    )
-    by_benchmark: Counter[str] = Counter()
-    by_kind: Counter[str] = Counter()
-    shards = list(source.manifest())
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(shards), desc="decontaminate", unit="shard", file=sys.stderr)
-    for shard in shards:
-        counts = decontaminate_shard(index, source.uri, shard, out, phash_threshold=phash_threshold)
-        result.shards.append(counts)
-        result.input += counts["input"]
-        result.kept += counts["kept"]
-        result.removed += counts["removed"]
-        by_benchmark.update(counts["by_benchmark"])
-        by_kind.update(counts["by_kind"])
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(kept=result.kept, removed=result.removed)
-    if bar is not None:
-        bar.close()
-    drop_stale_shards(out, shards)
-    result.by_benchmark = dict(sorted(by_benchmark.items()))
-    result.by_kind = dict(sorted(by_kind.items()))
-    result.seconds = round(time.perf_counter() - started, 3)
-    storage.write_json(storage.join(out, "decontam.json"), result.to_dict())
-    return result
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def _cmd_decontaminate(args: argparse.Namespace) -> int:
-    if args.phash_threshold < 0 or args.phash_threshold > 64:
-        raise DecontamError("--phash-threshold must be between 0 and 64")
-    index = None
-    if args.index:
-        index = DecontamIndex.load(args.index)
-    result = decontaminate(
-        args.questions_uri,
-        args.out,
-        registry=args.registry,
-        index=index,
-        phash_threshold=args.phash_threshold,
-        short_match=args.short_match,
-        progress=not args.quiet,
-    )
-    print(f"questions: {result.input}  kept: {result.kept}  removed: {result.removed}")
-    for name, n in result.by_benchmark.items():
-        print(f"  removed for {name}: {n}")
-    for kind, n in result.by_kind.items():
-        print(f"  removed by {kind}: {n}")
-    print(f"kept    -> {result.kept_uri}")
-    print(f"removed -> {result.removed_uri}")
-    return 0
-
-
-def _cmd_registry_build(args: argparse.Namespace) -> int:
-    from octomed_data.registry import build_registry, write_registry
-
-    table = build_registry(args.data_dir, progress=not args.quiet)
-    size = write_registry(table, args.out)
-    print(f"wrote {table.num_rows} registry rows ({size / 1e6:.2f} MB) -> {args.out}")
-    return 0
-
-
-def _cmd_registry_show(args: argparse.Namespace) -> int:
-    from octomed_data.registry import load_registry, registry_counts
-
-    table = load_registry(args.registry)
-    counts = registry_counts(table)
-    print(f"{'benchmark':<22}{'items':>8}{'rows':>8}{'images':>8}")
-    for name, c in counts.items():
-        print(f"{name:<22}{c['items']:>8}{c['rows']:>8}{c['images']:>8}")
-    total = {k: sum(c[k] for c in counts.values()) for k in ("items", "rows", "images")}
-    print(f"{'total':<22}{total['items']:>8}{total['rows']:>8}{total['images']:>8}")
-    return 0
-
-
-def _cmd_registry_index(args: argparse.Namespace) -> int:
-    index = DecontamIndex.from_registry(args.registry, short_match=args.short_match)
-    index.save(args.out)
-    print(f"wrote {index!r} -> {args.out}")
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``decontaminate`` and the ``registry`` command group to the CLI."""
-    p = subparsers.add_parser(
-        "decontaminate",
-        help="remove questions that overlap held-out benchmarks (16-gram text, image hashes)",
-        description="Writes kept questions to OUT/questions and removed ones to OUT/removed.",
-    )
-    p.add_argument(
-        "questions_uri", metavar="QUESTIONS_URI", help="question dataset (or an ingest output root)"
-    )
-    p.add_argument("--out", required=True, help="output root URI")
-    p.add_argument("--registry", help="registry pack (default: the bundled one)")
-    p.add_argument("--index", help="a saved index (from `registry index`) instead of building one")
-    p.add_argument("--phash-threshold", type=int, default=DEFAULT_PHASH_THRESHOLD, help="max pHash distance")
-    p.add_argument(
-        "--short-match", choices=SHORT_MATCH_MODES, default="item", help="rule for items < 16 tokens"
-    )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_decontaminate)
-
-    reg = subparsers.add_parser("registry", help="the benchmark registry (held-out test items)")
-    rsub = reg.add_subparsers(dest="registry_command", metavar="ACTION")
-    b = rsub.add_parser("build", help="build a registry pack from benchmark files")
-    b.add_argument("--data-dir", required=True, help="folder laid out like ../shared/data")
-    b.add_argument("--out", required=True, help="output Parquet path or URI")
-    b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    b.set_defaults(func=_cmd_registry_build)
-    s = rsub.add_parser("show", help="items per benchmark in a registry pack")
-    s.add_argument("--registry", help="registry pack (default: the bundled one)")
-    s.set_defaults(func=_cmd_registry_show)
-    i = rsub.add_parser("index", help="build the decontamination index once and save it for shard workers")
-    i.add_argument("--registry", help="registry pack (default: the bundled one)")
-    i.add_argument("--out", required=True, help="index URI (.npz)")
-    i.add_argument("--short-match", choices=SHORT_MATCH_MODES, default="item")
-    i.set_defaults(func=_cmd_registry_index)

@@ -1,17 +1,19 @@
-"""``octomed-data demo | run | rerun | serve``: the factory's flows from the command line.
+"""``octomed-data demo | run | rerun | serve | automation | deployments``: the factory's flows.
 
-This module is CLI glue: it imports the Prefect flows lazily, only when one of its commands runs,
-so the library never depends on Prefect or Ray.
+It imports the Prefect flows lazily, only inside the function that runs a command, so neither the
+library nor ``octomed-data --help`` depends on Prefect or Ray.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
 from octomed_data import storage
-from octomed_data.recipe import STAGES
+from octomed_data.errors import ConfigError
+from octomed_data.runs import STAGES
 
 DEFAULT_STORE = "./runs/demo"
 
@@ -92,7 +94,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_rerun(args: argparse.Namespace) -> int:
-    from octomed_data.recipe import open_run
+    from octomed_data.runs import open_run
 
     store = args.store or os.environ.get("OCTOMED_STORE") or DEFAULT_STORE
     open_run(args.run_id, store)  # fail early, in one line, on a wrong id or store
@@ -104,6 +106,39 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     _closed_network_defaults(local_ray=True)
     serve(recipe_path=args.recipe, with_automation=not args.no_automation, schedules=not args.no_schedules)
+    return 0
+
+
+def _cmd_automation(args: argparse.Namespace) -> int:
+    from flows.automation import AUTOMATION_NAME, ensure_automation_for
+
+    automation = ensure_automation_for(args.deployment, enabled=not args.disable)
+    print(f"automation {AUTOMATION_NAME}: {'removed' if automation is None else 'created'}")
+    return 0
+
+
+def _cmd_deployments(args: argparse.Namespace) -> int:
+    from flows.deployments import prefect_yaml
+
+    text = prefect_yaml()
+    if args.check:
+        try:
+            with open(args.check, encoding="utf-8") as fh:
+                current = fh.read()
+        except FileNotFoundError:
+            raise ConfigError(f"{args.check} does not exist") from None
+        if current != text:
+            raise ConfigError(
+                f"{args.check} differs from flows/deployments.py; "
+                f"run: octomed-data deployments --write {args.check}"
+            )
+        print(f"{args.check} is up to date")
+    elif args.write:
+        with open(args.write, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        print(f"wrote {args.write}")
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -142,3 +177,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--no-automation", action="store_true", help="don't create the mixture->train automation")
     s.add_argument("--no-schedules", action="store_true", help="serve without cron schedules")
     s.set_defaults(func=_cmd_serve)
+
+    a = subparsers.add_parser(
+        "automation", help="create the mixture -> train automation for a deployed train deployment"
+    )
+    a.add_argument("--deployment", default="train/train", help="FLOW/DEPLOYMENT to start on a mixture")
+    a.add_argument("--disable", action="store_true", help="remove the automation instead")
+    a.set_defaults(func=_cmd_automation)
+
+    dp = subparsers.add_parser(
+        "deployments",
+        help="print deploy/prefect.yaml as generated from flows/deployments.py (--write, --check)",
+    )
+    g = dp.add_mutually_exclusive_group()
+    g.add_argument("--write", metavar="PATH", help="write the YAML to PATH (e.g. deploy/prefect.yaml)")
+    g.add_argument("--check", metavar="PATH", help="exit 2 if PATH differs from the generated YAML")
+    dp.set_defaults(func=_cmd_deployments)

@@ -1,4 +1,4 @@
-"""``octomed-data distill``: run the engine against any OpenAI-compatible server.
+"""``octomed-data distill`` and ``filter-difficulty``: the engine against any OpenAI-compatible server.
 
     octomed-data distill QUESTIONS_URI --base-url URL --model NAME [--samples 16] --out URI
 
@@ -11,7 +11,6 @@ stored samples are not requested again.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import re
 import sys
@@ -114,8 +113,9 @@ def _cli(args: argparse.Namespace) -> int:
         return 0
     if args.executor == "ray":
         # The Ray executor lives outside the library (tasks/); loaded only when asked for.
-        ray_distill = importlib.import_module("tasks.ray_distill")
-        summary = ray_distill.run_distill(
+        from tasks.ray_executor import run_distill
+
+        summary = run_distill(
             args.questions_uri,
             args.out,
             config,

@@ -1,7 +1,9 @@
-"""The ``octomed-data`` command line.
+"""The ``octomed-data`` command line: every argparse parser of the project lives in this package.
 
-Each subcommand lives next to the code it drives: a module listed in ``COMMAND_MODULES``
-defines ``register(subparsers)`` and sets ``func`` on its parser. User errors
+One module per command group; each module listed in ``COMMAND_MODULES`` defines
+``register(subparsers)`` and sets ``func`` on its parsers. The library modules the commands drive
+never import argparse, and the handlers import Prefect flows, Ray, training and evaluation only
+inside the function that runs the command, so ``octomed-data --help`` stays fast. User errors
 (:class:`~octomed_data.errors.OctomedError`) print one ``error:`` line and exit 2.
 """
 
@@ -16,14 +18,14 @@ import sys
 from octomed_data.errors import OctomedError
 
 COMMAND_MODULES = [
-    "octomed_data.ingest",  # ingest
-    "octomed_data.decontam",  # decontaminate, registry
-    "octomed_data.distill.cli",  # distill
-    "octomed_data.sandbox",  # sandbox-teacher
-    "octomed_data.inference.cli",  # vllm setup, vllm serve
-    "octomed_data.mixture",  # mix, export
-    "octomed_data.orchestration_cli",  # run, demo, rerun, serve (drive the Prefect flows)
-    "training.cli",  # train, evaluate
+    "octomed_data.cli.ingest",  # ingest
+    "octomed_data.cli.decontam",  # decontaminate, registry
+    "octomed_data.cli.distill",  # distill, filter-difficulty
+    "octomed_data.cli.sandbox",  # sandbox-teacher
+    "octomed_data.cli.vllm",  # vllm setup, vllm serve
+    "octomed_data.cli.mixture",  # mix, export
+    "octomed_data.cli.run",  # demo, run, rerun, serve, deployments (drive the Prefect flows)
+    "training.cli",  # train, evaluate, eval (may move to evaluation.cli)
 ]
 
 

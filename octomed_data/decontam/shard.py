@@ -1,0 +1,196 @@
+"""Decontaminate question datasets: one shard (:func:`decontaminate_shard`), or a whole dataset.
+
+A shard of ``QUESTIONS/`` becomes the same-named shard of ``OUT/questions`` (kept) and
+``OUT/removed`` (with the matched benchmark item). :func:`decontaminate` is the plain local loop
+over every committed shard; orchestrators call :func:`decontaminate_shard` per shard themselves
+and :func:`drop_stale_shards` once at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from octomed_data import storage
+from octomed_data.decontam.index import DEFAULT_PHASH_THRESHOLD, DecontamError, DecontamIndex
+from octomed_data.schema import QUESTION_SCHEMA, REMOVED_SCHEMA
+
+
+@dataclass
+class DecontamResult:
+    """What one decontamination run did."""
+
+    questions_uri: str
+    kept_uri: str
+    removed_uri: str
+    input: int = 0
+    kept: int = 0
+    removed: int = 0
+    by_benchmark: dict[str, int] = field(default_factory=dict)
+    by_kind: dict[str, int] = field(default_factory=dict)
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _questions_dataset(questions_uri: str) -> storage.Dataset:
+    """The question dataset at ``questions_uri``, or at ``questions_uri/questions`` (an ingest output root)."""
+    ds = storage.Dataset(questions_uri, QUESTION_SCHEMA)
+    if ds.manifest():
+        return ds
+    nested = storage.Dataset(storage.join(questions_uri, "questions"), QUESTION_SCHEMA)
+    if nested.manifest():
+        return nested
+    raise DecontamError(
+        f"no committed question shards at {questions_uri} (nor at {nested.uri}); "
+        "expected a dataset written by `octomed-data ingest`"
+    )
+
+
+def decontaminate_shard(
+    index: DecontamIndex,
+    questions_uri: str,
+    shard: str,
+    out: str,
+    *,
+    phash_threshold: int | None = None,
+    batch_size: int = 8192,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Decontaminate one committed question shard.
+
+    Writes the same-named shard to ``out/questions`` (kept, QUESTION_SCHEMA) and ``out/removed``
+    (REMOVED_SCHEMA, with the matched benchmark item); both are written even when empty, so a
+    re-run replaces rather than duplicates. Returns the shard's counts.
+    """
+    source = storage.Dataset(questions_uri, QUESTION_SCHEMA)
+    kept_parts: list[pa.Table] = []
+    removed_parts: list[pa.Table] = []
+    by_benchmark: Counter[str] = Counter()
+    by_kind: Counter[str] = Counter()
+    total = 0
+    for batch in source.iter_batches(batch_size=batch_size, shards=[shard]):
+        table = pa.Table.from_batches([batch])
+        matches = index.check_table(table, phash_threshold)
+        total += table.num_rows
+        hit = np.fromiter((m is not None for m in matches), dtype=bool, count=len(matches))
+        kept_parts.append(table.filter(pa.array(~hit)))
+        if hit.any():
+            found = [m for m in matches if m is not None]
+            removed = table.filter(pa.array(hit))
+            removed = removed.append_column("match_kind", pa.array([m.kind for m in found], pa.string()))
+            removed = removed.append_column(
+                "match_benchmark", pa.array([m.benchmark for m in found], pa.string())
+            )
+            removed = removed.append_column("match_item", pa.array([m.item_id for m in found], pa.string()))
+            removed = removed.append_column("match_detail", pa.array([m.detail for m in found], pa.string()))
+            removed_parts.append(removed)
+            by_benchmark.update(m.benchmark for m in found)
+            by_kind.update(m.kind for m in found)
+    kept = _concat(kept_parts, QUESTION_SCHEMA)
+    removed_table = _concat(removed_parts, REMOVED_SCHEMA)
+    counts = {
+        "shard": shard,
+        "input": total,
+        "kept": kept.num_rows,
+        "removed": removed_table.num_rows,
+        "by_benchmark": dict(sorted(by_benchmark.items())),
+        "by_kind": dict(sorted(by_kind.items())),
+    }
+    if counts["kept"] + counts["removed"] != total:  # cannot happen; never write a lossy shard
+        raise DecontamError(f"shard {shard}: kept + removed != input ({counts})")
+    # ``removed`` is committed last: its marker is the shard's done-signal (``extra``: the stage's).
+    marker = counts | dict(extra or {})
+    storage.Dataset(storage.join(out, "questions"), QUESTION_SCHEMA).write_shard(shard, kept, extra=marker)
+    storage.Dataset(storage.join(out, "removed"), REMOVED_SCHEMA).write_shard(
+        shard, removed_table, extra=marker
+    )
+    return counts
+
+
+def _concat(parts: list[pa.Table], schema: pa.Schema) -> pa.Table:
+    if not parts:
+        return schema.empty_table()
+    return pa.concat_tables([p.select(schema.names).cast(schema) for p in parts])
+
+
+def drop_stale_shards(out: str, shards: Iterable[str]) -> list[str]:
+    """Un-commit ``out/questions`` and ``out/removed`` shards whose input shard is gone; returns their names."""
+    keep = list(shards)
+    dropped: set[str] = set()
+    for name, schema in (("questions", QUESTION_SCHEMA), ("removed", REMOVED_SCHEMA)):
+        dropped.update(storage.Dataset(storage.join(out, name), schema).drop_stale(keep))
+    return sorted(dropped)
+
+
+def decontaminate(
+    questions_uri: str,
+    out: str,
+    *,
+    registry: str | None = None,
+    index: DecontamIndex | None = None,
+    phash_threshold: int | None = None,
+    short_match: str = "item",
+    progress: bool = False,
+) -> DecontamResult:
+    """Decontaminate every committed shard of ``questions_uri`` into ``out/questions`` + ``out/removed``.
+
+    The index is built once (from ``registry``, default the bundled pack) unless one is given;
+    ``phash_threshold`` defaults to the index's (6). Shards are streamed one at a time; output
+    shards left by an earlier run over other input shards are un-committed, and a summary is
+    written to ``out/decontam.json``.
+    """
+    from octomed_data.layout import RunPaths
+    from octomed_data.stages import LocalExecutor, raise_for_failures, run_stage
+    from octomed_data.stages.decontaminate import DecontaminateStage
+
+    started = time.perf_counter()
+    source = _questions_dataset(questions_uri)
+    storage.ensure_writable(out)
+    threshold = DEFAULT_PHASH_THRESHOLD if phash_threshold is None else phash_threshold
+    stage = DecontaminateStage(
+        RunPaths.at(out),
+        registry=registry,
+        phash_threshold=phash_threshold,
+        short_match=short_match,
+        source=source.uri,
+        out=out,
+        index_uri=storage.join(out, "index.npz"),
+    )
+    if index is None:
+        index = DecontamIndex.from_registry(registry, short_match=short_match, phash_threshold=threshold)
+    index.save(stage.index_uri)
+    # The CLI always re-runs every shard (force): its index may differ from the last run's.
+    run = run_stage(stage, LocalExecutor(progress=progress), force=True)
+    raise_for_failures(run)
+    result = DecontamResult(
+        questions_uri=source.uri,
+        kept_uri=storage.join(out, "questions"),
+        removed_uri=storage.join(out, "removed"),
+    )
+    by_benchmark: Counter[str] = Counter()
+    by_kind: Counter[str] = Counter()
+    for shard in stage.input_shards():
+        counts = {k: v for k, v in stage.removed().shard_info(shard).extra.items() if k in _COUNT_KEYS}
+        result.shards.append(counts)
+        result.input += counts["input"]
+        result.kept += counts["kept"]
+        result.removed += counts["removed"]
+        by_benchmark.update(counts["by_benchmark"])
+        by_kind.update(counts["by_kind"])
+    result.by_benchmark = dict(sorted(by_benchmark.items()))
+    result.by_kind = dict(sorted(by_kind.items()))
+    result.seconds = round(time.perf_counter() - started, 3)
+    storage.write_json(storage.join(out, "decontam.json"), result.to_dict())
+    return result
+
+
+_COUNT_KEYS = ("shard", "input", "kept", "removed", "by_benchmark", "by_kind")

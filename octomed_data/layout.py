@@ -1,0 +1,208 @@
+"""The one run layout: every output of every stage, named once.
+
+A run lives under ``STORE/runs/<run_id>/`` (or any folder: :meth:`RunPaths.at`, which the CLI uses
+for ``--out``). Each stage writes only under its own folder and reads only what earlier stages
+named here; nothing else in the code base spells a stage path.
+
+=============  ===================================  ============================================
+stage          outputs (under the run root)           done-signal (committed shard marker of)
+=============  ===================================  ============================================
+ingest         ``ingest/questions``, ``quarantine``,  ``ingest/entries`` (one shard per source
+               ``images/``, ``ingest.json``           entry)
+decontaminate  ``decontaminate/questions`` (kept),    ``decontaminate/questions``
+               ``removed``, ``index.npz``
+distill        ``distill/raw`` (every teacher reply), ``distill/raw`` (its ``extra`` carries the
+               ``_journal/``, ``cost.json``           distill config fingerprint)
+filter         ``filter/accepted``, ``verdicts``,     ``filter/verdicts``
+               ``stats.json``
+mixture        ``mixture/train``, ``validation``      ``mixture/train``
+export         ``export/llamafactory``, ``trl``       ``export/export.json``
+train          ``checkpoints/``                       ``checkpoints/final/checkpoint.json``
+evaluate       ``evaluate/``                          ``evaluate/metrics.json``
+report         ``report/report.{md,png}``             (rebuilt on every run)
+=============  ===================================  ============================================
+
+``state/<stage>/<shard>.json`` records attempts (running, failed with the error, seconds) for
+the dashboard; it is never read to decide whether a shard is done.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from octomed_data import storage
+
+STAGE_FOLDERS = (
+    "ingest",
+    "decontaminate",
+    "distill",
+    "filter",
+    "mixture",
+    "export",
+    "checkpoints",
+    "evaluate",
+    "report",
+)
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one run's outputs live. ``root`` is ``STORE/runs/<run_id>`` unless built with :meth:`at`."""
+
+    store: str
+    run_id: str
+    base: str | None = None  # an explicit root folder (CLI ``--out``); None: STORE/runs/<run_id>
+
+    def __post_init__(self) -> None:
+        # A relative local store ("./runs/demo") would put cwd-relative image paths into the
+        # Parquet outputs and exports, which break as soon as they are read from elsewhere.
+        if "://" not in self.store:
+            object.__setattr__(self, "store", os.path.abspath(self.store))
+        if self.base is not None and "://" not in self.base:
+            object.__setattr__(self, "base", os.path.abspath(self.base))
+
+    @classmethod
+    def at(cls, root: str) -> RunPaths:
+        """The layout rooted at ``root`` itself (``octomed-data distill ... --out ROOT``)."""
+        name = root.rstrip("/").rsplit("/", 1)[-1] or "run"
+        return cls(store=root, run_id=name, base=root)
+
+    # ------------------------------------------------------------------ the run
+    @property
+    def root(self) -> str:
+        return self.base if self.base is not None else storage.join(self.store, "runs", self.run_id)
+
+    def stage(self, name: str) -> str:
+        """A stage's folder (one of :data:`STAGE_FOLDERS`)."""
+        if name not in STAGE_FOLDERS:
+            raise ValueError(f"unknown stage folder {name!r}; known: {', '.join(STAGE_FOLDERS)}")
+        return storage.join(self.root, name)
+
+    @property
+    def run_json(self) -> str:
+        return storage.join(self.root, "run.json")
+
+    @property
+    def results(self) -> str:
+        """Prefect task results for this store (orchestration bookkeeping, not data)."""
+        return storage.join(self.store, "_prefect")
+
+    def state_uri(self, stage: str, shard: str) -> str:
+        return storage.join(self.state_dir(stage), f"{shard}.json")
+
+    def state_dir(self, stage: str) -> str:
+        return storage.join(self.root, "state", stage)
+
+    # ------------------------------------------------------------------ ingest
+    @property
+    def ingested(self) -> str:
+        """Questions as ingested (before decontamination)."""
+        return storage.join(self.stage("ingest"), "questions")
+
+    @property
+    def quarantine(self) -> str:
+        return storage.join(self.stage("ingest"), "quarantine")
+
+    @property
+    def ingest_entries(self) -> str:
+        """One committed shard per source entry: its counts; the ingest stage's done-signal."""
+        return storage.join(self.stage("ingest"), "entries")
+
+    @property
+    def ingest_summary(self) -> str:
+        return storage.join(self.stage("ingest"), "ingest.json")
+
+    @property
+    def images_root(self) -> str:
+        """The folder whose ``images/`` holds the content-addressed image store."""
+        return self.stage("ingest")
+
+    # ------------------------------------------------------------ decontaminate
+    @property
+    def questions(self) -> str:
+        """Questions that go to the teachers: decontaminated (or copied when decontamination is off)."""
+        return storage.join(self.stage("decontaminate"), "questions")
+
+    @property
+    def removed(self) -> str:
+        return storage.join(self.stage("decontaminate"), "removed")
+
+    @property
+    def decontam_index(self) -> str:
+        return storage.join(self.stage("decontaminate"), "index.npz")
+
+    # ------------------------------------------------------------------ distill
+    @property
+    def distill(self) -> str:
+        """The distill folder: ``raw``, the journal and the engine's bookkeeping live under it."""
+        return self.stage("distill")
+
+    @property
+    def raw(self) -> str:
+        """Every teacher reply (one row per expected sample), before any verdict."""
+        return storage.join(self.distill, "raw")
+
+    @property
+    def cost(self) -> str:
+        return storage.join(self.distill, "cost.json")
+
+    # ------------------------------------------------- filter (rejection sampling)
+    @property
+    def verdicts(self) -> str:
+        """One row per sample: extracted answer, correct, reject reason (no reply text)."""
+        return storage.join(self.stage("filter"), "verdicts")
+
+    @property
+    def accepted(self) -> str:
+        """Samples whose extracted answer equals the gold answer, with their full replies."""
+        return storage.join(self.stage("filter"), "accepted")
+
+    @property
+    def stats(self) -> str:
+        """Per-source statistics: the one statistics pass the report also reads."""
+        return storage.join(self.stage("filter"), "stats.json")
+
+    # --------------------------------------------------------- mixture, export
+    @property
+    def mixture(self) -> str:
+        return self.stage("mixture")
+
+    @property
+    def mixture_train(self) -> str:
+        return storage.join(self.mixture, "train")
+
+    @property
+    def mixture_validation(self) -> str:
+        return storage.join(self.mixture, "validation")
+
+    @property
+    def export(self) -> str:
+        return self.stage("export")
+
+    def trl_export(self, text_only: bool) -> str:
+        """The TRL export folder training reads (``trl/text`` or ``trl/vision``)."""
+        return storage.join(self.export, "trl", "text" if text_only else "vision")
+
+    # -------------------------------------------------- training and evaluation
+    @property
+    def checkpoints(self) -> str:
+        return self.stage("checkpoints")
+
+    @property
+    def checkpoint_record(self) -> str:
+        """Which checkpoint this run produced (written when training registers it)."""
+        return storage.join(self.root, "checkpoint.json")
+
+    @property
+    def latest_checkpoint(self) -> str:
+        """The store-wide pointer to the newest registered checkpoint of any run."""
+        return storage.join(self.store, "checkpoints", "latest.json")
+
+    @property
+    def evaluation(self) -> str:
+        return self.stage("evaluate")
+
+    @property
+    def report(self) -> str:
+        return self.stage("report")

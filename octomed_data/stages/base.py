@@ -1,0 +1,294 @@
+"""The stage contract: every stage of the factory is run by the same executors in the same way.
+
+A :class:`Stage` (learned from datatrove's ``PipelineStep`` + executors, with this project's typed
+configs and atomic commits) says three things:
+
+* :meth:`Stage.input_shards`: the shards it works on (the committed shards of its input dataset);
+* :meth:`Stage.run_shard`: run one shard into committed outputs and return its counts. The
+  *last* commit of a shard is its :meth:`Stage.done_dataset` shard, whose manifest marker carries
+  the counts and the stage's :meth:`Stage.fingerprint`;
+* :meth:`Stage.finalize`: the global step after the shards (statistics, summaries).
+
+**The one done-signal** is that committed marker (:meth:`Stage.is_done`). Executors skip done
+shards, re-run the rest, and never consult anything else (no cache, no state file). What an
+executor adds is only *where* :func:`run_one` runs: this process (:mod:`.local`), a Prefect task
+per shard, or a Ray actor pool (``tasks/``).
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from octomed_data import storage
+from octomed_data.errors import OctomedError
+from octomed_data.layout import RunPaths
+from octomed_data.runs import record_shard, shard_name
+
+MAX_ERROR_CHARS = 600
+GLOBAL_SHARD = "all"  # the one "shard" of a stage that is a single global step (mixture, export)
+
+
+class ShardIncomplete(OctomedError):
+    """A shard finished with work still missing (e.g. teacher failures): retry or re-run it."""
+
+
+class StageFailed(OctomedError):
+    """Some shards of a stage failed; the others are committed. Re-run the failed ones alone."""
+
+
+def describe_error(exc: BaseException, limit: int = MAX_ERROR_CHARS) -> str:
+    """One line for a failure: the exception and its causes, no colour codes, bounded."""
+    import re
+
+    parts: list[str] = []
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        text = " ".join(str(cur).split()) if str(cur) else ""
+        name = type(cur).__name__
+        parts.append(f"{name}: {text}" if text else name)
+        cur = cur.__cause__ or (None if cur.__suppress_context__ else cur.__context__)
+    line = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", " <- caused by ".join(parts))
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+@dataclass
+class ShardOutcome:
+    """What happened to one shard in one executor pass."""
+
+    shard: str
+    state: str  # COMPLETED | REUSED | FAILED
+    counts: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shard": self.shard, "state": self.state, "error": self.error, "seconds": self.seconds} | {
+            "counts": self.counts
+        }
+
+
+@dataclass
+class StageResult:
+    """One executor pass over a stage: per-shard outcomes, what is still not done, the finalize output."""
+
+    stage: str
+    outcomes: dict[str, ShardOutcome] = field(default_factory=dict)
+    pending: list[str] = field(default_factory=list)  # input shards not done after this pass
+    stale: list[str] = field(default_factory=list)  # outputs of vanished input shards, dropped
+    final: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> dict[str, str]:
+        return {s: o.error or "failed" for s, o in self.outcomes.items() if o.state == "FAILED"}
+
+    def totals(self) -> dict[str, int]:
+        """Sums of the integer counts over the shards."""
+        out: dict[str, int] = {}
+        for o in self.outcomes.values():
+            for k, v in o.counts.items():
+                if isinstance(v, int) and not isinstance(v, bool):
+                    out[k] = out.get(k, 0) + v
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "shards": {s: o.to_dict() for s, o in sorted(self.outcomes.items())},
+            "failed": self.failed,
+            "pending": self.pending,
+            "stale": self.stale,
+            "totals": self.totals(),
+            "final": self.final,
+        }
+
+
+class Stage(ABC):
+    """One stage of the factory over one run (see the module docstring)."""
+
+    name: ClassVar[str]
+    #: A global step (mixture, export): one shard, rebuilt on every pass.
+    global_step: ClassVar[bool] = False
+
+    def __init__(self, paths: RunPaths) -> None:
+        self.paths = paths
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.paths.root!r})"
+
+    # ---------------------------------------------------------------- contract
+    def input_shards(self) -> list[str]:
+        """The shards this stage runs over (sorted)."""
+        if self.global_step:
+            return [GLOBAL_SHARD]
+        return list(self.input_dataset().manifest())
+
+    def input_dataset(self) -> storage.Dataset:
+        raise NotImplementedError(f"{type(self).__name__} names no input dataset")
+
+    def done_dataset(self) -> storage.Dataset | None:
+        """The dataset whose committed shard marker says "this shard is done" (None: global step)."""
+        return None
+
+    def output_datasets(self) -> list[storage.Dataset]:
+        """Every per-shard output dataset (for dropping the outputs of vanished input shards)."""
+        done = self.done_dataset()
+        return [done] if done is not None else []
+
+    def fingerprint(self) -> str | None:
+        """Settings that make a committed shard current (None: any committed shard is)."""
+        return None
+
+    @abstractmethod
+    def run_shard(self, shard: str) -> dict[str, Any]:
+        """Run one shard into committed outputs (the done dataset last); return its counts."""
+
+    def finalize(self, shards: Sequence[str]) -> dict[str, Any]:
+        """The global step after all shards ran (statistics, summaries); default: nothing."""
+        return {}
+
+    # ---------------------------------------------------------------- derived
+    def input_version(self, shard: str) -> float | None:
+        """When the input shard was committed (None: the stage reads no per-shard input)."""
+        try:
+            ds = self.input_dataset()
+        except NotImplementedError:
+            return None
+        info = ds.shard_info(shard)
+        return info.committed_at if info is not None else None
+
+    def marker_extra(self, shard: str, counts: dict[str, Any], **more: Any) -> dict[str, Any]:
+        """What a stage puts in its done marker: counts, fingerprint, and the input commit it read."""
+        return {
+            "counts": counts,
+            "fingerprint": self.fingerprint(),
+            "input_committed_at": self.input_version(shard),
+            **more,
+        }
+
+    def is_done(self, shard: str) -> bool:
+        """The one done-signal: the shard's committed marker in the done dataset, for the current
+        settings (fingerprint) and the current commit of its input shard (a re-written input, e.g.
+        a re-distilled shard, makes the output stale)."""
+        done = self.done_dataset()
+        if done is None:
+            return False
+        info = done.shard_info(shard)
+        if info is None or not storage.exists(storage.join(done.uri, info.file)):
+            return False
+        wanted = self.fingerprint()
+        if wanted is not None and info.extra.get("fingerprint") != wanted:
+            return False
+        if "input_committed_at" in info.extra and info.extra["input_committed_at"] != self.input_version(
+            shard
+        ):
+            return False
+        return True
+
+    def done_counts(self, shard: str) -> dict[str, Any]:
+        done = self.done_dataset()
+        info = done.shard_info(shard) if done is not None else None
+        return dict(info.extra.get("counts") or {}) if info is not None else {}
+
+    def drop_stale(self, inputs: Sequence[str]) -> list[str]:
+        """Un-commit outputs of input shards that no longer exist (the one stale-shard cleaner)."""
+        stale: set[str] = set()
+        for ds in self.output_datasets():
+            stale.update(ds.drop_stale(inputs))
+        return sorted(stale)
+
+    def select(self, wanted: Sequence[str | int] | None) -> list[str]:
+        """The shards to run: all inputs, or exactly those named (a name, a number, or a position)."""
+        available = self.input_shards()
+        if not wanted:
+            return available
+        names: list[str] = []
+        for s in wanted:
+            s = str(s)
+            if s in available:
+                names.append(s)
+            elif s.isdigit() and shard_name(s) in available:
+                names.append(shard_name(s))
+            elif s.isdigit() and int(s) < len(available):
+                names.append(sorted(available)[int(s)])  # N = position in the stage's shard list
+            else:
+                raise OctomedError(f"unknown {self.name} shard {s!r}; this run has {sorted(available)[:20]}")
+        return names
+
+
+def run_one(stage: Stage, shard: str, *, force: bool = False, attempt: int = 1) -> ShardOutcome:
+    """Run one shard of ``stage`` unless it is done; every executor calls this (or :func:`arun_one`).
+
+    Writes the attempt record (RUNNING, then COMPLETED with counts, or FAILED with the error) for
+    the dashboard, and raises on failure (executors retry or report).
+    """
+    reused = _reused(stage, shard, force)
+    if reused is not None:
+        return reused
+    t0 = _started(stage, shard, attempt)
+    try:
+        counts = stage.run_shard(shard)
+    except BaseException as exc:
+        _failed(stage, shard, attempt, t0, exc)
+        raise
+    return _completed(stage, shard, attempt, t0, counts)
+
+
+async def arun_one(stage: Stage, shard: str, *, force: bool = False, attempt: int = 1) -> ShardOutcome:
+    """:func:`run_one` on a running event loop (async actors): ``stage.arun_shard`` when it has one."""
+    import asyncio
+
+    reused = await asyncio.to_thread(_reused, stage, shard, force)
+    if reused is not None:
+        return reused
+    t0 = await asyncio.to_thread(_started, stage, shard, attempt)
+    try:
+        arun = getattr(stage, "arun_shard", None)
+        counts = await arun(shard) if arun is not None else await asyncio.to_thread(stage.run_shard, shard)
+    except BaseException as exc:
+        await asyncio.to_thread(_failed, stage, shard, attempt, t0, exc)
+        raise
+    return await asyncio.to_thread(_completed, stage, shard, attempt, t0, counts)
+
+
+def _reused(stage: Stage, shard: str, force: bool) -> ShardOutcome | None:
+    if force or not stage.is_done(shard):
+        return None
+    counts = stage.done_counts(shard)
+    record_shard(stage.paths, stage.name, shard, "COMPLETED", reused=True, **_flat(counts))
+    return ShardOutcome(shard, "REUSED", counts)
+
+
+def _started(stage: Stage, shard: str, attempt: int) -> float:
+    record_shard(stage.paths, stage.name, shard, "RUNNING", attempt=attempt)
+    return time.time()
+
+
+def _failed(stage: Stage, shard: str, attempt: int, t0: float, exc: BaseException) -> None:
+    error = describe_error(exc)
+    seconds = round(time.time() - t0, 3)
+    record_shard(stage.paths, stage.name, shard, "FAILED", attempt=attempt, error=error, seconds=seconds)
+
+
+def _completed(stage: Stage, shard: str, attempt: int, t0: float, counts: dict[str, Any]) -> ShardOutcome:
+    seconds = round(time.time() - t0, 3)
+    record_shard(
+        stage.paths, stage.name, shard, "COMPLETED", attempt=attempt, seconds=seconds, **_flat(counts)
+    )
+    return ShardOutcome(shard, "COMPLETED", counts, seconds=seconds)
+
+
+def _flat(counts: dict[str, Any]) -> dict[str, Any]:
+    """Counts that fit a table cell (nested dicts are summarised by their total)."""
+    out: dict[str, Any] = {}
+    for k, v in counts.items():
+        if isinstance(v, dict):
+            out[k] = sum(x for x in v.values() if isinstance(x, int | float))
+        else:
+            out[k] = v
+    return out

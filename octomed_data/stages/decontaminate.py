@@ -1,0 +1,137 @@
+"""Decontaminate stage: drop questions overlapping held-out benchmark items (:mod:`octomed_data.decontam`)."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any
+
+from octomed_data import storage
+from octomed_data.layout import RunPaths
+from octomed_data.schema import QUESTION_SCHEMA, REMOVED_SCHEMA
+from octomed_data.stages.base import Stage
+
+_index_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_index(uri: str):
+    from octomed_data.decontam import DecontamIndex
+
+    return DecontamIndex.load(uri)
+
+
+class DecontaminateStage(Stage):
+    """``ingest/questions`` -> ``decontaminate/questions`` (kept) + ``removed``; done = ``removed``.
+
+    With decontamination off, each shard is copied unchanged (kept) with an empty ``removed`` shard,
+    so later stages read one place either way.
+    """
+
+    name = "decontaminate"
+
+    def __init__(
+        self,
+        paths: RunPaths,
+        *,
+        enabled: bool = True,
+        registry: str | None = None,
+        phash_threshold: int | None = None,
+        short_match: str = "item",
+        source: str | None = None,
+        out: str | None = None,
+        index_uri: str | None = None,
+    ) -> None:
+        super().__init__(paths)
+        self.enabled = enabled
+        self.registry = registry
+        self.phash_threshold = phash_threshold
+        self.short_match = short_match
+        self.source = source or paths.ingested
+        self.out = out or paths.stage("decontaminate")
+        self.index_uri = index_uri or storage.join(self.out, "index.npz")
+
+    @classmethod
+    def for_run(cls, paths: RunPaths, settings: Any) -> DecontaminateStage:
+        """From the recipe's ``decontam`` settings."""
+        return cls(
+            paths,
+            enabled=settings.enabled,
+            registry=settings.registry,
+            phash_threshold=settings.phash_threshold,
+            short_match=settings.short_match,
+        )
+
+    def input_dataset(self) -> storage.Dataset:
+        return storage.Dataset(self.source, QUESTION_SCHEMA)
+
+    def kept(self) -> storage.Dataset:
+        return storage.Dataset(storage.join(self.out, "questions"), QUESTION_SCHEMA)
+
+    def removed(self) -> storage.Dataset:
+        return storage.Dataset(storage.join(self.out, "removed"), REMOVED_SCHEMA)
+
+    def done_dataset(self) -> storage.Dataset:
+        return self.removed()
+
+    def output_datasets(self) -> list[storage.Dataset]:
+        return [self.kept(), self.removed()]
+
+    def fingerprint(self) -> str | None:
+        return (
+            f"enabled={self.enabled}|registry={self.registry}|phash={self.phash_threshold}|{self.short_match}"
+        )
+
+    def prepare(self) -> str | None:
+        """Build the benchmark index once per run and save it; shards load it by URI."""
+        if not self.enabled or storage.exists(self.index_uri):
+            return self.index_uri if self.enabled else None
+        from octomed_data.decontam import DEFAULT_PHASH_THRESHOLD, DecontamIndex
+
+        threshold = DEFAULT_PHASH_THRESHOLD if self.phash_threshold is None else self.phash_threshold
+        index = DecontamIndex.from_registry(
+            self.registry, short_match=self.short_match, phash_threshold=threshold
+        )
+        index.save(self.index_uri)
+        return self.index_uri
+
+    def run_shard(self, shard: str) -> dict[str, Any]:
+        if not self.enabled:
+            table = self.input_dataset().read_shard(shard)
+            counts = {"input": table.num_rows, "kept": table.num_rows, "removed": 0}
+            extra = self.marker_extra(shard, counts)
+            self.kept().write_shard(shard, table, extra=extra)
+            self.removed().write_shard(shard, REMOVED_SCHEMA.empty_table(), extra=extra)
+            return counts
+        from octomed_data.decontam import decontaminate_shard
+
+        self.prepare()
+        with _index_lock:  # one load per process, shared by the shard threads
+            index = _cached_index(self.index_uri)
+        counts = decontaminate_shard(
+            index,
+            self.source,
+            shard,
+            self.out,
+            phash_threshold=self.phash_threshold,
+            extra=self.marker_extra(shard, {}),
+        )
+        out = {k: counts[k] for k in ("input", "kept", "removed")} | {"by_benchmark": counts["by_benchmark"]}
+        return out
+
+    def done_counts(self, shard: str) -> dict[str, Any]:
+        info = self.done_dataset().shard_info(shard)
+        extra = info.extra if info is not None else {}
+        return {k: extra.get(k) for k in ("input", "kept", "removed", "by_benchmark") if k in extra}
+
+    def finalize(self, shards: Any) -> dict[str, Any]:
+        """Totals and removals per benchmark over every committed shard (streamed from markers)."""
+        by_benchmark: dict[str, int] = {}
+        total = {"input": 0, "kept": 0, "removed": 0}
+        for shard in shards:
+            counts = self.done_counts(shard)
+            for k in total:
+                total[k] += int(counts.get(k) or 0)
+            for bench, n in (counts.get("by_benchmark") or {}).items():
+                by_benchmark[bench] = by_benchmark.get(bench, 0) + n
+        return total | {"removed_by_benchmark": dict(sorted(by_benchmark.items()))}

@@ -1,0 +1,122 @@
+"""Distill stage: N teacher replies per question, journalled and resumable (:mod:`octomed_data.distill`)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import SecretStr
+
+from octomed_data import storage
+from octomed_data.layout import RunPaths
+from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA
+from octomed_data.stages.base import ShardIncomplete, Stage
+from octomed_data.teachers import DistillConfig
+
+
+class DistillStage(Stage):
+    """``decontaminate/questions`` -> ``distill/raw``; done = the raw shard's marker, complete, same config."""
+
+    name = "distill"
+
+    def __init__(
+        self,
+        paths: RunPaths,
+        config: DistillConfig,
+        *,
+        questions: str | None = None,
+        out: str | None = None,
+        api_keys: Mapping[str, str | SecretStr] | None = None,
+        limiter: Any = None,
+        progress: Any = None,
+    ) -> None:
+        super().__init__(paths)
+        self.config = config
+        self.questions = questions or paths.questions
+        self.out = out or paths.distill
+        self.api_keys = dict(api_keys) if api_keys else None
+        self.limiter = limiter
+        self.progress = progress
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Limiters and progress bars are per process; keys travel only as SecretStr.
+        state = dict(self.__dict__)
+        state.update(limiter=None, progress=None)
+        return state
+
+    def with_runtime(
+        self, *, api_keys: Mapping[str, Any] | None = None, limiter: Any = None, progress: Any = None
+    ) -> DistillStage:
+        """A copy bound to this process's keys, rate limiter and progress bar."""
+        other = DistillStage(self.paths, self.config, questions=self.questions, out=self.out)
+        other.api_keys = {
+            k: v if isinstance(v, SecretStr) else SecretStr(str(v))
+            for k, v in (api_keys or self.api_keys or {}).items()
+        } or None
+        other.limiter = limiter if limiter is not None else self.limiter
+        other.progress = progress if progress is not None else self.progress
+        return other
+
+    def input_dataset(self) -> storage.Dataset:
+        return storage.Dataset(self.questions, QUESTION_SCHEMA)
+
+    def done_dataset(self) -> storage.Dataset:
+        from octomed_data.distill import raw_uri
+
+        return storage.Dataset(raw_uri(self.out), SAMPLE_SCHEMA)
+
+    def fingerprint(self) -> str | None:
+        from octomed_data.distill import config_fingerprint
+
+        return config_fingerprint(self.config)
+
+    def is_done(self, shard: str) -> bool:
+        from octomed_data.distill import is_shard_done
+
+        return is_shard_done(self.out, shard, self.config)
+
+    async def arun_shard(self, shard: str) -> dict[str, Any]:
+        """Distill one shard on the running event loop (Ray actors call this)."""
+        from octomed_data.distill import adistill_shard
+
+        report = await adistill_shard(
+            self.questions,
+            shard,
+            self.out,
+            self.config,
+            api_keys=self.api_keys,
+            limiter=self.limiter,
+            progress=self.progress,
+        )
+        counts = {
+            "questions": report.questions,
+            "samples": report.expected,
+            "new_samples": report.new_samples,
+            "failed": report.failed,
+            "requests": report.requests,
+            "retries": report.retries,
+        }
+        if not report.complete:
+            raise ShardIncomplete(
+                f"shard {shard}: {report.failed} sample(s) failed"
+                + (f" ({report.aborted})" if report.aborted else "")
+            )
+        return counts
+
+    def run_shard(self, shard: str) -> dict[str, Any]:
+        return asyncio.run(self.arun_shard(shard))
+
+    def done_counts(self, shard: str) -> dict[str, Any]:
+        info = self.done_dataset().shard_info(shard)
+        return dict(info.extra.get("counts") or {}) if info is not None else {}
+
+    def finalize(self, shards: Any) -> dict[str, Any]:
+        """The cost ledger over every committed raw shard (``distill/cost.json``)."""
+        from octomed_data.cost import cost_ledger
+        from octomed_data.distill import raw_uri
+
+        cost = cost_ledger(raw_uri(self.out), self.config)
+        uri = storage.join(self.out, "cost.json")
+        storage.write_json(uri, cost)
+        return {"cost_uri": uri, "cost": cost}

@@ -1,0 +1,125 @@
+"""The local executor (CLI and tests) and :func:`run_stage`, the one way any executor runs a stage.
+
+:func:`run_stage` is the whole shard loop: pick the shards, hand the ones not yet done to an
+executor's ``map``, drop outputs of vanished inputs on a full pass, check every input shard is
+done, then finalise. Executors only decide where :func:`~octomed_data.stages.base.run_one` runs.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import Any, Protocol
+
+from octomed_data.stages.base import ShardOutcome, Stage, StageFailed, StageResult, describe_error, run_one
+
+
+class Executor(Protocol):
+    """Runs :func:`run_one` for each shard somewhere; returns every shard's outcome (never raises for one)."""
+
+    def map(self, stage: Stage, shards: Sequence[str], *, force: bool) -> dict[str, ShardOutcome]: ...
+
+
+class LocalExecutor:
+    """Shards in this process, ``workers`` at a time (threads), with a progress bar on a terminal."""
+
+    def __init__(self, workers: int = 1, progress: bool | None = None, retries: int = 0) -> None:
+        self.workers = max(1, workers)
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.retries = retries
+
+    def _one(self, stage: Stage, shard: str, force: bool) -> ShardOutcome:
+        for attempt in range(1, self.retries + 2):
+            try:
+                return run_one(stage, shard, force=force, attempt=attempt)
+            except Exception as exc:  # recorded by run_one; the pass goes on with the other shards
+                error = describe_error(exc)
+                if attempt > self.retries or not _retryable(exc):
+                    return ShardOutcome(shard, "FAILED", error=error)
+        raise AssertionError("unreachable")
+
+    def map(self, stage: Stage, shards: Sequence[str], *, force: bool = False) -> dict[str, ShardOutcome]:
+        bar = _bar(len(shards), stage.name) if self.progress and len(shards) > 1 else None
+        out: dict[str, ShardOutcome] = {}
+        try:
+            if self.workers == 1 or len(shards) <= 1:
+                for shard in shards:
+                    out[shard] = self._one(stage, shard, force)
+                    if bar is not None:
+                        bar.update(1)
+            else:
+                with ThreadPoolExecutor(self.workers, thread_name_prefix=f"{stage.name}-shard") as pool:
+                    futures = {pool.submit(self._one, stage, s, force): s for s in shards}
+                    for fut in as_completed(futures):
+                        out[futures[fut]] = fut.result()
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        return out
+
+
+def _retryable(exc: BaseException) -> bool:
+    from octomed_data.errors import ConfigError
+
+    return not isinstance(exc, ConfigError)
+
+
+def _bar(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="shard", desc=desc, file=sys.stderr, dynamic_ncols=True)
+
+
+def run_stage(
+    stage: Stage,
+    executor: Executor | None = None,
+    *,
+    shards: Sequence[str | int] | None = None,
+    force: bool | None = None,
+    finalize: bool = True,
+    on_outcome: Callable[[ShardOutcome], Any] | None = None,
+) -> StageResult:
+    """Run ``stage`` over its shards (all, or those named) with ``executor`` (default: local).
+
+    Shards named explicitly are re-run even when done (``force`` defaults to "shards were named");
+    a full pass skips done shards and un-commits outputs of input shards that vanished. The result
+    lists failed and still-pending shards; :meth:`StageResult.raise_for_failures` turns them into
+    one error line. Finalize runs only when every input shard is done.
+    """
+    executor = executor or LocalExecutor()
+    selected = stage.select(shards)
+    force = bool(shards) if force is None else force
+    result = StageResult(stage.name)
+    # Done shards are answered here from their markers: no task, no actor call, no request.
+    todo = [s for s in selected if force or stage.global_step or not stage.is_done(s)]
+    for s in selected:
+        if s not in todo:
+            result.outcomes[s] = ShardOutcome(s, "REUSED", stage.done_counts(s))
+    outcomes = executor.map(stage, todo, force=force) if todo else {}
+    result.outcomes.update(outcomes)
+    if on_outcome is not None:
+        for o in outcomes.values():
+            on_outcome(o)
+    inputs = stage.input_shards()
+    if not shards and not stage.global_step:
+        result.stale = stage.drop_stale(inputs)
+    if not stage.global_step:
+        result.pending = [s for s in inputs if s not in result.failed and not stage.is_done(s)]
+    if finalize and not result.failed and not result.pending:
+        result.final = stage.finalize(inputs)
+    return result
+
+
+def raise_for_failures(result: StageResult, hint: Callable[[list[str]], str] | None = None) -> None:
+    """One error line naming the failed and pending shards (and how to re-run them)."""
+    bad = sorted(result.failed)
+    if bad:
+        first = result.failed[bad[0]]
+        msg = f"{len(bad)} {result.stage} shard(s) failed: {bad}; first error: {first}"
+        raise StageFailed(msg + (f"; {hint(bad)}" if hint else ""))
+    if result.pending:
+        msg = f"{result.stage}: shard(s) {result.pending} are not done yet"
+        raise StageFailed(msg + (f"; {hint(result.pending)}" if hint else ""))

@@ -1,0 +1,290 @@
+"""Ray executor: a long-lived pool of async actors runs any stage's shards; one budget per teacher.
+
+* :class:`TeacherBudget` is a named, detached actor holding every teacher's requests/tokens
+  window (:class:`~octomed_data.inference.ratelimit.WindowBudget`) for all actors on all machines. Workers
+  lease permits in small chunks that expire, so it is asked a few times per second, not per request.
+* :class:`ShardWorker` is an async actor that runs :func:`~octomed_data.stages.arun_one` (the same
+  per-shard step every executor runs); ``max_concurrency`` shards at once, each bounding its own
+  in-flight requests. A call is idempotent (the distill journal skips stored samples), so Ray's
+  at-least-once retries never pay twice for a stored sample.
+* :class:`RayPool` creates the actors once per process and cluster and reuses them for every
+  shard and every stage run (no actor start per shard); its size comes from the cluster's CPUs.
+  :class:`RayExecutor` is the stage executor on top of it (the Prefect executor uses the same pool).
+
+The library (``octomed_data``) knows nothing of Ray; this module only wires it up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ray
+from pydantic import SecretStr
+
+from octomed_data import storage
+from octomed_data.inference.ratelimit import LeasedRateLimiter, WindowBudget, lease_chunk, safety_margin
+from octomed_data.layout import RunPaths
+from octomed_data.stages import ShardOutcome, Stage, arun_one, describe_error, raise_for_failures, run_stage
+from octomed_data.teachers import DistillConfig
+
+NAMESPACE = "octomed"
+BUDGET_ACTOR = "octomed-teacher-budget"
+LEASE_TTL_S = 0.5
+SHARDS_PER_WORKER = 2
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class TeacherBudget:
+    """The global requests/tokens budget of every teacher (one named detached actor per cluster)."""
+
+    def __init__(self) -> None:
+        self._budgets: dict[str, WindowBudget] = {}
+        self._limits: dict[str, tuple[Any, ...]] = {}
+
+    def configure(self, limits: Mapping[str, tuple[int | None, int | None, float]]) -> None:
+        """Add or update teachers' (rpm, tpm, window_s); idempotent."""
+        for name, (rpm, tpm, window) in limits.items():
+            if self._limits.get(name) != (rpm, tpm, window):
+                # A lease may be spent up to its TTL after the grant: widen the window by that.
+                margin = safety_margin(window) + LEASE_TTL_S
+                self._budgets[name] = WindowBudget(rpm, tpm, window, margin_s=margin)
+                self._limits[name] = (rpm, tpm, window)
+
+    def lease(self, teacher: str, n: int, tokens_each: int, correction: int) -> tuple[int, float]:
+        budget = self._budgets.get(teacher)
+        if budget is None:
+            return n, 0.0
+        if correction:
+            budget.correct(correction)
+        return budget.take(n, tokens_each, time.monotonic())
+
+
+def _limits(config: DistillConfig) -> dict[str, tuple[int | None, int | None, float]]:
+    return {t.name: (t.rpm, t.tpm, t.rate_window_s) for t in config.teachers}
+
+
+def budget_actor(config: DistillConfig | None = None):
+    """The cluster's budget actor (created on first use, shared by every driver and worker)."""
+    actor = TeacherBudget.options(
+        name=BUDGET_ACTOR, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+    ).remote()
+    if config is not None:
+        ray.get(actor.configure.remote(_limits(config)))
+    return actor
+
+
+@ray.remote(num_cpus=0, max_restarts=2, max_task_retries=2)
+class ShardWorker:
+    """Runs shards of any stage; several at once up to the actor's ``max_concurrency``."""
+
+    def __init__(self, budget: Any) -> None:
+        self._budget = budget
+        self._running: dict[tuple[str, str, str], asyncio.Future[ShardOutcome]] = {}
+
+    async def _lease(self, teacher: str, n: int, tokens_each: int, correction: int) -> tuple[int, float]:
+        return await self._budget.lease.remote(teacher, n, tokens_each, correction)
+
+    def _bind(self, stage: Stage) -> Stage:
+        config = getattr(stage, "config", None)
+        if not isinstance(config, DistillConfig) or not hasattr(stage, "with_runtime"):
+            return stage
+        chunks = {t.name: lease_chunk(t.rpm, t.rate_window_s, LEASE_TTL_S) for t in config.teachers}
+        unlimited = {t.name for t in config.teachers if t.rpm is None and t.tpm is None}
+        limiter = LeasedRateLimiter(self._lease, chunks, ttl_s=LEASE_TTL_S, unlimited=unlimited)
+        return stage.with_runtime(limiter=limiter)
+
+    async def run(self, stage: Stage, shard: str, force: bool = False, attempt: int = 1) -> ShardOutcome:
+        """One shard; a duplicate call for a shard already running here awaits that run."""
+        key = (stage.name, stage.paths.root, shard)
+        if key in self._running:
+            return await asyncio.shield(self._running[key])
+        fut: asyncio.Future[ShardOutcome] = asyncio.get_running_loop().create_future()
+        self._running[key] = fut
+        try:
+            outcome = await arun_one(self._bind(stage), shard, force=force, attempt=attempt)
+            fut.set_result(outcome)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: no "never retrieved" warning when nobody else waits
+            raise
+        finally:
+            del self._running[key]
+        return outcome
+
+
+def ensure_ray(address: str | None) -> bool:
+    """Connect to (or start) Ray once per process; True when this call started a local instance."""
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address is None:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    return address is None
+
+
+class RayPool:
+    """Long-lived shard workers, created once per process (and Ray cluster) and reused for every shard."""
+
+    _lock = threading.Lock()
+    _pool: RayPool | None = None
+
+    def __init__(self, size: int, shards_per_worker: int = SHARDS_PER_WORKER) -> None:
+        budget = budget_actor()
+        self.size = size
+        self.workers = [
+            ShardWorker.options(max_concurrency=shards_per_worker).remote(budget) for _ in range(size)
+        ]
+        self._next = 0
+
+    @classmethod
+    def get(cls, address: str | None = None, size: int | None = None) -> RayPool:
+        """The process's pool (connecting to Ray at ``address`` first); sized from the cluster's CPUs."""
+        with cls._lock:
+            ensure_ray(address)
+            if cls._pool is None:
+                cpus = int(ray.cluster_resources().get("CPU", 1))
+                cls._pool = RayPool(size or max(1, cpus))
+            return cls._pool
+
+    @classmethod
+    def reset(cls) -> None:
+        """Kill the pool's actors (tests, or after ``ray.shutdown``)."""
+        with cls._lock:
+            if cls._pool is not None and ray.is_initialized():
+                for w in cls._pool.workers:
+                    ray.kill(w)
+            cls._pool = None
+
+    def _worker(self) -> Any:
+        with self._lock:
+            worker = self.workers[self._next % len(self.workers)]
+            self._next += 1
+            return worker
+
+    def configure(self, stage: Stage) -> None:
+        config = getattr(stage, "config", None)
+        if isinstance(config, DistillConfig):
+            ray.get(budget_actor().configure.remote(_limits(config)))
+
+    def submit(self, stage: Stage, shard: str, *, force: bool = False, attempt: int = 1) -> Any:
+        return self._worker().run.remote(stage, shard, force, attempt)
+
+    def run(self, stage: Stage, shard: str, *, force: bool = False, attempt: int = 1) -> ShardOutcome:
+        """Run one shard on the pool and wait for it (raises the shard's error)."""
+        self.configure(stage)
+        return ray.get(self.submit(stage, shard, force=force, attempt=attempt))
+
+
+class RayExecutor:
+    """Stage executor on the long-lived :class:`RayPool` (no Prefect; the CLI's ``--ray``)."""
+
+    def __init__(self, address: str | None = None, progress: bool = False) -> None:
+        self.pool = RayPool.get(address)
+        self.progress = progress
+
+    def map(self, stage: Stage, shards: Sequence[str], *, force: bool = False) -> dict[str, ShardOutcome]:
+        self.pool.configure(stage)
+        pending = {self.pool.submit(stage, s, force=force): s for s in shards}
+        out: dict[str, ShardOutcome] = {}
+        bar = None
+        if self.progress:
+            import sys
+
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(shards), unit="shard", desc=f"{stage.name} (ray)", file=sys.stderr)
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    shard = pending.pop(ref)
+                    try:
+                        out[shard] = ray.get(ref)
+                    except Exception as exc:  # the shard's own error, recorded by arun_one
+                        out[shard] = ShardOutcome(shard, "FAILED", error=describe_error(_cause(exc)))
+                    if bar is not None:
+                        bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        return out
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The shard's exception inside a Ray task error."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
+def secret_keys(api_keys: Mapping[str, str | SecretStr] | None) -> dict[str, SecretStr] | None:
+    if api_keys is None:
+        return None
+    return {k: v if isinstance(v, SecretStr) else SecretStr(str(v)) for k, v in api_keys.items()}
+
+
+def distill_shard_ray(
+    questions_uri: str,
+    shard: str,
+    out: str,
+    config: DistillConfig,
+    *,
+    address: str | None = None,
+    api_keys: Mapping[str, str | SecretStr] | None = None,
+) -> dict[str, Any]:
+    """Distill one shard on the Ray pool (writes ``OUT/raw``); returns the shard's report."""
+    from octomed_data.distill import raw_uri
+    from octomed_data.stages.distill import DistillStage
+
+    stage = DistillStage(
+        RunPaths.at(out), config, questions=questions_uri, out=out, api_keys=secret_keys(api_keys)
+    )
+    pool = RayPool.get(address)
+    reused = False
+    try:
+        reused = pool.run(stage, shard).state == "REUSED"
+    except Exception as exc:
+        from octomed_data.stages import ShardIncomplete
+
+        if not isinstance(_cause(exc), ShardIncomplete):
+            raise _cause(exc) from None
+    info = storage.Dataset(raw_uri(out)).shard_info(shard)
+    report = dict(info.extra.get("report") or {}) if info is not None else {}
+    if reused:  # nothing was sent this time: every expected sample was already stored
+        report.update(stored_before=report.get("expected", 0), new_samples=0, requests=0, retries=0)
+        report.update(prompt_tokens=0, completion_tokens=0)
+    return report
+
+
+def run_distill(
+    questions_uri: str,
+    out: str,
+    config: DistillConfig,
+    *,
+    address: str | None = None,
+    shards: Sequence[str] | None = None,
+    api_keys: Mapping[str, str | SecretStr] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Distill every (or the given) shard on the Ray pool, then the filter stage and the cost ledger."""
+    from octomed_data.distill import finalize, shard_names
+    from octomed_data.distill.run import shard_report, summarize
+    from octomed_data.stages.distill import DistillStage
+
+    names = list(shards) if shards else shard_names(questions_uri)
+    stage = DistillStage(
+        RunPaths.at(out), config, questions=questions_uri, out=out, api_keys=secret_keys(api_keys)
+    )
+    result = run_stage(
+        stage, RayExecutor(address, progress=progress), shards=names, force=False, finalize=False
+    )
+    reports = [r for r in (shard_report(out, s) for s in names) if r is not None]
+    summary = summarize(reports, finalize(out, questions_uri, config), result.failed)
+    if result.failed and not reports:
+        raise_for_failures(result)
+    return summary
