@@ -26,7 +26,14 @@ from pydantic import SecretStr
 
 from octomed_data.errors import OctomedError
 from octomed_data.inference.ratelimit import RateLimiter
-from octomed_data.inference.retry import BREAKER_THRESHOLD, Backoff, Breaker, Failure, parse_retry_after
+from octomed_data.inference.retry import (
+    BREAKER_THRESHOLD,
+    Backoff,
+    Breaker,
+    Failure,
+    Tripped,
+    parse_retry_after,
+)
 from octomed_data.inference.servers import ServerKind, detect_kind, profile
 from octomed_data.teachers import TeacherConfig
 
@@ -223,9 +230,13 @@ async def request_with_retries(
         try:
             # The transport's timeout bounds each read, not the whole reply: a server that
             # trickles bytes could hold a slot for ever. This bounds the request end to end.
-            response = await asyncio.wait_for(client.transport.chat(**kwargs), teacher.timeout_s)
+            call = asyncio.wait_for(client.transport.chat(**kwargs), teacher.timeout_s)
+            response = await breaker.guard(call)  # cancelled when the endpoint is declared dead
             if not getattr(response, "choices", None):
                 raise ValueError("response has no choices")
+        except Tripped as tripped:
+            limiter.record_usage(teacher.name, estimate, 0)
+            return None, attempt, 0.0, last_error or str(tripped)  # stopped, not given up
         except Exception as exc:  # every client-side failure is classified, none escapes
             failure = client.transport.classify(exc)
             last_error = scrub(str(failure), [client.secret])

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -81,6 +81,10 @@ class Backoff:
             return hint * (1.0 + 0.1 * random.random())
         base = min(self.max_s, self.base_s * (2 ** (attempt - 1)))
         return base * (0.5 + random.random())  # full-ish jitter: spread synchronised retries
+
+
+class Tripped(Exception):
+    """Raised by :meth:`Breaker.guard` when the breaker trips while a request is in flight."""
 
 
 class Breaker:
@@ -194,6 +198,30 @@ class Breaker:
         log.error("%s; stopping", reason)
         if self._event is not None:
             self._event.set()
+
+    async def guard(self, call: Awaitable[Any]) -> Any:
+        """Await ``call``, cancelled when the breaker trips meanwhile (raises :class:`Tripped`).
+
+        A request in flight when the endpoint dies may hang until its timeout (a server shutting
+        down gracefully holds connections open): the shard must not wait for it.
+        """
+        if self.tripped:
+            close = getattr(call, "close", None)
+            if close is not None:
+                close()  # a coroutine never awaited
+            raise Tripped(self.tripped)
+        if self._event is None:
+            self._event = asyncio.Event()
+        task = asyncio.ensure_future(call)
+        waiter = asyncio.ensure_future(self._event.wait())
+        try:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            raise Tripped(self.tripped or "breaker tripped")
+        finally:
+            for t in (task, waiter):
+                t.cancel()
 
     async def pause(self, delay: float, sleep: Callable[[float], Any] = asyncio.sleep) -> None:
         """Sleep ``delay`` seconds (with ``sleep``), or less when the breaker trips meanwhile."""

@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from pydantic import SecretStr
 
 from octomed_data.distill.engine import distill_shard
@@ -214,6 +215,26 @@ def test_a_tripped_breaker_wakes_requests_sleeping_in_backoff() -> None:
         return time.monotonic() - started
 
     assert asyncio.run(main()) < 2.0
+
+
+def test_a_tripped_breaker_cancels_requests_in_flight() -> None:
+    """A request hanging on a dying server (graceful shutdown holds connections) stops at the trip."""
+    from octomed_data.inference.retry import Tripped
+
+    async def main() -> tuple[float, bool]:
+        br = Breaker("t", "http://x/v1", threshold=1)
+        hanging = asyncio.ensure_future(asyncio.sleep(60))
+        started = time.monotonic()
+        guarded = asyncio.create_task(br.guard(hanging))
+        await asyncio.sleep(0.05)
+        br.trip("down")
+        with pytest.raises(Tripped):
+            await asyncio.wait_for(guarded, 5)
+        await asyncio.sleep(0)
+        return time.monotonic() - started, hanging.cancelled()
+
+    elapsed, cancelled = asyncio.run(main())
+    assert elapsed < 2.0 and cancelled
 
 
 def test_request_with_retries_stops_every_request_once_the_endpoint_is_dead() -> None:
