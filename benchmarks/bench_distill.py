@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from octomed_data import storage  # noqa: E402
 from octomed_data.distill import adistill_shard  # noqa: E402
+from octomed_data.inference.ratelimit import LocalRateLimiter  # noqa: E402
 from octomed_data.prompts import build_messages  # noqa: E402
-from octomed_data.ratelimit import LocalRateLimiter  # noqa: E402
 from octomed_data.schema import QUESTION_SCHEMA, question_row  # noqa: E402
 from octomed_data.teachers import DistillConfig  # noqa: E402
 

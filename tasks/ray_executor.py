@@ -1,7 +1,7 @@
 """Ray executor: a long-lived pool of async actors runs any stage's shards; one budget per teacher.
 
 * :class:`TeacherBudget` is a named, detached actor holding every teacher's requests/tokens
-  window (:class:`~octomed_data.ratelimit.WindowBudget`) for all actors on all machines. Workers
+  window (:class:`~octomed_data.inference.ratelimit.WindowBudget`) for all actors on all machines. Workers
   lease permits in small chunks that expire, so it is asked a few times per second, not per request.
 * :class:`ShardWorker` is an async actor that runs :func:`~octomed_data.stages.arun_one` (the same
   per-shard step every executor runs); ``max_concurrency`` shards at once, each bounding its own
@@ -27,8 +27,8 @@ import ray
 from pydantic import SecretStr
 
 from octomed_data import storage
+from octomed_data.inference.ratelimit import LeasedRateLimiter, WindowBudget, lease_chunk, safety_margin
 from octomed_data.layout import RunPaths
-from octomed_data.ratelimit import LeasedRateLimiter, WindowBudget, lease_chunk, safety_margin
 from octomed_data.stages import ShardOutcome, Stage, arun_one, describe_error, raise_for_failures, run_stage
 from octomed_data.teachers import DistillConfig
 

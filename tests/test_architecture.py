@@ -33,14 +33,7 @@ KNOWN_UNTIL_MERGE: set[tuple[str, str, str]] = {
     ("argparse", "training/sft.py", "argparse"),  # eval helper (torchrun entry point)
     ("argparse", "training/tiny.py", "argparse"),  # eval helper
     # (c) private names across modules
-    ("private", "octomed_data/distill/filtering.py", "octomed_data.distill.engine._raise_failed"),  # infer
-    ("private", "octomed_data/distill/filtering.py", "octomed_data.distill.engine._Run"),  # infer
-    ("private", "octomed_data/distill/filtering.py", "octomed_data.distill.engine._ShardWriter"),  # infer
-    ("private", "octomed_data/distill/filtering.py", "octomed_data.distill.engine._TeacherClient"),  # infer
-    ("private", "octomed_data/distill/filtering.py", "octomed_data.distill.engine._ts"),  # infer
-    ("private", "octomed_data/distill/filtering.py", "octomed_data.distill.run._progress_bar"),  # infer
     ("private", "training/eval_backends.py", "training.data._fit_pixels"),  # eval helper
-    ("private", "training/eval_backends.py", "octomed_data.distill.engine._TeacherClient"),  # infer/eval
     ("private", "training/launch.py", "training.sft._HUB_ID"),  # eval helper
 }
 

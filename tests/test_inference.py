@@ -1,4 +1,6 @@
-"""The inference package: reading replies (recorded real server bodies too), server kinds, errors."""
+"""The inference package: reading replies (recorded real server bodies too), server kinds.
+
+The client, its errors, retries and breaker: ``tests/inference/test_client.py``."""
 
 from __future__ import annotations
 
@@ -86,43 +88,6 @@ def test_recorded_vllm_continuation_is_read_raw() -> None:
     )
 
 
-def _status_error(recorded_body: dict, status: int):
-    import httpx
-    import openai
-
-    request = httpx.Request("POST", "http://127.0.0.1:1/v1/chat/completions")
-    response = httpx.Response(status, json=recorded_body, request=request)
-    cls = openai.BadRequestError if status == 400 else openai.InternalServerError
-    return cls(f"Error code: {status} - {recorded_body}", response=response, body=recorded_body)
-
-
-def test_server_errors_keep_the_whole_message_on_one_line() -> None:
-    from octomed_data.distill.engine import _classify
-    from octomed_data.sandbox import LLAMACPP_TOP_K_ERROR
-
-    vllm400 = recorded("vllm-0.32-cpu_http400_max_tokens.json")
-    failure = _classify(_status_error(vllm400["body"], 400))
-    assert not failure.retryable and "\n" not in str(failure)
-    assert "max_tokens=999999 cannot be greater than max_model_len=2048" in str(failure)
-    # llama-cpp-python's 500 for top_k=-1: the cause is on the lines after the first.
-    body = {"error": {"message": LLAMACPP_TOP_K_ERROR, "type": "internal_server_error"}}
-    failure = _classify(_status_error(body, 500))
-    assert (
-        "\n" not in str(failure) and "greater than or equal to 0" in str(failure) and "top_k" in str(failure)
-    )
-    assert len(str(_classify(_status_error({"error": {"message": "x" * 5000}}, 500)))) <= 620
-
-
-def test_scrub_replaces_only_key_shaped_text() -> None:
-    from octomed_data.distill.engine import scrub
-
-    assert scrub("bad max_tokens for key ma", ["ma"]) == "bad max_tokens for key ***"
-    assert scrub("auth failed for sk-live-abcdef123456", ["sk-live-abcdef123456"]) == "auth failed for ***"
-    assert "abcdefghij12" not in scrub("Bearer abcdefghij12 rejected", ["abcdefghij12"])
-    assert scrub("key-shaped api_0123456789ab leaks", []) == "key-shaped *** leaks"
-    assert scrub("set api_key_env to the variable", []) == "set api_key_env to the variable"
-
-
 def test_server_kinds_are_detected_from_what_servers_say() -> None:
     assert probe_kind("https://api.openai.com/v1") == ServerKind.OPENAI
     assert probe_kind("https://res.openai.azure.com/openai") == ServerKind.OPENAI
@@ -141,35 +106,6 @@ def test_server_kinds_are_detected_from_what_servers_say() -> None:
     assert probe_kind("http://127.0.0.1:9/v1") is None
     assert detect_kind("http://127.0.0.1:9/v1") == ServerKind.GENERIC
     assert "http://127.0.0.1:9/v1" not in servers._detected
-
-
-def test_request_fields_follow_the_server_kind_and_seed_policy() -> None:
-    from pydantic import SecretStr
-
-    from octomed_data.distill.engine import _TeacherClient
-    from octomed_data.teachers import TeacherConfig
-
-    def client(kind: str, **over) -> _TeacherClient:
-        t = TeacherConfig(name="t", base_url="http://127.0.0.1:9/v1", model="m", server=kind, **over)
-        return _TeacherClient(t, SecretStr("k"))
-
-    assert client("vllm").request_fields(7, 4) == {
-        "seed": 7, "n": 4, "extra_body": {"top_k": -1, "repetition_penalty": 1.0}
-    }  # fmt: skip
-    assert client("llamacpp").request_fields(7, 1) == {
-        "seed": 7,
-        "extra_body": {"top_k": 0, "repeat_penalty": 1.0},
-    }
-    assert client("openai").request_fields(7, 1) == {"seed": 7}
-    assert client("vllm", seed_policy="off").request_fields(7, 1)["extra_body"]["top_k"] == -1
-    assert "seed" not in client("vllm", seed_policy="off").request_fields(7, 1)
-    assert client("vllm", extra_body={"top_k": 20}).request_fields(None, 1) == {
-        "extra_body": {"top_k": 20, "repetition_penalty": 1.0}
-    }
-    assert (
-        client("vllm").supports_n and not client("llamacpp").supports_n and not client("generic").supports_n
-    )
-    assert not client("vllm", supports_n=False).supports_n and client("generic", supports_n=True).supports_n
 
 
 def test_sandbox_answers_as_llamacpp_and_vllm() -> None:
@@ -192,27 +128,6 @@ def test_sandbox_answers_as_llamacpp_and_vllm() -> None:
         }
 
 
-def test_breaker_message_counts_the_attempts_really_made(tmp_path: Path, monkeypatch) -> None:
-    """HTTP 400 is not retried: the breaker says "after 1 attempt", not "after 6 attempts each"."""
-    from octomed_data.distill.engine import distill_shard
-    from octomed_data.sandbox import FaultConfig
-    from tests.test_distill import config, make_questions
-
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-breaker-0000000001")
-    q_uri, out = str(tmp_path / "q"), str(tmp_path / "out")
-    make_questions(q_uri, 12)
-    with start_sandbox(faults=FaultConfig(seed=0, bad_request=1.0)) as sb:
-        report = distill_shard(q_uri, "00000", out, config(sb.base_url, max_attempts=6))
-        requests = sb.stats()["requests"]
-    assert (
-        report.aborted
-        and "(the last after 1 attempt)" in report.aborted
-        and "none succeeded" in report.aborted
-    )
-    assert "HTTP 400" in report.aborted and "bad request (sandbox)" in report.aborted
-    assert requests == report.requests and report.retries == 0
-
-
 def test_distill_keeps_reasoning_sent_as_message_reasoning(tmp_path: Path, monkeypatch) -> None:
     """The data-loss bug: vLLM >= 0.10 sends `reasoning`; every stored row must keep it."""
     from octomed_data.distill.engine import distill_shard
@@ -224,7 +139,7 @@ def test_distill_keeps_reasoning_sent_as_message_reasoning(tmp_path: Path, monke
     make_questions(q_uri, 10)
     with start_sandbox(server="vllm", reasoning_field="reasoning", style="reasoning_content") as sb:
         report = distill_shard(q_uri, "00000", out, config(sb.base_url))
-    rows = read_raw(out)
+    rows = read_raw(out, q_uri)  # with the filter stage's verdicts
     assert report.complete and len(rows) == 40 and report.requests == 10  # detected vLLM: n=4 per request
     assert all(r["reasoning"] and r["reasoning"].startswith(SANDBOX_MARK) for r in rows)
     assert all(r["response"] and r["extracted_answer"] for r in rows)

@@ -1,7 +1,7 @@
 """The ``openai`` backend: any OpenAI-compatible endpoint (vLLM, SGLang, hosted APIs, the sandbox).
 
 Requests go through THE request path of the distillation engine
-(:func:`octomed_data.distill.engine.request_with_retries`: retries, Retry-After, timeouts, key
+(:func:`octomed_data.inference.client.request_with_retries`: retries, Retry-After, timeouts, key
 scrubbing). The key comes from the environment variable named by ``api_key_env`` and is never
 logged. The end of thinking is forced with a continuation request: the truncated reasoning + cue
 as a final assistant message with ``continue_final_message=True, add_generation_prompt=False``
@@ -85,8 +85,8 @@ class OpenAIBackend:
         server: str = "auto",
         opens_think: bool = False,
     ) -> None:
-        from octomed_data.distill.engine import _TeacherClient
-        from octomed_data.ratelimit import LocalRateLimiter
+        from octomed_data.inference.client import EndpointClient
+        from octomed_data.inference.ratelimit import LocalRateLimiter
         from octomed_data.teachers import TeacherConfig
 
         self.url = url.rstrip("/")
@@ -122,7 +122,7 @@ class OpenAIBackend:
             max_in_flight=concurrency,
         )
         self.limiter = LocalRateLimiter.for_teachers([self.teacher])
-        self.client = self._loop.run_until_complete(self._open(_TeacherClient))
+        self.client = self._loop.run_until_complete(self._open(EndpointClient))
 
     async def _open(self, cls: Any) -> Any:
         return cls(self.teacher, self._key, self.server_kind)  # its semaphore belongs to this backend's loop
@@ -131,7 +131,7 @@ class OpenAIBackend:
         """The served model (GET /models); also the up-front reachability check."""
         import openai
 
-        from octomed_data.distill.engine import scrub
+        from octomed_data.inference.client import scrub
 
         async def probe() -> Any:
             client = openai.AsyncOpenAI(
@@ -204,7 +204,8 @@ class OpenAIBackend:
     async def _request(
         self, messages: list[dict[str, Any]], seed: int, max_tokens: int, continue_final: bool
     ) -> tuple[Any | None, str | None]:
-        from octomed_data.distill.engine import request_with_retries
+        from octomed_data.inference.client import request_with_retries
+        from octomed_data.inference.retry import Backoff
 
         extra = dict(self.extra_body)
         if continue_final:
@@ -223,9 +224,7 @@ class OpenAIBackend:
                 self.client,
                 kwargs,
                 max_attempts=self.max_attempts,
-                backoff=lambda attempt, hint: (
-                    hint if hint is not None else min(30.0, 0.5 * 2 ** (attempt - 1))
-                ),
+                backoff=Backoff(base_s=0.5, max_s=30.0),
                 limiter=self.limiter,
                 estimate=chars // 4 + max_tokens,
             )
@@ -236,7 +235,7 @@ class OpenAIBackend:
         return response, error
 
     async def _one(self, row: Mapping[str, Any], messages: list[dict[str, Any]], seed: int) -> Generation:
-        from octomed_data.distill.engine import sample_seed
+        from octomed_data.inference.client import sample_seed
 
         p = self.protocol
         request_seed = sample_seed(seed, row["question_id"], 0)

@@ -17,9 +17,9 @@ import sys
 from typing import Any
 
 from octomed_data.config import first_error
-from octomed_data.distill.engine import TeacherUnreachable
 from octomed_data.distill.run import estimate, run_local
 from octomed_data.errors import ConfigError
+from octomed_data.inference.client import TeacherUnreachable
 from octomed_data.teachers import DistillConfig
 
 

@@ -9,17 +9,16 @@ projects a run's cost and duration from a small sample. The Ray executor lives i
 
 from octomed_data.distill.engine import (
     ShardReport,
-    TeacherUnreachable,
     adistill_shard,
     config_fingerprint,
     distill_shard,
     is_shard_done,
     raw_uri,
-    sample_seed,
     shard_names,
 )
 from octomed_data.distill.journal import read_done_keys, sample_key
 from octomed_data.distill.run import estimate, finalize, run_local
+from octomed_data.inference.client import TeacherUnreachable, sample_seed
 
 __all__ = [
     "ShardReport",

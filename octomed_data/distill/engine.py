@@ -18,14 +18,11 @@ import asyncio
 import hashlib
 import json
 import logging
-import random
-import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import openai
 from pydantic import SecretStr
 
 from octomed_data import storage
@@ -38,10 +35,11 @@ from octomed_data.distill.journal import (
     sample_key,
 )
 from octomed_data.errors import OctomedError, StorageError
+from octomed_data.inference.client import EndpointClient, request_with_retries, sample_seed
+from octomed_data.inference.ratelimit import LocalRateLimiter, RateLimiter
 from octomed_data.inference.replies import read_choice
-from octomed_data.inference.servers import ServerKind, detect_kind, profile
+from octomed_data.inference.retry import Backoff
 from octomed_data.prompts import build_messages
-from octomed_data.ratelimit import LocalRateLimiter, RateLimiter
 from octomed_data.sandbox import SANDBOX_FINGERPRINT, SANDBOX_TEACHER
 from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA, TaskType
 from octomed_data.teachers import DistillConfig, TeacherConfig, resolve_api_key
@@ -50,16 +48,6 @@ log = logging.getLogger("octomed_data.distill")
 
 RAW_DIR = "raw"
 STATE_DIR = "_distill"
-_RETRYABLE_STATUS = {408, 409, 425, 429}
-# Key-shaped: a key prefix, then a long run holding a digit ("sk-proj-3f9...", "api_0123..."); prose
-# such as "key-shaped" or "api_key_env" is not.
-_KEYLIKE = re.compile(r"\b(?:sk|key|api)[-_](?=[A-Za-z_\-*]*\d)[A-Za-z0-9_\-*]{10,}", re.IGNORECASE)
-# A server's error is kept whole (the cause is often on its last line), on one line, bounded.
-MAX_ERROR_CHARS = 600
-
-
-class TeacherUnreachable(OctomedError):
-    """Every request to a teacher failed and none succeeded: a config or service problem."""
 
 
 @dataclass
@@ -124,139 +112,6 @@ def is_shard_done(out: str, shard: str, config: DistillConfig | None = None) -> 
     return storage.exists(storage.join(ds.uri, info.file))
 
 
-def sample_seed(base: int, question_id: str, sample_idx: int) -> int:
-    """Per-sample seed: stable across runs, different for every (question, sample)."""
-    digest = hashlib.blake2b(f"{base}|{question_id}|{sample_idx}".encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "big") & 0x7FFFFFFF
-
-
-def scrub(text: str, secrets: Iterable[str]) -> str:
-    """Remove keys (and anything key-shaped) from an error message before it is stored or logged.
-
-    A key is replaced where it stands as a token of its own, never inside a longer word: a short
-    placeholder key must not turn ``max_tokens`` into ``ma***_tokens``.
-    """
-    for s in secrets:
-        if s:
-            text = re.sub(rf"(?<![A-Za-z0-9_\-]){re.escape(s)}(?![A-Za-z0-9_\-])", "***", text)
-    return _KEYLIKE.sub("***", text)
-
-
-def one_line(text: str, limit: int = MAX_ERROR_CHARS) -> str:
-    """Collapse a (server's) message to one line of at most ``limit`` characters."""
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
-
-
-def _retry_after(exc: BaseException) -> float | None:
-    response = getattr(exc, "response", None)
-    if response is None:
-        return None
-    headers = response.headers
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return float(ms) / 1000.0
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if value:
-        try:
-            return float(value)
-        except ValueError:
-            from email.utils import parsedate_to_datetime
-
-            try:
-                return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-            except (TypeError, ValueError):
-                return None
-    return None
-
-
-class _Failure(Exception):
-    def __init__(self, message: str, retryable: bool, delay: float | None = None) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-        self.delay = delay
-
-
-def _classify(exc: BaseException) -> _Failure:
-    """Map a client exception to retryable or not (auth / bad request are not)."""
-    if isinstance(exc, openai.RateLimitError):
-        return _Failure("rate limited (429)", True, _retry_after(exc))
-    if isinstance(exc, openai.APIStatusError):
-        code = exc.status_code
-        retryable = code in _RETRYABLE_STATUS or code >= 500
-        return _Failure(f"HTTP {code}: {one_line(str(exc))}", retryable, _retry_after(exc))
-    if isinstance(exc, openai.APITimeoutError):
-        return _Failure("request timed out", True)
-    if isinstance(exc, openai.APIConnectionError):
-        cause = exc.__cause__
-        detail = f" ({type(cause).__name__})" if cause is not None else ""
-        return _Failure(f"connection error{detail}", True)
-    if isinstance(exc, (ValueError, openai.APIResponseValidationError, KeyError, TypeError, AttributeError)):
-        return _Failure(f"malformed response: {type(exc).__name__}", True)
-    if isinstance(exc, asyncio.TimeoutError):
-        return _Failure("request timed out", True)
-    return _Failure(f"{type(exc).__name__}: {one_line(str(exc), 300)}", True)
-
-
-class _TeacherClient:
-    """One teacher's client, concurrency bound, failure breaker, and what its server accepts."""
-
-    def __init__(self, teacher: TeacherConfig, key: SecretStr, kind: ServerKind | None = None) -> None:
-        self.teacher = teacher
-        self._key = key
-        self.kind = kind or detect_kind(teacher.base_url, key.get_secret_value(), teacher.server)
-        self.profile = profile(self.kind)
-        self.supports_n = teacher.supports_n if teacher.supports_n is not None else self.profile.honours_n
-        self.sends_seed = teacher.seed_policy == "per_sample" and self.profile.accepts_seed
-        self.client = openai.AsyncOpenAI(
-            api_key=key.get_secret_value(),
-            base_url=teacher.base_url,
-            max_retries=0,  # the engine retries, counting attempts and honouring Retry-After
-            timeout=teacher.timeout_s,
-        )
-        self.slots = asyncio.Semaphore(teacher.max_in_flight)
-        self.params_hash = teacher.params_hash()
-        self.successes = 0
-        self.final_failures = 0
-        self.last_error: str | None = None
-        self.last_attempts = 0
-        self.avg_completion = float(min(teacher.max_tokens, 1024))
-
-    @property
-    def secret(self) -> str:
-        return self._key.get_secret_value()
-
-    def unreachable(self, threshold: int) -> bool:
-        return self.successes == 0 and self.final_failures >= threshold
-
-    def request_fields(
-        self, seed: int | None, n: int, extra_body: dict[str, Any] | None = None
-    ) -> dict[str, Any]:
-        """The optional request fields this server accepts: seed, n, neutral sampling + ``extra_body``
-        (the teacher's own when not given)."""
-        neutral = self.profile.neutral_sampling
-        if extra_body is None:
-            extra_body = self.teacher.extra_body
-        else:
-            neutral = {}  # a caller's resolved extras are complete (eval's sampling_extras: off)
-        fields: dict[str, Any] = {}
-        if seed is not None and self.sends_seed:
-            fields["seed"] = seed
-        if n > 1:
-            fields["n"] = n
-        # The user's extra_body wins over the neutral values (e.g. a deliberate top_k).
-        extra = {**neutral, **(extra_body or {})}
-        if extra:
-            fields["extra_body"] = extra
-        return fields
-
-    async def close(self) -> None:
-        await self.client.close()
-
-
 @dataclass
 class _Counters:
     new: int = 0
@@ -267,15 +122,20 @@ class _Counters:
     completion_tokens: int = 0
 
 
-class _Run:
-    """State of one shard run (kept out of the public API)."""
+class ShardRun:
+    """One shard's request state: its journal, counters, backoff, and whether a teacher died.
+
+    Distillation and difficulty grading (:mod:`octomed_data.distill.filtering`) send every request
+    through :meth:`request` (THE request path, :func:`~octomed_data.inference.client.request_with_retries`);
+    once a teacher's breaker trips, :attr:`abort` says why and every request of the run stops.
+    """
 
     def __init__(
         self,
         config: DistillConfig,
         out: str,
         shard: str,
-        clients: Mapping[str, _TeacherClient],
+        clients: Mapping[str, EndpointClient],
         limiter: RateLimiter,
         progress: Any,
         sleep: Callable[[float], Any] = asyncio.sleep,
@@ -291,8 +151,8 @@ class _Run:
             out, shard, config.flush_every, config.flush_interval_s, on_durable=self._durable
         )
         self.sleep = sleep
-        self.abort: str | None = None
-        self.breaker = 8
+        self.backoff = Backoff(config.backoff_base_s, config.backoff_max_s)
+        self.abort: str | None = None  # a teacher's breaker tripped: every request stops
 
     def _durable(self, stored: int, failed: int) -> None:
         # Done means durable: samples count once the journal segment holding them is written.
@@ -301,15 +161,8 @@ class _Run:
         if self.progress is not None and stored:
             self.progress.update(stored)
 
-    def _backoff(self, attempt: int, hint: float | None) -> float:
-        cfg = self.config
-        if hint is not None:
-            return min(hint, max(cfg.backoff_max_s, hint)) * (1.0 + 0.1 * random.random())
-        base = min(cfg.backoff_max_s, cfg.backoff_base_s * (2 ** (attempt - 1)))
-        return base * (0.5 + random.random())  # full-ish jitter: spread synchronized retries
-
     async def request(
-        self, tc: _TeacherClient, messages: list[dict[str, Any]], seed: int, n: int, prompt_chars: int
+        self, tc: EndpointClient, messages: list[dict[str, Any]], seed: int, n: int, prompt_chars: int
     ) -> tuple[Any | None, int, float, str | None]:
         """(response or None, attempts, latency of the successful attempt, last error)."""
         teacher = tc.teacher
@@ -327,94 +180,21 @@ class _Run:
             if attempt > 1:
                 self.counters.retries += 1
 
-        stopped = False
-
-        def should_stop() -> str | None:
-            nonlocal stopped
-            stopped = stopped or bool(self.abort)
-            return self.abort
-
         response, attempts, latency, last_error = await request_with_retries(
             tc,
             kwargs,
             max_attempts=self.config.max_attempts,
-            backoff=self._backoff,
+            backoff=self.backoff,
             limiter=self.limiter,
             estimate=prompt_chars // 4 + int(tc.avg_completion) * n,
             n=n,
             sleep=self.sleep,
-            stop=should_stop,
+            stop=lambda: self.abort,
             on_attempt=attempted,
         )
-        if response is not None:
-            return response, attempts, latency, None
-        if stopped:
-            return None, attempts, 0.0, last_error  # stopped by the breaker, not a failure of its own
-        tc.final_failures += 1
-        tc.last_error = last_error
-        tc.last_attempts = attempts
-        if tc.unreachable(self.breaker) and not self.abort:
-            tries = "attempt" if attempts == 1 else "attempts"
-            self.abort = (
-                f"teacher {teacher.name!r} at {teacher.base_url}: {tc.final_failures} samples failed "
-                f"(the last after {attempts} {tries}) and none succeeded; last error: {last_error}"
-            )
-        return None, attempts, 0.0, last_error
-
-
-async def request_with_retries(
-    tc: _TeacherClient,
-    kwargs: dict[str, Any],
-    *,
-    max_attempts: int,
-    backoff: Callable[[int, float | None], float],
-    limiter: RateLimiter,
-    estimate: int,
-    n: int = 1,
-    sleep: Callable[[float], Any] = asyncio.sleep,
-    stop: Callable[[], str | None] = lambda: None,
-    on_attempt: Callable[[int], None] | None = None,
-) -> tuple[Any | None, int, float, str | None]:
-    """One chat-completions call with retries: THE request path (distillation, grading, evaluation).
-
-    Every attempt waits for the rate limiter, is bounded end to end by the teacher's timeout, and a
-    failure is classified (retryable or not, Retry-After honoured through ``backoff``). Returns
-    (response or None, attempts made, latency of the successful attempt, last error with secrets
-    scrubbed). ``stop()`` returning a message ends the retries early with that message.
-    """
-    teacher = tc.teacher
-    last_error: str | None = None
-    for attempt in range(1, max_attempts + 1):
-        reason = stop()
-        if reason:
-            return None, attempt - 1, 0.0, last_error or reason
-        await limiter.acquire(teacher.name, estimate)
-        if on_attempt is not None:
-            on_attempt(attempt)
-        started = time.monotonic()
-        try:
-            # The client's timeout bounds each read, not the whole reply: a server that
-            # trickles bytes could hold a slot for ever. This bounds the request end to end.
-            response = await asyncio.wait_for(tc.client.chat.completions.create(**kwargs), teacher.timeout_s)
-            if not getattr(response, "choices", None):
-                raise ValueError("response has no choices")
-        except Exception as exc:  # every client-side failure is classified, none escapes
-            failure = _classify(exc)
-            last_error = scrub(str(failure), [tc.secret])
-            limiter.record_usage(teacher.name, estimate, 0)
-            if not failure.retryable or attempt == max_attempts:
-                return None, attempt, 0.0, last_error
-            await sleep(backoff(attempt, failure.delay))
-            continue
-        latency = time.monotonic() - started
-        usage = getattr(response, "usage", None)
-        used = (usage.prompt_tokens + usage.completion_tokens) if usage else estimate
-        limiter.record_usage(teacher.name, estimate, used)
-        if usage and usage.completion_tokens:
-            tc.avg_completion = 0.9 * tc.avg_completion + 0.1 * usage.completion_tokens / n
-        tc.successes += 1
-        return response, attempt, latency, None
-    return None, max_attempts, 0.0, last_error
+        if response is None and tc.breaker.tripped and not self.abort:
+            self.abort = tc.breaker.tripped  # the shard stops; what is journalled stays
+        return response, attempts, latency, last_error
 
 
 def reply_fields(choice: Any) -> dict[str, Any]:
@@ -453,7 +233,7 @@ def _base_row(
 
 
 async def _sample_group(
-    run: _Run, q: Mapping[str, Any], tc: _TeacherClient, messages: list[dict[str, Any]], group: list[int]
+    run: ShardRun, q: Mapping[str, Any], tc: EndpointClient, messages: list[dict[str, Any]], group: list[int]
 ) -> None:
     """Request samples ``group`` of one question: one request (with ``n`` when it has several)."""
     teacher = tc.teacher
@@ -502,9 +282,9 @@ async def _sample_group(
 
 def _open_clients(
     config: DistillConfig, api_keys: Mapping[str, str | SecretStr] | None, needed: Iterable[str]
-) -> dict[str, _TeacherClient]:
+) -> dict[str, EndpointClient]:
     return {
-        name: _TeacherClient(config.teacher(name), resolve_api_key(config.teacher(name), api_keys))
+        name: EndpointClient(config.teacher(name), resolve_api_key(config.teacher(name), api_keys))
         for name in needed
     }
 
@@ -568,7 +348,7 @@ async def adistill_shard(
     # Server kinds are detected over HTTP once per URL: off the event loop.
     clients = await asyncio.to_thread(_open_clients, config, api_keys, needed)
     limiter = limiter or LocalRateLimiter.for_teachers(config.teachers)
-    run = _Run(config, out, shard, clients, limiter, progress)
+    run = ShardRun(config, out, shard, clients, limiter, progress)
     run.journal.start()
     tasks: set[asyncio.Task[None]] = set()
     qids: set[str] = set()

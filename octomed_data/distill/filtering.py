@@ -8,7 +8,8 @@ the default pipeline calls:
   first; this reads ``OUT/raw``.
 * :func:`filter_by_difficulty`: ask a grader model (any OpenAI-compatible endpoint) to rate each
   question's difficulty on a fixed 1-10 scale and keep those scored within ``[low, high]``. The
-  requests go through the distillation engine's client, retry, rate-limit and journal code, so
+  requests go through the inference client (:mod:`octomed_data.inference.client`) and the
+  distillation engine's rate-limit and journal code, so
   scores are durable per question and a re-run asks only for what is not stored yet. A reply
   without one clear integer score is recorded as ``unscored`` (never guessed) and not kept.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,21 +31,13 @@ from pydantic import SecretStr
 
 from octomed_data import storage
 from octomed_data.answers import looks_like_refusal
-from octomed_data.distill.engine import (
-    _raise_failed,
-    _Run,
-    _ShardWriter,
-    _TeacherClient,
-    _ts,
-    raw_uri,
-    sample_seed,
-    shard_names,
-)
+from octomed_data.distill.engine import ShardRun, raw_uri, shard_names
 from octomed_data.distill.journal import FAILED, iter_journal
 from octomed_data.errors import ConfigError, StorageError
+from octomed_data.inference.client import EndpointClient, sample_seed
+from octomed_data.inference.ratelimit import LocalRateLimiter, RateLimiter
 from octomed_data.inference.replies import read_choice
 from octomed_data.prompts import build_messages
-from octomed_data.ratelimit import LocalRateLimiter, RateLimiter
 from octomed_data.sandbox import SANDBOX_FINGERPRINT, SANDBOX_TEACHER
 from octomed_data.schema import (
     QUESTION_SCHEMA,
@@ -190,7 +184,7 @@ def _grade_of(response: Any) -> dict[str, Any]:
     }
 
 
-async def _grade_question(run: _Run, tc: _TeacherClient, q: Mapping[str, Any]) -> None:
+async def _grade_question(run: ShardRun, tc: EndpointClient, q: Mapping[str, Any]) -> None:
     """One grading request for one question, journalled (as a score, unscored, or failure)."""
     teacher = tc.teacher
     if q.get("images"):
@@ -279,12 +273,17 @@ def _score_row(rec: Mapping[str, Any], low: int, high: int) -> dict[str, Any]:
         "grader": rec["teacher"],
         "grading_version": rec["prompt_version"],
         "kept": rec["status"] == SCORED and low <= score <= high,
-        "created_at": _ts(rec.get("created_at")),
+        "created_at": rec.get("created_at"),  # epoch ms: the schema's timestamp[ms] takes it as is
     }
 
 
+def _raise_first_error(finished: set[asyncio.Task[None]]) -> None:
+    for task in finished:
+        task.result()  # re-raises a grading task's exception
+
+
 async def _grade_shard(
-    questions_uri: str, shard: str, work: str, run: _Run, tc: _TeacherClient, summary: dict[str, Any]
+    questions_uri: str, shard: str, work: str, run: ShardRun, tc: EndpointClient, summary: dict[str, Any]
 ) -> None:
     """Send a grading request for every question of ``shard`` the journal has no answer for."""
     done = await asyncio.to_thread(_stored_grades, work, shard, tc.teacher)
@@ -304,11 +303,11 @@ async def _grade_shard(
                     continue
                 while len(tasks) >= limit:
                     finished, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                    _raise_failed(finished)
+                    _raise_first_error(finished)
                 tasks.add(asyncio.create_task(_grade_question(run, tc, q)))
         if tasks:
             finished, tasks = await asyncio.wait(tasks)
-            _raise_failed(finished)
+            _raise_first_error(finished)
     finally:
         for task in tasks:
             task.cancel()
@@ -347,10 +346,8 @@ def _commit_shard(
             counts["failed"] += 1
             missing += 1
     band = {"filter": f"difficulty[{low},{high}]", "grading_version": GRADING_VERSION, "model": teacher.model}
-    scores = _ShardWriter(scores_uri(out), schema=SCORE_SCHEMA)
-    for row in _score_rows(work, shard, teacher, qids, low, high):
-        scores.add(row)
-    scores.commit(shard, band)
+    scores = list(_score_rows(work, shard, teacher, qids, low, high))  # one row per question
+    storage.Dataset(scores_uri(out), SCORE_SCHEMA).write_shard(shard, scores, extra=band)
     dest = storage.Dataset(filtered_uri, QUESTION_SCHEMA)
     if missing:
         # An incomplete shard would silently be a different filter: withdraw it until re-run.
@@ -411,10 +408,11 @@ async def afilter_by_difficulty(
     limiter = limiter or LocalRateLimiter.for_teachers([teacher])
     bar = None
     if progress:
-        from octomed_data.distill.run import _progress_bar
+        from tqdm import tqdm
 
-        bar = _progress_bar(sum(manifest[s].rows for s in names), True, desc="grade")
-    tc = await asyncio.to_thread(_TeacherClient, teacher, key)  # server-kind probe: off the loop
+        total = sum(manifest[s].rows for s in names)
+        bar = tqdm(total=total, unit="sample", desc="grade", file=sys.stderr, dynamic_ncols=True)
+    tc = await asyncio.to_thread(EndpointClient, teacher, key)  # server-kind probe: off the loop
     per_source: dict[str, Counter[str]] = {}
     summary: dict[str, Any] = {"stored_before": 0}
     totals: Counter[str] = Counter()
@@ -422,7 +420,7 @@ async def afilter_by_difficulty(
     aborted = None
     try:
         for shard in names:
-            run = _Run(config, work, shard, {teacher.name: tc}, limiter, bar)
+            run = ShardRun(config, work, shard, {teacher.name: tc}, limiter, bar)
             await _grade_shard(questions_uri, shard, work, run, tc, summary)
             for k in ("new", "requests", "retries", "prompt_tokens", "completion_tokens"):
                 totals[k] += getattr(run.counters, k)

@@ -1,0 +1,260 @@
+"""THE inference client: one OpenAI-compatible endpoint, and THE request path to it.
+
+Distillation (:mod:`octomed_data.distill.engine`), difficulty grading
+(:mod:`octomed_data.distill.filtering`) and evaluation all send chat completions through
+:func:`request_with_retries` on an :class:`EndpointClient`: every attempt waits for the rate
+limiter, is bounded end to end by the teacher's timeout, is classified (retryable or not,
+connection-level or not, Retry-After honoured through :class:`~octomed_data.inference.retry.Backoff`),
+feeds the endpoint's :class:`~octomed_data.inference.retry.Breaker`, and errors are scrubbed of keys.
+
+The wire is a :class:`Transport`: today only :class:`OpenAITransport` (the OpenAI SDK). A second
+transport (a lean HTTP path) slots in behind the same three methods without touching callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import re
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import openai
+from pydantic import SecretStr
+
+from octomed_data.errors import OctomedError
+from octomed_data.inference.ratelimit import RateLimiter
+from octomed_data.inference.retry import (
+    BREAKER_THRESHOLD,
+    Backoff,
+    Breaker,
+    Failure,
+    Tripped,
+    parse_retry_after,
+)
+from octomed_data.inference.servers import ServerKind, detect_kind, profile
+from octomed_data.teachers import TeacherConfig
+
+RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
+# Key-shaped: a key prefix, then a long run holding a digit ("sk-proj-3f9...", "api_0123..."); prose
+# such as "key-shaped" or "api_key_env" is not.
+_KEYLIKE = re.compile(r"\b(?:sk|key|api)[-_](?=[A-Za-z_\-*]*\d)[A-Za-z0-9_\-*]{10,}", re.IGNORECASE)
+# A server's error is kept whole (the cause is often on its last line), on one line, bounded.
+MAX_ERROR_CHARS = 600
+
+
+class TeacherUnreachable(OctomedError):
+    """A teacher (endpoint) is dead: none of its requests succeeded, or it went down mid-run."""
+
+
+def sample_seed(base: int, question_id: str, sample_idx: int) -> int:
+    """Per-sample request seed: stable across runs, different for every (question, sample)."""
+    digest = hashlib.blake2b(f"{base}|{question_id}|{sample_idx}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big") & 0x7FFFFFFF
+
+
+def scrub(text: str, secrets: Iterable[str]) -> str:
+    """Remove keys (and anything key-shaped) from an error message before it is stored or logged.
+
+    A key is replaced where it stands as a token of its own, never inside a longer word: a short
+    placeholder key must not turn ``max_tokens`` into ``ma***_tokens``.
+    """
+    for s in secrets:
+        if s:
+            text = re.sub(rf"(?<![A-Za-z0-9_\-]){re.escape(s)}(?![A-Za-z0-9_\-])", "***", text)
+    return _KEYLIKE.sub("***", text)
+
+
+def one_line(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """Collapse a (server's) message to one line of at most ``limit`` characters."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """The Retry-After an HTTP error's response carries, in seconds (None when there is none)."""
+    response = getattr(exc, "response", None)
+    return None if response is None else parse_retry_after(response.headers)
+
+
+def classify(exc: BaseException) -> Failure:
+    """Map an OpenAI-SDK (or local) exception to a :class:`Failure` (auth / bad request: not retryable)."""
+    if isinstance(exc, openai.RateLimitError):
+        return Failure("rate limited (429)", True, retry_after(exc))
+    if isinstance(exc, openai.APIStatusError):
+        code = exc.status_code
+        retryable = code in RETRYABLE_STATUS or code >= 500
+        return Failure(f"HTTP {code}: {one_line(str(exc))}", retryable, retry_after(exc), outage=code >= 500)
+    if isinstance(exc, openai.APITimeoutError):
+        return Failure("request timed out", True, outage=True)
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__
+        detail = f" ({type(cause).__name__})" if cause is not None else ""
+        return Failure(f"connection error{detail}", True, outage=True)
+    if isinstance(exc, (ValueError, openai.APIResponseValidationError, KeyError, TypeError, AttributeError)):
+        return Failure(f"malformed response: {type(exc).__name__}", True)
+    if isinstance(exc, asyncio.TimeoutError):
+        return Failure("request timed out", True, outage=True)
+    return Failure(f"{type(exc).__name__}: {one_line(str(exc), 300)}", True)
+
+
+class Transport(Protocol):
+    """How requests reach an endpoint: send one chat completion, classify its errors, close."""
+
+    async def chat(self, **kwargs: Any) -> Any:
+        """One chat-completions request (OpenAI request fields); returns the response object."""
+
+    def classify(self, exc: BaseException) -> Failure:
+        """What a failed :meth:`chat` means: retryable or not, connection-level or not."""
+
+    async def close(self) -> None: ...
+
+
+class OpenAITransport:
+    """Chat completions through the OpenAI SDK's async client.
+
+    Why the SDK (for now): its typed responses (``choices[i].message``, ``usage``, the server's
+    extra fields such as ``reasoning_content``) are what :mod:`octomed_data.inference.replies` and
+    the callers read, and its exception classes carry status, headers and body for
+    :func:`classify`. A lean HTTP transport would have to provide the same objects; until then the
+    SDK's own retries are off (``max_retries=0``): :func:`request_with_retries` retries, counting
+    attempts and honouring Retry-After.
+    """
+
+    def __init__(self, base_url: str, key: SecretStr, timeout_s: float) -> None:
+        self.sdk = openai.AsyncOpenAI(
+            api_key=key.get_secret_value(), base_url=base_url, max_retries=0, timeout=timeout_s
+        )
+
+    async def chat(self, **kwargs: Any) -> Any:
+        return await self.sdk.chat.completions.create(**kwargs)
+
+    def classify(self, exc: BaseException) -> Failure:
+        return classify(exc)
+
+    async def close(self) -> None:
+        await self.sdk.close()
+
+
+class EndpointClient:
+    """One endpoint (a teacher): its transport, concurrency bound, breaker, and what its server accepts."""
+
+    def __init__(
+        self,
+        teacher: TeacherConfig,
+        key: SecretStr,
+        kind: ServerKind | None = None,
+        *,
+        transport: Transport | None = None,
+        breaker_threshold: int = BREAKER_THRESHOLD,
+    ) -> None:
+        self.teacher = teacher
+        self._key = key
+        self.kind = kind or detect_kind(teacher.base_url, key.get_secret_value(), teacher.server)
+        self.profile = profile(self.kind)
+        self.supports_n = teacher.supports_n if teacher.supports_n is not None else self.profile.honours_n
+        self.sends_seed = teacher.seed_policy == "per_sample" and self.profile.accepts_seed
+        self.transport: Transport = transport or OpenAITransport(teacher.base_url, key, teacher.timeout_s)
+        self.slots = asyncio.Semaphore(teacher.max_in_flight)
+        self.params_hash = teacher.params_hash()
+        self.breaker = Breaker(teacher.name, teacher.base_url, breaker_threshold)
+        self.avg_completion = float(min(teacher.max_tokens, 1024))
+
+    @property
+    def secret(self) -> str:
+        return self._key.get_secret_value()
+
+    def request_fields(
+        self, seed: int | None, n: int, extra_body: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The optional request fields this server accepts: seed, n, neutral sampling + ``extra_body``
+        (the teacher's own when not given)."""
+        neutral = self.profile.neutral_sampling
+        if extra_body is None:
+            extra_body = self.teacher.extra_body
+        else:
+            neutral = {}  # a caller's resolved extras are complete (eval's sampling_extras: off)
+        fields: dict[str, Any] = {}
+        if seed is not None and self.sends_seed:
+            fields["seed"] = seed
+        if n > 1:
+            fields["n"] = n
+        # The user's extra_body wins over the neutral values (e.g. a deliberate top_k).
+        extra = {**neutral, **(extra_body or {})}
+        if extra:
+            fields["extra_body"] = extra
+        return fields
+
+    async def close(self) -> None:
+        await self.transport.close()
+
+
+_request_ids = itertools.count()
+
+
+async def request_with_retries(
+    client: EndpointClient,
+    kwargs: dict[str, Any],
+    *,
+    max_attempts: int,
+    limiter: RateLimiter,
+    estimate: int,
+    backoff: Callable[[int, float | None], float] = Backoff(),
+    n: int = 1,
+    sleep: Callable[[float], Any] = asyncio.sleep,
+    stop: Callable[[], str | None] = lambda: None,
+    on_attempt: Callable[[int], None] | None = None,
+) -> tuple[Any | None, int, float, str | None]:
+    """One chat-completions call with retries: THE request path (distillation, grading, evaluation).
+
+    Every attempt waits for the rate limiter, is bounded end to end by the teacher's timeout, and a
+    failure is classified (retryable or not, Retry-After honoured through ``backoff``) and reported
+    to the client's breaker. Returns (response or None, attempts made, latency of the successful
+    attempt, last error with secrets scrubbed). ``stop()`` returning a message, or the breaker
+    tripping, ends the retries early (a request stopped so does not count as given up).
+    """
+    teacher = client.teacher
+    breaker = client.breaker
+    request = next(_request_ids)
+    last_error: str | None = None
+    for attempt in range(1, max_attempts + 1):
+        reason = stop() or breaker.tripped
+        if reason:
+            return None, attempt - 1, 0.0, last_error or reason
+        await limiter.acquire(teacher.name, estimate)
+        if on_attempt is not None:
+            on_attempt(attempt)
+        started = time.monotonic()
+        try:
+            # The transport's timeout bounds each read, not the whole reply: a server that
+            # trickles bytes could hold a slot for ever. This bounds the request end to end.
+            call = asyncio.wait_for(client.transport.chat(**kwargs), teacher.timeout_s)
+            response = await breaker.guard(call)  # cancelled when the endpoint is declared dead
+            if not getattr(response, "choices", None):
+                raise ValueError("response has no choices")
+        except Tripped as tripped:
+            limiter.record_usage(teacher.name, estimate, 0)
+            return None, attempt, 0.0, last_error or str(tripped)  # stopped, not given up
+        except Exception as exc:  # every client-side failure is classified, none escapes
+            failure = client.transport.classify(exc)
+            last_error = scrub(str(failure), [client.secret])
+            limiter.record_usage(teacher.name, estimate, 0)
+            breaker.failed(request, failure, last_error)
+            if breaker.tripped:
+                return None, attempt, 0.0, last_error  # stopped: the endpoint is down
+            if not failure.retryable or attempt == max_attempts:
+                breaker.request_gave_up(attempt, last_error)
+                return None, attempt, 0.0, last_error
+            await breaker.pause(backoff(attempt, failure.delay), sleep)
+            continue
+        latency = time.monotonic() - started
+        usage = getattr(response, "usage", None)
+        used = (usage.prompt_tokens + usage.completion_tokens) if usage else estimate
+        limiter.record_usage(teacher.name, estimate, used)
+        if usage and usage.completion_tokens:
+            client.avg_completion = 0.9 * client.avg_completion + 0.1 * usage.completion_tokens / n
+        breaker.succeeded()
+        return response, attempt, latency, None
+    return None, max_attempts, 0.0, last_error
