@@ -4,5 +4,5 @@
 * :mod:`evaluation.benchmarks`: the held-out benchmark files read as question rows;
 * :mod:`evaluation.backends`: ``hf``, ``openai`` and ``vllm`` generation backends;
 * :mod:`evaluation.report`: metrics over seeds, the reasoning-length plot, the report;
-* :mod:`evaluation.cli`: the ``octomed-data eval`` command.
+* the ``octomed-data eval`` command is :mod:`octomed_data.cli.eval`.
 """

@@ -7,12 +7,11 @@ with ``AutoTokenizer`` / ``AutoModelForCausalLM`` (text) or ``AutoModelForImageT
 (Qwen2.5-VL), exactly like a real checkpoint, so training and evaluation code paths are the
 real ones.
 
-``python -m training.tiny OUT_DIR [--vl]`` builds one.
+``octomed-data tiny-model OUT_DIR [--vl]`` builds one.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -234,20 +233,3 @@ def _write_provenance(out: Path, kind: str, hidden_size: int, num_layers: int, s
             indent=2,
         )
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.tiny", description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir")
-    parser.add_argument("--vl", action="store_true", help="build a tiny Qwen2.5-VL instead of a text LM")
-    parser.add_argument("--hidden-size", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
-    args = parser.parse_args(argv)
-    build = build_vl_model if args.vl else build_text_model
-    path = build(args.out_dir, hidden_size=args.hidden_size, num_layers=args.layers)
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -25,8 +25,8 @@ COMMAND_MODULES = [
     "octomed_data.cli.vllm",  # vllm setup, vllm serve
     "octomed_data.cli.mixture",  # mix, export
     "octomed_data.cli.run",  # demo, run, rerun, serve, deployments (drive the Prefect flows)
-    "training.cli",  # train, tiny-model
-    "evaluation.cli",  # eval
+    "octomed_data.cli.train",  # train, tiny-model
+    "octomed_data.cli.eval",  # eval
 ]
 
 

@@ -6,11 +6,11 @@ import pytest
 import yaml
 
 from evaluation.benchmarks import BENCHMARKS
-from evaluation.cli import config_from_args
 from octomed_data import registry
 from octomed_data.benchmarks import BENCHMARKS as TABLE
 from octomed_data.benchmarks import eval_sets, expected_items, held_out_files
 from octomed_data.cli import build_parser
+from octomed_data.cli.eval import config_from_args
 from octomed_data.errors import ConfigError
 from octomed_data.schema import TaskType
 
