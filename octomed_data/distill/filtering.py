@@ -5,7 +5,7 @@ the default pipeline calls:
 
 * :func:`filter_by_pass_rate`: keep questions that a chosen model answered correctly between
   ``k`` and ``m`` times out of its N samples. Run ``distill`` with that model into some ``OUT``
-  first; this reads ``OUT/raw``.
+  and the filter stage first; this reads its verdicts (``OUT/verdicts``).
 * :func:`filter_by_difficulty`: ask a grader model (any OpenAI-compatible endpoint) to rate each
   question's difficulty on a fixed 1-10 scale and keep those scored within ``[low, high]``. The
   requests go through the inference client (:mod:`octomed_data.inference.client`) and the
@@ -31,7 +31,7 @@ from pydantic import SecretStr
 
 from octomed_data import storage
 from octomed_data.answers import looks_like_refusal
-from octomed_data.distill.engine import ShardRun, raw_uri, shard_names
+from octomed_data.distill.engine import ShardRun, shard_names
 from octomed_data.distill.journal import FAILED, iter_journal
 from octomed_data.errors import ConfigError, StorageError
 from octomed_data.inference.client import EndpointClient, sample_seed
@@ -41,15 +41,15 @@ from octomed_data.prompts import build_messages
 from octomed_data.sandbox import SANDBOX_FINGERPRINT, SANDBOX_TEACHER
 from octomed_data.schema import (
     QUESTION_SCHEMA,
-    SAMPLE_SCHEMA,
     SCORE_SCHEMA,
+    VERDICT_SCHEMA,
 )
 from octomed_data.teachers import DistillConfig, TeacherConfig, resolve_api_key
 
 
-def _correct_counts(out: str, shard: str, teacher: str | None) -> dict[str, int]:
+def _correct_counts(verdicts_uri: str, shard: str, teacher: str | None) -> dict[str, int]:
     counts: dict[str, int] = {}
-    ds = storage.Dataset(raw_uri(out), SAMPLE_SCHEMA)
+    ds = storage.Dataset(verdicts_uri, VERDICT_SCHEMA)
     if not ds.is_committed(shard):
         return counts
     cols = ["question_id", "teacher", "correct", "reject_reason"]
@@ -62,11 +62,11 @@ def _correct_counts(out: str, shard: str, teacher: str | None) -> dict[str, int]
 
 
 def filter_by_pass_rate(
-    questions_uri: str, out: str, filtered_uri: str, k: int, m: int, *, teacher: str | None = None
+    questions_uri: str, verdicts_uri: str, filtered_uri: str, k: int, m: int, *, teacher: str | None = None
 ) -> dict[str, Any]:
-    """Keep questions whose correct-sample count in ``OUT/raw`` lies in ``[k, m]``.
+    """Keep questions whose correct-sample count in the filter stage's verdicts lies in ``[k, m]``.
 
-    Questions with no samples in ``OUT/raw`` are dropped and counted as ``not_sampled``.
+    Questions with no verdicts are dropped and counted as ``not_sampled``.
     """
     if not 0 <= k <= m:
         raise ConfigError(f"pass-rate band needs 0 <= k <= m, got k={k}, m={m}")
@@ -74,7 +74,7 @@ def filter_by_pass_rate(
     dest = storage.Dataset(filtered_uri, QUESTION_SCHEMA)
     kept = dropped = not_sampled = 0
     for shard in qds.manifest():
-        counts = _correct_counts(out, shard, teacher)
+        counts = _correct_counts(verdicts_uri, shard, teacher)
         rows = []
         for row in qds.iter_rows(shards=[shard]):
             c = counts.get(row["question_id"])
