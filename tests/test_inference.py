@@ -75,12 +75,12 @@ def test_recorded_vllm_bodies_keep_their_reasoning() -> None:
 
 
 def test_recorded_vllm_continuation_is_read_raw() -> None:
-    from training.eval_backends import _continuation_text
+    from evaluation.backends.openai import continuation_text
 
     body = recorded("vllm-0.32-cpu_continuation.json")["body"]
     import openai.types.chat as t
 
-    text, tokens = _continuation_text(t.ChatCompletion.model_validate(body))
+    text, tokens = continuation_text(t.ChatCompletion.model_validate(body))
     msg = body["choices"][0]["message"]
     assert (
         text == (msg.get("reasoning") or "") + (msg.get("content") or "")
@@ -146,7 +146,7 @@ def test_distill_keeps_reasoning_sent_as_message_reasoning(tmp_path: Path, monke
 
 
 def test_sampling_extras_off_sends_nothing_even_to_vllm(shared_data, tmp_path: Path) -> None:
-    from training.evaluate import evaluate
+    from evaluation.harness import evaluate
 
     from octomed_data.job_config import EvalConfig
 

@@ -1,0 +1,103 @@
+"""The recipe (typed, validated when it loads, one error line) and runs (start, re-open, attempts)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from octomed_data import storage
+from octomed_data.errors import ConfigError, StorageError
+from octomed_data.layout import RunPaths
+from octomed_data.recipe import load_recipe
+from octomed_data.runs import check_run_id, open_run, record_shard, shard_states, start_run
+
+
+def write(tmp_path, data: dict) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_demo_recipe_loads_and_resolves_packaged_paths() -> None:
+    recipe = load_recipe("demo")
+    assert recipe.training.enabled and recipe.training.config["max_steps"] == 2
+    assert all("://" in e["input"] or e["input"].startswith("/") for e in recipe.ingest_entries())
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"training": {"config": {"learning_rat": 1e-5}}}, "training.config: learning_rat: Extra inputs"),
+        ({"training": {"config": {"global_batch_size": 0}}}, "training.config: global_batch_size"),
+        ({"training": {"launcher": "slurm"}}, "training.launcher"),
+        ({"evaluation": {"config": {"seeds": 0}}}, "evaluation.config: seeds"),
+        ({"evaluation": {"config": {"temperatur": 0.3}}}, "evaluation.config: temperatur"),
+        ({"distill": {"samples": 0}}, "distill.samples"),
+        ({"shard_size": "many"}, "shard_size"),
+    ],
+)
+def test_a_bad_setting_fails_when_the_recipe_loads_in_one_line(override, message) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_recipe("demo", override)
+    text = str(info.value)
+    assert message in text and "\n" not in text and "Value error," not in text
+
+
+def test_recipe_file_errors_are_one_line(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="recipe file not found"):
+        load_recipe(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(str(bad))
+    with pytest.raises(ConfigError, match="unknown_block"):
+        load_recipe(write(tmp_path, {"unknown_block": 1}))
+
+
+def test_runs_start_reopen_and_record_attempts(tmp_path) -> None:
+    recipe = load_recipe("demo")
+    paths = start_run(recipe, "r-1", str(tmp_path / "store"))
+    assert paths == RunPaths(str(tmp_path / "store"), "r-1") and storage.exists(paths.run_json)
+    # Re-opening keeps the recorded recipe, whatever the file says now.
+    again, reopened = open_run("r-1", str(tmp_path / "store"))
+    assert reopened == paths and again.public_dict() == recipe.public_dict()
+    with pytest.raises(StorageError, match="no run 'nope'"):
+        open_run("nope", str(tmp_path / "store"))
+    with pytest.raises(ConfigError, match="invalid run id"):
+        check_run_id("../escape")
+    record_shard(paths, "distill", "00001", "FAILED", error="x")
+    record_shard(paths, "distill", "00000", "COMPLETED", samples=4)
+    record_shard(paths, "ingest", "medqa", "COMPLETED")
+    states = shard_states(paths)
+    assert [(s["stage"], s["shard"]) for s in states] == [
+        ("ingest", "medqa"),
+        ("distill", "00000"),
+        ("distill", "00001"),
+    ]
+
+
+def test_layout_names_every_stage_output(tmp_path) -> None:
+    paths = RunPaths(str(tmp_path), "r")
+    outputs = [
+        paths.ingested,
+        paths.quarantine,
+        paths.ingest_entries,
+        paths.questions,
+        paths.removed,
+        paths.decontam_index,
+        paths.raw,
+        paths.cost,
+        paths.verdicts,
+        paths.accepted,
+        paths.stats,
+        paths.mixture_train,
+        paths.mixture_validation,
+        paths.export,
+        paths.checkpoints,
+        paths.evaluation,
+        paths.report,
+    ]
+    assert len(set(outputs)) == len(outputs) and all(o.startswith(paths.root) for o in outputs)
+    assert RunPaths.at(str(tmp_path / "out")).raw == str(tmp_path / "out" / "distill" / "raw")
+    with pytest.raises(ValueError, match="unknown stage folder"):
+        paths.stage("distil")
