@@ -5,7 +5,7 @@ queue, concurrency and description. Two things are built from it, so they cannot
 
 - ``octomed-data serve`` / ``python -m flows.serve``: :func:`runner_deployments` (served in-process);
 - ``deploy/prefect.yaml`` (work pool + worker, the compose stack): :func:`prefect_yaml`, written by
-  ``octomed-data deployments --write deploy/prefect.yaml``. ``tests/test_cli_deployments.py`` fails when
+  ``octomed-data deployments --write deploy/prefect.yaml``. ``tests/flows/test_deployments.py`` fails when
   the checked-in file differs from the generated one.
 
 Where the worker finds the project and the recipe is settled when ``prefect deploy`` runs, by two
@@ -219,7 +219,7 @@ def prefect_config() -> dict[str, Any]:
 
 HEADER = """\
 # GENERATED from flows/deployments.py by `octomed-data deployments --write deploy/prefect.yaml`;
-# do not edit by hand (tests/test_cli_deployments.py fails when this file and the definition differ).
+# do not edit by hand (tests/flows/test_deployments.py fails when this file and the definition differ).
 #
 # Prefect deployments of the octomed data factory, for a work pool and worker. From the project folder:
 #   prefect work-pool create octomed --type process

@@ -18,7 +18,7 @@ from prefect.utilities.templating import apply_values
 from flows.deployments import DEPLOYMENTS, FACTORY_CRON, prefect_yaml, spec
 from octomed_data.cli import main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PREFECT_YAML = ROOT / "deploy" / "prefect.yaml"
 
 

@@ -15,7 +15,7 @@ from octomed_data.distill import read_done_keys
 from octomed_data.distill.journal import iter_journal
 from octomed_data.sandbox import FaultConfig, start_sandbox
 from octomed_data.schema import SAMPLE_SCHEMA
-from tests.test_distill import make_questions
+from tests.distill.test_distill import make_questions
 
 KEY = "sk-test-resume-SECRET-91b3"
 N = 4
@@ -57,7 +57,7 @@ def _stored(out: str) -> dict[str, int]:
 def test_kill_9_then_same_command_requests_nothing_stored(tmp_path: Path) -> None:
     q_uri, out = str(tmp_path / "q"), str(tmp_path / "out")
     questions = make_questions(q_uri, 40)  # 160 samples at ~4 in flight x 0.15 s: ~6 s per full run
-    env = {**os.environ, "OPENAI_API_KEY": KEY, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {**os.environ, "OPENAI_API_KEY": KEY, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     faults = FaultConfig(seed=5, server_error=0.05, rate_limited=0.05, retry_after_s=0.05)
     with start_sandbox(latency_s=0.15, faults=faults) as sb:
         cmd = _command(q_uri, out, sb.base_url)

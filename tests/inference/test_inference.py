@@ -15,7 +15,7 @@ from octomed_data.inference.replies import Reply, read_choice, split_reasoning
 from octomed_data.inference.servers import ServerKind, detect_kind, probe_kind
 from octomed_data.sandbox import start_sandbox
 
-FIXTURES = Path(__file__).parent / "fixtures" / "servers"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "servers"
 
 
 def recorded(name: str) -> dict:
@@ -132,7 +132,7 @@ def test_distill_keeps_reasoning_sent_as_message_reasoning(tmp_path: Path, monke
     """The data-loss bug: vLLM >= 0.10 sends `reasoning`; every stored row must keep it."""
     from octomed_data.distill.engine import distill_shard
     from octomed_data.sandbox import SANDBOX_MARK
-    from tests.test_distill import config, make_questions, read_raw
+    from tests.distill.test_distill import config, make_questions, read_raw
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-reasoning-000000001")
     q_uri, out = str(tmp_path / "q"), str(tmp_path / "out")
@@ -147,7 +147,6 @@ def test_distill_keeps_reasoning_sent_as_message_reasoning(tmp_path: Path, monke
 
 def test_sampling_extras_off_sends_nothing_even_to_vllm(shared_data, tmp_path: Path) -> None:
     from evaluation.harness import evaluate
-
     from octomed_data.job_config import EvalConfig
 
     with start_sandbox(server="vllm") as sb:

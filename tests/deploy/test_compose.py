@@ -17,7 +17,7 @@ import jsonschema
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VAR = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[?-])([^}]*))?\}")
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|AUTH|API_KEY|ROOT_USER")
 

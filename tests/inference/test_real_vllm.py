@@ -25,13 +25,13 @@ from octomed_data import storage
 from octomed_data.distill.journal import iter_journal
 from octomed_data.schema import SAMPLE_SCHEMA
 from octomed_data.teachers import DistillConfig
-from tests.test_distill import make_questions
+from tests.distill.test_distill import make_questions
 
 # Building the venv (first run on a machine) and starting the server count towards the first test.
 pytestmark = pytest.mark.timeout(1800)
 
 KEY = "sk-test-vllm-SECRET-5c2e88"
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _config(base_url: str, **teacher) -> DistillConfig:

@@ -22,7 +22,7 @@ from octomed_data import storage
 from octomed_data.layout import RunPaths
 from octomed_data.runs import shard_states
 
-SAMPLE_DATA = Path(__file__).resolve().parent.parent / "octomed_data" / "sample_data"
+SAMPLE_DATA = Path(__file__).resolve().parents[2] / "octomed_data" / "sample_data"
 SAMPLES = 2
 
 
