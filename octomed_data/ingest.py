@@ -31,12 +31,12 @@ from typing import Any
 from octomed_data import storage
 from octomed_data.errors import ConfigError
 from octomed_data.images import ImageStore
+from octomed_data.layout import IngestFolder
 from octomed_data.schema import ENTRY_SCHEMA, QUARANTINE_SCHEMA, QUESTION_SCHEMA, quarantine_row
 from octomed_data.sources import get_format, iter_records
 
 SAMPLE_DATA_DIR = Path(__file__).resolve().parent / "sample_data"
 DEMO_CONFIG = SAMPLE_DATA_DIR / "demo.yaml"
-REPORT_NAME = "ingest.json"
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def plan_entries(entries: Iterable[Mapping[str, Any]], *, shard_prefix: bool = T
 
 def entries_uri(out: str) -> str:
     """One committed shard per ingested entry (its counts): the ingest stage's done-signal."""
-    return storage.join(out, "entries")
+    return IngestFolder(out).entries
 
 
 def ingest_entry(
@@ -197,8 +197,8 @@ def ingest_entry(
     if shard_size < 1:
         raise ConfigError(f"shard size must be >= 1, got {shard_size}")
     entry = plan.entry
-    questions_ds = storage.Dataset(storage.join(out, "questions"), QUESTION_SCHEMA)
-    quarantine_ds = storage.Dataset(storage.join(out, "quarantine"), QUARANTINE_SCHEMA)
+    questions_ds = storage.Dataset(IngestFolder(out).questions, QUESTION_SCHEMA)
+    quarantine_ds = storage.Dataset(IngestFolder(out).quarantine, QUARANTINE_SCHEMA)
     store = ImageStore(out)
     extra = {"format": entry["format"], "input": str(entry["input"]), "entry": plan.name}
     q_writer = _ShardWriter(questions_ds, plan.prefix, shard_size, extra)
@@ -280,8 +280,8 @@ def quarantine_cross_duplicates(out: str, plans: list[EntryPlan]) -> int:
     holding duplicates is rewritten without them and the duplicates committed as the quarantine
     shard ``<shard>-dup``, so ``records == questions + quarantined`` still holds. Idempotent.
     """
-    questions_ds = storage.Dataset(storage.join(out, "questions"), QUESTION_SCHEMA)
-    quarantine_ds = storage.Dataset(storage.join(out, "quarantine"), QUARANTINE_SCHEMA)
+    questions_ds = storage.Dataset(IngestFolder(out).questions, QUESTION_SCHEMA)
+    quarantine_ds = storage.Dataset(IngestFolder(out).quarantine, QUARANTINE_SCHEMA)
     manifest = questions_ds.manifest()
     seen = _Seen()
     moved = 0
@@ -308,8 +308,8 @@ def _owned_by(shard: str, prefix: str) -> bool:
 
 def summarize_ingest(out: str, plans: list[EntryPlan], seconds: float = 0.0) -> IngestResult:
     """The run's summary from the entries' markers (and the duplicates moved across entries)."""
-    questions_ds = storage.Dataset(storage.join(out, "questions"), QUESTION_SCHEMA)
-    quarantine_ds = storage.Dataset(storage.join(out, "quarantine"), QUARANTINE_SCHEMA)
+    questions_ds = storage.Dataset(IngestFolder(out).questions, QUESTION_SCHEMA)
+    quarantine_ds = storage.Dataset(IngestFolder(out).quarantine, QUARANTINE_SCHEMA)
     result = IngestResult(
         questions_uri=questions_ds.uri,
         quarantine_uri=quarantine_ds.uri,
@@ -345,7 +345,7 @@ def summarize_ingest(out: str, plans: list[EntryPlan], seconds: float = 0.0) -> 
         result.images_decoded += c["images_decoded"]
     result.reasons = dict(sorted(reasons.items()))
     result.seconds = seconds
-    storage.write_json(storage.join(out, REPORT_NAME), result.to_dict())
+    storage.write_json(IngestFolder(out).summary, result.to_dict())
     return result
 
 

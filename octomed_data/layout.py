@@ -22,6 +22,9 @@ evaluate       ``evaluate/``                          ``evaluate/metrics.json``
 report         ``report/report.{md,png}``             (rebuilt on every run)
 =============  ===================================  ============================================
 
+Each stage's folder has its own small layout (:class:`IngestFolder`, :class:`DecontamFolder`,
+:class:`DistillFolder`, :class:`FilterFolder`, :class:`MixtureFolder`), used the same way whether the folder is a run's stage folder or a CLI ``--out``.
+
 ``state/<stage>/<shard>.json`` records attempts (running, failed with the error, seconds) for
 the dashboard; it is never read to decide whether a shard is done.
 """
@@ -44,6 +47,99 @@ STAGE_FOLDERS = (
     "evaluate",
     "report",
 )
+
+
+@dataclass(frozen=True)
+class IngestFolder:
+    """What the ingest stage writes under its folder (a run's ``ingest/``, or the CLI's ``--out``)."""
+
+    root: str
+
+    @property
+    def questions(self) -> str:
+        return storage.join(self.root, "questions")
+
+    @property
+    def quarantine(self) -> str:
+        return storage.join(self.root, "quarantine")
+
+    @property
+    def entries(self) -> str:
+        """One committed shard per source entry: its counts; the ingest stage's done-signal."""
+        return storage.join(self.root, "entries")
+
+    @property
+    def summary(self) -> str:
+        return storage.join(self.root, "ingest.json")
+
+
+@dataclass(frozen=True)
+class DecontamFolder:
+    """What the decontaminate stage writes under its folder."""
+
+    root: str
+
+    @property
+    def kept(self) -> str:
+        return storage.join(self.root, "questions")
+
+    @property
+    def removed(self) -> str:
+        return storage.join(self.root, "removed")
+
+    @property
+    def index(self) -> str:
+        return storage.join(self.root, "index.npz")
+
+    @property
+    def summary(self) -> str:
+        return storage.join(self.root, "decontam.json")
+
+
+@dataclass(frozen=True)
+class DistillFolder:
+    """What the distill stage writes under its folder (the engine keeps its journal there too)."""
+
+    root: str
+
+    @property
+    def raw(self) -> str:
+        """Every teacher reply (one row per expected sample), before any verdict."""
+        return storage.join(self.root, "raw")
+
+    @property
+    def cost(self) -> str:
+        return storage.join(self.root, "cost.json")
+
+
+@dataclass(frozen=True)
+class FilterFolder:
+    """What the filter stage (rejection sampling) writes under its folder."""
+
+    root: str
+
+    @property
+    def verdicts(self) -> str:
+        """One row per sample: extracted answer, correct, reject reason (no reply text)."""
+        return storage.join(self.root, "verdicts")
+
+    @property
+    def accepted(self) -> str:
+        """Samples whose extracted answer equals the gold answer, with their full replies."""
+        return storage.join(self.root, "accepted")
+
+    @property
+    def stats(self) -> str:
+        """Per-source statistics: the one statistics pass the report also reads."""
+        return storage.join(self.root, "stats.json")
+
+
+@dataclass(frozen=True)
+class MixtureFolder:
+    root: str
+
+    def split(self, name: str) -> str:
+        return storage.join(self.root, name)
 
 
 @dataclass(frozen=True)
@@ -98,20 +194,20 @@ class RunPaths:
     @property
     def ingested(self) -> str:
         """Questions as ingested (before decontamination)."""
-        return storage.join(self.stage("ingest"), "questions")
+        return IngestFolder(self.stage("ingest")).questions
 
     @property
     def quarantine(self) -> str:
-        return storage.join(self.stage("ingest"), "quarantine")
+        return IngestFolder(self.stage("ingest")).quarantine
 
     @property
     def ingest_entries(self) -> str:
         """One committed shard per source entry: its counts; the ingest stage's done-signal."""
-        return storage.join(self.stage("ingest"), "entries")
+        return IngestFolder(self.stage("ingest")).entries
 
     @property
     def ingest_summary(self) -> str:
-        return storage.join(self.stage("ingest"), "ingest.json")
+        return IngestFolder(self.stage("ingest")).summary
 
     @property
     def images_root(self) -> str:
@@ -122,15 +218,15 @@ class RunPaths:
     @property
     def questions(self) -> str:
         """Questions that go to the teachers: decontaminated (or copied when decontamination is off)."""
-        return storage.join(self.stage("decontaminate"), "questions")
+        return DecontamFolder(self.stage("decontaminate")).kept
 
     @property
     def removed(self) -> str:
-        return storage.join(self.stage("decontaminate"), "removed")
+        return DecontamFolder(self.stage("decontaminate")).removed
 
     @property
     def decontam_index(self) -> str:
-        return storage.join(self.stage("decontaminate"), "index.npz")
+        return DecontamFolder(self.stage("decontaminate")).index
 
     # ------------------------------------------------------------------ distill
     @property
@@ -141,27 +237,27 @@ class RunPaths:
     @property
     def raw(self) -> str:
         """Every teacher reply (one row per expected sample), before any verdict."""
-        return storage.join(self.distill, "raw")
+        return DistillFolder(self.distill).raw
 
     @property
     def cost(self) -> str:
-        return storage.join(self.distill, "cost.json")
+        return DistillFolder(self.distill).cost
 
     # ------------------------------------------------- filter (rejection sampling)
     @property
     def verdicts(self) -> str:
         """One row per sample: extracted answer, correct, reject reason (no reply text)."""
-        return storage.join(self.stage("filter"), "verdicts")
+        return FilterFolder(self.stage("filter")).verdicts
 
     @property
     def accepted(self) -> str:
         """Samples whose extracted answer equals the gold answer, with their full replies."""
-        return storage.join(self.stage("filter"), "accepted")
+        return FilterFolder(self.stage("filter")).accepted
 
     @property
     def stats(self) -> str:
         """Per-source statistics: the one statistics pass the report also reads."""
-        return storage.join(self.stage("filter"), "stats.json")
+        return FilterFolder(self.stage("filter")).stats
 
     # --------------------------------------------------------- mixture, export
     @property
@@ -170,11 +266,11 @@ class RunPaths:
 
     @property
     def mixture_train(self) -> str:
-        return storage.join(self.mixture, "train")
+        return MixtureFolder(self.mixture).split("train")
 
     @property
     def mixture_validation(self) -> str:
-        return storage.join(self.mixture, "validation")
+        return MixtureFolder(self.mixture).split("validation")
 
     @property
     def export(self) -> str:

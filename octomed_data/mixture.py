@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from octomed_data import storage
 from octomed_data.errors import ConfigError, StorageError
+from octomed_data.layout import MixtureFolder
 from octomed_data.schema import (
     MIXTURE_SCHEMA,
     QUESTION_SCHEMA,
@@ -449,7 +450,7 @@ def build_mixture(
     # Pass 3: sort each range partition by its key; shard order = global shuffle order.
     rows_out: Counter[str] = Counter()
     for split in SPLITS:
-        target = storage.Dataset(storage.join(out, split), MIXTURE_SCHEMA)
+        target = storage.Dataset(MixtureFolder(out).split(split), MIXTURE_SCHEMA)
         _remove_tree(target.uri)
         spill = shuffle_spills[split]
         src_ds = storage.Dataset(spill.dataset.uri)
@@ -466,8 +467,8 @@ def build_mixture(
 
     result = MixtureResult(
         uri=out,
-        train_uri=storage.join(out, "train"),
-        validation_uri=storage.join(out, "validation"),
+        train_uri=MixtureFolder(out).split("train"),
+        validation_uri=MixtureFolder(out).split("validation"),
         rows_train=rows_out["train"],
         rows_validation=rows_out["validation"],
         questions_train=q_counts["train"],

@@ -13,6 +13,7 @@ from typing import Any
 
 from octomed_data import storage
 from octomed_data.errors import ConfigError
+from octomed_data.layout import RunPaths
 from octomed_data.runs import STAGES
 
 DEFAULT_STORE = "./runs/demo"
@@ -31,14 +32,15 @@ def _closed_network_defaults(local_ray: bool) -> None:
 
 def _print_outputs(result: dict[str, Any]) -> None:
     root = result["root"]
-    join = storage.join
+    paths = RunPaths.at(root)
     lines = ["", f"run {result['run_id']} finished; everything is under {root}"]
     stage_outputs = [
-        ("questions (Parquet):", join(root, "decontaminate", "questions")),
-        ("removed by decontam:", join(root, "decontaminate", "removed")),
-        ("samples, all verdicts:", join(root, "distill", "raw")),
-        ("samples, accepted:", join(root, "distill", "accepted")),
-        ("mixture (train/validation):", join(root, "mixture")),
+        ("questions (Parquet):", paths.questions),
+        ("removed by decontam:", paths.removed),
+        ("samples (teacher replies):", paths.raw),
+        ("samples, accepted:", paths.accepted),
+        ("statistics:", paths.stats),
+        ("mixture (train/validation):", paths.mixture),
     ]
     # Only what this run has produced (``--stage`` may have stopped early).
     lines += [f"  {label:<27} {uri}" for label, uri in stage_outputs if storage.exists(uri)]

@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from octomed_data import storage
 from octomed_data.decontam.index import DEFAULT_PHASH_THRESHOLD, DecontamError, DecontamIndex
+from octomed_data.layout import DecontamFolder, IngestFolder
 from octomed_data.schema import QUESTION_SCHEMA, REMOVED_SCHEMA
 
 
@@ -46,7 +47,7 @@ def _questions_dataset(questions_uri: str) -> storage.Dataset:
     ds = storage.Dataset(questions_uri, QUESTION_SCHEMA)
     if ds.manifest():
         return ds
-    nested = storage.Dataset(storage.join(questions_uri, "questions"), QUESTION_SCHEMA)
+    nested = storage.Dataset(IngestFolder(questions_uri).questions, QUESTION_SCHEMA)
     if nested.manifest():
         return nested
     raise DecontamError(
@@ -109,8 +110,8 @@ def decontaminate_shard(
         raise DecontamError(f"shard {shard}: kept + removed != input ({counts})")
     # ``removed`` is committed last: its marker is the shard's done-signal (``extra``: the stage's).
     marker = counts | dict(extra or {})
-    storage.Dataset(storage.join(out, "questions"), QUESTION_SCHEMA).write_shard(shard, kept, extra=marker)
-    storage.Dataset(storage.join(out, "removed"), REMOVED_SCHEMA).write_shard(
+    storage.Dataset(DecontamFolder(out).kept, QUESTION_SCHEMA).write_shard(shard, kept, extra=marker)
+    storage.Dataset(DecontamFolder(out).removed, REMOVED_SCHEMA).write_shard(
         shard, removed_table, extra=marker
     )
     return counts
@@ -163,7 +164,7 @@ def decontaminate(
         short_match=short_match,
         source=source.uri,
         out=out,
-        index_uri=storage.join(out, "index.npz"),
+        index_uri=DecontamFolder(out).index,
     )
     if index is None:
         index = DecontamIndex.from_registry(registry, short_match=short_match, phash_threshold=threshold)
@@ -173,8 +174,8 @@ def decontaminate(
     raise_for_failures(run)
     result = DecontamResult(
         questions_uri=source.uri,
-        kept_uri=storage.join(out, "questions"),
-        removed_uri=storage.join(out, "removed"),
+        kept_uri=DecontamFolder(out).kept,
+        removed_uri=DecontamFolder(out).removed,
     )
     by_benchmark: Counter[str] = Counter()
     by_kind: Counter[str] = Counter()
@@ -189,7 +190,7 @@ def decontaminate(
     result.by_benchmark = dict(sorted(by_benchmark.items()))
     result.by_kind = dict(sorted(by_kind.items()))
     result.seconds = round(time.perf_counter() - started, 3)
-    storage.write_json(storage.join(out, "decontam.json"), result.to_dict())
+    storage.write_json(DecontamFolder(out).summary, result.to_dict())
     return result
 
 

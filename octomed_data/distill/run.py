@@ -17,7 +17,7 @@ from octomed_data import storage
 from octomed_data.cost import cost_ledger
 from octomed_data.distill.engine import STATE_DIR, ShardReport, adistill_shard, raw_uri, shard_names
 from octomed_data.errors import StorageError
-from octomed_data.layout import RunPaths
+from octomed_data.layout import DistillFolder, RunPaths
 from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA
 from octomed_data.teachers import DistillConfig
 
@@ -135,7 +135,7 @@ def finalize(
     raise_for_failures(result)
     stats = stage.finalize(stage.input_shards())
     cost = cost_ledger(raw, config)
-    cost_uri = storage.join(out, "cost.json")
+    cost_uri = DistillFolder(out).cost
     storage.write_json(cost_uri, cost)
     return stats | {"cost": cost, "cost_uri": cost_uri, "accepted_uri": stage.accepted_uri}
 

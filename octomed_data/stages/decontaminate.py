@@ -7,7 +7,7 @@ import threading
 from typing import Any
 
 from octomed_data import storage
-from octomed_data.layout import RunPaths
+from octomed_data.layout import DecontamFolder, RunPaths
 from octomed_data.schema import QUESTION_SCHEMA, REMOVED_SCHEMA
 from octomed_data.stages.base import Stage
 
@@ -49,7 +49,7 @@ class DecontaminateStage(Stage):
         self.short_match = short_match
         self.source = source or paths.ingested
         self.out = out or paths.stage("decontaminate")
-        self.index_uri = index_uri or storage.join(self.out, "index.npz")
+        self.index_uri = index_uri or DecontamFolder(self.out).index
 
     @classmethod
     def for_run(cls, paths: RunPaths, settings: Any) -> DecontaminateStage:
@@ -66,10 +66,10 @@ class DecontaminateStage(Stage):
         return storage.Dataset(self.source, QUESTION_SCHEMA)
 
     def kept(self) -> storage.Dataset:
-        return storage.Dataset(storage.join(self.out, "questions"), QUESTION_SCHEMA)
+        return storage.Dataset(DecontamFolder(self.out).kept, QUESTION_SCHEMA)
 
     def removed(self) -> storage.Dataset:
-        return storage.Dataset(storage.join(self.out, "removed"), REMOVED_SCHEMA)
+        return storage.Dataset(DecontamFolder(self.out).removed, REMOVED_SCHEMA)
 
     def done_dataset(self) -> storage.Dataset:
         return self.removed()

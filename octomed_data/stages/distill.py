@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from octomed_data import storage
-from octomed_data.layout import RunPaths
+from octomed_data.layout import DistillFolder, RunPaths
 from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA
 from octomed_data.stages.base import ShardIncomplete, Stage
 from octomed_data.teachers import DistillConfig
@@ -117,6 +117,6 @@ class DistillStage(Stage):
         from octomed_data.distill import raw_uri
 
         cost = cost_ledger(raw_uri(self.out), self.config)
-        uri = storage.join(self.out, "cost.json")
+        uri = DistillFolder(self.out).cost
         storage.write_json(uri, cost)
         return {"cost_uri": uri, "cost": cost}

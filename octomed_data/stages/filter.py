@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from octomed_data import storage
-from octomed_data.layout import RunPaths
+from octomed_data.layout import FilterFolder, RunPaths
 from octomed_data.rejection import JUDGE_VERSION, filter_shard
 from octomed_data.schema import SAMPLE_SCHEMA, VERDICT_SCHEMA
 from octomed_data.stages.base import Stage
@@ -38,15 +38,15 @@ class FilterStage(Stage):
 
     @property
     def verdicts_uri(self) -> str:
-        return storage.join(self.out, "verdicts")
+        return FilterFolder(self.out).verdicts
 
     @property
     def accepted_uri(self) -> str:
-        return storage.join(self.out, "accepted")
+        return FilterFolder(self.out).accepted
 
     @property
     def stats_uri(self) -> str:
-        return storage.join(self.out, "stats.json")
+        return FilterFolder(self.out).stats
 
     def input_dataset(self) -> storage.Dataset:
         return storage.Dataset(self.raw, SAMPLE_SCHEMA)
