@@ -284,8 +284,7 @@ class _PredictionWriter:
         self.pending: list[dict[str, Any]] = []
         self.shards: Counter = Counter()
         self.rows = 0
-        for name in list(self.dataset.manifest()):  # a re-run replaces, never mixes, predictions
-            self.dataset.delete_shard(name)
+        self.dataset.drop_stale(keep=[])  # a re-run replaces, never mixes, predictions
 
     def add(self, benchmark: str, row: dict[str, Any]) -> None:
         self.pending.append(row)

@@ -523,8 +523,7 @@ def _lf_image(image: Mapping[str, Any], bundle: ImageBundle, mode: str) -> str:
 
 def _clear(ds: storage.Dataset) -> None:
     """Drop earlier shards so a re-export of a smaller mixture leaves no stale shard behind."""
-    for name in list(ds.manifest()):
-        ds.delete_shard(name)
+    ds.drop_stale(keep=[])
 
 
 def load_export(uri: str, **kwargs: Any):

@@ -63,8 +63,8 @@ class IngestResult:
         return asdict(self)
 
 
-class _ShardWriter:
-    """Buffers rows and commits a shard every ``shard_size`` rows."""
+class _ShardSplitter:
+    """Buffers rows and commits a shard (through the storage layer) every ``shard_size`` rows."""
 
     def __init__(
         self, dataset: storage.Dataset, prefix: str, shard_size: int, extra: Mapping[str, Any]
@@ -94,19 +94,15 @@ class _ShardWriter:
 
     def owned_inputs(self) -> set[str]:
         """Inputs (format:path) of the shards already committed under this writer's prefix."""
-        own = re.compile(rf"^{re.escape(self.prefix)}-\d{{5}}$" if self.prefix else r"^\d{5}$")
         return {
             f"{info.extra.get('format')}:{info.extra.get('input')}"
             for name, info in self.dataset.manifest().items()
-            if own.match(name)
+            if _owned_by(name, self.prefix)
         }
 
     def drop_stale(self) -> None:
         """Un-commit shards of an earlier run with this prefix that this run did not write."""
-        own = re.compile(rf"^{re.escape(self.prefix)}-\d{{5}}$" if self.prefix else r"^\d{5}$")
-        for name in self.dataset.manifest():
-            if own.match(name) and name not in self.written:
-                self.dataset.delete_shard(name)
+        self.dataset.drop_stale(keep=self.written, owns=lambda name: _owned_by(name, self.prefix))
 
 
 class _Seen:
@@ -201,8 +197,8 @@ def ingest_entry(
     quarantine_ds = storage.Dataset(IngestFolder(out).quarantine, QUARANTINE_SCHEMA)
     store = ImageStore(out)
     extra = {"format": entry["format"], "input": str(entry["input"]), "entry": plan.name}
-    q_writer = _ShardWriter(questions_ds, plan.prefix, shard_size, extra)
-    x_writer = _ShardWriter(quarantine_ds, plan.prefix, shard_size, extra)
+    q_writer = _ShardSplitter(questions_ds, plan.prefix, shard_size, extra)
+    x_writer = _ShardSplitter(quarantine_ds, plan.prefix, shard_size, extra)
     counts: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
     # Same output + same shard names = a re-run that replaces them. Say so when the shards

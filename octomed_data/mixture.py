@@ -451,7 +451,7 @@ def build_mixture(
     rows_out: Counter[str] = Counter()
     for split in SPLITS:
         target = storage.Dataset(MixtureFolder(out).split(split), MIXTURE_SCHEMA)
-        _remove_tree(target.uri)
+        target.drop_stale(keep=[])  # a rebuilt mixture replaces, never mixes, the earlier one
         spill = shuffle_spills[split]
         src_ds = storage.Dataset(spill.dataset.uri)
         for part in range(n_out[split]):
