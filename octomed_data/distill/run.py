@@ -17,6 +17,7 @@ from octomed_data import storage
 from octomed_data.cost import cost_ledger
 from octomed_data.distill.engine import STATE_DIR, ShardReport, adistill_shard, raw_uri, shard_names
 from octomed_data.errors import StorageError
+from octomed_data.inference.ratelimit import WindowBudget
 from octomed_data.layout import DistillFolder, RunPaths
 from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA
 from octomed_data.teachers import DistillConfig
@@ -55,7 +56,11 @@ def run_local(
         raise StorageError(f"questions shards not committed in {questions_uri}: {', '.join(missing)}")
     storage.ensure_writable(out)
     bar = _progress_bar(sum(manifest[s].rows for s in names) * config.samples, progress)
-    stage = DistillStage(RunPaths.at(out), config, questions=questions_uri, out=out, api_keys=api_keys)
+    # One rate window per teacher for the whole run, not one per shard.
+    budgets = {t.name: WindowBudget(t.rpm, t.tpm, t.rate_window_s) for t in config.teachers}
+    stage = DistillStage(
+        RunPaths.at(out), config, questions=questions_uri, out=out, api_keys=api_keys, budgets=budgets
+    )
     stage.progress = bar
     try:
         result = run_stage(stage, LocalExecutor(progress=False), shards=names, force=False, finalize=False)

@@ -30,6 +30,7 @@ class DistillStage(Stage):
         api_keys: Mapping[str, str | SecretStr] | None = None,
         limiter: Any = None,
         progress: Any = None,
+        budgets: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(paths)
         self.config = config
@@ -38,11 +39,14 @@ class DistillStage(Stage):
         self.api_keys = dict(api_keys) if api_keys else None
         self.limiter = limiter
         self.progress = progress
+        # Rate budgets shared by the shards this process runs one after another (each shard gets
+        # its own limiter on its own event loop, over the same windows).
+        self.budgets = budgets
 
     def __getstate__(self) -> dict[str, Any]:
         # Limiters and progress bars are per process; keys travel only as SecretStr.
         state = dict(self.__dict__)
-        state.update(limiter=None, progress=None)
+        state.update(limiter=None, progress=None, budgets=None)
         return state
 
     def with_runtime(
@@ -55,6 +59,7 @@ class DistillStage(Stage):
             for k, v in (api_keys or self.api_keys or {}).items()
         } or None
         other.limiter = limiter if limiter is not None else self.limiter
+        other.budgets = self.budgets
         other.progress = progress if progress is not None else self.progress
         return other
 
@@ -80,13 +85,18 @@ class DistillStage(Stage):
         """Distill one shard on the running event loop (Ray actors call this)."""
         from octomed_data.distill import adistill_shard
 
+        limiter = self.limiter
+        if limiter is None and self.budgets:
+            from octomed_data.inference.ratelimit import LocalRateLimiter
+
+            limiter = LocalRateLimiter(self.budgets)
         report = await adistill_shard(
             self.questions,
             shard,
             self.out,
             self.config,
             api_keys=self.api_keys,
-            limiter=self.limiter,
+            limiter=limiter,
             progress=self.progress,
         )
         counts = {

@@ -444,3 +444,20 @@ def test_thread_count_returns_to_baseline(tmp_path: Path) -> None:
         distill_shard(q_uri, "00000", str(tmp_path / "out"), config(sb.base_url, samples=1))
     assert threading.active_count() <= before + 1  # asyncio.to_thread's default pool may linger
     assert os.environ["OPENAI_API_KEY"] == KEY
+
+
+def test_rate_window_spans_the_shards_of_a_local_run(tmp_path: Path) -> None:
+    """Shards run one after another share each teacher's window: shard 2 does not start a fresh budget."""
+    from octomed_data.distill.run import run_local
+
+    q_uri, out = str(tmp_path / "q"), str(tmp_path / "out")
+    make_questions(q_uri, 8, shard="00000")
+    make_questions(q_uri, 8, shard="00001", offset=8)
+    faults = FaultConfig(rpm=10, rpm_window_s=2.0)
+    with start_sandbox(faults=faults) as sb:
+        cfg = config(sb.base_url, samples=1, teacher={"rpm": 10, "rate_window_s": 2.0, "max_in_flight": 32})
+        summary = run_local(q_uri, out, cfg, progress=False)
+        stats = sb.stats()
+    assert summary["complete"] and stats["requests"] == 16
+    assert stats["violations"] == 0
+    assert max_in_window([r["t"] for r in stats["log"]], 2.0) <= 10
