@@ -102,8 +102,15 @@ def test_distill_through_ray_stores_vllm_reasoning(vllm_server, ray_local, tmp_p
     assert with_reasoning >= 0.9 * len(rows), f"reasoning stored on {with_reasoning}/{len(rows)} rows"
     assert all(r["finish_reason"] in ("length", "stop") and r["completion_tokens"] for r in rows)
     assert sum(r["prompt_tokens"] or 0 for r in rows) > 0
-    # Truncated replies are rejected as such, never read as answers.
-    assert all(r["reject_reason"] == "truncated" for r in rows if r["finish_reason"] == "length")
+    # Truncated replies are rejected as such by the filter stage, never read as answers.
+    verdicts = storage.Dataset(storage.join(out, "verdicts")).read_all().to_pylist()
+    assert len(verdicts) == len(rows)
+    truncated = {(r["question_id"], r["sample_idx"]) for r in rows if r["finish_reason"] == "length"}
+    assert all(
+        v["reject_reason"] == "truncated"
+        for v in verdicts
+        if (v["question_id"], v["sample_idx"]) in truncated
+    )
     # Seeds recorded = seeds sent: one n-request carries one seed, shared by its samples.
     by_q: dict[str, set] = {}
     for r in rows:
@@ -123,7 +130,7 @@ def _stored(out: str) -> list[tuple[str, int]]:
     return [
         (r["question_id"], r["sample_idx"])
         for r in iter_journal(out, "00000")
-        if r["reject_reason"] != "request_failed"
+        if r.get("reject_reason") != "request_failed"
     ]
 
 
