@@ -176,9 +176,12 @@ class Lease:
             "pid": os.getpid(),
         }
 
+    def _local(self) -> bool:
+        return "://" not in self.uri or self.uri.startswith("file://")
+
     def _create(self) -> bool:
         """Write the record; on a local store only if no record exists (O_EXCL)."""
-        if "://" in self.uri and not self.uri.startswith("file://"):
+        if not self._local():
             storage.write_json(self.uri, self._doc())
             return True
         path = self.uri.removeprefix("file://")
@@ -207,7 +210,7 @@ class Lease:
             self._remove()
         if not self._create():
             return False
-        if self.settle_s:
+        if self.settle_s and not self._local():  # O_EXCL already made a local create exclusive
             time.sleep(self.settle_s)
         cur = self.read()
         return cur is not None and cur.get("owner") == self.owner

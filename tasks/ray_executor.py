@@ -29,6 +29,7 @@ from pydantic import SecretStr
 from octomed_data import storage
 from octomed_data.inference.ratelimit import LeasedRateLimiter, WindowBudget, lease_chunk, safety_margin
 from octomed_data.layout import RunPaths
+from octomed_data.runs import LeaseHeld, new_owner, shard_lease
 from octomed_data.stages import ShardOutcome, Stage, arun_one, describe_error, raise_for_failures, run_stage
 from octomed_data.teachers import DistillConfig
 
@@ -36,6 +37,11 @@ NAMESPACE = "octomed"
 BUDGET_ACTOR = "octomed-teacher-budget"
 LEASE_TTL_S = 0.5
 SHARDS_PER_WORKER = 2
+# The one-writer lease of a shard (``state/<stage>/<shard>.lease``): renewed every third of this
+# while the shard runs; a writer whose driver died stops renewing, so a restarted run takes the
+# shard over at most this long after (and the leftover, if it still runs, finds the lease lost and
+# stops before it writes again).
+SHARD_LEASE_TTL_S = 15.0
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -98,15 +104,31 @@ class ShardWorker:
         limiter = LeasedRateLimiter(self._lease, chunks, ttl_s=LEASE_TTL_S, unlimited=unlimited)
         return stage.with_runtime(limiter=limiter)
 
-    async def run(self, stage: Stage, shard: str, force: bool = False, attempt: int = 1) -> ShardOutcome:
-        """One shard; a duplicate call for a shard already running here awaits that run."""
+    async def run(
+        self,
+        stage: Stage,
+        shard: str,
+        force: bool = False,
+        attempt: int = 1,
+        lease_ttl_s: float | None = None,
+    ) -> ShardOutcome:
+        """One shard; a duplicate call for a shard already running here awaits that run.
+
+        The shard runs only while this actor holds its lease (:func:`run_fenced`).
+        """
         key = (stage.name, stage.paths.root, shard)
         if key in self._running:
             return await asyncio.shield(self._running[key])
         fut: asyncio.Future[ShardOutcome] = asyncio.get_running_loop().create_future()
         self._running[key] = fut
         try:
-            outcome = await arun_one(self._bind(stage), shard, force=force, attempt=attempt)
+            outcome = await run_fenced(
+                stage,
+                shard,
+                lambda: arun_one(self._bind(stage), shard, force=force, attempt=attempt),
+                ttl_s=lease_ttl_s or SHARD_LEASE_TTL_S,
+                owner=new_owner(f"ray-actor:{ray.get_runtime_context().get_actor_id()}:"),
+            )
             fut.set_result(outcome)
         except BaseException as exc:
             fut.set_exception(exc)
@@ -115,6 +137,46 @@ class ShardWorker:
         finally:
             del self._running[key]
         return outcome
+
+
+async def run_fenced(
+    stage: Stage, shard: str, work: Any, *, ttl_s: float = SHARD_LEASE_TTL_S, owner: str | None = None
+) -> Any:
+    """Await ``work()`` while holding the shard's lease: one writer per shard at a time.
+
+    Waits for a lease held by someone else to be released or to expire (a leftover actor of a
+    killed run stops renewing it), renews it every ``ttl_s / 3`` while the shard runs, and cancels
+    the shard (it stops before its next write) the moment another owner has taken the lease over.
+    """
+    lease = shard_lease(stage.paths, stage.name, shard, owner or new_owner("ray:"), ttl_s)
+    await asyncio.to_thread(lease.acquire, ttl_s * 2, min(1.0, ttl_s / 5))
+    task = asyncio.ensure_future(work())
+    lost: list[str] = []
+
+    async def heartbeat() -> None:
+        while not task.done():
+            await asyncio.sleep(ttl_s / 3)
+            try:
+                ok = await asyncio.to_thread(lease.renew)
+            except Exception:  # a store hiccup: the TTL leaves room for the next beat
+                continue
+            if not ok:
+                holder = (await asyncio.to_thread(lease.read) or {}).get("owner")
+                lost.append(f"{stage.name} shard {shard}: lost its lease to {holder!r}; stopped writing")
+                task.cancel()
+                return
+
+    beat = asyncio.ensure_future(heartbeat())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if lost:
+            raise LeaseHeld(lost[0]) from None
+        raise
+    finally:
+        beat.cancel()
+        if not lost:
+            await asyncio.to_thread(lease.release)
 
 
 def ensure_ray(address: str | None) -> bool:

@@ -184,3 +184,170 @@ def test_shard_lease_lives_next_to_the_attempt_record_and_is_not_a_record(tmp_pa
     assert lease.uri == storage.join(paths.state_dir("distill"), "00003.lease")
     assert lease.try_acquire()
     assert shard_states(paths, "distill") == []
+
+
+# ------------------------------------------------------------------------- one writer per shard
+def test_a_restarted_run_waits_for_a_leftover_writer_and_the_leftover_stops_writing(tmp_path: Path) -> None:
+    """Defect 9: a leftover actor of a killed run kept writing a shard the restarted run also ran.
+    Now the shard's lease fences it: the new writer waits for the old lease to expire, and a writer
+    that lost its lease is cancelled before its next write."""
+    from types import SimpleNamespace
+
+    from tasks.ray_executor import run_fenced
+
+    paths = RunPaths(str(tmp_path), "r")
+    stage = SimpleNamespace(name="distill", paths=paths)
+    writes: list[tuple[str, float]] = []
+
+    async def writer(name: str, n: int) -> str:
+        for _ in range(n):
+            writes.append((name, time.time()))
+            await asyncio.sleep(0.05)
+        return name
+
+    # A leftover (dead) writer's lease: still valid for 0.6 s.
+    shard_lease(paths, "distill", "00000", "leftover", ttl_s=0.6).acquire()
+    t0 = time.time()
+    assert asyncio.run(run_fenced(stage, "00000", lambda: writer("new", 2), ttl_s=0.6, owner="new")) == "new"
+    assert writes[0][1] - t0 >= 0.5  # waited for the lease to expire, did not share the shard
+    assert not Path(shard_lease(paths, "distill", "00000", "x").uri).exists()  # released
+
+    writes.clear()
+
+    async def stolen() -> None:
+        async def thief() -> None:
+            await asyncio.sleep(0.3)
+            storage.write_json(
+                shard_lease(paths, "distill", "00001", "x").uri,
+                {"owner": "restarted", "expires_at": time.time() + 60},
+            )
+            writes.append(("stolen", time.time()))
+
+        steal = asyncio.ensure_future(thief())
+        with pytest.raises(LeaseHeld, match="lost its lease to 'restarted'"):
+            await run_fenced(stage, "00001", lambda: writer("old", 200), ttl_s=0.3, owner="old")
+        await steal
+
+    asyncio.run(stolen())
+    stolen_at = next(t for n, t in writes if n == "stolen")
+    late = [t for n, t in writes if n == "old" and t > stolen_at + 0.3 / 3 + 0.1]
+    assert not late  # no write after the next heartbeat saw the lease taken
+    assert (
+        json.loads(Path(shard_lease(paths, "distill", "00001", "x").uri).read_text())["owner"] == "restarted"
+    )
+
+
+# ----------------------------------------------------------------------- training exactly once
+def _run_with_export(tmp_path: Path, run_id: str = "t1") -> RunPaths:
+    import pyarrow as pa
+
+    from octomed_data.recipe import load_recipe
+    from octomed_data.runs import start_run
+
+    paths = start_run(load_recipe("demo"), run_id, str(tmp_path / "store"))
+    ds = storage.Dataset(storage.join(paths.trl_export(True), "train"))
+    ds.write_shard(0, pa.table({"messages": ["[]"] * 3}))
+    return paths
+
+
+def test_train_refuses_a_run_without_an_export_before_creating_anything(
+    tmp_path: Path, prefect_harness
+) -> None:
+    """Defect 6: a quick run of train/train with its defaults created an empty run folder, then failed."""
+    from flows.common import RunParams
+    from flows.training import TrainParams, train_flow
+    from octomed_data.errors import ConfigError
+    from octomed_data.recipe import load_recipe
+    from octomed_data.runs import start_run
+
+    store = tmp_path / "store"
+    with pytest.raises(ConfigError, match=r"^train needs run.run_id.*nothing was created\)$"):
+        train_flow(TrainParams(run=RunParams(store=str(store))))
+    with pytest.raises(ConfigError, match=r"^no run 'nope'"):
+        train_flow(TrainParams(run=RunParams(run_id="nope", store=str(store))))
+    assert not store.exists()
+    paths = start_run(load_recipe("demo"), "empty", str(store))
+    before = sorted(p.relative_to(store) for p in store.rglob("*"))
+    with pytest.raises(ConfigError, match=r"^run 'empty' has no TRL export at .*run the export flow first"):
+        train_flow(TrainParams(run=RunParams(run_id=paths.run_id, store=str(store))))
+    assert sorted(p.relative_to(store) for p in store.rglob("*")) == before
+
+
+def test_training_runs_once_per_run_and_export_however_often_it_is_triggered(
+    tmp_path: Path, prefect_harness, monkeypatch
+) -> None:
+    """Defect 1: the factory and the automation both trained one run, into one checkpoint folder.
+    Now the second trigger for the same export is a no-op, also while the first one still trains,
+    and a new export trains again (after the first job let go of the checkpoint folder)."""
+    import flows.training as training
+    from flows.common import RunParams
+    from flows.training import TrainParams, train_flow
+
+    paths = _run_with_export(tmp_path)
+    calls: list[float] = []
+    overlap: list[bool] = []
+    busy = threading.Lock()
+
+    def fake_train(recipe, paths_, params):  # the torchrun job, as seen from the flow
+        if not busy.acquire(blocking=False):
+            overlap.append(True)
+        calls.append(time.time())
+        time.sleep(1.5)
+        busy.release()
+        return {"steps": 2, "checkpoint_uri": paths_.checkpoints}
+
+    monkeypatch.setattr(training, "_train", fake_train)
+    monkeypatch.setattr(training, "_after_training", lambda recipe, paths_, params, result: {"train": result})
+    params = TrainParams(run=RunParams(run_id=paths.run_id, store=paths.store), evaluate=False)
+    results: list[dict] = []
+    threads = [threading.Thread(target=lambda: results.append(train_flow(params))) for _ in range(3)]
+    for t in threads:
+        t.start()
+        time.sleep(0.3)
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and not overlap
+    assert sum(1 for r in results if r.get("skipped")) == 2
+    assert train_flow(params)["skipped"] and len(calls) == 1  # after it finished: still a no-op
+
+    # A new export (the factory re-ran with more data) is trained once more.
+    ds = storage.Dataset(storage.join(paths.trl_export(True), "train"))
+    import pyarrow as pa
+
+    ds.write_shard(1, pa.table({"messages": ["[]"] * 2}))
+    assert "train" in train_flow(params) and len(calls) == 2
+
+
+def test_factory_leaves_training_to_the_automation_only_when_it_exists(prefect_harness) -> None:
+    """Defects 1-2: the decision used "started by a deployment", not "an automation exists": a
+    factory started with `run`/`rerun` trained itself AND the automation trained; under
+    `serve --no-automation` nobody trained. Now it asks the server."""
+    from flows.automation import AUTOMATION_NAME, ensure_training_automation
+    from flows.factory import training_left_to_automation
+    from flows.training import train_flow
+
+    deployment_id = train_flow.to_deployment(name="train").apply()
+    ensure_training_automation(deployment_id, enabled=False)
+    assert training_left_to_automation(True, exported=True) is False  # --no-automation: factory trains
+    automation = ensure_training_automation(deployment_id)
+    try:
+        assert automation is not None and automation.name == AUTOMATION_NAME
+        assert training_left_to_automation(True, exported=True) is True  # started with `run`: left to it
+        assert training_left_to_automation(True, exported=False) is False  # no export this pass: no trigger
+        assert training_left_to_automation(False, exported=True) is False
+    finally:
+        ensure_training_automation(deployment_id, enabled=False)
+
+
+def test_the_automation_fires_on_the_export_not_the_mixture() -> None:
+    """Defect 3: firing on mixture completion raced the export that training reads."""
+    from uuid import uuid4
+
+    from flows.automation import training_automation
+
+    trigger = training_automation(uuid4()).trigger
+    assert trigger.match_related.model_dump() == {
+        "prefect.resource.role": "flow",
+        "prefect.resource.name": "export",
+    }
+    assert trigger.expect == {"prefect.flow-run.Completed"}
