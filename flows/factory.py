@@ -14,7 +14,7 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.common import RunParams, ShardFailures, prepare, publish_shard_table
+from flows.common import RunParams, ShardFailures, prepare, publish_artifact_index, publish_shard_table
 from flows.decontaminate import decontaminate_flow
 from flows.distill import distill_flow
 from flows.export import export_flow
@@ -87,8 +87,10 @@ def factory_flow(run: RunParams = RunParams(), stages: list[Stage] | None = None
         # The report still shows which shards failed and what the others produced.
         report_task(paths)
         publish_shard_table(paths)
+        publish_artifact_index(paths)
         raise
     out["report"] = report_task(paths)
     publish_shard_table(paths)
+    out["artifacts"] = publish_artifact_index(paths)  # the factory run links every stage's artifacts
     logger.info("factory run %s finished", paths.run_id)
     return out
