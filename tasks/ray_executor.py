@@ -41,7 +41,7 @@ SHARDS_PER_WORKER = 2
 # while the shard runs; a writer whose driver died stops renewing, so a restarted run takes the
 # shard over at most this long after (and the leftover, if it still runs, finds the lease lost and
 # stops before it writes again).
-SHARD_LEASE_TTL_S = 15.0
+SHARD_LEASE_TTL_S = float(os.environ.get("OCTOMED_SHARD_LEASE_TTL_S", "15"))
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -129,6 +129,7 @@ class ShardWorker:
                 ttl_s=lease_ttl_s or SHARD_LEASE_TTL_S,
                 owner=new_owner(f"ray-actor:{ray.get_runtime_context().get_actor_id()}:"),
             )
+            await asyncio.to_thread(note_node, stage, shard, ray.get_runtime_context().get_node_id())
             fut.set_result(outcome)
         except BaseException as exc:
             fut.set_exception(exc)
@@ -137,6 +138,16 @@ class ShardWorker:
         finally:
             del self._running[key]
         return outcome
+
+
+def note_node(stage: Stage, shard: str, node_id: str) -> None:
+    """Add the Ray node that ran the shard to its attempt record (for people: where did it run)."""
+    uri = stage.paths.state_uri(stage.name, shard)
+    try:
+        doc = storage.read_json(uri)
+    except Exception:  # no record (a reused shard was never started): nothing to annotate
+        return
+    storage.write_json(uri, doc | {"node_id": node_id})
 
 
 async def run_fenced(
@@ -190,6 +201,15 @@ def ensure_ray(address: str | None) -> bool:
     return address is None
 
 
+def _on_node(i: int) -> Any:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+    if not nodes:
+        return "DEFAULT"
+    return NodeAffinitySchedulingStrategy(node_id=nodes[i % len(nodes)], soft=True)
+
+
 class RayPool:
     """Long-lived shard workers, created once per process (and Ray cluster) and reused for every shard."""
 
@@ -200,7 +220,12 @@ class RayPool:
         budget = budget_actor()
         self.size = size
         self.workers = [
-            ShardWorker.options(max_concurrency=shards_per_worker).remote(budget) for _ in range(size)
+            # Owned by this (driver) process, not detached: they die with it. One per node in turn
+            # (soft: a restart after a node died goes to another node); SPREAD ignores 0-CPU actors.
+            ShardWorker.options(max_concurrency=shards_per_worker, scheduling_strategy=_on_node(i)).remote(
+                budget
+            )
+            for i in range(size)
         ]
         self._next = 0
 
