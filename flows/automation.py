@@ -1,8 +1,11 @@
-"""The automation that starts training when a mixture is ready.
+"""The automation that starts training when a run's export is committed.
 
-An ``EventTrigger`` on ``prefect.flow-run.Completed`` for flow runs of the ``mixture`` flow, with a
-``RunDeployment`` action on the ``train`` deployment. The triggering run's ``run`` parameter
-(run id, store) is templated into the training run, so it trains on exactly that mixture.
+An ``EventTrigger`` on ``prefect.flow-run.Completed`` for flow runs of the ``export`` flow (the TRL
+export training reads is committed when that flow completes: firing on the mixture raced the
+export), with a ``RunDeployment`` action on the ``train`` deployment. The triggering run's ``run``
+parameter (run id, store) is templated into the training run, so it trains on exactly that export.
+Training itself is idempotent per (run, export) (:func:`flows.training.train_flow`), so a second
+trigger for the same export is a no-op.
 """
 
 from __future__ import annotations
@@ -11,22 +14,23 @@ from uuid import UUID
 
 from prefect.automations import Automation, EventTrigger, Posture, RunDeployment
 
-from flows.mixture import MIXTURE_FLOW_NAME
+from flows.export import EXPORT_FLOW_NAME
 
-AUTOMATION_NAME = "octomed-train-on-mixture"
+AUTOMATION_NAME = "octomed-train-on-export"
+OLD_AUTOMATION_NAMES = ("octomed-train-on-mixture",)  # removed when the automation is (re)created
 
 
 def training_automation(
-    train_deployment_id: UUID, *, mixture_flow_name: str = MIXTURE_FLOW_NAME, name: str = AUTOMATION_NAME
+    train_deployment_id: UUID, *, export_flow_name: str = EXPORT_FLOW_NAME, name: str = AUTOMATION_NAME
 ) -> Automation:
     """The automation object (not yet created on the server)."""
     return Automation(
         name=name,
-        description="Start the training deployment when a mixture flow run completes.",
+        description="Start the training deployment when an export flow run completes (its export is committed).",
         enabled=True,
         trigger=EventTrigger(
             expect={"prefect.flow-run.Completed"},
-            match_related={"prefect.resource.role": "flow", "prefect.resource.name": mixture_flow_name},
+            match_related={"prefect.resource.role": "flow", "prefect.resource.name": export_flow_name},
             posture=Posture.Reactive,
             threshold=1,
         ),
@@ -34,7 +38,7 @@ def training_automation(
             RunDeployment(
                 source="selected",
                 deployment_id=train_deployment_id,
-                # Rendered by the server from the completed mixture run: same run id and store.
+                # Rendered by the server from the completed export run: same run id and store.
                 parameters={"params": {"run": "{{ flow_run.parameters.run }}"}},
             )
         ],
@@ -42,17 +46,30 @@ def training_automation(
 
 
 def ensure_training_automation(
-    train_deployment_id: UUID, *, enabled: bool = True, mixture_flow_name: str = MIXTURE_FLOW_NAME
+    train_deployment_id: UUID, *, enabled: bool = True, export_flow_name: str = EXPORT_FLOW_NAME
 ) -> Automation | None:
     """Create (or replace) the automation; with ``enabled=False`` remove it. Idempotent by name."""
-    while True:  # names are not unique server-side: clear every earlier copy
-        try:
-            Automation.read(name=AUTOMATION_NAME).delete()
-        except ValueError:
-            break
+    for name in (AUTOMATION_NAME, *OLD_AUTOMATION_NAMES):
+        while True:  # names are not unique server-side: clear every earlier copy
+            try:
+                Automation.read(name=name).delete()
+            except ValueError:
+                break
     if not enabled:
         return None
-    return training_automation(train_deployment_id, mixture_flow_name=mixture_flow_name).create()
+    return training_automation(train_deployment_id, export_flow_name=export_flow_name).create()
+
+
+def automation_active() -> bool:
+    """Whether the training automation exists (enabled) on the API server this process talks to.
+
+    The factory leaves training to it only then; with ``serve --no-automation`` (or no server
+    automation at all) the factory trains itself.
+    """
+    try:
+        return bool(Automation.read(name=AUTOMATION_NAME).enabled)
+    except Exception:  # not found (ValueError), or no API to ask: nobody else will train
+        return False
 
 
 def ensure_automation_for(deployment_name: str = "train/train", *, enabled: bool = True) -> Automation | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,11 +74,10 @@ def run_stage_flow(
     shards = stage.select(run.shards)
     progress_id = None
     if len(shards) > 1:
-        progress_id = create_progress_artifact(
-            0.0,
-            key=artifact_key(f"{stage.name}-progress", paths.run_id),
-            description=f"{stage.name}: shards done, run {paths.run_id}",
-        )
+        key = artifact_key(f"{stage.name}-progress", paths.run_id)
+        description = f"{stage.name}: shards done, run {paths.run_id}"
+        progress_id = create_progress_artifact(0.0, key=key, description=description)
+        remember(paths, key, description)
     done = [0]
 
     def on_outcome(outcome: Any) -> None:
@@ -103,6 +103,40 @@ def artifact_key(kind: str, run_id: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"{kind}-{run_id}".lower()).strip("-")[:120]
 
 
+# Artifacts published in this process, per run: the factory run links them all on one card (the
+# stages' artifacts belong to their subflow runs, so the factory's Artifacts tab would miss them).
+_published: dict[str, dict[str, str]] = {}
+_published_lock = threading.Lock()
+
+
+def remember(paths: RunPaths, key: str, description: str) -> None:
+    with _published_lock:
+        _published.setdefault(paths.run_id, {})[key] = description
+
+
+def published(paths: RunPaths) -> dict[str, str]:
+    """Artifact keys (and descriptions) published for this run in this process."""
+    with _published_lock:
+        return dict(_published.get(paths.run_id, {}))
+
+
+def artifact_index_markdown(paths: RunPaths, keys: dict[str, str]) -> str:
+    lines = [f"# Artifacts of run `{paths.run_id}`", "", "| artifact | what |", "|---|---|"]
+    lines += [f"| [{key}](/artifacts/key/{key}) | {desc} |" for key, desc in sorted(keys.items())]
+    return "\n".join(lines + ["", f"Run folder: `{paths.root}`"])
+
+
+def publish_artifact_index(paths: RunPaths) -> str:
+    """One card on the factory run linking every stage's artifacts (tables, progress, report)."""
+    key = artifact_key("artifacts", paths.run_id)
+    create_markdown_artifact(
+        artifact_index_markdown(paths, published(paths)),
+        key=key,
+        description=f"Every artifact of run {paths.run_id}, with links",
+    )
+    return key
+
+
 def publish_shard_table(paths: RunPaths, stage: str | None = None) -> list[dict[str, Any]]:
     """Table artifact of shard states (state, error, counts) for one stage or the whole run.
 
@@ -111,21 +145,22 @@ def publish_shard_table(paths: RunPaths, stage: str | None = None) -> list[dict[
     """
     rows = shard_table_rows(shard_states(paths, stage))
     if rows:
-        create_table_artifact(
-            rows,
-            key=artifact_key(f"shards-{stage}" if stage else "shards", paths.run_id),
-            description=f"Shards of run {paths.run_id}" + (f" ({stage})" if stage else ""),
-        )
+        key = artifact_key(f"shards-{stage}" if stage else "shards", paths.run_id)
+        description = f"Shards of run {paths.run_id}" + (f" ({stage})" if stage else "")
+        create_table_artifact(rows, key=key, description=description)
+        remember(paths, key, description)
     return rows
 
 
 def publish_table(kind: str, paths: RunPaths, rows: list[dict[str, Any]], description: str) -> None:
     if rows:
         create_table_artifact(rows, key=artifact_key(kind, paths.run_id), description=description)
+        remember(paths, artifact_key(kind, paths.run_id), description)
 
 
 def publish_markdown(kind: str, paths: RunPaths, markdown: str, description: str) -> None:
     create_markdown_artifact(markdown, key=artifact_key(kind, paths.run_id), description=description)
+    remember(paths, artifact_key(kind, paths.run_id), description)
 
 
 def rerun_hint(paths: RunPaths, failed: Sequence[str]) -> str:

@@ -12,10 +12,9 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
-from prefect.runtime import deployment
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.common import RunParams, ShardFailures, prepare, publish_shard_table
+from flows.common import RunParams, ShardFailures, prepare, publish_artifact_index, publish_shard_table
 from flows.decontaminate import decontaminate_flow
 from flows.distill import distill_flow
 from flows.export import export_flow
@@ -30,9 +29,17 @@ Stage = Literal[
 ]
 
 
-def _training_left_to_automation(automation_on: bool) -> bool:
-    """Under a deployment with the automation on, the automation starts training, not the factory."""
-    return automation_on and deployment.id is not None
+def training_left_to_automation(automation_on: bool, exported: bool) -> bool:
+    """Whether the automation starts training for this run instead of the factory.
+
+    Only when this pass committed an export (what the automation fires on) and the automation
+    really exists on the API server, however the factory was started (deployment, ``run``,
+    ``rerun``, UI). Otherwise (``serve --no-automation``, no server) the factory trains itself.
+    Either way training runs once per (run, export): a second trigger is a no-op.
+    """
+    from flows.automation import automation_active
+
+    return automation_on and exported and automation_active()
 
 
 @flow(name="factory", log_prints=True)
@@ -62,9 +69,9 @@ def factory_flow(run: RunParams = RunParams(), stages: list[Stage] | None = None
             out["export"] = export_flow(run)
         wants_training = any(s in todo for s in ("train", "checkpoint", "evaluate"))
         if wants_training and recipe.training.enabled:
-            if _training_left_to_automation(recipe.automation.train_on_mixture):
+            if training_left_to_automation(recipe.automation.train_on_mixture, "export" in out):
                 print(
-                    "training: left to the automation that runs the `train` deployment on mixture completion"
+                    "training: left to the automation that runs the `train` deployment on export completion"
                 )
             elif "train" in todo:
                 evaluate = "evaluate" in todo or "checkpoint" in todo
@@ -80,8 +87,10 @@ def factory_flow(run: RunParams = RunParams(), stages: list[Stage] | None = None
         # The report still shows which shards failed and what the others produced.
         report_task(paths)
         publish_shard_table(paths)
+        publish_artifact_index(paths)
         raise
     out["report"] = report_task(paths)
     publish_shard_table(paths)
+    out["artifacts"] = publish_artifact_index(paths)  # the factory run links every stage's artifacts
     logger.info("factory run %s finished", paths.run_id)
     return out

@@ -1,7 +1,4 @@
-"""Mixture flow: accepted traces -> weighted, capped, deduplicated, shuffled train/validation sets.
-
-A completed run of this flow is what the training automation listens for.
-"""
+"""Mixture flow: accepted traces -> weighted, capped, deduplicated, shuffled train/validation sets."""
 
 from __future__ import annotations
 

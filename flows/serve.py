@@ -3,7 +3,8 @@
 The deployments are defined once, in :mod:`flows.deployments`: ``factory/factory`` (nightly cron),
 every stage flow (``ingest/ingest``, ``distill/distill`` ... runnable from the UI with their
 parameter forms, including ``shards`` to re-run one shard), and ``train/train`` (the training
-form). With the recipe's automation on, a completed ``mixture`` flow run starts ``train/train``.
+form). With the recipe's automation on, a completed ``export`` flow run starts ``train/train``;
+with ``--no-automation`` the automation is removed and the factory trains by itself.
 ``deploy/prefect.yaml`` is generated from the same definition for a work pool and worker.
 """
 

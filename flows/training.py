@@ -8,21 +8,25 @@ with a message naming what is missing, never pretending a model was trained.
 from __future__ import annotations
 
 import base64
+import hashlib
 import importlib
 import os
 import tempfile
+import time
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows.common import RunParams, prepare, publish_markdown, publish_table
+from flows.common import ENV_STORE, RunParams, prepare, publish_markdown, publish_table
 from octomed_data import storage
 from octomed_data.config import validate_config
 from octomed_data.errors import ConfigError, OctomedError, StorageError
 from octomed_data.job_config import EvalConfig, TrainConfig
 from octomed_data.layout import RunPaths
-from octomed_data.recipe import Recipe
+from octomed_data.recipe import Recipe, load_recipe
+from octomed_data.runs import checkpoint_lease, new_owner, training_dir
+from octomed_data.stages import describe_error
 
 
 class TrainingUnavailable(OctomedError):
@@ -211,17 +215,120 @@ _TABLE_COLUMNS = (
 )
 
 
+# How long a trigger for another export of the same run waits for the job training into the run's
+# checkpoint folder (a trigger for the same export does not wait: it is a no-op).
+TRAIN_LEASE_WAIT_S = 6 * 3600.0
+
+
+def existing_run(run: RunParams) -> RunPaths:
+    """The run to train: it must exist already (training never starts a run). Creates nothing."""
+    if not run.run_id:
+        raise ConfigError("train needs run.run_id: the run whose export to train on (nothing was created)")
+    store = run.store or os.environ.get(ENV_STORE) or load_recipe(run.recipe_path).store
+    paths = RunPaths(store, run.run_id)
+    if not storage.exists(paths.run_json):
+        raise ConfigError(
+            f"no run {run.run_id!r} under {paths.store}: nothing to train (nothing was created)"
+        )
+    return paths
+
+
+def export_fingerprint(paths: RunPaths) -> str:
+    """The content hash of the run's TRL export (the idempotency key's second half).
+
+    ConfigError, in one line and before anything is written, when the run has no export.
+    """
+    digest = hashlib.sha256()
+    found = False
+    for text_only in (True, False):
+        ds = storage.Dataset(storage.join(paths.trl_export(text_only), "train"))
+        for name, info in sorted(ds.manifest().items()):
+            found = True
+            digest.update(f"{text_only}/{name}/{info.rows}\n".encode())
+            digest.update(storage.read_bytes(storage.join(ds.uri, info.file)))
+    if not found:
+        raise ConfigError(
+            f"run {paths.run_id!r} has no TRL export at {paths.export}: run the export flow first "
+            "(nothing was created)"
+        )
+    return digest.hexdigest()[:16]
+
+
+def training_record_uri(paths: RunPaths, fingerprint: str) -> str:
+    return storage.join(training_dir(paths), f"{fingerprint}.json")
+
+
+def _record(paths: RunPaths, fingerprint: str) -> dict[str, Any]:
+    uri = training_record_uri(paths, fingerprint)
+    return storage.read_json(uri) if storage.exists(uri) else {}
+
+
+def _flow_run_id() -> str:
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id or "")
+
+
 @flow(name="train", log_prints=True)
 def train_flow(params: TrainParams = TrainParams()) -> dict[str, Any]:
-    """SFT on the run's TRL export, then (by default) register and evaluate the checkpoint."""
-    recipe, paths = prepare(params.run)
+    """SFT on the run's TRL export, then (by default) register and evaluate the checkpoint.
+
+    Exactly once per (run, export): the idempotency key is the run id plus the export's content
+    hash. A trigger for an export already trained, or being trained by another job, is a no-op; one
+    lease on the run's checkpoint folder (``state/training/checkpoints.lease``, heartbeat-renewed)
+    keeps two jobs from training into it at once.
+    """
+    found = existing_run(params.run)  # refuse in one line before anything is created
+    fingerprint = export_fingerprint(found)
+    run_params = params.run.model_copy(update={"run_id": found.run_id, "store": found.store})
+    recipe, paths = prepare(run_params)
+    key = f"{paths.run_id}:{fingerprint}"
+    skipped = {"run_id": paths.run_id, "key": key, "skipped": True}
+    if _record(paths, fingerprint).get("state") == "COMPLETED":
+        print(f"training: export {fingerprint} of run {paths.run_id} is trained already; nothing to do")
+        return skipped
+    lease = checkpoint_lease(paths, f"{key}|{_flow_run_id() or new_owner()}")
+    holder = lease.read() or {}
+    if (
+        str(holder.get("owner", "")).startswith(f"{key}|")
+        and float(holder.get("expires_at", 0)) > time.time()
+    ):
+        print(f"training: another job ({holder['owner']}) trains export {fingerprint} now; nothing to do")
+        return skipped
+    with lease.hold(wait_s=TRAIN_LEASE_WAIT_S):
+        if _record(paths, fingerprint).get("state") == "COMPLETED":  # finished while we waited
+            print(f"training: export {fingerprint} of run {paths.run_id} is trained already; nothing to do")
+            return skipped
+        record_uri = training_record_uri(paths, fingerprint)
+        storage.write_json(
+            record_uri, {"key": key, "state": "RUNNING", "owner": lease.owner, "started": time.time()}
+        )
+        try:
+            result = _train(recipe, paths, params)
+        except BaseException as exc:
+            storage.write_json(record_uri, {"key": key, "state": "FAILED", "error": describe_error(exc)})
+            raise
+        storage.write_json(
+            record_uri,
+            {"key": key, "state": "COMPLETED", "owner": lease.owner, "finished": time.time()}
+            | {k: v for k, v in result.items() if isinstance(v, str | int | float | bool)},
+        )
+    return _after_training(recipe, paths, params, result)
+
+
+def _train(recipe: Recipe, paths: RunPaths, params: TrainParams) -> dict[str, Any]:
     config = train_config(recipe, paths, params)
-    result = train_task(
+    return train_task(
         config,
         params.launcher or recipe.training.launcher,
         params.processes or recipe.training.processes,
         recipe.training.ray_address,
     )
+
+
+def _after_training(
+    recipe: Recipe, paths: RunPaths, params: TrainParams, result: dict[str, Any]
+) -> dict[str, Any]:
     publish_markdown(
         "training",
         paths,

@@ -107,21 +107,17 @@ def rejection_rows(stats: SampleStats) -> list[dict[str, Any]]:
 
 
 def shard_table_rows(shards: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Rows for the shard table: stage, shard, state, counts; unknown keys are dropped."""
-    keys = (
-        "stage",
-        "shard",
-        "state",
-        "input",
-        "kept",
-        "removed",
-        "questions",
-        "samples",
-        "accepted",
-        "seconds",
-        "error",
-    )
-    return [{k: s.get(k) for k in keys} for s in shards]
+    """Rows for the shard table: stage, shard, state, error (early: visible without scrolling),
+    attempts, seconds over every attempt, counts; unknown keys are dropped."""
+    keys = ("stage", "shard", "state", "error", "attempt", "seconds", "input", "kept", "removed")
+    keys += ("questions", "samples", "accepted")
+    rows = []
+    for s in shards:
+        row = {k: s.get(k) for k in keys}
+        if s.get("total_seconds") is not None:
+            row["seconds"] = s["total_seconds"]  # every attempt's time, not only the last one's
+        rows.append(row)
+    return rows
 
 
 def render_plot(stats: SampleStats) -> bytes:

@@ -9,13 +9,20 @@ people and the shard table, and are never read to decide what to run.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import json
 import os
 import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from octomed_data import storage
-from octomed_data.errors import ConfigError, StorageError
+from octomed_data.errors import ConfigError, OctomedError, StorageError
 from octomed_data.layout import RunPaths
 from octomed_data.recipe import Recipe, parse_recipe
 
@@ -76,15 +83,39 @@ def open_run(run_id: str, store: str) -> tuple[Recipe, RunPaths]:
 
 def record_shard(paths: RunPaths, stage: str, shard: str, state: str, **info: Any) -> dict[str, Any]:
     """Write one shard's attempt record (RUNNING / COMPLETED / FAILED / SKIPPED) and counts."""
-    doc = {
-        "stage": stage,
-        "shard": shard,
-        "state": state,
-        "updated_at": _dt.datetime.now(_dt.UTC).isoformat(),
-    }
+    uri = paths.state_uri(stage, shard)
+    now = _dt.datetime.now(_dt.UTC)
+    doc = {"stage": stage, "shard": shard, "state": state, "updated_at": now.isoformat()}
     doc.update(info)
-    storage.write_json(paths.state_uri(stage, shard), doc)
+    attempt = info.get("attempt")
+    if isinstance(attempt, int) and not info.get("reused"):
+        _add_total_seconds(uri, doc, attempt, now)
+    storage.write_json(uri, doc)
     return doc
+
+
+def _add_total_seconds(uri: str, doc: dict[str, Any], attempt: int, now: _dt.datetime) -> None:
+    """``total_seconds``: this attempt's seconds plus every earlier attempt's (retries included).
+
+    Each record carries ``previous_seconds`` (the earlier attempts' sum); an attempt that died
+    without saying how long it ran is counted from its RUNNING record's time.
+    """
+    prev: dict[str, Any] = {}
+    if attempt > 1 or doc["state"] != "RUNNING":
+        try:
+            prev = storage.read_json(uri) if storage.exists(uri) else {}
+        except (StorageError, ValueError):
+            prev = {}
+    previous = 0.0
+    if prev.get("attempt") == attempt:
+        previous = float(prev.get("previous_seconds") or 0.0)
+        if doc.get("seconds") is None and prev.get("state") == "RUNNING" and doc["state"] != "RUNNING":
+            started = _dt.datetime.fromisoformat(prev["updated_at"])
+            doc["seconds"] = round((now - started).total_seconds(), 3)
+    elif attempt > 1 and prev.get("attempt") == attempt - 1:
+        previous = float(prev.get("total_seconds") or prev.get("seconds") or 0.0)
+    doc["previous_seconds"] = round(previous, 3)
+    doc["total_seconds"] = round(previous + float(doc.get("seconds") or 0.0), 3)
 
 
 def shard_states(paths: RunPaths, stage: str | None = None) -> list[dict[str, Any]]:
@@ -102,3 +133,167 @@ def shard_name(shard: str | int) -> str:
     if isinstance(shard, int) or str(shard).isdigit():
         return storage.Dataset.shard_name(int(shard))
     return storage.Dataset.shard_name(str(shard))
+
+
+# ------------------------------------------------------------------------------------------ leases
+class LeaseHeld(OctomedError):
+    """Another job holds the lease (a shard's writer, a run's checkpoint folder)."""
+
+
+class Lease:
+    """One holder at a time for a thing in the store, with an expiry renewed by its holder.
+
+    ``STORE/.../<name>.lease`` holds ``{owner, expires_at}`` (wall clock, seconds). A holder renews
+    it while it works (:meth:`renew` every ``ttl_s / 3``) and checks it is still the holder before
+    it commits (:meth:`held`); a holder that died stops renewing, so the lease expires and the next
+    job takes it. Taking it is "create if absent" on a local store (``O_EXCL``) and "write, settle,
+    read back" on object stores: of two jobs racing, at most one reads itself back as the owner.
+    """
+
+    def __init__(self, uri: str, owner: str, ttl_s: float = 30.0, settle_s: float = 0.2) -> None:
+        self.uri = uri
+        self.owner = owner
+        self.ttl_s = ttl_s
+        self.settle_s = settle_s
+
+    def __repr__(self) -> str:
+        return f"Lease({self.uri!r}, owner={self.owner!r})"
+
+    def read(self) -> dict[str, Any] | None:
+        """The current lease record (None: nobody holds it, or it cannot be read)."""
+        try:
+            return storage.read_json(self.uri) if storage.exists(self.uri) else None
+        except (StorageError, ValueError):
+            return None
+
+    def _doc(self) -> dict[str, Any]:
+        now = time.time()
+        return {
+            "owner": self.owner,
+            "expires_at": now + self.ttl_s,
+            "renewed_at": now,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+
+    def _local(self) -> bool:
+        return "://" not in self.uri or self.uri.startswith("file://")
+
+    def _create(self) -> bool:
+        """Write the record; on a local store only if no record exists (O_EXCL)."""
+        if not self._local():
+            storage.write_json(self.uri, self._doc())
+            return True
+        path = self.uri.removeprefix("file://")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as fh:
+            json.dump(self._doc(), fh)
+        return True
+
+    def _remove(self) -> None:
+        fs, path = storage.filesystem(self.uri)
+        with contextlib.suppress(FileNotFoundError, OSError):
+            fs.rm(path)
+
+    def try_acquire(self) -> bool:
+        """Take the lease if it is free, expired or already ours; False when someone else holds it."""
+        cur = self.read()
+        if cur is not None and cur.get("owner") == self.owner:
+            return self.renew()
+        if cur is not None and float(cur.get("expires_at", 0)) > time.time():
+            return False
+        if cur is not None:  # expired: its holder died or hangs; take it over
+            self._remove()
+        if not self._create():
+            return False
+        if self.settle_s and not self._local():  # O_EXCL already made a local create exclusive
+            time.sleep(self.settle_s)
+        cur = self.read()
+        return cur is not None and cur.get("owner") == self.owner
+
+    def acquire(self, wait_s: float = 0.0, poll_s: float = 0.5) -> Lease:
+        """Take the lease, waiting up to ``wait_s`` for the holder to finish or expire."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            if self.try_acquire():
+                return self
+            if time.monotonic() >= deadline:
+                cur = self.read() or {}
+                left = max(0.0, float(cur.get("expires_at", 0)) - time.time())
+                raise LeaseHeld(
+                    f"{self.uri} is held by {cur.get('owner')!r} (host {cur.get('host')}, "
+                    f"expires in {left:.0f} s)"
+                )
+            time.sleep(poll_s)
+
+    def renew(self) -> bool:
+        """Extend the lease; False (and nothing written) when another owner took it meanwhile."""
+        cur = self.read()
+        if cur is not None and cur.get("owner") != self.owner:
+            return False
+        storage.write_json(self.uri, self._doc())
+        return True
+
+    def held(self) -> bool:
+        """This owner holds an unexpired lease (check before committing)."""
+        cur = self.read()
+        return cur is not None and cur.get("owner") == self.owner and float(cur["expires_at"]) > time.time()
+
+    def release(self) -> None:
+        """Give the lease up (only if it is still ours)."""
+        cur = self.read()
+        if cur is not None and cur.get("owner") == self.owner:
+            self._remove()
+
+    @contextlib.contextmanager
+    def hold(self, wait_s: float = 0.0, on_lost: Any = None) -> Iterator[Lease]:
+        """Hold the lease for a block, renewed by a heartbeat thread every ``ttl_s / 3``.
+
+        ``on_lost()`` is called (once) if another owner takes the lease meanwhile.
+        """
+        self.acquire(wait_s)
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.ttl_s / 3):
+                try:
+                    ok = self.renew()
+                except Exception:  # a store hiccup: try again next beat, the TTL has room
+                    continue
+                if not ok:
+                    if on_lost is not None:
+                        on_lost()
+                    return
+
+        thread = threading.Thread(target=beat, name=f"lease {self.uri}", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+            self.release()
+
+
+def shard_lease(paths: RunPaths, stage: str, shard: str, owner: str, ttl_s: float = 30.0) -> Lease:
+    """The one-writer lease of a shard: ``state/<stage>/<shard>.lease``."""
+    return Lease(storage.join(paths.state_dir(stage), f"{shard}.lease"), owner, ttl_s)
+
+
+def training_dir(paths: RunPaths) -> str:
+    """Where training's bookkeeping lives: ``state/training/`` (not a shard stage)."""
+    return storage.join(paths.root, "state", "training")
+
+
+def checkpoint_lease(paths: RunPaths, owner: str, ttl_s: float = 60.0) -> Lease:
+    """The lease on the run's checkpoint folder: one training job writes into it at a time."""
+    return Lease(storage.join(training_dir(paths), "checkpoints.lease"), owner, ttl_s)
+
+
+def new_owner(prefix: str = "") -> str:
+    """A unique lease owner id: host, process, random."""
+    return f"{prefix}{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

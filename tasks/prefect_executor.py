@@ -20,10 +20,11 @@ from prefect.futures import as_completed
 from prefect.tasks import exponential_backoff
 
 from octomed_data.errors import ConfigError
-from octomed_data.runs import record_shard
+from octomed_data.runs import new_owner, record_shard, shard_lease
 from octomed_data.stages import ShardOutcome, Stage, describe_error, run_one
 
 RETRIES = 2
+SHARD_LEASE_TTL_S = 15.0  # as tasks.ray_executor's: renewed every third of it while the shard runs
 
 
 def _retryable(task: Any, task_run: Any, state: Any) -> bool:
@@ -58,7 +59,9 @@ def shard_task(
 
             outcome = RayPool.get(ray_address).run(stage, shard, force=force, attempt=attempt)
         else:
-            outcome = run_one(stage, shard, force=force, attempt=attempt)
+            lease = shard_lease(stage.paths, stage.name, shard, new_owner("prefect-task:"), SHARD_LEASE_TTL_S)
+            with lease.hold(wait_s=2 * SHARD_LEASE_TTL_S):  # one writer per shard
+                outcome = run_one(stage, shard, force=force, attempt=attempt)
     except BaseException as exc:
         # The shard's own failure is recorded by run_one; a failure around it (a missing key, a
         # Ray actor killed by the OOM killer) is recorded here, so no shard stays RUNNING.

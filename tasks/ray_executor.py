@@ -29,6 +29,7 @@ from pydantic import SecretStr
 from octomed_data import storage
 from octomed_data.inference.ratelimit import LeasedRateLimiter, WindowBudget, lease_chunk, safety_margin
 from octomed_data.layout import RunPaths
+from octomed_data.runs import LeaseHeld, new_owner, shard_lease
 from octomed_data.stages import ShardOutcome, Stage, arun_one, describe_error, raise_for_failures, run_stage
 from octomed_data.teachers import DistillConfig
 
@@ -36,6 +37,11 @@ NAMESPACE = "octomed"
 BUDGET_ACTOR = "octomed-teacher-budget"
 LEASE_TTL_S = 0.5
 SHARDS_PER_WORKER = 2
+# The one-writer lease of a shard (``state/<stage>/<shard>.lease``): renewed every third of this
+# while the shard runs; a writer whose driver died stops renewing, so a restarted run takes the
+# shard over at most this long after (and the leftover, if it still runs, finds the lease lost and
+# stops before it writes again).
+SHARD_LEASE_TTL_S = float(os.environ.get("OCTOMED_SHARD_LEASE_TTL_S", "15"))
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -98,15 +104,32 @@ class ShardWorker:
         limiter = LeasedRateLimiter(self._lease, chunks, ttl_s=LEASE_TTL_S, unlimited=unlimited)
         return stage.with_runtime(limiter=limiter)
 
-    async def run(self, stage: Stage, shard: str, force: bool = False, attempt: int = 1) -> ShardOutcome:
-        """One shard; a duplicate call for a shard already running here awaits that run."""
+    async def run(
+        self,
+        stage: Stage,
+        shard: str,
+        force: bool = False,
+        attempt: int = 1,
+        lease_ttl_s: float | None = None,
+    ) -> ShardOutcome:
+        """One shard; a duplicate call for a shard already running here awaits that run.
+
+        The shard runs only while this actor holds its lease (:func:`run_fenced`).
+        """
         key = (stage.name, stage.paths.root, shard)
         if key in self._running:
             return await asyncio.shield(self._running[key])
         fut: asyncio.Future[ShardOutcome] = asyncio.get_running_loop().create_future()
         self._running[key] = fut
         try:
-            outcome = await arun_one(self._bind(stage), shard, force=force, attempt=attempt)
+            outcome = await run_fenced(
+                stage,
+                shard,
+                lambda: arun_one(self._bind(stage), shard, force=force, attempt=attempt),
+                ttl_s=lease_ttl_s or SHARD_LEASE_TTL_S,
+                owner=new_owner(f"ray-actor:{ray.get_runtime_context().get_actor_id()}:"),
+            )
+            await asyncio.to_thread(note_node, stage, shard, ray.get_runtime_context().get_node_id())
             fut.set_result(outcome)
         except BaseException as exc:
             fut.set_exception(exc)
@@ -115,6 +138,56 @@ class ShardWorker:
         finally:
             del self._running[key]
         return outcome
+
+
+def note_node(stage: Stage, shard: str, node_id: str) -> None:
+    """Add the Ray node that ran the shard to its attempt record (for people: where did it run)."""
+    uri = stage.paths.state_uri(stage.name, shard)
+    try:
+        doc = storage.read_json(uri)
+    except Exception:  # no record (a reused shard was never started): nothing to annotate
+        return
+    storage.write_json(uri, doc | {"node_id": node_id})
+
+
+async def run_fenced(
+    stage: Stage, shard: str, work: Any, *, ttl_s: float = SHARD_LEASE_TTL_S, owner: str | None = None
+) -> Any:
+    """Await ``work()`` while holding the shard's lease: one writer per shard at a time.
+
+    Waits for a lease held by someone else to be released or to expire (a leftover actor of a
+    killed run stops renewing it), renews it every ``ttl_s / 3`` while the shard runs, and cancels
+    the shard (it stops before its next write) the moment another owner has taken the lease over.
+    """
+    lease = shard_lease(stage.paths, stage.name, shard, owner or new_owner("ray:"), ttl_s)
+    await asyncio.to_thread(lease.acquire, ttl_s * 2, min(1.0, ttl_s / 5))
+    task = asyncio.ensure_future(work())
+    lost: list[str] = []
+
+    async def heartbeat() -> None:
+        while not task.done():
+            await asyncio.sleep(ttl_s / 3)
+            try:
+                ok = await asyncio.to_thread(lease.renew)
+            except Exception:  # a store hiccup: the TTL leaves room for the next beat
+                continue
+            if not ok:
+                holder = (await asyncio.to_thread(lease.read) or {}).get("owner")
+                lost.append(f"{stage.name} shard {shard}: lost its lease to {holder!r}; stopped writing")
+                task.cancel()
+                return
+
+    beat = asyncio.ensure_future(heartbeat())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if lost:
+            raise LeaseHeld(lost[0]) from None
+        raise
+    finally:
+        beat.cancel()
+        if not lost:
+            await asyncio.to_thread(lease.release)
 
 
 def ensure_ray(address: str | None) -> bool:
@@ -128,6 +201,15 @@ def ensure_ray(address: str | None) -> bool:
     return address is None
 
 
+def _on_node(i: int) -> Any:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+    if not nodes:
+        return "DEFAULT"
+    return NodeAffinitySchedulingStrategy(node_id=nodes[i % len(nodes)], soft=True)
+
+
 class RayPool:
     """Long-lived shard workers, created once per process (and Ray cluster) and reused for every shard."""
 
@@ -138,7 +220,12 @@ class RayPool:
         budget = budget_actor()
         self.size = size
         self.workers = [
-            ShardWorker.options(max_concurrency=shards_per_worker).remote(budget) for _ in range(size)
+            # Owned by this (driver) process, not detached: they die with it. One per node in turn
+            # (soft: a restart after a node died goes to another node); SPREAD ignores 0-CPU actors.
+            ShardWorker.options(max_concurrency=shards_per_worker, scheduling_strategy=_on_node(i)).remote(
+                budget
+            )
+            for i in range(size)
         ]
         self._next = 0
 

@@ -151,6 +151,37 @@ def test_artifacts_created(finished_run):
         assert len(reports) == 2 and all("data:image/png;base64," in r.data for r in reports)
 
 
+def test_factory_run_links_every_stage_artifact(finished_run):
+    """Defect 6: the factory run's Artifacts tab showed 4 of the 8 artifacts (the stages' cards
+    belong to their subflow runs). Now one card on the factory run links every one of them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    result, paths, _ = finished_run
+    assert result["artifacts"] == "artifacts-clean"
+    with get_client(sync_client=True) as client:
+        (index,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["artifacts-clean"]))
+        )
+        factory_run = client.read_flow_run(index.flow_run_id)
+        assert factory_run.parameters["run"]["run_id"] == "clean"  # on the factory run itself
+        flow = client.read_flow(factory_run.flow_id)
+    assert flow.name == "factory"
+    for kind in (
+        "shards",
+        "rejections",
+        "cost",
+        "report",
+        "distill-progress",
+        "mixture",
+        "export",
+        "decontamination",
+    ):
+        assert f"[{kind}-clean](/artifacts/key/{kind}-clean)" in index.data
+    for stage in ("ingest", "decontaminate", "distill", "filter"):
+        assert f"shards-{stage}-clean" in index.data
+
+
 def test_failed_shard_rerun_alone(finished_run, monkeypatch, tmp_path):
     """One shard fails (injected teacher outage); re-running it alone completes the run exactly."""
     from flows.common import RunParams, ShardFailures
@@ -308,13 +339,13 @@ def test_outputs_deleted_by_hand_are_rebuilt_not_served_from_cache(prefect_harne
 
 
 def test_automation_fires_training_deployment(finished_run):
-    """A completed mixture flow run starts the training deployment with that run's parameters."""
+    """A completed export flow run starts the training deployment with that run's parameters."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
     from flows.automation import AUTOMATION_NAME, ensure_training_automation
     from flows.common import RunParams
-    from flows.mixture import mixture_flow
+    from flows.export import export_flow
     from flows.training import train_flow
 
     _, paths, _ = finished_run
@@ -322,7 +353,7 @@ def test_automation_fires_training_deployment(finished_run):
     automation = ensure_training_automation(deployment_id)
     assert automation is not None and automation.name == AUTOMATION_NAME
     time.sleep(2)  # the triggers service loads new automations periodically
-    mixture_flow(RunParams(run_id=paths.run_id, store=paths.store))
+    export_flow(RunParams(run_id=paths.run_id, store=paths.store))  # the export is committed: train
     runs = []
     deadline = time.time() + 60
     with get_client(sync_client=True) as client:

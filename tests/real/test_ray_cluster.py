@@ -1,0 +1,175 @@
+"""A real two-node Ray cluster on loopback (two ``ray start`` raylets, as on a cluster): distillation
+spreads over both nodes with the teacher's key only in the driver's environment, and killing the
+worker node mid-shard still ends with exactly N samples per question, no stored sample re-requested.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from octomed_data import storage
+from octomed_data.layout import RunPaths
+from octomed_data.runs import shard_states
+from tests.conftest import free_port
+from tests.distill.test_distill import config, make_questions
+
+RAY = str(Path(sys.executable).with_name("ray"))
+KEY_ENV = "OCTOMED_REAL_TEST_KEY"
+SAMPLES = 2
+LATENCY = 0.25
+
+
+def _node_env(tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != KEY_ENV and not k.startswith("RAY_ADDRESS")}
+    repo = str(Path(__file__).resolve().parents[2])
+    env.update(
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+        OCTOMED_SHARD_LEASE_TTL_S="3",
+        PYTHONPATH=repo + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    return env
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """Head + worker raylets (1 CPU each) on 127.0.0.1; yields (address, worker process)."""
+    import ray
+
+    from tasks.ray_executor import RayPool
+
+    if ray.is_initialized():
+        RayPool.reset()
+        ray.shutdown()
+    port = free_port()
+    env = _node_env(tmp_path)
+    common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+    temp = f"/tmp/ray-real-{os.getpid()}"
+    subprocess.run(
+        [
+            RAY,
+            "start",
+            "--head",
+            "--port",
+            str(port),
+            "--include-dashboard=false",
+            f"--temp-dir={temp}",
+            *common,
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    worker = subprocess.Popen(
+        [RAY, "start", "--address", f"127.0.0.1:{port}", "--block", *common],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    address = f"127.0.0.1:{port}"
+    ray.init(address=address, log_to_driver=False)
+    deadline = time.time() + 60
+    while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    try:
+        yield address, worker
+    finally:
+        RayPool.reset()
+        ray.shutdown()
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def _stage(tmp: Path, name: str, base_url: str, shards: int, per_shard: int):
+    from octomed_data.stages.distill import DistillStage
+    from tasks.prefect_executor import resolve_api_keys
+
+    q = str(tmp / name / "questions")
+    for s in range(shards):
+        make_questions(q, per_shard, shard=f"{s:05d}", offset=s * per_shard)
+    cfg = config(
+        base_url,
+        samples=SAMPLES,
+        teacher={"name": "remote", "api_key_env": KEY_ENV, "max_in_flight": 2, "server": "openai"},
+    )
+    out = str(tmp / name / "run")
+    # The key is resolved here, in the driver (the only process that has it), as the flows do.
+    return DistillStage(RunPaths.at(out), cfg, questions=q, out=out, api_keys=resolve_api_keys(cfg)), q
+
+
+def test_distill_spreads_over_two_nodes_key_only_in_driver_and_survives_a_dead_node(
+    cluster, tmp_path, monkeypatch
+):
+    import ray
+
+    from octomed_data.sandbox import start_sandbox
+    from octomed_data.stages import run_stage
+    from tasks.ray_executor import RayExecutor
+
+    address, worker = cluster
+    monkeypatch.setenv(KEY_ENV, "sk-canary-only-in-driver-000000001")
+    sandbox = start_sandbox(latency_s=LATENCY)
+    try:
+        # 1. Spread: both nodes run shards; no node has the key in its environment.
+        stage, _ = _stage(tmp_path, "spread", sandbox.base_url, shards=4, per_shard=3)
+        result = run_stage(stage, RayExecutor(address), finalize=False)
+        assert not result.failed, result.failed
+        nodes = {s["shard"]: s.get("node_id") for s in shard_states(stage.paths, "distill")}
+        assert len(set(nodes.values())) == 2, nodes
+        assert set(nodes.values()) == {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+
+        # 2. The worker node dies mid-shard: Ray restarts the actor on the head node and retries;
+        #    the journal keeps what was stored, so every question ends with exactly N samples.
+        before = len(sandbox.stats()["log"])
+        stage, q = _stage(tmp_path, "kill", sandbox.base_url, shards=4, per_shard=6)
+        killed_at: list[float] = []
+
+        def kill_when_busy() -> None:
+            deadline = time.time() + 60
+            while time.time() < deadline and len(sandbox.stats()["log"]) - before < 12:
+                time.sleep(0.02)
+            killed_at.append(time.time())
+            os.killpg(worker.pid, signal.SIGKILL)
+
+        import threading
+
+        killer = threading.Thread(target=kill_when_busy, daemon=True)
+        killer.start()
+        result = run_stage(stage, RayExecutor(address), finalize=False)
+        killer.join()
+        assert killed_at, "the worker node was never killed"
+        assert not result.failed, result.failed
+        from octomed_data.distill import raw_uri
+
+        raw = storage.Dataset(raw_uri(str(tmp_path / "kill" / "run"))).read_all().to_pylist()
+        per_question = Counter(r["question_id"] for r in raw)
+        assert len(per_question) == 4 * 6 and set(per_question.values()) == {SAMPLES}
+        # A key requested twice was in flight (or replied, not yet journalled) when the node died:
+        # never a sample stored before the kill.
+        log = sandbox.stats()["log"][before:]
+        first: dict[str, float] = {}
+        repeats = []
+        for entry in log:
+            if entry["key"] in first:
+                repeats.append(first[entry["key"]])
+            else:
+                first[entry["key"]] = entry["t"]
+        for t in repeats:
+            assert t >= killed_at[0] - (LATENCY + 2.0), (
+                "a sample stored well before the kill was requested again"
+            )
+        assert len(repeats) <= 2 * 2 * 2  # at most the dead node's in-flight requests (2 shards x 2)
+    finally:
+        sandbox.stop()
