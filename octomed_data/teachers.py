@@ -50,6 +50,9 @@ class TeacherConfig(BaseModel):
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     max_tokens: int = Field(8192, gt=0)
     timeout_s: float = Field(600.0, gt=0.0)
+    # Consecutive connection-level failures (no reply in between) tolerated before a shard fails
+    # with one line naming this teacher; None: octomed_data.inference.outage's default (2 min).
+    outage_budget_s: float | None = Field(None, gt=0.0)
     max_in_flight: int = Field(64, gt=0)
     rpm: int | None = Field(None, gt=0)  # requests per rate window (per minute by default)
     tpm: int | None = Field(None, gt=0)  # tokens per rate window
