@@ -219,6 +219,7 @@ class RayPool:
     def __init__(self, size: int, shards_per_worker: int = SHARDS_PER_WORKER) -> None:
         budget = budget_actor()
         self.size = size
+        self.job: str | None = None  # the Ray job (driver connection) the actors belong to
         self.workers = [
             # Owned by this (driver) process, not detached: they die with it. One per node in turn
             # (soft: a restart after a node died goes to another node); SPREAD ignores 0-CPU actors.
@@ -234,9 +235,13 @@ class RayPool:
         """The process's pool (connecting to Ray at ``address`` first); sized from the cluster's CPUs."""
         with cls._lock:
             ensure_ray(address)
-            if cls._pool is None:
+            # A pool belongs to one Ray connection: after ray.shutdown() and a new ray.init() (another
+            # cluster, a restarted head) its actor handles are dead, so build a new one.
+            job = ray.get_runtime_context().get_job_id()
+            if cls._pool is None or cls._pool.job != job:
                 cpus = int(ray.cluster_resources().get("CPU", 1))
                 cls._pool = RayPool(size or max(1, cpus))
+                cls._pool.job = job
             return cls._pool
 
     @classmethod
