@@ -19,6 +19,7 @@ rows behind.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import time
@@ -155,16 +156,18 @@ def plan_entries(entries: Iterable[Mapping[str, Any]], *, shard_prefix: bool = T
         raise ConfigError("nothing to ingest: no entries")
     if not shard_prefix and len(entries) > 1:
         raise ConfigError("several inputs into one output need shard prefixes")
-    names: Counter[str] = Counter()
+    used: set[str] = set()
     plans = []
     for entry in entries:
         if "format" not in entry or "input" not in entry:
             raise ConfigError(f"ingest entry needs 'format' and 'input': {entry}")
         get_format(str(entry["format"]))
-        name = _entry_name(entry)
-        names[name] += 1
-        if names[name] > 1:
-            name = f"{name}-{names[name]}"
+        base = name = _entry_name(entry)
+        k = 1
+        while name in used:  # "m", "m", "m-2" -> m, m-2, m-2-2: every entry keeps its own name
+            k += 1
+            name = f"{base}-{k}"
+        used.add(name)
         options = dict(entry.get("options") or {})
         for key in ("split", "source"):
             if entry.get(key):
@@ -174,6 +177,29 @@ def plan_entries(entries: Iterable[Mapping[str, Any]], *, shard_prefix: bool = T
         iter_records(str(entry["format"]), str(entry["input"]), images_dir=entry.get("images"), **options)
         plans.append(EntryPlan(name, entry, options, name if shard_prefix else ""))
     return plans
+
+
+def input_version(path: str) -> str:
+    """A cheap fingerprint of an input (file or folder, local or URI): sizes and modification times.
+
+    Part of an entry's done marker, so an input edited in place is ingested again on resume.
+    """
+    if "://" not in path or path.startswith("file://"):
+        local = path.removeprefix("file://")
+        if os.path.isdir(local):
+            n = size = newest = 0
+            for root, _, files in os.walk(local):
+                for f in files:
+                    st = os.stat(os.path.join(root, f))
+                    n, size, newest = n + 1, size + st.st_size, max(newest, st.st_mtime_ns)
+            return f"dir:{n}:{size}:{newest}"
+        if os.path.exists(local):
+            st = os.stat(local)
+            return f"file:{st.st_size}:{st.st_mtime_ns}"
+        return "missing"
+    fs, p = storage.filesystem(path)
+    info = fs.info(p)
+    return f"obj:{info.get('size')}:{info.get('ETag') or info.get('LastModified') or info.get('mtime')}"
 
 
 def entries_uri(out: str) -> str:
@@ -196,7 +222,12 @@ def ingest_entry(
     questions_ds = storage.Dataset(IngestFolder(out).questions, QUESTION_SCHEMA)
     quarantine_ds = storage.Dataset(IngestFolder(out).quarantine, QUARANTINE_SCHEMA)
     store = ImageStore(out)
-    extra = {"format": entry["format"], "input": str(entry["input"]), "entry": plan.name}
+    extra = {
+        "format": entry["format"],
+        "input": str(entry["input"]),
+        "entry": plan.name,
+        "input_version": input_version(str(entry["input"])),
+    }
     q_writer = _ShardSplitter(questions_ds, plan.prefix, shard_size, extra)
     x_writer = _ShardSplitter(quarantine_ds, plan.prefix, shard_size, extra)
     counts: Counter[str] = Counter()
@@ -274,17 +305,22 @@ def quarantine_cross_duplicates(out: str, plans: list[EntryPlan]) -> int:
 
     Streams question ids entry by entry (the one per-question state: :class:`_Seen`); a shard
     holding duplicates is rewritten without them and the duplicates committed as the quarantine
-    shard ``<shard>-dup``, so ``records == questions + quarantined`` still holds. Idempotent.
+    shard ``<shard>-dup``, so ``records == questions + quarantined`` still holds. Idempotent. The
+    entry whose shards were rewritten records the commits of the earlier entries it was compared
+    with (``dedup_against``): when one of those is re-ingested, this entry is no longer done and is
+    ingested again from its input, so no row is lost to a duplicate that no longer exists.
     """
-    questions_ds = storage.Dataset(IngestFolder(out).questions, QUESTION_SCHEMA)
-    quarantine_ds = storage.Dataset(IngestFolder(out).quarantine, QUARANTINE_SCHEMA)
+    folder = IngestFolder(out)
+    questions_ds = storage.Dataset(folder.questions, QUESTION_SCHEMA)
+    quarantine_ds = storage.Dataset(folder.quarantine, QUARANTINE_SCHEMA)
+    entries = storage.Dataset(folder.entries, ENTRY_SCHEMA)
     manifest = questions_ds.manifest()
     seen = _Seen()
     moved = 0
+    earlier: dict[str, float] = {}
     for plan in plans:
-        for shard in (info_name for info_name in manifest if _owned_by(info_name, plan.prefix)):
-            if shard.endswith("-dup"):
-                continue
+        rewritten = False
+        for shard in (name for name in manifest if _owned_by(name, plan.prefix)):
             keep: list[dict[str, Any]] = []
             dups: list[dict[str, Any]] = []
             for row in questions_ds.iter_rows(shards=[shard]):
@@ -292,14 +328,23 @@ def quarantine_cross_duplicates(out: str, plans: list[EntryPlan]) -> int:
                 (keep if first is None else dups).append(row if first is None else _duplicate(row, first))
             if dups:
                 extra = manifest[shard].extra
-                questions_ds.write_shard(shard, keep, extra=extra)
                 quarantine_ds.write_shard(f"{shard}-dup", dups, extra=extra)
+                questions_ds.write_shard(shard, keep, extra=extra)
                 moved += len(dups)
+                rewritten = True
+        info = entries.shard_info(plan.name)
+        if info is None:
+            continue
+        if rewritten:
+            row = entries.read_shard(plan.name).to_pylist()
+            info = entries.write_shard(plan.name, row, extra=info.extra | {"dedup_against": dict(earlier)})
+        earlier[plan.name] = info.committed_at
     return moved
 
 
 def _owned_by(shard: str, prefix: str) -> bool:
-    return bool(re.match(rf"^{re.escape(prefix)}-\d{{5}}$" if prefix else r"^\d{5}$", shard))
+    """A shard this entry's prefix owns (its ``-dup`` quarantine shards included)."""
+    return bool(re.match(rf"^{re.escape(prefix)}-\d{{5}}(-dup)?$" if prefix else r"^\d{5}(-dup)?$", shard))
 
 
 def summarize_ingest(out: str, plans: list[EntryPlan], seconds: float = 0.0) -> IngestResult:

@@ -258,3 +258,64 @@ def test_replacing_another_inputs_shards_is_announced(shared_data, tmp_path, cap
         second = ingest("medbullets", op5, str(tmp_path))
     assert len(caplog.records) == 1 and f"medbullets:{op4}" in caplog.records[0].getMessage()
     assert storage.Dataset(second.questions_uri).num_rows() == second.questions
+
+
+def _medqa_lines(shared_data, n: int, skip: int = 0) -> list[str]:
+    with open(shared_data / "medqa" / "phrases_no_exclude_test.jsonl", encoding="utf-8") as fh:
+        return [line for _, line in zip(range(skip + n), fh, strict=False)][skip:]
+
+
+def test_cross_entry_duplicates_survive_changes_of_either_entry(shared_data, tmp_path):
+    """Entry B repeats 3 of entry A's questions. When A changes (drops them) B's rows come back;
+    when B changes (no duplicates left) no stale duplicate shard is counted; records == questions +
+    quarantined every time; the ingest stage resumes (done entries are not re-read)."""
+    from octomed_data.ingest import plan_entries, summarize_ingest
+    from octomed_data.layout import RunPaths
+    from octomed_data.stages import run_stage
+    from octomed_data.stages.ingest import IngestStage
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(_medqa_lines(shared_data, 8)))
+    b.write_text("".join(_medqa_lines(shared_data, 3)))  # duplicates of A's first three
+    entries = [
+        {"name": "A", "format": "medqa", "input": str(a)},
+        {"name": "B", "format": "medqa", "input": str(b)},
+    ]
+    paths = RunPaths(str(tmp_path / "store"), "r")
+
+    def ingest_pass() -> dict:
+        stage = IngestStage.for_run(paths, entries, 5000)
+        result = run_stage(stage)
+        assert not result.failed and not result.pending
+        final = summarize_ingest(paths.stage("ingest"), plan_entries(entries))
+        assert final.records == final.questions + final.quarantined
+        questions = storage.Dataset(paths.ingested).num_rows()
+        quarantined = storage.Dataset(paths.quarantine).num_rows()
+        assert (final.questions, final.quarantined) == (questions, quarantined)
+        return {"states": {s: o.state for s, o in result.outcomes.items()}, "per_source": final.per_source}
+
+    first = ingest_pass()
+    assert first["per_source"]["B"] == {"records": 3, "questions": 0, "quarantined": 3}
+    assert ingest_pass()["states"] == {"A": "REUSED", "B": "REUSED"}
+    # A drops the three questions B repeats: B's rows are no longer duplicates and come back.
+    a.write_text("".join(_medqa_lines(shared_data, 5, skip=3)))
+    changed = ingest_pass()
+    assert changed["states"] == {"A": "COMPLETED", "B": "COMPLETED"}
+    assert changed["per_source"]["B"] == {"records": 3, "questions": 3, "quarantined": 0}
+    assert storage.Dataset(paths.ingested).num_rows() == 8
+    # B repeats A again, then B changes to two new questions: no stale duplicate shard stays.
+    a.write_text("".join(_medqa_lines(shared_data, 8)))
+    ingest_pass()
+    b.write_text("".join(_medqa_lines(shared_data, 2, skip=20)))
+    last = ingest_pass()
+    assert last["per_source"]["B"] == {"records": 2, "questions": 2, "quarantined": 0}
+    assert not [s for s in storage.Dataset(paths.quarantine).manifest() if s.endswith("-dup")]
+
+
+def test_entries_with_colliding_names_each_keep_their_input(shared_data, tmp_path):
+    from octomed_data.ingest import plan_entries
+
+    f = tmp_path / "m.jsonl"
+    f.write_text("".join(_medqa_lines(shared_data, 2)))
+    plans = plan_entries([{"name": n, "format": "medqa", "input": str(f)} for n in ("m", "m", "m-2")])
+    assert len({p.name for p in plans}) == 3

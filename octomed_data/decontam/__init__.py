@@ -42,8 +42,8 @@ false match needs a 64-bit collision (~4e-6 expected over 1M questions against 8
 Modules: :mod:`.text` (normalisation, tokens, hashes; imports nothing from the registry, which
 uses it to link benchmark copies), :mod:`.index` (:class:`DecontamIndex`, :class:`Match`,
 :func:`load_index`; the module that reads the registry), :mod:`.shard` (:func:`decontaminate_shard`,
-:func:`drop_stale_shards`, the local whole-dataset loop :func:`decontaminate`), :mod:`.cli`
-(the ``decontaminate`` and ``registry`` commands). The index and shard names are loaded on first
+the local whole-dataset run :func:`decontaminate`); the ``decontaminate`` and ``registry`` commands
+are in :mod:`octomed_data.cli.decontam`. The index and shard names are loaded on first
 use, so importing the text rules (as the registry does) never imports the index.
 """
 
@@ -68,7 +68,6 @@ if TYPE_CHECKING:
         DecontamResult,
         decontaminate,
         decontaminate_shard,
-        drop_stale_shards,
     )
 
 # Public name -> the submodule defining it, imported on first attribute access (PEP 562).
@@ -83,7 +82,6 @@ _LAZY = {
     "DecontamResult": "shard",
     "decontaminate": "shard",
     "decontaminate_shard": "shard",
-    "drop_stale_shards": "shard",
 }
 
 __all__ = [
@@ -97,7 +95,6 @@ __all__ = [
     "Match",
     "decontaminate",
     "decontaminate_shard",
-    "drop_stale_shards",
     "load_index",
     "normalize",
     "normalized_text",

@@ -1,16 +1,16 @@
 """Decontaminate question datasets: one shard (:func:`decontaminate_shard`), or a whole dataset.
 
 A shard of ``QUESTIONS/`` becomes the same-named shard of ``OUT/questions`` (kept) and
-``OUT/removed`` (with the matched benchmark item). :func:`decontaminate` is the plain local loop
-over every committed shard; orchestrators call :func:`decontaminate_shard` per shard themselves
-and :func:`drop_stale_shards` once at the end.
+``OUT/removed`` (with the matched benchmark item). :func:`decontaminate` runs the decontaminate
+stage (:mod:`octomed_data.stages.decontaminate`) over every committed shard with the local
+executor; flows run the same stage with the Prefect executor.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -123,15 +123,6 @@ def _concat(parts: list[pa.Table], schema: pa.Schema) -> pa.Table:
     return pa.concat_tables([p.select(schema.names).cast(schema) for p in parts])
 
 
-def drop_stale_shards(out: str, shards: Iterable[str]) -> list[str]:
-    """Un-commit ``out/questions`` and ``out/removed`` shards whose input shard is gone; returns their names."""
-    keep = list(shards)
-    dropped: set[str] = set()
-    for name, schema in (("questions", QUESTION_SCHEMA), ("removed", REMOVED_SCHEMA)):
-        dropped.update(storage.Dataset(storage.join(out, name), schema).drop_stale(keep))
-    return sorted(dropped)
-
-
 def decontaminate(
     questions_uri: str,
     out: str,
@@ -168,7 +159,7 @@ def decontaminate(
     )
     if index is None:
         index = DecontamIndex.from_registry(registry, short_match=short_match, phash_threshold=threshold)
-    index.save(stage.index_uri)
+    stage.prepare(index)
     # The CLI always re-runs every shard (force): its index may differ from the last run's.
     run = run_stage(stage, LocalExecutor(progress=progress), force=True)
     raise_for_failures(run)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from typing import Any
 
 from octomed_data import storage
@@ -15,7 +16,8 @@ _index_lock = threading.Lock()
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_index(uri: str):
+def _cached_index(uri: str, built_at: float):
+    """The index at ``uri`` as built at ``built_at`` (a rebuilt index is a new cache entry)."""
     from octomed_data.decontam import DecontamIndex
 
     return DecontamIndex.load(uri)
@@ -82,24 +84,41 @@ class DecontaminateStage(Stage):
             f"enabled={self.enabled}|registry={self.registry}|phash={self.phash_threshold}|{self.short_match}"
         )
 
-    def prepare(self) -> str | None:
-        """Build the benchmark index once per run and save it; shards load it by URI."""
-        if not self.enabled or storage.exists(self.index_uri):
-            return self.index_uri if self.enabled else None
-        from octomed_data.decontam import DEFAULT_PHASH_THRESHOLD, DecontamIndex
+    @property
+    def index_stamp(self) -> str:
+        """Which settings the saved index was built with (and when): rebuilt when they differ."""
+        return self.index_uri + ".json"
 
-        threshold = DEFAULT_PHASH_THRESHOLD if self.phash_threshold is None else self.phash_threshold
-        index = DecontamIndex.from_registry(
-            self.registry, short_match=self.short_match, phash_threshold=threshold
-        )
+    def prepare(self, index: Any = None) -> str | None:
+        """Build the benchmark index once per run (or save ``index``); shards load it by URI.
+
+        A saved index built with other settings (registry, matching mode) is rebuilt.
+        """
+        if not self.enabled:
+            return None
+        stamp = storage.read_json(self.index_stamp) if storage.exists(self.index_stamp) else {}
+        if (
+            index is None
+            and stamp.get("fingerprint") == self.fingerprint()
+            and storage.exists(self.index_uri)
+        ):
+            return self.index_uri
+        if index is None:
+            from octomed_data.decontam import DEFAULT_PHASH_THRESHOLD, DecontamIndex
+
+            threshold = DEFAULT_PHASH_THRESHOLD if self.phash_threshold is None else self.phash_threshold
+            index = DecontamIndex.from_registry(
+                self.registry, short_match=self.short_match, phash_threshold=threshold
+            )
         index.save(self.index_uri)
+        storage.write_json(self.index_stamp, {"fingerprint": self.fingerprint(), "built_at": time.time()})
         return self.index_uri
 
     def run_shard(self, shard: str) -> dict[str, Any]:
         if not self.enabled:
             table = self.input_dataset().read_shard(shard)
-            counts = {"input": table.num_rows, "kept": table.num_rows, "removed": 0}
-            extra = self.marker_extra(shard, counts)
+            counts = {"input": table.num_rows, "kept": table.num_rows, "removed": 0, "by_benchmark": {}}
+            extra = self.marker_extra(shard, counts) | counts  # counts at the top, as decontaminate_shard
             self.kept().write_shard(shard, table, extra=extra)
             self.removed().write_shard(shard, REMOVED_SCHEMA.empty_table(), extra=extra)
             return counts
@@ -107,7 +126,7 @@ class DecontaminateStage(Stage):
 
         self.prepare()
         with _index_lock:  # one load per process, shared by the shard threads
-            index = _cached_index(self.index_uri)
+            index = _cached_index(self.index_uri, storage.read_json(self.index_stamp)["built_at"])
         counts = decontaminate_shard(
             index,
             self.source,

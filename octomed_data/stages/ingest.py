@@ -10,6 +10,7 @@ from octomed_data.ingest import (
     EntryPlan,
     entries_uri,
     ingest_entry,
+    input_version,
     plan_entries,
     quarantine_cross_duplicates,
     summarize_ingest,
@@ -60,10 +61,20 @@ class IngestStage(Stage):
     def is_done(self, shard: str) -> bool:
         if not super().is_done(shard):
             return False
-        info = self.done_dataset().shard_info(shard)
+        entries = self.done_dataset()
+        info = entries.shard_info(shard)
         entry = self.by_name[shard].entry
         # The same entry name over another input is not done: it replaces those shards.
-        return info.extra.get("input") == str(entry["input"]) and info.extra.get("format") == entry["format"]
+        if info.extra.get("input") != str(entry["input"]) or info.extra.get("format") != entry["format"]:
+            return False
+        if info.extra.get("input_version") != input_version(str(entry["input"])):
+            return False  # the input was edited in place
+        # Rows moved out as duplicates of an earlier entry come back when that entry changed.
+        for earlier, committed_at in (info.extra.get("dedup_against") or {}).items():
+            now = entries.shard_info(earlier)
+            if now is None or now.committed_at != committed_at:
+                return False
+        return True
 
     def drop_stale(self, inputs: Sequence[str]) -> list[str]:
         return []  # other prefixes in the same folder belong to other ingests (CLI): never dropped

@@ -105,6 +105,14 @@ def run_stage(
             result.outcomes[s] = ShardOutcome(s, "REUSED", stage.done_counts(s))
     outcomes = executor.map(stage, todo, force=force) if todo else {}
     result.outcomes.update(outcomes)
+    if outcomes and not stage.global_step:
+        # A shard done before this pass can be stale after it (an ingest entry whose duplicates were
+        # judged against an entry this pass re-ingested): one more round runs exactly those.
+        stale = [s for s, o in result.outcomes.items() if o.state == "REUSED" and not stage.is_done(s)]
+        if stale:
+            again = executor.map(stage, stale, force=False)
+            result.outcomes.update(again)
+            outcomes = outcomes | again
     if on_outcome is not None:
         for o in outcomes.values():
             on_outcome(o)
