@@ -30,8 +30,8 @@ class SourceStats:
     reject_reasons: Counter[str] = field(default_factory=Counter)
 
     @property
-    def pass_rate(self) -> float:
-        return self.accepted / self.samples if self.samples else 0.0
+    def pass_rate(self) -> float | None:
+        return self.accepted / self.samples if self.samples else None  # as stats.json: no samples, no rate
 
 
 @dataclass
@@ -99,7 +99,7 @@ def rejection_rows(stats: SampleStats) -> list[dict[str, Any]]:
                 "accepted": s.accepted,
                 "rejected": s.samples - s.accepted,
                 "failed_requests": s.failed,
-                "pass_rate": round(s.pass_rate, 4),
+                "pass_rate": round(s.pass_rate, 4) if s.pass_rate is not None else None,
                 "reject_reasons": ", ".join(f"{k}={v}" for k, v in s.reject_reasons.most_common(5)) or "-",
             }
         )

@@ -122,11 +122,11 @@ def source_statistics(
                 *(batch.column(c).to_pylist() for c in cols), strict=True
             ):
                 s = sources[src]
-                entry = per_q.setdefault(qid, [src, 0, 0])
-                if reason == FAILED:
+                if reason == FAILED:  # not a sample: a question whose every request failed is "not distilled"
                     s.failed += 1
                     total.failed += 1
                     continue
+                entry = per_q.setdefault(qid, [src, 0, 0])
                 entry[1] += 1
                 teachers[teacher] += 1
                 if ok:
