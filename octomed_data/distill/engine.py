@@ -412,7 +412,7 @@ async def adistill_shard(
     report.requests, report.retries = c.requests, c.retries
     report.prompt_tokens, report.completion_tokens = c.prompt_tokens, c.completion_tokens
     report.aborted = run.abort
-    await asyncio.to_thread(_compact, out, shard, config, qids, report, started, mode)
+    await asyncio.to_thread(compact_shard, out, shard, config, qids, report, started, mode)
     log.info(
         "shard %s: %d questions, %d/%d samples stored (%d new, %d failed), %d requests",
         shard,
@@ -468,7 +468,7 @@ def _records(out: str, shard: str) -> Iterable[dict[str, Any]]:
     yield from iter_journal(out, shard)
 
 
-def _compact(
+def compact_shard(
     out: str,
     shard: str,
     config: DistillConfig,
