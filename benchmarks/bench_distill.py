@@ -398,14 +398,24 @@ WORDS = (
 ).split()
 
 
+_POOL: list[str] = []
+
+
+def text_pool(size: int = 16 * 2**20) -> str:
+    """16 MB of random words: traces are slices of it (a pool this large keeps a journal segment's
+    rows from sharing text, so compression ratios stay those of independent texts)."""
+    if not _POOL:
+        rng = random.Random(1)
+        words = rng.choices(WORDS, k=size // 6)
+        _POOL.append(" ".join(words))
+    return _POOL[0]
+
+
 def synthetic_row(rng: random.Random, i: int, shard: str) -> dict:
     """A journal row with a realistic reasoning length: log-normal, median ~4 KB, capped at 32 KB."""
+    pool = text_pool()
     chars = min(32_768, int(rng.lognormvariate(8.3, 0.7)))
-    words, size = [], 0
-    while size < chars:
-        w = WORDS[rng.randrange(len(WORDS))]
-        words.append(w)
-        size += len(w) + 1
+    start = rng.randrange(len(pool) - chars)
     q = i // N
     return {
         "question_id": f"{shard}-q{q}",
@@ -418,7 +428,7 @@ def synthetic_row(rng: random.Random, i: int, shard: str) -> dict:
         "prompt_version": "v1",
         "params_hash": "p",
         "gold_answer": "A",
-        "reasoning": " ".join(words),
+        "reasoning": pool[start : start + chars],
         "response": f"The answer is ({'ABCD'[rng.randrange(4)]}).",
         "refusal": None,
         "finish_reason": "stop",
