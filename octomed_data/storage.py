@@ -21,9 +21,11 @@ import json
 import os
 import posixpath
 import re
+import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -218,29 +220,68 @@ class ShardInfo:
     extra: dict[str, Any]
 
 
+def _local_path(fs: fsspec.AbstractFileSystem) -> bool:
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return proto in ("file", "local")
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
 class ShardWriter:
-    """Streams rows into one shard (Parquet row groups in memory), committed by :meth:`commit`.
+    """Streams rows into one shard, committed by :meth:`commit`.
 
     The one shard writer: :meth:`Dataset.write_shard` and every stage use it, so the commit
     (file, then manifest marker) is written once. Rows beyond the schema are dropped; missing
     columns are null.
+
+    Memory is bounded whatever the rows hold: rows are buffered only up to ``rows_per_group``
+    rows or ``bytes_per_group`` bytes of text, then written as one Parquet row group to a local
+    spill file (hidden, beside the dataset on a local file system; in the temp folder for object
+    stores). :meth:`commit` publishes it atomically: a rename on a local file system, one upload
+    on object stores (an object is visible only once complete). A writer dropped without a
+    commit removes its spill file.
     """
 
-    def __init__(self, dataset: Dataset, shard: int | str, rows_per_group: int = 2048) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        shard: int | str,
+        rows_per_group: int = 2048,
+        bytes_per_group: int = 16 * 2**20,
+    ) -> None:
         if dataset.schema is None:
             raise ValueError("a shard writer needs a schema")
         self.dataset = dataset
         self.shard = dataset.shard_name(shard)
         self.schema = dataset.schema
-        self.sink = pa.BufferOutputStream()
-        self.writer = pq.ParquetWriter(self.sink, self.schema, compression="zstd")
+        self.target = dataset.file_uri(self.shard)
+        self.fs, self.path = filesystem(self.target)
+        if _local_path(self.fs):
+            folder = os.path.dirname(self.path) or "."
+            _wrap(self.target, os.makedirs, folder, exist_ok=True)
+        else:
+            folder = None  # the system temp folder
+        fd, self.spill = tempfile.mkstemp(prefix=f".part-{self.shard}.parquet.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        # Not committed (an exception, a dropped writer): the spill file goes with the writer.
+        self._cleanup = weakref.finalize(self, _remove_quietly, self.spill)
+        self.writer = pq.ParquetWriter(self.spill, self.schema, compression="zstd")
         self.buffer: list[dict[str, Any]] = []
+        self.buffered_bytes = 0
         self.rows = 0
         self.per_group = rows_per_group
+        self.bytes_per_group = bytes_per_group
 
     def add(self, row: Mapping[str, Any]) -> None:
-        self.buffer.append({f.name: row.get(f.name) for f in self.schema})
-        if len(self.buffer) >= self.per_group:
+        values = {f.name: row.get(f.name) for f in self.schema}
+        self.buffer.append(values)
+        self.buffered_bytes += sum(len(v) for v in values.values() if isinstance(v, (str, bytes)))
+        if len(self.buffer) >= self.per_group or self.buffered_bytes >= self.bytes_per_group:
             self.flush()
 
     def add_table(self, table: pa.Table) -> None:
@@ -255,23 +296,49 @@ class ShardWriter:
             self.writer.write_table(pa.Table.from_pylist(self.buffer, schema=self.schema))
             self.rows += len(self.buffer)
             self.buffer = []
+            self.buffered_bytes = 0
 
     def commit(self, extra: Mapping[str, Any] | None = None) -> ShardInfo:
-        """Write the Parquet file atomically, then its manifest marker: the shard's done-signal."""
+        """Publish the Parquet file atomically, then its manifest marker: the shard's done-signal."""
         self.flush()
         self.writer.close()
-        payload = self.sink.getvalue().to_pybytes()
-        write_bytes(self.dataset.file_uri(self.shard), payload)
+        size = os.path.getsize(self.spill)
+        _wrap(self.target, self._publish)
+        self._cleanup.detach()
         info = ShardInfo(
             shard=self.shard,
             file=f"part-{self.shard}.parquet",
             rows=self.rows,
-            bytes=len(payload),
+            bytes=size,
             committed_at=time.time(),
             extra=dict(extra or {}),
         )
         write_json(self.dataset.marker_uri(self.shard), asdict(info))
         return info
+
+    def _publish(self) -> None:
+        if _local_path(self.fs):
+            with open(self.spill, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(self.spill, self.path)  # same folder: atomic
+            return
+        try:
+            if protocol_of(self.target) in ("s3", "s3a", "gs", "gcs", "az", "abfs"):
+                self.fs.put_file(self.spill, self.path)  # one upload: visible only once complete
+            else:
+                tmp = posixpath.join(
+                    posixpath.dirname(self.path), f".{posixpath.basename(self.path)}.{uuid.uuid4().hex}.tmp"
+                )
+                self.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
+                self.fs.put_file(self.spill, tmp)
+                self.fs.mv(tmp, self.path)
+        finally:
+            _remove_quietly(self.spill)
+
+    def abort(self) -> None:
+        """Drop what was written (no commit)."""
+        self.writer.close()
+        self._cleanup()
 
 
 class Dataset:

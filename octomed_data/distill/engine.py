@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -27,14 +28,19 @@ from pydantic import SecretStr
 
 from octomed_data import storage
 from octomed_data.distill.journal import (
+    AFTER_COMPACT,
     FAILED,
+    KEY_COLUMNS,
     JournalWriter,
+    committed_rows,
     iter_journal,
+    raw_uri,
     read_done_keys,
+    retire,
     row_key,
     sample_key,
 )
-from octomed_data.errors import OctomedError, StorageError
+from octomed_data.errors import ConfigError, OctomedError, StorageError
 from octomed_data.inference.client import EndpointClient, request_with_retries, sample_seed
 from octomed_data.inference.ratelimit import LocalRateLimiter, RateLimiter
 from octomed_data.inference.replies import read_choice
@@ -46,8 +52,18 @@ from octomed_data.teachers import DistillConfig, TeacherConfig, resolve_api_key
 
 log = logging.getLogger("octomed_data.distill")
 
-RAW_DIR = "raw"
 STATE_DIR = "_distill"
+# What happens to a shard's journal once it is compacted and the committed file checked:
+# delete (default), archive, or keep. ``$OCTOMED_JOURNAL_AFTER_COMPACT`` overrides the default.
+JOURNAL_ENV = "OCTOMED_JOURNAL_AFTER_COMPACT"
+
+
+def journal_mode(mode: str | None = None) -> str:
+    """The journal's fate after compaction: ``mode``, else ``$OCTOMED_JOURNAL_AFTER_COMPACT``, else delete."""
+    mode = mode or os.environ.get(JOURNAL_ENV) or "delete"
+    if mode not in AFTER_COMPACT:
+        raise ConfigError(f"journal mode {mode!r}: choose from {', '.join(AFTER_COMPACT)}")
+    return mode
 
 
 @dataclass
@@ -72,10 +88,6 @@ class ShardReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def raw_uri(out: str) -> str:
-    return storage.join(out, RAW_DIR)
 
 
 def config_fingerprint(config: DistillConfig) -> str:
@@ -314,13 +326,16 @@ async def adistill_shard(
     api_keys: Mapping[str, str | SecretStr] | None = None,
     limiter: RateLimiter | None = None,
     progress: Any = None,
+    journal: str | None = None,
 ) -> ShardReport:
-    """Distill one questions shard into ``OUT/raw`` and ``OUT/accepted`` (resumable, idempotent).
+    """Distill one questions shard into ``OUT/raw`` (resumable, idempotent).
 
     ``api_keys`` maps teacher name -> key (from a secret block); otherwise each teacher's env
     variable is read. ``limiter`` defaults to an in-process per-teacher budget. ``progress`` is
-    anything with ``update(n)`` (a tqdm bar), called once per durable sample.
+    anything with ``update(n)`` (a tqdm bar), called once per durable sample. ``journal``: what
+    happens to the shard's journal once compacted and checked (:func:`journal_mode`).
     """
+    mode = journal_mode(journal)
     started = time.monotonic()
     shard = storage.Dataset.shard_name(shard)
     report = ShardReport(shard=shard, raw_uri=raw_uri(out))
@@ -342,6 +357,7 @@ async def adistill_shard(
         return report
     storage.ensure_writable(out)
     storage.write_json(storage.join(out, STATE_DIR, "config.json"), config.public_dict())
+    # Done keys: the committed raw shard (an earlier, incomplete pass) and the journal since.
     done, _ = await asyncio.to_thread(read_done_keys, out, shard)
     report.stored_before = 0
     needed = {config.teacher_for(t).name for t in _task_types_needed(config)}
@@ -396,7 +412,7 @@ async def adistill_shard(
     report.requests, report.retries = c.requests, c.retries
     report.prompt_tokens, report.completion_tokens = c.prompt_tokens, c.completion_tokens
     report.aborted = run.abort
-    await asyncio.to_thread(_compact, out, shard, config, qids, report, started)
+    await asyncio.to_thread(compact_shard, out, shard, config, qids, report, started, mode)
     log.info(
         "shard %s: %d questions, %d/%d samples stored (%d new, %d failed), %d requests",
         shard,
@@ -446,22 +462,38 @@ def _expected_row(row: Mapping[str, Any], config: DistillConfig, qids: set[str])
     return row["model"] == t.model and row["params_hash"] == t.params_hash()
 
 
-def _compact(
-    out: str, shard: str, config: DistillConfig, qids: set[str], report: ShardReport, started: float
-) -> None:
-    """Journal -> the raw shard: one row per expected key, a stored sample beating a failure.
+def _records(out: str, shard: str) -> Iterable[dict[str, Any]]:
+    """The shard's committed raw rows (earlier passes), then its journal: what compaction reads."""
+    yield from committed_rows(out, shard)
+    yield from iter_journal(out, shard)
 
-    Streamed through the storage layer's shard writer; its marker (written last) carries the
-    shard report, ``complete`` and the config fingerprint: the shard's done-signal.
+
+def compact_shard(
+    out: str,
+    shard: str,
+    config: DistillConfig,
+    qids: set[str],
+    report: ShardReport,
+    started: float,
+    mode: str = "delete",
+) -> None:
+    """Committed raw rows + journal -> the raw shard: one row per expected key, a stored sample
+    beating a failure.
+
+    Streamed through the storage layer's shard writer (spilled to a local file, published
+    atomically); its marker (written last) carries the shard report, ``complete`` and the config
+    fingerprint: the shard's done-signal. Then the committed file is checked and the journal
+    retired (``mode``): the committed shard holds every done key from then on.
     """
     done: set[str] = set()
     failures: dict[str, dict[str, Any]] = {}
-    for rec in iter_journal(out, shard):
+    for rec in _chain_keys(out, shard):
         if rec.get("reject_reason") != FAILED and _expected_row(rec, config, qids):
             done.add(row_key(rec))
-    raw = storage.Dataset(raw_uri(out), SAMPLE_SCHEMA).writer(shard)
+    dataset = storage.Dataset(raw_uri(out), SAMPLE_SCHEMA)
+    raw = dataset.writer(shard)
     written: set[str] = set()
-    for rec in iter_journal(out, shard):
+    for rec in _records(out, shard):
         if not _expected_row(rec, config, qids):
             continue
         key = row_key(rec)
@@ -489,7 +521,7 @@ def _compact(
         "failed": report.failed,
         "requests": report.requests,
     }
-    raw.commit(
+    info = raw.commit(
         {
             "fingerprint": config_fingerprint(config),
             "samples": config.samples,
@@ -498,6 +530,28 @@ def _compact(
             "report": report.to_dict(),
         }
     )
+    if mode != "keep" and _verified(dataset, info):
+        retire(out, shard, mode)
+
+
+def _chain_keys(out: str, shard: str) -> Iterable[dict[str, Any]]:
+    yield from committed_rows(out, shard, KEY_COLUMNS)
+    yield from iter_journal(out, shard)
+
+
+def _verified(dataset: storage.Dataset, info: storage.ShardInfo) -> bool:
+    """The committed file is there, whole, with the rows its marker counts (else keep the journal)."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(storage.join(dataset.uri, info.file))
+    try:
+        if fs.size(path) != info.bytes:
+            return False
+        with fs.open(path, "rb") as fh:
+            return pq.ParquetFile(fh).metadata.num_rows == info.rows
+    except (OSError, ValueError) as exc:
+        log.warning("shard %s: committed file unreadable (%s); journal kept", info.shard, exc)
+        return False
 
 
 def _ts(value: Any) -> Any:
@@ -517,10 +571,18 @@ def distill_shard(
     api_keys: Mapping[str, str | SecretStr] | None = None,
     limiter: RateLimiter | None = None,
     progress: Any = None,
+    journal: str | None = None,
 ) -> ShardReport:
     """Synchronous wrapper of :func:`adistill_shard` (runs its own event loop)."""
     return asyncio.run(
         adistill_shard(
-            questions_uri, shard, out, config, api_keys=api_keys, limiter=limiter, progress=progress
+            questions_uri,
+            shard,
+            out,
+            config,
+            api_keys=api_keys,
+            limiter=limiter,
+            progress=progress,
+            journal=journal,
         )
     )

@@ -7,8 +7,13 @@ limiter, is bounded end to end by the teacher's timeout, is classified (retryabl
 connection-level or not, Retry-After honoured through :class:`~octomed_data.inference.retry.Backoff`),
 feeds the endpoint's :class:`~octomed_data.inference.retry.Breaker`, and errors are scrubbed of keys.
 
-The wire is a :class:`Transport`: today only :class:`OpenAITransport` (the OpenAI SDK). A second
-transport (a lean HTTP path) slots in behind the same three methods without touching callers.
+The wire is a :class:`Transport`. The default for chat completions is the lean
+:class:`~octomed_data.inference.transport_http.HTTPTransport` (aiohttp + orjson, no per-request
+model objects: measured 2-4x less client CPU per request than the SDK); :class:`OpenAITransport`
+(the OpenAI SDK) stays selectable (``EndpointClient(..., transport="sdk")`` or
+``OCTOMED_INFERENCE_TRANSPORT=sdk``) for what the SDK earns its
+place with: auth variants (Azure deployments, OAuth token providers, organisation/project
+headers) and, later, the Batch and Files APIs.
 """
 
 from __future__ import annotations
@@ -16,15 +21,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import os
 import re
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+import aiohttp
 import openai
 from pydantic import SecretStr
 
-from octomed_data.errors import OctomedError
+from octomed_data.errors import ConfigError, OctomedError
 from octomed_data.inference.ratelimit import RateLimiter
 from octomed_data.inference.retry import (
     BREAKER_THRESHOLD,
@@ -35,6 +42,7 @@ from octomed_data.inference.retry import (
     parse_retry_after,
 )
 from octomed_data.inference.servers import ServerKind, detect_kind, profile
+from octomed_data.inference.transport_http import HTTPStatusError, HTTPTransport
 from octomed_data.teachers import TeacherConfig
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
@@ -80,7 +88,26 @@ def retry_after(exc: BaseException) -> float | None:
 
 
 def classify(exc: BaseException) -> Failure:
-    """Map an OpenAI-SDK (or local) exception to a :class:`Failure` (auth / bad request: not retryable)."""
+    """Map a transport's (SDK, aiohttp or local) exception to a :class:`Failure`.
+
+    Auth / bad request: not retryable. Both transports map the same event to the same failure:
+    429 (Retry-After kept), other 4xx/5xx with the server's message on one line, a timeout, a
+    refused/dropped connection or a body cut short (connection-level: the breaker counts them),
+    a body that is not a chat completion (malformed: retried, not an outage).
+    """
+    if isinstance(exc, HTTPStatusError):
+        code = exc.status_code
+        delay = parse_retry_after(exc.headers)
+        if code == 429:
+            return Failure("rate limited (429)", True, delay)
+        retryable = code in RETRYABLE_STATUS or code >= 500
+        return Failure(f"HTTP {code}: {one_line(exc.message)}", retryable, delay, outage=code >= 500)
+    if isinstance(exc, TimeoutError):  # before aiohttp's: its ServerTimeoutError is both
+        return Failure("request timed out", True, outage=True)
+    if isinstance(
+        exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ClientResponseError)
+    ):
+        return Failure(f"connection error ({type(exc).__name__})", True, outage=True)
     if isinstance(exc, openai.RateLimitError):
         return Failure("rate limited (429)", True, retry_after(exc))
     if isinstance(exc, openai.APIStatusError):
@@ -95,8 +122,6 @@ def classify(exc: BaseException) -> Failure:
         return Failure(f"connection error{detail}", True, outage=True)
     if isinstance(exc, (ValueError, openai.APIResponseValidationError, KeyError, TypeError, AttributeError)):
         return Failure(f"malformed response: {type(exc).__name__}", True)
-    if isinstance(exc, asyncio.TimeoutError):
-        return Failure("request timed out", True, outage=True)
     return Failure(f"{type(exc).__name__}: {one_line(str(exc), 300)}", True)
 
 
@@ -113,14 +138,13 @@ class Transport(Protocol):
 
 
 class OpenAITransport:
-    """Chat completions through the OpenAI SDK's async client.
+    """Chat completions through the OpenAI SDK's async client (``transport="sdk"``).
 
-    Why the SDK (for now): its typed responses (``choices[i].message``, ``usage``, the server's
-    extra fields such as ``reasoning_content``) are what :mod:`octomed_data.inference.replies` and
-    the callers read, and its exception classes carry status, headers and body for
-    :func:`classify`. A lean HTTP transport would have to provide the same objects; until then the
-    SDK's own retries are off (``max_retries=0``): :func:`request_with_retries` retries, counting
-    attempts and honouring Retry-After.
+    Not the default: its typed responses and httpx machinery cost 2-4x the lean transport's client
+    CPU per request (BENCHMARKS.md, distillation request path). It stays for what it does that the
+    lean path does not: auth variants (Azure, token providers, organisation/project headers) and
+    the Batch/Files APIs a batch mode will use. Its own retries are off (``max_retries=0``):
+    :func:`request_with_retries` retries, counting attempts and honouring Retry-After.
     """
 
     def __init__(self, base_url: str, key: SecretStr, timeout_s: float) -> None:
@@ -138,6 +162,23 @@ class OpenAITransport:
         await self.sdk.close()
 
 
+TRANSPORT_ENV = "OCTOMED_INFERENCE_TRANSPORT"
+TRANSPORTS = ("http", "sdk")
+
+
+def make_transport(teacher: TeacherConfig, key: SecretStr, name: str | None = None) -> Transport:
+    """A transport by name: ``http`` (the lean path, default) or ``sdk`` (the OpenAI SDK).
+
+    Without a name, ``$OCTOMED_INFERENCE_TRANSPORT`` decides (``http`` when unset).
+    """
+    name = name or os.environ.get(TRANSPORT_ENV) or "http"
+    if name not in TRANSPORTS:
+        raise ConfigError(f"unknown inference transport {name!r} (choose from {', '.join(TRANSPORTS)})")
+    if name == "sdk":
+        return OpenAITransport(teacher.base_url, key, teacher.timeout_s)
+    return HTTPTransport(teacher.base_url, key, teacher.timeout_s, max_connections=teacher.max_in_flight)
+
+
 class EndpointClient:
     """One endpoint (a teacher): its transport, concurrency bound, breaker, and what its server accepts."""
 
@@ -147,7 +188,7 @@ class EndpointClient:
         key: SecretStr,
         kind: ServerKind | None = None,
         *,
-        transport: Transport | None = None,
+        transport: Transport | str | None = None,
         breaker_threshold: int = BREAKER_THRESHOLD,
     ) -> None:
         self.teacher = teacher
@@ -156,7 +197,9 @@ class EndpointClient:
         self.profile = profile(self.kind)
         self.supports_n = teacher.supports_n if teacher.supports_n is not None else self.profile.honours_n
         self.sends_seed = teacher.seed_policy == "per_sample" and self.profile.accepts_seed
-        self.transport: Transport = transport or OpenAITransport(teacher.base_url, key, teacher.timeout_s)
+        if transport is None or isinstance(transport, str):
+            transport = make_transport(teacher, key, transport)
+        self.transport: Transport = transport
         self.slots = asyncio.Semaphore(teacher.max_in_flight)
         self.params_hash = teacher.params_hash()
         self.breaker = Breaker(teacher.name, teacher.base_url, breaker_threshold)
@@ -230,8 +273,9 @@ async def request_with_retries(
         try:
             # The transport's timeout bounds each read, not the whole reply: a server that
             # trickles bytes could hold a slot for ever. This bounds the request end to end.
-            call = asyncio.wait_for(client.transport.chat(**kwargs), teacher.timeout_s)
-            response = await breaker.guard(call)  # cancelled when the endpoint is declared dead
+            async with asyncio.timeout(teacher.timeout_s):  # no extra task, unlike wait_for
+                # cancelled when the endpoint is declared dead
+                response = await breaker.guard(client.transport.chat(**kwargs))
             if not getattr(response, "choices", None):
                 raise ValueError("response has no choices")
         except Tripped as tripped:

@@ -126,6 +126,7 @@ class Breaker:
         self._streak_started = 0.0
         self._warned = False
         self._event: asyncio.Event | None = None
+        self._in_flight: set[asyncio.Future[Any]] = set()  # guarded calls, cancelled on a trip
 
     @property
     def warn_at(self) -> int:
@@ -198,30 +199,34 @@ class Breaker:
         log.error("%s; stopping", reason)
         if self._event is not None:
             self._event.set()
+        for task in list(self._in_flight):
+            task.cancel()
 
     async def guard(self, call: Awaitable[Any]) -> Any:
         """Await ``call``, cancelled when the breaker trips meanwhile (raises :class:`Tripped`).
 
         A request in flight when the endpoint dies may hang until its timeout (a server shutting
-        down gracefully holds connections open): the shard must not wait for it.
+        down gracefully holds connections open): the shard must not wait for it. The call runs
+        as one task registered here, which :meth:`trip` cancels (one task per request, no
+        per-request waiter on an event: this is on every request's path).
         """
         if self.tripped:
             close = getattr(call, "close", None)
             if close is not None:
                 close()  # a coroutine never awaited
             raise Tripped(self.tripped)
-        if self._event is None:
-            self._event = asyncio.Event()
         task = asyncio.ensure_future(call)
-        waiter = asyncio.ensure_future(self._event.wait())
+        self._in_flight.add(task)
         try:
-            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            if task.done():
-                return task.result()
-            raise Tripped(self.tripped or "breaker tripped")
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            # Cancelled by the trip, not from outside (a timeout or a shutdown cancels the caller).
+            if self.tripped and (current is None or not current.cancelling()):
+                raise Tripped(self.tripped) from None
+            raise
         finally:
-            for t in (task, waiter):
-                t.cancel()
+            self._in_flight.discard(task)
 
     async def pause(self, delay: float, sleep: Callable[[float], Any] = asyncio.sleep) -> None:
         """Sleep ``delay`` seconds (with ``sleep``), or less when the breaker trips meanwhile."""

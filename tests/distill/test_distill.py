@@ -240,7 +240,8 @@ def test_resume_with_n_per_request_after_lost_samples_and_interrupted_compaction
     questions = make_questions(q_uri, 5)
     cfg_over = {"teacher": {"supports_n": True}}
     with start_sandbox(faults=FaultConfig(honour_n=True)) as sb:
-        first = distill_shard(q_uri, "00000", out, config(sb.base_url, **cfg_over))
+        # The journal is kept (not retired after compaction) so that it can be doctored below.
+        first = distill_shard(q_uri, "00000", out, config(sb.base_url, **cfg_over), journal="keep")
     assert first.complete
     rows = list(iter_journal(out, "00000"))
     lost_q = questions[0]["question_id"]
