@@ -303,6 +303,12 @@ class ShardWriter:
         self.flush()
         self.writer.close()
         size = os.path.getsize(self.spill)
+        # An earlier commit's marker goes first: a crash between the new file and the new marker
+        # then leaves no marker (not done, re-run), never an old marker describing the new file.
+        marker = self.dataset.marker_uri(self.shard)
+        if exists(marker):
+            fs, path = filesystem(marker)
+            _wrap(marker, fs.rm, path)
         _wrap(self.target, self._publish)
         self._cleanup.detach()
         info = ShardInfo(

@@ -109,11 +109,15 @@ def _route_id(config: DistillConfig, task: TaskType) -> str | None:
     return f"{t.name}|{t.model}|{t.params_hash()}"
 
 
-def is_shard_done(out: str, shard: str, config: DistillConfig | None = None) -> bool:
-    """True when ``OUT/raw`` holds ``shard`` committed complete (with ``config``, when given).
+def is_shard_done(
+    out: str, shard: str, config: DistillConfig | None = None, questions_uri: str | None = None
+) -> bool:
+    """True when ``OUT/raw`` holds ``shard`` committed complete (with ``config``, and from the
+    current commit of the questions shard at ``questions_uri``, when given).
 
-    The committed marker of the raw shard is the one done-signal: it carries ``complete`` and
-    the config fingerprint, and it is written only after the Parquet file it describes.
+    The committed marker of the raw shard is the one done-signal: it carries ``complete``, the
+    config fingerprint and the commit of the questions shard it was made from (re-decontaminated
+    questions make it stale), and it is written only after the Parquet file it describes.
     """
     ds = storage.Dataset(raw_uri(out))
     info = ds.shard_info(shard)
@@ -121,6 +125,10 @@ def is_shard_done(out: str, shard: str, config: DistillConfig | None = None) -> 
         return False
     if config is not None and info.extra.get("fingerprint") != config_fingerprint(config):
         return False
+    if questions_uri is not None:
+        q_info = storage.Dataset(questions_uri).shard_info(shard)
+        if q_info is None or info.extra.get("input_committed_at") != q_info.committed_at:
+            return False
     return storage.exists(storage.join(ds.uri, info.file))
 
 
@@ -339,7 +347,9 @@ async def adistill_shard(
     started = time.monotonic()
     shard = storage.Dataset.shard_name(shard)
     report = ShardReport(shard=shard, raw_uri=raw_uri(out))
-    if is_shard_done(out, shard, config):
+    q_info = storage.Dataset(questions_uri).shard_info(shard)
+    input_committed_at = q_info.committed_at if q_info is not None else None
+    if is_shard_done(out, shard, config, questions_uri):
         prior = storage.Dataset(raw_uri(out)).shard_info(shard).extra["report"]
         # Nothing was sent this time: every expected sample was already stored.
         report = ShardReport(
@@ -412,7 +422,9 @@ async def adistill_shard(
     report.requests, report.retries = c.requests, c.retries
     report.prompt_tokens, report.completion_tokens = c.prompt_tokens, c.completion_tokens
     report.aborted = run.abort
-    await asyncio.to_thread(compact_shard, out, shard, config, qids, report, started, mode)
+    await asyncio.to_thread(
+        compact_shard, out, shard, config, qids, report, started, mode, input_committed_at
+    )
     log.info(
         "shard %s: %d questions, %d/%d samples stored (%d new, %d failed), %d requests",
         shard,
@@ -476,6 +488,7 @@ def compact_shard(
     report: ShardReport,
     started: float,
     mode: str = "delete",
+    input_committed_at: float | None = None,
 ) -> None:
     """Committed raw rows + journal -> the raw shard: one row per expected key, a stored sample
     beating a failure.
@@ -524,6 +537,7 @@ def compact_shard(
     info = raw.commit(
         {
             "fingerprint": config_fingerprint(config),
+            "input_committed_at": input_committed_at,
             "samples": config.samples,
             "complete": report.complete,
             "counts": counts,

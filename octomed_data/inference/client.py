@@ -32,6 +32,7 @@ import openai
 from pydantic import SecretStr
 
 from octomed_data.errors import ConfigError, OctomedError
+from octomed_data.inference.outage import OutageBreaker, outage_budget_s
 from octomed_data.inference.ratelimit import RateLimiter
 from octomed_data.inference.retry import (
     BREAKER_THRESHOLD,
@@ -202,7 +203,11 @@ class EndpointClient:
         self.transport: Transport = transport
         self.slots = asyncio.Semaphore(teacher.max_in_flight)
         self.params_hash = teacher.params_hash()
-        self.breaker = Breaker(teacher.name, teacher.base_url, breaker_threshold)
+        # One breaker per endpoint: N requests failing in a row, or the teacher's outage budget
+        # (seconds of consecutive connection-level failures), whichever comes first.
+        self.breaker: Breaker = OutageBreaker(
+            teacher.name, teacher.base_url, breaker_threshold, budget_s=outage_budget_s(teacher)
+        )
         self.avg_completion = float(min(teacher.max_tokens, 1024))
 
     @property

@@ -79,7 +79,7 @@ class DistillStage(Stage):
     def is_done(self, shard: str) -> bool:
         from octomed_data.distill import is_shard_done
 
-        return is_shard_done(self.out, shard, self.config)
+        return is_shard_done(self.out, shard, self.config, self.questions)
 
     async def arun_shard(self, shard: str) -> dict[str, Any]:
         """Distill one shard on the running event loop (Ray actors call this)."""

@@ -462,3 +462,26 @@ def test_rate_window_spans_the_shards_of_a_local_run(tmp_path: Path) -> None:
     assert summary["complete"] and stats["requests"] == 16
     assert stats["violations"] == 0
     assert max_in_window([r["t"] for r in stats["log"]], 2.0) <= 10
+
+
+def test_recommitted_questions_make_the_shard_stale_and_cost_only_the_new_ones(tmp_path: Path) -> None:
+    """Questions re-decontaminated (one removed, one added): the shard is not done any more; a re-run
+    requests exactly the new question's samples and drops the removed one's."""
+    from octomed_data.distill.run import run_local
+
+    q_uri, out = str(tmp_path / "q"), str(tmp_path / "out")
+    questions = make_questions(q_uri, 5)
+    with start_sandbox() as sb:
+        cfg = config(sb.base_url, samples=2)
+        run_local(q_uri, out, cfg, progress=False)
+        assert is_shard_done(out, "00000", cfg, q_uri)
+        replaced = questions[1:] + make_questions(str(tmp_path / "extra"), 1, offset=50)
+        storage.Dataset(q_uri, QUESTION_SCHEMA).write_shard("00000", replaced)
+        assert not is_shard_done(out, "00000", cfg, q_uri)
+        before = sb.stats()["requests"]
+        summary = run_local(q_uri, out, cfg, progress=False)
+        assert sb.stats()["requests"] - before == 2  # the new question's two samples only
+    assert summary["complete"]
+    rows = read_raw(out)
+    assert Counter(r["question_id"] for r in rows) == {q["question_id"]: 2 for q in replaced}
+    assert is_shard_done(out, "00000", cfg, q_uri)

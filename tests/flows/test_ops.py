@@ -52,7 +52,8 @@ def test_outage_budget_fails_a_lone_retrying_request_in_time_naming_teacher_and_
     with few requests in flight spent every backed-off attempt); the outage budget does, in time."""
     teacher = TeacherConfig(name="t1", base_url=CLOSED, model="m", server="openai", timeout_s=5)
     plain = EndpointClient(teacher, SecretStr("sk-test-0000000000002"))
-    assert type(plain.breaker) is Breaker
+    assert isinstance(plain.breaker, OutageBreaker)  # every client now has the budget (default 120 s)
+    plain.breaker = Breaker(teacher.name, teacher.base_url)  # the request-counting breaker alone
     _one_request_retrying(plain, 8)
     assert plain.breaker.tripped is None  # 8 failed attempts of one request: no trip, no message
 

@@ -323,3 +323,17 @@ def test_teacher_unreachable_is_the_public_error() -> None:
     from octomed_data.errors import OctomedError
 
     assert from_distill is TeacherUnreachable and issubclass(TeacherUnreachable, OctomedError)
+
+
+def test_every_endpoint_client_has_its_teachers_outage_budget() -> None:
+    from pydantic import SecretStr
+
+    from octomed_data.inference.client import EndpointClient
+    from octomed_data.inference.outage import DEFAULT_OUTAGE_BUDGET_S, OutageBreaker
+    from octomed_data.teachers import TeacherConfig
+
+    base = {"name": "t", "base_url": "http://127.0.0.1:9/v1", "model": "m", "server": "generic"}
+    default = EndpointClient(TeacherConfig(**base), SecretStr("sk-test-0000000000003"))
+    tight = EndpointClient(TeacherConfig(**base, outage_budget_s=7.5), SecretStr("sk-test-0000000000003"))
+    assert isinstance(default.breaker, OutageBreaker) and default.breaker.budget_s == DEFAULT_OUTAGE_BUDGET_S
+    assert tight.breaker.budget_s == 7.5
