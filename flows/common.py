@@ -64,6 +64,7 @@ def run_stage_flow(
     ray_address: str | None = None,
     raise_on_failure: bool = True,
     also_pending: bool = False,
+    max_in_flight: int | None = None,
 ) -> StageResult:
     """Run ``stage`` with the Prefect executor (shards named in ``run``, else all) and publish its table."""
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -87,8 +88,13 @@ def run_stage_flow(
         if progress_id is not None:
             update_progress_artifact(progress_id, 100.0 * done[0] / len(shards))
 
-    executor = PrefectExecutor(ray=ray, ray_address=ray_address, on_outcome=on_outcome)
+    executor = PrefectExecutor(
+        ray=ray, ray_address=ray_address, on_outcome=on_outcome, max_in_flight=max_in_flight
+    )
     result = run_stage(stage, executor, shards=run.shards, also_pending=also_pending)
+    if progress_id is not None:  # shards answered from their markers count as done too
+        finished = sum(o.state != "FAILED" for o in result.outcomes.values())
+        update_progress_artifact(progress_id, 100.0 * finished / max(1, len(result.outcomes)))
     if result.stale:
         print(f"{stage.name}: dropped outputs of vanished input shards {result.stale}")
     if not stage.global_step:

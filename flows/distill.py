@@ -47,7 +47,8 @@ def teacher_endpoints(recipe: Recipe) -> Iterator[Any]:
         handle.stop()
 
 
-@flow(name="distill", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+# Threads only wait on Ray; how many shards run at once is the recipe's distill.max_concurrent_shards.
+@flow(name="distill", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=64))
 def distill_flow(run: RunParams = RunParams()) -> dict[str, Any]:
     """``RUN/decontaminate/questions`` -> ``RUN/distill/raw``, one Prefect task per shard."""
     from tasks.ray_executor import RayPool
@@ -61,7 +62,9 @@ def distill_flow(run: RunParams = RunParams()) -> dict[str, Any]:
             raise StorageError(
                 f"no decontaminated questions at {stage.questions}: run the decontaminate flow first"
             )
-        result = run_stage_flow(stage, run, ray=True, ray_address=ray_address)
+        result = run_stage_flow(
+            stage, run, ray=True, ray_address=ray_address, max_in_flight=recipe.distill.max_concurrent_shards
+        )
     return {
         "run_id": paths.run_id,
         "distill_uri": paths.distill,

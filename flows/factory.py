@@ -1,10 +1,10 @@
 """The factory: ingest -> decontaminate -> distill -> filter -> mixture -> export -> train -> checkpoint
 -> evaluate, each stage its own flow, driven by one recipe file.
 
-Re-running the factory with the same ``run_id`` resumes it: finished shards are reused (Prefect
-cache + committed-shard markers) and only missing work runs. With ``shards`` set, per-shard
-stages touch exactly those shards and the global stages (filter, mixture, export, report) are
-rebuilt from all committed shards, so the outputs end as if nothing had failed.
+Re-running the factory with the same ``run_id`` resumes it: a shard whose committed marker says
+done is reused, everything else runs. With ``shards`` set, per-shard stages re-run exactly those
+shards (the filter stage also judges any shard not judged yet) and the global stages (mixture,
+export, report) are rebuilt from all committed shards, so the outputs end as if nothing had failed.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.common import RunParams, ShardFailures, prepare, publish_artifact_index, publish_shard_table
 from flows.decontaminate import decontaminate_flow
@@ -56,11 +55,8 @@ def factory_flow(run: RunParams = RunParams(), stages: list[Stage] | None = None
             out["ingest"] = ingest_flow(run.model_copy(update={"shards": None}))
         if "decontaminate" in todo:
             out["decontaminate"] = decontaminate_flow(run)
-        if "distill" in todo:
-            workers = recipe.distill.max_concurrent_shards
-            out["distill"] = distill_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))(
-                run
-            )
+        if "distill" in todo:  # at most distill.max_concurrent_shards shards at once (the flow bounds it)
+            out["distill"] = distill_flow(run)
         if "filter" in todo:
             out["filter"] = filter_flow(run)
         if "mixture" in todo:

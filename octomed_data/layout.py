@@ -9,14 +9,14 @@ stage          outputs (under the run root)           done-signal (committed sha
 =============  ===================================  ============================================
 ingest         ``ingest/questions``, ``quarantine``,  ``ingest/entries`` (one shard per source
                ``images/``, ``ingest.json``           entry)
-decontaminate  ``decontaminate/questions`` (kept),    ``decontaminate/questions``
-               ``removed``, ``index.npz``
+decontaminate  ``decontaminate/questions`` (kept),    ``decontaminate/removed`` (committed after
+               ``removed``, ``index.npz``             the kept shard)
 distill        ``distill/raw`` (every teacher reply), ``distill/raw`` (its ``extra`` carries the
                ``_journal/``, ``cost.json``           distill config fingerprint)
 filter         ``filter/accepted``, ``verdicts``,     ``filter/verdicts``
                ``stats.json``
-mixture        ``mixture/train``, ``validation``      ``mixture/train``
-export         ``export/llamafactory``, ``trl``       ``export/export.json``
+mixture        ``mixture/train``, ``validation``      (global step: rebuilt on every pass)
+export         ``export/llamafactory``, ``trl``       (global step: rebuilt on every pass)
 train          ``checkpoints/``                       ``checkpoints/final/checkpoint.json``
 evaluate       ``evaluate/``                          ``evaluate/metrics.json``
 report         ``report/report.{md,png}``             (rebuilt on every run)

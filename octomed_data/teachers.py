@@ -136,16 +136,11 @@ class DistillConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> DistillConfig:
-        import yaml
+        from octomed_data.config import read_yaml
 
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        return cls.parse(data, where=str(p))
+        if "://" not in str(path) and not Path(path).exists():
+            raise ConfigError(f"config file not found: {path}")
+        return cls.parse(read_yaml(path), where=str(path))
 
     @classmethod
     def parse(cls, data: Mapping[str, Any], where: str = "config") -> DistillConfig:

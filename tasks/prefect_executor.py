@@ -10,6 +10,7 @@ setting) is not, because it fails the same way every time.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -128,19 +129,26 @@ class PrefectExecutor:
         ray: bool = False,
         ray_address: str | None = None,
         on_outcome: Callable[[ShardOutcome], Any] | None = None,
+        max_in_flight: int | None = None,
     ) -> None:
+        self.max_in_flight = max_in_flight  # None: as many as the flow's task runner takes
         self.ray = ray
         self.ray_address = ray_address
         self.on_outcome = on_outcome
 
     def map(self, stage: Stage, shards: Sequence[str], *, force: bool = False) -> dict[str, ShardOutcome]:
-        futures = {
-            shard_task.submit(stage, s, force, f"{stage.name} {s}", self.ray, self.ray_address): s
-            for s in shards
-        }
+        queue = deque(shards)
+        limit = self.max_in_flight or len(queue) or 1
+        inflight: dict[Any, str] = {}
         out: dict[str, ShardOutcome] = {}
-        for fut in as_completed(list(futures)):
-            shard = futures[fut]
+        while queue or inflight:
+            while queue and len(inflight) < limit:  # at most max_in_flight shards at once
+                s = queue.popleft()
+                inflight[
+                    shard_task.submit(stage, s, force, f"{stage.name} {s}", self.ray, self.ray_address)
+                ] = s
+            fut = next(as_completed(list(inflight)))
+            shard = inflight.pop(fut)
             fut.wait()  # the final state, not the API's possibly older view of it
             if fut.state.is_completed():
                 d = fut.result()

@@ -25,6 +25,7 @@ from typing import Any
 
 import ray
 from pydantic import SecretStr
+from ray.exceptions import RayActorError
 
 from octomed_data import storage
 from octomed_data.inference.ratelimit import LeasedRateLimiter, WindowBudget, lease_chunk, safety_margin
@@ -217,18 +218,24 @@ class RayPool:
     _pool: RayPool | None = None
 
     def __init__(self, size: int, shards_per_worker: int = SHARDS_PER_WORKER) -> None:
-        budget = budget_actor()
         self.size = size
+        self.shards_per_worker = shards_per_worker
         self.job: str | None = None  # the Ray job (driver connection) the actors belong to
-        self.workers = [
-            # Owned by this (driver) process, not detached: they die with it. One per node in turn
-            # (soft: a restart after a node died goes to another node); SPREAD ignores 0-CPU actors.
-            ShardWorker.options(max_concurrency=shards_per_worker, scheduling_strategy=_on_node(i)).remote(
-                budget
-            )
-            for i in range(size)
-        ]
+        self.workers = [self._new_worker(i) for i in range(size)]
         self._next = 0
+
+    def _new_worker(self, i: int) -> Any:
+        # Owned by this (driver) process, not detached: they die with it. One per node in turn
+        # (soft: a restart after a node died goes to another node); SPREAD ignores 0-CPU actors.
+        options = {"max_concurrency": self.shards_per_worker, "scheduling_strategy": _on_node(i)}
+        return ShardWorker.options(**options).remote(budget_actor())
+
+    def replace(self, dead: Any) -> None:
+        """Swap a worker that is gone for good (restarts used up) for a new one."""
+        with self._lock:
+            for i, w in enumerate(self.workers):
+                if w == dead:
+                    self.workers[i] = self._new_worker(i)
 
     @classmethod
     def get(cls, address: str | None = None, size: int | None = None) -> RayPool:
@@ -268,9 +275,18 @@ class RayPool:
         return self._worker().run.remote(stage, shard, force, attempt)
 
     def run(self, stage: Stage, shard: str, *, force: bool = False, attempt: int = 1) -> ShardOutcome:
-        """Run one shard on the pool and wait for it (raises the shard's error)."""
+        """Run one shard on the pool and wait for it (raises the shard's error).
+
+        A worker that died for good (its restarts used up, e.g. its node gone) is replaced and the
+        shard sent once more to a live one: the journal makes that free for stored samples.
+        """
         self.configure(stage)
-        return ray.get(self.submit(stage, shard, force=force, attempt=attempt))
+        worker = self._worker()
+        try:
+            return ray.get(worker.run.remote(stage, shard, force, attempt))
+        except RayActorError:
+            self.replace(worker)
+            return ray.get(self._worker().run.remote(stage, shard, force, attempt))
 
 
 class RayExecutor:
@@ -314,10 +330,23 @@ def _cause(exc: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else exc
 
 
-def secret_keys(api_keys: Mapping[str, str | SecretStr] | None) -> dict[str, SecretStr] | None:
-    if api_keys is None:
-        return None
-    return {k: v if isinstance(v, SecretStr) else SecretStr(str(v)) for k, v in api_keys.items()}
+def secret_keys(
+    api_keys: Mapping[str, str | SecretStr] | None, config: DistillConfig | None = None
+) -> dict[str, SecretStr] | None:
+    """Every teacher's key, resolved here on the driver (given, else its env variable), so Ray
+    workers on other nodes need no key of their own; a key the driver lacks is left to the worker
+    (which fails in one line without it)."""
+    from octomed_data.errors import ConfigError
+    from octomed_data.teachers import resolve_api_key
+
+    keys = {k: v if isinstance(v, SecretStr) else SecretStr(str(v)) for k, v in (api_keys or {}).items()}
+    for teacher in config.teachers if config is not None else ():
+        if teacher.name not in keys:
+            try:
+                keys[teacher.name] = resolve_api_key(teacher)
+            except ConfigError:
+                continue
+    return keys or None
 
 
 def distill_shard_ray(
@@ -334,7 +363,7 @@ def distill_shard_ray(
     from octomed_data.stages.distill import DistillStage
 
     stage = DistillStage(
-        RunPaths.at(out), config, questions=questions_uri, out=out, api_keys=secret_keys(api_keys)
+        RunPaths.at(out), config, questions=questions_uri, out=out, api_keys=secret_keys(api_keys, config)
     )
     pool = RayPool.get(address)
     reused = False
@@ -370,7 +399,7 @@ def run_distill(
 
     names = list(shards) if shards else shard_names(questions_uri)
     stage = DistillStage(
-        RunPaths.at(out), config, questions=questions_uri, out=out, api_keys=secret_keys(api_keys)
+        RunPaths.at(out), config, questions=questions_uri, out=out, api_keys=secret_keys(api_keys, config)
     )
     result = run_stage(
         stage, RayExecutor(address, progress=progress), shards=names, force=False, finalize=False

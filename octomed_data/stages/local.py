@@ -94,12 +94,15 @@ def run_stage(
     executor = executor or LocalExecutor()
     selected = stage.select(shards)
     if shards and also_pending:
-        selected += [s for s in stage.input_shards() if s not in selected and not stage.is_done(s)]
+        others = [s for s in stage.input_shards() if s not in selected]
+        others_done = done_map(stage, others)
+        selected += [s for s in others if not others_done[s]]
     force = bool(shards) if force is None else force
     result = StageResult(stage.name)
     # Done shards are answered here from their markers: no task, no actor call, no request.
     named = set(stage.select(shards)) if force else set()
-    todo = [s for s in selected if s in named or stage.global_step or not stage.is_done(s)]
+    done = {} if stage.global_step else done_map(stage, [s for s in selected if s not in named])
+    todo = [s for s in selected if s in named or stage.global_step or not done[s]]
     for s in selected:
         if s not in todo:
             result.outcomes[s] = ShardOutcome(s, "REUSED", stage.done_counts(s))
@@ -108,7 +111,9 @@ def run_stage(
     if outcomes and not stage.global_step:
         # A shard done before this pass can be stale after it (an ingest entry whose duplicates were
         # judged against an entry this pass re-ingested): one more round runs exactly those.
-        stale = [s for s, o in result.outcomes.items() if o.state == "REUSED" and not stage.is_done(s)]
+        reused = [s for s, o in result.outcomes.items() if o.state == "REUSED"]
+        now_done = done_map(stage, reused)
+        stale = [s for s in reused if not now_done[s]]
         if stale:
             again = executor.map(stage, stale, force=False)
             result.outcomes.update(again)
@@ -120,10 +125,21 @@ def run_stage(
     if not shards and not stage.global_step:
         result.stale = stage.drop_stale(inputs)
     if not stage.global_step:
-        result.pending = [s for s in inputs if s not in result.failed and not stage.is_done(s)]
+        checked = [s for s in inputs if s not in result.failed]
+        now_done = done_map(stage, checked)
+        result.pending = [s for s in checked if not now_done[s]]
     if finalize and not result.failed and not result.pending:
         result.final = stage.finalize(inputs)
     return result
+
+
+def done_map(stage: Stage, shards: Sequence[str], threads: int = 16) -> dict[str, bool]:
+    """``stage.is_done`` for many shards; concurrently, since each is a few small storage reads
+    (tens of thousands of shards on an object store would otherwise take minutes per pass)."""
+    if len(shards) <= threads:
+        return {s: stage.is_done(s) for s in shards}
+    with ThreadPoolExecutor(threads, thread_name_prefix=f"{stage.name}-done") as pool:
+        return dict(zip(shards, pool.map(stage.is_done, shards), strict=True))
 
 
 def raise_for_failures(result: StageResult, hint: Callable[[list[str]], str] | None = None) -> None:
