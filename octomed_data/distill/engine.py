@@ -42,7 +42,6 @@ from octomed_data.distill.journal import (
 )
 from octomed_data.errors import ConfigError, OctomedError, StorageError
 from octomed_data.inference.client import EndpointClient, request_with_retries, sample_seed
-from octomed_data.inference.outage import install_outage_budget
 from octomed_data.inference.ratelimit import LocalRateLimiter, RateLimiter
 from octomed_data.inference.replies import read_choice
 from octomed_data.inference.retry import Backoff
@@ -304,11 +303,10 @@ async def _sample_group(
 def _open_clients(
     config: DistillConfig, api_keys: Mapping[str, str | SecretStr] | None, needed: Iterable[str]
 ) -> dict[str, EndpointClient]:
-    # Each client fails its shard once its teacher's outage budget is spent (``outage_budget_s``).
+    # Each client fails its shard once its teacher's outage budget is spent (``outage_budget_s``):
+    # every EndpointClient carries an OutageBreaker built from its teacher.
     return {
-        name: install_outage_budget(
-            EndpointClient(config.teacher(name), resolve_api_key(config.teacher(name), api_keys))
-        )
+        name: EndpointClient(config.teacher(name), resolve_api_key(config.teacher(name), api_keys))
         for name in needed
     }
 

@@ -89,7 +89,20 @@ def cluster(tmp_path):
         ray.shutdown()
         if worker.poll() is None:
             os.killpg(worker.pid, signal.SIGKILL)
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_own_raylets(temp)
+
+
+def _stop_own_raylets(temp: str) -> None:
+    """Kill only this cluster's processes (every one runs under its own --temp-dir), never another
+    Ray on the machine (``ray stop --force`` would kill them all, a CI neighbour's included)."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp in part for part in proc.info["cmdline"] or []):
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
 
 
 def _stage(tmp: Path, name: str, base_url: str, shards: int, per_shard: int):
