@@ -31,10 +31,23 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
     config = TrainConfig.model_validate(loop_config["config"])
     result = train(config, progress=False)
+    # Which Ray node each rank ran on (index = rank): where a multi-node job really went.
+    nodes = _gather(ray.get_runtime_context().get_node_id())
     if ray.train.get_context().get_world_rank() == 0:
         # Through the store the driver can read wherever it runs (Ray Train keeps metrics only
         # with reported checkpoints, and the checkpoint is ours, on the object store).
-        storage.write_json(loop_config["result_uri"], result.to_dict())
+        storage.write_json(loop_config["result_uri"], {**result.to_dict(), "nodes": nodes})
+
+
+def _gather(value: str) -> list[str]:
+    """``value`` from every rank, in rank order (the process group Ray Train started)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    out: list[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def train_on_ray(
@@ -46,7 +59,8 @@ def train_on_ray(
     address: str | None = None,
     storage_path: str | None = None,
 ) -> dict[str, Any]:
-    """Run one SFT job on Ray Train workers; returns rank 0's TrainResult dict.
+    """Run one SFT job on Ray Train workers; returns rank 0's TrainResult dict, plus ``nodes``: the
+    Ray node ID each rank ran on (index = rank).
 
     ``use_gpu`` and ``num_workers`` default to what the *cluster* has (one worker per GPU, or one
     CPU worker on a cluster without GPUs), not to what the machine submitting the job has.

@@ -549,8 +549,10 @@ def test_killed_job_resumes_from_s3_with_identical_losses(reference_run, launch_
     np.testing.assert_allclose(resumed["losses"], reference_run["result"]["losses"], rtol=1e-5)
 
 
-def test_ray_train_two_workers_matches_torchrun(ray_local, reference_run, launch_export, tiny_text, tmp_path):
+def test_ray_train_two_workers_matches_torchrun(reference_run, ray_local, launch_export, tiny_text, tmp_path):
     """Ray Train (2 CPU workers, gloo) runs the same SFT: the same losses as torchrun, step for step."""
+    # reference_run before ray_local: the S3 credentials are in the environment before a local Ray
+    # (whose workers inherit it) starts, also when this test runs alone.
     from tasks.ray_train import train_on_ray
 
     ref = reference_run["config"]
