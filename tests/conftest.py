@@ -86,8 +86,12 @@ def s3_bucket(s3_endpoint, request) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the session (~2 s start, ~0.9 GB)."""
+def ray_local(s3_endpoint):
+    """One local Ray for the session (~2 s start, ~0.9 GB).
+
+    Started after the loopback S3 server's credentials are in the environment: Ray workers keep
+    the environment Ray started with, and training workers upload checkpoints there.
+    """
     import ray
 
     if not ray.is_initialized():

@@ -82,6 +82,7 @@ def cluster(tmp_path):
     while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.time() < deadline:
         time.sleep(0.5)
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    _warm_up_every_node(ray)
     try:
         yield address, worker
     finally:
@@ -90,6 +91,20 @@ def cluster(tmp_path):
         if worker.poll() is None:
             os.killpg(worker.pid, signal.SIGKILL)
         _stop_own_raylets(temp)
+
+
+def _warm_up_every_node(ray) -> None:
+    """Run one task pinned to each node: a raylet that registered but cannot start workers yet would
+    otherwise send soft-affinity actors to the head (a busy machine makes that likely)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def where() -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    for node in [n["NodeID"] for n in ray.nodes() if n["Alive"]]:
+        strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+        assert ray.get(where.options(scheduling_strategy=strategy).remote(), timeout=120) == node
 
 
 def _stop_own_raylets(temp: str) -> None:
