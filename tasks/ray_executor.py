@@ -246,8 +246,11 @@ class RayPool:
             # cluster, a restarted head) its actor handles are dead, so build a new one.
             job = ray.get_runtime_context().get_job_id()
             if cls._pool is None or cls._pool.job != job:
+                # At least one worker per live node (the resource view can lag a node that just
+                # joined), else one per CPU of the cluster.
                 cpus = int(ray.cluster_resources().get("CPU", 1))
-                cls._pool = RayPool(size or max(1, cpus))
+                nodes = len([n for n in ray.nodes() if n.get("Alive")])
+                cls._pool = RayPool(size or max(1, cpus, nodes))
                 cls._pool.job = job
             return cls._pool
 
