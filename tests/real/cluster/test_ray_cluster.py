@@ -29,7 +29,7 @@ LATENCY = 0.25
 
 def _node_env(tmp: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != KEY_ENV and not k.startswith("RAY_ADDRESS")}
-    repo = str(Path(__file__).resolve().parents[2])
+    repo = str(Path(__file__).resolve().parents[3])
     env.update(
         RAY_AUTH_MODE="disabled",
         RAY_USAGE_STATS_ENABLED="0",

@@ -21,7 +21,7 @@ from octomed_data import storage
 from octomed_data.export import LLAMAFACTORY_SCHEMA
 from octomed_data.job_config import TrainConfig
 from tests.conftest import free_port
-from tests.real.test_ray_cluster import RAY, _node_env, _stop_own_raylets
+from tests.real.cluster.test_ray_cluster import RAY, _node_env, _stop_own_raylets
 from tests.training.sft_helpers import training_rows
 
 # Long enough that the killed job cannot finish between checkpoint-2 and the kill on an idle machine.
