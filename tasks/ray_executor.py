@@ -32,6 +32,7 @@ from octomed_data.inference.ratelimit import LeasedRateLimiter, WindowBudget, le
 from octomed_data.layout import RunPaths
 from octomed_data.runs import LeaseHeld, new_owner, shard_lease
 from octomed_data.stages import ShardOutcome, Stage, arun_one, describe_error, raise_for_failures, run_stage
+from octomed_data.stages.local import shard_progress_bar
 from octomed_data.teachers import DistillConfig
 
 NAMESPACE = "octomed"
@@ -303,13 +304,7 @@ class RayExecutor:
         self.pool.configure(stage)
         pending = {self.pool.submit(stage, s, force=force): s for s in shards}
         out: dict[str, ShardOutcome] = {}
-        bar = None
-        if self.progress:
-            import sys
-
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(shards), unit="shard", desc=f"{stage.name} (ray)", file=sys.stderr)
+        bar = shard_progress_bar(len(shards), f"{stage.name} (ray)") if self.progress else None
         try:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)

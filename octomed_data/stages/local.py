@@ -40,7 +40,7 @@ class LocalExecutor:
         raise AssertionError("unreachable")
 
     def map(self, stage: Stage, shards: Sequence[str], *, force: bool = False) -> dict[str, ShardOutcome]:
-        bar = _bar(len(shards), stage.name) if self.progress and len(shards) > 1 else None
+        bar = shard_progress_bar(len(shards), stage.name) if self.progress and len(shards) > 1 else None
         out: dict[str, ShardOutcome] = {}
         try:
             if self.workers == 1 or len(shards) <= 1:
@@ -67,7 +67,8 @@ def _retryable(exc: BaseException) -> bool:
     return not isinstance(exc, ConfigError)
 
 
-def _bar(total: int, desc: str):
+def shard_progress_bar(total: int, desc: str):
+    """The shards-done bar every executor shows on a terminal."""
     from tqdm import tqdm
 
     return tqdm(total=total, unit="shard", desc=desc, file=sys.stderr, dynamic_ncols=True)
