@@ -140,14 +140,22 @@ class LeaseHeld(OctomedError):
     """Another job holds the lease (a shard's writer, a run's checkpoint folder)."""
 
 
+class LeaseLost(LeaseHeld):
+    """This job held the lease and another took it over: it must not write again."""
+
+
 class Lease:
     """One holder at a time for a thing in the store, with an expiry renewed by its holder.
 
-    ``STORE/.../<name>.lease`` holds ``{owner, expires_at}`` (wall clock, seconds). A holder renews
-    it while it works (:meth:`renew` every ``ttl_s / 3``) and checks it is still the holder before
-    it commits (:meth:`held`); a holder that died stops renewing, so the lease expires and the next
-    job takes it. Taking it is "create if absent" on a local store (``O_EXCL``) and "write, settle,
-    read back" on object stores: of two jobs racing, at most one reads itself back as the owner.
+    ``<name>.lease`` holds ``{owner, epoch, expires_at}`` (wall clock, seconds). Taking a lease
+    that is free, released or expired means winning the claim ``<name>.lease.<epoch+1>``, a
+    write-if-absent (``O_EXCL`` on a local store, a conditional PUT on S3, "write, settle, read
+    back" elsewhere): of jobs racing for one takeover exactly one wins, and epochs only grow.
+
+    The epoch is the holder's fencing token. It holds the lease while the record names it at its
+    epoch and has not expired (:meth:`held`); :meth:`renew` (every ``ttl_s / 3``) also gives up
+    when a later claim exists. Inside :meth:`fence` (and :meth:`hold`) every data write of the
+    shard checks :meth:`held` first, so a writer whose lease was taken over publishes nothing more.
     """
 
     def __init__(self, uri: str, owner: str, ttl_s: float = 30.0, settle_s: float = 0.2) -> None:
@@ -155,14 +163,19 @@ class Lease:
         self.owner = owner
         self.ttl_s = ttl_s
         self.settle_s = settle_s
+        self.epoch = 0
 
     def __repr__(self) -> str:
-        return f"Lease({self.uri!r}, owner={self.owner!r})"
+        return f"Lease({self.uri!r}, owner={self.owner!r}, epoch={self.epoch})"
 
     def read(self) -> dict[str, Any] | None:
-        """The current lease record (None: nobody holds it, or it cannot be read)."""
+        """The current lease record (None: nobody ever held it, or it cannot be read)."""
+        return self._read(self.uri)
+
+    @staticmethod
+    def _read(uri: str) -> dict[str, Any] | None:
         try:
-            return storage.read_json(self.uri) if storage.exists(self.uri) else None
+            return storage.read_json(uri) if storage.exists(uri) else None
         except (StorageError, ValueError):
             return None
 
@@ -170,50 +183,64 @@ class Lease:
         now = time.time()
         return {
             "owner": self.owner,
+            "epoch": self.epoch,
             "expires_at": now + self.ttl_s,
             "renewed_at": now,
             "host": socket.gethostname(),
             "pid": os.getpid(),
         }
 
-    def _local(self) -> bool:
-        return "://" not in self.uri or self.uri.startswith("file://")
+    # ---- claims: <name>.lease.<epoch>, one winner each
+    def _claim_uri(self, epoch: int) -> str:
+        return f"{self.uri}.{epoch:010d}"
 
-    def _create(self) -> bool:
-        """Write the record; on a local store only if no record exists (O_EXCL)."""
-        if not self._local():
-            storage.write_json(self.uri, self._doc())
-            return True
-        path = self.uri.removeprefix("file://")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+    def _claims(self) -> list[int]:
+        folder, base = self.uri.rsplit("/", 1) if "/" in self.uri else (".", self.uri)
+        out = []
+        for uri in storage.list_files(folder):
+            name = uri.rsplit("/", 1)[-1]
+            if name.startswith(base + ".") and name[len(base) + 1 :].isdigit():
+                out.append(int(name[len(base) + 1 :]))
+        return sorted(out)
+
+    def _claim(self, epoch: int) -> bool:
+        uri = self._claim_uri(epoch)
+        doc = {"owner": self.owner, "claimed_at": time.time()}
+        made = storage.create_exclusive(uri, json.dumps(doc).encode())
+        if made is not None:
+            return made
+        if storage.exists(uri):  # a store without exclusive writes: write, settle, read back
             return False
-        with os.fdopen(fd, "w") as fh:
-            json.dump(self._doc(), fh)
-        return True
-
-    def _remove(self) -> None:
-        fs, path = storage.filesystem(self.uri)
-        with contextlib.suppress(FileNotFoundError, OSError):
-            fs.rm(path)
+        storage.write_json(uri, doc)
+        time.sleep(self.settle_s)
+        return (self._read(uri) or {}).get("owner") == self.owner
 
     def try_acquire(self) -> bool:
         """Take the lease if it is free, expired or already ours; False when someone else holds it."""
         cur = self.read()
         if cur is not None and cur.get("owner") == self.owner:
+            self.epoch = int(cur.get("epoch", 0))
             return self.renew()
-        if cur is not None and float(cur.get("expires_at", 0)) > time.time():
+        if cur is not None and cur.get("owner") and float(cur.get("expires_at", 0)) > time.time():
             return False
-        if cur is not None:  # expired: its holder died or hangs; take it over
-            self._remove()
-        if not self._create():
+        claims = self._claims()
+        recorded = int(cur.get("epoch", 0)) if cur else 0
+        latest = max(claims, default=0)
+        if latest > recorded:  # a claim without its record: a takeover in progress, or a dead taker
+            claim = self._read(self._claim_uri(latest)) or {}
+            if float(claim.get("claimed_at", 0)) + self.ttl_s > time.time():
+                return False
+        epoch = max(latest, recorded) + 1
+        if not self._claim(epoch) or max(self._claims(), default=0) > epoch:
             return False
-        if self.settle_s and not self._local():  # O_EXCL already made a local create exclusive
-            time.sleep(self.settle_s)
-        cur = self.read()
-        return cur is not None and cur.get("owner") == self.owner
+        self.epoch = epoch
+        storage.write_json(self.uri, self._doc())
+        for old in claims:  # earlier claims are spent (best effort)
+            if old < epoch:
+                fs, path = storage.filesystem(self._claim_uri(old))
+                with contextlib.suppress(Exception):
+                    fs.rm(path)
+        return self.held()
 
     def acquire(self, wait_s: float = 0.0, poll_s: float = 0.5) -> Lease:
         """Take the lease, waiting up to ``wait_s`` for the holder to finish or expire."""
@@ -233,25 +260,45 @@ class Lease:
     def renew(self) -> bool:
         """Extend the lease; False (and nothing written) when another owner took it meanwhile."""
         cur = self.read()
-        if cur is not None and cur.get("owner") != self.owner:
+        if cur is None or cur.get("owner") != self.owner or int(cur.get("epoch", 0)) != self.epoch:
+            return False
+        if max(self._claims(), default=0) > self.epoch:  # a takeover is under way
             return False
         storage.write_json(self.uri, self._doc())
         return True
 
     def held(self) -> bool:
-        """This owner holds an unexpired lease (check before committing)."""
+        """This owner holds the lease at its epoch, unexpired (checked before every fenced write)."""
         cur = self.read()
-        return cur is not None and cur.get("owner") == self.owner and float(cur["expires_at"]) > time.time()
+        return (
+            cur is not None
+            and cur.get("owner") == self.owner
+            and int(cur.get("epoch", 0)) == self.epoch
+            and float(cur.get("expires_at", 0)) > time.time()
+        )
+
+    def check(self, uri: str = "") -> None:
+        """Raise :class:`LeaseLost` unless this owner still holds the lease (the write fence)."""
+        if not self.held():
+            holder = (self.read() or {}).get("owner")
+            raise LeaseLost(
+                f"{self.uri}: lost to {holder!r} (epoch {self.epoch} is over); "
+                f"not writing {uri.rsplit('/', 1)[-1] or 'anything'}"
+            )
+
+    def fence(self) -> contextlib.AbstractContextManager[None]:
+        """Every shard data write in this context (and tasks started in it) checks the lease first."""
+        return storage.fenced(self.check)
 
     def release(self) -> None:
-        """Give the lease up (only if it is still ours)."""
-        cur = self.read()
-        if cur is not None and cur.get("owner") == self.owner:
-            self._remove()
+        """Give the lease up (only if it is still ours); the epoch stays, so epochs only grow."""
+        if self.held():
+            storage.write_json(self.uri, self._doc() | {"owner": None, "expires_at": 0.0})
 
     @contextlib.contextmanager
     def hold(self, wait_s: float = 0.0, on_lost: Any = None) -> Iterator[Lease]:
-        """Hold the lease for a block, renewed by a heartbeat thread every ``ttl_s / 3``.
+        """Hold the lease for a block, renewed by a heartbeat thread every ``ttl_s / 3``; shard data
+        writes in the block are fenced by it.
 
         ``on_lost()`` is called (once) if another owner takes the lease meanwhile.
         """
@@ -272,7 +319,8 @@ class Lease:
         thread = threading.Thread(target=beat, name=f"lease {self.uri}", daemon=True)
         thread.start()
         try:
-            yield self
+            with self.fence():
+                yield self
         finally:
             stop.set()
             thread.join(timeout=5)

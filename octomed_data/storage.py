@@ -17,6 +17,8 @@ environment (``OCTOMED_S3_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL``; ``AWS_ACCESS_K
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 import posixpath
@@ -151,6 +153,65 @@ def write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` to ``uri`` atomically: readers see the old object or the new, never half."""
     fs, path = filesystem(uri)
     _wrap(uri, _atomic_put, fs, path, data)
+
+
+def create_exclusive(uri: str, data: bytes) -> bool | None:
+    """Write ``data`` only if nothing is at ``uri``: True written, False something was there.
+
+    Exclusive on a local file system (``O_EXCL``) and on S3 (a conditional PUT, ``If-None-Match``);
+    None when this store cannot write exclusively (the caller then writes, waits and reads back).
+    """
+    fs, path = filesystem(uri)
+    if _local_path(fs):
+        _wrap(uri, os.makedirs, os.path.dirname(path) or ".", exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        return True
+    if protocol_of(uri) in ("s3", "s3a"):
+        return bool(_wrap(uri, _s3_create, fs, path, data))
+    return None
+
+
+def _s3_create(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    try:
+        fs.pipe_file(path, data, mode="create")  # PUT with If-None-Match: *
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if "precondition" in str(exc).lower():  # a server that omits the failed condition's name
+            return False
+        raise
+    return True
+
+
+# ----------------------------------------------------------------------------------- write fences
+# A shard's writer runs inside ``fenced(check)``: before each data write that could publish
+# something (a journal segment, a shard's file and marker) ``check_fence(uri)`` calls ``check``,
+# which raises when the writer no longer holds the shard's lease (another job took it over).
+_FENCE: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar(
+    "octomed_write_fence", default=None
+)
+
+
+@contextlib.contextmanager
+def fenced(check: Callable[[str], None]) -> Iterator[None]:
+    """Writes made in this context (and tasks/threads started from it) call ``check(uri)`` first."""
+    token = _FENCE.set(check)
+    try:
+        yield
+    finally:
+        _FENCE.reset(token)
+
+
+def check_fence(uri: str) -> None:
+    """Raise if this context's writer has lost its right to write (no-op outside a fence)."""
+    check = _FENCE.get()
+    if check is not None:
+        check(uri)
 
 
 def read_bytes(uri: str) -> bytes:
@@ -306,6 +367,7 @@ class ShardWriter:
         # An earlier commit's marker goes first: a crash between the new file and the new marker
         # then leaves no marker (not done, re-run), never an old marker describing the new file.
         marker = self.dataset.marker_uri(self.shard)
+        check_fence(self.target)  # a writer that lost the shard's lease publishes nothing
         if exists(marker):
             fs, path = filesystem(marker)
             _wrap(marker, fs.rm, path)
@@ -319,7 +381,8 @@ class ShardWriter:
             committed_at=time.time(),
             extra=dict(extra or {}),
         )
-        write_json(self.dataset.marker_uri(self.shard), asdict(info))
+        check_fence(marker)
+        write_json(marker, asdict(info))
         return info
 
     def _publish(self) -> None:

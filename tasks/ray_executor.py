@@ -25,7 +25,7 @@ from typing import Any
 
 import ray
 from pydantic import SecretStr
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnschedulableError, RayActorError
 
 from octomed_data import storage
 from octomed_data.inference.ratelimit import LeasedRateLimiter, WindowBudget, lease_chunk, safety_margin
@@ -63,7 +63,19 @@ class TeacherBudget:
                 self._budgets[name] = WindowBudget(rpm, tpm, window, margin_s=margin)
                 self._limits[name] = (rpm, tpm, window)
 
-    def lease(self, teacher: str, n: int, tokens_each: int, correction: int) -> tuple[int, float]:
+    def lease(
+        self,
+        teacher: str,
+        n: int,
+        tokens_each: int,
+        correction: int,
+        limits: tuple[int | None, int | None, float] | None = None,
+    ) -> tuple[int, float]:
+        """Up to ``n`` permits now (and how long to wait for more). ``limits`` travels with every
+        call, so a restarted budget actor (its state lost with its process) knows the teacher's
+        limits again from the first lease, not only after the next ``configure``."""
+        if limits is not None and teacher not in self._limits:
+            self.configure({teacher: tuple(limits)})
         budget = self._budgets.get(teacher)
         if budget is None:
             return n, 0.0
@@ -94,16 +106,19 @@ class ShardWorker:
         self._budget = budget
         self._running: dict[tuple[str, str, str], asyncio.Future[ShardOutcome]] = {}
 
-    async def _lease(self, teacher: str, n: int, tokens_each: int, correction: int) -> tuple[int, float]:
-        return await self._budget.lease.remote(teacher, n, tokens_each, correction)
-
     def _bind(self, stage: Stage) -> Stage:
         config = getattr(stage, "config", None)
         if not isinstance(config, DistillConfig) or not hasattr(stage, "with_runtime"):
             return stage
         chunks = {t.name: lease_chunk(t.rpm, t.rate_window_s, LEASE_TTL_S) for t in config.teachers}
         unlimited = {t.name for t in config.teachers if t.rpm is None and t.tpm is None}
-        limiter = LeasedRateLimiter(self._lease, chunks, ttl_s=LEASE_TTL_S, unlimited=unlimited)
+        limits = _limits(config)
+        budget = self._budget
+
+        async def lease(teacher: str, n: int, tokens_each: int, correction: int) -> tuple[int, float]:
+            return await budget.lease.remote(teacher, n, tokens_each, correction, limits.get(teacher))
+
+        limiter = LeasedRateLimiter(lease, chunks, ttl_s=LEASE_TTL_S, unlimited=unlimited)
         return stage.with_runtime(limiter=limiter)
 
     async def run(
@@ -159,11 +174,13 @@ async def run_fenced(
 
     Waits for a lease held by someone else to be released or to expire (a leftover actor of a
     killed run stops renewing it), renews it every ``ttl_s / 3`` while the shard runs, and cancels
-    the shard (it stops before its next write) the moment another owner has taken the lease over.
+    the shard the moment another owner has taken the lease over. Between heartbeats the fence
+    stops it: every journal segment and shard commit checks the lease first (epoch fencing).
     """
     lease = shard_lease(stage.paths, stage.name, shard, owner or new_owner("ray:"), ttl_s)
     await asyncio.to_thread(lease.acquire, ttl_s * 2, min(1.0, ttl_s / 5))
-    task = asyncio.ensure_future(work())
+    with lease.fence():  # the shard's task (and its writer tasks) check the lease before each write
+        task = asyncio.ensure_future(work())
     lost: list[str] = []
 
     async def heartbeat() -> None:
@@ -203,13 +220,25 @@ def ensure_ray(address: str | None) -> bool:
     return address is None
 
 
+# A call to a worker that is gone for good: its node died (hard affinity: it cannot move), or its
+# restarts are used up. The pool replaces the worker and sends the shard again.
+WORKER_GONE = (RayActorError, ActorUnschedulableError)
+RESENDS = 3
+
+
 def _on_node(i: int) -> Any:
+    """Worker ``i`` is pinned to live node ``i mod nodes`` (hard affinity): every node runs shards.
+
+    Soft affinity let Ray put all workers on one node when the other was slow to start workers
+    (seen on a loaded machine); pinned, a worker whose node dies cannot be restarted elsewhere,
+    so the pool replaces it on a live node (:meth:`RayPool.replace`).
+    """
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
     if not nodes:
         return "DEFAULT"
-    return NodeAffinitySchedulingStrategy(node_id=nodes[i % len(nodes)], soft=True)
+    return NodeAffinitySchedulingStrategy(node_id=nodes[i % len(nodes)], soft=False)
 
 
 class RayPool:
@@ -227,7 +256,7 @@ class RayPool:
 
     def _new_worker(self, i: int) -> Any:
         # Owned by this (driver) process, not detached: they die with it. One per node in turn
-        # (soft: a restart after a node died goes to another node); SPREAD ignores 0-CPU actors.
+        # (pinned; SPREAD ignores 0-CPU actors).
         options = {"max_concurrency": self.shards_per_worker, "scheduling_strategy": _on_node(i)}
         return ShardWorker.options(**options).remote(budget_actor())
 
@@ -275,8 +304,10 @@ class RayPool:
         if isinstance(config, DistillConfig):
             ray.get(budget_actor().configure.remote(_limits(config)))
 
-    def submit(self, stage: Stage, shard: str, *, force: bool = False, attempt: int = 1) -> Any:
-        return self._worker().run.remote(stage, shard, force, attempt)
+    def submit(self, stage: Stage, shard: str, *, force: bool = False, attempt: int = 1) -> tuple[Any, Any]:
+        """Send one shard to the next worker; returns (worker, object ref)."""
+        worker = self._worker()
+        return worker, worker.run.remote(stage, shard, force, attempt)
 
     def run(self, stage: Stage, shard: str, *, force: bool = False, attempt: int = 1) -> ShardOutcome:
         """Run one shard on the pool and wait for it (raises the shard's error).
@@ -285,12 +316,15 @@ class RayPool:
         shard sent once more to a live one: the journal makes that free for stored samples.
         """
         self.configure(stage)
-        worker = self._worker()
-        try:
-            return ray.get(worker.run.remote(stage, shard, force, attempt))
-        except RayActorError:
-            self.replace(worker)
-            return ray.get(self._worker().run.remote(stage, shard, force, attempt))
+        for resend in range(RESENDS + 1):
+            worker, ref = self.submit(stage, shard, force=force, attempt=attempt)
+            try:
+                return ray.get(ref)
+            except WORKER_GONE:
+                if resend == RESENDS:
+                    raise
+                self.replace(worker)
+        raise AssertionError("unreachable")
 
 
 class RayExecutor:
@@ -302,16 +336,29 @@ class RayExecutor:
 
     def map(self, stage: Stage, shards: Sequence[str], *, force: bool = False) -> dict[str, ShardOutcome]:
         self.pool.configure(stage)
-        pending = {self.pool.submit(stage, s, force=force): s for s in shards}
+        pending: dict[Any, tuple[str, Any, int]] = {}
+
+        def send(shard: str, resends: int = 0) -> None:
+            worker, ref = self.pool.submit(stage, shard, force=force)
+            pending[ref] = (shard, worker, resends)
+
+        for s in shards:
+            send(s)
         out: dict[str, ShardOutcome] = {}
         bar = shard_progress_bar(len(shards), f"{stage.name} (ray)") if self.progress else None
         try:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
-                    shard = pending.pop(ref)
+                    shard, worker, resends = pending.pop(ref)
                     try:
                         out[shard] = ray.get(ref)
+                    except WORKER_GONE as exc:  # its node died: a new worker on a live node
+                        if resends < RESENDS:
+                            self.pool.replace(worker)
+                            send(shard, resends + 1)
+                            continue
+                        out[shard] = ShardOutcome(shard, "FAILED", error=describe_error(_cause(exc)))
                     except Exception as exc:  # the shard's own error, recorded by arun_one
                         out[shard] = ShardOutcome(shard, "FAILED", error=describe_error(_cause(exc)))
                     if bar is not None:

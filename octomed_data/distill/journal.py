@@ -219,6 +219,7 @@ class JournalWriter:
 
     @staticmethod
     def _write(uri: str, lines: list[bytes]) -> None:
+        storage.check_fence(uri)  # a writer that lost the shard's lease stops here
         storage.write_bytes(uri, encode_segment(lines))  # compressed off the event loop too
 
     async def close(self) -> None:

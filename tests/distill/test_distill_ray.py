@@ -46,3 +46,20 @@ def test_ray_runs_shards_end_to_end_within_one_global_budget(tmp_path: Path, ray
         again = distill_shard_ray(q_uri, "00000", out, config(sb2.base_url, samples=2), api_keys=keys)
         assert sb2.stats()["requests"] == 0
     assert again["complete"] and again["requests"] == 0
+
+
+def test_a_restarted_budget_actor_keeps_every_teachers_limit(ray_local) -> None:
+    """The budget actor is restartable (detached, ``max_restarts=-1``) but its windows live in its
+    process: after a restart it granted everything until the next ``configure``. Every lease now
+    carries the teacher's limits, so the first lease after a restart sets them again."""
+    import ray
+
+    from tasks.ray_executor import budget_actor
+
+    actor = budget_actor()
+    limits = (4, None, 60.0)  # 4 requests a minute
+    ray.get(actor.configure.remote({"restart-probe": limits}))
+    assert sum(ray.get(actor.lease.remote("restart-probe", 1, 0, 0, limits))[0] for _ in range(6)) == 4
+    ray.kill(actor, no_restart=False)  # the actor's process dies; Ray restarts it, state gone
+    granted = sum(ray.get(actor.lease.remote("restart-probe", 1, 0, 0, limits))[0] for _ in range(6))
+    assert granted == 4, granted  # a fresh window, with the limit (not 6: unlimited)

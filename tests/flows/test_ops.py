@@ -122,8 +122,11 @@ def test_lease_one_holder_expiry_takeover_and_lost_detection(tmp_path: Path) -> 
     time.sleep(0.7)  # a died: its lease expires and b takes over
     assert b.try_acquire() and b.held()
     assert not a.held() and a.renew() is False  # a leftover writer learns it lost the shard
+    assert (a.epoch, b.epoch) == (1, 2)  # the takeover is a new epoch (the fencing token)
     b.release()
-    assert not Path(uri).exists()
+    assert b.read()["owner"] is None and not b.held()
+    c = Lease(uri, "c", ttl_s=0.6, settle_s=0)
+    assert c.try_acquire() and c.epoch == 3  # epochs only grow, also after a release
 
 
 def test_lease_race_has_one_winner(tmp_path: Path) -> None:
@@ -140,6 +143,69 @@ def test_lease_race_has_one_winner(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert len(wins) == 1
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_taking_over_an_expired_lease_has_one_winner(tmp_path: Path, store: str, request) -> None:
+    """Defect 9 (fencing): a takeover was remove-then-create, so two restarted jobs racing for a
+    dead writer's shard could both believe they held it. Now it is winning the claim of the next
+    epoch, written only if absent (O_EXCL locally, a conditional PUT on S3)."""
+    root = request.getfixturevalue("s3_bucket") if store == "s3" else str(tmp_path)
+    uri = storage.join(root, "state", "distill", "00007.lease")
+    dead = Lease(uri, "dead", ttl_s=0.3, settle_s=0)
+    assert dead.try_acquire()
+    time.sleep(0.4)  # its holder died: expired
+    wins: list[Lease] = []
+
+    def take(owner: str) -> None:
+        lease = Lease(uri, owner, ttl_s=30, settle_s=0.05)
+        if lease.try_acquire():
+            wins.append(lease)
+
+    threads = [threading.Thread(target=take, args=(f"o{i}",)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1, [w.owner for w in wins]
+    (winner,) = wins
+    assert winner.epoch == 2 and winner.held() and not dead.held()
+    assert storage.create_exclusive(winner._claim_uri(2), b"{}") is False  # the claim is taken
+
+
+def test_a_writer_that_lost_its_lease_publishes_nothing(tmp_path: Path) -> None:
+    """Defect 9 (fencing at commit): a leftover writer of a killed run still running its shard must
+    not publish a journal segment or commit the shard once a restarted run has taken the lease."""
+    import pyarrow as pa
+
+    from octomed_data.distill.journal import JournalWriter, segment_uris
+    from octomed_data.runs import LeaseLost
+
+    paths = RunPaths(str(tmp_path), "r")
+    ds = storage.Dataset(str(tmp_path / "raw"), pa.schema([("x", pa.int64())]))
+    old = shard_lease(paths, "distill", "00000", "leftover", ttl_s=0.3)
+    old.acquire()
+    with old.fence():
+        writer = storage.ShardWriter(ds, "00000")
+        writer.add({"x": 1})
+        time.sleep(0.4)  # the leftover's driver died: no renewal, the lease expired ...
+        new = shard_lease(paths, "distill", "00000", "restarted", ttl_s=30)
+        assert new.try_acquire()  # ... and the restarted run took the shard over
+        with pytest.raises(LeaseLost, match="lost to 'restarted'"):
+            writer.commit()
+
+        async def journal() -> None:
+            jw = JournalWriter(str(tmp_path / "run"), "00000", every=1).start()
+            jw.add({"key": "k", "response": "r"})
+            with pytest.raises(LeaseLost):
+                await jw.close()
+
+        asyncio.run(journal())
+    assert ds.shard_info("00000") is None and not Path(ds.file_uri("00000")).exists()  # no file, no marker
+    assert segment_uris(str(tmp_path / "run"), "00000") == []  # no journal segment either
+    with new.fence():  # the holder writes as usual
+        storage.ShardWriter(ds, "00000").commit()
+    assert ds.shard_info("00000") is not None
 
 
 def test_lease_hold_heartbeat_keeps_it_and_reports_a_takeover(tmp_path: Path) -> None:
@@ -211,7 +277,7 @@ def test_a_restarted_run_waits_for_a_leftover_writer_and_the_leftover_stops_writ
     t0 = time.time()
     assert asyncio.run(run_fenced(stage, "00000", lambda: writer("new", 2), ttl_s=0.6, owner="new")) == "new"
     assert writes[0][1] - t0 >= 0.5  # waited for the lease to expire, did not share the shard
-    assert not Path(shard_lease(paths, "distill", "00000", "x").uri).exists()  # released
+    assert shard_lease(paths, "distill", "00000", "x").read()["owner"] is None  # released
 
     writes.clear()
 
