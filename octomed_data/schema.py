@@ -134,6 +134,8 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("created_at", pa.timestamp("ms", tz="UTC")),
         pa.field("extraction_method", pa.string()),  # which answer form was read (boxed, statement, ...)
         pa.field("refusal", pa.string()),  # the server's refusal message, when it sent one
+        pa.field("endpoint", pa.string()),  # the replica (base URL) that served it; a fleet has several
+        pa.field("batch_id", pa.string()),  # the Batch API batch it came from; null for online requests
     ],
     metadata={"octomed.schema": "sample", "octomed.schema_version": SCHEMA_VERSION},
 )

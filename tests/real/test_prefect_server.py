@@ -1,5 +1,7 @@
-"""A real Prefect server on loopback (``prefect server start``, SQLite in a temporary PREFECT_HOME) and
-``octomed-data serve`` in its own process, driven through the REST API as the UI drives it:
+"""A real Prefect server on loopback (``prefect server start``, once on SQLite in a temporary
+PREFECT_HOME and once on PostgreSQL, a private server started here from the Debian packages, as in
+production) and ``octomed-data serve`` in its own process, driven through the REST API as the UI
+drives it:
 
 1. a factory deployment run completes (the custom re-run of step 3, whole pipeline through training);
 2. one shard whose teacher is down fails within the teacher's outage budget, and the flow run names it;
@@ -9,7 +11,8 @@
    with ``octomed-data run`` (a subprocess with PREFECT_API_URL set);
 5. the factory deployment's nightly schedule is active;
 6. a secret canary (the teacher's key, only in the environment of the processes that start runs)
-   appears in no API response and in no file under the store or the PREFECT_HOME (SQLite included).
+   appears in no API response, in no file under the store or the PREFECT_HOME (SQLite included),
+   and nowhere in a ``pg_dump`` of the PostgreSQL database.
 
 The teachers are sandbox teachers started here on loopback: ``primary`` serves every text task type,
 ``down`` serves ``text_mcq`` (the one ``synth`` shard) and has nothing listening until the re-run.
@@ -162,8 +165,10 @@ def _write_recipe(tmp: Path, primary_url: str, down_url: str) -> str:
 class Stack:
     """The server, ``serve``, the teachers and where everything lives."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, database: str) -> None:
         self.tmp = tmp
+        self.database = database  # "sqlite" or "postgresql"
+        self.pg = None
         self.home = tmp / "prefect-home"
         self.home.mkdir()
         self.port = free_port()
@@ -179,20 +184,25 @@ class Stack:
         return env
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> Iterator[Stack]:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def stack(tmp_path_factory, request) -> Iterator[Stack]:
     import httpx
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from octomed_data.sandbox import start_sandbox
+    from tests.real.postgres import Postgres
 
-    s = Stack(tmp_path_factory.mktemp("srv"))
+    s = Stack(tmp_path_factory.mktemp("srv"), request.param)
     primary = start_sandbox(latency_s=0.0)
     s.down_sandbox = None
     s.down_url = f"http://127.0.0.1:{s.down_port}/v1"  # nothing listens here until the re-run
     s.recipe = _write_recipe(s.tmp, primary.base_url, s.down_url)
     server_env = _base_env(s.home)  # the server gets no key at all
     try:
+        if s.database == "postgresql":
+            s.pg = Postgres(free_port()).start()
+            # Prefect migrates the empty database by itself on start (asyncpg is its dependency).
+            server_env["PREFECT_API_DATABASE_CONNECTION_URL"] = s.pg.url
         t0 = time.time()
         s.server = _start(
             [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(s.port)],
@@ -214,6 +224,8 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
         primary.stop()
         if s.down_sandbox is not None:
             s.down_sandbox.stop()
+        if s.pg is not None:
+            s.pg.stop()
 
 
 def _wait(pred, timeout: float, what: str, s: Stack | None = None) -> None:
@@ -448,8 +460,18 @@ def test_real_server_serve_rerun_train_once_schedule_and_canary(stack: Stack) ->
             if path.is_file() and not path.is_symlink():
                 scanned += 1
                 assert s.canary.encode() not in path.read_bytes(), f"canary in {path}"
-    assert any(p.suffix == ".db" for p in s.home.rglob("*")) and scanned > 100
-    print(f"real server test: {time.time() - t_start:.0f} s after a {s.server_start_s:.0f} s server start")
+    assert scanned > 100
+    if s.database == "sqlite":
+        assert any(p.suffix == ".db" for p in s.home.rglob("*"))  # the database was among the files
+    else:
+        assert not any(p.suffix == ".db" for p in s.home.rglob("*"))  # it really ran on PostgreSQL
+        dump = s.pg.dump()
+        assert s.recipe in dump and BROKEN in dump and s.pg.tables() > 20  # the dump holds the runs
+        assert s.canary not in dump, "canary in the PostgreSQL database"
+    print(
+        f"real server test ({s.database}): {time.time() - t_start:.0f} s after a "
+        f"{s.server_start_s:.0f} s server start"
+    )
 
 
 def _read_everything(api: str) -> dict[str, list[str]]:
