@@ -8,7 +8,6 @@ with a message naming what is missing, never pretending a model was trained.
 from __future__ import annotations
 
 import base64
-import hashlib
 import importlib
 import os
 import tempfile
@@ -25,7 +24,12 @@ from octomed_data.errors import ConfigError, OctomedError, StorageError
 from octomed_data.job_config import EvalConfig, TrainConfig
 from octomed_data.layout import RunPaths
 from octomed_data.recipe import Recipe, load_recipe
-from octomed_data.runs import checkpoint_lease, new_owner, training_dir
+from octomed_data.runs import (
+    checkpoint_lease,
+    export_fingerprint,
+    new_owner,
+    training_record_uri,
+)
 from octomed_data.stages import describe_error
 
 
@@ -231,31 +235,6 @@ def existing_run(run: RunParams) -> RunPaths:
             f"no run {run.run_id!r} under {paths.store}: nothing to train (nothing was created)"
         )
     return paths
-
-
-def export_fingerprint(paths: RunPaths) -> str:
-    """The content hash of the run's TRL export (the idempotency key's second half).
-
-    ConfigError, in one line and before anything is written, when the run has no export.
-    """
-    digest = hashlib.sha256()
-    found = False
-    for text_only in (True, False):
-        ds = storage.Dataset(storage.join(paths.trl_export(text_only), "train"))
-        for name, info in sorted(ds.manifest().items()):
-            found = True
-            digest.update(f"{text_only}/{name}/{info.rows}\n".encode())
-            digest.update(storage.read_bytes(storage.join(ds.uri, info.file)))
-    if not found:
-        raise ConfigError(
-            f"run {paths.run_id!r} has no TRL export at {paths.export}: run the export flow first "
-            "(nothing was created)"
-        )
-    return digest.hexdigest()[:16]
-
-
-def training_record_uri(paths: RunPaths, fingerprint: str) -> str:
-    return storage.join(training_dir(paths), f"{fingerprint}.json")
 
 
 def _record(paths: RunPaths, fingerprint: str) -> dict[str, Any]:

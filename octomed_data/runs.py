@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import json
 import os
 import re
@@ -149,7 +150,7 @@ class Lease:
 
     ``<name>.lease`` holds ``{owner, epoch, expires_at}`` (wall clock, seconds). Taking a lease
     that is free, released or expired means winning the claim ``<name>.lease.<epoch+1>``, a
-    write-if-absent (``O_EXCL`` on a local store, a conditional PUT on S3, "write, settle, read
+    write-if-absent (``link()`` on a local store, a conditional PUT on S3, "write, settle, read
     back" elsewhere): of jobs racing for one takeover exactly one wins, and epochs only grow.
 
     The epoch is the holder's fencing token. It holds the lease while the record names it at its
@@ -227,9 +228,9 @@ class Lease:
         recorded = int(cur.get("epoch", 0)) if cur else 0
         latest = max(claims, default=0)
         if latest > recorded:  # a claim without its record: a takeover in progress, or a dead taker
-            claim = self._read(self._claim_uri(latest)) or {}
-            if float(claim.get("claimed_at", 0)) + self.ttl_s > time.time():
-                return False
+            claim = self._read(self._claim_uri(latest))
+            if claim is None or float(claim.get("claimed_at", 0)) + self.ttl_s > time.time():
+                return False  # unreadable counts as in progress: never two takers of one epoch
         epoch = max(latest, recorded) + 1
         if not self._claim(epoch) or max(self._claims(), default=0) > epoch:
             return False
@@ -335,6 +336,33 @@ def shard_lease(paths: RunPaths, stage: str, shard: str, owner: str, ttl_s: floa
 def training_dir(paths: RunPaths) -> str:
     """Where training's bookkeeping lives: ``state/training/`` (not a shard stage)."""
     return storage.join(paths.root, "state", "training")
+
+
+def export_fingerprint(paths: RunPaths) -> str:
+    """The content hash of the run's TRL export: training's idempotency key is (run, this).
+
+    Streamed file by file (bounded memory whatever the export's size). ConfigError, in one line and
+    before anything is written, when the run has no export.
+    """
+    digest = hashlib.sha256()
+    found = False
+    for text_only in (True, False):
+        ds = storage.Dataset(storage.join(paths.trl_export(text_only), "train"))
+        for name, info in sorted(ds.manifest().items()):
+            found = True
+            digest.update(f"{text_only}/{name}/{info.rows}\n".encode())
+            storage.update_digest(digest, storage.join(ds.uri, info.file))
+    if not found:
+        raise ConfigError(
+            f"run {paths.run_id!r} has no TRL export at {paths.export}: run the export flow first "
+            "(nothing was created)"
+        )
+    return digest.hexdigest()[:16]
+
+
+def training_record_uri(paths: RunPaths, fingerprint: str) -> str:
+    """``state/training/<export fingerprint>.json``: who trained (or trains) this export, and how it ended."""
+    return storage.join(training_dir(paths), f"{fingerprint}.json")
 
 
 def checkpoint_lease(paths: RunPaths, owner: str, ttl_s: float = 60.0) -> Lease:

@@ -155,21 +155,36 @@ def write_bytes(uri: str, data: bytes) -> None:
     _wrap(uri, _atomic_put, fs, path, data)
 
 
+def update_digest(digest: Any, uri: str, chunk: int = 8 * 2**20) -> None:
+    """Feed the bytes at ``uri`` to a hashlib ``digest`` in chunks (bounded memory)."""
+    fs, path = filesystem(uri)
+    with _wrap(uri, fs.open, path, "rb") as fh:
+        while block := _wrap(uri, fh.read, chunk):
+            digest.update(block)
+
+
 def create_exclusive(uri: str, data: bytes) -> bool | None:
     """Write ``data`` only if nothing is at ``uri``: True written, False something was there.
 
-    Exclusive on a local file system (``O_EXCL``) and on S3 (a conditional PUT, ``If-None-Match``);
+    Exclusive on a local file system (``link()``) and on S3 (a conditional PUT, ``If-None-Match``);
+    the object appears complete or not at all.
     None when this store cannot write exclusively (the caller then writes, waits and reads back).
     """
     fs, path = filesystem(uri)
     if _local_path(fs):
-        _wrap(uri, os.makedirs, os.path.dirname(path) or ".", exist_ok=True)
+        folder = os.path.dirname(path) or "."
+        _wrap(uri, os.makedirs, folder, exist_ok=True)
+        # Written whole to a hidden file, then linked into place: link() fails when the name exists,
+        # and a reader never sees the file empty (an O_EXCL create is visible before its write).
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.link(tmp, path)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        finally:
+            _remove_quietly(tmp)
         return True
     if protocol_of(uri) in ("s3", "s3a"):
         return bool(_wrap(uri, _s3_create, fs, path, data))

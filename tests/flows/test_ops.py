@@ -149,7 +149,7 @@ def test_lease_race_has_one_winner(tmp_path: Path) -> None:
 def test_taking_over_an_expired_lease_has_one_winner(tmp_path: Path, store: str, request) -> None:
     """Defect 9 (fencing): a takeover was remove-then-create, so two restarted jobs racing for a
     dead writer's shard could both believe they held it. Now it is winning the claim of the next
-    epoch, written only if absent (O_EXCL locally, a conditional PUT on S3)."""
+    epoch, written only if absent (a hard link locally, a conditional PUT on S3)."""
     root = request.getfixturevalue("s3_bucket") if store == "s3" else str(tmp_path)
     uri = storage.join(root, "state", "distill", "00007.lease")
     dead = Lease(uri, "dead", ttl_s=0.3, settle_s=0)
