@@ -82,6 +82,10 @@ class TrainConfig(BaseModel):
     shuffle_buffer: int = 10_000  # streaming only
     seed: int = 42
     logging_steps: int = 10
+    # Training metrics for a tracker the field already uses, local files by default: tensorboard
+    # writes event files to ``logging_dir`` (default: <work_dir>/tensorboard); none: no tracker.
+    report_to: Literal["none", "tensorboard"] = "none"
+    logging_dir: str | None = None
     # Intermediate checkpoints every N steps, uploaded to output_uri/checkpoints; None: only the final one.
     save_steps: int | None = Field(default=250, ge=1)
     save_total_limit: int | None = Field(default=2, ge=1)  # local copies kept (the store keeps every upload)
@@ -161,6 +165,8 @@ class TrainConfig(BaseModel):
                 "save_steps",
                 "save_total_limit",
                 "resume",
+                "report_to",
+                "logging_dir",
             }
         )
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -235,6 +235,11 @@ def load_model(config: TrainConfig, work_dir: Path, files: list[DataFile], rows:
     return LoadedModel(model_path, vision, model, tokenizer, image_processor)
 
 
+def tensorboard_dir(config: TrainConfig, work_dir: Path) -> str:
+    """Where TensorBoard event files go: ``logging_dir``, else ``<work_dir>/tensorboard``."""
+    return config.logging_dir or str(work_dir / "tensorboard")
+
+
 def training_arguments(
     config: TrainConfig,
     *,
@@ -254,6 +259,9 @@ def training_arguments(
         # An iterable dataset has no length: derive the step count from the footer row counts.
         max_steps = max(1, math.ceil(rows * config.num_train_epochs / plan.global_batch_size))
 
+    if config.report_to == "tensorboard":
+        # transformers 5 takes the event-file folder from the environment only.
+        os.environ["TENSORBOARD_LOGGING_DIR"] = tensorboard_dir(config, work_dir)
     args = TrainingArguments(
         output_dir=str(work_dir / "trainer"),
         per_device_train_batch_size=plan.per_device_batch_size,
@@ -275,7 +283,7 @@ def training_arguments(
         save_strategy="steps" if config.save_steps else "no",
         save_steps=config.save_steps or 500,
         save_total_limit=config.save_total_limit,
-        report_to="none",
+        report_to=config.report_to,
         deepspeed=ds_config,
         seed=config.seed,
         data_seed=config.seed,

@@ -1,0 +1,206 @@
+"""The experiment spec: a base run whose distillation is reused, and the arms to compare.
+
+Typed and validated when it loads (one ``error:`` line for a bad spec). An arm's selection is what
+decides its training data; its ``training`` / ``evaluation`` overrides change how that data is
+used. ``control`` is the paper's choice between comparing arms at the same number of optimizer
+steps (``same_steps``) or the same number of epochs over each arm's own data (``same_epochs``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from octomed_data.config import first_error, read_yaml
+from octomed_data.errors import ConfigError
+from octomed_data.schema import TaskType
+
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
+
+# Source groups an arm may name instead of single sources (the paper's knowledge sources).
+SOURCE_GROUPS: dict[str, frozenset[str]] = {
+    "text": frozenset({TaskType.TEXT_MCQ, TaskType.YES_NO_MAYBE, TaskType.OPEN_QA}),
+    "multimodal": frozenset({TaskType.MM_MCQ, TaskType.OPEN_VQA}),
+    "classification": frozenset({TaskType.IMAGING_CLS}),
+    "all": frozenset(TaskType),
+}
+
+
+class ArmTraining(BaseModel):
+    """Training overrides of one arm (unset: the spec's, then the recipe's)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_steps: int | None = Field(None, ge=1)
+    num_train_epochs: float | None = Field(None, gt=0)
+    learning_rate: float | None = Field(None, gt=0)
+    model_path: str | None = None
+    seed: int | None = None
+
+
+class ArmEvaluation(BaseModel):
+    """Evaluation overrides of one arm: prompting and benchmarks (the protocol's seeds stay shared)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompting: Literal["cot", "direct"] | None = None
+    benchmarks: list[str] | None = None
+
+
+class Arm(BaseModel):
+    """One arm: which of the base run's accepted traces it trains on, and its overrides."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=NAME)
+    description: str = ""
+    # Source names (``medqa``) or groups (text, multimodal, classification, all); None: every source.
+    sources: list[str] | None = None
+    # The first k accepted traces per question by sample index, so 1 ⊂ 4 ⊂ 16; None: all of them.
+    samples_per_question: int | None = Field(None, ge=1)
+    # Keep questions whose pass rate (accepted / judged samples) lies in [low, high].
+    pass_rate: tuple[float, float] | None = None
+    teachers: list[str] | None = None
+    training: ArmTraining = Field(default_factory=ArmTraining)
+    evaluation: ArmEvaluation = Field(default_factory=ArmEvaluation)
+
+    @model_validator(mode="after")
+    def _band(self) -> Arm:
+        if self.pass_rate is not None:
+            low, high = self.pass_rate
+            if not 0.0 <= low <= high <= 1.0:
+                raise ValueError(f"pass_rate must be [low, high] within [0, 1], got {list(self.pass_rate)}")
+        return self
+
+    def selection(self) -> dict[str, Any]:
+        """What decides the arm's data (its part of the arm's fingerprint)."""
+        return self.model_dump(
+            mode="json", include={"sources", "samples_per_question", "pass_rate", "teachers"}
+        )
+
+
+class Expectation(BaseModel):
+    """The paper's reported direction of an effect, shown beside the measured one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    arm: str
+    metric: str = "macro"  # a benchmark name, or macro (the mean over benchmarks)
+    direction: Literal["up", "down", "same"]
+    paper: str  # what the paper reports, in words (e.g. "CoT +15 points on reasoning tasks")
+
+
+class SpecTraining(BaseModel):
+    """Training shared by every arm; ``control`` decides steps vs epochs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_steps: int | None = Field(None, ge=1)  # same_steps: every arm trains this many steps
+    num_train_epochs: float | None = Field(None, gt=0)  # same_epochs: every arm this many epochs
+    learning_rate: float | None = Field(None, gt=0)
+    report_to: Literal["none", "tensorboard"] = "tensorboard"
+
+
+class SpecEvaluation(BaseModel):
+    """The one evaluation protocol every arm is scored with (same seeds, same benchmarks)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    benchmarks: list[str] | None = None  # None: the recipe's
+    seeds: int | None = Field(None, ge=1)
+    seed: int = 0
+    limit: int | None = Field(None, ge=1)
+
+
+class ExperimentSpec(BaseModel):
+    """A study: one base run, several arms, one protocol, the report's reference arm."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=NAME)
+    description: str = ""
+    recipe: str = "demo"  # the recipe of the base run (path, package:..., or demo)
+    base_run: str = Field(pattern=NAME)  # its run id in the recipe's store (built first when missing)
+    store: str | None = None  # None: the recipe's store
+    reference: str  # the arm every other arm is compared with
+    control: Literal["same_steps", "same_epochs"] = "same_steps"
+    training: SpecTraining = Field(default_factory=SpecTraining)
+    evaluation: SpecEvaluation = Field(default_factory=SpecEvaluation)
+    arms: list[Arm] = Field(min_length=2)
+    expect: list[Expectation] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> ExperimentSpec:
+        names = [a.name for a in self.arms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate arm names: {names}")
+        if self.reference not in names:
+            raise ValueError(f"reference arm {self.reference!r} is not one of the arms {names}")
+        for e in self.expect:
+            if e.arm not in names:
+                raise ValueError(f"expect: unknown arm {e.arm!r}")
+        if self.control == "same_steps" and self.training.max_steps is None:
+            if any(a.training.max_steps is None for a in self.arms):
+                raise ValueError("control same_steps needs training.max_steps (or max_steps on every arm)")
+        if self.control == "same_epochs" and self.training.num_train_epochs is None:
+            if any(a.training.num_train_epochs is None for a in self.arms):
+                raise ValueError("control same_epochs needs training.num_train_epochs (or one per arm)")
+        return self
+
+    def arm(self, name: str) -> Arm:
+        for a in self.arms:
+            if a.name == name:
+                return a
+        raise ConfigError(
+            f"experiment {self.name!r} has no arm {name!r} (arms: {[a.name for a in self.arms]})"
+        )
+
+    def arm_settings(self, arm: Arm) -> dict[str, Any]:
+        """Everything but the data that decides an arm's result: training, control, protocol."""
+        return {
+            "arm": arm.model_dump(mode="json", exclude={"name", "description"}),
+            "control": self.control,
+            "training": self.training.model_dump(mode="json"),
+            "evaluation": self.evaluation.model_dump(mode="json"),
+            "recipe": self.recipe,
+        }
+
+    def settings_fingerprint(self, arm: Arm) -> str:
+        blob = json.dumps(self.arm_settings(arm), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+READY_MADE = ("sources", "samples", "length", "cot")
+
+
+def spec_path(ref: str) -> str:
+    """``sources`` (a ready-made spec), ``package:...`` or a file path."""
+    if ref in READY_MADE:
+        return str(resources.files("octomed_data").joinpath(f"recipes/experiments/{ref}.yaml"))
+    if ref.startswith("package:"):
+        return str(resources.files("octomed_data").joinpath(ref.removeprefix("package:")))
+    return ref
+
+
+def parse_spec(data: Mapping[str, Any], where: str = "experiment spec") -> ExperimentSpec:
+    try:
+        return ExperimentSpec.model_validate(dict(data))
+    except ValidationError as exc:
+        raise ConfigError(f"invalid {where}: {first_error(exc)}") from None
+
+
+def load_spec(ref: str) -> ExperimentSpec:
+    """Load and validate a spec (one ``ConfigError`` line when it is missing or invalid)."""
+    path = spec_path(ref)
+    if "://" not in path and not Path(path).exists():
+        raise ConfigError(f"experiment spec not found: {ref} (ready-made: {', '.join(READY_MADE)})")
+    data = read_yaml(path)
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"experiment spec {path} must be a mapping")
+    return parse_spec(data, where=f"experiment spec {ref}")
