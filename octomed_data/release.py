@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -39,12 +38,13 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import SecretStr, ValidationError
+from pydantic import ValidationError
 
 from octomed_data import storage
 from octomed_data.errors import ConfigError, StorageError
 from octomed_data.layout import ReleaseFolder, RunPaths
 from octomed_data.recipe import Recipe, parse_recipe
+from octomed_data.release_safety import SecretGuard, scrub_metadata
 from octomed_data.schema import QUESTION_SCHEMA, RELEASE_SCHEMA, SAMPLE_SCHEMA, VERDICT_SCHEMA
 from octomed_data.teachers import TeacherConfig
 
@@ -53,7 +53,6 @@ SPLIT = "train"  # OctoMed published one training split; the card's config reads
 FAILED = "request_failed"
 BUCKET_BYTES = 64 * 2**20  # decoded reply text held at once while grouping a shard's replies
 _DECODED_PER_FILE_BYTE = 4  # zstd Parquet of prose decodes to about 4x its file size
-_MIN_SECRET_CHARS = 8  # shorter values would match ordinary text
 
 _RESPONSE_FIELDS = (
     "sample_idx", "teacher", "model", "prompt_version", "params_hash", "seed", "reasoning", "response",
@@ -61,20 +60,6 @@ _RESPONSE_FIELDS = (
     "prompt_tokens", "completion_tokens",
 )  # fmt: skip
 _VERDICT_FIELDS = ("extracted_answer", "extraction_method", "correct", "reject_reason")
-
-# Patient and DICOM identifying fields (DICOM PS3.15 basic profile, the usual spellings): a key
-# whose letters and digits, lowercased, are one of these (or hold "patient") is removed from
-# ``metadata``, as is any key spelled as a DICOM tag ("(0010,0010)", "00100010").
-_PHI_KEYS = frozenset(
-    """patientname patientid patientsname patientbirthdate patientbirthtime patientsex patientage
-    patientaddress patienttelephonenumbers otherpatientids otherpatientnames accessionnumber
-    institutionname institutionaddress referringphysicianname performingphysicianname
-    operatorsname physiciansofrecord studydate studytime seriesdate seriestime acquisitiondate
-    acquisitiontime contentdate contenttime studyid studyinstanceuid seriesinstanceuid
-    sopinstanceuid frameofreferenceuid deviceserialnumber stationname medicalrecordnumber mrn
-    ssn dateofbirth dob birthdate issuerofpatientid ethnicgroup""".split()
-)
-_DICOM_TAG = re.compile(r"^\(?\s*[0-9a-fA-F]{4}\s*,?\s*[0-9a-fA-F]{4}\s*\)?$")
 
 
 @dataclass
@@ -97,56 +82,6 @@ class ReleaseResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# ------------------------------------------------------------------------------------- scrubbing
-def is_patient_key(key: str) -> bool:
-    """Whether a metadata key names a patient / DICOM identifying field."""
-    norm = re.sub(r"[^a-z0-9]", "", key.lower())
-    return "patient" in norm or norm in _PHI_KEYS or bool(_DICOM_TAG.match(key.strip()))
-
-
-def _scrub(value: Any, dropped: Counter[str]) -> Any:
-    if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            if is_patient_key(str(k)):
-                dropped[str(k)] += 1
-            else:
-                out[k] = _scrub(v, dropped)
-        return out
-    if isinstance(value, list):
-        return [_scrub(v, dropped) for v in value]
-    return value
-
-
-def scrub_metadata(text: str | None, dropped: Counter[str]) -> str | None:
-    """A question's metadata JSON without patient fields (counted by key in ``dropped``)."""
-    if not text:
-        return None
-    try:
-        data = json.loads(text)
-    except ValueError:  # not JSON: nothing structured to keep, and it could hold anything
-        dropped["<unparseable metadata>"] += 1
-        return None
-    clean = _scrub(data, dropped)
-    return json.dumps(clean, ensure_ascii=False, sort_keys=True) if clean else None
-
-
-class SecretGuard:
-    """Refuses rows holding a teacher's API key (the values of the teachers' key variables)."""
-
-    def __init__(self, secrets: Mapping[str, SecretStr]) -> None:
-        self.secrets = {k: v for k, v in secrets.items() if len(v.get_secret_value()) >= _MIN_SECRET_CHARS}
-
-    @classmethod
-    def from_env(cls, env_names: Iterable[str]) -> SecretGuard:
-        return cls({n: SecretStr(os.environ[n]) for n in sorted(set(env_names)) if os.environ.get(n)})
-
-    def check(self, text: str, where: str) -> None:
-        for name, secret in self.secrets.items():
-            if secret.get_secret_value() in text:
-                raise ConfigError(f"{where} holds the API key of ${name}; not published")
 
 
 # ------------------------------------------------------------------------------- run information
@@ -439,5 +374,9 @@ def load_release(uri: str, **kwargs: Any):
     if not files:
         raise StorageError(f"no released shards at {uri}")
     return datasets.load_dataset(
-        "parquet", data_files={SPLIT: files}, split=SPLIT, storage_options=storage.storage_options(uri), **kwargs
+        "parquet",
+        data_files={SPLIT: files},
+        split=SPLIT,
+        storage_options=storage.storage_options(uri),
+        **kwargs,
     )

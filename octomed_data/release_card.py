@@ -110,7 +110,9 @@ def render_card(
     distinct = sorted({lic for lic, _ in licences.values()})
     n = f"pass@{stats.get('samples_per_question') or 'N'}"
     rows, responses = summary["rows"], summary["responses"]
-    multimodal = any(t in ("mm_mcq", "imaging_cls", "open_vqa") for t in stats.get("reasoning_words_by_task", {}))
+    multimodal = any(
+        t in ("mm_mcq", "imaging_cls", "open_vqa") for t in stats.get("reasoning_words_by_task", {})
+    )
     meta: dict[str, Any] = {
         "license": distinct[0] if len(distinct) == 1 else "other",
         **({"license_name": "mixed (per source, see the card)"} if len(distinct) > 1 else {}),
@@ -126,7 +128,11 @@ def render_card(
     by_name: dict[str, TeacherConfig] = {}
     for t in teachers:
         by_name.setdefault(t.name, t)
-    kind = "every judged response (accepted and rejected)" if summary["all_responses"] else "the accepted responses"
+    kind = (
+        "every judged response (accepted and rejected)"
+        if summary["all_responses"]
+        else "the accepted responses"
+    )
     body = [
         f"# {meta['pretty_name']}",
         "",
@@ -153,14 +159,33 @@ def render_card(
         "Licences as the upstreams state them; `unknown` means none is stated: check before redistributing.",
         "",
         *_table(
-            ["source", "format", "licence", "released rows", "responses", "questions", "samples",
-             "accepted", "pass rate", n, "without accepted", "too easy"],  # fmt: skip
+            [
+                "source",
+                "format",
+                "licence",
+                "released rows",
+                "responses",
+                "questions",
+                "samples",
+                "accepted",
+                "pass rate",
+                n,
+                "without accepted",
+                "too easy",
+            ],  # fmt: skip
             [
                 [
-                    s, formats.get(s, "–"), licences[s][0],
-                    per_source.get(s, {}).get("rows", 0), per_source.get(s, {}).get("responses", 0),
-                    st.get("questions", 0), st.get("samples", 0), st.get("accepted", 0),
-                    _pct(st.get("pass_rate")), _pct(st.get(n)), st.get("questions_without_accepted", 0),
+                    s,
+                    formats.get(s, "–"),
+                    licences[s][0],
+                    per_source.get(s, {}).get("rows", 0),
+                    per_source.get(s, {}).get("responses", 0),
+                    st.get("questions", 0),
+                    st.get("samples", 0),
+                    st.get("accepted", 0),
+                    _pct(st.get("pass_rate")),
+                    _pct(st.get(n)),
+                    st.get("questions_without_accepted", 0),
                     "yes" if st.get("too_easy") else "no",
                 ]  # fmt: skip
                 for s in sources
@@ -175,7 +200,9 @@ def render_card(
         *_table(
             ["teacher", "model", "samples", "temperature", "top_p", "max_tokens"],
             [
-                [name, t.model, count, t.temperature, t.top_p, t.max_tokens] if t else [name, "–", count, "–", "–", "–"]
+                [name, t.model, count, t.temperature, t.top_p, t.max_tokens]
+                if t
+                else [name, "–", count, "–", "–", "–"]
                 for name, count in used.items()
                 for t in [by_name.get(name)]
             ],
@@ -212,7 +239,13 @@ def _decontam_section(recipe: Recipe, summary: Mapping[str, Any]) -> list[str]:
     return lines + _table(
         ["benchmark", "registry items", "registry images", "removed by the run", "excluded at release"],
         [
-            [b, c["items"], c["images"], removed.get(b, 0), sum(e["benchmark"] == b for e in summary["excluded"])]
+            [
+                b,
+                c["items"],
+                c["images"],
+                removed.get(b, 0),
+                sum(e["benchmark"] == b for e in summary["excluded"]),
+            ]
             for b, c in reg["benchmarks"].items()
         ],
     )

@@ -25,7 +25,8 @@ from octomed_data.decontam.index import DecontamIndex
 from octomed_data.errors import ConfigError
 from octomed_data.layout import RunPaths
 from octomed_data.recipe import load_recipe
-from octomed_data.release import is_patient_key, load_release, release
+from octomed_data.release import load_release, release
+from octomed_data.release_safety import is_patient_key
 from octomed_data.runs import start_run
 from octomed_data.sandbox import start_sandbox
 from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA, VERDICT_SCHEMA
@@ -52,13 +53,22 @@ def pmc_csv_over_dicom(shared_data: Path, folder: Path) -> tuple[Path, list[str]
         header = pydicom.dcmread(folder / name)
         fields = {k: str(header.get(k)) for k in DICOM_FIELDS}
         leaked += [v for v in fields.values() if len(v) >= 4]
-        for q, text in enumerate(("Which modality acquired this scan?", "What kind of scanner made this image?")):
+        for q, text in enumerate(
+            ("Which modality acquired this scan?", "What kind of scanner made this image?")
+        ):
             rows.append(
                 {
-                    "Figure_path": name, "Question": text, "Answer": modality,
-                    "Choice A": "A:CT", "Choice B": "B:MR", "Choice C": "C:Ultrasound", "Choice D": "D:PET",
+                    "Figure_path": name,
+                    "Question": text,
+                    "Answer": modality,
+                    "Choice A": "A:CT",
+                    "Choice B": "B:MR",
+                    "Choice C": "C:Ultrasound",
+                    "Choice D": "D:PET",
                     "Answer_label": "A" if modality == "CT" else "B",
-                    **fields, TAG_KEY: fields["PatientName"], "index": str(q),
+                    **fields,
+                    TAG_KEY: fields["PatientName"],
+                    "index": str(q),
                 }  # fmt: skip
             )
     path = folder / "train.csv"
@@ -273,7 +283,9 @@ def test_released_questions_are_no_benchmark_items(run, canary_key, tmp_path):
     removed = storage.Dataset(run[0].removed).read_all().to_pylist()
     assert {e["question_id"] for e in result.excluded} == {r["question_id"] for r in removed}
     assert Counter(e["benchmark"] for e in result.excluded) == Counter(r["match_benchmark"] for r in removed)
-    assert {"medqa", "medmcqa", "mmlu_medical", "omnimedvqa", "vqa_rad"} <= {e["benchmark"] for e in result.excluded}
+    assert {"medqa", "medmcqa", "mmlu_medical", "omnimedvqa", "vqa_rad"} <= {
+        e["benchmark"] for e in result.excluded
+    }
     assert storage.read_json(str(tmp_path / "dirty" / "release.json"))["excluded"] == result.excluded
     _, body = card_of(str(tmp_path / "dirty"))
     assert f"excluded {len(removed)}." in body and "stage was OFF" in body
