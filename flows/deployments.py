@@ -125,6 +125,13 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
         tags=("octomed", "stage"),
     ),
     DeploymentSpec(
+        name="release",
+        entrypoint="flows/release.py:release_flow",
+        description="Publish a filtered run as a dataset with its card (recipe's release block, or `out`)"
+        + STAGE_HELP,
+        tags=("octomed", "stage"),
+    ),
+    DeploymentSpec(
         name="train",
         entrypoint="flows/training.py:train_flow",
         description="SFT on a run's TRL export (UI form), then checkpoint registration and evaluation; "

@@ -1,5 +1,5 @@
-"""The factory: ingest -> decontaminate -> distill -> filter -> mixture -> export -> train -> checkpoint
--> evaluate, each stage its own flow, driven by one recipe file.
+"""The factory: ingest -> decontaminate -> distill -> filter -> mixture -> export (-> release) -> train ->
+checkpoint -> evaluate, each stage its own flow, driven by one recipe file.
 
 Re-running the factory with the same ``run_id`` resumes it: a shard whose committed marker says
 done is reused, everything else runs. With ``shards`` set, per-shard stages re-run exactly those
@@ -20,6 +20,7 @@ from flows.export import export_flow
 from flows.filter import filter_flow, report_task
 from flows.ingest import ingest_flow
 from flows.mixture import mixture_flow
+from flows.release import release_flow
 from flows.training import TrainParams, checkpoint_flow, evaluate_flow, train_flow
 from octomed_data.runs import STAGES
 
@@ -63,6 +64,8 @@ def factory_flow(run: RunParams = RunParams(), stages: list[Stage] | None = None
             out["mixture"] = mixture_flow(run)
         if "export" in todo:
             out["export"] = export_flow(run)
+            if recipe.release.enabled:  # published right after the export it matches
+                out["release"] = release_flow(run.model_copy(update={"shards": None}))
         wants_training = any(s in todo for s in ("train", "checkpoint", "evaluate"))
         if wants_training and recipe.training.enabled:
             if training_left_to_automation(recipe.automation.train_on_mixture, "export" in out):

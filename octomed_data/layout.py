@@ -111,6 +111,11 @@ class DistillFolder:
     def cost(self) -> str:
         return storage.join(self.root, "cost.json")
 
+    @property
+    def config(self) -> str:
+        """The distill config as last run (teachers, models, sampling params; never a key)."""
+        return storage.join(self.root, "_distill", "config.json")
+
 
 @dataclass(frozen=True)
 class FilterFolder:
@@ -140,6 +145,27 @@ class MixtureFolder:
 
     def split(self, name: str) -> str:
         return storage.join(self.root, name)
+
+
+@dataclass(frozen=True)
+class ReleaseFolder:
+    """A published release (``octomed-data release RUN --out ROOT``): anywhere, not in the run."""
+
+    root: str
+
+    @property
+    def data(self) -> str:
+        """The release rows: ``data/<split>-<shard>.parquet`` (+ ``data/_manifest/``)."""
+        return storage.join(self.root, "data")
+
+    @property
+    def card(self) -> str:
+        """The dataset card (``README.md`` with YAML metadata), written last."""
+        return storage.join(self.root, "README.md")
+
+    @property
+    def summary(self) -> str:
+        return storage.join(self.root, "release.json")
 
 
 @dataclass(frozen=True)
@@ -242,6 +268,10 @@ class RunPaths:
     @property
     def cost(self) -> str:
         return DistillFolder(self.distill).cost
+
+    @property
+    def distill_config(self) -> str:
+        return DistillFolder(self.distill).config
 
     # ------------------------------------------------- filter (rejection sampling)
     @property

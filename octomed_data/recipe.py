@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from octomed_data.config import first_error
 from octomed_data.errors import ConfigError
@@ -158,6 +158,23 @@ class EvalSettings(BaseModel):
         return _typed_block(EvalConfig, v, {"model": _PER_RUN, "questions_uri": _PER_RUN})
 
 
+class ReleaseSettings(BaseModel):
+    """Publishing the run as a dataset (``octomed_data.release``), after export when enabled."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    out: str | None = None  # where the release goes (path or s3://...); required when enabled
+    all_responses: bool = False  # also the rejected responses, with their verdicts
+    licenses: dict[str, str] = Field(default_factory=dict)  # source -> licence id on the card
+
+    @model_validator(mode="after")
+    def _out_when_enabled(self) -> ReleaseSettings:
+        if self.enabled and not self.out:
+            raise ValueError("release.out is required when release.enabled is true")
+        return self
+
+
 class AutomationSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -182,6 +199,7 @@ class Recipe(BaseModel):
     export: ExportSettings = Field(default_factory=ExportSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     evaluation: EvalSettings = Field(default_factory=EvalSettings)
+    release: ReleaseSettings = Field(default_factory=ReleaseSettings)
     automation: AutomationSettings = Field(default_factory=AutomationSettings)
     base_dir: str | None = Field(None, description="Folder relative input paths resolve against.")
 

@@ -6,6 +6,7 @@ Every stage reads and writes these Arrow schemas:
 * ``QUARANTINE_SCHEMA``: an input record that could not become a question, with the reason.
 * ``REMOVED_SCHEMA``: a question removed by decontamination, with the benchmark item it matched.
 * ``SAMPLE_SCHEMA``: one teacher sample (reasoning trace + verdict) for one question.
+* ``RELEASE_SCHEMA``: one question of a published release with its teacher replies.
 
 Rows are plain dicts; :func:`question_row` builds and validates a question row so every loader
 produces the same shape. ``question_id`` is derived from content (source, question text,
@@ -200,6 +201,63 @@ MIXTURE_SCHEMA = pa.schema(
         pa.field("shuffle_key", pa.uint64(), nullable=False),
     ],
     metadata={"octomed.schema": "mixture", "octomed.schema_version": "1"},
+)
+
+# A published release (``octomed_data.release``): one row per question with its teacher replies.
+# Images are referenced, never embedded: hashes plus the content-addressed path ``images/ab/<sha>.png``.
+RELEASE_IMAGE_TYPE = pa.struct(
+    [
+        ("sha256", pa.string()),
+        ("phash", pa.uint64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("path", pa.string()),  # images/<sha[:2]>/<sha>.png, as the run's image store lays it out
+    ]
+)
+RESPONSE_TYPE = pa.struct(
+    [
+        ("sample_idx", pa.int32()),
+        ("teacher", pa.string()),
+        ("model", pa.string()),
+        ("prompt_version", pa.string()),
+        ("params_hash", pa.string()),
+        ("seed", pa.int64()),
+        ("temperature", pa.float64()),  # the teacher's sampling params (null when not recorded)
+        ("top_p", pa.float64()),
+        ("max_tokens", pa.int64()),
+        ("extra_body", pa.string()),  # JSON of extra sampling fields sent to the endpoint
+        ("reasoning", pa.string()),
+        ("response", pa.string()),
+        ("extracted_answer", pa.string()),
+        ("extraction_method", pa.string()),
+        ("correct", pa.bool_()),
+        ("reject_reason", pa.string()),  # null when accepted
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+    ]
+)
+RELEASE_SCHEMA = pa.schema(
+    [
+        QUESTION_SCHEMA.field("question_id"),
+        QUESTION_SCHEMA.field("source"),
+        pa.field("source_split", pa.string(), nullable=False),  # the split the source file put it in
+        QUESTION_SCHEMA.field("task_type"),
+        QUESTION_SCHEMA.field("modality"),
+        QUESTION_SCHEMA.field("anatomy"),
+        QUESTION_SCHEMA.field("question"),
+        QUESTION_SCHEMA.field("options"),
+        QUESTION_SCHEMA.field("answer"),
+        QUESTION_SCHEMA.field("answer_text"),
+        pa.field("images", pa.list_(RELEASE_IMAGE_TYPE), nullable=False),
+        pa.field("metadata", pa.string()),  # the source's extras as JSON, patient fields removed
+        pa.field("source_file", pa.string(), nullable=False),  # file name only (no local path)
+        QUESTION_SCHEMA.field("record_index"),
+        pa.field("num_samples", pa.int32(), nullable=False),  # judged samples (failed requests excluded)
+        pa.field("num_accepted", pa.int32(), nullable=False),
+        pa.field("responses", pa.list_(RESPONSE_TYPE), nullable=False),
+    ],
+    metadata={"octomed.schema": "release", "octomed.schema_version": "1"},
 )
 
 # LLM difficulty scores (optional question filter).

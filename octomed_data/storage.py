@@ -390,7 +390,7 @@ class ShardWriter:
         self._cleanup.detach()
         info = ShardInfo(
             shard=self.shard,
-            file=f"part-{self.shard}.parquet",
+            file=self.target.rsplit("/", 1)[-1],
             rows=self.rows,
             bytes=size,
             committed_at=time.time(),
@@ -428,9 +428,14 @@ class ShardWriter:
 class Dataset:
     """A Parquet dataset at ``uri``: shards committed atomically, listed by a manifest."""
 
-    def __init__(self, uri: str, schema: pa.Schema | None = None) -> None:
+    def __init__(self, uri: str, schema: pa.Schema | None = None, file_prefix: str = "part") -> None:
         self.uri = uri.rstrip("/") if uri.endswith("/") and len(uri) > 1 else uri
         self.schema = schema
+        # Shard files are ``<file_prefix>-<shard>.parquet``; a release names them after its split
+        # (``train-<shard>.parquet``), the file pattern the Hugging Face hub reads splits from.
+        if not SHARD_NAME.match(file_prefix):
+            raise ValueError(f"invalid file prefix {file_prefix!r}")
+        self.file_prefix = file_prefix
 
     def __repr__(self) -> str:
         return f"Dataset({self.uri!r})"
@@ -443,7 +448,7 @@ class Dataset:
         return name
 
     def file_uri(self, shard: int | str) -> str:
-        return join(self.uri, f"part-{self.shard_name(shard)}.parquet")
+        return join(self.uri, f"{self.file_prefix}-{self.shard_name(shard)}.parquet")
 
     def marker_uri(self, shard: int | str) -> str:
         return join(self.uri, MANIFEST_DIR, f"{self.shard_name(shard)}.json")
@@ -456,7 +461,7 @@ class Dataset:
     ) -> ShardInfo:
         """Commit one shard (replacing any earlier commit of the same shard)."""
         if isinstance(data, pa.Table) and self.schema is None:
-            writer = Dataset(self.uri, data.schema).writer(shard)
+            writer = Dataset(self.uri, data.schema, self.file_prefix).writer(shard)
         else:
             writer = self.writer(shard)
         if isinstance(data, pa.Table):

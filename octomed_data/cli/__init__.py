@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "octomed_data.cli.sandbox",  # sandbox-teacher
     "octomed_data.cli.vllm",  # vllm setup, vllm serve
     "octomed_data.cli.mixture",  # mix, export
+    "octomed_data.cli.release",  # release
     "octomed_data.cli.run",  # demo, run, rerun, serve, deployments (drive the Prefect flows)
     "octomed_data.cli.train",  # train, tiny-model
     "octomed_data.cli.eval",  # eval

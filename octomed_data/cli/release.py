@@ -1,0 +1,40 @@
+"""``octomed-data release RUN_ID --out URI``: publish a filtered run as a dataset with its card."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def _cmd_release(args: argparse.Namespace) -> int:
+    from octomed_data.release import release
+    from octomed_data.runs import open_run
+
+    store = args.store or os.environ.get("OCTOMED_STORE") or "./runs/demo"
+    recipe, paths = open_run(args.run_id, store)
+    result = release(
+        paths,
+        args.out,
+        all_responses=args.all_responses or recipe.release.all_responses,
+        licenses=recipe.release.licenses,
+        progress=True,
+    )
+    summary = {k: v for k, v in result.to_dict().items() if k != "files"} | {"files": len(result.files)}
+    print(json.dumps(summary, indent=2))
+    print(f"release: {result.rows} question(s), {result.responses} response(s); card {result.card}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """``octomed-data release``."""
+    p = subparsers.add_parser(
+        "release", help="publish a filtered run as a dataset (Parquet + dataset card), e.g. to s3://"
+    )
+    p.add_argument("run_id", help="the run to release")
+    p.add_argument("--out", required=True, help="release folder URI (path or s3://bucket/prefix)")
+    p.add_argument("--store", default=None, help="the run's store (default: $OCTOMED_STORE or ./runs/demo)")
+    p.add_argument(
+        "--all-responses", action="store_true", help="also the rejected responses, with their verdicts"
+    )
+    p.set_defaults(func=_cmd_release)

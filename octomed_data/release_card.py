@@ -1,0 +1,304 @@
+"""The dataset card of a release: ``README.md`` with Hugging Face YAML metadata, from the run's stats.
+
+Every number on the card comes from the run's own statistics (``filter/stats.json``, the one
+statistics pass the report reads too) or from what :func:`octomed_data.release.release` counted
+while writing; licences come from :data:`SOURCE_LICENSES` (per source format, as the upstreams state
+them in ``../shared/data/README.md``), overridable per source by the recipe's ``release.licenses``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pyarrow as pa
+import yaml
+
+from octomed_data import storage
+from octomed_data.decontam.text import NGRAM
+from octomed_data.prompts import SYSTEM_PROMPTS
+from octomed_data.recipe import Recipe
+from octomed_data.registry import BUNDLED_REGISTRY, load_registry, registry_counts
+from octomed_data.teachers import TeacherConfig
+
+# Per source format: (Hugging Face licence id, note). "unknown": no licence stated upstream.
+SOURCE_LICENSES: dict[str, tuple[str, str]] = {
+    "medqa": ("mit", "MedQA, Copyright (c) 2022 Di Jin"),
+    "medmcqa": ("mit", "MedMCQA, Copyright (c) 2022 MedMCQA"),
+    "pubmedqa": ("mit", "PubMedQA, Copyright (c) 2019 pubmedqa"),
+    "mmlu": ("mit", "MMLU (hendrycks/test)"),
+    "mmlu_pro": ("unknown", "MMLU-Pro: not verified (the TIGER-Lab card is commonly MIT)"),
+    "medxpertqa": ("mit", "MedXpertQA (TsinghuaC3I)"),
+    "medbullets": ("unknown", "no licence stated upstream; questions from medbullets.com"),
+    "vqa_rad": ("unknown", "no licence in the OSF Readme (commonly reported CC0 1.0); images from MedPix"),
+    "slake": ("unknown", "no SLAKE data licence stated in the copy used; check med-vqa.com/slake"),
+    "pathvqa": ("mit", "repo MIT; image and caption copyrights belong to the books' publishers and PEIR"),
+    "omnimedvqa": ("unknown", "no licence file; RadImageNet / MIAS images carry their own terms"),
+    "pmc_vqa": ("unknown", "not verified here; check the xmcmic/PMC-VQA dataset card"),
+    "headqa": ("unknown", "not verified here; check the HEAD-QA terms"),
+    "imaging": ("unknown", "your own imaging files: set release.licenses in the recipe"),
+}
+_SIZES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"))
+
+
+def registry_info(registry: str | None) -> tuple[pa.Table, dict[str, Any]]:
+    """The registry table and what the card says of it: where, SHA-256 of the pack, items."""
+    uri = registry or str(BUNDLED_REGISTRY)
+    table = load_registry(uri)
+    digest = hashlib.sha256(storage.read_bytes(uri)).hexdigest()
+    info = {
+        "registry": registry or "bundled (octomed_data/registry/benchmarks.parquet)",
+        "sha256": digest,
+        "rows": table.num_rows,
+        "benchmarks": registry_counts(table),
+    }
+    return table, info
+
+
+def source_formats(recipe: Recipe) -> dict[str, str]:
+    """Source name (the ``source`` column) -> the format it was read as, from the recipe's entries."""
+    out: dict[str, str] = {}
+    try:
+        entries = recipe.ingest_entries()
+    except Exception:  # the recipe's sources file moved since the run: formats by name only
+        entries = []
+    for e in entries:
+        name = e.get("source") or (e.get("options") or {}).get("source") or e["format"]
+        out.setdefault(str(name), e["format"])
+    return out
+
+
+def licence_of(source: str, fmt: str | None, overrides: Mapping[str, str]) -> tuple[str, str]:
+    """(licence id, note) of a source: the recipe's override, else its format's, else unknown."""
+    if source in overrides:
+        return overrides[source], "set in the recipe (release.licenses)"
+    return SOURCE_LICENSES.get(fmt or source, SOURCE_LICENSES.get(source, ("unknown", "format not known")))
+
+
+def size_category(n: int) -> str:
+    for bound, name in _SIZES:
+        if n < bound:
+            return name
+    return "n>1M"
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def _table(header: list[str], rows: Iterable[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return lines + [""]
+
+
+def render_card(
+    recipe: Recipe,
+    stats: Mapping[str, Any],
+    summary: Mapping[str, Any],
+    teachers: list[TeacherConfig],
+    *,
+    licenses: Mapping[str, str] | None = None,
+) -> str:
+    """The ``README.md`` of a release (YAML front matter + body) from the run's stats and the release."""
+    overrides = dict(licenses or {})
+    formats = source_formats(recipe)
+    per_source = summary["per_source"]
+    sources = sorted(set(per_source) | set(stats.get("sources", {})))
+    licences = {s: licence_of(s, formats.get(s), overrides) for s in sources}
+    distinct = sorted({lic for lic, _ in licences.values()})
+    n = f"pass@{stats.get('samples_per_question') or 'N'}"
+    rows, responses = summary["rows"], summary["responses"]
+    multimodal = any(
+        t in ("mm_mcq", "imaging_cls", "open_vqa") for t in stats.get("reasoning_words_by_task", {})
+    )
+    meta: dict[str, Any] = {
+        "license": distinct[0] if len(distinct) == 1 else "other",
+        **({"license_name": "mixed (per source, see the card)"} if len(distinct) > 1 else {}),
+        "pretty_name": f"{recipe.name} distilled medical reasoning (run {summary['run_id']})",
+        "task_categories": ["question-answering", "text-generation"]
+        + (["visual-question-answering"] if multimodal else []),
+        "tags": ["medical", "reasoning", "distillation", "rejection-sampling", "synthetic", "octomed"],
+        "size_categories": [size_category(rows)],
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}],
+        "dataset_info": {"splits": [{"name": "train", "num_examples": rows}]},
+    }
+    used = stats.get("teachers", {})
+    by_name: dict[str, TeacherConfig] = {}
+    for t in teachers:
+        by_name.setdefault(t.name, t)
+    kind = (
+        "every judged response (accepted and rejected)"
+        if summary["all_responses"]
+        else "the accepted responses"
+    )
+    body = [
+        f"# {meta['pretty_name']}",
+        "",
+        f"Medical questions with {kind} of the teacher model(s) below, distilled with the OctoMed recipe "
+        "(N reasoning traces per question, rejection sampling against the gold answer, decontamination "
+        f"against held-out benchmarks). Run `{summary['run_id']}` of recipe `{recipe.name}`; release "
+        f"format {summary['release_version']}.",
+        "",
+        "## Sizes",
+        "",
+        *_table(
+            ["what", "count"],
+            [
+                ["questions (rows)", rows],
+                ["responses in this release", responses],
+                ["samples judged in the run", stats["overall"]["samples"]],
+                ["accepted samples in the run", stats["overall"]["accepted"]],
+                ["failed requests (not samples)", stats["overall"]["failed_requests"]],
+                ["questions excluded at release (benchmark match)", len(summary["excluded"])],
+            ],
+        ),
+        "## Sources and licences",
+        "",
+        "Licences as the upstreams state them; `unknown` means none is stated: check before redistributing.",
+        "",
+        *_table(
+            [
+                "source",
+                "format",
+                "licence",
+                "released rows",
+                "responses",
+                "questions",
+                "samples",
+                "accepted",
+                "pass rate",
+                n,
+                "without accepted",
+                "too easy",
+            ],  # fmt: skip
+            [
+                [
+                    s,
+                    formats.get(s, "–"),
+                    licences[s][0],
+                    per_source.get(s, {}).get("rows", 0),
+                    per_source.get(s, {}).get("responses", 0),
+                    st.get("questions", 0),
+                    st.get("samples", 0),
+                    st.get("accepted", 0),
+                    _pct(st.get("pass_rate")),
+                    _pct(st.get(n)),
+                    st.get("questions_without_accepted", 0),
+                    "yes" if st.get("too_easy") else "no",
+                ]  # fmt: skip
+                for s in sources
+                for st in [stats.get("sources", {}).get(s, {})]
+            ],
+        ),
+        *[f"- `{s}`: {note}" for s, (_, note) in licences.items()],
+        "",
+        *_decontam_section(recipe, summary),
+        "## Teachers and prompts",
+        "",
+        *_table(
+            ["teacher", "model", "samples", "temperature", "top_p", "max_tokens"],
+            [
+                [name, t.model, count, t.temperature, t.top_p, t.max_tokens]
+                if t
+                else [name, "–", count, "–", "–", "–"]
+                for name, count in used.items()
+                for t in [by_name.get(name)]
+            ],
+        ),
+        f"Samples per question: {stats.get('samples_per_question') or recipe.distill.samples}; seed "
+        f"{recipe.distill.seed}; prompt version(s): {', '.join(summary['prompt_versions']) or '–'}. "
+        "System prompts by answer form:",
+        "",
+        *[f"- {form}: `{text}`" for form, text in SYSTEM_PROMPTS.items()],
+        "",
+        *_fields_section(),
+        *_limitations(stats, summary, licences, used),
+    ]
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000)
+    return f"---\n{front}---\n\n" + "\n".join(body).rstrip() + "\n"
+
+
+def _decontam_section(recipe: Recipe, summary: Mapping[str, Any]) -> list[str]:
+    reg = summary["registry"]
+    d = recipe.decontam
+    removed = summary.get("decontam_removed", {})
+    lines = [
+        "## Decontamination",
+        "",
+        f"Method: {NGRAM}-gram overlap of normalised question text (shorter items: whole-item equality "
+        f"plus options, `short_match: {d.short_match}`), exact image SHA-256 and perceptual hash "
+        f"(Hamming distance <= {d.phash_threshold}). The run's stage was "
+        f"{'on' if d.enabled else 'OFF'} and removed {sum(removed.values())} question(s); the release "
+        f"checked every question again and excluded {len(summary['excluded'])}.",
+        "",
+        f"Registry: {reg['registry']}, SHA-256 `{reg['sha256']}`, {reg['rows']} rows.",
+        "",
+    ]
+    return lines + _table(
+        ["benchmark", "registry items", "registry images", "removed by the run", "excluded at release"],
+        [
+            [
+                b,
+                c["items"],
+                c["images"],
+                removed.get(b, 0),
+                sum(e["benchmark"] == b for e in summary["excluded"]),
+            ]
+            for b, c in reg["benchmarks"].items()
+        ],
+    )
+
+
+def _fields_section() -> list[str]:
+    return [
+        "## Fields",
+        "",
+        "`question_id` (content hash), `source`, `source_split`, `task_type`, `modality`, `anatomy`, "
+        "`question`, `options` [{label, text}], `answer` (gold), `answer_text`, `images` [{sha256, phash, "
+        "width, height, path}] (references only: no pixels), `metadata` (JSON, patient fields removed), "
+        "`source_file`, `record_index`, `num_samples`, `num_accepted`, `responses` [{sample_idx, teacher, "
+        "model, prompt_version, params_hash, seed, temperature, top_p, max_tokens, extra_body, reasoning, "
+        "response, extracted_answer, extraction_method, correct, reject_reason, finish_reason, "
+        "prompt_tokens, completion_tokens}].",
+        "",
+        "```python",
+        "from datasets import load_dataset",
+        'ds = load_dataset("parquet", data_files="<release>/data/train-*.parquet", split="train")',
+        "```",
+        "",
+    ]
+
+
+def _limitations(
+    stats: Mapping[str, Any],
+    summary: Mapping[str, Any],
+    licences: Mapping[str, tuple[str, str]],
+    used: Mapping[str, int],
+) -> list[str]:
+    out = [
+        "## Known limitations",
+        "",
+        "- Responses are machine-generated and not reviewed by clinicians. Rejection sampling checks "
+        "only the final answer: an accepted trace can reason wrongly and still end in the right answer.",
+        "- Images are not included: only their hashes and content-addressed paths "
+        "(`images/ab/<sha256>.png` in the producing run's image store). Obtain pixels from the sources.",
+        "- Decontamination covers the registry's benchmarks only; image matching needs the benchmark "
+        "images, which the registry holds only where they were available.",
+    ]
+    unknown = [s for s, (lic, _) in licences.items() if lic == "unknown"]
+    if unknown:
+        out.append(f"- No verified licence for: {', '.join(unknown)}. Check before redistributing.")
+    easy = [s for s, st in stats.get("sources", {}).items() if st.get("too_easy")]
+    if easy:
+        out.append(f"- Rejection rate below 30% (too easy, or an overconfident teacher): {', '.join(easy)}.")
+    without = sum(s.get("without_accepted", 0) for s in summary["per_source"].values())
+    if without:
+        out.append(f"- {without} released question(s) have no accepted response.")
+    if summary.get("unknown_sampling_params"):
+        out.append(f"- {summary['unknown_sampling_params']} response(s) lack recorded sampling params.")
+    if "sandbox" in used:
+        out.append("- Responses by teacher `sandbox` come from the factory's loopback test teacher: they "
+                   "are NOT model traces and must not be used for training.")  # fmt: skip
+    return out + [""]
