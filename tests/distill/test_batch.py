@@ -218,3 +218,20 @@ def test_kill_9_between_submit_and_collect_collects_the_same_batches(tmp_path: P
     for path in Path(out).rglob("*.json"):
         assert KEY not in path.read_text()
     assert DistillConfig.from_yaml(cfg).teachers[0].mode == "batch"
+
+
+def test_estimate_probes_online_and_prices_batch_teachers_at_the_batch_price(tmp_path: Path) -> None:
+    from octomed_data.distill import estimate
+
+    q_uri = str(tmp_path / "q")
+    make_questions(q_uri, 40)
+    prices = {"price_prompt_per_1m": 1000.0, "price_completion_per_1m": 4000.0}
+    with start_sandbox(batch=BatchConfig(hold=True)) as sb:
+        batch = estimate(q_uri, config(sb.base_url, teacher={"mode": "batch", **prices}), sample_questions=5)
+        online = estimate(q_uri, config(sb.base_url, teacher=prices), sample_questions=5)
+        assert sb.batch_stats()["creations"] == 0  # a held batch would never have answered
+    t_batch, t_online = batch["teachers"]["sandbox"], online["teachers"]["sandbox"]
+    assert t_batch["mode"] == "batch" and t_batch["samples"] == 40 * N
+    assert t_online["cost_usd"] > 1 and t_batch["cost_usd"] == pytest.approx(
+        t_online["cost_usd"] / 2, abs=0.01
+    )
