@@ -19,6 +19,8 @@ from octomed_data.distill.batch import SUBMITTED, batch_dir, read_records
 from octomed_data.distill.run import run_local
 from octomed_data.inference.client import sample_seed
 from octomed_data.layout import RunPaths
+from octomed_data.report import shard_table_rows
+from octomed_data.runs import shard_states
 from octomed_data.sandbox import FaultConfig, start_sandbox
 from octomed_data.sandbox_batch import BatchConfig
 from octomed_data.schema import SAMPLE_SCHEMA
@@ -92,6 +94,8 @@ def test_batch_stage_stores_the_same_samples_as_online_at_the_batch_price(tmp_pa
     # The shard's attempt record (the shard table in the UI) shows its batches.
     state = storage.read_json(RunPaths.at(out).state_uri("distill", "00000"))
     assert state["batch"] == "completed 3/3" and state["batch_samples"] == 40 * N
+    (row,) = shard_table_rows(shard_states(RunPaths.at(out), "distill"))
+    assert row["batch"] == "completed 3/3" and row["state"] == "COMPLETED"
     # Every batch record is journalled with its id and marked collected.
     records = read_records(out, "00000")
     assert {r["batch_id"] for r in records} == ids and {r["state"] for r in records} == {"collected"}
