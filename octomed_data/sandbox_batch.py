@@ -44,6 +44,8 @@ class BatchConfig:
     expire_after: int | None = None  # expire having run only the first K requests
     error_rate: float = 0.0  # share of requests answered 500 in the error file (by custom_id)
     fail_validation: bool = False  # the whole batch fails validation (no output)
+    lose_create_replies: int = 0  # the first K creates make the batch, then answer 500
+    rate_limit_first: int = 0  # the first K Files/Batch API calls answer 429 with Retry-After
     seed: int = 0
 
 
@@ -59,6 +61,8 @@ class BatchState:
     retrievals: int = 0
     lists: int = 0
     executed: int = 0  # requests run inside batches (never counted as online requests)
+    calls: int = 0  # every Files/Batch API call (429s included)
+    rate_limited: int = 0
 
 
 BATCH_STATE: web.AppKey[BatchState] = web.AppKey("sandbox_batch_state", BatchState)
@@ -137,6 +141,8 @@ async def _create(request: web.Request) -> web.Response:
     if bs.config.fail_validation or len(set(ids)) != len(ids) or None in ids:
         batch.update(status="failed", errors={"object": "list", "data": [{"code": "invalid_input"}]})
     bs.batches[batch["id"]] = batch
+    if bs.creations <= bs.config.lose_create_replies:
+        return web.json_response({"error": {"message": "internal error (sandbox)"}}, status=500)
     return web.json_response(_public(batch))
 
 
@@ -239,6 +245,8 @@ def stats_of(bs: BatchState) -> dict[str, Any]:
         "retrievals": bs.retrievals,
         "lists": bs.lists,
         "executed": bs.executed,
+        "calls": bs.calls,
+        "rate_limited": bs.rate_limited,
         "batches": [_public(b) for b in bs.batches.values()],
     }
 
@@ -247,9 +255,23 @@ async def _stats(request: web.Request) -> web.Response:
     return web.json_response(stats_of(request.app[BATCH_STATE]))
 
 
+@web.middleware
+async def _rate_limit(request: web.Request, handler: Any) -> web.StreamResponse:
+    """The first ``rate_limit_first`` Files/Batch API calls answer 429 (Retry-After: 0.05 s)."""
+    bs = request.app[BATCH_STATE]
+    if request.path.startswith(("/v1/files", "/v1/batches")):
+        bs.calls += 1
+        if bs.calls <= bs.config.rate_limit_first:
+            bs.rate_limited += 1
+            err = {"error": {"message": "rate limited (sandbox)", "type": "rate_limit_error"}}
+            return web.json_response(err, status=429, headers={"retry-after-ms": "50"})
+    return await handler(request)
+
+
 def mount(app: web.Application, config: BatchConfig) -> None:
     """Add the Files + Batch API routes to a sandbox application."""
     app[BATCH_STATE] = BatchState(config)
+    app.middlewares.append(_rate_limit)
     app.router.add_post("/v1/files", _upload)
     app.router.add_get("/v1/files/{file_id}/content", _content)
     app.router.add_post("/v1/batches", _create)

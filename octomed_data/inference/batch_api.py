@@ -69,12 +69,18 @@ class BatchAPI:
 
     async def _call(self, what: str, method: str, path: str, **kwargs: Any) -> Any:
         """One API call with retries; ``kwargs`` may hold ``json``, ``params`` or ``form`` (a
-        callable building fresh form data per attempt, whose files it opens) or ``sink`` (a
-        callable writing the body to disk)."""
+        callable building fresh form data per attempt, whose files it opens), ``sink`` (a
+        callable writing the body to disk) or ``before_retry`` (awaited before each retry: what
+        it returns, when not None, is the call's result)."""
         form = kwargs.pop("form", None)
         sink = kwargs.pop("sink", None)
+        before_retry = kwargs.pop("before_retry", None)
         last = ""
         for attempt in range(1, self.max_attempts + 1):
+            if attempt > 1 and before_retry is not None:
+                done = await before_retry()
+                if done is not None:
+                    return done
             self.calls += 1
             opened: list[Any] = []
             try:
@@ -114,14 +120,23 @@ class BatchAPI:
     async def create(
         self, input_file_id: str, completion_window: str = "24h", metadata: dict[str, str] | None = None
     ) -> dict[str, Any]:
-        """Submit a batch of chat completions over an uploaded file; returns the batch object."""
+        """Submit a batch of chat completions over an uploaded file; returns the batch object.
+
+        A create that failed may still have created the batch (the answer was lost, or a 5xx
+        came after the work): before every retry the batch is looked up by its input file, and
+        adopted when it exists, so one file never becomes two paid batches.
+        """
         body = {
             "input_file_id": input_file_id,
             "endpoint": CHAT_ENDPOINT,
             "completion_window": completion_window,
             "metadata": metadata or {},
         }
-        return await self._call("batch create", "POST", "/batches", json=body)
+
+        async def created() -> dict[str, Any] | None:
+            return await self.find(input_file_id)
+
+        return await self._call("batch create", "POST", "/batches", json=body, before_retry=created)
 
     async def retrieve(self, batch_id: str) -> dict[str, Any]:
         """The batch object now (status, request_counts, output/error file ids)."""

@@ -96,6 +96,7 @@ def test_batch_stage_stores_the_same_samples_as_online_at_the_batch_price(tmp_pa
     assert state["batch"] == "completed 3/3" and state["batch_samples"] == 40 * N
     (row,) = shard_table_rows(shard_states(RunPaths.at(out), "distill"))
     assert row["batch"] == "completed 3/3" and row["state"] == "COMPLETED"
+    assert "batch" not in shard_table_rows([{"stage": "ingest", "shard": "a"}])[0]  # only where used
     # Every batch record is journalled with its id and marked collected.
     records = read_records(out, "00000")
     assert {r["batch_id"] for r in records} == ids and {r["state"] for r in records} == {"collected"}
@@ -239,3 +240,23 @@ def test_estimate_probes_online_and_prices_batch_teachers_at_the_batch_price(tmp
     assert t_online["cost_usd"] > 1 and t_batch["cost_usd"] == pytest.approx(
         t_online["cost_usd"] / 2, abs=0.01
     )
+
+
+def test_a_lost_create_answer_and_429s_never_make_a_second_batch(tmp_path: Path) -> None:
+    q_uri, out = str(tmp_path / "q"), str(tmp_path / "out")
+    questions = make_questions(q_uri, 10)
+    # The first create makes the batch and answers 500; the first three API calls answer 429.
+    behaviour = BatchConfig(lose_create_replies=1, rate_limit_first=3)
+    with start_sandbox(batch=behaviour) as sb:
+        teacher = {"mode": "batch", "batch_poll_s": 0.05, **PRICES}
+        summary = run_local(q_uri, out, config(sb.base_url, teacher=teacher), progress=False)
+        stats, chat = sb.batch_stats(), sb.stats()
+    assert summary["complete"] and chat["requests"] == 0
+    assert stats["rate_limited"] == 3 and stats["uploads"] == 1
+    # The retry looked for the batch first and adopted it: one batch, paid once.
+    assert stats["creations"] == 1 and stats["lists"] >= 1 and stats["executed"] == 10 * N
+    (batch,) = stats["batches"]
+    rows = _raw(out)
+    assert {r["batch_id"] for r in rows} == {batch["id"]}
+    assert Counter(r["question_id"] for r in rows) == {q["question_id"]: N for q in questions}
+    assert [r["batch_id"] for r in read_records(out, "00000")] == [batch["id"]]
