@@ -260,3 +260,23 @@ def test_a_lost_create_answer_and_429s_never_make_a_second_batch(tmp_path: Path)
     assert {r["batch_id"] for r in rows} == {batch["id"]}
     assert Counter(r["question_id"] for r in rows) == {q["question_id"]: N for q in questions}
     assert [r["batch_id"] for r in read_records(out, "00000")] == [batch["id"]]
+
+
+def test_batch_records_and_samples_on_s3_two_shards(tmp_path: Path, s3_bucket: str) -> None:
+    q_uri, out = str(tmp_path / "q"), f"{s3_bucket}/distill"
+    make_questions(q_uri, 8, shard="00000")
+    make_questions(q_uri, 8, shard="00001", source="medmcqa", offset=100)
+    with start_sandbox(batch=BatchConfig(complete_after_s=0.1)) as sb:
+        teacher = {"mode": "batch", "batch_poll_s": 0.05, **PRICES}
+        summary = run_local(q_uri, out, config(sb.base_url, teacher=teacher), progress=False)
+        stats = sb.batch_stats()
+    assert summary["complete"] and summary["stored"] == 2 * 8 * N
+    # One batch per shard, journalled next to the shard's samples on the object store.
+    assert stats["creations"] == 2
+    for shard in ("00000", "00001"):
+        (rec,) = read_records(out, shard)
+        rows = storage.Dataset(storage.join(out, "raw"), SAMPLE_SCHEMA).read_shard(shard).to_pylist()
+        assert rec["state"] == "collected" and {r["batch_id"] for r in rows} == {rec["batch_id"]}
+        assert len(rows) == 8 * N
+    cost = storage.read_json(storage.join(out, "cost.json"))
+    assert {r["batch_samples"] for r in cost["by_teacher_source"]} == {8 * N}
