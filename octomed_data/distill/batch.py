@@ -285,6 +285,18 @@ class BatchRun:
     async def _collect(self, rec: dict[str, Any], batch: Mapping[str, Any], done: set[str]) -> None:
         tc = self.clients[rec["teacher"]]
         api = self.api(rec["teacher"])
+        current = (tc.teacher.model, tc.params_hash, self.run.config.prompt_version)
+        if (rec["model"], rec["params_hash"], rec["prompt_version"]) != current:
+            # Sampled under an earlier config: not this config's samples (rows are built with the
+            # current teacher's labels), so neither stored nor replaced online.
+            log.warning(
+                "shard %s: batch %s was made with other sampling settings; not stored",
+                rec["shard"],
+                rec["batch_id"],
+            )
+            rec["collected"] = {"answered": 0, "errors": {}, "stale_config": True}
+            self._done_records.append(rec)
+            return
         by_id = {r["id"]: r for r in rec["requests"]}
         answered: set[str] = set()
         wanted: dict[str, list[int]] = {}

@@ -8,8 +8,10 @@ the journal and counts as done only once its journal segment is written; no verd
 (rejection sampling is its own stage, :mod:`octomed_data.rejection`, so replies can be judged again
 without paying a teacher twice). A request that still fails after ``max_attempts`` is journalled
 as a failure (not done): the shard finishes anyway, reports it, and a re-run retries exactly
-those. At the end the journal is compacted into ``OUT/raw`` (same shard name as the questions
-shard), whose committed marker (complete, config fingerprint) is the shard's one done-signal.
+those. Samples routed to a ``mode: batch`` teacher go through the Batch API instead
+(:mod:`octomed_data.distill.batch`), into the same journal as the same rows. At the end the
+journal is compacted into ``OUT/raw`` (same shard name as the questions shard), whose committed
+marker (complete, config fingerprint) is the shard's one done-signal.
 """
 
 from __future__ import annotations
