@@ -111,6 +111,9 @@ def shard_table_rows(shards: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]
     attempts, seconds over every attempt, counts; unknown keys are dropped."""
     keys = ("stage", "shard", "state", "error", "attempt", "seconds", "input", "kept", "removed")
     keys += ("questions", "samples", "accepted")
+    shards = list(shards)
+    if any(s.get("batch") for s in shards):
+        keys += ("batch",)  # batch-mode teachers: each shard's batches by status (only then)
     rows = []
     for s in shards:
         row = {k: s.get(k) for k in keys}

@@ -47,6 +47,9 @@ from typing import Any, Literal
 
 from aiohttp import web
 
+from octomed_data.sandbox_batch import BATCH_STATE, BatchConfig, stats_of
+from octomed_data.sandbox_batch import mount as mount_batch
+
 SANDBOX_MARK = "[sandbox teacher: not a model trace]"
 SANDBOX_FINGERPRINT = "octomed-sandbox"
 SANDBOX_TEACHER = "sandbox"
@@ -120,6 +123,11 @@ class _State:
 
 
 _STATE: web.AppKey[_State] = web.AppKey("sandbox_state", _State)
+
+
+def app_state(app: web.Application) -> Any:
+    """The chat endpoint's state of a sandbox app (what :func:`completion_payload` takes)."""
+    return app[_STATE]
 
 
 def _unit(*parts: Any) -> float:
@@ -286,7 +294,8 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     state.requests += 1
     try:
         body = await request.json()
-        messages = body["messages"]
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            raise TypeError("no messages")
     except (ValueError, KeyError, TypeError):
         return web.json_response({"error": {"message": "invalid request body"}}, status=400)
     model = str(body.get("model", ""))
@@ -297,8 +306,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         if isinstance(body.get("top_k"), int) and body["top_k"] < 0:
             err = {"error": {"message": LLAMACPP_TOP_K_ERROR, "type": "internal_server_error"}}
             return web.json_response(err, status=500)
-    prompt = _prompt_text(messages)
-    key = hashlib.blake2b(f"{model}|{seed}|{prompt}".encode(), digest_size=10).hexdigest()
+    key = request_key(body)
     occurrence = 0
     if state.track_keys:  # only transient faults need per-key history; a long benchmark stays flat
         occurrence = state.seen.get(key, 0)
@@ -349,6 +357,28 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         return web.Response(
             body=b'{"id": "chatcmpl-sandbox", "choices": [{"mess', content_type="application/json"
         )
+    payload = completion_payload(state, body, key, arrived)
+    state.completed += 1
+    return web.json_response(payload)
+
+
+def request_key(body: dict[str, Any]) -> str:
+    """The sandbox's identity of a chat request (model, seed, prompt): what per-key faults hash."""
+    ident = f"{body.get('model', '')}|{int(body.get('seed') or 0)}|{_prompt_text(body['messages'])}"
+    return hashlib.blake2b(ident.encode(), digest_size=10).hexdigest()
+
+
+def completion_payload(state: _State, body: dict[str, Any], key: str, arrived: float) -> dict[str, Any]:
+    """The chat-completion body for a request that got through (per-key truncation/refusal kept).
+
+    Shared by the online endpoint and the batch endpoint (:mod:`octomed_data.sandbox_batch`).
+    """
+    f = state.faults
+    messages = body["messages"]
+    model = str(body.get("model", ""))
+    seed = int(body.get("seed") or 0)
+    n = 1 if state.server == "llamacpp" else int(body.get("n") or 1)
+    prompt = _prompt_text(messages)
     truncated = _unit("truncated", f.seed, key) < f.truncated
     refusal = not truncated and _unit("refusal", f.seed, key) < f.refusal
     choices = []
@@ -374,7 +404,6 @@ async def _chat(request: web.Request) -> web.StreamResponse:
             message[state.reasoning_field] = message.pop("reasoning_content")
         choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": None})
         completion_tokens += tokens
-    state.completed += 1
     payload = {
         "id": f"chatcmpl-{key}",
         "object": "chat.completion",
@@ -389,7 +418,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
             "total_tokens": max(1, len(prompt) // 4) + completion_tokens,
         },
     }
-    return web.json_response(payload)
+    return payload
 
 
 async def _models(request: web.Request) -> web.Response:
@@ -427,8 +456,12 @@ def build_app(
     continuation_as_reasoning: bool = False,
     server: ServerLike = "generic",
     reasoning_field: str = "reasoning_content",
+    batch: BatchConfig | None = None,
 ) -> web.Application:
-    """The aiohttp application (for embedding); :func:`start_sandbox` runs it in a thread."""
+    """The aiohttp application (for embedding); :func:`start_sandbox` runs it in a thread.
+
+    ``batch``: how its Files + Batch API (:mod:`octomed_data.sandbox_batch`) behaves.
+    """
     if style not in ("reasoning_content", "think", "mixed"):
         raise ValueError(f"unknown style {style!r}")
     app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -451,6 +484,7 @@ def build_app(
     if server == "vllm":
         app.router.add_get("/version", _version)
     app.router.add_get("/_sandbox/stats", _stats)
+    mount_batch(app, batch or BatchConfig())
     return app
 
 
@@ -506,6 +540,23 @@ class SandboxHandle:
         fut = asyncio.run_coroutine_threadsafe(_snapshot(state), self._loop)
         return fut.result(10)
 
+    def batch_stats(self) -> dict[str, Any]:
+        """The Batch API's counts (uploads, creations, retrievals, requests run) and batches."""
+        bs = self._app[BATCH_STATE]
+        return asyncio.run_coroutine_threadsafe(_call(stats_of, bs), self._loop).result(10)
+
+    def batch_control(self, **changes: Any) -> None:
+        """Change the batch behaviour while running (e.g. ``hold=False`` releases held batches)."""
+        cfg = self._app[BATCH_STATE].config
+
+        def apply(_: Any) -> None:
+            for k, v in changes.items():
+                if not hasattr(cfg, k):
+                    raise ValueError(f"no batch setting {k!r}")
+                setattr(cfg, k, v)
+
+        asyncio.run_coroutine_threadsafe(_call(apply, None), self._loop).result(10)
+
     def stop(self) -> None:
         if self._stop is not None and self._loop.is_running():
             self._loop.call_soon_threadsafe(self._stop.set)
@@ -522,6 +573,10 @@ async def _snapshot(state: _State) -> dict[str, Any]:
     return _stats_of(state)
 
 
+async def _call(fn: Any, arg: Any) -> Any:
+    return fn(arg)  # on the server's loop: no handler sees half a change
+
+
 def start_sandbox(
     host: str = "127.0.0.1",
     port: int = 0,
@@ -533,6 +588,7 @@ def start_sandbox(
     continuation_as_reasoning: bool = False,
     server: ServerLike = "generic",
     reasoning_field: str = "reasoning_content",
+    batch: BatchConfig | None = None,
 ) -> SandboxHandle:
     """Start the sandbox teacher in a background thread; ``port=0`` picks a free port.
 
@@ -547,6 +603,7 @@ def start_sandbox(
         continuation_as_reasoning=continuation_as_reasoning,
         server=server,
         reasoning_field=reasoning_field,
+        batch=batch,
     )
     return SandboxHandle(app, host).start(port)
 

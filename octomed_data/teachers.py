@@ -60,6 +60,15 @@ class TeacherConfig(BaseModel):
     price_prompt_per_1m: float = Field(0.0, ge=0.0)  # USD per 1M prompt tokens
     price_completion_per_1m: float = Field(0.0, ge=0.0)  # USD per 1M completion tokens
     extra_body: dict[str, Any] = Field(default_factory=dict)
+    # Batch mode (the OpenAI Batch + Files API, :mod:`octomed_data.distill.batch`): requests are
+    # uploaded per shard as JSONL, submitted, polled and collected, at the batch price. Not part of
+    # ``sampling_params``: a sample is the same sample whichever way it was requested.
+    mode: Literal["online", "batch"] = "online"
+    batch_completion_window: str = Field("24h", pattern=r"^\d+[hd]$")  # as the API takes it
+    batch_poll_s: float = Field(30.0, gt=0.0)  # seconds between status checks of a live batch
+    batch_max_requests: int = Field(50_000, gt=0, le=50_000)  # requests per batch (API limit 50k)
+    batch_max_bytes: int = Field(190 * 2**20, gt=0, le=200 * 2**20)  # input file size (API limit 200 MB)
+    batch_price_factor: float = Field(0.5, ge=0.0, le=1.0)  # batch price / online price
 
     def sampling_params(self) -> dict[str, Any]:
         """What changes the distribution of a sample: hashed into every sample key."""
@@ -76,10 +85,12 @@ class TeacherConfig(BaseModel):
             json.dumps(self.sampling_params(), sort_keys=True, separators=(",", ":"), default=str)
         )
 
-    def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (
+    def cost_usd(self, prompt_tokens: int, completion_tokens: int, batch: bool = False) -> float:
+        """USD for these tokens at the online price, or at the batch price (``batch``)."""
+        usd = (
             prompt_tokens * self.price_prompt_per_1m + completion_tokens * self.price_completion_per_1m
         ) / 1e6
+        return usd * self.batch_price_factor if batch else usd
 
 
 class DistillConfig(BaseModel):

@@ -8,8 +8,10 @@ the journal and counts as done only once its journal segment is written; no verd
 (rejection sampling is its own stage, :mod:`octomed_data.rejection`, so replies can be judged again
 without paying a teacher twice). A request that still fails after ``max_attempts`` is journalled
 as a failure (not done): the shard finishes anyway, reports it, and a re-run retries exactly
-those. At the end the journal is compacted into ``OUT/raw`` (same shard name as the questions
-shard), whose committed marker (complete, config fingerprint) is the shard's one done-signal.
+those. Samples routed to a ``mode: batch`` teacher go through the Batch API instead
+(:mod:`octomed_data.distill.batch`), into the same journal as the same rows. At the end the
+journal is compacted into ``OUT/raw`` (same shard name as the questions shard), whose committed
+marker (complete, config fingerprint) is the shard's one done-signal.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -81,6 +83,12 @@ class ShardReport:
     retries: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    batches: int = 0  # Batch API batches submitted by this run (batch-mode teachers)
+    batches_resumed: int = 0  # live batches of an earlier run collected by this one
+    batch_requests: int = 0  # request lines this run put into batches
+    batch_samples: int = 0  # samples stored from batch output by this run
+    batch_fallback: int = 0  # samples sent online because their batch gave no reply
+    batch_state: str | None = None  # this run's batches by status, e.g. "completed 2/2"
     complete: bool = False  # every expected sample is stored (no failures left)
     aborted: str | None = None  # why the run stopped early (teacher unreachable)
     seconds: float = 0.0
@@ -185,15 +193,7 @@ class ShardRun:
         self, tc: EndpointClient, messages: list[dict[str, Any]], seed: int, n: int, prompt_chars: int
     ) -> tuple[Any | None, int, float, str | None]:
         """(response or None, attempts, latency of the successful attempt, last error)."""
-        teacher = tc.teacher
-        kwargs: dict[str, Any] = {
-            "model": teacher.model,
-            "messages": messages,
-            "temperature": teacher.temperature,
-            "top_p": teacher.top_p,
-            "max_tokens": teacher.max_tokens,
-            **tc.request_fields(seed, n),
-        }
+        kwargs = request_kwargs(tc, messages, seed, n)
 
         def attempted(attempt: int) -> None:
             self.counters.requests += 1
@@ -215,6 +215,19 @@ class ShardRun:
         if response is None and tc.breaker.tripped and not self.abort:
             self.abort = tc.breaker.tripped  # the shard stops; what is journalled stays
         return response, attempts, latency, last_error
+
+
+def request_kwargs(tc: EndpointClient, messages: list[dict[str, Any]], seed: int, n: int) -> dict[str, Any]:
+    """The chat-completions request for ``n`` samples of one question (online or in a batch)."""
+    teacher = tc.teacher
+    return {
+        "model": teacher.model,
+        "messages": messages,
+        "temperature": teacher.temperature,
+        "top_p": teacher.top_p,
+        "max_tokens": teacher.max_tokens,
+        **tc.request_fields(seed, n),
+    }
 
 
 def reply_fields(choice: Any) -> dict[str, Any]:
@@ -273,31 +286,57 @@ async def _sample_group(
             row.update(reject_reason=FAILED, attempts=attempts, error=error, created_at=now_ms)
             run.journal.add(row)
     else:
-        usage = getattr(response, "usage", None)
-        choices = list(response.choices)[: len(group)]
-        # Sandbox traces are never passed off as a real teacher's, whatever the config calls it.
-        sandbox = getattr(response, "system_fingerprint", None) == SANDBOX_FINGERPRINT
-        for j, (i, choice) in enumerate(zip(group, choices, strict=False)):
-            row = _base_row(q, teacher, run.config, i, recorded[i], tc.params_hash)
-            row.update(reply_fields(choice))
-            if sandbox:
-                row["teacher"] = SANDBOX_TEACHER
-            # Usage is per request: the prompt is billed once, completion split over choices.
-            p_tok = (usage.prompt_tokens if usage else None) if j == 0 else 0
-            c_tok = (usage.completion_tokens // len(choices)) if usage else None
-            row.update(
-                prompt_tokens=p_tok,
-                completion_tokens=c_tok,
-                latency_s=round(latency, 4),
-                attempts=attempts,
-                created_at=now_ms,
-            )
-            run.counters.prompt_tokens += p_tok or 0
-            run.counters.completion_tokens += c_tok or 0
-            run.journal.add(row)
-        leftover = group[len(choices) :]  # a server that returned fewer choices than asked
+        leftover = add_reply_rows(run, q, tc, group, response, recorded[group[0]], attempts, latency)
     for i in leftover:
         await _sample_group(run, q, tc, messages, [i])
+
+
+def add_reply_rows(
+    run: ShardRun,
+    q: Mapping[str, Any],
+    tc: EndpointClient,
+    group: list[int],
+    response: Any,
+    seed: int | None,
+    attempts: int,
+    latency: float | None,
+    batch_id: str | None = None,
+    skip: Container[int] = (),
+) -> list[int]:
+    """Journal a reply's choices as samples ``group`` of ``q`` (one row each, ``skip`` left out);
+    returns the samples it had no choice for (a server that returned fewer choices than asked).
+
+    The one row builder for replies, online (``latency`` of the request) or from a batch
+    (``batch_id``): ``seed`` is the seed the request carried (None when none was sent).
+    """
+    teacher = tc.teacher
+    now_ms = int(time.time() * 1000)
+    usage = getattr(response, "usage", None)
+    choices = list(response.choices)[: len(group)]
+    # Sandbox traces are never passed off as a real teacher's, whatever the config calls it.
+    sandbox = getattr(response, "system_fingerprint", None) == SANDBOX_FINGERPRINT
+    for j, (i, choice) in enumerate(zip(group, choices, strict=False)):
+        # Usage is per request: the prompt is billed once, completion split over choices.
+        p_tok = (usage.prompt_tokens if usage else None) if j == 0 else 0
+        c_tok = (usage.completion_tokens // len(choices)) if usage else None
+        if i in skip:
+            continue
+        row = _base_row(q, teacher, run.config, i, seed, tc.params_hash)
+        row.update(reply_fields(choice))
+        if sandbox:
+            row["teacher"] = SANDBOX_TEACHER
+        row.update(
+            prompt_tokens=p_tok,
+            completion_tokens=c_tok,
+            latency_s=None if latency is None else round(latency, 4),
+            attempts=attempts,
+            created_at=now_ms,
+            batch_id=batch_id,
+        )
+        run.counters.prompt_tokens += p_tok or 0
+        run.counters.completion_tokens += c_tok or 0
+        run.journal.add(row)
+    return group[len(choices) :]
 
 
 def _open_clients(
@@ -337,6 +376,7 @@ async def adistill_shard(
     limiter: RateLimiter | None = None,
     progress: Any = None,
     journal: str | None = None,
+    on_batch_state: Callable[[str], Any] | None = None,
 ) -> ShardReport:
     """Distill one questions shard into ``OUT/raw`` (resumable, idempotent).
 
@@ -344,6 +384,8 @@ async def adistill_shard(
     variable is read. ``limiter`` defaults to an in-process per-teacher budget. ``progress`` is
     anything with ``update(n)`` (a tqdm bar), called once per durable sample. ``journal``: what
     happens to the shard's journal once compacted and checked (:func:`journal_mode`).
+    ``on_batch_state`` is called (in a worker thread) with the shard's batch states whenever they
+    change (``mode: batch`` teachers, :mod:`octomed_data.distill.batch`).
     """
     mode = journal_mode(journal)
     started = time.monotonic()
@@ -378,11 +420,23 @@ async def adistill_shard(
     limiter = limiter or LocalRateLimiter.for_teachers(config.teachers)
     run = ShardRun(config, out, shard, clients, limiter, progress)
     run.journal.start()
+    batches = None
+    if any(c.teacher.mode == "batch" for c in clients.values()) or await asyncio.to_thread(
+        _has_batch_records, out, shard
+    ):
+        from octomed_data.distill.batch import BatchRun
+
+        async def fallback(tc: EndpointClient, wanted: dict[str, list[int]]) -> None:
+            await _fallback_online(run, questions_uri, shard, tc, wanted)
+
+        batches = BatchRun(run, clients, fallback, on_batch_state)
     tasks: set[asyncio.Task[None]] = set()
     qids: set[str] = set()
     # Tasks beyond the in-flight bound wait on a semaphore; keep a small queue of them, no more.
     limit = 2 * sum(c.teacher.max_in_flight for c in clients.values()) + 16
     try:
+        if batches is not None:
+            await batches.load()  # earlier runs' live batches: collected, never paid twice
         for batch in _question_batches(questions_uri, shard):
             for q in batch:
                 qids.add(q["question_id"])
@@ -391,17 +445,22 @@ async def adistill_shard(
                 tc = clients[config.teacher_for(q["task_type"]).name]
                 t = tc.teacher
                 pending = []
+                stored = 0
                 for i in range(config.samples):
                     key = sample_key(q["question_id"], t.model, config.prompt_version, tc.params_hash, i)
                     if key in done:
-                        report.stored_before += 1
-                    else:
+                        stored += 1
+                    elif batches is None or key not in batches.live:  # a live batch brings it
                         pending.append(i)
-                if progress is not None and len(pending) < config.samples:
-                    progress.update(config.samples - len(pending))
+                report.stored_before += stored
+                if progress is not None and stored:
+                    progress.update(stored)
                 if not pending or run.abort:
                     continue
                 messages = await _messages(q)
+                if batches is not None and t.mode == "batch":
+                    await batches.add(q, tc, messages, pending)
+                    continue
                 groups = [pending] if tc.supports_n and len(pending) > 1 else [[i] for i in pending]
                 for group in groups:
                     # Bound the work in flight: wait for a slot before creating more tasks.
@@ -409,6 +468,9 @@ async def adistill_shard(
                         finished, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                         _raise_failed(finished)
                     tasks.add(asyncio.create_task(_sample_group(run, q, tc, messages, group)))
+        if batches is not None:
+            await batches.flush()
+            tasks.add(asyncio.create_task(batches.collect(done)))  # polls while online requests run
         if tasks:
             finished, _ = await asyncio.wait(tasks)
             tasks = set()
@@ -419,6 +481,13 @@ async def adistill_shard(
         await run.journal.close()
         for c in clients.values():
             await c.close()
+        if batches is not None:
+            await batches.close()
+    if batches is not None:
+        await batches.finish()  # their rows are durable now: the batches are collected
+        report.batches, report.batches_resumed = batches.submitted, batches.resumed
+        report.batch_requests, report.batch_samples = batches.requests, batches.collected
+        report.batch_fallback, report.batch_state = batches.fell_back, batches.summary()
     c = run.counters
     report.new_samples = c.new
     report.requests, report.retries = c.requests, c.retries
@@ -438,6 +507,29 @@ async def adistill_shard(
         report.requests,
     )
     return report
+
+
+def _has_batch_records(out: str, shard: str) -> bool:
+    from octomed_data.distill.batch import batch_dir
+
+    return bool(storage.list_files(batch_dir(out, shard), ".json"))
+
+
+async def _fallback_online(
+    run: ShardRun, questions_uri: str, shard: str, tc: EndpointClient, wanted: dict[str, list[int]]
+) -> None:
+    """Request samples ``wanted`` (question id -> sample indices) online: what a batch lacked."""
+    tasks = []
+    for batch in _question_batches(questions_uri, shard):
+        for q in batch:
+            group = wanted.get(q["question_id"])
+            if not group or run.abort:
+                continue
+            messages = await _messages(q)
+            groups = [group] if tc.supports_n and len(group) > 1 else [[i] for i in group]
+            tasks += [asyncio.create_task(_sample_group(run, q, tc, messages, g)) for g in groups]
+    if tasks:
+        await asyncio.gather(*tasks)
 
 
 def _raise_failed(tasks: set[asyncio.Task[None]]) -> None:

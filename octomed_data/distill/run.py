@@ -187,7 +187,9 @@ def estimate(
     try:
         qdir = storage.join(work, "questions")
         storage.Dataset(qdir, QUESTION_SCHEMA).write_shard("sample", picked)
-        probe = config.model_copy(update={"samples": samples_per_question})
+        # The probe is sent online even for batch-mode teachers: a batch may take its whole window.
+        online = [t.model_copy(update={"mode": "online"}) for t in config.teachers]
+        probe = config.model_copy(update={"samples": samples_per_question, "teachers": online})
         started = time.monotonic()
         report = asyncio.run(
             adistill_shard(qdir, "sample", storage.join(work, "out"), probe, api_keys=api_keys)
@@ -210,7 +212,7 @@ def estimate(
         requests = samples if not t.supports_n else n_questions
         prompt_tokens = int(m["prompt_tokens_per_request"] * requests)
         completion_tokens = int(m["completion_tokens_per_sample"] * samples)
-        usd = t.cost_usd(prompt_tokens, completion_tokens)
+        usd = t.cost_usd(prompt_tokens, completion_tokens, batch=t.mode == "batch")
         # The slowest of: concurrency x latency, the request budget, the token budget.
         bounds = {"in_flight": requests * m["latency_s_median"] / t.max_in_flight}
         if t.rpm:
@@ -227,6 +229,7 @@ def estimate(
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "cost_usd": round(usd, 2),
+            "mode": t.mode,  # batch: at the batch price; its duration is the provider's (up to the window)
             "duration_s": round(seconds, 1),
             "bound_by": max(bounds, key=lambda k: bounds[k]),
             "measured": m,

@@ -80,7 +80,13 @@ def error_message(body: bytes) -> str:
 
 def parse_completion(body: bytes) -> Fields:
     """A chat-completions body as :class:`Fields` (``ValueError`` when it is not one)."""
-    data = orjson.loads(body)  # orjson.JSONDecodeError is a ValueError: "malformed response"
+    # orjson.JSONDecodeError is a ValueError: "malformed response"
+    return completion_fields(orjson.loads(body))
+
+
+def completion_fields(data: Any) -> Fields:
+    """A decoded chat-completions object as :class:`Fields` (``ValueError`` when it is not one);
+    also reads the ``response.body`` of a Batch API output line."""
     if not isinstance(data, dict):
         raise ValueError("response is not a JSON object")
     choices = data.get("choices")

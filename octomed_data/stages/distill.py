@@ -98,6 +98,7 @@ class DistillStage(Stage):
             api_keys=self.api_keys,
             limiter=limiter,
             progress=self.progress,
+            on_batch_state=lambda text: self.show_batch_state(shard, text),
         )
         counts = {
             "questions": report.questions,
@@ -107,12 +108,26 @@ class DistillStage(Stage):
             "requests": report.requests,
             "retries": report.retries,
         }
+        if report.batch_state is not None:
+            counts.update(
+                batch=report.batch_state,
+                batch_samples=report.batch_samples,
+                batch_fallback=report.batch_fallback,
+            )
         if not report.complete:
             raise ShardIncomplete(
                 f"shard {shard}: {report.failed} sample(s) failed"
                 + (f" ({report.aborted})" if report.aborted else "")
             )
         return counts
+
+    def show_batch_state(self, shard: str, text: str) -> None:
+        """Put a shard's batch states (``in_progress 1/2, completed 1/2``) on its attempt record,
+        which the shard table shows while the shard waits for its batches."""
+        uri = self.paths.state_uri(self.name, shard)
+        doc = storage.read_json(uri) if storage.exists(uri) else {"stage": self.name, "shard": shard}
+        doc["batch"] = text
+        storage.write_json(uri, doc)
 
     def run_shard(self, shard: str) -> dict[str, Any]:
         return asyncio.run(self.arun_shard(shard))
