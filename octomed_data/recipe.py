@@ -26,6 +26,21 @@ from octomed_data.mixture import MixtureConfig
 from octomed_data.teachers import DistillConfig, TeacherConfig
 
 DEMO_RECIPE = "demo"
+# The recipe lab's base recipe: the demo plus a small multimodal MCQ source written for the lab
+# (PMC-VQA format over the bundled DICOM/NIfTI files, no benchmark image), so the source ablation
+# has text, multimodal and classification traces on CPU. ``load_recipe("lab")``.
+LAB_RECIPE = "lab"
+LAB_OVERRIDES: dict[str, Any] = {
+    "name": "lab",
+    "store": "./runs/lab",
+    "sources": [
+        {
+            "name": "figure_mcq",
+            "format": "pmc_vqa",
+            "input": "package:sample_data/lab/figure_mcq.csv",
+        }
+    ],
+}
 SANDBOX_TEACHER = "sandbox"
 SANDBOX_MODEL = "sandbox-not-a-model"
 # A recipe teacher with no base_url uses this endpoint when set, else the loopback sandbox.
@@ -322,9 +337,11 @@ def load_recipe(
     path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | None = None
 ) -> Recipe:
     """Load a recipe YAML (``None`` or ``"demo"``: the embedded demo recipe), then apply overrides."""
-    if path is None or str(path) == DEMO_RECIPE:
+    if path is None or str(path) in (DEMO_RECIPE, LAB_RECIPE):
         text = resources.files("octomed_data").joinpath("recipes/demo.yaml").read_text(encoding="utf-8")
-        where, base_dir = "embedded demo recipe", None
+        where, base_dir = f"embedded {path or DEMO_RECIPE} recipe", None
+        if str(path) == LAB_RECIPE:
+            overrides = _deep_merge(LAB_OVERRIDES, dict(overrides or {}))
     else:
         p = Path(path)
         if not p.is_file():

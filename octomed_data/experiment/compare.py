@@ -19,6 +19,7 @@ from typing import Any
 from octomed_data import storage
 
 MACRO = "macro"
+LENGTH = "length:"  # an expectation on reasoning length within an arm: length:A/B
 _COLUMNS = ["benchmark", "task_type", "seed", "correct", "reasoning_tokens"]
 
 
@@ -111,11 +112,23 @@ def compare(spec: Any, records: Mapping[str, Mapping[str, Any]]) -> dict[str, An
             rows.append(row)
     expectations = []
     for e in spec.expect:
-        cell = records.get(e.arm, {}).get("metrics", {}).get("accuracy", {}).get(e.metric, {})
-        diff = difference(cell, ref.get(e.metric, {}))
-        measured = measured_direction(diff)
+        metrics = records.get(e.arm, {}).get("metrics", {})
+        if e.metric.startswith(LENGTH):  # length:A/B, within the arm: reasoning tokens on A vs on B
+            a, _, b = e.metric.removeprefix(LENGTH).partition("/")
+            tokens = metrics.get("reasoning_tokens", {})
+            ratio = tokens[a] / tokens[b] if tokens.get(a) is not None and tokens.get(b) else None
+            measured = (
+                "n/a" if ratio is None else "up" if ratio > 1.1 else "down" if ratio < 1 / 1.1 else "same"
+            )
+            shown = "–" if ratio is None else f"×{ratio:.2f}"
+            value = ratio
+        else:
+            diff = difference(metrics.get("accuracy", {}).get(e.metric, {}), ref.get(e.metric, {}))
+            measured, value, shown = measured_direction(diff), diff["delta"], _signed(diff["delta"])
         agrees = None if measured == "n/a" else measured == e.direction
-        expectations.append(e.model_dump() | {"delta": diff["delta"], "measured": measured, "agrees": agrees})
+        expectations.append(
+            e.model_dump() | {"value": value, "shown": shown, "measured": measured, "agrees": agrees}
+        )
     data = {
         a.name: {
             "status": records.get(a.name, {}).get("status"),
@@ -198,11 +211,12 @@ def report_markdown(result: Mapping[str, Any], plot_name: str = "comparison.png"
         lines.append(f"| {arm} | " + " | ".join("–" if v is None else f"{v:.0f}" for v in vals) + " |")
     if result["expectations"]:
         lines += ["", "## The paper's findings beside the measured effects", "",
-                  "| arm | metric | paper | expected | measured Δ | measured | agrees |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| arm | metric | paper | expected | measured (Δ points, or × for length) | measured | agrees |",
+                "|---|---|---|---|---|---|---|"]  # fmt: skip
         for e in result["expectations"]:
             agrees = {True: "yes", False: "no", None: "–"}[e["agrees"]]
             lines.append(
-                f"| {e['arm']} | {e['metric']} | {e['paper']} | {e['direction']} | {_signed(e['delta'])} | "
+                f"| {e['arm']} | {e['metric']} | {e['paper']} | {e['direction']} | {e['shown']} | "
                 f"{e['measured']} | {agrees} |"
             )
     lines += ["", f"![accuracy and reasoning length per arm]({plot_name})", ""]

@@ -125,7 +125,7 @@ class ExperimentSpec(BaseModel):
 
     name: str = Field(pattern=NAME)
     description: str = ""
-    recipe: str = "demo"  # the recipe of the base run (path, package:..., or demo)
+    recipe: str = "lab"  # the recipe of the base run: a path, or demo / lab (embedded)
     base_run: str = Field(pattern=NAME)  # its run id in the recipe's store (built first when missing)
     store: str | None = None  # None: the recipe's store
     reference: str  # the arm every other arm is compared with

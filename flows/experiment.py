@@ -1,0 +1,239 @@
+"""The recipe lab as a flow: the arms of an experiment spec trained and evaluated on one base run.
+
+``experiment`` makes sure the base run is distilled and filtered (the factory's first four stages,
+resumed when it exists), then runs each unfinished arm as its own ``experiment-arm`` subflow:
+select (no teacher request) -> mixture -> export -> train -> evaluate, every arm from the same base
+model with the same protocol and seeds. A failed arm does not stop the others; the comparison
+report covers every finished arm, and the failed one is re-run alone (``arms: [name]``). Finished
+arms (same settings, same data fingerprint) are reused.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import tempfile
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from pydantic import BaseModel, ConfigDict, Field
+
+from flows.common import RunParams, artifact_key
+from flows.training import TrainParams, eval_config, train_config, train_task
+from octomed_data import storage
+from octomed_data.errors import OctomedError
+from octomed_data.experiment import ExperimentSpec, load_spec
+from octomed_data.experiment.arms import ExperimentPaths, finished, read_record, write_record
+from octomed_data.experiment.compare import arm_metrics, compare, report_markdown, report_png
+from octomed_data.experiment.select import select_arm
+from octomed_data.layout import RunPaths
+from octomed_data.recipe import Recipe, load_recipe
+from octomed_data.stages import describe_error
+
+BASE_STAGES = ["ingest", "decontaminate", "distill", "filter"]
+
+
+class ExperimentParams(BaseModel):
+    """The experiment form in the UI."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spec: str = Field(
+        "sources", description="A ready-made spec (sources, samples, length, cot) or a spec YAML path."
+    )
+    arms: list[str] | None = Field(None, description="Only these arms (e.g. a failed one); empty: every arm.")
+    force: bool = Field(False, description="Re-run the chosen arms even when they are finished.")
+    store: str | None = Field(
+        None, description="Override the store (default: the spec's, else the recipe's)."
+    )
+
+
+class ArmsFailed(OctomedError):
+    """Some arms failed; the others finished and are in the report."""
+
+
+def _open(params: ExperimentParams) -> tuple[ExperimentSpec, Recipe, ExperimentPaths, RunPaths]:
+    spec = load_spec(params.spec)
+    recipe = load_recipe(spec.recipe)
+    store = params.store or spec.store or os.environ.get("OCTOMED_STORE") or recipe.store
+    for name in params.arms or []:
+        spec.arm(name)  # an unknown arm is one error line, before anything runs
+    return spec, recipe, ExperimentPaths(store, spec.name), RunPaths(store, spec.base_run)
+
+
+def base_is_filtered(base: RunPaths) -> bool:
+    return storage.exists(base.stats) and bool(storage.Dataset(base.accepted).manifest())
+
+
+def _base_model(recipe: Recipe, exp: ExperimentPaths) -> str | None:
+    """One base model for every arm: the recipe's, or one tiny model built once for the experiment."""
+    model_path = recipe.training.config.get("model_path")
+    if model_path or not recipe.training.tiny_model:
+        return model_path
+    from training import tiny
+
+    if "://" not in exp.store or exp.store.startswith("file://"):
+        target = os.path.abspath(storage.join(exp.models.removeprefix("file://"), "tiny"))
+    else:  # models are local folders: a temp folder when the store is remote
+        target = os.path.join(tempfile.gettempdir(), "octomed", "experiments", exp.name, "models", "tiny")
+    if not os.path.exists(os.path.join(target, "config.json")):
+        (tiny.build_vl_model if recipe.training.tiny_model == "vl" else tiny.build_text_model)(target)
+    return target
+
+
+@task(name="select-arm")
+def select_task(base: RunPaths, spec: ExperimentSpec, arm_name: str, out: str) -> dict[str, Any]:
+    return select_arm(base, spec.arm(arm_name), out).to_dict()
+
+
+@task(name="mixture-arm")
+def mixture_task(recipe: Recipe, base: RunPaths, arm: RunPaths) -> dict[str, Any]:
+    from octomed_data.mixture import build_mixture
+
+    return build_mixture(arm.accepted, base.questions, arm.mixture, recipe.mixture).to_dict()
+
+
+@task(name="export-arm")
+def export_task(recipe: Recipe, arm: RunPaths) -> dict[str, Any]:
+    from octomed_data.export import export
+
+    return export(arm.mixture, arm.export, **recipe.export.model_dump()).to_dict()
+
+
+@task(name="evaluate-arm")
+def evaluate_task(config: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from evaluation.harness import evaluate
+
+    return asdict(evaluate(config, progress=False))
+
+
+def _train_params(spec: ExperimentSpec, arm_name: str, model_path: str | None) -> TrainParams:
+    arm = spec.arm(arm_name)
+    steps = arm.training.max_steps or (spec.training.max_steps if spec.control == "same_steps" else None)
+    epochs = arm.training.num_train_epochs or (
+        spec.training.num_train_epochs if spec.control == "same_epochs" else None
+    )
+    return TrainParams(
+        model_path=arm.training.model_path or model_path,
+        max_steps=steps,
+        num_train_epochs=epochs,
+        learning_rate=arm.training.learning_rate or spec.training.learning_rate,
+        evaluate=False,
+    )
+
+
+def _eval_config(recipe: Recipe, spec: ExperimentSpec, arm_name: str, paths: RunPaths) -> Any:
+    arm = spec.arm(arm_name)
+    evaluation = dict(recipe.evaluation.config)
+    evaluation.update(seed=spec.evaluation.seed)
+    for key in ("seeds", "limit"):
+        if getattr(spec.evaluation, key) is not None:
+            evaluation[key] = getattr(spec.evaluation, key)
+    if arm.evaluation.prompting:
+        evaluation["prompting"] = arm.evaluation.prompting
+    benchmarks = arm.evaluation.benchmarks or spec.evaluation.benchmarks or recipe.evaluation.benchmarks
+    block = recipe.evaluation.model_copy(update={"config": evaluation, "benchmarks": benchmarks})
+    return eval_config(recipe.model_copy(update={"evaluation": block}), paths)
+
+
+@flow(name="experiment-arm", flow_run_name="arm {arm}", log_prints=True)
+def arm_flow(spec_ref: str, arm: str, store: str | None = None, force: bool = False) -> dict[str, Any]:
+    """One arm: select -> mixture -> export -> train -> evaluate; reused when finished."""
+    spec, recipe, exp, base = _open(ExperimentParams(spec=spec_ref, store=store))
+    arm_cfg, paths = spec.arm(arm), exp.arm(arm)
+    record = read_record(exp, arm)
+    if not force and finished(record, spec, arm_cfg):
+        data = select_task(base, spec, arm, paths.accepted)  # cheap: is it still the same data?
+        if finished(record, spec, arm_cfg, data["fingerprint"]):
+            print(f"arm {arm}: finished before (data {data['fingerprint']}), reused")
+            return record | {"reused": True}
+    settings = spec.settings_fingerprint(arm_cfg)
+    record = {"status": "RUNNING", "settings": settings, "spec": spec.arm_settings(arm_cfg)}
+    write_record(exp, arm, record)
+    try:
+        record["data"] = select_task(base, spec, arm, paths.accepted)
+        print(f"arm {arm}: {record['data']['traces']} traces, data {record['data']['fingerprint']}")
+        mix = mixture_task(recipe, base, paths)
+        record["mixture"] = {
+            "train_rows": mix["rows_train"],
+            "validation_rows": mix["rows_validation"],
+            "questions_train": mix["questions_train"],
+        }
+        export_task(recipe, paths)
+        params = _train_params(spec, arm, _base_model(recipe, exp))
+        config = train_config(recipe, paths, params)
+        tensorboard = os.path.join(config.work_dir or tempfile.gettempdir(), "tensorboard")
+        seed = arm_cfg.training.seed if arm_cfg.training.seed is not None else config.seed
+        config = config.model_copy(
+            update={"report_to": spec.training.report_to, "logging_dir": tensorboard, "seed": seed}
+        )
+        if spec.training.report_to == "tensorboard":
+            record["tensorboard"] = tensorboard  # `tensorboard --logdir` it
+        record["train"] = train_task(config, recipe.training.launcher, None, None)
+        result = evaluate_task(_eval_config(recipe, spec, arm, paths))
+        record["evaluation"] = {
+            "predictions_uri": result["predictions_uri"],
+            "report_uri": result["report_uri"],
+        }
+        record["metrics"] = arm_metrics(result["predictions_uri"])
+        record["status"] = "COMPLETED"
+    except Exception as exc:
+        record.update(status="FAILED", error=describe_error(exc))
+        write_record(exp, arm, record)
+        raise
+    return write_record(exp, arm, record)
+
+
+@task(name="comparison-report")
+def report_task(spec: ExperimentSpec, exp: ExperimentPaths) -> dict[str, Any]:
+    records = {a.name: read_record(exp, a.name) for a in spec.arms}
+    result = compare(spec, records)
+    storage.write_json(exp.comparison, result)
+    markdown = report_markdown(result)
+    png = report_png(result)
+    storage.write_bytes(exp.report, markdown.encode("utf-8"))
+    storage.write_bytes(exp.plot, png)
+    inline = markdown.replace(
+        "](comparison.png)", f"](data:image/png;base64,{base64.b64encode(png).decode()})"
+    )
+    create_markdown_artifact(
+        inline,
+        key=artifact_key("experiment", spec.name),
+        description=f"Experiment {spec.name}: arms compared",
+    )
+    return {"report": exp.report, "plot": exp.plot, "comparison": exp.comparison} | result
+
+
+@flow(name="experiment", log_prints=True)
+def experiment_flow(params: ExperimentParams = ExperimentParams()) -> dict[str, Any]:
+    """Run an experiment spec: the base run once, every (or the chosen) arm, the comparison report."""
+    from flows.factory import factory_flow
+
+    spec, recipe, exp, base = _open(params)
+    logger = get_run_logger()
+    storage.write_json(exp.spec_json, spec.model_dump(mode="json"))
+    if not base_is_filtered(base):
+        print(f"base run {spec.base_run}: distilling and filtering it once (the arms reuse it)")
+        factory_flow(
+            RunParams(recipe_path=spec.recipe, run_id=spec.base_run, store=exp.store), stages=BASE_STAGES
+        )
+    failed: dict[str, str] = {}
+    for arm in params.arms or [a.name for a in spec.arms]:
+        try:
+            arm_flow(params.spec, arm, exp.store, params.force)
+        except Exception as exc:  # the other arms go on; the report shows which failed
+            failed[arm] = describe_error(exc)
+            logger.error("arm %s failed: %s", arm, failed[arm])
+    out = report_task(spec, exp)
+    print(f"experiment {spec.name}: report {exp.report}")
+    if failed:
+        names = ", ".join(sorted(failed))
+        raise ArmsFailed(
+            f"arm(s) {names} failed ({'; '.join(f'{k}: {v}' for k, v in failed.items())}); the report covers "
+            f"the others. Re-run them alone: octomed-data experiment {params.spec} --arm "
+            + " --arm ".join(sorted(failed))
+        )
+    return out

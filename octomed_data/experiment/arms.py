@@ -1,0 +1,77 @@
+"""Where an experiment lives and what each arm records.
+
+``STORE/experiments/<name>/``: ``spec.json`` (the spec as run), ``models/`` (the one base model
+every arm starts from when the recipe builds a tiny one), ``arms/<arm>/`` (a run-shaped folder:
+``filter/accepted`` = the arm's selection, ``mixture``, ``export``, ``checkpoints``, ``evaluation``,
+and ``arm.json``, its record), and ``report.md`` + ``comparison.png`` + ``comparison.json``.
+
+An arm is finished when its record says COMPLETED for the same settings fingerprint (training,
+control, protocol) and the same data fingerprint; a re-run reuses it and runs only the others.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from octomed_data import storage
+from octomed_data.experiment.spec import Arm, ExperimentSpec
+from octomed_data.layout import RunPaths
+
+
+@dataclass(frozen=True)
+class ExperimentPaths:
+    store: str
+    name: str
+
+    @property
+    def root(self) -> str:
+        return storage.join(self.store, "experiments", self.name)
+
+    @property
+    def spec_json(self) -> str:
+        return storage.join(self.root, "spec.json")
+
+    @property
+    def models(self) -> str:
+        return storage.join(self.root, "models")
+
+    def arm(self, name: str) -> RunPaths:
+        """The arm's run-shaped folder (the export, training and evaluation code take a RunPaths)."""
+        return RunPaths.at(storage.join(self.root, "arms", name))
+
+    def record(self, name: str) -> str:
+        return storage.join(self.arm(name).root, "arm.json")
+
+    @property
+    def report(self) -> str:
+        return storage.join(self.root, "report.md")
+
+    @property
+    def plot(self) -> str:
+        return storage.join(self.root, "comparison.png")
+
+    @property
+    def comparison(self) -> str:
+        return storage.join(self.root, "comparison.json")
+
+
+def read_record(paths: ExperimentPaths, arm: str) -> dict[str, Any]:
+    uri = paths.record(arm)
+    return storage.read_json(uri) if storage.exists(uri) else {}
+
+
+def write_record(paths: ExperimentPaths, arm: str, record: dict[str, Any]) -> dict[str, Any]:
+    record = dict(record) | {"arm": arm, "updated_at": time.time()}
+    storage.write_json(paths.record(arm), record)
+    return record
+
+
+def finished(
+    record: dict[str, Any], spec: ExperimentSpec, arm: Arm, data_fingerprint: str | None = None
+) -> bool:
+    """The arm's record is a finished run of these settings (and of this data, when given)."""
+    if record.get("status") != "COMPLETED" or record.get("settings") != spec.settings_fingerprint(arm):
+        return False
+    return data_fingerprint is None or record.get("data", {}).get("fingerprint") == data_fingerprint
