@@ -27,7 +27,7 @@ from octomed_data.sources.paths import SourcePath
 
 # Undecodable bytes become lone surrogates (U+DC80..U+DCFF) under ``surrogateescape``.
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_CHUNK = 1 << 20  # bytes read at a time from a JSON document
+_CHUNK = 1 << 18  # bytes read at a time (256 KiB): memory is a few chunks plus one record
 _MAX_RECORD = 512 << 20  # a single record larger than this is a broken document
 
 
@@ -73,7 +73,7 @@ def sniff_json(path: SourcePath) -> Literal["json", "jsonl"]:
 
     A first line that is a complete JSON value means JSON Lines when more lines follow (a bad
     first record, quarantined later), one document when it is the only line (a minified array).
-    Only the first megabyte is read: a minified array of any size is one long line.
+    Only the first 256 KiB are read: a minified array of any size is one long line.
     """
     with path.open() as fh:
         head = fh.read(_CHUNK)
@@ -85,7 +85,7 @@ def sniff_json(path: SourcePath) -> Literal["json", "jsonl"]:
     first = lines[nonblank[0]].strip().removeprefix(b"\xef\xbb\xbf")
     truncated = nonblank[0] == len(lines) - 1 and not full and not head.endswith((b"\n", b"\r"))
     if truncated:
-        # The first line runs past the first megabyte: a minified document or one huge record.
+        # The first line runs past the first chunk: a minified document or one huge record.
         return "json" if first.startswith(b"[") else "jsonl"
     try:
         obj = json.loads(first)
