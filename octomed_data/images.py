@@ -447,7 +447,12 @@ def _load_bytes(data: bytes, name: str) -> LoadedImage:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        return load_image(tmp)
+        try:
+            return load_image(tmp)
+        except RecordError as exc:  # say which image, not which temporary file
+            raise RecordError(
+                exc.reason, exc.detail.replace(os.path.basename(tmp), base or "(bytes)")
+            ) from None
     finally:
         os.remove(tmp)
 
