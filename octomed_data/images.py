@@ -19,6 +19,7 @@ import hashlib
 import io
 import math
 import os
+import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from octomed_data import storage
+from octomed_data.errors import StorageError
 from octomed_data.schema import RecordError
 
 MAX_PIXELS = 262_144
@@ -362,6 +364,9 @@ class ImageStore:
     """
 
     def __init__(self, root_uri: str | None, cache_size: int = 4096, max_pixels: int = MAX_PIXELS) -> None:
+        # Image URIs land in question rows: absolute (one rule, storage.absolute_uri), so a run
+        # written with a relative --out reads the same from any working directory.
+        root_uri = storage.absolute_uri(root_uri) if root_uri else None
         self.root_uri = root_uri
         self.images_uri = storage.join(root_uri, "images") if root_uri else None
         self.cache_size = cache_size
@@ -379,8 +384,23 @@ class ImageStore:
         return storage.join(self.images_uri, sha[:2], f"{sha}.png") if self.images_uri else None
 
     def put(self, path: str | os.PathLike[str]) -> tuple[dict[str, Any], str | None]:
-        """Decode, normalise and store the image at ``path``; raises ``RecordError`` if unusable."""
-        key = os.path.realpath(os.fspath(path))
+        """Decode, normalise and store the image at ``path`` (a local path or any fsspec URI).
+
+        Raises ``RecordError`` if unusable.
+        """
+        location = os.fspath(path)
+        if storage.protocol_of(location) != "file":
+            return self._put(location, lambda: _load_remote(location))
+        key = os.path.realpath(location.removeprefix("file://"))
+        return self._put(key, lambda: load_image(key))
+
+    def put_bytes(self, data: bytes, name: str = "") -> tuple[dict[str, Any], str | None]:
+        """Decode, normalise and store an image given as bytes (``name``: its file name, if any,
+        which tells DICOM/NIfTI apart by suffix). Raises ``RecordError`` if unusable."""
+        key = "bytes:" + hashlib.sha256(data).hexdigest()
+        return self._put(key, lambda: _load_bytes(data, name))
+
+    def _put(self, key: str, load) -> tuple[dict[str, Any], str | None]:
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
@@ -389,7 +409,7 @@ class ImageStore:
                 raise RecordError(hit.reason, hit.detail)
             return dict(hit[0]), hit[1]
         try:
-            loaded = load_image(key)
+            loaded = load()
             data, sha, ph = fingerprint(loaded.image, max_pixels=self.max_pixels)
         except RecordError as exc:
             self._remember(key, exc)
@@ -414,6 +434,36 @@ class ImageStore:
         self._cache[key] = value
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
+
+
+def _load_bytes(data: bytes, name: str) -> LoadedImage:
+    """Decode image bytes: through a private temporary file, since the DICOM and NIfTI readers
+    (and the suffix rules of :func:`load_image`) work on files."""
+    if not data:
+        raise RecordError("corrupt_image", f"empty image {os.path.basename(name) or '(bytes)'}")
+    base = os.path.basename(name)
+    suffix = ".nii.gz" if base.lower().endswith(".nii.gz") else os.path.splitext(base)[1][:16]
+    fd, tmp = tempfile.mkstemp(prefix=".octomed-image-", suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        try:
+            return load_image(tmp)
+        except RecordError as exc:  # say which image, not which temporary file
+            raise RecordError(
+                exc.reason, exc.detail.replace(os.path.basename(tmp), base or "(bytes)")
+            ) from None
+    finally:
+        os.remove(tmp)
+
+
+def _load_remote(uri: str) -> LoadedImage:
+    """Decode an image stored at a remote URI (read once, decoded from bytes)."""
+    try:
+        data = storage.read_bytes(uri)
+    except StorageError as exc:
+        raise RecordError("missing_image", str(exc)) from None
+    return _load_bytes(data, uri)
 
 
 def _png_size(data: bytes) -> tuple[int, int]:

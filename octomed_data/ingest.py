@@ -18,6 +18,7 @@ rows behind.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -198,8 +199,22 @@ def input_version(path: str) -> str:
             return f"file:{st.st_size}:{st.st_mtime_ns}"
         return "missing"
     fs, p = storage.filesystem(path)
-    info = fs.info(p)
-    return f"obj:{info.get('size')}:{info.get('ETag') or info.get('LastModified') or info.get('mtime')}"
+    try:
+        info = fs.info(p)
+    except FileNotFoundError:
+        return "missing"
+    if info.get("type") == "directory":
+        # A folder of objects: every object's size and version, so one edited object counts.
+        n, digest = 0, hashlib.sha256()
+        for name, obj in sorted(fs.find(p, detail=True).items()):
+            n += 1
+            digest.update(f"{name}:{obj.get('size')}:{_object_version(obj)}\n".encode())
+        return f"objdir:{n}:{digest.hexdigest()[:16]}"
+    return f"obj:{info.get('size')}:{_object_version(info)}"
+
+
+def _object_version(info: Mapping[str, Any]) -> Any:
+    return info.get("ETag") or info.get("LastModified") or info.get("mtime")
 
 
 def entries_uri(out: str) -> str:

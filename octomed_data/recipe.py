@@ -308,16 +308,24 @@ class Recipe(BaseModel):
                     raise ConfigError(f"invalid entry in {path}: {first_error(exc)}") from None
                 for key in ("input", "images"):
                     if key in entry and "://" not in entry[key] and not os.path.isabs(entry[key]):
-                        entry[key] = os.path.normpath(os.path.join(base, entry[key]))
+                        entry[key] = _hub_id_or(entry, key, os.path.normpath(os.path.join(base, entry[key])))
                 entries.append(entry)
         else:
             for entry in entries:
                 for key in ("input", "images"):
                     if key in entry:
-                        entry[key] = self.resolve_path(entry[key])
+                        entry[key] = _hub_id_or(entry, key, self.resolve_path(entry[key]))
         if not entries:
             raise ConfigError("the recipe names no sources (set `sources` or `sources_file`)")
         return entries
+
+
+def _hub_id_or(entry: Mapping[str, Any], key: str, resolved: str) -> str:
+    """``resolved``, except for an ``hf`` input that is no file here: a hub id
+    (``openlifescienceai/medmcqa``) stays as written, to be found in the local HF cache."""
+    if entry.get("format") == "hf" and key == "input" and not os.path.exists(resolved):
+        return str(entry[key])
+    return resolved
 
 
 def parse_recipe(data: Mapping[str, Any], where: str = "recipe", base_dir: str | None = None) -> Recipe:

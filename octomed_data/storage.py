@@ -90,6 +90,18 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
+def absolute_uri(uri: str) -> str:
+    """The one rule for a location written into a row (an image, an input file): absolute.
+
+    A local path or ``file://`` URI becomes an absolute, normalised path, so the data reads the
+    same from any working directory; other URIs (``s3://`` ...) are absolute already.
+    """
+    if protocol_of(uri) == "file":
+        local = uri.removeprefix("file://")
+        return os.path.normpath(os.path.abspath(os.path.expanduser(local)))
+    return uri
+
+
 def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """Re-attach the protocol to a path returned by ``fs``."""
     proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]

@@ -69,11 +69,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Formats: " + ", ".join(FORMATS),
     )
     p.add_argument("format", metavar="FORMAT", help="one of: " + ", ".join(FORMATS))
-    p.add_argument("input", metavar="INPUT", help="input file (or folder)")
+    p.add_argument(
+        "input",
+        metavar="INPUT",
+        help="input file or folder: a path, file:// or s3://... URI (hf: also a cached hub dataset id)",
+    )
     p.add_argument(
         "--out", required=True, metavar="URI", help="output root: path, file:// or s3://bucket/prefix"
     )
-    p.add_argument("--images", metavar="DIR", help="folder that image references resolve against")
+    p.add_argument(
+        "--images", metavar="DIR", help="folder (path or URI) that image references resolve against"
+    )
     p.add_argument("--shard-size", type=int, default=5000, metavar="N", help="rows per Parquet shard (5000)")
     p.add_argument("--split", help="override the split written to every row")
     p.add_argument("--shard-prefix", help="name shards <prefix>-00000 (several ingests into one --out)")

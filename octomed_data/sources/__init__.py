@@ -12,13 +12,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from octomed_data.errors import ConfigError, SourceError
 from octomed_data.images import ImageStore
 from octomed_data.sources.base import LoaderContext, Record
+from octomed_data.sources.hf import load_hf
 from octomed_data.sources.imaging import load_imaging
+from octomed_data.sources.paths import SourcePath
 from octomed_data.sources.text import (
     load_headqa,
     load_medbullets,
@@ -44,6 +45,7 @@ class SourceFormat:
     name: str
     load: Callable[..., Iterator[Record]]
     multimodal: bool
+    ids: bool = False  # INPUT may be a dataset id, not only a path or URI
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -73,6 +75,7 @@ FORMATS: dict[str, SourceFormat] = {
         SourceFormat("pmc_vqa", load_pmc_vqa, True),
         SourceFormat("headqa", load_headqa, False),
         SourceFormat("imaging", load_imaging, True),
+        SourceFormat("hf", load_hf, True, ids=True),
     )
 }
 
@@ -95,6 +98,8 @@ def iter_records(
 ) -> Iterator[Record]:
     """Yield ``(kind, row)`` for every record of ``input_path`` read as ``fmt``.
 
+    ``input_path`` is a local path or any fsspec URI (``s3://bucket/x.jsonl``, ``file://``), a
+    file or a folder; for ``hf`` also a dataset id resolved from the local Hugging Face cache.
     ``kind`` is ``"question"`` (a :data:`~octomed_data.schema.QUESTION_SCHEMA` row) or
     ``"quarantine"`` (a :data:`~octomed_data.schema.QUARANTINE_SCHEMA` row). ``images_dir``
     is where relative image references resolve (else the input file's folder);
@@ -110,10 +115,14 @@ def iter_records(
         raise ConfigError(
             f"unknown option(s) {', '.join(unknown)} for format {fmt}; accepted: {', '.join(spec.options)}"
         )
-    path = Path(input_path)
-    if not path.exists():
-        raise SourceError(f"input path does not exist: {input_path}")
-    img_dir = Path(images_dir) if images_dir else None
+    target: SourcePath | str
+    if spec.ids:
+        target = str(input_path)  # a path, a URI or a dataset id: the loader resolves it
+    else:
+        target = SourcePath.of(input_path)
+        if not target.exists():
+            raise SourceError(f"input path does not exist: {input_path}")
+    img_dir = SourcePath.of(images_dir) if images_dir else None
     if img_dir is not None and not img_dir.is_dir():
         raise SourceError(f"images folder does not exist: {images_dir}")
     split = options.pop("split", None)
@@ -125,4 +134,4 @@ def iter_records(
         images_dir=img_dir,
         split=str(split) if split else None,
     )
-    return spec.load(ctx, path, **options)
+    return spec.load(ctx, target, **options)

@@ -9,17 +9,27 @@ at all) raise :class:`~octomed_data.errors.SourceError`.
 
 from __future__ import annotations
 
-import csv
 import json
+import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from octomed_data.errors import SourceError
 from octomed_data.images import ImageStore
 from octomed_data.schema import RecordError, TaskType, normalize_text, quarantine_row, question_row
+from octomed_data.sources.paths import SourcePath
+from octomed_data.sources.readers import (  # noqa: F401  (the loaders' readers, re-exported)
+    MalformedLine,
+    iter_csv,
+    iter_json_members,
+    iter_json_records,
+    iter_jsonl,
+    load_json,
+    scrub,
+    sniff_json,
+)
 
 Kind = Literal["question", "quarantine"]
 Record = tuple[Kind, dict[str, Any]]
@@ -36,24 +46,29 @@ class LoaderContext:
     fmt: str
     source: str
     image_store: ImageStore
-    images_dir: Path | None = None
+    images_dir: SourcePath | None = None
     split: str | None = None  # explicit override (--split)
 
     def quarantine(
-        self, input_file: Path | str, index: int, reason: str, detail: str = "", raw: Any = None
+        self, input_file: SourcePath | str, index: int, reason: str, detail: str = "", raw: Any = None
     ) -> Record:
+        if raw is not None and not isinstance(raw, str):
+            try:
+                raw = json.dumps(raw, ensure_ascii=False, default=str)
+            except (TypeError, ValueError):
+                raw = repr(raw)
         return "quarantine", quarantine_row(
             source=self.source,
             input_file=str(input_file),
             record_index=index,
             reason=reason,
-            detail=detail,
-            raw=raw,
+            detail=scrub(detail) if detail else detail,
+            raw=scrub(raw) if raw else raw,  # Parquet text must be UTF-8: undecodable bytes shown as U+FFFD
         )
 
     def build(
         self,
-        input_file: Path | str,
+        input_file: SourcePath | str,
         index: int,
         raw: Any,
         make: Callable[..., dict[str, Any]],
@@ -69,29 +84,33 @@ class LoaderContext:
         except _SHAPE_ERRORS as exc:
             return self.quarantine(input_file, index, "malformed_record", f"{type(exc).__name__}: {exc}", raw)
 
-    def split_for(self, input_file: Path, default: str = "unknown") -> str:
+    def split_for(self, input_file: SourcePath, default: str = "unknown") -> str:
         """The split: ``--split`` if given, else from the file name (train/dev/val/test), else ``default``."""
-        return self.split or infer_split(input_file) or default
+        return self.split or infer_split(input_file.name) or default
 
-    def resolve_image(self, ref: str, input_file: Path) -> Path:
-        """Where an image reference points: against ``--images``, else the input file's folder."""
+    def resolve_image(self, ref: str, input_file: SourcePath) -> SourcePath:
+        """Where an image reference points: a URI or absolute path as is, else against
+        ``--images``, else against the input file's folder (same filesystem as the input)."""
         if not isinstance(ref, str) or not ref.strip():
             raise RecordError("missing_image", "empty image reference")
-        p = Path(ref.strip())
-        if p.is_absolute():
-            return p
+        ref = ref.strip()
+        if "://" in ref or os.path.isabs(ref):
+            return SourcePath.of(ref)
         base = self.images_dir if self.images_dir is not None else input_file.parent
-        return base / p
+        return base / ref
 
-    def image(self, ref: str, input_file: Path) -> tuple[dict[str, Any], str | None]:
+    def image(self, ref: str, input_file: SourcePath) -> tuple[dict[str, Any], str | None]:
         """Decode + store one referenced image; ``RecordError`` (missing/corrupt) if unusable."""
-        path = self.resolve_image(ref, input_file)
-        if not path.exists():
+        return self.image_at(self.resolve_image(ref, input_file), ref)
+
+    def image_at(self, location: SourcePath, ref: str) -> tuple[dict[str, Any], str | None]:
+        """Decode + store the image at ``location`` (``ref``: how the record named it)."""
+        if not location.exists():
             hint = "" if self.images_dir is not None else " (no --images folder given)"
             raise RecordError("missing_image", f"image not found: {ref}{hint}")
-        return self.image_store.put(path)
+        return self.image_store.put(location.uri)
 
-    def images(self, refs: Iterable[str], input_file: Path) -> tuple[list[dict[str, Any]], str | None]:
+    def images(self, refs: Iterable[str], input_file: SourcePath) -> tuple[list[dict[str, Any]], str | None]:
         """Several images of one record; the first DICOM modality found is returned."""
         out: list[dict[str, Any]] = []
         modality = None
@@ -115,9 +134,11 @@ _SPLIT_TOKENS = {
 }
 
 
-def infer_split(path: Path | str) -> str | None:
+def infer_split(path: SourcePath | str) -> str | None:
     """``train`` / ``dev`` / ``validation`` / ``test`` when the file name says so, else None."""
-    name = Path(path).name.lower()
+    name = (
+        path.name if isinstance(path, SourcePath) else str(path).replace("\\", "/").rsplit("/", 1)[-1]
+    ).lower()
     for token in re.split(r"[^a-z0-9]+", name):
         if token in _SPLIT_TOKENS:
             return _SPLIT_TOKENS[token]
@@ -126,150 +147,16 @@ def infer_split(path: Path | str) -> str | None:
     return None
 
 
-def input_files(path: Path, patterns: Iterable[str]) -> list[Path]:
+def input_files(path: SourcePath, patterns: Iterable[str]) -> list[SourcePath]:
     """``path`` itself, or the files in folder ``path`` matching ``patterns`` (sorted)."""
     if path.is_file():
         return [path]
     if path.is_dir():
-        found = sorted({p for pat in patterns for p in path.glob(pat) if p.is_file()})
+        found = sorted({p for pat in patterns for p in path.glob_files(pat)})
         if not found:
             raise SourceError(f"no input files matching {', '.join(patterns)} in {path}")
         return found
     raise SourceError(f"input path does not exist: {path}")
-
-
-# ------------------------------------------------------------------------------------------
-# Readers
-# ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MalformedLine:
-    """A JSON Lines line that does not parse; quarantined as ``malformed_json``."""
-
-    text: str
-    error: str
-
-
-def _open_input(path: Path):
-    """Open an input file for reading; an unreadable file is one clear error, not a traceback."""
-    try:
-        return open(path, "rb")
-    except OSError as exc:
-        raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from None
-
-
-def sniff_json(path: Path) -> Literal["json", "jsonl"]:
-    """JSON Lines (one object per line, even if named .json) or one JSON document.
-
-    A first line that is a complete JSON value means JSON Lines when more lines follow (a bad
-    first record, quarantined later), one document when it is the only line (a minified array).
-    """
-    with _open_input(path) as fh:
-        lines = (raw.strip() for raw in fh)
-        first = next((line for line in lines if line), None)
-        if first is None:
-            return "jsonl"
-        try:
-            obj = json.loads(first)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            # "[" or "{" alone opens a pretty-printed document; anything else is a bad first line.
-            return "json" if first in (b"{", b"[") or first.startswith(b"[") else "jsonl"
-        if isinstance(obj, dict):
-            return "jsonl"
-        return "jsonl" if next((line for line in lines if line), None) is not None else "json"
-
-
-def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | MalformedLine]]:
-    """(line index, object) per non-blank line; bad lines come back as :class:`MalformedLine`."""
-    with _open_input(path) as fh:
-        for index, raw in enumerate(fh):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                yield index, MalformedLine(raw.decode("utf-8", "replace")[:4096], f"not UTF-8: {exc.reason}")
-                continue
-            except json.JSONDecodeError as exc:
-                yield index, MalformedLine(raw.decode("utf-8", "replace")[:4096], f"invalid JSON: {exc.msg}")
-                continue
-            if not isinstance(obj, dict):
-                yield index, MalformedLine(raw.decode("utf-8", "replace")[:4096], "line is not a JSON object")
-                continue
-            yield index, obj
-
-
-def load_json(path: Path) -> Any:
-    """A whole JSON document (the upstream array/object files are a few MB at most)."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except UnicodeDecodeError as exc:
-        raise SourceError(f"{path} is not UTF-8 text: {exc.reason}") from None
-    except json.JSONDecodeError as exc:
-        raise SourceError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
-    except OSError as exc:
-        raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from None
-
-
-def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
-    """Records of a JSON Lines file or of a JSON array, with their index."""
-    if sniff_json(path) == "jsonl":
-        yield from iter_jsonl(path)
-        return
-    doc = load_json(path)
-    if not isinstance(doc, list):
-        raise SourceError(f"{path}: expected a JSON array of records, found a JSON {type(doc).__name__}")
-    yield from enumerate(doc)
-
-
-def iter_csv(path: Path, header: bool) -> Iterator[tuple[int, list[str] | dict[str, str] | MalformedLine]]:
-    """CSV rows with their 0-based data-row index (header excluded), streamed from disk.
-
-    Blank lines are not records; a row whose cells are all empty is one (quarantined as a
-    :class:`MalformedLine`). Text that is not UTF-8 makes the whole file unreadable.
-    """
-    try:
-        fh = open(path, encoding="utf-8-sig", newline="")
-    except OSError as exc:
-        raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from None
-    with fh:
-        reader = csv.reader(fh)
-
-        def next_row() -> list[str]:
-            try:
-                return next(reader)
-            except UnicodeDecodeError as exc:
-                raise SourceError(f"{path} is not UTF-8 text: {exc.reason}") from None
-
-        try:
-            columns = next_row() if header else None
-        except StopIteration:
-            return
-        except csv.Error as exc:
-            raise SourceError(f"{path}: unreadable CSV header: {exc}") from None
-        index = 0
-        while True:
-            try:
-                row = next_row()
-            except StopIteration:
-                return
-            except csv.Error as exc:
-                yield index, MalformedLine("", f"CSV error: {exc}")
-                index += 1
-                continue
-            if not row:
-                continue  # a blank line
-            if not any(cell.strip() for cell in row):
-                yield index, MalformedLine(json.dumps(row), "empty row")
-            elif columns is not None and len(row) != len(columns):
-                yield index, MalformedLine(json.dumps(row), f"{len(row)} fields, header has {len(columns)}")
-            elif columns is not None:
-                yield index, dict(zip(columns, row, strict=True))
-            else:
-                yield index, row
-            index += 1
 
 
 # ------------------------------------------------------------------------------------------
@@ -357,7 +244,7 @@ def _same_text(a: str, b: str) -> bool:
 def mcq_row(
     ctx: LoaderContext,
     *,
-    input_file: Path,
+    input_file: SourcePath,
     index: int,
     split: str,
     question: str,

@@ -17,31 +17,36 @@ import hashlib
 import random
 from collections import defaultdict
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from octomed_data.errors import ConfigError, SourceError
-from octomed_data.schema import RecordError, TaskType
+from octomed_data.schema import TaskType
 from octomed_data.sources.base import LoaderContext, MalformedLine, Record, iter_csv, mcq_row
+from octomed_data.sources.paths import SourcePath
 
 DEFAULT_TEMPLATE = "Which of the following is the correct classification of this {subject}?"
 _PATH_COLUMNS = ("path", "image", "image_path", "file", "filename", "filepath", "img", "image_name")
 _LABEL_COLUMNS = ("label", "class", "category", "diagnosis", "target", "level")
 
 
-def _rows_from_folder(root: Path) -> list[tuple[str, str, str]]:
-    """(record key, image path, label) for every file under each class sub-folder, sorted."""
+def _rows_from_folder(root: SourcePath) -> list[tuple[str, str]]:
+    """(image path relative to ``root``, label) for every file under each class sub-folder, sorted.
+
+    Paths stay relative to the tree (resolved against it when read): the same tree gives the
+    same records, options and ids wherever it lives (a relative path, elsewhere, on s3://).
+    """
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise SourceError(f"{root}: no class sub-folders (expected one folder per label)")
     rows = []
     for cls in classes:
-        for f in sorted(p for p in cls.rglob("*") if p.is_file() and not p.name.startswith(".")):
-            rows.append((str(f.relative_to(root)), str(f), cls.name))
+        for f in cls.files_below():
+            if not f.name.startswith("."):
+                rows.append((f.relative_to(root), cls.name))
     return rows
 
 
-def _rows_from_csv(ctx: LoaderContext, csv_path: Path) -> Iterator[tuple[int, Any]]:
+def _rows_from_csv(ctx: LoaderContext, csv_path: SourcePath) -> Iterator[tuple[int, Any]]:
     """(index, (path ref, label) | MalformedLine) from a CSV with or without a header."""
     rows = iter_csv(csv_path, header=False)
     first = next(rows, None)
@@ -78,7 +83,7 @@ def _stable_rng(seed: int, key: str) -> random.Random:
 
 def load_imaging(
     ctx: LoaderContext,
-    path: Path,
+    path: SourcePath,
     per_class: int | str | None = None,
     seed: int | str = 0,
     num_options: int | str = 4,
@@ -106,11 +111,10 @@ def load_imaging(
     if "{subject}" not in template:
         raise ConfigError("imaging question template must contain {subject}")
 
-    if path.is_dir():
+    tree = path.is_dir()
+    if tree:
         input_file = path
-        records: list[tuple[int, Any]] = [
-            (i, (p, lab)) for i, (_, p, lab) in enumerate(_rows_from_folder(path))
-        ]
+        records: list[tuple[int, Any]] = list(enumerate(_rows_from_folder(path)))
     elif path.is_file():
         input_file = path
         records = list(_rows_from_csv(ctx, path))  # (path, label) pairs only: small even for 100k images
@@ -171,12 +175,13 @@ def load_imaging(
             template,
             modality,
             anatomy,
+            tree,
         )
 
 
 def _imaging_row(
     ctx: LoaderContext,
-    input_file: Path,
+    input_file: SourcePath,
     index: int,
     split: str,
     ref: str,
@@ -187,12 +192,12 @@ def _imaging_row(
     template: str,
     modality: str | None,
     anatomy: str | None,
+    tree: bool,
 ) -> dict[str, Any]:
-    base = input_file.parent if input_file.is_file() else input_file
-    image_path = Path(ref) if Path(ref).is_absolute() else (ctx.images_dir or base) / ref
-    if not image_path.exists():
-        raise RecordError("missing_image", f"image not found: {ref}")
-    image, dicom_modality = ctx.image_store.put(image_path)
+    # A class tree holds its images (paths relative to it); a CSV's paths resolve like any
+    # loader's: against --images, else the CSV's folder.
+    location = input_file / ref if tree else ctx.resolve_image(ref, input_file)
+    image, dicom_modality = ctx.image_at(location, ref)
     rng = _stable_rng(seed, f"options:{ref}")
     distractors = rng.sample([lab for lab in labels if lab != label], min(k, len(labels)) - 1)
     choices = [label, *distractors]

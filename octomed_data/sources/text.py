@@ -7,7 +7,6 @@ Formats: ``medqa``, ``medmcqa``, ``pubmedqa``, ``mmlu``, ``mmlu_pro``, ``medxper
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from octomed_data.errors import SourceError
@@ -19,12 +18,15 @@ from octomed_data.sources.base import (
     clean_metadata,
     input_files,
     iter_csv,
+    iter_json_members,
     iter_json_records,
     load_json,
     mcq_row,
     split_answer_choices,
     text_of,
 )
+from octomed_data.sources.paths import SourcePath
+from octomed_data.sources.readers import bad_record, has_bad_text, json_kind, scrub
 
 JSON_PATTERNS = ("*.jsonl", "*.json")
 PUBMEDQA_TRUTH = "test_ground_truth.json"
@@ -58,7 +60,7 @@ def _image_refs(value: Any) -> list[str]:
 def generic_mcq(
     ctx: LoaderContext,
     rec: dict[str, Any],
-    input_file: Path,
+    input_file: SourcePath,
     index: int,
     split: str,
     metadata_keys: tuple[str, ...] = (),
@@ -103,7 +105,7 @@ def generic_mcq(
 
 
 def _json_mcq_loader(
-    ctx: LoaderContext, path: Path, default_split: str, metadata_keys: tuple[str, ...]
+    ctx: LoaderContext, path: SourcePath, default_split: str, metadata_keys: tuple[str, ...]
 ) -> Iterator[Record]:
     for input_file in input_files(path, JSON_PATTERNS):
         split = ctx.split_for(input_file, default_split)
@@ -130,31 +132,31 @@ def _json_mcq_loader(
             )
 
 
-def load_medqa(ctx: LoaderContext, path: Path) -> Iterator[Record]:
+def load_medqa(ctx: LoaderContext, path: SourcePath) -> Iterator[Record]:
     """MedQA: upstream jsonl (4- or 5-option ``options`` dict, ``answer_idx``, ``meta_info``),
     the HuatuoGPT-o1 JSON array, and the MedXpertQA-eval ``*_input`` jsonl (``label`` + choices
     appended to the question)."""
     yield from _json_mcq_loader(ctx, path, "unknown", ("meta_info", "id"))
 
 
-def load_medbullets(ctx: LoaderContext, path: Path) -> Iterator[Record]:
+def load_medbullets(ctx: LoaderContext, path: SourcePath) -> Iterator[Record]:
     """MedBullets op4/op5 as packaged by MedReason (question, options, answer, answer_idx)."""
     yield from _json_mcq_loader(ctx, path, "test", ("id",))
 
 
-def load_mmlu_pro(ctx: LoaderContext, path: Path) -> Iterator[Record]:
+def load_mmlu_pro(ctx: LoaderContext, path: SourcePath) -> Iterator[Record]:
     """MMLU-Pro medical: the HuatuoGPT-o1 JSON array (options dict up to 10, answer_idx) or the
     upstream layout (options list, ``answer`` letter, ``category``, ``src``)."""
     yield from _json_mcq_loader(ctx, path, "test", ("question_id", "category", "src"))
 
 
-def load_medxpertqa(ctx: LoaderContext, path: Path) -> Iterator[Record]:
+def load_medxpertqa(ctx: LoaderContext, path: SourcePath) -> Iterator[Record]:
     """MedXpertQA Text (HF jsonl: options dict, label "E") and MM / sampled ``*_input`` jsonl
     (options list, label ["A"], ``images`` resolved against ``--images``)."""
     yield from _json_mcq_loader(ctx, path, "test", ("id", "medical_task", "body_system", "question_type"))
 
 
-def load_medmcqa(ctx: LoaderContext, path: Path) -> Iterator[Record]:
+def load_medmcqa(ctx: LoaderContext, path: SourcePath) -> Iterator[Record]:
     """MedMCQA: the official jsonl (``opa``..``opd``, 1-based ``cop``) or the MedXpertQA-eval input."""
     for input_file in input_files(path, JSON_PATTERNS):
         split = ctx.split_for(input_file, "unknown")
@@ -170,7 +172,9 @@ def load_medmcqa(ctx: LoaderContext, path: Path) -> Iterator[Record]:
             yield ctx.build(input_file, index, rec, _medmcqa_row, ctx, rec, input_file, index, split)
 
 
-def _medmcqa_row(ctx: LoaderContext, rec: dict[str, Any], input_file: Path, index: int, split: str) -> dict:
+def _medmcqa_row(
+    ctx: LoaderContext, rec: dict[str, Any], input_file: SourcePath, index: int, split: str
+) -> dict:
     meta = {
         "id": rec.get("id"),
         "subject": rec.get("subject_name"),
@@ -205,7 +209,7 @@ def _medmcqa_row(ctx: LoaderContext, rec: dict[str, Any], input_file: Path, inde
     )
 
 
-def load_mmlu(ctx: LoaderContext, path: Path) -> Iterator[Record]:
+def load_mmlu(ctx: LoaderContext, path: SourcePath) -> Iterator[Record]:
     """MMLU: the header-less upstream CSVs (question, A, B, C, D, answer); subject from the file
     name (``anatomy_test.csv`` -> anatomy). A folder means all its ``*.csv``. The
     MedXpertQA-eval ``mmlu_medical_input.jsonl`` (label + appended choices) is read too."""
@@ -243,7 +247,7 @@ def load_mmlu(ctx: LoaderContext, path: Path) -> Iterator[Record]:
             )
 
 
-def load_pubmedqa(ctx: LoaderContext, path: Path) -> Iterator[Record]:
+def load_pubmedqa(ctx: LoaderContext, path: SourcePath) -> Iterator[Record]:
     """PubMedQA ``ori_pqal.json`` (PMID -> QUESTION, CONTEXTS, final_decision): yes/no/maybe.
 
     The question text is the abstract sections (with their labels) followed by the question,
@@ -257,15 +261,18 @@ def load_pubmedqa(ctx: LoaderContext, path: Path) -> Iterator[Record]:
         # In a folder, the ground-truth file is the split list of its neighbour, not records.
         files = [f for f in files if f.name != PUBMEDQA_TRUTH] or files
     for input_file in files:
-        doc = load_json(input_file)
-        if not isinstance(doc, dict):
+        if json_kind(input_file) != "object":
             raise SourceError(f"{input_file}: expected a JSON object keyed by PMID")
         test_ids: set[str] | None = None
         truth = input_file.parent / PUBMEDQA_TRUTH
-        if ctx.split is None and truth.exists() and truth != input_file:
+        if ctx.split is None and truth != input_file and truth.exists():
             ground = load_json(truth)
             test_ids = set(ground) if isinstance(ground, dict) else None
-        for index, (pmid, rec) in enumerate(doc.items()):
+        for index, (pmid, rec) in enumerate(iter_json_members(input_file)):
+            if has_bad_text([pmid, rec]):
+                bad = bad_record({pmid: rec})
+                yield ctx.quarantine(input_file, index, "malformed_json", bad.error, bad.text)
+                continue
             if test_ids is not None:
                 split = "test" if pmid in test_ids else "train"
             else:
@@ -284,7 +291,9 @@ def load_pubmedqa(ctx: LoaderContext, path: Path) -> Iterator[Record]:
             )
 
 
-def _pubmedqa_row(ctx: LoaderContext, pmid: str, rec: dict, input_file: Path, index: int, split: str) -> dict:
+def _pubmedqa_row(
+    ctx: LoaderContext, pmid: str, rec: dict, input_file: SourcePath, index: int, split: str
+) -> dict:
     if not isinstance(rec, dict):
         raise RecordError("malformed_record", "record is not a JSON object")
     question = text_of(rec.get("QUESTION"), "question")
@@ -317,46 +326,45 @@ def _pubmedqa_row(ctx: LoaderContext, pmid: str, rec: dict, input_file: Path, in
     )
 
 
-def load_headqa(ctx: LoaderContext, path: Path) -> Iterator[Record]:
+def load_headqa(ctx: LoaderContext, path: SourcePath) -> Iterator[Record]:
     """HEAD-QA's published json: ``exams`` -> {name, year, category, data: [{qid, qtext, ra,
     image, answers: [{aid, atext}]}]}; ``ra`` is the aid of the right answer. Questions with an
     ``image`` are multimodal and resolve it against ``--images``. Record index counts questions
     across exams in file order."""
     for input_file in input_files(path, ("*.json",)):
-        doc = load_json(input_file)
-        exams = doc.get("exams") if isinstance(doc, dict) else None
-        if not isinstance(exams, dict):
+        if json_kind(input_file) != "object":
             raise SourceError(f"{input_file}: not HEAD-QA json (no 'exams' object)")
         split = ctx.split_for(input_file, "unknown")
         index = 0
-        for exam_id, exam in exams.items():
+        # Streamed exam by exam: memory holds one exam, never the whole file.
+        for exam_id, exam in iter_json_members(input_file, walk=("exams",)):
             data = exam.get("data") if isinstance(exam, dict) else None
             if not isinstance(data, list):
                 yield ctx.quarantine(
-                    input_file, index, "malformed_record", f"exam {exam_id} has no data list", exam
+                    input_file,
+                    index,
+                    "malformed_record",
+                    f"exam {scrub(str(exam_id))} has no data list",
+                    exam,
                 )
                 index += 1
                 continue
-            info = {k: str(exam.get(k) or "").strip() for k in ("name", "year", "category")}
+            info = {k: scrub(str(exam.get(k) or "").strip()) for k in ("name", "year", "category")}
             for rec in data:
-                yield ctx.build(
-                    input_file,
-                    index,
-                    rec,
-                    _headqa_row,
-                    ctx,
-                    exam_id,
-                    info,
-                    rec,
-                    input_file,
-                    index,
-                    split,
-                )
+                if has_bad_text(rec) or has_bad_text(exam_id):
+                    bad = bad_record(rec)
+                    yield ctx.quarantine(input_file, index, "malformed_json", bad.error, bad.text)
+                else:
+                    yield ctx.build(
+                        input_file, index, rec, _headqa_row, ctx, exam_id, info, rec, input_file, index, split
+                    )
                 index += 1
+        if index == 0:
+            raise SourceError(f"{input_file}: not HEAD-QA json (no 'exams' object with questions)")
 
 
 def _headqa_row(
-    ctx: LoaderContext, exam_id: str, info: dict, rec: dict, input_file: Path, index: int, split: str
+    ctx: LoaderContext, exam_id: str, info: dict, rec: dict, input_file: SourcePath, index: int, split: str
 ) -> dict:
     answers = rec["answers"]
     if not isinstance(answers, list):

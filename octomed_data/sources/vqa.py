@@ -7,9 +7,9 @@ Closed yes/no answers become ``yes_no_maybe`` questions, other short answers ``o
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from octomed_data.errors import SourceError
@@ -21,13 +21,15 @@ from octomed_data.sources.base import (
     clean_metadata,
     input_files,
     iter_csv,
+    iter_json_members,
     iter_json_records,
-    load_json,
     mcq_row,
     parse_lettered_options,
     short_answer_task,
     text_of,
 )
+from octomed_data.sources.paths import SourcePath
+from octomed_data.sources.readers import bad_record, has_bad_text, json_kind
 
 _ORGANS = {"HEAD": "head", "CHEST": "chest", "ABD": "abdomen"}
 
@@ -35,7 +37,7 @@ _ORGANS = {"HEAD": "head", "CHEST": "chest", "ABD": "abdomen"}
 def short_answer_row(
     ctx: LoaderContext,
     *,
-    input_file: Path,
+    input_file: SourcePath,
     index: int,
     split: str,
     question: Any,
@@ -70,7 +72,7 @@ def short_answer_row(
 
 
 def _records(
-    ctx: LoaderContext, input_file: Path
+    ctx: LoaderContext, input_file: SourcePath
 ) -> Iterator[tuple[int, dict[str, Any] | None, Record | None]]:
     """JSON records of a file; malformed ones come back already quarantined."""
     for index, rec in iter_json_records(input_file):
@@ -86,7 +88,7 @@ def _records(
             yield index, rec, None
 
 
-def load_vqa_rad(ctx: LoaderContext, path: Path) -> Iterator[Record]:
+def load_vqa_rad(ctx: LoaderContext, path: SourcePath) -> Iterator[Record]:
     """VQA-RAD: the OSF ``VQA_RAD Dataset Public.json`` (split from ``phrase_type``: test_* ->
     test, freeform/para -> train) or the standard ``testset.json`` (all test). Needs ``--images``
     (the folder holding ``synpic*.jpg``)."""
@@ -103,7 +105,7 @@ def load_vqa_rad(ctx: LoaderContext, path: Path) -> Iterator[Record]:
             yield ctx.build(input_file, index, rec, _vqa_rad_row, ctx, rec, input_file, index, split)
 
 
-def _vqa_rad_row(ctx: LoaderContext, rec: dict, input_file: Path, index: int, split: str) -> dict:
+def _vqa_rad_row(ctx: LoaderContext, rec: dict, input_file: SourcePath, index: int, split: str) -> dict:
     organ = str(rec.get("image_organ") or "").strip().upper()
     return short_answer_row(
         ctx,
@@ -124,7 +126,7 @@ def _vqa_rad_row(ctx: LoaderContext, rec: dict, input_file: Path, index: int, sp
     )
 
 
-def load_slake(ctx: LoaderContext, path: Path) -> Iterator[Record]:
+def load_slake(ctx: LoaderContext, path: SourcePath) -> Iterator[Record]:
     """SLAKE 1.0: ``test.json`` (en + zh; modality, location, answer_type) or the English
     ``test_open.csv`` / ``test_close.csv`` (img_id, img_name, question, answer). Images
     (``xmlab<id>/source.jpg``) resolve against ``--images``; none are bundled here, so without
@@ -149,7 +151,7 @@ def load_slake(ctx: LoaderContext, path: Path) -> Iterator[Record]:
 
 
 def _slake_csv_row(
-    ctx: LoaderContext, row: dict[str, str], input_file: Path, index: int, split: str, closed: bool
+    ctx: LoaderContext, row: dict[str, str], input_file: SourcePath, index: int, split: str, closed: bool
 ) -> dict:
     return short_answer_row(
         ctx,
@@ -163,7 +165,7 @@ def _slake_csv_row(
     )
 
 
-def _slake_row(ctx: LoaderContext, rec: dict, input_file: Path, index: int, split: str) -> dict:
+def _slake_row(ctx: LoaderContext, rec: dict, input_file: SourcePath, index: int, split: str) -> dict:
     return short_answer_row(
         ctx,
         input_file=input_file,
@@ -184,7 +186,7 @@ def _slake_row(ctx: LoaderContext, rec: dict, input_file: Path, index: int, spli
     )
 
 
-def load_pathvqa(ctx: LoaderContext, path: Path) -> Iterator[Record]:
+def load_pathvqa(ctx: LoaderContext, path: SourcePath) -> Iterator[Record]:
     """PathVQA: the LXMERT-format split json (``img_id``, ``sentf.pvqa`` questions parallel to
     ``labelf.pvqa`` {answer: score}; one record per QA pair, images ``<img_id>.jpg`` under
     ``--images``; an image entry with no QA pair is one ``no_questions`` record), or the
@@ -192,19 +194,30 @@ def load_pathvqa(ctx: LoaderContext, path: Path) -> Iterator[Record]:
     yes/no -> yes_no_maybe, others -> open_qa. The textbook pairs are unsplit and not a
     benchmark test set, so their split defaults to ``train``."""
     for input_file in input_files(path, ("*.json",)):
-        doc = load_json(input_file)
-        if not isinstance(doc, list):
+        if json_kind(input_file) != "array":
             raise SourceError(f"{input_file}: expected a JSON array")
-        first = next((r for r in doc if isinstance(r, dict)), {})
+        # Streamed: the first object decides the layout, the rest follow one by one.
+        items = (rec for _, rec in iter_json_members(input_file))
+        head: list[Any] = []
+        for rec in items:
+            head.append(rec)
+            if isinstance(rec, dict):
+                break
+        first = next((r for r in head if isinstance(r, dict)), {})
+        doc = itertools.chain(head, items)
         if "sentf" in first:
             yield from _pathvqa_lxmert(ctx, input_file, doc)
         else:
             yield from _pathvqa_textbook(ctx, input_file, doc)
 
 
-def _pathvqa_textbook(ctx: LoaderContext, input_file: Path, doc: list) -> Iterator[Record]:
+def _pathvqa_textbook(ctx: LoaderContext, input_file: SourcePath, doc: Iterable[Any]) -> Iterator[Record]:
     split = ctx.split_for(input_file, "train")
     for index, rec in enumerate(doc):
+        if has_bad_text(rec):
+            bad = bad_record(rec)
+            yield ctx.quarantine(input_file, index, "malformed_json", bad.error, bad.text)
+            continue
         if not isinstance(rec, dict):
             yield ctx.quarantine(input_file, index, "malformed_record", "record is not a JSON object", rec)
             continue
@@ -225,13 +238,20 @@ def _pathvqa_textbook(ctx: LoaderContext, input_file: Path, doc: list) -> Iterat
         )
 
 
-def _pathvqa_lxmert(ctx: LoaderContext, input_file: Path, doc: list) -> Iterator[Record]:
+def _pathvqa_lxmert(ctx: LoaderContext, input_file: SourcePath, doc: Iterable[Any]) -> Iterator[Record]:
     """One record per QA pair, plus one quarantined record per image entry that contributes
     no pair (133 of the 991 test entries have empty lists) or has answers without questions,
     so every entry of the file is accounted for."""
     split = ctx.split_for(input_file, "unknown")
     index = 0  # one record per QA pair (or per pair-less entry), counted across image entries
     for entry_no, entry in enumerate(doc):
+        if has_bad_text(entry):
+            bad = bad_record(entry)
+            yield ctx.quarantine(
+                input_file, index, "malformed_json", f"entry {entry_no}: {bad.error}", bad.text
+            )
+            index += 1
+            continue
         questions = labels = None
         if isinstance(entry, dict):
             sentf, labelf = entry.get("sentf") or {}, entry.get("labelf") or {}
@@ -285,7 +305,7 @@ def _pathvqa_lxmert(ctx: LoaderContext, input_file: Path, doc: list) -> Iterator
 
 def _pathvqa_pair_row(
     ctx: LoaderContext,
-    input_file: Path,
+    input_file: SourcePath,
     index: int,
     split: str,
     img_id: str,
@@ -312,7 +332,7 @@ def _best_label(label: Any) -> str:
     return max(label.items(), key=lambda kv: float(kv[1]))[0]
 
 
-def _pathvqa_image(ctx: LoaderContext, input_file: Path, img_id: str) -> str:
+def _pathvqa_image(ctx: LoaderContext, input_file: SourcePath, img_id: str) -> str:
     if not img_id:
         raise RecordError("missing_image", "entry has no img_id")
     for ext in (".jpg", ".png", ".jpeg"):
@@ -333,7 +353,7 @@ def _subset_modality(subset: Any) -> str | None:
     return m.group(1).strip() if m else None
 
 
-def load_omnimedvqa(ctx: LoaderContext, path: Path, modality: str | None = None) -> Iterator[Record]:
+def load_omnimedvqa(ctx: LoaderContext, path: SourcePath, modality: str | None = None) -> Iterator[Record]:
     """OmniMedVQA-derived subsets: MedVLM-R1 json (``image`` list, ``problem``, ``solution``
     letter, ``options`` list, ``answer`` text, ``subset``) and the Med-R1 split json (``image``
     string, options only inside ``problem`` as "A)x, B)y", ``solution`` "<answer> D </answer>").
@@ -359,7 +379,7 @@ def load_omnimedvqa(ctx: LoaderContext, path: Path, modality: str | None = None)
             )
 
 
-def _modality_from_name(input_file: Path) -> str | None:
+def _modality_from_name(input_file: SourcePath) -> str | None:
     stem = input_file.stem
     for suffix in ("_test", "_train", "_val", "_dev"):
         if stem.endswith(suffix):
@@ -369,7 +389,7 @@ def _modality_from_name(input_file: Path) -> str | None:
 
 
 def _omnimed_row(
-    ctx: LoaderContext, rec: dict, input_file: Path, index: int, split: str, file_modality: str | None
+    ctx: LoaderContext, rec: dict, input_file: SourcePath, index: int, split: str, file_modality: str | None
 ) -> dict:
     problem = text_of(rec.get("problem") or rec.get("question"), "question")
     given = rec.get("options")
@@ -407,7 +427,7 @@ def _omnimed_row(
 _CHOICE_PREFIX = re.compile(r"^\s*([A-Z])\s*[:.)]\s*")
 
 
-def load_pmc_vqa(ctx: LoaderContext, path: Path) -> Iterator[Record]:
+def load_pmc_vqa(ctx: LoaderContext, path: SourcePath) -> Iterator[Record]:
     """PMC-VQA's published CSVs (train.csv / test.csv / test_clean.csv): ``Figure_path``,
     ``Question``, ``Answer``, ``Choice A``..``Choice D`` (values like ``"A:Diffuse uptake"``),
     ``Answer_label``; extra columns (index, Caption, split) are kept as metadata. Images
@@ -423,7 +443,7 @@ def load_pmc_vqa(ctx: LoaderContext, path: Path) -> Iterator[Record]:
             yield ctx.build(input_file, index, row, _pmc_row, ctx, row, input_file, index, split)
 
 
-def _pmc_row(ctx: LoaderContext, row: dict[str, str], input_file: Path, index: int, split: str) -> dict:
+def _pmc_row(ctx: LoaderContext, row: dict[str, str], input_file: SourcePath, index: int, split: str) -> dict:
     options = []
     for label in "ABCDEFGH":
         value = row.get(f"Choice {label}")

@@ -32,6 +32,7 @@ EXPECTED_FORMATS = {
     "pmc_vqa",
     "headqa",
     "imaging",
+    "hf",
 }
 
 
@@ -599,7 +600,7 @@ def test_jsonl_with_a_bad_first_line_quarantines_only_that_line(shared_data, tmp
     assert len(run("medqa", one_line)[0]) == 3
 
 
-def test_csv_empty_cell_rows_are_quarantined_and_non_utf8_is_one_error(tmp_path):
+def test_csv_empty_cell_rows_and_non_utf8_rows_are_quarantined(tmp_path):
     path = tmp_path / "anatomy_test.csv"
     path.write_text('Q1?,a,b,c,d,A\n\n,,,,,\n"Q2?",a,b,c,d,B\n')
     rows, quarantined = run("mmlu", path)
@@ -608,7 +609,10 @@ def test_csv_empty_cell_rows_are_quarantined_and_non_utf8_is_one_error(tmp_path)
     assert [(q["record_index"], q["reason"], q["detail"]) for q in quarantined] == [
         (1, "malformed_row", "empty row")
     ]
+    # One Latin-1 byte costs its row, not the file (tests/sources/test_loader_bugs.py covers all readers).
     latin = tmp_path / "latin_test.csv"
-    latin.write_bytes("Q?,caf\xe9,b,c,d,A\n".encode("latin-1"))
-    with pytest.raises(SourceError, match="not UTF-8"):
-        run("mmlu", latin)
+    latin.write_bytes("Q?,caf\xe9,b,c,d,A\nQ3?,a,b,c,d,C\n".encode("latin-1"))
+    rows, quarantined = run("mmlu", latin)
+    assert [r["record_index"] for r in rows] == [1]
+    assert [(q["record_index"], q["reason"]) for q in quarantined] == [(0, "malformed_row")]
+    assert "not UTF-8" in quarantined[0]["detail"] and "caf\ufffd" in quarantined[0]["raw"]
