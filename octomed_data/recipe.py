@@ -287,6 +287,10 @@ class Recipe(BaseModel):
     def ingest_entries(self) -> list[dict[str, Any]]:
         """All ingest entries (``sources`` + ``sources_file``) with paths resolved."""
         entries = [e.model_dump(exclude_none=True) for e in self.sources]
+        for entry in entries:  # the recipe's own entries: relative to the recipe (or package:)
+            for key in ("input", "images"):
+                if key in entry:
+                    entry[key] = _hub_id_or(entry, key, self.resolve_path(entry[key]))
         if self.sources_file:
             path = self.resolve_path(self.sources_file)
             try:
@@ -310,11 +314,6 @@ class Recipe(BaseModel):
                     if key in entry and "://" not in entry[key] and not os.path.isabs(entry[key]):
                         entry[key] = _hub_id_or(entry, key, os.path.normpath(os.path.join(base, entry[key])))
                 entries.append(entry)
-        else:
-            for entry in entries:
-                for key in ("input", "images"):
-                    if key in entry:
-                        entry[key] = _hub_id_or(entry, key, self.resolve_path(entry[key]))
         if not entries:
             raise ConfigError("the recipe names no sources (set `sources` or `sources_file`)")
         return entries

@@ -16,7 +16,9 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     from flows.experiment import ExperimentParams, experiment_flow
 
     out = experiment_flow(ExperimentParams(spec=args.spec, arms=args.arm, force=args.force, store=args.store))
-    print(f"\nexperiment {spec.name}: report {out['report']} (plot {out['plot']}, numbers {out['comparison']})")
+    print(
+        f"\nexperiment {spec.name}: report {out['report']} (plot {out['plot']}, numbers {out['comparison']})"
+    )
     for group in out["same_data"]:
         print(f"  arms with identical training data: {', '.join(group)}")
     return 0
@@ -31,5 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("spec", help="spec YAML, or a ready-made one: sources, samples, length, cot")
     p.add_argument("--arm", action="append", help="only this arm (repeatable), e.g. to re-run a failed one")
     p.add_argument("--force", action="store_true", help="re-run the chosen arms even when finished")
-    p.add_argument("--store", default=None, help="override the store (default: the spec's, else the recipe's)")
+    p.add_argument(
+        "--store", default=None, help="override the store (default: the spec's, else the recipe's)"
+    )
     p.set_defaults(func=_cmd_experiment)
