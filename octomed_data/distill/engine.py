@@ -277,9 +277,11 @@ async def _sample_group(
         choices = list(response.choices)[: len(group)]
         # Sandbox traces are never passed off as a real teacher's, whatever the config calls it.
         sandbox = getattr(response, "system_fingerprint", None) == SANDBOX_FINGERPRINT
+        # The replica that served it (a fleet's), else the teacher's one URL; never a key or query.
+        endpoint = tc.endpoint_of(response)
         for j, (i, choice) in enumerate(zip(group, choices, strict=False)):
             row = _base_row(q, teacher, run.config, i, recorded[i], tc.params_hash)
-            row.update(reply_fields(choice))
+            row.update(reply_fields(choice), endpoint=endpoint)
             if sandbox:
                 row["teacher"] = SANDBOX_TEACHER
             # Usage is per request: the prompt is billed once, completion split over choices.
