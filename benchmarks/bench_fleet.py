@@ -152,7 +152,9 @@ def main() -> None:
                     rate = asyncio.run(one_run(urls[:k], work, args.questions, in_flight, f"r{r}k{k}"))
                     rates[k].append(rate)
                     spread[k].append([served(u) - b for u, b in zip(urls, before, strict=True)])
-                    print(f"round {r + 1}, {k} replica(s): {rate:.1f} samples/s, requests per replica {spread[k][-1]}")
+                    print(
+                        f"round {r + 1}, {k} replica(s): {rate:.1f} samples/s, requests per replica {spread[k][-1]}"
+                    )
     finally:
         for p, _ in procs:
             p.terminate()
@@ -167,7 +169,9 @@ def main() -> None:
         "rounds": args.rounds,
         "rates": rates,
         "median": {k: statistics.median(v) for k, v in rates.items()},
-        "ratio_vs_1": {k: statistics.median(a / b for a, b in zip(v, rates[1], strict=True)) for k, v in rates.items()},
+        "ratio_vs_1": {
+            k: statistics.median(a / b for a, b in zip(v, rates[1], strict=True)) for k, v in rates.items()
+        },
         "spread": spread,
     }
     print(json.dumps(result, indent=2))
