@@ -425,3 +425,16 @@ def test_cli_distills_over_endpoints(tmp_path: Path, capsys) -> None:
     assert len(rows) == 12 and sum(counts) == 12 and min(counts) > 0
     assert {r["endpoint"] for r in rows} == {a.base_url, b.base_url}
     assert KEY not in capsys.readouterr().out
+
+
+def test_moving_a_teacher_onto_a_fleet_requests_nothing_again(tmp_path: Path) -> None:
+    """Endpoints are not part of any sample key: stored samples stay done on a new fleet."""
+    q_uri, out = str(tmp_path / "q"), str(tmp_path / "out")
+    make_questions(q_uri, 5)
+    with start_sandbox() as single:
+        first = distill_shard(q_uri, "00000", out, _config([single.base_url]))
+    assert first.complete and first.new_samples == 20
+    with start_sandbox() as a, start_sandbox() as b:
+        again = distill_shard(q_uri, "00000", out, _config([a.base_url, b.base_url]))
+        assert a.stats()["requests"] == 0 and b.stats()["requests"] == 0
+    assert again.complete and again.requests == 0 and again.stored_before == 20
