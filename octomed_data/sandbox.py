@@ -36,6 +36,7 @@ says nothing about itself. ``reasoning_field`` names the field separated reasoni
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import math
 import re
@@ -120,6 +121,9 @@ class _State:
     continuation_as_reasoning: bool = False
     server: ServerLike = "generic"
     reasoning_field: str = "reasoning_content"
+    # Requests answered at once (a GPU server's batch slots); the rest queue. None: no cap.
+    slots: asyncio.Semaphore | None = None
+    active: dict[asyncio.Task[Any], web.Request] = field(default_factory=dict)  # for kill()
 
 
 _STATE: web.AppKey[_State] = web.AppKey("sandbox_state", _State)
@@ -290,6 +294,16 @@ def _over_limit(state: _State, now: float) -> bool:
 
 async def _chat(request: web.Request) -> web.StreamResponse:
     state: _State = request.app[_STATE]
+    task = asyncio.current_task()
+    if task is not None:
+        state.active[task] = request  # what kill() drops
+    try:
+        return await _answer(request, state)
+    finally:
+        state.active.pop(task, None)  # type: ignore[arg-type]
+
+
+async def _answer(request: web.Request, state: _State) -> web.StreamResponse:
     arrived = time.time()
     state.requests += 1
     try:
@@ -333,8 +347,9 @@ async def _chat(request: web.Request) -> web.StreamResponse:
                 "sampling": sampling,
             }
         )
-    if state.latency_s:
-        await asyncio.sleep(state.latency_s)
+    async with state.slots or contextlib.nullcontext():
+        if state.latency_s:
+            await asyncio.sleep(state.latency_s)
     if fault in ("rate_limited", "rpm_exceeded"):
         headers = {
             "Retry-After": str(max(1, math.ceil(f.retry_after_s))),
@@ -457,10 +472,13 @@ def build_app(
     server: ServerLike = "generic",
     reasoning_field: str = "reasoning_content",
     batch: BatchConfig | None = None,
+    max_concurrency: int | None = None,
 ) -> web.Application:
     """The aiohttp application (for embedding); :func:`start_sandbox` runs it in a thread.
 
     ``batch``: how its Files + Batch API (:mod:`octomed_data.sandbox_batch`) behaves.
+    ``max_concurrency``: requests served at once (each taking ``latency_s``); more wait in a queue,
+    as on a GPU server with that many batch slots.
     """
     if style not in ("reasoning_content", "think", "mixed"):
         raise ValueError(f"unknown style {style!r}")
@@ -476,6 +494,7 @@ def build_app(
         continuation_as_reasoning=continuation_as_reasoning,
         server=server,
         reasoning_field=reasoning_field,
+        slots=asyncio.Semaphore(max_concurrency) if max_concurrency else None,
     )
     if server not in ("generic", "vllm", "llamacpp"):
         raise ValueError(f"unknown server kind {server!r}")
@@ -535,8 +554,11 @@ class SandboxHandle:
         return f"http://{self._host}:{self.port}/v1"
 
     def stats(self) -> dict[str, Any]:
-        """Counts and the per-request log (arrival ``t``, ``key``, ``seed``, ``fault``)."""
+        """Counts and the per-request log (arrival ``t``, ``key``, ``seed``, ``fault``); also
+        after :meth:`stop` / :meth:`kill` (then read from the stopped server's state)."""
         state: _State = self._app[_STATE]
+        if not self._loop.is_running():
+            return _stats_of(state)  # stopped: no other thread touches the state any more
         fut = asyncio.run_coroutine_threadsafe(_snapshot(state), self._loop)
         return fut.result(10)
 
@@ -561,6 +583,19 @@ class SandboxHandle:
         if self._stop is not None and self._loop.is_running():
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
+
+    def kill(self) -> None:
+        """Stop as a crashed server does: requests in flight get their connection reset, unanswered."""
+        if self._stop is not None and self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._drop_all)
+        self.stop()
+
+    def _drop_all(self) -> None:
+        state: _State = self._app[_STATE]
+        for task, request in list(state.active.items()):
+            if request.transport is not None:
+                request.transport.abort()
+            task.cancel()
 
     def __enter__(self) -> SandboxHandle:
         return self
@@ -589,11 +624,13 @@ def start_sandbox(
     server: ServerLike = "generic",
     reasoning_field: str = "reasoning_content",
     batch: BatchConfig | None = None,
+    max_concurrency: int | None = None,
 ) -> SandboxHandle:
     """Start the sandbox teacher in a background thread; ``port=0`` picks a free port.
 
     ``continuation_as_reasoning``: answer message continuations as vLLM's deepseek_r1 reasoning
-    parser does (the new text in ``reasoning_content``).
+    parser does (the new text in ``reasoning_content``). ``max_concurrency``: requests served at
+    once, the rest queue (a GPU server's batch slots).
     """
     app = build_app(
         latency_s=latency_s,
@@ -604,6 +641,7 @@ def start_sandbox(
         server=server,
         reasoning_field=reasoning_field,
         batch=batch,
+        max_concurrency=max_concurrency,
     )
     return SandboxHandle(app, host).start(port)
 

@@ -69,6 +69,43 @@ class TeacherConfig(BaseModel):
     batch_max_requests: int = Field(50_000, gt=0, le=50_000)  # requests per batch (API limit 50k)
     batch_max_bytes: int = Field(190 * 2**20, gt=0, le=200 * 2**20)  # input file size (API limit 200 MB)
     batch_price_factor: float = Field(0.5, ge=0.0, le=1.0)  # batch price / online price
+    # ---- Fleet: one teacher served by several replicas (octomed_data.inference.fleet) ----
+    # Replica base URLs; requests go to the least-loaded healthy one. ``base_url`` may be left out
+    # (it becomes the first) or must be one of them. Replicas serve the same model with the same
+    # sampling, so they change no sample key (``params_hash``); rows record which one served them.
+    # ``max_in_flight``, ``rpm`` and ``tpm`` stay the teacher's totals over all its replicas.
+    endpoints: list[str] = Field(default_factory=list)
+    replica_probe_s: float = Field(5.0, gt=0.0)  # an ejected replica is probed after this ...
+    replica_probe_max_s: float = Field(60.0, gt=0.0)  # ... doubling per failed probe, up to this
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fleet_base_url(cls, data: Any) -> Any:
+        # A fleet written with ``endpoints`` only: the first replica is the teacher's base_url.
+        if isinstance(data, Mapping) and data.get("endpoints") and not data.get("base_url"):
+            endpoints = data["endpoints"]
+            if isinstance(endpoints, list) and endpoints and isinstance(endpoints[0], str):
+                data = {**data, "base_url": endpoints[0]}
+        return data
+
+    @model_validator(mode="after")
+    def _check_fleet(self) -> TeacherConfig:
+        if not self.endpoints:
+            return self
+        urls = [u.rstrip("/") for u in self.endpoints]
+        if any(not u for u in urls):
+            raise ValueError(f"teacher {self.name!r}: an endpoint is empty")
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"teacher {self.name!r}: duplicate endpoints")
+        if self.base_url is not None and self.base_url.rstrip("/") not in urls:
+            raise ValueError(f"teacher {self.name!r}: base_url must be one of its endpoints (or left out)")
+        if self.replica_probe_max_s < self.replica_probe_s:
+            raise ValueError(f"teacher {self.name!r}: replica_probe_max_s is below replica_probe_s")
+        return self
+
+    def replica_urls(self) -> list[str]:
+        """The base URLs requests may go to: the fleet's endpoints, else the one ``base_url``."""
+        return list(self.endpoints) if self.endpoints else [self.base_url]
 
     def sampling_params(self) -> dict[str, Any]:
         """What changes the distribution of a sample: hashed into every sample key."""

@@ -1,6 +1,7 @@
 """``octomed-data distill`` and ``filter-difficulty``: the engine against any OpenAI-compatible server.
 
     octomed-data distill QUESTIONS_URI --base-url URL --model NAME [--samples 16] --out URI
+    octomed-data distill QUESTIONS_URI --endpoint URL1 --endpoint URL2 --model NAME --out URI  (a fleet)
 
 The key is read from ``OPENAI_API_KEY`` (or ``--api-key-env VAR``) and never printed. With
 ``--config YAML`` the teachers, routing and prices come from the file. ``--estimate`` projects
@@ -31,6 +32,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("questions_uri", help="questions dataset (ingest / decontaminate output)")
     p.add_argument("--out", required=True, help="output URI (OUT/raw, OUT/accepted, OUT/stats.json ...)")
     p.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument(
+        "--endpoint",
+        action="append",
+        default=None,
+        metavar="URL",
+        help="a replica of the teacher (repeat for a fleet): least-loaded routing, dead replicas taken out",
+    )
     p.add_argument("--model", help="model name to request")
     p.add_argument("--samples", type=int, default=None, help="samples per question (default 16)")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
@@ -81,10 +89,11 @@ def build_config(args: argparse.Namespace) -> DistillConfig:
         "max_tokens": args.max_tokens,
         "server": args.server,
         "seed_policy": args.seed_policy,
+        "endpoints": args.endpoint,
     }
     if not data:
-        if not args.base_url or not args.model:
-            raise ConfigError("give --base-url and --model (or --config FILE)")
+        if not (args.base_url or args.endpoint) or not args.model:
+            raise ConfigError("give --base-url and --model (or --endpoint URL per replica, or --config FILE)")
         name = args.teacher_name or re.sub(r"[^A-Za-z0-9_.\-]+", "-", args.model).strip("-") or "teacher"
         data = {"teachers": [{"name": name, "api_key_env": args.api_key_env}]}
     elif len(data["teachers"]) == 1:
@@ -94,11 +103,16 @@ def build_config(args: argparse.Namespace) -> DistillConfig:
             teacher_flags["api_key_env"] = args.api_key_env
     elif any(v is not None for v in teacher_flags.values()):
         raise ConfigError(
-            "--base-url/--model/--max-in-flight/--rpm/--max-tokens/--server/--seed-policy need a config "
+            "--base-url/--endpoint/--model/--max-in-flight/--rpm/--max-tokens/--server/--seed-policy need a config "
             "with exactly one teacher"
         )
     if len(data["teachers"]) == 1:
-        data["teachers"][0].update({k: v for k, v in teacher_flags.items() if v is not None})
+        teacher = data["teachers"][0]
+        if args.base_url and not args.endpoint:
+            teacher["endpoints"] = []  # one URL on the command line replaces a config's fleet
+        if args.endpoint and not args.base_url:
+            teacher["base_url"] = None  # the fleet's first replica
+        teacher.update({k: v for k, v in teacher_flags.items() if v is not None})
     if args.samples is not None:
         data["samples"] = args.samples
     if args.max_attempts is not None:

@@ -40,12 +40,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="reasoning_content",
         help="the field separated reasoning arrives in (vLLM >= 0.10 and SGLang: reasoning)",
     )
+    p.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=None,
+        help="requests served at once (each taking --latency-ms); more queue, like a GPU server's batch slots",
+    )
     p.set_defaults(func=_cli)
 
 
 def _cli(args: argparse.Namespace) -> int:
     from aiohttp import web
 
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        raise ConfigError("--max-concurrency must be at least 1")
     try:
         faults = FaultConfig(**json.loads(args.faults)) if args.faults else FaultConfig()
     except (ValueError, TypeError) as exc:
@@ -58,6 +66,7 @@ def _cli(args: argparse.Namespace) -> int:
         continuation_as_reasoning=args.continuation_as_reasoning,
         server=args.server,
         reasoning_field=args.reasoning_field,
+        max_concurrency=args.max_concurrency,
     )
 
     async def serve() -> None:

@@ -315,6 +315,7 @@ def add_reply_rows(
     choices = list(response.choices)[: len(group)]
     # Sandbox traces are never passed off as a real teacher's, whatever the config calls it.
     sandbox = getattr(response, "system_fingerprint", None) == SANDBOX_FINGERPRINT
+    endpoint = tc.endpoint_of(response)
     for j, (i, choice) in enumerate(zip(group, choices, strict=False)):
         # Usage is per request: the prompt is billed once, completion split over choices.
         p_tok = (usage.prompt_tokens if usage else None) if j == 0 else 0
@@ -322,7 +323,8 @@ def add_reply_rows(
         if i in skip:
             continue
         row = _base_row(q, teacher, run.config, i, seed, tc.params_hash)
-        row.update(reply_fields(choice))
+        # The replica that served it (a fleet's), else the teacher's one URL; never a key or query.
+        row.update(reply_fields(choice), endpoint=endpoint)
         if sandbox:
             row["teacher"] = SANDBOX_TEACHER
         row.update(

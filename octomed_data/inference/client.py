@@ -32,6 +32,7 @@ import openai
 from pydantic import SecretStr
 
 from octomed_data.errors import ConfigError, OctomedError
+from octomed_data.inference.fleet import FleetTransport, describe, public_url, served_by
 from octomed_data.inference.outage import OutageBreaker, outage_budget_s
 from octomed_data.inference.ratelimit import RateLimiter
 from octomed_data.inference.retry import (
@@ -156,6 +157,14 @@ class OpenAITransport:
     async def chat(self, **kwargs: Any) -> Any:
         return await self.sdk.chat.completions.create(**kwargs)
 
+    async def probe(self) -> None:
+        """``GET /models``: the cheap request a fleet sends to an ejected replica (raises if down)."""
+        try:
+            await self.sdk.models.list()
+        except openai.APIStatusError as exc:
+            if exc.status_code >= 500:
+                raise  # below 500 the server answered: it is up
+
     def classify(self, exc: BaseException) -> Failure:
         return classify(exc)
 
@@ -170,14 +179,39 @@ TRANSPORTS = ("http", "sdk")
 def make_transport(teacher: TeacherConfig, key: SecretStr, name: str | None = None) -> Transport:
     """A transport by name: ``http`` (the lean path, default) or ``sdk`` (the OpenAI SDK).
 
-    Without a name, ``$OCTOMED_INFERENCE_TRANSPORT`` decides (``http`` when unset).
+    Without a name, ``$OCTOMED_INFERENCE_TRANSPORT`` decides (``http`` when unset). A teacher with
+    several ``endpoints`` gets a :class:`~octomed_data.inference.fleet.FleetTransport` over one
+    such transport per replica.
     """
     name = name or os.environ.get(TRANSPORT_ENV) or "http"
     if name not in TRANSPORTS:
         raise ConfigError(f"unknown inference transport {name!r} (choose from {', '.join(TRANSPORTS)})")
-    if name == "sdk":
-        return OpenAITransport(teacher.base_url, key, teacher.timeout_s)
-    return HTTPTransport(teacher.base_url, key, teacher.timeout_s, max_connections=teacher.max_in_flight)
+
+    def one(url: str) -> Transport:
+        if name == "sdk":
+            return OpenAITransport(url, key, teacher.timeout_s)
+        return HTTPTransport(url, key, teacher.timeout_s, max_connections=teacher.max_in_flight)
+
+    urls = teacher.replica_urls()
+    if len(urls) == 1:
+        return one(urls[0])
+    return FleetTransport(
+        [(url, one(url)) for url in urls],
+        name=teacher.name,
+        probe_after_s=teacher.replica_probe_s,
+        probe_max_s=teacher.replica_probe_max_s,
+    )
+
+
+def detect_teacher_kind(teacher: TeacherConfig, key: SecretStr) -> ServerKind:
+    """The teacher's server kind: configured, else detected at the first replica that says more
+    than ``generic`` (a replica that is down when the run starts is skipped)."""
+    kind = ServerKind.GENERIC
+    for url in teacher.replica_urls():
+        kind = detect_kind(url, key.get_secret_value(), teacher.server)
+        if teacher.server != "auto" or kind != ServerKind.GENERIC:
+            break
+    return kind
 
 
 class EndpointClient:
@@ -194,7 +228,7 @@ class EndpointClient:
     ) -> None:
         self.teacher = teacher
         self._key = key
-        self.kind = kind or detect_kind(teacher.base_url, key.get_secret_value(), teacher.server)
+        self.kind = kind or detect_teacher_kind(teacher, key)
         self.profile = profile(self.kind)
         self.supports_n = teacher.supports_n if teacher.supports_n is not None else self.profile.honours_n
         self.sends_seed = teacher.seed_policy == "per_sample" and self.profile.accepts_seed
@@ -203,10 +237,16 @@ class EndpointClient:
         self.transport: Transport = transport
         self.slots = asyncio.Semaphore(teacher.max_in_flight)
         self.params_hash = teacher.params_hash()
-        # One breaker per endpoint: N requests failing in a row, or the teacher's outage budget
-        # (seconds of consecutive connection-level failures), whichever comes first.
+        # The endpoint rows record for a single-endpoint teacher (a fleet's replies name their own).
+        self.endpoint = public_url(teacher.base_url)
+        # One breaker per teacher: N requests failing in a row, or the teacher's outage budget
+        # (seconds of consecutive connection-level failures), whichever comes first. A fleet
+        # reports one replica's failures as failovers, so only all replicas down trips it.
         self.breaker: Breaker = OutageBreaker(
-            teacher.name, teacher.base_url, breaker_threshold, budget_s=outage_budget_s(teacher)
+            teacher.name,
+            describe(teacher.replica_urls()),
+            breaker_threshold,
+            budget_s=outage_budget_s(teacher),
         )
         self.avg_completion = float(min(teacher.max_tokens, 1024))
 
@@ -234,6 +274,10 @@ class EndpointClient:
         if extra:
             fields["extra_body"] = extra
         return fields
+
+    def endpoint_of(self, response: Any) -> str:
+        """The endpoint (public URL, no secrets) that served ``response``: its replica in a fleet."""
+        return served_by(response) or self.endpoint
 
     async def close(self) -> None:
         await self.transport.close()

@@ -115,6 +115,7 @@ class HTTPTransport:
 
     def __init__(self, base_url: str, key: SecretStr, timeout_s: float, max_connections: int = 256) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
+        self.models_url = base_url.rstrip("/") + "/models"
         self.headers = {
             "Authorization": f"Bearer {key.get_secret_value()}",
             "Content-Type": "application/json",
@@ -145,6 +146,14 @@ class HTTPTransport:
             if resp.status >= 400:
                 raise HTTPStatusError(resp.status, error_message(data), resp.headers)
         return parse_completion(data)
+
+    async def probe(self) -> None:
+        """A cheap request (``GET /models``) a fleet sends to an ejected replica; raises unless it
+        answers below 500 (an auth or routing error still means the server is up)."""
+        async with self.open().get(self.models_url) as resp:
+            data = await resp.read()
+            if resp.status >= 500:
+                raise HTTPStatusError(resp.status, error_message(data), resp.headers)
 
     def classify(self, exc: BaseException) -> Failure:
         from octomed_data.inference.client import classify
