@@ -133,6 +133,11 @@ class FilterFolder:
         """Per-source statistics: the one statistics pass the report also reads."""
         return storage.join(self.root, "stats.json")
 
+    @property
+    def judge(self) -> str:
+        """The verifier's LLM-judge journal (``judge/_journal/<shard>/``): judgements and their tokens."""
+        return storage.join(self.root, "judge")
+
 
 @dataclass(frozen=True)
 class MixtureFolder:
