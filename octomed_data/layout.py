@@ -14,7 +14,7 @@ decontaminate  ``decontaminate/questions`` (kept),    ``decontaminate/removed`` 
 distill        ``distill/raw`` (every teacher reply), ``distill/raw`` (its ``extra`` carries the
                ``_journal/``, ``cost.json``           distill config fingerprint)
 filter         ``filter/accepted``, ``verdicts``,     ``filter/verdicts``
-               ``stats.json``
+               ``stats.json``, ``judge`` (journal)
 mixture        ``mixture/train``, ``validation``      (global step: rebuilt on every pass)
 export         ``export/llamafactory``, ``trl``       (global step: rebuilt on every pass)
 train          ``checkpoints/``                       ``checkpoints/final/checkpoint.json``
