@@ -191,7 +191,7 @@ filter_shard(a["raw"], a["questions"], a["shard"], folder.verdicts, folder.accep
 def test_judge_resumes_after_a_kill_without_repeating_a_request(distilled: Path, tmp_path: Path) -> None:
     shard = "vqa_rad-00000"
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    with start_sandbox(faults=FaultConfig(**JUDGE_FAULTS), latency_s=0.05) as sandbox:
+    with start_sandbox(faults=FaultConfig(**JUDGE_FAULTS), latency_s=0.15) as sandbox:
         teacher = judge_teacher(sandbox.base_url).model_copy(update={"max_in_flight": 2})
         # An uninterrupted run: how many judgements the shard needs, and its verdicts.
         run_stage(filter_stage(distilled, reference, teacher), LocalExecutor(progress=False), shards=[shard])
