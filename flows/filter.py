@@ -3,6 +3,8 @@ one statistics pass, the run report and the dashboard artifacts (rejections per 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from prefect import flow, task
@@ -10,6 +12,7 @@ from prefect import flow, task
 from flows.common import RunParams, prepare, publish_markdown, publish_table, run_stage_flow
 from octomed_data.errors import StorageError
 from octomed_data.layout import RunPaths
+from octomed_data.recipe import Recipe
 from octomed_data.report import rejection_rows, run_cost, write_run_report
 from octomed_data.stages.filter import FilterStage
 
@@ -38,16 +41,32 @@ def report_task(paths: RunPaths) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def judge_teacher(recipe: Recipe) -> Iterator[Any]:
+    """The verifier's judge teacher (None when no source uses one); the sandbox runs meanwhile when
+    the judge has no endpoint (its verdicts then come from the sandbox, not a model)."""
+    if not recipe.verify.needs_judge:
+        yield None
+        return
+    from flows.distill import teacher_endpoints
+
+    with teacher_endpoints(recipe) as config:
+        yield recipe.judge_teacher(config)
+
+
 @flow(name="filter", log_prints=True)
 def filter_flow(run: RunParams = RunParams()) -> dict[str, Any]:
     """``RUN/distill/raw`` -> ``RUN/filter/{verdicts,accepted,stats.json}``, then the report."""
     recipe, paths = prepare(run)
-    stage = FilterStage(paths, samples_per_question=recipe.distill.samples)
-    if not stage.input_shards():
-        raise StorageError(f"no distilled samples at {stage.raw}: run the distill flow first")
-    # Named shards are judged again; any other shard not judged yet (e.g. after a failed distill
-    # shard was repaired) is judged too, so the statistics cover the whole run.
-    result = run_stage_flow(stage, run, also_pending=True)
+    with judge_teacher(recipe) as judge:
+        stage = FilterStage(
+            paths, samples_per_question=recipe.distill.samples, verify=recipe.verify, judge=judge
+        )
+        if not stage.input_shards():
+            raise StorageError(f"no distilled samples at {stage.raw}: run the distill flow first")
+        # Named shards are judged again; any other shard not judged yet (e.g. after a failed distill
+        # shard was repaired) is judged too, so the statistics cover the whole run.
+        result = run_stage_flow(stage, run, also_pending=True)
     report = report_task(paths)
     print(
         f"filter: {report['accepted']} of {report['samples']} samples accepted; report at {report['report']}"

@@ -123,6 +123,9 @@ class Extraction:
     answer: str | None
     method: str  # which form was read: boxed, answer_tag, statement, bold, bare, none
     reason: str | None = None  # no_answer | ambiguous | unfinished_thought when answer is None
+    # The stated answer as written (markup stripped, not normalised): "0.5 mg", "X-ray". Open-ended
+    # verification reads numbers and units from it, which normalisation would take apart.
+    text: str | None = None
 
 
 @dataclass(frozen=True)
@@ -414,7 +417,7 @@ def extract_answer(
             ):
                 # "... the answer is B. But wait ...\n\n**C**": a later bold answer retracts it.
                 return Extraction(None, cand.method, AMBIGUOUS)
-            return Extraction(answer, cand.method)
+            return Extraction(answer, cand.method, text=_clean(cand.raw))
         if reason == AMBIGUOUS or cand.strong:
             return Extraction(None, cand.method, reason)
         if not _PROSE_REST.match(_clean(cand.raw)):
@@ -445,7 +448,7 @@ def _fallback(text: str, task: TaskType, opts: Sequence[tuple[str, str]], parse)
         if task.is_multiple_choice or task == TaskType.YES_NO_MAYBE or len(line.split()) <= 8:
             answer, reason = parse(line)
             if answer is not None:
-                return Extraction(answer, "bare")
+                return Extraction(answer, "bare", text=_clean(line))
             if reason == AMBIGUOUS:
                 return Extraction(None, "bare", AMBIGUOUS)
     return Extraction(None, "none", NO_ANSWER)

@@ -14,7 +14,7 @@ decontaminate  ``decontaminate/questions`` (kept),    ``decontaminate/removed`` 
 distill        ``distill/raw`` (every teacher reply), ``distill/raw`` (its ``extra`` carries the
                ``_journal/``, ``cost.json``           distill config fingerprint)
 filter         ``filter/accepted``, ``verdicts``,     ``filter/verdicts``
-               ``stats.json``
+               ``stats.json``, ``judge`` (journal)
 mixture        ``mixture/train``, ``validation``      (global step: rebuilt on every pass)
 export         ``export/llamafactory``, ``trl``       (global step: rebuilt on every pass)
 train          ``checkpoints/``                       ``checkpoints/final/checkpoint.json``
@@ -137,6 +137,11 @@ class FilterFolder:
     def stats(self) -> str:
         """Per-source statistics: the one statistics pass the report also reads."""
         return storage.join(self.root, "stats.json")
+
+    @property
+    def judge(self) -> str:
+        """The verifier's LLM-judge journal (``judge/_journal/<shard>/``): judgements and their tokens."""
+        return storage.join(self.root, "judge")
 
 
 @dataclass(frozen=True)

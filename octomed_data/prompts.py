@@ -128,3 +128,34 @@ def build_messages(
     else:
         user = {"role": "user", "content": text}
     return [{"role": "system", "content": system_prompt(row["task_type"], prompting)}, user]
+
+
+# ---------------------------------------------------------------------------- the verifier's judge
+# The LLM judge of open-ended answers (:mod:`octomed_data.verify`). The version is part of every
+# judgement's journal key and of the filter stage's fingerprint: change the wording -> bump it ->
+# every judged answer is judged again.
+JUDGE_RUBRIC_VERSION = "judge-rubric-v1"
+JUDGE_SYSTEM_PROMPT = (
+    "You are grading a candidate answer against a reference answer to a medical question. "
+    "The candidate is correct when it means the same as the reference: synonyms, abbreviations, "
+    "equivalent numbers and units, and extra words that do not change the meaning are fine; a "
+    "different, broader, narrower or hedged answer is incorrect. Reply with one short line of "
+    "reasons, then exactly one final line: 'VERDICT: CORRECT' or 'VERDICT: INCORRECT'."
+)
+JUDGE_REFERENCE = "Reference answer:"
+JUDGE_CANDIDATE = "Candidate answer:"
+
+
+def judge_messages(question: str, reference: str, candidate: str) -> list[dict[str, Any]]:
+    """The judge's chat messages: the rubric, then the question, the reference and the candidate.
+
+    Text only (no images): the judge compares two answers, it does not answer the question.
+    The reference and the candidate come last, each on its own line, so a reader (the sandbox
+    judge) finds them after whatever the question says.
+    """
+    user = (
+        f"Question:\n{question.strip()}\n\n"
+        f"{JUDGE_REFERENCE}\n{' '.join(reference.split())}\n\n"
+        f"{JUDGE_CANDIDATE}\n{' '.join(candidate.split())}"
+    )
+    return [{"role": "system", "content": JUDGE_SYSTEM_PROMPT}, {"role": "user", "content": user}]

@@ -24,6 +24,7 @@ from octomed_data.config import first_error
 from octomed_data.errors import ConfigError
 from octomed_data.mixture import MixtureConfig
 from octomed_data.teachers import DistillConfig, TeacherConfig
+from octomed_data.verify import VerifySettings
 
 DEMO_RECIPE = "demo"
 # The recipe lab's base recipe: the demo plus a small multimodal MCQ source written for the lab
@@ -210,6 +211,8 @@ class Recipe(BaseModel):
     teachers: list[RecipeTeacher] = Field(default_factory=lambda: [RecipeTeacher(name=SANDBOX_TEACHER)])
     routing: dict[str, str] = Field(default_factory=dict)
     distill: DistillSettings = Field(default_factory=DistillSettings)
+    # How open-ended answers are verified, per source (octomed_data.verify): exact, normalized, judge.
+    verify: VerifySettings = Field(default_factory=VerifySettings)
     mixture: MixtureConfig = Field(default_factory=MixtureConfig)
     export: ExportSettings = Field(default_factory=ExportSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
@@ -227,6 +230,13 @@ class Recipe(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate teacher names: {names}")
         return v
+
+    @model_validator(mode="after")
+    def _judge_is_a_teacher(self) -> Recipe:
+        judge = self.verify.judge
+        if judge is not None and judge not in {t.name for t in self.teachers}:
+            raise ValueError(f"verify.judge {judge!r} is not one of the recipe's teachers")
+        return self
 
     # ---------------------------------------------------------------- derived settings
     def uses_sandbox(self) -> bool:
@@ -270,6 +280,17 @@ class Recipe(BaseModel):
             )
         except ValidationError as exc:
             raise ConfigError(f"invalid teachers/routing: {first_error(exc)}") from None
+
+    def judge_teacher(self, config: DistillConfig) -> TeacherConfig | None:
+        """The verifier's judge as resolved in ``config`` (:meth:`distill_config`'s), or None when
+        no source uses it: ``verify.judge``, else the first teacher; a sandbox-bound one is ``sandbox``."""
+        if not self.verify.needs_judge:
+            return None
+        name = self.verify.judge or self.teachers[0].name
+        teacher = next(t for t in self.teachers if t.name == name)
+        if teacher.base_url is None and not os.environ.get(ENV_TEACHER_BASE_URL):
+            name = SANDBOX_TEACHER
+        return config.teacher(name)
 
     def public_dict(self) -> dict[str, Any]:
         """JSON-able recipe (it holds no secrets by construction)."""

@@ -12,66 +12,138 @@ answer-extraction module, also used by evaluation) and writes two shards of the 
 ``accepted`` is committed first and ``verdicts`` last: the verdicts marker is the shard's
 done-signal. Because verdicts are made here and not while distilling, a better extractor can judge
 a run again without a single teacher request.
+
+Open-ended answers are verified per source by :mod:`octomed_data.verify` (exact, normalized, or
+an LLM judge whose judgements are journalled first, in a pass over the shard before the verdicts
+are written); every verdict records which verifier decided it.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from octomed_data import storage
-from octomed_data.answers import extract_answer, is_correct, looks_like_refusal
+from octomed_data.answers import Extraction, extract_answer, looks_like_refusal
 from octomed_data.errors import StorageError
 from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA, VERDICT_SCHEMA, TaskType, options_of
+from octomed_data.verify import Verifier, VerifySettings
+from octomed_data.verify.judge import JudgeEndpoint, JudgeIncomplete, JudgeJob, ajudge, read_judgements
 
 FAILED = "request_failed"  # reject_reason of a sample whose requests failed after all attempts
-JUDGE_VERSION = "1"  # bump when the verdict rules change: committed verdict shards are then re-judged
+# Bump when the verdict rules change: committed verdict shards are then re-judged.
+# 2: verdicts record their verifier (exact | normalized | judge) and the judge's verdict.
+JUDGE_VERSION = "2"
+_EXACT = Verifier()
 
 
-def judge(row: Mapping[str, Any], options: list[tuple[str, str]]) -> dict[str, Any]:
-    """The verdict on one stored reply: extracted answer, method, correct, reject reason."""
+def _read(row: Mapping[str, Any], options: list[tuple[str, str]]) -> tuple[str | None, Extraction | None]:
+    """(reject reason decided before any answer check, the extraction when an answer was read)."""
     if row.get("reject_reason") == FAILED:
-        return {
-            "extracted_answer": None,
-            "extraction_method": None,
-            "correct": False,
-            "reject_reason": FAILED,
-        }
+        return FAILED, None
     finish = row.get("finish_reason")
-    response = row.get("response")
-    extracted = method = None
     if finish == "length":
-        reason: str | None = "truncated"
-    elif row.get("refusal") or finish == "content_filter":
-        reason = "refusal"
-    else:
-        ex = extract_answer(response, TaskType(row["task_type"]), options)
-        extracted, method = ex.answer, ex.method
-        if ex.answer is None:
-            reason = "refusal" if looks_like_refusal(response) else (ex.reason or "no_answer")
-        elif is_correct(ex.answer, row["gold_answer"], row["task_type"]):
-            reason = None
-        else:
-            reason = "wrong_answer"
-    return {
-        "extracted_answer": extracted,
-        "extraction_method": method,
-        "correct": reason is None,
+        return "truncated", None
+    if row.get("refusal") or finish == "content_filter":
+        return "refusal", None
+    response = row.get("response")
+    ex = extract_answer(response, TaskType(row["task_type"]), options)
+    if ex.answer is None:
+        return ("refusal" if looks_like_refusal(response) else (ex.reason or "no_answer")), ex
+    return None, ex
+
+
+def judge(
+    row: Mapping[str, Any], options: list[tuple[str, str]], verifier: Verifier | None = None
+) -> dict[str, Any]:
+    """The verdict on one stored reply: extracted answer, method, correct, reject reason, verifier."""
+    reason, ex = _read(row, options)
+    out: dict[str, Any] = {
+        "extracted_answer": ex.answer if ex is not None else None,
+        "extraction_method": ex.method if ex is not None and reason != FAILED else None,
+        "correct": False,
         "reject_reason": reason,
+        "verifier": None,
+        "verifier_rule": None,
+        "judge_correct": None,
     }
+    if reason is None and ex is not None:
+        outcome = (verifier or _EXACT).decide(row, ex)
+        out.update(
+            correct=outcome.correct,
+            reject_reason=outcome.reason,
+            verifier=outcome.method,
+            verifier_rule=outcome.rule,
+            judge_correct=outcome.judge_correct,
+        )
+    return out
+
+
+def question_info(questions_uri: str, shard: str) -> dict[str, tuple[list[tuple[str, str]], str]]:
+    """question_id -> (its (label, text) options, its text), for one committed questions shard."""
+    ds = storage.Dataset(questions_uri, QUESTION_SCHEMA)
+    if not ds.is_committed(shard):
+        raise StorageError(f"questions shard {shard!r} is not committed in {questions_uri}")
+    out: dict[str, tuple[list[tuple[str, str]], str]] = {}
+    for batch in ds.iter_batches(columns=["question_id", "options", "question"], shards=[shard]):
+        for row in batch.to_pylist():
+            out[row["question_id"]] = (options_of(row), row["question"])
+    return out
 
 
 def question_options(questions_uri: str, shard: str) -> dict[str, list[tuple[str, str]]]:
     """question_id -> its (label, text) options, for one committed questions shard."""
-    ds = storage.Dataset(questions_uri, QUESTION_SCHEMA)
-    if not ds.is_committed(shard):
-        raise StorageError(f"questions shard {shard!r} is not committed in {questions_uri}")
-    out: dict[str, list[tuple[str, str]]] = {}
-    for batch in ds.iter_batches(columns=["question_id", "options"], shards=[shard]):
+    return {k: v[0] for k, v in question_info(questions_uri, shard).items()}
+
+
+def _judge_jobs(
+    raw: storage.Dataset, shard: str, questions: Mapping[str, tuple[list, str]], verifier: Verifier
+) -> Iterator[JudgeJob]:
+    """Stream the shard: the open replies the judge must decide, then the calibration replies
+    (chosen once the whole shard was seen), minus what the journal already holds."""
+    done = verifier.judgements
+    for batch in raw.iter_batches(batch_size=2048, shards=[shard]):
         for row in batch.to_pylist():
-            out[row["question_id"]] = options_of(row)
-    return out
+            options, question = questions.get(row["question_id"], ([], ""))
+            reason, ex = _read(row, options)
+            if reason is not None or ex is None:
+                continue
+            job = verifier.open_job(row, ex, question)
+            if job is None:
+                verifier.offer_calibration(row, ex, question, options)
+            elif job.key not in done:
+                yield job
+    for job in verifier.calibration_jobs():
+        if job.key not in done:
+            yield job
+
+
+def _run_judge(
+    raw: storage.Dataset,
+    shard: str,
+    questions: Mapping[str, tuple[list, str]],
+    settings: VerifySettings,
+    endpoint: JudgeEndpoint,
+) -> tuple[Verifier, dict[str, Any]]:
+    """Judge what the shard needs (journalled); the verifier holding every judgement, and counts."""
+    verifier = Verifier(settings, endpoint.teacher, read_judgements(endpoint.journal, shard))
+    report = asyncio.run(ajudge(_judge_jobs(raw, shard, questions, verifier), endpoint, shard))
+    if report.failed or report.aborted:
+        raise JudgeIncomplete(
+            f"shard {shard}: {report.failed} judge request(s) failed"
+            + (f" ({report.aborted})" if report.aborted else "")
+            + "; the journal keeps the judged ones: run the filter again"
+        )
+    verifier.judgements = read_judgements(endpoint.journal, shard)
+    counts = {
+        "judge_requests": report.requests,
+        "judged_new": report.judged,
+        "judge_prompt_tokens": report.prompt_tokens,
+        "judge_completion_tokens": report.completion_tokens,
+    }
+    return verifier, counts
 
 
 def filter_shard(
@@ -81,17 +153,34 @@ def filter_shard(
     verdicts_uri: str,
     accepted_uri: str,
     extra: Mapping[str, Any] | None = None,
+    *,
+    verify: VerifySettings | None = None,
+    judge_endpoint: JudgeEndpoint | None = None,
 ) -> dict[str, Any]:
-    """Judge one raw shard into ``verdicts`` and ``accepted`` (streamed); returns its counts."""
-    options = question_options(questions_uri, shard)
+    """Judge one raw shard into ``verdicts`` and ``accepted`` (streamed); returns its counts.
+
+    With a judge (``verify`` names one and ``judge_endpoint`` is given), a first pass over the
+    shard sends the judge what the journal lacks; a failure there raises
+    :class:`~octomed_data.verify.judge.JudgeIncomplete` before anything is committed.
+    """
+    settings = verify or VerifySettings()
+    questions = question_info(questions_uri, shard)
     raw = storage.Dataset(raw_uri, SAMPLE_SCHEMA)
+    judge_counts: dict[str, Any] = {}
+    if settings.needs_judge and judge_endpoint is not None:
+        verifier, judge_counts = _run_judge(raw, shard, questions, settings, judge_endpoint)
+    elif settings.needs_judge:
+        raise ValueError("these verify settings use a judge: pass judge_endpoint")
+    else:
+        verifier = Verifier(settings)
     verdicts = storage.Dataset(verdicts_uri, VERDICT_SCHEMA).writer(shard)
     accepted = storage.Dataset(accepted_uri, SAMPLE_SCHEMA).writer(shard)
     reasons: Counter[str] = Counter()
+    methods: Counter[str] = Counter()
     samples = failed = n_accepted = 0
     for batch in raw.iter_batches(batch_size=2048, shards=[shard]):
         for row in batch.to_pylist():
-            row.update(judge(row, options.get(row["question_id"], [])))
+            row.update(judge(row, questions.get(row["question_id"], ([], ""))[0], verifier))
             reasoning = row.get("reasoning") or ""
             row["reasoning_chars"] = len(reasoning)
             row["reasoning_words"] = len(reasoning.split())
@@ -100,6 +189,8 @@ def filter_shard(
                 failed += 1
                 continue
             samples += 1
+            if row["verifier"]:
+                methods[row["verifier"]] += 1
             if row["correct"]:
                 accepted.add(row)
                 n_accepted += 1
@@ -110,7 +201,8 @@ def filter_shard(
         "accepted": n_accepted,
         "failed_requests": failed,
         "rejected": dict(sorted(reasons.items())),
-    }
+        "verified_by": dict(sorted(methods.items())),
+    } | judge_counts
     marker = dict(extra or {}) | {"counts": counts, "judge_version": JUDGE_VERSION}
     accepted.commit(marker)
     verdicts.commit(marker)

@@ -52,6 +52,8 @@ class SampleStats:
     sources: dict[str, SourceStats] = field(default_factory=lambda: defaultdict(SourceStats))
     task_lengths: dict[str, LengthStats] = field(default_factory=lambda: defaultdict(LengthStats))
     teachers: Counter[str] = field(default_factory=Counter)
+    # stats.json's ``verifier``: verdicts per verifier per source, the judge's calibration, its cost.
+    verifier: dict[str, Any] = field(default_factory=dict)
 
     @property
     def samples(self) -> int:
@@ -85,7 +87,45 @@ def sample_stats(stats: Mapping[str, Any]) -> SampleStats:
         ls.total_words = round((lengths.get("mean") or 0) * ls.count)
         ls.reservoir = list(lengths.get("sample") or [])
     out.teachers.update(stats.get("teachers") or {})
+    out.verifier = dict(stats.get("verifier") or {})
     return out
+
+
+def calibration_rows(stats: SampleStats) -> list[dict[str, Any]]:
+    """One row per source (and overall): the LLM judge against exact match on closed replies."""
+    keys = ("judged", "precision", "recall", "agreement", "kappa", "fp", "fn")
+    cal = stats.verifier.get("calibration") or {}
+    return [{"source": src} | {k: m.get(k) for k in keys} for src, m in cal.items()]
+
+
+def verifier_markdown(stats: SampleStats) -> list[str]:
+    """The report's verifier section: who verified what, the judge's calibration and cost."""
+    v = stats.verifier
+    by = v.get("verified_by") or {}
+    if not by and not v.get("calibration"):
+        return []
+    lines = ["## Verifier", ""]
+    methods = sorted({m for counts in by.values() for m in counts})
+    rows = [{"source": src} | {m: counts.get(m, 0) for m in methods} for src, counts in sorted(by.items())]
+    lines += ["Verdicts per verifier (open-ended answers follow the source's `verify` mode):", ""]
+    lines += [_md_table(rows), ""]
+    if v.get("calibration"):
+        lines += [
+            "LLM judge calibration: closed replies judged as if open-ended, against exact match "
+            "(precision: of the replies the judge accepts, the share exact match accepts too).",
+            "",
+            _md_table(calibration_rows(stats)),
+            "",
+        ]
+    cost = v.get("judge_cost")
+    if cost:
+        lines += [
+            f"Judge `{cost.get('model')}` (rubric `{cost.get('rubric_version')}`): "
+            f"{cost.get('journalled')} judgements journalled, {cost.get('prompt_tokens')} prompt + "
+            f"{cost.get('completion_tokens')} completion tokens, USD {cost.get('cost_usd')}.",
+            "",
+        ]
+    return lines
 
 
 def rejection_rows(stats: SampleStats) -> list[dict[str, Any]]:
@@ -202,6 +242,7 @@ def report_markdown(
     if counts:
         lines += ["## Counts", "", _md_table([{"stage": k, "count": v} for k, v in counts.items()]), ""]
     lines += ["## Rejection sampling per source", "", _md_table(rejection_rows(stats)), ""]
+    lines += verifier_markdown(stats)
     length_rows = [
         {"task_type": t, "accepted_traces": s.count, "mean_reasoning_words": round(s.mean, 1)}
         for t, s in sorted(stats.task_lengths.items())

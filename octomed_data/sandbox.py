@@ -30,6 +30,13 @@ answers ``top_k < 0`` with llama-cpp-python's HTTP 500 validation error; ``gener
 says nothing about itself. ``reasoning_field`` names the field separated reasoning arrives in:
 ``reasoning_content`` (DeepSeek, vLLM < 0.10) or ``reasoning`` (vLLM >= 0.10, SGLang).
 
+As the verifier's judge (a system prompt carrying :data:`~octomed_data.prompts.JUDGE_SYSTEM_PROMPT`)
+it reads the reference and the candidate answer from the prompt's last lines and replies
+``VERDICT: CORRECT`` when the project's normalized match (:func:`octomed_data.verify.match.equivalent`)
+calls them equivalent, else ``VERDICT: INCORRECT``; ``FaultConfig.judge_error`` flips that verdict for
+a deterministic share of requests (per key), so a calibration against exact match measures something,
+and ``unparseable`` keys get a reply with no verdict line.
+
 ``GET /_sandbox/stats`` returns the per-request log (arrival time, key, seed, status, fault).
 """
 
@@ -97,7 +104,8 @@ class FaultConfig:
     malformed: float = 0.0  # 200 with a body that is not JSON
     truncated: float = 0.0  # finish_reason=length, no final answer (per key)
     refusal: float = 0.0  # a refusal instead of an answer (per key)
-    unparseable: float = 0.0  # grading replies with no integer score (per key)
+    unparseable: float = 0.0  # grading replies with no integer score, judge replies with no verdict (per key)
+    judge_error: float = 0.0  # the judge's verdict is flipped (per key)
     bad_request: float = 0.0  # 400 invalid_request_error, not retryable (per key)
     max_faults_per_request: int = 2
     rpm: int | None = None  # server-side limit per ``rpm_window_s``; excess -> 429 + violation
@@ -186,6 +194,28 @@ def _grading(system: str, user: str, seed: int, style: Style, unparseable: bool,
     return message, finish, max(1, (len(reasoning) + len(answer)) // 4)
 
 
+def _judging(system: str, user: str, key: str, f: FaultConfig, unparseable: bool):
+    """A judge reply (message dict, finish_reason, completion_tokens), or None for other prompts."""
+    from octomed_data.prompts import JUDGE_CANDIDATE, JUDGE_REFERENCE, JUDGE_SYSTEM_PROMPT
+
+    if JUDGE_SYSTEM_PROMPT not in system or JUDGE_CANDIDATE not in user:
+        return None
+    from octomed_data.verify.match import equivalent
+
+    head, candidate = user.rsplit(JUDGE_CANDIDATE, 1)
+    reference = head.rsplit(JUDGE_REFERENCE, 1)[-1]
+    same = equivalent(reference.strip(), candidate.strip()) is not None
+    if _unit("judge_error", f.seed, key) < f.judge_error:
+        same = not same  # a judge that errs: deterministic per request key
+    if unparseable:
+        answer = "The candidate is close to the reference in some respects."
+    else:
+        reason = "means the same as" if same else "differs from"
+        answer = f"The candidate {reason} the reference.\nVERDICT: {'CORRECT' if same else 'INCORRECT'}"
+    message = {"role": "assistant", "content": answer}
+    return message, "stop", max(1, len(answer) // 4)
+
+
 def _answer_for(prompt: str, seed: int, choice: int) -> tuple[str, str, str]:
     """(label-or-answer, option text, kind) chosen from the options the prompt lists."""
     user = prompt.split("Question:", 1)[-1]
@@ -264,6 +294,15 @@ def _continuation(messages: list[dict[str, Any]], body: dict[str, Any], seed: in
     return {"role": "assistant", "content": text}, "stop", max(1, len(text) // 4)
 
 
+def _kind(system: str) -> str:
+    """What a request asks for, for the request log: judge, grade or sample."""
+    from octomed_data.prompts import JUDGE_SYSTEM_PROMPT
+
+    if JUDGE_SYSTEM_PROMPT in system:
+        return "judge"
+    return "grade" if _GRADING.search(system) else "sample"
+
+
 def _transient_fault(state: _State, key: str, occurrence: int) -> str | None:
     f = state.faults
     if occurrence >= f.max_faults_per_request:
@@ -332,6 +371,7 @@ async def _answer(request: web.Request, state: _State) -> web.StreamResponse:
         fault = "bad_request"
     if over:
         state.violations += 1
+    system, user = _split_turns(messages)
     if state.log_requests:
         # The sampling fields as sent: shows whether a client switched the server's defaults off.
         fields = ("temperature", "top_p", "top_k", "repetition_penalty", "repeat_penalty")
@@ -345,6 +385,7 @@ async def _answer(request: web.Request, state: _State) -> web.StreamResponse:
                 "n": n,
                 "fault": fault,
                 "sampling": sampling,
+                "kind": _kind(system),
             }
         )
     async with state.slots or contextlib.nullcontext():
@@ -398,18 +439,20 @@ def completion_payload(state: _State, body: dict[str, Any], key: str, arrived: f
     refusal = not truncated and _unit("refusal", f.seed, key) < f.refusal
     choices = []
     completion_tokens = 0
-    system, user = _split_turns(messages)
     unparseable = _unit("unparseable", f.seed, key) < f.unparseable
     continuation = _continuation(messages, body, seed)
     max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
     for i in range(n if (f.honour_n or state.server == "vllm") else 1):
         graded = None if refusal else _grading(system, user, seed, state.style, unparseable, truncated)
+        judged = None if refusal else _judging(system, user, key, f, unparseable)
         if continuation is not None:
             message, finish, tokens = continuation
             if state.continuation_as_reasoning:
                 message = {"role": "assistant", "content": None, "reasoning_content": message["content"]}
         elif graded is not None:
             message, finish, tokens = graded
+        elif judged is not None:
+            message, finish, tokens = judged
         else:
             message, finish, tokens = _completion(prompt, seed, i, state.style, truncated, refusal)
             if isinstance(max_tokens, int) and 0 < max_tokens < tokens:

@@ -173,6 +173,12 @@ VERDICT_SCHEMA = pa.schema(
         pa.field("reasoning_words", pa.int64(), nullable=False),
         pa.field("prompt_tokens", pa.int64()),
         pa.field("completion_tokens", pa.int64()),
+        # Which verifier decided ``correct`` (exact | normalized | judge; null when no answer was
+        # extracted), why it matched (exact | numeric | plural | synonym | judge), and the LLM
+        # judge's own verdict when it was asked (open answers in judge mode, calibration replies).
+        pa.field("verifier", pa.string()),
+        pa.field("verifier_rule", pa.string()),
+        pa.field("judge_correct", pa.bool_()),
     ],
     metadata={"octomed.schema": "verdict", "octomed.schema_version": SCHEMA_VERSION},
 )

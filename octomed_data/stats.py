@@ -10,6 +10,10 @@ questions with no accepted trace, reject reasons, and the reasoning-length distr
 percentiles from a fixed-size reservoir so memory does not grow with the run). A source whose
 rejection rate is below 30% is flagged ``too_easy`` (the paper's sign of a too-easy source or an
 overconfident teacher). Memory: one shard's question counters at a time.
+
+``verifier``: per source, how many verdicts each verifier made (exact, normalized, judge), and the
+LLM judge's calibration on closed replies (precision / recall / agreement / kappa against exact
+match, :mod:`octomed_data.verify.calibration`), per source and overall.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from typing import Any
 
 from octomed_data import storage
 from octomed_data.schema import QUESTION_SCHEMA, VERDICT_SCHEMA
+from octomed_data.verify import is_open
+from octomed_data.verify.calibration import Calibration
 
 TOO_EASY_REJECTION_RATE = 0.30
 FAILED = "request_failed"
@@ -111,14 +117,16 @@ def source_statistics(
     total = _Source()
     tasks: dict[str, _Lengths] = defaultdict(_Lengths)  # words of accepted reasoning, per task type
     teachers: Counter[str] = Counter()
+    methods: dict[str, Counter[str]] = defaultdict(Counter)
+    calibration: dict[str, Calibration] = defaultdict(Calibration)
     ds = storage.Dataset(verdicts, VERDICT_SCHEMA)
     cols = ["question_id", "source", "correct", "reject_reason", "reasoning_chars", "reasoning_words"]
-    cols += ["task_type", "teacher"]
+    cols += ["task_type", "teacher", "verifier", "judge_correct"]
     raw_shards = ds.manifest()
     for shard in raw_shards:
         per_q: dict[str, list[Any]] = {}  # question_id -> [source, n, correct]
         for batch in ds.iter_batches(batch_size=4096, columns=cols, shards=[shard]):
-            for qid, src, ok, reason, length, words, task, teacher in zip(
+            for qid, src, ok, reason, length, words, task, teacher, method, judged in zip(
                 *(batch.column(c).to_pylist() for c in cols), strict=True
             ):
                 s = sources[src]
@@ -129,6 +137,10 @@ def source_statistics(
                 entry = per_q.setdefault(qid, [src, 0, 0])
                 entry[1] += 1
                 teachers[teacher] += 1
+                if method:
+                    methods[src][method] += 1
+                if judged is not None and not is_open(task):  # a calibration reply
+                    calibration[src].add(bool(ok), bool(judged))
                 if ok:
                     tasks[task].add(words)
                 for agg in (s, total):
@@ -163,6 +175,22 @@ def source_statistics(
             for k, v in sorted(tasks.items())
         },
         "teachers": dict(sorted(teachers.items())),
+        "verifier": _verifier_section(methods, calibration),
+    }
+
+
+def _verifier_section(
+    methods: dict[str, Counter[str]], calibration: dict[str, Calibration]
+) -> dict[str, Any]:
+    overall = Calibration()
+    for c in calibration.values():
+        overall.merge(c)
+    cal = {src: c.summary() for src, c in sorted(calibration.items())}
+    if calibration:
+        cal["overall"] = overall.summary()
+    return {
+        "verified_by": {src: dict(sorted(m.items())) for src, m in sorted(methods.items())},
+        "calibration": cal,
     }
 
 

@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from pydantic import SecretStr
+
 from octomed_data import storage
+from octomed_data.errors import ConfigError
 from octomed_data.layout import FilterFolder, RunPaths
 from octomed_data.rejection import JUDGE_VERSION, filter_shard
 from octomed_data.schema import SAMPLE_SCHEMA, VERDICT_SCHEMA
-from octomed_data.stages.base import Stage
+from octomed_data.stages.base import ShardIncomplete, Stage
+from octomed_data.teachers import DistillConfig, TeacherConfig, resolve_api_key
+from octomed_data.verify import VerifySettings
+from octomed_data.verify.judge import JudgeEndpoint, JudgeIncomplete
+
+SANDBOX_KEY = "sandbox-needs-no-key"
 
 
 class FilterStage(Stage):
     """``distill/raw`` -> ``filter/accepted`` + ``verdicts``, then ``stats.json``; done = ``verdicts``.
 
     A raw shard re-committed by a later distill run (more samples, a retried failure) makes its
-    verdicts stale: :meth:`is_done` compares the raw commit the verdicts were made from.
+    verdicts stale: :meth:`is_done` compares the raw commit the verdicts were made from. The
+    verifier settings (``verify``) and the judge teacher are part of the fingerprint: changing
+    them judges every shard again (judgements already journalled are not requested again).
     """
 
     name = "filter"
@@ -29,12 +39,49 @@ class FilterStage(Stage):
         questions: str | None = None,
         out: str | None = None,
         samples_per_question: int | None = None,
+        verify: VerifySettings | None = None,
+        judge: TeacherConfig | None = None,
+        api_keys: Mapping[str, str | SecretStr] | None = None,
+        limiter: Any = None,
     ) -> None:
         super().__init__(paths)
         self.raw = raw or paths.raw
         self.questions = questions or paths.questions
         self.out = out or paths.stage("filter")
         self.samples_per_question = samples_per_question
+        self.verify = verify or VerifySettings()
+        if self.verify.needs_judge and judge is None:
+            raise ConfigError("the verify settings use an LLM judge, but no judge teacher was given")
+        self.judge = judge if self.verify.needs_judge else None
+        # The endpoints this stage calls, as executors expect them (tasks/ bind their keys).
+        self.config = DistillConfig(teachers=[self.judge]) if self.judge is not None else None
+        self.api_keys = dict(api_keys) if api_keys else None
+        self.limiter = limiter
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(limiter=None)  # per process
+        return state
+
+    def with_runtime(
+        self, *, api_keys: Mapping[str, Any] | None = None, limiter: Any = None, progress: Any = None
+    ) -> FilterStage:
+        """A copy bound to this process's keys (SecretStr) and rate limiter."""
+        other = FilterStage(
+            self.paths,
+            raw=self.raw,
+            questions=self.questions,
+            out=self.out,
+            samples_per_question=self.samples_per_question,
+            verify=self.verify,
+            judge=self.judge,
+            limiter=limiter if limiter is not None else self.limiter,
+        )
+        keys = api_keys or self.api_keys or {}
+        other.api_keys = {
+            k: v if isinstance(v, SecretStr) else SecretStr(str(v)) for k, v in keys.items()
+        } or None
+        return other
 
     @property
     def verdicts_uri(self) -> str:
@@ -48,6 +95,10 @@ class FilterStage(Stage):
     def stats_uri(self) -> str:
         return FilterFolder(self.out).stats
 
+    @property
+    def judge_journal(self) -> str:
+        return FilterFolder(self.out).judge
+
     def input_dataset(self) -> storage.Dataset:
         return storage.Dataset(self.raw, SAMPLE_SCHEMA)
 
@@ -58,17 +109,36 @@ class FilterStage(Stage):
         return [storage.Dataset(self.accepted_uri, SAMPLE_SCHEMA), self.done_dataset()]
 
     def fingerprint(self) -> str | None:
-        return f"judge={JUDGE_VERSION}"
+        return f"judge={JUDGE_VERSION}|verify={self.verify.fingerprint(self.judge)}"
+
+    def judge_endpoint(self) -> JudgeEndpoint | None:
+        """The judge with its key (passed in, else its env variable; the sandbox needs none)."""
+        if self.judge is None:
+            return None
+        if self.api_keys and self.judge.name in self.api_keys:
+            key = resolve_api_key(self.judge, self.api_keys)
+        elif self.judge.name == "sandbox":
+            key = SecretStr(SANDBOX_KEY)
+        else:
+            key = resolve_api_key(self.judge)
+        return JudgeEndpoint(
+            self.judge, key, self.judge_journal, max_attempts=self.verify.max_attempts, limiter=self.limiter
+        )
 
     def run_shard(self, shard: str) -> dict[str, Any]:
-        return filter_shard(
-            self.raw,
-            self.questions,
-            shard,
-            self.verdicts_uri,
-            self.accepted_uri,
-            extra=self.marker_extra(shard, {}),
-        )
+        try:
+            return filter_shard(
+                self.raw,
+                self.questions,
+                shard,
+                self.verdicts_uri,
+                self.accepted_uri,
+                extra=self.marker_extra(shard, {}),
+                verify=self.verify,
+                judge_endpoint=self.judge_endpoint(),
+            )
+        except JudgeIncomplete as exc:
+            raise ShardIncomplete(str(exc)) from None
 
     def done_counts(self, shard: str) -> dict[str, Any]:
         info = self.done_dataset().shard_info(shard)
@@ -77,7 +147,12 @@ class FilterStage(Stage):
     def finalize(self, shards: Sequence[str]) -> dict[str, Any]:
         """The one statistics pass: ``stats.json``, which the report reads too."""
         from octomed_data.stats import source_statistics
+        from octomed_data.verify.judge import judge_cost
 
         stats = source_statistics(self.verdicts_uri, self.questions, self.samples_per_question)
+        verifier = stats.setdefault("verifier", {})
+        verifier["settings"] = self.verify.model_dump(mode="json")
+        if self.judge is not None or storage.exists(self.judge_journal):
+            verifier["judge_cost"] = judge_cost(self.judge_journal, self.judge)
         storage.write_json(self.stats_uri, stats)
         return {"stats_uri": self.stats_uri, "stats": stats}
