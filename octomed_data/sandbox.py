@@ -371,7 +371,7 @@ async def _answer(request: web.Request, state: _State) -> web.StreamResponse:
         fault = "bad_request"
     if over:
         state.violations += 1
-    system, user = _split_turns(messages)
+    system, _ = _split_turns(body["messages"])
     if state.log_requests:
         # The sampling fields as sent: shows whether a client switched the server's defaults off.
         fields = ("temperature", "top_p", "top_k", "repetition_penalty", "repeat_penalty")
@@ -431,6 +431,7 @@ def completion_payload(state: _State, body: dict[str, Any], key: str, arrived: f
     """
     f = state.faults
     messages = body["messages"]
+    system, user = _split_turns(messages)
     model = str(body.get("model", ""))
     seed = int(body.get("seed") or 0)
     n = 1 if state.server == "llamacpp" else int(body.get("n") or 1)
