@@ -44,13 +44,14 @@ PREFECT_VERSION = "3.9.1"
 
 @dataclass(frozen=True)
 class DeploymentSpec:
-    """One deployment. ``form`` is the flow's single parameter: ``run`` (RunParams) or ``params`` (TrainParams)."""
+    """One deployment. ``form`` is the flow's single parameter: ``run`` (RunParams), ``params``
+    (TrainParams) or ``experiment`` (ExperimentParams, also named ``params``)."""
 
     name: str
     entrypoint: str  # "flows/factory.py:factory_flow", relative to the project folder
     description: str
     tags: tuple[str, ...]
-    form: Literal["run", "params"] = "run"
+    form: Literal["run", "params", "experiment"] = "run"
     cron: str | None = None
     concurrency_limit: int | None = None
     work_queue: str = WORK_QUEUE
@@ -72,6 +73,10 @@ class DeploymentSpec:
         from flows.common import RunParams
 
         run = RunParams(recipe_path=recipe_path)
+        if self.form == "experiment":  # the spec names its own recipe
+            from flows.experiment import ExperimentParams
+
+            return {"params": ExperimentParams().model_dump(mode="json")}
         if self.form == "params":
             from flows.training import TrainParams
 
@@ -138,6 +143,14 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
         "started from the UI or by the mixture automation.",
         tags=("octomed", "training"),
         form="params",
+    ),
+    DeploymentSpec(
+        name="experiment",
+        entrypoint="flows/experiment.py:experiment_flow",
+        description="The recipe lab: an experiment spec's arms (selected from one base run, no teacher "
+        "request) trained, evaluated with one protocol and compared; set arms to re-run one alone.",
+        tags=("octomed", "training", "lab"),
+        form="experiment",
     ),
     DeploymentSpec(
         name="checkpoint",

@@ -6,13 +6,13 @@ import argparse
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
-    from octomed_data.cli.run import _closed_network_defaults
+    from octomed_data.cli.run import closed_network_defaults
     from octomed_data.experiment import load_spec
 
     spec = load_spec(args.spec)  # a bad spec or arm name is one line, before Prefect starts
     for name in args.arm or []:
         spec.arm(name)
-    _closed_network_defaults(local_ray=True)
+    closed_network_defaults(local_ray=True)
     from flows.experiment import ExperimentParams, experiment_flow
 
     out = experiment_flow(ExperimentParams(spec=args.spec, arms=args.arm, force=args.force, store=args.store))

@@ -19,7 +19,7 @@ from octomed_data.runs import STAGES
 DEFAULT_STORE = "./runs/demo"
 
 
-def _closed_network_defaults(local_ray: bool) -> None:
+def closed_network_defaults(local_ray: bool) -> None:
     """Settings for a laptop / CI run: no telemetry, and no Ray token auth for a local Ray."""
     import logging
 
@@ -73,7 +73,7 @@ def _run_factory(
     from octomed_data.recipe import load_recipe
 
     recipe = None if run_id and shards else load_recipe(recipe_path)
-    _closed_network_defaults(local_ray=recipe is None or recipe.distill.ray_address is None)
+    closed_network_defaults(local_ray=recipe is None or recipe.distill.ray_address is None)
     if recipe is not None and recipe.uses_sandbox() and (not stages or "distill" in stages):
         print(
             "teacher: none configured -> starting the SANDBOX teacher (NOT a model; rows say teacher=sandbox)"
@@ -106,7 +106,7 @@ def _cmd_rerun(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from flows.serve import serve
 
-    _closed_network_defaults(local_ray=True)
+    closed_network_defaults(local_ray=True)
     serve(recipe_path=args.recipe, with_automation=not args.no_automation, schedules=not args.no_schedules)
     return 0
 

@@ -1,0 +1,183 @@
+"""The recipe lab end to end on CPU: ``octomed-data experiment sources`` (the paper's source ablation
+on the lab recipe: bundled sample data, sandbox teacher, one tiny model) produces the comparison
+report with every arm; arms select from the base run without a teacher request (1 ⊂ 4 ⊂ 16, source
+groups, pass-rate bands, fingerprints), never hold a benchmark item, and a re-run reuses finished
+arms while one arm can be re-run alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+
+from octomed_data import storage
+from octomed_data.decontam import DecontamIndex
+from octomed_data.errors import ConfigError
+from octomed_data.experiment import load_spec
+from octomed_data.experiment.arms import ExperimentPaths
+from octomed_data.experiment.select import select_arm
+from octomed_data.experiment.spec import Arm
+from octomed_data.layout import RunPaths
+from octomed_data.release_card import registry_info
+
+
+def _cli(*args: str, home: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PREFECT_HOME=str(home))
+    env.pop("PREFECT_API_URL", None)  # the child runs its own local Prefect, as a user would
+    return subprocess.run(
+        [sys.executable, "-m", "octomed_data.cli", "experiment", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """The ready-made source-ablation spec, run once through the CLI."""
+    tmp = tmp_path_factory.mktemp("lab")
+    store = str(tmp / "store")
+    proc = _cli("sources", "--store", store, home=tmp / "prefect")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return tmp, store, proc
+
+
+def _accuracy_from_predictions(uri: str) -> dict[str, dict[int, float]]:
+    table = storage.Dataset(uri).read_all(["benchmark", "seed", "correct"]).to_pylist()
+    hits: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    for r in table:
+        hits[r["benchmark"]][r["seed"]][0] += r["correct"]
+        hits[r["benchmark"]][r["seed"]][1] += 1
+    return {b: {s: c / n for s, (c, n) in seeds.items()} for b, seeds in hits.items()}
+
+
+def test_the_source_ablation_runs_end_to_end_and_the_report_is_recomputable(lab) -> None:
+    tmp, store, proc = lab
+    spec = load_spec("sources")
+    exp = ExperimentPaths(store, spec.name)
+    comparison = json.loads(Path(exp.comparison).read_text())
+    report = Path(exp.report).read_text()
+    assert Path(exp.plot).read_bytes()[:4] == b"\x89PNG"
+    assert f"report {exp.report}" in proc.stdout
+    for arm in spec.arms:
+        record = json.loads(Path(exp.record(arm.name)).read_text())
+        assert record["status"] == "COMPLETED", record
+        assert record["data"]["traces"] > 0 and record["train"]["steps"] == spec.training.max_steps
+        assert f"| {arm.name} | COMPLETED |" in report
+        # Training metrics went to TensorBoard event files (the local tracker).
+        assert any("tfevents" in p.name for p in Path(record["tensorboard"]).rglob("*")), record[
+            "tensorboard"
+        ]
+        # Every accuracy in the report, recomputed here from the arm's predictions.
+        per_seed = _accuracy_from_predictions(record["evaluation"]["predictions_uri"])
+        assert per_seed, arm.name
+        for bench, seeds in per_seed.items():
+            (row,) = [r for r in comparison["accuracy"] if r["arm"] == arm.name and r["benchmark"] == bench]
+            assert row["mean"] == pytest.approx(sum(seeds.values()) / len(seeds))
+            assert row["seeds"] == len(seeds) == spec.evaluation.seeds
+    # The groups partition the task types: all = text + multimodal + classification, trace for trace.
+    data = comparison["data"]
+    assert data["all"]["traces"] == sum(data[g]["traces"] for g in ("text", "multimodal", "classification"))
+    assert len({d["fingerprint"] for d in data.values()}) == 4
+    assert "The paper's findings beside the measured effects" in report
+
+
+def test_no_benchmark_item_is_ever_in_an_arm(lab) -> None:
+    tmp, store, _ = lab
+    table, _ = registry_info(None)
+    index = DecontamIndex.from_registry(table)
+    spec = load_spec("sources")
+    exp = ExperimentPaths(store, spec.name)
+    seen = 0
+    for arm in spec.arms:
+        mixture = exp.arm(arm.name).mixture
+        for split in ("train", "validation"):
+            for row in storage.Dataset(storage.join(mixture, split)).read_all().to_pylist():
+                seen += 1
+                assert index.check(row) is None, (arm.name, row["question_id"])
+    assert seen > 100
+    # ... while the base run's removed items do match the registry (the check can fail).
+    removed = storage.Dataset(RunPaths(store, spec.base_run).removed).read_all().to_pylist()
+    assert removed and all(index.check(r) is not None for r in removed[:20])
+
+
+def test_selection_first_k_is_nested_groups_and_bands_and_fingerprints(lab, tmp_path: Path) -> None:
+    _, store, _ = lab
+    base = RunPaths(store, load_spec("sources").base_run)
+
+    def keys(arm: Arm) -> tuple[set[tuple[str, int]], str]:
+        data = select_arm(base, arm, str(tmp_path / arm.name))
+        rows = storage.Dataset(data.uri).read_all(["question_id", "sample_idx"]).to_pylist()
+        assert len(rows) == data.traces
+        return {(r["question_id"], r["sample_idx"]) for r in rows}, data.fingerprint
+
+    k1, f1 = keys(Arm(name="k1", samples_per_question=1))
+    k4, f4 = keys(Arm(name="k4", samples_per_question=4))
+    k16, f16 = keys(Arm(name="k16", samples_per_question=16))
+    everything, f_all = keys(Arm(name="all"))
+    assert k1 < k4 < k16 <= everything and len({f1, f4, f16}) == 3
+    per_q: dict[str, list[int]] = defaultdict(list)
+    for q, i in k4:
+        per_q[q].append(i)
+    accepted = storage.Dataset(base.accepted).read_all(["question_id", "sample_idx"]).to_pylist()
+    first: dict[str, list[int]] = defaultdict(list)
+    for r in accepted:
+        first[r["question_id"]].append(r["sample_idx"])
+    assert all(sorted(per_q[q]) == sorted(first[q])[:4] for q in per_q)  # the first 4 by sample index
+    # The same data under another name: the same fingerprint.
+    _, f_groups = keys(Arm(name="groups", sources=["text", "multimodal", "classification"]))
+    assert f_groups == f_all == f16  # no question has more than 16 samples
+    # A pass-rate band keeps exactly the questions whose rate lies in it.
+    verdicts = storage.Dataset(base.verdicts).read_all(["question_id", "correct", "reject_reason"])
+    judged = verdicts.filter(
+        pc.invert(pc.equal(pc.fill_null(verdicts["reject_reason"], ""), "request_failed"))
+    )
+    rate: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for r in judged.to_pylist():
+        rate[r["question_id"]][0] += r["correct"]
+        rate[r["question_id"]][1] += 1
+    hard, _ = keys(Arm(name="hard", pass_rate=(0.0, 0.3)))
+    assert {q for q, _ in hard} == {q for q, (c, n) in rate.items() if c and c / n <= 0.3}
+    with pytest.raises(ConfigError, match="have no accepted traces in the base run"):
+        select_arm(base, Arm(name="x", sources=["no-such-source"]), str(tmp_path / "x"))
+
+
+def test_a_rerun_reuses_finished_arms_and_one_arm_can_be_rerun_alone(lab) -> None:
+    tmp, store, _ = lab
+    exp = ExperimentPaths(store, "sources")
+    before = {a: json.loads(Path(exp.record(a)).read_text()) for a in ("text", "multimodal", "all")}
+    again = _cli("sources", "--store", store, home=tmp / "prefect")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("reused") + again.stderr.count("reused") >= 4
+    after = {a: json.loads(Path(exp.record(a)).read_text()) for a in before}
+    assert after == before  # nothing trained again
+    alone = _cli("sources", "--store", store, "--arm", "text", "--force", home=tmp / "prefect")
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    text = json.loads(Path(exp.record("text")).read_text())
+    assert text["updated_at"] > before["text"]["updated_at"] and text["data"] == before["text"]["data"]
+    assert json.loads(Path(exp.record("all")).read_text()) == before["all"]
+
+
+def test_a_failed_arm_leaves_the_others_in_the_report_and_names_how_to_rerun_it(lab, tmp_path: Path) -> None:
+    tmp, store, _ = lab
+    spec = tmp_path / "broken.yaml"
+    spec.write_text(
+        "name: broken\nrecipe: lab\nbase_run: lab-base\nreference: ok\ntraining: {max_steps: 1}\n"
+        "evaluation: {seeds: 1}\narms:\n  - {name: ok, sources: [classification]}\n"
+        "  - {name: empty, sources: [classification], pass_rate: [0.0, 0.0]}\n"
+    )
+    proc = _cli(str(spec), "--store", store, home=tmp / "prefect")
+    assert proc.returncode == 2
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "arm(s) empty failed" in error[0] and "--arm empty" in error[0]
+    exp = ExperimentPaths(store, "broken")
+    assert json.loads(Path(exp.record("ok")).read_text())["status"] == "COMPLETED"
+    assert json.loads(Path(exp.record("empty")).read_text())["status"] == "FAILED"
+    assert "| ok | COMPLETED |" in Path(exp.report).read_text()
