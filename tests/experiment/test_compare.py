@@ -138,3 +138,22 @@ def test_a_bad_spec_is_one_line(change: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as err:
         parse_spec(SPEC | change)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["sources", "samples", "length", "cot"])
+def test_the_ready_made_specs_load_and_name_the_lab_recipe(name: str) -> None:
+    from octomed_data.experiment import load_spec
+    from octomed_data.recipe import load_recipe
+
+    spec = load_spec(name)
+    assert spec.name == name and spec.recipe == "lab" and len(spec.arms) >= 2 and spec.expect
+    load_recipe(spec.recipe)  # the embedded lab recipe validates
+    if name == "samples":
+        assert [a.samples_per_question for a in spec.arms] == [1, 4, 16, 1]
+
+
+def test_a_missing_spec_is_one_line() -> None:
+    from octomed_data.experiment import load_spec
+
+    with pytest.raises(ConfigError, match="experiment spec not found: nope.yaml"):
+        load_spec("nope.yaml")
