@@ -28,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from sandbox_process import start_sandbox_process  # noqa: E402  (benchmarks/ is on sys.path)
+
 from octomed_data import storage  # noqa: E402
 from octomed_data.distill import adistill_shard  # noqa: E402
 from octomed_data.schema import QUESTION_SCHEMA, question_row  # noqa: E402
@@ -38,18 +40,7 @@ DRUGS = ["Metformin", "Insulin glargine", "Glipizide", "Sitagliptin", "Pioglitaz
 
 
 def start_server() -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "octomed_data.cli", "sandbox-teacher", "--port", "0", "--no-log"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    line = proc.stdout.readline()
-    if "listening on" not in line:
-        proc.kill()
-        raise SystemExit(f"sandbox did not start: {line!r}")
-    return proc, line.split()[-1]
+    return start_sandbox_process()
 
 
 def write_questions(uri: str, n: int) -> None:

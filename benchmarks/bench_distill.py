@@ -47,6 +47,8 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from sandbox_process import start_sandbox_process  # noqa: E402  (benchmarks/ is on sys.path)
+
 from octomed_data import storage  # noqa: E402
 from octomed_data.distill import adistill_shard  # noqa: E402
 from octomed_data.inference.ratelimit import LocalRateLimiter  # noqa: E402
@@ -61,20 +63,7 @@ DRUGS = ["Metformin", "Insulin glargine", "Glipizide", "Sitagliptin", "Pioglitaz
 
 def start_server(latency_ms: float, honour_n: bool = False) -> tuple[subprocess.Popen, str]:
     faults = ["--faults", json.dumps({"honour_n": True})] if honour_n else []
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "octomed_data.cli", "sandbox-teacher", "--port", "0", "--no-log"]
-        + ["--latency-ms", str(latency_ms), "--style", "mixed"]
-        + faults,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    line = proc.stdout.readline()
-    if "listening on" not in line:
-        proc.kill()
-        raise SystemExit(f"sandbox did not start: {line!r}")
-    return proc, line.split()[-1]
+    return start_sandbox_process("--latency-ms", str(latency_ms), "--style", "mixed", *faults)
 
 
 def write_questions(uri: str, shard: str, n: int, offset: int) -> None:

@@ -31,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from sandbox_process import start_sandbox_process  # noqa: E402  (benchmarks/ is on sys.path)
+
 from octomed_data import storage  # noqa: E402
 from octomed_data.distill import adistill_shard  # noqa: E402
 from octomed_data.inference.ratelimit import LocalRateLimiter  # noqa: E402
@@ -42,19 +44,9 @@ DRUGS = ["Metformin", "Insulin glargine", "Glipizide", "Sitagliptin", "Pioglitaz
 
 
 def start_replica(latency_ms: float, cap: int) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "octomed_data.cli", "sandbox-teacher", "--port", "0", "--no-log"]
-        + ["--latency-ms", str(latency_ms), "--max-concurrency", str(cap), "--style", "mixed"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
+    return start_sandbox_process(
+        "--latency-ms", str(latency_ms), "--max-concurrency", str(cap), "--style", "mixed"
     )
-    line = proc.stdout.readline()
-    if "listening on" not in line:
-        proc.kill()
-        raise SystemExit(f"sandbox did not start: {line!r}")
-    return proc, line.split()[-1]
 
 
 def served(base_url: str) -> int:
