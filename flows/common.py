@@ -27,6 +27,26 @@ from octomed_data.runs import open_run, shard_states, start_run
 from octomed_data.stages import Stage, StageFailed, StageResult, raise_for_failures, run_stage
 
 ENV_STORE = "OCTOMED_STORE"
+LIBRARY_LOGGER = "octomed_data"
+
+
+def forward_library_logs() -> None:
+    """Send the library's log lines (retries and backoff, outage budget, batch states, fleet
+    replicas) to the Prefect API, so they show in the task run's logs in the UI. Prefect forwards
+    only its own loggers (and ``PREFECT_LOGGING_EXTRA_LOGGERS``, read before any flow module loads);
+    this does the same for ``octomed_data`` from here. Idempotent."""
+    import logging
+
+    from prefect.logging.handlers import APILogHandler
+
+    logger = logging.getLogger(LIBRARY_LOGGER)
+    if not any(isinstance(h, APILogHandler) for h in logger.handlers):
+        logger.addHandler(APILogHandler())
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+
+
+forward_library_logs()
 ShardFailures = StageFailed  # some shards failed; the others are committed: re-run the failed ones alone
 
 

@@ -418,3 +418,37 @@ def test_the_automation_fires_on_the_export_not_the_mixture() -> None:
         "prefect.resource.name": "export",
     }
     assert trigger.expect == {"prefect.flow-run.Completed"}
+
+
+def test_library_log_lines_reach_the_task_run_logs_in_the_ui(prefect_harness) -> None:
+    """Retries, outage budget and batch states are logged by the library (``octomed_data.*``);
+    Prefect sent only its own loggers to the API, so none of them showed in the UI."""
+    import logging
+    import uuid
+
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
+
+    import flows.common  # noqa: F401  (installs the forwarding, as every flow module does)
+
+    marker = f"teacher 'down' unreachable, retrying with backoff {uuid.uuid4().hex[:8]}"
+
+    @task
+    def shard() -> None:
+        logging.getLogger("octomed_data.inference").warning(marker)
+
+    @flow
+    def stage() -> None:
+        shard()
+
+    # The suite switches API logging off (tests/conftest.py); a served flow has it on.
+    with temporary_settings(updates={PREFECT_LOGGING_TO_API_ENABLED: True}):
+        stage()
+    deadline = time.time() + 20
+    found = []
+    while time.time() < deadline and not found:
+        with get_client(sync_client=True) as client:
+            found = [entry for entry in client.read_logs() if marker in entry.message]
+        time.sleep(0.5)
+    assert found and found[0].task_run_id is not None and found[0].level == logging.WARNING
