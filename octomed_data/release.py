@@ -304,7 +304,10 @@ def release(
     shards = list(storage.Dataset(paths.questions, QUESTION_SCHEMA).manifest())
     if not shards:
         raise StorageError(f"run {paths.run_id} has no questions at {paths.questions}: nothing to release")
-    filtered = FilterStage(paths)
+    # Done as the filter flow committed it: the run's own verifier settings and judge (the judge's
+    # model and sampling, not its URL, are in the fingerprint; a sandbox placeholder URL will do).
+    judge = recipe.judge_teacher(recipe.distill_config(sandbox_url="http://sandbox.invalid/v1"))
+    filtered = FilterStage(paths, verify=recipe.verify, judge=judge)
     pending = [s for s in shards if not filtered.is_done(s)]
     if pending or not storage.exists(paths.stats):
         named = ", ".join(pending[:5]) + (" ..." if len(pending) > 5 else "")

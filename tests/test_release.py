@@ -79,7 +79,9 @@ def pmc_csv_over_dicom(shared_data: Path, folder: Path) -> tuple[Path, list[str]
     return path, leaked
 
 
-def build_run(store: Path, entries: list[dict], *, decontam: bool, demo_sources: bool = True) -> RunPaths:
+def build_run(
+    store: Path, entries: list[dict], *, decontam: bool, demo_sources: bool = True, verify: dict | None = None
+) -> RunPaths:
     """ingest -> decontaminate -> distill (sandbox) -> filter, with the library's stages."""
     overrides = {
         "store": str(store),
@@ -87,6 +89,8 @@ def build_run(store: Path, entries: list[dict], *, decontam: bool, demo_sources:
         "decontam": {"enabled": decontam},
         "sources": entries,
     }
+    if verify is not None:
+        overrides["verify"] = verify
     if not demo_sources:
         overrides["sources_file"] = None
     recipe = load_recipe("demo", overrides=overrides)
@@ -98,7 +102,7 @@ def build_run(store: Path, entries: list[dict], *, decontam: bool, demo_sources:
         raise_for_failures(run_stage(stage, LocalExecutor()))
     with start_sandbox() as sb:
         raise_for_failures(run_stage(DistillStage(paths, recipe.distill_config(sandbox_url=sb.base_url))))
-    raise_for_failures(run_stage(FilterStage(paths, samples_per_question=SAMPLES)))
+    raise_for_failures(run_stage(FilterStage(paths, samples_per_question=SAMPLES, verify=recipe.verify)))
     return paths
 
 
@@ -317,3 +321,16 @@ def test_unfiltered_run_and_bad_recipe_block_are_one_line_errors(run, tmp_path, 
     with pytest.raises(ConfigError, match=r"release\.out is required"):
         load_recipe("demo", overrides={"release": {"enabled": True}})
     assert load_recipe("demo", overrides={"release": {"enabled": True, "out": "s3://b/r"}}).release.out
+
+
+def test_a_run_filtered_with_its_own_verifier_settings_is_released(canary_key, tmp_path):
+    """Review finding: release checked the verdicts against the default verifier settings, so a run
+    filtered with a ``verify:`` block could never be released ("not filtered")."""
+    paths = build_run(
+        tmp_path / "store",
+        [],
+        decontam=False,
+        verify={"sources": {"pathvqa": "normalized"}, "synonyms": [["carcinoma", "cancer"]]},
+    )
+    result = release(paths, str(tmp_path / "out"))
+    assert result.rows > 0
