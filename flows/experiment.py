@@ -24,7 +24,7 @@ from flows.training import TrainParams, eval_config, train_config, train_task
 from octomed_data import storage
 from octomed_data.errors import OctomedError
 from octomed_data.experiment import ExperimentSpec, load_spec
-from octomed_data.experiment.arms import ExperimentPaths, finished, read_record, write_record
+from octomed_data.experiment.arms import ExperimentPaths, current, finished, read_record, write_record
 from octomed_data.experiment.compare import arm_metrics, compare, report_markdown, report_png
 from octomed_data.experiment.select import select_arm
 from octomed_data.layout import RunPaths
@@ -125,7 +125,7 @@ def _train_params(spec: ExperimentSpec, arm_name: str, model_path: str | None) -
     )
 
 
-def _eval_config(recipe: Recipe, spec: ExperimentSpec, arm_name: str, paths: RunPaths) -> Any:
+def _eval_config(recipe: Recipe, spec: ExperimentSpec, arm_name: str, paths: RunPaths, base: RunPaths) -> Any:
     arm = spec.arm(arm_name)
     evaluation = dict(recipe.evaluation.config)
     evaluation.update(seed=spec.evaluation.seed)
@@ -135,8 +135,23 @@ def _eval_config(recipe: Recipe, spec: ExperimentSpec, arm_name: str, paths: Run
     if arm.evaluation.prompting:
         evaluation["prompting"] = arm.evaluation.prompting
     benchmarks = arm.evaluation.benchmarks or spec.evaluation.benchmarks or recipe.evaluation.benchmarks
-    block = recipe.evaluation.model_copy(update={"config": evaluation, "benchmarks": benchmarks})
+    # Without benchmarks: the base run's questions decontamination removed (the arm has none of its own).
+    questions = recipe.evaluation.questions or base.removed
+    block = recipe.evaluation.model_copy(
+        update={"config": evaluation, "benchmarks": benchmarks, "questions": questions}
+    )
     return eval_config(recipe.model_copy(update={"evaluation": block}), paths)
+
+
+def recipe_settings(recipe: Recipe, model_path: str | None) -> dict[str, Any]:
+    """What of the recipe an arm's result depends on (part of its settings fingerprint)."""
+    return {
+        "training": recipe.training.model_dump(mode="json"),
+        "mixture": recipe.mixture.model_dump(mode="json"),
+        "export": recipe.export.model_dump(mode="json"),
+        "evaluation": recipe.evaluation.model_dump(mode="json"),
+        "model": model_path,
+    }
 
 
 @flow(name="experiment-arm", flow_run_name="arm {arm}", log_prints=True)
@@ -144,18 +159,19 @@ def arm_flow(spec_ref: str, arm: str, store: str | None = None, force: bool = Fa
     """One arm: select -> mixture -> export -> train -> evaluate; reused when finished."""
     spec, recipe, exp, base = _open(ExperimentParams(spec=spec_ref, store=store))
     arm_cfg, paths = spec.arm(arm), exp.arm(arm)
-    record = read_record(exp, arm)
-    if not force and finished(record, spec, arm_cfg):
-        data = select_task(base, spec, arm, paths.accepted)  # cheap: is it still the same data?
-        if finished(record, spec, arm_cfg, data["fingerprint"]):
-            print(f"arm {arm}: finished before (data {data['fingerprint']}), reused")
-            return record | {"reused": True}
-    settings = spec.settings_fingerprint(arm_cfg)
-    record = {"status": "RUNNING", "settings": settings, "spec": spec.arm_settings(arm_cfg)}
-    write_record(exp, arm, record)
+    model_path = _base_model(recipe, exp)
+    settings = spec.settings_fingerprint(arm_cfg, recipe_settings(recipe, model_path))
+    previous = read_record(exp, arm)
+    record: dict[str, Any] = {"status": "RUNNING", "settings": settings}
+    record["spec"] = spec.arm_settings(arm_cfg, recipe_settings(recipe, model_path))
     try:
-        record["data"] = select_task(base, spec, arm, paths.accepted)
-        print(f"arm {arm}: {record['data']['traces']} traces, data {record['data']['fingerprint']}")
+        data = select_task(base, spec, arm, paths.accepted)  # no teacher request: cheap
+        if not force and finished(previous, settings, data["fingerprint"]):
+            print(f"arm {arm}: finished before with these settings and data ({data['fingerprint']}), reused")
+            return previous | {"reused": True}
+        write_record(exp, arm, record)
+        record["data"] = data
+        print(f"arm {arm}: {data['traces']} traces, data {data['fingerprint']}")
         mix = mixture_task(recipe, base, paths)
         record["mixture"] = {
             "train_rows": mix["rows_train"],
@@ -163,17 +179,18 @@ def arm_flow(spec_ref: str, arm: str, store: str | None = None, force: bool = Fa
             "questions_train": mix["questions_train"],
         }
         export_task(recipe, paths)
-        params = _train_params(spec, arm, _base_model(recipe, exp))
-        config = train_config(recipe, paths, params)
+        config = train_config(recipe, paths, _train_params(spec, arm, model_path))
+        update: dict[str, Any] = {"report_to": spec.training.report_to}
+        if spec.control == "same_epochs" and arm_cfg.training.max_steps is None:
+            update["max_steps"] = None  # epochs decide, not a max_steps the recipe carries
+        if arm_cfg.training.seed is not None:
+            update["seed"] = arm_cfg.training.seed
         tensorboard = os.path.join(config.work_dir or tempfile.gettempdir(), "tensorboard")
-        seed = arm_cfg.training.seed if arm_cfg.training.seed is not None else config.seed
-        config = config.model_copy(
-            update={"report_to": spec.training.report_to, "logging_dir": tensorboard, "seed": seed}
-        )
+        config = config.model_copy(update=update | {"logging_dir": tensorboard})
         if spec.training.report_to == "tensorboard":
             record["tensorboard"] = tensorboard  # `tensorboard --logdir` it
         record["train"] = train_task(config, recipe.training.launcher, None, None)
-        result = evaluate_task(_eval_config(recipe, spec, arm, paths))
+        result = evaluate_task(_eval_config(recipe, spec, arm, paths, base))
         record["evaluation"] = {
             "predictions_uri": result["predictions_uri"],
             "report_uri": result["report_uri"],
@@ -188,8 +205,15 @@ def arm_flow(spec_ref: str, arm: str, store: str | None = None, force: bool = Fa
 
 
 @task(name="comparison-report")
-def report_task(spec: ExperimentSpec, exp: ExperimentPaths) -> dict[str, Any]:
-    records = {a.name: read_record(exp, a.name) for a in spec.arms}
+def report_task(spec: ExperimentSpec, exp: ExperimentPaths, recipe: Recipe) -> dict[str, Any]:
+    """The comparison of the arms finished with the current settings (others show their state)."""
+    model_path = _base_model(recipe, exp)
+    records = {
+        a.name: current(
+            read_record(exp, a.name), spec.settings_fingerprint(a, recipe_settings(recipe, model_path))
+        )
+        for a in spec.arms
+    }
     result = compare(spec, records)
     storage.write_json(exp.comparison, result)
     markdown = report_markdown(result)
@@ -227,7 +251,7 @@ def experiment_flow(params: ExperimentParams = ExperimentParams()) -> dict[str, 
         except Exception as exc:  # the other arms go on; the report shows which failed
             failed[arm] = describe_error(exc)
             logger.error("arm %s failed: %s", arm, failed[arm])
-    out = report_task(spec, exp)
+    out = report_task(spec, exp, recipe)
     print(f"experiment {spec.name}: report {exp.report}")
     if failed:
         names = ", ".join(sorted(failed))

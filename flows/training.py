@@ -8,6 +8,7 @@ with a message naming what is missing, never pretending a model was trained.
 from __future__ import annotations
 
 import base64
+import hashlib
 import importlib
 import os
 import tempfile
@@ -73,7 +74,9 @@ def _local_dir(paths: RunPaths, name: str) -> str:
     if "://" not in paths.store or paths.store.startswith("file://"):
         path = os.path.abspath(storage.join(paths.root.removeprefix("file://"), name))
     else:
-        path = os.path.join(tempfile.gettempdir(), "octomed", paths.run_id, name)
+        # Keyed by the run's root, not its id alone: experiment arms share names (``all``) across specs.
+        digest = hashlib.sha256(paths.root.encode()).hexdigest()[:10]
+        path = os.path.join(tempfile.gettempdir(), "octomed", f"{paths.run_id}-{digest}", name)
     os.makedirs(path, exist_ok=True)
     return path
 

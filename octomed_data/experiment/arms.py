@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from octomed_data import storage
-from octomed_data.experiment.spec import Arm, ExperimentSpec
 from octomed_data.layout import RunPaths
 
 
@@ -68,10 +67,18 @@ def write_record(paths: ExperimentPaths, arm: str, record: dict[str, Any]) -> di
     return record
 
 
-def finished(
-    record: dict[str, Any], spec: ExperimentSpec, arm: Arm, data_fingerprint: str | None = None
-) -> bool:
-    """The arm's record is a finished run of these settings (and of this data, when given)."""
-    if record.get("status") != "COMPLETED" or record.get("settings") != spec.settings_fingerprint(arm):
+def finished(record: dict[str, Any], settings: str, data_fingerprint: str | None = None) -> bool:
+    """The arm's record is a finished run of these settings (fingerprint) and, when given, this data."""
+    if record.get("status") != "COMPLETED" or record.get("settings") != settings:
         return False
     return data_fingerprint is None or record.get("data", {}).get("fingerprint") == data_fingerprint
+
+
+def current(record: dict[str, Any], settings: str) -> dict[str, Any]:
+    """What the report may use of a record: all of it when finished with these settings; else its
+    state only (FAILED / RUNNING of these settings, STALE when made under other settings)."""
+    if finished(record, settings):
+        return record
+    if not record:
+        return {"status": "NOT RUN"}
+    return {"status": record.get("status") if record.get("settings") == settings else "STALE"}

@@ -161,18 +161,22 @@ class ExperimentSpec(BaseModel):
             f"experiment {self.name!r} has no arm {name!r} (arms: {[a.name for a in self.arms]})"
         )
 
-    def arm_settings(self, arm: Arm) -> dict[str, Any]:
-        """Everything but the data that decides an arm's result: training, control, protocol."""
+    def arm_settings(self, arm: Arm, recipe: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Everything but the selected traces that decides an arm's result: the arm, control,
+        protocol, the base run, and ``recipe`` (what of the recipe the arm uses: training, mixture,
+        export and evaluation settings, the base model)."""
         return {
             "arm": arm.model_dump(mode="json", exclude={"name", "description"}),
             "control": self.control,
             "training": self.training.model_dump(mode="json"),
             "evaluation": self.evaluation.model_dump(mode="json"),
             "recipe": self.recipe,
+            "base_run": self.base_run,
+            "recipe_settings": dict(recipe or {}),
         }
 
-    def settings_fingerprint(self, arm: Arm) -> str:
-        blob = json.dumps(self.arm_settings(arm), sort_keys=True, separators=(",", ":"))
+    def settings_fingerprint(self, arm: Arm, recipe: Mapping[str, Any] | None = None) -> str:
+        blob = json.dumps(self.arm_settings(arm, recipe), sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

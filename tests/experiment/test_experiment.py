@@ -181,3 +181,41 @@ def test_a_failed_arm_leaves_the_others_in_the_report_and_names_how_to_rerun_it(
     assert json.loads(Path(exp.record("ok")).read_text())["status"] == "COMPLETED"
     assert json.loads(Path(exp.record("empty")).read_text())["status"] == "FAILED"
     assert "| ok | COMPLETED |" in Path(exp.report).read_text()
+
+
+def test_same_epochs_trains_epochs_not_the_recipes_max_steps(lab, tmp_path: Path) -> None:
+    """Review finding: under same_epochs the recipe's max_steps (2 in the lab recipe) still won."""
+    tmp, store, _ = lab
+    spec = tmp_path / "epochs.yaml"
+    spec.write_text(
+        "name: epochs\nrecipe: lab\nbase_run: lab-base\nreference: cls\ncontrol: same_epochs\n"
+        "training: {num_train_epochs: 1, report_to: none}\nevaluation: {seeds: 1}\narms:\n"
+        "  - {name: cls, sources: [classification]}\n  - {name: cls1, sources: [classification], samples_per_question: 1}\n"
+    )
+    proc = _cli(str(spec), "--store", store, "--arm", "cls", home=tmp / "prefect")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(Path(ExperimentPaths(store, "epochs").record("cls")).read_text())
+    rows = record["mixture"]["train_rows"]
+    assert rows > 4 and record["train"]["steps"] > 2  # one epoch over the rows at batch 2
+    assert record["train"]["samples_seen"] >= rows
+    report = Path(ExperimentPaths(store, "epochs").report).read_text()
+    assert "| cls1 | NOT RUN |" in report
+
+
+def test_a_changed_setting_makes_other_arms_stale_in_the_report(lab, tmp_path: Path) -> None:
+    """Review finding: the report mixed arms trained under other settings with the current ones."""
+    tmp, store, _ = lab
+    changed = load_spec("sources").model_dump(mode="json")
+    changed["training"]["max_steps"] = 3
+    import yaml
+
+    spec = tmp_path / "sources.yaml"
+    spec.write_text(yaml.safe_dump(changed))
+    proc = _cli(str(spec), "--store", store, "--arm", "classification", home=tmp / "prefect")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exp = ExperimentPaths(store, "sources")
+    report = Path(exp.report).read_text()
+    assert "| classification | COMPLETED |" in report and "| all | STALE |" in report
+    assert json.loads(Path(exp.record("classification")).read_text())["train"]["steps"] == 3
+    comparison = json.loads(Path(exp.comparison).read_text())
+    assert all(r["mean"] is None for r in comparison["accuracy"] if r["arm"] == "all")
