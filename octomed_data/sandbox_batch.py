@@ -45,6 +45,7 @@ class BatchConfig:
     error_rate: float = 0.0  # share of requests answered 500 in the error file (by custom_id)
     fail_validation: bool = False  # the whole batch fails validation (no output)
     lose_create_replies: int = 0  # the first K creates make the batch, then answer 500
+    refuse_create: bool = False  # every create answers 400 (quota exhausted, billing): no batch made
     rate_limit_first: int = 0  # the first K Files/Batch API calls answer 429 with Retry-After
     seed: int = 0
 
@@ -58,6 +59,7 @@ class BatchState:
     batches: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> object + "_created"
     uploads: int = 0
     creations: int = 0
+    refused: int = 0
     retrievals: int = 0
     lists: int = 0
     executed: int = 0  # requests run inside batches (never counted as online requests)
@@ -115,6 +117,9 @@ async def _create(request: web.Request) -> web.Response:
         return _error(f"no file {fid!r}", 404)
     if body.get("endpoint") != "/v1/chat/completions" or body.get("completion_window") != "24h":
         return _error("endpoint must be /v1/chat/completions and completion_window 24h")
+    if bs.config.refuse_create:
+        bs.refused += 1
+        return _error("batch quota exceeded for this organization (sandbox)", 400)
     bs.creations += 1
     now = int(time.time())
     lines = [orjson.loads(x) for x in bs.files[fid]["_data"].splitlines() if x.strip()]
@@ -242,6 +247,7 @@ def stats_of(bs: BatchState) -> dict[str, Any]:
     return {
         "uploads": bs.uploads,
         "creations": bs.creations,
+        "refused": bs.refused,
         "retrievals": bs.retrievals,
         "lists": bs.lists,
         "executed": bs.executed,

@@ -38,7 +38,7 @@ from pydantic import SecretStr
 from octomed_data import storage
 from octomed_data.distill.engine import ShardRun, add_reply_rows, request_kwargs
 from octomed_data.distill.journal import sample_key
-from octomed_data.inference.batch_api import CHAT_ENDPOINT, TERMINAL, BatchAPI
+from octomed_data.inference.batch_api import CHAT_ENDPOINT, TERMINAL, BatchAPI, BatchAPIError
 from octomed_data.inference.client import EndpointClient, sample_seed
 from octomed_data.inference.transport_http import Fields, completion_fields
 from octomed_data.teachers import TeacherConfig
@@ -47,6 +47,7 @@ log = logging.getLogger("octomed_data.distill.batch")
 
 BATCH_DIR = "_batches"
 SUBMITTING, SUBMITTED, COLLECTED = "submitting", "submitted", "collected"
+CREATE_FAILED = "create_failed"  # the create call was refused: the samples go online
 # Question fields a reply row needs (engine._base_row): kept in the record, so a batch is
 # collected after a restart without re-reading its questions.
 Q_FIELDS = ("question_id", "source", "task_type", "answer")
@@ -143,6 +144,9 @@ class BatchRun:
                 found = await self.api(rec["teacher"]).find(rec["input_file_id"])
                 if found is not None:
                     await self._submitted(rec, found)
+                elif self.clients[rec["teacher"]].teacher.mode != "batch":
+                    # Switched to online meanwhile: no batch is created; its samples go online.
+                    await self._create_failed(rec, "the teacher is no longer in batch mode")
                 else:
                     await self._create(rec)
             self.records[rec["name"]] = rec
@@ -225,8 +229,24 @@ class BatchRun:
     async def _create(self, rec: dict[str, Any]) -> None:
         t: TeacherConfig = self.clients[rec["teacher"]].teacher
         meta = {"octomed_shard": rec["shard"], "octomed_record": rec["name"]}
-        batch = await self.api(t.name).create(rec["input_file_id"], t.batch_completion_window, meta)
+        try:
+            batch = await self.api(t.name).create(rec["input_file_id"], t.batch_completion_window, meta)
+        except BatchAPIError as exc:  # refused (4xx: quota, bad file) or unreachable after retries
+            await self._create_failed(rec, str(exc))
+            return
         await self._submitted(rec, batch)
+
+    async def _create_failed(self, rec: dict[str, Any], why: str) -> None:
+        """No batch for this record: it ends like an expired batch with no output (its samples go
+        online when collected), instead of blocking the shard on every later run."""
+        rec.update(state=SUBMITTED, batch_id=None, status=CREATE_FAILED, error=why)
+        await self._save(rec)
+        log.warning(
+            "shard %s: batch for %d requests not created (%s); they go online",
+            rec["shard"],
+            len(rec["requests"]),
+            why,
+        )
 
     async def _submitted(self, rec: dict[str, Any], batch: Mapping[str, Any]) -> None:
         rec.update(state=SUBMITTED, batch_id=batch["id"], status=batch.get("status"))
@@ -270,6 +290,10 @@ class BatchRun:
         live = [r for r in self.records.values() if r["state"] == SUBMITTED]
         while live:
             for rec in list(live):
+                if rec.get("status") == CREATE_FAILED:  # never created: nothing to poll
+                    await self._collect(rec, {"id": None, "status": CREATE_FAILED}, done)
+                    live.remove(rec)
+                    continue
                 batch = await self.api(rec["teacher"]).retrieve(rec["batch_id"])
                 status = batch.get("status")
                 if status != rec["status"]:

@@ -520,18 +520,31 @@ def _has_batch_records(out: str, shard: str) -> bool:
 async def _fallback_online(
     run: ShardRun, questions_uri: str, shard: str, tc: EndpointClient, wanted: dict[str, list[int]]
 ) -> None:
-    """Request samples ``wanted`` (question id -> sample indices) online: what a batch lacked."""
-    tasks = []
-    for batch in _question_batches(questions_uri, shard):
-        for q in batch:
-            group = wanted.get(q["question_id"])
-            if not group or run.abort:
-                continue
-            messages = await _messages(q)
-            groups = [group] if tc.supports_n and len(group) > 1 else [[i] for i in group]
-            tasks += [asyncio.create_task(_sample_group(run, q, tc, messages, g)) for g in groups]
-    if tasks:
-        await asyncio.gather(*tasks)
+    """Request samples ``wanted`` (question id -> sample indices) online: what a batch lacked.
+
+    Bounded like the main loop: at most about twice the teacher's in-flight requests are queued,
+    so an expired batch of 50k multimodal requests never holds 50k prompts (images) at once.
+    """
+    tasks: set[asyncio.Task[None]] = set()
+    limit = 2 * tc.teacher.max_in_flight + 16
+    try:
+        for batch in _question_batches(questions_uri, shard):
+            for q in batch:
+                group = wanted.get(q["question_id"])
+                if not group or run.abort:
+                    continue
+                messages = await _messages(q)
+                for g in [group] if tc.supports_n and len(group) > 1 else [[i] for i in group]:
+                    while len(tasks) >= limit:
+                        finished, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                        _raise_failed(finished)
+                    tasks.add(asyncio.create_task(_sample_group(run, q, tc, messages, g)))
+        if tasks:
+            finished, tasks = await asyncio.wait(tasks)
+            _raise_failed(finished)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _raise_failed(tasks: set[asyncio.Task[None]]) -> None:

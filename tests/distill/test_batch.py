@@ -280,3 +280,26 @@ def test_batch_records_and_samples_on_s3_two_shards(tmp_path: Path, s3_bucket: s
         assert len(rows) == 8 * N
     cost = storage.read_json(storage.join(out, "cost.json"))
     assert {r["batch_samples"] for r in cost["by_teacher_source"]} == {8 * N}
+
+
+def test_a_refused_create_sends_its_samples_online_and_never_blocks_the_shard(tmp_path: Path) -> None:
+    """Review finding: a create refused for good (quota, billing, a bad file) left a `submitting`
+    record that every later run tried to create again, failing the shard each time."""
+    q_uri, out = str(tmp_path / "q"), str(tmp_path / "out")
+    questions = make_questions(q_uri, 10)
+    with start_sandbox(batch=BatchConfig(refuse_create=True)) as sb:
+        teacher = {"mode": "batch", "batch_poll_s": 0.05, **PRICES}
+        summary = run_local(q_uri, out, config(sb.base_url, teacher=teacher), progress=False)
+        stats, chat = sb.batch_stats(), sb.stats()
+    assert summary["complete"] and stats["refused"] >= 1 and stats["creations"] == 0
+    assert chat["requests"] == 10 * N  # every sample went online, once
+    rows = _raw(out)
+    assert Counter(r["question_id"] for r in rows) == {q["question_id"]: N for q in questions}
+    assert {r["batch_id"] for r in rows} == {None}
+    (record,) = read_records(out, "00000")
+    assert record["status"] == "create_failed" and "quota" in record["error"]
+    # A re-run has nothing to do and no batch to retry.
+    with start_sandbox(batch=BatchConfig(refuse_create=True)) as sb:
+        again = run_local(q_uri, out, config(sb.base_url, teacher=teacher), progress=False)
+        assert sb.batch_stats()["refused"] == 0 and sb.stats()["requests"] == 0
+    assert again["complete"]
