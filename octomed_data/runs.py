@@ -196,12 +196,13 @@ class Lease:
         return f"{self.uri}.{epoch:010d}"
 
     def _claims(self) -> list[int]:
-        folder, base = self.uri.rsplit("/", 1) if "/" in self.uri else (".", self.uri)
+        """Epochs claimed so far: one prefix listing (``<name>.lease.*``), not the stage's folder."""
+        base = self.uri.rsplit("/", 1)[-1]
         out = []
-        for uri in storage.list_files(folder):
-            name = uri.rsplit("/", 1)[-1]
-            if name.startswith(base + ".") and name[len(base) + 1 :].isdigit():
-                out.append(int(name[len(base) + 1 :]))
+        for uri in storage.list_prefixed(self.uri + "."):
+            tail = uri.rsplit("/", 1)[-1][len(base) + 1 :]
+            if tail.isdigit():
+                out.append(int(tail))
         return sorted(out)
 
     def _claim(self, epoch: int) -> bool:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import json
 import os
 import posixpath
@@ -195,6 +196,10 @@ def create_exclusive(uri: str, data: bytes) -> bool | None:
             os.link(tmp, path)
         except FileExistsError:
             return False
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise StorageError(describe_error(uri, exc)) from exc
+            return _create_excl(path, data)  # a mount without hard links (FUSE buckets, some NFS/SMB)
         finally:
             _remove_quietly(tmp)
         return True
@@ -203,15 +208,32 @@ def create_exclusive(uri: str, data: bytes) -> bool | None:
     return None
 
 
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
+
+
+def _create_excl(path: str, data: bytes) -> bool:
+    """``O_EXCL`` create, then write: exclusive, but briefly visible empty (readers must allow it)."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    return True
+
+
 def _s3_create(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
     try:
         fs.pipe_file(path, data, mode="create")  # PUT with If-None-Match: *
-    except FileExistsError:
-        return False
-    except OSError as exc:
-        if "precondition" in str(exc).lower():  # a server that omits the failed condition's name
+    except (FileExistsError, OSError) as exc:
+        if not isinstance(exc, FileExistsError) and "precondition" not in str(exc).lower():
+            raise
+        # Taken, or ours: a retried PUT whose first try succeeded but whose answer was lost gets
+        # 412 too. The bytes say which (callers write something unique, e.g. their owner id).
+        try:
+            return bool(fs.cat_file(path) == data)
+        except FileNotFoundError:
             return False
-        raise
     return True
 
 
@@ -249,6 +271,20 @@ def read_bytes(uri: str) -> bytes:
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return bool(_wrap(uri, fs.exists, path))
+
+
+def list_prefixed(uri_prefix: str) -> list[str]:
+    """URIs of the files whose path starts with ``uri_prefix`` (one prefix listing on object stores,
+    not the whole folder's)."""
+    fs, path = filesystem(uri_prefix)
+    folder = uri_prefix.rsplit("/", 1)[0] if "/" in uri_prefix else "."
+    found = _wrap(uri_prefix, fs.glob, glob_escape(path) + "*")
+    return sorted(join(folder, posixpath.basename(p.rstrip("/"))) for p in found)
+
+
+def glob_escape(path: str) -> str:
+    """``path`` with glob magic characters escaped."""
+    return re.sub(r"([*?\[\]])", r"[\1]", path)
 
 
 def list_files(uri: str, suffix: str = "") -> list[str]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -301,18 +302,35 @@ class _WithSchema:
         return self.batches
 
 
+_OFFLINE_LOCK = threading.Lock()
+_offline_users = 0
+_offline_saved: tuple[bool, bool] | None = None
+
+
 @contextlib.contextmanager
 def hub_offline() -> Iterator[None]:
-    """The hub switched off for ``datasets``/``huggingface_hub`` in this block: cache only."""
+    """The hub switched off for ``datasets``/``huggingface_hub`` in this block: cache only.
+
+    The flags are process-wide and ingest entries load concurrently (threads): they are switched on
+    by the first block in and restored by the last one out, never while another is inside.
+    """
     import datasets
     from huggingface_hub import constants
 
-    saved = (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE)
-    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    global _offline_users, _offline_saved
+    with _OFFLINE_LOCK:
+        if _offline_users == 0:
+            _offline_saved = (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE)
+            datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+        _offline_users += 1
     try:
         yield
     finally:
-        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+        with _OFFLINE_LOCK:
+            _offline_users -= 1
+            if _offline_users == 0 and _offline_saved is not None:
+                datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = _offline_saved
+                _offline_saved = None
 
 
 def _hub_parts(hub_id: str, split: str | None, config: str | None) -> list[Part]:

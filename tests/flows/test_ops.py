@@ -452,3 +452,27 @@ def test_library_log_lines_reach_the_task_run_logs_in_the_ui(prefect_harness) ->
             found = [entry for entry in client.read_logs() if marker in entry.message]
         time.sleep(0.5)
     assert found and found[0].task_run_id is not None and found[0].level == logging.WARNING
+
+
+def test_exclusive_create_without_hard_links_and_a_lost_s3_answer(tmp_path: Path, monkeypatch, s3_bucket) -> None:
+    """Review findings: a mount without hard links (FUSE buckets, some NFS/SMB) failed every lease
+    claim with an OSError; on S3 a retried conditional PUT whose first answer was lost read as lost."""
+    import errno
+    import os
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    uri = str(tmp_path / "claims" / "s.lease.0000000001")
+    assert storage.create_exclusive(uri, b'{"owner": "a"}') is True
+    assert storage.create_exclusive(uri, b'{"owner": "b"}') is False
+    assert Path(uri).read_bytes() == b'{"owner": "a"}'
+    lease = Lease(str(tmp_path / "claims" / "t.lease"), "me", ttl_s=5, settle_s=0)
+    assert lease.try_acquire() and lease.held()
+    monkeypatch.undo()
+
+    s3_uri = storage.join(s3_bucket, "state", "x.lease.0000000001")
+    assert storage.create_exclusive(s3_uri, b'{"owner": "a"}') is True
+    assert storage.create_exclusive(s3_uri, b'{"owner": "a"}') is True  # ours: the answer was lost
+    assert storage.create_exclusive(s3_uri, b'{"owner": "b"}') is False

@@ -175,3 +175,32 @@ def test_hf_from_s3_matches_local(shared_data, tmp_path, s3_bucket):
     strip = [{k: v for k, v in r.items() if k != "input_file"} for r in local]
     assert strip == [{k: v for k, v in r.items() if k != "input_file"} for r in remote] and len(remote) == 12
     assert remote[0]["input_file"] == f"{s3_bucket}/saved/data-00000-of-00001.arrow"
+
+
+def test_hub_offline_blocks_nest_across_threads() -> None:
+    """Review finding: one entry leaving its offline block switched the hub back on while another
+    entry was still loading inside its own."""
+    import threading
+
+    import datasets
+    from huggingface_hub import constants
+
+    from octomed_data.sources.hf import hub_offline
+
+    before = (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE)
+    inside, leave = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with hub_offline():
+            inside.set()
+            leave.wait(5)
+
+    t = threading.Thread(target=other)
+    t.start()
+    assert inside.wait(5)
+    with hub_offline():
+        pass  # this block ends first ...
+    assert datasets.config.HF_HUB_OFFLINE and constants.HF_HUB_OFFLINE  # ... the other is still offline
+    leave.set()
+    t.join()
+    assert (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE) == before
