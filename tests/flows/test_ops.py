@@ -454,7 +454,9 @@ def test_library_log_lines_reach_the_task_run_logs_in_the_ui(prefect_harness) ->
     assert found and found[0].task_run_id is not None and found[0].level == logging.WARNING
 
 
-def test_exclusive_create_without_hard_links_and_a_lost_s3_answer(tmp_path: Path, monkeypatch, s3_bucket) -> None:
+def test_exclusive_create_without_hard_links_and_a_lost_s3_answer(
+    tmp_path: Path, monkeypatch, s3_bucket
+) -> None:
     """Review findings: a mount without hard links (FUSE buckets, some NFS/SMB) failed every lease
     claim with an OSError; on S3 a retried conditional PUT whose first answer was lost read as lost."""
     import errno
