@@ -10,11 +10,13 @@ setting) is not, because it fails the same way every time.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.futures import as_completed
@@ -58,7 +60,10 @@ def shard_task(
         if ray:
             from tasks.ray_executor import RayPool
 
-            outcome = RayPool.get(ray_address).run(stage, shard, force=force, attempt=attempt)
+            # The shard runs in a Ray actor (its log lines stay there): what it puts on its
+            # attempt record while it runs (a batch's state) is logged here, in the task's logs.
+            with watch_record(stage, shard, get_run_logger().info):
+                outcome = RayPool.get(ray_address).run(stage, shard, force=force, attempt=attempt)
         else:
             lease = shard_lease(stage.paths, stage.name, shard, new_owner("prefect-task:"), SHARD_LEASE_TTL_S)
             with lease.hold(wait_s=2 * SHARD_LEASE_TTL_S):  # one writer per shard
@@ -70,6 +75,39 @@ def shard_task(
         record_failure(stage, shard, attempt, cause)
         raise cause from None
     return outcome.to_dict()
+
+
+WATCHED = ("batch",)  # live fields of an attempt record worth a log line when they change
+
+
+@contextlib.contextmanager
+def watch_record(stage: Stage, shard: str, log: Callable[[str], Any], every_s: float = 5.0) -> Iterator[None]:
+    """Log changes of the shard's live record fields (:data:`WATCHED`) every ``every_s`` while the
+    block runs (a shard on a Ray actor, whose own log lines do not reach the Prefect UI)."""
+    from octomed_data import storage
+
+    uri = stage.paths.state_uri(stage.name, shard)
+    stop = threading.Event()
+    seen: dict[str, Any] = {}
+
+    def poll() -> None:
+        while not stop.wait(every_s):
+            try:
+                doc = storage.read_json(uri) if storage.exists(uri) else {}
+            except Exception:  # a record being replaced: next time
+                continue
+            for field in WATCHED:
+                if doc.get(field) is not None and doc.get(field) != seen.get(field):
+                    seen[field] = doc[field]
+                    log(f"{stage.name} {shard}: {field} {doc[field]}")
+
+    thread = threading.Thread(target=poll, name=f"watch {stage.name} {shard}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=every_s + 5)
 
 
 def record_failure(stage: Stage, shard: str, attempt: int, exc: BaseException) -> None:

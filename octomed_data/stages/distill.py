@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,6 +14,8 @@ from octomed_data.layout import DistillFolder, RunPaths
 from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA
 from octomed_data.stages.base import ShardIncomplete, Stage
 from octomed_data.teachers import DistillConfig
+
+log = logging.getLogger("octomed_data.distill")
 
 
 class DistillStage(Stage):
@@ -128,6 +131,7 @@ class DistillStage(Stage):
         doc = storage.read_json(uri) if storage.exists(uri) else {"stage": self.name, "shard": shard}
         doc["batch"] = text
         storage.write_json(uri, doc)
+        log.info("%s %s: batch %s", self.name, shard, text)  # in the task's logs (flows forward them)
 
     def run_shard(self, shard: str) -> dict[str, Any]:
         return asyncio.run(self.arun_shard(shard))

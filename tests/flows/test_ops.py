@@ -478,3 +478,25 @@ def test_exclusive_create_without_hard_links_and_a_lost_s3_answer(
     assert storage.create_exclusive(s3_uri, b'{"owner": "a"}') is True
     assert storage.create_exclusive(s3_uri, b'{"owner": "a"}') is True  # ours: the answer was lost
     assert storage.create_exclusive(s3_uri, b'{"owner": "b"}') is False
+
+
+def test_a_ray_shards_batch_state_is_logged_by_its_task_while_it_runs(tmp_path: Path) -> None:
+    """A shard on a Ray actor logs in the actor's process, which the Prefect UI never sees; its task
+    logs the batch state the shard puts on its attempt record, as it changes."""
+    from types import SimpleNamespace
+
+    from tasks.prefect_executor import watch_record
+
+    paths = RunPaths(str(tmp_path), "r")
+    stage = SimpleNamespace(name="distill", paths=paths)
+    lines: list[str] = []
+    with watch_record(stage, "00003", lines.append, every_s=0.05):
+        record_shard(paths, "distill", "00003", "RUNNING", attempt=1)
+        for state in ("in_progress 2/2", "in_progress 2/2", "completed 1/2, in_progress 1/2"):
+            uri = paths.state_uri("distill", "00003")
+            storage.write_json(uri, storage.read_json(uri) | {"batch": state})
+            time.sleep(0.3)
+    assert lines == [
+        "distill 00003: batch in_progress 2/2",
+        "distill 00003: batch completed 1/2, in_progress 1/2",
+    ]
