@@ -143,6 +143,11 @@ class FilterFolder:
         """The verifier's LLM-judge journal (``judge/_journal/<shard>/``): judgements and their tokens."""
         return storage.join(self.root, "judge")
 
+    @property
+    def audit(self) -> str:
+        """The gold-label audit: one row per question (majority answer, share, flag), per verdicts shard."""
+        return storage.join(self.root, "audit")
+
 
 @dataclass(frozen=True)
 class MixtureFolder:
