@@ -34,8 +34,29 @@ UNFINISHED_THOUGHT = "unfinished_thought"
 _STATEMENT = re.compile(
     r"(?P<kw>final\s+answer|correct\s+(?:answer|option|choice|response)|best\s+(?:answer|option|choice)"
     r"|right\s+answer|the\s+answer|answer)"
-    r"(?:\s*\([^)\n]{0,20}\))?"  # "Answer (letter): C"
-    r"[\s*_]*(?:is|would\s+be|should\s+be|will\s+be|must\s+be|=|:|-|–|—)(?![a-z])[\s*_:]*(?P<rest>[^\n]*)",
+    # "Answer (letter): C", or the label itself: "the answer (G) is ..."
+    r"(?:[ \t]*\((?P<paren>[^)\n]{0,20})\))?"
+    # The verb is on the keyword's line: "### Answer\n- **Option A**: ..." is a heading, not "Answer - A".
+    r"[ \t*_]*(?:is|would\s+be|should\s+be|will\s+be|must\s+be|=|:|-|–|—)(?![a-z])[ \t*_:]*(?P<rest>[^\n]*)",
+    re.IGNORECASE,
+)
+# An answer heading on its own line ("### Answer", "**Final Answer**", "Answer:"): the answer is
+# on the lines that follow.
+_HEADING = re.compile(
+    r"^[ \t]*(?:#{1,6}[ \t]*)?(?:\*\*|__)?[ \t]*"
+    r"(?:(?:final|updated|revised|correct|best|my)[ \t]+)?answer(?:[ \t]+(?:choice|option))?"
+    r"[ \t]*(?::[ \t]*)?(?:\*\*|__)?[ \t]*:?[ \t]*$",
+    re.IGNORECASE | re.MULTILINE,
+)
+# {"answer": "A"} (JSON answer blocks, also single-quoted).
+_JSON_ANSWER = re.compile(
+    r"""["'](?:final[_ ]?)?answer["']\s*:\s*["'](?P<rest>[^"'\n]{1,200})["']""", re.IGNORECASE
+)
+# A list item marker before an answer line: "- C. Macrophages", "* (C) MRI brain", "> C".
+_BULLET = re.compile(r"^(?:[-*•>]\s+)+")
+# A line that begins with an option label: "A. ...", "(B) ...", "**C)** ...", "- **Option D**: ...".
+_LABEL_LINE = re.compile(
+    r"^(?:[-*•>]\s+)?(?:\*\*|__)?\s*(?:option\s+|choice\s+)?[\(\[]?(?P<label>[A-Z])[\)\]]?(?:\*\*|__)?(?:[.:)\]]|\s*$|\s+[-–—]|\*\*)",
     re.IGNORECASE,
 )
 _STRONG_KW = re.compile(r"final|correct|best|right", re.IGNORECASE)
@@ -43,6 +64,11 @@ _BOXED = re.compile(r"\\boxed\s*\{(?P<rest>(?:[^{}]|\{[^{}]*\})*)\}")
 _ANSWER_TAG = re.compile(r"<answer>(?P<rest>.*?)</answer>", re.IGNORECASE | re.DOTALL)
 _BOLD = re.compile(r"\*\*(?P<rest>[^*\n]{1,200})\*\*")
 _BOLD_LINE = re.compile(r"^\*\*(?P<rest>[^*\n]{1,200})\*\*[\s.]*$")
+# A line that opens with a bold answer and goes on to explain it: "**A**, as ...", "**C** - because".
+_BOLD_LEAD = re.compile(
+    r"^\*\*(?P<rest>[^*\n]{1,200})\*\*(?=\s*(?:[,:;]|[-–—]\s|\s(?:as|because|since|is|was|which)\b))",
+    re.IGNORECASE,
+)
 _THINK = re.compile(r"<think>.*?</think>", re.IGNORECASE | re.DOTALL)
 _LATEX_TEXT = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}")
 _LABEL_ONLY = re.compile(r"^[\(\[]?(?P<label>[A-Z])[\)\]]?[.:]?$")
@@ -134,6 +160,13 @@ class _Candidate:
     method: str
     raw: str
     strong: bool  # boxed / <answer> / "final|correct answer": an unparseable one is not skipped
+    # Read with the strict line reader (a label, a label and its option's text, an option's text):
+    # the answer stands on a line of its own after a lead-in, or is the reply's last line.
+    line: bool = False
+    # Inside an earlier statement's line ("Final answer: ... the correct answer is: [I]"): when it
+    # cannot be read, the enclosing statement is read instead.
+    nested: bool = False
+    ambiguous: bool = False  # a lead-in followed by several labelled lines ("A. ...\nC. ...")
 
 
 def normalize_open(text: str) -> str:
@@ -327,21 +360,152 @@ def _parse_open(raw: str, options: Sequence[tuple[str, str]]) -> tuple[str | Non
     return (norm, None) if norm else (None, NO_ANSWER)
 
 
-def _candidates(text: str) -> list[_Candidate]:
+def _line_at(text: str, pos: int) -> tuple[int, int]:
+    """(start, end) of the line holding ``pos``."""
+    start = text.rfind("\n", 0, pos) + 1
+    end = text.find("\n", pos)
+    return start, (len(text) if end < 0 else end)
+
+
+def _follow(text: str, pos: int) -> tuple[int, str, bool] | None:
+    """The answer line after a lead-in that ends at ``pos`` ("The correct answer is:", "### Answer").
+
+    Returns (position, line, several): the first non-empty line (list markers stripped) and whether
+    the lines of its paragraph list several labels ("A. ...\\nC. ...\\nD. ..."): a list of answers or
+    an analysis of options, never one stated answer. ``None`` when nothing follows.
+    """
+    lines = text[pos:].split("\n")
+    offset = pos
+    first: tuple[int, str] | None = None
+    labels: set[str] = set()
+    for i, raw in enumerate(lines):
+        line = raw.strip()
+        if i == 0:  # the rest of the lead-in's own line
+            offset += len(raw) + 1
+            continue
+        if first is None:
+            if line:
+                first = (offset, _BULLET.sub("", line))
+                m = _LABEL_LINE.match(line)
+                if m:
+                    labels.add(m.group("label").upper())
+        elif not line:
+            break
+        else:
+            m = _LABEL_LINE.match(line)
+            if m:
+                labels.add(m.group("label").upper())
+        offset += len(raw) + 1
+    if first is None:
+        return None
+    return first[0], first[1], len(labels) > 1
+
+
+def _last_line(text: str) -> tuple[int, str] | None:
+    """The reply's last non-empty line, unless it ends a list of labelled lines."""
+    stripped = text.rstrip()
+    if not stripped:
+        return None
+    start = stripped.rfind("\n") + 1
+    line = stripped[start:].strip()
+    prev = [ln.strip() for ln in stripped[:start].splitlines() if ln.strip()]
+    m = _LABEL_LINE.match(line)
+    if m and prev:
+        p = _LABEL_LINE.match(prev[-1])
+        if p and p.group("label").upper() != m.group("label").upper():
+            return None  # "C. Macrophages" as the last item of a restated option list
+    return start, _BULLET.sub("", line)
+
+
+def _parse_line(
+    raw: str, task: TaskType, options: Sequence[tuple[str, str]], parse
+) -> tuple[str | None, str | None]:
+    """Read a line that should hold only an answer: a label (also lower case), a label and that
+    option's text, or an option's text; for other task types, the task's own reading."""
+    text = _clean(raw)
+    if not text:
+        return None, NO_ANSWER
+    if not task.is_multiple_choice:
+        if task == TaskType.YES_NO_MAYBE:
+            return parse(text)
+        return parse(text) if len(text.split()) <= 8 else (None, NO_ANSWER)
+    labels = {label for label, _ in options}
+    m = _LABEL_ONLY.match(text.upper()) if len(text) <= 4 else None
+    if m:
+        label = m.group("label")
+        return (label, None) if label in labels else (None, NO_ANSWER)
+    m = _LABEL_LEAD.match(text)
+    if m is None and re.match(r"^[\(\[]?[a-z][\)\].:]", text):
+        m = _LABEL_LEAD.match(
+            text[0].upper() + text[1:]
+            if text[0] != "(" and text[0] != "["
+            else text[0] + text[1].upper() + text[2:]
+        )
+    if m and m.group("label") in labels:
+        label, tail = m.group("label"), m.group("tail").strip()
+        named = _text_match(tail, options) if tail else None
+        if named == label:
+            return label, None
+        if named is not None:  # "C. <text of option D>"
+            return None, AMBIGUOUS
+        if not tail:
+            return label, None
+        return None, NO_ANSWER
+    named = _text_match(text, options)
+    if named == AMBIGUOUS:
+        return None, AMBIGUOUS
+    return (named, None) if named else (None, NO_ANSWER)
+
+
+def _candidates(text: str, task: TaskType) -> list[_Candidate]:
     found: list[_Candidate] = []
     for m in _BOXED.finditer(text):
         found.append(_Candidate(m.start(), "boxed", m.group("rest"), True))
     for m in _ANSWER_TAG.finditer(text):
         found.append(_Candidate(m.start(), "answer_tag", m.group("rest"), True))
+    for m in _JSON_ANSWER.finditer(text):
+        found.append(_Candidate(m.start(), "json", m.group("rest"), True))
     boxed_spans = [(m.start(), m.end()) for m in _BOXED.finditer(text)]
-    for m in _STATEMENT.finditer(text):
+    lead_lines: set[int] = set()
+    pos = 0
+    enclosing_end = -1  # end of the line of the statement that encloses later matches
+    while True:
+        m = _STATEMENT.search(text, pos)
+        if m is None:
+            break
+        pos = m.start("rest") if m.start("rest") > m.end("kw") else m.end()
+        nested = m.start() < enclosing_end
+        if not nested:
+            enclosing_end = m.end("rest")
         rest = m.group("rest")
-        # "Final answer: \boxed{C}": the boxed candidate already covers it.
+        strong = bool(_STRONG_KW.search(m.group("kw")))
+        paren = (m.group("paren") or "").strip()
+        if re.fullmatch(r"[A-Z]", paren):  # "the answer (G) is ...": the label is the answer
+            found.append(_Candidate(m.start(), "statement", paren, strong, nested=nested))
+            continue
+        # "Final answer: \\boxed{C}": the boxed candidate already covers it.
         if any(s >= m.start("rest") and s <= m.end("rest") for s, _ in boxed_spans) and "\\boxed" in rest:
             continue
         if "<answer>" in rest.lower():
             continue
-        found.append(_Candidate(m.start(), "statement", rest, bool(_STRONG_KW.search(m.group("kw")))))
+        if not _clean(rest):  # "The correct answer is:" with the answer on the next line
+            follow = _follow(text, m.end("rest"))
+            lead_lines.add(_line_at(text, m.start())[0])
+            if follow is not None:
+                at, line, several = follow
+                found.append(_Candidate(m.start(), "statement", line, strong, line=True, ambiguous=several))
+                continue
+        found.append(_Candidate(m.start(), "statement", rest, strong, nested=nested))
+    for m in _HEADING.finditer(text):
+        if m.start() in lead_lines:
+            continue
+        follow = _follow(text, m.end())
+        if follow is not None:
+            at, line, several = follow
+            found.append(_Candidate(m.start(), "heading", line, True, line=True, ambiguous=several))
+    last = _last_line(text)
+    if last is not None and not any(c.pos >= last[0] for c in found):
+        found.append(_Candidate(last[0], "last_line", last[1], False, line=True))
     found.sort(key=lambda c: c.pos)
     return found
 
@@ -403,21 +567,25 @@ def extract_answer(
         def parse(raw: str) -> tuple[str | None, str | None]:
             return _parse_open(raw, opts)
 
-    candidates = _candidates(text)
+    closed = task != TaskType.OPEN_QA and task != TaskType.OPEN_VQA
+    candidates = _candidates(text, task)
     for cand in reversed(candidates):
+        if cand.ambiguous:  # a lead-in followed by several labelled lines
+            return Extraction(None, cand.method, AMBIGUOUS)
+        last = cand.method == "last_line"
         # "None of the above" is a hedge unless it is an option's text.
         if _HEDGE.match(_clean(cand.raw)) and _label_from_text(cand.raw, opts) is None:
+            if last:
+                continue
             return Extraction(None, cand.method, AMBIGUOUS)
-        answer, reason = parse(cand.raw)
+        answer, reason = _parse_line(cand.raw, task, opts, parse) if cand.line else parse(cand.raw)
         if answer is not None:
-            if (
-                task != TaskType.OPEN_QA
-                and task != TaskType.OPEN_VQA
-                and _later_bold_disagrees(text, cand, answer, parse)
-            ):
-                # "... the answer is B. But wait ...\n\n**C**": a later bold answer retracts it.
+            if closed and _later_bold_disagrees(text, cand, answer, parse):
+                # "the answer is B. But wait: **C** ...": a later bold answer retracts it.
                 return Extraction(None, cand.method, AMBIGUOUS)
             return Extraction(answer, cand.method, text=_clean(cand.raw))
+        if last or cand.nested:
+            continue  # a last line that is no answer; a nested statement: read the enclosing one
         if reason == AMBIGUOUS or cand.strong:
             return Extraction(None, cand.method, reason)
         if not _PROSE_REST.match(_clean(cand.raw)):
@@ -425,7 +593,7 @@ def extract_answer(
             # statement ("... the answer would be A if ...") is never its verdict.
             return Extraction(None, cand.method, reason)
         # A weak statement that describes the answer ("the answer is clear: ...") is prose.
-    if candidates:
+    if any(c.method != "last_line" for c in candidates):
         return Extraction(None, "statement", NO_ANSWER)
     return _fallback(text, task, opts, parse)
 
@@ -434,13 +602,29 @@ def _fallback(text: str, task: TaskType, opts: Sequence[tuple[str, str]], parse)
     lines = _fallback_lines(text)
     if not lines:
         return Extraction(None, "none", NO_ANSWER)
+    closed = task != TaskType.OPEN_QA and task != TaskType.OPEN_VQA
     bold = [m.group("rest") for ln in lines for m in _BOLD.finditer(ln)]
-    if bold and task != TaskType.OPEN_QA and task != TaskType.OPEN_VQA:
+    if bold and closed:
         answers = {parse(b)[0] for b in bold}
         answers.discard(None)
         if len(answers) == 1:
             return Extraction(answers.pop(), "bold")
         if len(answers) > 1:
+            return Extraction(None, "bold", AMBIGUOUS)
+    if closed:
+        # A bold answer anywhere: a line that is only a bold answer, or that opens with one
+        # ("**A**, as ..."); read only when every such line names the same answer.
+        named: set[str] = set()
+        for raw in text.splitlines():
+            ln = raw.strip()
+            m = _BOLD_LINE.match(ln) or _BOLD_LEAD.match(ln)
+            if m:
+                answer, reason = _parse_line(m.group("rest"), task, opts, parse)
+                if answer is not None:
+                    named.add(answer)
+        if len(named) == 1:
+            return Extraction(named.pop(), "bold")
+        if len(named) > 1:
             return Extraction(None, "bold", AMBIGUOUS)
     # A bare answer: the whole response is one short line ("C", "(C) Metformin", "Yes.").
     if len(lines) == 1 and len(text.strip().splitlines()) <= 2:

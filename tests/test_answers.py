@@ -91,9 +91,11 @@ ADVERSARIAL_MCQ = [
     ("The answer is B.\n\nOn reflection the answer is unclear.", None, AMBIGUOUS),
     ("The correct answer is neither A nor B", None, AMBIGUOUS),
     ("Answer: not C", None, AMBIGUOUS),
-    # a later line that is only a bold answer retracts an earlier statement
-    ("I first thought the answer is B. But wait.\n\n**C**", None, AMBIGUOUS),
-    ("The answer is B.\n\n**Insulin**.", None, AMBIGUOUS),
+    # the last clear statement wins: a final line that is only an answer revises an earlier one
+    ("I first thought the answer is B. But wait.\n\n**C**", "C", None),
+    ("The answer is B.\n\n**Insulin**.", "C", None),
+    # a bold answer line inside later prose still retracts an earlier statement
+    ("The answer is B.\n\n**C**\n\nbecause insulin is needed.", None, AMBIGUOUS),
     # still read correctly
     ("The answer is B.\n\n**B**", "B", None),
     ("Final answer: B\n\n1. **Option A** is wrong: no antiplatelet role.", "B", None),
@@ -204,3 +206,52 @@ def test_is_correct(extracted, gold, task, ok) -> None:
 
 def test_normalize_open() -> None:
     assert normalize_open("  The  Right-Lung! ") == "right lung"
+
+
+# The forms real replies use that issue 21 found unread or misread (the third-party corpus in
+# tests/answer_corpus/third_party/ holds real examples of each; these pin the rules one by one).
+CELLS = [
+    ("A", "Neutrophils"),
+    ("B", "Lymphocytes"),
+    ("C", "Macrophages"),
+    ("D", "Eosinophils"),
+    ("E", "Basophils"),
+    ("F", "Mast cells"),
+    ("G", "Navicular cells"),
+    ("H", "Plasma cells"),
+    ("I", "Giant cells"),
+]
+ISSUE21_FORMS = [
+    # a lead-in ending in "is:" with the answer on its own line
+    ("Reasoning.\n\nThe correct answer is:\n\n(C) Macrophages", "C"),
+    ("Reasoning.\n\nThe most likely answer is:\nC. Macrophages\n\nThis is because they phagocytose.", "C"),
+    ("Reasoning.\n\nTherefore, the answer is:\n\n**(G) Navicular cells**", "G"),
+    ("The correct answer is:\n- C. Macrophages", "C"),
+    # a lone label as the last line of a long reply
+    ("Long reply.\nMore text about the smear.\n\nC", "C"),
+    # an answer heading without a colon, the label on the next line (also lower case, or "B) text")
+    ("Long reply.\n\n### Answer\nC", "C"),
+    ("Long reply.\n\n### Updated Answer\n\nc", "C"),
+    ("Long reply.\n\n**Final Answer**\n\nB) Lymphocytes", "B"),
+    # a bold answer that is not in the last paragraph; "the answer (G) is"; "**A**, as ..."
+    ("Analysis.\n\n**C. Macrophages**\n\nThey phagocytose.\n\nOther cells play minor roles.", "C"),
+    ("Considering everything, the answer (G) is navicular cells.", "G"),
+    ("**A**, as neutrophils are the first responders.\n\nMore explanation.", "A"),
+    # a JSON answer block; a bracketed label; a statement nested in another; after a bullet
+    ('Reasoning.\n```json\n{"answer": "A"}\n```', "A"),
+    ("Final answer**: Based on the analysis, the correct answer is: [I]", "I"),
+    ("- The answer is C", "C"),
+    # the last clear statement wins: a later plain final line
+    ("The answer is A.\n\nOn reflection, the cells are tissue-resident.\n\nC. Macrophages", "C"),
+    # read nothing: an answer heading over an analysis of options, a list of several labels,
+    # a restated option list, an unclosed <think>
+    ("### Answer\n- **Option A**: Incorrect, too early.\n- **Option B**: Incorrect.\n- **Option C**: Correct.", None),
+    ("The correct answer is:\nA. Neutrophils\nC. Macrophages\nD. Eosinophils", None),
+    ("Options:\nA. Neutrophils\nB. Lymphocytes", None),
+    ("<think>The smear shows... I think the answer is C", None),
+]
+
+
+@pytest.mark.parametrize(("response", "label"), ISSUE21_FORMS)
+def test_real_reply_forms(response: str, label: str | None) -> None:
+    assert extract_answer(response, TaskType.TEXT_MCQ, CELLS).answer == label
