@@ -245,7 +245,10 @@ ISSUE21_FORMS = [
     ("The answer is A.\n\nOn reflection, the cells are tissue-resident.\n\nC. Macrophages", "C"),
     # read nothing: an answer heading over an analysis of options, a list of several labels,
     # a restated option list, an unclosed <think>
-    ("### Answer\n- **Option A**: Incorrect, too early.\n- **Option B**: Incorrect.\n- **Option C**: Correct.", None),
+    (
+        "### Answer\n- **Option A**: Incorrect, too early.\n- **Option B**: Incorrect.\n- **Option C**: Correct.",
+        None,
+    ),
     ("The correct answer is:\nA. Neutrophils\nC. Macrophages\nD. Eosinophils", None),
     ("Options:\nA. Neutrophils\nB. Lymphocytes", None),
     ("<think>The smear shows... I think the answer is C", None),

@@ -332,7 +332,12 @@ ONE_OFF: list[tuple[str, str, str, str]] = [
     ),
     # The last clear statement wins (issue 21): a final line that is only an answer revises an earlier one.
     ("later_final_line", "medmcqa_nerve", "The answer is B.\n\nBut wait.\n\n**C**", "C"),
-    ("later_final_line", "medmcqa_nerve", "The answer is B.\n\nOn reflection, the wrist.\n\nC. Median nerve", "C"),
+    (
+        "later_final_line",
+        "medmcqa_nerve",
+        "The answer is B.\n\nOn reflection, the wrist.\n\nC. Median nerve",
+        "C",
+    ),
     ("r1_ending", "medmcqa_nerve", "<think>\nSo the answer is B.\n</think>\n\nThe answer is (C).", "C"),
     ("r1_ending", "medmcqa_nerve", "<think>\nThe answer is B? No.\n</think>\n\n\\boxed{\\text{C}}", "C"),
     ("r1_ending", "medmcqa_nerve", "<think>\nThinking about the carpal tunnel.\n</think>\n\nC", "C"),
