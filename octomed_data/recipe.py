@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from octomed_data.config import first_error
 from octomed_data.errors import ConfigError
 from octomed_data.mixture import MixtureConfig
-from octomed_data.teachers import DistillConfig, TeacherConfig
+from octomed_data.teachers import ROUTING_KEYS, DistillConfig, TeacherConfig, image_route_key
 from octomed_data.verify import VerifySettings
 
 DEMO_RECIPE = "demo"
@@ -232,6 +232,22 @@ class Recipe(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _check_routing(self) -> Recipe:
+        # The same checks as DistillConfig's, when the recipe loads (not when distillation starts).
+        names = {t.name: t for t in self.teachers}
+        for key, name in self.routing.items():
+            if key not in ROUTING_KEYS:
+                raise ValueError(f"routing key {key!r} is not a task type, 'text' or 'multimodal'")
+            if name not in names:
+                raise ValueError(f"routing {key!r} -> unknown teacher {name!r}")
+            if image_route_key(key) and names[name].takes_images is False:
+                raise ValueError(
+                    f"routing {key!r} sends images to teacher {name!r}, which reads text only "
+                    "(modalities: [text]); route it to a teacher with modalities: [text, image]"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _judge_is_a_teacher(self) -> Recipe:
         judge = self.verify.judge
         if judge is not None and judge not in {t.name for t in self.teachers}:
@@ -268,6 +284,7 @@ class Recipe(BaseModel):
                     continue
                 data.update(name=SANDBOX_TEACHER, base_url=sandbox_url, model=SANDBOX_MODEL)
                 data.update(price_prompt_per_1m=0.0, price_completion_per_1m=0.0, api_key_secret=None)
+                data.update(modalities=["text", "image"])  # the sandbox answers image questions too
             teachers.append(TeacherConfig(**data))
         routing = {k: rename.get(v, v) for k, v in self.routing.items()}
         try:

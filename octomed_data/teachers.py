@@ -29,6 +29,10 @@ def _params_hash(blob: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+# Routing keys: "text" (a question without an image), "multimodal" (with one), or a task type.
+ROUTING_KEYS = frozenset({t.value for t in TaskType} | {"text", "multimodal"})
+
+
 class TeacherConfig(BaseModel):
     """One OpenAI-compatible teacher endpoint and how to sample from it."""
 
@@ -77,6 +81,11 @@ class TeacherConfig(BaseModel):
     endpoints: list[str] = Field(default_factory=list)
     replica_probe_s: float = Field(5.0, gt=0.0)  # an ejected replica is probed after this ...
     replica_probe_max_s: float = Field(60.0, gt=0.0)  # ... doubling per failed probe, up to this
+    # What the teacher's model reads: [text] (DeepSeek-R1) or [text, image] (GPT-4o, a VL model).
+    # None (not declared): it gets images only where the routing says so explicitly (``multimodal``
+    # or an image task type); a question with an image that would reach it otherwise, or any image
+    # routed to a ``[text]`` teacher, is a ConfigError (at load time, or before any request).
+    modalities: list[Literal["text", "image"]] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -102,6 +111,17 @@ class TeacherConfig(BaseModel):
         if self.replica_probe_max_s < self.replica_probe_s:
             raise ValueError(f"teacher {self.name!r}: replica_probe_max_s is below replica_probe_s")
         return self
+
+    @model_validator(mode="after")
+    def _check_modalities(self) -> TeacherConfig:
+        if self.modalities is not None and "text" not in self.modalities:
+            raise ValueError(f"teacher {self.name!r}: modalities must include text (prompts are text)")
+        return self
+
+    @property
+    def takes_images(self) -> bool | None:
+        """True / False as declared in ``modalities``; None when not declared."""
+        return None if self.modalities is None else "image" in self.modalities
 
     def replica_urls(self) -> list[str]:
         """The base URLs requests may go to: the fleet's endpoints, else the one ``base_url``."""
@@ -131,12 +151,20 @@ class TeacherConfig(BaseModel):
 
 
 class DistillConfig(BaseModel):
-    """Teachers, routing by task type, and the sampling / retry / durability knobs."""
+    """Teachers, routing by modality (image or not) and task type, and the sampling / retry /
+    durability knobs.
+
+    A question is routed by whether it has an image, whatever its task type (a VQA-RAD yes/no
+    question with an image is ``multimodal``): its exact task type's route when that teacher may
+    see it (:meth:`teacher_for`), then ``multimodal`` (with an image) or ``text`` (without), then
+    the only teacher. No route ever sends an image to a teacher declared ``modalities: [text]``.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     teachers: list[TeacherConfig] = Field(min_length=1)
-    # task type (or "text" / "multimodal") -> teacher name; one teacher serves everything by default.
+    # "text" / "multimodal" (has no image / has one) or a task type -> teacher name; one teacher
+    # serves everything by default.
     routing: dict[str, str] = Field(default_factory=dict)
     samples: int = Field(16, gt=0, le=1024)
     prompt_version: str = PROMPT_VERSION
@@ -152,12 +180,18 @@ class DistillConfig(BaseModel):
         names = [t.name for t in self.teachers]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate teacher names: {names}")
-        valid_keys = {t.value for t in TaskType} | {"text", "multimodal"}
         for key, name in self.routing.items():
-            if key not in valid_keys:
+            if key not in ROUTING_KEYS:
                 raise ValueError(f"routing key {key!r} is not a task type, 'text' or 'multimodal'")
             if name not in names:
                 raise ValueError(f"routing {key!r} -> unknown teacher {name!r}")
+        # Routes that carry images by definition: multimodal, and the image task types.
+        for key, name in self.routing.items():
+            if image_route_key(key) and self.teacher(name).takes_images is False:
+                raise ValueError(
+                    f"routing {key!r} sends images to teacher {name!r}, which reads text only "
+                    "(modalities: [text]); route it to a teacher with modalities: [text, image]"
+                )
         return self
 
     def teacher(self, name: str) -> TeacherConfig:
@@ -166,17 +200,44 @@ class DistillConfig(BaseModel):
                 return t
         raise ConfigError(f"no teacher named {name!r} in the config")
 
-    def teacher_for(self, task_type: str | TaskType) -> TeacherConfig:
-        """Route a task type to its teacher: exact task type, then text/multimodal, then the only one."""
+    def teacher_for(self, task_type: str | TaskType, has_image: bool | None = None) -> TeacherConfig:
+        """The teacher of a question of ``task_type`` with (``has_image``) or without an image.
+
+        ``has_image`` None: as the task type usually is (:attr:`TaskType.is_multimodal`). A question
+        with an image goes to its task type's route only when that teacher takes images
+        (declared, or the task type is an image task type), else to ``multimodal``, else to the
+        only teacher when it takes images; a route that would send an image to a teacher that
+        does not take it is a ConfigError naming the teacher.
+        """
         task = TaskType(task_type)
-        name = self.routing.get(task.value) or self.routing.get(
-            "multimodal" if task.is_multimodal else "text"
-        )
-        if name:
-            return self.teacher(name)
-        if len(self.teachers) == 1:
-            return self.teachers[0]
-        raise ConfigError(f"no teacher routed for task type {task.value!r} (set routing in the config)")
+        image = task.is_multimodal if has_image is None else bool(has_image)
+        name = self.routing.get(task.value)
+        if name and image and not (self.teacher(name).takes_images or image_route_key(task.value)):
+            name = None  # a text route of this task type: the image question goes to multimodal
+        name = name or self.routing.get("multimodal" if image else "text")
+        explicit = bool(name)
+        if not name:
+            if len(self.teachers) != 1:
+                what = f"task type {task.value!r}" + (" with an image" if image else "")
+                raise ConfigError(f"no teacher routed for {what} (set routing in the config)")
+            name = self.teachers[0].name
+        teacher = self.teacher(name)
+        if image and teacher.takes_images is False:
+            raise ConfigError(
+                f"a {task.value} question with an image would go to teacher {name!r}, which reads text "
+                "only (modalities: [text]): route multimodal to a teacher with modalities: [text, image]"
+            )
+        if image and teacher.takes_images is None and not explicit:
+            raise ConfigError(
+                f"a {task.value} question with an image would go to teacher {name!r}, whose modalities "
+                "are not declared: set modalities: [text, image] on it (or route multimodal to one that "
+                "takes images)"
+            )
+        return teacher
+
+    def route_of(self, question: Mapping[str, Any]) -> TeacherConfig:
+        """The teacher of one question row (its task type, and whether it has images)."""
+        return self.teacher_for(question["task_type"], bool(question.get("images")))
 
     def public_dict(self) -> dict[str, Any]:
         """A JSON-able copy (the config never holds secrets; keys live in env / secret blocks)."""
@@ -196,6 +257,11 @@ class DistillConfig(BaseModel):
             return cls.model_validate(dict(data))
         except ValidationError as exc:
             raise ConfigError(f"invalid {where}: {first_error(exc)}") from None
+
+
+def image_route_key(key: str) -> bool:
+    """Routing keys whose questions carry images: ``multimodal`` and the image task types."""
+    return key == "multimodal" or (key in TaskType._value2member_map_ and TaskType(key).is_multimodal)
 
 
 def resolve_api_key(

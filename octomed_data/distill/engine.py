@@ -104,14 +104,19 @@ def config_fingerprint(config: DistillConfig) -> str:
         "samples": config.samples,
         "prompt_version": config.prompt_version,
         "seed": config.seed,
-        "routing": {t.value: _route_id(config, t) for t in TaskType},
+        # Per task type, without and with an image (routing goes by image presence).
+        "routing": {
+            f"{t.value}{'+image' if image else ''}": _route_id(config, t, image)
+            for t in TaskType
+            for image in (False, True)
+        },
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _route_id(config: DistillConfig, task: TaskType) -> str | None:
+def _route_id(config: DistillConfig, task: TaskType, image: bool) -> str | None:
     try:
-        t = config.teacher_for(task)
+        t = config.teacher_for(task, image)
     except OctomedError:
         return None
     return f"{t.name}|{t.model}|{t.params_hash()}"
@@ -416,7 +421,12 @@ async def adistill_shard(
     # Done keys: the committed raw shard (an earlier, incomplete pass) and the journal since.
     done, _ = await asyncio.to_thread(read_done_keys, out, shard)
     report.stored_before = 0
-    needed = {config.teacher_for(t).name for t in _task_types_needed(config)}
+    # Every route this shard needs, resolved before any request: an image routed to a teacher
+    # that does not take images is a ConfigError here, not a failed request later.
+    needed = {
+        config.teacher_for(t, image).name
+        for t, image in await asyncio.to_thread(shard_routes, questions_uri, shard)
+    }
     # Server kinds are detected over HTTP once per URL: off the event loop.
     clients = await asyncio.to_thread(_open_clients, config, api_keys, needed)
     limiter = limiter or LocalRateLimiter.for_teachers(config.teachers)
@@ -433,7 +443,7 @@ async def adistill_shard(
 
         batches = BatchRun(run, clients, fallback, on_batch_state)
     tasks: set[asyncio.Task[None]] = set()
-    qids: set[str] = set()
+    qids: dict[str, bool] = {}  # question id -> has an image (decides its route)
     # Tasks beyond the in-flight bound wait on a semaphore; keep a small queue of them, no more.
     limit = 2 * sum(c.teacher.max_in_flight for c in clients.values()) + 16
     try:
@@ -441,10 +451,10 @@ async def adistill_shard(
             await batches.load()  # earlier runs' live batches: collected, never paid twice
         for batch in _question_batches(questions_uri, shard):
             for q in batch:
-                qids.add(q["question_id"])
+                qids[q["question_id"]] = bool(q.get("images"))
                 report.questions += 1
                 report.expected += config.samples
-                tc = clients[config.teacher_for(q["task_type"]).name]
+                tc = clients[config.route_of(q).name]
                 t = tc.teacher
                 pending = []
                 stored = 0
@@ -553,15 +563,17 @@ def _raise_failed(tasks: set[asyncio.Task[None]]) -> None:
             raise t.exception()  # type: ignore[misc]
 
 
-def _task_types_needed(config: DistillConfig) -> list[TaskType]:
-    out = []
-    for t in TaskType:
-        try:
-            config.teacher_for(t)
-            out.append(t)
-        except OctomedError:
-            continue
-    return out
+def shard_routes(questions_uri: str, shard: str) -> set[tuple[str, bool]]:
+    """The (task type, has an image) pairs of one questions shard: what its routing must cover
+    (two small columns read, never the images themselves)."""
+    import pyarrow.compute as pc
+
+    ds = storage.Dataset(questions_uri, QUESTION_SCHEMA)
+    if not ds.is_committed(shard):
+        raise StorageError(f"questions shard {shard!r} is not committed in {questions_uri}")
+    table = ds.read_shard(shard, ["task_type", "images"])
+    images = pc.fill_null(pc.list_value_length(table.column("images")), 0)
+    return set(zip(table.column("task_type").to_pylist(), [n > 0 for n in images.to_pylist()], strict=True))
 
 
 async def _messages(q: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -570,14 +582,15 @@ async def _messages(q: Mapping[str, Any]) -> list[dict[str, Any]]:
     return build_messages(q)
 
 
-def _expected_row(row: Mapping[str, Any], config: DistillConfig, qids: set[str]) -> bool:
-    """Does a journal row belong to this config's sample set (not an older config's)?"""
+def _expected_row(row: Mapping[str, Any], config: DistillConfig, qids: Mapping[str, bool]) -> bool:
+    """Does a journal row belong to this config's sample set (not an older config's)?
+    ``qids``: the shard's question ids -> whether the question has an image (its route)."""
     if row["question_id"] not in qids or not 0 <= int(row["sample_idx"]) < config.samples:
         return False
     if row["prompt_version"] != config.prompt_version:
         return False
     try:
-        t = config.teacher_for(row["task_type"])
+        t = config.teacher_for(row["task_type"], qids[row["question_id"]])
     except OctomedError:
         return False
     return row["model"] == t.model and row["params_hash"] == t.params_hash()
@@ -593,7 +606,7 @@ def compact_shard(
     out: str,
     shard: str,
     config: DistillConfig,
-    qids: set[str],
+    qids: Mapping[str, bool],
     report: ShardReport,
     started: float,
     mode: str = "delete",

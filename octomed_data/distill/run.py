@@ -146,11 +146,15 @@ def finalize(
 
 
 def _teacher_counts(questions_uri: str, config: DistillConfig) -> dict[str, int]:
+    import pyarrow.compute as pc
+
     counts: Counter[str] = Counter()
     ds = storage.Dataset(questions_uri, QUESTION_SCHEMA)
-    for batch in ds.iter_batches(batch_size=65536, columns=["task_type"]):
-        for task_type, n in Counter(batch.column(0).to_pylist()).items():
-            counts[config.teacher_for(task_type).name] += n
+    for batch in ds.iter_batches(batch_size=65536, columns=["task_type", "images"]):
+        images = pc.fill_null(pc.list_value_length(batch.column(1)), 0).to_pylist()
+        routes = zip(batch.column(0).to_pylist(), [n > 0 for n in images], strict=True)
+        for (task_type, image), n in Counter(routes).items():  # routed by image presence
+            counts[config.teacher_for(task_type, image).name] += n
     return dict(counts)
 
 

@@ -406,7 +406,8 @@ def test_multimodal_question_sends_image_as_data_url(tmp_path: Path) -> None:
     msgs = build_messages(row)
     assert msgs[1]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
     with start_sandbox() as sb:
-        report = distill_shard(q_uri, "00000", out, config(sb.base_url, samples=2))
+        cfg = config(sb.base_url, samples=2, teacher={"modalities": ["text", "image"]})
+        report = distill_shard(q_uri, "00000", out, cfg)
     assert report.complete and report.stored == 2
 
 
