@@ -73,7 +73,7 @@ class TrainResult:
 
     checkpoint_uri: str
     steps: int
-    final_loss: float | None  # last logged training loss
+    final_loss: float | None  # the training loss logged at the last step
     mean_loss: float | None  # mean over the run (Trainer's training_loss)
     samples_seen: int  # sequences through forward/backward in this call (all processes; not before a resume)
     rows: int  # rows in the export files
@@ -166,6 +166,29 @@ def _upload_callback(output_uri: str, meta: dict[str, Any]):
             barrier()
 
     return UploadCheckpoints()
+
+
+def _log_last_step_callback():
+    from transformers import TrainerCallback
+
+    class LogLastStep(TrainerCallback):
+        """Trainer logs every ``logging_steps`` (and the first step): log the last step too, so the
+        run's final loss is the loss at its last step, not at the last multiple of logging_steps."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.max_steps and state.global_step >= state.max_steps:
+                control.should_log = True
+            return control
+
+    return LogLastStep()
+
+
+def final_loss_of(log_history: list[dict[str, Any]], last_step: int) -> float | None:
+    """The loss Trainer logged at ``last_step`` (the mean since the previous log, over every
+    rank); None when that step logged none (never after :func:`_log_last_step_callback`)."""
+    return next(
+        (float(h["loss"]) for h in reversed(log_history) if "loss" in h and h.get("step") == last_step), None
+    )
 
 
 class _CountingEncoder(RowEncoder):
@@ -490,7 +513,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         train_dataset=train_ds,
         data_collator=collator,
         processing_class=loaded.tokenizer,
-        callbacks=[_upload_callback(config.output_uri, meta)] if config.save_steps else None,
+        callbacks=[_log_last_step_callback()]
+        + ([_upload_callback(config.output_uri, meta)] if config.save_steps else []),
     )
     resume_from = resume_checkpoint(config, meta, work_dir, args)
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -499,7 +523,12 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     resumed_step = (
         int(json.loads((resume_from / "trainer_state.json").read_text())["global_step"]) if resume_from else 0
     )
-    final_loss = losses[-1] if losses else None
+    final_loss = final_loss_of(trainer.state.log_history, int(output.global_step))
+    if final_loss is None and losses:
+        log.warning(
+            "no loss logged at the last step %d: final_loss is the last logged one", output.global_step
+        )
+        final_loss = losses[-1]
     if config.streaming:
         skipped, truncated = (
             dict(encoder.errors + (packed.errors if packed else Counter())),
