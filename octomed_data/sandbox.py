@@ -424,10 +424,14 @@ def request_key(body: dict[str, Any]) -> str:
     return hashlib.blake2b(ident.encode(), digest_size=10).hexdigest()
 
 
-def completion_payload(state: _State, body: dict[str, Any], key: str, arrived: float) -> dict[str, Any]:
+def completion_payload(
+    state: _State, body: dict[str, Any], key: str, arrived: float, *, honour_n: bool | None = None
+) -> dict[str, Any]:
     """The chat-completion body for a request that got through (per-key truncation/refusal kept).
 
     Shared by the online endpoint and the batch endpoint (:mod:`octomed_data.sandbox_batch`).
+    ``honour_n``: answer ``n`` choices (True) or one (False) whatever the server is set to do
+    (None: as set; a batch server that ignores ``n`` passes False).
     """
     f = state.faults
     messages = body["messages"]
@@ -443,7 +447,9 @@ def completion_payload(state: _State, body: dict[str, Any], key: str, arrived: f
     unparseable = _unit("unparseable", f.seed, key) < f.unparseable
     continuation = _continuation(messages, body, seed)
     max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
-    for i in range(n if (f.honour_n or state.server == "vllm") else 1):
+    if honour_n is None:
+        honour_n = f.honour_n or state.server == "vllm"
+    for i in range(n if honour_n else 1):
         graded = None if refusal else _grading(system, user, seed, state.style, unparseable, truncated)
         judged = None if refusal else _judging(system, user, key, f, unparseable)
         if continuation is not None:

@@ -16,7 +16,9 @@ Output lines are ``{"id", "custom_id", "response": {"status_code", "request_id",
 Behaviour for tests (:class:`BatchConfig`, changeable while running via
 :meth:`octomed_data.sandbox.SandboxHandle.batch_control`): a completion delay, ``hold`` (stay
 ``in_progress`` until released), expiry after the first K requests, per-request errors (by a
-hash of the custom_id), and whole-batch validation failure. Replies are the chat endpoint's
+hash of the custom_id), whole-batch validation failure, and ``ignore_n``: one choice per batch
+request whatever its ``n`` (as some providers' batch endpoints do, even where their online
+endpoint honours ``n``). Replies are the chat endpoint's
 (:func:`octomed_data.sandbox.completion_payload`), without its transient faults: a batch runs
 server-side. ``GET /_sandbox/batch_stats`` counts uploads, creations, retrievals and requests run.
 """
@@ -47,6 +49,7 @@ class BatchConfig:
     lose_create_replies: int = 0  # the first K creates make the batch, then answer 500
     refuse_create: bool = False  # every create answers 400 (quota exhausted, billing): no batch made
     rate_limit_first: int = 0  # the first K Files/Batch API calls answer 429 with Retry-After
+    ignore_n: bool = False  # batch requests get one choice whatever their n (online is unchanged)
     seed: int = 0
 
 
@@ -178,7 +181,8 @@ def _advance(request: web.Request, batch: dict[str, Any]) -> None:
             resp = {"status_code": 500, "request_id": rid, "body": body}
             errors.append(orjson.dumps({"id": rid, "custom_id": cid, "response": resp, "error": None}))
             continue
-        payload = completion_payload(state, line["body"], request_key(line["body"]), now)
+        honour_n = False if cfg.ignore_n else None
+        payload = completion_payload(state, line["body"], request_key(line["body"]), now, honour_n=honour_n)
         resp = {"status_code": 200, "request_id": rid, "body": payload}
         out.append(orjson.dumps({"id": rid, "custom_id": cid, "response": resp, "error": None}))
     expired = cfg.expire_after is not None and cfg.expire_after < len(batch["_lines"])

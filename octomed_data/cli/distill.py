@@ -5,8 +5,10 @@
 
 The key is read from ``OPENAI_API_KEY`` (or ``--api-key-env VAR``) and never printed. With
 ``--config YAML`` the teachers, routing and prices come from the file. ``--estimate`` projects
-the run's cost and duration from a small sample and stops. Re-running the same command resumes:
-stored samples are not requested again.
+the run's cost and duration from a small sample and stops (batch-mode teachers with the requests
+that will really be batched: :func:`octomed_data.distill.batch.batch_estimate`). Re-running the same
+command resumes: stored samples are not requested again. The last line states the cost from
+``OUT/cost.json``, marked SIMULATED when sandbox replies were priced.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import re
 import sys
 from typing import Any
 
+from octomed_data import storage
 from octomed_data.config import first_error
+from octomed_data.cost import cost_line
 from octomed_data.distill.run import estimate, run_local
 from octomed_data.errors import ConfigError
 from octomed_data.inference.client import TeacherUnreachable
@@ -123,8 +127,10 @@ def build_config(args: argparse.Namespace) -> DistillConfig:
 def _cli(args: argparse.Namespace) -> int:
     config = build_config(args)
     if args.estimate:
+        from octomed_data.distill.batch import batch_estimate
+
         result = estimate(args.questions_uri, config, sample_questions=args.estimate_questions, out=args.out)
-        print(json.dumps(result, indent=2))
+        print(json.dumps(batch_estimate(result, config, args.out), indent=2))
         return 0
     if args.executor == "ray":
         # The Ray executor lives outside the library (tasks/); loaded only when asked for.
@@ -149,6 +155,8 @@ def _cli(args: argparse.Namespace) -> int:
         f"({summary['new_samples']} new, {summary['stored_before']} already stored), "
         f"{summary['accepted']} accepted, {summary['failed']} failed, {summary['requests']} requests"
     )
+    if summary.get("cost_uri") and storage.exists(summary["cost_uri"]):
+        line += f"; {cost_line(storage.read_json(summary['cost_uri']))}"
     print(line, file=sys.stderr)
     if summary.get("aborted"):
         raise TeacherUnreachable(summary["aborted"])
@@ -189,7 +197,6 @@ def _register_filter_difficulty(subparsers: argparse._SubParsersAction) -> None:
 def _cli_filter_difficulty(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from octomed_data import storage
     from octomed_data.distill.filtering import filter_by_difficulty
     from octomed_data.teachers import TeacherConfig
 

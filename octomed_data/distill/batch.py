@@ -17,6 +17,14 @@ never saw (looked up by input file), and never submits a key that is in a live b
 Expired, failed or cancelled batches, and requests answered with an error, fall back to online
 requests for exactly the samples without a reply. Records are marked ``collected`` once the
 rows they gave are in the durable journal.
+
+Servers that ignore ``n`` in batches (one choice for a request asking several; some providers'
+batch endpoints do, even where their online endpoint honours ``n``) are detected from the batch
+output: the samples a reply lacked are batched again as one request per sample (their request
+bodies read back from the batch's input file), never silently sent online at the online price.
+What a teacher does with ``n`` is remembered in ``OUT/_batches/_teachers/<teacher>.json``
+(:func:`batch_n_support`), so later batches of that teacher are split up front, and
+``--estimate`` (:func:`batch_estimate`) projects the requests that will really be batched.
 """
 
 from __future__ import annotations
@@ -40,8 +48,9 @@ from octomed_data.distill.engine import ShardRun, add_reply_rows, request_kwargs
 from octomed_data.distill.journal import sample_key
 from octomed_data.inference.batch_api import CHAT_ENDPOINT, TERMINAL, BatchAPI, BatchAPIError
 from octomed_data.inference.client import EndpointClient, sample_seed
+from octomed_data.inference.fleet import public_url
 from octomed_data.inference.transport_http import Fields, completion_fields
-from octomed_data.teachers import TeacherConfig
+from octomed_data.teachers import DistillConfig, TeacherConfig
 
 log = logging.getLogger("octomed_data.distill.batch")
 
@@ -53,6 +62,29 @@ CREATE_FAILED = "create_failed"  # the create call was refused: the samples go o
 Q_FIELDS = ("question_id", "source", "task_type", "answer")
 # Samples the online fallback should send: teacher client -> question id -> sample indices.
 Fallback = Callable[[EndpointClient, dict[str, list[int]]], Awaitable[None]]
+# What a teacher's batches do with ``n`` (OUT/_batches/_teachers/<teacher>.json).
+TEACHERS_DIR = "_teachers"
+N_IGNORED, N_HONOURED = "ignored", "honoured"
+
+
+def n_support_uri(out: str, teacher: str) -> str:
+    """Where what a teacher's batches do with ``n`` is remembered."""
+    return storage.join(out, BATCH_DIR, TEACHERS_DIR, f"{teacher}.json")
+
+
+def batch_n_support(out: str | None, teacher: TeacherConfig) -> str | None:
+    """``"ignored"`` or ``"honoured"``: what the teacher's batch endpoint was seen to do with
+    ``n`` in this output folder; None when unknown (never seen, or seen for another endpoint/model)."""
+    if out is None:
+        return None
+    uri = n_support_uri(out, teacher.name)
+    if not storage.exists(uri):
+        return None
+    doc = storage.read_json(uri)
+    if doc.get("model") != teacher.model or doc.get("base_url") != public_url(teacher.base_url):
+        return None
+    n = doc.get("n")
+    return n if n in (N_IGNORED, N_HONOURED) else None
 
 
 def batch_dir(out: str, shard: str) -> str:
@@ -83,6 +115,7 @@ class _Chunk:
     requests: list[dict[str, Any]] = field(default_factory=list)
     ids: set[str] = field(default_factory=set)
     bytes: int = 0
+    split_from: str | None = None  # the record whose samples it batches again, one per request
 
 
 class BatchRun:
@@ -110,6 +143,9 @@ class BatchRun:
         self.requests = 0  # request lines this run put into batches
         self.collected = 0  # samples stored from batch output
         self.fell_back = 0  # samples sent online because their batch gave no reply
+        self.split = 0  # samples batched again one per request: their n-request got fewer choices
+        self.n_support: dict[str, str | None] = {}  # teacher -> what its batches do with n
+        self._splitting: str | None = None  # the record :meth:`_split` queues requests for
 
     def api(self, teacher: str) -> BatchAPI:
         if teacher not in self.apis:
@@ -154,41 +190,62 @@ class BatchRun:
             self.resumed += 1
         await self.publish()
 
+    async def n_ignored(self, tc: EndpointClient) -> bool:
+        """True when the teacher's batches are known to ignore ``n`` (its requests are split)."""
+        name = tc.teacher.name
+        if name not in self.n_support:
+            known = await asyncio.to_thread(batch_n_support, self.run.out, tc.teacher)
+            self.n_support[name] = known
+            if known == N_IGNORED and tc.supports_n:
+                log.info(
+                    "shard %s: teacher %s ignores n in batches (%s): one batch request per sample",
+                    self.run.shard,
+                    name,
+                    n_support_uri(self.run.out, name),
+                )
+        return self.n_support[name] == N_IGNORED
+
     async def add(
         self, q: Mapping[str, Any], tc: EndpointClient, messages: list[dict[str, Any]], pending: list[int]
     ) -> None:
         """Queue samples ``pending`` of ``q`` for the teacher's next batch (submitted when full)."""
-        t = tc.teacher
-        groups = [pending] if tc.supports_n and len(pending) > 1 else [[i] for i in pending]
-        for group in groups:
+        together = tc.supports_n and len(pending) > 1 and not await self.n_ignored(tc)
+        for group in [pending] if together else [[i] for i in pending]:
             seed = sample_seed(self.run.config.seed, q["question_id"], group[0])
-            body = request_kwargs(tc, messages, seed, len(group))
-            body.update(body.pop("extra_body", None) or {})  # top level, as the chat transport sends it
-            cid = f"{q['question_id']}|{','.join(map(str, group))}"
-            line = orjson.dumps({"custom_id": cid, "method": "POST", "url": CHAT_ENDPOINT, "body": body})
-            chunk = self._chunks.get(t.name)
-            if chunk is not None and (
-                len(chunk.requests) >= t.batch_max_requests
-                or chunk.bytes + len(line) + 1 > t.batch_max_bytes
-                or cid in chunk.ids
-            ):
-                await self._submit(tc, chunk)
-                chunk = None
-            if chunk is None:
-                fd, path = tempfile.mkstemp(prefix="octomed-batch-in-", suffix=".jsonl")
-                chunk = self._chunks[t.name] = _Chunk(path, os.fdopen(fd, "wb"))
-            chunk.fh.write(line + b"\n")
-            chunk.bytes += len(line) + 1
-            chunk.ids.add(cid)
-            chunk.requests.append(
-                {
-                    "id": cid,
-                    "q": {k: q[k] for k in Q_FIELDS},
-                    "samples": group,
-                    # The seed the request carries (none when the teacher's seed policy is off).
-                    "seed": seed if tc.sends_seed else None,
-                }
-            )
+            await self._queue(tc, q, group, request_kwargs(tc, messages, seed, len(group)), seed)
+
+    async def _queue(
+        self, tc: EndpointClient, q: Mapping[str, Any], group: list[int], body: dict[str, Any], seed: int
+    ) -> None:
+        """Write one request (samples ``group`` of ``q``) into the teacher's next batch."""
+        t = tc.teacher
+        body.update(body.pop("extra_body", None) or {})  # top level, as the chat transport sends it
+        cid = f"{q['question_id']}|{','.join(map(str, group))}"
+        line = orjson.dumps({"custom_id": cid, "method": "POST", "url": CHAT_ENDPOINT, "body": body})
+        chunk = self._chunks.get(t.name)
+        if chunk is not None and (
+            len(chunk.requests) >= t.batch_max_requests
+            or chunk.bytes + len(line) + 1 > t.batch_max_bytes
+            or cid in chunk.ids
+            or chunk.split_from != self._splitting
+        ):
+            await self._submit(tc, chunk)
+            chunk = None
+        if chunk is None:
+            fd, path = tempfile.mkstemp(prefix="octomed-batch-in-", suffix=".jsonl")
+            chunk = self._chunks[t.name] = _Chunk(path, os.fdopen(fd, "wb"), split_from=self._splitting)
+        chunk.fh.write(line + b"\n")
+        chunk.bytes += len(line) + 1
+        chunk.ids.add(cid)
+        chunk.requests.append(
+            {
+                "id": cid,
+                "q": {k: q[k] for k in Q_FIELDS},
+                "samples": group,
+                # The seed the request carries (none when the teacher's seed policy is off).
+                "seed": seed if tc.sends_seed else None,
+            }
+        )
 
     async def flush(self) -> None:
         """Submit every partly filled batch (the shard's questions are all queued)."""
@@ -218,6 +275,8 @@ class BatchRun:
             "requests": chunk.requests,
             "created_at": time.time(),
         }
+        if chunk.split_from is not None:
+            rec["split_from"] = chunk.split_from
         await self._save(rec)  # before the create call: a crash during it is found on restart
         self.records[rec["name"]] = rec
         self.live.update(record_keys(rec))
@@ -287,12 +346,16 @@ class BatchRun:
 
         ``done``: sample keys already stored (a batch collected before a crash is not stored twice).
         """
-        live = [r for r in self.records.values() if r["state"] == SUBMITTED]
-        while live:
-            for rec in list(live):
+        ended: set[str] = set()
+        while True:
+            # Batches submitted while collecting (split requests, :meth:`_split`) join the loop.
+            live = [r for r in self.records.values() if r["state"] == SUBMITTED and r["name"] not in ended]
+            if not live:
+                break
+            for rec in live:
                 if rec.get("status") == CREATE_FAILED:  # never created: nothing to poll
+                    ended.add(rec["name"])
                     await self._collect(rec, {"id": None, "status": CREATE_FAILED}, done)
-                    live.remove(rec)
                     continue
                 batch = await self.api(rec["teacher"]).retrieve(rec["batch_id"])
                 status = batch.get("status")
@@ -300,11 +363,12 @@ class BatchRun:
                     rec.update(status=status, request_counts=batch.get("request_counts"))
                     await self._save(rec)
                 if status in TERMINAL:
+                    ended.add(rec["name"])
                     await self._collect(rec, batch, done)
-                    live.remove(rec)
             await self.publish()
-            if live:
-                await self.run.sleep(min(self.clients[r["teacher"]].teacher.batch_poll_s for r in live))
+            waiting = [r for r in live if r["name"] not in ended]
+            if waiting:
+                await self.run.sleep(min(self.clients[r["teacher"]].teacher.batch_poll_s for r in waiting))
 
     async def _collect(self, rec: dict[str, Any], batch: Mapping[str, Any], done: set[str]) -> None:
         tc = self.clients[rec["teacher"]]
@@ -324,6 +388,16 @@ class BatchRun:
         by_id = {r["id"]: r for r in rec["requests"]}
         answered: set[str] = set()
         wanted: dict[str, list[int]] = {}
+        short: dict[str, list[int]] = {}  # request id -> samples its reply had no choice for
+        # Replies to requests asking several samples: all, those with fewer choices, with one.
+        asked_n = fewer = one_choice = 0
+        # Samples this batch's split batch holds (made before a restart) come from that batch.
+        elsewhere = {
+            k
+            for r in self.records.values()
+            if r.get("split_from") == rec["name"] and r["state"] != COLLECTED
+            for k in record_keys(r)
+        }
 
         def key(r: Mapping[str, Any], i: int) -> str:
             return sample_key(
@@ -344,19 +418,33 @@ class BatchRun:
                     self.run, req["q"], tc, group, response, req["seed"], 1, None, batch["id"], skip
                 )
                 self.collected += sum(1 for i in group[: len(group) - len(left)] if i not in skip)
-                todo = [i for i in left if i not in skip]  # fewer choices than asked: online
+                if len(group) > 1:
+                    asked_n += 1
+                    fewer += bool(left)
+                    one_choice += len(group) - len(left) == 1
+                # Fewer choices than asked (n ignored): batched again, one request per sample.
+                todo = [i for i in left if i not in skip and key(req, i) not in elsewhere]
                 if todo:
-                    wanted.setdefault(req["q"]["question_id"], []).extend(todo)
+                    short[req["id"]] = todo
         errors = Counter[str]()
         if batch.get("error_file_id"):
             async for line in api.lines(batch["error_file_id"]):
                 errors[_error_code(orjson.loads(line))] += 1
         for req in rec["requests"]:
             if req["id"] not in answered:
-                todo = [i for i in req["samples"] if key(req, i) not in done]
+                todo = [i for i in req["samples"] if key(req, i) not in done and key(req, i) not in elsewhere]
                 if todo:
                     wanted.setdefault(req["q"]["question_id"], []).extend(todo)
         rec["collected"] = {"answered": len(answered), "errors": dict(errors)}
+        if asked_n:
+            rec["collected"].update(n_requests=asked_n, fewer_choices=fewer, one_choice=one_choice)
+            if 2 * one_choice >= asked_n:  # most n-requests got one choice: the endpoint ignores n
+                await self._remember_n(rec, tc, N_IGNORED, asked_n, one_choice)
+            elif not fewer:
+                await self._remember_n(rec, tc, N_HONOURED, asked_n, one_choice)
+        if short:
+            split = await self._split(rec, tc, by_id, short, wanted)
+            rec["collected"]["split"] = split
         self._done_records.append(rec)
         n = sum(len(v) for v in wanted.values())
         if n:
@@ -372,6 +460,104 @@ class BatchRun:
             )
             self.fell_back += n
             await self.fallback(tc, wanted)
+
+    async def _remember_n(
+        self, rec: Mapping[str, Any], tc: EndpointClient, seen: str, asked: int, one: int
+    ) -> None:
+        """Remember what the teacher's batches do with ``n`` (``ignored`` is never overwritten)."""
+        t = tc.teacher
+        if t.name not in self.n_support:
+            self.n_support[t.name] = await asyncio.to_thread(batch_n_support, self.run.out, t)
+        known = self.n_support[t.name]
+        if known == N_IGNORED or known == seen:
+            return
+        self.n_support[t.name] = seen
+        uri = n_support_uri(self.run.out, t.name)
+        doc = {
+            "teacher": t.name,
+            "model": t.model,
+            "base_url": public_url(t.base_url),
+            "n": seen,
+            "n_requests": asked,
+            "one_choice": one,
+            "shard": rec["shard"],
+            "batch_id": rec["batch_id"],
+            "seen_at": time.time(),
+        }
+
+        def write() -> None:
+            storage.check_fence(uri)
+            storage.write_json(uri, doc)
+
+        await asyncio.to_thread(write)
+        if seen == N_IGNORED:
+            log.warning(
+                "shard %s: teacher %s ignores n in batches (%d of %d n-requests in batch %s got one "
+                "choice): its batch requests are split from now on, one per sample (%s)",
+                rec["shard"],
+                t.name,
+                one,
+                asked,
+                rec["batch_id"],
+                uri,
+            )
+
+    async def _split(
+        self,
+        rec: Mapping[str, Any],
+        tc: EndpointClient,
+        by_id: Mapping[str, Mapping[str, Any]],
+        short: Mapping[str, list[int]],
+        wanted: dict[str, list[int]],
+    ) -> int:
+        """Batch the samples ``short`` (request id -> samples its reply lacked) again, one request
+        per sample, with the bodies read back from the batch's input file; returns how many.
+
+        A sample whose body cannot be read back goes online (``wanted``) with a warning.
+        """
+        left = dict(short)
+        chunk = self._chunks.get(tc.teacher.name)
+        if chunk is not None:  # nothing is queued while collecting; never mix other requests in
+            await self._submit(tc, chunk)
+        self._splitting = rec["name"]
+        lines = self.api(tc.teacher.name).lines(rec["input_file_id"]).__aiter__()
+        try:
+            while left:
+                try:
+                    line = await lines.__anext__()
+                except StopAsyncIteration:
+                    break
+                except BatchAPIError as exc:  # what was not read back goes online below
+                    log.warning(
+                        "shard %s: input file of batch %s unreadable (%s)", rec["shard"], rec["batch_id"], exc
+                    )
+                    break
+                item = orjson.loads(line)
+                samples = left.pop(item.get("custom_id"), None)
+                if samples is None:
+                    continue
+                q = by_id[item["custom_id"]]["q"]
+                messages = item["body"]["messages"]
+                for i in samples:
+                    seed = sample_seed(self.run.config.seed, q["question_id"], i)
+                    await self._queue(tc, q, [i], request_kwargs(tc, messages, seed, 1), seed)
+        finally:
+            self._splitting = None
+            await lines.aclose()
+        for rid, samples in left.items():  # not found in the input file: online, at the online price
+            wanted.setdefault(by_id[rid]["q"]["question_id"], []).extend(samples)
+        chunk = self._chunks.get(tc.teacher.name)
+        if chunk is not None:
+            await self._submit(tc, chunk)
+        n = sum(len(v) for k, v in short.items() if k not in left)
+        self.split += n
+        log.info(
+            "shard %s: batch %s: %d samples its replies lacked are batched again, one request each",
+            rec["shard"],
+            rec["batch_id"],
+            n,
+        )
+        return n
 
     async def finish(self) -> None:
         """Mark collected batches: call once their rows (and fallbacks) are in the durable journal."""
@@ -408,3 +594,59 @@ def _error_code(item: Mapping[str, Any]) -> str:
         return str(err["code"])
     response = item.get("response") or {}
     return f"http_{response.get('status_code', 'unknown')}"
+
+
+def batch_estimate(result: dict[str, Any], config: DistillConfig, out: str | None) -> dict[str, Any]:
+    """``--estimate``'s projection (:func:`octomed_data.distill.run.estimate`) with the requests
+    batch-mode teachers will really batch, and what batching saves; ``result`` is updated.
+
+    A teacher whose batches are known to honour ``n`` (:func:`batch_n_support` in ``out``) sends
+    one request per question; one known to ignore ``n``, or whose ``n`` support in batches is
+    unknown, is projected with one request per sample (what the run sends once it has seen ``n``
+    ignored: the samples are batched, split). Every sample of a batch-mode teacher is projected
+    at the batch price (``batch_share`` 1.0); ``saving`` is 1 - cost / the same tokens online.
+    """
+    total = online_total = 0.0
+    for name, proj in result["teachers"].items():
+        t = config.teacher(name)
+        m = proj.get("measured")
+        if not m:
+            continue
+        if t.mode == "batch":
+            known = batch_n_support(out, t)
+            if t.supports_n is False:
+                split, note = True, "supports_n is false: one batch request per sample"
+            elif known == N_HONOURED:
+                split, note = False, "its batches honour n (seen in this output): one request per question"
+            elif known == N_IGNORED:
+                split, note = True, "its batches ignore n (seen in this output): one batch request per sample"
+            else:
+                split = True
+                note = (
+                    "n support in its batches unknown: estimated with one batch request per sample "
+                    "(what the run sends if the first batch shows n ignored; fewer prompt tokens if n "
+                    "is honoured)"
+                )
+            requests = proj["samples"] if split else proj["questions"]
+            prompt_tokens = int(m["prompt_tokens_per_request"] * requests)
+            proj.update(
+                requests=requests,
+                prompt_tokens=prompt_tokens,
+                batch_n=known or "unknown",
+                batch_requests="one per sample" if split else "one per question (n)",
+                batch_note=note,
+            )
+        usd = t.cost_usd(proj["prompt_tokens"], proj["completion_tokens"], batch=t.mode == "batch")
+        online = t.cost_usd(proj["prompt_tokens"], proj["completion_tokens"])
+        proj.update(
+            cost_usd=round(usd, 2),
+            online_cost_usd=round(online, 2),
+            batch_share=1.0 if t.mode == "batch" else 0.0,
+            saving=round(1 - usd / online, 4) if online else 0.0,
+        )
+        total += usd
+        online_total += online
+    result["total_cost_usd"] = round(total, 2)
+    result["total_online_cost_usd"] = round(online_total, 2)
+    result["saving"] = round(1 - total / online_total, 4) if online_total else 0.0
+    return result
