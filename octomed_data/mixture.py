@@ -21,6 +21,12 @@ mixture on any machine and with any bucket count. The train/validation split is 
 seeded hash decides, and a stratum with at least two selected questions that the hash left
 without a validation (or without a training) question gets its lowest-hash (highest-hash) one
 moved over, so validation covers every source and task type that training has.
+
+``exclude_audit_flags`` drops every accepted trace of a question the filter's gold-label audit
+flagged (:mod:`octomed_data.audit`: ``suspected_label_error``, ``never_correct``), counted per
+source as ``excluded_by_audit`` (traces) and ``questions_excluded_by_audit``. The audit is read
+shard by shard beside the accepted shard of the same name (a question's traces are all in one),
+so memory stays one shard's flagged ids; a missing or stale audit is a one-line error.
 """
 
 from __future__ import annotations
@@ -38,8 +44,9 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from octomed_data import storage
+from octomed_data.audit import Flag, flagged_questions
 from octomed_data.errors import ConfigError, StorageError
-from octomed_data.layout import MixtureFolder
+from octomed_data.layout import FilterFolder, MixtureFolder
 from octomed_data.schema import (
     MIXTURE_SCHEMA,
     QUESTION_SCHEMA,
@@ -106,6 +113,11 @@ class MixtureConfig(BaseModel):
         "(when validation_fraction > 0).",
     )
     shard_rows: int = Field(5000, ge=1, description="Target rows per output shard.")
+    exclude_audit_flags: list[Flag] = Field(
+        default_factory=list,
+        description="Leave out every trace of questions the gold-label audit flagged with one of these "
+        "(suspected_label_error, never_correct); empty: the audit is not read.",
+    )
     bucket_rows: int = Field(50_000, ge=1, description="Target samples per work bucket (memory bound).")
 
     @field_validator("weights")
@@ -138,6 +150,8 @@ class SourceCounts:
     dropped_by_weight: int = 0
     dropped_by_cap: int = 0
     missing_question: int = 0  # trace whose question is not in the questions dataset
+    excluded_by_audit: int = 0  # traces of questions the gold-label audit flagged (exclude_audit_flags)
+    questions_excluded_by_audit: int = 0
     selected: int = 0  # distinct traces kept
     rows_train: int = 0  # rows written, copies included
     rows_validation: int = 0
@@ -265,6 +279,37 @@ def _iter_rows(uris: Iterable[str], columns: Sequence[str]) -> Iterator[dict[str
             yield from batch.to_pylist()
 
 
+def audit_uri_beside(accepted_uri: str) -> str:
+    """The filter's audit dataset beside its ``accepted`` dataset (``filter/accepted`` -> ``filter/audit``)."""
+    trimmed = accepted_uri.rstrip("/")
+    return FilterFolder(trimmed.rsplit("/", 1)[0] if "/" in trimmed else ".").audit
+
+
+def _iter_unflagged(
+    uris: Sequence[str],
+    audits: Sequence[str],
+    flags: Sequence[str],
+    columns: Sequence[str],
+    counts: dict[str, SourceCounts],
+) -> Iterator[dict[str, Any]]:
+    """Accepted rows shard by shard, without those of questions the audit flagged (counted)."""
+    for uri, audit in zip(uris, audits, strict=True):
+        ds = storage.Dataset(uri)
+        for shard in ds.manifest():
+            flagged = flagged_questions(audit, shard, flags)
+            excluded: set[str] = set()
+            for batch in ds.iter_batches(batch_size=2048, columns=columns, shards=[shard]):
+                for row in batch.to_pylist():
+                    if row["question_id"] in flagged and row.get("correct"):
+                        counts[row["source"]].accepted += 1  # read, then left out
+                        counts[row["source"]].excluded_by_audit += 1
+                        if row["question_id"] not in excluded:
+                            excluded.add(row["question_id"])
+                            counts[row["source"]].questions_excluded_by_audit += 1
+                        continue
+                    yield row
+
+
 def _bucket_candidates(
     rows: list[dict[str, Any]], config: MixtureConfig, counts: dict[str, SourceCounts]
 ) -> list[tuple[dict[str, Any], float, int]]:
@@ -305,11 +350,14 @@ def build_mixture(
     out: str,
     config: MixtureConfig | None = None,
     *,
+    audit: str | Sequence[str] | None = None,
     progress: bool = False,
 ) -> MixtureResult:
     """Build the mixture from accepted-sample and question datasets into ``out``.
 
     Re-running with the same inputs replaces the previous mixture at ``out`` (same rows, same order).
+    ``audit``: the gold-label audit dataset of each ``accepted`` dataset, read only when
+    ``config.exclude_audit_flags`` is set (default: ``audit`` beside each ``accepted``).
     """
     from tqdm import tqdm
 
@@ -323,6 +371,10 @@ def build_mixture(
     storage.ensure_writable(out)
     work = storage.join(out, "_work")
     _remove_tree(work)
+    flags = list(dict.fromkeys(config.exclude_audit_flags))
+    audit_uris = _as_list(audit) if audit is not None else [audit_uri_beside(u) for u in accepted_uris]
+    if flags and len(audit_uris) != len(accepted_uris):
+        raise ConfigError(f"{len(accepted_uris)} accepted dataset(s) but {len(audit_uris)} audit dataset(s)")
     n_samples = _count_rows(accepted_uris)
     n_buckets = max(1, math.ceil(n_samples / config.bucket_rows))
     spill_limit = max(1000, min(config.bucket_rows, 20_000))
@@ -330,7 +382,10 @@ def build_mixture(
     # Pass 1: partition samples and questions by question_id.
     counts: dict[str, SourceCounts] = defaultdict(SourceCounts)
     sample_spill = _Spill(storage.Dataset(storage.join(work, "samples"), _WORK_SAMPLE_SCHEMA), spill_limit)
-    rows = _iter_rows(accepted_uris, _SAMPLE_COLUMNS)
+    if flags:
+        rows = _iter_unflagged(accepted_uris, audit_uris, flags, _SAMPLE_COLUMNS, counts)
+    else:
+        rows = _iter_rows(accepted_uris, _SAMPLE_COLUMNS)
     for row in tqdm(rows, total=n_samples, desc="mixture: partition", disable=not progress, unit="trace"):
         if not row.get("correct"):
             continue  # only accepted traces enter a mixture, whatever dataset we were given
@@ -479,7 +534,11 @@ def build_mixture(
     )
     storage.write_json(
         storage.join(out, "mixture.json"),
-        {"config": config.model_dump(), "inputs": {"accepted": accepted_uris, "questions": question_uris}}
+        {
+            "config": config.model_dump(),
+            "inputs": {"accepted": accepted_uris, "questions": question_uris}
+            | ({"audit": audit_uris} if flags else {}),
+        }
         | result.to_dict(),
     )
     return result

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from octomed_data import storage
-from octomed_data.layout import RunPaths
+from octomed_data.layout import FilterFolder, RunPaths
 
 SANDBOX_TEACHER = "sandbox"
 _RESERVOIR = 20_000  # lengths kept per task type for the box plot; counts and means stay exact
@@ -54,6 +54,8 @@ class SampleStats:
     teachers: Counter[str] = field(default_factory=Counter)
     # stats.json's ``verifier``: verdicts per verifier per source, the judge's calibration, its cost.
     verifier: dict[str, Any] = field(default_factory=dict)
+    # stats.json's ``audit``: the gold-label audit per source (flags, counts, example questions).
+    audit: dict[str, Any] = field(default_factory=dict)
 
     @property
     def samples(self) -> int:
@@ -88,7 +90,49 @@ def sample_stats(stats: Mapping[str, Any]) -> SampleStats:
         ls.reservoir = list(lengths.get("sample") or [])
     out.teachers.update(stats.get("teachers") or {})
     out.verifier = dict(stats.get("verifier") or {})
+    out.audit = dict(stats.get("audit") or {})
     return out
+
+
+def audit_rows(stats: SampleStats) -> list[dict[str, Any]]:
+    """One row per source: questions audited, flagged as suspected label errors / never correct."""
+    keys = ("questions", "questions_answered", "suspected_label_error", "never_correct")
+    keys += ("all_requests_failed", "none_answered")
+    return [
+        {"source": src} | {k: m.get(k) for k in keys} for src, m in (stats.audit.get("sources") or {}).items()
+    ]
+
+
+def audit_markdown(stats: SampleStats) -> list[str]:
+    """The report's gold-label audit: counts per source and a few flagged questions, gold vs majority."""
+    a = stats.audit
+    if not a.get("sources"):
+        return []
+    cfg = a.get("settings") or {}
+    lines = [
+        "## Gold-label audit",
+        "",
+        f"`suspected_label_error`: at least {cfg.get('min_samples')} answered samples, at least "
+        f"{cfg.get('agree_share', 0):.0%} of them on one answer other than the gold, at most "
+        f"{cfg.get('max_correct_share', 0):.0%} correct. `never_correct`: answered, never right. "
+        f"Per question: `{a.get('dataset')}`.",
+        "",
+        _md_table(audit_rows(stats)),
+        "",
+    ]
+    examples = []
+    for src, m in (a.get("sources") or {}).items():
+        for flag, items in (m.get("examples") or {}).items():
+            for e in items[:3]:
+                share = e.get("majority_share")
+                examples.append(
+                    f"- `{e.get('question_id')}` ({src}, {flag}): gold `{e.get('gold_answer')}`, majority "
+                    f"`{e.get('majority_answer')}`"
+                    + (f" ({share:.0%} of {e.get('n_answered')} answered)" if share is not None else "")
+                )
+    if examples:
+        lines += ["Examples:", "", *examples, ""]
+    return lines
 
 
 def calibration_rows(stats: SampleStats) -> list[dict[str, Any]]:
@@ -243,6 +287,7 @@ def report_markdown(
         lines += ["## Counts", "", _md_table([{"stage": k, "count": v} for k, v in counts.items()]), ""]
     lines += ["## Rejection sampling per source", "", _md_table(rejection_rows(stats)), ""]
     lines += verifier_markdown(stats)
+    lines += audit_markdown(stats)
     length_rows = [
         {"task_type": t, "accepted_traces": s.count, "mean_reasoning_words": round(s.mean, 1)}
         for t, s in sorted(stats.task_lengths.items())
@@ -317,6 +362,7 @@ def run_outputs(paths: RunPaths) -> dict[str, str]:
         "samples (all teacher replies)": paths.raw,
         "verdicts": paths.verdicts,
         "samples (accepted)": paths.accepted,
+        "gold-label audit": FilterFolder(paths.stage("filter")).audit,
         "mixture": paths.mixture,
         "export": paths.export,
         "checkpoint": paths.checkpoints,

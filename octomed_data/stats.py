@@ -14,6 +14,14 @@ overconfident teacher). Memory: one shard's question counters at a time.
 ``verifier``: per source, how many verdicts each verifier made (exact, normalized, judge), and the
 LLM judge's calibration on closed replies (precision / recall / agreement / kappa against exact
 match, :mod:`octomed_data.verify.calibration`), per source and overall.
+
+``audit``: the gold-label audit (:mod:`octomed_data.audit`), made in the same pass, shard by shard
+(a question's samples are all in one verdicts shard): per source, questions whose samples mostly
+agree on another answer than the gold (``suspected_label_error``), questions no answered sample
+got right (``never_correct``), a few example question ids; and one audit row per question written
+to ``filter/audit`` (beside the verdicts, or ``audit_uri``). Every pass recomputes the statistics
+from the verdicts and rewrites only audit shards whose verdicts or rules changed, so re-running
+over a finished run counts nothing twice; audit shards of vanished verdicts shards are dropped.
 """
 
 from __future__ import annotations
@@ -24,9 +32,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from octomed_data import storage
+from octomed_data.audit import AuditSettings, AuditTally, ShardAudit, marker_extra, write_audit_shard
+from octomed_data.layout import FilterFolder
 from octomed_data.schema import QUESTION_SCHEMA, VERDICT_SCHEMA
-from octomed_data.verify import is_open
+from octomed_data.verify import VerifySettings, is_open
 from octomed_data.verify.calibration import Calibration
+from octomed_data.verify.match import Matcher
 
 TOO_EASY_REJECTION_RATE = 0.30
 FAILED = "request_failed"
@@ -109,10 +120,31 @@ class _Source:
         }
 
 
+def audit_uri_for(verdicts: str) -> str:
+    """The audit dataset beside a verdicts dataset (``filter/verdicts`` -> ``filter/audit``)."""
+    parent = verdicts.rstrip("/").rsplit("/", 1)[0] if "/" in verdicts.rstrip("/") else "."
+    return FilterFolder(parent).audit
+
+
 def source_statistics(
-    verdicts: str, questions_uri: str | None = None, samples_per_question: int | None = None
+    verdicts: str,
+    questions_uri: str | None = None,
+    samples_per_question: int | None = None,
+    *,
+    audit: AuditSettings | None = None,
+    audit_uri: str | None = None,
+    verify: VerifySettings | None = None,
 ) -> dict[str, Any]:
-    """Statistics per source (and overall), per task type and per teacher, of a verdicts dataset."""
+    """Statistics per source (and overall), per task type and per teacher, of a verdicts dataset.
+
+    The gold-label audit (``audit`` settings, default :class:`AuditSettings`) is written to
+    ``audit_uri`` (default: ``audit`` beside ``verdicts``); ``verify`` gives the user's synonym
+    groups the audit uses to group open-ended answers (as the verifier did).
+    """
+    audit_settings = audit or AuditSettings()
+    audit_uri = audit_uri or audit_uri_for(verdicts)
+    matcher = Matcher(verify.synonyms if verify is not None else ())
+    tally = AuditTally(audit_settings)
     sources: dict[str, _Source] = defaultdict(_Source)
     total = _Source()
     tasks: dict[str, _Lengths] = defaultdict(_Lengths)  # words of accepted reasoning, per task type
@@ -121,14 +153,26 @@ def source_statistics(
     calibration: dict[str, Calibration] = defaultdict(Calibration)
     ds = storage.Dataset(verdicts, VERDICT_SCHEMA)
     cols = ["question_id", "source", "correct", "reject_reason", "reasoning_chars", "reasoning_words"]
-    cols += ["task_type", "teacher", "verifier", "judge_correct"]
+    cols += ["task_type", "teacher", "verifier", "judge_correct", "extracted_answer", "gold_answer"]
     raw_shards = ds.manifest()
-    for shard in raw_shards:
+    for shard, info in raw_shards.items():
         per_q: dict[str, list[Any]] = {}  # question_id -> [source, n, correct]
+        shard_audit = ShardAudit(audit_settings, matcher)
         for batch in ds.iter_batches(batch_size=4096, columns=cols, shards=[shard]):
-            for qid, src, ok, reason, length, words, task, teacher, method, judged in zip(
+            for qid, src, ok, reason, length, words, task, teacher, method, judged, answer, gold in zip(
                 *(batch.column(c).to_pylist() for c in cols), strict=True
             ):
+                shard_audit.add(
+                    {
+                        "question_id": qid,
+                        "source": src,
+                        "task_type": task,
+                        "gold_answer": gold,
+                        "extracted_answer": answer,
+                        "correct": ok,
+                        "reject_reason": reason,
+                    }
+                )
                 s = sources[src]
                 if reason == FAILED:  # not a sample: a question whose every request failed is "not distilled"
                     s.failed += 1
@@ -157,6 +201,9 @@ def source_statistics(
             for agg in (sources[src], total):
                 agg.questions += 1
                 agg.questions_with_accepted += 1 if n_ok else 0
+        audit_rows = shard_audit.rows()
+        tally.add(audit_rows)
+        write_audit_shard(audit_uri, shard, audit_rows, marker_extra(audit_settings, verdicts, info))
         if questions_uri:
             _count_not_distilled(questions_uri, shard, set(per_q), sources, total)
     if questions_uri:
@@ -164,6 +211,7 @@ def source_statistics(
         for shard in qds.manifest():
             if shard not in raw_shards:
                 _count_not_distilled(questions_uri, shard, set(), sources, total)
+    storage.Dataset(audit_uri).drop_stale(list(raw_shards))  # audits of verdicts shards now gone
     return {
         "samples_per_question": samples_per_question,
         "too_easy_rejection_rate": TOO_EASY_REJECTION_RATE,
@@ -176,6 +224,7 @@ def source_statistics(
         },
         "teachers": dict(sorted(teachers.items())),
         "verifier": _verifier_section(methods, calibration),
+        "audit": tally.summary(audit_uri),
     }
 
 

@@ -112,3 +112,51 @@ def test_traces_of_removed_questions_never_enter(inputs, tmp_path):
     # 3 removed questions x 2 distinct accepted traces each
     assert result.sources["vqa_rad"].missing_question == 6 and result.sources["vqa_rad"].selected == 0
     assert len(rows) == 24  # the 12 MedQA questions keep their 2 distinct traces each
+
+
+def test_exclude_audit_flags(inputs, tmp_path):
+    """Questions the filter's gold-label audit flags leave the mixture when asked (counted); by default
+    the audit is not even read. (The full path, through the filter stage, is in test_audit.py.)"""
+    from octomed_data.schema import VERDICT_SCHEMA
+    from octomed_data.stats import source_statistics
+
+    accepted, questions = inputs
+    root = accepted.rsplit("/", 1)[0]
+    acc = storage.Dataset(accepted)
+    first = acc.read_shard("00000").to_pylist()
+    # two MedQA questions whose traces are all in shard 00000: the teacher says "Z" 10 more times
+    counts = {}
+    for r in first:
+        counts[r["question_id"]] = counts.get(r["question_id"], 0) + 1
+    planted = [q for q, n in counts.items() if n == 4][:2]
+    verdicts = storage.Dataset(storage.join(root, "verdicts"), VERDICT_SCHEMA)
+    for shard in acc.manifest():
+        rows = acc.read_shard(shard).to_pylist()
+        for r in list(rows):
+            if r["question_id"] in planted and r["sample_idx"] == 99:
+                rows += [r | {"sample_idx": 100 + k} for k in range(10)]
+        for r in rows:
+            r.update(reasoning_chars=len(r["reasoning"]), reasoning_words=len(r["reasoning"].split()))
+            r["reject_reason"] = None if r["correct"] else "wrong_answer"
+        verdicts.write_shard(shard, rows)
+    stats = source_statistics(verdicts.uri)
+    assert stats["audit"]["sources"]["medqa"]["suspected_label_error"] == 2
+
+    plain = build_mixture(accepted, questions, str(tmp_path / "plain"), MixtureConfig(validation_fraction=0))
+    config = MixtureConfig(exclude_audit_flags=["suspected_label_error"], validation_fraction=0)
+    result = build_mixture(accepted, questions, str(tmp_path / "m"), config)
+    rows = _rows(result.train_uri)
+    assert not set(planted) & {r["question_id"] for r in rows}
+    medqa = result.sources["medqa"]
+    assert (medqa.excluded_by_audit, medqa.questions_excluded_by_audit) == (6, 2)  # 3 accepted traces each
+    assert medqa.selected == plain.sources["medqa"].selected - 4  # 2 distinct traces each
+    assert result.rows_train == plain.rows_train - 4
+    # the default never reads an audit (none at this path)
+    again = build_mixture(
+        accepted,
+        questions,
+        str(tmp_path / "d"),
+        MixtureConfig(validation_fraction=0),
+        audit=str(tmp_path / "x"),
+    )
+    assert again.rows_train == plain.rows_train and again.sources["medqa"].excluded_by_audit == 0

@@ -57,6 +57,9 @@ def test_stats_plot_and_markdown(shared_data, tmp_path):
     md = storage.read_bytes(result.markdown_uri).decode()
     assert "NOT model traces" in md and "![reasoning length and pass rate](report.png)" in md
     assert "| medqa | 16 | 12 | 4 | 0 | 0.75 |" in md
+    # the gold-label audit of the same pass: 4 questions, all answered right, nothing flagged
+    assert "## Gold-label audit" in md and "| medqa | 4 | 4 | 0 | 0 | 0 | 0 |" in md
+    assert statistics["audit"]["overall"]["suspected_label_error"] == 0
     embedded = report_markdown(run_id="r1", stats=stats, png=png)
     assert "data:image/png;base64," in embedded
 
@@ -71,3 +74,38 @@ def test_empty_run_renders(tmp_path):
     assert stats.samples == 0 and not stats.any_sandbox
     assert render_plot(stats)[:4] == b"\x89PNG"
     assert "NOT model traces" not in report_markdown(run_id="e", stats=stats)
+    assert "Gold-label audit" not in report_markdown(run_id="e", stats=stats)
+
+
+def test_audit_section_lists_flagged_examples():
+    """The report's audit section: counts per source, and flagged questions with gold vs majority."""
+    audit = {
+        "settings": {"min_samples": 4, "agree_share": 0.75, "max_correct_share": 0.25},
+        "dataset": "file:///run/filter/audit",
+        "sources": {
+            "medqa": {
+                "questions": 10,
+                "questions_answered": 9,
+                "suspected_label_error": 1,
+                "never_correct": 1,
+                "all_requests_failed": 1,
+                "none_answered": 0,
+                "examples": {
+                    "suspected_label_error": [
+                        {
+                            "question_id": "q1",
+                            "gold_answer": "B",
+                            "majority_answer": "D",
+                            "majority_share": 0.875,
+                            "n_answered": 16,
+                            "n_correct": 1,
+                        }
+                    ]
+                },
+            }
+        },
+    }
+    md = report_markdown(run_id="a", stats=sample_stats({"audit": audit}))
+    assert "| medqa | 10 | 9 | 1 | 1 | 1 | 0 |" in md
+    assert "- `q1` (medqa, suspected_label_error): gold `B`, majority `D` (88% of 16 answered)" in md
+    assert "at least 75% of them on one answer other than the gold" in md
