@@ -15,7 +15,7 @@ Output lines are ``{"id", "custom_id", "response": {"status_code", "request_id",
 
 Behaviour for tests (:class:`BatchConfig`, changeable while running via
 :meth:`octomed_data.sandbox.SandboxHandle.batch_control`): a completion delay, ``hold`` (stay
-``in_progress`` until released), expiry after the first K requests, per-request errors (by a
+``in_progress`` until released; ``hold_after``: only the batches after the first K), expiry after the first K requests, per-request errors (by a
 hash of the custom_id), whole-batch validation failure, and ``ignore_n``: one choice per batch
 request whatever its ``n`` (as some providers' batch endpoints do, even where their online
 endpoint honours ``n``). Replies are the chat endpoint's
@@ -43,6 +43,7 @@ class BatchConfig:
 
     complete_after_s: float = 0.0  # a batch runs this long after creation
     hold: bool = False  # stay in_progress until released (``batch_control(hold=False)``)
+    hold_after: int | None = None  # batches created after the first K stay in_progress (as ``hold``)
     expire_after: int | None = None  # expire having run only the first K requests
     error_rate: float = 0.0  # share of requests answered 500 in the error file (by custom_id)
     fail_validation: bool = False  # the whole batch fails validation (no output)
@@ -143,6 +144,7 @@ async def _create(request: web.Request) -> web.Response:
         "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
         "metadata": body.get("metadata") or {},
         "_created": time.monotonic(),
+        "_seq": bs.creations,
         "_lines": lines,
     }
     ids = [line.get("custom_id") for line in lines]
@@ -161,6 +163,8 @@ def _advance(request: web.Request, batch: dict[str, Any]) -> None:
     bs = request.app[BATCH_STATE]
     cfg = bs.config
     if batch["status"] != "in_progress" or cfg.hold:
+        return
+    if cfg.hold_after is not None and batch["_seq"] > cfg.hold_after:
         return
     if time.monotonic() - batch["_created"] < cfg.complete_after_s:
         return

@@ -153,3 +153,45 @@ def test_cli_states_the_simulated_cost_and_the_batch_saving(tmp_path: Path, caps
     assert f"SIMULATED USD {cost['total_usd']:.4f} (batch 100% of samples, saving 50%" in line
     t = est["teachers"]["sandbox"]
     assert t["batch_n"] == "ignored" and t["requests"] == 10 * N and t["saving"] == 0.5
+
+
+def test_a_run_stopped_while_its_split_batch_runs_collects_it_and_splits_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    """Stopped after the split batch was created (records still ``submitted``): the next run collects
+    the n-batch again without splitting its short replies a second time, then the split batch."""
+    import asyncio
+
+    from octomed_data.distill.engine import adistill_shard
+
+    q_uri, out = str(tmp_path / "q"), str(tmp_path / "out")
+    questions = make_questions(q_uri, 12)
+    behaviour = BatchConfig(ignore_n=True, hold_after=1)  # the n-batch runs; the split batch waits
+    with start_sandbox(batch=behaviour, faults=FaultConfig(honour_n=True)) as sb:
+        cfg = config(sb.base_url, teacher=_teacher(), samples=N)
+
+        async def stopped_once_split() -> None:
+            task = asyncio.create_task(adistill_shard(q_uri, "00000", out, cfg))
+            for _ in range(400):
+                records = await asyncio.to_thread(read_records, out, "00000")
+                if len(records) == 2 and records[1].get("batch_id"):
+                    break
+                await asyncio.sleep(0.025)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(stopped_once_split())
+        first, second = read_records(out, "00000")
+        assert {first["state"], second["state"]} == {"submitted"} and second["split_from"] == first["name"]
+        sb.batch_control(hold_after=None)
+        summary = run_local(q_uri, out, cfg, progress=False)
+        stats, online = sb.batch_stats(), sb.stats()["requests"]
+    assert summary["complete"] and online == 0
+    # Two batches in all: the restart re-read the n-batch, and split nothing again.
+    assert stats["creations"] == 2 and stats["executed"] == 12 + 12 * (N - 1)
+    rows = storage.Dataset(storage.join(out, "raw"), SAMPLE_SCHEMA).read_all().to_pylist()
+    assert Counter(r["question_id"] for r in rows) == {q["question_id"]: N for q in questions}
+    assert set(Counter((r["question_id"], r["sample_idx"]) for r in rows).values()) == {1}
+    assert Counter(r["batch_id"] for r in rows) == {first["batch_id"]: 12, second["batch_id"]: 12 * (N - 1)}
+    assert {r["state"] for r in read_records(out, "00000")} == {"collected"}
