@@ -12,6 +12,7 @@ from octomed_data.teachers import DistillConfig, TeacherConfig
 # What every sandbox reply's row says in ``teacher`` (octomed_data.sandbox.SANDBOX_TEACHER).
 SANDBOX_TEACHER = "sandbox"
 SIMULATED_NOTE = "simulated: sandbox teacher replies (not model traces) priced at the configured prices"
+UNPRICED_SANDBOX_NOTE = "simulated: sandbox teacher replies (not model traces); no prices configured for them"
 
 
 def _price_for(
@@ -155,7 +156,7 @@ def cost_ledger(raw: str, config: DistillConfig | None) -> dict[str, Any]:
         "unpriced_teachers": sorted(unpriced),
     }
     if simulated:
-        ledger["cost_note"] = SIMULATED_NOTE
+        ledger["cost_note"] = SIMULATED_NOTE if simulated_usd else UNPRICED_SANDBOX_NOTE
     return ledger
 
 
@@ -174,7 +175,8 @@ def cost_line(ledger: dict[str, Any]) -> str:
             f"vs USD {ledger['total_online_usd']:.4f} online)"
         )
     if ledger.get("simulated"):
-        text = f"SIMULATED {text}: sandbox replies at the configured prices, not a bill"
+        priced = "at the configured prices" if ledger.get("simulated_usd") else "with no prices configured"
+        text = f"SIMULATED {text}: sandbox replies {priced}, not a bill"
     if ledger.get("unpriced_teachers"):
         text += f"; unpriced: {', '.join(ledger['unpriced_teachers'])}"
     return text

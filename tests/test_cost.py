@@ -118,3 +118,13 @@ def test_the_demo_and_lab_recipes_price_their_teacher() -> None:
     for name in ("demo", "lab"):
         (teacher,) = load_recipe(name).teachers
         assert teacher.price_prompt_per_1m > 0 and teacher.price_completion_per_1m > 0
+
+
+def test_sandbox_replies_with_no_prices_are_simulated_and_say_so(tmp_path) -> None:
+    config = _sandbox_config()  # no prices
+    h = config.teachers[0].params_hash()
+    raw = storage.Dataset(str(tmp_path / "raw"), SAMPLE_SCHEMA)
+    raw.write_shard("00000", [dict(_row("sandbox", "medqa", i, 100, 300), params_hash=h) for i in range(2)])
+    ledger = cost_ledger(raw.uri, config)
+    assert ledger["total_usd"] == 0 and ledger["simulated"] is True and "no prices" in ledger["cost_note"]
+    assert "with no prices configured" in cost_line(ledger)
