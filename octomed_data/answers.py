@@ -50,7 +50,8 @@ _HEADING = re.compile(
 )
 # {"answer": "A"} (JSON answer blocks, also single-quoted).
 _JSON_ANSWER = re.compile(
-    r"""["'](?:final[_ ]?)?answer["']\s*:\s*["'](?P<rest>[^"'\n]{1,200})["']""", re.IGNORECASE
+    r"""["'](?:final[_ ]?)?answer(?:[_ ]?(?:choice|option|letter|label))?["']\s*:\s*["'](?P<rest>[^"'\n]{1,200})["']""",
+    re.IGNORECASE,
 )
 # A list item marker before an answer line: "- C. Macrophages", "* (C) MRI brain", "> C".
 _BULLET = re.compile(r"^(?:[-*•>]\s+)+")
@@ -77,6 +78,7 @@ _MULTI_LABEL = re.compile(
     r"^[\(\[]?[A-Z][\)\]]?[.:]?\s*(?:,|/|&|\band\b|\bor\b|\bthen\b)\s*(?:option\s+)?[\(\[]?[A-Z][\)\]]?(?:[\s.,;:]|$)",
     re.IGNORECASE,
 )
+_ELLIPSIS = re.compile(r"^(?:\.{2,}|…)\s*")
 _OPTION_WORD = re.compile(r"^(?:option|choice|letter)\s+", re.IGNORECASE)
 _CONNECTOR = re.compile(r"^(?:[-–—,;(]|because\b|since\b|as\b|which\b|given\b|due\b|is\b)", re.IGNORECASE)
 # The verdict must end the statement or be followed by punctuation or an explanation:
@@ -185,6 +187,7 @@ def _clean(raw: str) -> str:
         text = _LATEX_TEXT.sub(r"\1", text)
     text = text.replace("**", "").replace("__", "").replace("$", "").replace("`", "")
     text = text.strip().strip("\"'“”‘’").strip()
+    text = _ELLIPSIS.sub("", text)  # "The answer is ... H" (a template's placeholder left in)
     text = _OPTION_WORD.sub("", text)
     return text.rstrip(" .;,!").strip()
 
@@ -478,6 +481,9 @@ def _candidates(text: str, task: TaskType) -> list[_Candidate]:
         if not nested:
             enclosing_end = m.end("rest")
         rest = m.group("rest")
+        if _STATEMENT.match(_clean(rest)):
+            # "Final Answer: The answer is (I)": the nested statement, found next, is the one to read.
+            continue
         strong = bool(_STRONG_KW.search(m.group("kw")))
         paren = (m.group("paren") or "").strip()
         if re.fullmatch(r"[A-Z]", paren):  # "the answer (G) is ...": the label is the answer
@@ -491,10 +497,11 @@ def _candidates(text: str, task: TaskType) -> list[_Candidate]:
         if not _clean(rest):  # "The correct answer is:" with the answer on the next line
             follow = _follow(text, m.end("rest"))
             lead_lines.add(_line_at(text, m.start())[0])
-            if follow is not None:
-                at, line, several = follow
-                found.append(_Candidate(m.start(), "statement", line, strong, line=True, ambiguous=several))
+            if follow is None:  # "Final answer:" with nothing after it states nothing
                 continue
+            at, line, several = follow
+            found.append(_Candidate(m.start(), "statement", line, strong, line=True, ambiguous=several))
+            continue
         found.append(_Candidate(m.start(), "statement", rest, strong, nested=nested))
     for m in _HEADING.finditer(text):
         if m.start() in lead_lines:
