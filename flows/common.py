@@ -76,6 +76,19 @@ def prepare(run: RunParams) -> tuple[Recipe, RunPaths]:
     return recipe, paths
 
 
+def apply_verify(paths: RunPaths, recipe: Recipe, verify: Any, by: str) -> Recipe:
+    """Re-judge the run with new ``verify`` settings (None: keep the run's): ``run.json`` records
+    them, one log line says what changed, and the filter stage judges every shard again."""
+    if verify is None:
+        return recipe
+    from octomed_data.runs import change_verify
+
+    recipe, line = change_verify(paths, verify, by=by)
+    if line:
+        get_run_logger().warning(line)
+    return recipe
+
+
 def run_stage_flow(
     stage: Stage,
     run: RunParams,

@@ -52,6 +52,7 @@ class DeploymentSpec:
     description: str
     tags: tuple[str, ...]
     form: Literal["run", "params", "experiment"] = "run"
+    rejudge: bool = False  # the form also has ``verify``: new verifier settings to re-judge a run with
     cron: str | None = None
     concurrency_limit: int | None = None
     work_queue: str = WORK_QUEUE
@@ -81,7 +82,10 @@ class DeploymentSpec:
             from flows.training import TrainParams
 
             return {"params": TrainParams(run=run).model_dump(mode="json")}
-        return {"run": run.model_dump(mode="json")}
+        out: dict[str, Any] = {"run": run.model_dump(mode="json")}
+        if self.rejudge:
+            out["verify"] = None  # empty: the run keeps its settings
+        return out
 
 
 STAGE_HELP = "; set run_id (and shards) to work on an existing run."
@@ -89,8 +93,10 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
     DeploymentSpec(
         name="factory",
         entrypoint="flows/factory.py:factory_flow",
-        description="The whole factory for the recipe: a new run each night, or now from the UI.",
+        description="The whole factory for the recipe: a new run each night, or now from the UI; "
+        "`verify` re-judges an existing run with new verifier settings (no distillation request).",
         tags=("octomed",),
+        rejudge=True,
         cron=FACTORY_CRON,
     ),
     DeploymentSpec(
@@ -114,8 +120,11 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
     DeploymentSpec(
         name="filter",
         entrypoint="flows/filter.py:filter_flow",
-        description="Rejection statistics and report of a run's samples" + STAGE_HELP,
+        description="Rejection statistics and report of a run's samples" + STAGE_HELP + " Fill `verify` "
+        "(the recipe's verify: block) to re-judge the run's stored replies with new settings: "
+        "no distillation request, journalled judgements reused; run.json records the new settings.",
         tags=("octomed", "stage"),
+        rejudge=True,
     ),
     DeploymentSpec(
         name="mixture",

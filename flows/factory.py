@@ -2,7 +2,8 @@
 checkpoint -> evaluate, each stage its own flow, driven by one recipe file.
 
 Re-running the factory with the same ``run_id`` resumes it: a shard whose committed marker says
-done is reused, everything else runs. With ``shards`` set, per-shard stages re-run exactly those
+done is reused, everything else runs. ``verify`` replaces the run's verifier settings: every filter
+shard is judged again from the stored replies (no distillation request). With ``shards`` set, per-shard stages re-run exactly those
 shards (the filter stage also judges any shard not judged yet) and the global stages (mixture,
 export, report) are rebuilt from all committed shards, so the outputs end as if nothing had failed.
 """
@@ -12,17 +13,26 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
+from pydantic import Field
 
-from flows.common import RunParams, ShardFailures, prepare, publish_artifact_index, publish_shard_table
+from flows.common import (
+    RunParams,
+    ShardFailures,
+    apply_verify,
+    prepare,
+    publish_artifact_index,
+    publish_shard_table,
+)
 from flows.decontaminate import decontaminate_flow
 from flows.distill import distill_flow
 from flows.export import export_flow
-from flows.filter import filter_flow, report_task
+from flows.filter import VERIFY_HELP, filter_flow, report_task
 from flows.ingest import ingest_flow
 from flows.mixture import mixture_flow
 from flows.release import release_flow
 from flows.training import TrainParams, checkpoint_flow, evaluate_flow, train_flow
 from octomed_data.runs import STAGES
+from octomed_data.verify import VerifySettings
 
 Stage = Literal[
     "ingest", "decontaminate", "distill", "filter", "mixture", "export", "train", "checkpoint", "evaluate"
@@ -43,9 +53,17 @@ def training_left_to_automation(automation_on: bool, exported: bool) -> bool:
 
 
 @flow(name="factory", log_prints=True)
-def factory_flow(run: RunParams = RunParams(), stages: list[Stage] | None = None) -> dict[str, Any]:
-    """Run the whole factory (or the named stages) for one run of a recipe."""
+def factory_flow(
+    run: RunParams = RunParams(),
+    stages: list[Stage] | None = None,
+    verify: VerifySettings | None = Field(None, description=VERIFY_HELP),
+) -> dict[str, Any]:
+    """Run the whole factory (or the named stages) for one run of a recipe.
+
+    ``verify``: new verifier settings for the run (``run.json`` records them); its filter stage
+    then judges every shard again from the stored replies, and mixture and export follow."""
     recipe, paths = prepare(run)
+    recipe = apply_verify(paths, recipe, verify, by="factory flow")
     run = run.model_copy(update={"run_id": paths.run_id, "store": paths.store})
     todo = [s for s in STAGES if stages is None or s in stages]
     logger = get_run_logger()

@@ -7,14 +7,21 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
+from pydantic import Field
 
-from flows.common import RunParams, prepare, publish_markdown, publish_table, run_stage_flow
+from flows.common import RunParams, apply_verify, prepare, publish_markdown, publish_table, run_stage_flow
 from octomed_data.errors import StorageError
 from octomed_data.layout import RunPaths
 from octomed_data.recipe import Recipe
 from octomed_data.report import rejection_rows, run_cost, write_run_report
-from octomed_data.stages.filter import FilterStage
+from octomed_data.stages.filter import FilterStage, judge_for
+from octomed_data.verify import VerifySettings
+
+VERIFY_HELP = (
+    "New verify settings (the recipe's `verify:` block) to re-judge this run with: every filter "
+    "shard is judged again from the stored replies, no distillation request. Empty keeps the run's."
+)
 
 
 @task(name="write-report", retries=2)
@@ -45,23 +52,23 @@ def report_task(paths: RunPaths) -> dict[str, Any]:
 def judge_teacher(recipe: Recipe) -> Iterator[Any]:
     """The verifier's judge teacher (None when no source uses one); the sandbox runs meanwhile when
     the judge has no endpoint (its verdicts then come from the sandbox, not a model)."""
-    if not recipe.verify.needs_judge:
-        yield None
-        return
-    from flows.distill import teacher_endpoints
-
-    with teacher_endpoints(recipe) as config:
-        yield recipe.judge_teacher(config)
+    with judge_for(recipe, notice=lambda line: get_run_logger().warning(line)) as judge:
+        yield judge
 
 
 @flow(name="filter", log_prints=True)
-def filter_flow(run: RunParams = RunParams()) -> dict[str, Any]:
-    """``RUN/distill/raw`` -> ``RUN/filter/{verdicts,accepted,stats.json}``, then the report."""
+def filter_flow(
+    run: RunParams = RunParams(),
+    verify: VerifySettings | None = Field(None, description=VERIFY_HELP),
+) -> dict[str, Any]:
+    """``RUN/distill/raw`` -> ``RUN/filter/{verdicts,accepted,stats.json}``, then the report.
+
+    ``verify`` re-judges the run with new settings (recorded in ``run.json`` and
+    ``filter/verify_history.jsonl``) without distilling again."""
     recipe, paths = prepare(run)
+    recipe = apply_verify(paths, recipe, verify, by="filter flow")
     with judge_teacher(recipe) as judge:
-        stage = FilterStage(
-            paths, samples_per_question=recipe.distill.samples, verify=recipe.verify, judge=judge
-        )
+        stage = FilterStage.for_recipe(paths, recipe, judge)
         if not stage.input_shards():
             raise StorageError(f"no distilled samples at {stage.raw}: run the distill flow first")
         # Named shards are judged again; any other shard not judged yet (e.g. after a failed distill

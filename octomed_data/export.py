@@ -22,6 +22,13 @@ against its ``media_dir`` (default: ``dataset_dir``): pass ``dataset_dir=OUT/lla
 
 TRL: images are embedded PNG bytes by default (``embed_images=False``: the run's image URIs).
 
+Side columns (both formats, every row): ``question_id``, ``source``, ``teacher`` and the verifier's
+provenance of the trace, ``verifier`` (exact | normalized | judge), ``verifier_rule`` (exact |
+numeric | plural | synonym | judge) and ``judge_correct`` (the LLM judge's verdict when it was
+asked), so a judge-accepted trace can be told from an exact match or left out (null: the mixture
+did not carry it). The trainers read ``messages`` (and ``images``) only; LLaMA-Factory's sharegpt
+``columns`` name those two, and TRL drops the other columns.
+
 Turns: the system prompt and user text the teacher saw (:mod:`octomed_data.prompts`, also what
 evaluation asks), then the assistant turn ``<think>reasoning</think>`` and the teacher's response.
 ``answer_format="normalize"`` (default) makes every response end in the line the system prompt
@@ -50,7 +57,7 @@ from octomed_data.answers import extract_answer, is_correct
 from octomed_data.errors import ConfigError, StorageError
 from octomed_data.images import sha256_hex
 from octomed_data.prompts import FINAL_ANSWER_LINE, render_question, system_prompt
-from octomed_data.schema import options_of
+from octomed_data.schema import VERDICT_SCHEMA, VERIFIER_FIELDS, options_of
 
 FORMATS = ("llamafactory", "trl")
 SPLITS = ("train", "validation")
@@ -59,7 +66,7 @@ ANSWER_FORMATS = ("normalize", "as_is")
 IMAGE_REFS = ("relative", "absolute")
 IMAGE_DIR = "images"
 IMAGE_TOKEN = "<image>"
-EXPORT_VERSION = "2"
+EXPORT_VERSION = "3"  # 3: the verifier's provenance as side columns
 # A last line at most this long that states the reply's answer is an answer line: it is replaced
 # by the normalised one. Longer lines carry explanation, so the normalised line is appended.
 ANSWER_LINE_MAX_CHARS = 80
@@ -75,6 +82,7 @@ LLAMAFACTORY_SCHEMA = pa.schema(
         pa.field("question_id", pa.string(), nullable=False),
         pa.field("source", pa.string(), nullable=False),
         pa.field("teacher", pa.string(), nullable=False),
+        *[VERDICT_SCHEMA.field(name) for name in VERIFIER_FIELDS],
     ],
     metadata={"octomed.schema": "export.llamafactory", "octomed.schema_version": EXPORT_VERSION},
 )
@@ -95,6 +103,9 @@ def _trl_schemas() -> dict[str, pa.Schema]:
         "question_id": datasets.Value("string"),
         "source": datasets.Value("string"),
         "teacher": datasets.Value("string"),
+        "verifier": datasets.Value("string"),
+        "verifier_rule": datasets.Value("string"),
+        "judge_correct": datasets.Value("bool"),
     }
     text = datasets.Features(
         {
@@ -141,6 +152,9 @@ class ExportResult:
         default_factory=dict
     )  # LLaMA-Factory image files: copied / linked / reused
     settings: dict[str, Any] = field(default_factory=dict)
+    # Exported traces per verifier that accepted them (exact | normalized | judge | unknown: the
+    # mixture did not carry it).
+    verified_by: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -245,7 +259,10 @@ def prepare(row: Mapping[str, Any], answer_format: str = "normalize") -> Turns |
 
 
 def _meta(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {"question_id": row["question_id"], "source": row["source"], "teacher": row["teacher"]}
+    """The side columns: where the trace came from and which verifier accepted it."""
+    return {"question_id": row["question_id"], "source": row["source"], "teacher": row["teacher"]} | {
+        name: row.get(name) for name in VERIFIER_FIELDS
+    }
 
 
 def llamafactory_row(row: Mapping[str, Any], turns: Turns, image_paths: Sequence[str]) -> dict[str, Any]:
@@ -469,6 +486,7 @@ def export(
             _clear(ds)
     bundle = ImageBundle(lf_dir)
     answers: Counter[str] = Counter()
+    verified: Counter[str] = Counter()
     for split, src in sources.items():
         totals: Counter[str] = Counter()
         for shard in tqdm(src.manifest(), desc=f"export {split}", disable=not progress):
@@ -479,6 +497,7 @@ def export(
                     answers["dropped"] += 1
                     continue
                 answers[turns.answer] += 1
+                verified[row.get("verifier") or "unknown"] += 1
                 result.escaped_placeholders += turns.escaped
                 if "llamafactory" in targets:
                     paths = [_lf_image(im, bundle, llamafactory_images) for im in turns.images]
@@ -495,6 +514,7 @@ def export(
             result.datasets.setdefault(name, {})[split] = per_split[split].uri
             result.rows.setdefault(name, {})[split] = totals[name]
     result.answers = dict(sorted(answers.items()))
+    result.verified_by = dict(sorted(verified.items()))
     result.images = dict(sorted(bundle.counts.items()))
     result.seconds = round(time.time() - t0, 3)
     meta = {"mixture": mixture_uri} | result.to_dict()

@@ -144,6 +144,11 @@ class FilterFolder:
         return storage.join(self.root, "judge")
 
     @property
+    def verify_history(self) -> str:
+        """Which verify settings produced which verdicts: one JSON line per change and per settings."""
+        return storage.join(self.root, "verify_history.jsonl")
+
+    @property
     def audit(self) -> str:
         """The gold-label audit: one row per question (majority answer, share, flag), per verdicts shard."""
         return storage.join(self.root, "audit")
@@ -298,6 +303,11 @@ class RunPaths:
     def stats(self) -> str:
         """Per-source statistics: the one statistics pass the report also reads."""
         return FilterFolder(self.stage("filter")).stats
+
+    @property
+    def verify_history(self) -> str:
+        """``filter/verify_history.jsonl``: the verify settings the run's verdicts were made with, in turn."""
+        return FilterFolder(self.stage("filter")).verify_history
 
     # --------------------------------------------------------- mixture, export
     @property

@@ -6,12 +6,17 @@ answer-extraction module, also used by evaluation) and writes two shards of the 
 
 * ``verdicts`` (:data:`~octomed_data.schema.VERDICT_SCHEMA`): one row per sample, the verdict and
   the reasoning length, no reply text; the statistics pass and the report read only this;
-* ``accepted`` (:data:`~octomed_data.schema.SAMPLE_SCHEMA`): the samples whose answer equals the
-  gold answer, with their replies and verdicts; mixture and export read this.
+* ``accepted`` (:data:`~octomed_data.schema.ACCEPTED_SCHEMA`): the samples whose answer equals the
+  gold answer, with their replies, verdicts and the verifier's provenance (``verifier``,
+  ``verifier_rule``, ``judge_correct``); mixture, export and release read this.
 
 ``accepted`` is committed first and ``verdicts`` last: the verdicts marker is the shard's
-done-signal. Because verdicts are made here and not while distilling, a better extractor can judge
-a run again without a single teacher request.
+done-signal. Because verdicts are made here and not while distilling, a better extractor (or other
+``verify:`` settings) can judge a run again without a single distillation request.
+
+``filter/verify_history.jsonl`` (:func:`record_verify_history`) says which verify settings produced
+which verdicts: a ``changed`` line each time a run's settings are replaced, and a ``judged`` line per
+settings fingerprint once every shard was judged with it (settings, judge, when, counts).
 
 Open-ended answers are verified per source by :mod:`octomed_data.verify` (exact, normalized, or
 an LLM judge whose judgements are journalled first, in a pass over the shard before the verdicts
@@ -21,6 +26,8 @@ are written); every verdict records which verifier decided it.
 from __future__ import annotations
 
 import asyncio
+import datetime as _dt
+import json
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -28,14 +35,22 @@ from typing import Any
 from octomed_data import storage
 from octomed_data.answers import Extraction, extract_answer, looks_like_refusal
 from octomed_data.errors import StorageError
-from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA, VERDICT_SCHEMA, TaskType, options_of
+from octomed_data.schema import (
+    ACCEPTED_SCHEMA,
+    QUESTION_SCHEMA,
+    SAMPLE_SCHEMA,
+    VERDICT_SCHEMA,
+    TaskType,
+    options_of,
+)
 from octomed_data.verify import Verifier, VerifySettings
 from octomed_data.verify.judge import JudgeEndpoint, JudgeIncomplete, JudgeJob, ajudge, read_judgements
 
 FAILED = "request_failed"  # reject_reason of a sample whose requests failed after all attempts
 # Bump when the verdict rules change: committed verdict shards are then re-judged.
 # 2: verdicts record their verifier (exact | normalized | judge) and the judge's verdict.
-JUDGE_VERSION = "2"
+# 3: accepted rows carry that provenance too (ACCEPTED_SCHEMA), for mixture, export and release.
+JUDGE_VERSION = "3"
 _EXACT = Verifier()
 
 
@@ -174,7 +189,7 @@ def filter_shard(
     else:
         verifier = Verifier(settings)
     verdicts = storage.Dataset(verdicts_uri, VERDICT_SCHEMA).writer(shard)
-    accepted = storage.Dataset(accepted_uri, SAMPLE_SCHEMA).writer(shard)
+    accepted = storage.Dataset(accepted_uri, ACCEPTED_SCHEMA).writer(shard)
     reasons: Counter[str] = Counter()
     methods: Counter[str] = Counter()
     samples = failed = n_accepted = 0
@@ -207,3 +222,43 @@ def filter_shard(
     accepted.commit(marker)
     verdicts.commit(marker)
     return counts
+
+
+# ---------------------------------------------------------------------------- verify history
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def read_verify_history(uri: str) -> list[dict[str, Any]]:
+    """Every line of a ``verify_history.jsonl`` (oldest first); empty when there is none yet."""
+    if not storage.exists(uri):
+        return []
+    text = storage.read_bytes(uri).decode("utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def record_verify_history(uri: str, entry: Mapping[str, Any]) -> dict[str, Any]:
+    """Add one line to the history; returns what was written.
+
+    A ``judged`` entry whose fingerprint equals the last line's (a filter pass that re-judged some
+    shards with the same settings) replaces that line, keeping its ``applied_at`` and setting
+    ``updated_at``: the history has one ``judged`` line per stretch of one settings fingerprint.
+    The file is small (one line per change) and rewritten whole, so it works on object stores too.
+    """
+    lines = read_verify_history(uri)
+    doc = dict(entry)
+    last = lines[-1] if lines else None
+    if (
+        doc.get("event") == "judged"
+        and last is not None
+        and last.get("event") == "judged"
+        and last.get("fingerprint") == doc.get("fingerprint")
+    ):
+        doc = doc | {"applied_at": last.get("applied_at"), "updated_at": now_iso()}
+        lines[-1] = doc
+    else:
+        doc.setdefault("applied_at", now_iso())
+        lines.append(doc)
+    body = "".join(json.dumps(line, sort_keys=True, default=str) + "\n" for line in lines)
+    storage.write_bytes(uri, body.encode("utf-8"))
+    return doc

@@ -12,7 +12,11 @@
     OUT/README.md                    the dataset card (:mod:`octomed_data.release_card`), written last
 
 Responses are the accepted samples (``filter/accepted``); ``all_responses=True`` adds the rejected
-ones from ``distill/raw`` with their verdicts (failed requests carry no reply and are left out).
+ones from ``distill/raw`` (failed requests carry no reply and are left out). Every response carries
+its verdict from ``filter/verdicts`` with the verifier's provenance: ``verifier`` (exact |
+normalized | judge), ``verifier_rule`` and ``judge_correct`` (the LLM judge's verdict when asked),
+and the card shows the verify settings and the judge's calibration per source, false-accept rate
+included, so a judge-accepted answer is never presented as an exact match.
 
 Before anything is published, every question is checked against the decontamination registry the
 run names (a question matching a held-out benchmark item is excluded and listed, whatever the run's
@@ -48,7 +52,7 @@ from octomed_data.release_safety import SecretGuard, scrub_metadata
 from octomed_data.schema import QUESTION_SCHEMA, RELEASE_SCHEMA, SAMPLE_SCHEMA, VERDICT_SCHEMA
 from octomed_data.teachers import TeacherConfig
 
-RELEASE_VERSION = "1"
+RELEASE_VERSION = "2"  # 2: responses carry verifier, verifier_rule, judge_correct
 SPLIT = "train"  # OctoMed published one training split; the card's config reads data/train-*
 FAILED = "request_failed"
 BUCKET_BYTES = 64 * 2**20  # decoded reply text held at once while grouping a shard's replies
@@ -59,7 +63,10 @@ _RESPONSE_FIELDS = (
     "extracted_answer", "extraction_method", "correct", "reject_reason", "finish_reason",
     "prompt_tokens", "completion_tokens",
 )  # fmt: skip
-_VERDICT_FIELDS = ("extracted_answer", "extraction_method", "correct", "reject_reason")
+_VERDICT_FIELDS = (
+    "extracted_answer", "extraction_method", "correct", "reject_reason", "verifier", "verifier_rule",
+    "judge_correct",
+)  # fmt: skip
 
 
 @dataclass
@@ -242,6 +249,9 @@ def release_shard(ctx: _Context, shard: str) -> int:
                     src["rows"] += 1
                     src["responses"] += len(row["responses"])
                     src["accepted_responses"] += sum(bool(r["correct"]) for r in row["responses"])
+                    for r in row["responses"]:
+                        if r["correct"]:
+                            src[f"accepted_by_{r.get('verifier') or 'unknown'}"] += 1
                     src["without_accepted"] += row["num_accepted"] == 0
         except BaseException:
             writer.abort()
@@ -261,8 +271,8 @@ def _row(
     for r in sorted(replies, key=lambda r: r["sample_idx"]):
         if r.get("reject_reason") == FAILED:  # no reply to publish
             continue
-        verdict = verdicts.get((r["question_id"], r["sample_idx"])) if ctx.all_responses else None
-        responses.append(_response(r, verdict, ctx))
+        # The filter's verdict (current: release checks it), with the verifier's provenance.
+        responses.append(_response(r, verdicts.get((r["question_id"], r["sample_idx"])), ctx))
     judged, accepted = counts.get(q["question_id"], (0, 0))
     return {
         **{k: q[k] for k in ("question_id", "source", "task_type", "modality", "anatomy", "question")},
@@ -275,6 +285,13 @@ def _row(
         "num_accepted": accepted,
         "responses": responses,
     }
+
+
+def verifier_summary(stats: Mapping[str, Any]) -> dict[str, Any]:
+    """How the run's verdicts were made (``stats.json``'s verifier section, the judge's cost aside):
+    settings, their fingerprint, the judge, verdicts per verifier and the judge's calibration."""
+    v = stats.get("verifier") or {}
+    return {k: v.get(k) for k in ("settings", "fingerprint", "judge", "verified_by", "calibration")}
 
 
 def removed_by_benchmark(paths: RunPaths) -> dict[str, int]:
@@ -305,9 +322,8 @@ def release(
     if not shards:
         raise StorageError(f"run {paths.run_id} has no questions at {paths.questions}: nothing to release")
     # Done as the filter flow committed it: the run's own verifier settings and judge (the judge's
-    # model and sampling, not its URL, are in the fingerprint; a sandbox placeholder URL will do).
-    judge = recipe.judge_teacher(recipe.distill_config(sandbox_url="http://sandbox.invalid/v1"))
-    filtered = FilterStage(paths, verify=recipe.verify, judge=judge)
+    # model and sampling, not its URL, are in the fingerprint; a stand-in URL will do).
+    filtered = FilterStage.for_recipe(paths, recipe)
     pending = [s for s in shards if not filtered.is_done(s)]
     if pending or not storage.exists(paths.stats):
         named = ", ".join(pending[:5]) + (" ..." if len(pending) > 5 else "")
@@ -360,6 +376,7 @@ def release(
         "release_version": RELEASE_VERSION,
         "registry": registry,
         "decontam_removed": removed_by_benchmark(paths),
+        "verifier": verifier_summary(stats),
     }
     card = render_card(recipe, stats, summary, teachers, licenses=licenses)
     ctx.guard.check(card, "the dataset card")

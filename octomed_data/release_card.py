@@ -195,6 +195,7 @@ def render_card(
         *[f"- `{s}`: {note}" for s, (_, note) in licences.items()],
         "",
         *_decontam_section(recipe, summary),
+        *_verification_section(stats, summary),
         "## Teachers and prompts",
         "",
         *_table(
@@ -251,6 +252,94 @@ def _decontam_section(recipe: Recipe, summary: Mapping[str, Any]) -> list[str]:
     )
 
 
+def _rate(summary: Mapping[str, Any], key: str) -> float | None:
+    """A calibration rate; the false-accept rate of stats written before it was recorded is
+    computed from the counts (fp / (fp + tn))."""
+    if key == "false_accept_rate" and summary.get(key) is None:
+        wrong = (summary.get("fp") or 0) + (summary.get("tn") or 0)
+        return round(summary["fp"] / wrong, 4) if wrong else None
+    return summary.get(key)
+
+
+def _verification_section(stats: Mapping[str, Any], summary: Mapping[str, Any]) -> list[str]:
+    """How each answer was checked: the verify settings, accepted responses per verifier, and the
+    LLM judge's calibration per source (its false-accept rate is what carries over to open answers)."""
+    v = stats.get("verifier") or {}
+    settings = v.get("settings") or {}
+    judge = v.get("judge") or {}
+    per_source = summary["per_source"]
+    sources = sorted(set(per_source) | set(v.get("verified_by") or {}))
+    modes = settings.get("sources") or {}
+
+    def mode(src: str) -> str:
+        entry = modes.get(src) or {}
+        return entry.get("mode") or settings.get("default") or "exact"
+
+    lines = [
+        "## Verification",
+        "",
+        "Multiple-choice and yes/no/maybe answers are checked by exact match of the extracted label. "
+        "Open-ended answers are checked per source: `exact` (normalised text equality), `normalized` "
+        "(numbers and units, plurals, medical synonyms) or `judge` (what `normalized` does not "
+        "accept goes to an LLM judge). Each response's `verifier` field names the check that decided it.",
+        "",
+    ]
+    if judge:
+        lines += [
+            f"Judge: teacher `{judge.get('name')}`, model `{judge.get('model')}`, rubric version "
+            f"{judge.get('rubric_version')}; verify settings fingerprint `{v.get('fingerprint')}`.",
+            "",
+        ]
+    lines += _table(
+        [
+            "source",
+            "open answers checked by",
+            "accepted by exact",
+            "accepted by normalized",
+            "accepted by judge",
+        ],
+        [
+            [
+                s,
+                mode(s),
+                per_source.get(s, {}).get("accepted_by_exact", 0),
+                per_source.get(s, {}).get("accepted_by_normalized", 0),
+                per_source.get(s, {}).get("accepted_by_judge", 0),
+            ]
+            for s in sources
+        ],
+    )
+    calibration = v.get("calibration") or {}
+    if not calibration:
+        return lines
+    lines += [
+        "**Judge calibration.** Closed replies (where exact match is the truth) were also sent to the "
+        "judge as if open-ended. Precision: of the replies the judge accepts, the share that are right. "
+        "**False-accept rate**: of the wrong replies, the share the judge accepts (fp / (fp + tn)); it "
+        "does not depend on how many replies are right, so it is the estimate that carries over to the "
+        "wrong open-ended answers the judge decides.",
+        "",
+    ]
+    lines += _table(
+        ["source", "judged", "precision", "recall", "false-accept rate", "agreement", "kappa", "fp", "tn"],
+        [
+            [
+                s,
+                c.get("judged", 0),
+                _pct(c.get("precision")),
+                _pct(c.get("recall")),
+                _pct(_rate(c, "false_accept_rate")),
+                _pct(c.get("agreement")),
+                "–" if c.get("kappa") is None else c["kappa"],
+                c.get("fp", 0),
+                c.get("tn", 0),
+            ]
+            for s, c in calibration.items()
+        ],
+    )
+    return lines
+
+
 def _fields_section() -> list[str]:
     return [
         "## Fields",
@@ -261,7 +350,10 @@ def _fields_section() -> list[str]:
         "`source_file`, `record_index`, `num_samples`, `num_accepted`, `responses` [{sample_idx, teacher, "
         "model, prompt_version, params_hash, seed, temperature, top_p, max_tokens, extra_body, reasoning, "
         "response, extracted_answer, extraction_method, correct, reject_reason, finish_reason, "
-        "prompt_tokens, completion_tokens}].",
+        "prompt_tokens, completion_tokens, verifier, verifier_rule, judge_correct}]. `verifier` says "
+        "which check accepted or rejected the answer (`exact`, `normalized`, or `judge`: an LLM "
+        "judge), `verifier_rule` why it matched, `judge_correct` the judge's own verdict when it was "
+        "asked (also on closed questions used to calibrate it).",
         "",
         "```python",
         "from datasets import load_dataset",
@@ -296,6 +388,15 @@ def _limitations(
     without = sum(s.get("without_accepted", 0) for s in summary["per_source"].values())
     if without:
         out.append(f"- {without} released question(s) have no accepted response.")
+    by_judge = sum(s.get("accepted_by_judge", 0) for s in summary["per_source"].values())
+    if by_judge:
+        cal = ((stats.get("verifier") or {}).get("calibration") or {}).get("overall") or {}
+        far = _rate(cal, "false_accept_rate") if cal else None
+        out.append(
+            f"- {by_judge} accepted response(s) were accepted by the LLM judge (`verifier: judge`), not "
+            "by an exact or normalized match"
+            + (f"; its false-accept rate on closed replies was {_pct(far)}." if far is not None else ".")
+        )
     if summary.get("unknown_sampling_params"):
         out.append(f"- {summary['unknown_sampling_params']} response(s) lack recorded sampling params.")
     if "sandbox" in used:

@@ -73,6 +73,26 @@ def start_run(recipe: Recipe, run_id: str | None = None, store: str | None = Non
     return paths
 
 
+def open_run_folder(target: str, store: str | None = None) -> tuple[Recipe, RunPaths]:
+    """A run named by its id (under ``store``) or by its folder (``STORE/runs/<id>``, or a folder
+    holding ``run.json`` directly, as the CLI's ``--out`` lays it out)."""
+    if store is not None and _RUN_ID.match(target):
+        paths = RunPaths(store, target)
+        if storage.exists(paths.run_json):
+            return open_run(target, store)
+    root = target.rstrip("/")
+    parent, _, name = root.rpartition("/")
+    if parent.rstrip("/").endswith("/runs") or parent == "runs":
+        paths = RunPaths(parent.rstrip("/").removesuffix("runs").rstrip("/") or ".", name)
+    else:
+        paths = RunPaths.at(root)
+    if not storage.exists(paths.run_json):
+        where = f"under {store} or " if store is not None and _RUN_ID.match(target) else ""
+        raise StorageError(f"no run {target!r} {where}at {paths.root} (missing run.json)")
+    data = storage.read_json(paths.run_json)
+    return parse_recipe(data["recipe"], where=f"recipe of run {paths.run_id}"), paths
+
+
 def open_run(run_id: str, store: str) -> tuple[Recipe, RunPaths]:
     """The recipe and paths of an existing run (for resume and ``rerun``)."""
     paths = RunPaths(store, check_run_id(run_id))
@@ -80,6 +100,78 @@ def open_run(run_id: str, store: str) -> tuple[Recipe, RunPaths]:
         raise StorageError(f"no run {run_id!r} under {store} (missing {paths.run_json})")
     data = storage.read_json(paths.run_json)
     return parse_recipe(data["recipe"], where=f"recipe of run {run_id}"), paths
+
+
+# ---------------------------------------------------------------------------------- verify settings
+def _verify_changes(old: Any, new: Any) -> list[str]:
+    """What differs between two verify settings, briefly (``sources.pathvqa: exact -> judge``)."""
+    out = []
+    if old.default != new.default:
+        out.append(f"default: {old.default} -> {new.default}")
+    for src in sorted(set(old.sources) | set(new.sources)):
+        a, b = old.sources.get(src), new.sources.get(src)
+        if a == b:
+            continue
+        mode = f"{old.mode_for(src)} -> {new.mode_for(src)}"
+        cal = "" if old.calibrates(src) == new.calibrates(src) else f", calibrate {new.calibrates(src)}"
+        out.append(f"sources.{src}: {mode}{cal}")
+    for key in ("judge", "synonyms", "calibration_samples", "max_attempts"):
+        if getattr(old, key) != getattr(new, key):
+            out.append(f"{key} changed")
+    return out or ["settings changed"]
+
+
+def change_verify(paths: RunPaths, verify: Any, *, by: str) -> tuple[Recipe, str | None]:
+    """Make ``verify`` (:class:`~octomed_data.verify.VerifySettings`) the run's verifier settings.
+
+    Returns the run's recipe with them and one line saying what changed (None when they equal the
+    saved ones: nothing is written). ``run.json`` is updated in place (``recipe.verify`` holds the
+    settings the run's verdicts are, or are about to be, made with; ``verify_updated_at`` when), so
+    a later resume, ``rerun`` or release uses them too; the replaced settings stay in
+    ``filter/verify_history.jsonl`` (a ``changed`` line). The filter stage's fingerprint includes
+    the settings, so every committed verdict shard is stale from here on and is judged again from
+    the stored replies: no distillation request; the judge is asked only what its journal lacks.
+    ``verify.judge`` must name one of the run's teachers (a run's teachers do not change).
+    """
+    from octomed_data.rejection import now_iso, record_verify_history
+    from octomed_data.stages.filter import recipe_judge
+
+    if not storage.exists(paths.run_json):
+        raise StorageError(f"no run at {paths.root} (missing {paths.run_json})")
+    data = storage.read_json(paths.run_json)
+    where = f"recipe of run {paths.run_id}"
+    recipe = parse_recipe(data["recipe"], where=where)
+    if recipe.verify == verify:
+        return recipe, None
+    new_dict = verify.model_dump(mode="json")
+    updated = parse_recipe(
+        dict(data["recipe"]) | {"verify": new_dict}, where=f"new verify settings for run {paths.run_id}"
+    )
+    old_judge, new_judge = recipe_judge(recipe), recipe_judge(updated)
+    when = now_iso()
+    record_verify_history(
+        paths.verify_history,
+        {
+            "event": "changed",
+            "by": by,
+            "applied_at": when,
+            "from": {
+                "verify_fingerprint": recipe.verify.fingerprint(old_judge),
+                "settings": recipe.verify.model_dump(mode="json"),
+            },
+            "to": {"verify_fingerprint": updated.verify.fingerprint(new_judge), "settings": new_dict},
+        },
+    )
+    data["recipe"] = dict(data["recipe"]) | {"verify": new_dict}
+    data["verify_updated_at"] = when
+    storage.write_json(paths.run_json, data)
+    line = (
+        f"run {paths.run_id}: verify settings differ from the run's saved ones "
+        f"({'; '.join(_verify_changes(recipe.verify, updated.verify))}): the filter re-judges every shard "
+        "with the NEW settings from the stored replies (no distillation request; journalled judgements "
+        f"are reused); run.json now records them, the old ones are in {paths.verify_history}"
+    )
+    return updated, line
 
 
 def record_shard(paths: RunPaths, stage: str, shard: str, state: str, **info: Any) -> dict[str, Any]:

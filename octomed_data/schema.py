@@ -6,6 +6,7 @@ Every stage reads and writes these Arrow schemas:
 * ``QUARANTINE_SCHEMA``: an input record that could not become a question, with the reason.
 * ``REMOVED_SCHEMA``: a question removed by decontamination, with the benchmark item it matched.
 * ``SAMPLE_SCHEMA``: one teacher sample (reasoning trace + verdict) for one question.
+* ``ACCEPTED_SCHEMA``: an accepted sample, plus the verifier's provenance (``VERIFIER_FIELDS``).
 * ``RELEASE_SCHEMA``: one question of a published release with its teacher replies.
 
 Rows are plain dicts; :func:`question_row` builds and validates a question row so every loader
@@ -184,6 +185,16 @@ VERDICT_SCHEMA = pa.schema(
 )
 
 
+# The verifier's provenance of a verdict (the last three VERDICT_SCHEMA fields): which verifier
+# decided ``correct``, why it matched, and the LLM judge's own verdict when it was asked.
+VERIFIER_FIELDS = ("verifier", "verifier_rule", "judge_correct")
+
+# ``filter/accepted``: the accepted samples with their replies and the verifier's provenance.
+ACCEPTED_SCHEMA = pa.schema(
+    list(SAMPLE_SCHEMA) + [VERDICT_SCHEMA.field(name) for name in VERIFIER_FIELDS],
+    metadata={"octomed.schema": "accepted", "octomed.schema_version": SCHEMA_VERSION},
+)
+
 # Mixture rows: one accepted trace joined with its question, split and shuffle key.
 MIXTURE_SCHEMA = pa.schema(
     [
@@ -205,6 +216,9 @@ MIXTURE_SCHEMA = pa.schema(
         SAMPLE_SCHEMA.field("extracted_answer"),
         pa.field("copy", pa.int32(), nullable=False),  # >0 for extra copies when a weight is > 1
         pa.field("shuffle_key", pa.uint64(), nullable=False),
+        # The verifier's provenance (null in a mixture built before it was carried, or by a builder
+        # that does not pass it through): exact | normalized | judge, the rule, the judge's verdict.
+        *[VERDICT_SCHEMA.field(name) for name in VERIFIER_FIELDS],
     ],
     metadata={"octomed.schema": "mixture", "octomed.schema_version": "1"},
 )
@@ -241,6 +255,9 @@ RESPONSE_TYPE = pa.struct(
         ("finish_reason", pa.string()),
         ("prompt_tokens", pa.int64()),
         ("completion_tokens", pa.int64()),
+        ("verifier", pa.string()),  # exact | normalized | judge: which verifier decided ``correct``
+        ("verifier_rule", pa.string()),  # exact | numeric | plural | synonym | judge (why it matched)
+        ("judge_correct", pa.bool_()),  # the LLM judge's verdict when it was asked (else null)
     ]
 )
 RELEASE_SCHEMA = pa.schema(

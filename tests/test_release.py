@@ -28,12 +28,12 @@ from octomed_data.recipe import load_recipe
 from octomed_data.release import load_release, release
 from octomed_data.release_safety import is_patient_key
 from octomed_data.runs import start_run
-from octomed_data.sandbox import start_sandbox
+from octomed_data.sandbox import FaultConfig, start_sandbox
 from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA, VERDICT_SCHEMA
 from octomed_data.stages import LocalExecutor, raise_for_failures, run_stage
 from octomed_data.stages.decontaminate import DecontaminateStage
 from octomed_data.stages.distill import DistillStage
-from octomed_data.stages.filter import FilterStage
+from octomed_data.stages.filter import FilterStage, recipe_judge
 from octomed_data.stages.ingest import IngestStage
 
 CANARY = "sk-canary-release-7d3f0a9c41e2b658"
@@ -80,9 +80,16 @@ def pmc_csv_over_dicom(shared_data: Path, folder: Path) -> tuple[Path, list[str]
 
 
 def build_run(
-    store: Path, entries: list[dict], *, decontam: bool, demo_sources: bool = True, verify: dict | None = None
+    store: Path,
+    entries: list[dict],
+    *,
+    decontam: bool,
+    demo_sources: bool = True,
+    verify: dict | None = None,
+    faults: dict | None = None,
 ) -> RunPaths:
-    """ingest -> decontaminate -> distill (sandbox) -> filter, with the library's stages."""
+    """ingest -> decontaminate -> distill (sandbox) -> filter (the sandbox judges too when the
+    verify settings name a judge), with the library's stages."""
     overrides = {
         "store": str(store),
         "distill": {"samples": SAMPLES},
@@ -100,9 +107,10 @@ def build_run(
         DecontaminateStage.for_run(paths, recipe.decontam),
     ):
         raise_for_failures(run_stage(stage, LocalExecutor()))
-    with start_sandbox() as sb:
+    with start_sandbox(faults=FaultConfig(**(faults or {}))) as sb:
         raise_for_failures(run_stage(DistillStage(paths, recipe.distill_config(sandbox_url=sb.base_url))))
-    raise_for_failures(run_stage(FilterStage(paths, samples_per_question=SAMPLES, verify=recipe.verify)))
+        judge = recipe_judge(recipe, sandbox_url=sb.base_url)
+        raise_for_failures(run_stage(FilterStage.for_recipe(paths, recipe, judge)))
     return paths
 
 
@@ -334,3 +342,69 @@ def test_a_run_filtered_with_its_own_verifier_settings_is_released(canary_key, t
     )
     result = release(paths, str(tmp_path / "out"))
     assert result.rows > 0
+
+
+def test_a_judge_verified_release_carries_the_verifier_and_the_calibration(canary_key, tmp_path):
+    """Issue 21: a release of a judge-verified run lost ``verifier``, ``verifier_rule`` and
+    ``judge_correct``, and its card showed no calibration, so judge-accepted answers looked like
+    exact matches. The sandbox judge errs on 30% of its keys here, so it accepts some wrong answers."""
+    verify = {"sources": {"pathvqa": "judge", "vqa_rad": "judge"}, "calibration_samples": 20}
+    paths = build_run(
+        tmp_path / "store", [], decontam=False, verify=verify, faults={"judge_error": 0.3, "seed": 4}
+    )
+    out = str(tmp_path / "out")
+    result = release(paths, out, all_responses=True)
+    verdicts = by_key(storage.Dataset(paths.verdicts, VERDICT_SCHEMA).read_all().to_pylist())
+    rows = list(load_release(out))
+    released = {(row["question_id"], r["sample_idx"]): r for row in rows for r in row["responses"]}
+    assert released and result.responses == len(released)
+    fields = ("correct", "verifier", "verifier_rule", "judge_correct")
+    for key, r in released.items():
+        assert {f: r[f] for f in fields} == {f: verdicts[key][f] for f in fields}
+        if r["correct"]:
+            assert r["verifier"] in ("exact", "normalized", "judge") and r["verifier_rule"]
+    by_judge = [r for r in released.values() if r["correct"] and r["verifier"] == "judge"]
+    assert by_judge and all(r["judge_correct"] is True and r["verifier_rule"] == "judge" for r in by_judge)
+    calibrated = [r for r in released.values() if r["verifier"] == "exact" and r["judge_correct"] is not None]
+    assert calibrated  # closed replies the judge was asked about, their verdict still exact match's
+    # The accepted-only release carries them too (from the accepted rows' verdicts).
+    accepted_only = str(tmp_path / "accepted")
+    release(paths, accepted_only)
+    for row in load_release(accepted_only):
+        for r in row["responses"]:
+            key = (row["question_id"], r["sample_idx"])
+            assert {f: r[f] for f in fields} == {f: verdicts[key][f] for f in fields}
+    # release.json and the card: the settings and the judge's calibration per source, false-accept
+    # rate included (fp / (fp + tn): of the wrong closed replies, the share the judge accepted).
+    stats = storage.read_json(paths.stats)
+    calibration = stats["verifier"]["calibration"]
+    summary = storage.read_json(str(tmp_path / "out" / "release.json"))
+    assert summary["verifier"]["calibration"] == calibration
+    assert summary["verifier"]["settings"]["sources"]["pathvqa"]["mode"] == "judge"
+    for source, c in calibration.items():
+        wrong = c["fp"] + c["tn"]
+        assert c["false_accept_rate"] == (round(c["fp"] / wrong, 4) if wrong else None), source
+    assert calibration["overall"]["fp"] > 0  # the judge did accept wrong answers
+    _, body = card_of(out)
+    lines = body.splitlines()
+    head = lines.index(next(line for line in lines if line.startswith("| source | judged | precision")))
+    header = [c.strip() for c in lines[head].strip("|").split("|")]
+    assert "false-accept rate" in header
+    table = {}
+    for line in lines[head + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True))
+        table[cells["source"]] = cells
+    assert set(table) == set(calibration) and "overall" in table
+    for source, c in calibration.items():
+        far = c["false_accept_rate"]
+        assert table[source]["false-accept rate"] == ("–" if far is None else f"{100 * far:.1f}%")
+        assert int(table[source]["judged"]) == c["judged"] and int(table[source]["fp"]) == c["fp"]
+    assert "## Verification" in body and "sandbox-not-a-model" in body
+    by_source = Counter(
+        row["source"] for row in rows for r in row["responses"] if r["correct"] and r["verifier"] == "judge"
+    )
+    for source, n in by_source.items():
+        assert result.per_source[source]["accepted_by_judge"] == n
+    assert f"{len(by_judge)} accepted response(s) were accepted by the LLM judge" in body

@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "octomed_data.cli.mixture",  # mix, export
     "octomed_data.cli.release",  # release
     "octomed_data.cli.run",  # demo, run, rerun, serve, deployments (drive the Prefect flows)
+    "octomed_data.cli.refilter",  # refilter (judge a run's stored replies again)
     "octomed_data.cli.train",  # train, tiny-model
     "octomed_data.cli.eval",  # eval
     "octomed_data.cli.experiment",  # experiment (the recipe lab)

@@ -1,5 +1,8 @@
 """``octomed-data demo | run | rerun | serve | automation | deployments``: the factory's flows.
 
+``run RECIPE --run-id R`` on an existing run keeps the run's saved recipe, except its ``verify:``
+block: a changed one re-judges the run (the factory flow's ``verify``; one line says so).
+
 It imports the Prefect flows lazily, only inside the function that runs a command, so neither the
 library nor ``octomed-data --help`` depends on Prefect or Ray.
 """
@@ -78,13 +81,43 @@ def _run_factory(
         print(
             "teacher: none configured -> starting the SANDBOX teacher (NOT a model; rows say teacher=sandbox)"
         )
+    verify = saved_run_verify(recipe, recipe_path, run_id, store) if recipe is not None else None
     from flows.common import RunParams
     from flows.factory import factory_flow
 
     params = RunParams(recipe_path=recipe_path, run_id=run_id, store=store, shards=shards)
-    result = factory_flow(run=params, stages=stages)
+    result = factory_flow(run=params, stages=stages, verify=verify)
     _print_outputs(result)
     return 0
+
+
+# Recipe blocks that may differ from a run's saved recipe without meaning anything.
+_NOT_SETTINGS = ("verify", "store", "base_dir")
+
+
+def saved_run_verify(recipe: Any, recipe_path: str, run_id: str | None, store: str | None) -> Any:
+    """The recipe's verify settings when it is given for an existing run whose saved ones differ
+    (the factory then re-judges the run with them), else None.
+
+    A resumed run keeps every other setting it started with: the blocks of the recipe that differ
+    from the saved ones are named in one line, so nothing is ignored silently.
+    """
+    from octomed_data.runs import check_run_id, open_run
+
+    if not run_id:
+        return None
+    where = store or os.environ.get("OCTOMED_STORE") or recipe.store
+    if not storage.exists(RunPaths(where, check_run_id(run_id)).run_json):
+        return None
+    saved, _ = open_run(run_id, where)
+    mine, theirs = recipe.public_dict(), saved.public_dict()
+    ignored = [k for k in mine if k not in _NOT_SETTINGS and mine[k] != theirs.get(k)]
+    if ignored:
+        print(
+            f"note: run {run_id} keeps its saved {', '.join(ignored)} settings (the recipe {recipe_path} "
+            "differs there; a resumed run keeps what it started with, except verify:)"
+        )
+    return recipe.verify if recipe.verify != saved.verify else None
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

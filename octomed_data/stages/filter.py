@@ -2,22 +2,57 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+import contextlib
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
 from octomed_data import storage
 from octomed_data.errors import ConfigError
 from octomed_data.layout import FilterFolder, RunPaths
-from octomed_data.rejection import JUDGE_VERSION, filter_shard
-from octomed_data.schema import SAMPLE_SCHEMA, VERDICT_SCHEMA
+from octomed_data.prompts import JUDGE_RUBRIC_VERSION
+from octomed_data.rejection import JUDGE_VERSION, filter_shard, record_verify_history
+from octomed_data.schema import ACCEPTED_SCHEMA, SAMPLE_SCHEMA, VERDICT_SCHEMA
 from octomed_data.stages.base import ShardIncomplete, Stage
 from octomed_data.teachers import DistillConfig, TeacherConfig, resolve_api_key
 from octomed_data.verify import VerifySettings
 from octomed_data.verify.judge import JudgeEndpoint, JudgeIncomplete
 
+if TYPE_CHECKING:
+    from octomed_data.recipe import Recipe
+
 SANDBOX_KEY = "sandbox-needs-no-key"
+# The judge's URL is not in the verdicts' fingerprint (its model and sampling are): a stand-in URL
+# resolves a sandbox-bound judge well enough to decide which shards are done, without a server.
+NO_SANDBOX_URL = "http://sandbox.invalid/v1"
+
+
+def recipe_judge(recipe: Recipe, sandbox_url: str | None = NO_SANDBOX_URL) -> TeacherConfig | None:
+    """The recipe's judge teacher as the filter resolves it (None: no source uses a judge)."""
+    if not recipe.verify.needs_judge:
+        return None
+    return recipe.judge_teacher(recipe.distill_config(sandbox_url=sandbox_url))
+
+
+@contextlib.contextmanager
+def judge_for(recipe: Recipe, notice: Any = print) -> Iterator[TeacherConfig | None]:
+    """The recipe's judge with a live endpoint: when it has none, the sandbox runs meanwhile (its
+    verdicts then come from the sandbox, not a model; ``notice`` is told so)."""
+    if not recipe.verify.needs_judge:
+        yield None
+        return
+    if not recipe.uses_sandbox():
+        yield recipe_judge(recipe, sandbox_url=None)
+        return
+    from octomed_data.sandbox import FaultConfig, start_sandbox
+
+    notice("judge: no teacher endpoint configured -> the SANDBOX judge (NOT a model) decides open answers")
+    with start_sandbox(
+        latency_s=recipe.distill.sandbox.latency_s, faults=FaultConfig(**recipe.distill.sandbox.faults)
+    ) as sandbox:
+        yield recipe_judge(recipe, sandbox_url=sandbox.base_url)
 
 
 class FilterStage(Stage):
@@ -57,6 +92,18 @@ class FilterStage(Stage):
         self.config = DistillConfig(teachers=[self.judge]) if self.judge is not None else None
         self.api_keys = dict(api_keys) if api_keys else None
         self.limiter = limiter
+
+    @classmethod
+    def for_recipe(
+        cls, paths: RunPaths, recipe: Recipe, judge: TeacherConfig | None = None, **kwargs: Any
+    ) -> FilterStage:
+        """The run's filter stage as its recipe defines it (``judge``: a live one, else a stand-in
+        that is enough to decide which shards are done)."""
+        if judge is None:
+            judge = recipe_judge(recipe)
+        return cls(
+            paths, samples_per_question=recipe.distill.samples, verify=recipe.verify, judge=judge, **kwargs
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -106,7 +153,7 @@ class FilterStage(Stage):
         return storage.Dataset(self.verdicts_uri, VERDICT_SCHEMA)
 
     def output_datasets(self) -> list[storage.Dataset]:
-        return [storage.Dataset(self.accepted_uri, SAMPLE_SCHEMA), self.done_dataset()]
+        return [storage.Dataset(self.accepted_uri, ACCEPTED_SCHEMA), self.done_dataset()]
 
     def fingerprint(self) -> str | None:
         return f"judge={JUDGE_VERSION}|verify={self.verify.fingerprint(self.judge)}"
@@ -152,7 +199,52 @@ class FilterStage(Stage):
         stats = source_statistics(self.verdicts_uri, self.questions, self.samples_per_question)
         verifier = stats.setdefault("verifier", {})
         verifier["settings"] = self.verify.model_dump(mode="json")
+        verifier["fingerprint"] = self.verify.fingerprint(self.judge)
+        verifier["judge"] = self.judge_info()
         if self.judge is not None or storage.exists(self.judge_journal):
             verifier["judge_cost"] = judge_cost(self.judge_journal, self.judge)
         storage.write_json(self.stats_uri, stats)
+        self.record_history(shards, stats)
         return {"stats_uri": self.stats_uri, "stats": stats}
+
+    def judge_info(self) -> dict[str, Any] | None:
+        """The judge as the history and the stats name it (no URL, no key)."""
+        if self.judge is None:
+            return None
+        return {
+            "name": self.judge.name,
+            "model": self.judge.model,
+            "params_hash": self.judge.params_hash(),
+            "rubric_version": JUDGE_RUBRIC_VERSION,
+        }
+
+    @property
+    def history_uri(self) -> str:
+        return FilterFolder(self.out).verify_history
+
+    def record_history(self, shards: Sequence[str], stats: Mapping[str, Any]) -> dict[str, Any]:
+        """The ``judged`` line of ``verify_history.jsonl``: these settings made every shard's verdicts."""
+        verified: Counter[str] = Counter()
+        judge: Counter[str] = Counter()
+        for shard in shards:
+            counts = self.done_counts(shard)
+            verified.update(counts.get("verified_by") or {})
+            for key in ("judge_requests", "judged_new"):
+                judge[key] += int(counts.get(key) or 0)
+        overall = stats.get("overall") or {}
+        entry = {
+            "event": "judged",
+            "fingerprint": self.fingerprint(),
+            "verify_fingerprint": self.verify.fingerprint(self.judge),
+            "judge_version": JUDGE_VERSION,
+            "settings": self.verify.model_dump(mode="json"),
+            "judge": self.judge_info(),
+            "shards": len(shards),
+            "samples": overall.get("samples"),
+            "accepted": overall.get("accepted"),
+            "verified_by": dict(sorted(verified.items())),
+            "judge_requests": judge["judge_requests"],
+            "judged_new": judge["judged_new"],
+            "calibration": ((stats.get("verifier") or {}).get("calibration") or {}).get("overall"),
+        }
+        return record_verify_history(self.history_uri, entry)

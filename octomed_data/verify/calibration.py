@@ -4,8 +4,14 @@ On closed questions (multiple choice, yes/no/maybe) exact match of the extracted
 truth. Judging a bounded sample of those replies as if they were open-ended and comparing says how
 the judge errs: **precision** (of the replies it calls correct, the share that are), **recall** (of
 the correct replies, the share it calls correct), **agreement** (share of equal verdicts) and
-Cohen's **kappa** (agreement beyond chance). A judge with low precision lets wrong traces into the
-training data; low recall only costs traces.
+Cohen's **kappa** (agreement beyond chance) and the **false-accept rate** (of the replies exact
+match rejects, the share the judge accepts: fp / (fp + tn)). A judge with low precision lets wrong
+traces into the training data; low recall only costs traces.
+
+Precision depends on how many replies are right, which differs between closed and open questions;
+the false-accept rate is a property of the judge on wrong answers alone, so it is the number that
+carries over to the open-ended answers it decides: of the wrong open answers it sees, about that
+share is accepted.
 """
 
 from __future__ import annotations
@@ -64,4 +70,5 @@ class Calibration:
             "recall": rate(self.tp, self.tp + self.fn),
             "agreement": rate(self.tp + self.tn, n),
             "kappa": kappa,
+            "false_accept_rate": rate(self.fp, self.fp + self.tn),
         }

@@ -56,3 +56,55 @@ def test_factory_filter_verifies_open_answers_with_the_sandbox_judge(prefect_har
     assert stats["verifier"]["judge_cost"]["model"] == "sandbox-not-a-model"
     report = storage.read_bytes(storage.join(paths.report, "report.md")).decode()
     assert "LLM judge calibration" in report
+
+
+def test_run_with_a_changed_verify_block_rejudges_the_run_without_distilling(
+    prefect_harness, tmp_path, capsys
+):
+    """Issue 21: ``run RECIPE --run-id R --stage filter`` with a new verify block judged with the
+    settings saved in run.json. Now the recipe's verify block re-judges every shard, no teacher
+    request for distillation, and run.json and the history record the new settings; the other
+    recipe blocks the run keeps are named in one line."""
+    import os
+
+    from octomed_data.cli import main
+    from octomed_data.rejection import read_verify_history
+    from octomed_data.runs import open_run
+    from octomed_data.sandbox import FaultConfig, start_sandbox
+    from octomed_data.stages.filter import FilterStage
+    from tests.verify.rejudge_data import JUDGE, KEY_ENV, build_run, markers, requests_by_kind, write_recipe
+
+    os.environ[KEY_ENV] = "sk-rejudge-flow"
+    try:
+        with start_sandbox(faults=FaultConfig(judge_error=0.3, seed=5)) as sandbox:
+            store = tmp_path / "store"
+            paths = build_run(store, sandbox.base_url)
+            before = markers(paths)
+            mark = requests_by_kind(sandbox)
+            recipe = yaml.safe_load(open(write_recipe(tmp_path / "r.yaml", store, sandbox.base_url, JUDGE)))
+            recipe["mixture"] = {"seed": 7}  # a block the resumed run does not take
+            (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+            capsys.readouterr()
+            argv = ["run", str(tmp_path / "r.yaml"), "--run-id", paths.run_id, "--stage", "filter"]
+            assert main(argv) == 0
+            out = capsys.readouterr().out
+            after = requests_by_kind(sandbox)
+    finally:
+        os.environ.pop(KEY_ENV, None)
+    assert after.get("sample", 0) == mark.get("sample", 0)  # no distillation request
+    assert after.get("judge", 0) > mark.get("judge", 0)
+    notes = [line for line in out.splitlines() if line.startswith("note: run")]
+    assert len(notes) == 1 and "mixture" in notes[0]
+    saved, _ = open_run(paths.run_id, paths.store)
+    assert saved.verify.mode_for("pathvqa") == "judge" and saved.mixture.seed == 0
+    stage = FilterStage.for_recipe(paths, saved)
+    now = markers(paths)
+    assert now.keys() == before.keys()
+    assert all(
+        now[s].extra["fingerprint"] == stage.fingerprint() != before[s].extra["fingerprint"] for s in now
+    )
+    rows = list(storage.Dataset(paths.verdicts, VERDICT_SCHEMA).iter_rows())
+    assert any(r["verifier"] == "judge" for r in rows)
+    history = read_verify_history(paths.verify_history)
+    assert [h["event"] for h in history] == ["judged", "changed", "judged"]
+    assert history[1]["by"] == "factory flow"

@@ -66,7 +66,14 @@ def distilled(tmp_path_factory) -> Path:
     ingest_many(entries, str(root / "ingest"))
     with start_sandbox() as sandbox:
         config = DistillConfig(
-            teachers=[TeacherConfig(name="sandbox", base_url=sandbox.base_url, model="sandbox-r1")],
+            teachers=[
+                TeacherConfig(
+                    name="sandbox",
+                    base_url=sandbox.base_url,
+                    model="sandbox-r1",
+                    modalities=["text", "image"],
+                )
+            ],
             samples=2,
             flush_interval_s=0.05,
         )
