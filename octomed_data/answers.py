@@ -53,6 +53,16 @@ _JSON_ANSWER = re.compile(
     r"""["'](?:final[_ ]?)?answer(?:[_ ]?(?:choice|option|letter|label))?["']\s*:\s*["'](?P<rest>[^"'\n]{1,200})["']""",
     re.IGNORECASE,
 )
+# A label stated first: "C is the correct answer", "Option C is correct", "(C) Macrophages is the
+# most likely answer". Read only when every such sentence in the reply names the same label.
+_LABEL_FIRST = re.compile(
+    r"(?:^|(?<=[\s(\[*]))(?:\*\*)?(?:(?:option|choice)\s+)?[\(\[]?(?P<label>[A-Z])[\)\]]?(?:\*\*)?"
+    r"(?:[.:)]?[ \t]+(?P<text>(?:(?![.!?]\s)[^\n]){1,120}?))?(?:\*\*)?"
+    r"[ \t]+(?:is|would\s+be|remains)[ \t]+(?:therefore[ \t]+|thus[ \t]+|clearly[ \t]+)?(?:the[ \t]+)?"
+    r"(?:most[ \t]+)?(?:correct|right|best|appropriate|accurate)"
+    r"(?:[ \t]+(?:answer|option|choice|response|one))?(?=[ \t]*(?:[.,;:!)]|\*\*|$))",
+    re.MULTILINE,
+)
 # A list item marker before an answer line: "- C. Macrophages", "* (C) MRI brain", "> C".
 _BULLET = re.compile(r"^(?:[-*•>]\s+)+")
 # A line that begins with an option label: "A. ...", "(B) ...", "**C)** ...", "- **Option D**: ...".
@@ -78,6 +88,7 @@ _MULTI_LABEL = re.compile(
     r"^[\(\[]?[A-Z][\)\]]?[.:]?\s*(?:,|/|&|\band\b|\bor\b|\bthen\b)\s*(?:option\s+)?[\(\[]?[A-Z][\)\]]?(?:[\s.,;:]|$)",
     re.IGNORECASE,
 )
+_NEGATED = re.compile(r"\b(?:not|if|why|whether|unless)\s+$", re.IGNORECASE)
 _ELLIPSIS = re.compile(r"^(?:\.{2,}|…)\s*")
 _OPTION_WORD = re.compile(r"^(?:option|choice|letter)\s+", re.IGNORECASE)
 _CONNECTOR = re.compile(r"^(?:[-–—,;(]|because\b|since\b|as\b|which\b|given\b|due\b|is\b)", re.IGNORECASE)
@@ -300,6 +311,8 @@ def _parse_choice(raw: str, options: Sequence[tuple[str, str]]) -> tuple[str | N
         if any(m.group(1) != label and m.group(1) in labels for m in _OR_OTHER.finditer(tail)):
             return None, AMBIGUOUS
         if sep.strip() or tail_label == label or not tail or _CONNECTOR.match(tail):
+            if not sep.strip() and tail and _names_other(tail, label, options):
+                return None, AMBIGUOUS  # "A is correct for X, but C is correct for Y"
             if by_text is not None and by_text != label and tail_label is None:
                 return None, AMBIGUOUS
             return label, None
@@ -510,6 +523,13 @@ def _candidates(text: str, task: TaskType) -> list[_Candidate]:
         if follow is not None:
             at, line, several = follow
             found.append(_Candidate(m.start(), "heading", line, True, line=True, ambiguous=several))
+    firsts = [
+        m for m in _LABEL_FIRST.finditer(text) if not _NEGATED.search(text, max(0, m.start() - 12), m.start())
+    ]
+    several = len({m.group("label") for m in firsts}) > 1
+    for m in firsts:
+        raw = m.group("label") + (f". {m.group('text')}" if m.group("text") else "")
+        found.append(_Candidate(m.start(), "label_first", raw, False, nested=True, ambiguous=several))
     last = _last_line(text)
     if last is not None and not any(c.pos >= last[0] for c in found):
         found.append(_Candidate(last[0], "last_line", last[1], False, line=True))

@@ -241,6 +241,10 @@ ISSUE21_FORMS = [
     ('Reasoning.\n```json\n{"answer": "A"}\n```', "A"),
     ("Final answer**: Based on the analysis, the correct answer is: [I]", "I"),
     ("- The answer is C", "C"),
+    # a label stated first ("(C) is the correct answer")
+    ("Therefore, (C) is the correct answer.", "C"),
+    ("Option C is correct.", "C"),
+    ("**C. Macrophages** is the most appropriate answer.", "C"),
     # the last clear statement wins: a later plain final line
     ("The answer is A.\n\nOn reflection, the cells are tissue-resident.\n\nC. Macrophages", "C"),
     # read nothing: an answer heading over an analysis of options, a list of several labels,
@@ -251,6 +255,10 @@ ISSUE21_FORMS = [
     ),
     ("The correct answer is:\nA. Neutrophils\nC. Macrophages\nD. Eosinophils", None),
     ("Options:\nA. Neutrophils\nB. Lymphocytes", None),
+    # several labels called correct; an option analysis; a negated or conditional one
+    ("A is correct for acute inflammation, but C is correct for chronic.", None),
+    ("- B. Raised by processing. This is correct.\n- C. Lowered by heat. This is correct.", None),
+    ("I do not think A is the correct answer here.", None),
     ("<think>The smear shows... I think the answer is C", None),
 ]
 
