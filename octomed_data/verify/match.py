@@ -20,8 +20,9 @@ below is tried in turn; the first one under which the two token lists are equal 
 * ``abbreviation``: equal once unambiguous medical abbreviations are expanded ("CXR" == "chest
   X-ray", "RCC" == "renal cell carcinoma"; :mod:`.vocab`; "PE" has several senses and expands to none);
 * ``word_order``: equal once "X of the Y" reads "Y X" ("CT of the chest" == "chest CT",
-  "head of the pancreas" == "pancreatic head") and runs of position words are put in one order
-  ("upper right lobe" == "right upper lobe");
+  "head of the pancreas" == "pancreatic head"), a level before a side reads side first
+  ("upper right lobe" == "right upper lobe"), and a list is a set ("heart and liver" ==
+  "liver, heart");
 * ``sentence``: equal once a short sentence frame is dropped ("it is in the right upper lobe" ==
   "right upper lobe", "there is a pneumothorax" == "pneumothorax");
 * ``negation``: equal once negation is written one way ("absent" == "not seen" == "no",
@@ -86,9 +87,16 @@ MEDICAL_SYNONYMS: tuple[tuple[str, ...], ...] = (
         "plain radiograph",
         "roentgenogram",
     ),
-    ("ct", "ct scan", "computed tomography", "cat scan", "computerized tomography"),
-    ("mri", "mr imaging", "magnetic resonance imaging"),
-    ("ultrasound", "ultrasonography", "sonography", "sonogram", "usg"),
+    (
+        "ct",
+        "ct scan",
+        "computed tomography",
+        "computed tomography scan",
+        "cat scan",
+        "computerized tomography",
+    ),
+    ("mri", "mri scan", "mr imaging", "magnetic resonance imaging"),
+    ("ultrasound", "ultrasound scan", "ultrasonography", "sonography", "sonogram", "usg"),
     ("pet", "positron emission tomography", "pet scan"),
     ("axial", "transverse", "axial plane", "transverse plane"),
     ("coronal", "frontal plane", "coronal plane"),
@@ -107,6 +115,10 @@ MEDICAL_SYNONYMS: tuple[tuple[str, ...], ...] = (
     ("pancreas", "pancreatic"),
     ("spleen", "splenic"),
     ("stomach", "gastric"),
+    ("colon", "colonic"),
+    ("femur", "femoral"),
+    ("tibia", "tibial"),
+    ("humerus", "humeral"),
     ("myocardial infarction", "mi", "heart attack"),
     ("stroke", "cerebrovascular accident"),
     ("hypertension", "htn", "high blood pressure"),
@@ -140,7 +152,10 @@ _ROMAN = {r: i for i, r in enumerate("i ii iii iv v vi vii viii ix x xi xii".spl
 _ROMAN_CONTEXT = frozenset(
     "grade stage type class classe phase group level nerve cn factor tanner bosniak category lead zone".split()
 )
-_UNIT_WORDS = sorted((u for u in UNITS if u.isalpha() or u.startswith("°")), key=len, reverse=True)
+# "5cm" -> "5 cm"; one-letter units stay glued ("2F" is Bosniak 2F, "3a" a stage).
+_UNIT_WORDS = sorted(
+    (u for u in UNITS if (u.isalpha() and len(u) > 1) or u.startswith("°")), key=len, reverse=True
+)
 _SPLIT_UNIT = re.compile(rf"(?<=\d)(?=(?:{'|'.join(map(re.escape, _UNIT_WORDS))})\b)", re.IGNORECASE)
 _WORD_BOUNDS = {
     "less than": "<",
@@ -219,6 +234,8 @@ def _tokenize(text: str) -> list[_Tok]:
         elif s == "+":
             if prev is not None and prev[3] == start and prev[0] in ("word", "num") and not after.isalnum():
                 out.append(_Tok("positive", s))  # HER2+, Rh+, 3+
+            elif prev is not None and nxt is not None:
+                out.append(_Tok("plus", s))  # MRI+DWI
         elif s == "*":
             out.append(_Tok("star", s))  # T2*
         elif s == "%":
@@ -280,7 +297,7 @@ def _numerals(norms: list[str]) -> list[str]:
             n = ORDINAL_WORDS[w]
             w = f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
         elif out and out[-1] in _ROMAN_CONTEXT:
-            m = re.fullmatch(r"(i{1,3}|iv|vi{0,3}|ix|xi{0,2})([abc]?)", w)
+            m = re.fullmatch(r"(i{1,3}|iv|vi{0,3}|ix|xi{0,2})([a-f]?)", w)
             if m and m.group(1) in _ROMAN:
                 w = f"{_ROMAN[m.group(1)]}{m.group(2)}"
         out.append(w)
@@ -294,19 +311,10 @@ def _spell(word: str) -> str:
 
 # -- the rules after synonyms -------------------------------------------------------------------
 
-_POSITION = (
-    "left",
-    "right",
-    "upper",
-    "lower",
-    "middle",
-    "mid",
-    "anterior",
-    "posterior",
-    "superior",
-    "inferior",
-)
-_POSITION += ("medial", "lateral", "proximal", "distal")
+# A side and a level may come in either order ("upper right lobe" == "right upper lobe"); nothing
+# else is reordered ("posterior-anterior" is a direction, never "anterior-posterior").
+_SIDES = ("left", "right")
+_LEVELS = ("upper", "lower", "middle", "mid")
 _LEAD_FRAMES: tuple[tuple[str, ...], ...] = tuple(
     tuple(f.split())
     for f in (
@@ -322,6 +330,9 @@ _LEAD_FRAMES: tuple[tuple[str, ...], ...] = tuple(
         "there is",
         "there are",
         "there s",
+        "this image is",
+        "image is",
+        "this scan is",
         "this image show",
         "image show",
         "it show",
@@ -334,6 +345,8 @@ _LEAD_FRAMES: tuple[tuple[str, ...], ...] = tuple(
         "finding is",
         "finding are",
         "located",
+        "patient s",
+        "patients",
         "seen",
         "found",
         "situated",
@@ -357,10 +370,15 @@ _TRAIL_FRAMES: tuple[tuple[str, ...], ...] = tuple(
         "is visible",
         "are visible",
         "is noted",
+        "is shown",
+        "are shown",
+        "side",
+        "sided",
         "seen",
         "present",
         "visible",
         "noted",
+        "shown",
     )
 )
 _NEG_ANSWERS = frozenset(
@@ -393,15 +411,22 @@ _POS_ANSWERS = frozenset(
 _NOT_SEEN = frozenset("seen present visible identified detected noted observed found".split())
 
 
-def _x_of_y(norms: list[str]) -> list[str]:
-    """ "right lobe of liver" -> "right liver lobe": Y goes before X's head noun (one short "of" only)."""
+def _x_of_y(norms: list[str]) -> list[list[str]]:
+    """ "right lobe of liver" read as "right liver lobe" and "liver right lobe" (one short "of" only)."""
+    norms = [
+        w for i, w in enumerate(norms) if not (w == "of" and i + 1 < len(norms) and _is_number(norms[i + 1]))
+    ]
     if norms.count("of") != 1:
-        return norms
+        return [norms]
     k = norms.index("of")
     x, y = norms[:k], norms[k + 1 :]
     if not 1 <= len(x) <= 3 or not 1 <= len(y) <= 3 or any(not w[0].isalpha() for w in x + y):
-        return norms
-    return [*x[:-1], *y, x[-1]]
+        return [norms]
+    return [[*x[:-1], *y, x[-1]], [*y, *x]]
+
+
+def _is_number(word: str) -> bool:
+    return bool(re.fullmatch(r"[-+]?\d+(?:\.\d+)?", word))
 
 
 def _strip_frames(norms: list[str], lead: tuple[tuple[str, ...], ...], trail) -> list[str]:
@@ -460,7 +485,7 @@ class _Reading:
     """One answer read at each rule's level."""
 
     measure: Measure | None
-    levels: dict[str, list[str]]
+    levels: dict[str, list[list[str]]]  # each rule's readings (word order may allow two)
     negations: int
 
 
@@ -520,35 +545,62 @@ class Matcher:
         """Words with plurals, spelling, numerals and synonym phrases (longest first) normalised."""
         return self._synonyms(self._base(text))
 
+    def _covered(self, words: list[str]) -> list[bool]:
+        """Which words are part of a synonym-table phrase (those are not expanded as abbreviations)."""
+        covered = [False] * len(words)
+        i = 0
+        while i < len(words):
+            for n in range(min(self._longest, len(words) - i), 0, -1):
+                if tuple(words[i : i + n]) in self._canon:
+                    covered[i : i + n] = [True] * n
+                    i += n
+                    break
+            else:
+                i += 1
+        return covered
+
     def _expand(self, toks: list[_Tok]) -> list[str]:
         """Unambiguous abbreviations (as written, in capitals) replaced by their expansion."""
         table = abbreviations()
+        if sum(any(c.isalpha() for c in t.orig) for t in toks) > 1 and not any(
+            c.islower() for t in toks for c in t.orig
+        ):
+            table = {}  # an answer all in capitals ("LEFT LOWER LOBE"): capitals say nothing there
+        spelled = [_spell(t.norm) for t in toks]
+        covered = self._covered(spelled)
         words: list[str] = []
         prev = None
-        for tok in toks:
+        for tok, word, known in zip(toks, spelled, covered, strict=True):
             expansion = table.get(tok.orig)
-            if expansion is not None and prev not in _ROMAN_CONTEXT:
+            if expansion is not None and not known and prev not in _ROMAN_CONTEXT:
                 words.extend(self._base(expansion))
             else:
-                words.append(_spell(tok.norm))
+                words.append(word)
             prev = tok.norm
         return [w for w in _numerals(words) if w]
 
-    def _order(self, words: list[str]) -> list[str]:
+    def _order(self, words: list[str]) -> list[list[str]]:
         """Runs of position words in one order (laterality first), synonyms, then "X of Y" as "Y X"."""
         if words[:1] == ["<no>"]:
-            return ["<no>", *self._order(words[1:])]
-        out: list[str] = []
-        run: list[str] = []
-        for w in [*words, None]:
-            if w is not None and w in _POSITION:
-                run.append(w)
-                continue
-            out.extend(sorted(run, key=_POSITION.index))
-            run = []
-            if w is not None:
-                out.append(w)
+            return [["<no>", *alt] for alt in self._order(words[1:])]
+        out = list(words)
+        for i in range(len(out) - 1):
+            if (
+                out[i] in _LEVELS
+                and out[i + 1] in _SIDES
+                and (i + 2 >= len(out) or out[i + 2] not in _SIDES + _LEVELS)
+            ):
+                if i == 0 or out[i - 1] not in _SIDES + _LEVELS:
+                    out[i], out[i + 1] = out[i + 1], out[i]  # "upper right" -> "right upper"
         return _x_of_y(self._synonyms(out))
+
+    def _items(self, text: str) -> list[list[str]]:
+        """A list answer ("Heart and liver", "Brain edema, brain tumor") as one unordered set, if it is one."""
+        parts = [p for p in re.split(r"\s*,\s*(?:and\s+)?|\s*;\s*|\s+and\s+", text.strip().rstrip(".")) if p]
+        if len(parts) < 2 or any(re.search(r"\d", p) for p in parts):
+            return []
+        items = sorted(" ".join(self._order(self._expand(_tokenize(p)))[0]) for p in parts)
+        return [["<set>", *items]] if all(items) else []
 
     def read(self, text: str) -> _Reading:
         """An answer read at every rule's level (cached: a shard compares one gold answer many times)."""
@@ -556,15 +608,15 @@ class Matcher:
         if cached is not None:
             return cached
         toks = _tokenize(_strip_parenthetical(text))
-        levels: dict[str, list[str]] = {}
-        levels["exact"] = [t.norm for t in toks]
-        levels["plural"] = [_stem(w) for w in levels["exact"]]
-        levels["spelling"] = [_spell(w) for w in levels["exact"]]
-        levels["numeric"] = [w for w in _numerals(levels["spelling"]) if w]
-        levels["synonym"] = self._synonyms(levels["numeric"])
+        levels: dict[str, list[list[str]]] = {}
+        levels["exact"] = [[t.norm for t in toks]]
+        levels["plural"] = [[_stem(t.norm) for t in toks]]
+        levels["spelling"] = [[_spell(t.norm) for t in toks]]
+        levels["numeric"] = [[w for w in _numerals(levels["spelling"][0]) if w]]
+        levels["synonym"] = [self._synonyms(levels["numeric"][0])]
         expanded = self._expand(toks)  # before synonyms: the later rules read words, not groups
-        levels["abbreviation"] = self._synonyms(expanded)
-        levels["word_order"] = self._order(expanded)
+        levels["abbreviation"] = [self._synonyms(expanded)]
+        levels["word_order"] = self._order(expanded) + self._items(text)
         levels["sentence"] = self._order(_strip_frames(expanded, _LEAD_FRAMES, _TRAIL_FRAMES))
         levels["negation"] = self._order(_negation_form(_strip_frames(expanded, _LEAD_FRAMES, ())))
         negations = sum(w in _NEGATION_CUES for w in expanded)
@@ -583,13 +635,14 @@ class Matcher:
         if a.negations % 2 != b.negations % 2:
             return None  # "no X" is never "X", whatever the wording
         for rule in self.RULES:
-            wa, wb = a.levels[rule], b.levels[rule]
-            if wa and wa == wb:
-                return rule
-            if rule == "sentence" and wa and wb:
-                ma, mb = parse_measure(" ".join(wa)), parse_measure(" ".join(wb))
-                if ma is not None and mb is not None and same_measure(ma, mb):
-                    return rule
+            for wa in a.levels[rule]:
+                for wb in b.levels[rule]:
+                    if wa and wa == wb:
+                        return rule
+                    if rule == "sentence" and wa and wb:
+                        ma, mb = parse_measure(" ".join(wa)), parse_measure(" ".join(wb))
+                        if ma is not None and mb is not None and same_measure(ma, mb):
+                            return rule
         return None
 
 

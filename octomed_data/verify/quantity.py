@@ -5,7 +5,8 @@ parses to a :class:`Measure`; :func:`same_measure` says whether two agree. What 
 purpose: a range is not a decimal ("2-5" != "2.5"), a bound is not its value and ``<`` is not ``>``,
 a ratio is compared part by part ("120/80" != "150/100", though both are 1.5 as fractions), a sign
 counts ("-2.5" != "2.5"), and units of one dimension convert ("5 mm" == "0.5 cm", "38 °C" == "100.4 °F",
-"2 weeks" == "14 days") while units of another size or dimension never match.
+"2 weeks" == "14 days") while units of another size or dimension never match. A known unit on one
+side only is left out ("5" == "5 cm"); any other word is not ("3" != "3 absent").
 """
 
 from __future__ import annotations
@@ -286,7 +287,9 @@ def _same_value(va: float, ua: str | None, vb: float, ub: str | None, digits: tu
     da, db = UNITS.get(ua or ""), UNITS.get(ub or "")
     if ua is None or ub is None:
         known = da or db
-        if known is not None and known[0] == "fraction":  # "50%" vs "0.5"; never "5%" vs "5"
+        if known is None:
+            return False  # "3" vs "3 absent": only a known unit may be left out
+        if known[0] == "fraction":  # "50%" vs "0.5"; never "5%" vs "5"
             pct, other = (va, vb) if ua is not None else (vb, va)
             return _close(pct * known[1], other)
         return _close(va, vb)  # "5" vs "5 cm"
