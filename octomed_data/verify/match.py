@@ -180,7 +180,8 @@ _WORD_BOUNDS = {
     "not less than": ">=",
 }
 _BOUND_WORDS = re.compile(
-    rf"\b({'|'.join(sorted(map(re.escape, _WORD_BOUNDS), key=len, reverse=True))})\s+(?=[-+]?\.?\d)",
+    rf"\b({'|'.join(sorted(map(re.escape, _WORD_BOUNDS), key=len, reverse=True))})"
+    r"\s+(?=[-+]?\.?\d)(?![-+]?[\d.]*(?:st|nd|rd|th)\b)",  # a bound on a number, not "below 7th rib"
     re.IGNORECASE,
 )
 _TOKEN = re.compile(
