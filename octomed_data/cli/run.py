@@ -72,6 +72,7 @@ def _run_factory(
     store: str | None,
     shards: list[str] | None = None,
     stages: list[str] | None = None,
+    recipe_given: bool = True,
 ) -> int:
     from octomed_data.recipe import load_recipe
 
@@ -81,7 +82,9 @@ def _run_factory(
         print(
             "teacher: none configured -> starting the SANDBOX teacher (NOT a model; rows say teacher=sandbox)"
         )
-    verify = saved_run_verify(recipe, recipe_path, run_id, store) if recipe is not None else None
+    verify = None
+    if recipe is not None:
+        verify = saved_run_verify(recipe, recipe_path, run_id, store, apply=recipe_given)
     from flows.common import RunParams
     from flows.factory import factory_flow
 
@@ -95,12 +98,16 @@ def _run_factory(
 _NOT_SETTINGS = ("verify", "store", "base_dir")
 
 
-def saved_run_verify(recipe: Any, recipe_path: str, run_id: str | None, store: str | None) -> Any:
+def saved_run_verify(
+    recipe: Any, recipe_path: str, run_id: str | None, store: str | None, *, apply: bool = True
+) -> Any:
     """The recipe's verify settings when it is given for an existing run whose saved ones differ
     (the factory then re-judges the run with them), else None.
 
     A resumed run keeps every other setting it started with: the blocks of the recipe that differ
-    from the saved ones are named in one line, so nothing is ignored silently.
+    from the saved ones are named in one line, so nothing is ignored silently. ``apply=False``
+    (``demo --run-id``: the recipe is implied, not given) keeps the run's verify settings too and
+    says so.
     """
     from octomed_data.runs import check_run_id, open_run
 
@@ -112,16 +119,19 @@ def saved_run_verify(recipe: Any, recipe_path: str, run_id: str | None, store: s
     saved, _ = open_run(run_id, where)
     mine, theirs = recipe.public_dict(), saved.public_dict()
     ignored = [k for k in mine if k not in _NOT_SETTINGS and mine[k] != theirs.get(k)]
+    if not apply and recipe.verify != saved.verify:
+        ignored.append("verify")
     if ignored:
+        hint = "" if apply else f"; to re-judge: octomed-data run RECIPE --run-id {run_id}, or refilter"
         print(
             f"note: run {run_id} keeps its saved {', '.join(ignored)} settings (the recipe {recipe_path} "
-            "differs there; a resumed run keeps what it started with, except verify:)"
+            f"differs there; a resumed run keeps what it started with, except a given recipe's verify:{hint})"
         )
-    return recipe.verify if recipe.verify != saved.verify else None
+    return recipe.verify if apply and recipe.verify != saved.verify else None
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    return _run_factory("demo", run_id=args.run_id, store=args.store, stages=args.stage)
+    return _run_factory("demo", run_id=args.run_id, store=args.store, stages=args.stage, recipe_given=False)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -191,7 +201,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r = subparsers.add_parser("run", help="run the factory flow for a recipe file")
     r.add_argument("recipe", help="recipe YAML (or 'demo')")
     r.add_argument("--store", default=None, help="override the recipe's store URI")
-    r.add_argument("--run-id", default=None, help="resume this run (finished shards are reused)")
+    r.add_argument(
+        "--run-id",
+        default=None,
+        help="resume this run (finished shards are reused; a recipe whose verify: block differs "
+        "from the run's re-judges its stored replies)",
+    )
     r.add_argument("--stage", action="append", choices=STAGES, help=stage_help)
     r.set_defaults(func=_cmd_run)
 

@@ -64,9 +64,12 @@ def test_run_with_a_changed_verify_block_rejudges_the_run_without_distilling(
     """Issue 21: ``run RECIPE --run-id R --stage filter`` with a new verify block judged with the
     settings saved in run.json. Now the recipe's verify block re-judges every shard, no teacher
     request for distillation, and run.json and the history record the new settings; the other
-    recipe blocks the run keeps are named in one line."""
+    recipe blocks the run keeps are named in one line. The filter flow's ``verify`` parameter (the
+    deployment's UI field) does the same."""
     import os
 
+    from flows.common import RunParams
+    from flows.filter import filter_flow
     from octomed_data.cli import main
     from octomed_data.rejection import read_verify_history
     from octomed_data.runs import open_run
@@ -89,22 +92,29 @@ def test_run_with_a_changed_verify_block_rejudges_the_run_without_distilling(
             assert main(argv) == 0
             out = capsys.readouterr().out
             after = requests_by_kind(sandbox)
+            judged, judged_markers = (
+                list(storage.Dataset(paths.verdicts, VERDICT_SCHEMA).iter_rows()),
+                markers(paths),
+            )
+            saved, _ = open_run(paths.run_id, paths.store)
+            # The UI's way: the filter deployment's `verify` field (here: back to exact match).
+            filter_flow(run=RunParams(run_id=paths.run_id, store=paths.store), verify={"default": "exact"})
+            assert requests_by_kind(sandbox) == after  # no request of any kind
     finally:
         os.environ.pop(KEY_ENV, None)
     assert after.get("sample", 0) == mark.get("sample", 0)  # no distillation request
     assert after.get("judge", 0) > mark.get("judge", 0)
     notes = [line for line in out.splitlines() if line.startswith("note: run")]
     assert len(notes) == 1 and "mixture" in notes[0]
-    saved, _ = open_run(paths.run_id, paths.store)
     assert saved.verify.mode_for("pathvqa") == "judge" and saved.mixture.seed == 0
     stage = FilterStage.for_recipe(paths, saved)
-    now = markers(paths)
-    assert now.keys() == before.keys()
-    assert all(
-        now[s].extra["fingerprint"] == stage.fingerprint() != before[s].extra["fingerprint"] for s in now
-    )
+    assert judged_markers.keys() == before.keys()
+    for shard, info in judged_markers.items():
+        assert info.extra["fingerprint"] == stage.fingerprint() != before[shard].extra["fingerprint"]
+    assert any(r["verifier"] == "judge" for r in judged)
     rows = list(storage.Dataset(paths.verdicts, VERDICT_SCHEMA).iter_rows())
-    assert any(r["verifier"] == "judge" for r in rows)
+    assert len(rows) == len(judged) and {r["verifier"] for r in rows} - {None} == {"exact"}
     history = read_verify_history(paths.verify_history)
-    assert [h["event"] for h in history] == ["judged", "changed", "judged"]
-    assert history[1]["by"] == "factory flow"
+    assert [h["event"] for h in history] == ["judged", "changed", "judged", "changed", "judged"]
+    assert [history[1]["by"], history[3]["by"]] == ["factory flow", "filter flow"]
+    assert open_run(paths.run_id, paths.store)[0].verify.sources == {}
