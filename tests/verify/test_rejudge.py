@@ -22,7 +22,9 @@ from octomed_data.rejection import read_verify_history
 from octomed_data.runs import change_verify, open_run
 from octomed_data.sandbox import FaultConfig, start_sandbox
 from octomed_data.schema import ACCEPTED_SCHEMA
+from octomed_data.stages import LocalExecutor, raise_for_failures, run_stage
 from octomed_data.stages.filter import FilterStage
+from octomed_data.stages.mixture import ExportStage, MixtureStage
 from octomed_data.verify import VerifySettings
 from tests.verify.rejudge_data import (
     JUDGE,
@@ -63,6 +65,13 @@ def test_refilter_with_a_changed_verify_block_rejudges_every_shard_without_disti
     assert {r["verifier"] for r in before.values() if r["task_type"] == "open_qa"} - {None} == {"exact"}
     history = read_verify_history(paths.verify_history)
     assert [h["event"] for h in history] == ["judged"]  # the first filter recorded its settings
+    # The run has a mixture and an export: refilter rebuilds them from the new accepted traces.
+    saved, _ = open_run(paths.run_id, paths.store)
+    raise_for_failures(run_stage(MixtureStage(paths, saved.mixture), LocalExecutor(progress=False)))
+    raise_for_failures(
+        run_stage(ExportStage(paths, saved.export.model_dump()), LocalExecutor(progress=False))
+    )
+    mixed_before = storage.read_json(storage.join(paths.mixture, "mixture.json"))["sources"]["pathvqa"]
     mark = requests_by_kind(sandbox)
     recipe_path = write_recipe(tmp_path / "judge.yaml", tmp_path / "store", sandbox.base_url, JUDGE)
 
@@ -107,6 +116,10 @@ def test_refilter_with_a_changed_verify_block_rejudges_every_shard_without_disti
         assert (row["verifier"], row["verifier_rule"], row["judge_correct"]) == (
             v["verifier"], v["verifier_rule"], v["judge_correct"],
         )  # fmt: skip
+    mixed = storage.read_json(storage.join(paths.mixture, "mixture.json"))["sources"]["pathvqa"]
+    assert mixed["accepted"] == len(accepted) > mixed_before["accepted"]
+    exported = storage.read_json(storage.join(paths.export, "export.json"))
+    assert sum(exported["rows"]["llamafactory"].values()) == mixed["rows_train"] + mixed["rows_validation"]
     # The history: the old settings' verdicts, the change, the new settings' verdicts.
     history = read_verify_history(paths.verify_history)
     assert [h["event"] for h in history] == ["judged", "changed", "judged"]
