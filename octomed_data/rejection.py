@@ -241,9 +241,11 @@ def record_verify_history(uri: str, entry: Mapping[str, Any]) -> dict[str, Any]:
     """Add one line to the history; returns what was written.
 
     A ``judged`` entry whose fingerprint equals the last line's (a filter pass that re-judged some
-    shards with the same settings) replaces that line, keeping its ``applied_at`` and setting
-    ``updated_at``: the history has one ``judged`` line per stretch of one settings fingerprint.
-    The file is small (one line per change) and rewritten whole, so it works on object stores too.
+    shards with the same settings) replaces that line, keeping its ``applied_at`` and, as
+    ``first_pass``, the counts of the pass that first applied the settings (its judge requests),
+    and setting ``updated_at``: the history has one ``judged`` line per stretch of one settings
+    fingerprint. Its counts describe the current verdicts (summed over the shard markers). The
+    file is small (one line per change) and rewritten whole, so it works on object stores too.
     """
     lines = read_verify_history(uri)
     doc = dict(entry)
@@ -254,7 +256,10 @@ def record_verify_history(uri: str, entry: Mapping[str, Any]) -> dict[str, Any]:
         and last.get("event") == "judged"
         and last.get("fingerprint") == doc.get("fingerprint")
     ):
-        doc = doc | {"applied_at": last.get("applied_at"), "updated_at": now_iso()}
+        first = last.get("first_pass") or {
+            k: last.get(k) for k in ("samples", "accepted", "judge_requests", "judged_new")
+        }
+        doc = doc | {"applied_at": last.get("applied_at"), "updated_at": now_iso(), "first_pass": first}
         lines[-1] = doc
     else:
         doc.setdefault("applied_at", now_iso())

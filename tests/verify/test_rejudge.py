@@ -142,7 +142,12 @@ def test_refilter_with_a_changed_verify_block_rejudges_every_shard_without_disti
     assert "verify settings unchanged" in capsys.readouterr().out
     assert requests_by_kind(sandbox) == mark
     assert verdicts(paths) == after
-    assert [h["event"] for h in read_verify_history(paths.verify_history)] == ["judged", "changed", "judged"]
+    history = read_verify_history(paths.verify_history)
+    assert [h["event"] for h in history] == ["judged", "changed", "judged"]
+    assert (
+        history[-1]["judge_requests"] == 0 and history[-1]["first_pass"]["judge_requests"] == judge_requests
+    )
+    assert history[-1]["applied_at"] == new["applied_at"] and history[-1]["updated_at"]
 
     # Back to exact match, from a verify file: the exact verdicts again, no request at all.
     verify_file = tmp_path / "exact.yaml"
