@@ -50,19 +50,23 @@ def matcher_at(rev: str) -> Equivalent:
     (tmp / "octomed_before" / "__init__.py").write_text("")
     (pkg / "__init__.py").write_text("")
     names = subprocess.run(
-        ["git", "-C", str(ROOT), "ls-tree", "--name-only", rev, "octomed_data/verify/"],
+        ["git", "-C", str(ROOT), "ls-tree", "-r", "--name-only", rev, "octomed_data/verify/"],
         check=True,
         capture_output=True,
         text=True,
     ).stdout.split()
     for name in names:
-        if name.endswith(".py") and not name.endswith("__init__.py"):
-            src = subprocess.run(
-                ["git", "-C", str(ROOT), "show", f"{rev}:{name}"], check=True, capture_output=True, text=True
-            ).stdout
+        blob = subprocess.run(
+            ["git", "-C", str(ROOT), "show", f"{rev}:{name}"], check=True, capture_output=True
+        ).stdout
+        target = pkg / Path(name).relative_to("octomed_data/verify")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith("__init__.py"):
+            continue  # the package's __init__ would import the judge, settings ...: not the matcher's
+        if name.endswith(".py"):
             # the sibling modules of that revision, not today's
-            src = src.replace("from octomed_data.verify.", "from octomed_before.verify.")
-            (pkg / Path(name).name).write_text(src)
+            blob = blob.replace(b"from octomed_data.verify.", b"from octomed_before.verify.")
+        target.write_bytes(blob)
     sys.path.insert(0, str(tmp))
     spec = importlib.util.spec_from_file_location("octomed_before.verify.match", pkg / "match.py")
     assert spec is not None and spec.loader is not None

@@ -42,21 +42,27 @@ from __future__ import annotations
 
 import functools
 import re
-import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from octomed_data.verify.quantity import (
-    NUMBER_WORDS,
-    ORDINAL_WORDS,
-    UNITS,
     Measure,
     parse_measure,
     parse_quantity,
     same_measure,
     same_quantity,
 )
-from octomed_data.verify.vocab import ABBREVIATIONS_SOURCE, SPELLING_SOURCE, abbreviations, american
+from octomed_data.verify.tokens import (
+    NEGATION_CUES,
+    ROMAN_CONTEXT,
+    Tok,
+    numerals,
+    spell,
+    stem,
+    strip_parenthetical,
+    tokenize,
+)
+from octomed_data.verify.vocab import ABBREVIATIONS_SOURCE, SPELLING_SOURCE, abbreviations
 
 __all__ = [
     "MEDICAL_SYNONYMS",
@@ -138,177 +144,6 @@ MEDICAL_SYNONYMS: tuple[tuple[str, ...], ...] = (
     ("right", "rt"),
     ("bilateral", "both sides"),
 )
-
-# -- tokens -----------------------------------------------------------------------------------
-
-_NEGATION_CUES = frozenset(
-    "no not without absent absence negative none nothing nil never cannot neither nor".split()
-)
-_NAMED = frozenset(  # a letter after these is part of the name: "hepatitis a", "type a", "vitamin a"
-    "hepatitis vitamin type group class factor grade stage zone phase influenza protein lead complex "
-    "category cluster blood fraction".split()
-)
-_ROMAN = {r: i for i, r in enumerate("i ii iii iv v vi vii viii ix x xi xii".split(), start=1)}
-_ROMAN_CONTEXT = frozenset(
-    "grade stage type class classe phase group level nerve cn factor tanner bosniak category lead zone".split()
-)
-# "5cm" -> "5 cm"; one-letter units stay glued ("2F" is Bosniak 2F, "3a" a stage).
-_UNIT_WORDS = sorted(
-    (u for u in UNITS if (u.isalpha() and len(u) > 1) or u.startswith("°")), key=len, reverse=True
-)
-_SPLIT_UNIT = re.compile(rf"(?<=\d)(?=(?:{'|'.join(map(re.escape, _UNIT_WORDS))})\b)", re.IGNORECASE)
-_WORD_BOUNDS = {
-    "less than": "<",
-    "lower than": "<",
-    "smaller than": "<",
-    "fewer than": "<",
-    "below": "<",
-    "under": "<",
-    "more than": ">",
-    "greater than": ">",
-    "larger than": ">",
-    "higher than": ">",
-    "above": ">",
-    "over": ">",
-    "exceeding": ">",
-    "at most": "<=",
-    "up to": "<=",
-    "no more than": "<=",
-    "not more than": "<=",
-    "at least": ">=",
-    "no less than": ">=",
-    "not less than": ">=",
-}
-_BOUND_WORDS = re.compile(
-    rf"\b({'|'.join(sorted(map(re.escape, _WORD_BOUNDS), key=len, reverse=True))})"
-    r"\s+(?=[-+]?\.?\d)(?![-+]?[\d.]*(?:st|nd|rd|th)\b)",  # a bound on a number, not "below 7th rib"
-    re.IGNORECASE,
-)
-_TOKEN = re.compile(
-    r"(?P<cmp><=|>=|<|>)"
-    r"|(?P<num>(?<![\w.])[-+]?(?:\d+\.\d+|\.\d+|\d+)(?![\w.]))"
-    r"|(?P<word>[^\W_]+)"
-    r"|(?P<sym>[%*°/+\-])"
-)
-_DASHES = str.maketrans({"–": "-", "—": "-", "−": "-", "‐": "-", "‑": "-", "×": "x", "’": "'"})
-
-
-@dataclass(frozen=True)
-class _Tok:
-    norm: str  # what the rules compare ("" once dropped)
-    orig: str  # as written (abbreviations are read case-sensitively)
-
-
-def _number_token(text: str) -> str:
-    value = float(text)
-    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else format(value, ".12g")
-
-
-def _tokenize(text: str) -> list[_Tok]:
-    """An answer's tokens; see the module docstring for what is kept."""
-    t = unicodedata.normalize("NFKC", text).replace("≤", "<=").replace("≥", ">=").translate(_DASHES)
-    t = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", t)  # 1,000
-    t = re.sub(r"n't\b", " not", t, flags=re.IGNORECASE)
-    t = _BOUND_WORDS.sub(lambda m: f" {_WORD_BOUNDS[m.group(1).lower()]} ", t)
-    t = re.sub(r"\bbetween\s+([-+]?[\d.]+)\s+and\s+(?=[-+]?\.?\d)", r"\1 - ", t, flags=re.IGNORECASE)
-    t = re.sub(r"(?<=\d)\s+to\s+(?=[-+]?\.?\d)", " - ", t, flags=re.IGNORECASE)
-    t = re.sub(r"(?<=\d)\s*x\s*(?=\d)", " x ", t, flags=re.IGNORECASE)  # 2x3 cm
-    t = _SPLIT_UNIT.sub(" ", t)  # 5cm -> 5 cm
-    raw = [(m.lastgroup, m.group(0), m.start(), m.end()) for m in _TOKEN.finditer(t)]
-    out: list[_Tok] = []
-    for i, (kind, s, start, end) in enumerate(raw):
-        prev = raw[i - 1] if i else None
-        nxt = raw[i + 1] if i + 1 < len(raw) else None
-        after = t[end : end + 1]
-        if kind == "cmp":
-            out.append(_Tok(s, s))
-        elif kind == "num":
-            out.append(_Tok(_number_token(s), s))
-        elif kind == "word":
-            out.append(_Tok(s.lower(), s))
-        elif s == "-":
-            glued_before = prev is not None and prev[3] == start
-            if prev and nxt and any(c.isdigit() for c in prev[1]) and any(c.isdigit() for c in nxt[1]):
-                out.append(_Tok("-", s))  # a range: 2-5, L2-3, C5-C6
-            elif glued_before and prev[0] in ("word", "num") and not after.isalnum():
-                out.append(_Tok("negative", s))  # HER2-, Rh-
-        elif s == "+":
-            if prev is not None and prev[3] == start and prev[0] in ("word", "num") and not after.isalnum():
-                out.append(_Tok("positive", s))  # HER2+, Rh+, 3+
-            elif prev is not None and nxt is not None:
-                out.append(_Tok("plus", s))  # MRI+DWI
-        elif s == "*":
-            out.append(_Tok("star", s))  # T2*
-        elif s == "%":
-            out.append(_Tok("%", s))
-        elif s == "°":
-            if nxt and nxt[0] == "word" and nxt[1].lower() in ("c", "f") and nxt[2] <= end + 1:
-                continue  # read with the unit below
-            out.append(_Tok("degree", s))
-        elif s == "/":
-            if prev and nxt and prev[0] == "num" and nxt[0] == "num":
-                out.append(_Tok("/", s))  # a ratio: 120/80
-    return _drop_articles(out)
-
-
-def _drop_articles(toks: list[_Tok]) -> list[_Tok]:
-    """Drop "the", "an" and the article "a", but not a letter that is part of a name ("hepatitis A")."""
-    out: list[_Tok] = []
-    for i, tok in enumerate(toks):
-        if tok.norm in ("the", "an"):
-            continue
-        if tok.norm == "a":
-            prev = out[-1].norm if out else None
-            nxt = toks[i + 1] if i + 1 < len(toks) else None
-            named = prev in _NAMED or (tok.orig == "A" and prev is not None)
-            if not named and nxt is not None and (tok.orig == "a" or nxt.orig[:1].islower()):
-                continue
-            if not named and nxt is None and tok.orig == "a" and prev is None:
-                continue
-        out.append(tok)
-    return out
-
-
-def _stem(word: str) -> str:
-    """A plural ending dropped ("kidneys" -> "kidney", "arteries" -> "artery"); short words kept."""
-    if not word.isalpha():
-        return word
-    if len(word) > 4 and word.endswith("ies"):
-        return word[:-3] + "y"
-    if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
-        return word[:-1]
-    return word
-
-
-def _numerals(norms: list[str]) -> list[str]:
-    """Number words and grading numerals as digits: "twenty five" -> "25", "grade II" -> "grade 2"."""
-    out: list[str] = []
-    i = 0
-    while i < len(norms):
-        w = norms[i]
-        nxt = norms[i + 1] if i + 1 < len(norms) else None
-        tens = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70}
-        if w in tens and nxt in NUMBER_WORDS and NUMBER_WORDS[nxt] < 10:
-            out.append(str(tens[w] + NUMBER_WORDS[nxt]))
-            i += 2
-            continue
-        if w in NUMBER_WORDS:
-            w = str(NUMBER_WORDS[w])
-        elif w in ORDINAL_WORDS:
-            n = ORDINAL_WORDS[w]
-            w = f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
-        elif out and out[-1] in _ROMAN_CONTEXT:
-            m = re.fullmatch(r"(i{1,3}|iv|vi{0,3}|ix|xi{0,2})([a-f]?)", w)
-            if m and m.group(1) in _ROMAN:
-                w = f"{_ROMAN[m.group(1)]}{m.group(2)}"
-        out.append(w)
-        i += 1
-    return out
-
-
-def _spell(word: str) -> str:
-    return _stem(american(word)) if word.isalpha() else word
-
 
 # -- the rules after synonyms -------------------------------------------------------------------
 
@@ -442,7 +277,7 @@ def _strip_frames(norms: list[str], lead: tuple[tuple[str, ...], ...], trail) ->
                 break
         for frame in trail:
             n = len(frame)
-            if len(out) > n and tuple(out[-n:]) == frame and out[-n - 1] not in _NEGATION_CUES:
+            if len(out) > n and tuple(out[-n:]) == frame and out[-n - 1] not in NEGATION_CUES:
                 out = out[:-n]
                 changed = True
                 break
@@ -525,7 +360,7 @@ class Matcher:
     @staticmethod
     def _base(text: str) -> list[str]:
         """Tokens with plurals, spelling and numerals normalised (the synonym table's form)."""
-        return [w for w in _numerals([_spell(t.norm) for t in _tokenize(text)]) if w]
+        return [w for w in numerals([spell(t.norm) for t in tokenize(text)]) if w]
 
     def _synonyms(self, words: list[str]) -> list[str]:
         out: list[str] = []
@@ -560,25 +395,25 @@ class Matcher:
                 i += 1
         return covered
 
-    def _expand(self, toks: list[_Tok]) -> list[str]:
+    def _expand(self, toks: list[Tok]) -> list[str]:
         """Unambiguous abbreviations (as written, in capitals) replaced by their expansion."""
         table = abbreviations()
         if sum(any(c.isalpha() for c in t.orig) for t in toks) > 1 and not any(
             c.islower() for t in toks for c in t.orig
         ):
             table = {}  # an answer all in capitals ("LEFT LOWER LOBE"): capitals say nothing there
-        spelled = [_spell(t.norm) for t in toks]
+        spelled = [spell(t.norm) for t in toks]
         covered = self._covered(spelled)
         words: list[str] = []
         prev = None
         for tok, word, known in zip(toks, spelled, covered, strict=True):
             expansion = table.get(tok.orig)
-            if expansion is not None and not known and prev not in _ROMAN_CONTEXT:
+            if expansion is not None and not known and prev not in ROMAN_CONTEXT:
                 words.extend(self._base(expansion))
             else:
                 words.append(word)
             prev = tok.norm
-        return [w for w in _numerals(words) if w]
+        return [w for w in numerals(words) if w]
 
     def _order(self, words: list[str]) -> list[list[str]]:
         """Runs of position words in one order (laterality first), synonyms, then "X of Y" as "Y X"."""
@@ -600,7 +435,7 @@ class Matcher:
         parts = [p for p in re.split(r"\s*,\s*(?:and\s+)?|\s*;\s*|\s+and\s+", text.strip().rstrip(".")) if p]
         if len(parts) < 2 or any(re.search(r"\d", p) for p in parts):
             return []
-        items = sorted(" ".join(self._order(self._expand(_tokenize(p)))[0]) for p in parts)
+        items = sorted(" ".join(self._order(self._expand(tokenize(p)))[0]) for p in parts)
         return [["<set>", *items]] if all(items) else []
 
     def read(self, text: str) -> _Reading:
@@ -608,19 +443,19 @@ class Matcher:
         cached = self._cache.get(text)
         if cached is not None:
             return cached
-        toks = _tokenize(_strip_parenthetical(text))
+        toks = tokenize(strip_parenthetical(text))
         levels: dict[str, list[list[str]]] = {}
         levels["exact"] = [[t.norm for t in toks]]
-        levels["plural"] = [[_stem(t.norm) for t in toks]]
-        levels["spelling"] = [[_spell(t.norm) for t in toks]]
-        levels["numeric"] = [[w for w in _numerals(levels["spelling"][0]) if w]]
+        levels["plural"] = [[stem(t.norm) for t in toks]]
+        levels["spelling"] = [[spell(t.norm) for t in toks]]
+        levels["numeric"] = [[w for w in numerals(levels["spelling"][0]) if w]]
         levels["synonym"] = [self._synonyms(levels["numeric"][0])]
         expanded = self._expand(toks)  # before synonyms: the later rules read words, not groups
         levels["abbreviation"] = [self._synonyms(expanded)]
         levels["word_order"] = self._order(expanded) + self._items(text)
         levels["sentence"] = self._order(_strip_frames(expanded, _LEAD_FRAMES, _TRAIL_FRAMES))
         levels["negation"] = self._order(_negation_form(_strip_frames(expanded, _LEAD_FRAMES, ())))
-        negations = sum(w in _NEGATION_CUES for w in expanded)
+        negations = sum(w in NEGATION_CUES for w in expanded)
         reading = _Reading(parse_measure(text), levels, negations)
         if len(self._cache) < 4096:
             self._cache[text] = reading
@@ -645,21 +480,6 @@ class Matcher:
                         if ma is not None and mb is not None and same_measure(ma, mb):
                             return rule
         return None
-
-
-_PAREN = re.compile(r"^(?P<phrase>[^()]+?)\s*\((?P<abbr>[A-Za-z][A-Za-z0-9 ]{0,10})\)\s*$")
-
-
-def _strip_parenthetical(text: str) -> str:
-    """ "Diffusion weighted imaging (DWI)" -> the phrase, when the parenthesis is its initialism."""
-    m = _PAREN.match(text.strip().rstrip("."))
-    if m is None:
-        return text
-    phrase, abbr = m.group("phrase"), m.group("abbr").replace(" ", "")
-    initials = "".join(w[0] for w in re.findall(r"[A-Za-z]+", phrase))
-    if abbr.isupper() and initials.lower() == abbr.lower():
-        return phrase
-    return text
 
 
 @functools.lru_cache(maxsize=1)
