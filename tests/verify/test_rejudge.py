@@ -18,6 +18,7 @@ from octomed_data import storage
 from octomed_data.cli import main
 from octomed_data.errors import ConfigError
 from octomed_data.layout import RunPaths
+from octomed_data.recipe import parse_recipe
 from octomed_data.rejection import read_verify_history
 from octomed_data.runs import change_verify, open_run
 from octomed_data.sandbox import FaultConfig, start_sandbox
@@ -193,3 +194,22 @@ def test_a_judge_that_is_not_a_run_teacher_is_refused(finished, tmp_path):
         paths, VerifySettings(sources={"pathvqa": "judge"}, judge="default"), by="test"
     )
     assert recipe.verify.judge == "default" and line and "re-judges every shard" in line
+
+
+def test_a_given_recipe_applies_its_verify_block_an_implied_one_only_says_so(finished, capsys):
+    """``run RECIPE --run-id R`` re-judges with the recipe's verify block; ``demo --run-id R`` (the
+    recipe is implied, not given) keeps the run's and says so; other blocks are named, not applied."""
+    from octomed_data.cli.run import saved_run_verify
+
+    saved, _ = open_run(finished.run_id, finished.store)
+    same = saved_run_verify(saved, "r.yaml", finished.run_id, finished.store)
+    assert same is None and capsys.readouterr().out == ""  # nothing differs: nothing to say
+    other = parse_recipe(saved.public_dict() | {"verify": JUDGE, "shard_size": 7})
+    assert saved_run_verify(other, "r.yaml", finished.run_id, finished.store) == other.verify
+    (note,) = capsys.readouterr().out.splitlines()
+    assert note.startswith(f"note: run {finished.run_id} keeps its saved shard_size settings")
+    assert saved_run_verify(other, "demo", finished.run_id, finished.store, apply=False) is None
+    (note,) = capsys.readouterr().out.splitlines()
+    assert "shard_size, verify settings" in note and "refilter" in note
+    assert saved_run_verify(other, "r.yaml", "not-a-run", finished.store) is None  # a new run
+    assert open_run(finished.run_id, finished.store)[0].verify == saved.verify  # nothing written
