@@ -74,8 +74,8 @@ AUDIT_SCHEMA = pa.schema(
 )
 
 # The verdict columns the audit reads.
-VERDICT_COLUMNS = ("question_id", "source", "task_type", "gold_answer", "extracted_answer", "correct")
-VERDICT_COLUMNS += ("reject_reason",)
+AUDIT_COLUMNS = ("question_id", "source", "task_type", "gold_answer", "extracted_answer", "correct")
+AUDIT_COLUMNS += ("reject_reason",)
 
 
 class AuditSettings(BaseModel):
@@ -97,18 +97,28 @@ class AuditSettings(BaseModel):
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def answer_key(answer: str | None, task_type: str) -> str | None:
-    """The form two answers are compared in: the verdict's own (label, verdict word, normalised text)."""
-    if answer is None:
-        return None
+def _kind(task_type: str) -> str:
     task = TaskType(task_type)
     if task.is_multiple_choice:
+        return "label"
+    return "verdict" if task == TaskType.YES_NO_MAYBE else "open"
+
+
+def _key(answer: str | None, kind: str) -> str | None:
+    if answer is None:
+        return None
+    if kind == "label":
         key = answer.strip().upper()
-    elif task == TaskType.YES_NO_MAYBE:
+    elif kind == "verdict":
         key = answer.strip().lower()
     else:
         key = normalize_open(answer)
     return key or None
+
+
+def answer_key(answer: str | None, task_type: str) -> str | None:
+    """The form two answers are compared in: the verdict's own (label, verdict word, normalised text)."""
+    return _key(answer, _kind(task_type))
 
 
 @dataclass
@@ -116,15 +126,12 @@ class _Question:
     source: str
     task_type: str
     gold: str
+    kind: str  # label | verdict | open
     n_samples: int = 0
     n_failed: int = 0
     n_correct: int = 0
     answers: Counter[str] = field(default_factory=Counter)
     accepted: set[str] = field(default_factory=set)  # answer keys some sample got accepted with
-
-
-def _is_open(task_type: str) -> bool:
-    return TaskType(task_type) in (TaskType.OPEN_QA, TaskType.OPEN_VQA)
 
 
 class ShardAudit:
@@ -136,30 +143,49 @@ class ShardAudit:
         self.questions: dict[str, _Question] = {}
 
     def add(self, row: Mapping[str, Any]) -> None:
-        q = self.questions.get(row["question_id"])
-        if q is None:
-            q = _Question(row["source"], row["task_type"], row["gold_answer"])
-            self.questions[row["question_id"]] = q
-        reason = row.get("reject_reason")
-        if reason == FAILED:
-            q.n_failed += 1
-            return
-        q.n_samples += 1
-        ok = bool(row.get("correct"))
-        if not ok and reason != WRONG:
-            return  # no verified answer: unparsed, truncated, refused, judge_unparsed
-        key = answer_key(row.get("extracted_answer"), q.task_type)
-        if key is None:
-            return
-        q.answers[key] += 1
-        if ok:
-            q.n_correct += 1
-            q.accepted.add(key)
+        """One verdict row (the :data:`AUDIT_COLUMNS` are read)."""
+        self.add_batch(*([row.get(c)] for c in AUDIT_COLUMNS))
+
+    def add_batch(
+        self,
+        question_ids: Sequence[str],
+        sources: Sequence[str],
+        task_types: Sequence[str],
+        golds: Sequence[str],
+        answers: Sequence[str | None],
+        correct: Sequence[bool | None],
+        reasons: Sequence[str | None],
+    ) -> None:
+        """Many verdicts, as columns (the statistics pass's fast path: one call per batch)."""
+        questions = self.questions
+        last_id, q = None, None
+        for qid, src, task, gold, answer, ok, reason in zip(
+            question_ids, sources, task_types, golds, answers, correct, reasons, strict=True
+        ):
+            if qid != last_id:  # a question's samples are usually next to each other
+                q = questions.get(qid)
+                if q is None:
+                    q = questions[qid] = _Question(src, task, gold, _kind(task))
+                last_id = qid
+            assert q is not None
+            if reason == FAILED:
+                q.n_failed += 1
+                continue
+            q.n_samples += 1
+            if not ok and reason != WRONG:
+                continue  # no verified answer: unparsed, truncated, refused, judge_unparsed
+            key = _key(answer, q.kind)
+            if key is None:
+                continue
+            q.answers[key] += 1
+            if ok:
+                q.n_correct += 1
+                q.accepted.add(key)
 
     def _clusters(self, q: _Question) -> list[tuple[int, str, set[str]]]:
         """(count, representative, keys) per answer; open answers the matcher calls equivalent merge."""
         ranked = sorted(q.answers.items(), key=lambda kv: (-kv[1], kv[0]))
-        if not _is_open(q.task_type):
+        if q.kind != "open":
             return [(n, key, {key}) for key, n in ranked]
         clusters: list[list[Any]] = []
         for key, n in ranked:  # the most frequent form represents its cluster
@@ -176,9 +202,9 @@ class ShardAudit:
         """Does the verifier accept this answer? (a sample giving it was accepted, or it is the gold)."""
         if keys & q.accepted:
             return True
-        if _is_open(q.task_type):
+        if q.kind == "open":
             return self.matcher.equivalent(q.gold, representative) is not None
-        return answer_key(q.gold, q.task_type) in keys
+        return _key(q.gold, q.kind) in keys
 
     def audit(self, question_id: str) -> dict[str, Any]:
         """The audit row of one question (:data:`AUDIT_SCHEMA`)."""
@@ -343,9 +369,8 @@ def audit_verdicts_shard(
     """The audit rows of one committed verdicts shard (streamed in batches)."""
     audit = ShardAudit(settings, matcher)
     ds = storage.Dataset(verdicts_uri)
-    for batch in ds.iter_batches(batch_size=4096, columns=list(VERDICT_COLUMNS), shards=[shard]):
-        for row in batch.to_pylist():
-            audit.add(row)
+    for batch in ds.iter_batches(batch_size=4096, columns=list(AUDIT_COLUMNS), shards=[shard]):
+        audit.add_batch(*(batch.column(c).to_pylist() for c in AUDIT_COLUMNS))
     return audit.rows()
 
 

@@ -32,7 +32,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from octomed_data import storage
-from octomed_data.audit import AuditSettings, AuditTally, ShardAudit, marker_extra, write_audit_shard
+from octomed_data.audit import (
+    AUDIT_COLUMNS,
+    AuditSettings,
+    AuditTally,
+    ShardAudit,
+    marker_extra,
+    write_audit_shard,
+)
 from octomed_data.layout import FilterFolder
 from octomed_data.schema import QUESTION_SCHEMA, VERDICT_SCHEMA
 from octomed_data.verify import VerifySettings, is_open
@@ -159,20 +166,11 @@ def source_statistics(
         per_q: dict[str, list[Any]] = {}  # question_id -> [source, n, correct]
         shard_audit = ShardAudit(audit_settings, matcher)
         for batch in ds.iter_batches(batch_size=4096, columns=cols, shards=[shard]):
-            for qid, src, ok, reason, length, words, task, teacher, method, judged, answer, gold in zip(
-                *(batch.column(c).to_pylist() for c in cols), strict=True
+            values = {c: batch.column(c).to_pylist() for c in cols}
+            shard_audit.add_batch(*(values[c] for c in AUDIT_COLUMNS))
+            for qid, src, ok, reason, length, words, task, teacher, method, judged in zip(
+                *(values[c] for c in cols[:10]), strict=True
             ):
-                shard_audit.add(
-                    {
-                        "question_id": qid,
-                        "source": src,
-                        "task_type": task,
-                        "gold_answer": gold,
-                        "extracted_answer": answer,
-                        "correct": ok,
-                        "reject_reason": reason,
-                    }
-                )
                 s = sources[src]
                 if reason == FAILED:  # not a sample: a question whose every request failed is "not distilled"
                     s.failed += 1
