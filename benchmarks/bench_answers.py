@@ -137,7 +137,10 @@ _LABEL = r"\(?[A-J]\)?"
 _FORMS: list[tuple[str, re.Pattern]] = [
     ("boxed", re.compile(r"\\boxed\s*\{")),
     ("answer tag", re.compile(r"<answer>", re.IGNORECASE)),
-    ("json block", re.compile(r"\"answer(?:_choice)?\"\s*:", re.IGNORECASE)),
+    (
+        "json block",
+        re.compile(r"answer(?:_choice)?\"\s*:", re.IGNORECASE),
+    ),  # also malformed: answer_choice": "D"
 ]
 _HEADING = re.compile(r"^(?:#+\s*(?:final\s+)?answer\b[^:]*|\*\*(?:final\s+)?answer\*\*)$", re.IGNORECASE)
 

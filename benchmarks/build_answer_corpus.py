@@ -389,8 +389,7 @@ RUNAWAY = re.compile(r"\n\s*Question:\s*\n")
 
 
 def _stated_labels(reply: str) -> list[str]:
-    """Every label a conservative reading finds in the reply's last non-empty line ("answer is X" in
-    the last 3 lines)."""
+    """The labels a conservative reading finds in the reply's last stating line (of its last 3)."""
     text = reply.split("</think>")[-1].replace("**", "").replace("__", "")
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     if (
@@ -399,11 +398,11 @@ def _stated_labels(reply: str) -> list[str]:
         and re.match(r"^\(?[A-J][.)]?(?:\s|$)", lines[-1])
     ):
         return []  # the reply ends inside a list of options ("D. ...\nE"): no statement
-    found = []
-    for i, ln in enumerate(lines[-3:]):
-        last = i == len(lines[-3:]) - 1
+    # The last of the last 3 lines that states anything decides; earlier lines are not read.
+    for back, ln in enumerate(reversed(lines[-3:])):
+        found = []
         for name, pat in _TAIL_PATTERNS:
-            if not last and name not in ("answer_is", "json_choice"):
+            if back and name not in ("answer_is", "json_choice"):
                 continue
             flags = 0 if name in _CASE_SENSITIVE else re.IGNORECASE
             for m in re.finditer(pat, ln, flags):
@@ -414,9 +413,26 @@ def _stated_labels(reply: str) -> list[str]:
                     ln[m.end("l") :],
                 ):
                     found.append(MULTI)
-    if lines and len(set(re.findall(r"\(([A-J])\)", lines[-1]))) > 1:
-        found.append(MULTI)  # "the only true statement is (A) and (E)"
-    return found
+                if name == "json_choice":  # "B. Amoxicillin-clavulanate or C. Clindamycin", "B. B and C. C"
+                    value = ln[m.start("l") :].split('"')[0]
+                    if len(set(re.findall(r"(?:^|\s)([A-J])\.(?=\s|$)", value))) > 1:
+                        found.append(MULTI)
+        if "answer_choice" in ln:  # a JSON block on one line: only its answer_choice states the answer
+            found = [f for f in found if f == MULTI] + [
+                m.group("l").upper() for m in re.finditer(_TAIL_PATTERNS[2][1], ln, re.IGNORECASE)
+            ]
+        if found:
+            last_sentence = re.split(r"(?<=[.!?])\s+", ln.strip())[-1]
+            if "answer_choice" not in ln and len(set(re.findall(r"(?:^|\s)\(([A-J])\)", last_sentence))) > 1:
+                found.append(MULTI)  # "is (A) and (E)", "The correct answer is (H). ... The answer is (E)."
+            return found
+    return []
+
+
+def _names_several(reply: str) -> bool:
+    """Does the last stating line name several labels? Then agreement alone does not decide."""
+    stated = _stated_labels(reply)
+    return MULTI in stated or len(set(stated)) > 1
 
 
 def _answer_space(row: dict, label: str | None) -> str | None:
@@ -432,7 +448,7 @@ def _rule_adjudicate(row: dict, extracted: str | None) -> tuple[str, str | None,
     pub = row["published"]
     stated = _stated_labels(row["reply"])
     if MULTI in stated:
-        return "ok", None, "the final statement names several labels"
+        return None  # several labels: a person decides (several answers, a retraction, an aside)
     uniq = sorted(set(stated))
     outside = [s for s in uniq if s not in {k for k, _ in row["options"]}]
     if outside:
@@ -474,7 +490,12 @@ def adjudicate(rows: list[dict], hand: dict[str, dict]) -> tuple[list[dict], Cou
             h = hand[row["id"]]
             row.update(expected=h["expected"], adjudicated=True, adjudicated_by="hand", note=h["note"])
             stats["hand"] += 1
-        elif got.answer is not None and pub is not None and is_correct(got.answer, pub, row["task_type"]):
+        elif (
+            got.answer is not None
+            and pub is not None
+            and is_correct(got.answer, pub, row["task_type"])
+            and not _names_several(row["reply"])
+        ):
             row["expected"] = pub
             stats["agree"] += 1
         elif "<think>" in row["reply"] and "</think>" not in row["reply"]:
