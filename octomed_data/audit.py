@@ -250,7 +250,7 @@ class _SourceTally:
     flags: Counter[str] = field(default_factory=Counter)
     all_requests_failed: int = 0
     none_answered: int = 0  # samples came back but none was an answer
-    examples: dict[str, list[tuple[str, dict[str, Any]]]] = field(default_factory=dict)
+    examples: dict[str, list[tuple[_Neg, int, dict[str, Any]]]] = field(default_factory=dict)
 
     def add(self, row: Mapping[str, Any], keep: int) -> None:
         self.questions += 1
@@ -269,7 +269,7 @@ class _SourceTally:
         heap = self.examples.setdefault(flag, [])  # the `keep` smallest question ids: deterministic
         example = {k: row[k] for k in ("question_id", "gold_answer", "majority_answer", "majority_share")}
         example |= {"n_answered": row["n_answered"], "n_correct": row["n_correct"]}
-        item = (_Neg(row["question_id"]), example)
+        item = (_Neg(row["question_id"]), -self.questions, example)  # unique: never compares dicts
         if len(heap) < keep:
             heapq.heappush(heap, item)
         elif item[0] > heap[0][0]:
@@ -295,7 +295,7 @@ class _SourceTally:
         }
         if with_examples:
             out["examples"] = {
-                flag: [e for _, e in sorted(heap, key=lambda t: t[0].value)]
+                flag: [e for _, _, e in sorted(heap, key=lambda t: (t[0].value, -t[1]))]
                 for flag, heap in sorted(self.examples.items())
             }
         return out

@@ -472,3 +472,23 @@ def test_real_replies_with_planted_wrong_labels(tmp_path):
                 rows[qid]["flag"] == clean[ids[i]]["flag"]
                 and rows[qid]["n_correct"] == clean[ids[i]]["n_correct"]
             )
+
+
+def test_tally_examples_are_the_smallest_ids_whatever_the_order():
+    from octomed_data.audit import AuditTally
+
+    def row(qid: str) -> dict:
+        return {
+            "question_id": qid,
+            "source": "s",
+            "gold_answer": "A",
+            "majority_answer": "B",
+            "majority_share": 0.9,
+        }
+
+    tally = AuditTally(AuditSettings(examples=2))
+    common = {"n_samples": 10, "n_failed": 0, "n_answered": 10, "n_correct": 0, "flag": SUSPECTED_LABEL_ERROR}
+    tally.add([row(q) | common for q in ("q5", "q1", "q3", "q1")])  # q1 twice: a duplicate id never breaks it
+    summary = tally.summary()["sources"]["s"]
+    assert summary["suspected_label_error"] == 4
+    assert [e["question_id"] for e in summary["examples"][SUSPECTED_LABEL_ERROR]] == ["q1", "q1"]
