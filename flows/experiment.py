@@ -5,12 +5,16 @@ resumed when it exists), then runs each unfinished arm as its own ``experiment-a
 select (no teacher request) -> mixture -> export -> train -> evaluate, every arm from the same base
 model with the same protocol and seeds. A failed arm does not stop the others; the comparison
 report covers every finished arm, and the failed one is re-run alone (``arms: [name]``). Finished
-arms (same settings, same data fingerprint) are reused.
+arms (same settings, same data fingerprint) are reused. Arms whose training data (fingerprint) and
+training settings are identical train once: the later ones evaluate the first one's checkpoint with
+their own evaluation settings (``trained_by`` in ``arm.json``; the report lists who shared).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import os
 import tempfile
 from typing import Any
@@ -110,6 +114,32 @@ def evaluate_task(config: Any) -> dict[str, Any]:
     return asdict(evaluate(config, progress=False))
 
 
+@task(name="item-images")
+def item_images_task(config: Any, exp: ExperimentPaths) -> str | None:
+    """For registry benchmarks (whose predictions carry no image flag): question id -> has an image
+    of the items evaluated, as a JSON object the comparison reads to group items by image presence.
+    Read once per experiment and protocol (benchmarks, data folder, limit); None for a question
+    dataset (the comparison reads its ``images`` column)."""
+    if not config.benchmarks:
+        return None
+    from evaluation.benchmarks import LoadStats, get_benchmarks, iter_benchmark, resolve_data_dir
+    from octomed_data.images import ImageStore
+
+    blob = json.dumps([config.benchmarks, config.data_dir, config.limit], default=str)
+    uri = storage.join(exp.root, "items", hashlib.sha256(blob.encode()).hexdigest()[:16] + ".json")
+    if storage.exists(uri):
+        return uri
+    data_dir = resolve_data_dir(config.data_dir)
+    images: dict[str, bool] = {}
+    with tempfile.TemporaryDirectory(prefix="octomed-items-") as tmp:
+        store = ImageStore(tmp)
+        for spec in get_benchmarks(config.benchmarks):
+            for row in iter_benchmark(spec, data_dir, store, LoadStats(), config.limit):
+                images[row["question_id"]] = bool(row.get("images"))
+    storage.write_json(uri, images)
+    return uri
+
+
 def _train_params(spec: ExperimentSpec, arm_name: str, model_path: str | None) -> TrainParams:
     arm = spec.arm(arm_name)
     steps = arm.training.max_steps or (spec.training.max_steps if spec.control == "same_steps" else None)
@@ -154,6 +184,36 @@ def recipe_settings(recipe: Recipe, model_path: str | None) -> dict[str, Any]:
     }
 
 
+def training_key(spec: ExperimentSpec, arm_name: str, settings: dict[str, Any], data_fingerprint: str) -> str:
+    """What decides an arm's checkpoint: its data fingerprint and every training setting (the arm's
+    training overrides, control, the spec's training, the recipe's training, mixture and export
+    settings, the base model); never its evaluation settings."""
+    arm = spec.arm(arm_name)
+    blob = {
+        "data": data_fingerprint,
+        "arm_training": arm.training.model_dump(mode="json"),
+        "control": spec.control,
+        "training": spec.training.model_dump(mode="json"),
+        "base_run": spec.base_run,
+        "recipe": {k: settings.get(k) for k in ("training", "mixture", "export", "model")},
+    }
+    text = json.dumps(blob, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def trained_twin(spec: ExperimentSpec, exp: ExperimentPaths, arm: str, key: str) -> str | None:
+    """Another arm of the spec that trained (itself) a finished checkpoint under ``key``, if any."""
+    for other in spec.arms:
+        if other.name == arm:
+            continue
+        rec = read_record(exp, other.name)
+        if rec.get("train_key") != key or not rec.get("train") or rec.get("trained_by") != other.name:
+            continue
+        if storage.exists(storage.join(exp.arm(other.name).checkpoints, "checkpoint.json")):
+            return other.name
+    return None
+
+
 @flow(name="experiment-arm", flow_run_name="arm {arm}", log_prints=True)
 def arm_flow(spec_ref: str, arm: str, store: str | None = None, force: bool = False) -> dict[str, Any]:
     """One arm: select -> mixture -> export -> train -> evaluate; reused when finished."""
@@ -169,31 +229,51 @@ def arm_flow(spec_ref: str, arm: str, store: str | None = None, force: bool = Fa
         if not force and finished(previous, settings, data["fingerprint"]):
             print(f"arm {arm}: finished before with these settings and data ({data['fingerprint']}), reused")
             return previous | {"reused": True}
+        key = training_key(spec, arm, recipe_settings(recipe, model_path), data["fingerprint"])
+        record["train_key"] = key
         write_record(exp, arm, record)
         record["data"] = data
         print(f"arm {arm}: {data['traces']} traces, data {data['fingerprint']}")
-        mix = mixture_task(recipe, base, paths)
-        record["mixture"] = {
-            "train_rows": mix["rows_train"],
-            "validation_rows": mix["rows_validation"],
-            "questions_train": mix["questions_train"],
-        }
-        export_task(recipe, paths)
-        config = train_config(recipe, paths, _train_params(spec, arm, model_path))
-        update: dict[str, Any] = {"report_to": spec.training.report_to}
-        if spec.control == "same_epochs" and arm_cfg.training.max_steps is None:
-            update["max_steps"] = None  # epochs decide, not a max_steps the recipe carries
-        if arm_cfg.training.seed is not None:
-            update["seed"] = arm_cfg.training.seed
-        tensorboard = os.path.join(config.work_dir or tempfile.gettempdir(), "tensorboard")
-        config = config.model_copy(update=update | {"logging_dir": tensorboard})
-        if spec.training.report_to == "tensorboard":
-            record["tensorboard"] = tensorboard  # `tensorboard --logdir` it
-        record["train"] = train_task(config, recipe.training.launcher, None, None)
-        result = evaluate_task(_eval_config(recipe, spec, arm, paths, base))
+        twin = None if force else trained_twin(spec, exp, arm, key)
+        if twin is not None:
+            # Same data, same training: the twin's checkpoint, evaluated with this arm's settings.
+            shared = read_record(exp, twin)
+            record |= {"mixture": shared.get("mixture", {}), "train": shared["train"], "trained_by": twin}
+            for k in ("tensorboard",):
+                if k in shared:
+                    record[k] = shared[k]
+            checkpoint = exp.arm(twin).checkpoints
+            print(f"arm {arm}: same data and training as arm {twin}: its checkpoint, not trained again")
+        else:
+            mix = mixture_task(recipe, base, paths)
+            record["mixture"] = {
+                "train_rows": mix["rows_train"],
+                "validation_rows": mix["rows_validation"],
+                "questions_train": mix["questions_train"],
+            }
+            export_task(recipe, paths)
+            config = train_config(recipe, paths, _train_params(spec, arm, model_path))
+            update: dict[str, Any] = {"report_to": spec.training.report_to}
+            if spec.control == "same_epochs" and arm_cfg.training.max_steps is None:
+                update["max_steps"] = None  # epochs decide, not a max_steps the recipe carries
+            if arm_cfg.training.seed is not None:
+                update["seed"] = arm_cfg.training.seed
+            tensorboard = os.path.join(config.work_dir or tempfile.gettempdir(), "tensorboard")
+            config = config.model_copy(update=update | {"logging_dir": tensorboard})
+            if spec.training.report_to == "tensorboard":
+                record["tensorboard"] = tensorboard  # `tensorboard --logdir` it
+            record["train"] = train_task(config, recipe.training.launcher, None, None)
+            record["trained_by"] = arm
+            write_record(exp, arm, record)  # its checkpoint is findable by twins from here on
+            checkpoint = paths.checkpoints
+        eval_cfg = _eval_config(recipe, spec, arm, paths, base).model_copy(update={"model": checkpoint})
+        result = evaluate_task(eval_cfg)
         record["evaluation"] = {
             "predictions_uri": result["predictions_uri"],
             "report_uri": result["report_uri"],
+            "questions_uri": None if eval_cfg.benchmarks else eval_cfg.questions_uri,  # item groups
+            "item_images": item_images_task(eval_cfg, exp),  # registry benchmarks: item groups
+            "checkpoint": checkpoint,
         }
         record["metrics"] = arm_metrics(result["predictions_uri"])
         record["status"] = "COMPLETED"

@@ -1,11 +1,15 @@
 """The comparison report of an experiment: every number recomputed from the arms' predictions.
 
 Per arm and benchmark: accuracy under each protocol seed, then mean ± sample std over seeds; the
-difference to the reference arm and whether it exceeds the seed noise (|Δ| > 2 standard errors of
-the difference, ``2·sqrt(sd_a²/n_a + sd_ref²/n_ref)``; with one seed there is no noise estimate).
-Also: the traces and tokens each arm trained on, mean reasoning tokens per benchmark and task type
-(the paper's length-calibration view: PMC-VQA vs MedXpertQA where present), and the paper's
-reported direction of each effect beside the measured one.
+difference Δ to the reference arm with a 95% confidence interval from a **paired bootstrap over
+items and seeds** (:func:`paired_bootstrap`: both arms answered the same items under the same
+protocol seeds, so items and seeds are resampled together, ``BOOTSTRAP_RESAMPLES`` times with a
+fixed seed: deterministic). An effect is *beyond noise* only when its interval excludes 0: one
+flipped item of four is not, however small the seed variance. Per task group (text / multimodal /
+classification, by whether the item has an image: the paper's Fig. 1) the mean over the group's
+benchmarks, with its Δ and interval. Also: the traces and tokens each arm trained on, which arms
+shared a checkpoint, mean reasoning tokens per benchmark and task type (the paper's
+length-calibration view), and the paper's reported direction of each effect beside the measured one.
 """
 
 from __future__ import annotations
@@ -16,9 +20,15 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from octomed_data import storage
+from octomed_data.experiment.spec import TASK_GROUPS, task_group
 
 MACRO = "macro"
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 20250101  # fixed: the same predictions always give the same intervals
+CONFIDENCE = 0.95
 LENGTH = "length:"  # an expectation on reasoning length within an arm: length:A/B
 _COLUMNS = ["benchmark", "task_type", "seed", "correct", "reasoning_tokens"]
 
@@ -72,44 +82,241 @@ def arm_metrics(predictions_uri: str) -> dict[str, Any]:
     }
 
 
-def difference(arm: Mapping[str, Any], ref: Mapping[str, Any]) -> dict[str, Any]:
-    """Δ of mean accuracy vs the reference, the 2-SE noise bound and whether Δ exceeds it."""
-    if arm.get("mean") is None or ref.get("mean") is None:
-        return {"delta": None, "noise": None, "exceeds_noise": None}
-    delta = arm["mean"] - ref["mean"]
-    n_a, n_r = len(arm.get("per_seed") or {}), len(ref.get("per_seed") or {})
-    if arm.get("std") is None or ref.get("std") is None or n_a < 2 or n_r < 2:
-        return {"delta": delta, "noise": None, "exceeds_noise": None}
-    noise = 2 * math.sqrt(arm["std"] ** 2 / n_a + ref["std"] ** 2 / n_r)
-    return {"delta": delta, "noise": noise, "exceeds_noise": abs(delta) > noise}
+# ----------------------------------------------------------------------------- item outcomes
+
+
+def question_images(questions_uri: str) -> dict[str, bool]:
+    """question id -> has an image, of an evaluation question dataset (never reads the images)."""
+    import pyarrow.compute as pc
+
+    ds = storage.Dataset(questions_uri)
+    out: dict[str, bool] = {}
+    for shard in sorted(ds.manifest()):
+        t = ds.read_shard(shard, ["question_id", "images"])
+        counts = pc.fill_null(pc.list_value_length(t.column("images")), 0).to_pylist()
+        out.update(zip(t.column("question_id").to_pylist(), [n > 0 for n in counts], strict=True))
+    return out
+
+
+def item_images(evaluation: Mapping[str, Any]) -> dict[str, bool] | None:
+    """question id -> has an image, of the items an arm was evaluated on: from its question dataset
+    (``questions_uri``), or the map the flow wrote for registry benchmarks (``item_images``, a JSON
+    object); None when neither is recorded (groups then fall back to the task type)."""
+    if evaluation.get("questions_uri"):
+        return question_images(evaluation["questions_uri"])
+    if evaluation.get("item_images"):
+        return {str(k): bool(v) for k, v in storage.read_json(evaluation["item_images"]).items()}
+    return None
+
+
+def item_outcomes(predictions_uri: str) -> dict[str, dict[str, Any]]:
+    """Per benchmark: ``items`` (question ids), ``seeds``, ``correct`` (items x seeds, NaN where an
+    item has no prediction under a seed) and ``task_type`` per item, from the predictions files."""
+    ds = storage.Dataset(predictions_uri)
+    cells: dict[str, dict[tuple[str, int], bool]] = defaultdict(dict)
+    tasks: dict[str, dict[str, str]] = defaultdict(dict)
+    columns = ["benchmark", "question_id", "task_type", "seed", "correct"]
+    for shard in sorted(ds.manifest()):
+        t = ds.read_shard(shard, columns)
+        for bench, qid, task, seed, ok in zip(*(t.column(c).to_pylist() for c in columns), strict=True):
+            cells[bench][(qid, int(seed or 0))] = bool(ok)
+            tasks[bench][qid] = task
+    out: dict[str, dict[str, Any]] = {}
+    for bench in sorted(cells):
+        items = sorted(tasks[bench])
+        seeds = sorted({s for _, s in cells[bench]})
+        m = np.full((len(items), len(seeds)), np.nan)
+        row, col = {q: i for i, q in enumerate(items)}, {s: j for j, s in enumerate(seeds)}
+        for (qid, seed), ok in cells[bench].items():
+            m[row[qid], col[seed]] = float(ok)
+        out[bench] = {
+            "items": items,
+            "seeds": seeds,
+            "correct": m,
+            "task_type": [tasks[bench][q] for q in items],
+        }
+    return out
+
+
+def _paired(a: Mapping[str, Any], r: Mapping[str, Any], keep: set[str] | None = None) -> np.ndarray:
+    """Arm minus reference, per (item, seed) both answered (items in ``keep`` only, when given)."""
+    items = sorted(set(a["items"]) & set(r["items"]) & (keep if keep is not None else set(a["items"])))
+    seeds = sorted(set(a["seeds"]) & set(r["seeds"]))
+    if not items or not seeds:
+        return np.zeros((0, 0))
+
+    def pick(o: Mapping[str, Any]) -> np.ndarray:
+        ri = {q: i for i, q in enumerate(o["items"])}
+        ci = {s: j for j, s in enumerate(o["seeds"])}
+        return o["correct"][np.ix_([ri[q] for q in items], [ci[s] for s in seeds])]
+
+    return pick(a) - pick(r)
+
+
+def paired_bootstrap(
+    diffs: Sequence[np.ndarray], *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
+) -> dict[str, Any]:
+    """Δ (the mean over benchmarks of each benchmark's mean paired difference) and its percentile
+    interval: each resample draws every benchmark's items with replacement and the protocol seeds
+    with replacement (the same seed draw for all benchmarks of that resample), then recomputes Δ.
+
+    ``diffs``: one items x seeds matrix of (arm - reference) per benchmark, NaN where either arm
+    lacks that prediction. Deterministic for a given ``seed``. With one item and one seed the
+    interval is that one difference (no spread can be estimated).
+    """
+    mats = [d for d in diffs if d.size and not np.isnan(d).all()]
+    if not mats:
+        return {"delta": None, "ci_low": None, "ci_high": None, "beyond_noise": None, "resamples": 0}
+
+    def mean_of(d: np.ndarray) -> float:
+        return float(np.nanmean(d))
+
+    delta = float(np.mean([mean_of(d) for d in mats]))
+    rng = np.random.default_rng(seed)
+    n_seeds = mats[0].shape[1]
+    same_seeds = all(d.shape[1] == n_seeds for d in mats)
+    seed_w = rng.multinomial(n_seeds, [1 / n_seeds] * n_seeds, size=resamples) if same_seeds else None
+    per_bench = []
+    for d in mats:
+        n, s = d.shape
+        item_w = rng.multinomial(n, [1 / n] * n, size=resamples)  # (B, n) draw counts
+        w = seed_w if seed_w is not None else rng.multinomial(s, [1 / s] * s, size=resamples)
+        known = (~np.isnan(d)).astype(float)
+        num = np.einsum("bi,is,bs->b", item_w, np.nan_to_num(d), w)
+        den = np.einsum("bi,is,bs->b", item_w, known, w)
+        per_bench.append(np.divide(num, den, out=np.zeros_like(num), where=den > 0))
+    boots = np.mean(per_bench, axis=0)
+    tail = (1 - CONFIDENCE) / 2 * 100
+    low, high = (float(x) for x in np.percentile(boots, [tail, 100 - tail]))
+    return {
+        "delta": delta,
+        "ci_low": low,
+        "ci_high": high,
+        "beyond_noise": bool(low > 0 or high < 0),
+        "resamples": resamples,
+    }
+
+
+def _group_means(
+    outcomes: Mapping[str, Mapping[str, Any]], groups: Mapping[str, bool] | None
+) -> dict[str, Any]:
+    """Per task group: the mean over benchmarks of the accuracy on the group's items (and per seed)."""
+    out: dict[str, Any] = {}
+    for group in TASK_GROUPS:
+        accs, per_seed = [], defaultdict(list)
+        for o in outcomes.values():
+            rows = [i for i, q in enumerate(o["items"]) if _group_of(q, o["task_type"][i], groups) == group]
+            if not rows:
+                continue
+            m = o["correct"][rows]
+            accs.append(float(np.nanmean(m)))
+            for j, s in enumerate(o["seeds"]):
+                if not np.isnan(m[:, j]).all():
+                    per_seed[s].append(float(np.nanmean(m[:, j])))
+        if accs:
+            out[group] = {
+                "mean": float(np.mean(accs)),
+                "benchmarks": len(accs),
+                "per_seed": {s: float(np.mean(v)) for s, v in sorted(per_seed.items())},
+            }
+    return out
+
+
+def _group_of(qid: str, task_type: str, images: Mapping[str, bool] | None) -> str:
+    if images is not None and qid in images:
+        return task_group(task_type, images[qid])
+    from octomed_data.schema import TaskType
+
+    # No record of the item's images: the task type's usual modality (the report says so).
+    return task_group(task_type, TaskType(task_type).is_multimodal)
+
+
+def _group_keep(o: Mapping[str, Any], group: str, groups: Mapping[str, bool] | None) -> set[str]:
+    return {q for q, t in zip(o["items"], o["task_type"], strict=True) if _group_of(q, t, groups) == group}
 
 
 def measured_direction(diff: Mapping[str, Any]) -> str:
-    """up / down when Δ exceeds the seed noise, else same; with one seed (no noise estimate) Δ's sign."""
+    """up / down when Δ's interval excludes 0, else same."""
     delta = diff.get("delta")
     if delta is None:
         return "n/a"
-    if diff.get("exceeds_noise") is False:
+    if not diff.get("beyond_noise"):
         return "same"
-    return "up" if delta > 0 else "down" if delta < 0 else "same"
+    return "up" if delta > 0 else "down"
 
 
-def compare(spec: Any, records: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """The whole comparison (JSON-able) from each arm's record (``metrics``, ``data``, ``train``)."""
-    ref = records.get(spec.reference, {}).get("metrics", {}).get("accuracy", {})
+def load_outcomes(records: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Per finished arm: its item outcomes (from its predictions) and whether each item has an
+    image (:func:`item_images`; None: groups by task type)."""
+    outcomes: dict[str, Any] = {}
+    groups: dict[str, Any] = {}
+    for name, rec in records.items():
+        uri = rec.get("evaluation", {}).get("predictions_uri")
+        if rec.get("status") != "COMPLETED" or not uri:
+            continue
+        outcomes[name] = item_outcomes(uri)
+        groups[name] = item_images(rec.get("evaluation", {}))
+    return outcomes, groups
+
+
+def compare(
+    spec: Any,
+    records: Mapping[str, Mapping[str, Any]],
+    outcomes: Mapping[str, Any] | None = None,
+    groups: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The whole comparison (JSON-able) from each arm's record (``metrics``, ``data``, ``train``,
+    ``evaluation``) and its predictions (``outcomes``/``groups``: :func:`load_outcomes`'s, read
+    from the records when not given)."""
+    if outcomes is None:
+        outcomes, groups = load_outcomes(records)
+    groups = groups or {}
+    ref_name = spec.reference
+    ref_out = outcomes.get(ref_name, {})
     benches = sorted(
         {b for r in records.values() for b in r.get("metrics", {}).get("accuracy", {})} - {MACRO}
     )
     rows = []
+    group_rows = []
+    tests: dict[tuple[str, str], dict[str, Any]] = {}
     for arm in spec.arms:
         rec = records.get(arm.name, {})
         acc = rec.get("metrics", {}).get("accuracy", {})
+        out = outcomes.get(arm.name, {})
+        common = [b for b in benches if b in out and b in ref_out]
         for bench in [*benches, MACRO]:
             cell = acc.get(bench, {})
             row = {"arm": arm.name, "benchmark": bench, "mean": cell.get("mean"), "std": cell.get("std")}
             row["seeds"] = len(cell.get("per_seed") or {})
-            row |= difference(cell, ref.get(bench, {})) if arm.name != spec.reference else {"delta": 0.0}
+            row["items"] = cell.get("items")
+            if arm.name == ref_name:
+                row |= {"delta": 0.0, "ci_low": None, "ci_high": None, "beyond_noise": None}
+            elif cell.get("mean") is None:
+                row |= {"delta": None, "ci_low": None, "ci_high": None, "beyond_noise": None}
+            else:
+                picked = common if bench == MACRO else [bench] if bench in common else []
+                test = paired_bootstrap([_paired(out[b], ref_out[b]) for b in picked])
+                row |= {k: test[k] for k in ("delta", "ci_low", "ci_high", "beyond_noise")}
+            tests[(arm.name, bench)] = row
             rows.append(row)
+        means = _group_means(out, groups.get(arm.name)) if out else {}
+        for group in TASK_GROUPS:
+            if group not in means:
+                continue
+            g = {"arm": arm.name, "group": group} | {
+                k: means[group][k] for k in ("mean", "benchmarks", "per_seed")
+            }
+            if arm.name == ref_name:
+                g |= {"delta": 0.0, "ci_low": None, "ci_high": None, "beyond_noise": None}
+            else:
+                diffs = [
+                    _paired(out[b], ref_out[b], keep=_group_keep(out[b], group, groups.get(arm.name)))
+                    for b in common
+                ]
+                test = paired_bootstrap(diffs)
+                g |= {k: test[k] for k in ("delta", "ci_low", "ci_high", "beyond_noise")}
+            tests[(arm.name, f"group:{group}")] = g
+            group_rows.append(g)
     expectations = []
     for e in spec.expect:
         metrics = records.get(e.arm, {}).get("metrics", {})
@@ -123,40 +330,57 @@ def compare(spec: Any, records: Mapping[str, Mapping[str, Any]]) -> dict[str, An
             shown = "–" if ratio is None else f"×{ratio:.2f}"
             value = ratio
         else:
-            diff = difference(metrics.get("accuracy", {}).get(e.metric, {}), ref.get(e.metric, {}))
-            measured, value, shown = measured_direction(diff), diff["delta"], _signed(diff["delta"])
+            diff = tests.get((e.arm, e.metric), {})
+            measured, value = measured_direction(diff), diff.get("delta")
+            shown = _signed(value) + (_ci(diff) if diff.get("ci_low") is not None else "")
         agrees = None if measured == "n/a" else measured == e.direction
         expectations.append(
             e.model_dump() | {"value": value, "shown": shown, "measured": measured, "agrees": agrees}
         )
-    data = {
-        a.name: {
-            "status": records.get(a.name, {}).get("status"),
-            "fingerprint": records.get(a.name, {}).get("data", {}).get("fingerprint"),
-            "traces": records.get(a.name, {}).get("data", {}).get("traces"),
-            "questions": records.get(a.name, {}).get("data", {}).get("questions"),
-            "trace_tokens": records.get(a.name, {}).get("data", {}).get("completion_tokens"),
-            "train_rows": records.get(a.name, {}).get("mixture", {}).get("train_rows"),
-            "steps": records.get(a.name, {}).get("train", {}).get("steps"),
-            "examples_trained": records.get(a.name, {}).get("train", {}).get("samples_seen"),
+    data = {}
+    for a in spec.arms:
+        rec = records.get(a.name, {})
+        data[a.name] = {
+            "status": rec.get("status"),
+            "fingerprint": rec.get("data", {}).get("fingerprint"),
+            "traces": rec.get("data", {}).get("traces"),
+            "questions": rec.get("data", {}).get("questions"),
+            "trace_tokens": rec.get("data", {}).get("completion_tokens"),
+            "train_rows": rec.get("mixture", {}).get("train_rows"),
+            "steps": rec.get("train", {}).get("steps"),
+            "examples_trained": rec.get("train", {}).get("samples_seen"),
+            "final_loss": rec.get("train", {}).get("final_loss"),
+            "trained_by": rec.get("trained_by") or (a.name if rec.get("train") else None),
         }
-        for a in spec.arms
-    }
     same: dict[str, list[str]] = defaultdict(list)
+    shared: dict[str, list[str]] = defaultdict(list)
     for name, d in data.items():
         if d["fingerprint"]:
             same[d["fingerprint"]].append(name)
+        if d["trained_by"]:
+            shared[d["trained_by"]].append(name)
     lengths = {
         a.name: records.get(a.name, {}).get("metrics", {}).get("reasoning_tokens", {}) for a in spec.arms
     }
+    basis = {name: "image" if groups.get(name) is not None else "task_type" for name in outcomes}
     return {
         "experiment": spec.name,
         "reference": spec.reference,
         "control": spec.control,
         "benchmarks": benches,
+        "statistics": {
+            "test": "paired bootstrap over items and protocol seeds",
+            "resamples": BOOTSTRAP_RESAMPLES,
+            "seed": BOOTSTRAP_SEED,
+            "confidence": CONFIDENCE,
+            "beyond_noise": "the interval of Δ excludes 0",
+            "groups_by": basis,  # image: the evaluated items' images; task_type: no record of them
+        },
         "accuracy": rows,
+        "groups": group_rows,
         "data": data,
         "same_data": [names for names in same.values() if len(names) > 1],
+        "shared_checkpoints": [names for names in shared.values() if len(names) > 1],
         "reasoning_tokens": lengths,
         "reasoning_tokens_by_task": {
             a.name: records.get(a.name, {}).get("metrics", {}).get("reasoning_tokens_by_task", {})
@@ -174,33 +398,63 @@ def _signed(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:+.1f}"
 
 
+def _ci(r: Mapping[str, Any]) -> str:
+    if r.get("ci_low") is None:
+        return "–"
+    return f"[{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]"
+
+
+_YES = {True: "yes", False: "no", None: "–"}
+
+
 def report_markdown(result: Mapping[str, Any], plot_name: str = "comparison.png") -> str:
     """The comparison as markdown (accuracy in percent points)."""
+    st = result["statistics"]
     lines = [
         f"# Experiment {result['experiment']}",
         "",
         f"Reference arm: **{result['reference']}**; control: {result['control']}. Accuracy in %, mean ± std "
-        "over protocol seeds; Δ vs the reference in points; *noise* = 2 standard errors of Δ.",
+        f"over protocol seeds; Δ vs the reference in points with its {100 * st['confidence']:.0f}% interval "
+        f"({st['test']}, {st['resamples']} resamples, seed {st['seed']}); *beyond noise*: the interval "
+        "excludes 0.",
         "",
-        "| arm | benchmark | accuracy | Δ | noise | beyond noise |",
+        "| arm | benchmark | accuracy | Δ | 95% CI | beyond noise |",
         "|---|---|---|---|---|---|",
     ]
     for r in result["accuracy"]:
         acc = f"{_pct(r['mean'])} ± {_pct(r['std'])}" if r["std"] is not None else _pct(r["mean"])
-        beyond = {True: "yes", False: "no", None: "–"}[r.get("exceeds_noise")]
         lines.append(
-            f"| {r['arm']} | {r['benchmark']} | {acc} | {_signed(r.get('delta'))} | "
-            f"{_pct(r.get('noise'))} | {beyond} |"
+            f"| {r['arm']} | {r['benchmark']} | {acc} | {_signed(r.get('delta'))} | {_ci(r)} | "
+            f"{_YES[r.get('beyond_noise')]} |"
         )
+    if result["groups"]:
+        by = sorted(set(st["groups_by"].values()))
+        how = "whether the item has an image" if by == ["image"] else f"{' / '.join(by)} (no question file)"
+        lines += ["", "## Per task group (the paper's Fig. 1)", "",
+                  f"Mean over each group's benchmarks of the accuracy on its items; groups by {how}.", "",
+                  "| arm | group | accuracy | benchmarks | Δ | 95% CI | beyond noise |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for g in result["groups"]:
+            lines.append(
+                f"| {g['arm']} | {g['group']} | {_pct(g['mean'])} | {g['benchmarks']} | {_signed(g.get('delta'))} | "
+                f"{_ci(g)} | {_YES[g.get('beyond_noise')]} |"
+            )
     lines += ["", "## Data and training per arm", "", "| arm | status | traces | questions | trace tokens | "
-              "train rows | steps | examples trained | data fingerprint |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "train rows | steps | examples trained | final loss | checkpoint of | data fingerprint |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for arm, d in result["data"].items():
         cells = [d.get(k) for k in ("status", "traces", "questions", "trace_tokens", "train_rows", "steps")]
-        cells += [d.get("examples_trained"), f"`{d.get('fingerprint')}`"]
+        loss = d.get("final_loss")
+        cells += [d.get("examples_trained"), None if loss is None else f"{loss:.4f}", d.get("trained_by")]
+        cells += [f"`{d.get('fingerprint')}`"]
         lines.append(f"| {arm} | " + " | ".join("–" if c is None else str(c) for c in cells) + " |")
     if result["same_data"]:
         lines += ["", "Arms trained on identical data (same fingerprint): "
                   + "; ".join(", ".join(g) for g in result["same_data"])]  # fmt: skip
+    if result["shared_checkpoints"]:
+        lines += ["", "Arms sharing one checkpoint (same data and training settings, trained once; "
+                  "each evaluated with its own settings): "
+                  + "; ".join(", ".join(g) for g in result["shared_checkpoints"])]  # fmt: skip
     tasks = sorted({t for v in result["reasoning_tokens_by_task"].values() for t in v})
     benches = sorted({b for v in result["reasoning_tokens"].values() for b in v})
     lines += ["", "## Reasoning length (mean reasoning tokens in evaluation replies)", ""]
@@ -211,20 +465,20 @@ def report_markdown(result: Mapping[str, Any], plot_name: str = "comparison.png"
         lines.append(f"| {arm} | " + " | ".join("–" if v is None else f"{v:.0f}" for v in vals) + " |")
     if result["expectations"]:
         lines += ["", "## The paper's findings beside the measured effects", "",
-                  "| arm | metric | paper | expected | measured (Δ points, or × for length) | measured | agrees |",
+                  "| arm | metric | paper | expected | measured (Δ points [95% CI], or × for length) | measured | agrees |",
                 "|---|---|---|---|---|---|---|"]  # fmt: skip
         for e in result["expectations"]:
-            agrees = {True: "yes", False: "no", None: "–"}[e["agrees"]]
             lines.append(
                 f"| {e['arm']} | {e['metric']} | {e['paper']} | {e['direction']} | {e['shown']} | "
-                f"{e['measured']} | {agrees} |"
+                f"{e['measured']} | {_YES[e['agrees']]} |"
             )
-    lines += ["", f"![accuracy and reasoning length per arm]({plot_name})", ""]
+    lines += ["", f"![accuracy, task groups and reasoning length per arm]({plot_name})", ""]
     return "\n".join(lines)
 
 
 def report_png(result: Mapping[str, Any]) -> bytes:
-    """Two panels: accuracy per benchmark per arm (error bars: seed std), reasoning tokens per benchmark."""
+    """Three panels: accuracy per benchmark per arm (error bars: seed std), accuracy per task group
+    (error bars: the 95% interval of Δ, placed on the arm's mean), reasoning tokens per benchmark."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -233,19 +487,34 @@ def report_png(result: Mapping[str, Any]) -> bytes:
     arms = list(result["data"])
     benches = [*result["benchmarks"], MACRO]
     cell = {(r["arm"], r["benchmark"]): r for r in result["accuracy"]}
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    group_cell = {(g["arm"], g["group"]): g for g in result["groups"]}
+    groups = [g for g in TASK_GROUPS if any(k[1] == g for k in group_cell)]
+    fig, (ax1, ax3, ax2) = plt.subplots(1, 3, figsize=(17, 4.5))
     width = 0.8 / max(1, len(arms))
     for i, arm in enumerate(arms):
         xs = [j + i * width for j in range(len(benches))]
         means = [100 * (cell.get((arm, b), {}).get("mean") or 0.0) for b in benches]
         stds = [100 * (cell.get((arm, b), {}).get("std") or 0.0) for b in benches]
         ax1.bar(xs, means, width, yerr=stds, capsize=3, label=arm)
+        gm, lo, hi = [], [], []
+        for g in groups:
+            c = group_cell.get((arm, g), {})
+            m = 100 * (c.get("mean") or 0.0)
+            d = c.get("delta")
+            gm.append(m)
+            # The interval of Δ, drawn around the arm's mean (reference: none).
+            lo.append(0.0 if c.get("ci_low") is None or d is None else 100 * (d - c["ci_low"]))
+            hi.append(0.0 if c.get("ci_high") is None or d is None else 100 * (c["ci_high"] - d))
+        ax3.bar([j + i * width for j in range(len(groups))], gm, width, yerr=[lo, hi], capsize=3, label=arm)
         lengths = [result["reasoning_tokens"].get(arm, {}).get(b, 0.0) for b in result["benchmarks"]]
         ax2.bar([j + i * width for j in range(len(result["benchmarks"]))], lengths, width, label=arm)
     ax1.set_xticks([j + 0.4 - width / 2 for j in range(len(benches))], benches, rotation=20)
     ax1.set_ylabel("accuracy (%)")
     ax1.set_title(f"{result['experiment']}: accuracy per arm (reference {result['reference']})")
     ax1.legend(fontsize=8)
+    ax3.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups)
+    ax3.set_ylabel("accuracy (%)")
+    ax3.set_title("per task group (bars: 95% CI of Δ vs reference)")
     ax2.set_xticks(
         [j + 0.4 - width / 2 for j in range(len(result["benchmarks"]))], result["benchmarks"], rotation=20
     )

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from octomed_data import storage
 from octomed_data.errors import ConfigError
-from octomed_data.experiment.spec import SOURCE_GROUPS, Arm
+from octomed_data.experiment.spec import SOURCE_GROUPS, Arm, band_contains, task_group
 from octomed_data.layout import RunPaths
 from octomed_data.rejection import FAILED
 from octomed_data.schema import SAMPLE_SCHEMA
@@ -36,6 +36,7 @@ class ArmData:
     questions: int = 0
     completion_tokens: int = 0  # teacher reply tokens of the kept traces (reasoning + answer)
     per_source: dict[str, int] = field(default_factory=dict)
+    per_group: dict[str, int] = field(default_factory=dict)  # traces per task group (by image presence)
     mean_tokens_by_task: dict[str, float] = field(default_factory=dict)  # trace length per task type
 
     def to_dict(self) -> dict[str, Any]:
@@ -50,10 +51,22 @@ def base_sources(base: RunPaths) -> set[str]:
     }
 
 
+def question_images(questions: storage.Dataset, shard: str) -> dict[str, bool]:
+    """Per question of one shard: does it have an image (two small columns, never the images)."""
+    import pyarrow.compute as pc
+
+    if questions.shard_info(shard) is None:
+        return {}
+    table = questions.read_shard(shard, ["question_id", "images"])
+    counts = pc.fill_null(pc.list_value_length(table.column("images")), 0).to_pylist()
+    return dict(zip(table.column("question_id").to_pylist(), [n > 0 for n in counts], strict=True))
+
+
 def source_matcher(arm: Arm, known: set[str]):
-    """``row -> bool`` for the arm's sources (names or groups); unknown names are one error line."""
+    """``(row, group) -> bool`` for the arm's sources (names, or groups: ``group`` is the row's
+    :func:`~octomed_data.experiment.spec.task_group`); unknown names are one error line."""
     if arm.sources is None:
-        return lambda row: True
+        return lambda row, group: True
     names = {s for s in arm.sources if s not in SOURCE_GROUPS}
     unknown = sorted(names - known)
     if unknown:
@@ -61,8 +74,10 @@ def source_matcher(arm: Arm, known: set[str]):
             f"arm {arm.name!r}: source(s) {unknown} have no accepted traces in the base run "
             f"(sources: {sorted(known)}; groups: {sorted(SOURCE_GROUPS)})"
         )
-    types = set().union(*(SOURCE_GROUPS[s] for s in arm.sources if s in SOURCE_GROUPS))
-    return lambda row: row["source"] in names or row["task_type"] in types
+    groups = {s for s in arm.sources if s in SOURCE_GROUPS}
+    if "all" in groups:
+        return lambda row, group: True
+    return lambda row, group: row["source"] in names or group in groups
 
 
 def pass_rates(verdicts: storage.Dataset, shard: str) -> dict[str, float]:
@@ -80,15 +95,21 @@ def pass_rates(verdicts: storage.Dataset, shard: str) -> dict[str, float]:
     return {q: correct[q] / n for q, n in judged.items()}
 
 
-def _first_k(rows: Iterable[dict[str, Any]], k: int | None) -> list[dict[str, Any]]:
-    """Per question, its first ``k`` traces by sample index (so the k=1 arm ⊂ k=4 ⊂ k=16)."""
+def _first_k(
+    rows: Iterable[dict[str, Any]], k: int | None, mode: str = "first_k_drawn"
+) -> list[dict[str, Any]]:
+    """Per question, its traces ordered by sample index: with ``first_k_drawn`` the accepted ones
+    among the first ``k`` samples drawn (sample index < k: the paper's k samples per question),
+    with ``first_k_accepted`` the first ``k`` accepted ones. Either way k=1 ⊂ k=4 ⊂ k=16."""
     by_question: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         by_question[row["question_id"]].append(row)
     out: list[dict[str, Any]] = []
     for qid in sorted(by_question):
         group = sorted(by_question[qid], key=lambda r: int(r["sample_idx"]))
-        out.extend(group if k is None else group[:k])
+        if k is not None:
+            group = [r for r in group if int(r["sample_idx"]) < k] if mode == "first_k_drawn" else group[:k]
+        out.extend(group)
     return out
 
 
@@ -104,24 +125,34 @@ def select_arm(base: RunPaths, arm: Arm, out: str) -> ArmData:
     keep_source = source_matcher(arm, base_sources(base))
     teachers = set(arm.teachers) if arm.teachers is not None else None
     verdicts = storage.Dataset(base.verdicts)
+    questions = storage.Dataset(base.questions)
     dst = storage.Dataset(out, SAMPLE_SCHEMA)
     dst.drop_stale(shards)
     digest = hashlib.sha256()
     data = ArmData(uri=out, fingerprint="")
     per_source: Counter[str] = Counter()
+    per_group: Counter[str] = Counter()
     task_tokens: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for shard in shards:
         rates = pass_rates(verdicts, shard) if arm.pass_rate is not None else {}
-        rows = []
+        images = question_images(questions, shard)
+        rows, groups = [], {}
         for row in accepted.read_shard(shard).to_pylist():
-            if not keep_source(row) or (teachers is not None and row["teacher"] not in teachers):
+            qid = row["question_id"]
+            if qid not in images:
+                raise ConfigError(
+                    f"the base run {base.run_id!r}: accepted question {qid} of shard {shard} is not in "
+                    f"its questions ({base.questions}): re-run its distill and filter stages"
+                )
+            groups[qid] = task_group(row["task_type"], images[qid])
+            if not keep_source(row, groups[qid]) or (teachers is not None and row["teacher"] not in teachers):
                 continue
             if arm.pass_rate is not None:
-                rate = rates.get(row["question_id"])
-                if rate is None or not arm.pass_rate[0] <= rate <= arm.pass_rate[1]:
+                rate = rates.get(qid)
+                if rate is None or not band_contains(arm.pass_rate, rate):
                     continue
             rows.append(row)
-        rows = _first_k(rows, arm.samples_per_question)
+        rows = _first_k(rows, arm.samples_per_question, arm.k_mode)
         dst.write_shard(shard, pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA))
         if rows:
             keys = sorted("|".join(str(r[f]) for f in KEY_FIELDS) for r in rows)
@@ -129,6 +160,7 @@ def select_arm(base: RunPaths, arm: Arm, out: str) -> ArmData:
         data.questions += len({r["question_id"] for r in rows})  # a question lives in one shard
         for r in rows:
             per_source[r["source"]] += 1
+            per_group[groups[r["question_id"]]] += 1
             tokens = int(r.get("completion_tokens") or 0)
             data.completion_tokens += tokens
             task_tokens[r["task_type"]][0] += tokens
@@ -138,5 +170,6 @@ def select_arm(base: RunPaths, arm: Arm, out: str) -> ArmData:
         raise ConfigError(f"arm {arm.name!r} selects no trace of the base run {base.run_id!r}")
     data.fingerprint = digest.hexdigest()[:16]
     data.per_source = dict(sorted(per_source.items()))
+    data.per_group = dict(sorted(per_group.items()))
     data.mean_tokens_by_task = {t: round(s / n, 1) for t, (s, n) in sorted(task_tokens.items()) if n}
     return data

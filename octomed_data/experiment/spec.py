@@ -23,13 +23,41 @@ from octomed_data.schema import TaskType
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 
-# Source groups an arm may name instead of single sources (the paper's knowledge sources).
-SOURCE_GROUPS: dict[str, frozenset[str]] = {
-    "text": frozenset({TaskType.TEXT_MCQ, TaskType.YES_NO_MAYBE, TaskType.OPEN_QA}),
-    "multimodal": frozenset({TaskType.MM_MCQ, TaskType.OPEN_VQA}),
-    "classification": frozenset({TaskType.IMAGING_CLS}),
-    "all": frozenset(TaskType),
+# Source groups an arm may name instead of single sources (the paper's knowledge sources), and the
+# task groups of the comparison: by whether the question has an image, whatever its task type (a
+# VQA-RAD yes/no question with its image is multimodal); imaging classification is its task type.
+SOURCE_GROUPS: dict[str, str] = {
+    "text": "questions without an image (imaging classification aside)",
+    "multimodal": "questions with an image (imaging classification aside)",
+    "classification": "imaging classification (task type imaging_cls)",
+    "all": "every question",
 }
+TASK_GROUPS = ("text", "multimodal", "classification")
+
+
+def task_group(task_type: str, has_image: bool) -> str:
+    """The one group (text / multimodal / classification) of a question: by image presence."""
+    if task_type == TaskType.IMAGING_CLS:
+        return "classification"
+    return "multimodal" if has_image else "text"
+
+
+Band = tuple[float, float]
+
+
+def band_contains(band: Band, rate: float) -> bool:
+    """``[low, high)``: half-open, so adjacent bands share no question; ``high`` 1.0 includes 1.0
+    (the top band holds the questions the teacher always solved), ``low == high`` is that one value."""
+    low, high = band
+    return low <= rate < high or rate == high and (high == 1.0 or low == high)
+
+
+def bands_overlap(a: Band, b: Band) -> bool:
+    """Some pass rate lies in both bands (as :func:`band_contains` reads them)."""
+    lo, hi = max(a[0], b[0]), min(a[1], b[1])
+    if lo < hi:
+        return True
+    return lo == hi and band_contains(a, lo) and band_contains(b, lo)
 
 
 class ArmTraining(BaseModel):
@@ -62,9 +90,12 @@ class Arm(BaseModel):
     description: str = ""
     # Source names (``medqa``) or groups (text, multimodal, classification, all); None: every source.
     sources: list[str] | None = None
-    # The first k accepted traces per question by sample index, so 1 ⊂ 4 ⊂ 16; None: all of them.
+    # k traces per question; None: all of them. ``k_mode`` first_k_drawn (the paper's "1 vs 4 vs 16
+    # samples per question"): the accepted traces among the first k samples drawn (sample index < k);
+    # first_k_accepted: the first k accepted traces by sample index. Both nest: 1 ⊂ 4 ⊂ 16.
     samples_per_question: int | None = Field(None, ge=1)
-    # Keep questions whose pass rate (accepted / judged samples) lies in [low, high].
+    k_mode: Literal["first_k_drawn", "first_k_accepted"] = "first_k_drawn"
+    # Keep questions whose pass rate (accepted / judged samples) lies in [low, high) (band_contains).
     pass_rate: tuple[float, float] | None = None
     teachers: list[str] | None = None
     training: ArmTraining = Field(default_factory=ArmTraining)
@@ -81,7 +112,7 @@ class Arm(BaseModel):
     def selection(self) -> dict[str, Any]:
         """What decides the arm's data (its part of the arm's fingerprint)."""
         return self.model_dump(
-            mode="json", include={"sources", "samples_per_question", "pass_rate", "teachers"}
+            mode="json", include={"sources", "samples_per_question", "k_mode", "pass_rate", "teachers"}
         )
 
 
@@ -134,6 +165,8 @@ class ExperimentSpec(BaseModel):
     evaluation: SpecEvaluation = Field(default_factory=SpecEvaluation)
     arms: list[Arm] = Field(min_length=2)
     expect: list[Expectation] = Field(default_factory=list)
+    # Pass-rate bands of two arms may share questions only when this says so.
+    allow_overlap: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> ExperimentSpec:
@@ -145,6 +178,16 @@ class ExperimentSpec(BaseModel):
         for e in self.expect:
             if e.arm not in names:
                 raise ValueError(f"expect: unknown arm {e.arm!r}")
+        banded = [a for a in self.arms if a.pass_rate is not None]
+        if not self.allow_overlap:
+            for i, a in enumerate(banded):
+                for b in banded[i + 1 :]:
+                    if bands_overlap(a.pass_rate, b.pass_rate):  # type: ignore[arg-type]
+                        raise ValueError(
+                            f"pass_rate bands of arms {a.name!r} {list(a.pass_rate)} and {b.name!r} "  # type: ignore[arg-type]
+                            f"{list(b.pass_rate)} overlap (bands are [low, high)); "  # type: ignore[arg-type]
+                            "set allow_overlap: true if meant"
+                        )
         if self.control == "same_steps" and self.training.max_steps is None:
             if any(a.training.max_steps is None for a in self.arms):
                 raise ValueError("control same_steps needs training.max_steps (or max_steps on every arm)")

@@ -5,14 +5,23 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
 from octomed_data import storage
 from octomed_data.errors import ConfigError
-from octomed_data.experiment.compare import arm_metrics, compare, difference, report_markdown, report_png
+from octomed_data.experiment.compare import (
+    arm_metrics,
+    compare,
+    paired_bootstrap,
+    report_markdown,
+    report_png,
+)
 from octomed_data.experiment.spec import parse_spec
-from octomed_data.schema import PREDICTION_SCHEMA
+from octomed_data.schema import PREDICTION_SCHEMA, QUESTION_SCHEMA, question_row
+
+TASK = {"medqa": "text_mcq", "vqa_rad": "yes_no_maybe"}  # VQA-RAD closed questions: yes/no WITH an image
 
 
 def _predictions(uri: str, correct: dict[tuple[str, int], list[bool]], tokens: dict[str, int]) -> str:
@@ -23,7 +32,7 @@ def _predictions(uri: str, correct: dict[tuple[str, int], list[bool]], tokens: d
                 {
                     "question_id": f"{bench}-{i}",
                     "source": bench,
-                    "task_type": "text_mcq" if bench == "medqa" else "open_vqa",
+                    "task_type": TASK[bench],
                     "gold_answer": "A",
                     "correct": bool(ok),
                     "reasoning_tokens": tokens[bench],
@@ -40,6 +49,23 @@ def _predictions(uri: str, correct: dict[tuple[str, int], list[bool]], tokens: d
     return uri
 
 
+def _questions(uri: str, n: dict[str, int]) -> str:
+    """The evaluated questions: VQA-RAD's with an image (multimodal whatever the task type)."""
+    image = {"sha256": "0" * 64, "uri": "x.png", "phash": 0, "width": 8, "height": 8}
+    rows = []
+    for bench, count in n.items():
+        for i in range(count):
+            extra = {"options": {"A": "aspirin", "B": "heparin"}, "answer": "A"} if bench == "medqa" else {}
+            extra = extra or {"answer": "yes", "images": [image]}
+            row = question_row(
+                source=bench, split="test", task_type=TASK[bench], question=f"{bench} {i}?",
+                input_file="x", record_index=i, **extra,
+            )  # fmt: skip
+            rows.append(row | {"question_id": f"{bench}-{i}"})
+    storage.Dataset(uri, QUESTION_SCHEMA).write_shard(0, pa.Table.from_pylist(rows, schema=QUESTION_SCHEMA))
+    return uri
+
+
 SPEC = {
     "name": "t",
     "base_run": "b",
@@ -52,32 +78,49 @@ SPEC = {
     ],
 }
 
+REF = {
+    ("medqa", 0): [1, 1, 1, 0],
+    ("medqa", 1): [1, 1, 0, 0],
+    ("vqa_rad", 0): [1, 0],
+    ("vqa_rad", 1): [1, 1],
+}
+X = {
+    ("medqa", 0): [0, 0, 0, 0],
+    ("medqa", 1): [1, 0, 0, 0],
+    ("vqa_rad", 0): [1, 0],
+    ("vqa_rad", 1): [0, 1],
+}
 
-def test_accuracy_per_seed_mean_std_delta_and_noise_are_recomputed_from_predictions(tmp_path: Path) -> None:
-    ref = arm_metrics(
-        _predictions(
-            str(tmp_path / "ref"),
-            {
-                ("medqa", 0): [1, 1, 1, 0],
-                ("medqa", 1): [1, 1, 0, 0],
-                ("vqa_rad", 0): [1, 0],
-                ("vqa_rad", 1): [1, 1],
-            },
-            {"medqa": 300, "vqa_rad": 40},
-        )  # fmt: skip
-    )
-    x = arm_metrics(
-        _predictions(
-            str(tmp_path / "x"),
-            {
-                ("medqa", 0): [0, 0, 0, 0],
-                ("medqa", 1): [1, 0, 0, 0],
-                ("vqa_rad", 0): [1, 0],
-                ("vqa_rad", 1): [0, 1],
-            },
-            {"medqa": 200, "vqa_rad": 50},
-        )  # fmt: skip
-    )
+
+def _records(tmp_path: Path, ref: dict, x: dict) -> dict:
+    questions = _questions(str(tmp_path / "questions"), {"medqa": 4, "vqa_rad": 2})
+    out = {}
+    for name, cells in (("ref", ref), ("x", x)):
+        uri = _predictions(
+            str(tmp_path / name),
+            cells,
+            {"medqa": 300 if name == "ref" else 200, "vqa_rad": 40 if name == "ref" else 50},
+        )
+        out[name] = {
+            "status": "COMPLETED",
+            "metrics": arm_metrics(uri),
+            "data": {"fingerprint": "f1", "traces": 10},
+            "evaluation": {"predictions_uri": uri, "questions_uri": questions},
+            "train": {"steps": 1, "final_loss": 0.5},
+            "trained_by": "ref",
+        }  # fmt: skip
+    return out
+
+
+def _matrix(cells: dict, bench: str) -> np.ndarray:
+    """items x seeds, built here from the rows written above."""
+    seeds = sorted(s for b, s in cells if b == bench)
+    return np.array([cells[(bench, s)] for s in seeds], dtype=float).T
+
+
+def test_accuracy_deltas_intervals_and_groups_are_recomputed_from_predictions(tmp_path: Path) -> None:
+    records = _records(tmp_path, REF, X)
+    ref = records["ref"]["metrics"]
     medqa = ref["accuracy"]["medqa"]
     assert medqa["per_seed"] == {0: 0.75, 1: 0.5} and medqa["mean"] == pytest.approx(0.625)
     assert medqa["std"] == pytest.approx(math.sqrt(((0.75 - 0.625) ** 2 + (0.5 - 0.625) ** 2) / 1))
@@ -87,39 +130,73 @@ def test_accuracy_per_seed_mean_std_delta_and_noise_are_recomputed_from_predicti
         1: pytest.approx(0.75),
     }
     assert ref["reasoning_tokens"] == {"medqa": 300.0, "vqa_rad": 40.0}
-    assert ref["reasoning_tokens_by_task"] == {"open_vqa": 40.0, "text_mcq": 300.0}
-
-    d = difference(x["accuracy"]["medqa"], medqa)
-    sd_x = x["accuracy"]["medqa"]["std"]
-    assert d["delta"] == pytest.approx(0.125 - 0.625)
-    assert d["noise"] == pytest.approx(2 * math.sqrt(sd_x**2 / 2 + medqa["std"] ** 2 / 2))
-    assert d["exceeds_noise"] is (abs(d["delta"]) > d["noise"])
+    assert ref["reasoning_tokens_by_task"] == {"text_mcq": 300.0, "yes_no_maybe": 40.0}
 
     spec = parse_spec(SPEC)
-    records = {
-        "ref": {"status": "COMPLETED", "metrics": ref, "data": {"fingerprint": "f1", "traces": 10}},
-        "x": {"status": "COMPLETED", "metrics": x, "data": {"fingerprint": "f1", "traces": 10}},
-    }
     result = compare(spec, records)
     rows = {(r["arm"], r["benchmark"]): r for r in result["accuracy"]}
-    assert rows[("x", "medqa")]["delta"] == pytest.approx(d["delta"])
+    # Δ and its interval: the paired bootstrap over the (item, seed) differences built here.
+    d_medqa = _matrix(X, "medqa") - _matrix(REF, "medqa")
+    d_vqa = _matrix(X, "vqa_rad") - _matrix(REF, "vqa_rad")
+    for bench, diffs in (("medqa", [d_medqa]), ("vqa_rad", [d_vqa]), ("macro", [d_medqa, d_vqa])):
+        expected = paired_bootstrap(diffs)
+        row = rows[("x", bench)]
+        assert row["delta"] == pytest.approx(np.mean([d.mean() for d in diffs]))
+        assert (row["ci_low"], row["ci_high"]) == (expected["ci_low"], expected["ci_high"])
+        assert row["ci_low"] <= row["delta"] <= row["ci_high"]
+        assert row["beyond_noise"] is (row["ci_low"] > 0 or row["ci_high"] < 0)
+    assert rows[("x", "medqa")]["delta"] == pytest.approx(0.125 - 0.625)
     assert rows[("ref", "medqa")]["delta"] == 0.0
+    # Deterministic: the same predictions give the same intervals.
+    assert compare(spec, records)["accuracy"] == result["accuracy"]
+    # Per task group, by image presence: VQA-RAD yes/no (task type yes_no_maybe) is multimodal.
+    groups = {(g["arm"], g["group"]): g for g in result["groups"]}
+    assert set(groups) == {("ref", "text"), ("ref", "multimodal"), ("x", "text"), ("x", "multimodal")}
+    assert groups[("ref", "text")]["mean"] == pytest.approx(_matrix(REF, "medqa").mean())
+    assert groups[("x", "multimodal")]["mean"] == pytest.approx(_matrix(X, "vqa_rad").mean())
+    assert groups[("x", "text")]["delta"] == pytest.approx(d_medqa.mean())
+    assert groups[("x", "multimodal")]["ci_low"] == paired_bootstrap([d_vqa])["ci_low"]
+    assert result["statistics"]["groups_by"] == {"ref": "image", "x": "image"}
     assert result["same_data"] == [["ref", "x"]]  # same fingerprint: the report says so
+    assert result["shared_checkpoints"] == [["ref", "x"]]
     (down, length) = result["expectations"]
-    assert down["measured"] == ("down" if d["exceeds_noise"] else "same")
+    assert down["measured"] == ("down" if rows[("x", "medqa")]["beyond_noise"] else "same")
     assert length["value"] == pytest.approx(200 / 50) and length["measured"] == "up" and length["agrees"]
     md = report_markdown(result)
-    assert (
-        "| x | medqa | 12.5 ± 17.7 | -50.0 | 35.4 | yes |" in md and "identical data" in md and "×4.00" in md
-    )
+    r = rows[("x", "medqa")]
+    ci = f"[{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]"
+    assert f"| x | medqa | 12.5 ± 17.7 | -50.0 | {ci} |" in md
+    assert "identical data" in md and "sharing one checkpoint" in md and "×4.00" in md
+    assert "| x | multimodal |" in md and "Fig. 1" in md
     assert report_png(result)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_one_seed_has_no_noise_estimate_and_the_sign_decides() -> None:
-    d = difference(
-        {"mean": 0.4, "std": None, "per_seed": {0: 0.4}}, {"mean": 0.5, "std": None, "per_seed": {0: 0.5}}
+def test_one_flipped_item_of_four_with_no_seed_variance_is_not_beyond_noise(tmp_path: Path) -> None:
+    """The seed-only noise bound called this 'beyond noise' (std 0 on both arms)."""
+    ref = {
+        ("medqa", 0): [1, 1, 0, 0],
+        ("medqa", 1): [1, 1, 0, 0],
+        ("vqa_rad", 0): [1, 1],
+        ("vqa_rad", 1): [1, 1],
+    }
+    x = {
+        ("medqa", 0): [1, 1, 1, 0],
+        ("medqa", 1): [1, 1, 1, 0],
+        ("vqa_rad", 0): [1, 1],
+        ("vqa_rad", 1): [1, 1],
+    }
+    records = _records(tmp_path, ref, x)
+    assert records["x"]["metrics"]["accuracy"]["medqa"]["std"] == 0.0
+    row = next(
+        r
+        for r in compare(parse_spec(SPEC), records)["accuracy"]
+        if r["arm"] == "x" and r["benchmark"] == "medqa"
     )
-    assert d["delta"] == pytest.approx(-0.1) and d["noise"] is None and d["exceeds_noise"] is None
+    assert row["delta"] == pytest.approx(0.25)
+    assert row["ci_low"] == 0.0 and row["beyond_noise"] is False
+    # Many items that all flip the same way are beyond noise.
+    many = paired_bootstrap([np.ones((40, 2)) - np.vstack([np.ones((10, 2)), np.zeros((30, 2))])])
+    assert many["ci_low"] > 0 and many["beyond_noise"] is True
 
 
 @pytest.mark.parametrize(
@@ -132,6 +209,15 @@ def test_one_seed_has_no_noise_estimate_and_the_sign_decides() -> None:
         ({"arms": [{"name": "ref", "samples_per_question": 0}, {"name": "x"}]}, "samples_per_question"),
         ({"expect": [{"arm": "zz", "direction": "up", "paper": "p"}]}, "expect: unknown arm 'zz'"),
         ({"colour": "red"}, "colour"),
+        (
+            {"arms": [{"name": "ref", "pass_rate": [0.0, 0.5]}, {"name": "x", "pass_rate": [0.4, 1.0]}]},
+            r"pass_rate bands of arms 'ref' \[0.0, 0.5\] and 'x' \[0.4, 1.0\] overlap",
+        ),
+        (
+            {"arms": [{"name": "ref", "pass_rate": [0.0, 1.0]}, {"name": "x", "pass_rate": [1.0, 1.0]}]},
+            "overlap",
+        ),
+        ({"arms": [{"name": "ref", "k_mode": "first_k"}, {"name": "x"}]}, "k_mode"),
     ],
 )
 def test_a_bad_spec_is_one_line(change: dict, message: str) -> None:
@@ -157,3 +243,30 @@ def test_a_missing_spec_is_one_line() -> None:
 
     with pytest.raises(ConfigError, match="experiment spec not found: nope.yaml"):
         load_spec("nope.yaml")
+
+
+def test_half_open_bands_and_the_ready_made_length_spec_do_not_overlap() -> None:
+    from octomed_data.experiment import load_spec
+    from octomed_data.experiment.spec import band_contains
+
+    adjacent = {"arms": [{"name": "ref", "pass_rate": [0.0, 0.5]}, {"name": "x", "pass_rate": [0.5, 1.0]}]}
+    parse_spec(SPEC | adjacent)  # [0, 0.5) and [0.5, 1.0]: no question in both
+    assert band_contains((0.0, 0.5), 0.0) and not band_contains((0.0, 0.5), 0.5)
+    assert band_contains((0.5, 1.0), 0.5) and band_contains((0.5, 1.0), 1.0)  # the top band holds 1.0
+    assert band_contains((0.0, 0.0), 0.0) and not band_contains((0.0, 0.0), 0.1)
+    overlapping = {"arms": [{"name": "ref", "pass_rate": [0.0, 0.6]}, {"name": "x", "pass_rate": [0.5, 1.0]}]}
+    assert parse_spec(SPEC | overlapping | {"allow_overlap": True}).allow_overlap  # allowed explicitly
+    bands = [a.pass_rate for a in load_spec("length").arms if a.pass_rate is not None]
+    assert bands == [(0.0, 0.5), (0.5, 1.0)]
+
+
+def test_k_mode_is_part_of_the_selection_and_the_settings_fingerprint() -> None:
+    spec = parse_spec(SPEC | {"arms": [{"name": "ref"}, {"name": "x", "samples_per_question": 4}]})
+    drawn = spec.arm("x")
+    accepted = drawn.model_copy(update={"k_mode": "first_k_accepted"})
+    assert drawn.k_mode == "first_k_drawn"  # the paper's: k samples drawn per question
+    assert (
+        drawn.selection()["k_mode"] == "first_k_drawn"
+        and accepted.selection()["k_mode"] == "first_k_accepted"
+    )
+    assert spec.settings_fingerprint(drawn) != spec.settings_fingerprint(accepted)

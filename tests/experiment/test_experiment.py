@@ -21,6 +21,7 @@ from octomed_data.decontam import DecontamIndex
 from octomed_data.errors import ConfigError
 from octomed_data.experiment import load_spec
 from octomed_data.experiment.arms import ExperimentPaths
+from octomed_data.experiment.compare import paired_bootstrap
 from octomed_data.experiment.select import select_arm
 from octomed_data.experiment.spec import Arm
 from octomed_data.layout import RunPaths
@@ -58,6 +59,49 @@ def _accuracy_from_predictions(uri: str) -> dict[str, dict[int, float]]:
     return {b: {s: c / n for s, (c, n) in seeds.items()} for b, seeds in hits.items()}
 
 
+def _question_images(uri: str) -> dict[str, bool]:
+    rows = storage.Dataset(uri).read_all(["question_id", "images"]).to_pylist()
+    return {r["question_id"]: bool(r["images"]) for r in rows}
+
+
+def _groups_from_predictions(evaluation: dict) -> dict[str, float]:
+    """Per group: the mean over benchmarks of the accuracy on the group's items (images from the file)."""
+    if evaluation.get("questions_uri"):
+        images = _question_images(evaluation["questions_uri"])
+    else:  # registry benchmarks: the flow's map of the items' images (checked against the benchmarks below)
+        images = json.loads(Path(evaluation["item_images"]).read_text())
+    rows = (
+        storage.Dataset(evaluation["predictions_uri"])
+        .read_all(["benchmark", "question_id", "task_type", "correct"])
+        .to_pylist()
+    )
+    hits: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    for r in rows:
+        group = "classification" if r["task_type"] == "imaging_cls" else (
+            "multimodal" if images[r["question_id"]] else "text"
+        )  # fmt: skip
+        hits[group][r["benchmark"]][0] += r["correct"]
+        hits[group][r["benchmark"]][1] += 1
+    return {g: sum(c / n for c, n in b.values()) / len(b) for g, b in hits.items()}
+
+
+def _paired_matrix(evaluation: dict, reference: dict, bench: str):
+    import numpy as np
+
+    def cells(ev: dict) -> dict[tuple[str, int], bool]:
+        rows = storage.Dataset(ev["predictions_uri"]).read_all(
+            ["benchmark", "question_id", "seed", "correct"]
+        )
+        return {
+            (r["question_id"], r["seed"]): r["correct"] for r in rows.to_pylist() if r["benchmark"] == bench
+        }
+
+    a, r = cells(evaluation), cells(reference)
+    items = sorted({q for q, _ in a} & {q for q, _ in r})
+    seeds = sorted({s for _, s in a} & {s for _, s in r})
+    return np.array([[float(a[(q, s)]) - float(r[(q, s)]) for s in seeds] for q in items])
+
+
 def test_the_source_ablation_runs_end_to_end_and_the_report_is_recomputable(lab) -> None:
     tmp, store, proc = lab
     spec = load_spec("sources")
@@ -75,6 +119,11 @@ def test_the_source_ablation_runs_end_to_end_and_the_report_is_recomputable(lab)
         assert any("tfevents" in p.name for p in Path(record["tensorboard"]).rglob("*")), record[
             "tensorboard"
         ]
+        # final_loss is the last step's loss, in arm.json and the checkpoint's checkpoint.json.
+        train = record["train"]
+        assert train["final_loss"] == train["losses"][-1] and len(train["losses"]) == 2  # steps 1 and 2
+        marker = json.loads(Path(exp.arm(arm.name).checkpoints, "checkpoint.json").read_text())
+        assert marker["step"] == train["steps"] and marker["loss"] == train["final_loss"]
         # Every accuracy in the report, recomputed here from the arm's predictions.
         per_seed = _accuracy_from_predictions(record["evaluation"]["predictions_uri"])
         assert per_seed, arm.name
@@ -82,9 +131,44 @@ def test_the_source_ablation_runs_end_to_end_and_the_report_is_recomputable(lab)
             (row,) = [r for r in comparison["accuracy"] if r["arm"] == arm.name and r["benchmark"] == bench]
             assert row["mean"] == pytest.approx(sum(seeds.values()) / len(seeds))
             assert row["seeds"] == len(seeds) == spec.evaluation.seeds
-    # The groups partition the task types: all = text + multimodal + classification, trace for trace.
+        # Per task group (by image presence of the evaluated questions) and Δ's bootstrap interval,
+        # recomputed here from the predictions and the questions they answered.
+        groups = _groups_from_predictions(record["evaluation"])
+        for group, mean in groups.items():
+            (g,) = [x for x in comparison["groups"] if x["arm"] == arm.name and x["group"] == group]
+            assert g["mean"] == pytest.approx(mean)
+        ref = json.loads(Path(exp.record(spec.reference)).read_text())
+        for bench in per_seed:
+            (row,) = [r for r in comparison["accuracy"] if r["arm"] == arm.name and r["benchmark"] == bench]
+            if arm.name == spec.reference:
+                assert row["delta"] == 0.0 and row["ci_low"] is None
+                continue
+            diff = _paired_matrix(record["evaluation"], ref["evaluation"], bench)
+            expected = paired_bootstrap([diff])
+            assert row["delta"] == pytest.approx(float(diff.mean()))
+            assert (row["ci_low"], row["ci_high"], row["beyond_noise"]) == (
+                expected["ci_low"], expected["ci_high"], expected["beyond_noise"]
+            )  # fmt: skip
+    assert comparison["statistics"]["groups_by"] == {a.name: "image" for a in spec.arms}
+    # The lab evaluates MedQA (text) and VQA-RAD (every item with its image, yes/no ones included).
+    evaluation = json.loads(Path(exp.record(spec.reference)).read_text())["evaluation"]
+    images = json.loads(Path(evaluation["item_images"]).read_text())
+    rows = storage.Dataset(evaluation["predictions_uri"]).read_all(["benchmark", "question_id", "task_type"])
+    seen = {(r["benchmark"], images[r["question_id"]], r["task_type"]) for r in rows.to_pylist()}
+    assert {(b, i) for b, i, _ in seen} == {("medqa", False), ("vqa_rad", True)}
+    assert ("vqa_rad", True, "yes_no_maybe") in seen
+    groups = {g["group"] for g in comparison["groups"]}
+    assert groups == {"text", "multimodal"}
+    # The groups partition the questions: all = text + multimodal + classification, trace for trace,
+    # the text arm holds no question with an image, the multimodal arm no question without one (the
+    # lab's VQA-RAD train rows are decontaminated away: tests/distill/test_routing.py routes them).
     data = comparison["data"]
     assert data["all"]["traces"] == sum(data[g]["traces"] for g in ("text", "multimodal", "classification"))
+    images = _question_images(RunPaths(store, spec.base_run).questions)
+    for group in ("text", "multimodal"):
+        rows = storage.Dataset(exp.arm(group).accepted).read_all(["question_id", "task_type"]).to_pylist()
+        assert rows and all(images[r["question_id"]] == (group == "multimodal") for r in rows), group
+        assert all(r["task_type"] != "imaging_cls" for r in rows)
     assert len({d["fingerprint"] for d in data.values()}) == 4
     assert "The paper's findings beside the measured effects" in report
 
@@ -118,19 +202,29 @@ def test_selection_first_k_is_nested_groups_and_bands_and_fingerprints(lab, tmp_
         assert len(rows) == data.traces
         return {(r["question_id"], r["sample_idx"]) for r in rows}, data.fingerprint
 
-    k1, f1 = keys(Arm(name="k1", samples_per_question=1))
-    k4, f4 = keys(Arm(name="k4", samples_per_question=4))
-    k16, f16 = keys(Arm(name="k16", samples_per_question=16))
-    everything, f_all = keys(Arm(name="all"))
-    assert k1 < k4 < k16 <= everything and len({f1, f4, f16}) == 3
-    per_q: dict[str, list[int]] = defaultdict(list)
-    for q, i in k4:
-        per_q[q].append(i)
     accepted = storage.Dataset(base.accepted).read_all(["question_id", "sample_idx"]).to_pylist()
+    every = {(r["question_id"], r["sample_idx"]) for r in accepted}
     first: dict[str, list[int]] = defaultdict(list)
     for r in accepted:
         first[r["question_id"]].append(r["sample_idx"])
-    assert all(sorted(per_q[q]) == sorted(first[q])[:4] for q in per_q)  # the first 4 by sample index
+    everything, f_all = keys(Arm(name="all"))
+    fingerprints = []
+    for mode in ("first_k_drawn", "first_k_accepted"):
+        k1, f1 = keys(Arm(name="k1", samples_per_question=1, k_mode=mode))
+        k4, f4 = keys(Arm(name="k4", samples_per_question=4, k_mode=mode))
+        k16, f16 = keys(Arm(name="k16", samples_per_question=16, k_mode=mode))
+        assert k1 <= k4 < k16 <= everything and len({f1, f4, f16}) == 3, mode
+        fingerprints.append((f1, f4))
+        if mode == "first_k_drawn":  # the paper's: the accepted traces among the first k samples drawn
+            for k, kept in ((1, k1), (4, k4), (16, k16)):
+                assert kept == {(q, i) for q, i in every if i < k}, k
+        else:  # the first k accepted traces by sample index
+            per_q: dict[str, list[int]] = defaultdict(list)
+            for q, i in k4:
+                per_q[q].append(i)
+            assert all(sorted(per_q[q]) == sorted(first[q])[:4] for q in first)
+    # The lab's sandbox rejects some samples, so the two meanings of k keep different traces.
+    assert fingerprints[0] != fingerprints[1]
     # The same data under another name: the same fingerprint.
     _, f_groups = keys(Arm(name="groups", sources=["text", "multimodal", "classification"]))
     assert f_groups == f_all == f16  # no question has more than 16 samples
@@ -143,8 +237,8 @@ def test_selection_first_k_is_nested_groups_and_bands_and_fingerprints(lab, tmp_
     for r in judged.to_pylist():
         rate[r["question_id"]][0] += r["correct"]
         rate[r["question_id"]][1] += 1
-    hard, _ = keys(Arm(name="hard", pass_rate=(0.0, 0.3)))
-    assert {q for q, _ in hard} == {q for q, (c, n) in rate.items() if c and c / n <= 0.3}
+    hard, _ = keys(Arm(name="hard", pass_rate=(0.0, 0.3)))  # [0, 0.3): half-open
+    assert {q for q, _ in hard} == {q for q, (c, n) in rate.items() if c and c / n < 0.3}
     with pytest.raises(ConfigError, match="have no accepted traces in the base run"):
         select_arm(base, Arm(name="x", sources=["no-such-source"]), str(tmp_path / "x"))
 
@@ -220,3 +314,36 @@ def test_a_changed_setting_makes_other_arms_stale_in_the_report(lab, tmp_path: P
     assert json.loads(Path(exp.record("classification")).read_text())["train"]["steps"] == 3
     comparison = json.loads(Path(exp.comparison).read_text())
     assert all(r["mean"] is None for r in comparison["accuracy"] if r["arm"] == "all")
+
+
+def test_arms_with_identical_data_and_training_train_once(lab, tmp_path: Path) -> None:
+    """cot vs direct prompting: one checkpoint, evaluated under each arm's prompting."""
+    tmp, store, _ = lab
+    spec = tmp_path / "twins.yaml"
+    spec.write_text(
+        "name: twins\nrecipe: lab\nbase_run: lab-base\nreference: cot\ntraining: {max_steps: 1, report_to: none}\n"
+        "evaluation: {seeds: 1}\narms:\n  - {name: cot, sources: [classification], evaluation: {prompting: cot}}\n"
+        "  - {name: direct, sources: [classification], evaluation: {prompting: direct}}\n"
+    )
+    proc = _cli(str(spec), "--store", store, home=tmp / "prefect")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = proc.stdout + proc.stderr
+    assert "arm direct: same data and training as arm cot: its checkpoint, not trained again" in said
+    exp = ExperimentPaths(store, "twins")
+    cot, direct = (json.loads(Path(exp.record(a)).read_text()) for a in ("cot", "direct"))
+    assert cot["trained_by"] == "cot" and direct["trained_by"] == "cot" and direct["train"] == cot["train"]
+    assert direct["evaluation"]["checkpoint"] == cot["evaluation"]["checkpoint"] == exp.arm("cot").checkpoints
+    assert not Path(exp.arm("direct").checkpoints).exists()  # never trained
+    versions = {
+        a: set(
+            storage.Dataset(r["evaluation"]["predictions_uri"])
+            .read_all(["prompt_version"])
+            .column(0)
+            .to_pylist()
+        )
+        for a, r in (("cot", cot), ("direct", direct))
+    }
+    assert versions["cot"] != versions["direct"]  # each evaluated with its own prompting
+    comparison = json.loads(Path(exp.comparison).read_text())
+    assert comparison["shared_checkpoints"] == [["cot", "direct"]]
+    assert "Arms sharing one checkpoint" in Path(exp.report).read_text()
