@@ -3,10 +3,13 @@
 ``STORE/experiments/<name>/``: ``spec.json`` (the spec as run), ``models/`` (the one base model
 every arm starts from when the recipe builds a tiny one), ``arms/<arm>/`` (a run-shaped folder:
 ``filter/accepted`` = the arm's selection, ``mixture``, ``export``, ``checkpoints``, ``evaluation``,
-and ``arm.json``, its record), and ``report.md`` + ``comparison.png`` + ``comparison.json``.
+and ``arm.json``, its record), ``items/`` (which evaluated benchmark items have an image, per
+protocol), and ``report.md`` + ``comparison.png`` + ``comparison.json``.
 
 An arm is finished when its record says COMPLETED for the same settings fingerprint (training,
-control, protocol) and the same data fingerprint; a re-run reuses it and runs only the others.
+control, protocol) and the same data fingerprint; a re-run reuses it and runs only the others. An
+arm whose data and training settings equal an earlier arm's (``train_key``) has no checkpoint of its
+own: its record names the arm that trained it (``trained_by``) and it evaluates that checkpoint.
 """
 
 from __future__ import annotations
