@@ -61,7 +61,10 @@ class FilterStage(Stage):
     A raw shard re-committed by a later distill run (more samples, a retried failure) makes its
     verdicts stale: :meth:`is_done` compares the raw commit the verdicts were made from. The
     verifier settings (``verify``) and the judge teacher are part of the fingerprint: changing
-    them judges every shard again (judgements already journalled are not requested again).
+    them judges every shard again (judgements already journalled are not requested again; no
+    distillation request: only ``distill/raw`` is read). A run's settings are changed with
+    :func:`octomed_data.runs.change_verify` (``run.json``); :meth:`finalize` writes the ``judged``
+    line of ``filter/verify_history.jsonl`` for the settings that made every shard's verdicts.
     """
 
     name = "filter"
