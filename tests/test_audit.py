@@ -112,7 +112,7 @@ def _mcq_plan(i: int) -> list[str]:
     return ["gold"] * 6 + ["wrong1", "truncated"]  # a clean question, with the usual noise
 
 
-def build_mcq_run(shared_data: Path, root: Path) -> tuple[RunPaths, dict[int, str]]:
+def build_mcq_run(shared_data: Path, root: Path | str) -> tuple[RunPaths, dict[int, str]]:
     """24 real MedQA questions in two shards, 8 replies each; returns the run and index -> question id."""
     paths = RunPaths.at(str(root))
     ids: dict[int, str] = {}
@@ -275,6 +275,23 @@ def test_mixture_excludes_flagged_questions(mcq_run, tmp_path):
     assert never.sources["medqa"].excluded_by_audit == 0
     with pytest.raises(ValueError):
         MixtureConfig(exclude_audit_flags=["wrong_flag"])
+
+
+def test_audit_and_exclusion_on_s3(shared_data, s3_bucket):
+    """The audit is written and read through the storage layer: the same on an object store."""
+    paths, ids = build_mcq_run(shared_data, f"{s3_bucket}/run")
+    stats = run_stage(FilterStage(paths, samples_per_question=N)).final["stats"]
+    assert stats["audit"]["dataset"] == f"{s3_bucket}/run/filter/audit"
+    assert (
+        stats["audit"]["overall"]["suspected_label_error"],
+        stats["audit"]["overall"]["never_correct"],
+    ) == (3, 2)
+    config = MixtureConfig(exclude_audit_flags=[SUSPECTED_LABEL_ERROR], validation_fraction=0)
+    result = build_mixture(paths.accepted, paths.questions, f"{s3_bucket}/mix", config)
+    assert result.sources["medqa"].questions_excluded_by_audit == 3
+    assert not {ids[i] for i in PLANTED} & {
+        r["question_id"] for r in storage.Dataset(result.train_uri).iter_rows()
+    }
 
 
 def test_mixture_without_an_audit_is_one_line_error(mcq_run, tmp_path):
