@@ -19,6 +19,10 @@ correctly teaches nothing and may be mislabelled too. Per question, from the fil
   the flags are disjoint). Questions with no answered sample get no flag; the statistics count
   them apart (``all_requests_failed`` when every request failed, else ``none_answered``).
 
+Open answers are grouped in the normalised form the verdict stored (``0.5 cm`` reads ``0 5 cm``), so
+the matcher sees words, plurals and synonyms there, not every quantity; an answer the verifier
+accepted for any sample (``0.5 cm`` for ``5 mm`` in ``normalized`` mode) is never "another answer".
+
 The audit runs inside the filter's one statistics pass (:func:`octomed_data.stats.source_statistics`),
 shard by shard: every sample of a question is in one verdicts shard (a raw shard is distilled from
 one questions shard, and ingest quarantines a question id seen twice), so memory is one shard's
