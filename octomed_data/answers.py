@@ -50,7 +50,7 @@ _HEADING = re.compile(
 )
 # {"answer": "A"} (JSON answer blocks, also single-quoted).
 _JSON_ANSWER = re.compile(
-    r"""["'](?:final[_ ]?)?answer(?:[_ ]?(?:choice|option|letter|label))?["']\s*:\s*["'](?P<rest>[^"'\n]{1,200})["']""",
+    r"""(?<![A-Za-z_])["']?(?:final[_ ]?)?answer(?:[_ ]?(?:choice|option|letter|label))?["']\s*:\s*["'](?P<rest>[^"'\n]{1,200})["']""",
     re.IGNORECASE,
 )
 # A label stated first: "C is the correct answer", "Option C is correct", "(C) Macrophages is the
@@ -62,6 +62,12 @@ _LABEL_FIRST = re.compile(
     r"(?:most[ \t]+)?(?:correct|right|best|appropriate|accurate)"
     r"(?:[ \t]+(?:answer|option|choice|response|one))?(?=[ \t]*(?:[.,;:!)]|\*\*|$))",
     re.MULTILINE,
+)
+# A reply whose last sentence closes on a bracketed label: "Therefore, the most likely diagnosis is
+# (F).", "... which corresponds to option (C)."
+_CLOSING_LABEL = re.compile(
+    r"\b(?:is|are|be|was|as|to|matches)[ \t]+(?:option[ \t]+|choice[ \t]+|answer[ \t]+)?(?:\*\*)?"
+    r"[\(\[](?P<label>[A-Z])[\)\]](?:\*\*)?[ \t]*[.!]?[ \t]*$"
 )
 # A list item marker before an answer line: "- C. Macrophages", "* (C) MRI brain", "> C".
 _BULLET = re.compile(r"^(?:[-*•>]\s+)+")
@@ -86,6 +92,18 @@ _LABEL_ONLY = re.compile(r"^[\(\[]?(?P<label>[A-Z])[\)\]]?[.:]?$")
 _LABEL_LEAD = re.compile(r"^[\(\[]?(?P<label>[A-Z])(?P<sep>[\)\]][.:]?|[.:]|\s*[-–—]|(?=\s))\s*(?P<tail>.*)$")
 _MULTI_LABEL = re.compile(
     r"^[\(\[]?[A-Z][\)\]]?[.:]?\s*(?:,|/|&|\band\b|\bor\b|\bthen\b)\s*(?:option\s+)?[\(\[]?[A-Z][\)\]]?(?:[\s.,;:]|$)",
+    re.IGNORECASE,
+)
+# A second labelled item after a label-led answer: "... and B. Hardener", ", B. HSV II", "and (I) if".
+_SECOND_ITEM = re.compile(
+    r"(?:\band\b|\bor\b|&|,|;|/)\s*(?:option\s+|choice\s+)?(?:[\(\[](?P<p>[A-Z])[\)\]]|(?P<d>[A-Z])[.)]\s)"
+)
+_BRACKETED_LEAD = re.compile(r"^[\(\[]([A-Z])[\)\]]")
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+# Words that revise an earlier answer ("wait", "on reflection"): the later statement then wins.
+_REVISION = re.compile(
+    r"\b(?:wait|actually|however|but|hmm+|on\s+(?:second\s+thought|reflection)|re-?evaluat\w*|reconsider\w*"
+    r"|correction|mistake|revis\w*|instead|rather|no,)",
     re.IGNORECASE,
 )
 _NEGATED = re.compile(r"\b(?:not|if|why|whether|unless)\s+$", re.IGNORECASE)
@@ -180,6 +198,7 @@ class _Candidate:
     # cannot be read, the enclosing statement is read instead.
     nested: bool = False
     ambiguous: bool = False  # a lead-in followed by several labelled lines ("A. ...\nC. ...")
+    end: int = -1  # where a statement's rest ends (a later candidate before it is nested in it)
 
 
 def normalize_open(text: str) -> str:
@@ -310,6 +329,11 @@ def _parse_choice(raw: str, options: Sequence[tuple[str, str]]) -> tuple[str | N
         # only when what follows is the option's text or clearly an explanation.
         if any(m.group(1) != label and m.group(1) in labels for m in _OR_OTHER.finditer(tail)):
             return None, AMBIGUOUS
+        if any(
+            (x.group("p") or x.group("d")) != label and (x.group("p") or x.group("d")) in labels
+            for x in _SECOND_ITEM.finditer(tail)
+        ):
+            return None, AMBIGUOUS  # "A. Strengthener and B. Hardener", "(D) if ..., and (I) if ..."
         if sep.strip() or tail_label == label or not tail or _CONNECTOR.match(tail):
             if not sep.strip() and tail and _names_other(tail, label, options):
                 return None, AMBIGUOUS  # "A is correct for X, but C is correct for Y"
@@ -430,14 +454,19 @@ def _last_line(text: str) -> tuple[int, str] | None:
         p = _LABEL_LINE.match(prev[-1])
         if p and p.group("label").upper() != m.group("label").upper():
             return None  # "C. Macrophages" as the last item of a restated option list
+    if _BULLET.match(line) and prev and _BULLET.match(prev[-1]):
+        return None  # the last item of a bulleted analysis ("* Treponema pallidum: Typically")
     return start, _BULLET.sub("", line)
 
 
 def _parse_line(
-    raw: str, task: TaskType, options: Sequence[tuple[str, str]], parse
+    raw: str, task: TaskType, options: Sequence[tuple[str, str]], parse, whole: bool = False
 ) -> tuple[str | None, str | None]:
     """Read a line that should hold only an answer: a label (also lower case), a label and that
-    option's text, or an option's text; for other task types, the task's own reading."""
+    option's text, or an option's text; for other task types, the task's own reading.
+
+    ``whole``: an option's text without its label must be the whole line (a reply's last line:
+    "Treponema pallidum (Syphilis): Typically" is an analysis cut off, not an answer)."""
     text = _clean(raw)
     if not text:
         return None, NO_ANSWER
@@ -470,7 +499,30 @@ def _parse_line(
     named = _text_match(text, options)
     if named == AMBIGUOUS:
         return None, AMBIGUOUS
+    if named and whole and _norm_option(text) != _norm_option(dict(options)[named]):
+        return None, NO_ANSWER
     return (named, None) if named else (None, NO_ANSWER)
+
+
+def _contradicted(text: str, candidates: list[_Candidate], cand: _Candidate, answer: str, parse) -> bool:
+    """Does an earlier statement of the same paragraph name another answer, with no revision between?
+
+    "The correct answer is (H). The assessment ... The answer is (E)." states two answers; "The
+    answer is B. Wait, ... the answer is C." revises one (the last clear statement wins).
+    """
+    for other in candidates:
+        if other.pos >= cand.pos or other.method in ("last_line", "label_first"):
+            continue
+        between = text[other.pos : cand.pos]
+        if _PARAGRAPH_BREAK.search(between) or _REVISION.search(between):
+            continue
+        got = parse(other.raw)[0] if not other.line else None
+        lead = _BRACKETED_LEAD.match(_clean(other.raw))
+        if got is None and lead:  # "(H). <text of option E> ... The answer is (E)."
+            got = lead.group(1)
+        if got is not None and got != answer:
+            return True
+    return False
 
 
 def _candidates(text: str, task: TaskType) -> list[_Candidate]:
@@ -515,7 +567,7 @@ def _candidates(text: str, task: TaskType) -> list[_Candidate]:
             at, line, several = follow
             found.append(_Candidate(m.start(), "statement", line, strong, line=True, ambiguous=several))
             continue
-        found.append(_Candidate(m.start(), "statement", rest, strong, nested=nested))
+        found.append(_Candidate(m.start(), "statement", rest, strong, nested=nested, end=m.end("rest")))
     for m in _HEADING.finditer(text):
         if m.start() in lead_lines:
             continue
@@ -530,6 +582,9 @@ def _candidates(text: str, task: TaskType) -> list[_Candidate]:
     for m in firsts:
         raw = m.group("label") + (f". {m.group('text')}" if m.group("text") else "")
         found.append(_Candidate(m.start(), "label_first", raw, False, nested=True, ambiguous=several))
+    closing = _CLOSING_LABEL.search(text.rstrip())
+    if closing is not None and not any(c.pos >= closing.start() for c in found):
+        found.append(_Candidate(closing.start(), "closing_label", closing.group("label"), False, nested=True))
     last = _last_line(text)
     if last is not None and not any(c.pos >= last[0] for c in found):
         found.append(_Candidate(last[0], "last_line", last[1], False, line=True))
@@ -605,8 +660,12 @@ def extract_answer(
             if last:
                 continue
             return Extraction(None, cand.method, AMBIGUOUS)
-        answer, reason = _parse_line(cand.raw, task, opts, parse) if cand.line else parse(cand.raw)
+        answer, reason = (
+            _parse_line(cand.raw, task, opts, parse, whole=last) if cand.line else parse(cand.raw)
+        )
         if answer is not None:
+            if closed and not last and _contradicted(text, candidates, cand, answer, parse):
+                return Extraction(None, cand.method, AMBIGUOUS)
             if closed and _later_bold_disagrees(text, cand, answer, parse):
                 # "the answer is B. But wait: **C** ...": a later bold answer retracts it.
                 return Extraction(None, cand.method, AMBIGUOUS)
