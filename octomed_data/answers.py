@@ -50,7 +50,7 @@ _HEADING = re.compile(
 )
 # {"answer": "A"} (JSON answer blocks, also single-quoted).
 _JSON_ANSWER = re.compile(
-    r"""(?<![A-Za-z_])["']?(?:final[_ ]?)?answer(?:[_ ]?(?:choice|option|letter|label))?["']\s*:\s*["'](?P<rest>[^"'\n]{1,200})["']""",
+    r"""(?:(?<=\\n)|(?<![A-Za-z_]))["']?(?:final[_ ]?)?answer(?:[_ ]?(?:choice|option|letter|label))?["']\s*:\s*["'](?P<rest>[^"'\n]{1,200})["']""",
     re.IGNORECASE,
 )
 # A label stated first: "C is the correct answer", "Option C is correct", "(C) Macrophages is the
@@ -66,9 +66,10 @@ _LABEL_FIRST = re.compile(
 # A reply whose last sentence closes on a bracketed label: "Therefore, the most likely diagnosis is
 # (F).", "... which corresponds to option (C)."
 _CLOSING_LABEL = re.compile(
-    r"\b(?:is|are|be|was|as|to|matches)[ \t]+(?:option[ \t]+|choice[ \t]+|answer[ \t]+)?(?:\*\*)?"
-    r"[\(\[](?P<label>[A-Z])[\)\]](?:\*\*)?[ \t]*[.!]?[ \t]*$"
+    r"(?:option[ \t]+|choice[ \t]+|answer[ \t]+)?(?:\*\*)?[\(\[](?P<label>[A-Z])[\)\]](?:\*\*)?[ \t]*[.!]?[ \t]*$"
 )
+# The verb before a closing label, with nothing or that option's text between them.
+_CLOSING_VERB = re.compile(r"\b(?:is|are|be|was|as|to|matches|which\s+is|i\.e\.,?|namely)[ \t]+")
 # A list item marker before an answer line: "- C. Macrophages", "* (C) MRI brain", "> C".
 _BULLET = re.compile(r"^(?:[-*•>]\s+)+")
 # A line that begins with an option label: "A. ...", "(B) ...", "**C)** ...", "- **Option D**: ...".
@@ -99,6 +100,7 @@ _SECOND_ITEM = re.compile(
     r"(?:\band\b|\bor\b|&|,|;|/)\s*(?:option\s+|choice\s+)?(?:[\(\[](?P<p>[A-Z])[\)\]]|(?P<d>[A-Z])[.)]\s)"
 )
 _BRACKETED_LEAD = re.compile(r"^[\(\[]([A-Z])[\)\]]")
+_IMPLICIT = ("last_line", "label_first", "closing_label")  # forms that state no keyword
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 # Words that revise an earlier answer ("wait", "on reflection"): the later statement then wins.
 _REVISION = re.compile(
@@ -525,7 +527,23 @@ def _contradicted(text: str, candidates: list[_Candidate], cand: _Candidate, ans
     return False
 
 
-def _candidates(text: str, task: TaskType) -> list[_Candidate]:
+def _closing_label(text: str, options: Sequence[tuple[str, str]]) -> tuple[int, str] | None:
+    """(position, label) when the reply's last sentence closes on a bracketed label after a verb,
+    with nothing or that option's own text between them ("... is (F).", "... is Heroin (F).");
+    "... which is also included in (J)." names no answer."""
+    end = _CLOSING_LABEL.search(text)
+    if end is None:
+        return None
+    label = end.group("label")
+    start = max(text.rfind("\n", 0, end.start()), text.rfind(". ", 0, end.start())) + 1
+    for verb in _CLOSING_VERB.finditer(text, start, end.start() + 1):
+        said = text[verb.end() : end.start()].strip()
+        if not said or any(k == label and _norm_option(said) == _norm_option(v) for k, v in options):
+            return verb.start(), label
+    return None
+
+
+def _candidates(text: str, task: TaskType, options: Sequence[tuple[str, str]]) -> list[_Candidate]:
     found: list[_Candidate] = []
     for m in _BOXED.finditer(text):
         found.append(_Candidate(m.start(), "boxed", m.group("rest"), True))
@@ -550,6 +568,9 @@ def _candidates(text: str, task: TaskType) -> list[_Candidate]:
             # "Final Answer: The answer is (I)": the nested statement, found next, is the one to read.
             continue
         strong = bool(_STRONG_KW.search(m.group("kw")))
+        closes = _closing_label(rest, options)
+        if closes is not None:  # "The correct answer would be a combination of these, which is (B)."
+            found.append(_Candidate(m.start("rest") + closes[0], "statement", closes[1], False, nested=True))
         paren = (m.group("paren") or "").strip()
         if re.fullmatch(r"[A-Z]", paren):  # "the answer (G) is ...": the label is the answer
             found.append(_Candidate(m.start(), "statement", paren, strong, nested=nested))
@@ -582,9 +603,9 @@ def _candidates(text: str, task: TaskType) -> list[_Candidate]:
     for m in firsts:
         raw = m.group("label") + (f". {m.group('text')}" if m.group("text") else "")
         found.append(_Candidate(m.start(), "label_first", raw, False, nested=True, ambiguous=several))
-    closing = _CLOSING_LABEL.search(text.rstrip())
-    if closing is not None and not any(c.pos >= closing.start() for c in found):
-        found.append(_Candidate(closing.start(), "closing_label", closing.group("label"), False, nested=True))
+    closing = _closing_label(text.rstrip(), options)
+    if closing is not None and not any(c.pos >= closing[0] for c in found):
+        found.append(_Candidate(closing[0], "closing_label", closing[1], False, nested=True))
     last = _last_line(text)
     if last is not None and not any(c.pos >= last[0] for c in found):
         found.append(_Candidate(last[0], "last_line", last[1], False, line=True))
@@ -650,8 +671,11 @@ def extract_answer(
             return _parse_open(raw, opts)
 
     closed = task != TaskType.OPEN_QA and task != TaskType.OPEN_VQA
-    candidates = _candidates(text, task)
+    candidates = _candidates(text, task, opts)
+    explicit = any(c.method not in _IMPLICIT for c in candidates)
     for cand in reversed(candidates):
+        if explicit and cand.method in ("label_first", "closing_label"):
+            continue  # "(C) is correct", "... is (F).": read only where no explicit statement is made
         if cand.ambiguous:  # a lead-in followed by several labelled lines
             return Extraction(None, cand.method, AMBIGUOUS)
         last = cand.method == "last_line"
@@ -679,7 +703,7 @@ def extract_answer(
             # statement ("... the answer would be A if ...") is never its verdict.
             return Extraction(None, cand.method, reason)
         # A weak statement that describes the answer ("the answer is clear: ...") is prose.
-    if any(c.method != "last_line" for c in candidates):
+    if explicit:
         return Extraction(None, "statement", NO_ANSWER)
     return _fallback(text, task, opts, parse)
 
