@@ -95,7 +95,10 @@ def select_task(base: RunPaths, spec: ExperimentSpec, arm_name: str, out: str) -
 def mixture_task(recipe: Recipe, base: RunPaths, arm: RunPaths) -> dict[str, Any]:
     from octomed_data.mixture import build_mixture
 
-    return build_mixture(arm.accepted, base.questions, arm.mixture, recipe.mixture).to_dict()
+    # An arm's traces come from the base run: so does the gold-label audit that may exclude some.
+    return build_mixture(
+        arm.accepted, base.questions, arm.mixture, recipe.mixture, audit=base.audit
+    ).to_dict()
 
 
 @task(name="export-arm")

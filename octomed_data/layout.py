@@ -309,6 +309,11 @@ class RunPaths:
         """``filter/verify_history.jsonl``: the verify settings the run's verdicts were made with, in turn."""
         return FilterFolder(self.stage("filter")).verify_history
 
+    @property
+    def audit(self) -> str:
+        """``filter/audit``: the gold-label audit, one row per question (majority answer, flag)."""
+        return FilterFolder(self.stage("filter")).audit
+
     # --------------------------------------------------------- mixture, export
     @property
     def mixture(self) -> str:

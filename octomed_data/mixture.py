@@ -48,9 +48,9 @@ from octomed_data.audit import Flag, flagged_questions
 from octomed_data.errors import ConfigError, StorageError
 from octomed_data.layout import FilterFolder, MixtureFolder
 from octomed_data.schema import (
+    ACCEPTED_SCHEMA,
     MIXTURE_SCHEMA,
     QUESTION_SCHEMA,
-    SAMPLE_SCHEMA,
     normalize_text,
 )
 
@@ -68,6 +68,10 @@ _SAMPLE_COLUMNS = [
     "response",
     "extracted_answer",
     "correct",
+    # The verifier's provenance (accepted rows made before it was carried read as nulls).
+    "verifier",
+    "verifier_rule",
+    "judge_correct",
 ]
 _QUESTION_COLUMNS = [
     "question_id",
@@ -81,7 +85,7 @@ _QUESTION_COLUMNS = [
     "answer_text",
 ]
 _WORK_SAMPLE_SCHEMA = pa.schema(
-    [SAMPLE_SCHEMA.field(c) for c in _SAMPLE_COLUMNS if c != "correct"]
+    [ACCEPTED_SCHEMA.field(c) for c in _SAMPLE_COLUMNS if c != "correct"]
     + [pa.field("dedupe_key", pa.string(), nullable=False)]
 )
 _WORK_QUESTION_SCHEMA = pa.schema([QUESTION_SCHEMA.field(c) for c in _QUESTION_COLUMNS])
@@ -275,7 +279,7 @@ def _iter_rows(uris: Iterable[str], columns: Sequence[str]) -> Iterator[dict[str
         ds = storage.Dataset(uri)
         if not ds.manifest():
             continue
-        for batch in ds.iter_batches(batch_size=2048, columns=columns):
+        for batch in ds.iter_batches(batch_size=2048, columns=columns, fill_missing=True):
             yield from batch.to_pylist()
 
 
@@ -298,7 +302,7 @@ def _iter_unflagged(
         for shard in ds.manifest():
             flagged = flagged_questions(audit, shard, flags)
             excluded: set[str] = set()
-            for batch in ds.iter_batches(batch_size=2048, columns=columns, shards=[shard]):
+            for batch in ds.iter_batches(batch_size=2048, columns=columns, shards=[shard], fill_missing=True):
                 for row in batch.to_pylist():
                     if row["question_id"] in flagged and row.get("correct"):
                         counts[row["source"]].accepted += 1  # read, then left out
@@ -489,6 +493,9 @@ def build_mixture(
                     "reasoning": row["reasoning"],
                     "response": row["response"],
                     "extracted_answer": row["extracted_answer"],
+                    "verifier": row.get("verifier"),
+                    "verifier_rule": row.get("verifier_rule"),
+                    "judge_correct": row.get("judge_correct"),
                     "copy": copy,
                     "shuffle_key": key,
                 }

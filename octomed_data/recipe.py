@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from octomed_data.audit import AuditSettings
 from octomed_data.config import first_error
 from octomed_data.errors import ConfigError
 from octomed_data.mixture import MixtureConfig
@@ -213,6 +214,8 @@ class Recipe(BaseModel):
     distill: DistillSettings = Field(default_factory=DistillSettings)
     # How open-ended answers are verified, per source (octomed_data.verify): exact, normalized, judge.
     verify: VerifySettings = Field(default_factory=VerifySettings)
+    # When the statistics pass flags a question's gold label (octomed_data.audit).
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     mixture: MixtureConfig = Field(default_factory=MixtureConfig)
     export: ExportSettings = Field(default_factory=ExportSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
@@ -283,7 +286,9 @@ class Recipe(BaseModel):
                 if any(x.name == SANDBOX_TEACHER for x in teachers):
                     continue
                 data.update(name=SANDBOX_TEACHER, base_url=sandbox_url, model=SANDBOX_MODEL)
-                data.update(price_prompt_per_1m=0.0, price_completion_per_1m=0.0, api_key_secret=None)
+                # The recipe's prices stay: the cost ledger prices sandbox replies at them and marks
+                # the cost simulated (octomed_data.cost), so a demo shows what a real run would cost.
+                data.update(api_key_secret=None)
                 data.update(modalities=["text", "image"])  # the sandbox answers image questions too
             teachers.append(TeacherConfig(**data))
         routing = {k: rename.get(v, v) for k, v in self.routing.items()}

@@ -137,7 +137,7 @@ def audit_markdown(stats: SampleStats) -> list[str]:
 
 def calibration_rows(stats: SampleStats) -> list[dict[str, Any]]:
     """One row per source (and overall): the LLM judge against exact match on closed replies."""
-    keys = ("judged", "precision", "recall", "agreement", "kappa", "fp", "fn")
+    keys = ("judged", "precision", "recall", "false_accept_rate", "agreement", "kappa", "fp", "fn")
     cal = stats.verifier.get("calibration") or {}
     return [{"source": src} | {k: m.get(k) for k in keys} for src, m in cal.items()]
 

@@ -562,14 +562,27 @@ class Dataset:
         batch_size: int = 4096,
         columns: Sequence[str] | None = None,
         shards: Sequence[str] | None = None,
+        fill_missing: bool = False,
     ) -> Iterator[pa.RecordBatch]:
-        """Stream committed shards batch by batch; memory stays bounded by one batch."""
+        """Stream committed shards batch by batch; memory stays bounded by one batch.
+
+        ``fill_missing``: a requested column a shard does not have (written before the column
+        existed) comes back as nulls instead of an error."""
         names = list(shards) if shards is not None else list(self.manifest())
         for name in names:
             fs, path = filesystem(self.file_uri(name))
             with _wrap(self.uri, fs.open, path, "rb") as fh:
                 pf = pq.ParquetFile(fh)
-                yield from pf.iter_batches(batch_size=batch_size, columns=list(columns) if columns else None)
+                wanted = list(columns) if columns else None
+                present = set(pf.schema_arrow.names)
+                if not fill_missing or wanted is None or all(c in present for c in wanted):
+                    yield from pf.iter_batches(batch_size=batch_size, columns=wanted)
+                    continue
+                for batch in pf.iter_batches(
+                    batch_size=batch_size, columns=[c for c in wanted if c in present]
+                ):
+                    arrays = [batch.column(c) if c in present else pa.nulls(batch.num_rows) for c in wanted]
+                    yield pa.RecordBatch.from_arrays(arrays, names=wanted)
 
     def iter_rows(
         self, batch_size: int = 4096, shards: Sequence[str] | None = None

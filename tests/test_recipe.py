@@ -34,6 +34,7 @@ def test_demo_recipe_loads_and_resolves_packaged_paths() -> None:
         ({"evaluation": {"config": {"temperatur": 0.3}}}, "evaluation.config: temperatur"),
         ({"distill": {"samples": 0}}, "distill.samples"),
         ({"shard_size": "many"}, "shard_size"),
+        ({"audit": {"agree_share": 0.4}}, "audit.agree_share"),
     ],
 )
 def test_a_bad_setting_fails_when_the_recipe_loads_in_one_line(override, message) -> None:
@@ -41,6 +42,22 @@ def test_a_bad_setting_fails_when_the_recipe_loads_in_one_line(override, message
         load_recipe("demo", override)
     text = str(info.value)
     assert message in text and "\n" not in text and "Value error," not in text
+
+
+def test_sandbox_teacher_keeps_the_recipe_prices() -> None:
+    # The cost ledger prices sandbox replies at them (marked simulated): a demo shows a real cost.
+    cfg = load_recipe("demo").distill_config("http://127.0.0.1:9/v1")
+    sandbox = cfg.teacher("sandbox")
+    assert (sandbox.price_prompt_per_1m, sandbox.price_completion_per_1m) == (0.55, 2.19)
+
+
+def test_audit_settings_reach_the_filter_stage(tmp_path) -> None:
+    from octomed_data.stages.filter import FilterStage
+
+    recipe = load_recipe("demo", {"audit": {"min_samples": 2, "agree_share": 0.9}})
+    stage = FilterStage.for_recipe(RunPaths(str(tmp_path), "r1"), recipe)
+    assert (stage.audit.min_samples, stage.audit.agree_share) == (2, 0.9)
+    assert stage.with_runtime().audit == stage.audit
 
 
 def test_recipe_file_errors_are_one_line(tmp_path) -> None:

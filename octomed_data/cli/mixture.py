@@ -21,10 +21,11 @@ def _cmd_mix(args: argparse.Namespace) -> int:
             seed=args.seed,
             validation_fraction=args.validation_fraction,
             shard_rows=args.shard_rows,
+            exclude_audit_flags=args.exclude_audit_flag or [],
         )
     except ValidationError as exc:
         raise ConfigError(f"invalid mixture settings: {first_error(exc)}") from None
-    result = build_mixture(args.accepted, args.questions, args.out, config, progress=True)
+    result = build_mixture(args.accepted, args.questions, args.out, config, audit=args.audit, progress=True)
     print(json.dumps(result.to_dict(), indent=2))
     return 0
 
@@ -57,6 +58,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--validation-fraction", type=float, default=0.05)
     p.add_argument("--shard-rows", type=int, default=5000)
+    p.add_argument(
+        "--exclude-audit-flag",
+        action="append",
+        choices=["suspected_label_error", "never_correct"],
+        help="leave out questions the filter's gold-label audit flagged so (repeatable)",
+    )
+    p.add_argument(
+        "--audit", nargs="+", default=None, help="the audit dataset of each --accepted (default: beside it)"
+    )
     p.set_defaults(func=_cmd_mix)
 
     e = subparsers.add_parser("export", help="export a mixture to LLaMA-Factory and TRL Parquet")

@@ -21,7 +21,7 @@ from octomed_data.errors import ConfigError
 from octomed_data.experiment.spec import SOURCE_GROUPS, Arm, band_contains, task_group
 from octomed_data.layout import RunPaths
 from octomed_data.rejection import FAILED
-from octomed_data.schema import SAMPLE_SCHEMA
+from octomed_data.schema import ACCEPTED_SCHEMA
 
 KEY_FIELDS = ("question_id", "sample_idx", "teacher", "model", "prompt_version", "params_hash")
 
@@ -126,7 +126,7 @@ def select_arm(base: RunPaths, arm: Arm, out: str) -> ArmData:
     teachers = set(arm.teachers) if arm.teachers is not None else None
     verdicts = storage.Dataset(base.verdicts)
     questions = storage.Dataset(base.questions)
-    dst = storage.Dataset(out, SAMPLE_SCHEMA)
+    dst = storage.Dataset(out, ACCEPTED_SCHEMA)  # the verifier's provenance goes with each trace
     dst.drop_stale(shards)
     digest = hashlib.sha256()
     data = ArmData(uri=out, fingerprint="")
@@ -153,7 +153,7 @@ def select_arm(base: RunPaths, arm: Arm, out: str) -> ArmData:
                     continue
             rows.append(row)
         rows = _first_k(rows, arm.samples_per_question, arm.k_mode)
-        dst.write_shard(shard, pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA))
+        dst.write_shard(shard, pa.Table.from_pylist(rows, schema=ACCEPTED_SCHEMA))
         if rows:
             keys = sorted("|".join(str(r[f]) for f in KEY_FIELDS) for r in rows)
             digest.update(f"{len(keys)}\n".encode() + "\n".join(keys).encode() + b"\n")

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import SecretStr
 
 from octomed_data import storage
+from octomed_data.audit import AuditSettings
 from octomed_data.errors import ConfigError
 from octomed_data.layout import FilterFolder, RunPaths
 from octomed_data.prompts import JUDGE_RUBRIC_VERSION
@@ -81,6 +82,7 @@ class FilterStage(Stage):
         judge: TeacherConfig | None = None,
         api_keys: Mapping[str, str | SecretStr] | None = None,
         limiter: Any = None,
+        audit: AuditSettings | None = None,
     ) -> None:
         super().__init__(paths)
         self.raw = raw or paths.raw
@@ -88,6 +90,8 @@ class FilterStage(Stage):
         self.out = out or paths.stage("filter")
         self.samples_per_question = samples_per_question
         self.verify = verify or VerifySettings()
+        # The gold-label audit's rules: not in the fingerprint, the statistics pass redoes the audit.
+        self.audit = audit or AuditSettings()
         if self.verify.needs_judge and judge is None:
             raise ConfigError("the verify settings use an LLM judge, but no judge teacher was given")
         self.judge = judge if self.verify.needs_judge else None
@@ -105,7 +109,12 @@ class FilterStage(Stage):
         if judge is None:
             judge = recipe_judge(recipe)
         return cls(
-            paths, samples_per_question=recipe.distill.samples, verify=recipe.verify, judge=judge, **kwargs
+            paths,
+            samples_per_question=recipe.distill.samples,
+            verify=recipe.verify,
+            judge=judge,
+            audit=recipe.audit,
+            **kwargs,
         )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -126,6 +135,7 @@ class FilterStage(Stage):
             verify=self.verify,
             judge=self.judge,
             limiter=limiter if limiter is not None else self.limiter,
+            audit=self.audit,
         )
         keys = api_keys or self.api_keys or {}
         other.api_keys = {
@@ -199,7 +209,14 @@ class FilterStage(Stage):
         from octomed_data.stats import source_statistics
         from octomed_data.verify.judge import judge_cost
 
-        stats = source_statistics(self.verdicts_uri, self.questions, self.samples_per_question)
+        stats = source_statistics(
+            self.verdicts_uri,
+            self.questions,
+            self.samples_per_question,
+            audit=self.audit,
+            audit_uri=FilterFolder(self.out).audit,
+            verify=self.verify,
+        )
         verifier = stats.setdefault("verifier", {})
         verifier["settings"] = self.verify.model_dump(mode="json")
         verifier["fingerprint"] = self.verify.fingerprint(self.judge)

@@ -27,7 +27,7 @@ class MixtureStage(Stage):
         if not storage.Dataset(self.paths.accepted).manifest():
             raise StorageError(f"no accepted samples at {self.paths.accepted}: run the filter stage first")
         return build_mixture(
-            self.paths.accepted, self.paths.questions, self.paths.mixture, self.config
+            self.paths.accepted, self.paths.questions, self.paths.mixture, self.config, audit=self.paths.audit
         ).to_dict()
 
 

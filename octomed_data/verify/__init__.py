@@ -130,7 +130,9 @@ class Outcome:
 
     correct: bool
     method: str  # exact | normalized | judge
-    rule: str | None = None  # exact | numeric | plural | synonym (a match), judge, or None
+    # a match's rule (exact | numeric | plural | spelling | synonym | abbreviation | word_order |
+    # sentence | negation; see verify.match), judge, or None
+    rule: str | None = None
     judge_correct: bool | None = None  # the judge's verdict when it was asked (incl. calibration)
     reason: str | None = None  # reject reason when not correct
 

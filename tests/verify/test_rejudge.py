@@ -121,6 +121,22 @@ def test_refilter_with_a_changed_verify_block_rejudges_every_shard_without_disti
     assert mixed["accepted"] == len(accepted) > mixed_before["accepted"]
     exported = storage.read_json(storage.join(paths.export, "export.json"))
     assert sum(exported["rows"]["llamafactory"].values()) == mixed["rows_train"] + mixed["rows_validation"]
+    # ... and so do the mixture rows (the exports read them): every judged trace says so.
+    mixture_rows = [
+        r
+        for split in ("train", "validation")
+        for r in storage.Dataset(storage.join(paths.mixture, split)).read_all().to_pylist()
+    ]
+    assert mixture_rows and all(
+        (r["verifier"], r["verifier_rule"], r["judge_correct"])
+        == (
+            after[(r["question_id"], r["sample_idx"])]["verifier"],
+            after[(r["question_id"], r["sample_idx"])]["verifier_rule"],
+            after[(r["question_id"], r["sample_idx"])]["judge_correct"],
+        )
+        for r in mixture_rows
+    )
+    assert any(r["verifier"] == "judge" for r in mixture_rows)
     # The history: the old settings' verdicts, the change, the new settings' verdicts.
     history = read_verify_history(paths.verify_history)
     assert [h["event"] for h in history] == ["judged", "changed", "judged"]
