@@ -175,12 +175,27 @@ _REFUSAL = re.compile(
 )
 
 
+# Every form an answer is read from (``Extraction.method``), explicit statements first.
+METHODS = (
+    "boxed",
+    "answer_tag",
+    "json",
+    "statement",
+    "heading",
+    "bold",
+    "bare",
+    "last_line",
+    "label_first",
+    "closing_label",
+)
+
+
 @dataclass(frozen=True)
 class Extraction:
     """The result of reading a response: an answer, or ``None`` with a reason."""
 
     answer: str | None
-    method: str  # which form was read: boxed, answer_tag, statement, bold, bare, none
+    method: str  # which form was read (one of METHODS), or none
     reason: str | None = None  # no_answer | ambiguous | unfinished_thought when answer is None
     # The stated answer as written (markup stripped, not normalised): "0.5 mg", "X-ray". Open-ended
     # verification reads numbers and units from it, which normalisation would take apart.
