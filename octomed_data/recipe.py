@@ -48,6 +48,8 @@ SANDBOX_MODEL = "sandbox-not-a-model"
 # A recipe teacher with no base_url uses this endpoint when set, else the loopback sandbox.
 ENV_TEACHER_BASE_URL = "OCTOMED_TEACHER_BASE_URL"
 ENV_TEACHER_MODEL = "OCTOMED_TEACHER_MODEL"
+# What the environment's teacher reads: "text" or "text,image" (undeclared: no images unless routed).
+ENV_TEACHER_MODALITIES = "OCTOMED_TEACHER_MODALITIES"
 
 
 class SourceEntry(BaseModel):
@@ -266,7 +268,7 @@ class Recipe(BaseModel):
         """The distillation config with every teacher resolved to a real endpoint.
 
         Teachers without ``base_url`` take ``$OCTOMED_TEACHER_BASE_URL`` (model from
-        ``$OCTOMED_TEACHER_MODEL``) or, when that is unset, the sandbox at ``sandbox_url``; all
+        ``$OCTOMED_TEACHER_MODEL``, modalities from ``$OCTOMED_TEACHER_MODALITIES``) or, when that is unset, the sandbox at ``sandbox_url``; all
         sandbox-bound teachers become the one teacher named ``sandbox`` so every row says so.
         """
         env_url = os.environ.get(ENV_TEACHER_BASE_URL)
@@ -279,6 +281,9 @@ class Recipe(BaseModel):
                 if not model:
                     raise ConfigError(f"{ENV_TEACHER_BASE_URL} is set: also set {ENV_TEACHER_MODEL}")
                 data.update(base_url=env_url, model=model)
+                modalities = os.environ.get(ENV_TEACHER_MODALITIES)
+                if modalities and t.modalities is None:
+                    data.update(modalities=[m.strip() for m in modalities.split(",") if m.strip()])
             elif t.base_url is None:
                 if sandbox_url is None:
                     raise ConfigError(f"teacher {t.name!r} has no base_url and no sandbox teacher is running")

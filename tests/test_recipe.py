@@ -51,6 +51,26 @@ def test_sandbox_teacher_keeps_the_recipe_prices() -> None:
     assert (sandbox.price_prompt_per_1m, sandbox.price_completion_per_1m) == (0.55, 2.19)
 
 
+def test_environment_teacher_declares_its_modalities(monkeypatch) -> None:
+    from octomed_data.recipe import ENV_TEACHER_BASE_URL, ENV_TEACHER_MODALITIES, ENV_TEACHER_MODEL
+
+    monkeypatch.setenv(ENV_TEACHER_BASE_URL, "http://127.0.0.1:9/v1")
+    monkeypatch.setenv(ENV_TEACHER_MODEL, "gpt-4o")
+    teacher = load_recipe("demo").distill_config().teachers[0]
+    assert teacher.takes_images is None  # undeclared: an image question is refused, not sent
+    with pytest.raises(ConfigError, match="modalities are not declared"):
+        load_recipe("demo").distill_config().teacher_for("imaging_cls", has_image=True)
+    monkeypatch.setenv(ENV_TEACHER_MODALITIES, "text,image")
+    cfg = load_recipe("demo").distill_config()
+    assert (
+        cfg.teachers[0].takes_images is True
+        and cfg.teacher_for("imaging_cls", has_image=True).model == "gpt-4o"
+    )
+    monkeypatch.setenv(ENV_TEACHER_MODALITIES, "text")
+    with pytest.raises(ConfigError, match="reads text only"):
+        load_recipe("demo").distill_config().teacher_for("open_vqa", has_image=True)
+
+
 def test_audit_settings_reach_the_filter_stage(tmp_path) -> None:
     from octomed_data.stages.filter import FilterStage
 
