@@ -313,6 +313,8 @@ def _batches(rows: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[st
 
 
 def _protocol(config: EvalConfig) -> SamplingProtocol:
+    """The sampling protocol; ``direct`` prompting never opens a reply with ``<think>`` (no reasoning
+    is asked for, so a ``prefill_think`` meant for chain-of-thought runs does not apply)."""
     return SamplingProtocol(
         temperature=config.temperature,
         top_p=config.top_p,
@@ -320,7 +322,7 @@ def _protocol(config: EvalConfig) -> SamplingProtocol:
         force_end=config.force_end_of_thinking,
         force_tokens=config.force_answer_tokens,
         prompting=config.prompting,
-        prefill_think=config.prefill_think,
+        prefill_think=config.prefill_think and config.prompting == "cot",
     )
 
 
@@ -374,9 +376,10 @@ def evaluate(config: EvalConfig, *, progress: bool = True) -> EvalResult:
 
     cache_dir = Path(config.work_dir or tempfile.mkdtemp(prefix="octomed-eval-"))
     backend: Backend | None = None
+    protocol_in_effect = _protocol(config)
     try:
         backend = make_backend(
-            kind, config.model, _protocol(config), options=_backend_options(config), cache_dir=cache_dir
+            kind, config.model, protocol_in_effect, options=_backend_options(config), cache_dir=cache_dir
         )
         if with_images and not backend.supports_images:
             raise ConfigError(
@@ -457,7 +460,7 @@ def evaluate(config: EvalConfig, *, progress: bool = True) -> EvalResult:
                 "max_new_tokens": config.max_new_tokens,
                 "force_end_of_thinking": config.force_end_of_thinking,
                 "force_answer_tokens": config.force_answer_tokens,
-                "prefill_think": config.prefill_think,
+                "prefill_think": protocol_in_effect.prefill_think,
                 "limit_per_benchmark": config.limit,
                 "max_request_error_rate": config.max_request_error_rate,
                 "std": "sample standard deviation over seeds (ddof 1)",

@@ -102,10 +102,11 @@ def mixture_task(recipe: Recipe, base: RunPaths, arm: RunPaths) -> dict[str, Any
 
 
 @task(name="export-arm")
-def export_task(recipe: Recipe, arm: RunPaths) -> dict[str, Any]:
+def export_task(recipe: Recipe, arm: RunPaths, content: str = "reasoning") -> dict[str, Any]:
+    """The arm's training export; ``answer_only``: each trace's answer line alone (direct answers)."""
     from octomed_data.export import export
 
-    return export(arm.mixture, arm.export, **recipe.export.model_dump()).to_dict()
+    return export(arm.mixture, arm.export, **recipe.export.model_dump(), content=content).to_dict()
 
 
 @task(name="evaluate-arm")
@@ -167,6 +168,8 @@ def _eval_config(recipe: Recipe, spec: ExperimentSpec, arm_name: str, paths: Run
             evaluation[key] = getattr(spec.evaluation, key)
     if arm.evaluation.prompting:
         evaluation["prompting"] = arm.evaluation.prompting
+    if evaluation.get("prompting") == "direct":
+        evaluation["prefill_think"] = False  # direct: no reasoning, so no "<think>" opened for it
     benchmarks = arm.evaluation.benchmarks or spec.evaluation.benchmarks or recipe.evaluation.benchmarks
     # Without benchmarks: the base run's questions decontamination removed (the arm has none of its own).
     questions = recipe.evaluation.questions or base.removed
@@ -254,7 +257,7 @@ def arm_flow(spec_ref: str, arm: str, store: str | None = None, force: bool = Fa
                 "validation_rows": mix["rows_validation"],
                 "questions_train": mix["questions_train"],
             }
-            export_task(recipe, paths)
+            export_task(recipe, paths, arm_cfg.export)
             config = train_config(recipe, paths, _train_params(spec, arm, model_path))
             update: dict[str, Any] = {"report_to": spec.training.report_to}
             if spec.control == "same_epochs" and arm_cfg.training.max_steps is None:

@@ -36,7 +36,11 @@ asks for, ``Final answer: \\boxed{X}``: the reply's answer is read with
 :func:`octomed_data.answers.extract_answer` and must be the accepted one (otherwise the row is
 dropped and counted), a short final answer line is replaced, anything else gets the line appended;
 the reasoning is never touched. ``"as_is"`` keeps the responses and uses a system prompt that
-states no answer format. Every export shard mirrors one mixture shard, so exports stream with
+states no answer format. ``content="answer_only"`` (the recipe lab's direct arm: the paper's "direct
+answers" training data) drops each trace's reasoning and its reply's explanation: the assistant turn is
+the normalised answer line alone (no ``<think>``), under the direct system prompt that evaluation's
+``direct`` protocol asks with; it needs ``answer_format="normalize"`` (the answer line is the one
+normalisation writes, from the accepted answer). Every export shard mirrors one mixture shard, so exports stream with
 bounded memory. :func:`load_export` loads one exported split (local or object store).
 """
 
@@ -63,6 +67,8 @@ FORMATS = ("llamafactory", "trl")
 SPLITS = ("train", "validation")
 TRL_CONFIGS = ("text", "vision")
 ANSWER_FORMATS = ("normalize", "as_is")
+# What of a trace the assistant turn carries: the reasoning and the reply, or the answer line alone.
+CONTENTS = ("reasoning", "answer_only")
 IMAGE_REFS = ("relative", "absolute")
 IMAGE_DIR = "images"
 IMAGE_TOKEN = "<image>"
@@ -232,10 +238,27 @@ class Turns:
     answer: str  # kept / replaced / appended / as_is
 
 
-def prepare(row: Mapping[str, Any], answer_format: str = "normalize") -> Turns | None:
+def _check_content(content: str, answer_format: str) -> None:
+    if content not in CONTENTS:
+        raise ConfigError(f"unknown export content {content!r}; choose from {list(CONTENTS)}")
+    if content == "answer_only" and answer_format != "normalize":
+        raise ConfigError("answer_only export needs answer_format normalize (its reply is the answer line)")
+
+
+def export_system_prompt(task_type: str, answer_format: str = "normalize", content: str = "reasoning") -> str:
+    """The system prompt of an exported row: the teacher's (cot), or direct for answer-only data."""
+    if content == "answer_only":
+        return system_prompt(task_type, "direct")
+    return system_prompt(task_type, answer_line=answer_format == "normalize")
+
+
+def prepare(
+    row: Mapping[str, Any], answer_format: str = "normalize", content: str = "reasoning"
+) -> Turns | None:
     """System, user and assistant text for a mixture row; ``None`` when the row is dropped."""
     if answer_format not in ANSWER_FORMATS:
         raise ConfigError(f"unknown answer_format {answer_format!r}; choose from {list(ANSWER_FORMATS)}")
+    _check_content(content, answer_format)
     response: str | None = (row.get("response") or "").strip()
     if answer_format == "normalize":
         response, action = normalize_reply(
@@ -245,11 +268,15 @@ def prepare(row: Mapping[str, Any], answer_format: str = "normalize") -> Turns |
             return None
     else:
         action = "as_is"
-    reasoning = (row.get("reasoning") or "").strip()
     user, n1 = escape_placeholders(user_text(row))
-    assistant, n2 = escape_placeholders(f"<think>\n{reasoning}\n</think>\n\n{response}")
+    if content == "answer_only":
+        # The normalised reply ends in the answer line; everything before it (and the reasoning) goes.
+        assistant, n2 = escape_placeholders((response or "").split("\n")[-1].strip())
+    else:
+        reasoning = (row.get("reasoning") or "").strip()
+        assistant, n2 = escape_placeholders(f"<think>\n{reasoning}\n</think>\n\n{response}")
     return Turns(
-        system=system_prompt(row["task_type"], answer_line=answer_format == "normalize"),
+        system=export_system_prompt(row["task_type"], answer_format, content),
         user=user,
         assistant=assistant,
         images=list(row.get("images") or []),
@@ -433,6 +460,7 @@ def export(
     embed_images: bool = True,
     llamafactory_images: str = "relative",
     answer_format: str = "normalize",
+    content: str = "reasoning",
     progress: bool = False,
 ) -> ExportResult:
     """Export every split of the mixture at ``mixture_uri`` to ``out`` (layout: module docstring)."""
@@ -444,6 +472,7 @@ def export(
         raise ConfigError(f"unknown export format(s) {unknown}; choose from {list(FORMATS)}")
     if answer_format not in ANSWER_FORMATS:
         raise ConfigError(f"unknown answer_format {answer_format!r}; choose from {list(ANSWER_FORMATS)}")
+    _check_content(content, answer_format)
     if llamafactory_images not in IMAGE_REFS:
         raise ConfigError(
             f"unknown llamafactory_images {llamafactory_images!r}; choose from {list(IMAGE_REFS)}"
@@ -456,9 +485,10 @@ def export(
     settings = {
         "export_version": EXPORT_VERSION,
         "answer_format": answer_format,
+        "content": content,
         "final_answer_line": final_answer_line("X") if answer_format == "normalize" else None,
         "system_prompts": {
-            t: system_prompt(t, answer_line=answer_format == "normalize")
+            t: export_system_prompt(t, answer_format, content)
             for t in ("text_mcq", "yes_no_maybe", "open_qa")
         },
         "llamafactory_images": llamafactory_images,
@@ -492,7 +522,7 @@ def export(
         for shard in tqdm(src.manifest(), desc=f"export {split}", disable=not progress):
             out_rows: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
             for row in src.iter_rows(shards=[shard]):
-                turns = prepare(row, answer_format)
+                turns = prepare(row, answer_format, content)
                 if turns is None:
                     answers["dropped"] += 1
                     continue

@@ -309,3 +309,45 @@ def test_verifier_provenance_is_a_side_column_of_every_export(mixture, tmp_path)
     plain = export(mixture.uri, str(tmp_path / "plain"), formats=["llamafactory"])
     assert plain.verified_by == {"unknown": sum(plain.rows["llamafactory"].values())}
     assert {r["verifier"] for r in load_export(plain.datasets["llamafactory"]["train"])} == {None}
+
+
+def test_answer_only_export_drops_the_reasoning_in_both_formats(mixture, tmp_path):
+    """Issue 22: the direct arm's training data. Every row of both formats (LLaMA-Factory, TRL text
+    and vision) is the answer line alone under the direct system prompt: no ``<think>``, no word of
+    the trace's reasoning or explanation; the reasoning export of the same mixture carries both."""
+    mix_rows, reasonings = {}, {}
+    for split in ("train", "validation"):
+        for r in storage.Dataset(storage.join(mixture.uri, split)).read_all().to_pylist():
+            mix_rows[r["question_id"]] = r
+            text = escape_placeholders((r["reasoning"] or "").strip())[0]  # as exported
+            reasonings.setdefault(r["question_id"], set()).add(text)
+    direct = export(mixture.uri, str(tmp_path / "direct"), content="answer_only")
+    cot = export(mixture.uri, str(tmp_path / "cot"))
+    assert direct.rows == cot.rows and direct.answers == cot.answers  # the same rows, other content
+    meta = storage.read_json(str(tmp_path / "direct" / "export.json"))["settings"]
+    assert meta["content"] == "answer_only"
+    assert meta["system_prompts"]["text_mcq"] == system_prompt("text_mcq", "direct")
+
+    def turns(result, name):
+        for uri in result.datasets[name].values():
+            for row in load_export(uri):
+                system, _, assistant = row["messages"]
+                text = lambda m: m["content"] if isinstance(m["content"], str) else m["content"][0]["text"]  # noqa: E731
+                yield row["question_id"], text(system), text(assistant)
+
+    for name in ("llamafactory", "trl", "trl_text"):
+        seen = 0
+        for qid, system, assistant in turns(direct, name):
+            assert all(reasonings[qid]) and "<think>" not in assistant
+            assert not any(reasoning in assistant for reasoning in reasonings[qid])
+            assert re.fullmatch(r"Final answer: \\boxed\{[^{}\n]+\}", assistant), assistant
+            assert system == system_prompt(mix_rows[qid]["task_type"], "direct")
+            seen += 1
+        assert seen == sum(direct.rows[name].values()) > 0
+        for qid, system, assistant in turns(cot, name):
+            assert assistant.startswith("<think>") and any(r in assistant for r in reasonings[qid])
+            assert system == system_prompt(mix_rows[qid]["task_type"])
+    with pytest.raises(ConfigError, match="answer_only export needs answer_format normalize"):
+        export(mixture.uri, str(tmp_path / "x"), content="answer_only", answer_format="as_is")
+    with pytest.raises(ConfigError, match="unknown export content"):
+        export(mixture.uri, str(tmp_path / "x"), content="summary")

@@ -343,6 +343,8 @@ def compare(
         data[a.name] = {
             "status": rec.get("status"),
             "fingerprint": rec.get("data", {}).get("fingerprint"),
+            # What of each trace it trained on: reasoning, or answer_only (direct answers).
+            "content": rec.get("data", {}).get("content", "reasoning") if rec.get("data") else None,
             "traces": rec.get("data", {}).get("traces"),
             "questions": rec.get("data", {}).get("questions"),
             "trace_tokens": rec.get("data", {}).get("completion_tokens"),
@@ -439,11 +441,12 @@ def report_markdown(result: Mapping[str, Any], plot_name: str = "comparison.png"
                 f"| {g['arm']} | {g['group']} | {_pct(g['mean'])} | {g['benchmarks']} | {_signed(g.get('delta'))} | "
                 f"{_ci(g)} | {_YES[g.get('beyond_noise')]} |"
             )
-    lines += ["", "## Data and training per arm", "", "| arm | status | traces | questions | trace tokens | "
-              "train rows | steps | examples trained | final loss | checkpoint of | data fingerprint |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += ["", "## Data and training per arm", "", "| arm | status | trains on | traces | questions | trace "
+              "tokens | train rows | steps | examples trained | final loss | checkpoint of | data fingerprint |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for arm, d in result["data"].items():
-        cells = [d.get(k) for k in ("status", "traces", "questions", "trace_tokens", "train_rows", "steps")]
+        keys = ("status", "content", "traces", "questions", "trace_tokens", "train_rows", "steps")
+        cells = [d.get(k) for k in keys]
         loss = d.get("final_loss")
         cells += [d.get("examples_trained"), None if loss is None else f"{loss:.4f}", d.get("trained_by")]
         cells += [f"`{d.get('fingerprint')}`"]

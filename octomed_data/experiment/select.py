@@ -3,7 +3,8 @@
 Streamed shard by shard (the base run's ``filter/accepted``; pass rates from ``filter/verdicts``
 of the same shard), written as the arm's own accepted dataset. The arm's **data fingerprint** hashes
 exactly which traces were kept (question, sample index, teacher, model, prompt version, sampling
-params), so two arms with the same data have the same fingerprint whatever their selections said.
+params) and what of each trace the arm trains on (``export``: reasoning, or the answer line alone),
+so two arms with the same data have the same fingerprint whatever their selections said.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class ArmData:
 
     uri: str
     fingerprint: str
+    content: str = "reasoning"  # what of each trace is trained on: reasoning | answer_only
     traces: int = 0
     questions: int = 0
     completion_tokens: int = 0  # teacher reply tokens of the kept traces (reasoning + answer)
@@ -129,7 +131,9 @@ def select_arm(base: RunPaths, arm: Arm, out: str) -> ArmData:
     dst = storage.Dataset(out, ACCEPTED_SCHEMA)  # the verifier's provenance goes with each trace
     dst.drop_stale(shards)
     digest = hashlib.sha256()
-    data = ArmData(uri=out, fingerprint="")
+    if arm.export != "reasoning":  # the same traces, other training data (reasoning keeps old fingerprints)
+        digest.update(f"content:{arm.export}\n".encode())
+    data = ArmData(uri=out, fingerprint="", content=arm.export)
     per_source: Counter[str] = Counter()
     per_group: Counter[str] = Counter()
     task_tokens: dict[str, list[int]] = defaultdict(lambda: [0, 0])

@@ -98,6 +98,10 @@ class Arm(BaseModel):
     # Keep questions whose pass rate (accepted / judged samples) lies in [low, high) (band_contains).
     pass_rate: tuple[float, float] | None = None
     teachers: list[str] | None = None
+    # What the arm trains on of each trace: ``reasoning`` (the teacher's reasoning and reply) or
+    # ``answer_only`` (the answer line alone, under the direct system prompt: the paper's direct
+    # answers). Part of the data: an answer-only arm never shares a checkpoint with a reasoning one.
+    export: Literal["reasoning", "answer_only"] = "reasoning"
     training: ArmTraining = Field(default_factory=ArmTraining)
     evaluation: ArmEvaluation = Field(default_factory=ArmEvaluation)
 
@@ -112,7 +116,8 @@ class Arm(BaseModel):
     def selection(self) -> dict[str, Any]:
         """What decides the arm's data (its part of the arm's fingerprint)."""
         return self.model_dump(
-            mode="json", include={"sources", "samples_per_question", "k_mode", "pass_rate", "teachers"}
+            mode="json",
+            include={"sources", "samples_per_question", "k_mode", "pass_rate", "teachers", "export"},
         )
 
 

@@ -497,3 +497,39 @@ def test_llamacpp_endpoint_gets_no_rejected_parameter(shared_data, tmp_path):
     assert "greater than or equal to 0" in str(exc.value) and "\n" not in str(exc.value)
     metrics = storage.read_json(f"{tmp_path / 'a'}/metrics.json")
     assert metrics["backend"]["server"] == "llamacpp"
+
+
+def test_direct_prompting_never_prefills_think(shared_data, tmp_path, monkeypatch):
+    """Issue 22: direct prompting asks for no reasoning, so no reply is opened with ``<think>`` even
+    when the protocol's ``prefill_think`` is on (the demo recipe sets it for chain-of-thought); the
+    cot protocol keeps the prefill. Checked on the messages sent to an endpoint (the sandbox) and on
+    the protocol metrics.json records."""
+    from evaluation.backends.openai import OpenAIBackend
+
+    sent: dict[str, list] = defaultdict(list)
+    original = OpenAIBackend._messages
+
+    def spy(self, row):
+        msgs = original(self, row)
+        sent[self.protocol.prompting].append(msgs)
+        return msgs
+
+    monkeypatch.setattr(OpenAIBackend, "_messages", spy)
+    with start_sandbox() as sb:
+        for prompting in ("cot", "direct"):
+            cfg = EvalConfig(
+                model=sb.base_url, benchmarks="medqa", data_dir=str(shared_data),
+                output_uri=str(tmp_path / prompting), limit=2, seeds=1, prompting=prompting,
+                prefill_think=True,
+            )  # fmt: skip
+            result = evaluate(cfg, progress=False)
+            metrics = storage.read_json(storage.join(result.output_uri, "metrics.json"))
+            assert metrics["protocol"]["prefill_think"] is (prompting == "cot")
+    assert len(sent["cot"]) == len(sent["direct"]) == 2
+    for msgs in sent["direct"]:
+        assert [m["role"] for m in msgs] == ["system", "user"]
+        assert msgs[0]["content"] == system_prompt("text_mcq", "direct")
+        assert "<think>" not in str(msgs)
+    for msgs in sent["cot"]:
+        assert msgs[-1] == {"role": "assistant", "content": "<think>\n"}
+        assert msgs[0]["content"] == system_prompt("text_mcq")

@@ -317,13 +317,16 @@ def test_a_changed_setting_makes_other_arms_stale_in_the_report(lab, tmp_path: P
 
 
 def test_arms_with_identical_data_and_training_train_once(lab, tmp_path: Path) -> None:
-    """cot vs direct prompting: one checkpoint, evaluated under each arm's prompting."""
+    """cot vs direct prompting: one checkpoint, evaluated under each arm's prompting. A truly direct
+    arm (answer-only training data) has another data fingerprint: its own checkpoint, trained on
+    exports with no reasoning, evaluated with no ``<think>`` prefill."""
     tmp, store, _ = lab
     spec = tmp_path / "twins.yaml"
     spec.write_text(
         "name: twins\nrecipe: lab\nbase_run: lab-base\nreference: cot\ntraining: {max_steps: 1, report_to: none}\n"
         "evaluation: {seeds: 1}\narms:\n  - {name: cot, sources: [classification], evaluation: {prompting: cot}}\n"
         "  - {name: direct, sources: [classification], evaluation: {prompting: direct}}\n"
+        "  - {name: answer, sources: [classification], export: answer_only, evaluation: {prompting: direct}}\n"
     )
     proc = _cli(str(spec), "--store", store, home=tmp / "prefect")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -347,3 +350,23 @@ def test_arms_with_identical_data_and_training_train_once(lab, tmp_path: Path) -
     comparison = json.loads(Path(exp.comparison).read_text())
     assert comparison["shared_checkpoints"] == [["cot", "direct"]]
     assert "Arms sharing one checkpoint" in Path(exp.report).read_text()
+    # The answer-only arm: same traces, other data, its own checkpoint.
+    answer = json.loads(Path(exp.record("answer")).read_text())
+    assert answer["data"]["traces"] == cot["data"]["traces"] and answer["data"]["content"] == "answer_only"
+    assert answer["data"]["fingerprint"] != cot["data"]["fingerprint"] and answer["trained_by"] == "answer"
+    assert (
+        answer["evaluation"]["checkpoint"] == exp.arm("answer").checkpoints != cot["evaluation"]["checkpoint"]
+    )
+    assert (
+        comparison["data"]["answer"]["content"] == "answer_only"
+        and comparison["data"]["cot"]["content"] == "reasoning"
+    )
+    for arm, think in (("answer", False), ("cot", True)):
+        for fmt in ("llamafactory", "trl/vision"):
+            rows = storage.Dataset(storage.join(exp.arm(arm).export, fmt, "train")).read_all(["messages"])
+            replies = [m[-1]["content"] for m in rows.column(0).to_pylist()]
+            replies = [r if isinstance(r, str) else r[0]["text"] for r in replies]
+            assert replies and all(("<think>" in r) is think for r in replies), (arm, fmt)
+    for arm, rec in (("answer", answer), ("direct", direct), ("cot", cot)):
+        metrics = json.loads(Path(rec["evaluation"]["report_uri"]).with_name("metrics.json").read_text())
+        assert metrics["protocol"]["prefill_think"] is (arm == "cot")  # the lab recipe prefills for cot
