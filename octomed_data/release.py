@@ -9,7 +9,18 @@
                                      reasoning, reply, verdict, tokens)
     OUT/data/_manifest/<shard>.json  the storage layer's commit markers (ignored by readers)
     OUT/release.json                 what was released, excluded and scrubbed (machine readable)
-    OUT/README.md                    the dataset card (:mod:`octomed_data.release_card`), written last
+    OUT/README.md                    the dataset card (:mod:`octomed_data.release_card`), written last:
+                                     its YAML header holds the ``configs`` and ``dataset_info``
+                                     (features, split sizes) that ``datasets`` reads
+
+A shard with no released row (every question a benchmark match, or none left after
+decontamination) writes no file, and a release with no row at all is an error, not an empty
+dataset.
+
+``with_images=True`` ships the pixels: ``images`` is then a list of ``datasets.Image`` values whose
+PNG bytes are embedded in the Parquet rows (the run's content-addressed, metadata-free PNGs, byte
+for byte; decoded to PIL images by ``load_dataset``, locally and from ``s3://``), and the hash
+references move to ``image_refs``. Without it, ``images`` holds the references only.
 
 Responses are the accepted samples (``filter/accepted``); ``all_responses=True`` adds the rejected
 ones from ``distill/raw`` (failed requests carry no reply and are left out). Every response carries
@@ -21,8 +32,9 @@ included, so a judge-accepted answer is never presented as an exact match.
 Before anything is published, every question is checked against the decontamination registry the
 run names (a question matching a held-out benchmark item is excluded and listed, whatever the run's
 decontamination did), ``metadata`` loses patient and DICOM identifying fields, no pixels are copied
-(hashes and ``images/ab/<sha>.png`` references only), and every row is scanned for the teachers'
-API keys (found: the shard is not committed and the release stops with one line).
+(hashes and ``images/ab/<sha>.png`` references only) unless ``with_images``, an image shipped must be
+the stored PNG of its hash with no metadata chunk (EXIF, text, time), and every row is scanned for
+the teachers' API keys (found: the shard is not committed and the release stops with one line).
 
 Memory: one questions shard (no reply text) plus one bucket of its replies at a time. A shard whose
 replies are large is first spilled into buckets by question id (local Parquet files), so a bucket
@@ -31,6 +43,7 @@ holds about ``BUCKET_BYTES`` of decoded text whatever the shard size.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -48,12 +61,16 @@ from octomed_data import storage
 from octomed_data.errors import ConfigError, StorageError
 from octomed_data.layout import ReleaseFolder, RunPaths
 from octomed_data.recipe import Recipe, parse_recipe
-from octomed_data.release_safety import SecretGuard, scrub_metadata
+from octomed_data.release_safety import SecretGuard, image_metadata_chunks, scrub_metadata
 from octomed_data.schema import QUESTION_SCHEMA, RELEASE_SCHEMA, SAMPLE_SCHEMA, VERDICT_SCHEMA
 from octomed_data.teachers import TeacherConfig
 
 RELEASE_VERSION = "2"  # 2: responses carry verifier, verifier_rule, judge_correct
 SPLIT = "train"  # OctoMed published one training split; the card's config reads data/train-*
+# ``datasets.Image``'s Arrow storage: the PNG bytes and a file name (the bytes decide).
+IMAGE_DATA_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+ROWS_PER_GROUP = 256
+ROWS_PER_GROUP_WITH_IMAGES = 32  # a few MB of PNG per row group (row groups are read whole)
 FAILED = "request_failed"
 BUCKET_BYTES = 64 * 2**20  # decoded reply text held at once while grouping a shard's replies
 _DECODED_PER_FILE_BYTE = 4  # zstd Parquet of prose decodes to about 4x its file size
@@ -76,14 +93,17 @@ class ReleaseResult:
     uri: str
     run_id: str
     all_responses: bool
+    with_images: bool = False  # pixels embedded (``images``: datasets.Image) or references only
     rows: int = 0
     responses: int = 0
+    images: int = 0  # images embedded in the rows (with_images)
     per_source: dict[str, dict[str, int]] = field(default_factory=dict)
     excluded: list[dict[str, str]] = field(default_factory=list)  # registry matches left out
     metadata_keys_dropped: dict[str, int] = field(default_factory=dict)
     unknown_sampling_params: int = 0  # replies whose teacher params the run no longer records
     prompt_versions: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    shards_without_rows: list[str] = field(default_factory=list)  # no released row: no file written
     card: str = ""
     seconds: float = 0.0
 
@@ -121,6 +141,36 @@ def sampling_table(teachers: Iterable[TeacherConfig]) -> dict[tuple[str, str], d
         p = t.sampling_params()
         table.setdefault((t.name, t.params_hash()), p | {"extra_body": json.dumps(p["extra_body"])})
     return table
+
+
+# ---------------------------------------------------------------------------------------- schema
+def release_schema(with_images: bool = False) -> pa.Schema:
+    """The rows' schema: :data:`RELEASE_SCHEMA`, or with ``with_images`` ``images`` as
+    ``datasets.Image`` values (embedded PNG bytes) and the references in ``image_refs``.
+    Both carry the ``datasets`` features in the Parquet metadata, so ``load_dataset("parquet",
+    data_files=...)`` decodes the images without the card."""
+    fields: list[pa.Field] = []
+    for f in RELEASE_SCHEMA:
+        if f.name == "images" and with_images:
+            # Nullable like the features' own field: datasets only trusts metadata features whose
+            # Arrow field equals the file's.
+            fields += [pa.field("images", pa.list_(IMAGE_DATA_TYPE)), pa.field("image_refs", f.type, False)]
+        else:
+            fields.append(f)
+    schema = pa.schema(fields, metadata=RELEASE_SCHEMA.metadata)
+    features = {"info": {"features": release_features(schema).to_dict()}}
+    return schema.with_metadata(dict(RELEASE_SCHEMA.metadata) | {b"huggingface": json.dumps(features)})
+
+
+def release_features(schema: pa.Schema):
+    """The ``datasets.Features`` of a release schema (``images`` of embedded bytes: ``Image``)."""
+    import datasets
+
+    plain = schema.remove_metadata()
+    features = datasets.Features.from_arrow_schema(plain)
+    if plain.field("images").type == pa.list_(IMAGE_DATA_TYPE):
+        features["images"] = datasets.List(datasets.Image())
+    return features
 
 
 # ---------------------------------------------------------------------------------------- shards
@@ -193,6 +243,7 @@ class _Context:
     guard: SecretGuard
     all_responses: bool
     result: ReleaseResult
+    with_images: bool = False
     dropped: Counter[str] = field(default_factory=Counter)
     prompt_versions: set[str] = field(default_factory=set)
 
@@ -216,6 +267,23 @@ def _image_ref(image: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _image_data(image: Mapping[str, Any], ctx: _Context, where: str) -> dict[str, Any]:
+    """The stored PNG of one image, checked: its SHA-256 is its content address (the very bytes
+    the run stored and fingerprinted), it holds no metadata chunk and no teacher's API key."""
+    sha, uri = image["sha256"], image.get("uri")
+    if not uri:
+        raise StorageError(f"{where}: image {sha} has no stored copy (ingested without an image store)")
+    data = storage.read_bytes(uri)
+    if hashlib.sha256(data).hexdigest() != sha:
+        raise StorageError(f"{where}: the stored image at {uri} is not the image {sha} (content changed)")
+    found = image_metadata_chunks(data)
+    if found:
+        raise ConfigError(f"{where}: image {sha} carries metadata ({', '.join(found)}); not published")
+    ctx.guard.check_bytes(data, f"{where}: image {sha}")
+    ctx.result.images += 1
+    return {"bytes": data, "path": f"{sha}.png"}
+
+
 def release_shard(ctx: _Context, shard: str) -> int:
     """Write one questions shard as ``data/train-<shard>.parquet``; returns its rows."""
     counts, verdicts = _verdicts(ctx.paths, shard)
@@ -228,7 +296,8 @@ def release_shard(ctx: _Context, shard: str) -> int:
         order: dict[int, list[int]] = defaultdict(list)
         for i, qid in enumerate(ids):
             order[_bucket_of(qid, buckets.n)].append(i)
-        writer = ctx.target.writer(shard, rows_per_group=256)
+        per_group = ROWS_PER_GROUP_WITH_IMAGES if ctx.with_images else ROWS_PER_GROUP
+        writer = ctx.target.writer(shard, rows_per_group=per_group)
         try:
             for b in sorted(order):
                 replies = buckets.load(b)
@@ -244,7 +313,8 @@ def release_shard(ctx: _Context, shard: str) -> int:
                         src["excluded"] += 1
                         continue
                     row = _row(q, replies.get(q["question_id"], []), counts, verdicts, ctx)
-                    ctx.guard.check(json.dumps(row, default=str), f"question {q['question_id']}")
+                    text = {k: v for k, v in row.items() if k != "images"} if ctx.with_images else row
+                    ctx.guard.check(json.dumps(text, default=str), f"question {q['question_id']}")
                     writer.add(row)
                     src["rows"] += 1
                     src["responses"] += len(row["responses"])
@@ -253,10 +323,17 @@ def release_shard(ctx: _Context, shard: str) -> int:
                         if r["correct"]:
                             src[f"accepted_by_{r.get('verifier') or 'unknown'}"] += 1
                     src["without_accepted"] += row["num_accepted"] == 0
+            writer.flush()
         except BaseException:
             writer.abort()
             raise
-        info = writer.commit({"counts": {"rows": writer.rows}, "release_version": RELEASE_VERSION})
+        if not writer.rows:  # nothing released from this shard: no file (and none left from before)
+            writer.abort()
+            ctx.target.delete_shard(shard)
+            ctx.result.shards_without_rows.append(shard)
+            return 0
+        extra = {"counts": {"rows": writer.rows}, "release_version": RELEASE_VERSION}
+        info = writer.commit(extra | {"with_images": ctx.with_images})
     return info.rows
 
 
@@ -274,17 +351,22 @@ def _row(
         # The filter's verdict (current: release checks it), with the verifier's provenance.
         responses.append(_response(r, verdicts.get((r["question_id"], r["sample_idx"])), ctx))
     judged, accepted = counts.get(q["question_id"], (0, 0))
-    return {
+    images = q["images"] or []
+    row = {
         **{k: q[k] for k in ("question_id", "source", "task_type", "modality", "anatomy", "question")},
         **{k: q[k] for k in ("options", "answer", "answer_text", "record_index")},
         "source_split": q["split"],
-        "images": [_image_ref(im) for im in q["images"] or []],
+        "images": [_image_ref(im) for im in images],
         "metadata": scrub_metadata(q.get("metadata"), ctx.dropped),
         "source_file": os.path.basename(str(q["input_file"]).rstrip("/")),
         "num_samples": judged,
         "num_accepted": accepted,
         "responses": responses,
     }
+    if ctx.with_images:  # the pixels in ``images``, their references beside them
+        row["image_refs"] = row["images"]
+        row["images"] = [_image_data(im, ctx, f"question {q['question_id']}") for im in images]
+    return row
 
 
 def verifier_summary(stats: Mapping[str, Any]) -> dict[str, Any]:
@@ -308,16 +390,21 @@ def release(
     out: str,
     *,
     all_responses: bool = False,
+    with_images: bool | None = None,
     licenses: Mapping[str, str] | None = None,
     progress: bool = False,
 ) -> ReleaseResult:
-    """Release a filtered run into ``out`` (any storage URI); see the module docstring."""
+    """Release a filtered run into ``out`` (any storage URI); see the module docstring.
+
+    ``with_images``: embed the images' pixels; None: the recipe's ``release.with_images``."""
     from octomed_data.decontam.index import DecontamIndex
     from octomed_data.release_card import registry_info, render_card
     from octomed_data.stages.filter import FilterStage
 
     t0 = time.time()
     recipe = run_recipe(paths)
+    if with_images is None:
+        with_images = bool(getattr(recipe.release, "with_images", False))
     shards = list(storage.Dataset(paths.questions, QUESTION_SCHEMA).manifest())
     if not shards:
         raise StorageError(f"run {paths.run_id} has no questions at {paths.questions}: nothing to release")
@@ -340,16 +427,17 @@ def release(
     teachers = teacher_configs(paths, recipe)
     folder = ReleaseFolder(out)
     storage.ensure_writable(out)
-    result = ReleaseResult(uri=out, run_id=paths.run_id, all_responses=all_responses)
+    result = ReleaseResult(uri=out, run_id=paths.run_id, all_responses=all_responses, with_images=with_images)
     ctx = _Context(
         paths=paths,
         replies=storage.Dataset(paths.raw if all_responses else paths.accepted, SAMPLE_SCHEMA),
-        target=storage.Dataset(folder.data, RELEASE_SCHEMA, file_prefix=SPLIT),
+        target=storage.Dataset(folder.data, release_schema(with_images), file_prefix=SPLIT),
         index=index,
         sampling=sampling_table(teachers),
         guard=SecretGuard.from_env(t.api_key_env for t in teachers),
         all_responses=all_responses,
         result=result,
+        with_images=with_images,
     )
     bar = None
     if progress:
@@ -364,7 +452,17 @@ def release(
     finally:
         if bar is not None:
             bar.close()
-    ctx.target.drop_stale(keep=shards)  # a re-release of a run that lost shards keeps none of them
+    written = [s for s in shards if s not in result.shards_without_rows]
+    ctx.target.drop_stale(keep=written)  # a re-release of a run that lost shards keeps none of them
+    if not result.rows:  # not an empty dataset; an earlier release's card there goes with its rows
+        for uri in (folder.card, folder.summary):
+            if storage.exists(uri):
+                fs, path = storage.filesystem(uri)
+                fs.rm(path)
+        raise ConfigError(
+            f"run {paths.run_id} has no question to release ({len(result.excluded)} excluded as "
+            f"benchmark matches, {len(shards)} shard(s) read): no dataset written at {out}"
+        )
     result.responses = sum(s["responses"] for s in result.per_source.values())
     result.per_source = {k: dict(sorted(v.items())) for k, v in sorted(result.per_source.items())}
     result.metadata_keys_dropped = dict(sorted(ctx.dropped.items()))
@@ -378,12 +476,32 @@ def release(
         "decontam_removed": removed_by_benchmark(paths),
         "verifier": verifier_summary(stats),
     }
-    card = render_card(recipe, stats, summary, teachers, licenses=licenses)
+    card = render_card(
+        recipe, stats, summary, teachers, licenses=licenses, dataset_info=dataset_info(ctx.target)
+    )
     ctx.guard.check(card, "the dataset card")
     ctx.guard.check(json.dumps(summary, default=str), "release.json")
     storage.write_json(folder.summary, summary)
     storage.write_bytes(folder.card, card.encode("utf-8"))  # last: a release with a card is complete
     return result
+
+
+def dataset_info(target: storage.Dataset) -> dict[str, Any]:
+    """The card's ``dataset_info``, as ``datasets`` reads it: the features and the one split with
+    its rows and bytes (uncompressed size of the Parquet data; ``download_size``: the files)."""
+    shards = target.manifest().values()
+    num_bytes = 0
+    for info in shards:
+        fs, path = storage.filesystem(storage.join(target.uri, info.file))
+        with fs.open(path, "rb") as fh:
+            meta = pq.ParquetFile(fh).metadata
+            num_bytes += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    return {
+        "features": release_features(target.schema or RELEASE_SCHEMA)._to_yaml_list(),
+        "splits": [{"name": SPLIT, "num_bytes": num_bytes, "num_examples": sum(s.rows for s in shards)}],
+        "download_size": sum(s.bytes for s in shards),
+        "dataset_size": num_bytes,
+    }
 
 
 def load_release(uri: str, **kwargs: Any):

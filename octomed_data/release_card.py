@@ -100,8 +100,13 @@ def render_card(
     teachers: list[TeacherConfig],
     *,
     licenses: Mapping[str, str] | None = None,
+    dataset_info: Mapping[str, Any] | None = None,
 ) -> str:
-    """The ``README.md`` of a release (YAML front matter + body) from the run's stats and the release."""
+    """The ``README.md`` of a release (YAML front matter + body) from the run's stats and the release.
+
+    ``dataset_info``: the features and split sizes as ``datasets`` reads them (``name``,
+    ``num_bytes``, ``num_examples`` per split; :func:`octomed_data.release.dataset_info`); without
+    it the split holds the row count and no byte size is claimed (0)."""
     overrides = dict(licenses or {})
     formats = source_formats(recipe)
     per_source = summary["per_source"]
@@ -122,7 +127,9 @@ def render_card(
         "tags": ["medical", "reasoning", "distillation", "rejection-sampling", "synthetic", "octomed"],
         "size_categories": [size_category(rows)],
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}],
-        "dataset_info": {"splits": [{"name": "train", "num_examples": rows}]},
+        "dataset_info": dict(dataset_info)
+        if dataset_info
+        else {"splits": [{"name": "train", "num_bytes": 0, "num_examples": rows}]},
     }
     used = stats.get("teachers", {})
     by_name: dict[str, TeacherConfig] = {}
@@ -133,6 +140,7 @@ def render_card(
         if summary["all_responses"]
         else "the accepted responses"
     )
+    with_images = bool(summary.get("with_images"))
     body = [
         f"# {meta['pretty_name']}",
         "",
@@ -148,6 +156,10 @@ def render_card(
             [
                 ["questions (rows)", rows],
                 ["responses in this release", responses],
+                [
+                    "images included (pixels)",
+                    summary.get("images", 0) if with_images else "no (references only)",
+                ],
                 ["samples judged in the run", stats["overall"]["samples"]],
                 ["accepted samples in the run", stats["overall"]["accepted"]],
                 ["failed requests (not samples)", stats["overall"]["failed_requests"]],
@@ -214,7 +226,7 @@ def render_card(
         "",
         *[f"- {form}: `{text}`" for form, text in SYSTEM_PROMPTS.items()],
         "",
-        *_fields_section(),
+        *_fields_section(with_images),
         *_limitations(stats, summary, licences, used),
     ]
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000)
@@ -340,13 +352,20 @@ def _verification_section(stats: Mapping[str, Any], summary: Mapping[str, Any]) 
     return lines
 
 
-def _fields_section() -> list[str]:
+def _fields_section(with_images: bool = False) -> list[str]:
+    images = (
+        "`images` (a list of `datasets.Image`: the PNG bytes are in the Parquet rows and decode to PIL "
+        "images; normalised to at most 262,144 pixels, re-encoded with no metadata), `image_refs` "
+        "[{sha256, phash, width, height, path}] (the same images' content addresses)"
+        if with_images
+        else "`images` [{sha256, phash, width, height, path}] (references only: no pixels)"
+    )
     return [
         "## Fields",
         "",
         "`question_id` (content hash), `source`, `source_split`, `task_type`, `modality`, `anatomy`, "
-        "`question`, `options` [{label, text}], `answer` (gold), `answer_text`, `images` [{sha256, phash, "
-        "width, height, path}] (references only: no pixels), `metadata` (JSON, patient fields removed), "
+        f"`question`, `options` [{{label, text}}], `answer` (gold), `answer_text`, {images}, "
+        "`metadata` (JSON, patient fields removed), "
         "`source_file`, `record_index`, `num_samples`, `num_accepted`, `responses` [{sample_idx, teacher, "
         "model, prompt_version, params_hash, seed, temperature, top_p, max_tokens, extra_body, reasoning, "
         "response, extracted_answer, extraction_method, correct, reject_reason, finish_reason, "
@@ -357,7 +376,9 @@ def _fields_section() -> list[str]:
         "",
         "```python",
         "from datasets import load_dataset",
+        'ds = load_dataset("<release folder>", split="train")  # or the Hub repository',
         'ds = load_dataset("parquet", data_files="<release>/data/train-*.parquet", split="train")',
+        *(['ds[0]["images"][0]  # a PIL image'] if with_images else []),
         "```",
         "",
     ]
@@ -374,7 +395,10 @@ def _limitations(
         "",
         "- Responses are machine-generated and not reviewed by clinicians. Rejection sampling checks "
         "only the final answer: an accepted trace can reason wrongly and still end in the right answer.",
-        "- Images are not included: only their hashes and content-addressed paths "
+        "- Images are included as the factory normalised them (at most 262,144 pixels, 8-bit L or RGB, "
+        "PNG without metadata), not as the sources published them."
+        if summary.get("with_images")
+        else "- Images are not included: only their hashes and content-addressed paths "
         "(`images/ab/<sha256>.png` in the producing run's image store). Obtain pixels from the sources.",
         "- Decontamination covers the registry's benchmarks only; image matching needs the benchmark "
         "images, which the registry holds only where they were available.",

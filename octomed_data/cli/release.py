@@ -17,12 +17,14 @@ def _cmd_release(args: argparse.Namespace) -> int:
         paths,
         args.out,
         all_responses=args.all_responses or recipe.release.all_responses,
+        with_images=True if args.with_images else None,  # None: the recipe's release.with_images
         licenses=recipe.release.licenses,
         progress=True,
     )
     summary = {k: v for k, v in result.to_dict().items() if k != "files"} | {"files": len(result.files)}
     print(json.dumps(summary, indent=2))
-    print(f"release: {result.rows} question(s), {result.responses} response(s); card {result.card}")
+    images = f", {result.images} image(s) embedded" if result.with_images else ""
+    print(f"release: {result.rows} question(s), {result.responses} response(s){images}; card {result.card}")
     return 0
 
 
@@ -36,5 +38,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--store", default=None, help="the run's store (default: $OCTOMED_STORE or ./runs/demo)")
     p.add_argument(
         "--all-responses", action="store_true", help="also the rejected responses, with their verdicts"
+    )
+    p.add_argument(
+        "--with-images",
+        action="store_true",
+        help="embed the images (PNG bytes, datasets.Image) so a VLM trains from the release alone",
     )
     p.set_defaults(func=_cmd_release)
