@@ -445,6 +445,27 @@ def test_with_images_rows_decode_to_the_runs_images(run, s3_bucket, tmp_path, ca
     assert summary["with_images"] is True and summary["images"] == shown
 
 
+def test_the_recipe_release_block_decides_with_images_unless_told(run, tmp_path, monkeypatch):
+    """``release(with_images=None)`` (the CLI without the flag, the factory, the flow) follows the
+    run's recipe ``release.with_images``; an explicit value wins. (``ReleaseSettings`` gains the
+    field in ``recipe.py``; until then the recipe is given one here.)"""
+    import octomed_data.release as rel
+
+    paths, _ = run
+    real = rel.run_recipe
+
+    def with_images_recipe(p):
+        recipe = real(p)
+        return recipe.model_copy(update={"release": recipe.release.model_copy(update={"with_images": True})})
+
+    monkeypatch.setattr(rel, "run_recipe", with_images_recipe)
+    result = release(paths, str(tmp_path / "recipe"))
+    assert result.with_images is True and result.images > 0
+    assert release(paths, str(tmp_path / "told"), with_images=False).images == 0
+    monkeypatch.setattr(rel, "run_recipe", real)
+    assert release(paths, str(tmp_path / "default")).with_images is False
+
+
 def test_image_metadata_is_found_in_third_party_files_and_the_store_strips_it(shared_data, tmp_path):
     """Real files with EXIF (camera JPEGs), text chunks (libpng's test PNGs) and none (PngSuite,
     VQA-RAD JPEG): the check names what each carries, and what the image store keeps of each
