@@ -12,6 +12,11 @@ repositories below and writes ``tests/answer_corpus/third_party/{tests,heldout}.
   here: split at the last ``"answer_choice": "``, then its ordered regexes, default "A").
 * ``MedARC-AI/med-lm-envs`` (MIT): vf-eval ``results.jsonl`` of Mistral-small on MetaMedQA (bare
   letters, each with the environment's accuracy reward).
+* ``starmpcc/medARC-QA`` (Apache-2.0): M-ARC, MMLU-Pro-style CoT replies of 21 models (QwQ-32B and an
+  R1 distill with ``</think>`` reasoning, the DeepSeek-R1 / o1 / o3-mini APIs, GPT-4o, Claude-3, ...)
+  with the authors' ``pred``.
+* ``redagavin/cot_faithfulness`` (no licence stated): DiagnosisArena replies of
+  DeepSeek-R1-Distill-Llama-8B (``</think>``, ``\\boxed{X}``) and OLMo-2-7B with the authors' parsed answer.
 
 Each row's ``expected`` is the label the reply states as its final answer, or null. It starts from
 the published label; where THE extractor (``octomed_data.answers``) and the published label disagree,
@@ -23,7 +28,10 @@ open are left out and counted.
     .venv/bin/python benchmarks/build_answer_corpus.py \\
         --mmlu-pro /work/.mirror/TIGER-AI-Lab+MMLU-Pro/repo \\
         --mirage /work/.mirror/Teddy-XiongGZ+MIRAGE/repo \\
-        --medarc /work/.mirror/MedARC-AI+med-lm-envs/repo
+        --medarc /work/.mirror/MedARC-AI+med-lm-envs/repo \\
+        --flare /work/.mirror/QingxuanKong+FLARE-Med-New/repo \\
+        --cot-faithfulness /work/.mirror/redagavin+cot_faithfulness/repo \\
+        --medarc-qa /work/.mirror/starmpcc+medARC-QA/repo
 """
 
 from __future__ import annotations
@@ -89,8 +97,18 @@ MMLU_PRO_ZIPS = {
     "jamba-1.5-large": "jamba",
 }
 # Families the test suite sees; every other family is held out for the benchmark only.
-TEST_FAMILIES = {"openai-gpt", "llama", "qwen", "gemini", "phi"}
-HELDOUT_FAMILIES = {"deepseek", "mistral", "minimax", "yi", "cohere", "gemma", "jamba"}
+TEST_FAMILIES = {"openai-gpt", "llama", "qwen", "gemini", "phi", "olmo"}
+HELDOUT_FAMILIES = {
+    "deepseek",
+    "mistral",
+    "minimax",
+    "yi",
+    "cohere",
+    "gemma",
+    "jamba",
+    "deepseek-r1",
+    "claude",
+}
 
 PER_ZIP_MODEL = 120  # sampled replies per 5-shot model (818 health questions each)
 PER_RESULT_MODEL = 400  # sampled replies per 0-shot result file (gpt-4o, deepseek, minimax)
@@ -368,6 +386,159 @@ def load_medarc(mirror: Path) -> list[dict]:
     return _sample(rows, PER_MEDARC)
 
 
+# ---------------------------------------------------------------- cot_faithfulness (DiagnosisArena)
+COT_FAITH_COMMIT = "d6f8495"  # resolved to the full hash at build time
+COT_FAITH_MODELS = {
+    # column prefix: (model, family)
+    "deepseek_r1": ("DeepSeek-R1-Distill-Llama-8B", "deepseek-r1"),
+    "olmo2_7b": ("OLMo-2-1124-7B-Instruct", "olmo"),
+}
+PER_COT_FAITH_MODEL = {"deepseek_r1": 600, "olmo2_7b": 300}
+
+
+def _xlsx_rows(data: bytes, sheet: int = 1) -> list[list[str | None]]:
+    """The cells of one worksheet of an .xlsx (inline or shared strings), standard library only."""
+    import xml.etree.ElementTree as ET
+
+    main_ns = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
+    ns = {"m": main_ns}
+    tag_t = f"{{{main_ns}}}t"
+    z = zipfile.ZipFile(io.BytesIO(data))
+    shared = []
+    if "xl/sharedStrings.xml" in z.namelist():
+        for si in ET.fromstring(z.read("xl/sharedStrings.xml")).findall("m:si", ns):
+            shared.append("".join(t.text or "" for t in si.iter(tag_t)))
+
+    def col(ref: str) -> int:
+        n = 0
+        for ch in re.match(r"[A-Z]+", ref).group():
+            n = n * 26 + ord(ch) - 64
+        return n - 1
+
+    rows = []
+    for r in ET.fromstring(z.read(f"xl/worksheets/sheet{sheet}.xml")).iter(f"{{{main_ns}}}row"):
+        vals: dict[int, str | None] = {}
+        for c in r.findall("m:c", ns):
+            v = c.find("m:v", ns)
+            if c.get("t") == "inlineStr":
+                vals[col(c.get("r"))] = "".join(t.text or "" for t in c.iter(tag_t))
+            elif c.get("t") == "s":
+                vals[col(c.get("r"))] = shared[int(v.text)]
+            else:
+                vals[col(c.get("r"))] = v.text if v is not None else None
+        if vals:
+            rows.append([vals.get(j) for j in range(max(vals) + 1)])
+    return rows
+
+
+def load_cot_faithfulness(mirror: Path) -> list[dict]:
+    """DeepSeek-R1-Distill-Llama-8B and OLMo-2-7B-Instruct CoT replies on DiagnosisArena (4 options).
+
+    ``redagavin/cot_faithfulness`` (gender-swap CoT faithfulness study) committed
+    ``results/diagnosis_arena_results.xlsx``: per case the prompt (original and gender-swapped
+    wording), each model's full reply (``transformers`` ``apply_chat_template``, up to 8192 new
+    tokens; the R1 distill's ``<think>`` opener is part of its chat template, so replies hold the
+    reasoning, ``</think>``, then the answer) and the authors' parsed answer (first ``\\boxed{X}``,
+    else answer/standalone-letter patterns, else "Unclear"). No licence is stated by the repository.
+    Its other result files (MedQA, MedXpertQA, DeepSeek-R1-0528-Qwen3-8B) are over the snapshot size
+    limit; its BHCS results are MIMIC-derived (credentialed data) and are not used.
+    """
+    commit = _git(mirror, "rev-parse", COT_FAITH_COMMIT).decode().strip()
+    path = "results/diagnosis_arena_results.xlsx"
+    table = _xlsx_rows(_git(mirror, "show", f"{commit}:{path}"))
+    head, body = table[0], table[1:]
+    lic = "none stated upstream (redagavin/cot_faithfulness has no licence file); cases from DiagnosisArena"
+    rows: list[dict] = []
+    for prefix, (model, family) in COT_FAITH_MODELS.items():
+        got = []
+        for cells in body:
+            e = dict(zip(head, cells, strict=False))
+            opts = [[k, str(e[f"option_{k.lower()}"] or "")] for k in "ABCD"]
+            for variant in ("female", "male"):
+                reply = e.get(f"{prefix}_{variant}_response")
+                if reply is None:
+                    continue
+                pub = e.get(f"{prefix}_{variant}_answer")
+                got.append(
+                    {
+                        "id": f"cotfaith:diagnosis_arena:{model}:{e['id']}:{variant}",
+                        "source": f"redagavin/cot_faithfulness@{commit}:{path}",
+                        "licence": lic,
+                        "model": model,
+                        "family": family,
+                        "benchmark": "diagnosis_arena",
+                        "task_type": "text_mcq",
+                        "options": opts,
+                        "gold": e["ground_truth"],
+                        "reply": reply,
+                        "published": pub if pub in ("A", "B", "C", "D") else None,
+                        "published_how": "cot_faithfulness extract_diagnosis_answer (first \\boxed{X}, else"
+                        " 'answer:' patterns, else a last letter)"
+                        + ("" if pub in ("A", "B", "C", "D") else f" gave {pub!r}"),
+                    }
+                )
+        rows += _sample(got, PER_COT_FAITH_MODEL[prefix])
+    return rows
+
+
+# ---------------------------------------------------------------- M-ARC (MedARC-QA)
+MARC_COMMIT = "24be787"  # resolved to the full hash at build time
+MARC_MODELS = {
+    # eval_results/<stem>_health_result.json: (model, family)
+    "Qwen_QwQ-32B": ("QwQ-32B", "qwen"),
+    "Qwen_Qwen2.5-14B-Instruct": ("Qwen2.5-14B-Instruct", "qwen"),
+    "deepseek-ai_DeepSeek-R1": ("DeepSeek-R1 (API, answer only)", "deepseek-r1"),
+    "deepseek-ai_DeepSeek-R1-Distill-Qwen-14B": ("DeepSeek-R1-Distill-Qwen-14B", "deepseek-r1"),
+    "gpt-4o": ("gpt-4o", "openai-gpt"),
+    "gpt-4o-mini": ("gpt-4o-mini", "openai-gpt"),
+    "o1-2024-12-17_200000": ("o1-2024-12-17", "openai-gpt"),
+    "o1-mini": ("o1-mini", "openai-gpt"),
+    "o3-mini": ("o3-mini", "openai-gpt"),
+    "claude-3-opus-20240229": ("claude-3-opus", "claude"),
+    "claude-3-sonnet-20240229": ("claude-3-sonnet", "claude"),
+    "gemini-1.5-flash-latest": ("gemini-1.5-flash", "gemini"),
+    "gemini-1.5-pro-latest": ("gemini-1.5-pro", "gemini"),
+    "Llama-3.1-8B-Instruct": ("Llama-3.1-8B-Instruct", "llama"),
+    "Llama-3.1-70B-Instruct": ("Llama-3.1-70B-Instruct", "llama"),
+    "Llama-3.3-70B-Instruct": ("Llama-3.3-70B-Instruct", "llama"),
+    "Llama3.1-405b-instruct-fp8": ("Llama-3.1-405B-Instruct-fp8", "llama"),
+    "Meditron3-8B": ("Meditron3-8B (Llama-3.1)", "llama"),
+    "microsoft_phi-4": ("phi-4", "phi"),
+    "OpenMeditron_Meditron3-Phi4-14B": ("Meditron3-Phi4-14B", "phi"),
+    "Mistral-7B-Instruct-v0.3": ("Mistral-7B-Instruct-v0.3", "mistral"),
+}
+
+
+def load_medarc_qa(mirror: Path) -> list[dict]:
+    """M-ARC (MedARC-QA, 100 adversarial clinical MCQs, up to 10 options): every reply of 22 models.
+
+    ``starmpcc/medARC-QA`` (Apache-2.0) evaluates with MMLU-Pro's harness (5-shot CoT prompt, "The
+    answer is (X)") and commits each model's ``eval_results/<model>_health_result.json`` with the
+    reply (``model_outputs``) and its ``pred`` (``evaluate_from_api.extract_answer``: first
+    ``answer is (X)``, else ``Answer: X``, else ``best course of action ... (X)``). QwQ-32B and the
+    R1 distill replies hold their reasoning up to ``</think>`` (the opener is in the chat template);
+    the DeepSeek-R1 / o1 / o3-mini APIs return the answer only. ``outputs_2025-02-26_03-03-48`` names
+    no model and is left out; so is medalpaca-13b, whose replies are repetition loops cut off at the
+    token limit (82 of its 100 replies had no statement a reader could take for an answer).
+    """
+    commit = _git(mirror, "rev-parse", MARC_COMMIT).decode().strip()
+    lic = "Apache-2.0 (starmpcc/medARC-QA LICENSE)"
+    rows: list[dict] = []
+    for stem, (model, family) in MARC_MODELS.items():
+        path = f"eval_results/{stem}_health_result.json"
+        src = f"starmpcc/medARC-QA@{commit}:{path}"
+        for e in json.loads(_git(mirror, "show", f"{commit}:{path}")):
+            row = _mmlu_pro_row(src, lic, model, family, e, e.get("model_outputs") or "")
+            row.update(
+                id=f"medarc-qa:{model}:{e['question_id']}",
+                benchmark="medarc_qa",
+                published_how="M-ARC extract_answer (first 'answer is (X)', else 'Answer: X', else 'best course"
+                " of action ... (X)')",
+            )
+            rows.append(row)
+    return rows
+
+
 # ---------------------------------------------------------------- adjudication
 _TAIL_PATTERNS = [
     # (name, regex); group "l" is the label. Run on the last non-empty lines, markdown removed.
@@ -522,6 +693,8 @@ def main() -> None:
     ap.add_argument("--mirage", type=Path, help="bare git dir of Teddy-XiongGZ/MIRAGE")
     ap.add_argument("--medarc", type=Path, required=True, help="bare git dir of MedARC-AI/med-lm-envs")
     ap.add_argument("--flare", type=Path, help="bare git dir of QingxuanKong/FLARE-Med-New")
+    ap.add_argument("--cot-faithfulness", type=Path, help="bare git dir of redagavin/cot_faithfulness")
+    ap.add_argument("--medarc-qa", type=Path, help="bare git dir of starmpcc/medARC-QA")
     ap.add_argument(
         "--shared-data",
         type=Path,
@@ -539,6 +712,10 @@ def main() -> None:
             rows += load_mirage(args.mirage, args.shared_data)
         if args.flare:
             rows += load_flare(args.flare)
+        if args.cot_faithfulness:
+            rows += load_cot_faithfulness(args.cot_faithfulness)
+        if args.medarc_qa:
+            rows += load_medarc_qa(args.medarc_qa)
         if args.raw_cache:
             args.raw_cache.write_text("".join(json.dumps(r) + "\n" for r in rows))
     hand_path = OUT / "adjudications.jsonl"
