@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from octomed_data.benchmarks import EvalSet, eval_sets
+from octomed_data.benchmarks import EvalSet, benchmark_path, eval_sets
 from octomed_data.errors import ConfigError
 from octomed_data.images import ImageStore
 from octomed_data.sources import iter_records
@@ -55,7 +55,7 @@ def get_benchmarks(names: list[str] | str) -> list[EvalSet]:
 
 def benchmark_files(spec: EvalSet, data_dir: Path) -> list[Path]:
     """The file(s) to read for ``spec``; a missing file is one clear error (with the spec's hint)."""
-    present = [data_dir / f for f in spec.files if (data_dir / f).exists()]
+    present = [benchmark_path(data_dir, f) for f in spec.files if benchmark_path(data_dir, f).exists()]
     if not present or (spec.all_files and len(present) != len(spec.files)):
         hint = f": {spec.missing_hint}" if spec.missing_hint else ""
         raise ConfigError(f"benchmark {spec.name!r}: {' / '.join(spec.files)} not found in {data_dir}{hint}")
@@ -125,7 +125,7 @@ def list_benchmarks(data_dir: str | None = None) -> list[dict[str, Any]]:
         root = None
     rows = []
     for spec in BENCHMARKS.values():
-        present = root is not None and any((root / f).exists() for f in spec.files)
+        present = root is not None and any(benchmark_path(root, f).exists() for f in spec.files)
         images = bool(root is not None and spec.images and (root / spec.images).is_dir())
         rows.append({**spec.to_dict(), "present": present, "images_present": images})
     return rows

@@ -12,18 +12,40 @@ sets" table), read by both sides:
   test set and the source loader (``fmt``, a key of :data:`octomed_data.sources.FORMATS`) that
   reads them, so evaluation and ingest parse every file the same way.
 
-Paths are relative to the benchmark data folder. This module is data only (no I/O, no imports of
-readers), so both sides can import it without importing each other.
+Paths are relative to the benchmark data folder, or ``package:<path>`` for a benchmark shipped in the
+package (the recipe lab's held-out imaging classification, :data:`LAB_IMAGING_FILE`): read from the
+package whatever the data folder, by decontamination and evaluation alike (:func:`benchmark_path`).
+This module is data only (no I/O, no imports of readers), so both sides can import it without
+importing each other.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from octomed_data.schema import TaskType
 
 PAPER_CITATION = "OctoMed, arXiv 2511.23269"
+
+PACKAGE_PREFIX = "package:"
+_PACKAGE_ROOT = Path(__file__).resolve().parent
+
+# The recipe lab's held-out imaging classification: the bundled imaging labels (the demo's and the
+# lab's ``imaging_modality`` source, pydicom / nibabel test files, MIT) read as the source reads them
+# (3 images per label, seed 0), its records NOT sampled for training being the test split
+# (``rest: test``). Both sides read it with these options, so the items are the same.
+LAB_IMAGING = "imaging_cls_lab"
+LAB_IMAGING_FILE = PACKAGE_PREFIX + "sample_data/imaging/labels.csv"
+LAB_IMAGING_OPTIONS: dict[str, Any] = {"per_class": 3, "seed": 0, "rest": "test"}
+
+
+def benchmark_path(data_dir: Path, rel: str) -> Path:
+    """Where a table path is: under ``data_dir``, or in the package for ``package:<path>``."""
+    if rel.startswith(PACKAGE_PREFIX):
+        return _PACKAGE_ROOT / rel.removeprefix(PACKAGE_PREFIX)
+    return Path(data_dir) / rel
 
 
 @dataclass(frozen=True)
@@ -79,6 +101,7 @@ class Benchmark:
 
 
 _T, _Y, _MM, _OPEN = TaskType.TEXT_MCQ, TaskType.YES_NO_MAYBE, TaskType.MM_MCQ, TaskType.OPEN_VQA
+_CLS = TaskType.IMAGING_CLS
 _MMLU_SUBJECTS = (
     ("anatomy", 135),
     ("clinical_knowledge", 265),
@@ -254,6 +277,21 @@ BENCHMARKS: tuple[Benchmark, ...] = (
                 images="pmc_vqa/images", split=None, paper_octomed_7b=61.13,
                 missing_hint="PMC-VQA is distributed on the HF hub only (xmcmic/PMC-VQA): put test_clean.csv "
                 "(or test.csv) in <data-dir>/pmc_vqa/ and the figures in <data-dir>/pmc_vqa/images/",
+            ),
+        ),
+    ),
+    Benchmark(
+        # Shipped in the package: the imaging labels' records the lab's training sample leaves out
+        # (4 MR images: 3 pixel copies of MR_small in other DICOM encodings, and anatomical.nii). A
+        # CPU demo of the classification group, not a benchmark worth a number.
+        LAB_IMAGING, "Lab imaging modality classification (held out)", (_CLS,), image_grounded=True,
+        items=4,
+        held_out=(HeldOutFile(LAB_IMAGING_FILE, "imaging_held_out", True, 4),),
+        evaluation=(
+            EvalSet(
+                LAB_IMAGING, "Lab imaging modality classification (held-out images)", "imaging",
+                (LAB_IMAGING_FILE,), options=dict(LAB_IMAGING_OPTIONS),
+                note="the bundled imaging labels not sampled for training (rest: test); a CPU demo",
             ),
         ),
     ),

@@ -36,7 +36,7 @@ from octomed_data import storage
 from octomed_data.decontam.text import normalized_text, strip_choices
 from octomed_data.errors import OctomedError
 from octomed_data.images import fingerprint, open_raster
-from octomed_data.schema import REGISTRY_SCHEMA
+from octomed_data.schema import REGISTRY_SCHEMA, options_of
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,9 @@ class RawItem:
     options: tuple[str, ...] = ()
     image: str | None = None  # path relative to the data dir, when the image exists there
     image_name: str = ""  # links VQA copies (same question text on different images)
+    # The image's SHA-256 and pHash when the reader already has them from ingest's own loader
+    # (DICOM / NIfTI images, which a raster reader cannot open): used instead of ``image``.
+    fingerprint: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -224,6 +227,28 @@ def read_omnimed_med_r1(path: Path, data_dir: Path) -> Iterator[RawItem]:
         yield RawItem(f"med_r1_xray:{i}", stem, options, None, str(r.get("image") or ""))
 
 
+def read_imaging_held_out(path: Path, data_dir: Path) -> Iterator[RawItem]:
+    """The recipe lab's held-out imaging classification: the ``imaging`` source's records not sampled
+    for training (``rest: test``, :data:`octomed_data.benchmarks.LAB_IMAGING_OPTIONS`), read by the
+    source loader itself (ids, options and image fingerprints exactly as evaluation and ingest
+    have them; DICOM and NIfTI decoded as ingest decodes them)."""
+    from octomed_data.sources import iter_records
+
+    options = benchmark_table.LAB_IMAGING_OPTIONS
+    # Evaluation reads it as source <benchmark name>: the same question ids.
+    for kind, row in iter_records("imaging", str(path), source=benchmark_table.LAB_IMAGING, **options):
+        if kind != "question" or row["split"] != "test":
+            continue
+        image = row["images"][0]
+        yield RawItem(
+            row["question_id"],
+            row["question"],
+            tuple(text for _, text in options_of(row)),
+            image_name=str(row["question_id"]),
+            fingerprint=(image["sha256"], int(image["phash"])),
+        )
+
+
 # --------------------------------------------------------------------------- the held-out files (THE table)
 
 READERS: dict[str, Callable[[Path, Path], Iterator[RawItem]]] = {
@@ -242,6 +267,7 @@ READERS: dict[str, Callable[[Path, Path], Iterator[RawItem]]] = {
     "pathvqa": read_pathvqa,
     "omnimed_medvlm": read_omnimed_medvlm,
     "omnimed_med_r1": read_omnimed_med_r1,
+    "imaging_held_out": read_imaging_held_out,
 }
 
 # The held-out files of THE benchmark table (octomed_data.benchmarks), each with its reader.
@@ -267,7 +293,7 @@ def build_registry(
     A copy record that links to nothing keeps its own id ``<file>#<index>``.
     """
     root = Path(data_dir)
-    missing = [s.file for s in specs if not (root / s.file).is_file()]
+    missing = [s.file for s in specs if not benchmark_table.benchmark_path(root, s.file).is_file()]
     if missing:
         raise RegistryError(f"benchmark files missing under {root}: {', '.join(missing)}")
     # Canonical files first, so every copy can link to their ids.
@@ -282,7 +308,7 @@ def build_registry(
         bar = tqdm(total=len(ordered), desc="registry", unit="file", file=sys.stderr)
     for spec in ordered:
         count = 0
-        for index, raw in enumerate(spec.reader(root / spec.file, root)):
+        for index, raw in enumerate(spec.reader(benchmark_table.benchmark_path(root, spec.file), root)):
             count += 1
             text = strip_choices(raw.text)
             norm = normalized_text(text)
@@ -300,8 +326,8 @@ def build_registry(
                 if spec.file not in row["source_file"].split(";"):
                     row["source_file"] += f";{spec.file}"
                 continue
-            sha, ph = None, None
-            if raw.image:
+            sha, ph = raw.fingerprint or (None, None)
+            if raw.image and raw.fingerprint is None:
                 if raw.image not in fingerprints:
                     _, digest, perceptual = fingerprint(open_raster(str(root / raw.image)))
                     fingerprints[raw.image] = (digest, perceptual)

@@ -9,6 +9,12 @@ Sampling is class-balanced and stratified: ``per_class`` images per label, chose
 seeded shuffle, so the same input and seed always select the same images. Records not
 selected are quarantined with reason ``not_sampled``, so records = questions + quarantined
 holds here too. Only selected images are decoded.
+
+``rest="test"`` makes the records not sampled a held-out test split instead: the sampled ones are
+questions of split ``train`` (as before, same options and ids), the others questions of split
+``test``, so one labelled folder gives a training source and a held-out classification benchmark
+that never shares an image record with it (the lab's ``imaging_cls_lab`` benchmark reads the demo's
+imaging labels this way).
 """
 
 from __future__ import annotations
@@ -90,6 +96,7 @@ def load_imaging(
     modality: str | None = None,
     anatomy: str | None = None,
     question: str | None = None,
+    rest: str = "quarantine",
 ) -> Iterator[Record]:
     """Classification questions from a class-folder tree or a (path, label) CSV.
 
@@ -97,7 +104,8 @@ def load_imaging(
     ``seed`` (default 0), ``num_options`` (default 4, capped by the number of labels),
     ``modality`` / ``anatomy`` (dataset-level, used in the question when they don't give the
     answer away), ``question`` (template with ``{subject}``, e.g. "What grade of diabetic
-    retinopathy does this {subject} show?").
+    retinopathy does this {subject} show?"), ``rest`` (``quarantine``, the default: records not
+    sampled are quarantined as ``not_sampled``; ``test``: they are questions of split ``test``).
     """
     try:
         per_class_n = None if per_class in (None, "", "all") else int(per_class)
@@ -107,6 +115,8 @@ def load_imaging(
         raise ConfigError("imaging options per_class, seed and num_options must be integers") from None
     if (per_class_n is not None and per_class_n < 1) or k < 2:
         raise ConfigError("imaging needs per_class >= 1 and num_options >= 2")
+    if rest not in ("quarantine", "test"):
+        raise ConfigError(f"imaging option rest must be quarantine or test, not {rest!r}")
     template = question or DEFAULT_TEMPLATE
     if "{subject}" not in template:
         raise ConfigError("imaging question template must contain {subject}")
@@ -149,7 +159,8 @@ def load_imaging(
                 input_file, index, "too_few_options", f"only one label in the dataset: {label}", raw
             )
             continue
-        if index not in selected:
+        held_out = index not in selected and rest == "test"
+        if index not in selected and not held_out:
             yield ctx.quarantine(
                 input_file,
                 index,
@@ -166,7 +177,7 @@ def load_imaging(
             ctx,
             input_file,
             index,
-            split,
+            ctx.split_for(input_file, "test") if held_out else split,
             ref,
             label,
             labels,
