@@ -18,7 +18,12 @@ def release_markdown(result: dict[str, Any]) -> str:
         "",
         f"**{result['rows']}** question(s), **{result['responses']}** response(s) "
         f"({'all' if result['all_responses'] else 'accepted'}), at `{result['uri']}`; "
-        f"card `{result['card']}`.",
+        + (
+            f"**{result['images']}** image(s) embedded; "
+            if result.get("with_images")
+            else "images as references only; "
+        )
+        + f"card `{result['card']}`.",
         "",
         "| source | rows | responses | excluded (benchmark match) |",
         "|---|---|---|---|",
@@ -33,11 +38,15 @@ def release_markdown(result: dict[str, Any]) -> str:
 
 @flow(name="release", log_prints=True)
 def release_flow(
-    run: RunParams = RunParams(), out: str | None = None, all_responses: bool | None = None
+    run: RunParams = RunParams(),
+    out: str | None = None,
+    all_responses: bool | None = None,
+    with_images: bool | None = None,
 ) -> dict[str, Any]:
     """``RUN`` (questions, verdicts, accepted or raw replies, stats) -> ``OUT/data/train-*`` + ``OUT/README.md``.
 
-    ``out`` / ``all_responses`` default to the recipe's ``release`` block.
+    ``out`` / ``all_responses`` / ``with_images`` (embed the images' pixels) default to the
+    recipe's ``release`` block.
     """
     recipe, paths = prepare(run)
     settings = recipe.release
@@ -48,6 +57,7 @@ def release_flow(
         paths,
         target,
         all_responses=settings.all_responses if all_responses is None else all_responses,
+        with_images=with_images,  # None: the recipe's release.with_images (read by release())
         licenses=settings.licenses,
     )
     outcome = run_stage_flow(stage, run.model_copy(update={"shards": None})).outcomes

@@ -185,6 +185,7 @@ class ReleaseSettings(BaseModel):
     enabled: bool = False
     out: str | None = None  # where the release goes (path or s3://...); required when enabled
     all_responses: bool = False  # also the rejected responses, with their verdicts
+    with_images: bool = False  # embed the images' pixels (datasets.Image) in the release rows
     licenses: dict[str, str] = Field(default_factory=dict)  # source -> licence id on the card
 
     @model_validator(mode="after")

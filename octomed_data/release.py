@@ -404,7 +404,7 @@ def release(
     t0 = time.time()
     recipe = run_recipe(paths)
     if with_images is None:
-        with_images = bool(getattr(recipe.release, "with_images", False))
+        with_images = recipe.release.with_images
     shards = list(storage.Dataset(paths.questions, QUESTION_SCHEMA).manifest())
     if not shards:
         raise StorageError(f"run {paths.run_id} has no questions at {paths.questions}: nothing to release")
