@@ -17,6 +17,8 @@ repositories below and writes ``tests/answer_corpus/third_party/{tests,heldout}.
   with the authors' ``pred``.
 * ``redagavin/cot_faithfulness`` (no licence stated): DiagnosisArena replies of
   DeepSeek-R1-Distill-Llama-8B (``</think>``, ``\\boxed{X}``) and OLMo-2-7B with the authors' parsed answer.
+* ``MMMU-Benchmark/MMMU`` (Apache-2.0): GPT-4o's MMMU-Pro replies (CoT and direct; image questions,
+  up to 10 options) on the five medical subjects, with the authors' parsed ``pred_indexs``.
 
 Each row's ``expected`` is the label the reply states as its final answer, or null. It starts from
 the published label; where THE extractor (``octomed_data.answers``) and the published label disagree,
@@ -31,7 +33,8 @@ open are left out and counted.
         --medarc /work/.mirror/MedARC-AI+med-lm-envs/repo \\
         --flare /work/.mirror/QingxuanKong+FLARE-Med-New/repo \\
         --cot-faithfulness /work/.mirror/redagavin+cot_faithfulness/repo \\
-        --medarc-qa /work/.mirror/starmpcc+medARC-QA/repo
+        --medarc-qa /work/.mirror/starmpcc+medARC-QA/repo \\
+        --mmmu /work/.mirror/MMMU-Benchmark+MMMU/repo
 """
 
 from __future__ import annotations
@@ -539,6 +542,65 @@ def load_medarc_qa(mirror: Path) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------- MMMU-Pro (image questions)
+MMMU_COMMIT = "6aa5aa3207295bbc4c561b7734d2986afbe227f2"
+MMMU_MEDICAL = (
+    "Basic_Medical_Science",
+    "Clinical_Medicine",
+    "Diagnostics_and_Laboratory_Medicine",
+    "Pharmacy",
+    "Public_Health",
+)
+
+
+def load_mmmu_pro(mirror: Path) -> list[dict]:
+    """GPT-4o on MMMU-Pro's medical subjects: image multiple choice with up to 10 options.
+
+    ``MMMU-Benchmark/MMMU`` (Apache-2.0) committed ``mmmu-pro/output/gpt-4o_{standard,vision}_{cot,direct}.jsonl``
+    (the standard files are renamed later; read at MMMU_COMMIT): every reply with the authors' parsed ``pred_indexs``
+    (``mmmu-pro/evaluate.py::parse_multi_choice_response``: the text after the last ``Answer:``, else
+    option letters or texts found in the reply, else a random option). ``standard``: image(s) plus the
+    question in text; ``vision``: the whole question is a screenshot and the CoT prompt asks the model
+    to write it out first. Only the five medical subjects are read.
+    """
+    import ast
+
+    lic = "Apache-2.0 (MMMU-Benchmark/MMMU LICENSE)"
+    rows: list[dict] = []
+    for setting in ("standard", "vision"):
+        for mode in ("cot", "direct"):
+            path = f"mmmu-pro/output/gpt-4o_{setting}_{mode}.jsonl"
+            src = f"MMMU-Benchmark/MMMU@{MMMU_COMMIT}:{path}"
+            for line in _git(mirror, "show", f"{MMMU_COMMIT}:{path}").decode().splitlines():
+                if not line.strip():
+                    continue
+                e = json.loads(line)
+                if e.get("subject") not in MMMU_MEDICAL:
+                    continue
+                opts = ast.literal_eval(e["options"]) if isinstance(e["options"], str) else e["options"]
+                reply = e.get("response") or ""
+                rows.append(
+                    {
+                        "id": f"mmmu-pro:gpt-4o:{setting}-{mode}:{e['id']}",
+                        "source": src,
+                        "licence": lic,
+                        "model": f"gpt-4o ({setting}, {mode})",
+                        "family": "openai-gpt",
+                        "benchmark": "mmmu_pro_medical",
+                        "task_type": "mm_mcq",
+                        "options": [[LETTERS[i], str(o)] for i, o in enumerate(opts)],
+                        "gold": e["answer"],
+                        "reply": reply,
+                        "published": e.get("pred_indexs") or None,
+                        "published_how": "MMMU-Pro parse_multi_choice_response (after the last 'Answer:', else"
+                        " letters/option texts in the reply, else a random option"
+                        + ("" if "Answer:" in reply else "; this reply has no 'Answer:'")
+                        + ")",
+                    }
+                )
+    return rows
+
+
 # ---------------------------------------------------------------- adjudication
 _TAIL_PATTERNS = [
     # (name, regex); group "l" is the label. Run on the last non-empty lines, markdown removed.
@@ -635,7 +697,10 @@ def _rule_adjudicate(row: dict, extracted: str | None) -> tuple[str, str | None,
             return "ok", label, f"last lines state {label}; {why}"
     if len(uniq) > 1:
         return None
-    weak = pub is None or any(w in row["published_how"] for w in ("last_letter", "none)", "default A"))
+    # no 'Answer:': MMMU-Pro's parser fell back to a scan of the reply or a random option
+    weak = pub is None or any(
+        w in row["published_how"] for w in ("last_letter", "none)", "default A", "has no 'Answer:'")
+    )
     if len(uniq) == 1 and weak and extracted is None:
         return "ok", uniq[0], f"last line states {uniq[0]}; the published parser found {pub!r}"
     if not uniq and extracted is None and weak:
@@ -695,6 +760,7 @@ def main() -> None:
     ap.add_argument("--flare", type=Path, help="bare git dir of QingxuanKong/FLARE-Med-New")
     ap.add_argument("--cot-faithfulness", type=Path, help="bare git dir of redagavin/cot_faithfulness")
     ap.add_argument("--medarc-qa", type=Path, help="bare git dir of starmpcc/medARC-QA")
+    ap.add_argument("--mmmu", type=Path, help="bare git dir of MMMU-Benchmark/MMMU")
     ap.add_argument(
         "--shared-data",
         type=Path,
@@ -716,6 +782,8 @@ def main() -> None:
             rows += load_cot_faithfulness(args.cot_faithfulness)
         if args.medarc_qa:
             rows += load_medarc_qa(args.medarc_qa)
+        if args.mmmu:
+            rows += load_mmmu_pro(args.mmmu)
         if args.raw_cache:
             args.raw_cache.write_text("".join(json.dumps(r) + "\n" for r in rows))
     hand_path = OUT / "adjudications.jsonl"
