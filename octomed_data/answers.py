@@ -100,7 +100,18 @@ _SECOND_ITEM = re.compile(
     r"(?:\band\b|\bor\b|&|,|;|/)\s*(?:option\s+|choice\s+)?(?:[\(\[](?P<p>[A-Z])[\)\]]|(?P<d>[A-Z])[.)]\s)"
 )
 _BRACKETED_LEAD = re.compile(r"^[\(\[]([A-Z])[\)\]]")
-_IMPLICIT = ("last_line", "label_first", "closing_label")  # forms that state no keyword
+_IMPLICIT = ("last_line", "label_first", "closing_label", "conclusion")  # forms that state no keyword
+# A clause that makes the statement after it hypothetical.
+_CONDITIONAL = re.compile(r"\b(?:if|had|were|unless|assuming|suppose|supposing|otherwise)\b", re.IGNORECASE)
+# A concluding sentence that names the best option by a bracketed label: "Therefore, the best course
+# of action would be (C) Obtain more clinical information.", "... an MRI Brain (Option B)."
+_CONCLUSION = re.compile(
+    r"(?:^|(?<=[.!?]\s)|(?<=\n))[ \t]*(?:therefore|thus|hence|so|in\s+conclusion|in\s+summary|overall)[ \t,]+"
+    r"(?P<body>[^\n]*?\b(?:best|most\s+(?:appropriate|likely|accurate|suitable|probable)|next\s+best|correct)\b"
+    r"[^\n]*?)(?=[.!?](?:\s|$)|\n|$)",
+    re.IGNORECASE,
+)
+_BRACKETED_LABEL = re.compile(r"[\(\[](?:option\s+|choice\s+)?([A-Z])[\)\]]")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 # Words that revise an earlier answer ("wait", "on reflection"): the later statement then wins.
 _REVISION = re.compile(
@@ -109,6 +120,7 @@ _REVISION = re.compile(
     re.IGNORECASE,
 )
 _NEGATED = re.compile(r"\b(?:not|if|why|whether|unless)\s+$", re.IGNORECASE)
+_MATH_DELIMS = re.compile(r"\\[()\[\]]")
 _ELLIPSIS = re.compile(r"^(?:\.{2,}|…)\s*")
 _OPTION_WORD = re.compile(r"^(?:option|choice|letter)\s+", re.IGNORECASE)
 _CONNECTOR = re.compile(r"^(?:[-–—,;(]|because\b|since\b|as\b|which\b|given\b|due\b|is\b)", re.IGNORECASE)
@@ -187,6 +199,7 @@ METHODS = (
     "last_line",
     "label_first",
     "closing_label",
+    "conclusion",
 )
 
 
@@ -233,6 +246,7 @@ def _clean(raw: str) -> str:
             text = text[: m.start()] + m.group("rest") + text[m.end() :]
         text = _LATEX_TEXT.sub(r"\1", text)
     text = text.replace("**", "").replace("__", "").replace("$", "").replace("`", "")
+    text = _MATH_DELIMS.sub(" ", text)  # "\\( \\text{G} \\)", "\\[ C \\]"
     text = text.strip().strip("\"'“”‘’").strip()
     text = _ELLIPSIS.sub("", text)  # "The answer is ... H" (a template's placeholder left in)
     text = _OPTION_WORD.sub("", text)
@@ -346,7 +360,10 @@ def _parse_choice(raw: str, options: Sequence[tuple[str, str]]) -> tuple[str | N
         # only when what follows is the option's text or clearly an explanation.
         if any(m.group(1) != label and m.group(1) in labels for m in _OR_OTHER.finditer(tail)):
             return None, AMBIGUOUS
-        if any(
+        # "(D). Removing the tape ... (A/B) or (E) ...": a bracketed label and a full stop end the
+        # statement; the next sentence is an explanation, not a second answer.
+        closed_sentence = text[:1] in "([" and "." in sep
+        if not closed_sentence and any(
             (x.group("p") or x.group("d")) != label and (x.group("p") or x.group("d")) in labels
             for x in _SECOND_ITEM.finditer(tail)
         ):
@@ -542,6 +559,11 @@ def _contradicted(text: str, candidates: list[_Candidate], cand: _Candidate, ans
     return False
 
 
+def _sentence_start(text: str, pos: int) -> int:
+    """Where the sentence holding ``pos`` starts (after the last ". ", "? ", "! " or line break)."""
+    return max(text.rfind("\n", 0, pos), *(text.rfind(p, 0, pos) + 1 for p in (". ", "? ", "! "))) + 1
+
+
 def _closing_label(text: str, options: Sequence[tuple[str, str]]) -> tuple[int, str] | None:
     """(position, label) when the reply's last sentence closes on a bracketed label after a verb,
     with nothing or that option's own text between them ("... is (F).", "... is Heroin (F).");
@@ -579,6 +601,10 @@ def _candidates(text: str, task: TaskType, options: Sequence[tuple[str, str]]) -
         if not nested:
             enclosing_end = m.end("rest")
         rest = m.group("rest")
+        if re.search(r"\b(?:would|could|might)\b", m.group(0)) and _CONDITIONAL.search(
+            text, _sentence_start(text, m.start()), m.start()
+        ):
+            continue  # "If the question had asked ..., the answer would be (B)": hypothetical
         if _STATEMENT.match(_clean(rest)):
             # "Final Answer: The answer is (I)": the nested statement, found next, is the one to read.
             continue
@@ -618,6 +644,10 @@ def _candidates(text: str, task: TaskType, options: Sequence[tuple[str, str]]) -
     for m in firsts:
         raw = m.group("label") + (f". {m.group('text')}" if m.group("text") else "")
         found.append(_Candidate(m.start(), "label_first", raw, False, nested=True, ambiguous=several))
+    for m in _CONCLUSION.finditer(text):
+        named = {x.group(1) for x in _BRACKETED_LABEL.finditer(m.group("body"))} & {k for k, _ in options}
+        if len(named) == 1:  # "Therefore, the best next step would be (C) Brain MRI." with one label
+            found.append(_Candidate(m.start(), "conclusion", named.pop(), False, nested=True))
     closing = _closing_label(text.rstrip(), options)
     if closing is not None and not any(c.pos >= closing[0] for c in found):
         found.append(_Candidate(closing[0], "closing_label", closing[1], False, nested=True))
@@ -689,7 +719,7 @@ def extract_answer(
     candidates = _candidates(text, task, opts)
     explicit = any(c.method not in _IMPLICIT for c in candidates)
     for cand in reversed(candidates):
-        if explicit and cand.method in ("label_first", "closing_label"):
+        if explicit and cand.method in ("label_first", "closing_label", "conclusion"):
             continue  # "(C) is correct", "... is (F).": read only where no explicit statement is made
         if cand.ambiguous:  # a lead-in followed by several labelled lines
             return Extraction(None, cand.method, AMBIGUOUS)
