@@ -106,12 +106,17 @@ _CONDITIONAL = re.compile(r"\b(?:if|had|were|unless|assuming|suppose|supposing|o
 # A concluding sentence that names the best option by a bracketed label: "Therefore, the best course
 # of action would be (C) Obtain more clinical information.", "... an MRI Brain (Option B)."
 _CONCLUSION = re.compile(
-    r"(?:^|(?<=[.!?]\s)|(?<=\n))[ \t]*(?:therefore|thus|hence|so|in\s+conclusion|in\s+summary|overall)[ \t,]+"
-    r"(?P<body>[^\n]*?\b(?:best|most\s+(?:appropriate|likely|accurate|suitable|probable)|next\s+best|correct)\b"
-    r"[^\n]*?)(?=[.!?](?:\s|$)|\n|$)",
+    r"(?:^|(?<=[.!?]\s)|(?<=\n))[ \t]*(?:(?:therefore|thus|hence|so|in\s+conclusion|in\s+summary|overall)[ \t,]+"
+    r"(?P<body>(?:(?![.!?]\s)[^\n])*?\b(?:best|most\s+(?:appropriate|likely|accurate|suitable|probable)|next\s+best|correct)\b"
+    r"[^\n]*?)"
+    # or a sentence whose subject is the superlative: "..., the most appropriate next step in management
+    # would be immediate surgical exploration (D)."
+    r"|(?P<subject>(?:(?![.!?]\s)[^\n])*?\bthe\s+(?:best|most\s+(?:appropriate|likely|accurate|suitable|probable)|next\s+best)"
+    r"(?:\s+[\w-]+){0,6}?\s+(?:is|would\s+be)\b[^\n]*?))(?=[.!?](?:\s|$)|\n|$)",
     re.IGNORECASE,
 )
-_BRACKETED_LABEL = re.compile(r"[\(\[](?:option\s+|choice\s+)?([A-Z])[\)\]]")
+_NEGATION_WORD = re.compile(r"\b(?:not|never|no longer|rather than|instead of)\b|n't\b", re.IGNORECASE)
+_BRACKETED_LABEL = re.compile(r"[\(\[](?:[Oo]ption\s+|[Cc]hoice\s+)?([A-Z])[\)\]]|\*\*\(?([A-Z])[.)]")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 # Words that revise an earlier answer ("wait", "on reflection"): the later statement then wins.
 _REVISION = re.compile(
@@ -644,10 +649,17 @@ def _candidates(text: str, task: TaskType, options: Sequence[tuple[str, str]]) -
     for m in firsts:
         raw = m.group("label") + (f". {m.group('text')}" if m.group("text") else "")
         found.append(_Candidate(m.start(), "label_first", raw, False, nested=True, ambiguous=several))
+    conclusions: list[tuple[int, str]] = []
     for m in _CONCLUSION.finditer(text):
-        named = {x.group(1) for x in _BRACKETED_LABEL.finditer(m.group("body"))} & {k for k, _ in options}
+        said = m.group("body") or m.group("subject")
+        if _NEGATION_WORD.search(said):
+            continue  # "the best next step would not be (A)"
+        named = {x.group(1) or x.group(2) for x in _BRACKETED_LABEL.finditer(said)} & {k for k, _ in options}
         if len(named) == 1:  # "Therefore, the best next step would be (C) Brain MRI." with one label
-            found.append(_Candidate(m.start(), "conclusion", named.pop(), False, nested=True))
+            conclusions.append((m.start(), named.pop()))
+    several = len({label for _, label in conclusions}) > 1
+    for pos, label in conclusions:
+        found.append(_Candidate(pos, "conclusion", label, False, nested=True, ambiguous=several))
     closing = _closing_label(text.rstrip(), options)
     if closing is not None and not any(c.pos >= closing[0] for c in found):
         found.append(_Candidate(closing[0], "closing_label", closing[1], False, nested=True))

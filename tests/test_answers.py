@@ -245,6 +245,17 @@ ISSUE21_FORMS = [
     ("Therefore, (C) is the correct answer.", "C"),
     ("Option C is correct.", "C"),
     ("**C. Macrophages** is the most appropriate answer.", "C"),
+    # a letter in LaTeX inline math; a concluding sentence that names one bracketed label
+    ("Reasoning.\n\nAnswer: \\( \\text{G} \\)", "G"),
+    (
+        "Reasoning.\n\nTherefore, the most likely cells are macrophages (Option C).\nMore notes follow here.",
+        "C",
+    ),
+    ("Given the smear, the most likely cells would be macrophages (C). Neutrophils (A) come earlier.", "C"),
+    # a hypothetical answer after the real one is not the answer
+    ("The answer is (A). If the smear were older, the answer would be (C), making (A) right here.", "A"),
+    # a bracketed label that closes its sentence: the explanation after it may name other options
+    ("The answer is (C). Neutrophils (A) and lymphocytes (B) arrive at other times.", "C"),
     # the last clear statement wins: a later plain final line
     ("The answer is A.\n\nOn reflection, the cells are tissue-resident.\n\nC. Macrophages", "C"),
     # read nothing: an answer heading over an analysis of options, a list of several labels,
@@ -259,6 +270,8 @@ ISSUE21_FORMS = [
     ("A is correct for acute inflammation, but C is correct for chronic.", None),
     ("- B. Raised by processing. This is correct.\n- C. Lowered by heat. This is correct.", None),
     ("I do not think A is the correct answer here.", None),
+    ("Therefore, the most likely cells are not neutrophils (A) but macrophages (C).", None),
+    ("Thus the best marker is (A). In summary, the best cells are macrophages (C).", None),
     ("<think>The smear shows... I think the answer is C", None),
 ]
 
