@@ -104,16 +104,14 @@ UNITS: dict[str, tuple[str, float]] = {
     "deg f": ("temperature", 5 / 9),
 }
 _FAHRENHEIT = {"°f", "f", "fahrenheit", "degree fahrenheit", "degrees fahrenheit", "deg f"}
-# Bounds, written as symbols or words; each maps to one operator.
-_BOUNDS = {
-    "<": "<",
+# Bounds written as words, each mapped to one operator (the tokenizer reads them too) ...
+WORD_BOUNDS = {
     "less than": "<",
     "lower than": "<",
     "smaller than": "<",
     "fewer than": "<",
     "below": "<",
     "under": "<",
-    ">": ">",
     "more than": ">",
     "greater than": ">",
     "larger than": ">",
@@ -121,16 +119,16 @@ _BOUNDS = {
     "above": ">",
     "over": ">",
     "exceeding": ">",
-    "<=": "<=",
     "at most": "<=",
     "up to": "<=",
     "no more than": "<=",
     "not more than": "<=",
-    ">=": ">=",
     "at least": ">=",
     "no less than": ">=",
     "not less than": ">=",
 }
+# ... and as symbols.
+_BOUNDS = {"<": "<", ">": ">", "<=": "<=", ">=": ">=", **WORD_BOUNDS}
 _BOUND_RE = "|".join(sorted((re.escape(b) for b in _BOUNDS), key=len, reverse=True))
 _NUM = r"[-+]?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
 _UNIT = r"%|°\s?[cf]|[a-zµμ][a-zµμ0-9/^]*(?:\s+(?:per\s+[a-z]+|hg|celsius|fahrenheit|c|f))?"

@@ -13,7 +13,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-from octomed_data.verify.quantity import NUMBER_WORDS, ORDINAL_WORDS, UNITS
+from octomed_data.verify.quantity import NUMBER_WORDS, ORDINAL_WORDS, UNITS, WORD_BOUNDS
 from octomed_data.verify.vocab import american
 
 NEGATION_CUES = frozenset(
@@ -32,30 +32,8 @@ _UNIT_WORDS = sorted(
     (u for u in UNITS if (u.isalpha() and len(u) > 1) or u.startswith("°")), key=len, reverse=True
 )
 _SPLIT_UNIT = re.compile(rf"(?<=\d)(?=(?:{'|'.join(map(re.escape, _UNIT_WORDS))})\b)", re.IGNORECASE)
-_WORD_BOUNDS = {
-    "less than": "<",
-    "lower than": "<",
-    "smaller than": "<",
-    "fewer than": "<",
-    "below": "<",
-    "under": "<",
-    "more than": ">",
-    "greater than": ">",
-    "larger than": ">",
-    "higher than": ">",
-    "above": ">",
-    "over": ">",
-    "exceeding": ">",
-    "at most": "<=",
-    "up to": "<=",
-    "no more than": "<=",
-    "not more than": "<=",
-    "at least": ">=",
-    "no less than": ">=",
-    "not less than": ">=",
-}
 _BOUND_WORDS = re.compile(
-    rf"\b({'|'.join(sorted(map(re.escape, _WORD_BOUNDS), key=len, reverse=True))})"
+    rf"\b({'|'.join(sorted(map(re.escape, WORD_BOUNDS), key=len, reverse=True))})"
     r"\s+(?=[-+]?\.?\d)(?![-+]?[\d.]*(?:st|nd|rd|th)\b)",  # a bound on a number, not "below 7th rib"
     re.IGNORECASE,
 )
@@ -84,7 +62,7 @@ def tokenize(text: str) -> list[Tok]:
     t = unicodedata.normalize("NFKC", text).replace("≤", "<=").replace("≥", ">=").translate(_DASHES)
     t = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", t)  # 1,000
     t = re.sub(r"n't\b", " not", t, flags=re.IGNORECASE)
-    t = _BOUND_WORDS.sub(lambda m: f" {_WORD_BOUNDS[m.group(1).lower()]} ", t)
+    t = _BOUND_WORDS.sub(lambda m: f" {WORD_BOUNDS[m.group(1).lower()]} ", t)
     t = re.sub(r"\bbetween\s+([-+]?[\d.]+)\s+and\s+(?=[-+]?\.?\d)", r"\1 - ", t, flags=re.IGNORECASE)
     t = re.sub(r"(?<=\d)\s+to\s+(?=[-+]?\.?\d)", " - ", t, flags=re.IGNORECASE)
     t = re.sub(r"(?<=\d)\s*x\s*(?=\d)", " x ", t, flags=re.IGNORECASE)  # 2x3 cm
