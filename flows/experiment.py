@@ -8,6 +8,11 @@ report covers every finished arm, and the failed one is re-run alone (``arms: [n
 arms (same settings, same data fingerprint) are reused. Arms whose training data (fingerprint) and
 training settings are identical train once: the later ones evaluate the first one's checkpoint with
 their own evaluation settings (``trained_by`` in ``arm.json``; the report lists who shared).
+
+A spec's ``teachers`` each distil the base questions once (run ``<base_run>-<teacher>``, the recipe
+with the teacher's overrides); an arm with ``teacher_run`` selects from that run and its record
+carries the teacher's pass rate, reasoning length and cost. With ``evaluation.every_steps`` an arm
+saves a checkpoint every N steps and evaluates each (its learning curve, ``curve`` in ``arm.json``).
 """
 
 from __future__ import annotations
@@ -29,8 +34,14 @@ from octomed_data import storage
 from octomed_data.errors import OctomedError
 from octomed_data.experiment import ExperimentSpec, load_spec
 from octomed_data.experiment.arms import ExperimentPaths, current, finished, read_record, write_record
-from octomed_data.experiment.compare import arm_metrics, compare, report_markdown, report_png
-from octomed_data.experiment.select import select_arm
+from octomed_data.experiment.compare import (
+    arm_metrics,
+    compare,
+    learning_curves_png,
+    report_markdown,
+    report_png,
+)
+from octomed_data.experiment.select import select_arm, teacher_summary
 from octomed_data.layout import RunPaths
 from octomed_data.recipe import Recipe, load_recipe
 from octomed_data.stages import describe_error
@@ -44,7 +55,9 @@ class ExperimentParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     spec: str = Field(
-        "sources", description="A ready-made spec (sources, samples, length, cot) or a spec YAML path."
+        "sources",
+        description="A ready-made spec (sources, samples, length, cot, difficulty, samples_vs_epochs, "
+        "teacher) or a spec YAML path.",
     )
     arms: list[str] | None = Field(None, description="Only these arms (e.g. a failed one); empty: every arm.")
     force: bool = Field(False, description="Re-run the chosen arms even when they are finished.")
@@ -144,6 +157,34 @@ def item_images_task(config: Any, exp: ExperimentPaths) -> str | None:
     return uri
 
 
+@task(name="learning-curve")
+def curve_task(
+    config: Any, checkpoint: str, train: dict[str, Any], paths: RunPaths, final_predictions: str
+) -> list[dict[str, Any]]:
+    """The arm's learning curve: every intermediate checkpoint of its training run evaluated with the
+    arm's protocol (``evaluation/steps/<step>``), then the final one (already evaluated); one point
+    per checkpoint: optimizer step, examples (sequences) trained on up to it, its predictions."""
+    from evaluation.harness import evaluate
+    from training.checkpoints import intermediate_checkpoints, read_checkpoint_marker
+
+    config_hash = read_checkpoint_marker(checkpoint).get("config_hash")
+    points = []
+    for step, uri, marker in intermediate_checkpoints(checkpoint, config_hash):
+        if step >= int(train["steps"]):
+            continue  # the final checkpoint is the last point
+        out = storage.join(paths.evaluation, "steps", f"step-{step:06d}")
+        result = evaluate(config.model_copy(update={"model": uri, "output_uri": out}), progress=False)
+        points.append(
+            {"step": step, "examples": marker.get("samples_seen"), "checkpoint": uri}
+            | {"predictions_uri": result.predictions_uri}
+        )
+    points.append(
+        {"step": int(train["steps"]), "examples": train.get("samples_seen"), "checkpoint": checkpoint}
+        | {"predictions_uri": final_predictions}
+    )
+    return points
+
+
 def _train_params(spec: ExperimentSpec, arm_name: str, model_path: str | None) -> TrainParams:
     arm = spec.arm(arm_name)
     steps = arm.training.max_steps or (spec.training.max_steps if spec.control == "same_steps" else None)
@@ -203,6 +244,8 @@ def training_key(spec: ExperimentSpec, arm_name: str, settings: dict[str, Any], 
         "base_run": spec.base_run,
         "recipe": {k: settings.get(k) for k in ("training", "mixture", "export", "model")},
     }
+    if spec.every_steps(arm):  # intermediate checkpoints saved for a learning curve
+        blob["every_steps"] = spec.every_steps(arm)
     text = json.dumps(blob, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -225,6 +268,7 @@ def arm_flow(spec_ref: str, arm: str, store: str | None = None, force: bool = Fa
     """One arm: select -> mixture -> export -> train -> evaluate; reused when finished."""
     spec, recipe, exp, base = _open(ExperimentParams(spec=spec_ref, store=store))
     arm_cfg, paths = spec.arm(arm), exp.arm(arm)
+    base = RunPaths(exp.store, spec.base_run_of(arm_cfg))  # its teacher's distillation, if it names one
     model_path = _base_model(recipe, exp)
     settings = spec.settings_fingerprint(arm_cfg, recipe_settings(recipe, model_path))
     previous = read_record(exp, arm)
@@ -239,6 +283,8 @@ def arm_flow(spec_ref: str, arm: str, store: str | None = None, force: bool = Fa
         record["train_key"] = key
         write_record(exp, arm, record)
         record["data"] = data
+        if arm_cfg.teacher_run is not None:
+            record["teacher"] = {"name": arm_cfg.teacher_run} | teacher_summary(base)
         print(f"arm {arm}: {data['traces']} traces, data {data['fingerprint']}")
         twin = None if force else trained_twin(spec, exp, arm, key)
         if twin is not None:
@@ -264,6 +310,9 @@ def arm_flow(spec_ref: str, arm: str, store: str | None = None, force: bool = Fa
                 update["max_steps"] = None  # epochs decide, not a max_steps the recipe carries
             if arm_cfg.training.seed is not None:
                 update["seed"] = arm_cfg.training.seed
+            every = spec.every_steps(arm_cfg)
+            if every:  # learning curve: a checkpoint every N steps, each kept in the store
+                update["save_steps"] = every
             tensorboard = os.path.join(config.work_dir or tempfile.gettempdir(), "tensorboard")
             config = config.model_copy(update=update | {"logging_dir": tensorboard})
             if spec.training.report_to == "tensorboard":
@@ -282,6 +331,10 @@ def arm_flow(spec_ref: str, arm: str, store: str | None = None, force: bool = Fa
             "checkpoint": checkpoint,
         }
         record["metrics"] = arm_metrics(result["predictions_uri"])
+        if spec.every_steps(arm_cfg):
+            record["curve"] = curve_task(
+                eval_cfg, checkpoint, record["train"], paths, result["predictions_uri"]
+            )
         record["status"] = "COMPLETED"
     except Exception as exc:
         record.update(status="FAILED", error=describe_error(exc))
@@ -306,15 +359,40 @@ def report_task(spec: ExperimentSpec, exp: ExperimentPaths, recipe: Recipe) -> d
     png = report_png(result)
     storage.write_bytes(exp.report, markdown.encode("utf-8"))
     storage.write_bytes(exp.plot, png)
+    curves = learning_curves_png(result)
+    if curves is not None:
+        storage.write_bytes(exp.curves_plot, curves)
     inline = markdown.replace(
         "](comparison.png)", f"](data:image/png;base64,{base64.b64encode(png).decode()})"
     )
+    if curves is not None:
+        inline = inline.replace(
+            "](learning_curves.png)", f"](data:image/png;base64,{base64.b64encode(curves).decode()})"
+        )
     create_markdown_artifact(
         inline,
         key=artifact_key("experiment", spec.name),
         description=f"Experiment {spec.name}: arms compared",
     )
-    return {"report": exp.report, "plot": exp.plot, "comparison": exp.comparison} | result
+    plots = {"curves_plot": exp.curves_plot} if curves is not None else {}
+    return {"report": exp.report, "plot": exp.plot, "comparison": exp.comparison} | plots | result
+
+
+def teacher_base(spec: ExperimentSpec, exp: ExperimentPaths, name: str) -> RunPaths:
+    """A teacher's own distillation of the base questions (run ``<base_run>-<name>``): the recipe
+    with the teacher's overrides, recorded in the run's ``run.json`` when it starts (a resumed run
+    keeps it), then the factory's first four stages once."""
+    from flows.factory import factory_flow
+    from octomed_data.runs import start_run
+
+    run_id = f"{spec.base_run}-{name}"
+    paths = RunPaths(exp.store, run_id)
+    if base_is_filtered(paths):
+        return paths
+    print(f"teacher {name}: distilling and filtering the base questions once as run {run_id}")
+    start_run(load_recipe(spec.recipe, overrides=spec.teacher(name).overrides), run_id, exp.store)
+    factory_flow(RunParams(recipe_path=spec.recipe, run_id=run_id, store=exp.store), stages=BASE_STAGES)
+    return paths
 
 
 @flow(name="experiment", log_prints=True)
@@ -325,11 +403,14 @@ def experiment_flow(params: ExperimentParams = ExperimentParams()) -> dict[str, 
     spec, recipe, exp, base = _open(params)
     logger = get_run_logger()
     storage.write_json(exp.spec_json, spec.model_dump(mode="json"))
-    if not base_is_filtered(base):
+    chosen = [spec.arm(a) for a in params.arms or [a.name for a in spec.arms]]
+    if any(a.teacher_run is None for a in chosen) and not base_is_filtered(base):
         print(f"base run {spec.base_run}: distilling and filtering it once (the arms reuse it)")
         factory_flow(
             RunParams(recipe_path=spec.recipe, run_id=spec.base_run, store=exp.store), stages=BASE_STAGES
         )
+    for name in dict.fromkeys(a.teacher_run for a in chosen if a.teacher_run is not None):
+        teacher_base(spec, exp, name)
     failed: dict[str, str] = {}
     for arm in params.arms or [a.name for a in spec.arms]:
         try:

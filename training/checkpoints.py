@@ -106,3 +106,26 @@ def upload_folder(local: Path, dest_uri: str) -> list[str]:
             raise ConfigError(storage.describe_error(dest_uri, exc)) from None
         uploaded.append(rel)
     return uploaded
+
+
+def intermediate_checkpoints(
+    output_uri: str, config_hash: str | None = None
+) -> list[tuple[int, str, dict[str, Any]]]:
+    """Every uploaded intermediate checkpoint under ``output_uri`` (step, URI, marker), by step;
+    with ``config_hash`` only those of that config (a learning curve is one run's checkpoints)."""
+    base = storage.join(output_uri, "checkpoints")
+    fs, path = storage.filesystem(base)
+    try:
+        if not fs.exists(path):
+            return []
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    except Exception as exc:
+        raise ConfigError(storage.describe_error(base, exc)) from None
+    found = []
+    for name in names:
+        marker_uri = storage.join(base, name, CHECKPOINT_MARKER)
+        if name.startswith("checkpoint-") and storage.exists(marker_uri):
+            marker = storage.read_json(marker_uri)
+            if config_hash is None or marker.get("config_hash") == config_hash:
+                found.append((int(marker["step"]), storage.join(base, name), marker))
+    return sorted(found, key=lambda f: f[0])

@@ -129,7 +129,7 @@ def _trainer_class():
     return CountingTrainer
 
 
-def _upload_callback(output_uri: str, meta: dict[str, Any]):
+def _upload_callback(output_uri: str, meta: dict[str, Any], loaded: Any = None, samples: Any = None):
     from transformers import TrainerCallback
 
     class UploadCheckpoints(TrainerCallback):
@@ -137,15 +137,21 @@ def _upload_callback(output_uri: str, meta: dict[str, Any]):
 
         Every node's local rank 0 uploads what its node wrote (with several nodes, ZeRO shards are
         spread over their local disks), then global rank 0 lists the upload and writes the marker.
+        The image processor goes with it (a VL checkpoint is then evaluable as is: learning curves),
+        and the marker says how many sequences were trained on up to it (``samples_seen``: all
+        processes, this call; ``samples()`` sums them, so every rank calls it).
         """
 
         def on_save(self, args, state, control, **kwargs):
             local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             dest = storage.join(output_uri, "checkpoints", local.name)
+            seen = samples() if samples is not None else None
             uploaded = True
             if state.is_local_process_zero:
                 uploaded = local.is_dir()
                 if uploaded:
+                    if loaded is not None and loaded.image_processor is not None:
+                        loaded.image_processor.save_pretrained(str(local))
                     upload_folder(local, dest)
             # The marker says "complete": only when every node uploaded what it saved.
             if not all_nodes_ok(uploaded):
@@ -159,6 +165,7 @@ def _upload_callback(output_uri: str, meta: dict[str, Any]):
                         **meta,
                         "step": state.global_step,
                         "loss": loss,
+                        "samples_seen": seen,
                         "final": False,
                         "files": list_files(dest),
                     },
@@ -507,15 +514,19 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         "base_model": str(loaded.path),
         "packing": packed.info if packed else None,
     }
+    holder: list[Any] = []  # the trainer, for the upload callback's samples_seen
+    uploads = _upload_callback(
+        config.output_uri, meta, loaded, samples=lambda: all_reduce_sum(holder[0].samples_seen_local)
+    )
     trainer = _trainer_class()(
         model=loaded.model,
         args=args,
         train_dataset=train_ds,
         data_collator=collator,
         processing_class=loaded.tokenizer,
-        callbacks=[_log_last_step_callback()]
-        + ([_upload_callback(config.output_uri, meta)] if config.save_steps else []),
+        callbacks=[_log_last_step_callback()] + ([uploads] if config.save_steps else []),
     )
+    holder.append(trainer)
     resume_from = resume_checkpoint(config, meta, work_dir, args)
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     samples_seen = all_reduce_sum(trainer.samples_seen_local)

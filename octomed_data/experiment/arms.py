@@ -4,7 +4,9 @@
 every arm starts from when the recipe builds a tiny one), ``arms/<arm>/`` (a run-shaped folder:
 ``filter/accepted`` = the arm's selection, ``mixture``, ``export``, ``checkpoints``, ``evaluation``,
 and ``arm.json``, its record), ``items/`` (which evaluated benchmark items have an image, per
-protocol), and ``report.md`` + ``comparison.png`` + ``comparison.json``.
+protocol), and ``report.md`` + ``comparison.png`` + ``comparison.json`` (+ ``learning_curves.png``
+when arms evaluate intermediate checkpoints: ``evaluation.every_steps``; their predictions are in
+the arm's ``evaluation/steps/step-<N>/``).
 
 An arm is finished when its record says COMPLETED for the same settings fingerprint (training,
 control, protocol) and the same data fingerprint; a re-run reuses it and runs only the others. An
@@ -53,6 +55,10 @@ class ExperimentPaths:
     @property
     def plot(self) -> str:
         return storage.join(self.root, "comparison.png")
+
+    @property
+    def curves_plot(self) -> str:
+        return storage.join(self.root, "learning_curves.png")
 
     @property
     def comparison(self) -> str:

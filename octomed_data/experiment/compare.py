@@ -365,6 +365,19 @@ def compare(
         a.name: records.get(a.name, {}).get("metrics", {}).get("reasoning_tokens", {}) for a in spec.arms
     }
     basis = {name: "image" if groups.get(name) is not None else "task_type" for name in outcomes}
+    curves = {a.name: learning_curve(records.get(a.name, {})) for a in spec.arms}
+    teachers = []
+    for a in spec.arms:  # arms on a teacher's own distillation: what it cost, gave and taught
+        rec = records.get(a.name, {})
+        if rec.get("teacher"):
+            macro = rec.get("metrics", {}).get("accuracy", {}).get(MACRO, {})
+            diff = tests.get((a.name, MACRO), {})
+            teachers.append(
+                {"arm": a.name}
+                | rec["teacher"]
+                | {"accuracy": macro.get("mean"), "accuracy_std": macro.get("std")}
+                | {k: diff.get(k) for k in ("delta", "ci_low", "ci_high", "beyond_noise")}
+            )
     return {
         "experiment": spec.name,
         "reference": spec.reference,
@@ -389,7 +402,31 @@ def compare(
             for a in spec.arms
         },
         "expectations": expectations,
+        # Per arm (with evaluation.every_steps): accuracy at each evaluated checkpoint.
+        "learning_curves": {name: points for name, points in curves.items() if points},
+        # Per arm on a teacher's distillation: pass rate, reasoning length, cost, downstream accuracy.
+        "teachers": teachers,
     }
+
+
+def learning_curve(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The arm's learning curve from its record's ``curve`` (one point per evaluated checkpoint):
+    step, examples trained on up to it, and accuracy recomputed from that checkpoint's predictions
+    (macro: the mean over benchmarks of the mean over seeds; per benchmark; per seed)."""
+    points = []
+    for p in record.get("curve") or []:
+        acc = arm_metrics(p["predictions_uri"])["accuracy"]
+        points.append(
+            {
+                "step": p["step"],
+                "examples": p.get("examples"),
+                "accuracy": acc[MACRO]["mean"],
+                "per_seed": acc[MACRO]["per_seed"],
+                "per_benchmark": {b: v["mean"] for b, v in acc.items() if b != MACRO},
+                "predictions_uri": p["predictions_uri"],
+            }
+        )
+    return points
 
 
 def _pct(x: float | None) -> str:
@@ -475,8 +512,62 @@ def report_markdown(result: Mapping[str, Any], plot_name: str = "comparison.png"
                 f"| {e['arm']} | {e['metric']} | {e['paper']} | {e['direction']} | {e['shown']} | "
                 f"{e['measured']} | {_YES[e['agrees']]} |"
             )
+    if result.get("teachers"):
+        lines += ["", "## Teachers (one distillation of the same questions each)", "",
+                  "Pass rate: accepted / judged samples of the teacher's distillation; reasoning: mean characters "
+                  "of the accepted traces' reasoning, and mean completion tokens of their replies; cost: the "
+                  "distillation's USD (simulated: sandbox replies priced at the recipe's prices); accuracy: "
+                  "the arm trained on its traces (macro, Δ vs the reference).", "",
+                  "| arm | teacher | run | pass rate | accepted | reasoning chars | completion tokens | cost USD | "
+                  "accuracy | Δ | 95% CI |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for t in result["teachers"]:
+            cost = "–" if t.get("cost_usd") is None else f"{t['cost_usd']:.4f}"
+            cost += " (simulated)" if t.get("simulated") else ""
+            rate = "–" if t.get("pass_rate") is None else f"{100 * t['pass_rate']:.1f}%"
+            lines.append(
+                f"| {t['arm']} | {t['name']} | {t['run_id']} | {rate} | {t.get('accepted')} | "
+                f"{t.get('reasoning_chars')} | {t.get('completion_tokens')} | {cost} | {_pct(t.get('accuracy'))} | "
+                f"{_signed(t.get('delta'))} | {_ci(t)} |"
+            )
+    curves = result.get("learning_curves") or {}
+    if curves:
+        lines += ["", "## Learning curves (accuracy at intermediate checkpoints)", "",
+                  "Macro accuracy (mean over benchmarks of the mean over seeds) of each evaluated checkpoint, "
+                  "by optimizer step and examples (sequences) trained on up to it.", "",
+                  "| arm | step | examples seen | accuracy |", "|---|---|---|---|"]  # fmt: skip
+        for arm, points in curves.items():
+            for p in points:
+                seen = "–" if p["examples"] is None else str(p["examples"])
+                lines.append(f"| {arm} | {p['step']} | {seen} | {_pct(p['accuracy'])} |")
+        lines += ["", "![accuracy against examples seen per arm](learning_curves.png)"]
     lines += ["", f"![accuracy, task groups and reasoning length per arm]({plot_name})", ""]
     return "\n".join(lines)
+
+
+def learning_curves_png(result: Mapping[str, Any]) -> bytes | None:
+    """Accuracy against examples seen, one line per arm with a learning curve (None: no curve)."""
+    curves = result.get("learning_curves") or {}
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arm, points in curves.items():
+        xs = [p["examples"] if p["examples"] is not None else p["step"] for p in points]
+        ax.plot(xs, [100 * (p["accuracy"] or 0.0) for p in points], marker="o", label=arm)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("examples seen (sequences trained on)")
+    ax.set_ylabel("macro accuracy (%)")
+    ax.set_title(f"{result['experiment']}: learning curves")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def report_png(result: Mapping[str, Any]) -> bytes:

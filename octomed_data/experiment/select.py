@@ -133,6 +133,8 @@ def select_arm(base: RunPaths, arm: Arm, out: str) -> ArmData:
     digest = hashlib.sha256()
     if arm.export != "reasoning":  # the same traces, other training data (reasoning keeps old fingerprints)
         digest.update(f"content:{arm.export}\n".encode())
+    if arm.teacher_run is not None:  # another teacher's distillation: sandbox keys alone may coincide
+        digest.update(f"base:{base.run_id}\n".encode())
     data = ArmData(uri=out, fingerprint="", content=arm.export)
     per_source: Counter[str] = Counter()
     per_group: Counter[str] = Counter()
@@ -177,3 +179,30 @@ def select_arm(base: RunPaths, arm: Arm, out: str) -> ArmData:
     data.per_group = dict(sorted(per_group.items()))
     data.mean_tokens_by_task = {t: round(s / n, 1) for t, (s, n) in sorted(task_tokens.items()) if n}
     return data
+
+
+def teacher_summary(base: RunPaths) -> dict[str, Any]:
+    """What a teacher's base distillation cost and gave (for the teacher comparison): its pass rate
+    (accepted / judged samples), accepted traces, mean reasoning length of the accepted traces
+    (characters) and of their replies (completion tokens), and the distillation's cost in USD
+    (``simulated``: sandbox replies priced at the recipe's prices; then ``simulated_usd``)."""
+    stats = storage.read_json(base.stats) if storage.exists(base.stats) else {}
+    overall = stats.get("overall", {})
+    cost = storage.read_json(base.cost) if storage.exists(base.cost) else {}
+    tokens = [0, 0]
+    ds = storage.Dataset(base.accepted)
+    for shard in sorted(ds.manifest()):
+        for t in ds.read_shard(shard, ["completion_tokens"]).column(0).to_pylist():
+            tokens[0] += int(t or 0)
+            tokens[1] += 1
+    return {
+        "run_id": base.run_id,
+        "samples": overall.get("samples"),
+        "accepted": overall.get("accepted"),
+        "pass_rate": overall.get("pass_rate"),
+        "reasoning_chars": (overall.get("reasoning_chars_accepted") or {}).get("mean"),
+        "completion_tokens": round(tokens[0] / tokens[1], 1) if tokens[1] else None,
+        "cost_usd": cost.get("total_usd"),
+        "simulated": bool(cost.get("simulated")),
+        "simulated_usd": cost.get("simulated_usd"),
+    }

@@ -79,6 +79,8 @@ class ArmEvaluation(BaseModel):
 
     prompting: Literal["cot", "direct"] | None = None
     benchmarks: list[str] | None = None
+    # Learning curves: also evaluate the checkpoint saved every N optimizer steps (None: the spec's).
+    every_steps: int | None = Field(None, ge=1)
 
 
 class Arm(BaseModel):
@@ -98,6 +100,9 @@ class Arm(BaseModel):
     # Keep questions whose pass rate (accepted / judged samples) lies in [low, high) (band_contains).
     pass_rate: tuple[float, float] | None = None
     teachers: list[str] | None = None
+    # Which base distillation the arm selects from: a teacher of the spec's ``teachers`` (its own
+    # distillation of the same questions, run ``<base_run>-<name>``); None: ``base_run``.
+    teacher_run: str | None = None
     # What the arm trains on of each trace: ``reasoning`` (the teacher's reasoning and reply) or
     # ``answer_only`` (the answer line alone, under the direct system prompt: the paper's direct
     # answers). Part of the data: an answer-only arm never shares a checkpoint with a reasoning one.
@@ -117,7 +122,15 @@ class Arm(BaseModel):
         """What decides the arm's data (its part of the arm's fingerprint)."""
         return self.model_dump(
             mode="json",
-            include={"sources", "samples_per_question", "k_mode", "pass_rate", "teachers", "export"},
+            include={
+                "sources",
+                "samples_per_question",
+                "k_mode",
+                "pass_rate",
+                "teachers",
+                "teacher_run",
+                "export",
+            },
         )
 
 
@@ -152,6 +165,29 @@ class SpecEvaluation(BaseModel):
     seeds: int | None = Field(None, ge=1)
     seed: int = 0
     limit: int | None = Field(None, ge=1)
+    # Learning curves: evaluate an intermediate checkpoint every N optimizer steps (None: off), with
+    # the same protocol; plotted against examples seen (learning_curves.png, comparison.json).
+    every_steps: int | None = Field(None, ge=1)
+
+
+class TeacherRun(BaseModel):
+    """One teacher's distillation of the base run's questions: the recipe with ``overrides``
+    (its ``teachers``, ``routing``, prices, ``distill`` settings; on CPU the sandbox's behaviour:
+    ``distill.sandbox.faults``, ``distill.seed``), distilled and filtered once as run
+    ``<base_run>-<name>``. Arms name it with ``teacher_run``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=NAME)
+    description: str = ""
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _same_questions(self) -> TeacherRun:
+        changed = sorted(set(self.overrides) & {"sources", "sources_file", "decontam", "store", "shard_size"})
+        if changed:
+            raise ValueError(f"teacher {self.name!r} may not change the questions ({', '.join(changed)})")
+        return self
 
 
 class ExperimentSpec(BaseModel):
@@ -168,6 +204,8 @@ class ExperimentSpec(BaseModel):
     control: Literal["same_steps", "same_epochs"] = "same_steps"
     training: SpecTraining = Field(default_factory=SpecTraining)
     evaluation: SpecEvaluation = Field(default_factory=SpecEvaluation)
+    # Teachers compared on the same questions: one base distillation each (``Arm.teacher_run``).
+    teachers: list[TeacherRun] = Field(default_factory=list)
     arms: list[Arm] = Field(min_length=2)
     expect: list[Expectation] = Field(default_factory=list)
     # Pass-rate bands of two arms may share questions only when this says so.
@@ -183,6 +221,14 @@ class ExperimentSpec(BaseModel):
         for e in self.expect:
             if e.arm not in names:
                 raise ValueError(f"expect: unknown arm {e.arm!r}")
+        teachers = [t.name for t in self.teachers]
+        if len(set(teachers)) != len(teachers):
+            raise ValueError(f"duplicate teacher names: {teachers}")
+        for a in self.arms:
+            if a.teacher_run is not None and a.teacher_run not in teachers:
+                raise ValueError(
+                    f"arm {a.name!r}: teacher_run {a.teacher_run!r} is not one of the teachers {teachers}"
+                )
         banded = [a for a in self.arms if a.pass_rate is not None]
         if not self.allow_overlap:
             for i, a in enumerate(banded):
@@ -213,22 +259,36 @@ class ExperimentSpec(BaseModel):
         """Everything but the selected traces that decides an arm's result: the arm, control,
         protocol, the base run, and ``recipe`` (what of the recipe the arm uses: training, mixture,
         export and evaluation settings, the base model)."""
-        return {
+        settings = {
             "arm": arm.model_dump(mode="json", exclude={"name", "description"}),
             "control": self.control,
             "training": self.training.model_dump(mode="json"),
             "evaluation": self.evaluation.model_dump(mode="json"),
             "recipe": self.recipe,
-            "base_run": self.base_run,
+            "base_run": self.base_run_of(arm),
             "recipe_settings": dict(recipe or {}),
         }
+        if arm.teacher_run is not None:  # the teacher's distillation settings decide its data
+            settings["teacher"] = self.teacher(arm.teacher_run).model_dump(mode="json")
+        return settings
+
+    def base_run_of(self, arm: Arm) -> str:
+        """The run an arm selects from: ``base_run``, or its teacher's ``<base_run>-<teacher>``."""
+        return self.base_run if arm.teacher_run is None else f"{self.base_run}-{arm.teacher_run}"
+
+    def teacher(self, name: str) -> TeacherRun:
+        return next(t for t in self.teachers if t.name == name)
+
+    def every_steps(self, arm: Arm) -> int | None:
+        """The arm's learning-curve interval (its own, else the spec's; None: no curve)."""
+        return arm.evaluation.every_steps or self.evaluation.every_steps
 
     def settings_fingerprint(self, arm: Arm, recipe: Mapping[str, Any] | None = None) -> str:
         blob = json.dumps(self.arm_settings(arm, recipe), sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-READY_MADE = ("sources", "samples", "length", "cot")
+READY_MADE = ("sources", "samples", "length", "cot", "difficulty", "samples_vs_epochs", "teacher")
 
 
 def spec_path(ref: str) -> str:
