@@ -150,15 +150,16 @@ def test_the_source_ablation_runs_end_to_end_and_the_report_is_recomputable(lab)
                 expected["ci_low"], expected["ci_high"], expected["beyond_noise"]
             )  # fmt: skip
     assert comparison["statistics"]["groups_by"] == {a.name: "image" for a in spec.arms}
-    # The lab evaluates MedQA (text) and VQA-RAD (every item with its image, yes/no ones included).
+    # The lab evaluates MedQA (text), VQA-RAD (every item with its image, yes/no ones included) and
+    # its held-out imaging classification (imaging_cls_lab: the classification group).
     evaluation = json.loads(Path(exp.record(spec.reference)).read_text())["evaluation"]
     images = json.loads(Path(evaluation["item_images"]).read_text())
     rows = storage.Dataset(evaluation["predictions_uri"]).read_all(["benchmark", "question_id", "task_type"])
     seen = {(r["benchmark"], images[r["question_id"]], r["task_type"]) for r in rows.to_pylist()}
-    assert {(b, i) for b, i, _ in seen} == {("medqa", False), ("vqa_rad", True)}
-    assert ("vqa_rad", True, "yes_no_maybe") in seen
+    assert {(b, i) for b, i, _ in seen} == {("medqa", False), ("vqa_rad", True), ("imaging_cls_lab", True)}
+    assert ("vqa_rad", True, "yes_no_maybe") in seen and ("imaging_cls_lab", True, "imaging_cls") in seen
     groups = {g["group"] for g in comparison["groups"]}
-    assert groups == {"text", "multimodal"}
+    assert groups == {"text", "multimodal", "classification"}
     # The groups partition the questions: all = text + multimodal + classification, trace for trace,
     # the text arm holds no question with an image, the multimodal arm no question without one (the
     # lab's VQA-RAD train rows are decontaminated away: tests/distill/test_routing.py routes them).
@@ -177,6 +178,11 @@ def test_no_benchmark_item_is_ever_in_an_arm(lab) -> None:
     tmp, store, _ = lab
     table, _ = registry_info(None)
     index = DecontamIndex.from_registry(table)
+    # The lab recipe's own held-out classification benchmark (its images).
+    lab_images = set(
+        table.filter(pc.equal(table["benchmark"], "imaging_cls_lab"))["image_sha256"].to_pylist()
+    )
+    assert len(lab_images) == 2
     spec = load_spec("sources")
     exp = ExperimentPaths(store, spec.name)
     seen = 0
@@ -186,10 +192,16 @@ def test_no_benchmark_item_is_ever_in_an_arm(lab) -> None:
             for row in storage.Dataset(storage.join(mixture, split)).read_all().to_pylist():
                 seen += 1
                 assert index.check(row) is None, (arm.name, row["question_id"])
+                held = {im["sha256"] for im in row["images"] or []} & lab_images
+                assert not held, (arm.name, row["question_id"])  # no held-out classification image
     assert seen > 100
     # ... while the base run's removed items do match the registry (the check can fail).
     removed = storage.Dataset(RunPaths(store, spec.base_run).removed).read_all().to_pylist()
     assert removed and all(index.check(r) is not None for r in removed[:20])
+    # The held-out imaging classification: the training questions showing its images were removed.
+    by_lab = [r for r in removed if {im["sha256"] for im in r["images"] or []} & lab_images]
+    assert by_lab and all(index.check(r).benchmark == "imaging_cls_lab" for r in by_lab)
+    assert {r["source"] for r in by_lab} == {"imaging", "pmc_vqa"}  # imaging_modality, figure_mcq
 
 
 def test_selection_first_k_is_nested_groups_and_bands_and_fingerprints(lab, tmp_path: Path) -> None:
@@ -324,7 +336,8 @@ def test_arms_with_identical_data_and_training_train_once(lab, tmp_path: Path) -
     spec = tmp_path / "twins.yaml"
     spec.write_text(
         "name: twins\nrecipe: lab\nbase_run: lab-base\nreference: cot\ntraining: {max_steps: 1, report_to: none}\n"
-        "evaluation: {seeds: 1}\narms:\n  - {name: cot, sources: [classification], evaluation: {prompting: cot}}\n"
+        "evaluation: {seeds: 1, benchmarks: [medqa, imaging_cls_lab]}\narms:\n"
+        "  - {name: cot, sources: [classification], evaluation: {prompting: cot}}\n"
         "  - {name: direct, sources: [classification], evaluation: {prompting: direct}}\n"
         "  - {name: answer, sources: [classification], export: answer_only, evaluation: {prompting: direct}}\n"
     )
@@ -350,6 +363,13 @@ def test_arms_with_identical_data_and_training_train_once(lab, tmp_path: Path) -
     comparison = json.loads(Path(exp.comparison).read_text())
     assert comparison["shared_checkpoints"] == [["cot", "direct"]]
     assert "Arms sharing one checkpoint" in Path(exp.report).read_text()
+    # The held-out classification benchmark is scored: a classification group per arm, recomputed.
+    groups = {(g["arm"], g["group"]): g for g in comparison["groups"]}
+    for arm, rec in (("cot", cot), ("direct", direct)):
+        assert groups[(arm, "classification")]["benchmarks"] == 1
+        recomputed = _groups_from_predictions(rec["evaluation"])
+        assert groups[(arm, "classification")]["mean"] == pytest.approx(recomputed["classification"])
+        assert groups[(arm, "text")]["mean"] == pytest.approx(recomputed["text"])
     # The answer-only arm: same traces, other data, its own checkpoint.
     answer = json.loads(Path(exp.record("answer")).read_text())
     assert answer["data"]["traces"] == cot["data"]["traces"] and answer["data"]["content"] == "answer_only"
@@ -370,3 +390,92 @@ def test_arms_with_identical_data_and_training_train_once(lab, tmp_path: Path) -
     for arm, rec in (("answer", answer), ("direct", direct), ("cot", cot)):
         metrics = json.loads(Path(rec["evaluation"]["report_uri"]).with_name("metrics.json").read_text())
         assert metrics["protocol"]["prefill_think"] is (arm == "cot")  # the lab recipe prefills for cot
+
+
+def test_learning_curves_evaluate_intermediate_checkpoints_and_recompute(lab, tmp_path: Path) -> None:
+    """Issue 22: ``evaluation.every_steps`` evaluates the checkpoint saved every N steps with the
+    arm's protocol; comparison.json's learning curves (accuracy against examples seen, plotted in
+    learning_curves.png) recompute from each checkpoint's predictions file."""
+    tmp, store, _ = lab
+    spec = tmp_path / "curves.yaml"
+    spec.write_text(
+        "name: curves\nrecipe: lab\nbase_run: lab-base\nreference: cls\ntraining: {max_steps: 2, report_to: none}\n"
+        "evaluation: {seeds: 2, benchmarks: [medqa, imaging_cls_lab], every_steps: 1}\narms:\n"
+        "  - {name: cls, sources: [classification]}\n"
+        "  - {name: cls-k1, sources: [classification], samples_per_question: 1}\n"
+    )
+    proc = _cli(str(spec), "--store", store, home=tmp / "prefect")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exp = ExperimentPaths(store, "curves")
+    comparison = json.loads(Path(exp.comparison).read_text())
+    assert set(comparison["learning_curves"]) == {"cls", "cls-k1"}
+    png = Path(exp.curves_plot).read_bytes()
+    assert png.startswith(b"\x89PNG") and "## Learning curves" in Path(exp.report).read_text()
+    for arm, points in comparison["learning_curves"].items():
+        record = json.loads(Path(exp.record(arm)).read_text())
+        assert [p["step"] for p in points] == [1, 2]
+        # Examples seen: examples trained on up to each checkpoint (packed rows count their examples).
+        seen = [p["examples"] for p in points]
+        assert 0 < seen[0] < seen[1] == record["train"]["samples_seen"]
+        assert points[-1]["predictions_uri"] == record["evaluation"]["predictions_uri"]
+        assert points[0]["predictions_uri"] != points[1]["predictions_uri"]
+        assert "/steps/step-000001/" in points[0]["predictions_uri"]
+        for p in points:  # every plotted number from the predictions file
+            per_bench = _accuracy_from_predictions(p["predictions_uri"])
+            assert set(per_bench) == {"medqa", "imaging_cls_lab"}
+            means = {b: sum(s.values()) / len(s) for b, s in per_bench.items()}
+            assert p["per_benchmark"] == pytest.approx(means)
+            assert p["accuracy"] == pytest.approx(sum(means.values()) / len(means))
+
+
+def test_teachers_distil_the_same_questions_once_each_and_are_compared(lab, tmp_path: Path) -> None:
+    """Issue 22: a spec's teachers each distil the base questions once (run <base_run>-<teacher>, the
+    recipe with the teacher's overrides); arms train on each teacher's traces; the report's teacher
+    table has each teacher's pass rate, reasoning length and (simulated) cost, recomputed here from
+    the teacher runs' own files, and the arm's downstream accuracy."""
+    tmp, store, _ = lab
+    spec = tmp_path / "teachers.yaml"
+    spec.write_text(
+        "name: teachers\nrecipe: lab\nbase_run: lab-base\nreference: cheap\n"
+        "training: {max_steps: 1, report_to: none}\nevaluation: {seeds: 1, benchmarks: [medqa]}\n"
+        "teachers:\n"
+        "  - {name: cheap, overrides: {teachers: [{name: cheap, price_prompt_per_1m: 0.5, price_completion_per_1m: 2.0}]}}\n"
+        "  - name: dear\n"
+        "    overrides: {teachers: [{name: dear, price_prompt_per_1m: 5.0, price_completion_per_1m: 20.0}],"
+        " distill: {seed: 1, sandbox: {faults: {truncated: 0.3}}}}\n"
+        "arms:\n"
+        "  - {name: cheap, sources: [classification], teacher_run: cheap}\n"
+        "  - {name: dear, sources: [classification], teacher_run: dear}\n"
+    )
+    proc = _cli(str(spec), "--store", store, home=tmp / "prefect")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exp = ExperimentPaths(store, "teachers")
+    comparison = json.loads(Path(exp.comparison).read_text())
+    table = {t["arm"]: t for t in comparison["teachers"]}
+    base_questions = set(
+        storage.Dataset(RunPaths(store, "lab-base").questions).read_all(["question_id"]).column(0).to_pylist()
+    )
+    for name, price in (("cheap", (0.5, 2.0)), ("dear", (5.0, 20.0))):
+        run = RunPaths(store, f"lab-base-{name}")
+        # The same questions as the base run, distilled by this teacher's recipe.
+        questions = storage.Dataset(run.questions).read_all(["question_id"]).column(0).to_pylist()
+        assert set(questions) == base_questions
+        recorded = json.loads(Path(run.run_json).read_text())["recipe"]["teachers"][0]
+        assert (recorded["name"], recorded["price_prompt_per_1m"]) == (name, price[0])
+        verdicts = storage.Dataset(run.verdicts).read_all(["question_id"]).column(0).to_pylist()
+        accepted = storage.Dataset(run.accepted).read_all(["completion_tokens"]).column(0).to_pylist()
+        cost = json.loads(Path(run.cost).read_text())
+        t = table[name]
+        assert t["run_id"] == f"lab-base-{name}" and t["accepted"] == len(accepted)
+        assert t["pass_rate"] == pytest.approx(len(accepted) / len(verdicts), abs=1e-4)
+        assert t["completion_tokens"] == pytest.approx(sum(accepted) / len(accepted), abs=0.05)
+        assert t["simulated"] is True and t["cost_usd"] == pytest.approx(cost["simulated_usd"])
+        tokens = cost["total_prompt_tokens"], cost["total_completion_tokens"]
+        assert t["cost_usd"] == pytest.approx((tokens[0] * price[0] + tokens[1] * price[1]) / 1e6, rel=1e-6)
+        record = json.loads(Path(exp.record(name)).read_text())
+        assert t["accuracy"] == pytest.approx(
+            sum(_accuracy_from_predictions(record["evaluation"]["predictions_uri"])["medqa"].values())
+        )
+    assert table["dear"]["pass_rate"] < table["cheap"]["pass_rate"]  # a share of its replies cut off
+    fingerprints = {comparison["data"][a]["fingerprint"] for a in ("cheap", "dear")}
+    assert len(fingerprints) == 2 and "## Teachers" in Path(exp.report).read_text()
