@@ -30,7 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "experiment",
         help="run an experiment spec: arms selected from one base run, trained, evaluated, compared",
     )
-    p.add_argument("spec", help="spec YAML, or a ready-made one: sources, samples, length, cot")
+    p.add_argument(
+        "spec",
+        help="spec YAML, or a ready-made one: sources, samples, length, cot, difficulty, samples_vs_epochs, teacher",
+    )
     p.add_argument("--arm", action="append", help="only this arm (repeatable), e.g. to re-run a failed one")
     p.add_argument("--force", action="store_true", help="re-run the chosen arms even when finished")
     p.add_argument(

@@ -37,7 +37,7 @@ def test_registry_counts_match_readme_and_bundled_pack_is_current(shared_data, t
     counts = registry_counts(table)
     assert {b: c["items"] for b, c in counts.items()} == EXPECTED_ITEMS
     assert counts["vqa_rad"]["images"] == 12 and counts["omnimedvqa"]["images"] == 11
-    assert sum(c["images"] for c in counts.values()) == 23
+    assert sum(c["images"] for c in counts.values()) == 25  # + imaging_cls_lab (2 images)
     # Every copy linked back to a canonical item id (no "<file>#<index>" orphans).
     assert not [i for i in table.column("item_id").to_pylist() if "#" in i]
     # The copies' files are recorded on the canonical rows.
