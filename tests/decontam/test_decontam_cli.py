@@ -18,7 +18,7 @@ def test_cli_end_to_end(medqa, tmp_path, capsys):
     assert "removed for medqa: 30" in printed and f"removed -> {out}/removed" in printed
     assert cli.main(["registry", "show"]) == 0
     shown = capsys.readouterr().out
-    assert "pathvqa" in shown and "6761" in shown and "25659" in shown
+    assert "pathvqa" in shown and "6761" in shown and "25663" in shown  # + imaging_cls_lab (4)
     # User errors: one line, exit 2.
     assert cli.main(["decontaminate", str(tmp_path / "nowhere"), "--out", out, "-q"]) == 2
     err = capsys.readouterr().err
