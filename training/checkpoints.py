@@ -52,24 +52,13 @@ def latest_resumable(
     Checkpoints of another config (schedule, model, data URIs) or of other data files (row
     counts differ) are never resumed from.
     """
-    base = storage.join(output_uri, "checkpoints")
-    fs, path = storage.filesystem(base)
-    try:
-        if not fs.exists(path):
-            return None
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
-    except Exception as exc:
-        raise ConfigError(storage.describe_error(base, exc)) from None
     found = []
-    for name in names:
-        marker_uri = storage.join(base, name, CHECKPOINT_MARKER)
-        if name.startswith("checkpoint-") and storage.exists(marker_uri):
-            marker = storage.read_json(marker_uri)
-            same_data = data_manifest is None or marker.get("data_manifest") == data_manifest
-            if marker.get("config_hash") == config_hash and same_data:
-                found.append((int(marker["step"]), storage.join(base, name), marker))
-            else:
-                log.warning("not resuming from %s: it was trained with another config", name)
+    for step, uri, marker in intermediate_checkpoints(output_uri):
+        same_data = data_manifest is None or marker.get("data_manifest") == data_manifest
+        if marker.get("config_hash") == config_hash and same_data:
+            found.append((step, uri, marker))
+        else:
+            log.warning("not resuming from %s: it was trained with another config", uri.rsplit("/", 1)[-1])
     if not found:
         return None
     _, uri, marker = max(found, key=lambda f: f[0])
