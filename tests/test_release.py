@@ -48,6 +48,22 @@ SAMPLES = 4
 DICOM_FIELDS = ("PatientName", "PatientID", "InstitutionName", "StudyInstanceUID")
 TAG_KEY = "(0010,0010)"
 RELEASE_DATA = Path(__file__).parent / "release_data"  # third-party images; sources in its README
+
+
+def card_table(body: str, header_start: str) -> dict[str, dict[str, str]]:
+    """The card's markdown table whose header line starts with ``header_start``, rows by source."""
+    lines = body.splitlines()
+    head = lines.index(next(line for line in lines if line.startswith(header_start)))
+    header = [c.strip() for c in lines[head].strip("|").split("|")]
+    table = {}
+    for line in lines[head + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True))
+        table[cells["source"]] = cells
+    return table
+
+
 # What a warning about the card's YAML metadata would mention (datasets logs "Ignoring part of
 # dataset_info from the dataset card: The `splits` field in YAML is malformed ...").
 METADATA_WORDS = ("card", "metadata", "dataset_info", "yaml", "malformed", "split")
@@ -371,15 +387,7 @@ def test_card_numbers_are_the_run_statistics(run, tmp_path):
     meta, body = card_of(out)
     assert meta["license"] == "other" and meta["size_categories"] == ["n<1K"]
     assert "medical" in meta["tags"] and "visual-question-answering" in meta["task_categories"]
-    lines = body.splitlines()
-    head = lines.index(next(line for line in lines if line.startswith("| source | format | licence")))
-    header = [c.strip() for c in lines[head].strip("|").split("|")]
-    table = {}
-    for line in lines[head + 2 :]:
-        if not line.startswith("|"):
-            break
-        cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True))
-        table[cells["source"]] = cells
+    table = card_table(body, "| source | format | licence")
     assert set(table) == set(stats["sources"]) and {"pathvqa", "pmc_vqa", "imaging"} <= set(table)
     for source, st in stats["sources"].items():
         cells = table[source]
@@ -663,16 +671,8 @@ def test_a_judge_verified_release_carries_the_verifier_and_the_calibration(canar
         assert c["false_accept_rate"] == (round(c["fp"] / wrong, 4) if wrong else None), source
     assert calibration["overall"]["fp"] > 0  # the judge did accept wrong answers
     _, body = card_of(out)
-    lines = body.splitlines()
-    head = lines.index(next(line for line in lines if line.startswith("| source | judged | precision")))
-    header = [c.strip() for c in lines[head].strip("|").split("|")]
-    assert "false-accept rate" in header
-    table = {}
-    for line in lines[head + 2 :]:
-        if not line.startswith("|"):
-            break
-        cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True))
-        table[cells["source"]] = cells
+    table = card_table(body, "| source | judged | precision")
+    assert "false-accept rate" in next(iter(table.values()))
     assert set(table) == set(calibration) and "overall" in table
     for source, c in calibration.items():
         far = c["false_accept_rate"]
