@@ -112,9 +112,76 @@ class DistillFolder:
         return storage.join(self.root, "cost.json")
 
     @property
+    def state(self) -> str:
+        """The engine's bookkeeping folder (``_distill``)."""
+        return storage.join(self.root, "_distill")
+
+    @property
     def config(self) -> str:
         """The distill config as last run (teachers, models, sampling params; never a key)."""
-        return storage.join(self.root, "_distill", "config.json")
+        return storage.join(self.state, "config.json")
+
+    def journal(self, shard: str) -> str:
+        """A shard's request journal: ``_journal/<shard>/`` (segments, deleted once compacted)."""
+        return journal_dir(self.root, shard)
+
+    def batches(self, shard: str) -> str:
+        """A shard's Batch API records: ``_batches/<shard>/``."""
+        return storage.join(self.root, "_batches", shard)
+
+    def batch_record(self, shard: str, name: str) -> str:
+        """One batch's record: ``_batches/<shard>/<name>.json``."""
+        return storage.join(self.batches(shard), f"{name}.json")
+
+    def teacher_n_support(self, teacher: str) -> str:
+        """What a teacher's batch endpoint does with ``n``: ``_batches/_teachers/<teacher>.json``."""
+        return storage.join(self.root, "_batches", "_teachers", f"{teacher}.json")
+
+    @property
+    def estimate(self) -> str:
+        """Where ``estimate`` keeps its probe (an :class:`EstimateFolder`): ``_estimate``."""
+        return storage.join(self.root, "_estimate")
+
+
+@dataclass(frozen=True)
+class EstimateFolder:
+    """The cost estimate's probe: a sample of questions and a small distill folder."""
+
+    root: str
+
+    @property
+    def questions(self) -> str:
+        return storage.join(self.root, "questions")
+
+    @property
+    def out(self) -> str:
+        """A distill folder (:class:`DistillFolder`) for the probe's replies."""
+        return storage.join(self.root, "out")
+
+
+@dataclass(frozen=True)
+class DifficultyFolder:
+    """What the difficulty filter writes under its ``--out`` (before distillation)."""
+
+    root: str
+
+    @property
+    def work(self) -> str:
+        """Grading state: ``difficulty/`` (journal, ``scores`` dataset, summary)."""
+        return storage.join(self.root, "difficulty")
+
+    @property
+    def scores(self) -> str:
+        return storage.join(self.work, "scores")
+
+    @property
+    def summary(self) -> str:
+        return storage.join(self.work, "summary.json")
+
+    @property
+    def filtered(self) -> str:
+        """The kept questions when no other destination is given: ``questions``."""
+        return storage.join(self.root, "questions")
 
 
 @dataclass(frozen=True)
@@ -144,6 +211,11 @@ class FilterFolder:
         return storage.join(self.root, "judge")
 
     @property
+    def judge_journal(self) -> str:
+        """``judge/_journal``: one folder of segments per shard."""
+        return journal_dir(self.judge)
+
+    @property
     def verify_history(self) -> str:
         """Which verify settings produced which verdicts: one JSON line per change and per settings."""
         return storage.join(self.root, "verify_history.jsonl")
@@ -156,10 +228,145 @@ class FilterFolder:
 
 @dataclass(frozen=True)
 class MixtureFolder:
+    """What the mixture step writes: ``train``, ``validation``, ``mixture.json`` (+ ``_work`` while it runs)."""
+
     root: str
 
     def split(self, name: str) -> str:
         return storage.join(self.root, name)
+
+    @property
+    def summary(self) -> str:
+        return storage.join(self.root, "mixture.json")
+
+    @property
+    def work(self) -> str:
+        """Spill datasets while the mixture is built (deleted afterwards)."""
+        return storage.join(self.root, "_work")
+
+    def spill(self, name: str) -> str:
+        """One spill dataset under ``_work`` (``samples``, ``questions``, ``shuffle-<split>``)."""
+        return storage.join(self.work, name)
+
+
+@dataclass(frozen=True)
+class ExportFolder:
+    """What the export step writes: ``llamafactory/``, ``trl/{text,vision}/<split>``, ``export.json``."""
+
+    root: str
+
+    @property
+    def summary(self) -> str:
+        return storage.join(self.root, "export.json")
+
+    def format(self, name: str) -> str:
+        """One format's folder (``llamafactory`` or ``trl``)."""
+        return storage.join(self.root, name)
+
+    @property
+    def llamafactory(self) -> str:
+        return self.format("llamafactory")
+
+    @property
+    def trl(self) -> str:
+        return self.format("trl")
+
+    def trl_config(self, text_only: bool) -> str:
+        """The TRL configuration training reads (``trl/text`` or ``trl/vision``)."""
+        return storage.join(self.trl, "text" if text_only else "vision")
+
+    def trl_split(self, text_only: bool, split: str) -> str:
+        return storage.join(self.trl_config(text_only), split)
+
+    @staticmethod
+    def dataset_info(folder: str) -> str:
+        """A format folder's ``dataset_info.json``."""
+        return storage.join(folder, "dataset_info.json")
+
+    @staticmethod
+    def format_summary(folder: str) -> str:
+        """A format folder's own ``export.json``."""
+        return storage.join(folder, "export.json")
+
+    @staticmethod
+    def card(folder: str) -> str:
+        """A format folder's ``README.md`` (the TRL dataset card)."""
+        return storage.join(folder, "README.md")
+
+
+@dataclass(frozen=True)
+class CheckpointFolder:
+    """What training writes under its output (a run's ``checkpoints/``)."""
+
+    root: str
+
+    @property
+    def marker(self) -> str:
+        """The final checkpoint's marker (``checkpoint.json``)."""
+        return storage.join(self.root, "checkpoint.json")
+
+    @property
+    def intermediate(self) -> str:
+        """Intermediate checkpoints: ``checkpoints/checkpoint-<step>/``."""
+        return storage.join(self.root, "checkpoints")
+
+    def step(self, name: str) -> str:
+        return storage.join(self.intermediate, name)
+
+
+@dataclass(frozen=True)
+class EvaluationFolder:
+    """What an evaluation writes under its output (a run's ``evaluate/``)."""
+
+    root: str
+
+    @property
+    def predictions(self) -> str:
+        return storage.join(self.root, "predictions")
+
+    @property
+    def metrics(self) -> str:
+        return storage.join(self.root, "metrics.json")
+
+    @property
+    def reasoning_plot(self) -> str:
+        return storage.join(self.root, "reasoning_length.png")
+
+    @property
+    def report(self) -> str:
+        return storage.join(self.root, "report.md")
+
+    def step(self, step: int) -> str:
+        """An intermediate checkpoint's evaluation: ``steps/step-<N>/`` (learning curves)."""
+        return storage.join(self.root, "steps", f"step-{step:06d}")
+
+
+@dataclass(frozen=True)
+class ReportFolder:
+    root: str
+
+    @property
+    def markdown(self) -> str:
+        return storage.join(self.root, "report.md")
+
+    @property
+    def plot(self) -> str:
+        return storage.join(self.root, "report.png")
+
+
+def journal_dir(folder: str, shard: str | None = None) -> str:
+    """A request journal under ``folder``: ``_journal/`` (or one shard's ``_journal/<shard>/``)."""
+    return storage.join(folder, "_journal", shard) if shard else storage.join(folder, "_journal")
+
+
+def images_dir(root: str) -> str:
+    """The content-addressed image store under ``root``: ``images/``."""
+    return storage.join(root, "images")
+
+
+def image_object(images: str, sha: str) -> str:
+    """One stored image in an image folder: ``<sha[:2]>/<sha>.png``."""
+    return storage.join(images, sha[:2], f"{sha}.png")
 
 
 @dataclass(frozen=True)
@@ -230,6 +437,31 @@ class RunPaths:
 
     def state_dir(self, stage: str) -> str:
         return storage.join(self.root, "state", stage)
+
+    def shard_lease(self, stage: str, shard: str) -> str:
+        """The one-writer lease of a shard: ``state/<stage>/<shard>.lease``."""
+        return storage.join(self.state_dir(stage), f"{shard}.lease")
+
+    @property
+    def training_state(self) -> str:
+        """Training's bookkeeping: ``state/training/`` (not a shard stage)."""
+        return self.state_dir("training")
+
+    def training_record(self, fingerprint: str) -> str:
+        """``state/training/<export fingerprint>.json``: who trained (or trains) this export."""
+        return storage.join(self.training_state, f"{fingerprint}.json")
+
+    @property
+    def checkpoint_lease(self) -> str:
+        return storage.join(self.training_state, "checkpoints.lease")
+
+    def local(self, name: str) -> str:
+        """A folder under the run's root for things that must be local (models, work dirs)."""
+        return storage.join(self.root, name)
+
+    def tiny_model(self, kind: str) -> str:
+        """Where the recipe's tiny base model is built: ``models/tiny-<kind>`` (relative to the root)."""
+        return f"models/tiny-{kind}"
 
     # ------------------------------------------------------------------ ingest
     @property
@@ -328,12 +560,24 @@ class RunPaths:
         return MixtureFolder(self.mixture).split("validation")
 
     @property
+    def mixture_summary(self) -> str:
+        return MixtureFolder(self.mixture).summary
+
+    @property
+    def export_summary(self) -> str:
+        return ExportFolder(self.export).summary
+
+    @property
     def export(self) -> str:
         return self.stage("export")
 
     def trl_export(self, text_only: bool) -> str:
         """The TRL export folder training reads (``trl/text`` or ``trl/vision``)."""
-        return storage.join(self.export, "trl", "text" if text_only else "vision")
+        return ExportFolder(self.export).trl_config(text_only)
+
+    def trl_split(self, text_only: bool, split: str = "train") -> str:
+        """One split of the TRL export (``trl/<text|vision>/<split>``)."""
+        return ExportFolder(self.export).trl_split(text_only, split)
 
     # -------------------------------------------------- training and evaluation
     @property
@@ -357,3 +601,60 @@ class RunPaths:
     @property
     def report(self) -> str:
         return self.stage("report")
+
+    @property
+    def checkpoint_marker(self) -> str:
+        """The final checkpoint's marker under ``checkpoints/``."""
+        return CheckpointFolder(self.checkpoints).marker
+
+
+@dataclass(frozen=True)
+class ExperimentPaths:
+    """Where a recipe-lab experiment lives: ``STORE/experiments/<name>/``."""
+
+    store: str
+    name: str
+
+    @property
+    def root(self) -> str:
+        return storage.join(self.store, "experiments", self.name)
+
+    @property
+    def spec_json(self) -> str:
+        return storage.join(self.root, "spec.json")
+
+    @property
+    def models(self) -> str:
+        return storage.join(self.root, "models")
+
+    @property
+    def tiny_model(self) -> str:
+        """The one tiny base model every arm starts from: ``models/tiny``."""
+        return storage.join(self.models, "tiny")
+
+    def arm(self, name: str) -> RunPaths:
+        """The arm's run-shaped folder (the export, training and evaluation code take a RunPaths)."""
+        return RunPaths.at(storage.join(self.root, "arms", name))
+
+    def record(self, name: str) -> str:
+        return storage.join(self.arm(name).root, "arm.json")
+
+    def items(self, key: str) -> str:
+        """Which evaluated benchmark items have an image, per protocol: ``items/<key>.json``."""
+        return storage.join(self.root, "items", f"{key}.json")
+
+    @property
+    def report(self) -> str:
+        return storage.join(self.root, "report.md")
+
+    @property
+    def plot(self) -> str:
+        return storage.join(self.root, "comparison.png")
+
+    @property
+    def curves_plot(self) -> str:
+        return storage.join(self.root, "learning_curves.png")
+
+    @property
+    def comparison(self) -> str:
+        return storage.join(self.root, "comparison.json")
