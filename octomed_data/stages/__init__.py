@@ -2,6 +2,7 @@
 
 from octomed_data.stages.base import (
     GLOBAL_SHARD,
+    Runtime,
     ShardIncomplete,
     ShardOutcome,
     Stage,
@@ -17,6 +18,7 @@ __all__ = [
     "GLOBAL_SHARD",
     "Executor",
     "LocalExecutor",
+    "Runtime",
     "ShardIncomplete",
     "ShardOutcome",
     "Stage",

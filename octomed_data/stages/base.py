@@ -19,14 +19,19 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import SecretStr
 
 from octomed_data import storage
 from octomed_data.errors import OctomedError
 from octomed_data.layout import RunPaths
 from octomed_data.runs import record_shard, shard_name
+
+if TYPE_CHECKING:
+    from octomed_data.teachers import TeacherConfig
 
 MAX_ERROR_CHARS = 600
 GLOBAL_SHARD = "all"  # the one "shard" of a stage that is a single global step (mixture, export)
@@ -55,6 +60,15 @@ def describe_error(exc: BaseException, limit: int = MAX_ERROR_CHARS) -> str:
         cur = cur.__cause__ or (None if cur.__suppress_context__ else cur.__context__)
     line = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", " <- caused by ".join(parts))
     return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What an executor lends a stage in the process that runs its shard."""
+
+    api_keys: Mapping[str, SecretStr] = field(default_factory=dict)  # by endpoint (teacher/judge) name
+    limiter: Any | None = None  # a shared RateLimiter (octomed_data.inference.ratelimit protocol) or None
+    progress: Any | None = None  # a progress callback/bar, or None
 
 
 @dataclass
@@ -152,6 +166,14 @@ class Stage(ABC):
         """The global step after all shards ran (statistics, summaries); default: nothing."""
         return {}
 
+    def endpoints(self) -> list[TeacherConfig]:
+        """The teachers/judges this stage calls (executors resolve their keys and rate limits)."""
+        return []
+
+    def bind(self, runtime: Runtime) -> Stage:
+        """A copy of this stage using ``runtime`` (keys, shared limiter); default: the stage itself."""
+        return self
+
     # ---------------------------------------------------------------- derived
     def input_version(self, shard: str) -> float | None:
         """When the input shard was committed (None: the stage reads no per-shard input)."""
@@ -174,7 +196,8 @@ class Stage(ABC):
     def is_done(self, shard: str) -> bool:
         """The one done-signal: the shard's committed marker in the done dataset, for the current
         settings (fingerprint) and the current commit of its input shard (a re-written input, e.g.
-        a re-distilled shard, makes the output stale)."""
+        a re-distilled shard, makes the output stale); a marker saying ``"complete": False`` is not
+        done."""
         done = self.done_dataset()
         if done is None:
             return False
@@ -183,6 +206,8 @@ class Stage(ABC):
             return False
         wanted = self.fingerprint()
         if wanted is not None and info.extra.get("fingerprint") != wanted:
+            return False
+        if info.extra.get("complete") is False:  # committed with work still missing
             return False
         if "input_committed_at" in info.extra and info.extra["input_committed_at"] != self.input_version(
             shard

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -16,8 +17,8 @@ from octomed_data.layout import FilterFolder, RunPaths
 from octomed_data.prompts import JUDGE_RUBRIC_VERSION
 from octomed_data.rejection import JUDGE_VERSION, filter_shard, record_verify_history
 from octomed_data.schema import ACCEPTED_SCHEMA, SAMPLE_SCHEMA, VERDICT_SCHEMA
-from octomed_data.stages.base import ShardIncomplete, Stage
-from octomed_data.teachers import DistillConfig, TeacherConfig, resolve_api_key
+from octomed_data.stages.base import Runtime, ShardIncomplete, Stage
+from octomed_data.teachers import TeacherConfig, resolve_api_key
 from octomed_data.verify import VerifySettings
 from octomed_data.verify.judge import JudgeEndpoint, JudgeIncomplete
 
@@ -95,8 +96,6 @@ class FilterStage(Stage):
         if self.verify.needs_judge and judge is None:
             raise ConfigError("the verify settings use an LLM judge, but no judge teacher was given")
         self.judge = judge if self.verify.needs_judge else None
-        # The endpoints this stage calls, as executors expect them (tasks/ bind their keys).
-        self.config = DistillConfig(teachers=[self.judge]) if self.judge is not None else None
         self.api_keys = dict(api_keys) if api_keys else None
         self.limiter = limiter
 
@@ -122,26 +121,20 @@ class FilterStage(Stage):
         state.update(limiter=None)  # per process
         return state
 
-    def with_runtime(
-        self, *, api_keys: Mapping[str, Any] | None = None, limiter: Any = None, progress: Any = None
-    ) -> FilterStage:
-        """A copy bound to this process's keys (SecretStr) and rate limiter."""
-        other = FilterStage(
-            self.paths,
-            raw=self.raw,
-            questions=self.questions,
-            out=self.out,
-            samples_per_question=self.samples_per_question,
-            verify=self.verify,
-            judge=self.judge,
-            limiter=limiter if limiter is not None else self.limiter,
-            audit=self.audit,
-        )
-        keys = api_keys or self.api_keys or {}
-        other.api_keys = {
-            k: v if isinstance(v, SecretStr) else SecretStr(str(v)) for k, v in keys.items()
-        } or None
+    def endpoints(self) -> list[TeacherConfig]:
+        """The judge, when a source uses one (executors resolve its key and rate limit)."""
+        return [self.judge] if self.judge is not None else []
+
+    def bind(self, runtime: Runtime) -> FilterStage:
+        """A copy using this process's keys (SecretStr) and shared rate limiter."""
+        other = copy.copy(self)
+        other.api_keys = dict(runtime.api_keys or self.api_keys or {}) or None
+        other.limiter = runtime.limiter if runtime.limiter is not None else self.limiter
         return other
+
+    def with_runtime(self, **runtime: Any) -> FilterStage:
+        """:meth:`bind` under its former name."""
+        return self.bind(Runtime(**runtime))
 
     @property
     def verdicts_uri(self) -> str:

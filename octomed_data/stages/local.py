@@ -102,8 +102,8 @@ def run_stage(
     result = StageResult(stage.name)
     # Done shards are answered here from their markers: no task, no actor call, no request.
     named = set(stage.select(shards)) if force else set()
-    done = {} if stage.global_step else done_map(stage, [s for s in selected if s not in named])
-    todo = [s for s in selected if s in named or stage.global_step or not done[s]]
+    done = done_map(stage, [s for s in selected if s not in named])  # the global shard too
+    todo = [s for s in selected if s in named or not done[s]]
     for s in selected:
         if s not in todo:
             result.outcomes[s] = ShardOutcome(s, "REUSED", stage.done_counts(s))
