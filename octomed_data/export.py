@@ -60,6 +60,7 @@ from octomed_data import storage
 from octomed_data.answers import extract_answer, is_correct
 from octomed_data.errors import ConfigError, StorageError
 from octomed_data.images import sha256_hex
+from octomed_data.layout import ExportFolder, image_object
 from octomed_data.prompts import FINAL_ANSWER_LINE, render_question, system_prompt
 from octomed_data.schema import VERDICT_SCHEMA, VERIFIER_FIELDS, options_of
 
@@ -354,7 +355,7 @@ class ImageBundle:
             self._known.move_to_end(sha)
             self.counts["reused"] += 1
             return rel
-        target = storage.join(self.dataset_dir, IMAGE_DIR, sha[:2], f"{sha}.png")
+        target = image_object(storage.join(self.dataset_dir, IMAGE_DIR), sha)
         if storage.exists(target):
             self.counts["reused"] += 1
         elif not self._link(image["uri"], target):
@@ -495,7 +496,8 @@ def export(
         "embed_images": embed_images,
     }
     result = ExportResult(uri=out, settings=settings)
-    lf_dir, trl_dir = storage.join(out, "llamafactory"), storage.join(out, "trl")
+    folder = ExportFolder(out)
+    lf_dir, trl_dir = folder.llamafactory, folder.trl
     targets: dict[str, dict[str, storage.Dataset]] = {}
     schemas = _trl_schemas() if "trl" in formats else {}
     if "llamafactory" in formats:
@@ -504,10 +506,10 @@ def export(
         }
     if "trl" in formats:
         targets["trl"] = {
-            s: storage.Dataset(storage.join(trl_dir, "vision", s), schemas["vision"]) for s in SPLITS
+            s: storage.Dataset(folder.trl_split(False, s), schemas["vision"]) for s in SPLITS
         }
         targets["trl_text"] = {
-            s: storage.Dataset(storage.join(trl_dir, "text", s), schemas["text"]) for s in SPLITS
+            s: storage.Dataset(folder.trl_split(True, s), schemas["text"]) for s in SPLITS
         }
         for s in SPLITS:  # the single-dataset layout of export version 1
             _clear(storage.Dataset(storage.join(trl_dir, s)))
@@ -549,13 +551,13 @@ def export(
     result.seconds = round(time.time() - t0, 3)
     meta = {"mixture": mixture_uri} | result.to_dict()
     if "llamafactory" in formats:
-        storage.write_json(storage.join(lf_dir, "dataset_info.json"), dataset_info())
-        storage.write_json(storage.join(lf_dir, "export.json"), meta)
+        storage.write_json(folder.dataset_info(lf_dir), dataset_info())
+        storage.write_json(folder.format_summary(lf_dir), meta)
     if "trl" in formats:
-        storage.write_json(storage.join(trl_dir, "dataset_info.json"), trl_dataset_info(result.rows))
-        storage.write_bytes(storage.join(trl_dir, "README.md"), _trl_card().encode("utf-8"))
-        storage.write_json(storage.join(trl_dir, "export.json"), meta)
-    storage.write_json(storage.join(out, "export.json"), meta)
+        storage.write_json(folder.dataset_info(trl_dir), trl_dataset_info(result.rows))
+        storage.write_bytes(folder.card(trl_dir), _trl_card().encode("utf-8"))
+        storage.write_json(folder.format_summary(trl_dir), meta)
+    storage.write_json(folder.summary, meta)
     return result
 
 

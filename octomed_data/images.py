@@ -29,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 
 from octomed_data import storage
 from octomed_data.errors import StorageError
+from octomed_data.layout import image_object, images_dir
 from octomed_data.schema import RecordError
 
 MAX_PIXELS = 262_144
@@ -368,7 +369,7 @@ class ImageStore:
         # written with a relative --out reads the same from any working directory.
         root_uri = storage.absolute_uri(root_uri) if root_uri else None
         self.root_uri = root_uri
-        self.images_uri = storage.join(root_uri, "images") if root_uri else None
+        self.images_uri = images_dir(root_uri) if root_uri else None
         self.cache_size = cache_size
         self.max_pixels = max_pixels
         self._cache: OrderedDict[str, tuple[dict[str, Any], str | None] | RecordError] = OrderedDict()
@@ -381,7 +382,7 @@ class ImageStore:
         return f"ImageStore({self.root_uri!r})"
 
     def uri_for(self, sha: str) -> str | None:
-        return storage.join(self.images_uri, sha[:2], f"{sha}.png") if self.images_uri else None
+        return image_object(self.images_uri, sha) if self.images_uri else None
 
     def put(self, path: str | os.PathLike[str]) -> tuple[dict[str, Any], str | None]:
         """Decode, normalise and store the image at ``path`` (a local path or any fsspec URI).

@@ -373,7 +373,8 @@ def build_mixture(
             if not storage.exists(uri):
                 raise StorageError(f"mixture input not found: {uri}")
     storage.ensure_writable(out)
-    work = storage.join(out, "_work")
+    folder = MixtureFolder(out)
+    work = folder.work
     _remove_tree(work)
     flags = list(dict.fromkeys(config.exclude_audit_flags))
     audit_uris = _as_list(audit) if audit is not None else [audit_uri_beside(u) for u in accepted_uris]
@@ -385,7 +386,7 @@ def build_mixture(
 
     # Pass 1: partition samples and questions by question_id.
     counts: dict[str, SourceCounts] = defaultdict(SourceCounts)
-    sample_spill = _Spill(storage.Dataset(storage.join(work, "samples"), _WORK_SAMPLE_SCHEMA), spill_limit)
+    sample_spill = _Spill(storage.Dataset(folder.spill("samples"), _WORK_SAMPLE_SCHEMA), spill_limit)
     if flags:
         rows = _iter_unflagged(accepted_uris, audit_uris, flags, _SAMPLE_COLUMNS, counts)
     else:
@@ -399,15 +400,15 @@ def build_mixture(
         sample_spill.add(_h64("bucket", row["question_id"]) % n_buckets, row)
     sample_spill.flush()
     question_spill = _Spill(
-        storage.Dataset(storage.join(work, "questions"), _WORK_QUESTION_SCHEMA), spill_limit
+        storage.Dataset(folder.spill("questions"), _WORK_QUESTION_SCHEMA), spill_limit
     )
     for row in _iter_rows(question_uris, _QUESTION_COLUMNS):
         bucket = _h64("bucket", row["question_id"]) % n_buckets
         if bucket in sample_spill.shards:  # a question nobody answered correctly is not needed
             question_spill.add(bucket, row)
     question_spill.flush()
-    samples_ds = storage.Dataset(storage.join(work, "samples"))
-    questions_ds = storage.Dataset(storage.join(work, "questions"))
+    samples_ds = storage.Dataset(folder.spill("samples"))
+    questions_ds = storage.Dataset(folder.spill("questions"))
 
     # Pass 2a: per-source caps need the global k smallest priorities: a bounded heap per capped
     # source. The same pass counts the rows each split will get, which sizes the output shards.
@@ -449,7 +450,7 @@ def build_mixture(
 
     # Pass 2b: select, join with the question, assign split and shuffle key, range-partition.
     shuffle_spills = {
-        s: _Spill(storage.Dataset(storage.join(work, f"shuffle-{s}"), MIXTURE_SCHEMA), spill_limit)
+        s: _Spill(storage.Dataset(folder.spill(f"shuffle-{s}"), MIXTURE_SCHEMA), spill_limit)
         for s in SPLITS
     }
     questions_by_split: dict[str, set[str]] = {s: set() for s in SPLITS}
@@ -540,7 +541,7 @@ def build_mixture(
         seconds=round(time.time() - t0, 3),
     )
     storage.write_json(
-        storage.join(out, "mixture.json"),
+        folder.summary,
         {
             "config": config.model_dump(),
             "inputs": {"accepted": accepted_uris, "questions": question_uris}
@@ -566,7 +567,7 @@ def _remove_tree(uri: str) -> None:
 
 def load_result(out: str) -> MixtureResult:
     """Read ``OUT/mixture.json`` back."""
-    uri = storage.join(out, "mixture.json")
+    uri = MixtureFolder(out).summary
     if not storage.exists(uri):
         raise StorageError(f"no mixture at {out} (missing mixture.json)")
     data = storage.read_json(uri)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from octomed_data import storage
-from octomed_data.layout import FilterFolder, RunPaths
+from octomed_data.layout import FilterFolder, ReportFolder, RunPaths
 
 SANDBOX_TEACHER = "sandbox"
 _RESERVOIR = 20_000  # lengths kept per task type for the box plot; counts and means stay exact
@@ -333,7 +333,7 @@ def write_report(
     """
     stats = sample_stats(statistics)
     png = render_plot(stats)
-    png_uri = storage.join(out, "report.png")
+    png_uri = ReportFolder(out).plot
     storage.write_bytes(png_uri, png)
     md = report_markdown(
         run_id=run_id,
@@ -344,7 +344,7 @@ def write_report(
         counts=counts,
         png="report.png",
     )
-    md_uri = storage.join(out, "report.md")
+    md_uri = ReportFolder(out).markdown
     storage.write_bytes(md_uri, md.encode("utf-8"))
     return ReportResult(markdown_uri=md_uri, png_uri=png_uri, markdown=md, stats=stats)
 
