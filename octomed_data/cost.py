@@ -7,10 +7,8 @@ from typing import Any
 
 from octomed_data import storage
 from octomed_data.schema import SAMPLE_SCHEMA
-from octomed_data.teachers import DistillConfig, TeacherConfig
+from octomed_data.teachers import DistillConfig, TeacherConfig, is_simulated
 
-# What every sandbox reply's row says in ``teacher`` (octomed_data.sandbox.SANDBOX_TEACHER).
-SANDBOX_TEACHER = "sandbox"
 SIMULATED_NOTE = "simulated: sandbox teacher replies (not model traces) priced at the configured prices"
 UNPRICED_SANDBOX_NOTE = "simulated: sandbox teacher replies (not model traces); no prices configured for them"
 
@@ -23,14 +21,14 @@ def _price_for(
     model and sampling parameters, else a teacher named ``sandbox``."""
     if config is None:
         return None
-    if teacher != SANDBOX_TEACHER:
+    if not is_simulated(teacher):
         return next((t for t in config.teachers if t.name == teacher), None)
     same = [t for t in config.teachers if t.model == model and t.params_hash() == params_hash]
     same = same or [t for t in config.teachers if t.model == model]
     prices = {(t.price_prompt_per_1m, t.price_completion_per_1m, t.batch_price_factor) for t in same}
     if len(prices) == 1:  # one teacher (or several at the same prices) asked for these replies
         return same[0]
-    return next((t for t in config.teachers if t.name == SANDBOX_TEACHER), None)
+    return next((t for t in config.teachers if is_simulated(t)), None)
 
 
 def cost_ledger(raw: str, config: DistillConfig | None) -> dict[str, Any]:
@@ -58,7 +56,7 @@ def cost_ledger(raw: str, config: DistillConfig | None) -> dict[str, Any]:
         values = [batch.column(k).to_pylist() if k in names else [None] * len(batch) for k in cols]
         for teacher, source, model, params, p, c, b in zip(*values, strict=True):
             # Only sandbox rows need model and parameters (to find the teacher that asked).
-            sandbox = teacher == SANDBOX_TEACHER
+            sandbox = is_simulated(teacher)
             entry = tokens[(teacher, source, model if sandbox else None, params if sandbox else None)]
             entry[0] += p or 0
             entry[1] += c or 0
@@ -101,7 +99,7 @@ def cost_ledger(raw: str, config: DistillConfig | None) -> dict[str, Any]:
             ("online_usd", online),
         ):
             row[k] += v
-        if teacher == SANDBOX_TEACHER and t is not None:
+        if is_simulated(teacher) and t is not None:
             row["simulated"] = True
             row["priced_as"] = sorted({*row.get("priced_as", []), t.name})
     rows = []

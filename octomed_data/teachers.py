@@ -43,6 +43,8 @@ class TeacherConfig(BaseModel):
     model: str = Field(min_length=1)
     api_key_env: str = "OPENAI_API_KEY"
     api_key_secret: str | None = None  # Prefect Secret block name; resolved only in tasks/
+    # A stand-in server, not a model (see :func:`is_simulated`): needs no key, its rows and costs say so.
+    simulated: bool = False
     # What kind of server this is (which sampling fields it accepts, whether it honours ``n``):
     # ``auto`` asks the server once (see :mod:`octomed_data.inference.servers`).
     server: Literal["auto", "openai", "deepseek", "vllm", "sglang", "llamacpp", "generic"] = "auto"
@@ -264,14 +266,38 @@ def image_route_key(key: str) -> bool:
     return key == "multimodal" or (key in TaskType._value2member_map_ and TaskType(key).is_multimodal)
 
 
+# A simulated teacher (the sandbox, or any stand-in server) is not a model. It answers with
+# ``system_fingerprint`` SIMULATED_FINGERPRINT; every row it produced says ``teacher`` SIMULATED_LABEL
+# whatever the config calls it (so its traces are never passed off as a model's); it needs no API
+# key; what its tokens would cost is marked simulated. This is the one place that knows the label.
+SIMULATED_FINGERPRINT = "octomed-sandbox"
+SIMULATED_LABEL = "sandbox"
+SIMULATED_NO_KEY = "simulated-needs-no-key"
+
+
+def is_simulated(teacher: str | TeacherConfig) -> bool:
+    """A row's ``teacher`` label, or a teacher config, that stands for a simulated server."""
+    if isinstance(teacher, str):
+        return teacher == SIMULATED_LABEL
+    return teacher.simulated or teacher.name == SIMULATED_LABEL
+
+
+def simulated_reply(response: Any) -> bool:
+    """A reply from a simulated server (its ``system_fingerprint`` says so)."""
+    return getattr(response, "system_fingerprint", None) == SIMULATED_FINGERPRINT
+
+
 def resolve_api_key(
     teacher: TeacherConfig, api_keys: Mapping[str, str | SecretStr] | None = None
 ) -> SecretStr:
-    """The teacher's key: an explicitly passed one (from a secret block), else its env variable."""
+    """The teacher's key: an explicitly passed one (from a secret block), else its env variable
+    (a simulated teacher needs none)."""
     if api_keys and teacher.name in api_keys:
         key = api_keys[teacher.name]
         return key if isinstance(key, SecretStr) else SecretStr(str(key))
     value = os.environ.get(teacher.api_key_env)
+    if not value and is_simulated(teacher):
+        return SecretStr(SIMULATED_NO_KEY)
     if not value:
         hint = f" or Prefect Secret block {teacher.api_key_secret!r}" if teacher.api_key_secret else ""
         raise ConfigError(

@@ -7,10 +7,11 @@ import re
 from typing import Any
 
 from octomed_data.sandbox.state import FaultConfig, State, Style, unit
+from octomed_data.teachers import SIMULATED_FINGERPRINT, SIMULATED_LABEL
 
 SANDBOX_MARK = "[sandbox teacher: not a model trace]"
-SANDBOX_FINGERPRINT = "octomed-sandbox"
-SANDBOX_TEACHER = "sandbox"
+SANDBOX_FINGERPRINT = SIMULATED_FINGERPRINT  # the sandbox is the factory's simulated teacher
+SANDBOX_TEACHER = SIMULATED_LABEL
 # llama-cpp-python 0.3's answer to top_k=-1 (its pydantic request model wants top_k >= 0).
 LLAMACPP_TOP_K_ERROR = (
     "1 validation error:\n  {'type': 'greater_than_equal', 'loc': ('body', 'top_k'), "
