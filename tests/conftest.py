@@ -6,7 +6,6 @@ Environment for closed-network test runs is set before anything imports Prefect 
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -28,6 +27,8 @@ collect_ignore_glob = [] if os.environ.get("OCTOMED_CLUSTER_TESTS") else ["real/
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from tests.support.net import free_port  # noqa: E402 (after the path is set)
+
 
 def _shared_data_dir() -> Path:
     env = os.environ.get("OCTOMED_SHARED_DATA")
@@ -41,12 +42,6 @@ def shared_data() -> Path:
     if not (path / "README.md").exists():
         pytest.fail(f"real benchmark files not found at {path} (set OCTOMED_SHARED_DATA)")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,7 @@ from octomed_data.stages.filter import FilterStage
 from octomed_data.stages.local import run_stage
 from octomed_data.stats import source_statistics
 from octomed_data.verify import VerifySettings
-from tests.orchestration_data import real_mcqs
+from tests.support.orchestration import real_mcqs
 
 N = 8  # samples per question
 LABELS = "ABCD"

@@ -23,15 +23,8 @@ from octomed_data.export import (
 )
 from octomed_data.mixture import MixtureConfig, build_mixture
 from octomed_data.prompts import system_prompt
-from tests.orchestration_data import write_inputs
-
-
-def load_config(folder, config: str, split: str):
-    """``load_dataset(<trl folder>, config)`` with a cache of its own: datasets 5.2 caches a local
-    folder's card configurations by folder name, so two exports both named ``trl`` would collide."""
-    import datasets
-
-    return datasets.load_dataset(str(folder), config, split=split, cache_dir=str(folder) + ".hf-cache")
+from tests.support.export import load_config
+from tests.support.orchestration import write_inputs
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ import trl
 from octomed_data.export import export
 from octomed_data.mixture import MixtureConfig, build_mixture
 from octomed_data.prompts import FINAL_ANSWER_LINE
-from tests.orchestration_data import write_inputs
-from tests.test_export import load_config
+from tests.support.export import load_config
+from tests.support.orchestration import write_inputs
 
 IGNORE = -100
 # The tiny models' Qwen2.5 template with {% generation %} markers around each assistant turn

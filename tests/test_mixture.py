@@ -7,7 +7,7 @@ import pytest
 from octomed_data import storage
 from octomed_data.errors import ConfigError
 from octomed_data.mixture import MixtureConfig, build_mixture, load_result, parse_weights
-from tests.orchestration_data import write_inputs
+from tests.support.orchestration import write_inputs
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from octomed_data.report import (
 )
 from octomed_data.schema import SAMPLE_SCHEMA, VERDICT_SCHEMA
 from octomed_data.stats import source_statistics
-from tests.orchestration_data import write_inputs
+from tests.support.orchestration import write_inputs
 
 
 def statistics_of(samples_uri: str, tmp_path) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from octomed_data.decontam import DecontamIndex
-from tests.decontam.decontam_rows import read_jsonl
+from tests.support.decontam_rows import read_jsonl
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from octomed_data import cli
-from tests.decontam.decontam_rows import write_mixed_questions
+from tests.support.decontam_rows import write_mixed_questions
 
 
 def test_cli_end_to_end(medqa, tmp_path, capsys):

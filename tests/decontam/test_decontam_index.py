@@ -24,7 +24,7 @@ from octomed_data.decontam import DecontamError, DecontamIndex, tokens
 from octomed_data.images import fingerprint, load_image, open_raster
 from octomed_data.registry import load_registry
 from octomed_data.schema import QUESTION_SCHEMA
-from tests.decontam.decontam_rows import VQA_IMAGE, image_ref, make_row, perturb, read_jsonl
+from tests.support.decontam_rows import VQA_IMAGE, image_ref, make_row, perturb, read_jsonl
 
 # --------------------------------------------------------------------------- text rules
 

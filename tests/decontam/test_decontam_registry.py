@@ -27,7 +27,7 @@ from octomed_data.registry import (
     write_registry,
 )
 from octomed_data.schema import QUESTION_SCHEMA
-from tests.decontam.decontam_rows import read_jsonl
+from tests.support.decontam_rows import read_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 

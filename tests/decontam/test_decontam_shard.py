@@ -7,7 +7,7 @@ import pyarrow.dataset as pads
 from octomed_data import storage
 from octomed_data.decontam import DecontamIndex, decontaminate, decontaminate_shard
 from octomed_data.schema import QUESTION_SCHEMA, REMOVED_SCHEMA
-from tests.decontam.decontam_rows import write_mixed_questions
+from tests.support.decontam_rows import write_mixed_questions
 
 
 def test_decontaminate_keeps_plus_removed_equals_input(index, medqa, tmp_path):

@@ -25,7 +25,7 @@ from octomed_data.sandbox import FaultConfig, start_sandbox
 from octomed_data.sandbox_batch import BatchConfig
 from octomed_data.schema import SAMPLE_SCHEMA
 from octomed_data.teachers import DistillConfig
-from tests.distill.test_distill import config, make_questions
+from tests.support.distill import config, make_questions
 
 KEY = "sk-test-batch-SECRET-7d21c"
 N = 4

@@ -18,7 +18,7 @@ from octomed_data.distill.run import run_local
 from octomed_data.sandbox import FaultConfig, start_sandbox
 from octomed_data.sandbox_batch import BatchConfig
 from octomed_data.schema import SAMPLE_SCHEMA
-from tests.distill.test_distill import config, make_questions
+from tests.support.distill import config, make_questions
 
 KEY = "sk-test-batch-n-7f3a"
 N = 4

@@ -12,7 +12,7 @@ from octomed_data import storage
 from octomed_data.distill import distill_shard, is_shard_done, read_done_keys
 from octomed_data.distill.journal import ARCHIVE_DIR, SEGMENT_SUFFIX, iter_journal, segment_uris
 from octomed_data.sandbox import FaultConfig, start_sandbox
-from tests.distill.test_distill import config, make_questions, read_raw
+from tests.support.distill import config, make_questions, read_raw
 
 
 @pytest.fixture(autouse=True)

@@ -23,7 +23,7 @@ from octomed_data.prompts import build_messages, render_question
 from octomed_data.sandbox import FaultConfig, difficulty_score, start_sandbox
 from octomed_data.schema import QUESTION_SCHEMA
 from octomed_data.teachers import TeacherConfig
-from tests.distill.test_distill import make_questions
+from tests.support.distill import make_questions
 
 KEY = "sk-grader-DO-NOT-LEAK-9b8e7d6c5a"
 FAST = {"backoff_base_s": 0.01, "backoff_max_s": 0.2}

@@ -11,7 +11,7 @@ from octomed_data import storage
 from octomed_data.distill import is_shard_done
 from octomed_data.sandbox import FaultConfig, max_in_window, start_sandbox
 from octomed_data.schema import SAMPLE_SCHEMA
-from tests.distill.test_distill import config, make_questions
+from tests.support.distill import config, make_questions
 
 KEY = "sk-test-ray-SECRET-77d0e1"
 

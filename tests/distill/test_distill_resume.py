@@ -15,7 +15,7 @@ from octomed_data.distill import read_done_keys
 from octomed_data.distill.journal import iter_journal
 from octomed_data.sandbox import FaultConfig, start_sandbox
 from octomed_data.schema import SAMPLE_SCHEMA
-from tests.distill.test_distill import make_questions
+from tests.support.distill import make_questions
 
 KEY = "sk-test-resume-SECRET-91b3"
 N = 4

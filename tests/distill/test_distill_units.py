@@ -123,7 +123,7 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
 
 
 def test_cli_unreachable_teacher_fails_with_a_summary(tmp_path: Path, capsys, monkeypatch) -> None:
-    from tests.distill.test_distill import make_questions
+    from tests.support.distill import make_questions
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-x")
     make_questions(str(tmp_path / "q"), 5)
@@ -154,7 +154,7 @@ def test_cli_unreachable_teacher_fails_with_a_summary(tmp_path: Path, capsys, mo
 
 def test_pass_rate_band_filter(tmp_path: Path) -> None:
     from octomed_data.distill.filtering import filter_by_pass_rate
-    from tests.distill.test_distill import make_questions
+    from tests.support.distill import make_questions
 
     questions = make_questions(str(tmp_path / "q"), 4)
     rows = []

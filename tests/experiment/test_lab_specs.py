@@ -12,7 +12,9 @@ from octomed_data.errors import ConfigError
 from octomed_data.experiment import load_spec
 from octomed_data.experiment.compare import compare, learning_curves_png, report_markdown
 from octomed_data.experiment.spec import READY_MADE, parse_spec
-from tests.experiment.test_compare import REF, SPEC, X, _predictions, _records
+from tests.support.compare import REF, SPEC, X
+from tests.support.compare import records as _records
+from tests.support.compare import write_predictions as _predictions
 
 
 def test_every_ready_made_spec_loads_and_the_new_ones_say_what_they_compare() -> None:

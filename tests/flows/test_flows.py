@@ -21,6 +21,7 @@ import yaml
 from octomed_data import storage
 from octomed_data.layout import RunPaths
 from octomed_data.runs import shard_states
+from tests.support.flows import artifact_keys
 
 SAMPLE_DATA = Path(__file__).resolve().parents[2] / "octomed_data" / "sample_data"
 SAMPLES = 2
@@ -72,18 +73,6 @@ def markers(paths: RunPaths, dataset: str) -> dict[str, float]:
     """committed_at of every committed shard of a distill output dataset."""
     ds = storage.Dataset(storage.join(paths.stage("distill"), dataset))
     return {name: info.committed_at for name, info in ds.manifest().items()}
-
-
-def artifact_keys(wanted: list[str]) -> set[str]:
-    """Which of ``wanted`` artifact keys exist on the API."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=wanted)), limit=200
-        )
-        return {a.key for a in found}
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from PIL import Image
 from octomed_data import storage
 from octomed_data.errors import ConfigError
 from octomed_data.release import load_release
-from tests.flows.test_flows import artifact_keys
-from tests.test_release import build_run
+from tests.support.flows import artifact_keys
+from tests.support.release import build_run
 
 
 def test_release_flow_publishes_the_run_and_its_artifact(prefect_harness, tmp_path, monkeypatch):

@@ -75,7 +75,7 @@ def test_run_with_a_changed_verify_block_rejudges_the_run_without_distilling(
     from octomed_data.runs import open_run
     from octomed_data.sandbox import FaultConfig, start_sandbox
     from octomed_data.stages.filter import FilterStage
-    from tests.verify.rejudge_data import JUDGE, KEY_ENV, build_run, markers, requests_by_kind, write_recipe
+    from tests.support.rejudge import JUDGE, KEY_ENV, build_run, markers, requests_by_kind, write_recipe
 
     os.environ[KEY_ENV] = "sk-rejudge-flow"
     try:

@@ -27,8 +27,8 @@ from octomed_data.inference.ratelimit import LocalRateLimiter
 from octomed_data.inference.retry import Backoff, Breaker, Failure, parse_retry_after
 from octomed_data.sandbox import LLAMACPP_TOP_K_ERROR, FaultConfig, start_sandbox
 from octomed_data.teachers import TeacherConfig
-from tests.distill.test_distill import config, make_questions, read_raw
-from tests.inference.test_inference import recorded
+from tests.support.distill import config, make_questions, read_raw
+from tests.support.inference import recorded
 
 
 def _status_error(recorded_body: dict, status: int):

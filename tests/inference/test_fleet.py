@@ -29,8 +29,8 @@ from octomed_data.recipe import load_recipe
 from octomed_data.sandbox import max_in_window, start_sandbox
 from octomed_data.schema import SAMPLE_SCHEMA
 from octomed_data.teachers import DistillConfig, TeacherConfig
-from tests.conftest import free_port
-from tests.distill.test_distill import KEY, make_questions
+from tests.support.distill import KEY, make_questions
+from tests.support.net import free_port
 
 SECRET = SecretStr(KEY)
 MESSAGES = [{"role": "user", "content": "Question: which drug?\nA. Metformin\nB. Insulin"}]

@@ -4,7 +4,6 @@ The client, its errors, retries and breaker: ``tests/inference/test_client.py``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -14,12 +13,7 @@ from octomed_data.inference import servers
 from octomed_data.inference.replies import Reply, read_choice, split_reasoning
 from octomed_data.inference.servers import ServerKind, detect_kind, probe_kind
 from octomed_data.sandbox import start_sandbox
-
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "servers"
-
-
-def recorded(name: str) -> dict:
-    return json.loads((FIXTURES / name).read_text())
+from tests.support.inference import recorded
 
 
 def test_split_reasoning_every_form() -> None:
@@ -109,7 +103,7 @@ def test_server_kinds_are_detected_from_what_servers_say() -> None:
 
 
 def test_sandbox_answers_as_llamacpp_and_vllm() -> None:
-    from tests.test_sandbox import OPTIONS, PROMPT, post
+    from tests.support.sandbox import OPTIONS, PROMPT, post
 
     with start_sandbox(server="llamacpp") as sb:
         status, body, _ = post(sb.base_url, {"model": "m", "messages": PROMPT, "top_k": -1})
@@ -132,7 +126,7 @@ def test_distill_keeps_reasoning_sent_as_message_reasoning(tmp_path: Path, monke
     """The data-loss bug: vLLM >= 0.10 sends `reasoning`; every stored row must keep it."""
     from octomed_data.distill.engine import distill_shard
     from octomed_data.sandbox import SANDBOX_MARK
-    from tests.distill.test_distill import config, make_questions, read_raw
+    from tests.support.distill import config, make_questions, read_raw
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-reasoning-000000001")
     q_uri, out = str(tmp_path / "q"), str(tmp_path / "out")

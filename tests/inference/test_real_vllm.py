@@ -25,7 +25,7 @@ from octomed_data import storage
 from octomed_data.distill.journal import iter_journal
 from octomed_data.schema import SAMPLE_SCHEMA
 from octomed_data.teachers import DistillConfig
-from tests.distill.test_distill import make_questions
+from tests.support.distill import make_questions
 
 # Building the venv (first run on a machine) and starting the server count towards the first test.
 pytestmark = pytest.mark.timeout(1800)

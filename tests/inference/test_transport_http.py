@@ -23,7 +23,7 @@ from octomed_data.inference.ratelimit import LocalRateLimiter
 from octomed_data.inference.transport_http import Fields, HTTPStatusError, HTTPTransport, parse_completion
 from octomed_data.sandbox import FaultConfig, start_sandbox
 from octomed_data.teachers import TeacherConfig
-from tests.distill.test_distill import config, make_questions, read_raw
+from tests.support.distill import config, make_questions, read_raw
 
 
 @pytest.fixture(autouse=True)

@@ -37,7 +37,7 @@ import yaml
 
 from octomed_data import storage
 from octomed_data.layout import RunPaths
-from tests.conftest import free_port
+from tests.support.net import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_DATA = REPO / "octomed_data" / "sample_data"
@@ -190,7 +190,7 @@ def stack(tmp_path_factory, request) -> Iterator[Stack]:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from octomed_data.sandbox import start_sandbox
-    from tests.real.postgres import Postgres
+    from tests.support.postgres import Postgres
 
     s = Stack(tmp_path_factory.mktemp("srv"), request.param)
     primary = start_sandbox(latency_s=0.0)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 
 import yaml
-from sft_helpers import run_sft, training_rows
 
 from octomed_data import storage
 from octomed_data.export import LLAMAFACTORY_SCHEMA
+from tests.support.sft import run_sft, training_rows
 from training.sft import final_loss_of
 
 

@@ -17,13 +17,13 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from sft_helpers import png, question, run_sft, training_rows
 
 from octomed_data import storage
 from octomed_data.errors import ConfigError
 from octomed_data.export import LLAMAFACTORY_SCHEMA
 from octomed_data.job_config import TrainConfig
 from octomed_data.schema import RecordError
+from tests.support.sft import png, question, run_sft, training_rows
 from training.data import IGNORE_INDEX, encode_conversation, expand_images, normalize_messages
 from training.packing import (
     LengthModel,

@@ -17,7 +17,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from sft_helpers import png, question, run_sft, training_rows
 
 from evaluation.harness import EvalResult, evaluate, reasoning_span
 from octomed_data import storage
@@ -25,6 +24,7 @@ from octomed_data.errors import ConfigError
 from octomed_data.export import LLAMAFACTORY_SCHEMA
 from octomed_data.job_config import EvalConfig, TrainConfig, load_yaml_config
 from octomed_data.schema import QUESTION_SCHEMA, RecordError
+from tests.support.sft import png, question, run_sft, training_rows
 from training.data import IGNORE_INDEX, SFTCollator, encode_conversation, normalize_messages
 from training.deepspeed_config import deepspeed_config
 from training.launch import launch_command

@@ -27,7 +27,7 @@ from octomed_data.stages import LocalExecutor, raise_for_failures, run_stage
 from octomed_data.stages.filter import FilterStage
 from octomed_data.stages.mixture import ExportStage, MixtureStage
 from octomed_data.verify import VerifySettings
-from tests.verify.rejudge_data import (
+from tests.support.rejudge import (
     JUDGE,
     KEY_ENV,
     build_run,

@@ -18,25 +18,14 @@ import pytest
 from octomed_data import storage
 from octomed_data.layout import RunPaths
 from octomed_data.runs import shard_states
-from tests.conftest import free_port
-from tests.distill.test_distill import config, make_questions
+from tests.support.distill import config, make_questions
+from tests.support.net import free_port
+from tests.support.ray_cluster import KEY_ENV, RAY
+from tests.support.ray_cluster import node_env as _node_env
+from tests.support.ray_cluster import stop_own_raylets as _stop_own_raylets
 
-RAY = str(Path(sys.executable).with_name("ray"))
-KEY_ENV = "OCTOMED_REAL_TEST_KEY"
 SAMPLES = 2
 LATENCY = 0.25
-
-
-def _node_env(tmp: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != KEY_ENV and not k.startswith("RAY_ADDRESS")}
-    repo = str(Path(__file__).resolve().parents[3])
-    env.update(
-        RAY_AUTH_MODE="disabled",
-        RAY_USAGE_STATS_ENABLED="0",
-        OCTOMED_SHARD_LEASE_TTL_S="3",
-        PYTHONPATH=repo + os.pathsep + env.get("PYTHONPATH", ""),
-    )
-    return env
 
 
 @pytest.fixture
@@ -105,19 +94,6 @@ def _warm_up_every_node(ray) -> None:
     for node in [n["NodeID"] for n in ray.nodes() if n["Alive"]]:
         strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
         assert ray.get(where.options(scheduling_strategy=strategy).remote(), timeout=120) == node
-
-
-def _stop_own_raylets(temp: str) -> None:
-    """Kill only this cluster's processes (every one runs under its own --temp-dir), never another
-    Ray on the machine (``ray stop --force`` would kill them all, a CI neighbour's included)."""
-    import psutil
-
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if any(temp in part for part in proc.info["cmdline"] or []):
-                proc.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
 
 
 def _stage(tmp: Path, name: str, base_url: str, shards: int, per_shard: int):

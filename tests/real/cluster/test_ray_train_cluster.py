@@ -20,9 +20,11 @@ import pytest
 from octomed_data import storage
 from octomed_data.export import LLAMAFACTORY_SCHEMA
 from octomed_data.job_config import TrainConfig
-from tests.conftest import free_port
-from tests.real.cluster.test_ray_cluster import RAY, _node_env, _stop_own_raylets
-from tests.training.sft_helpers import training_rows
+from tests.support.net import free_port
+from tests.support.ray_cluster import RAY
+from tests.support.ray_cluster import node_env as _node_env
+from tests.support.ray_cluster import stop_own_raylets as _stop_own_raylets
+from tests.support.sft import training_rows
 
 # Long enough that the killed job cannot finish between checkpoint-2 and the kill on an idle machine.
 STEPS = 20
