@@ -248,6 +248,11 @@ class MixtureFolder:
         """One spill dataset under ``_work`` (``samples``, ``questions``, ``shuffle-<split>``)."""
         return storage.join(self.work, name)
 
+    @property
+    def done(self) -> str:
+        """The step's done marker (a one-shard dataset, committed after its outputs)."""
+        return storage.join(self.root, "_done")
+
 
 @dataclass(frozen=True)
 class ExportFolder:
@@ -258,6 +263,11 @@ class ExportFolder:
     @property
     def summary(self) -> str:
         return storage.join(self.root, "export.json")
+
+    @property
+    def done(self) -> str:
+        """The step's done marker (a one-shard dataset, committed after its outputs)."""
+        return storage.join(self.root, "_done")
 
     def format(self, name: str) -> str:
         """One format's folder (``llamafactory`` or ``trl``)."""
@@ -353,6 +363,11 @@ class ReportFolder:
     def plot(self) -> str:
         return storage.join(self.root, "report.png")
 
+    @property
+    def done(self) -> str:
+        """The step's done marker (a one-shard dataset, committed after its outputs)."""
+        return storage.join(self.root, "_done")
+
 
 def journal_dir(folder: str, shard: str | None = None) -> str:
     """A request journal under ``folder``: ``_journal/`` (or one shard's ``_journal/<shard>/``)."""
@@ -388,6 +403,11 @@ class ReleaseFolder:
     @property
     def summary(self) -> str:
         return storage.join(self.root, "release.json")
+
+    @property
+    def done(self) -> str:
+        """The step's done marker (a one-shard dataset, committed after its outputs)."""
+        return storage.join(self.root, "_done")
 
 
 @dataclass(frozen=True)

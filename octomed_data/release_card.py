@@ -42,9 +42,14 @@ SOURCE_LICENSES: dict[str, tuple[str, str]] = {
 _SIZES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"))
 
 
+def registry_uri(registry: str | None) -> str:
+    """The registry pack a release checks against (None: the bundled one)."""
+    return registry or str(BUNDLED_REGISTRY)
+
+
 def registry_info(registry: str | None) -> tuple[pa.Table, dict[str, Any]]:
     """The registry table and what the card says of it: where, SHA-256 of the pack, items."""
-    uri = registry or str(BUNDLED_REGISTRY)
+    uri = registry_uri(registry)
     table = load_registry(uri)
     digest = hashlib.sha256(storage.read_bytes(uri)).hexdigest()
     info = {

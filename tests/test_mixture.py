@@ -160,3 +160,58 @@ def test_exclude_audit_flags(inputs, tmp_path):
         audit=str(tmp_path / "x"),
     )
     assert again.rows_train == plain.rows_train and again.sources["medqa"].excluded_by_audit == 0
+
+
+def test_mixture_and_export_stages_rebuild_only_for_new_inputs_or_settings(shared_data, tmp_path):
+    """Global steps have done markers: a pass over a finished run rewrites nothing; a changed
+    setting rebuilds that step (and what reads it); a re-committed accepted shard rebuilds both."""
+    import shutil
+    from pathlib import Path
+
+    from octomed_data.layout import RunPaths
+    from octomed_data.stages import LocalExecutor, raise_for_failures, run_stage
+    from octomed_data.stages.mixture import ExportStage, MixtureStage
+
+    paths = RunPaths.at(str(tmp_path / "run"))
+    accepted, questions = write_inputs(shared_data, paths.stage("filter"), n_text=6, n_image=2)
+    shutil.copytree(questions, paths.questions)
+
+    def run_both(mix: MixtureConfig, settings: dict) -> dict[str, str]:
+        states = {}
+        for stage in (MixtureStage(paths, mix), ExportStage(paths, settings)):
+            result = run_stage(stage, LocalExecutor(progress=False))
+            raise_for_failures(result)
+            states[stage.name] = result.outcomes["all"].state
+            assert result.outcomes["all"].counts["uri"] == (
+                paths.mixture if stage.name == "mixture" else paths.export
+            )
+        return states
+
+    def written() -> dict[str, int]:
+        roots = (Path(paths.mixture), Path(paths.export))
+        return {str(p): p.stat().st_mtime_ns for r in roots for p in r.rglob("*") if p.is_file()}
+
+    completed, reused = (
+        {"mixture": "COMPLETED", "export": "COMPLETED"},
+        {"mixture": "REUSED", "export": "REUSED"},
+    )
+    assert run_both(MixtureConfig(), {}) == completed
+    before = written()
+    assert run_both(MixtureConfig(), {}) == reused
+    assert written() == before  # nothing rewritten, not even a marker
+    # A changed export setting rebuilds the export alone; a changed mixture setting, both.
+    assert run_both(MixtureConfig(), {"answer_format": "as_is"}) == {
+        "mixture": "REUSED",
+        "export": "COMPLETED",
+    }
+    assert run_both(MixtureConfig(seed=3), {"answer_format": "as_is"}) == completed
+    assert run_both(MixtureConfig(seed=3), {"answer_format": "as_is"}) == reused
+    # A re-filtered shard (accepted committed again) rebuilds the mixture, then the export.
+    ds = storage.Dataset(accepted)
+    ds.write_shard("00000", ds.read_shard("00000"))
+    before = written()
+    assert run_both(MixtureConfig(seed=3), {"answer_format": "as_is"}) == completed
+    after = written()
+    train = [p for p in before if "/mixture/train/" in p]
+    assert train and all(after.get(p, 0) > before[p] for p in train if p in after)
+    assert load_result(paths.mixture).rows_train == storage.Dataset(paths.mixture_train).num_rows()

@@ -6,22 +6,31 @@ from typing import Any
 
 from octomed_data import storage
 from octomed_data.errors import StorageError
-from octomed_data.layout import RunPaths
+from octomed_data.layout import ExportFolder, MixtureFolder, RunPaths
 from octomed_data.mixture import MixtureConfig
-from octomed_data.stages.base import Stage
+from octomed_data.stages.global_step import GlobalStage
 
 
-class MixtureStage(Stage):
-    """``filter/accepted`` + questions -> ``mixture/{train,validation}`` (rebuilt on every pass)."""
+class MixtureStage(GlobalStage):
+    """``filter/accepted`` + questions (+ ``filter/audit``) -> ``mixture/{train,validation}``."""
 
     name = "mixture"
-    global_step = True
 
     def __init__(self, paths: RunPaths, config: MixtureConfig | None = None) -> None:
         super().__init__(paths)
         self.config = config or MixtureConfig()
 
-    def run_shard(self, shard: str) -> dict[str, Any]:
+    def done_uri(self) -> str:
+        return MixtureFolder(self.paths.mixture).done
+
+    def inputs(self) -> list[str]:
+        audit = [self.paths.audit] if self.config.exclude_audit_flags else []
+        return [self.paths.accepted, self.paths.questions, *audit]
+
+    def settings(self) -> dict[str, Any]:
+        return self.config.model_dump(mode="json")
+
+    def build(self) -> dict[str, Any]:
         from octomed_data.mixture import build_mixture
 
         if not storage.Dataset(self.paths.accepted).manifest():
@@ -31,17 +40,27 @@ class MixtureStage(Stage):
         ).to_dict()
 
 
-class ExportStage(Stage):
-    """``mixture`` -> ``export/llamafactory`` and ``export/trl/{text,vision}`` (rebuilt on every pass)."""
+class ExportStage(GlobalStage):
+    """``mixture`` -> ``export/llamafactory`` and ``export/trl/{text,vision}``."""
 
     name = "export"
-    global_step = True
 
     def __init__(self, paths: RunPaths, settings: dict[str, Any] | None = None) -> None:
         super().__init__(paths)
-        self.settings = dict(settings or {})
+        self.export_settings = dict(settings or {})
 
-    def run_shard(self, shard: str) -> dict[str, Any]:
+    def done_uri(self) -> str:
+        return ExportFolder(self.paths.export).done
+
+    def inputs(self) -> list[str]:
+        return [self.paths.mixture_train, self.paths.mixture_validation]
+
+    def settings(self) -> dict[str, Any]:
+        from octomed_data.export import EXPORT_VERSION
+
+        return {"version": EXPORT_VERSION, **self.export_settings}
+
+    def build(self) -> dict[str, Any]:
         from octomed_data.export import export
 
-        return export(self.paths.mixture, self.paths.export, **self.settings).to_dict()
+        return export(self.paths.mixture, self.paths.export, **self.export_settings).to_dict()

@@ -5,15 +5,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from octomed_data.layout import RunPaths
-from octomed_data.stages.base import Stage
+from octomed_data.layout import ReleaseFolder, RunPaths
+from octomed_data.stages.global_step import GlobalStage, file_digest
 
 
-class ReleaseStage(Stage):
-    """Questions + ``filter/accepted`` (or ``distill/raw``) -> ``OUT/data/train-*`` + card (every pass)."""
+class ReleaseStage(GlobalStage):
+    """Questions + ``filter/accepted`` (or ``distill/raw``) -> ``OUT/data/train-*`` + card.
+
+    Done (its marker in ``OUT/_done``) for the same settings, the same recipe as run and registry
+    pack, and the same commits of the run's questions, removed, raw, verdicts and accepted shards."""
 
     name = "release"
-    global_step = True
 
     def __init__(
         self,
@@ -30,7 +32,32 @@ class ReleaseStage(Stage):
         self.with_images = with_images  # None: the recipe's release.with_images
         self.licenses = dict(licenses or {})
 
-    def run_shard(self, shard: str) -> dict[str, Any]:
+    def done_uri(self) -> str:
+        return ReleaseFolder(self.out).done
+
+    def inputs(self) -> list[str]:
+        p = self.paths
+        return [p.questions, p.removed, p.raw, p.verdicts, p.accepted]
+
+    def settings(self) -> dict[str, Any]:
+        from octomed_data import storage
+        from octomed_data.release import RELEASE_VERSION
+        from octomed_data.release_card import registry_uri
+
+        run = storage.read_json(self.paths.run_json) if storage.exists(self.paths.run_json) else {}
+        registry = ((run.get("recipe") or {}).get("decontam") or {}).get("registry")
+        return {
+            "version": RELEASE_VERSION,
+            "out": self.out,
+            "all_responses": self.all_responses,
+            "with_images": self.with_images,
+            "licenses": self.licenses,
+            "run": file_digest(self.paths.run_json),
+            "stats": file_digest(self.paths.stats),
+            "registry": file_digest(registry_uri(registry)),
+        }
+
+    def build(self) -> dict[str, Any]:
         from octomed_data.release import release
 
         result = release(
