@@ -64,6 +64,7 @@ from octomed_data.answers import extract_answer, is_correct, token_f1
 from octomed_data.errors import ConfigError, OctomedError
 from octomed_data.images import ImageStore
 from octomed_data.job_config import EvalConfig
+from octomed_data.layout import EvaluationFolder
 from octomed_data.prompts import prompt_version
 from octomed_data.schema import PREDICTION_SCHEMA, QUESTION_SCHEMA, TaskType, options_of
 from training.data import DataFile, resolve_data_files
@@ -336,13 +337,13 @@ def _backend_options(config: EvalConfig) -> dict[str, Any]:
         "openai": {
             "served_model_name": config.served_model_name,
             "api_key_env": config.api_key_env,
-            "concurrency": config.concurrency,
-            "timeout_s": config.request_timeout_s,
+            "concurrency": config.max_in_flight,
+            "timeout_s": config.timeout_s,
             "extra_body": config.extra_body,
             "sampling_extras": config.sampling_extras,
             "server": config.server,
         },
-        "vllm": {"concurrency": max(config.concurrency, 64)},
+        "vllm": {"concurrency": max(config.max_in_flight, 64)},
     }
 
 
@@ -387,11 +388,11 @@ def evaluate(config: EvalConfig, *, progress: bool = True) -> EvalResult:
                 "select text task types (task_types: [text_mcq, yes_no_maybe, open_qa]) or use a VL checkpoint"
             )
         storage.ensure_writable(out_uri)
-        writer = _PredictionWriter(storage.join(out_uri, "predictions"), config.shard_size)
+        writer = _PredictionWriter(EvaluationFolder(out_uri).predictions, config.shard_size)
         metrics = MetricsAccumulator()
         budget = RequestErrorBudget(config.max_request_error_rate, config.request_error_min_count)
         loads: dict[str, LoadStats] = {}
-        step = config.batch_size if kind != "openai" else max(1, config.concurrency)
+        step = config.batch_size if kind != "openai" else max(1, config.max_in_flight)
         bar = tqdm(total=total, desc="eval", unit="item", disable=not progress, file=sys.stderr)
 
         def run_rows(name: str, rows: Iterator[dict[str, Any]], stats: LoadStats) -> None:
@@ -482,9 +483,8 @@ def evaluate(config: EvalConfig, *, progress: bool = True) -> EvalResult:
             "runtime_s": round(time.time() - started, 3),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        metrics_uri = storage.join(out_uri, "metrics.json")
-        plot_uri = storage.join(out_uri, "reasoning_length.png")
-        report_uri = storage.join(out_uri, "report.md")
+        folder = EvaluationFolder(out_uri)
+        metrics_uri, plot_uri, report_uri = folder.metrics, folder.reasoning_plot, folder.report
         storage.write_bytes(plot_uri, reasoning_length_png(report))
         storage.write_bytes(report_uri, report_markdown(report).encode("utf-8"))
         storage.write_json(metrics_uri, report)

@@ -42,7 +42,8 @@ from octomed_data.experiment.compare import (
     report_png,
 )
 from octomed_data.experiment.select import select_arm, teacher_summary
-from octomed_data.layout import RunPaths
+from octomed_data.job_config import EvalConfig
+from octomed_data.layout import EvaluationFolder, RunPaths
 from octomed_data.recipe import Recipe, load_recipe
 from octomed_data.stages import describe_error
 
@@ -85,13 +86,13 @@ def base_is_filtered(base: RunPaths) -> bool:
 
 def _base_model(recipe: Recipe, exp: ExperimentPaths) -> str | None:
     """One base model for every arm: the recipe's, or one tiny model built once for the experiment."""
-    model_path = recipe.training.config.get("model_path")
+    model_path = recipe.training.config.model_path
     if model_path or not recipe.training.tiny_model:
         return model_path
     from training import tiny
 
     if "://" not in exp.store or exp.store.startswith("file://"):
-        target = os.path.abspath(storage.join(exp.models.removeprefix("file://"), "tiny"))
+        target = os.path.abspath(exp.tiny_model.removeprefix("file://"))
     else:  # models are local folders: a temp folder when the store is remote
         target = os.path.join(tempfile.gettempdir(), "octomed", "experiments", exp.name, "models", "tiny")
     if not os.path.exists(os.path.join(target, "config.json")):
@@ -143,7 +144,7 @@ def item_images_task(config: Any, exp: ExperimentPaths) -> str | None:
     from octomed_data.images import ImageStore
 
     blob = json.dumps([config.benchmarks, config.data_dir, config.limit], default=str)
-    uri = storage.join(exp.root, "items", hashlib.sha256(blob.encode()).hexdigest()[:16] + ".json")
+    uri = exp.items(hashlib.sha256(blob.encode()).hexdigest()[:16])
     if storage.exists(uri):
         return uri
     data_dir = resolve_data_dir(config.data_dir)
@@ -172,7 +173,7 @@ def curve_task(
     for step, uri, marker in intermediate_checkpoints(checkpoint, config_hash):
         if step >= int(train["steps"]):
             continue  # the final checkpoint is the last point
-        out = storage.join(paths.evaluation, "steps", f"step-{step:06d}")
+        out = EvaluationFolder(paths.evaluation).step(step)
         result = evaluate(config.model_copy(update={"model": uri, "output_uri": out}), progress=False)
         points.append(
             {"step": step, "examples": marker.get("samples_seen"), "checkpoint": uri}
@@ -200,24 +201,30 @@ def _train_params(spec: ExperimentSpec, arm_name: str, model_path: str | None) -
     )
 
 
-def _eval_config(recipe: Recipe, spec: ExperimentSpec, arm_name: str, paths: RunPaths, base: RunPaths) -> Any:
+def _eval_config(
+    recipe: Recipe, spec: ExperimentSpec, arm_name: str, paths: RunPaths, base: RunPaths, checkpoint: str
+) -> EvalConfig:
+    """The arm's evaluation of ``checkpoint``: the recipe's protocol with the spec's and the arm's."""
     arm = spec.arm(arm_name)
-    evaluation = dict(recipe.evaluation.config)
-    evaluation.update(seed=spec.evaluation.seed)
+    update: dict[str, Any] = {"seed": spec.evaluation.seed}
     for key in ("seeds", "limit"):
         if getattr(spec.evaluation, key) is not None:
-            evaluation[key] = getattr(spec.evaluation, key)
+            update[key] = getattr(spec.evaluation, key)
     if arm.evaluation.prompting:
-        evaluation["prompting"] = arm.evaluation.prompting
-    if evaluation.get("prompting") == "direct":
-        evaluation["prefill_think"] = False  # direct: no reasoning, so no "<think>" opened for it
+        update["prompting"] = arm.evaluation.prompting
+    if (update.get("prompting") or recipe.evaluation.config.prompting) == "direct":
+        update["prefill_think"] = False  # direct: no reasoning, so no "<think>" opened for it
     benchmarks = arm.evaluation.benchmarks or spec.evaluation.benchmarks or recipe.evaluation.benchmarks
     # Without benchmarks: the base run's questions decontamination removed (the arm has none of its own).
     questions = recipe.evaluation.questions or base.removed
     block = recipe.evaluation.model_copy(
-        update={"config": evaluation, "benchmarks": benchmarks, "questions": questions}
+        update={
+            "config": recipe.evaluation.config.model_copy(update=update),
+            "benchmarks": benchmarks,
+            "questions": questions,
+        }
     )
-    return eval_config(recipe.model_copy(update={"evaluation": block}), paths)
+    return eval_config(recipe.model_copy(update={"evaluation": block}), paths, checkpoint)
 
 
 def recipe_settings(recipe: Recipe, model_path: str | None) -> dict[str, Any]:
@@ -258,7 +265,7 @@ def trained_twin(spec: ExperimentSpec, exp: ExperimentPaths, arm: str, key: str)
         rec = read_record(exp, other.name)
         if rec.get("train_key") != key or not rec.get("train") or rec.get("trained_by") != other.name:
             continue
-        if storage.exists(storage.join(exp.arm(other.name).checkpoints, "checkpoint.json")):
+        if storage.exists(exp.arm(other.name).checkpoint_marker):
             return other.name
     return None
 
@@ -321,7 +328,7 @@ def arm_flow(spec_ref: str, arm: str, store: str | None = None, force: bool = Fa
             record["trained_by"] = arm
             write_record(exp, arm, record)  # its checkpoint is findable by twins from here on
             checkpoint = paths.checkpoints
-        eval_cfg = _eval_config(recipe, spec, arm, paths, base).model_copy(update={"model": checkpoint})
+        eval_cfg = _eval_config(recipe, spec, arm, paths, base, checkpoint)
         result = evaluate_task(eval_cfg)
         record["evaluation"] = {
             "predictions_uri": result["predictions_uri"],

@@ -20,7 +20,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flows.common import ENV_STORE, RunParams, prepare, publish_markdown, publish_table
 from octomed_data import storage
-from octomed_data.config import validate_config
 from octomed_data.errors import ConfigError, OctomedError, StorageError
 from octomed_data.job_config import EvalConfig, TrainConfig
 from octomed_data.layout import RunPaths
@@ -72,7 +71,7 @@ class TrainParams(BaseModel):
 def _local_dir(paths: RunPaths, name: str) -> str:
     """A local folder for things that must be local (models): under the run for file stores."""
     if "://" not in paths.store or paths.store.startswith("file://"):
-        path = os.path.abspath(storage.join(paths.root.removeprefix("file://"), name))
+        path = os.path.abspath(paths.local(name).removeprefix("file://"))
     else:
         # Keyed by the run's root, not its id alone: experiment arms share names (``all``) across specs.
         digest = hashlib.sha256(paths.root.encode()).hexdigest()[:10]
@@ -81,13 +80,13 @@ def _local_dir(paths: RunPaths, name: str) -> str:
     return path
 
 
-def train_config(recipe: Recipe, paths: RunPaths, params: TrainParams) -> Any:
+def train_config(recipe: Recipe, paths: RunPaths, params: TrainParams) -> TrainConfig:
     """The TrainConfig for this run: recipe settings, run locations, then the form's overrides."""
-    data = dict(recipe.training.config)
-    model_path = params.model_path or data.pop("model_path", None)
+    options = recipe.training.config
+    model_path = params.model_path or options.model_path
     if model_path is None and recipe.training.tiny_model:
         tiny = _training_module("training.tiny")
-        target = _local_dir(paths, f"models/tiny-{recipe.training.tiny_model}")
+        target = _local_dir(paths, paths.tiny_model(recipe.training.tiny_model))
         if not os.path.exists(os.path.join(target, "config.json")):
             build = tiny.build_vl_model if recipe.training.tiny_model == "vl" else tiny.build_text_model
             build(target)
@@ -100,16 +99,18 @@ def train_config(recipe: Recipe, paths: RunPaths, params: TrainParams) -> Any:
     text_only = os.path.isfile(config_file) and not _training_module("training.models").is_vision_model(
         model_path
     )
-    export_uri = storage.join(paths.trl_export(text_only), "train")
+    export_uri = paths.trl_split(text_only, "train")
     files = storage.Dataset(export_uri).files()
     if not files:
         raise StorageError(f"no TRL export at {export_uri}: run the export flow first")
-    data.update(train_data=files, model_path=model_path, output_uri=paths.checkpoints)
-    data.setdefault("work_dir", _local_dir(paths, "train-work"))
-    for key in ("max_steps", "learning_rate", "num_train_epochs"):
-        if getattr(params, key) is not None:
-            data[key] = getattr(params, key)
-    return validate_config(TrainConfig, data, where="training config")
+    overrides = {k: getattr(params, k) for k in ("max_steps", "learning_rate", "num_train_epochs")}
+    return options.job(
+        files,
+        paths.checkpoints,
+        model_path=model_path,
+        work_dir=options.work_dir or _local_dir(paths, "train-work"),
+        **{k: v for k, v in overrides.items() if v is not None},
+    )
 
 
 @task(name="train", retries=0)
@@ -154,25 +155,23 @@ def evaluate_task(config: Any) -> dict[str, Any]:
     return asdict(evaluation.evaluate(config, progress=False))
 
 
-def eval_config(recipe: Recipe, paths: RunPaths) -> Any:
-    """The EvalConfig for this run: the run's checkpoint on the recipe's benchmarks (or question dataset)."""
-    data = dict(recipe.evaluation.config)
-    data.update(model=paths.checkpoints, output_uri=paths.evaluation)
-    data.pop("checkpoint_uri", None)
-    if recipe.evaluation.benchmarks:
-        data_dir = recipe.evaluation.data_dir
-        data.update(
-            benchmarks=list(recipe.evaluation.benchmarks),
-            data_dir=recipe.resolve_path(data_dir) if data_dir else None,
-        )
+def eval_config(recipe: Recipe, paths: RunPaths, checkpoint: str | None = None) -> EvalConfig:
+    """The EvalConfig for this run: its checkpoint (or ``checkpoint``) on the recipe's benchmarks
+    (or question dataset)."""
+    block = recipe.evaluation
+    if block.benchmarks:
+        data_dir = recipe.resolve_path(block.data_dir) if block.data_dir else None
+        inputs: dict[str, Any] = {"benchmarks": list(block.benchmarks), "data_dir": data_dir}
     else:
-        questions = recipe.evaluation.questions or paths.removed
+        questions = block.questions or paths.removed
         if not storage.Dataset(questions).manifest():
             raise StorageError(f"no evaluation questions at {questions}")
-        data.update(questions_uri=questions)
+        inputs = {"questions_uri": questions}
     # The tiny demo model is text-only or VL as built; a work folder under the run keeps downloads local.
-    data.setdefault("work_dir", _local_dir(paths, "eval-work"))
-    return validate_config(EvalConfig, data, where="evaluation config")
+    work_dir = block.config.work_dir or _local_dir(paths, "eval-work")
+    return block.config.job(
+        checkpoint or paths.checkpoints, output_uri=paths.evaluation, work_dir=work_dir, **inputs
+    )
 
 
 @flow(name="checkpoint", log_prints=True)

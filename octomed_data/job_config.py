@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -30,7 +31,17 @@ from pydantic import (
 from octomed_data.config import load_yaml_config, validate_config
 from octomed_data.errors import ConfigError
 
-__all__ = ["BatchPlan", "EvalConfig", "TrainConfig", "load_yaml_config", "validate_config"]
+__all__ = [
+    "BatchPlan",
+    "EvalConfig",
+    "EvalOptions",
+    "TrainConfig",
+    "TrainOptions",
+    "load_yaml_config",
+    "validate_config",
+]
+
+log = logging.getLogger(__name__)
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 
@@ -45,18 +56,15 @@ class BatchPlan:
     world_size: int
 
 
-class TrainConfig(BaseModel):
-    """One SFT run: data, model, schedule, parallelism and where the checkpoint goes."""
+class TrainOptions(BaseModel):
+    """What an SFT job does, without where its data and checkpoint are: a recipe's
+    ``training.config`` (the run fills in the locations: :meth:`job`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # Data: the TRL conversational export (Parquet with `messages` [{role, content}] and `images` [uri]).
-    # Each entry is a dataset folder (with a manifest), a folder of *.parquet, or one Parquet file.
-    train_data: list[str] = Field(min_length=1)
     # A local model folder, a finished checkpoint URI (s3://, file:// with checkpoint.json) or a
     # Hugging Face model id (resolved through the local HF cache; downloaded only where the hub is reachable).
-    model_path: str
-    output_uri: str  # where the final checkpoint (and checkpoint.json) is uploaded: local or s3://
+    model_path: str | None = None
     work_dir: str | None = None  # local staging folder for checkpoints; default: a temp folder
 
     num_train_epochs: float = 3.0
@@ -96,17 +104,32 @@ class TrainConfig(BaseModel):
     packing: bool = True
     packing_window: int = Field(default=4096, ge=1)  # examples bin-packed together (and streaming buffer)
 
-    @field_validator("train_data", mode="before")
-    @classmethod
-    def _one_or_many(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v
-
     @field_validator("global_batch_size", "per_device_batch_size")
     @classmethod
     def _positive(cls, v: int) -> int:
         if v < 1:
             raise ValueError("must be >= 1")
         return v
+
+    def job(self, train_data: list[str], output_uri: str, **more: Any) -> TrainConfig:
+        """The job on this run's data, into its checkpoint folder (``more``: e.g. ``model_path``)."""
+        data = self.model_dump(exclude_unset=True) | {"train_data": train_data, "output_uri": output_uri}
+        return validate_config(TrainConfig, data | more, where="training config")
+
+
+class TrainConfig(TrainOptions):
+    """One SFT run: data, model, schedule, parallelism and where the checkpoint goes."""
+
+    # Data: the TRL conversational export (Parquet with `messages` [{role, content}] and `images` [uri]).
+    # Each entry is a dataset folder (with a manifest), a folder of *.parquet, or one Parquet file.
+    train_data: list[str] = Field(min_length=1)
+    model_path: str
+    output_uri: str  # where the final checkpoint (and checkpoint.json) is uploaded: local or s3://
+
+    @field_validator("train_data", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
 
     def resolved_world_size(self) -> int:
         """World size from the config, else from the launcher's WORLD_SIZE, else 1."""
@@ -172,26 +195,21 @@ class TrainConfig(BaseModel):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class EvalConfig(BaseModel):
-    """One evaluation: a model (folder, checkpoint URI or endpoint URL), what to ask it, and the protocol.
+# Old evaluation names of the endpoint settings -> the teachers' names (TeacherConfig).
+DEPRECATED_ENDPOINT_NAMES = {"concurrency": "max_in_flight", "request_timeout_s": "timeout_s"}
 
-    The sampling defaults are the OctoMed paper's evaluation protocol: temperature 0.6, top-p
-    0.95, 5 seeds, up to 8192 new tokens, end of thinking forced when the budget runs out.
-    Questions come from the benchmark registry (``benchmarks``, read from ``data_dir``) or from a
-    QUESTION_SCHEMA dataset (``questions_uri``; each source is reported as a benchmark).
-    """
+
+class EvalOptions(BaseModel):
+    """The evaluation protocol and backend, without the model and the questions: a recipe's
+    ``evaluation.config`` (the run fills in the rest: :meth:`job`). The endpoint settings have the
+    teachers' names (``max_in_flight``, ``timeout_s``); the old ones are accepted with a warning."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    # A local model folder, an s3:// / file:// checkpoint (with checkpoint.json) or an http(s) endpoint.
-    model: str = Field(validation_alias=AliasChoices("model", "checkpoint_uri"), min_length=1)
     backend: Literal["auto", "hf", "openai", "vllm"] = "auto"  # auto: http(s) URL -> openai, else hf
-    benchmarks: list[str] | None = None  # registry names (evaluation.benchmarks.BENCHMARKS)
-    questions_uri: str | None = None  # or: a QUESTION_SCHEMA dataset folder / *.parquet folder / file
     data_dir: str | None = None  # benchmark files; default $OCTOMED_EVAL_DATA, else ../shared/data
     output_uri: str | None = None  # default: <model>/eval/<name> (required for endpoints)
     name: str = "eval"
-
     prompting: Literal["cot", "direct"] = "cot"
     seeds: int = Field(default=5, ge=1)  # protocol seeds seed, seed+1, ...
     seed: int = 0
@@ -206,11 +224,11 @@ class EvalConfig(BaseModel):
     sources: list[str] | None = None  # questions_uri only: only these sources
     task_types: list[str] | None = None  # questions_uri only: only these task types
     batch_size: int = Field(default=8, ge=1)  # hf: sequences per generate call
-    concurrency: int = Field(default=32, ge=1)  # openai: requests in flight
+    max_in_flight: int = Field(default=32, ge=1)  # openai: requests in flight (was: concurrency)
 
     served_model_name: str | None = None  # openai: default the first model the server lists
     api_key_env: str = "OPENAI_API_KEY"  # the NAME of the environment variable holding the key
-    request_timeout_s: float = Field(default=600.0, gt=0.0)
+    timeout_s: float = Field(default=600.0, gt=0.0)  # per request (was: request_timeout_s)
     extra_body: dict[str, Any] = Field(default_factory=dict)  # openai: extra request fields
     # openai: switch top-k and the repetition penalty off explicitly (vLLM/SGLang: top_k=-1,
     # repetition_penalty=1.0; llama.cpp: top_k=0, repeat_penalty=1.0) so a server does not fill them
@@ -230,6 +248,39 @@ class EvalConfig(BaseModel):
     max_pixels: int = 262144
     shard_size: int = Field(default=1024, ge=1)  # predictions rows per committed Parquet shard
     work_dir: str | None = None  # local cache for a downloaded checkpoint and benchmark images
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_names(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not DEPRECATED_ENDPOINT_NAMES.keys() & data.keys():
+            return data
+        data = dict(data)
+        for old, new in DEPRECATED_ENDPOINT_NAMES.items():
+            if old in data:
+                log.warning("evaluation setting %r is deprecated: use %r (the teachers' name)", old, new)
+                value = data.pop(old)
+                data.setdefault(new, value)
+        return data
+
+    def job(self, model: str, **more: Any) -> EvalConfig:
+        """The evaluation of ``model`` (``more``: ``benchmarks`` or ``questions_uri``, ``output_uri``...)."""
+        data = self.model_dump(exclude_unset=True) | {"model": model} | more
+        return validate_config(EvalConfig, data, where="evaluation config")
+
+
+class EvalConfig(EvalOptions):
+    """One evaluation: a model (folder, checkpoint URI or endpoint URL), what to ask it, and the protocol.
+
+    The sampling defaults are the OctoMed paper's evaluation protocol: temperature 0.6, top-p
+    0.95, 5 seeds, up to 8192 new tokens, end of thinking forced when the budget runs out.
+    Questions come from the benchmark registry (``benchmarks``, read from ``data_dir``) or from a
+    QUESTION_SCHEMA dataset (``questions_uri``; each source is reported as a benchmark).
+    """
+
+    # A local model folder, an s3:// / file:// checkpoint (with checkpoint.json) or an http(s) endpoint.
+    model: str = Field(validation_alias=AliasChoices("model", "checkpoint_uri"), min_length=1)
+    benchmarks: list[str] | None = None  # registry names (evaluation.benchmarks.BENCHMARKS)
+    questions_uri: str | None = None  # or: a QUESTION_SCHEMA dataset folder / *.parquet folder / file
 
     @field_validator("benchmarks", mode="before")
     @classmethod

@@ -18,11 +18,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from octomed_data.audit import AuditSettings
 from octomed_data.config import first_error
 from octomed_data.errors import ConfigError
+from octomed_data.job_config import EvalOptions, TrainOptions
 from octomed_data.mixture import MixtureConfig
 from octomed_data.teachers import ROUTING_KEYS, DistillConfig, TeacherConfig, image_route_key
 from octomed_data.verify import VerifySettings
@@ -115,40 +124,35 @@ class ExportSettings(BaseModel):
     answer_format: Literal["normalize", "as_is"] = "normalize"
 
 
-# Filled in per run (the run's export, checkpoint folder, model); stand-ins while a recipe loads.
-_PER_RUN = "<filled in per run>"
-
-
-def _typed_block(cls: type[BaseModel], config: dict[str, Any], per_run: dict[str, Any]) -> dict[str, Any]:
-    """Validate a recipe's training/evaluation block against its job schema now, at load time.
-
-    A typo or an out-of-range value fails before any stage runs (not after hours of
-    distillation); the block stays a mapping because the run fills in data and output locations.
-    """
+def _typed(cls: type[BaseModel], v: Any) -> Any:
+    """Validate a recipe's training/evaluation ``config`` block when the recipe loads (a typo or an
+    out-of-range value fails before any stage runs), as one ``config: field: problem`` line."""
+    if isinstance(v, cls):
+        return v
     try:
-        cls.model_validate(per_run | dict(config))
+        return cls.model_validate(v if v is not None else {})
     except ValidationError as exc:
         raise ValueError(first_error(exc)) from None
-    return config
 
 
 class TrainingSettings(BaseModel):
-    """Passed to training (:class:`~octomed_data.job_config.TrainConfig`); data and output locations
-    are filled in per run. ``config`` is validated against TrainConfig when the recipe loads."""
+    """How the run trains: the job's settings (:class:`~octomed_data.job_config.TrainOptions`; the
+    run's data and checkpoint folder are filled in per run) and how the job starts."""
 
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
     tiny_model: Literal["text", "vl"] | None = None  # build a tiny random model offline (demo/tests)
-    config: dict[str, Any] = Field(default_factory=dict)
+    config: TrainOptions = Field(default_factory=TrainOptions)
 
-    @field_validator("config")
+    @field_validator("config", mode="before")
     @classmethod
-    def _check_config(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from octomed_data.job_config import TrainConfig
+    def _check_config(cls, v: Any) -> Any:
+        return _typed(TrainOptions, v)
 
-        per_run = {"train_data": [_PER_RUN], "model_path": _PER_RUN, "output_uri": _PER_RUN}
-        return _typed_block(TrainConfig, v, per_run)
+    @field_serializer("config")
+    def _as_written(self, v: TrainOptions) -> dict[str, Any]:
+        return v.model_dump(mode="json", exclude_unset=True)  # the recipe as written (run.json, fingerprints)
 
     # How the job starts: auto (= torchrun on this node), torchrun, deepspeed, inprocess, or ray
     # (Ray Train workers across a cluster). processes: per node, or Ray workers; None = one per GPU.
@@ -158,7 +162,8 @@ class TrainingSettings(BaseModel):
 
 
 class EvalSettings(BaseModel):
-    """The evaluation after training: registry benchmarks, or a question dataset (``training`` EvalConfig)."""
+    """The evaluation after training: registry benchmarks, or a question dataset, with the protocol
+    and backend settings of :class:`~octomed_data.job_config.EvalOptions` (``config``)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -167,14 +172,16 @@ class EvalSettings(BaseModel):
     benchmarks: list[str] = Field(default_factory=list)
     data_dir: str | None = None  # benchmark files; None: $OCTOMED_EVAL_DATA, else ../shared/data
     questions: str | None = None  # QUESTION_SCHEMA dataset; None: this run's decontaminated-away items
-    config: dict[str, Any] = Field(default_factory=dict)  # protocol and backend settings (EvalConfig)
+    config: EvalOptions = Field(default_factory=EvalOptions)  # protocol and backend settings
 
-    @field_validator("config")
+    @field_validator("config", mode="before")
     @classmethod
-    def _check_config(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from octomed_data.job_config import EvalConfig
+    def _check_config(cls, v: Any) -> Any:
+        return _typed(EvalOptions, v)
 
-        return _typed_block(EvalConfig, v, {"model": _PER_RUN, "questions_uri": _PER_RUN})
+    @field_serializer("config")
+    def _as_written(self, v: EvalOptions) -> dict[str, Any]:
+        return v.model_dump(mode="json", exclude_unset=True)
 
 
 class ReleaseSettings(BaseModel):

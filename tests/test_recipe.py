@@ -20,7 +20,7 @@ def write(tmp_path, data: dict) -> str:
 
 def test_demo_recipe_loads_and_resolves_packaged_paths() -> None:
     recipe = load_recipe("demo")
-    assert recipe.training.enabled and recipe.training.config["max_steps"] == 2
+    assert recipe.training.enabled and recipe.training.config.max_steps == 2
     assert all("://" in e["input"] or e["input"].startswith("/") for e in recipe.ingest_entries())
 
 

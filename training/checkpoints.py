@@ -12,6 +12,7 @@ from typing import Any
 
 from octomed_data import storage
 from octomed_data.errors import ConfigError
+from octomed_data.layout import CheckpointFolder
 
 log = logging.getLogger(__name__)
 
@@ -20,12 +21,12 @@ CHECKPOINT_MARKER = "checkpoint.json"
 
 def write_checkpoint_marker(checkpoint_uri: str, marker: dict[str, Any]) -> None:
     """Write ``checkpoint.json`` into ``checkpoint_uri``: last, after every file is uploaded."""
-    storage.write_json(storage.join(checkpoint_uri, CHECKPOINT_MARKER), marker)
+    storage.write_json(CheckpointFolder(checkpoint_uri).marker, marker)
 
 
 def read_checkpoint_marker(checkpoint_uri: str) -> dict[str, Any]:
     """The ``checkpoint.json`` of a finished checkpoint; a missing one means an incomplete upload."""
-    marker = storage.join(checkpoint_uri, CHECKPOINT_MARKER)
+    marker = CheckpointFolder(checkpoint_uri).marker
     if not storage.exists(marker):
         raise ConfigError(f"no {CHECKPOINT_MARKER} at {checkpoint_uri}: not a finished checkpoint")
     return storage.read_json(marker)
@@ -102,7 +103,7 @@ def intermediate_checkpoints(
 ) -> list[tuple[int, str, dict[str, Any]]]:
     """Every uploaded intermediate checkpoint under ``output_uri`` (step, URI, marker), by step;
     with ``config_hash`` only those of that config (a learning curve is one run's checkpoints)."""
-    base = storage.join(output_uri, "checkpoints")
+    base = CheckpointFolder(output_uri).intermediate
     fs, path = storage.filesystem(base)
     try:
         if not fs.exists(path):
@@ -112,9 +113,10 @@ def intermediate_checkpoints(
         raise ConfigError(storage.describe_error(base, exc)) from None
     found = []
     for name in names:
-        marker_uri = storage.join(base, name, CHECKPOINT_MARKER)
+        step = CheckpointFolder(output_uri).step(name)
+        marker_uri = CheckpointFolder(step).marker
         if name.startswith("checkpoint-") and storage.exists(marker_uri):
             marker = storage.read_json(marker_uri)
             if config_hash is None or marker.get("config_hash") == config_hash:
-                found.append((int(marker["step"]), storage.join(base, name), marker))
+                found.append((int(marker["step"]), step, marker))
     return sorted(found, key=lambda f: f[0])

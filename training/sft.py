@@ -43,6 +43,7 @@ import pyarrow.compute as pc
 from octomed_data import storage
 from octomed_data.errors import ConfigError, OctomedError
 from octomed_data.job_config import TrainConfig, load_yaml_config
+from octomed_data.layout import CheckpointFolder
 from training.checkpoints import (
     download_folder,
     latest_resumable,
@@ -144,7 +145,7 @@ def _upload_callback(output_uri: str, meta: dict[str, Any], loaded: Any = None, 
 
         def on_save(self, args, state, control, **kwargs):
             local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            dest = storage.join(output_uri, "checkpoints", local.name)
+            dest = CheckpointFolder(output_uri).step(local.name)
             seen = samples() if samples is not None else None
             uploaded = True
             if state.is_local_process_zero:

@@ -17,7 +17,7 @@ from octomed_data.job_config import EvalConfig
 # Flags that map one-to-one onto EvalConfig fields (argparse dest = field name).
 _FIELD_FLAGS = (
     "model", "benchmarks", "questions_uri", "output_uri", "backend", "data_dir", "seeds", "max_new_tokens",
-    "temperature", "top_p", "prompting", "limit", "api_key_env", "served_model_name", "concurrency",
+    "temperature", "top_p", "prompting", "limit", "api_key_env", "served_model_name", "max_in_flight",
     "batch_size", "sampling_extras", "max_request_error_rate", "server",
 )  # fmt: skip
 
@@ -60,7 +60,14 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--served-model-name", default=None, help="model name at the endpoint (default: first listed)"
     )
-    p.add_argument("--concurrency", type=int, default=None, help="openai: requests in flight (default 32)")
+    p.add_argument(
+        "--max-in-flight",
+        "--concurrency",  # the old name, kept working
+        dest="max_in_flight",
+        type=int,
+        default=None,
+        help="openai: requests in flight (default 32)",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="hf: sequences per generate call (default 8)")
     p.add_argument(
         "--no-force-end", action="store_true", help="do not force the end of thinking at the budget"

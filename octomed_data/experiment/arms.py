@@ -17,52 +17,12 @@ own: its record names the arm that trained it (``trained_by``) and it evaluates 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from octomed_data import storage
-from octomed_data.layout import RunPaths
+from octomed_data.layout import ExperimentPaths
 
-
-@dataclass(frozen=True)
-class ExperimentPaths:
-    store: str
-    name: str
-
-    @property
-    def root(self) -> str:
-        return storage.join(self.store, "experiments", self.name)
-
-    @property
-    def spec_json(self) -> str:
-        return storage.join(self.root, "spec.json")
-
-    @property
-    def models(self) -> str:
-        return storage.join(self.root, "models")
-
-    def arm(self, name: str) -> RunPaths:
-        """The arm's run-shaped folder (the export, training and evaluation code take a RunPaths)."""
-        return RunPaths.at(storage.join(self.root, "arms", name))
-
-    def record(self, name: str) -> str:
-        return storage.join(self.arm(name).root, "arm.json")
-
-    @property
-    def report(self) -> str:
-        return storage.join(self.root, "report.md")
-
-    @property
-    def plot(self) -> str:
-        return storage.join(self.root, "comparison.png")
-
-    @property
-    def curves_plot(self) -> str:
-        return storage.join(self.root, "learning_curves.png")
-
-    @property
-    def comparison(self) -> str:
-        return storage.join(self.root, "comparison.json")
+__all__ = ["ExperimentPaths", "current", "finished", "read_record", "write_record"]
 
 
 def read_record(paths: ExperimentPaths, arm: str) -> dict[str, Any]:
