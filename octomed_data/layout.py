@@ -2,7 +2,7 @@
 
 A run lives under ``STORE/runs/<run_id>/`` (or any folder: :meth:`RunPaths.at`, which the CLI uses
 for ``--out``). Each stage writes only under its own folder and reads only what earlier stages
-named here; nothing else in the code base spells a stage path.
+named here; nothing else in the code base spells a path (``tests/test_layout_paths.py``).
 
 =============  ===================================  ============================================
 stage          outputs (under the run root)           done-signal (committed shard marker of)
@@ -15,15 +15,17 @@ distill        ``distill/raw`` (every teacher reply), ``distill/raw`` (its ``ext
                ``_journal/``, ``cost.json``           distill config fingerprint)
 filter         ``filter/accepted``, ``verdicts``,     ``filter/verdicts``
                ``stats.json``, ``judge`` (journal)
-mixture        ``mixture/train``, ``validation``      (global step: rebuilt on every pass)
-export         ``export/llamafactory``, ``trl``       (global step: rebuilt on every pass)
+mixture        ``mixture/train``, ``validation``      ``mixture/_done`` (global step: settings +
+                                                      the commits of its inputs)
+export         ``export/llamafactory``, ``trl``       ``export/_done`` (likewise)
 train          ``checkpoints/``                       ``checkpoints/final/checkpoint.json``
 evaluate       ``evaluate/``                          ``evaluate/metrics.json``
-report         ``report/report.{md,png}``             (rebuilt on every run)
+report         ``report/report.{md,png}``             ``report/_done`` (likewise)
 =============  ===================================  ============================================
 
 Each stage's folder has its own small layout (:class:`IngestFolder`, :class:`DecontamFolder`,
-:class:`DistillFolder`, :class:`FilterFolder`, :class:`MixtureFolder`), used the same way whether the folder is a run's stage folder or a CLI ``--out``.
+:class:`DistillFolder`, :class:`FilterFolder`, :class:`MixtureFolder`, ...), used the same way
+whether the folder is a run's stage folder or a CLI ``--out``.
 
 ``state/<stage>/<shard>.json`` records attempts (running, failed with the error, seconds) for
 the dashboard; it is never read to decide whether a shard is done.
@@ -33,20 +35,62 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from octomed_data import storage
 
-STAGE_FOLDERS = (
+#: The factory's stages, in order (the CLI's ``--stage``, the factory flow's ``stages``, the dashboard).
+STAGES = (
     "ingest",
     "decontaminate",
     "distill",
     "filter",
     "mixture",
     "export",
-    "checkpoints",
+    "train",
+    "checkpoint",
     "evaluate",
-    "report",
 )
+#: The folders a run's stages write (``train``/``checkpoint`` write ``checkpoints``).
+STAGE_FOLDERS = (
+    "ingest", "decontaminate", "distill", "filter", "mixture", "export", "checkpoints", "evaluate", "report",
+)  # fmt: skip
+ENV_STORE = "OCTOMED_STORE"
+DEFAULT_STORE = "./runs/demo"  # the demo recipe's store
+
+
+def default_store(explicit: str | None = None, recipe_store: str | None = None) -> str:
+    """The store a command uses: ``explicit`` (a flag or form field), else ``$OCTOMED_STORE``, else the
+    recipe's store when one is at hand, else :data:`DEFAULT_STORE`."""
+    return explicit or os.environ.get(ENV_STORE) or recipe_store or DEFAULT_STORE
+
+
+def _at(*parts: str, doc: str | None = None) -> Any:
+    """A property: ``<root>/<parts>`` of a folder class."""
+    return property(lambda self: storage.join(self.root, *parts), doc=doc)
+
+
+def _of(folder: type, stage: str, name: str, doc: str | None = None) -> Any:
+    """A :class:`RunPaths` property: ``name`` of the stage folder's layout ``folder``."""
+    return property(lambda self: getattr(folder(self.stage(stage)), name), doc=doc)
+
+
+def journal_dir(folder: str, shard: str | None = None) -> str:
+    """A request journal under ``folder``: ``_journal/`` (or one shard's ``_journal/<shard>/``)."""
+    return storage.join(folder, "_journal", shard) if shard else storage.join(folder, "_journal")
+
+
+def images_dir(root: str) -> str:
+    """The content-addressed image store under ``root``: ``images/``."""
+    return storage.join(root, "images")
+
+
+def image_object(images: str, sha: str) -> str:
+    """One stored image in an image folder: ``<sha[:2]>/<sha>.png``."""
+    return storage.join(images, sha[:2], f"{sha}.png")
+
+
+_DONE = "The step's done marker (a one-shard dataset, committed after its outputs)."
 
 
 @dataclass(frozen=True)
@@ -54,23 +98,10 @@ class IngestFolder:
     """What the ingest stage writes under its folder (a run's ``ingest/``, or the CLI's ``--out``)."""
 
     root: str
-
-    @property
-    def questions(self) -> str:
-        return storage.join(self.root, "questions")
-
-    @property
-    def quarantine(self) -> str:
-        return storage.join(self.root, "quarantine")
-
-    @property
-    def entries(self) -> str:
-        """One committed shard per source entry: its counts; the ingest stage's done-signal."""
-        return storage.join(self.root, "entries")
-
-    @property
-    def summary(self) -> str:
-        return storage.join(self.root, "ingest.json")
+    questions = _at("questions")
+    quarantine = _at("quarantine")
+    entries = _at("entries", doc="One committed shard per source entry: its counts; the done-signal.")
+    summary = _at("ingest.json")
 
 
 @dataclass(frozen=True)
@@ -78,22 +109,10 @@ class DecontamFolder:
     """What the decontaminate stage writes under its folder."""
 
     root: str
-
-    @property
-    def kept(self) -> str:
-        return storage.join(self.root, "questions")
-
-    @property
-    def removed(self) -> str:
-        return storage.join(self.root, "removed")
-
-    @property
-    def index(self) -> str:
-        return storage.join(self.root, "index.npz")
-
-    @property
-    def summary(self) -> str:
-        return storage.join(self.root, "decontam.json")
+    kept = _at("questions")
+    removed = _at("removed")
+    index = _at("index.npz")
+    summary = _at("decontam.json")
 
 
 @dataclass(frozen=True)
@@ -101,25 +120,11 @@ class DistillFolder:
     """What the distill stage writes under its folder (the engine keeps its journal there too)."""
 
     root: str
-
-    @property
-    def raw(self) -> str:
-        """Every teacher reply (one row per expected sample), before any verdict."""
-        return storage.join(self.root, "raw")
-
-    @property
-    def cost(self) -> str:
-        return storage.join(self.root, "cost.json")
-
-    @property
-    def state(self) -> str:
-        """The engine's bookkeeping folder (``_distill``)."""
-        return storage.join(self.root, "_distill")
-
-    @property
-    def config(self) -> str:
-        """The distill config as last run (teachers, models, sampling params; never a key)."""
-        return storage.join(self.state, "config.json")
+    raw = _at("raw", doc="Every teacher reply (one row per expected sample), before any verdict.")
+    cost = _at("cost.json")
+    state = _at("_distill", doc="The engine's bookkeeping folder.")
+    config = _at("_distill", "config.json", doc="The distill config as last run (never a key).")
+    estimate = _at("_estimate", doc="Where ``estimate`` keeps its probe (an :class:`EstimateFolder`).")
 
     def journal(self, shard: str) -> str:
         """A shard's request journal: ``_journal/<shard>/`` (segments, deleted once compacted)."""
@@ -130,33 +135,20 @@ class DistillFolder:
         return storage.join(self.root, "_batches", shard)
 
     def batch_record(self, shard: str, name: str) -> str:
-        """One batch's record: ``_batches/<shard>/<name>.json``."""
         return storage.join(self.batches(shard), f"{name}.json")
 
     def teacher_n_support(self, teacher: str) -> str:
         """What a teacher's batch endpoint does with ``n``: ``_batches/_teachers/<teacher>.json``."""
         return storage.join(self.root, "_batches", "_teachers", f"{teacher}.json")
 
-    @property
-    def estimate(self) -> str:
-        """Where ``estimate`` keeps its probe (an :class:`EstimateFolder`): ``_estimate``."""
-        return storage.join(self.root, "_estimate")
-
 
 @dataclass(frozen=True)
 class EstimateFolder:
-    """The cost estimate's probe: a sample of questions and a small distill folder."""
+    """The cost estimate's probe: a sample of questions and a small distill folder (``out``)."""
 
     root: str
-
-    @property
-    def questions(self) -> str:
-        return storage.join(self.root, "questions")
-
-    @property
-    def out(self) -> str:
-        """A distill folder (:class:`DistillFolder`) for the probe's replies."""
-        return storage.join(self.root, "out")
+    questions = _at("questions")
+    out = _at("out")
 
 
 @dataclass(frozen=True)
@@ -164,24 +156,10 @@ class DifficultyFolder:
     """What the difficulty filter writes under its ``--out`` (before distillation)."""
 
     root: str
-
-    @property
-    def work(self) -> str:
-        """Grading state: ``difficulty/`` (journal, ``scores`` dataset, summary)."""
-        return storage.join(self.root, "difficulty")
-
-    @property
-    def scores(self) -> str:
-        return storage.join(self.work, "scores")
-
-    @property
-    def summary(self) -> str:
-        return storage.join(self.work, "summary.json")
-
-    @property
-    def filtered(self) -> str:
-        """The kept questions when no other destination is given: ``questions``."""
-        return storage.join(self.root, "questions")
+    work = _at("difficulty", doc="Grading state: journal, ``scores`` dataset, summary.")
+    scores = _at("difficulty", "scores")
+    summary = _at("difficulty", "summary.json")
+    filtered = _at("questions", doc="The kept questions when no other destination is given.")
 
 
 @dataclass(frozen=True)
@@ -189,41 +167,13 @@ class FilterFolder:
     """What the filter stage (rejection sampling) writes under its folder."""
 
     root: str
-
-    @property
-    def verdicts(self) -> str:
-        """One row per sample: extracted answer, correct, reject reason (no reply text)."""
-        return storage.join(self.root, "verdicts")
-
-    @property
-    def accepted(self) -> str:
-        """Samples whose extracted answer equals the gold answer, with their full replies."""
-        return storage.join(self.root, "accepted")
-
-    @property
-    def stats(self) -> str:
-        """Per-source statistics: the one statistics pass the report also reads."""
-        return storage.join(self.root, "stats.json")
-
-    @property
-    def judge(self) -> str:
-        """The verifier's LLM-judge journal (``judge/_journal/<shard>/``): judgements and their tokens."""
-        return storage.join(self.root, "judge")
-
-    @property
-    def judge_journal(self) -> str:
-        """``judge/_journal``: one folder of segments per shard."""
-        return journal_dir(self.judge)
-
-    @property
-    def verify_history(self) -> str:
-        """Which verify settings produced which verdicts: one JSON line per change and per settings."""
-        return storage.join(self.root, "verify_history.jsonl")
-
-    @property
-    def audit(self) -> str:
-        """The gold-label audit: one row per question (majority answer, share, flag), per verdicts shard."""
-        return storage.join(self.root, "audit")
+    verdicts = _at("verdicts", doc="One row per sample: extracted answer, correct, reject reason.")
+    accepted = _at("accepted", doc="Samples whose extracted answer equals the gold answer, full replies.")
+    stats = _at("stats.json", doc="Per-source statistics: the one statistics pass the report also reads.")
+    judge = _at("judge", doc="The verifier's LLM-judge folder (its journal: ``judge/_journal/<shard>/``).")
+    judge_journal = _at("judge", "_journal")
+    verify_history = _at("verify_history.jsonl", doc="Which verify settings produced which verdicts.")
+    audit = _at("audit", doc="The gold-label audit: one row per question (majority answer, share, flag).")
 
 
 @dataclass(frozen=True)
@@ -231,27 +181,16 @@ class MixtureFolder:
     """What the mixture step writes: ``train``, ``validation``, ``mixture.json`` (+ ``_work`` while it runs)."""
 
     root: str
+    summary = _at("mixture.json")
+    work = _at("_work", doc="Spill datasets while the mixture is built (deleted afterwards).")
+    done = _at("_done", doc=_DONE)
 
     def split(self, name: str) -> str:
         return storage.join(self.root, name)
 
-    @property
-    def summary(self) -> str:
-        return storage.join(self.root, "mixture.json")
-
-    @property
-    def work(self) -> str:
-        """Spill datasets while the mixture is built (deleted afterwards)."""
-        return storage.join(self.root, "_work")
-
     def spill(self, name: str) -> str:
         """One spill dataset under ``_work`` (``samples``, ``questions``, ``shuffle-<split>``)."""
         return storage.join(self.work, name)
-
-    @property
-    def done(self) -> str:
-        """The step's done marker (a one-shard dataset, committed after its outputs)."""
-        return storage.join(self.root, "_done")
 
 
 @dataclass(frozen=True)
@@ -259,27 +198,14 @@ class ExportFolder:
     """What the export step writes: ``llamafactory/``, ``trl/{text,vision}/<split>``, ``export.json``."""
 
     root: str
-
-    @property
-    def summary(self) -> str:
-        return storage.join(self.root, "export.json")
-
-    @property
-    def done(self) -> str:
-        """The step's done marker (a one-shard dataset, committed after its outputs)."""
-        return storage.join(self.root, "_done")
+    summary = _at("export.json")
+    done = _at("_done", doc=_DONE)
+    llamafactory = _at("llamafactory")
+    trl = _at("trl")
 
     def format(self, name: str) -> str:
         """One format's folder (``llamafactory`` or ``trl``)."""
         return storage.join(self.root, name)
-
-    @property
-    def llamafactory(self) -> str:
-        return self.format("llamafactory")
-
-    @property
-    def trl(self) -> str:
-        return self.format("trl")
 
     def trl_config(self, text_only: bool) -> str:
         """The TRL configuration training reads (``trl/text`` or ``trl/vision``)."""
@@ -309,16 +235,8 @@ class CheckpointFolder:
     """What training writes under its output (a run's ``checkpoints/``)."""
 
     root: str
-
-    @property
-    def marker(self) -> str:
-        """The final checkpoint's marker (``checkpoint.json``)."""
-        return storage.join(self.root, "checkpoint.json")
-
-    @property
-    def intermediate(self) -> str:
-        """Intermediate checkpoints: ``checkpoints/checkpoint-<step>/``."""
-        return storage.join(self.root, "checkpoints")
+    marker = _at("checkpoint.json", doc="The final checkpoint's marker.")
+    intermediate = _at("checkpoints", doc="Intermediate checkpoints: ``checkpoints/checkpoint-<step>/``.")
 
     def step(self, name: str) -> str:
         return storage.join(self.intermediate, name)
@@ -329,22 +247,10 @@ class EvaluationFolder:
     """What an evaluation writes under its output (a run's ``evaluate/``)."""
 
     root: str
-
-    @property
-    def predictions(self) -> str:
-        return storage.join(self.root, "predictions")
-
-    @property
-    def metrics(self) -> str:
-        return storage.join(self.root, "metrics.json")
-
-    @property
-    def reasoning_plot(self) -> str:
-        return storage.join(self.root, "reasoning_length.png")
-
-    @property
-    def report(self) -> str:
-        return storage.join(self.root, "report.md")
+    predictions = _at("predictions")
+    metrics = _at("metrics.json")
+    reasoning_plot = _at("reasoning_length.png")
+    report = _at("report.md")
 
     def step(self, step: int) -> str:
         """An intermediate checkpoint's evaluation: ``steps/step-<N>/`` (learning curves)."""
@@ -354,34 +260,9 @@ class EvaluationFolder:
 @dataclass(frozen=True)
 class ReportFolder:
     root: str
-
-    @property
-    def markdown(self) -> str:
-        return storage.join(self.root, "report.md")
-
-    @property
-    def plot(self) -> str:
-        return storage.join(self.root, "report.png")
-
-    @property
-    def done(self) -> str:
-        """The step's done marker (a one-shard dataset, committed after its outputs)."""
-        return storage.join(self.root, "_done")
-
-
-def journal_dir(folder: str, shard: str | None = None) -> str:
-    """A request journal under ``folder``: ``_journal/`` (or one shard's ``_journal/<shard>/``)."""
-    return storage.join(folder, "_journal", shard) if shard else storage.join(folder, "_journal")
-
-
-def images_dir(root: str) -> str:
-    """The content-addressed image store under ``root``: ``images/``."""
-    return storage.join(root, "images")
-
-
-def image_object(images: str, sha: str) -> str:
-    """One stored image in an image folder: ``<sha[:2]>/<sha>.png``."""
-    return storage.join(images, sha[:2], f"{sha}.png")
+    markdown = _at("report.md")
+    plot = _at("report.png")
+    done = _at("_done", doc=_DONE)
 
 
 @dataclass(frozen=True)
@@ -389,25 +270,10 @@ class ReleaseFolder:
     """A published release (``octomed-data release RUN --out ROOT``): anywhere, not in the run."""
 
     root: str
-
-    @property
-    def data(self) -> str:
-        """The release rows: ``data/<split>-<shard>.parquet`` (+ ``data/_manifest/``)."""
-        return storage.join(self.root, "data")
-
-    @property
-    def card(self) -> str:
-        """The dataset card (``README.md`` with YAML metadata), written last."""
-        return storage.join(self.root, "README.md")
-
-    @property
-    def summary(self) -> str:
-        return storage.join(self.root, "release.json")
-
-    @property
-    def done(self) -> str:
-        """The step's done marker (a one-shard dataset, committed after its outputs)."""
-        return storage.join(self.root, "_done")
+    data = _at("data", doc="The release rows: ``data/<split>-<shard>.parquet`` (+ ``data/_manifest/``).")
+    card = _at("README.md", doc="The dataset card (``README.md`` with YAML metadata), written last.")
+    summary = _at("release.json")
+    done = _at("_done", doc=_DONE)
 
 
 @dataclass(frozen=True)
@@ -443,153 +309,77 @@ class RunPaths:
             raise ValueError(f"unknown stage folder {name!r}; known: {', '.join(STAGE_FOLDERS)}")
         return storage.join(self.root, name)
 
-    @property
-    def run_json(self) -> str:
-        return storage.join(self.root, "run.json")
-
-    @property
-    def results(self) -> str:
-        """Prefect task results for this store (orchestration bookkeeping, not data)."""
-        return storage.join(self.store, "_prefect")
-
-    def state_uri(self, stage: str, shard: str) -> str:
-        return storage.join(self.state_dir(stage), f"{shard}.json")
-
-    def state_dir(self, stage: str) -> str:
-        return storage.join(self.root, "state", stage)
-
-    def shard_lease(self, stage: str, shard: str) -> str:
-        """The one-writer lease of a shard: ``state/<stage>/<shard>.lease``."""
-        return storage.join(self.state_dir(stage), f"{shard}.lease")
-
-    @property
-    def training_state(self) -> str:
-        """Training's bookkeeping: ``state/training/`` (not a shard stage)."""
-        return self.state_dir("training")
-
-    def training_record(self, fingerprint: str) -> str:
-        """``state/training/<export fingerprint>.json``: who trained (or trains) this export."""
-        return storage.join(self.training_state, f"{fingerprint}.json")
-
-    @property
-    def checkpoint_lease(self) -> str:
-        return storage.join(self.training_state, "checkpoints.lease")
+    run_json = _at("run.json")
+    results = property(
+        lambda self: storage.join(self.store, "_prefect"), doc="Prefect task results (not data)."
+    )
+    checkpoint_record = _at(
+        "checkpoint.json", doc="Which checkpoint this run produced (set when registered)."
+    )
+    latest_checkpoint = property(
+        lambda self: storage.join(self.store, "checkpoints", "latest.json"),
+        doc="The store-wide pointer to the newest registered checkpoint of any run.",
+    )
 
     def local(self, name: str) -> str:
         """A folder under the run's root for things that must be local (models, work dirs)."""
         return storage.join(self.root, name)
 
-    def tiny_model(self, kind: str) -> str:
-        """Where the recipe's tiny base model is built: ``models/tiny-<kind>`` (relative to the root)."""
+    @staticmethod
+    def tiny_model(kind: str) -> str:
+        """Where the recipe's tiny base model is built, relative to the run's local folder."""
         return f"models/tiny-{kind}"
 
-    # ------------------------------------------------------------------ ingest
-    @property
-    def ingested(self) -> str:
-        """Questions as ingested (before decontamination)."""
-        return IngestFolder(self.stage("ingest")).questions
+    # ------------------------------------------------------------ state (attempts, leases)
+    def state_dir(self, stage: str) -> str:
+        return storage.join(self.root, "state", stage)
 
-    @property
-    def quarantine(self) -> str:
-        return IngestFolder(self.stage("ingest")).quarantine
+    def state_uri(self, stage: str, shard: str) -> str:
+        return storage.join(self.state_dir(stage), f"{shard}.json")
 
-    @property
-    def ingest_entries(self) -> str:
-        """One committed shard per source entry: its counts; the ingest stage's done-signal."""
-        return IngestFolder(self.stage("ingest")).entries
+    def shard_lease(self, stage: str, shard: str) -> str:
+        """The one-writer lease of a shard: ``state/<stage>/<shard>.lease``."""
+        return storage.join(self.state_dir(stage), f"{shard}.lease")
 
-    @property
-    def ingest_summary(self) -> str:
-        return IngestFolder(self.stage("ingest")).summary
+    training_state = property(lambda self: self.state_dir("training"), doc="Training's bookkeeping.")
+    checkpoint_lease = property(lambda self: storage.join(self.training_state, "checkpoints.lease"))
 
-    @property
-    def images_root(self) -> str:
-        """The folder whose ``images/`` holds the content-addressed image store."""
-        return self.stage("ingest")
+    def training_record(self, fingerprint: str) -> str:
+        """``state/training/<export fingerprint>.json``: who trained (or trains) this export."""
+        return storage.join(self.training_state, f"{fingerprint}.json")
 
-    # ------------------------------------------------------------ decontaminate
-    @property
-    def questions(self) -> str:
-        """Questions that go to the teachers: decontaminated (or copied when decontamination is off)."""
-        return DecontamFolder(self.stage("decontaminate")).kept
-
-    @property
-    def removed(self) -> str:
-        return DecontamFolder(self.stage("decontaminate")).removed
-
-    @property
-    def decontam_index(self) -> str:
-        return DecontamFolder(self.stage("decontaminate")).index
-
-    # ------------------------------------------------------------------ distill
-    @property
-    def distill(self) -> str:
-        """The distill folder: ``raw``, the journal and the engine's bookkeeping live under it."""
-        return self.stage("distill")
-
-    @property
-    def raw(self) -> str:
-        """Every teacher reply (one row per expected sample), before any verdict."""
-        return DistillFolder(self.distill).raw
-
-    @property
-    def cost(self) -> str:
-        return DistillFolder(self.distill).cost
-
-    @property
-    def distill_config(self) -> str:
-        return DistillFolder(self.distill).config
-
-    # ------------------------------------------------- filter (rejection sampling)
-    @property
-    def verdicts(self) -> str:
-        """One row per sample: extracted answer, correct, reject reason (no reply text)."""
-        return FilterFolder(self.stage("filter")).verdicts
-
-    @property
-    def accepted(self) -> str:
-        """Samples whose extracted answer equals the gold answer, with their full replies."""
-        return FilterFolder(self.stage("filter")).accepted
-
-    @property
-    def stats(self) -> str:
-        """Per-source statistics: the one statistics pass the report also reads."""
-        return FilterFolder(self.stage("filter")).stats
-
-    @property
-    def verify_history(self) -> str:
-        """``filter/verify_history.jsonl``: the verify settings the run's verdicts were made with, in turn."""
-        return FilterFolder(self.stage("filter")).verify_history
-
-    @property
-    def audit(self) -> str:
-        """``filter/audit``: the gold-label audit, one row per question (majority answer, flag)."""
-        return FilterFolder(self.stage("filter")).audit
-
-    # --------------------------------------------------------- mixture, export
-    @property
-    def mixture(self) -> str:
-        return self.stage("mixture")
-
-    @property
-    def mixture_train(self) -> str:
-        return MixtureFolder(self.mixture).split("train")
-
-    @property
-    def mixture_validation(self) -> str:
-        return MixtureFolder(self.mixture).split("validation")
-
-    @property
-    def mixture_summary(self) -> str:
-        return MixtureFolder(self.mixture).summary
-
-    @property
-    def export_summary(self) -> str:
-        return ExportFolder(self.export).summary
-
-    @property
-    def export(self) -> str:
-        return self.stage("export")
+    # ------------------------------------------------------------------ stages
+    ingested = _of(IngestFolder, "ingest", "questions", doc="Questions as ingested (before decontamination).")
+    quarantine = _of(IngestFolder, "ingest", "quarantine")
+    ingest_entries = _of(IngestFolder, "ingest", "entries", doc="The ingest stage's done-signal.")
+    ingest_summary = _of(IngestFolder, "ingest", "summary")
+    images_root = property(
+        lambda self: self.stage("ingest"), doc="The folder whose ``images/`` is the image store."
+    )
+    questions = _of(DecontamFolder, "decontaminate", "kept", doc="Questions that go to the teachers.")
+    removed = _of(DecontamFolder, "decontaminate", "removed")
+    decontam_index = _of(DecontamFolder, "decontaminate", "index")
+    distill = property(
+        lambda self: self.stage("distill"), doc="``raw``, the journal and the engine's bookkeeping."
+    )
+    raw = _of(DistillFolder, "distill", "raw", doc="Every teacher reply, before any verdict.")
+    cost = _of(DistillFolder, "distill", "cost")
+    distill_config = _of(DistillFolder, "distill", "config")
+    verdicts = _of(FilterFolder, "filter", "verdicts", doc="One row per sample (no reply text).")
+    accepted = _of(FilterFolder, "filter", "accepted", doc="Accepted samples with their full replies.")
+    stats = _of(FilterFolder, "filter", "stats", doc="The one statistics pass the report also reads.")
+    verify_history = _of(FilterFolder, "filter", "verify_history")
+    audit = _of(FilterFolder, "filter", "audit", doc="The gold-label audit, one row per question.")
+    mixture = property(lambda self: self.stage("mixture"))
+    mixture_train = property(lambda self: MixtureFolder(self.mixture).split("train"))
+    mixture_validation = property(lambda self: MixtureFolder(self.mixture).split("validation"))
+    mixture_summary = _of(MixtureFolder, "mixture", "summary")
+    export = property(lambda self: self.stage("export"))
+    export_summary = _of(ExportFolder, "export", "summary")
+    checkpoints = property(lambda self: self.stage("checkpoints"))
+    checkpoint_marker = _of(CheckpointFolder, "checkpoints", "marker", doc="The final checkpoint's marker.")
+    evaluation = property(lambda self: self.stage("evaluate"))
+    report = property(lambda self: self.stage("report"))
 
     def trl_export(self, text_only: bool) -> str:
         """The TRL export folder training reads (``trl/text`` or ``trl/vision``)."""
@@ -598,34 +388,6 @@ class RunPaths:
     def trl_split(self, text_only: bool, split: str = "train") -> str:
         """One split of the TRL export (``trl/<text|vision>/<split>``)."""
         return ExportFolder(self.export).trl_split(text_only, split)
-
-    # -------------------------------------------------- training and evaluation
-    @property
-    def checkpoints(self) -> str:
-        return self.stage("checkpoints")
-
-    @property
-    def checkpoint_record(self) -> str:
-        """Which checkpoint this run produced (written when training registers it)."""
-        return storage.join(self.root, "checkpoint.json")
-
-    @property
-    def latest_checkpoint(self) -> str:
-        """The store-wide pointer to the newest registered checkpoint of any run."""
-        return storage.join(self.store, "checkpoints", "latest.json")
-
-    @property
-    def evaluation(self) -> str:
-        return self.stage("evaluate")
-
-    @property
-    def report(self) -> str:
-        return self.stage("report")
-
-    @property
-    def checkpoint_marker(self) -> str:
-        """The final checkpoint's marker under ``checkpoints/``."""
-        return CheckpointFolder(self.checkpoints).marker
 
 
 @dataclass(frozen=True)
@@ -639,18 +401,13 @@ class ExperimentPaths:
     def root(self) -> str:
         return storage.join(self.store, "experiments", self.name)
 
-    @property
-    def spec_json(self) -> str:
-        return storage.join(self.root, "spec.json")
-
-    @property
-    def models(self) -> str:
-        return storage.join(self.root, "models")
-
-    @property
-    def tiny_model(self) -> str:
-        """The one tiny base model every arm starts from: ``models/tiny``."""
-        return storage.join(self.models, "tiny")
+    spec_json = _at("spec.json")
+    models = _at("models")
+    tiny_model = _at("models", "tiny", doc="The one tiny base model every arm starts from.")
+    report = _at("report.md")
+    plot = _at("comparison.png")
+    curves_plot = _at("learning_curves.png")
+    comparison = _at("comparison.json")
 
     def arm(self, name: str) -> RunPaths:
         """The arm's run-shaped folder (the export, training and evaluation code take a RunPaths)."""
@@ -662,19 +419,3 @@ class ExperimentPaths:
     def items(self, key: str) -> str:
         """Which evaluated benchmark items have an image, per protocol: ``items/<key>.json``."""
         return storage.join(self.root, "items", f"{key}.json")
-
-    @property
-    def report(self) -> str:
-        return storage.join(self.root, "report.md")
-
-    @property
-    def plot(self) -> str:
-        return storage.join(self.root, "comparison.png")
-
-    @property
-    def curves_plot(self) -> str:
-        return storage.join(self.root, "learning_curves.png")
-
-    @property
-    def comparison(self) -> str:
-        return storage.join(self.root, "comparison.json")

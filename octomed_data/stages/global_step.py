@@ -66,12 +66,13 @@ class GlobalStage(Stage):
         return digest(commits)
 
     def run_shard(self, shard: str) -> dict[str, Any]:
-        read = self.input_version(
-            shard
-        )  # the commits this build reads (an input re-committed meanwhile rebuilds)
+        # The commits this build reads: an input committed again meanwhile rebuilds on the next pass.
+        read = self.input_version(shard)
+        done = self.done_dataset()
+        done.delete_shard(GLOBAL_SHARD)  # a build that fails half-way must not leave an older marker
         counts = self.build()
         marker = pa.table({"stage": [self.name]})
-        self.done_dataset().write_shard(
+        done.write_shard(
             GLOBAL_SHARD, marker, extra=self.marker_extra(shard, counts, input_committed_at=read)
         )
         return counts
