@@ -3,15 +3,17 @@
 * :class:`TeacherBudget` is a named, detached actor holding every teacher's requests/tokens
   window (:class:`~octomed_data.inference.ratelimit.WindowBudget`) for all actors on all machines. Workers
   lease permits in small chunks that expire, so it is asked a few times per second, not per request.
-* :class:`ShardWorker` is an async actor that runs :func:`~octomed_data.stages.arun_one` (the same
-  per-shard step every executor runs); ``max_concurrency`` shards at once, each bounding its own
+* :class:`ShardWorker` is an async actor that runs the stage runner's
+  :func:`~octomed_data.stages.runner.arun_guarded` (the same per-shard step every executor runs:
+  lease, fencing, binding); ``max_concurrency`` shards at once, each bounding its own
   in-flight requests. A call is idempotent (the distill journal skips stored samples), so Ray's
   at-least-once retries never pay twice for a stored sample.
 * :class:`RayPool` creates the actors once per process and cluster and reuses them for every
   shard and every stage run (no actor start per shard); its size comes from the cluster's CPUs.
   :class:`RayExecutor` is the stage executor on top of it (the Prefect executor uses the same pool).
 
-The library (``octomed_data``) knows nothing of Ray; this module only wires it up.
+The library (``octomed_data``) knows nothing of Ray; this module only wires it up, for any stage:
+the budget's limits come from ``stage.endpoints()`` and reach the stage by ``stage.bind``.
 """
 
 from __future__ import annotations
@@ -24,26 +26,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ray
-from pydantic import SecretStr
 from ray.exceptions import ActorUnschedulableError, RayActorError
 
 from octomed_data import storage
 from octomed_data.inference.ratelimit import LeasedRateLimiter, WindowBudget, lease_chunk, safety_margin
-from octomed_data.layout import RunPaths
-from octomed_data.runs import LeaseHeld, new_owner, shard_lease
-from octomed_data.stages import ShardOutcome, Stage, arun_one, describe_error, raise_for_failures, run_stage
+from octomed_data.stages import Runtime, ShardOutcome, Stage, describe_error
 from octomed_data.stages.local import shard_progress_bar
-from octomed_data.teachers import DistillConfig
+from octomed_data.stages.runner import RetryPolicy, arun_guarded, cause, endpoint_keys
 
 NAMESPACE = "octomed"
 BUDGET_ACTOR = "octomed-teacher-budget"
 LEASE_TTL_S = 0.5
 SHARDS_PER_WORKER = 2
-# The one-writer lease of a shard (``state/<stage>/<shard>.lease``): renewed every third of this
-# while the shard runs; a writer whose driver died stops renewing, so a restarted run takes the
-# shard over at most this long after (and the leftover, if it still runs, finds the lease lost and
-# stops before it writes again).
-SHARD_LEASE_TTL_S = float(os.environ.get("OCTOMED_SHARD_LEASE_TTL_S", "15"))
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -84,17 +78,17 @@ class TeacherBudget:
         return budget.take(n, tokens_each, time.monotonic())
 
 
-def _limits(config: DistillConfig) -> dict[str, tuple[int | None, int | None, float]]:
-    return {t.name: (t.rpm, t.tpm, t.rate_window_s) for t in config.teachers}
+def _limits(stage: Stage) -> dict[str, tuple[int | None, int | None, float]]:
+    return {t.name: (t.rpm, t.tpm, t.rate_window_s) for t in stage.endpoints()}
 
 
-def budget_actor(config: DistillConfig | None = None):
+def budget_actor(stage: Stage | None = None):
     """The cluster's budget actor (created on first use, shared by every driver and worker)."""
     actor = TeacherBudget.options(
         name=BUDGET_ACTOR, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
     ).remote()
-    if config is not None:
-        ray.get(actor.configure.remote(_limits(config)))
+    if stage is not None and stage.endpoints():
+        ray.get(actor.configure.remote(_limits(stage)))
     return actor
 
 
@@ -106,45 +100,47 @@ class ShardWorker:
         self._budget = budget
         self._running: dict[tuple[str, str, str], asyncio.Future[ShardOutcome]] = {}
 
-    def _bind(self, stage: Stage) -> Stage:
-        config = getattr(stage, "config", None)
-        if not isinstance(config, DistillConfig) or not hasattr(stage, "with_runtime"):
-            return stage
-        chunks = {t.name: lease_chunk(t.rpm, t.rate_window_s, LEASE_TTL_S) for t in config.teachers}
-        unlimited = {t.name for t in config.teachers if t.rpm is None and t.tpm is None}
-        limits = _limits(config)
+    def _limiter(self, stage: Stage) -> LeasedRateLimiter | None:
+        """This worker's share of the cluster budget of the stage's endpoints (rpm, tpm, window)."""
+        endpoints = stage.endpoints()
+        if not endpoints:
+            return None
+        chunks = {t.name: lease_chunk(t.rpm, t.rate_window_s, LEASE_TTL_S) for t in endpoints}
+        unlimited = {t.name for t in endpoints if t.rpm is None and t.tpm is None}
+        limits = _limits(stage)
         budget = self._budget
 
         async def lease(teacher: str, n: int, tokens_each: int, correction: int) -> tuple[int, float]:
             return await budget.lease.remote(teacher, n, tokens_each, correction, limits.get(teacher))
 
-        limiter = LeasedRateLimiter(lease, chunks, ttl_s=LEASE_TTL_S, unlimited=unlimited)
-        return stage.with_runtime(limiter=limiter)
+        return LeasedRateLimiter(lease, chunks, ttl_s=LEASE_TTL_S, unlimited=unlimited)
 
     async def run(
         self,
         stage: Stage,
         shard: str,
+        runtime: Runtime | None = None,
         force: bool = False,
         attempt: int = 1,
         lease_ttl_s: float | None = None,
     ) -> ShardOutcome:
-        """One shard; a duplicate call for a shard already running here awaits that run.
-
-        The shard runs only while this actor holds its lease (:func:`run_fenced`).
-        """
+        """One attempt at one shard through the runner (its lease, fencing), bound to the driver's
+        keys and this worker's limiter; a duplicate call for a shard already running here awaits it."""
         key = (stage.name, stage.paths.root, shard)
         if key in self._running:
             return await asyncio.shield(self._running[key])
         fut: asyncio.Future[ShardOutcome] = asyncio.get_running_loop().create_future()
         self._running[key] = fut
         try:
-            outcome = await run_fenced(
+            keys = runtime.api_keys if runtime is not None else {}
+            outcome = await arun_guarded(
                 stage,
                 shard,
-                lambda: arun_one(self._bind(stage), shard, force=force, attempt=attempt),
-                ttl_s=lease_ttl_s or SHARD_LEASE_TTL_S,
-                owner=new_owner(f"ray-actor:{ray.get_runtime_context().get_actor_id()}:"),
+                Runtime(api_keys=keys, limiter=self._limiter(stage)),
+                force=force,
+                attempt=attempt,
+                owner=f"ray-actor:{ray.get_runtime_context().get_actor_id()}:",
+                ttl_s=lease_ttl_s,
             )
             await asyncio.to_thread(note_node, stage, shard, ray.get_runtime_context().get_node_id())
             fut.set_result(outcome)
@@ -165,48 +161,6 @@ def note_node(stage: Stage, shard: str, node_id: str) -> None:
     except Exception:  # no record (a reused shard was never started): nothing to annotate
         return
     storage.write_json(uri, doc | {"node_id": node_id})
-
-
-async def run_fenced(
-    stage: Stage, shard: str, work: Any, *, ttl_s: float = SHARD_LEASE_TTL_S, owner: str | None = None
-) -> Any:
-    """Await ``work()`` while holding the shard's lease: one writer per shard at a time.
-
-    Waits for a lease held by someone else to be released or to expire (a leftover actor of a
-    killed run stops renewing it), renews it every ``ttl_s / 3`` while the shard runs, and cancels
-    the shard the moment another owner has taken the lease over. Between heartbeats the fence
-    stops it: every journal segment and shard commit checks the lease first (epoch fencing).
-    """
-    lease = shard_lease(stage.paths, stage.name, shard, owner or new_owner("ray:"), ttl_s)
-    await asyncio.to_thread(lease.acquire, ttl_s * 2, min(1.0, ttl_s / 5))
-    with lease.fence():  # the shard's task (and its writer tasks) check the lease before each write
-        task = asyncio.ensure_future(work())
-    lost: list[str] = []
-
-    async def heartbeat() -> None:
-        while not task.done():
-            await asyncio.sleep(ttl_s / 3)
-            try:
-                ok = await asyncio.to_thread(lease.renew)
-            except Exception:  # a store hiccup: the TTL leaves room for the next beat
-                continue
-            if not ok:
-                holder = (await asyncio.to_thread(lease.read) or {}).get("owner")
-                lost.append(f"{stage.name} shard {shard}: lost its lease to {holder!r}; stopped writing")
-                task.cancel()
-                return
-
-    beat = asyncio.ensure_future(heartbeat())
-    try:
-        return await task
-    except asyncio.CancelledError:
-        if lost:
-            raise LeaseHeld(lost[0]) from None
-        raise
-    finally:
-        beat.cancel()
-        if not lost:
-            await asyncio.to_thread(lease.release)
 
 
 def ensure_ray(address: str | None) -> bool:
@@ -300,24 +254,38 @@ class RayPool:
             return worker
 
     def configure(self, stage: Stage) -> None:
-        config = getattr(stage, "config", None)
-        if isinstance(config, DistillConfig):
-            ray.get(budget_actor().configure.remote(_limits(config)))
+        budget_actor(stage)
 
-    def submit(self, stage: Stage, shard: str, *, force: bool = False, attempt: int = 1) -> tuple[Any, Any]:
-        """Send one shard to the next worker; returns (worker, object ref)."""
+    def submit(
+        self,
+        stage: Stage,
+        shard: str,
+        runtime: Runtime | None = None,
+        *,
+        force: bool = False,
+        attempt: int = 1,
+    ) -> tuple[Any, Any]:
+        """Send one attempt at one shard to the next worker; returns (worker, object ref)."""
         worker = self._worker()
-        return worker, worker.run.remote(stage, shard, force, attempt)
+        return worker, worker.run.remote(stage, shard, runtime, force, attempt)
 
-    def run(self, stage: Stage, shard: str, *, force: bool = False, attempt: int = 1) -> ShardOutcome:
-        """Run one shard on the pool and wait for it (raises the shard's error).
+    def run(
+        self,
+        stage: Stage,
+        shard: str,
+        runtime: Runtime | None = None,
+        *,
+        force: bool = False,
+        attempt: int = 1,
+    ) -> ShardOutcome:
+        """One attempt at one shard on the pool, waited for (raises the shard's error).
 
         A worker that died for good (its restarts used up, e.g. its node gone) is replaced and the
         shard sent once more to a live one: the journal makes that free for stored samples.
         """
         self.configure(stage)
         for resend in range(RESENDS + 1):
-            worker, ref = self.submit(stage, shard, force=force, attempt=attempt)
+            worker, ref = self.submit(stage, shard, runtime, force=force, attempt=attempt)
             try:
                 return ray.get(ref)
             except WORKER_GONE:
@@ -328,39 +296,56 @@ class RayPool:
 
 
 class RayExecutor:
-    """Stage executor on the long-lived :class:`RayPool` (no Prefect; the CLI's ``--ray``)."""
+    """Stage executor on the long-lived :class:`RayPool` (no Prefect; the CLI's ``--ray``): keys
+    resolved here once; a failed shard is tried ``retries`` more times under the runner's
+    :class:`~octomed_data.stages.runner.RetryPolicy`."""
 
-    def __init__(self, address: str | None = None, progress: bool = False) -> None:
+    def __init__(self, address: str | None = None, progress: bool = False, retries: int = 0) -> None:
         self.pool = RayPool.get(address)
         self.progress = progress
+        self.policy = RetryPolicy(retries=retries)  # as the local executor: the CLI fails fast
 
     def map(self, stage: Stage, shards: Sequence[str], *, force: bool = False) -> dict[str, ShardOutcome]:
         self.pool.configure(stage)
-        pending: dict[Any, tuple[str, Any, int]] = {}
+        runtime = Runtime(api_keys=endpoint_keys(stage))
+        pending: dict[Any, tuple[str, Any, int, int]] = {}  # ref -> (shard, worker, attempt, resends)
+        later: list[tuple[float, str, int]] = []  # (not before, shard, attempt): backed-off retries
 
-        def send(shard: str, resends: int = 0) -> None:
-            worker, ref = self.pool.submit(stage, shard, force=force)
-            pending[ref] = (shard, worker, resends)
+        def send(shard: str, attempt: int = 1, resends: int = 0) -> None:
+            worker, ref = self.pool.submit(stage, shard, runtime, force=force, attempt=attempt)
+            pending[ref] = (shard, worker, attempt, resends)
 
         for s in shards:
             send(s)
         out: dict[str, ShardOutcome] = {}
         bar = shard_progress_bar(len(shards), f"{stage.name} (ray)") if self.progress else None
         try:
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
+            while pending or later:
+                now = time.monotonic()
+                for item in [x for x in later if x[0] <= now]:
+                    later.remove(item)
+                    send(item[1], item[2])
+                wait_s = max(0.0, min(x[0] for x in later) - now) if later else None
+                if not pending:
+                    time.sleep(wait_s or 0.0)
+                    continue
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
                 for ref in ready:
-                    shard, worker, resends = pending.pop(ref)
+                    shard, worker, attempt, resends = pending.pop(ref)
                     try:
                         out[shard] = ray.get(ref)
                     except WORKER_GONE as exc:  # its node died: a new worker on a live node
                         if resends < RESENDS:
                             self.pool.replace(worker)
-                            send(shard, resends + 1)
+                            send(shard, attempt, resends + 1)
                             continue
-                        out[shard] = ShardOutcome(shard, "FAILED", error=describe_error(_cause(exc)))
-                    except Exception as exc:  # the shard's own error, recorded by arun_one
-                        out[shard] = ShardOutcome(shard, "FAILED", error=describe_error(_cause(exc)))
+                        out[shard] = ShardOutcome(shard, "FAILED", error=describe_error(cause(exc)))
+                    except Exception as exc:  # the shard's own error, recorded by the runner
+                        if attempt <= self.policy.retries and self.policy.retryable(exc):
+                            delay = self.policy.delays()[attempt - 1]
+                            later.append((time.monotonic() + delay, shard, attempt + 1))
+                            continue
+                        out[shard] = ShardOutcome(shard, "FAILED", error=describe_error(cause(exc)))
                     if bar is not None:
                         bar.update(1)
         finally:
@@ -369,88 +354,10 @@ class RayExecutor:
         return out
 
 
-def _cause(exc: BaseException) -> BaseException:
-    """The shard's exception inside a Ray task error."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, BaseException) else exc
+def __getattr__(name: str) -> Any:
+    """The distill CLI's Ray helpers moved to :mod:`tasks.ray_distill` (old imports keep working)."""
+    if name in ("run_distill", "distill_shard_ray"):
+        import tasks.ray_distill
 
-
-def secret_keys(
-    api_keys: Mapping[str, str | SecretStr] | None, config: DistillConfig | None = None
-) -> dict[str, SecretStr] | None:
-    """Every teacher's key, resolved here on the driver (given, else its env variable), so Ray
-    workers on other nodes need no key of their own; a key the driver lacks is left to the worker
-    (which fails in one line without it)."""
-    from octomed_data.errors import ConfigError
-    from octomed_data.teachers import resolve_api_key
-
-    keys = {k: v if isinstance(v, SecretStr) else SecretStr(str(v)) for k, v in (api_keys or {}).items()}
-    for teacher in config.teachers if config is not None else ():
-        if teacher.name not in keys:
-            try:
-                keys[teacher.name] = resolve_api_key(teacher)
-            except ConfigError:
-                continue
-    return keys or None
-
-
-def distill_shard_ray(
-    questions_uri: str,
-    shard: str,
-    out: str,
-    config: DistillConfig,
-    *,
-    address: str | None = None,
-    api_keys: Mapping[str, str | SecretStr] | None = None,
-) -> dict[str, Any]:
-    """Distill one shard on the Ray pool (writes ``OUT/raw``); returns the shard's report."""
-    from octomed_data.distill import raw_uri
-    from octomed_data.stages.distill import DistillStage
-
-    stage = DistillStage(
-        RunPaths.at(out), config, questions=questions_uri, out=out, api_keys=secret_keys(api_keys, config)
-    )
-    pool = RayPool.get(address)
-    reused = False
-    try:
-        reused = pool.run(stage, shard).state == "REUSED"
-    except Exception as exc:
-        from octomed_data.stages import ShardIncomplete
-
-        if not isinstance(_cause(exc), ShardIncomplete):
-            raise _cause(exc) from None
-    info = storage.Dataset(raw_uri(out)).shard_info(shard)
-    report = dict(info.extra.get("report") or {}) if info is not None else {}
-    if reused:  # nothing was sent this time: every expected sample was already stored
-        report.update(stored_before=report.get("expected", 0), new_samples=0, requests=0, retries=0)
-        report.update(prompt_tokens=0, completion_tokens=0)
-    return report
-
-
-def run_distill(
-    questions_uri: str,
-    out: str,
-    config: DistillConfig,
-    *,
-    address: str | None = None,
-    shards: Sequence[str] | None = None,
-    api_keys: Mapping[str, str | SecretStr] | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Distill every (or the given) shard on the Ray pool, then the filter stage and the cost ledger."""
-    from octomed_data.distill import finalize, shard_names
-    from octomed_data.distill.run import shard_report, summarize
-    from octomed_data.stages.distill import DistillStage
-
-    names = list(shards) if shards else shard_names(questions_uri)
-    stage = DistillStage(
-        RunPaths.at(out), config, questions=questions_uri, out=out, api_keys=secret_keys(api_keys, config)
-    )
-    result = run_stage(
-        stage, RayExecutor(address, progress=progress), shards=names, force=False, finalize=False
-    )
-    reports = [r for r in (shard_report(out, s) for s in names) if r is not None]
-    summary = summarize(reports, finalize(out, questions_uri, config), result.failed)
-    if result.failed and not reports:
-        raise_for_failures(result)
-    return summary
+        return getattr(tasks.ray_distill, name)
+    raise AttributeError(name)

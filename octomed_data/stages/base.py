@@ -28,7 +28,7 @@ from pydantic import SecretStr
 from octomed_data import storage
 from octomed_data.errors import OctomedError
 from octomed_data.layout import RunPaths
-from octomed_data.runs import record_shard, shard_name
+from octomed_data.stages.records import record_shard, shard_name
 
 if TYPE_CHECKING:
     from octomed_data.teachers import TeacherConfig

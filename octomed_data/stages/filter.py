@@ -25,7 +25,6 @@ from octomed_data.verify.judge import JudgeEndpoint, JudgeIncomplete
 if TYPE_CHECKING:
     from octomed_data.recipe import Recipe
 
-SANDBOX_KEY = "sandbox-needs-no-key"
 # The judge's URL is not in the verdicts' fingerprint (its model and sampling are): a stand-in URL
 # resolves a sandbox-bound judge well enough to decide which shards are done, without a server.
 NO_SANDBOX_URL = "http://sandbox.invalid/v1"
@@ -128,7 +127,7 @@ class FilterStage(Stage):
     def bind(self, runtime: Runtime) -> FilterStage:
         """A copy using this process's keys (SecretStr) and shared rate limiter."""
         other = copy.copy(self)
-        other.api_keys = dict(runtime.api_keys or self.api_keys or {}) or None
+        other.api_keys = {**runtime.api_keys, **(self.api_keys or {})} or None  # keys given win
         other.limiter = runtime.limiter if runtime.limiter is not None else self.limiter
         return other
 
@@ -165,15 +164,10 @@ class FilterStage(Stage):
         return f"judge={JUDGE_VERSION}|verify={self.verify.fingerprint(self.judge)}"
 
     def judge_endpoint(self) -> JudgeEndpoint | None:
-        """The judge with its key (passed in, else its env variable; the sandbox needs none)."""
+        """The judge with its key (bound, else its env variable; a simulated judge needs none)."""
         if self.judge is None:
             return None
-        if self.api_keys and self.judge.name in self.api_keys:
-            key = resolve_api_key(self.judge, self.api_keys)
-        elif self.judge.name == "sandbox":
-            key = SecretStr(SANDBOX_KEY)
-        else:
-            key = resolve_api_key(self.judge)
+        key = resolve_api_key(self.judge, self.api_keys)
         return JudgeEndpoint(
             self.judge, key, self.judge_journal, max_attempts=self.verify.max_attempts, limiter=self.limiter
         )

@@ -2,7 +2,8 @@
 
 :func:`run_stage` is the whole shard loop: pick the shards, hand the ones not yet done to an
 executor's ``map``, drop outputs of vanished inputs on a full pass, check every input shard is
-done, then finalise. Executors only decide where :func:`~octomed_data.stages.base.run_one` runs.
+done, then finalise. Executors only decide where the runner's
+:func:`~octomed_data.stages.runner.run_guarded` runs.
 """
 
 from __future__ import annotations
@@ -12,45 +13,48 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Protocol
 
-from octomed_data.stages.base import ShardOutcome, Stage, StageFailed, StageResult, describe_error, run_one
+from octomed_data.stages.base import Runtime, ShardOutcome, Stage, StageFailed, StageResult
+from octomed_data.stages.runner import RetryPolicy, endpoint_keys, run_guarded
 
 
 class Executor(Protocol):
-    """Runs :func:`run_one` for each shard somewhere; returns every shard's outcome (never raises for one)."""
+    """Runs each shard somewhere through the runner (:mod:`.runner`); returns every shard's outcome
+    (never raises for one)."""
 
     def map(self, stage: Stage, shards: Sequence[str], *, force: bool) -> dict[str, ShardOutcome]: ...
 
 
 class LocalExecutor:
-    """Shards in this process, ``workers`` at a time (threads), with a progress bar on a terminal."""
+    """Shards in this process, ``workers`` at a time (threads), with a progress bar on a terminal.
+
+    Each attempt goes through the runner (:func:`~octomed_data.stages.runner.run_guarded`: keys,
+    the shard's lease, fencing); a failed shard is tried ``retries`` more times (default none:
+    the CLI fails fast) under the one :class:`~octomed_data.stages.runner.RetryPolicy`.
+    """
 
     def __init__(self, workers: int = 1, progress: bool | None = None, retries: int = 0) -> None:
         self.workers = max(1, workers)
         self.progress = sys.stderr.isatty() if progress is None else progress
-        self.retries = retries
-
-    def _one(self, stage: Stage, shard: str, force: bool) -> ShardOutcome:
-        for attempt in range(1, self.retries + 2):
-            try:
-                return run_one(stage, shard, force=force, attempt=attempt)
-            except Exception as exc:  # recorded by run_one; the pass goes on with the other shards
-                error = describe_error(exc)
-                if attempt > self.retries or not _retryable(exc):
-                    return ShardOutcome(shard, "FAILED", error=error)
-        raise AssertionError("unreachable")
+        self.policy = RetryPolicy(retries=retries)
 
     def map(self, stage: Stage, shards: Sequence[str], *, force: bool = False) -> dict[str, ShardOutcome]:
+        runtime = Runtime(api_keys=endpoint_keys(stage))
+
+        def one(shard: str) -> ShardOutcome:
+            attempt = lambda n: run_guarded(stage, shard, runtime, force=force, attempt=n)  # noqa: E731
+            return self.policy.run(shard, attempt)
+
         bar = shard_progress_bar(len(shards), stage.name) if self.progress and len(shards) > 1 else None
         out: dict[str, ShardOutcome] = {}
         try:
             if self.workers == 1 or len(shards) <= 1:
                 for shard in shards:
-                    out[shard] = self._one(stage, shard, force)
+                    out[shard] = one(shard)
                     if bar is not None:
                         bar.update(1)
             else:
                 with ThreadPoolExecutor(self.workers, thread_name_prefix=f"{stage.name}-shard") as pool:
-                    futures = {pool.submit(self._one, stage, s, force): s for s in shards}
+                    futures = {pool.submit(one, s): s for s in shards}
                     for fut in as_completed(futures):
                         out[futures[fut]] = fut.result()
                         if bar is not None:
@@ -59,12 +63,6 @@ class LocalExecutor:
             if bar is not None:
                 bar.close()
         return out
-
-
-def _retryable(exc: BaseException) -> bool:
-    from octomed_data.errors import ConfigError
-
-    return not isinstance(exc, ConfigError)
 
 
 def shard_progress_bar(total: int, desc: str):

@@ -260,7 +260,7 @@ def test_a_restarted_run_waits_for_a_leftover_writer_and_the_leftover_stops_writ
     that lost its lease is cancelled before its next write."""
     from types import SimpleNamespace
 
-    from tasks.ray_executor import run_fenced
+    from octomed_data.stages.runner import run_fenced
 
     paths = RunPaths(str(tmp_path), "r")
     stage = SimpleNamespace(name="distill", paths=paths)

@@ -1,0 +1,57 @@
+"""Attempt records: ``state/<stage>/<shard>.json`` (running, failed with its error, seconds,
+counts), written by the stage runner for people and the shard table, never read to decide what runs."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import TYPE_CHECKING, Any
+
+from octomed_data import storage
+from octomed_data.errors import StorageError
+
+if TYPE_CHECKING:
+    from octomed_data.layout import RunPaths
+
+
+def record_shard(paths: RunPaths, stage: str, shard: str, state: str, **info: Any) -> dict[str, Any]:
+    """Write one shard's attempt record (RUNNING / COMPLETED / FAILED / SKIPPED) and counts."""
+    uri = paths.state_uri(stage, shard)
+    now = _dt.datetime.now(_dt.UTC)
+    doc = {"stage": stage, "shard": shard, "state": state, "updated_at": now.isoformat()}
+    doc.update(info)
+    attempt = info.get("attempt")
+    if isinstance(attempt, int) and not info.get("reused"):
+        _add_total_seconds(uri, doc, attempt, now)
+    storage.write_json(uri, doc)
+    return doc
+
+
+def _add_total_seconds(uri: str, doc: dict[str, Any], attempt: int, now: _dt.datetime) -> None:
+    """``total_seconds``: this attempt's seconds plus every earlier attempt's (retries included).
+
+    Each record carries ``previous_seconds`` (the earlier attempts' sum); an attempt that died
+    without saying how long it ran is counted from its RUNNING record's time.
+    """
+    prev: dict[str, Any] = {}
+    if attempt > 1 or doc["state"] != "RUNNING":
+        try:
+            prev = storage.read_json(uri) if storage.exists(uri) else {}
+        except (StorageError, ValueError):
+            prev = {}
+    previous = 0.0
+    if prev.get("attempt") == attempt:
+        previous = float(prev.get("previous_seconds") or 0.0)
+        if doc.get("seconds") is None and prev.get("state") == "RUNNING" and doc["state"] != "RUNNING":
+            started = _dt.datetime.fromisoformat(prev["updated_at"])
+            doc["seconds"] = round((now - started).total_seconds(), 3)
+    elif attempt > 1 and prev.get("attempt") == attempt - 1:
+        previous = float(prev.get("total_seconds") or prev.get("seconds") or 0.0)
+    doc["previous_seconds"] = round(previous, 3)
+    doc["total_seconds"] = round(previous + float(doc.get("seconds") or 0.0), 3)
+
+
+def shard_name(shard: str | int) -> str:
+    """``3`` or ``"3"`` -> ``"00003"`` (the storage layer's name for shard 3); names pass through."""
+    if isinstance(shard, int) or str(shard).isdigit():
+        return storage.Dataset.shard_name(int(shard))
+    return storage.Dataset.shard_name(str(shard))
