@@ -98,7 +98,7 @@ def _warm_up_every_node(ray) -> None:
 
 def _stage(tmp: Path, name: str, base_url: str, shards: int, per_shard: int):
     from octomed_data.stages.distill import DistillStage
-    from tasks.prefect_executor import resolve_api_keys
+    from octomed_data.teachers import resolve_api_key
 
     q = str(tmp / name / "questions")
     for s in range(shards):
@@ -110,7 +110,13 @@ def _stage(tmp: Path, name: str, base_url: str, shards: int, per_shard: int):
     )
     out = str(tmp / name / "run")
     # The key is resolved here, in the driver (the only process that has it), as the flows do.
-    return DistillStage(RunPaths.at(out), cfg, questions=q, out=out, api_keys=resolve_api_keys(cfg)), q
+    return DistillStage(
+        RunPaths.at(out),
+        cfg,
+        questions=q,
+        out=out,
+        api_keys={t.name: resolve_api_key(t) for t in cfg.teachers},
+    ), q
 
 
 def test_distill_spreads_over_two_nodes_key_only_in_driver_and_survives_a_dead_node(
