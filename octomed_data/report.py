@@ -410,26 +410,33 @@ def run_statistics(paths: RunPaths) -> dict[str, Any]:
     return storage.read_json(paths.stats) if storage.exists(paths.stats) else {}
 
 
-def write_run_report(paths: RunPaths) -> tuple[ReportResult, str]:
-    """Write ``RUN/report/report.{md,png}``; returns the result and the markdown with the PNG embedded."""
+def run_report_parts(paths: RunPaths) -> dict[str, Any]:
+    """What the run report shows besides the statistics: shard attempts, outputs, cost, counts."""
     from octomed_data.runs import shard_states
 
-    stats = run_statistics(paths)
-    shards = shard_states(paths)
-    outputs = run_outputs(paths)
-    cost = run_cost(paths)
-    counts = run_counts(paths)
-    result = write_report(
-        stats, paths.report, run_id=paths.run_id, shards=shards, outputs=outputs, cost=cost, counts=counts
-    )
-    # The dashboard copy embeds the PNG (the stored file may not be reachable from a browser).
-    embedded = report_markdown(
-        run_id=paths.run_id,
-        stats=result.stats,
-        shards=shards,
-        outputs=outputs | {"report": result.markdown_uri, "plot": result.png_uri},
-        cost=cost,
-        counts=counts,
-        png=storage.read_bytes(result.png_uri),
-    )
-    return result, embedded
+    return {
+        "run_id": paths.run_id,
+        "shards": shard_states(paths),
+        "outputs": run_outputs(paths),
+        "cost": run_cost(paths),
+        "counts": run_counts(paths),
+    }
+
+
+def embedded_run_report(
+    paths: RunPaths, parts: Mapping[str, Any] | None = None, stats: SampleStats | None = None
+) -> str:
+    """The dashboard copy of the run report: the stored PNG embedded (the stored file may not be
+    reachable from a browser), the report's own files among the outputs."""
+    parts = dict(parts or run_report_parts(paths))
+    folder = ReportFolder(paths.report)
+    parts["outputs"] = dict(parts["outputs"]) | {"report": folder.markdown, "plot": folder.plot}
+    stats = stats or sample_stats(run_statistics(paths))
+    return report_markdown(stats=stats, png=storage.read_bytes(folder.plot), **parts)
+
+
+def write_run_report(paths: RunPaths) -> tuple[ReportResult, str]:
+    """Write ``RUN/report/report.{md,png}``; returns the result and the markdown with the PNG embedded."""
+    parts = run_report_parts(paths)
+    result = write_report(run_statistics(paths), paths.report, **parts)
+    return result, embedded_run_report(paths, parts, result.stats)

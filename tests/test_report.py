@@ -109,3 +109,43 @@ def test_audit_section_lists_flagged_examples():
     assert "| medqa | 10 | 9 | 1 | 1 | 1 | 0 |" in md
     assert "- `q1` (medqa, suspected_label_error): gold `B`, majority `D` (88% of 16 answered)" in md
     assert "at least 75% of them on one answer other than the gold" in md
+
+
+def test_report_stage_is_rewritten_only_when_what_it_shows_changed(shared_data, tmp_path):
+    """The report is a global step with a done marker: a second pass rewrites nothing; new
+    statistics or a re-committed verdicts shard rewrite it; the dashboard copy embeds the PNG."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from octomed_data.layout import RunPaths
+    from octomed_data.report import embedded_run_report
+    from octomed_data.stages import LocalExecutor, raise_for_failures, run_stage
+    from octomed_data.stages.report import ReportStage
+
+    paths = RunPaths.at(str(tmp_path / "run"))
+    accepted, questions = write_inputs(shared_data, paths.stage("filter"), n_text=4, n_image=2)
+    shutil.copytree(questions, paths.questions)
+    statistics = statistics_of(accepted, tmp_path)
+    shutil.copytree(tmp_path / "verdicts", paths.verdicts)
+    storage.write_json(paths.stats, statistics)
+
+    def run() -> str:
+        result = run_stage(ReportStage(paths), LocalExecutor(progress=False))
+        raise_for_failures(result)
+        assert result.outcomes["all"].counts["samples"] == 24
+        return result.outcomes["all"].state
+
+    md = Path(paths.report) / "report.md"
+    assert run() == "COMPLETED"
+    first = md.stat().st_mtime_ns
+    assert run() == "REUSED" and md.stat().st_mtime_ns == first
+    storage.write_json(paths.stats, json.loads(json.dumps(statistics)) | {"note": 1})  # new statistics
+    assert run() == "COMPLETED" and md.stat().st_mtime_ns > first
+    second = md.stat().st_mtime_ns
+    verdicts = storage.Dataset(paths.verdicts)
+    verdicts.write_shard("00000", verdicts.read_shard("00000"))  # a re-filtered shard
+    assert run() == "COMPLETED" and md.stat().st_mtime_ns > second
+    assert run() == "REUSED"
+    embedded = embedded_run_report(paths)
+    assert "data:image/png;base64," in embedded and "| medqa | 16 | 12 | 4 | 0 | 0.75 |" in embedded
