@@ -1,11 +1,20 @@
 """Shared fixtures: real benchmark files, a real S3-compatible server on loopback, local Ray, Prefect.
 
 Environment for closed-network test runs is set before anything imports Prefect or Ray.
+
+Tiers: a test that starts or needs a real component (by the fixtures, paths and test names in
+``tests/support/tiers.py``) is marked ``real`` at collection; ``pytest -m "not real"`` is the fast
+tier. A fast-tier test that starts such a component anyway (a subprocess whose command line
+``tiers.heavy_command`` recognises) fails and says to mark it.
+
+Missing benchmark files (``../shared/data``, or ``$OCTOMED_SHARED_DATA``) skip the tests that read
+them, with the reason; ``OCTOMED_REQUIRE_SHARED_DATA=1`` makes that a failure.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +37,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from tests.support.net import free_port  # noqa: E402 (after the path is set)
+from tests.support.tiers import REAL_TESTS, heavy_command, real_reason  # noqa: E402
 
 
 def _shared_data_dir() -> Path:
@@ -35,13 +45,96 @@ def _shared_data_dir() -> Path:
     return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
 
 
+if os.environ.get("OCTOMED_SHARED_DATA"):
+    # Evaluation reads its benchmark files from $OCTOMED_EVAL_DATA, else ../shared/data.
+    os.environ.setdefault("OCTOMED_EVAL_DATA", os.environ["OCTOMED_SHARED_DATA"])
+
+SHARED_DATA_REQUIRED = os.environ.get("OCTOMED_REQUIRE_SHARED_DATA", "") not in ("", "0")
+
+
+def _shared_data_missing() -> str | None:
+    """Why the real benchmark files are unusable (one line), or None when they are there."""
+    path = _shared_data_dir()
+    if (path / "README.md").exists():
+        return None
+    return f"real benchmark files not found at {path} (set OCTOMED_SHARED_DATA; OCTOMED_REQUIRE_SHARED_DATA=1 makes this a failure)"
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The real public benchmark files (../shared/data). Missing data is a failure, not a skip."""
-    path = _shared_data_dir()
-    if not (path / "README.md").exists():
-        pytest.fail(f"real benchmark files not found at {path} (set OCTOMED_SHARED_DATA)")
-    return path
+    """The real public benchmark files (../shared/data). Missing: a skip with the reason, or a
+    failure when ``OCTOMED_REQUIRE_SHARED_DATA=1``."""
+    missing = _shared_data_missing()
+    if missing and SHARED_DATA_REQUIRED:
+        pytest.fail(missing, pytrace=False)
+    if missing:
+        pytest.skip(missing)
+    return _shared_data_dir()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that reads the missing benchmark files without the ``shared_data`` fixture (evaluation
+    defaults to ../shared/data) is skipped with the reason instead of failing, unless required."""
+    outcome = yield
+    report = outcome.get_result()
+    if call.excinfo is None or report.outcome != "failed" or SHARED_DATA_REQUIRED:
+        return
+    missing = _shared_data_missing()
+    if missing is None:
+        return
+    folder = str(_shared_data_dir())
+    seen, exc = set(), call.excinfo.value
+    while exc is not None and id(exc) not in seen:  # the error or one of its causes names the folder
+        seen.add(id(exc))
+        if folder in str(exc) or folder in str(getattr(exc, "filename", "") or ""):
+            report.outcome = "skipped"
+            report.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: {missing}")
+            return
+        exc = exc.__cause__ or exc.__context__
+
+
+# --- Tiers -------------------------------------------------------------------------------------
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    tests = Path(__file__).resolve().parent
+    names: dict[str, set[str]] = {}
+    for item in items:
+        rel = Path(item.path).resolve().relative_to(tests).as_posix()
+        names.setdefault(rel, set()).add(getattr(item, "originalname", item.name))
+        if real_reason(rel, item.name, item.fixturenames):
+            item.add_marker(pytest.mark.real)
+    stale = {f"{rel}::{n}" for rel, listed in REAL_TESTS.items() if rel in names for n in listed - names[rel]}
+    if stale:  # a renamed test would silently fall into the fast tier
+        raise pytest.UsageError(
+            f"tests/support/tiers.py REAL_TESTS names tests that do not exist: {sorted(stale)}"
+        )
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_no_real_component(request, monkeypatch):
+    """A test outside the real tier that starts a real component fails, naming it."""
+    if request.node.get_closest_marker("real"):
+        yield
+        return
+    started: list[str] = []
+    original = subprocess.Popen.__init__
+
+    def init(self, args, *a, **kw):
+        heavy = heavy_command(args)
+        if heavy:
+            started.append(f"{heavy}: {args if isinstance(args, str) else ' '.join(map(str, args))}"[:300])
+        original(self, args, *a, **kw)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", init)
+    yield
+    if started:
+        pytest.fail(
+            "this test starts a real component; add it to REAL_TESTS in tests/support/tiers.py:\n"
+            + "\n".join(started),
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session")

@@ -2,13 +2,17 @@
 support module) imports another test module or a helper that lives beside the tests.
 
 The scan reads the source (AST), function-level imports included. Fixtures come from conftest.py
-files through pytest, never through an import.
+files through pytest, never through an import. The tier rules (``tests/support/tiers.py``) are
+checked on examples here too.
 """
 
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
+
+from tests.support.tiers import heavy_command, real_reason
 
 TESTS = Path(__file__).resolve().parent
 ALLOWED = "tests.support"
@@ -83,3 +87,23 @@ def test_the_scan_catches_each_kind_of_offender() -> None:
         "t.py:5 tests.test_release",
         "t.py:6 relative import",
     ]
+
+
+def test_tiers_mark_what_starts_a_real_component() -> None:
+    assert real_reason("stages/test_executors.py", "test_x", ["tmp_path", "ray_local"]) == "uses ray_local"
+    assert real_reason("real/test_prefect_server.py", "test_x", ["tmp_path"]) == "in real/"
+    assert real_reason("training/test_sft.py", "test_failed_job_is_one_line", []) == "listed in REAL_TESTS"
+    assert real_reason("training/test_sft.py", "test_global_batch_512_math", ["monkeypatch"]) is None
+    assert real_reason("realistic/test_x.py", "test_x", []) is None
+
+
+def test_the_fast_tier_check_knows_a_real_component_from_a_plain_subprocess() -> None:
+    python = sys.executable
+    assert heavy_command([python, "-m", "octomed_data.cli", "distill", "q"]) == "octomed_data.cli"
+    assert heavy_command([python, "-m", "training.sft", "--config", "c.yaml"]) == "training.sft"
+    assert heavy_command(["torchrun", "--nproc_per_node", "2"]) == "torchrun"
+    assert heavy_command([str(Path(python).with_name("ray")), "start", "--head"]) == "ray"
+    assert heavy_command("/venv/lib/ray/core/src/ray/raylet/raylet --node") == "raylet"
+    assert heavy_command([python, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app"])
+    assert heavy_command([python, "-c", "import hashlib; print(1)"]) is None
+    assert heavy_command(["git", "status", "/tmp/ray-results/x"]) is None

@@ -1,0 +1,72 @@
+"""The two test tiers: which tests start or need a real component (marked ``real`` by
+tests/conftest.py at collection), and which subprocess command lines start one (the fast tier's
+runtime check)."""
+
+from __future__ import annotations
+
+import os
+
+# Session fixtures that start a real component (their users, direct or through other fixtures).
+REAL_FIXTURES = {"prefect_harness", "ray_local", "s3_endpoint", "vllm_python", "vllm_server"}
+# Folders and modules (relative to tests/) whose every test starts a real component.
+REAL_PATHS = (
+    "real/",  # a real Prefect server + PostgreSQL, two-raylet Ray clusters
+    "experiment/test_experiment.py",  # the experiment CLI as a subprocess (Prefect + Ray + DeepSpeed)
+    "test_export_llamafactory.py",  # LLaMA-Factory's own venv, one training step
+)
+# Tests that start one themselves: the CLI as a subprocess, python -m training.sft, torchrun.
+REAL_TESTS = {
+    "distill/test_batch.py": {"test_kill_9_between_submit_and_collect_collects_the_same_batches"},
+    "distill/test_distill_resume.py": {"test_kill_9_then_same_command_requests_nothing_stored"},
+    "test_ingest.py": {"test_cli_unreachable_s3_endpoint_subprocess"},
+    "test_sandbox.py": {"test_sandbox_teacher_command_runs_as_a_subprocess"},
+    "training/test_final_loss.py": {
+        "test_final_loss_is_the_last_steps_loss_in_the_result_and_checkpoint_json"
+    },
+    "training/test_packing.py": {
+        "test_sft_with_packing_trains_every_row",
+        "test_vl_streaming_packed_and_padded_runs",
+    },
+    "training/test_sft.py": {
+        "test_sft_zero3_on_cpu_to_s3_then_evaluate",
+        "test_vl_sft_from_trl_export_streaming_then_evaluate",
+        "test_torchrun_two_processes_zero3_checkpoints_on_s3",
+        "test_killed_job_resumes_from_s3_with_identical_losses",
+        "test_ray_train_two_workers_matches_torchrun",
+        "test_failed_job_is_one_line",
+        "test_stale_local_checkpoints_never_rotate_away_fresh_saves",
+    },
+}
+# A subprocess whose command line holds one of these starts a real component (conftest checks it).
+HEAVY_COMMANDS = (
+    "octomed_data.cli", "octomed-data", "training.sft", "torchrun", "deepspeed", "llamafactory",
+    "vllm", "uvicorn", "docker", "raylet", "gcs_server", "ray",
+)  # fmt: skip
+
+
+def real_reason(rel: str, name: str, fixturenames) -> str | None:
+    """Why the test ``name`` of ``rel`` (path relative to tests/, posix) is in the real tier, or None."""
+    used = sorted(REAL_FIXTURES.intersection(fixturenames))
+    if used:
+        return "uses " + ", ".join(used)
+    for prefix in REAL_PATHS:
+        if rel == prefix or (prefix.endswith("/") and rel.startswith(prefix)):
+            return f"in {prefix}"
+    if name.split("[")[0] in REAL_TESTS.get(rel, ()):
+        return "listed in REAL_TESTS"
+    return None
+
+
+def heavy_command(args) -> str | None:
+    """The real component a subprocess command line starts, or None."""
+    parts = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+    words = []
+    for part in parts:
+        text = os.fsdecode(part) if isinstance(part, (bytes, os.PathLike)) else str(part)
+        words += text.split() if isinstance(args, (str, bytes)) else [text]
+    for word in words:
+        base = os.path.basename(word)
+        for heavy in HEAVY_COMMANDS:
+            if base == heavy or (heavy != "ray" and heavy in word):
+                return heavy
+    return None
