@@ -10,8 +10,8 @@ from octomed_data.decontam.index import (
     DecontamError,
     DecontamIndex,
 )
-from octomed_data.decontam.shard import decontaminate
 from octomed_data.registry import build_registry, load_registry, registry_counts, write_registry
+from octomed_data.stages.decontaminate import decontaminate
 
 
 def _cmd_decontaminate(args: argparse.Namespace) -> int:

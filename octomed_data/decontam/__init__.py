@@ -41,8 +41,8 @@ false match needs a 64-bit collision (~4e-6 expected over 1M questions against 8
 
 Modules: :mod:`.text` (normalisation, tokens, hashes; imports nothing from the registry, which
 uses it to link benchmark copies), :mod:`.index` (:class:`DecontamIndex`, :class:`Match`,
-:func:`load_index`; the module that reads the registry), :mod:`.shard` (:func:`decontaminate_shard`,
-the local whole-dataset run :func:`decontaminate`); the ``decontaminate`` and ``registry`` commands
+:func:`load_index`; the module that reads the registry), :mod:`.shard` (:func:`decontaminate_shard`; a whole dataset is the decontaminate stage,
+:func:`octomed_data.stages.decontaminate.decontaminate`); the ``decontaminate`` and ``registry`` commands
 are in :mod:`octomed_data.cli.decontam`. The index and shard names are loaded on first
 use, so importing the text rules (as the registry does) never imports the index.
 """
@@ -64,11 +64,7 @@ if TYPE_CHECKING:
         Match,
         load_index,
     )
-    from octomed_data.decontam.shard import (
-        DecontamResult,
-        decontaminate,
-        decontaminate_shard,
-    )
+    from octomed_data.decontam.shard import DecontamResult, decontaminate_shard
 
 # Public name -> the submodule defining it, imported on first attribute access (PEP 562).
 _LAZY = {
@@ -80,7 +76,6 @@ _LAZY = {
     "Match": "index",
     "load_index": "index",
     "DecontamResult": "shard",
-    "decontaminate": "shard",
     "decontaminate_shard": "shard",
 }
 
@@ -93,7 +88,6 @@ __all__ = [
     "DecontamIndex",
     "DecontamResult",
     "Match",
-    "decontaminate",
     "decontaminate_shard",
     "load_index",
     "normalize",

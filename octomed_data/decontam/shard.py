@@ -1,14 +1,12 @@
-"""Decontaminate question datasets: one shard (:func:`decontaminate_shard`), or a whole dataset.
+"""Decontaminate one shard of a question dataset (:func:`decontaminate_shard`).
 
 A shard of ``QUESTIONS/`` becomes the same-named shard of ``OUT/questions`` (kept) and
-``OUT/removed`` (with the matched benchmark item). :func:`decontaminate` runs the decontaminate
-stage (:mod:`octomed_data.stages.decontaminate`) over every committed shard with the local
-executor; flows run the same stage with the Prefect executor.
+``OUT/removed`` (with the matched benchmark item). A whole dataset is the decontaminate stage
+(:mod:`octomed_data.stages.decontaminate`), run by any executor.
 """
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -18,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from octomed_data import storage
-from octomed_data.decontam.index import DEFAULT_PHASH_THRESHOLD, DecontamError, DecontamIndex
+from octomed_data.decontam.index import DecontamError, DecontamIndex
 from octomed_data.layout import DecontamFolder, IngestFolder
 from octomed_data.schema import QUESTION_SCHEMA, REMOVED_SCHEMA
 
@@ -42,7 +40,7 @@ class DecontamResult:
         return asdict(self)
 
 
-def _questions_dataset(questions_uri: str) -> storage.Dataset:
+def questions_dataset(questions_uri: str) -> storage.Dataset:
     """The question dataset at ``questions_uri``, or at ``questions_uri/questions`` (an ingest output root)."""
     ds = storage.Dataset(questions_uri, QUESTION_SCHEMA)
     if ds.manifest():
@@ -123,66 +121,4 @@ def _concat(parts: list[pa.Table], schema: pa.Schema) -> pa.Table:
     return pa.concat_tables([p.select(schema.names).cast(schema) for p in parts])
 
 
-def decontaminate(
-    questions_uri: str,
-    out: str,
-    *,
-    registry: str | None = None,
-    index: DecontamIndex | None = None,
-    phash_threshold: int | None = None,
-    short_match: str = "item",
-    progress: bool = False,
-) -> DecontamResult:
-    """Decontaminate every committed shard of ``questions_uri`` into ``out/questions`` + ``out/removed``.
-
-    The index is built once (from ``registry``, default the bundled pack) unless one is given;
-    ``phash_threshold`` defaults to the index's (6). Shards are streamed one at a time; output
-    shards left by an earlier run over other input shards are un-committed, and a summary is
-    written to ``out/decontam.json``.
-    """
-    from octomed_data.layout import RunPaths
-    from octomed_data.stages import LocalExecutor, raise_for_failures, run_stage
-    from octomed_data.stages.decontaminate import DecontaminateStage
-
-    started = time.perf_counter()
-    source = _questions_dataset(questions_uri)
-    storage.ensure_writable(out)
-    threshold = DEFAULT_PHASH_THRESHOLD if phash_threshold is None else phash_threshold
-    stage = DecontaminateStage(
-        RunPaths.at(out),
-        registry=registry,
-        phash_threshold=phash_threshold,
-        short_match=short_match,
-        source=source.uri,
-        out=out,
-        index_uri=DecontamFolder(out).index,
-    )
-    if index is None:
-        index = DecontamIndex.from_registry(registry, short_match=short_match, phash_threshold=threshold)
-    stage.prepare(index)
-    # The CLI always re-runs every shard (force): its index may differ from the last run's.
-    run = run_stage(stage, LocalExecutor(progress=progress), force=True)
-    raise_for_failures(run)
-    result = DecontamResult(
-        questions_uri=source.uri,
-        kept_uri=DecontamFolder(out).kept,
-        removed_uri=DecontamFolder(out).removed,
-    )
-    by_benchmark: Counter[str] = Counter()
-    by_kind: Counter[str] = Counter()
-    for shard in stage.input_shards():
-        counts = {k: v for k, v in stage.removed().shard_info(shard).extra.items() if k in _COUNT_KEYS}
-        result.shards.append(counts)
-        result.input += counts["input"]
-        result.kept += counts["kept"]
-        result.removed += counts["removed"]
-        by_benchmark.update(counts["by_benchmark"])
-        by_kind.update(counts["by_kind"])
-    result.by_benchmark = dict(sorted(by_benchmark.items()))
-    result.by_kind = dict(sorted(by_kind.items()))
-    result.seconds = round(time.perf_counter() - started, 3)
-    storage.write_json(DecontamFolder(out).summary, result.to_dict())
-    return result
-
-
-_COUNT_KEYS = ("shard", "input", "kept", "removed", "by_benchmark", "by_kind")
+COUNT_KEYS = ("shard", "input", "kept", "removed", "by_benchmark", "by_kind")

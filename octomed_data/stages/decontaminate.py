@@ -5,12 +5,16 @@ from __future__ import annotations
 import functools
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 from octomed_data import storage
+from octomed_data.decontam.index import DEFAULT_PHASH_THRESHOLD, DecontamIndex
+from octomed_data.decontam.shard import COUNT_KEYS, DecontamResult, decontaminate_shard, questions_dataset
 from octomed_data.layout import DecontamFolder, RunPaths
 from octomed_data.schema import QUESTION_SCHEMA, REMOVED_SCHEMA
 from octomed_data.stages.base import Stage
+from octomed_data.stages.local import LocalExecutor, raise_for_failures, run_stage
 
 _index_lock = threading.Lock()
 
@@ -18,8 +22,6 @@ _index_lock = threading.Lock()
 @functools.lru_cache(maxsize=2)
 def _cached_index(uri: str, built_at: float):
     """The index at ``uri`` as built at ``built_at`` (a rebuilt index is a new cache entry)."""
-    from octomed_data.decontam import DecontamIndex
-
     return DecontamIndex.load(uri)
 
 
@@ -104,8 +106,6 @@ class DecontaminateStage(Stage):
         ):
             return self.index_uri
         if index is None:
-            from octomed_data.decontam import DEFAULT_PHASH_THRESHOLD, DecontamIndex
-
             threshold = DEFAULT_PHASH_THRESHOLD if self.phash_threshold is None else self.phash_threshold
             index = DecontamIndex.from_registry(
                 self.registry, short_match=self.short_match, phash_threshold=threshold
@@ -122,8 +122,6 @@ class DecontaminateStage(Stage):
             self.kept().write_shard(shard, table, extra=extra)
             self.removed().write_shard(shard, REMOVED_SCHEMA.empty_table(), extra=extra)
             return counts
-        from octomed_data.decontam import decontaminate_shard
-
         self.prepare()
         with _index_lock:  # one load per process, shared by the shard threads
             index = _cached_index(self.index_uri, storage.read_json(self.index_stamp)["built_at"])
@@ -154,3 +152,61 @@ class DecontaminateStage(Stage):
             for bench, n in (counts.get("by_benchmark") or {}).items():
                 by_benchmark[bench] = by_benchmark.get(bench, 0) + n
         return total | {"removed_by_benchmark": dict(sorted(by_benchmark.items()))}
+
+
+def decontaminate(
+    questions_uri: str,
+    out: str,
+    *,
+    registry: str | None = None,
+    index: DecontamIndex | None = None,
+    phash_threshold: int | None = None,
+    short_match: str = "item",
+    progress: bool = False,
+) -> DecontamResult:
+    """Decontaminate every committed shard of ``questions_uri`` into ``out/questions`` + ``out/removed``.
+
+    The index is built once (from ``registry``, default the bundled pack) unless one is given;
+    ``phash_threshold`` defaults to the index's (6). Shards are streamed one at a time; output
+    shards left by an earlier run over other input shards are un-committed, and a summary is
+    written to ``out/decontam.json``.
+    """
+    started = time.perf_counter()
+    source = questions_dataset(questions_uri)
+    storage.ensure_writable(out)
+    threshold = DEFAULT_PHASH_THRESHOLD if phash_threshold is None else phash_threshold
+    stage = DecontaminateStage(
+        RunPaths.at(out),
+        registry=registry,
+        phash_threshold=phash_threshold,
+        short_match=short_match,
+        source=source.uri,
+        out=out,
+        index_uri=DecontamFolder(out).index,
+    )
+    if index is None:
+        index = DecontamIndex.from_registry(registry, short_match=short_match, phash_threshold=threshold)
+    stage.prepare(index)
+    # The CLI always re-runs every shard (force): its index may differ from the last run's.
+    run = run_stage(stage, LocalExecutor(progress=progress), force=True)
+    raise_for_failures(run)
+    result = DecontamResult(
+        questions_uri=source.uri,
+        kept_uri=DecontamFolder(out).kept,
+        removed_uri=DecontamFolder(out).removed,
+    )
+    by_benchmark: Counter[str] = Counter()
+    by_kind: Counter[str] = Counter()
+    for shard in stage.input_shards():
+        counts = {k: v for k, v in stage.removed().shard_info(shard).extra.items() if k in COUNT_KEYS}
+        result.shards.append(counts)
+        result.input += counts["input"]
+        result.kept += counts["kept"]
+        result.removed += counts["removed"]
+        by_benchmark.update(counts["by_benchmark"])
+        by_kind.update(counts["by_kind"])
+    result.by_benchmark = dict(sorted(by_benchmark.items()))
+    result.by_kind = dict(sorted(by_kind.items()))
+    result.seconds = round(time.perf_counter() - started, 3)
+    storage.write_json(DecontamFolder(out).summary, result.to_dict())
+    return result

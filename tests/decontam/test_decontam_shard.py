@@ -5,8 +5,9 @@ from __future__ import annotations
 import pyarrow.dataset as pads
 
 from octomed_data import storage
-from octomed_data.decontam import DecontamIndex, decontaminate, decontaminate_shard
+from octomed_data.decontam import DecontamIndex, decontaminate_shard
 from octomed_data.schema import QUESTION_SCHEMA, REMOVED_SCHEMA
+from octomed_data.stages.decontaminate import decontaminate
 from tests.support.decontam_rows import write_mixed_questions
 
 
