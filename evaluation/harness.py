@@ -27,19 +27,17 @@ numbers from a flaky endpoint are not a model's accuracy. Malformed rows of a qu
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import logging
 import shutil
 import sys
 import tempfile
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
-
-import pyarrow.parquet as pq
 
 from evaluation.backends import (
     Backend,
@@ -58,23 +56,29 @@ from evaluation.benchmarks import (
     iter_benchmark,
     resolve_data_dir,
 )
+from evaluation.outputs import EvalResult, PredictionWriter, score_generation
+from evaluation.questions import iter_questions, scan_questions
 from evaluation.report import MetricsAccumulator, macro_accuracy, reasoning_length_png, report_markdown
 from octomed_data import storage
-from octomed_data.answers import extract_answer, is_correct, token_f1
 from octomed_data.errors import ConfigError, OctomedError
 from octomed_data.images import ImageStore
 from octomed_data.job_config import EvalConfig
-from octomed_data.layout import EvaluationFolder
+from octomed_data.layout import CheckpointFolder, EvaluationFolder
 from octomed_data.prompts import prompt_version
-from octomed_data.schema import PREDICTION_SCHEMA, QUESTION_SCHEMA, TaskType, options_of
 from training.data import DataFile, resolve_data_files
 
-__all__ = ["EvalResult", "chat_messages", "evaluate", "reasoning_span", "score_generation"]
+__all__ = [
+    "EvalResult",
+    "TooManyRequestErrors",
+    "chat_messages",
+    "evaluate",
+    "reasoning_span",
+    "score_generation",
+]
 
 log = logging.getLogger(__name__)
 
 TEXT_ONLY_MODEL = "text_only_model"  # skip reason: an image question for a model without vision
-NO_SOURCE = "(no source)"  # where a question row without a source is counted
 
 
 class TooManyRequestErrors(OctomedError):
@@ -125,181 +129,7 @@ class RequestErrorBudget:
         )
 
 
-@dataclass
-class EvalResult:
-    """Where the evaluation went and its headline numbers."""
-
-    output_uri: str
-    metrics_uri: str
-    predictions_uri: str
-    report_uri: str
-    plot_uri: str
-    items: int  # distinct items evaluated (each under every seed)
-    predictions: int
-    macro_accuracy: float | None
-    per_benchmark: dict[str, dict[str, Any]] = field(default_factory=dict)
-    per_task_type: dict[str, dict[str, Any]] = field(default_factory=dict)
-    runtime_s: float = 0.0
-    request_errors: int = 0  # replies whose request failed (scored wrong)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-# --------------------------------------------------------------------------- scoring
-
-
-def score_generation(
-    row: Mapping[str, Any], gen: Generation, *, benchmark: str, seed: int, version: str
-) -> dict[str, Any]:
-    """One PREDICTION_SCHEMA row: THE extraction on the full reply, correctness, token F1 for open answers."""
-    task = TaskType(row["task_type"])
-    extraction = extract_answer(gen.text, task, options_of(row))
-    _, closed = reasoning_span(gen.text)
-    open_answer = task in (TaskType.OPEN_VQA, TaskType.OPEN_QA)
-    return {
-        "question_id": row["question_id"],
-        "source": row["source"],
-        "task_type": task.value,
-        "gold_answer": row["answer"],
-        "extracted_answer": extraction.answer,
-        "extract_method": extraction.method,
-        "no_answer_reason": extraction.reason,
-        "correct": is_correct(extraction.answer, row["answer"], task),
-        "response": gen.text,
-        "reasoning_tokens": int(gen.reasoning_tokens),
-        "think_closed": closed,
-        "completion_tokens": int(gen.completion_tokens),
-        "finish_reason": gen.finish_reason,
-        "benchmark": benchmark,
-        "seed": seed,
-        "forced_end": gen.forced_end,
-        "token_f1": token_f1(extraction.answer, row["answer"]) if open_answer else None,
-        "prompt_version": version,
-        "error": gen.error,
-    }
-
-
-# --------------------------------------------------------------------------- question datasets
-
-
-def _selected(row: Mapping[str, Any], config: EvalConfig) -> bool:
-    return (config.sources is None or row["source"] in config.sources) and (
-        config.task_types is None or row["task_type"] in config.task_types
-    )
-
-
-def scan_questions(files: list[DataFile], config: EvalConfig) -> tuple[int, int]:
-    """(questions selected, of which with images), reading only three small columns."""
-    selected = with_images = 0
-    for f in files:
-        fs, path = storage.filesystem(f.uri)
-        with fs.open(path, "rb") as fh:
-            pf = pq.ParquetFile(fh)
-            missing = {"question_id", "task_type", "source", "question", "answer"} - set(
-                pf.schema_arrow.names
-            )
-            if missing:
-                raise ConfigError(f"{f.uri} is not a question dataset: missing columns {sorted(missing)}")
-            # A dataset without an images column has no image questions.
-            cols = [c for c in ("source", "task_type", "images") if c in pf.schema_arrow.names]
-            for batch in pf.iter_batches(columns=cols, batch_size=65536):
-                for row in batch.to_pylist():
-                    if _selected(row, config):
-                        selected += 1
-                        with_images += int(bool(row.get("images")))
-                    if config.limit and selected >= config.limit:
-                        return selected, with_images
-    return selected, with_images
-
-
-def question_problem(row: dict[str, Any]) -> str | None:
-    """Why a question row cannot be asked and scored (a skip reason), or None when it can.
-
-    Normalises in place what has a safe reading: no ``images`` / ``options`` value -> none.
-    """
-    if not row.get("question_id"):
-        return "missing_question_id"
-    if not row.get("source"):
-        return "missing_source"
-    try:
-        task = TaskType(row.get("task_type"))
-    except ValueError:
-        return "unknown_task_type"
-    if not isinstance(row.get("question"), str) or not row["question"].strip():
-        return "missing_question"
-    if row.get("answer") is None or not str(row["answer"]).strip():
-        return "missing_answer"
-    row["options"] = row.get("options") or []
-    row["images"] = row.get("images") or []
-    if any(
-        not isinstance(o, Mapping) or o.get("label") is None or o.get("text") is None for o in row["options"]
-    ):
-        return "malformed_options"
-    if task.is_multiple_choice and not row["options"]:
-        return "missing_options"  # nothing to choose from: the answer could not be read
-    if any(not isinstance(im, Mapping) or not im.get("uri") for im in row["images"]):
-        return "malformed_images"
-    return None
-
-
-def iter_questions(
-    files: list[DataFile], config: EvalConfig, on_skip: Callable[[str, str], None] | None = None
-) -> Iterator[dict[str, Any]]:
-    """Selected, valid question rows of a dataset, streamed file by file (at most ``config.limit``).
-
-    A selected row that cannot be asked (:func:`question_problem`) is not yielded:
-    ``on_skip(source, reason)`` counts it and the run goes on.
-    """
-    taken = 0
-    columns = [f.name for f in QUESTION_SCHEMA]
-    for f in files:
-        fs, path = storage.filesystem(f.uri)
-        with fs.open(path, "rb") as fh:
-            pf = pq.ParquetFile(fh)
-            cols = [c for c in columns if c in pf.schema_arrow.names]
-            for record_batch in pf.iter_batches(columns=cols, batch_size=1024):
-                for row in record_batch.to_pylist():
-                    if not _selected(row, config):
-                        continue
-                    problem = question_problem(row)
-                    if problem is not None:
-                        if on_skip is not None:
-                            on_skip(row.get("source") or NO_SOURCE, problem)
-                        continue
-                    yield row
-                    taken += 1
-                    if config.limit and taken >= config.limit:
-                        return
-
-
 # --------------------------------------------------------------------------- the run
-
-
-class _PredictionWriter:
-    """Buffers prediction rows per benchmark and commits a shard every ``shard_size`` rows."""
-
-    def __init__(self, uri: str, shard_size: int) -> None:
-        self.dataset = storage.Dataset(uri, PREDICTION_SCHEMA)
-        self.shard_size = shard_size
-        self.pending: list[dict[str, Any]] = []
-        self.shards: Counter = Counter()
-        self.rows = 0
-        self.dataset.drop_stale(keep=[])  # a re-run replaces, never mixes, predictions
-
-    def add(self, benchmark: str, row: dict[str, Any]) -> None:
-        self.pending.append(row)
-        if len(self.pending) >= self.shard_size:
-            self.flush(benchmark)
-
-    def flush(self, benchmark: str) -> None:
-        if not self.pending:
-            return
-        safe = "".join(ch if ch.isalnum() or ch in "_.-" else "_" for ch in benchmark) or "x"
-        self.dataset.write_shard(f"{safe}-{self.shards[safe]:05d}", self.pending)
-        self.shards[safe] += 1
-        self.rows += len(self.pending)
-        self.pending = []
 
 
 def _batches(rows: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
@@ -353,6 +183,7 @@ def evaluate(config: EvalConfig, *, progress: bool = True) -> EvalResult:
 
     started = time.time()
     out_uri = config.resolved_output_uri()
+    checkpoint = checkpoint_marker(config.model)
     kind = auto_backend(config.model, config.backend)
     seeds = [config.seed + i for i in range(config.seeds)]
     version = prompt_version(config.prompting)
@@ -388,7 +219,7 @@ def evaluate(config: EvalConfig, *, progress: bool = True) -> EvalResult:
                 "select text task types (task_types: [text_mcq, yes_no_maybe, open_qa]) or use a VL checkpoint"
             )
         storage.ensure_writable(out_uri)
-        writer = _PredictionWriter(EvaluationFolder(out_uri).predictions, config.shard_size)
+        writer = PredictionWriter(EvaluationFolder(out_uri).predictions, config.shard_size)
         metrics = MetricsAccumulator()
         budget = RequestErrorBudget(config.max_request_error_rate, config.request_error_min_count)
         loads: dict[str, LoadStats] = {}
@@ -479,7 +310,11 @@ def evaluate(config: EvalConfig, *, progress: bool = True) -> EvalResult:
             "macro_accuracy": macro_accuracy(per_benchmark),
             "per_benchmark": per_benchmark,
             "per_task_type": metrics.task_summary(),
-            "checkpoint_step": _checkpoint_step(config.model),
+            "checkpoint_step": (checkpoint or {}).get("step"),
+            # What made these numbers (the evaluation stage's done-signal): the settings and the
+            # checkpoint's marker (None for a model folder or an endpoint: never "done").
+            "config_hash": config.config_hash(),
+            "checkpoint_hash": marker_hash(checkpoint),
             "runtime_s": round(time.time() - started, 3),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -493,34 +328,26 @@ def evaluate(config: EvalConfig, *, progress: bool = True) -> EvalResult:
             backend.close()
         if not config.work_dir:
             shutil.rmtree(cache_dir, ignore_errors=True)
-    return EvalResult(
-        output_uri=out_uri,
-        metrics_uri=metrics_uri,
-        predictions_uri=writer.dataset.uri,
-        report_uri=report_uri,
-        plot_uri=plot_uri,
-        items=report["items"],
-        predictions=report["predictions"],
-        macro_accuracy=report["macro_accuracy"],
-        per_benchmark=per_benchmark,
-        per_task_type=report["per_task_type"],
-        runtime_s=report["runtime_s"],
-        request_errors=report["request_errors"],
-    )
+    return EvalResult.from_report(out_uri, report)
 
 
 def _source(row: Mapping[str, Any]) -> str:
     return row["source"]
 
 
-def _checkpoint_step(model: str) -> int | None:
-    """The training step recorded in a checkpoint's checkpoint.json, when the model is one."""
-    from training.checkpoints import CHECKPOINT_MARKER
+def marker_hash(marker: dict[str, Any] | None) -> str | None:
+    """A checkpoint's identity: the hash of its marker (None: no checkpoint marker)."""
+    if marker is None:
+        return None
+    return hashlib.sha256(json.dumps(marker, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+
+def checkpoint_marker(model: str) -> dict[str, Any] | None:
+    """The ``checkpoint.json`` of a checkpoint model, None for a model folder without one or an endpoint."""
     if model.startswith(("http://", "https://")):
         return None
-    marker = storage.join(model, CHECKPOINT_MARKER)
+    marker = CheckpointFolder(model).marker
     try:
-        return storage.read_json(marker).get("step") if storage.exists(marker) else None
+        return storage.read_json(marker) if storage.exists(marker) else None
     except (OctomedError, ValueError):
         return None

@@ -29,23 +29,20 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.common import RunParams, artifact_key
-from flows.training import TrainParams, eval_config, train_config, train_task
+from flows.training import TrainParams, eval_config, run_global, train_config, train_task
 from octomed_data import storage
 from octomed_data.errors import OctomedError
 from octomed_data.experiment import ExperimentSpec, load_spec
 from octomed_data.experiment.arms import ExperimentPaths, current, finished, read_record, write_record
-from octomed_data.experiment.compare import (
-    arm_metrics,
-    compare,
-    learning_curves_png,
-    report_markdown,
-    report_png,
-)
+from octomed_data.experiment.compare import arm_metrics, compare
+from octomed_data.experiment.report import learning_curves_png, report_markdown, report_png
 from octomed_data.experiment.select import select_arm, teacher_summary
 from octomed_data.job_config import EvalConfig
 from octomed_data.layout import EvaluationFolder, RunPaths
 from octomed_data.recipe import Recipe, load_recipe
 from octomed_data.stages import describe_error
+from octomed_data.stages.mixture import ExportStage
+from training.stage import TrainStage
 
 BASE_STAGES = ["ingest", "decontaminate", "distill", "filter"]
 
@@ -118,18 +115,16 @@ def mixture_task(recipe: Recipe, base: RunPaths, arm: RunPaths) -> dict[str, Any
 @task(name="export-arm")
 def export_task(recipe: Recipe, arm: RunPaths, content: str = "reasoning") -> dict[str, Any]:
     """The arm's training export; ``answer_only``: each trace's answer line alone (direct answers)."""
-    from octomed_data.export import export
-
-    return export(arm.mixture, arm.export, **recipe.export.model_dump(), content=content).to_dict()
+    settings = recipe.export.model_dump() | {"content": content}
+    return run_global(ExportStage(arm, settings)).counts
 
 
 @task(name="evaluate-arm")
-def evaluate_task(config: Any) -> dict[str, Any]:
-    from dataclasses import asdict
+def evaluate_task(paths: RunPaths, config: EvalConfig) -> dict[str, Any]:
+    """The arm's evaluation (done: its metrics of these settings on this checkpoint)."""
+    from evaluation.stage import EvaluateStage
 
-    from evaluation.harness import evaluate
-
-    return asdict(evaluate(config, progress=False))
+    return run_global(EvaluateStage(paths, config)).counts
 
 
 @task(name="item-images")
@@ -165,7 +160,7 @@ def curve_task(
     """The arm's learning curve: every intermediate checkpoint of its training run evaluated with the
     arm's protocol (``evaluation/steps/<step>``), then the final one (already evaluated); one point
     per checkpoint: optimizer step, examples (sequences) trained on up to it, its predictions."""
-    from evaluation.harness import evaluate
+    from evaluation.stage import EvaluateStage
     from training.checkpoints import intermediate_checkpoints, read_checkpoint_marker
 
     config_hash = read_checkpoint_marker(checkpoint).get("config_hash")
@@ -174,10 +169,10 @@ def curve_task(
         if step >= int(train["steps"]):
             continue  # the final checkpoint is the last point
         out = EvaluationFolder(paths.evaluation).step(step)
-        result = evaluate(config.model_copy(update={"model": uri, "output_uri": out}), progress=False)
+        stage = EvaluateStage(paths, config.model_copy(update={"model": uri, "output_uri": out}))
         points.append(
             {"step": step, "examples": marker.get("samples_seen"), "checkpoint": uri}
-            | {"predictions_uri": result.predictions_uri}
+            | {"predictions_uri": run_global(stage).counts["predictions_uri"]}
         )
     points.append(
         {"step": int(train["steps"]), "examples": train.get("samples_seen"), "checkpoint": checkpoint}
@@ -324,12 +319,18 @@ def arm_flow(spec_ref: str, arm: str, store: str | None = None, force: bool = Fa
             config = config.model_copy(update=update | {"logging_dir": tensorboard})
             if spec.training.report_to == "tensorboard":
                 record["tensorboard"] = tensorboard  # `tensorboard --logdir` it
-            record["train"] = train_task(config, recipe.training.launcher, None, None)
+            job = TrainStage(
+                paths,
+                lambda c=config: train_task(c, recipe.training.launcher, None, None),
+                rerun=force,
+                config_hash=f"{config.config_hash()}-{config.save_steps}",  # + the learning curve's checkpoints
+            )
+            record["train"] = run_global(job).counts
             record["trained_by"] = arm
             write_record(exp, arm, record)  # its checkpoint is findable by twins from here on
             checkpoint = paths.checkpoints
         eval_cfg = _eval_config(recipe, spec, arm, paths, base, checkpoint)
-        result = evaluate_task(eval_cfg)
+        result = evaluate_task(paths, eval_cfg)
         record["evaluation"] = {
             "predictions_uri": result["predictions_uri"],
             "report_uri": result["report_uri"],

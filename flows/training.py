@@ -12,7 +12,6 @@ import hashlib
 import importlib
 import os
 import tempfile
-import time
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
@@ -24,13 +23,14 @@ from octomed_data.errors import ConfigError, OctomedError, StorageError
 from octomed_data.job_config import EvalConfig, TrainConfig
 from octomed_data.layout import RunPaths
 from octomed_data.recipe import Recipe, load_recipe
-from octomed_data.runs import (
-    checkpoint_lease,
-    export_fingerprint,
-    new_owner,
-    training_record_uri,
+from octomed_data.stages import (
+    GLOBAL_SHARD,
+    LocalExecutor,
+    ShardOutcome,
+    Stage,
+    raise_for_failures,
+    run_stage,
 )
-from octomed_data.stages import describe_error
 
 
 class TrainingUnavailable(OctomedError):
@@ -147,12 +147,18 @@ def checkpoint_task(paths: RunPaths) -> dict[str, Any]:
 
 
 @task(name="evaluate", retries=0)
-def evaluate_task(config: Any) -> dict[str, Any]:
-    """The benchmark harness on the run's checkpoint (long: no automatic retry; re-run the flow)."""
-    from dataclasses import asdict
+def evaluate_task(paths: RunPaths, config: EvalConfig) -> dict[str, Any]:
+    """The benchmark harness on the run's checkpoint (long: no automatic retry; re-run the flow);
+    done when its metrics are of these settings on this checkpoint (``evaluation.stage``)."""
+    return run_global(_training_module("evaluation.stage").EvaluateStage(paths, config)).counts
 
-    evaluation = _training_module("evaluation.harness")
-    return asdict(evaluation.evaluate(config, progress=False))
+
+def run_global(stage: Stage) -> ShardOutcome:
+    """A global stage (training, evaluation) run by ``run_stage`` in this process: its one outcome
+    (REUSED when its done-signal holds). A failure is one error line."""
+    result = run_stage(stage, LocalExecutor(progress=False))
+    raise_for_failures(result)
+    return result.outcomes[GLOBAL_SHARD]
 
 
 def eval_config(recipe: Recipe, paths: RunPaths, checkpoint: str | None = None) -> EvalConfig:
@@ -187,7 +193,7 @@ def checkpoint_flow(run: RunParams = RunParams()) -> dict[str, Any]:
 def evaluate_flow(run: RunParams = RunParams()) -> dict[str, Any]:
     """Evaluate the run's checkpoint on the recipe's held-out benchmarks; publish the table and the plot."""
     recipe, paths = prepare(run)
-    result = evaluate_task(eval_config(recipe, paths))
+    result = evaluate_task(paths, eval_config(recipe, paths))
     rows = [
         {"benchmark": name}
         | {k: v for k, v in m.items() if k in _TABLE_COLUMNS}
@@ -221,11 +227,6 @@ _TABLE_COLUMNS = (
 )
 
 
-# How long a trigger for another export of the same run waits for the job training into the run's
-# checkpoint folder (a trigger for the same export does not wait: it is a no-op).
-TRAIN_LEASE_WAIT_S = 6 * 3600.0
-
-
 def existing_run(run: RunParams) -> RunPaths:
     """The run to train: it must exist already (training never starts a run). Creates nothing."""
     if not run.run_id:
@@ -239,11 +240,6 @@ def existing_run(run: RunParams) -> RunPaths:
     return paths
 
 
-def _record(paths: RunPaths, fingerprint: str) -> dict[str, Any]:
-    uri = training_record_uri(paths, fingerprint)
-    return storage.read_json(uri) if storage.exists(uri) else {}
-
-
 def _flow_run_id() -> str:
     from prefect.runtime import flow_run
 
@@ -254,47 +250,24 @@ def _flow_run_id() -> str:
 def train_flow(params: TrainParams = TrainParams()) -> dict[str, Any]:
     """SFT on the run's TRL export, then (by default) register and evaluate the checkpoint.
 
-    Exactly once per (run, export): the idempotency key is the run id plus the export's content
-    hash. A trigger for an export already trained, or being trained by another job, is a no-op; one
-    lease on the run's checkpoint folder (``state/training/checkpoints.lease``, heartbeat-renewed)
-    keeps two jobs from training into it at once.
+    Exactly once per (run, export): the training stage (``training.stage.TrainStage``, run by
+    ``run_stage``) is done when the export's training record says COMPLETED; a trigger for an export
+    being trained by another job is a no-op, and one lease keeps two jobs out of one checkpoint folder.
     """
     found = existing_run(params.run)  # refuse in one line before anything is created
-    fingerprint = export_fingerprint(found)
+    # The export's fingerprint (or one ConfigError line) before the run is opened; the job runs
+    # with the recipe and paths the run was opened with (bound below, before the stage runs).
+    stage_module = _training_module("training.stage")
+    stage = stage_module.TrainStage(
+        found, lambda: _train(recipe, paths, params), owner=_flow_run_id() or None
+    )
     run_params = params.run.model_copy(update={"run_id": found.run_id, "store": found.store})
     recipe, paths = prepare(run_params)
-    key = f"{paths.run_id}:{fingerprint}"
-    skipped = {"run_id": paths.run_id, "key": key, "skipped": True}
-    if _record(paths, fingerprint).get("state") == "COMPLETED":
-        print(f"training: export {fingerprint} of run {paths.run_id} is trained already; nothing to do")
-        return skipped
-    lease = checkpoint_lease(paths, f"{key}|{_flow_run_id() or new_owner()}")
-    holder = lease.read() or {}
-    if (
-        str(holder.get("owner", "")).startswith(f"{key}|")
-        and float(holder.get("expires_at", 0)) > time.time()
-    ):
-        print(f"training: another job ({holder['owner']}) trains export {fingerprint} now; nothing to do")
-        return skipped
-    with lease.hold(wait_s=TRAIN_LEASE_WAIT_S):
-        if _record(paths, fingerprint).get("state") == "COMPLETED":  # finished while we waited
-            print(f"training: export {fingerprint} of run {paths.run_id} is trained already; nothing to do")
-            return skipped
-        record_uri = training_record_uri(paths, fingerprint)
-        storage.write_json(
-            record_uri, {"key": key, "state": "RUNNING", "owner": lease.owner, "started": time.time()}
-        )
-        try:
-            result = _train(recipe, paths, params)
-        except BaseException as exc:
-            storage.write_json(record_uri, {"key": key, "state": "FAILED", "error": describe_error(exc)})
-            raise
-        storage.write_json(
-            record_uri,
-            {"key": key, "state": "COMPLETED", "owner": lease.owner, "finished": time.time()}
-            | {k: v for k, v in result.items() if isinstance(v, str | int | float | bool)},
-        )
-    return _after_training(recipe, paths, params, result)
+    outcome = run_global(stage)
+    if outcome.state == "REUSED" or outcome.counts.get(stage_module.ALREADY):
+        print(f"training: export {stage.export} of run {paths.run_id} is trained (or training) already")
+        return {"run_id": paths.run_id, "key": stage.key, "skipped": True}
+    return _after_training(recipe, paths, params, outcome.counts)
 
 
 def _train(recipe: Recipe, paths: RunPaths, params: TrainParams) -> dict[str, Any]:

@@ -293,6 +293,11 @@ class EvalConfig(EvalOptions):
             raise ValueError("give exactly one of benchmarks (registry names) or questions_uri (a dataset)")
         return self
 
+    def config_hash(self) -> str:
+        """Stable hash of everything that changes the numbers (not where they are written)."""
+        payload = self.model_dump(mode="json", exclude={"output_uri", "work_dir", "name"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
     @property
     def checkpoint_uri(self) -> str:
         """The model location (the name the training flow and older configs use)."""

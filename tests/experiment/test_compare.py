@@ -9,12 +9,8 @@ import numpy as np
 import pytest
 
 from octomed_data.errors import ConfigError
-from octomed_data.experiment.compare import (
-    compare,
-    paired_bootstrap,
-    report_markdown,
-    report_png,
-)
+from octomed_data.experiment.compare import compare, paired_bootstrap
+from octomed_data.experiment.report import report_markdown, report_png
 from octomed_data.experiment.spec import parse_spec
 from tests.support.compare import REF, SPEC, X
 from tests.support.compare import records as _records

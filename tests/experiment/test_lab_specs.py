@@ -10,7 +10,8 @@ import pytest
 
 from octomed_data.errors import ConfigError
 from octomed_data.experiment import load_spec
-from octomed_data.experiment.compare import compare, learning_curves_png, report_markdown
+from octomed_data.experiment.compare import compare
+from octomed_data.experiment.report import learning_curves_png, report_markdown
 from octomed_data.experiment.spec import READY_MADE, parse_spec
 from tests.support.compare import REF, SPEC, X
 from tests.support.compare import records as _records
