@@ -55,6 +55,7 @@ STAGES = (
 STAGE_FOLDERS = (
     "ingest", "decontaminate", "distill", "filter", "mixture", "export", "checkpoints", "evaluate", "report",
 )  # fmt: skip
+SPLITS = ("train", "validation")  # the mixture's splits, and every export's
 ENV_STORE = "OCTOMED_STORE"
 DEFAULT_STORE = "./runs/demo"  # the demo recipe's store
 
