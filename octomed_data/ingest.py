@@ -1,13 +1,14 @@
 """Ingest: read an upstream file as a FORMAT and write questions + quarantine as Parquet.
 
-``ingest(fmt, input_path, out)`` streams records from :func:`octomed_data.sources.iter_records`
+:func:`ingest_entry` (one source entry = one shard of the ingest stage,
+:mod:`octomed_data.stages.ingest`, whose ``ingest(fmt, input_path, out)`` runs it) streams records from :func:`octomed_data.sources.iter_records`
 into ``out/questions`` (QUESTION_SCHEMA) and ``out/quarantine`` (QUARANTINE_SCHEMA), shards
 of ``shard_size`` rows committed atomically through :class:`~octomed_data.storage.Dataset`,
 and images into the content-addressed store ``out/images/``. At most one shard of rows is
 held in memory. A question id seen earlier in the run is quarantined as ``duplicate``.
 Invariant: ``records == questions + quarantined``.
 
-``ingest_many(entries, out)`` does the same for several inputs into one output (the demo);
+``ingest_many(entries, out)`` (also there) does the same for several inputs into one output (the demo);
 shard names carry the entry name (``medqa-00000``) so they never collide, and duplicates are
 found across entries.
 
@@ -405,63 +406,6 @@ def summarize_ingest(out: str, plans: list[EntryPlan], seconds: float = 0.0) -> 
     return result
 
 
-def ingest_many(
-    entries: Iterable[Mapping[str, Any]],
-    out: str,
-    *,
-    shard_size: int = 5000,
-    progress: bool = False,
-    shard_prefix: bool = True,
-) -> IngestResult:
-    """Ingest several inputs into one output (questions, quarantine, images under ``out``).
-
-    Each entry is a mapping: ``format``, ``input`` (path), optional ``images`` (folder),
-    ``name`` (shard prefix; defaults to the format), ``split``, ``source`` (name written to
-    rows; defaults to the format) and ``options`` (per-format ``--option`` values). Shards are named
-    ``<name>-00000`` ...; with ``shard_prefix=False`` and a single entry, ``00000`` ...
-    Raises :class:`~octomed_data.errors.OctomedError` for an unknown format, a missing
-    input or an unusable output before any record is read. Runs the ingest stage (one shard per
-    entry) with the local executor.
-    """
-    from octomed_data.stages import LocalExecutor, raise_for_failures, run_stage
-    from octomed_data.stages.ingest import IngestStage
-
-    if shard_size < 1:
-        raise ConfigError(f"shard size must be >= 1, got {shard_size}")
-    plans = plan_entries(entries, shard_prefix=shard_prefix)
-    check_output(out)
-    started = time.perf_counter()
-    stage = IngestStage.for_folder(out, plans, shard_size=shard_size, progress=progress)
-    result = run_stage(stage, LocalExecutor(progress=False), force=True)
-    raise_for_failures(result)
-    summary = summarize_ingest(out, plans, seconds=round(time.perf_counter() - started, 3))
-    return summary
-
-
-def ingest(
-    fmt: str,
-    input_path: str,
-    out: str,
-    *,
-    images: str | None = None,
-    shard_size: int = 5000,
-    progress: bool = False,
-    shard_prefix: str | None = None,
-    **options: Any,
-) -> IngestResult:
-    """Ingest one input file (or folder) read as ``fmt`` into ``out``.
-
-    Writes ``out/questions`` (shards ``00000``, ``00001``, ... or ``<shard_prefix>-00000`` ...),
-    ``out/quarantine`` and ``out/images/``; ``options`` are the format's options (``split``,
-    ``source``, loader-specific keys). Use ``shard_prefix`` when several ingests write into
-    the same ``out`` independently (each owns its prefix).
-    """
-    entry = {"format": fmt, "input": input_path, "images": images, "options": options, "name": shard_prefix}
-    return ingest_many(
-        [entry], out, shard_size=shard_size, progress=progress, shard_prefix=bool(shard_prefix)
-    )
-
-
 def check_output(out: str) -> None:
     """Fail early, in one line, if ``out`` cannot be written (unreachable endpoint, no bucket, bad path)."""
     storage.ensure_writable(out)
@@ -519,8 +463,16 @@ def demo_entries(config: str | Path = DEMO_CONFIG) -> list[dict[str, Any]]:
 
 __all__ = [
     "IngestResult",
-    "ingest",
-    "ingest_many",
     "demo_entries",
     "SAMPLE_DATA_DIR",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``ingest`` / ``ingest_many`` run the ingest stage: they live in :mod:`octomed_data.stages.ingest`
+    (this re-export stays only until every importer imports them from there)."""
+    if name in ("ingest", "ingest_many"):
+        import octomed_data.stages.ingest as stage_module
+
+        return getattr(stage_module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,8 +15,9 @@ import pytest
 from octomed_data import storage
 from octomed_data.cli import main
 from octomed_data.errors import ConfigError, OctomedError
-from octomed_data.ingest import demo_entries, ingest, ingest_many
+from octomed_data.ingest import demo_entries
 from octomed_data.schema import QUARANTINE_SCHEMA, QUESTION_SCHEMA
+from octomed_data.stages.ingest import ingest, ingest_many
 
 REPO = Path(__file__).resolve().parent.parent
 

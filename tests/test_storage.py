@@ -14,8 +14,8 @@ import pytest
 
 from octomed_data import storage
 from octomed_data.errors import StorageError
-from octomed_data.ingest import ingest
 from octomed_data.schema import QUESTION_SCHEMA, question_row
+from octomed_data.stages.ingest import ingest
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -6,8 +6,9 @@ import argparse
 import sys
 
 from octomed_data.errors import ConfigError
-from octomed_data.ingest import IngestResult, ingest
+from octomed_data.ingest import IngestResult
 from octomed_data.sources import FORMATS
+from octomed_data.stages.ingest import ingest
 
 
 def parse_options(pairs: list[str] | None) -> dict[str, str]:

@@ -1,13 +1,18 @@
-"""Ingest stage: one shard per source entry (:mod:`octomed_data.ingest` holds the logic)."""
+"""Ingest stage: one shard per source entry (:mod:`octomed_data.ingest` holds the logic), and
+:func:`ingest` / :func:`ingest_many`, the stage over files into one output folder (the CLI's)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from octomed_data import storage
+from octomed_data.errors import ConfigError
 from octomed_data.ingest import (
     EntryPlan,
+    IngestResult,
+    check_output,
     entries_uri,
     ingest_entry,
     input_version,
@@ -17,6 +22,7 @@ from octomed_data.ingest import (
 )
 from octomed_data.layout import RunPaths
 from octomed_data.stages.base import Stage
+from octomed_data.stages.local import LocalExecutor, raise_for_failures, run_stage
 
 
 class IngestStage(Stage):
@@ -92,3 +98,57 @@ class IngestStage(Stage):
     def finalize(self, shards: Sequence[str]) -> dict[str, Any]:
         quarantine_cross_duplicates(self.out, self.plans)
         return summarize_ingest(self.out, self.plans).to_dict()
+
+
+def ingest_many(
+    entries: Iterable[Mapping[str, Any]],
+    out: str,
+    *,
+    shard_size: int = 5000,
+    progress: bool = False,
+    shard_prefix: bool = True,
+) -> IngestResult:
+    """Ingest several inputs into one output (questions, quarantine, images under ``out``).
+
+    Each entry is a mapping: ``format``, ``input`` (path), optional ``images`` (folder),
+    ``name`` (shard prefix; defaults to the format), ``split``, ``source`` (name written to
+    rows; defaults to the format) and ``options`` (per-format ``--option`` values). Shards are named
+    ``<name>-00000`` ...; with ``shard_prefix=False`` and a single entry, ``00000`` ...
+    Raises :class:`~octomed_data.errors.OctomedError` for an unknown format, a missing
+    input or an unusable output before any record is read. Runs the ingest stage (one shard per
+    entry) with the local executor.
+    """
+    if shard_size < 1:
+        raise ConfigError(f"shard size must be >= 1, got {shard_size}")
+    plans = plan_entries(entries, shard_prefix=shard_prefix)
+    check_output(out)
+    started = time.perf_counter()
+    stage = IngestStage.for_folder(out, plans, shard_size=shard_size, progress=progress)
+    result = run_stage(stage, LocalExecutor(progress=False), force=True)
+    raise_for_failures(result)
+    summary = summarize_ingest(out, plans, seconds=round(time.perf_counter() - started, 3))
+    return summary
+
+
+def ingest(
+    fmt: str,
+    input_path: str,
+    out: str,
+    *,
+    images: str | None = None,
+    shard_size: int = 5000,
+    progress: bool = False,
+    shard_prefix: str | None = None,
+    **options: Any,
+) -> IngestResult:
+    """Ingest one input file (or folder) read as ``fmt`` into ``out``.
+
+    Writes ``out/questions`` (shards ``00000``, ``00001``, ... or ``<shard_prefix>-00000`` ...),
+    ``out/quarantine`` and ``out/images/``; ``options`` are the format's options (``split``,
+    ``source``, loader-specific keys). Use ``shard_prefix`` when several ingests write into
+    the same ``out`` independently (each owns its prefix).
+    """
+    entry = {"format": fmt, "input": input_path, "images": images, "options": options, "name": shard_prefix}
+    return ingest_many(
+        [entry], out, shard_size=shard_size, progress=progress, shard_prefix=bool(shard_prefix)
+    )

@@ -85,7 +85,7 @@ def test_registry_texts_follow_the_readme_fields(shared_data):
 
 
 def test_registry_image_hashes_equal_what_ingest_stores(shared_data, tmp_path):
-    from octomed_data.ingest import ingest
+    from octomed_data.stages.ingest import ingest
 
     out = str(tmp_path / "vqa")
     ingest(

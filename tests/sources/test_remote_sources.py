@@ -13,13 +13,13 @@ import pytest
 from octomed_data import storage
 from octomed_data.cli import main
 from octomed_data.images import ImageStore
-from octomed_data.ingest import ingest_many
 from octomed_data.layout import IngestFolder
 from octomed_data.recipe import parse_recipe
 from octomed_data.schema import QUESTION_SCHEMA
 from octomed_data.sources import iter_records
 from octomed_data.sources.paths import SourcePath
 from octomed_data.sources.readers import iter_json_records
+from octomed_data.stages.ingest import ingest_many
 
 
 def upload(local: Path, uri: str) -> None:

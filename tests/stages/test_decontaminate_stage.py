@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from octomed_data import storage
-from octomed_data.ingest import ingest
 from octomed_data.layout import RunPaths
 from octomed_data.stages import LocalExecutor, run_stage
 from octomed_data.stages.decontaminate import DecontaminateStage
+from octomed_data.stages.ingest import ingest
 
 
 def _ingested(shared_data, tmp_path) -> RunPaths:
