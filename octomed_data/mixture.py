@@ -31,31 +31,35 @@ so memory stays one shard's flagged ids; a missing or stale audit is a one-line 
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import math
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from octomed_data import storage
-from octomed_data.audit import Flag, flagged_questions
+from octomed_data.audit import flagged_questions
 from octomed_data.errors import ConfigError, StorageError
-from octomed_data.layout import FilterFolder, MixtureFolder
-from octomed_data.schema import (
-    ACCEPTED_SCHEMA,
-    MIXTURE_SCHEMA,
-    QUESTION_SCHEMA,
-    normalize_text,
+from octomed_data.layout import SPLITS, FilterFolder, MixtureFolder
+from octomed_data.mixture_config import MixtureConfig, MixtureResult, SourceCounts, load_result, parse_weights
+from octomed_data.mixture_select import (
+    Stratum,
+    bucket_candidates,
+    dedupe_key,
+    h64,
+    split_of,
+    stratified_moves,
+    within_cap,
 )
+from octomed_data.schema import ACCEPTED_SCHEMA, MIXTURE_SCHEMA, QUESTION_SCHEMA
 
-SPLITS = ("train", "validation")
-
+__all__ = [  # re-exported: the names other modules import from here
+    "MIXTURE_SCHEMA", "SPLITS", "MixtureConfig", "MixtureResult", "SourceCounts", "build_mixture", "load_result",
+    "parse_weights",
+]  # fmt: skip
 
 _SAMPLE_COLUMNS = [
     "question_id",
@@ -89,153 +93,6 @@ _WORK_SAMPLE_SCHEMA = pa.schema(
     + [pa.field("dedupe_key", pa.string(), nullable=False)]
 )
 _WORK_QUESTION_SCHEMA = pa.schema([QUESTION_SCHEMA.field(c) for c in _QUESTION_COLUMNS])
-_TWO64 = float(2**64)
-
-
-class MixtureConfig(BaseModel):
-    """How accepted traces become the training mixture."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    weights: dict[str, float] = Field(
-        default_factory=dict,
-        description="Per-source weight: <1 keeps that seeded fraction of its traces, >1 repeats them "
-        "(2.5 = two copies plus a third for half). Unlisted sources use default_weight.",
-    )
-    default_weight: float = Field(1.0, ge=0)
-    caps: dict[str, int] = Field(
-        default_factory=dict, description="Per-source maximum number of distinct traces (before repeats)."
-    )
-    max_traces_per_question: int | None = Field(
-        None, ge=1, description="Keep at most this many distinct accepted traces per question."
-    )
-    seed: int = 0
-    validation_fraction: float = Field(0.05, ge=0, lt=1, description="Share of questions held out.")
-    stratify_validation: bool = Field(
-        True,
-        description="Every (source, task type) with 2+ questions has questions in both splits "
-        "(when validation_fraction > 0).",
-    )
-    shard_rows: int = Field(5000, ge=1, description="Target rows per output shard.")
-    exclude_audit_flags: list[Flag] = Field(
-        default_factory=list,
-        description="Leave out every trace of questions the gold-label audit flagged with one of these "
-        "(suspected_label_error, never_correct); empty: the audit is not read.",
-    )
-    bucket_rows: int = Field(50_000, ge=1, description="Target samples per work bucket (memory bound).")
-
-    @field_validator("weights")
-    @classmethod
-    def _non_negative(cls, v: dict[str, float]) -> dict[str, float]:
-        bad = {k: w for k, w in v.items() if not (w >= 0 and math.isfinite(w))}
-        if bad:
-            raise ValueError(f"weights must be finite and >= 0: {bad}")
-        return v
-
-    @field_validator("caps")
-    @classmethod
-    def _positive_caps(cls, v: dict[str, int]) -> dict[str, int]:
-        bad = {k: c for k, c in v.items() if c < 0}
-        if bad:
-            raise ValueError(f"caps must be >= 0: {bad}")
-        return v
-
-    def weight(self, source: str) -> float:
-        return self.weights.get(source, self.default_weight)
-
-
-@dataclass
-class SourceCounts:
-    """What happened to one source's accepted traces."""
-
-    accepted: int = 0  # correct samples read
-    duplicates: int = 0
-    over_question_limit: int = 0
-    dropped_by_weight: int = 0
-    dropped_by_cap: int = 0
-    missing_question: int = 0  # trace whose question is not in the questions dataset
-    excluded_by_audit: int = 0  # traces of questions the gold-label audit flagged (exclude_audit_flags)
-    questions_excluded_by_audit: int = 0
-    selected: int = 0  # distinct traces kept
-    rows_train: int = 0  # rows written, copies included
-    rows_validation: int = 0
-
-
-@dataclass
-class MixtureResult:
-    """Where the mixture went and what it holds."""
-
-    uri: str
-    train_uri: str
-    validation_uri: str
-    rows_train: int
-    rows_validation: int
-    questions_train: int
-    questions_validation: int
-    sources: dict[str, SourceCounts] = field(default_factory=dict)
-    stratified_moves: int = 0  # questions moved between splits so every stratum is in both
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _h64(*parts: object) -> int:
-    """Seeded, platform-independent 64-bit hash (Python's ``hash`` is salted per process)."""
-    h = hashlib.blake2b(digest_size=8)
-    for p in parts:
-        h.update(str(p).encode("utf-8"))
-        h.update(b"\x1f")
-    return int.from_bytes(h.digest(), "big")
-
-
-def dedupe_key(question_id: str, reasoning: str | None, response: str | None) -> str:
-    """Two traces are duplicates when they answer the same question with the same normalised text."""
-    text = normalize_text(reasoning or "").lower() + "\x1e" + normalize_text(response or "").lower()
-    return hashlib.blake2b(f"{question_id}\x1f{text}".encode(), digest_size=12).hexdigest()
-
-
-def split_of(question_id: str, seed: int, validation_fraction: float) -> str:
-    """Train or validation, decided by the question alone so no question lands in both."""
-    return "validation" if _h64(seed, "split", question_id) / _TWO64 < validation_fraction else "train"
-
-
-@dataclass
-class _Stratum:
-    """Split statistics of one (source, task type): counts and the questions a move would take."""
-
-    train: int = 0
-    validation: int = 0
-    train_lowest: tuple[int, str] | None = None  # (split hash, question_id)
-    validation_highest: tuple[int, str] | None = None
-
-    def add(self, question_id: str, split: str, seed: int) -> None:
-        key = (_h64(seed, "split", question_id), question_id)
-        if split == "train":
-            self.train += 1
-            if self.train_lowest is None or key < self.train_lowest:
-                self.train_lowest = key
-        else:
-            self.validation += 1
-            if self.validation_highest is None or key > self.validation_highest:
-                self.validation_highest = key
-
-
-def stratified_moves(strata: dict[tuple[str, str], _Stratum]) -> dict[str, str]:
-    """question_id -> split for the questions that give each stratum a question in both splits."""
-    moves: dict[str, str] = {}
-    for stats in strata.values():
-        if stats.validation == 0 and stats.train >= 2 and stats.train_lowest:
-            moves[stats.train_lowest[1]] = "validation"
-        elif stats.train == 0 and stats.validation >= 2 and stats.validation_highest:
-            moves[stats.validation_highest[1]] = "train"
-    return moves
-
-
-def copies_for(weight: float, priority: float) -> int:
-    """How many copies of a trace a weight asks for; ``priority`` in [0,1) decides the fraction."""
-    whole = math.floor(weight)
-    return whole + (1 if priority < weight - whole else 0)
 
 
 def _as_list(uris: str | Sequence[str]) -> list[str]:
@@ -314,40 +171,6 @@ def _iter_unflagged(
                     yield row
 
 
-def _bucket_candidates(
-    rows: list[dict[str, Any]], config: MixtureConfig, counts: dict[str, SourceCounts]
-) -> list[tuple[dict[str, Any], float, int]]:
-    """Dedupe, per-question limit and weights for one bucket: (row, priority, copies) per candidate.
-
-    Deterministic in the rows alone, so the select pass can recompute it after the cap pass.
-    ``counts`` is updated only when given a fresh dict (the caller decides which pass counts).
-    """
-    rows = sorted(rows, key=lambda r: (r["question_id"], r["teacher"], r["model"], r["sample_idx"]))
-    seen: set[str] = set()
-    per_question: dict[str, list[tuple[float, dict[str, Any]]]] = defaultdict(list)
-    for row in rows:
-        if row["dedupe_key"] in seen:
-            counts[row["source"]].duplicates += 1
-            continue
-        seen.add(row["dedupe_key"])
-        priority = _h64(config.seed, "pick", row["dedupe_key"]) / _TWO64
-        per_question[row["question_id"]].append((priority, row))
-    out: list[tuple[dict[str, Any], float, int]] = []
-    for items in per_question.values():
-        items.sort(key=lambda t: t[0])
-        if config.max_traces_per_question is not None:
-            for _, row in items[config.max_traces_per_question :]:
-                counts[row["source"]].over_question_limit += 1
-            items = items[: config.max_traces_per_question]
-        for priority, row in items:
-            n = copies_for(config.weight(row["source"]), priority)
-            if n == 0:
-                counts[row["source"]].dropped_by_weight += 1
-                continue
-            out.append((row, priority, n))
-    return out
-
-
 def build_mixture(
     accepted: str | Sequence[str],
     questions: str | Sequence[str],
@@ -397,13 +220,11 @@ def build_mixture(
         counts[row["source"]].accepted += 1
         row.pop("correct")
         row["dedupe_key"] = dedupe_key(row["question_id"], row["reasoning"], row["response"])
-        sample_spill.add(_h64("bucket", row["question_id"]) % n_buckets, row)
+        sample_spill.add(h64("bucket", row["question_id"]) % n_buckets, row)
     sample_spill.flush()
-    question_spill = _Spill(
-        storage.Dataset(folder.spill("questions"), _WORK_QUESTION_SCHEMA), spill_limit
-    )
+    question_spill = _Spill(storage.Dataset(folder.spill("questions"), _WORK_QUESTION_SCHEMA), spill_limit)
     for row in _iter_rows(question_uris, _QUESTION_COLUMNS):
-        bucket = _h64("bucket", row["question_id"]) % n_buckets
+        bucket = h64("bucket", row["question_id"]) % n_buckets
         if bucket in sample_spill.shards:  # a question nobody answered correctly is not needed
             question_spill.add(bucket, row)
     question_spill.flush()
@@ -416,12 +237,12 @@ def build_mixture(
     heaps: dict[str, list[tuple[float, int, str, str, str]]] = defaultdict(list)
     capped = set(config.caps)
     expected: Counter[str] = Counter()
-    strata: dict[tuple[str, str], _Stratum] = defaultdict(_Stratum)
+    strata: dict[tuple[str, str], Stratum] = defaultdict(Stratum)
     for bucket in sample_spill.shards:
         bucket_rows = list(samples_ds.iter_rows(shards=sample_spill.shards[bucket]))
         scratch: dict[str, SourceCounts] = defaultdict(SourceCounts)
         seen_here: set[str] = set()  # every trace of a question is in this bucket
-        for row, priority, n in _bucket_candidates(bucket_rows, config, scratch):
+        for row, priority, n in bucket_candidates(bucket_rows, config, scratch):
             src = row["source"]
             split = split_of(row["question_id"], config.seed, config.validation_fraction)
             if src not in capped:
@@ -450,8 +271,7 @@ def build_mixture(
 
     # Pass 2b: select, join with the question, assign split and shuffle key, range-partition.
     shuffle_spills = {
-        s: _Spill(storage.Dataset(folder.spill(f"shuffle-{s}"), MIXTURE_SCHEMA), spill_limit)
-        for s in SPLITS
+        s: _Spill(storage.Dataset(folder.spill(f"shuffle-{s}"), MIXTURE_SCHEMA), spill_limit) for s in SPLITS
     }
     questions_by_split: dict[str, set[str]] = {s: set() for s in SPLITS}
     q_counts: Counter[str] = Counter()
@@ -459,9 +279,9 @@ def build_mixture(
         bucket_rows = list(samples_ds.iter_rows(shards=sample_spill.shards[bucket]))
         qshards = question_spill.shards.get(bucket, [])
         qrows = {q["question_id"]: q for q in questions_ds.iter_rows(shards=qshards)} if qshards else {}
-        for row, priority, n in _bucket_candidates(bucket_rows, config, counts):
+        for row, priority, n in bucket_candidates(bucket_rows, config, counts):
             src = row["source"]
-            if src in capped and not _within_cap(config.caps[src], priority, threshold[src]):
+            if src in capped and not within_cap(config.caps[src], priority, threshold[src]):
                 counts[src].dropped_by_cap += 1
                 continue
             q = qrows.get(row["question_id"])
@@ -476,7 +296,7 @@ def build_mixture(
                 questions_by_split[split].add(row["question_id"])
                 q_counts[split] += 1
             for copy in range(n):
-                key = _h64(config.seed, "order", row["dedupe_key"], copy)
+                key = h64(config.seed, "order", row["dedupe_key"], copy)
                 out_row = {
                     "question_id": row["question_id"],
                     "source": src,
@@ -552,10 +372,6 @@ def build_mixture(
     return result
 
 
-def _within_cap(cap: int, priority: float, threshold: float) -> bool:
-    return cap > 0 and priority <= threshold
-
-
 def _remove_tree(uri: str) -> None:
     fs, path = storage.filesystem(uri)
     try:
@@ -563,28 +379,3 @@ def _remove_tree(uri: str) -> None:
             fs.rm(path, recursive=True)
     except FileNotFoundError:
         pass
-
-
-def load_result(out: str) -> MixtureResult:
-    """Read ``OUT/mixture.json`` back."""
-    uri = MixtureFolder(out).summary
-    if not storage.exists(uri):
-        raise StorageError(f"no mixture at {out} (missing mixture.json)")
-    data = storage.read_json(uri)
-    sources = {k: SourceCounts(**v) for k, v in data["sources"].items()}
-    keep = {f for f in MixtureResult.__dataclass_fields__}
-    return MixtureResult(**{k: v for k, v in data.items() if k in keep and k != "sources"}, sources=sources)
-
-
-def parse_weights(items: Sequence[str] | None, kind: type = float) -> dict[str, Any]:
-    """``["medqa=0.5", "pubmedqa=2"]`` -> ``{"medqa": 0.5, "pubmedqa": 2.0}`` (CLI helper)."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise ConfigError(f"expected SOURCE=VALUE, got {item!r}")
-        try:
-            out[name.strip()] = kind(value)
-        except ValueError:
-            raise ConfigError(f"not a number in {item!r}") from None
-    return out
