@@ -9,7 +9,6 @@ naming the shards that failed and how to re-run them.
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 from collections.abc import Sequence
@@ -20,13 +19,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
 from octomed_data import storage
-from octomed_data.layout import RunPaths
+from octomed_data.layout import ENV_STORE as ENV_STORE  # flows/training imports it from here
+from octomed_data.layout import RunPaths, default_store
 from octomed_data.recipe import Recipe, load_recipe
 from octomed_data.report import shard_table_rows
 from octomed_data.runs import open_run, shard_states, start_run
 from octomed_data.stages import Stage, StageFailed, StageResult, raise_for_failures, run_stage
 
-ENV_STORE = "OCTOMED_STORE"
 LIBRARY_LOGGER = "octomed_data"
 
 
@@ -65,13 +64,10 @@ class RunParams(BaseModel):
 
 def prepare(run: RunParams) -> tuple[Recipe, RunPaths]:
     """Open the run named by ``run`` (its recorded recipe wins) or start a new one from the recipe."""
-    store = run.store or os.environ.get(ENV_STORE)
-    if run.run_id:
-        recipe_store = store or load_recipe(run.recipe_path).store
-        paths_probe = RunPaths(recipe_store, run.run_id)
-        if storage.exists(paths_probe.run_json):
-            return open_run(run.run_id, recipe_store)
     recipe = load_recipe(run.recipe_path)
+    store = default_store(run.store, recipe.store)
+    if run.run_id and storage.exists(RunPaths(store, run.run_id).run_json):
+        return open_run(run.run_id, store)
     paths = start_run(recipe, run.run_id, store)
     return recipe, paths
 

@@ -31,12 +31,10 @@ from flows.ingest import ingest_flow
 from flows.mixture import mixture_flow
 from flows.release import release_flow
 from flows.training import TrainParams, checkpoint_flow, evaluate_flow, train_flow
-from octomed_data.runs import STAGES
+from octomed_data.layout import STAGES
 from octomed_data.verify import VerifySettings
 
-Stage = Literal[
-    "ingest", "decontaminate", "distill", "filter", "mixture", "export", "train", "checkpoint", "evaluate"
-]
+Stage = Literal[STAGES]  # the stage names, as layout.STAGES lists them
 
 
 def training_left_to_automation(automation_on: bool, exported: bool) -> bool:

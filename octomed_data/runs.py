@@ -17,6 +17,7 @@ from typing import Any
 
 from octomed_data import storage
 from octomed_data.errors import ConfigError, StorageError
+from octomed_data.layout import STAGES as STAGES  # the stage list, named once in layout
 from octomed_data.layout import RunPaths
 from octomed_data.lease import Lease as Lease  # moved: still importable from here
 from octomed_data.lease import LeaseHeld as LeaseHeld
@@ -27,17 +28,6 @@ from octomed_data.recipe import Recipe, parse_recipe
 from octomed_data.stages.records import record_shard as record_shard
 from octomed_data.stages.records import shard_name as shard_name
 
-STAGES = (
-    "ingest",
-    "decontaminate",
-    "distill",
-    "filter",
-    "mixture",
-    "export",
-    "train",
-    "checkpoint",
-    "evaluate",
-)
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 

@@ -12,10 +12,9 @@ Runs in this process (no Prefect, no Ray); the Prefect UI's way is the filter de
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
-DEFAULT_STORE = "./runs/demo"
+from octomed_data.layout import DEFAULT_STORE, default_store
 
 
 def load_verify_file(path: str) -> Any:
@@ -51,7 +50,7 @@ def _cmd_refilter(args: argparse.Namespace) -> int:
     from octomed_data.stages import LocalExecutor, raise_for_failures, run_stage
     from octomed_data.stages.filter import FilterStage, judge_for
 
-    store = args.store or os.environ.get("OCTOMED_STORE") or DEFAULT_STORE
+    store = default_store(args.store)
     recipe, paths = open_run_folder(args.run, store)
     verify = None
     if args.recipe:
@@ -97,11 +96,11 @@ def _downstream(paths: Any, recipe: Any) -> None:
     from octomed_data.stages import LocalExecutor, raise_for_failures, run_stage
     from octomed_data.stages.mixture import ExportStage, MixtureStage
 
-    if not storage.exists(storage.join(paths.mixture, "mixture.json")):
+    if not storage.exists(paths.mixture_summary):
         return
     raise_for_failures(run_stage(MixtureStage(paths, recipe.mixture), LocalExecutor(progress=False)))
     print(f"  mixture:    {paths.mixture} (rebuilt from the new accepted traces)")
-    if storage.exists(storage.join(paths.export, "export.json")):
+    if storage.exists(paths.export_summary):
         stage = ExportStage(paths, recipe.export.model_dump())
         raise_for_failures(run_stage(stage, LocalExecutor(progress=False)))
         print(f"  export:     {paths.export} (rebuilt)")

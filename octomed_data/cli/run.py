@@ -16,10 +16,7 @@ from typing import Any
 
 from octomed_data import storage
 from octomed_data.errors import ConfigError
-from octomed_data.layout import RunPaths
-from octomed_data.runs import STAGES
-
-DEFAULT_STORE = "./runs/demo"
+from octomed_data.layout import DEFAULT_STORE, STAGES, ExportFolder, RunPaths, default_store
 
 
 def closed_network_defaults(local_ray: bool) -> None:
@@ -49,7 +46,11 @@ def _print_outputs(result: dict[str, Any]) -> None:
     lines += [f"  {label:<27} {uri}" for label, uri in stage_outputs if storage.exists(uri)]
     export = result.get("export") or {}
     for fmt, splits in (export.get("datasets") or {}).items():
-        folder = os.path.dirname(next(iter(splits.values()))) if splits else storage.join(export["uri"], fmt)
+        folder = (
+            os.path.dirname(next(iter(splits.values())))
+            if splits
+            else ExportFolder(export["uri"]).format(fmt)
+        )
         lines.append(f"  export {fmt + ':':<20} {folder} ({', '.join(splits)})")
     train = result.get("train") or {}
     if train:
@@ -113,7 +114,7 @@ def saved_run_verify(
 
     if not run_id:
         return None
-    where = store or os.environ.get("OCTOMED_STORE") or recipe.store
+    where = default_store(store, recipe.store)
     if not storage.exists(RunPaths(where, check_run_id(run_id)).run_json):
         return None
     saved, _ = open_run(run_id, where)
@@ -141,7 +142,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_rerun(args: argparse.Namespace) -> int:
     from octomed_data.runs import open_run
 
-    store = args.store or os.environ.get("OCTOMED_STORE") or DEFAULT_STORE
+    store = default_store(args.store)
     open_run(args.run_id, store)  # fail early, in one line, on a wrong id or store
     return _run_factory("demo", run_id=args.run_id, store=store, shards=args.shard or None)
 
