@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -86,8 +85,9 @@ class OpenAIBackend:
         opens_think: bool = False,
     ) -> None:
         from octomed_data.inference.client import EndpointClient
-        from octomed_data.inference.ratelimit import LocalRateLimiter
-        from octomed_data.teachers import TeacherConfig
+        from octomed_data.inference.processor import RequestProcessor
+        from octomed_data.inference.retry import Backoff
+        from octomed_data.teachers import TeacherConfig, resolve_api_key
 
         self.url = url.rstrip("/")
         self.protocol = protocol
@@ -96,12 +96,15 @@ class OpenAIBackend:
         # The chat template opens the thought in the prompt: replies start inside it.
         self.opens_think = opens_think
         self.api_key_env = api_key_env
-        key = os.environ.get(api_key_env)
-        if not key:
+        try:
+            self._key = resolve_api_key(
+                TeacherConfig(name="eval", base_url=self.url, model="-", api_key_env=api_key_env)
+            )
+        except ConfigError:
             # vLLM/SGLang servers started without --api-key accept any key; hosted APIs answer 401.
             log.info("no API key in $%s: sending a placeholder (fine for local vLLM/SGLang)", api_key_env)
-            key = "EMPTY"
-        self._key = SecretStr(key)
+            self._key = SecretStr("EMPTY")
+        key = self._key.get_secret_value()
         self.server_kind = detect_kind(self.url, key, server)
         # The user's extra_body wins over the defaults (e.g. a deliberate top_k).
         self.extra_body = {**sampling_extras_for(self.server_kind, sampling_extras), **dict(extra_body or {})}
@@ -121,30 +124,23 @@ class OpenAIBackend:
             timeout_s=timeout_s,
             max_in_flight=concurrency,
         )
-        self.limiter = LocalRateLimiter.for_teachers([self.teacher])
         self.client = self._loop.run_until_complete(self._open(EndpointClient))
+        # THE request processor (retries, limiter, breaker, abort); no journal: nothing to resume.
+        self.processor = RequestProcessor(
+            {"eval": self.client}, max_attempts=max_attempts, backoff=Backoff(base_s=0.5, max_s=30.0)
+        )
 
     async def _open(self, cls: Any) -> Any:
         return cls(self.teacher, self._key, self.server_kind)  # its semaphore belongs to this backend's loop
 
     def _first_model(self) -> str:
         """The served model (GET /models); also the up-front reachability check."""
-        import openai
-
         from octomed_data.inference.client import scrub
-
-        async def probe() -> Any:
-            client = openai.AsyncOpenAI(
-                api_key=self._key.get_secret_value(), base_url=self.url, max_retries=1, timeout=15.0
-            )
-            try:
-                return await client.models.list()
-            finally:
-                await client.close()
+        from octomed_data.inference.servers import list_models
 
         try:
-            models = self._loop.run_until_complete(probe())
-        except Exception as exc:
+            ids = list_models(self.url, self._key.get_secret_value())
+        except ConnectionError as exc:
             msg = scrub(
                 str(exc).splitlines()[0] if str(exc) else type(exc).__name__, [self._key.get_secret_value()]
             )
@@ -152,7 +148,6 @@ class OpenAIBackend:
                 f"cannot list models at {self.url} ({type(exc).__name__}: {msg}); is the server up? "
                 "(or pass --served-model-name)"
             ) from None
-        ids = [m.id for m in getattr(models, "data", [])]
         if not ids:
             raise EndpointUnreachable(f"{self.url} serves no models; pass --served-model-name")
         return ids[0]
@@ -178,7 +173,7 @@ class OpenAIBackend:
     def close(self) -> None:
         if self._loop.is_closed():
             return
-        self._loop.run_until_complete(self.client.close())
+        self._loop.run_until_complete(self.processor.close())
         self._loop.close()
 
     def generate(self, rows: list[dict[str, Any]], seeds: list[int]) -> list[list[Generation]]:
@@ -204,9 +199,6 @@ class OpenAIBackend:
     async def _request(
         self, messages: list[dict[str, Any]], seed: int, max_tokens: int, continue_final: bool
     ) -> tuple[Any | None, str | None]:
-        from octomed_data.inference.client import request_with_retries
-        from octomed_data.inference.retry import Backoff
-
         extra = dict(self.extra_body)
         if continue_final:
             extra.update(continue_final_message=True, add_generation_prompt=False)
@@ -219,15 +211,8 @@ class OpenAIBackend:
             **self.client.request_fields(seed, 1, extra),
         }
         chars = sum(len(str(m["content"])) for m in messages)
-        async with self.client.slots:
-            response, _, _, error = await request_with_retries(
-                self.client,
-                kwargs,
-                max_attempts=self.max_attempts,
-                backoff=Backoff(base_s=0.5, max_s=30.0),
-                limiter=self.limiter,
-                estimate=chars // 4 + max_tokens,
-            )
+        reply = await self.processor.request(self.client, kwargs, estimate=chars // 4 + max_tokens)
+        response, error = reply.response, reply.error
         if response is None:
             self.failures += 1
         else:

@@ -25,6 +25,7 @@ from octomed_data.cost import cost_line
 from octomed_data.distill.run import estimate, run_local
 from octomed_data.errors import ConfigError
 from octomed_data.inference.client import TeacherUnreachable
+from octomed_data.layout import DifficultyFolder
 from octomed_data.teachers import DistillConfig
 
 
@@ -197,7 +198,7 @@ def _register_filter_difficulty(subparsers: argparse._SubParsersAction) -> None:
 def _cli_filter_difficulty(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from octomed_data.distill.filtering import filter_by_difficulty
+    from octomed_data.stages.difficulty import filter_by_difficulty
     from octomed_data.teachers import TeacherConfig
 
     name = args.grader_name or re.sub(r"[^A-Za-z0-9_.\-]+", "-", args.model).strip("-") or "grader"
@@ -214,7 +215,7 @@ def _cli_filter_difficulty(args: argparse.Namespace) -> int:
         )
     except ValidationError as exc:
         raise ConfigError(f"invalid grader: {first_error(exc)}") from None
-    filtered = args.filtered or storage.join(args.out, "questions")
+    filtered = args.filtered or DifficultyFolder(args.out).filtered
     result = filter_by_difficulty(
         args.questions_uri,
         args.out,

@@ -1,29 +1,22 @@
-"""Optional question filters (off by default, as in the paper's final recipe).
+"""The optional difficulty filter (off by default, as in the paper's final recipe): grading.
 
-The paper's ablations keep only questions of a chosen difficulty. Two filters, neither of which
-the default pipeline calls:
-
-* :func:`filter_by_pass_rate`: keep questions that a chosen model answered correctly between
-  ``k`` and ``m`` times out of its N samples. Run ``distill`` with that model into some ``OUT``
-  and the filter stage first; this reads its verdicts (``OUT/verdicts``).
-* :func:`filter_by_difficulty`: ask a grader model (any OpenAI-compatible endpoint) to rate each
-  question's difficulty on a fixed 1-10 scale and keep those scored within ``[low, high]``. The
-  requests go through the inference client (:mod:`octomed_data.inference.client`) and the
-  distillation engine's rate-limit and journal code, so
-  scores are durable per question and a re-run asks only for what is not stored yet. A reply
-  without one clear integer score is recorded as ``unscored`` (never guessed) and not kept.
-
-Both write the kept questions as a new questions dataset (same shard names), one shard at a time.
+A grader model (any OpenAI-compatible endpoint) rates each question's difficulty on a fixed 1-10
+scale; the filter keeps those scored within ``[low, high]``. The requests go through the request
+processor (:class:`~octomed_data.inference.processor.RequestProcessor`: rate limit, retries,
+breaker, journal), so scores are durable per question and a re-run asks only for what is not
+stored yet. A reply without one clear integer score is recorded as ``unscored`` (never guessed)
+and not kept. :func:`agrade_shard` grades one questions shard and writes its kept questions (same
+shard name) and its scores; the shard loop is the stage's
+(:class:`~octomed_data.stages.difficulty.DifficultyStage`, run by ``run_stage``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,65 +24,18 @@ from pydantic import SecretStr
 
 from octomed_data import storage
 from octomed_data.answers import looks_like_refusal
-from octomed_data.distill.engine import ShardRun, shard_names
-from octomed_data.distill.journal import FAILED, iter_journal
-from octomed_data.errors import ConfigError, StorageError
+from octomed_data.errors import ConfigError
 from octomed_data.inference.client import EndpointClient, sample_seed
-from octomed_data.inference.ratelimit import LocalRateLimiter, RateLimiter
+from octomed_data.inference.journal import FAILED, iter_journal
+from octomed_data.inference.processor import RequestProcessor, request_kwargs
+from octomed_data.inference.ratelimit import RateLimiter
 from octomed_data.inference.replies import read_choice
+from octomed_data.inference.retry import Backoff
+from octomed_data.inference.servers import SIMULATED_TEACHER, simulated_reply
+from octomed_data.layout import DifficultyFolder
 from octomed_data.prompts import build_messages
-from octomed_data.sandbox import SANDBOX_FINGERPRINT, SANDBOX_TEACHER
-from octomed_data.schema import (
-    QUESTION_SCHEMA,
-    SCORE_SCHEMA,
-    VERDICT_SCHEMA,
-)
-from octomed_data.teachers import DistillConfig, TeacherConfig, resolve_api_key
-
-
-def _correct_counts(verdicts_uri: str, shard: str, teacher: str | None) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    ds = storage.Dataset(verdicts_uri, VERDICT_SCHEMA)
-    if not ds.is_committed(shard):
-        return counts
-    cols = ["question_id", "teacher", "correct", "reject_reason"]
-    for batch in ds.iter_batches(columns=cols, shards=[shard]):
-        for qid, t, ok, reason in zip(*(batch.column(c).to_pylist() for c in cols), strict=True):
-            if reason == FAILED or (teacher is not None and t != teacher):
-                continue
-            counts[qid] = counts.get(qid, 0) + (1 if ok else 0)
-    return counts
-
-
-def filter_by_pass_rate(
-    questions_uri: str, verdicts_uri: str, filtered_uri: str, k: int, m: int, *, teacher: str | None = None
-) -> dict[str, Any]:
-    """Keep questions whose correct-sample count in the filter stage's verdicts lies in ``[k, m]``.
-
-    Questions with no verdicts are dropped and counted as ``not_sampled``.
-    """
-    if not 0 <= k <= m:
-        raise ConfigError(f"pass-rate band needs 0 <= k <= m, got k={k}, m={m}")
-    qds = storage.Dataset(questions_uri, QUESTION_SCHEMA)
-    dest = storage.Dataset(filtered_uri, QUESTION_SCHEMA)
-    kept = dropped = not_sampled = 0
-    for shard in qds.manifest():
-        counts = _correct_counts(verdicts_uri, shard, teacher)
-        rows = []
-        for row in qds.iter_rows(shards=[shard]):
-            c = counts.get(row["question_id"])
-            if c is None:
-                not_sampled += 1
-            elif k <= c <= m:
-                rows.append(row)
-            else:
-                dropped += 1
-        kept += len(rows)
-        dest.write_shard(shard, rows, extra={"filter": f"pass_rate[{k},{m}]", "teacher": teacher})
-    return {"kept": kept, "dropped": dropped, "not_sampled": not_sampled, "uri": filtered_uri}
-
-
-# --- LLM difficulty score band ---------------------------------------------------------------
+from octomed_data.schema import QUESTION_SCHEMA, SCORE_SCHEMA
+from octomed_data.teachers import TeacherConfig
 
 GRADING_VERSION = "difficulty-v1"  # part of every score's key: change the prompt -> bump this
 SCALE = (1, 10)
@@ -100,7 +46,6 @@ GRADING_SYSTEM_PROMPT = (
     "Give the main reason in one short sentence, then end your reply with exactly one line of "
     "the form 'Difficulty: N' where N is an integer from 1 to 10."
 )
-DIFFICULTY_DIR = "difficulty"
 SCORED, UNSCORED = "scored", "unscored"
 
 
@@ -151,11 +96,19 @@ def grading_messages(question: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def difficulty_uri(out: str) -> str:
     """Where grading state lives: ``OUT/difficulty`` (journal, ``scores`` dataset, summary)."""
-    return storage.join(out, DIFFICULTY_DIR)
+    return DifficultyFolder(out).work
 
 
 def scores_uri(out: str) -> str:
-    return storage.join(out, DIFFICULTY_DIR, "scores")
+    return DifficultyFolder(out).scores
+
+
+def check_band(low: int, high: int) -> None:
+    """A band is two integers ``1 <= low <= high <= 10`` (a ConfigError otherwise)."""
+    if not (isinstance(low, int) and isinstance(high, int) and SCALE[0] <= low <= high <= SCALE[1]):
+        raise ConfigError(
+            f"difficulty band needs integers {SCALE[0]} <= low <= high <= {SCALE[1]}, got {low}..{high}"
+        )
 
 
 def _grade_of(response: Any) -> dict[str, Any]:
@@ -184,18 +137,15 @@ def _grade_of(response: Any) -> dict[str, Any]:
     }
 
 
-async def _grade_question(run: ShardRun, tc: EndpointClient, q: Mapping[str, Any]) -> None:
+async def _grade_question(proc: RequestProcessor, tc: EndpointClient, q: Mapping[str, Any]) -> None:
     """One grading request for one question, journalled (as a score, unscored, or failure)."""
     teacher = tc.teacher
     if q.get("images"):
         messages = await asyncio.to_thread(grading_messages, q)
     else:
         messages = grading_messages(q)
-    chars = sum(len(str(m["content"])) for m in messages)
-    async with tc.slots:
-        response, attempts, latency, error = await run.request(
-            tc, messages, sample_seed(run.config.seed, q["question_id"], 0), 1, chars
-        )
+    seed = sample_seed(0, q["question_id"], 0)  # the distillation config's default seed
+    reply = await proc.request(tc, request_kwargs(tc, messages, seed, 1))
     rec: dict[str, Any] = {
         "question_id": q["question_id"],
         "source": q["source"],
@@ -205,21 +155,22 @@ async def _grade_question(run: ShardRun, tc: EndpointClient, q: Mapping[str, Any
         "model": teacher.model,
         "prompt_version": GRADING_VERSION,
         "params_hash": tc.params_hash,
-        "attempts": attempts,
+        "attempts": reply.attempts,
         "created_at": int(time.time() * 1000),
     }
+    response = reply.response
     if response is None:
-        rec.update(status=FAILED, reject_reason=FAILED, error=error)
+        rec.update(status=FAILED, reject_reason=FAILED, error=reply.error)
     else:
-        rec.update(_grade_of(response), latency_s=round(latency, 4))
+        rec.update(_grade_of(response), latency_s=round(reply.latency, 4))
         usage = getattr(response, "usage", None)
         if usage is not None:
             rec.update(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
-            run.counters.prompt_tokens += usage.prompt_tokens or 0
-            run.counters.completion_tokens += usage.completion_tokens or 0
-        if getattr(response, "system_fingerprint", None) == SANDBOX_FINGERPRINT:
-            rec["teacher"] = SANDBOX_TEACHER  # sandbox scores are never passed off as a real grader's
-    run.journal.add(rec)
+            proc.counters.prompt_tokens += usage.prompt_tokens or 0
+            proc.counters.completion_tokens += usage.completion_tokens or 0
+        if simulated_reply(response):
+            rec["teacher"] = SIMULATED_TEACHER  # simulated scores are never passed off as a real grader's
+    proc.add(rec)
 
 
 def _stored_grades(work: str, shard: str, teacher: TeacherConfig) -> dict[str, tuple[str, int | None]]:
@@ -277,43 +228,6 @@ def _score_row(rec: Mapping[str, Any], low: int, high: int) -> dict[str, Any]:
     }
 
 
-def _raise_first_error(finished: set[asyncio.Task[None]]) -> None:
-    for task in finished:
-        task.result()  # re-raises a grading task's exception
-
-
-async def _grade_shard(
-    questions_uri: str, shard: str, work: str, run: ShardRun, tc: EndpointClient, summary: dict[str, Any]
-) -> None:
-    """Send a grading request for every question of ``shard`` the journal has no answer for."""
-    done = await asyncio.to_thread(_stored_grades, work, shard, tc.teacher)
-    qds = storage.Dataset(questions_uri, QUESTION_SCHEMA)
-    tasks: set[asyncio.Task[None]] = set()
-    limit = 2 * tc.teacher.max_in_flight + 16  # a small queue beyond the in-flight bound, no more
-    run.journal.start()
-    try:
-        for batch in qds.iter_batches(batch_size=256, shards=[shard]):
-            for q in batch.to_pylist():
-                if q["question_id"] in done:
-                    summary["stored_before"] += 1
-                    if run.progress is not None:
-                        run.progress.update(1)
-                    continue
-                if run.abort:
-                    continue
-                while len(tasks) >= limit:
-                    finished, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                    _raise_first_error(finished)
-                tasks.add(asyncio.create_task(_grade_question(run, tc, q)))
-        if tasks:
-            finished, tasks = await asyncio.wait(tasks)
-            _raise_first_error(finished)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await run.journal.close()
-
-
 def _commit_shard(
     questions_uri: str,
     shard: str,
@@ -322,16 +236,16 @@ def _commit_shard(
     teacher: TeacherConfig,
     low: int,
     high: int,
-    per_source: dict[str, Counter[str]],
-) -> int:
-    """Write the shard's kept questions and its scores; returns how many questions have no answer yet."""
+    marker: dict[str, Any],
+) -> dict[str, Any]:
+    """Write the shard's scores (their marker: ``marker`` + counts per source, ``complete``) and,
+    when every question has an answer, its kept questions; returns the counts per source."""
     work = difficulty_uri(out)
     grades = _stored_grades(work, shard, teacher)
-    qds = storage.Dataset(questions_uri, QUESTION_SCHEMA)
     kept_rows: list[dict[str, Any]] = []
     qids: set[str] = set()
-    missing = 0
-    for q in qds.iter_rows(shards=[shard]):
+    per_source: dict[str, Counter[str]] = {}
+    for q in storage.Dataset(questions_uri, QUESTION_SCHEMA).iter_rows(shards=[shard]):
         qids.add(q["question_id"])
         counts = per_source.setdefault(q["source"], Counter())
         status, score = grades.get(q["question_id"], (FAILED, None))
@@ -344,10 +258,8 @@ def _commit_shard(
             counts["unscored"] += 1
         else:
             counts["failed"] += 1
-            missing += 1
+    missing = sum(c["failed"] for c in per_source.values())
     band = {"filter": f"difficulty[{low},{high}]", "grading_version": GRADING_VERSION, "model": teacher.model}
-    scores = list(_score_rows(work, shard, teacher, qids, low, high))  # one row per question
-    storage.Dataset(scores_uri(out), SCORE_SCHEMA).write_shard(shard, scores, extra=band)
     dest = storage.Dataset(filtered_uri, QUESTION_SCHEMA)
     if missing:
         # An incomplete shard would silently be a different filter: withdraw it until re-run.
@@ -355,152 +267,86 @@ def _commit_shard(
             dest.delete_shard(shard)
     else:
         dest.write_shard(shard, kept_rows, extra=band)
-    return missing
+    sources = {s: {k: c[k] for k in ("kept", "dropped", "unscored", "failed")} for s, c in per_source.items()}
+    scores = list(_score_rows(work, shard, teacher, qids, low, high))  # one row per question
+    extra = band | marker | {"complete": not missing, "per_source": sources}
+    storage.Dataset(scores_uri(out), SCORE_SCHEMA).write_shard(
+        shard, scores, extra=extra
+    )  # done-signal: last
+    return sources
 
 
-async def afilter_by_difficulty(
+async def agrade_shard(
     questions_uri: str,
+    shard: str,
     out: str,
     filtered_uri: str,
     *,
     teacher: TeacherConfig,
+    key: SecretStr,
     low: int,
     high: int,
-    api_keys: Mapping[str, str | SecretStr] | None = None,
     limiter: RateLimiter | None = None,
-    shards: Sequence[str] | None = None,
     max_attempts: int = 6,
     backoff_base_s: float = 1.0,
     backoff_max_s: float = 60.0,
-    progress: bool = False,
+    progress: Any = None,
+    marker: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Grade every question's difficulty with ``teacher`` and keep those scored in ``[low, high]``.
-
-    Scores are journalled per question under ``OUT/difficulty`` (keyed by question, grader
-    model, :data:`GRADING_VERSION` and sampling params) before they count, so a re-run, or a
-    run with another band, asks only for questions without a stored answer. Writes the kept
-    questions to ``filtered_uri`` (QUESTION_SCHEMA, same shard names) and every answer to
-    ``OUT/difficulty/scores`` (:data:`SCORE_SCHEMA`). A shard with questions whose requests failed
-    after all attempts is not written to ``filtered_uri`` (the summary lists it; run again).
-    Returns counts of kept / dropped / unscored / failed questions, in total and per source.
-    """
-    if not (isinstance(low, int) and isinstance(high, int) and SCALE[0] <= low <= high <= SCALE[1]):
-        raise ConfigError(
-            f"difficulty band needs integers {SCALE[0]} <= low <= high <= {SCALE[1]}, got {low}..{high}"
-        )
-    names = list(shards) if shards else shard_names(questions_uri)
-    manifest = storage.Dataset(questions_uri, QUESTION_SCHEMA).manifest()
-    absent = [s for s in names if s not in manifest]
-    if absent:
-        raise StorageError(f"questions shards not committed in {questions_uri}: {', '.join(absent)}")
-    config = DistillConfig(
-        teachers=[teacher],
-        samples=1,
-        prompt_version=GRADING_VERSION,
-        max_attempts=max_attempts,
-        backoff_base_s=backoff_base_s,
-        backoff_max_s=backoff_max_s,
-    )
-    key = resolve_api_key(teacher, api_keys)  # a missing key fails here, before any work
+    """Grade every question of ``shard`` the journal (``OUT/difficulty``, keyed by question, grader
+    model, :data:`GRADING_VERSION` and sampling params) has no answer for, then write the shard's
+    scores (``OUT/difficulty/scores``, :data:`SCORE_SCHEMA`) and, when no request failed, its kept
+    questions (``filtered_uri``). Returns the shard's report (also in its scores marker)."""
+    check_band(low, high)
     work = difficulty_uri(out)
-    storage.ensure_writable(out)
-    storage.ensure_writable(filtered_uri)
-    limiter = limiter or LocalRateLimiter.for_teachers([teacher])
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        total = sum(manifest[s].rows for s in names)
-        bar = tqdm(total=total, unit="sample", desc="grade", file=sys.stderr, dynamic_ncols=True)
+    done = await asyncio.to_thread(_stored_grades, work, shard, teacher)
     tc = await asyncio.to_thread(EndpointClient, teacher, key)  # server-kind probe: off the loop
-    per_source: dict[str, Counter[str]] = {}
-    summary: dict[str, Any] = {"stored_before": 0}
-    totals: Counter[str] = Counter()
-    incomplete: list[str] = []
-    aborted = None
+    proc = RequestProcessor(
+        {teacher.name: tc},
+        limiter=limiter,
+        max_attempts=max_attempts,
+        backoff=Backoff(backoff_base_s, backoff_max_s),
+        folder=work,
+        shard=shard,
+        progress=progress,
+    ).start()
+    stored_before = 0
+
+    def works() -> Iterator[Any]:
+        nonlocal stored_before
+        qds = storage.Dataset(questions_uri, QUESTION_SCHEMA)
+        for batch in qds.iter_batches(batch_size=256, shards=[shard]):
+            for q in batch.to_pylist():
+                if q["question_id"] in done:
+                    stored_before += 1
+                    if progress is not None:
+                        progress.update(1)
+                elif not proc.abort:
+                    yield _grade_question(proc, tc, q)
+
     try:
-        for shard in names:
-            run = ShardRun(config, work, shard, {teacher.name: tc}, limiter, bar)
-            await _grade_shard(questions_uri, shard, work, run, tc, summary)
-            for k in ("new", "requests", "retries", "prompt_tokens", "completion_tokens"):
-                totals[k] += getattr(run.counters, k)
-            missing = await asyncio.to_thread(
-                _commit_shard, questions_uri, shard, out, filtered_uri, teacher, low, high, per_source
-            )
-            if missing:
-                incomplete.append(shard)
-            if run.abort:
-                aborted = run.abort
-                break  # the grader is unreachable: the next shards would fail the same way
+        await proc.fan_out(works(), proc.queue_limit())
     finally:
-        await tc.close()
-        if bar is not None:
-            bar.close()
-    counts: Counter[str] = Counter()
-    for c in per_source.values():
-        counts.update(c)
-    result = {
-        "kept": counts["kept"],
-        "dropped": counts["dropped"],
-        "unscored": counts["unscored"],
-        "failed": counts["failed"],
-        "per_source": {
-            s: {k: c[k] for k in ("kept", "dropped", "unscored", "failed")}
-            for s, c in sorted(per_source.items())
-        },
-        "band": [low, high],
-        "scale": list(SCALE),
-        "grading_version": GRADING_VERSION,
-        "grader": teacher.name,
-        "model": teacher.model,
-        "stored_before": summary["stored_before"],
-        "new_scores": totals["new"],
-        "requests": totals["requests"],
-        "retries": totals["retries"],
-        "prompt_tokens": totals["prompt_tokens"],
-        "completion_tokens": totals["completion_tokens"],
-        "shards": names,
-        "incomplete_shards": incomplete,
-        "complete": not incomplete and aborted is None,
-        "aborted": aborted,
-        "uri": filtered_uri,
-        "scores_uri": scores_uri(out),
+        await proc.close()
+    c = proc.counters
+    report = {
+        "stored_before": stored_before,
+        "new_scores": c.stored,
+        "requests": c.requests,
+        "retries": c.retries,
+        "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": c.completion_tokens,
+        "aborted": proc.abort,
     }
-    storage.write_json(storage.join(work, "summary.json"), result)
-    return result
-
-
-def filter_by_difficulty(
-    questions_uri: str,
-    out: str,
-    filtered_uri: str,
-    *,
-    teacher: TeacherConfig,
-    low: int,
-    high: int,
-    api_keys: Mapping[str, str | SecretStr] | None = None,
-    limiter: RateLimiter | None = None,
-    shards: Sequence[str] | None = None,
-    max_attempts: int = 6,
-    backoff_base_s: float = 1.0,
-    backoff_max_s: float = 60.0,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Synchronous wrapper of :func:`afilter_by_difficulty` (runs its own event loop)."""
-    return asyncio.run(
-        afilter_by_difficulty(
-            questions_uri,
-            out,
-            filtered_uri,
-            teacher=teacher,
-            low=low,
-            high=high,
-            api_keys=api_keys,
-            limiter=limiter,
-            shards=shards,
-            max_attempts=max_attempts,
-            backoff_base_s=backoff_base_s,
-            backoff_max_s=backoff_max_s,
-            progress=progress,
-        )
+    sources = await asyncio.to_thread(
+        _commit_shard,
+        questions_uri,
+        shard,
+        out,
+        filtered_uri,
+        teacher,
+        low,
+        high,
+        {**(marker or {}), "report": report},
     )
+    return report | {"per_source": sources}

@@ -15,7 +15,9 @@ from pydantic import SecretStr
 
 from octomed_data import storage
 from octomed_data.cost import cost_ledger
-from octomed_data.distill.engine import STATE_DIR, ShardReport, adistill_shard, raw_uri, shard_names
+from octomed_data.distill.compact import ShardReport
+from octomed_data.distill.engine import adistill_shard, shard_names
+from octomed_data.distill.journal import raw_uri
 from octomed_data.errors import StorageError
 from octomed_data.inference.ratelimit import WindowBudget
 from octomed_data.layout import DistillFolder, RunPaths
@@ -123,7 +125,7 @@ def finalize(
     from octomed_data.stages.filter import FilterStage
 
     if config is None:
-        saved = storage.join(out, STATE_DIR, "config.json")
+        saved = DistillFolder(out).config
         config = DistillConfig.parse(storage.read_json(saved), where=saved) if storage.exists(saved) else None
     raw = raw_uri(out)
     paths = RunPaths.at(out)

@@ -45,6 +45,16 @@ class ServerKind(enum.StrEnum):
 
 
 SERVER_CHOICES = ("auto", *(k.value for k in ServerKind))
+# The simulated teacher's protocol mark: its replies carry this ``system_fingerprint`` (and its
+# ``/models`` this owner), and rows made from them name the teacher ``sandbox``, whatever the
+# config calls it (:mod:`octomed_data.sandbox` serves it).
+SIMULATED_FINGERPRINT = "octomed-sandbox"
+SIMULATED_TEACHER = "sandbox"
+
+
+def simulated_reply(response: Any) -> bool:
+    """True for a reply of the simulated teacher (never passed off as a real teacher's)."""
+    return getattr(response, "system_fingerprint", None) == SIMULATED_FINGERPRINT
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,18 @@ def _get_json(url: str, key: str | None, timeout: float) -> Any | None:
         raise _Unreachable(str(exc)) from None
     except ValueError:
         return None
+
+
+def list_models(base_url: str, key: str | None = None, timeout: float = 15.0) -> list[str]:
+    """The ids ``GET /models`` lists (the up-front reachability check of a served model); raises
+    ConnectionError when the server cannot be reached or answers no model list."""
+    try:
+        models = _get_json(f"{base_url.rstrip('/')}/models", key, timeout)
+    except _Unreachable as exc:
+        raise ConnectionError(str(exc)) from None
+    if not isinstance(models, dict):
+        raise ConnectionError("no model list (GET /models)")
+    return [str(m.get("id")) for m in models.get("data") or [] if isinstance(m, dict) and m.get("id")]
 
 
 def _root(base_url: str) -> str:

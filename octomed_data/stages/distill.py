@@ -10,10 +10,14 @@ from typing import Any
 from pydantic import SecretStr
 
 from octomed_data import storage
+from octomed_data.cost import cost_ledger
+from octomed_data.distill.compact import config_fingerprint
+from octomed_data.distill.engine import adistill_shard
+from octomed_data.inference.ratelimit import LocalRateLimiter
 from octomed_data.layout import DistillFolder, RunPaths
 from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA
-from octomed_data.stages.base import ShardIncomplete, Stage
-from octomed_data.teachers import DistillConfig
+from octomed_data.stages.base import Runtime, ShardIncomplete, Stage
+from octomed_data.teachers import DistillConfig, TeacherConfig
 
 log = logging.getLogger("octomed_data.distill")
 
@@ -52,46 +56,40 @@ class DistillStage(Stage):
         state.update(limiter=None, progress=None, budgets=None)
         return state
 
+    def endpoints(self) -> list[TeacherConfig]:
+        return list(self.config.teachers)
+
+    def bind(self, runtime: Runtime) -> DistillStage:
+        """A copy using this process's keys (the constructor's win), rate limiter and progress bar."""
+        other = DistillStage(self.paths, self.config, questions=self.questions, out=self.out)
+        keys = {**runtime.api_keys, **(self.api_keys or {})}
+        other.api_keys = {
+            k: v if isinstance(v, SecretStr) else SecretStr(str(v)) for k, v in keys.items()
+        } or None
+        other.limiter = runtime.limiter if runtime.limiter is not None else self.limiter
+        other.budgets = self.budgets
+        other.progress = runtime.progress if runtime.progress is not None else self.progress
+        return other
+
     def with_runtime(
         self, *, api_keys: Mapping[str, Any] | None = None, limiter: Any = None, progress: Any = None
     ) -> DistillStage:
-        """A copy bound to this process's keys, rate limiter and progress bar."""
-        other = DistillStage(self.paths, self.config, questions=self.questions, out=self.out)
-        other.api_keys = {
-            k: v if isinstance(v, SecretStr) else SecretStr(str(v))
-            for k, v in (api_keys or self.api_keys or {}).items()
-        } or None
-        other.limiter = limiter if limiter is not None else self.limiter
-        other.budgets = self.budgets
-        other.progress = progress if progress is not None else self.progress
-        return other
+        """Old name of :meth:`bind` (kept until no executor calls it)."""
+        return self.bind(Runtime(api_keys=dict(api_keys or {}), limiter=limiter, progress=progress))
 
     def input_dataset(self) -> storage.Dataset:
         return storage.Dataset(self.questions, QUESTION_SCHEMA)
 
     def done_dataset(self) -> storage.Dataset:
-        from octomed_data.distill import raw_uri
-
-        return storage.Dataset(raw_uri(self.out), SAMPLE_SCHEMA)
+        return storage.Dataset(DistillFolder(self.out).raw, SAMPLE_SCHEMA)
 
     def fingerprint(self) -> str | None:
-        from octomed_data.distill import config_fingerprint
-
         return config_fingerprint(self.config)
-
-    def is_done(self, shard: str) -> bool:
-        from octomed_data.distill import is_shard_done
-
-        return is_shard_done(self.out, shard, self.config, self.questions)
 
     async def arun_shard(self, shard: str) -> dict[str, Any]:
         """Distill one shard on the running event loop (Ray actors call this)."""
-        from octomed_data.distill import adistill_shard
-
         limiter = self.limiter
         if limiter is None and self.budgets:
-            from octomed_data.inference.ratelimit import LocalRateLimiter
-
             limiter = LocalRateLimiter(self.budgets)
         report = await adistill_shard(
             self.questions,
@@ -142,10 +140,7 @@ class DistillStage(Stage):
 
     def finalize(self, shards: Any) -> dict[str, Any]:
         """The cost ledger over every committed raw shard (``distill/cost.json``)."""
-        from octomed_data.cost import cost_ledger
-        from octomed_data.distill import raw_uri
-
-        cost = cost_ledger(raw_uri(self.out), self.config)
+        cost = cost_ledger(DistillFolder(self.out).raw, self.config)
         uri = DistillFolder(self.out).cost
         storage.write_json(uri, cost)
         return {"cost_uri": uri, "cost": cost}

@@ -12,7 +12,9 @@ sampling parameters + rubric version, so a re-run (after a crash, or of a re-dis
 requests only what the journal does not hold, and a new rubric or judge asks again. A request that
 fails after every attempt is journalled as a failure (not done): the shard stops incomplete and
 the next run retries exactly those. The journal is kept after the shard is committed: it is the
-judge's memory and its cost ledger (tokens per judgement).
+judge's memory and its cost ledger (tokens per judgement). A ``mode: batch`` judge sends its
+requests through the Batch backend (:mod:`octomed_data.inference.batch_run`; records under
+``filter/judge/_batches/<shard>/``) into the same journal, the same rows with ``batch_id``.
 """
 
 from __future__ import annotations
@@ -20,18 +22,23 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Container, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from pydantic import SecretStr
 
-from octomed_data.distill.journal import FAILED, JournalWriter, iter_journal, row_key, segment_uris
+from octomed_data import storage
+from octomed_data.distill.journal import FAILED, iter_journal, row_key, segment_uris
 from octomed_data.errors import OctomedError
-from octomed_data.inference.client import EndpointClient, request_with_retries, sample_seed
-from octomed_data.inference.ratelimit import LocalRateLimiter, RateLimiter
+from octomed_data.inference.batch_records import batch_dir
+from octomed_data.inference.batch_run import BatchRun
+from octomed_data.inference.client import EndpointClient, sample_seed
+from octomed_data.inference.processor import RequestProcessor, request_kwargs
+from octomed_data.inference.ratelimit import RateLimiter
 from octomed_data.inference.replies import read_choice
 from octomed_data.inference.retry import Backoff
+from octomed_data.layout import journal_dir
 from octomed_data.prompts import JUDGE_RUBRIC_VERSION, judge_messages
 from octomed_data.teachers import TeacherConfig
 
@@ -118,9 +125,7 @@ def read_judgements(journal: str, shard: str) -> dict[str, dict[str, Any]]:
 
 def journal_shards(journal: str) -> list[str]:
     """The shards that have judge journal segments (for the cost ledger)."""
-    from octomed_data import storage
-
-    folders = storage.list_files(storage.join(journal, "_journal"))
+    folders = storage.list_files(journal_dir(journal))
     return [n for n in (u.rstrip("/").rsplit("/", 1)[-1] for u in folders) if segment_uris(journal, n)]
 
 
@@ -144,6 +149,97 @@ def judge_cost(journal: str, teacher: TeacherConfig | None) -> dict[str, Any]:
     }
 
 
+def _record(job: JudgeJob, teacher: TeacherConfig, attempts: int) -> dict[str, Any]:
+    return {
+        "key": job.key,
+        "question_id": job.question_id,
+        "sample_idx": job.sample_idx,
+        "source": job.source,
+        "purpose": job.purpose,
+        "judge": teacher.name,
+        "model": teacher.model,
+        "rubric_version": JUDGE_RUBRIC_VERSION,
+        "attempts": attempts,
+        "created_at": int(time.time() * 1000),
+    }
+
+
+class _Judging:
+    """One shard's judgements: online requests, the Batch backend's side (keys, rows, fallback)."""
+
+    version = JUDGE_RUBRIC_VERSION
+
+    def __init__(self, proc: RequestProcessor, client: EndpointClient, report: JudgeReport) -> None:
+        self.proc, self.client, self.report = proc, client, report
+
+    def kwargs(self, job: Mapping[str, Any]) -> dict[str, Any]:
+        messages = judge_messages(job["question"], job["reference"], job["candidate"])
+        return request_kwargs(self.client, messages, self.seed(job, 0), 1)
+
+    def key(self, q: Mapping[str, Any], model: str, version: str, params_hash: str, i: int) -> str:
+        return q["key"]
+
+    def seed(self, q: Mapping[str, Any], i: int) -> int:
+        return sample_seed(0, q["key"], 0)
+
+    async def one(self, job: Mapping[str, Any]) -> None:
+        kwargs = self.kwargs(job)
+        chars = sum(len(m["content"]) for m in kwargs["messages"])
+        reply = await self.proc.request(self.client, kwargs, estimate=chars // 4 + 256)
+        if reply.response is None:
+            base = _record(JudgeJob(**job), self.client.teacher, reply.attempts)
+            self.proc.add(base | {"reject_reason": FAILED, "error": reply.error})
+        else:
+            self.add(job, reply.response, reply.attempts, round(reply.latency, 4), None)
+
+    def add(
+        self,
+        job: Mapping[str, Any],
+        response: Any,
+        attempts: int,
+        latency: float | None,
+        batch_id: str | None,
+    ) -> None:
+        choice = response.choices[0]
+        reply = read_choice(choice)
+        verdict = parse_verdict(reply.answer)
+        usage = getattr(response, "usage", None)
+        p_tok = usage.prompt_tokens if usage else 0
+        c_tok = usage.completion_tokens if usage else 0
+        self.report.prompt_tokens += p_tok
+        self.report.completion_tokens += c_tok
+        self.report.unparsed += verdict is None
+        row = _record(JudgeJob(**job), self.client.teacher, attempts) | {
+            "verdict": verdict,
+            "status": "judged" if verdict is not None else "unparsed",
+            "reply": (reply.answer or "")[-MAX_REPLY_CHARS:],
+            "finish_reason": choice.finish_reason,
+            "prompt_tokens": p_tok,
+            "completion_tokens": c_tok,
+            "latency_s": latency,
+        }
+        if batch_id is not None:
+            row["batch_id"] = batch_id
+        self.proc.add(row)
+
+    def store(
+        self,
+        q: Mapping[str, Any],
+        tc: EndpointClient,
+        group: list[int],
+        response: Any,
+        seed: int | None,
+        batch_id: str,
+        skip: Container[int],
+    ) -> list[int]:
+        if 0 not in skip:
+            self.add(q, response, 1, None, batch_id)
+        return []
+
+    async def fallback(self, tc: EndpointClient, wanted: list[tuple[Mapping[str, Any], list[int]]]) -> None:
+        await self.proc.fan_out((self.one(job) for job, _ in wanted), 2 * tc.teacher.max_in_flight + 16)
+
+
 async def ajudge(
     jobs: Iterable[JudgeJob],
     endpoint: JudgeEndpoint,
@@ -161,108 +257,54 @@ async def ajudge(
     report = JudgeReport()
     # Server kinds are detected over HTTP once per URL: off the event loop.
     client = await asyncio.to_thread(EndpointClient, teacher, endpoint.api_key)
-    limiter = endpoint.limiter or LocalRateLimiter.for_teachers([teacher])
-    backoff = Backoff(endpoint.backoff_base_s, endpoint.backoff_max_s)
-
-    def durable(stored: int, failed: int) -> None:  # done means durable, as in distillation
-        report.judged += stored
-        report.failed += failed
-
-    journal = JournalWriter(
-        endpoint.journal, shard, endpoint.flush_every, endpoint.flush_interval_s, on_durable=durable
+    proc = RequestProcessor(
+        {teacher.name: client},
+        limiter=endpoint.limiter,
+        max_attempts=endpoint.max_attempts,
+        backoff=Backoff(endpoint.backoff_base_s, endpoint.backoff_max_s),
+        folder=endpoint.journal,
+        shard=shard,
+        flush_every=endpoint.flush_every,
+        flush_interval_s=endpoint.flush_interval_s,
+        sleep=sleep,
     ).start()
-    abort: list[str | None] = [None]
+    judging = _Judging(proc, client, report)
+    batches = None
+    if teacher.mode == "batch" or await asyncio.to_thread(_has_batch_records, endpoint.journal, shard):
+        batches = BatchRun(proc, judging)
 
-    def attempted(attempt: int) -> None:
-        report.requests += 1
-        report.retries += attempt > 1
-
-    async def one(job: JudgeJob) -> None:
-        messages = judge_messages(job.question, job.reference, job.candidate)
-        kwargs: dict[str, Any] = {
-            "model": teacher.model,
-            "messages": messages,
-            "temperature": teacher.temperature,
-            "top_p": teacher.top_p,
-            "max_tokens": teacher.max_tokens,
-            **client.request_fields(sample_seed(0, job.key, 0), 1),
-        }
-        chars = sum(len(m["content"]) for m in messages)
-        async with client.slots:
-            response, attempts, latency, error = await request_with_retries(
-                client,
-                kwargs,
-                max_attempts=endpoint.max_attempts,
-                limiter=limiter,
-                estimate=chars // 4 + 256,
-                backoff=backoff,
-                sleep=sleep,
-                stop=lambda: abort[0],
-                on_attempt=attempted,
-            )
-        base = {
-            "key": job.key,
-            "question_id": job.question_id,
-            "sample_idx": job.sample_idx,
-            "source": job.source,
-            "purpose": job.purpose,
-            "judge": teacher.name,
-            "model": teacher.model,
-            "rubric_version": JUDGE_RUBRIC_VERSION,
-            "attempts": attempts,
-            "created_at": int(time.time() * 1000),
-        }
-        if response is None:
-            if client.breaker.tripped and not abort[0]:
-                abort[0] = client.breaker.tripped  # every request stops; what is journalled stays
-            journal.add(base | {"reject_reason": FAILED, "error": error})
-            return
-        choice = response.choices[0]
-        reply = read_choice(choice)
-        verdict = parse_verdict(reply.answer)
-        usage = getattr(response, "usage", None)
-        p_tok = usage.prompt_tokens if usage else 0
-        c_tok = usage.completion_tokens if usage else 0
-        report.prompt_tokens += p_tok
-        report.completion_tokens += c_tok
-        report.unparsed += verdict is None
-        journal.add(
-            base
-            | {
-                "verdict": verdict,
-                "status": "judged" if verdict is not None else "unparsed",
-                "reply": (reply.answer or "")[-MAX_REPLY_CHARS:],
-                "finish_reason": choice.finish_reason,
-                "prompt_tokens": p_tok,
-                "completion_tokens": c_tok,
-                "latency_s": round(latency, 4),
-            }
-        )
-
-    tasks: set[asyncio.Task[None]] = set()
-    limit = 2 * teacher.max_in_flight + 16  # tasks beyond the in-flight bound wait; keep few of them
-    try:
+    async def works() -> AsyncIterator[Awaitable[None]]:
+        done: set[str] = set()
+        if batches is not None:
+            await batches.load()  # earlier runs' live batches: collected, never paid twice
+            done = set(await asyncio.to_thread(read_judgements, endpoint.journal, shard))
         for job in jobs:
-            if abort[0]:
+            if proc.abort:
                 break
             report.jobs += 1
-            while len(tasks) >= limit:
-                finished, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                _raise_failed(finished)
-            tasks.add(asyncio.create_task(one(job)))
-        if tasks:
-            finished, tasks = await asyncio.wait(tasks)
-            _raise_failed(finished)
+            if batches is not None and job.key in batches.live:
+                continue  # a live batch of an earlier run brings it
+            if batches is not None and teacher.mode == "batch":
+                await batches.add(job.key, asdict(job), client, judging.kwargs(asdict(job))["messages"], [0])
+                continue
+            yield judging.one(asdict(job))
+        if batches is not None:
+            await batches.flush()
+            yield batches.collect(done)
+
+    try:
+        await proc.fan_out(works(), proc.queue_limit())
     finally:
-        for task in tasks:
-            task.cancel()
-        await journal.close()
-        await client.close()
-    report.aborted = abort[0]
+        await proc.close()
+        if batches is not None:
+            await batches.close()
+    if batches is not None:
+        await batches.finish()  # their judgements are durable now: the batches are collected
+    report.judged, report.failed = proc.counters.stored, proc.counters.failed
+    report.requests, report.retries = proc.counters.requests, proc.counters.retries
+    report.aborted = proc.abort
     return report
 
 
-def _raise_failed(tasks: set[asyncio.Task[None]]) -> None:
-    for t in tasks:
-        if t.done() and not t.cancelled() and t.exception() is not None:
-            raise t.exception()  # type: ignore[misc]
+def _has_batch_records(folder: str, shard: str) -> bool:
+    return bool(storage.list_files(batch_dir(folder, shard), ".json"))

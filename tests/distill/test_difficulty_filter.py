@@ -13,7 +13,6 @@ from octomed_data.distill.filtering import (
     GRADING_SYSTEM_PROMPT,
     SCORE_SCHEMA,
     Grade,
-    filter_by_difficulty,
     grading_messages,
     parse_difficulty,
     scores_uri,
@@ -22,6 +21,7 @@ from octomed_data.errors import ConfigError
 from octomed_data.prompts import build_messages, render_question
 from octomed_data.sandbox import FaultConfig, difficulty_score, start_sandbox
 from octomed_data.schema import QUESTION_SCHEMA
+from octomed_data.stages.difficulty import filter_by_difficulty
 from octomed_data.teachers import TeacherConfig
 from tests.support.distill import make_questions
 

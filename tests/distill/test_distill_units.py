@@ -12,7 +12,7 @@ from pydantic import SecretStr
 from octomed_data import storage
 from octomed_data.cli import main
 from octomed_data.errors import ConfigError
-from octomed_data.schema import QUESTION_SCHEMA, VERDICT_SCHEMA
+from octomed_data.schema import VERDICT_SCHEMA
 from octomed_data.stats import source_statistics
 from octomed_data.teachers import DistillConfig, TeacherConfig, resolve_api_key
 
@@ -150,23 +150,3 @@ def test_cli_unreachable_teacher_fails_with_a_summary(tmp_path: Path, capsys, mo
     assert rc == 2
     assert "0/10 samples stored" in err
     assert "error: teacher 'm' at http://127.0.0.1:9/v1" in err and "none succeeded" in err
-
-
-def test_pass_rate_band_filter(tmp_path: Path) -> None:
-    from octomed_data.distill.filtering import filter_by_pass_rate
-    from tests.support.distill import make_questions
-
-    questions = make_questions(str(tmp_path / "q"), 4)
-    rows = []
-    for n_correct, q in zip([0, 3, 8, 16], questions[:4], strict=True):
-        rows += [_row(q["question_id"], "medqa", i, i < n_correct) for i in range(16)]
-    rows = [r for r in rows if r["question_id"] != questions[3]["question_id"]]  # last one never sampled
-    for r in rows:
-        r.update(reasoning_chars=len(r["reasoning"]), reasoning_words=1)
-    storage.Dataset(str(tmp_path / "verdicts"), VERDICT_SCHEMA).write_shard("00000", rows)
-    result = filter_by_pass_rate(str(tmp_path / "q"), str(tmp_path / "verdicts"), str(tmp_path / "f"), 1, 8)
-    assert result["kept"] == 2 and result["dropped"] == 1 and result["not_sampled"] == 1
-    kept = storage.Dataset(str(tmp_path / "f"), QUESTION_SCHEMA).read_all().to_pylist()
-    assert [r["question_id"] for r in kept] == [questions[1]["question_id"], questions[2]["question_id"]]
-    with pytest.raises(ConfigError):
-        filter_by_pass_rate(str(tmp_path / "q"), str(tmp_path / "verdicts"), str(tmp_path / "f"), 5, 2)

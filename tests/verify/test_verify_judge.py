@@ -296,3 +296,32 @@ def test_failed_judgements_leave_the_shard_uncommitted_and_are_retried(
         result = run_stage(stage, LocalExecutor(progress=False), shards=[shard])
         assert not result.failed and stage.is_done(shard)
         assert judge_requests(sandbox) - mark == len({r["key"] for r in failed})
+
+
+def test_a_batch_mode_judge_gives_the_online_verdicts_through_the_batch_api(
+    distilled: Path, tmp_path: Path
+) -> None:
+    from octomed_data.sandbox_batch import BatchConfig
+
+    shard = "pathvqa-00000"
+    online, batch = tmp_path / "online", tmp_path / "batch"
+    with start_sandbox(batch=BatchConfig(complete_after_s=0.2)) as sandbox:
+        teacher = judge_teacher(sandbox.base_url)
+        run_stage(filter_stage(distilled, online, teacher), LocalExecutor(progress=False), shards=[shard])
+        needed = judge_requests(sandbox)
+        assert needed == len(journalled(online)) > 0
+        batched = teacher.model_copy(update={"mode": "batch", "batch_poll_s": 0.05})
+        stage = filter_stage(distilled, batch, batched)
+        result = run_stage(stage, LocalExecutor(progress=False), shards=[shard])
+        assert not result.failed and stage.is_done(shard)
+        stats = sandbox.batch_stats()
+        # Every judgement went through the Batch API, none online.
+        assert stats["creations"] >= 1 and stats["executed"] == needed
+        assert sandbox.stats()["requests"] == needed
+        # A forced re-run finds every judgement in the journal: no batch, no request.
+        run_stage(stage, LocalExecutor(progress=False), shards=[shard], force=True)
+        assert sandbox.batch_stats()["executed"] == needed and sandbox.stats()["requests"] == needed
+    assert verdict_rows(batch) == verdict_rows(online)
+    records = journalled(batch)
+    assert len(records) == needed and all(r["batch_id"] for r in records)
+    assert {r["key"] for r in records} == {r["key"] for r in journalled(online)}
