@@ -1,0 +1,323 @@
+"""Files behind fsspec URIs: reading, atomic and exclusive writes, listing, write fences.
+
+URIs: a plain path or ``file://`` (default), ``s3://bucket/prefix`` through s3fs against any
+S3-compatible endpoint, or ``memory://`` (tests). S3 endpoint and credentials come from the
+environment (``OCTOMED_S3_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL``; ``AWS_ACCESS_KEY_ID`` /
+``AWS_SECRET_ACCESS_KEY`` read by botocore itself) or from :func:`configure`, never from code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import errno
+import json
+import os
+import posixpath
+import re
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import fsspec
+
+from octomed_data.errors import StorageError
+
+_configured: dict[str, dict[str, Any]] = {}
+_lock = threading.Lock()
+
+
+def configure(protocol: str, **options: Any) -> None:
+    """Set storage options for a protocol (e.g. ``configure("s3", endpoint_url=...)``)."""
+    with _lock:
+        _configured[protocol] = dict(options)
+
+
+def protocol_of(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+def storage_options(uri: str) -> dict[str, Any]:
+    """fsspec storage options for ``uri``: configuration first, then the environment.
+
+    Returns a fresh dict on every call (``datasets.load_dataset`` mutates what it is given).
+    """
+    proto = protocol_of(uri)
+    if proto in ("s3", "s3a"):
+        opts: dict[str, Any] = {}
+        endpoint = os.environ.get("OCTOMED_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            opts["endpoint_url"] = endpoint
+        # Fail fast on an unreachable endpoint instead of retrying for minutes.
+        opts["config_kwargs"] = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3}}
+        opts.update(_configured.get("s3", {}))
+        return opts
+    return dict(_configured.get(proto, {}))
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and the protocol-less path of ``uri``."""
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **storage_options(uri))
+    except (ImportError, ValueError) as exc:
+        raise StorageError(f"cannot open storage URI {uri!r}: {exc}") from None
+    return fs, path
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI (always with ``/``)."""
+    if "://" in uri:
+        proto, rest = uri.split("://", 1)
+        return f"{proto}://" + posixpath.join(rest.rstrip("/"), *parts) if rest else uri
+    return os.path.join(uri, *parts)
+
+
+def absolute_uri(uri: str) -> str:
+    """The one rule for a location written into a row (an image, an input file): absolute.
+
+    A local path or ``file://`` URI becomes an absolute, normalised path, so the data reads the
+    same from any working directory; other URIs (``s3://`` ...) are absolute already.
+    """
+    if protocol_of(uri) == "file":
+        local = uri.removeprefix("file://")
+        return os.path.normpath(os.path.abspath(os.path.expanduser(local)))
+    return uri
+
+
+def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Re-attach the protocol to a path returned by ``fs``."""
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if proto in ("file", "local"):
+        return path
+    return f"{proto}://{path}"
+
+
+def describe_error(uri: str, exc: BaseException) -> str:
+    """One line saying why ``uri`` could not be used (no traceback, no secrets)."""
+    name = type(exc).__name__
+    msg = str(exc).splitlines()[0] if str(exc) else name
+    if "Could not connect" in msg or "EndpointConnectionError" in name or "Connect" in name:
+        return f"cannot reach the storage endpoint for {uri}: {msg}"
+    if isinstance(exc, PermissionError) or "AccessDenied" in msg or "InvalidAccessKeyId" in msg:
+        return f"access denied to {uri}: {msg}"
+    if "NoCredentials" in name or "Unable to locate credentials" in msg:
+        return f"no credentials for {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+    if isinstance(exc, FileNotFoundError) or "NoSuchBucket" in msg:
+        return f"not found: {uri} ({msg})"
+    return f"storage error on {uri}: {name}: {msg}"
+
+
+def wrap(uri: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with its storage errors turned into one-line storage errors."""
+    try:
+        return fn(*args, **kwargs)
+    except StorageError:
+        raise
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise StorageError(describe_error(uri, exc)) from exc
+    except Exception as exc:  # botocore / aiohttp errors are not OSError subclasses
+        if type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "s3fs"):
+            raise StorageError(describe_error(uri, exc)) from exc
+        raise
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is the local filesystem (rename is atomic there)."""
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return proto in ("file", "local")
+
+
+def remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _atomic_put(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    parent = posixpath.dirname(path) if "/" in path else ""
+    if protocol_of(to_uri(fs, path)) in ("s3", "s3a", "gs", "gcs", "az", "abfs"):
+        # Object stores publish an object only when its upload completes: a PUT is atomic.
+        with fs.open(path, "wb") as fh:
+            fh.write(data)
+        return
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    # Hidden and not ending in .parquet: no reader or "*.parquet" glob picks up a half-written file.
+    tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+    if fs.protocol in ("file", "local") or "file" in fs.protocol:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    else:
+        with fs.open(tmp, "wb") as fh:
+            fh.write(data)
+        fs.mv(tmp, path)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` to ``uri`` atomically: readers see the old object or the new, never half."""
+    fs, path = filesystem(uri)
+    wrap(uri, _atomic_put, fs, path, data)
+
+
+def update_digest(digest: Any, uri: str, chunk: int = 8 * 2**20) -> None:
+    """Feed the bytes at ``uri`` to a hashlib ``digest`` in chunks (bounded memory)."""
+    fs, path = filesystem(uri)
+    with wrap(uri, fs.open, path, "rb") as fh:
+        while block := wrap(uri, fh.read, chunk):
+            digest.update(block)
+
+
+def create_exclusive(uri: str, data: bytes) -> bool | None:
+    """Write ``data`` only if nothing is at ``uri``: True written, False something was there.
+
+    Exclusive on a local file system (``link()``) and on S3 (a conditional PUT, ``If-None-Match``);
+    the object appears complete or not at all.
+    None when this store cannot write exclusively (the caller then writes, waits and reads back).
+    """
+    fs, path = filesystem(uri)
+    if is_local(fs):
+        folder = os.path.dirname(path) or "."
+        wrap(uri, os.makedirs, folder, exist_ok=True)
+        # Written whole to a hidden file, then linked into place: link() fails when the name exists,
+        # and a reader never sees the file empty (an O_EXCL create is visible before its write).
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise StorageError(describe_error(uri, exc)) from exc
+            return _create_excl(path, data)  # a mount without hard links (FUSE buckets, some NFS/SMB)
+        finally:
+            remove_quietly(tmp)
+        return True
+    if protocol_of(uri) in ("s3", "s3a"):
+        return bool(wrap(uri, _s3_create, fs, path, data))
+    return None
+
+
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
+
+
+def _create_excl(path: str, data: bytes) -> bool:
+    """``O_EXCL`` create, then write: exclusive, but briefly visible empty (readers must allow it)."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    return True
+
+
+def _s3_create(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    try:
+        fs.pipe_file(path, data, mode="create")  # PUT with If-None-Match: *
+    except (FileExistsError, OSError) as exc:
+        if not isinstance(exc, FileExistsError) and "precondition" not in str(exc).lower():
+            raise
+        # Taken, or ours: a retried PUT whose first try succeeded but whose answer was lost gets
+        # 412 too. The bytes say which (callers write something unique, e.g. their owner id).
+        try:
+            return bool(fs.cat_file(path) == data)
+        except FileNotFoundError:
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------------- write fences
+# A shard's writer runs inside ``fenced(check)``: before each data write that could publish
+# something (a journal segment, a shard's file and marker) ``check_fence(uri)`` calls ``check``,
+# which raises when the writer no longer holds the shard's lease (another job took it over).
+_FENCE: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar(
+    "octomed_write_fence", default=None
+)
+
+
+@contextlib.contextmanager
+def fenced(check: Callable[[str], None]) -> Iterator[None]:
+    """Writes made in this context (and tasks/threads started from it) call ``check(uri)`` first."""
+    token = _FENCE.set(check)
+    try:
+        yield
+    finally:
+        _FENCE.reset(token)
+
+
+def check_fence(uri: str) -> None:
+    """Raise if this context's writer has lost its right to write (no-op outside a fence)."""
+    check = _FENCE.get()
+    if check is not None:
+        check(uri)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    return wrap(uri, fs.cat_file, path)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return bool(wrap(uri, fs.exists, path))
+
+
+def list_prefixed(uri_prefix: str) -> list[str]:
+    """URIs of the files whose path starts with ``uri_prefix`` (one prefix listing on object stores,
+    not the whole folder's)."""
+    fs, path = filesystem(uri_prefix)
+    folder = uri_prefix.rsplit("/", 1)[0] if "/" in uri_prefix else "."
+    found = wrap(uri_prefix, fs.glob, glob_escape(path) + "*")
+    return sorted(join(folder, posixpath.basename(p.rstrip("/"))) for p in found)
+
+
+def glob_escape(path: str) -> str:
+    """``path`` with glob magic characters escaped."""
+    return re.sub(r"([*?\[\]])", r"[\1]", path)
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """URIs of the visible files directly in folder ``uri`` (sorted; hidden names skipped)."""
+    fs, path = filesystem(uri)
+    if not wrap(uri, fs.exists, path):
+        return []
+    names = sorted(
+        posixpath.basename(p.rstrip("/"))
+        for p in wrap(uri, fs.ls, path, detail=False)
+        if p.rstrip("/").endswith(suffix)
+    )
+    return [join(uri, n) for n in names if not n.startswith((".", "_"))]
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode("utf-8"))
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def ensure_writable(uri: str) -> None:
+    """Check early that ``uri`` can be written (bucket exists, endpoint reachable, path creatable)."""
+    fs, path = filesystem(uri)
+    if protocol_of(uri) in ("s3", "s3a"):
+        bucket = path.split("/", 1)[0]
+        if len(bucket) < 3:
+            raise StorageError(f"invalid bucket name in {uri!r}")
+        try:
+            # A listing tells "endpoint unreachable" apart from "no such bucket" (exists() can't).
+            fs.ls(bucket, refresh=True)
+        except FileNotFoundError:
+            raise StorageError(f"bucket {bucket!r} does not exist at the configured S3 endpoint") from None
+        except Exception as exc:  # botocore/aiohttp errors are not OSError subclasses
+            raise StorageError(describe_error(uri, exc)) from None
+        return
+    wrap(uri, fs.makedirs, path, exist_ok=True)
