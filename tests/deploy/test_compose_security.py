@@ -583,3 +583,33 @@ def test_docker_compose_config_renders_the_same_properties(tmp_path, deploy_root
     assert services_without_limits(rendered) == []
     assert secret_holders(rendered, "TEACHER_API_KEY") == TEACHER_CALLERS
     assert secret_holders(rendered, "MINIO_ROOT_PASSWORD") == MINIO_ROOT_HOLDERS
+
+
+def volume_owner_mismatches(compose: dict[str, Any]) -> list[str]:
+    """Volumes that ``volume-init`` hands to a uid other than the ``user:`` of a service using them."""
+    init = compose["services"][ROOT_ONESHOT]
+    script = init["entrypoint"][2]
+    owners = dict((path, owner) for owner, path in re.findall(r"^own (\d+:\d+) (\S+)$", script, flags=re.M))
+    volume_of = {v.split(":")[1]: v.split(":")[0] for v in init["volumes"]}
+    assert set(owners) == set(volume_of), (owners, volume_of)
+    bad = []
+    for path, owner in owners.items():
+        for name, svc in compose["services"].items():
+            if name != ROOT_ONESHOT and any(
+                v.split(":")[0] == volume_of[path] for v in svc.get("volumes") or []
+            ):
+                if svc.get("user") != owner:
+                    bad.append(f"{name}: {volume_of[path]} owned by {owner}, runs as {svc.get('user')}")
+    return bad
+
+
+def test_volume_init_hands_each_volume_to_the_user_of_its_service(compose, render, compose_text):
+    assert volume_owner_mismatches(compose) == []
+    # every named volume is either prepared by volume-init or copied up from its image (pgdata:
+    # the postgres image's PGDATA belongs to uid 70, the user postgres runs as)
+    prepared = {v.split(":")[0] for v in compose["services"][ROOT_ONESHOT]["volumes"]}
+    assert set(compose["volumes"]) - prepared == {"pgdata"}
+    old = mutated(compose_text, 'user: "10003:10003"', 'user: "10005:10005"')
+    assert volume_owner_mismatches(render(old)) == [
+        "vllm: vllm-home owned by 10003:10003, runs as 10005:10005"
+    ]
