@@ -10,8 +10,8 @@
    the same numbers, so the two can't disagree);
 4. :func:`tokenize`: loss on assistant tokens only (:mod:`training.data`), counting malformed rows;
 5. :func:`batching`: sequence packing (:mod:`training.packing`) or the padding collator;
-6. :func:`resume_checkpoint`: the newest uploaded intermediate checkpoint of this config, if any;
-7. :func:`save_final`: the final model (ZeRO-3 gathers full weights) uploaded to ``output_uri`` with
+6. :func:`~training.run_checkpoints.resume_checkpoint`: the newest uploaded intermediate checkpoint of this config, if any;
+7. :func:`~training.run_checkpoints.save_final`: the final model (ZeRO-3 gathers full weights) uploaded to ``output_uri`` with
    ``checkpoint.json`` written last (:mod:`training.checkpoints`), so a checkpoint without it is
    known to be incomplete.
 
@@ -43,14 +43,6 @@ import pyarrow.compute as pc
 from octomed_data import storage
 from octomed_data.errors import ConfigError, OctomedError
 from octomed_data.job_config import TrainConfig, load_yaml_config
-from octomed_data.layout import CheckpointFolder
-from training.checkpoints import (
-    download_folder,
-    latest_resumable,
-    list_files,
-    upload_folder,
-    write_checkpoint_marker,
-)
 from training.data import (
     DataFile,
     RowEncoder,
@@ -61,9 +53,17 @@ from training.data import (
     resolve_data_files,
 )
 from training.deepspeed_config import deepspeed_config
-from training.distributed import all_nodes_ok, all_reduce_sum, barrier, ensure_distributed_env, node_lock
+from training.distributed import all_reduce_sum, ensure_distributed_env, node_lock
 from training.models import is_vision_model, load_model_and_processors, resolve_model
 from training.packing import build_packed_data
+from training.run_checkpoints import resume_checkpoint, save_final
+from training.trainer_parts import (
+    CountingEncoder,
+    final_loss_of,
+    log_last_step_callback,
+    trainer_class,
+    upload_callback,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,114 +105,6 @@ class LoadedModel:
 def _encoded_ok(encode_error: str | None) -> bool:
     """Rows that encoded cleanly (a named function: ``datasets`` fingerprints it without noise)."""
     return encode_error is None
-
-
-# --------------------------------------------------------------------------- Trainer pieces
-
-
-def _trainer_class():
-    from transformers import Trainer
-
-    class CountingTrainer(Trainer):
-        """Counts the sequences that really go through the model (exact samples_seen)."""
-
-        samples_seen_local = 0
-
-        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
-            # Packed batches say how many examples their rows hold; it is no model input.
-            examples = inputs.pop("num_examples", None)
-            if model.training:
-                self.samples_seen_local += int(
-                    examples if examples is not None else inputs["input_ids"].shape[0]
-                )
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
-
-    return CountingTrainer
-
-
-def _upload_callback(output_uri: str, meta: dict[str, Any], loaded: Any = None, samples: Any = None):
-    from transformers import TrainerCallback
-
-    class UploadCheckpoints(TrainerCallback):
-        """Uploads each intermediate checkpoint Trainer saves; the marker goes last.
-
-        Every node's local rank 0 uploads what its node wrote (with several nodes, ZeRO shards are
-        spread over their local disks), then global rank 0 lists the upload and writes the marker.
-        The image processor goes with it (a VL checkpoint is then evaluable as is: learning curves),
-        and the marker says how many sequences were trained on up to it (``samples_seen``: all
-        processes, this call; ``samples()`` sums them, so every rank calls it).
-        """
-
-        def on_save(self, args, state, control, **kwargs):
-            local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            dest = CheckpointFolder(output_uri).step(local.name)
-            seen = samples() if samples is not None else None
-            uploaded = True
-            if state.is_local_process_zero:
-                uploaded = local.is_dir()
-                if uploaded:
-                    if loaded is not None and loaded.image_processor is not None:
-                        loaded.image_processor.save_pretrained(str(local))
-                    upload_folder(local, dest)
-            # The marker says "complete": only when every node uploaded what it saved.
-            if not all_nodes_ok(uploaded):
-                log.warning("checkpoint %s was not uploaded by every node: no marker written", local.name)
-                return
-            if state.is_world_process_zero:
-                loss = next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None)
-                write_checkpoint_marker(
-                    dest,
-                    {
-                        **meta,
-                        "step": state.global_step,
-                        "loss": loss,
-                        "samples_seen": seen,
-                        "final": False,
-                        "files": list_files(dest),
-                    },
-                )
-            barrier()
-
-    return UploadCheckpoints()
-
-
-def _log_last_step_callback():
-    from transformers import TrainerCallback
-
-    class LogLastStep(TrainerCallback):
-        """Trainer logs every ``logging_steps`` (and the first step): log the last step too, so the
-        run's final loss is the loss at its last step, not at the last multiple of logging_steps."""
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.max_steps and state.global_step >= state.max_steps:
-                control.should_log = True
-            return control
-
-    return LogLastStep()
-
-
-def final_loss_of(log_history: list[dict[str, Any]], last_step: int) -> float | None:
-    """The loss Trainer logged at ``last_step`` (the mean since the previous log, over every
-    rank); None when that step logged none (never after :func:`_log_last_step_callback`)."""
-    return next(
-        (float(h["loss"]) for h in reversed(log_history) if "loss" in h and h.get("step") == last_step), None
-    )
-
-
-class _CountingEncoder(RowEncoder):
-    """Streaming mode: rows are encoded lazily, so problems are counted as they pass."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.errors: Counter = Counter()
-        self.truncated = 0
-
-    def __call__(self, row):
-        out = super().__call__(row)
-        if out["encode_error"]:
-            self.errors[out["encode_error"]] += 1
-        self.truncated += int(out["truncated"])
-        return out
 
 
 # --------------------------------------------------------------------------- the steps of train()
@@ -338,7 +230,7 @@ def tokenize(
 ) -> tuple[Any, dict[str, int], int]:
     """(the encoded training dataset, malformed rows by reason, truncated rows).
 
-    Streaming: the dataset is lazy, so the counts come later from the encoder (:class:`_CountingEncoder`).
+    Streaming: the dataset is lazy, so the counts come later from the encoder (:class:`CountingEncoder`).
     """
     import datasets
 
@@ -415,58 +307,6 @@ def batching(
     return train_ds, collator, packed, args
 
 
-def resume_checkpoint(config: TrainConfig, meta: dict[str, Any], work_dir: Path, args: Any) -> Path | None:
-    """The newest uploaded intermediate checkpoint of this config and data, downloaded; None if none."""
-    if not config.resume:
-        return None
-    found = latest_resumable(config.output_uri, meta["config_hash"], meta["data_manifest"])
-    if not found:
-        return None
-    uri, marker = found
-    resume_from = work_dir / "resume" / f"checkpoint-{marker['step']}"
-    # Every node needs the checkpoint on local disk (DeepSpeed reads its own shards).
-    with args.main_process_first(local=True, desc="download checkpoint"):
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            download_folder(uri, marker["files"], resume_from)
-    log.info("resuming from %s (step %s)", uri, marker["step"])
-    return resume_from
-
-
-def save_final(
-    config: TrainConfig,
-    result: TrainResult,
-    *,
-    loaded: LoadedModel,
-    final_dir: Path,
-    ds_config: dict[str, Any] | None,
-    meta: dict[str, Any],
-) -> None:
-    """Rank 0: tokenizer, processor and DeepSpeed config beside the saved model, everything uploaded
-    to ``output_uri``, ``checkpoint.json`` last (a checkpoint folder without it is an interrupted upload)."""
-    loaded.tokenizer.save_pretrained(str(final_dir))
-    if loaded.image_processor is not None:
-        loaded.image_processor.save_pretrained(str(final_dir))
-    (final_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
-    uploaded = upload_folder(final_dir, config.output_uri)
-    write_checkpoint_marker(
-        config.output_uri,
-        {
-            **meta,
-            "step": result.steps,
-            "loss": result.final_loss,
-            "mean_loss": result.mean_loss,
-            "samples_seen": result.samples_seen,
-            "examples_per_step": result.examples_per_step,
-            "skipped": result.skipped,
-            "truncated": result.truncated,
-            "files": uploaded,
-            "final": True,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "versions": _versions(),
-        },
-    )
-
-
 # --------------------------------------------------------------------------- train
 
 
@@ -497,7 +337,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         ds_config=ds_config,
         progress=progress,
     )
-    encoder_cls = _CountingEncoder if config.streaming else RowEncoder
+    encoder_cls = CountingEncoder if config.streaming else RowEncoder
     encoder = encoder_cls(loaded.tokenizer, config.max_seq_len, multimodal=loaded.vision)
     train_ds, skipped, truncated = tokenize(config, files, args, encoder, rows)
     train_ds, collator, packed, args = batching(config, train_ds, args, loaded, rows)
@@ -516,16 +356,16 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         "packing": packed.info if packed else None,
     }
     holder: list[Any] = []  # the trainer, for the upload callback's samples_seen
-    uploads = _upload_callback(
+    uploads = upload_callback(
         config.output_uri, meta, loaded, samples=lambda: all_reduce_sum(holder[0].samples_seen_local)
     )
-    trainer = _trainer_class()(
+    trainer = trainer_class()(
         model=loaded.model,
         args=args,
         train_dataset=train_ds,
         data_collator=collator,
         processing_class=loaded.tokenizer,
-        callbacks=[_log_last_step_callback()] + ([uploads] if config.save_steps else []),
+        callbacks=[log_last_step_callback()] + ([uploads] if config.save_steps else []),
     )
     holder.append(trainer)
     resume_from = resume_checkpoint(config, meta, work_dir, args)
@@ -570,18 +410,6 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         if not config.work_dir:
             shutil.rmtree(work_dir, ignore_errors=True)
     return result
-
-
-def _versions() -> dict[str, str]:
-    import deepspeed
-    import torch
-    import transformers
-
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "deepspeed": deepspeed.__version__,
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

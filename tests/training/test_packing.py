@@ -25,13 +25,12 @@ from octomed_data.job_config import TrainConfig
 from octomed_data.schema import RecordError
 from tests.support.sft import png, question, run_sft, training_rows
 from training.data import IGNORE_INDEX, encode_conversation, expand_images, normalize_messages
+from training.packed_collator import PackedCollator, mrope_positions
 from training.packing import (
     LengthModel,
-    PackedCollator,
     best_fit_decreasing,
     image_token_count,
     iter_packs,
-    mrope_positions,
     pack_examples,
     packed_batch_plan,
 )
