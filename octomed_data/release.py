@@ -49,21 +49,25 @@ import os
 import tempfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import ValidationError
 
 from octomed_data import storage
 from octomed_data.errors import ConfigError, StorageError
 from octomed_data.layout import ReleaseFolder, RunPaths
-from octomed_data.recipe import Recipe, parse_recipe
+from octomed_data.release_run import (
+    removed_by_benchmark,
+    run_recipe,
+    sampling_table,
+    teacher_configs,
+    verifier_summary,
+)
 from octomed_data.release_safety import SecretGuard, image_metadata_chunks, scrub_metadata
 from octomed_data.schema import QUESTION_SCHEMA, RELEASE_SCHEMA, SAMPLE_SCHEMA, VERDICT_SCHEMA
-from octomed_data.teachers import TeacherConfig
 
 RELEASE_VERSION = "2"  # 2: responses carry verifier, verifier_rule, judge_correct
 SPLIT = "train"  # OctoMed published one training split; the card's config reads data/train-*
@@ -109,38 +113,6 @@ class ReleaseResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# ------------------------------------------------------------------------------- run information
-def run_recipe(paths: RunPaths) -> Recipe:
-    """The recipe the run recorded in ``run.json``."""
-    if not storage.exists(paths.run_json):
-        raise StorageError(f"no run at {paths.root} (missing {paths.run_json})")
-    return parse_recipe(storage.read_json(paths.run_json)["recipe"], where=f"recipe of run {paths.run_id}")
-
-
-def teacher_configs(paths: RunPaths, recipe: Recipe) -> list[TeacherConfig]:
-    """The teachers as distillation last ran them (``distill/_distill/config.json``), else the recipe's."""
-    out: list[TeacherConfig] = []
-    if storage.exists(paths.distill_config):
-        for t in storage.read_json(paths.distill_config).get("teachers", []):
-            try:
-                out.append(TeacherConfig.model_validate(t))
-            except ValidationError:
-                continue
-    for t in recipe.teachers:  # sandbox-bound recipe teachers ran as the teacher named "sandbox"
-        data = t.model_dump() | {"base_url": t.base_url or "recipe"}
-        out += [TeacherConfig(**data), TeacherConfig(**(data | {"name": "sandbox"}))]
-    return out
-
-
-def sampling_table(teachers: Iterable[TeacherConfig]) -> dict[tuple[str, str], dict[str, Any]]:
-    """(teacher, params_hash) -> the sampling params a reply was drawn with."""
-    table: dict[tuple[str, str], dict[str, Any]] = {}
-    for t in teachers:
-        p = t.sampling_params()
-        table.setdefault((t.name, t.params_hash()), p | {"extra_body": json.dumps(p["extra_body"])})
-    return table
 
 
 # ---------------------------------------------------------------------------------------- schema
@@ -367,21 +339,6 @@ def _row(
         row["image_refs"] = row["images"]
         row["images"] = [_image_data(im, ctx, f"question {q['question_id']}") for im in images]
     return row
-
-
-def verifier_summary(stats: Mapping[str, Any]) -> dict[str, Any]:
-    """How the run's verdicts were made (``stats.json``'s verifier section, the judge's cost aside):
-    settings, their fingerprint, the judge, verdicts per verifier and the judge's calibration."""
-    v = stats.get("verifier") or {}
-    return {k: v.get(k) for k in ("settings", "fingerprint", "judge", "verified_by", "calibration")}
-
-
-def removed_by_benchmark(paths: RunPaths) -> dict[str, int]:
-    """Questions the run's decontamination stage removed, per benchmark."""
-    removed: Counter[str] = Counter()
-    for batch in storage.Dataset(paths.removed).iter_batches(columns=["match_benchmark"]):
-        removed.update(batch.column(0).to_pylist())
-    return dict(sorted(removed.items()))
 
 
 # --------------------------------------------------------------------------------------- release

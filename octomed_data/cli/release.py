@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+
+from octomed_data.layout import DEFAULT_STORE, ENV_STORE, default_store
 
 
 def _cmd_release(args: argparse.Namespace) -> int:
     from octomed_data.release import release
     from octomed_data.runs import open_run
 
-    store = args.store or os.environ.get("OCTOMED_STORE") or "./runs/demo"
-    recipe, paths = open_run(args.run_id, store)
+    recipe, paths = open_run(args.run_id, default_store(args.store))
     result = release(
         paths,
         args.out,
@@ -35,7 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_id", help="the run to release")
     p.add_argument("--out", required=True, help="release folder URI (path or s3://bucket/prefix)")
-    p.add_argument("--store", default=None, help="the run's store (default: $OCTOMED_STORE or ./runs/demo)")
+    p.add_argument(
+        "--store", default=None, help=f"the run's store (default: ${ENV_STORE} or {DEFAULT_STORE})"
+    )
     p.add_argument(
         "--all-responses", action="store_true", help="also the rejected responses, with their verdicts"
     )
