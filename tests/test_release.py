@@ -643,3 +643,35 @@ def test_a_judge_verified_release_carries_the_verifier_and_the_calibration(canar
     for source, n in by_source.items():
         assert result.per_source[source]["accepted_by_judge"] == n
     assert f"{len(by_judge)} accepted response(s) were accepted by the LLM judge" in body
+
+
+def test_release_stage_is_done_until_its_inputs_or_settings_change(run, tmp_path):
+    """The release is a global step with a done marker in OUT: released again unchanged, nothing is
+    rewritten; a changed setting, a re-committed verdicts shard or a deleted release rebuilds it."""
+    from octomed_data.stages import LocalExecutor, raise_for_failures, run_stage
+    from octomed_data.stages.release import ReleaseStage
+
+    shutil.copytree(run[0].store, tmp_path / "store")  # the module's run stays as it is
+    paths = RunPaths(str(tmp_path / "store"), run[0].run_id)
+    out = tmp_path / "pub"
+
+    def release_once(**settings):
+        result = run_stage(ReleaseStage(paths, str(out), **settings), LocalExecutor(progress=False))
+        raise_for_failures(result)
+        return result.outcomes["all"]
+
+    first = release_once()
+    card = out / "README.md"
+    written = card.stat().st_mtime_ns
+    again = release_once()
+    assert first.state == "COMPLETED" and again.state == "REUSED"
+    assert again.counts["rows"] == first.counts["rows"] > 0 and card.stat().st_mtime_ns == written
+    assert release_once(all_responses=True).state == "COMPLETED"  # a changed setting
+    written = card.stat().st_mtime_ns
+    verdicts = storage.Dataset(paths.verdicts)
+    shard = next(iter(verdicts.manifest()))
+    verdicts.write_shard(shard, verdicts.read_shard(shard), extra=verdicts.shard_info(shard).extra)
+    assert release_once(all_responses=True).state == "COMPLETED" and card.stat().st_mtime_ns > written
+    assert release_once(all_responses=True).state == "REUSED"
+    shutil.rmtree(out)  # the marker lives in the release: a deleted release is released again
+    assert release_once(all_responses=True).state == "COMPLETED" and card.exists()
