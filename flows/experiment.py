@@ -33,10 +33,11 @@ from flows.training import TrainParams, eval_config, run_global, train_config, t
 from octomed_data import storage
 from octomed_data.errors import OctomedError
 from octomed_data.experiment import ExperimentSpec, load_spec
-from octomed_data.experiment.arms import ExperimentPaths, current, finished, read_record, write_record
+from octomed_data.experiment.arms import ExperimentPaths, current, read_record, write_record
 from octomed_data.experiment.compare import arm_metrics, compare
 from octomed_data.experiment.report import learning_curves_png, report_markdown, report_png
 from octomed_data.experiment.select import select_arm, teacher_summary
+from octomed_data.experiment.stage import ArmStage
 from octomed_data.job_config import EvalConfig
 from octomed_data.layout import EvaluationFolder, RunPaths
 from octomed_data.recipe import Recipe, load_recipe
@@ -267,88 +268,108 @@ def trained_twin(spec: ExperimentSpec, exp: ExperimentPaths, arm: str, key: str)
 
 @flow(name="experiment-arm", flow_run_name="arm {arm}", log_prints=True)
 def arm_flow(spec_ref: str, arm: str, store: str | None = None, force: bool = False) -> dict[str, Any]:
-    """One arm: select -> mixture -> export -> train -> evaluate; reused when finished."""
+    """One arm: select -> mixture -> export -> train -> evaluate; reused when finished (``ArmStage``)."""
     spec, recipe, exp, base = _open(ExperimentParams(spec=spec_ref, store=store))
-    arm_cfg, paths = spec.arm(arm), exp.arm(arm)
+    arm_cfg = spec.arm(arm)
     base = RunPaths(exp.store, spec.base_run_of(arm_cfg))  # its teacher's distillation, if it names one
     model_path = _base_model(recipe, exp)
     settings = spec.settings_fingerprint(arm_cfg, recipe_settings(recipe, model_path))
-    previous = read_record(exp, arm)
     record: dict[str, Any] = {"status": "RUNNING", "settings": settings}
     record["spec"] = spec.arm_settings(arm_cfg, recipe_settings(recipe, model_path))
     try:
-        data = select_task(base, spec, arm, paths.accepted)  # no teacher request: cheap
-        if not force and finished(previous, settings, data["fingerprint"]):
-            print(f"arm {arm}: finished before with these settings and data ({data['fingerprint']}), reused")
-            return previous | {"reused": True}
-        key = training_key(spec, arm, recipe_settings(recipe, model_path), data["fingerprint"])
-        record["train_key"] = key
-        write_record(exp, arm, record)
-        record["data"] = data
-        if arm_cfg.teacher_run is not None:
-            record["teacher"] = {"name": arm_cfg.teacher_run} | teacher_summary(base)
-        print(f"arm {arm}: {data['traces']} traces, data {data['fingerprint']}")
-        twin = None if force else trained_twin(spec, exp, arm, key)
-        if twin is not None:
-            # Same data, same training: the twin's checkpoint, evaluated with this arm's settings.
-            shared = read_record(exp, twin)
-            record |= {"mixture": shared.get("mixture", {}), "train": shared["train"], "trained_by": twin}
-            for k in ("tensorboard",):
-                if k in shared:
-                    record[k] = shared[k]
-            checkpoint = exp.arm(twin).checkpoints
-            print(f"arm {arm}: same data and training as arm {twin}: its checkpoint, not trained again")
-        else:
-            mix = mixture_task(recipe, base, paths)
-            record["mixture"] = {
-                "train_rows": mix["rows_train"],
-                "validation_rows": mix["rows_validation"],
-                "questions_train": mix["questions_train"],
-            }
-            export_task(recipe, paths, arm_cfg.export)
-            config = train_config(recipe, paths, _train_params(spec, arm, model_path))
-            update: dict[str, Any] = {"report_to": spec.training.report_to}
-            if spec.control == "same_epochs" and arm_cfg.training.max_steps is None:
-                update["max_steps"] = None  # epochs decide, not a max_steps the recipe carries
-            if arm_cfg.training.seed is not None:
-                update["seed"] = arm_cfg.training.seed
-            every = spec.every_steps(arm_cfg)
-            if every:  # learning curve: a checkpoint every N steps, each kept in the store
-                update["save_steps"] = every
-            tensorboard = os.path.join(config.work_dir or tempfile.gettempdir(), "tensorboard")
-            config = config.model_copy(update=update | {"logging_dir": tensorboard})
-            if spec.training.report_to == "tensorboard":
-                record["tensorboard"] = tensorboard  # `tensorboard --logdir` it
-            job = TrainStage(
-                paths,
-                lambda c=config: train_task(c, recipe.training.launcher, None, None),
-                rerun=force,
-                config_hash=f"{config.config_hash()}-{config.save_steps}",  # + the learning curve's checkpoints
-            )
-            record["train"] = run_global(job).counts
-            record["trained_by"] = arm
-            write_record(exp, arm, record)  # its checkpoint is findable by twins from here on
-            checkpoint = paths.checkpoints
-        eval_cfg = _eval_config(recipe, spec, arm, paths, base, checkpoint)
-        result = evaluate_task(paths, eval_cfg)
-        record["evaluation"] = {
-            "predictions_uri": result["predictions_uri"],
-            "report_uri": result["report_uri"],
-            "questions_uri": None if eval_cfg.benchmarks else eval_cfg.questions_uri,  # item groups
-            "item_images": item_images_task(eval_cfg, exp),  # registry benchmarks: item groups
-            "checkpoint": checkpoint,
-        }
-        record["metrics"] = arm_metrics(result["predictions_uri"])
-        if spec.every_steps(arm_cfg):
-            record["curve"] = curve_task(
-                eval_cfg, checkpoint, record["train"], paths, result["predictions_uri"]
-            )
-        record["status"] = "COMPLETED"
+        data = select_task(base, spec, arm, exp.arm(arm).accepted)  # no teacher request: cheap
     except Exception as exc:
-        record.update(status="FAILED", error=describe_error(exc))
-        write_record(exp, arm, record)
+        write_record(exp, arm, record | {"status": "FAILED", "error": describe_error(exc)})
         raise
-    return write_record(exp, arm, record)
+
+    def job() -> dict[str, Any]:
+        try:
+            _run_arm(spec, recipe, exp, base, arm, model_path, data, record, force)
+        except Exception as exc:
+            record.update(status="FAILED", error=describe_error(exc))
+            write_record(exp, arm, record)
+            raise
+        return write_record(exp, arm, record | {"status": "COMPLETED"})
+
+    outcome = run_global(ArmStage(exp, arm, settings, data["fingerprint"], job, rerun=force))
+    if outcome.state == "REUSED":
+        print(f"arm {arm}: finished before with these settings and data ({data['fingerprint']}), reused")
+    return outcome.counts
+
+
+def _run_arm(
+    spec: ExperimentSpec,
+    recipe: Recipe,
+    exp: ExperimentPaths,
+    base: RunPaths,
+    arm: str,
+    model_path: str | None,
+    data: dict[str, Any],
+    record: dict[str, Any],
+    force: bool,
+) -> None:
+    """The arm's mixture, export, training (or its twin's checkpoint) and evaluation, into ``record``."""
+    arm_cfg, paths = spec.arm(arm), exp.arm(arm)
+    key = training_key(spec, arm, recipe_settings(recipe, model_path), data["fingerprint"])
+    record["train_key"] = key
+    write_record(exp, arm, record)
+    record["data"] = data
+    if arm_cfg.teacher_run is not None:
+        record["teacher"] = {"name": arm_cfg.teacher_run} | teacher_summary(base)
+    print(f"arm {arm}: {data['traces']} traces, data {data['fingerprint']}")
+    twin = None if force else trained_twin(spec, exp, arm, key)
+    if twin is not None:
+        # Same data, same training: the twin's checkpoint, evaluated with this arm's settings.
+        shared = read_record(exp, twin)
+        record |= {"mixture": shared.get("mixture", {}), "train": shared["train"], "trained_by": twin}
+        for k in ("tensorboard",):
+            if k in shared:
+                record[k] = shared[k]
+        checkpoint = exp.arm(twin).checkpoints
+        print(f"arm {arm}: same data and training as arm {twin}: its checkpoint, not trained again")
+    else:
+        mix = mixture_task(recipe, base, paths)
+        record["mixture"] = {
+            "train_rows": mix["rows_train"],
+            "validation_rows": mix["rows_validation"],
+            "questions_train": mix["questions_train"],
+        }
+        export_task(recipe, paths, arm_cfg.export)
+        config = train_config(recipe, paths, _train_params(spec, arm, model_path))
+        update: dict[str, Any] = {"report_to": spec.training.report_to}
+        if spec.control == "same_epochs" and arm_cfg.training.max_steps is None:
+            update["max_steps"] = None  # epochs decide, not a max_steps the recipe carries
+        if arm_cfg.training.seed is not None:
+            update["seed"] = arm_cfg.training.seed
+        every = spec.every_steps(arm_cfg)
+        if every:  # learning curve: a checkpoint every N steps, each kept in the store
+            update["save_steps"] = every
+        tensorboard = os.path.join(config.work_dir or tempfile.gettempdir(), "tensorboard")
+        config = config.model_copy(update=update | {"logging_dir": tensorboard})
+        if spec.training.report_to == "tensorboard":
+            record["tensorboard"] = tensorboard  # `tensorboard --logdir` it
+        job = TrainStage(
+            paths,
+            lambda c=config: train_task(c, recipe.training.launcher, None, None),
+            rerun=force,
+            config_hash=f"{config.config_hash()}-{config.save_steps}",  # + the learning curve's checkpoints
+        )
+        record["train"] = run_global(job).counts
+        record["trained_by"] = arm
+        write_record(exp, arm, record)  # its checkpoint is findable by twins from here on
+        checkpoint = paths.checkpoints
+    eval_cfg = _eval_config(recipe, spec, arm, paths, base, checkpoint)
+    result = evaluate_task(paths, eval_cfg)
+    record["evaluation"] = {
+        "predictions_uri": result["predictions_uri"],
+        "report_uri": result["report_uri"],
+        "questions_uri": None if eval_cfg.benchmarks else eval_cfg.questions_uri,  # item groups
+        "item_images": item_images_task(eval_cfg, exp),  # registry benchmarks: item groups
+        "checkpoint": checkpoint,
+    }
+    record["metrics"] = arm_metrics(result["predictions_uri"])
+    if spec.every_steps(arm_cfg):
+        record["curve"] = curve_task(eval_cfg, checkpoint, record["train"], paths, result["predictions_uri"])
 
 
 @task(name="comparison-report")

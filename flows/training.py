@@ -263,8 +263,10 @@ def train_flow(params: TrainParams = TrainParams()) -> dict[str, Any]:
     )
     run_params = params.run.model_copy(update={"run_id": found.run_id, "store": found.store})
     recipe, paths = prepare(run_params)
-    outcome = run_global(stage)
-    if outcome.state == "REUSED" or outcome.counts.get(stage_module.ALREADY):
+    # A trigger for the export another job trains right now is a no-op (not a wait for its lease).
+    other = stage.trained_elsewhere()
+    outcome = None if other else run_global(stage)
+    if outcome is None or outcome.state == "REUSED" or outcome.counts.get(stage_module.ALREADY):
         print(f"training: export {stage.export} of run {paths.run_id} is trained (or training) already")
         return {"run_id": paths.run_id, "key": stage.key, "skipped": True}
     return _after_training(recipe, paths, params, outcome.counts)

@@ -73,15 +73,20 @@ class TrainStage(Stage):
         """The finished job's result, as its record keeps it."""
         return dict(self.record().get("result") or {})
 
+    def trained_elsewhere(self) -> str | None:
+        """The job that trains this export right now (its lease on the checkpoint folder), if any:
+        asked before the stage runs, so such a trigger is a no-op instead of a wait."""
+        holder = checkpoint_lease(self.paths, self.owner).read() or {}
+        owner = str(holder.get("owner", ""))
+        alive = float(holder.get("expires_at", 0)) > time.time()
+        return owner if alive and owner.startswith(f"{self.key}|") and owner != self.owner else None
+
     def run_shard(self, shard: str) -> dict[str, Any]:
-        lease = checkpoint_lease(self.paths, self.owner)
-        holder = lease.read() or {}
-        if (
-            str(holder.get("owner", "")).startswith(f"{self.key}|")
-            and float(holder.get("expires_at", 0)) > time.time()
-        ):
-            print(f"training: another job ({holder['owner']}) trains export {self.export} now; nothing to do")
+        other = self.trained_elsewhere()
+        if other is not None:
+            print(f"training: another job ({other}) trains export {self.export} now; nothing to do")
             return {ALREADY: True}
+        lease = checkpoint_lease(self.paths, self.owner)
         with lease.hold(wait_s=self.wait_s):
             if self.is_done(shard):  # finished while we waited
                 return self.done_counts(shard) | {ALREADY: True}
