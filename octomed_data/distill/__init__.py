@@ -1,23 +1,18 @@
-"""Distillation: N teacher samples per question, verified, durable, resumable.
+"""Distillation: N teacher samples per question, durable and resumable.
 
 ``adistill_shard`` / ``distill_shard`` run one questions shard into ``OUT/raw`` (replies, no
-verdict); ``run_local`` runs the distill stage in-process; ``finalize`` runs the filter stage
-(:mod:`octomed_data.rejection`: verdicts, accepted traces, statistics) and the cost ledger; ``estimate``
-projects a run's cost and duration from a small sample. The Ray executor lives in
-``tasks/ray_executor.py`` and calls the same functions.
+verdict; :mod:`~octomed_data.distill.engine`, compaction and the done-signal in
+:mod:`~octomed_data.distill.compact`); ``estimate`` projects a run's cost and duration from a small
+sample. Running the distill stage and then the filter stage (the CLI's ``run_local``,
+``finalize``) is :mod:`octomed_data.stages.distill_run`'s.
 """
 
-from octomed_data.distill.engine import (
-    ShardReport,
-    adistill_shard,
-    config_fingerprint,
-    distill_shard,
-    is_shard_done,
-    raw_uri,
-    shard_names,
-)
-from octomed_data.distill.journal import read_done_keys, sample_key
-from octomed_data.distill.run import estimate, finalize, run_local
+from typing import Any
+
+from octomed_data.distill.compact import ShardReport, config_fingerprint, is_shard_done
+from octomed_data.distill.engine import adistill_shard, distill_shard, shard_names
+from octomed_data.distill.journal import raw_uri, read_done_keys, sample_key
+from octomed_data.distill.run import estimate
 from octomed_data.inference.client import TeacherUnreachable, sample_seed
 
 __all__ = [
@@ -27,12 +22,20 @@ __all__ = [
     "config_fingerprint",
     "distill_shard",
     "estimate",
-    "finalize",
     "is_shard_done",
     "raw_uri",
     "read_done_keys",
-    "run_local",
     "sample_key",
     "sample_seed",
     "shard_names",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``finalize`` / ``run_local`` moved to :mod:`octomed_data.stages.distill_run`; kept here only
+    until the last outside importer (tests/support/distill.py, tasks/ray_distill.py) switches."""
+    if name in ("finalize", "run_local"):
+        from octomed_data.stages import distill_run
+
+        return getattr(distill_run, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

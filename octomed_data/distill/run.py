@@ -1,150 +1,24 @@
-"""Whole-run helpers: run every shard in-process, finalize statistics + cost, estimate before spending."""
+"""``--estimate``: a run's cost and duration projected from a small real sample, before spending."""
 
 from __future__ import annotations
 
 import asyncio
 import statistics
-import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import SecretStr
 
 from octomed_data import storage
-from octomed_data.cost import cost_ledger
-from octomed_data.distill.compact import ShardReport
-from octomed_data.distill.engine import adistill_shard, shard_names
+from octomed_data.distill.engine import adistill_shard
 from octomed_data.distill.journal import raw_uri
 from octomed_data.errors import StorageError
-from octomed_data.inference.ratelimit import WindowBudget
-from octomed_data.layout import DistillFolder, RunPaths
+from octomed_data.layout import DistillFolder, EstimateFolder
 from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA
 from octomed_data.teachers import DistillConfig
-
-
-def _progress_bar(total: int, enabled: bool, desc: str = "distill"):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="sample", desc=desc, file=sys.stderr, dynamic_ncols=True)
-
-
-def run_local(
-    questions_uri: str,
-    out: str,
-    config: DistillConfig,
-    *,
-    shards: Sequence[str] | None = None,
-    api_keys: Mapping[str, str | SecretStr] | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Distill in this process (no Ray), then :func:`finalize` (verdicts, statistics, cost).
-
-    Runs the distill stage with the local executor over the given (default: all) shards, one after
-    another; ``OUT/raw`` gets the replies, ``OUT/accepted`` / ``OUT/verdicts`` / ``OUT/stats.json``
-    the filter stage's outputs. Returns a run summary.
-    """
-    from octomed_data.stages import LocalExecutor, run_stage
-    from octomed_data.stages.distill import DistillStage
-
-    names = list(shards) if shards else shard_names(questions_uri)
-    manifest = storage.Dataset(questions_uri, QUESTION_SCHEMA).manifest()
-    missing = [s for s in names if s not in manifest]
-    if missing:
-        raise StorageError(f"questions shards not committed in {questions_uri}: {', '.join(missing)}")
-    storage.ensure_writable(out)
-    bar = _progress_bar(sum(manifest[s].rows for s in names) * config.samples, progress)
-    # One rate window per teacher for the whole run, not one per shard.
-    budgets = {t.name: WindowBudget(t.rpm, t.tpm, t.rate_window_s) for t in config.teachers}
-    stage = DistillStage(
-        RunPaths.at(out), config, questions=questions_uri, out=out, api_keys=api_keys, budgets=budgets
-    )
-    stage.progress = bar
-    try:
-        result = run_stage(stage, LocalExecutor(progress=False), shards=names, force=False, finalize=False)
-    finally:
-        if bar is not None:
-            bar.close()
-    reports = [shard_report(out, s) for s in names]
-    return summarize(
-        [r for r in reports if r is not None], finalize(out, questions_uri, config), result.failed
-    )
-
-
-def shard_report(out: str, shard: str) -> ShardReport | None:
-    info = storage.Dataset(raw_uri(out)).shard_info(shard)
-    if info is None or "report" not in info.extra:
-        return None
-    return ShardReport(**info.extra["report"])
-
-
-def summarize(
-    reports: Sequence[ShardReport], final: Mapping[str, Any], failed: Mapping[str, str] | None = None
-) -> dict[str, Any]:
-    """One dict for a run: totals over the shard reports plus the finalized stats and cost."""
-    keys = (
-        "questions",
-        "expected",
-        "stored",
-        "stored_before",
-        "new_samples",
-        "failed",
-        "requests",
-        "retries",
-    )
-    totals = {k: sum(getattr(r, k) for r in reports) for k in keys}
-    overall = (final.get("stats") or {}).get("overall") or {}
-    return {
-        **totals,
-        "accepted": overall.get("accepted", 0),
-        "rejected": overall.get("reject_reasons", {}),
-        "complete": bool(reports) and all(r.complete for r in reports) and not failed,
-        "aborted": next((r.aborted for r in reports if r.aborted), None),
-        "errors": dict(failed or {}),
-        "shards": [r.to_dict() for r in reports],
-        "stats_uri": final.get("stats_uri"),
-        "cost_uri": final.get("cost_uri"),
-        "accepted_uri": final.get("accepted_uri"),
-        "total_usd": final.get("cost", {}).get("total_usd"),
-    }
-
-
-def finalize(
-    out: str, questions_uri: str | None = None, config: DistillConfig | None = None
-) -> dict[str, Any]:
-    """Judge every raw shard (the filter stage, into ``OUT/accepted`` + ``OUT/verdicts``), then write
-    ``OUT/stats.json`` (per-source pass rates ...) and ``OUT/cost.json`` (token ledger).
-
-    The config (for prices and N) defaults to the one the engine saved in ``OUT/_distill``.
-    """
-    from octomed_data.stages import LocalExecutor, raise_for_failures, run_stage
-    from octomed_data.stages.filter import FilterStage
-
-    if config is None:
-        saved = DistillFolder(out).config
-        config = DistillConfig.parse(storage.read_json(saved), where=saved) if storage.exists(saved) else None
-    raw = raw_uri(out)
-    paths = RunPaths.at(out)
-    stage = FilterStage(
-        paths,
-        raw=raw,
-        questions=questions_uri,
-        out=out,
-        samples_per_question=config.samples if config else None,
-    )
-    if questions_uri is None:
-        raise StorageError(f"judging {raw} needs the questions dataset (options): pass questions_uri")
-    result = run_stage(stage, LocalExecutor(progress=False), force=False, finalize=False)
-    raise_for_failures(result)
-    stats = stage.finalize(stage.input_shards())
-    cost = cost_ledger(raw, config)
-    cost_uri = DistillFolder(out).cost
-    storage.write_json(cost_uri, cost)
-    return stats | {"cost": cost, "cost_uri": cost_uri, "accepted_uri": stage.accepted_uri}
 
 
 def _teacher_counts(questions_uri: str, config: DistillConfig) -> dict[str, int]:
@@ -189,19 +63,19 @@ def estimate(
         tmp = tempfile.TemporaryDirectory(prefix="octomed-estimate-")
         work = tmp.name
     else:
-        work = storage.join(out, "_estimate")
+        work = DistillFolder(out).estimate
     try:
-        qdir = storage.join(work, "questions")
+        qdir = EstimateFolder(work).questions
         storage.Dataset(qdir, QUESTION_SCHEMA).write_shard("sample", picked)
         # The probe is sent online even for batch-mode teachers: a batch may take its whole window.
         online = [t.model_copy(update={"mode": "online"}) for t in config.teachers]
         probe = config.model_copy(update={"samples": samples_per_question, "teachers": online})
         started = time.monotonic()
         report = asyncio.run(
-            adistill_shard(qdir, "sample", storage.join(work, "out"), probe, api_keys=api_keys)
+            adistill_shard(qdir, "sample", EstimateFolder(work).out, probe, api_keys=api_keys)
         )
         wall = time.monotonic() - started
-        per_teacher = _measure(raw_uri(storage.join(work, "out")), qdir)
+        per_teacher = _measure(raw_uri(EstimateFolder(work).out), qdir)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -281,3 +155,13 @@ def _measure(raw: str, questions_uri: str) -> dict[str, dict[str, float]]:
             "pass_rate": sum(d["correct"]) / n,
         }
     return out
+
+
+def __getattr__(name: str) -> Any:
+    """``shard_report`` / ``summarize`` / ``run_local`` / ``finalize`` moved to
+    :mod:`octomed_data.stages.distill_run`; kept here only until tasks/ray_distill.py switches."""
+    if name in ("shard_report", "summarize", "run_local", "finalize"):
+        from octomed_data.stages import distill_run
+
+        return getattr(distill_run, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,6 @@ import yaml
 from octomed_data import storage
 from octomed_data.distill import config_fingerprint
 from octomed_data.distill.batch import SUBMITTED, batch_dir, read_records
-from octomed_data.distill.run import run_local
 from octomed_data.inference.client import sample_seed
 from octomed_data.layout import RunPaths
 from octomed_data.report import shard_table_rows
@@ -24,6 +23,7 @@ from octomed_data.runs import shard_states
 from octomed_data.sandbox import FaultConfig, start_sandbox
 from octomed_data.sandbox_batch import BatchConfig
 from octomed_data.schema import SAMPLE_SCHEMA
+from octomed_data.stages.distill_run import run_local
 from octomed_data.teachers import DistillConfig
 from tests.support.distill import config, make_questions
 

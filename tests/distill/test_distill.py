@@ -19,8 +19,7 @@ from PIL import Image
 
 from octomed_data import storage
 from octomed_data.answers import METHODS
-from octomed_data.distill import distill_shard, estimate, finalize, is_shard_done, read_done_keys
-from octomed_data.distill.run import run_local
+from octomed_data.distill import distill_shard, estimate, is_shard_done, read_done_keys
 from octomed_data.prompts import build_messages
 from octomed_data.sandbox import (
     SANDBOX_MARK,
@@ -31,6 +30,7 @@ from octomed_data.sandbox import (
     start_sandbox,
 )
 from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA, question_row
+from octomed_data.stages.distill_run import finalize, run_local
 from tests.support.distill import KEY, config, make_questions, read_raw
 
 
@@ -392,7 +392,7 @@ def test_thread_count_returns_to_baseline(tmp_path: Path) -> None:
 
 def test_rate_window_spans_the_shards_of_a_local_run(tmp_path: Path) -> None:
     """Shards run one after another share each teacher's window: shard 2 does not start a fresh budget."""
-    from octomed_data.distill.run import run_local
+    from octomed_data.stages.distill_run import run_local
 
     q_uri, out = str(tmp_path / "q"), str(tmp_path / "out")
     make_questions(q_uri, 8, shard="00000")
@@ -410,7 +410,7 @@ def test_rate_window_spans_the_shards_of_a_local_run(tmp_path: Path) -> None:
 def test_recommitted_questions_make_the_shard_stale_and_cost_only_the_new_ones(tmp_path: Path) -> None:
     """Questions re-decontaminated (one removed, one added): the shard is not done any more; a re-run
     requests exactly the new question's samples and drops the removed one's."""
-    from octomed_data.distill.run import run_local
+    from octomed_data.stages.distill_run import run_local
 
     q_uri, out = str(tmp_path / "q"), str(tmp_path / "out")
     questions = make_questions(q_uri, 5)

@@ -17,7 +17,9 @@ KEY = "sk-test-ray-SECRET-77d0e1"
 
 
 def test_ray_runs_shards_end_to_end_within_one_global_budget(tmp_path: Path, ray_local) -> None:
-    from tasks.ray_executor import distill_shard_ray, run_distill
+    from octomed_data.stages.distill_run import run_distill
+    from tasks.ray_distill import distill_shard_ray
+    from tasks.ray_executor import RayExecutor
 
     q_uri, out = str(tmp_path / "q"), str(tmp_path / "out")
     make_questions(q_uri, 10, shard="00000")
@@ -28,7 +30,7 @@ def test_ray_runs_shards_end_to_end_within_one_global_budget(tmp_path: Path, ray
     with start_sandbox(latency_s=0.02, faults=faults) as sb:
         cfg = config(sb.base_url, samples=2, teacher={"rpm": 16, "rate_window_s": 1.0})
         keys = {"sandbox": SecretStr(KEY)}
-        summary = run_distill(q_uri, out, cfg, shards=["00000", "00001"], api_keys=keys, progress=False)
+        summary = run_distill(q_uri, out, cfg, RayExecutor(), shards=["00000", "00001"], api_keys=keys)
         one = distill_shard_ray(q_uri, "00002", out, cfg, api_keys=keys)
         stats = sb.stats()
     assert summary["complete"] and summary["stored"] == 40 and summary["failed"] == 0

@@ -86,7 +86,7 @@ def test_server_is_detected_and_honours_seeds_and_n(vllm_server) -> None:
 def test_distill_through_ray_stores_vllm_reasoning(vllm_server, ray_local, tmp_path: Path) -> None:
     from pydantic import SecretStr
 
-    from tasks.ray_executor import run_distill
+    from tasks.ray_distill import run_distill
 
     q_uri, out, out_off = str(tmp_path / "q"), str(tmp_path / "out"), str(tmp_path / "out-noseed")
     questions = make_questions(q_uri, 8)

@@ -1,0 +1,156 @@
+"""The distill CLI's run: the distill stage, then the filter stage, each by ``run_stage`` with the
+same executor (this process, or the Ray pool), and one summary of both.
+
+The distill stage's finalize writes ``OUT/cost.json`` (for a partial run too: what it paid), the
+filter stage's ``OUT/stats.json``; nothing here writes an output of its own.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import SecretStr
+
+from octomed_data import storage
+from octomed_data.distill.compact import ShardReport
+from octomed_data.distill.engine import shard_names
+from octomed_data.distill.journal import raw_uri
+from octomed_data.errors import StorageError
+from octomed_data.inference.ratelimit import WindowBudget
+from octomed_data.layout import DistillFolder, RunPaths
+from octomed_data.schema import QUESTION_SCHEMA
+from octomed_data.stages.distill import DistillStage
+from octomed_data.stages.filter import FilterStage
+from octomed_data.stages.local import Executor, LocalExecutor, raise_for_failures, run_stage
+from octomed_data.teachers import DistillConfig
+
+
+def run_distill(
+    questions_uri: str,
+    out: str,
+    config: DistillConfig,
+    executor: Executor,
+    *,
+    shards: Sequence[str] | None = None,
+    api_keys: Mapping[str, str | SecretStr] | None = None,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Distill every (or the given) questions shard with ``executor``, then judge every raw shard
+    (the filter stage: ``OUT/accepted``, ``OUT/verdicts``, ``OUT/stats.json``); returns a summary.
+    ``progress``: a per-sample bar (anything with ``update(n)``) for shards run in this process."""
+    names = list(shards) if shards else shard_names(questions_uri)
+    manifest = storage.Dataset(questions_uri, QUESTION_SCHEMA).manifest()
+    missing = [s for s in names if s not in manifest]
+    if missing:
+        raise StorageError(f"questions shards not committed in {questions_uri}: {', '.join(missing)}")
+    storage.ensure_writable(out)
+    # One rate window per teacher for the whole run, not one per shard (shards run here).
+    budgets = {t.name: WindowBudget(t.rpm, t.tpm, t.rate_window_s) for t in config.teachers}
+    stage = DistillStage(
+        RunPaths.at(out), config, questions=questions_uri, out=out, api_keys=api_keys, budgets=budgets
+    )
+    stage.progress = progress
+    result = run_stage(stage, executor, shards=names, force=False)
+    reports = [r for r in (shard_report(out, s) for s in names) if r is not None]
+    if result.failed and not reports:
+        raise_for_failures(result)  # no shard got as far as its raw output (a config error ...)
+    final = finalize(out, questions_uri, config, executor)
+    # run_stage finalizes a stage only once every shard is done; the cost ledger (the distill
+    # stage's finalize) also reports a partial run (named shards, failed samples): what it paid.
+    cost = result.final or stage.finalize(stage.input_shards())
+    return summarize(reports, final | cost, result.failed)
+
+
+def run_local(
+    questions_uri: str,
+    out: str,
+    config: DistillConfig,
+    *,
+    shards: Sequence[str] | None = None,
+    api_keys: Mapping[str, str | SecretStr] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """:func:`run_distill` in this process, shard after shard, with a per-sample progress bar."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        names = list(shards) if shards else shard_names(questions_uri)
+        manifest = storage.Dataset(questions_uri, QUESTION_SCHEMA).manifest()
+        total = sum(manifest[s].rows for s in names if s in manifest) * config.samples
+        bar = tqdm(total=total, unit="sample", desc="distill", file=sys.stderr, dynamic_ncols=True)
+    try:
+        executor = LocalExecutor(progress=False)
+        return run_distill(
+            questions_uri, out, config, executor, shards=shards, api_keys=api_keys, progress=bar
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def shard_report(out: str, shard: str) -> ShardReport | None:
+    info = storage.Dataset(raw_uri(out)).shard_info(shard)
+    if info is None or "report" not in info.extra:
+        return None
+    return ShardReport(**info.extra["report"])
+
+
+def summarize(
+    reports: Sequence[ShardReport], final: Mapping[str, Any], failed: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """One dict for a run: totals over the shard reports plus the finalized stats and cost."""
+    keys = (
+        "questions",
+        "expected",
+        "stored",
+        "stored_before",
+        "new_samples",
+        "failed",
+        "requests",
+        "retries",
+    )
+    totals = {k: sum(getattr(r, k) for r in reports) for k in keys}
+    overall = (final.get("stats") or {}).get("overall") or {}
+    return {
+        **totals,
+        "accepted": overall.get("accepted", 0),
+        "rejected": overall.get("reject_reasons", {}),
+        "complete": bool(reports) and all(r.complete for r in reports) and not failed,
+        "aborted": next((r.aborted for r in reports if r.aborted), None),
+        "errors": dict(failed or {}),
+        "shards": [r.to_dict() for r in reports],
+        "stats_uri": final.get("stats_uri"),
+        "cost_uri": final.get("cost_uri"),
+        "accepted_uri": final.get("accepted_uri"),
+        "total_usd": final.get("cost", {}).get("total_usd"),
+    }
+
+
+def finalize(
+    out: str,
+    questions_uri: str | None = None,
+    config: DistillConfig | None = None,
+    executor: Executor | None = None,
+) -> dict[str, Any]:
+    """Judge every raw shard: the filter stage by ``run_stage`` (into ``OUT/accepted`` +
+    ``OUT/verdicts``; its finalize writes ``OUT/stats.json``). The config (for N) defaults to the
+    one the engine saved in ``OUT/_distill``."""
+    if config is None:
+        saved = DistillFolder(out).config
+        config = DistillConfig.parse(storage.read_json(saved), where=saved) if storage.exists(saved) else None
+    raw = raw_uri(out)
+    if questions_uri is None:
+        raise StorageError(f"judging {raw} needs the questions dataset (options): pass questions_uri")
+    stage = FilterStage(
+        RunPaths.at(out),
+        raw=raw,
+        questions=questions_uri,
+        out=out,
+        samples_per_question=config.samples if config else None,
+    )
+    result = run_stage(stage, executor or LocalExecutor(progress=False), force=False)
+    raise_for_failures(result)
+    return result.final | {"accepted_uri": stage.accepted_uri}
