@@ -9,8 +9,12 @@ batch id. What a teacher's batch endpoint does with ``n`` is remembered in
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from octomed_data import storage
@@ -127,3 +131,34 @@ def write_n_support(
     }
     fenced_write(uri, doc)
     return uri
+
+
+def batch_summary(records: Iterable[Mapping[str, Any]]) -> str | None:
+    """Batches by status, e.g. ``completed 1/3, in_progress 2/3`` (None: no batch)."""
+    counts = Counter(r.get("status") or r["state"] for r in records)
+    total = sum(counts.values())
+    return ", ".join(f"{s} {n}/{total}" for s, n in sorted(counts.items())) if total else None
+
+
+@dataclass
+class Chunk:
+    """Requests for one teacher being written to a local JSONL (the next batch's input file)."""
+
+    path: str
+    fh: Any
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    ids: set[str] = field(default_factory=set)
+    bytes: int = 0
+    split_from: str | None = None  # the record whose samples it batches again, one per request
+
+    @classmethod
+    def open(cls, split_from: str | None = None) -> Chunk:
+        fd, path = tempfile.mkstemp(prefix="octomed-batch-in-", suffix=".jsonl")
+        return cls(path, os.fdopen(fd, "wb"), split_from=split_from)
+
+    def add(self, line: bytes, request: dict[str, Any]) -> None:
+        """One request line (``custom_id`` = ``request["id"]``) and what its record keeps of it."""
+        self.fh.write(line + b"\n")
+        self.bytes += len(line) + 1
+        self.ids.add(request["id"])
+        self.requests.append(request)

@@ -17,12 +17,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import tempfile
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -37,8 +35,10 @@ from octomed_data.inference.batch_records import (
     SUBMITTED,
     SUBMITTING,
     BatchJobs,
+    Chunk,
     batch_n_support,
     batch_reply,
+    batch_summary,
     error_code,
     fenced_write,
     n_support_uri,
@@ -51,18 +51,6 @@ from octomed_data.layout import DistillFolder
 from octomed_data.teachers import TeacherConfig
 
 log = logging.getLogger("octomed_data.distill.batch")  # the name people filter batch logs by
-
-
-@dataclass
-class _Chunk:
-    """Requests for one teacher being written to a local JSONL (the next batch's input file)."""
-
-    path: str
-    fh: Any
-    requests: list[dict[str, Any]] = field(default_factory=list)
-    ids: set[str] = field(default_factory=set)
-    bytes: int = 0
-    split_from: str | None = None  # the record whose samples it batches again, one per request
 
 
 class BatchRun:
@@ -78,7 +66,7 @@ class BatchRun:
         self.records: dict[str, dict[str, Any]] = {}  # this run's batches (resumed and new)
         self.live: set[str] = set()  # sample keys in batches that are not collected yet
         self.apis: dict[str, BatchAPI] = {}
-        self._chunks: dict[str, _Chunk] = {}
+        self._chunks: dict[str, Chunk] = {}
         self._done_records: list[dict[str, Any]] = []
         self._published: str | None = None
         self.submitted = 0  # batches created by this run
@@ -195,27 +183,16 @@ class BatchRun:
             await self._submit(tc, chunk)
             chunk = None
         if chunk is None:
-            fd, path = tempfile.mkstemp(prefix="octomed-batch-in-", suffix=".jsonl")
-            chunk = self._chunks[t.name] = _Chunk(path, os.fdopen(fd, "wb"), split_from=self._splitting)
-        chunk.fh.write(line + b"\n")
-        chunk.bytes += len(line) + 1
-        chunk.ids.add(cid)
-        chunk.requests.append(
-            {
-                "id": cid,
-                "q": dict(q),
-                "samples": group,
-                # The seed the request carries (none when the teacher's seed policy is off).
-                "seed": seed if tc.sends_seed else None,
-            }
-        )
+            chunk = self._chunks[t.name] = Chunk.open(self._splitting)
+        # The seed the request carries (none when the teacher's seed policy is off).
+        chunk.add(line, {"id": cid, "q": dict(q), "samples": group, "seed": seed if tc.sends_seed else None})
 
     async def flush(self) -> None:
         """Submit every partly filled batch (the shard's questions are all queued)."""
         for name, chunk in list(self._chunks.items()):
             await self._submit(self.clients[name], chunk)
 
-    async def _submit(self, tc: EndpointClient, chunk: _Chunk) -> None:
+    async def _submit(self, tc: EndpointClient, chunk: Chunk) -> None:
         t = tc.teacher
         self._chunks.pop(t.name, None)
         chunk.fh.close()
@@ -287,11 +264,7 @@ class BatchRun:
 
     def summary(self) -> str | None:
         """This run's batches by status, e.g. ``completed 1/3, in_progress 2/3`` (None: no batch)."""
-        if not self.records:
-            return None
-        counts = Counter(r.get("status") or r["state"] for r in self.records.values())
-        total = len(self.records)
-        return ", ".join(f"{s} {n}/{total}" for s, n in sorted(counts.items()))
+        return batch_summary(self.records.values())
 
     async def publish(self) -> None:
         text = self.summary()
