@@ -242,6 +242,10 @@ class CheckpointFolder:
     def step(self, name: str) -> str:
         return storage.join(self.intermediate, name)
 
+    def evaluation(self, name: str) -> str:
+        """Where an evaluation of this model goes when no output is given: ``eval/<name>``."""
+        return storage.join(self.root, "eval", name)
+
 
 @dataclass(frozen=True)
 class EvaluationFolder:
