@@ -24,9 +24,10 @@ import orjson
 from pydantic import SecretStr
 
 from octomed_data.errors import OctomedError
-from octomed_data.inference.client import TeacherUnreachable, classify, scrub
+from octomed_data.inference.client import TeacherUnreachable
 from octomed_data.inference.retry import Backoff
-from octomed_data.inference.transport_http import HTTPStatusError, error_message
+from octomed_data.inference.transport_http import error_message
+from octomed_data.inference.wire import HTTPStatusError, classify, scrub
 
 # Batch statuses after which nothing changes any more.
 TERMINAL = frozenset({"completed", "expired", "failed", "cancelled"})

@@ -22,12 +22,10 @@ import asyncio
 import hashlib
 import itertools
 import os
-import re
 import time
-from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
-import aiohttp
 import openai
 from pydantic import SecretStr
 
@@ -41,18 +39,15 @@ from octomed_data.inference.retry import (
     Breaker,
     Failure,
     Tripped,
-    parse_retry_after,
 )
 from octomed_data.inference.servers import ServerKind, detect_kind, profile
-from octomed_data.inference.transport_http import HTTPStatusError, HTTPTransport
+from octomed_data.inference.transport_http import HTTPTransport
+from octomed_data.inference.wire import (
+    Transport,
+    classify,
+    scrub,
+)
 from octomed_data.teachers import TeacherConfig
-
-RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
-# Key-shaped: a key prefix, then a long run holding a digit ("sk-proj-3f9...", "api_0123..."); prose
-# such as "key-shaped" or "api_key_env" is not.
-_KEYLIKE = re.compile(r"\b(?:sk|key|api)[-_](?=[A-Za-z_\-*]*\d)[A-Za-z0-9_\-*]{10,}", re.IGNORECASE)
-# A server's error is kept whole (the cause is often on its last line), on one line, bounded.
-MAX_ERROR_CHARS = 600
 
 
 class TeacherUnreachable(OctomedError):
@@ -63,80 +58,6 @@ def sample_seed(base: int, question_id: str, sample_idx: int) -> int:
     """Per-sample request seed: stable across runs, different for every (question, sample)."""
     digest = hashlib.blake2b(f"{base}|{question_id}|{sample_idx}".encode(), digest_size=4).digest()
     return int.from_bytes(digest, "big") & 0x7FFFFFFF
-
-
-def scrub(text: str, secrets: Iterable[str]) -> str:
-    """Remove keys (and anything key-shaped) from an error message before it is stored or logged.
-
-    A key is replaced where it stands as a token of its own, never inside a longer word: a short
-    placeholder key must not turn ``max_tokens`` into ``ma***_tokens``.
-    """
-    for s in secrets:
-        if s:
-            text = re.sub(rf"(?<![A-Za-z0-9_\-]){re.escape(s)}(?![A-Za-z0-9_\-])", "***", text)
-    return _KEYLIKE.sub("***", text)
-
-
-def one_line(text: str, limit: int = MAX_ERROR_CHARS) -> str:
-    """Collapse a (server's) message to one line of at most ``limit`` characters."""
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
-
-
-def retry_after(exc: BaseException) -> float | None:
-    """The Retry-After an HTTP error's response carries, in seconds (None when there is none)."""
-    response = getattr(exc, "response", None)
-    return None if response is None else parse_retry_after(response.headers)
-
-
-def classify(exc: BaseException) -> Failure:
-    """Map a transport's (SDK, aiohttp or local) exception to a :class:`Failure`.
-
-    Auth / bad request: not retryable. Both transports map the same event to the same failure:
-    429 (Retry-After kept), other 4xx/5xx with the server's message on one line, a timeout, a
-    refused/dropped connection or a body cut short (connection-level: the breaker counts them),
-    a body that is not a chat completion (malformed: retried, not an outage).
-    """
-    if isinstance(exc, HTTPStatusError):
-        code = exc.status_code
-        delay = parse_retry_after(exc.headers)
-        if code == 429:
-            return Failure("rate limited (429)", True, delay)
-        retryable = code in RETRYABLE_STATUS or code >= 500
-        return Failure(f"HTTP {code}: {one_line(exc.message)}", retryable, delay, outage=code >= 500)
-    if isinstance(exc, TimeoutError):  # before aiohttp's: its ServerTimeoutError is both
-        return Failure("request timed out", True, outage=True)
-    if isinstance(
-        exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ClientResponseError)
-    ):
-        return Failure(f"connection error ({type(exc).__name__})", True, outage=True)
-    if isinstance(exc, openai.RateLimitError):
-        return Failure("rate limited (429)", True, retry_after(exc))
-    if isinstance(exc, openai.APIStatusError):
-        code = exc.status_code
-        retryable = code in RETRYABLE_STATUS or code >= 500
-        return Failure(f"HTTP {code}: {one_line(str(exc))}", retryable, retry_after(exc), outage=code >= 500)
-    if isinstance(exc, openai.APITimeoutError):
-        return Failure("request timed out", True, outage=True)
-    if isinstance(exc, openai.APIConnectionError):
-        cause = exc.__cause__
-        detail = f" ({type(cause).__name__})" if cause is not None else ""
-        return Failure(f"connection error{detail}", True, outage=True)
-    if isinstance(exc, (ValueError, openai.APIResponseValidationError, KeyError, TypeError, AttributeError)):
-        return Failure(f"malformed response: {type(exc).__name__}", True)
-    return Failure(f"{type(exc).__name__}: {one_line(str(exc), 300)}", True)
-
-
-class Transport(Protocol):
-    """How requests reach an endpoint: send one chat completion, classify its errors, close."""
-
-    async def chat(self, **kwargs: Any) -> Any:
-        """One chat-completions request (OpenAI request fields); returns the response object."""
-
-    def classify(self, exc: BaseException) -> Failure:
-        """What a failed :meth:`chat` means: retryable or not, connection-level or not."""
-
-    async def close(self) -> None: ...
 
 
 class OpenAITransport:

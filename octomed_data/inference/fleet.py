@@ -34,7 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 from octomed_data.inference.retry import Failure
 
 if TYPE_CHECKING:
-    from octomed_data.inference.client import Transport
+    from octomed_data.inference.wire import Transport
 
 log = logging.getLogger("octomed_data.inference")
 

@@ -25,16 +25,16 @@ import orjson
 from pydantic import SecretStr
 
 from octomed_data.inference.retry import Failure
+from octomed_data.inference.wire import HTTPStatusError, classify
 
-
-class HTTPStatusError(Exception):
-    """The server answered with an HTTP error status (its message and headers kept)."""
-
-    def __init__(self, status: int, message: str, headers: Any) -> None:
-        super().__init__(f"Error code: {status} - {message}")
-        self.status_code = status
-        self.message = message
-        self.headers = headers
+__all__ = [
+    "Fields",
+    "HTTPStatusError",
+    "HTTPTransport",
+    "completion_fields",
+    "error_message",
+    "parse_completion",
+]
 
 
 class Fields:
@@ -156,8 +156,6 @@ class HTTPTransport:
                 raise HTTPStatusError(resp.status, error_message(data), resp.headers)
 
     def classify(self, exc: BaseException) -> Failure:
-        from octomed_data.inference.client import classify
-
         return classify(exc)
 
     async def close(self) -> None:
