@@ -68,7 +68,7 @@ def shard_task(
         # The shard runs in a Ray actor (its log lines stay there): what it puts on its attempt
         # record while it runs (a batch's state) is logged here, in the task's logs.
         with watch_record(stage, shard, get_run_logger().info):
-            outcome = RayPool.get(ray_address).run(stage, shard, runtime, force=force, attempt=attempt)
+            outcome = RayPool.get(ray_address).run(stage, shard, runtime=runtime, force=force, attempt=attempt)
     except BaseException as exc:  # a Ray actor killed by the OOM killer: no shard stays RUNNING
         record_failure(stage, shard, attempt, exc)
         raise cause(exc) from None
