@@ -1,7 +1,5 @@
 """The one record schema of the factory (every Arrow schema any stage writes is defined here).
 
-Every stage reads and writes these Arrow schemas:
-
 * ``QUESTION_SCHEMA``: one medical question (ingest, decontamination, distillation input).
 * ``QUARANTINE_SCHEMA``: an input record that could not become a question, with the reason.
 * ``REMOVED_SCHEMA``: a question removed by decontamination, with the benchmark item it matched.
@@ -9,16 +7,16 @@ Every stage reads and writes these Arrow schemas:
 * ``ACCEPTED_SCHEMA``: an accepted sample, plus the verifier's provenance (``VERIFIER_FIELDS``).
 * ``RELEASE_SCHEMA``: one question of a published release with its teacher replies.
 
-Rows are plain dicts; :func:`question_row` builds and validates a question row so every loader
-produces the same shape. ``question_id`` is derived from content (source, question text,
-options, image hashes), so the same question from the same source gets the same id on
-every run, whatever file or record index it came from.
+Rows are plain dicts; :func:`question_row` builds and validates a question row so every loader produces
+the same shape. ``question_id`` is derived from content (source, question text, options, image hashes),
+so the same question from the same source gets the same id on every run, whatever file or record index.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from enum import StrEnum
@@ -112,9 +110,7 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("task_type", pa.string(), nullable=False),
         pa.field("sample_idx", pa.int32(), nullable=False),
         pa.field("seed", pa.int64()),  # the seed the request carried; null when none was sent
-        pa.field(
-            "teacher", pa.string(), nullable=False
-        ),  # teacher name from config ("sandbox" for the sandbox)
+        pa.field("teacher", pa.string(), nullable=False),  # teacher name from config ("sandbox": the sandbox)
         pa.field("model", pa.string(), nullable=False),
         pa.field("prompt_version", pa.string(), nullable=False),
         pa.field("params_hash", pa.string(), nullable=False),
@@ -122,9 +118,8 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("response", pa.string()),
         pa.field("extracted_answer", pa.string()),
         pa.field("gold_answer", pa.string(), nullable=False),
-        # The verdict (extracted_answer, correct, reject_reason, extraction_method) is null in
-        # ``distill/raw`` and set by the filter stage; ``reject_reason`` is ``request_failed`` in raw
-        # for a sample whose requests failed after all attempts.
+        # The verdict (extracted_answer, correct, reject_reason, extraction_method) is null in ``distill/raw``
+        # and set by the filter stage; ``reject_reason`` is ``request_failed`` for failed requests.
         pa.field("correct", pa.bool_()),
         pa.field("finish_reason", pa.string()),
         pa.field("reject_reason", pa.string()),  # null when correct
@@ -185,8 +180,7 @@ VERDICT_SCHEMA = pa.schema(
 )
 
 
-# The verifier's provenance of a verdict (the last three VERDICT_SCHEMA fields): which verifier
-# decided ``correct``, why it matched, and the LLM judge's own verdict when it was asked.
+# The verifier's provenance of a verdict: the last three VERDICT_SCHEMA fields (described there).
 VERIFIER_FIELDS = ("verifier", "verifier_rule", "judge_correct")
 
 # ``filter/accepted``: the accepted samples with their replies and the verifier's provenance.
@@ -362,6 +356,17 @@ class RecordError(ValueError):
         self.detail = detail
 
 
+# C0/C1 controls (tab, newline and a CR before a newline kept) and the bidirectional-text controls.
+_CTRL = re.compile("[\x00-\x08\v\f\x0e-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]|\r(?!\n)")
+
+
+def strip_controls(text: str, tally: list[int] | None = None) -> str:
+    """``text`` without control characters (NUL, ESC, bidi overrides ...); their number goes to ``tally``."""
+    text, n = _CTRL.subn("", text)
+    (tally if tally is not None else []).append(n)
+    return text
+
+
 def normalize_text(text: str) -> str:
     """Unicode-normalise and strip; used for ids so whitespace noise doesn't change identity."""
     return " ".join(unicodedata.normalize("NFKC", text).split())
@@ -410,15 +415,19 @@ def question_row(
     anatomy: str | None = None,
     metadata: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Build one validated question row; raises :class:`RecordError` for an invalid record."""
-    task = TaskType(task_type)
-    if not isinstance(question, str) or not question.strip():
+    """Build one validated question row (control characters stripped, their number in the metadata's
+    ``control_chars_removed``); raises :class:`RecordError` for an invalid record."""
+    task, cut = TaskType(task_type), []
+    question = strip_controls(question, cut).strip() if isinstance(question, str) else ""
+    if not question:
         raise RecordError("missing_question", "question text is empty")
     opts = list(options.items() if isinstance(options, Mapping) else (options or []))
-    opts = [(str(k).strip(), "" if v is None else str(v).strip()) for k, v in opts]
-    if answer is None or not str(answer).strip():
+    opts = [tuple(strip_controls(str(x), cut).strip() for x in (k, "" if v is None else v)) for k, v in opts]
+    answer = "" if answer is None else strip_controls(str(answer), cut).strip()
+    if not answer:
         raise RecordError("missing_answer", "gold answer is empty")
-    answer = str(answer).strip()
+    answer_text = None if answer_text is None else strip_controls(str(answer_text), cut)
+    metadata = {**(metadata or {}), "control_chars_removed": sum(cut)} if sum(cut) else metadata
     if task.is_multiple_choice:
         if len(opts) < 2:
             raise RecordError("too_few_options", f"{len(opts)} options for a multiple-choice question")
@@ -441,6 +450,7 @@ def question_row(
     if task.is_multimodal and not images:
         raise RecordError("missing_image", "a multimodal question has no image")
     image_list = [dict(im) for im in images]
+    meta = json.dumps(dict(metadata), ensure_ascii=False, sort_keys=True, default=str) if metadata else None
     return {
         "question_id": make_question_id(source, question, opts, [im["sha256"] for im in image_list]),
         "source": source,
@@ -448,14 +458,12 @@ def question_row(
         "task_type": task.value,
         "modality": modality,
         "anatomy": anatomy,
-        "question": question.strip(),
+        "question": question,
         "options": [{"label": k, "text": v} for k, v in opts],
         "answer": answer,
         "answer_text": answer_text,
         "images": image_list,
-        "metadata": json.dumps(dict(metadata), ensure_ascii=False, sort_keys=True, default=str)
-        if metadata
-        else None,
+        "metadata": meta,
         "input_file": input_file,
         "record_index": int(record_index),
     }

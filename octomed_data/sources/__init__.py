@@ -10,11 +10,15 @@ unreadable DICOM objects are quarantined with a reason, never dropped.
 from __future__ import annotations
 
 import inspect
+import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from octomed_data.errors import ConfigError, SourceError
+import pyarrow as pa
+
+from octomed_data.errors import ConfigError, OctomedError, SourceError
 from octomed_data.images import ImageStore
 from octomed_data.sources.base import LoaderContext, Record
 from octomed_data.sources.hf import load_hf
@@ -94,6 +98,7 @@ def iter_records(
     *,
     image_store: ImageStore | None = None,
     images_dir: str | None = None,
+    counts: Counter[str] | None = None,
     **options: Any,
 ) -> Iterator[Record]:
     """Yield ``(kind, row)`` for every record of ``input_path`` read as ``fmt``.
@@ -106,8 +111,11 @@ def iter_records(
     ``image_store`` stores the normalised images (``None``: fingerprint only, nothing
     stored). ``options``: ``split`` (override), ``source`` (name written to rows, default
     the format name), and per-format keys (see ``FORMATS[fmt].options``). Unknown format,
-    unknown option or nonexistent path raise :class:`~octomed_data.errors.OctomedError`
-    before anything is read.
+    unknown option, nonexistent path or an archive (``.zip`` ...) raise
+    :class:`~octomed_data.errors.OctomedError` before anything is read; a file that cannot be
+    read as the format is a :class:`~octomed_data.errors.SourceError` naming the input.
+    ``counts``, when given, receives what was cleaned on the way
+    (:attr:`LoaderContext.counts <octomed_data.sources.base.LoaderContext>`).
     """
     spec = get_format(fmt)
     unknown = sorted(set(options) - set(spec.options))
@@ -122,6 +130,7 @@ def iter_records(
         target = SourcePath.of(input_path)
         if not target.exists():
             raise SourceError(f"input path does not exist: {input_path}")
+        target.check_readable_kind()
     img_dir = SourcePath.of(images_dir) if images_dir else None
     if img_dir is not None and not img_dir.is_dir():
         raise SourceError(f"images folder does not exist: {images_dir}")
@@ -133,5 +142,29 @@ def iter_records(
         image_store=image_store if image_store is not None else ImageStore(None),
         images_dir=img_dir,
         split=str(split) if split else None,
+        counts=counts if counts is not None else Counter(),
     )
-    return spec.load(ctx, target, **options)
+    try:
+        records = spec.load(ctx, target, **options)
+    except READ_ERRORS as exc:
+        raise _named(str(input_path), exc) from exc
+    return _naming_errors(records, str(input_path))
+
+
+# What third-party readers raise on a damaged file (Arrow, gzip, decoding, I/O): re-raised as a
+# SourceError naming the input, so no reader error reaches the user without the file's name.
+READ_ERRORS = (OSError, EOFError, UnicodeError, zlib.error, pa.ArrowException)
+
+
+def _named(where: str, exc: BaseException) -> SourceError:
+    msg = " ".join(str(exc).split())[:500] or type(exc).__name__
+    return SourceError(msg if where in msg else f"{where}: {type(exc).__name__}: {msg}")
+
+
+def _naming_errors(records: Iterator[Record], where: str) -> Iterator[Record]:
+    try:
+        yield from records
+    except OctomedError:
+        raise
+    except READ_ERRORS as exc:
+        raise _named(where, exc) from exc

@@ -11,14 +11,24 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from octomed_data import storage
 from octomed_data.errors import SourceError
 from octomed_data.images import ImageStore
-from octomed_data.schema import RecordError, TaskType, normalize_text, quarantine_row, question_row
+from octomed_data.schema import (
+    RecordError,
+    TaskType,
+    normalize_text,
+    quarantine_row,
+    question_row,
+    strip_controls,
+)
 from octomed_data.sources.paths import SourcePath
 from octomed_data.sources.readers import (  # noqa: F401  (the loaders' readers, re-exported)
     MalformedLine,
@@ -38,16 +48,25 @@ Record = tuple[Kind, dict[str, Any]]
 # was expected): quarantined as ``malformed_record`` with the exception text.
 _SHAPE_ERRORS = (KeyError, TypeError, AttributeError, ValueError, IndexError)
 
+# Image references with these schemes point at a server: refused (``remote_image_refused``), never fetched.
+REMOTE_SCHEMES = frozenset({"http", "https", "ftp", "ftps"})
+_SAME_PROTOCOL = {"s3a": "s3", "local": "file"}
+
 
 @dataclass
 class LoaderContext:
-    """Per-run state a loader needs: names, the image store, where images live, split override."""
+    """Per-run state a loader needs: names, the image store, where images live, split override.
+
+    ``counts`` tallies what was cleaned on the way: ``control_chars_removed`` (characters stripped
+    from question texts, :func:`~octomed_data.schema.strip_controls`) and ``records_with_control_chars``.
+    """
 
     fmt: str
     source: str
     image_store: ImageStore
     images_dir: SourcePath | None = None
     split: str | None = None  # explicit override (--split)
+    counts: Counter[str] = field(default_factory=Counter)
 
     def quarantine(
         self, input_file: SourcePath | str, index: int, reason: str, detail: str = "", raw: Any = None
@@ -78,26 +97,55 @@ class LoaderContext:
     ) -> Record:
         """Run ``make(*args, **kwargs)`` for one record; any per-record failure is quarantined."""
         try:
-            return "question", make(*args, **kwargs)
+            row = make(*args, **kwargs)
         except RecordError as exc:
             return self.quarantine(input_file, index, exc.reason, exc.detail, raw)
         except _SHAPE_ERRORS as exc:
             return self.quarantine(input_file, index, "malformed_record", f"{type(exc).__name__}: {exc}", raw)
+        meta = row.get("metadata")
+        if meta and '"control_chars_removed"' in meta:
+            self.counts["control_chars_removed"] += int(json.loads(meta).get("control_chars_removed") or 0)
+            self.counts["records_with_control_chars"] += 1
+        return "question", row
 
     def split_for(self, input_file: SourcePath, default: str = "unknown") -> str:
         """The split: ``--split`` if given, else from the file name (train/dev/val/test), else ``default``."""
         return self.split or infer_split(input_file.name) or default
 
+    def image_root(self, input_file: SourcePath) -> SourcePath:
+        """The folder every image of ``input_file`` must lie in: ``--images``, else the file's folder."""
+        return self.images_dir if self.images_dir is not None else input_file.parent
+
     def resolve_image(self, ref: str, input_file: SourcePath) -> SourcePath:
-        """Where an image reference points: a URI or absolute path as is, else against
-        ``--images``, else against the input file's folder (same filesystem as the input)."""
+        """Where an image reference points, confined to :meth:`image_root`.
+
+        A relative reference resolves against the root; an absolute path or a URI is accepted only
+        when it names a file below the root, on the root's own filesystem (same bucket). Anything
+        else is a :class:`RecordError` before the file is touched: ``image_outside_root`` (``../``
+        escapes, absolute paths elsewhere, other buckets or filesystems) or ``remote_image_refused``
+        (``http(s)://``: images are never fetched). The check is on the normalised path; links
+        inside the root are the root owner's to make.
+        """
         if not isinstance(ref, str) or not ref.strip():
             raise RecordError("missing_image", "empty image reference")
         ref = ref.strip()
-        if "://" in ref or os.path.isabs(ref):
-            return SourcePath.of(ref)
-        base = self.images_dir if self.images_dir is not None else input_file.parent
-        return base / ref
+        if strip_controls(ref) != ref:
+            raise RecordError("missing_image", f"image reference {ref[:200]!r} holds control characters")
+        root = self.image_root(input_file)
+        if "://" in ref:
+            proto, rest = ref.split("://", 1)
+            proto = proto.lower()
+            if proto in REMOTE_SCHEMES:
+                raise RecordError("remote_image_refused", f"{ref[:200]}: remote images are never fetched")
+            same = _same_protocol(proto, storage.protocol_of(root.uri))
+            location = SourcePath(root.fs, posixpath.normpath(rest)) if same else None
+        elif os.path.isabs(ref):
+            location = SourcePath(root.fs, posixpath.normpath(ref)) if root.is_local else None
+        else:
+            location = root / ref
+        if location is None or not _below(location.path, root.path):
+            raise RecordError("image_outside_root", f"{ref[:200]} is outside the images root {root}")
+        return location
 
     def image(self, ref: str, input_file: SourcePath) -> tuple[dict[str, Any], str | None]:
         """Decode + store one referenced image; ``RecordError`` (missing/corrupt) if unusable."""
@@ -121,6 +169,16 @@ class LoaderContext:
         if not out:
             raise RecordError("missing_image", "record lists no image")
         return out, modality
+
+
+def _same_protocol(a: str, b: str) -> bool:
+    return _SAME_PROTOCOL.get(a, a) == _SAME_PROTOCOL.get(b, b)
+
+
+def _below(path: str, root: str) -> bool:
+    """``path`` is ``root`` or lies under it (both normalised, ``/``-separated)."""
+    root = root.rstrip("/")
+    return path == root or path.startswith(root + "/")
 
 
 _SPLIT_TOKENS = {
@@ -148,13 +206,18 @@ def infer_split(path: SourcePath | str) -> str | None:
 
 
 def input_files(path: SourcePath, patterns: Iterable[str]) -> list[SourcePath]:
-    """``path`` itself, or the files in folder ``path`` matching ``patterns`` (sorted)."""
+    """``path`` itself, or the files in folder ``path`` matching ``patterns`` (sorted), gzipped
+    ones (``x.jsonl.gz``) included. An archive (``.zip``, ``.tar.gz`` ...) is not read."""
     if path.is_file():
+        path.check_readable_kind()
         return [path]
     if path.is_dir():
-        found = sorted({p for pat in patterns for p in path.glob_files(pat)})
+        patterns = list(patterns)
+        found = sorted({p for pat in patterns for g in (pat, pat + ".gz") for p in path.glob_files(g)})
         if not found:
-            raise SourceError(f"no input files matching {', '.join(patterns)} in {path}")
+            archives = [p.name for p in path.glob_files("*") if p.archive][:8]
+            hint = f" (archives are not read, unpack them first: {', '.join(archives)})" if archives else ""
+            raise SourceError(f"no input files matching {', '.join(patterns)} in {path}{hint}")
         return found
     raise SourceError(f"input path does not exist: {path}")
 
@@ -238,7 +301,9 @@ def answer_label(value: Any) -> str:
 
 
 def _same_text(a: str, b: str) -> bool:
-    return normalize_text(a).casefold().rstrip(".") == normalize_text(b).casefold().rstrip(".")
+    """The same text, whatever the case, spacing, final period or control characters."""
+    a, b = normalize_text(strip_controls(a)), normalize_text(strip_controls(b))
+    return a.casefold().rstrip(".") == b.casefold().rstrip(".")
 
 
 def mcq_row(

@@ -252,23 +252,37 @@ def _split_name(name: str) -> tuple[str, bool]:
     return (found, True) if found else ("train", False)
 
 
+@contextlib.contextmanager
+def _reading(path: SourcePath, kind: str) -> Iterator[None]:
+    """A damaged file is one :class:`SourceError` naming it (Arrow's own errors do not)."""
+    try:
+        yield
+    except OctomedError:
+        raise
+    except (pa.ArrowException, OSError, EOFError) as exc:
+        why = " ".join(str(exc).split())[:300]
+        raise SourceError(f"{path}: not a readable {kind} file ({type(exc).__name__}: {why})") from None
+
+
 def _file_part(path: SourcePath, split: str, named: bool) -> Part:
+    if path.gzipped:
+        raise SourceError(f"{path}: a gzipped Parquet/Arrow file is not read; give the .parquet/.arrow file")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        with path.open() as fh:
+        with path.open() as fh, _reading(path, "Parquet"):
             columns = pq.ParquetFile(fh).schema_arrow.names
 
         def parquet_batches(cols: list[str]) -> Iterator[pa.RecordBatch]:
-            with path.open() as fh:
+            with path.open() as fh, _reading(path, "Parquet"):
                 yield from pq.ParquetFile(fh).iter_batches(batch_size=BATCH_ROWS, columns=cols)
 
         return Part(split, path.uri, path, columns, parquet_batches, named)
     if suffix == ".arrow":
-        with path.open() as fh, _arrow_reader(path, fh) as reader:
+        with path.open() as fh, _reading(path, "Arrow"), _arrow_reader(path, fh) as reader:
             columns = reader.schema.names
 
         def arrow_batches(cols: list[str]) -> Iterator[pa.RecordBatch]:
-            with path.open() as fh, _arrow_reader(path, fh) as reader:
+            with path.open() as fh, _reading(path, "Arrow"), _arrow_reader(path, fh) as reader:
                 for batch in reader:
                     batch = batch.select(cols)
                     for start in range(0, batch.num_rows, BATCH_ROWS):

@@ -6,12 +6,20 @@
 are read alike. A local path is made absolute when the location is created
 (:func:`~octomed_data.storage.absolute_uri`): every ``input_file`` written to a row, and every
 image resolved against an input, is independent of the working directory.
+
+A gzipped file (``x.jsonl.gz``, ``x.csv.gz``) is read decompressed, as the file it holds (its
+``suffix`` and ``stem`` are those of that file), up to :data:`MAX_DECOMPRESSED` bytes. Archives
+(``.zip``, ``.tar.gz``, ``.tgz``, ``.bz2``, ``.xz`` ...) are refused with one line naming the file
+(``compressed_archive_unsupported``): their members would be paths to trust, and nothing here needs them.
 """
 
 from __future__ import annotations
 
+import gzip
+import io
 import os
 import posixpath
+import zlib
 from collections.abc import Callable
 from typing import IO, Any, TypeVar
 
@@ -21,6 +29,11 @@ from octomed_data import storage
 from octomed_data.errors import OctomedError, SourceError
 
 T = TypeVar("T")
+
+# Archive and compression suffixes that are not read (longest first: ``.tar.gz`` before ``.gz``).
+ARCHIVE_SUFFIXES = (".tar.bz2", ".tar.gz", ".tar.xz", ".tar.zst", ".tbz2", ".tgz", ".txz", ".zip", ".tar")
+ARCHIVE_SUFFIXES += (".bz2", ".xz", ".zst", ".7z", ".rar", ".lz4", ".lzma")
+MAX_DECOMPRESSED = 16 << 30  # bytes a gzipped input may expand to (a gzip bomb stops here)
 
 
 class SourcePath:
@@ -67,14 +80,32 @@ class SourcePath:
         return posixpath.basename(self.path)
 
     @property
+    def archive(self) -> str | None:
+        """The archive or compression suffix this name ends with that is not read (``.zip``), or None."""
+        low = self.name.lower()
+        return next((s for s in ARCHIVE_SUFFIXES if low.endswith(s) and len(low) > len(s)), None)
+
+    @property
+    def gzipped(self) -> bool:
+        """A gzipped single file (``x.jsonl.gz``), read decompressed."""
+        low = self.name.lower()
+        return low.endswith(".gz") and len(low) > 3 and self.archive is None
+
+    @property
+    def _data_name(self) -> str:
+        return self.name[:-3] if self.gzipped else self.name
+
+    @property
     def suffix(self) -> str:
-        name = self.name
+        """The suffix of the data file (``x.jsonl.gz`` -> ``.jsonl``)."""
+        name = self._data_name
         dot = name.rfind(".")
         return name[dot:] if 0 < dot < len(name) - 1 else ""
 
     @property
     def stem(self) -> str:
-        return self.name[: len(self.name) - len(self.suffix)] if self.suffix else self.name
+        name = self._data_name
+        return name[: len(name) - len(self.suffix)] if self.suffix else name
 
     @property
     def parent(self) -> SourcePath:
@@ -120,15 +151,58 @@ class SourcePath:
         """Every file anywhere below this folder, sorted."""
         return sorted(SourcePath(self.fs, p) for p in self._call(self.fs.find, self.path))
 
+    def check_readable_kind(self) -> None:
+        """Refuse an archive (``compressed_archive_unsupported``) in one line naming the file."""
+        if self.archive:
+            raise SourceError(
+                f"{self.uri}: a {self.archive} archive is not read (compressed_archive_unsupported); "
+                "unpack it and give the extracted file or folder"
+            )
+
     def open(self) -> IO[bytes]:
-        """Open for binary reading; an unreadable file is one clear :class:`SourceError`."""
+        """Open for binary reading (a gzipped file decompressed); an unreadable file, an archive or a
+        broken gzip stream is one clear :class:`SourceError` naming the file."""
+        self.check_readable_kind()
         try:
-            return self.fs.open(self.path, "rb")
+            fh = self.fs.open(self.path, "rb")
         except OSError as exc:
             raise SourceError(f"cannot read {self.uri}: {exc.strerror or exc}") from None
         except Exception as exc:
             raise SourceError(storage.describe_error(self.uri, exc)) from None
+        if self.gzipped:
+            return io.BufferedReader(_Gunzip(fh, self.uri, MAX_DECOMPRESSED), 1 << 18)
+        return fh
 
     def read_bytes(self) -> bytes:
         with self.open() as fh:
             return fh.read()
+
+
+class _Gunzip(io.RawIOBase):
+    """A gzipped file read decompressed, at most ``limit`` bytes; damage is a :class:`SourceError`."""
+
+    def __init__(self, fh: IO[bytes], uri: str, limit: int) -> None:
+        super().__init__()
+        self.fh, self.uri, self.limit, self.total = fh, uri, limit, 0
+        self.gz = gzip.GzipFile(fileobj=fh, mode="rb")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        try:
+            n = self.gz.readinto(buffer)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise SourceError(f"{self.uri}: not a readable gzip file ({exc})") from None
+        self.total += n
+        if self.total > self.limit:
+            raise SourceError(f"{self.uri}: decompresses to more than {self.limit} bytes; refused")
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self.gz.close()
+                self.fh.close()
+            finally:
+                super().close()
