@@ -215,3 +215,20 @@ def test_mixture_and_export_stages_rebuild_only_for_new_inputs_or_settings(share
     train = [p for p in before if "/mixture/train/" in p]
     assert train and all(after.get(p, 0) > before[p] for p in train if p in after)
     assert load_result(paths.mixture).rows_train == storage.Dataset(paths.mixture_train).num_rows()
+    # Another run's questions (a lab arm reads its base run's): a re-committed questions shard rebuilds.
+    arm = RunPaths.at(str(tmp_path / "arm"))
+    shutil.copytree(accepted, arm.accepted)
+
+    def arm_state() -> str:
+        result = run_stage(
+            MixtureStage(arm, MixtureConfig(), questions=questions), LocalExecutor(progress=False)
+        )
+        raise_for_failures(result)
+        return result.outcomes["all"].state
+
+    assert (arm_state(), arm_state()) == ("COMPLETED", "REUSED")
+    qs = storage.Dataset(questions)
+    qs.write_shard("00000", qs.read_shard("00000"))
+    assert (arm_state(), arm_state()) == ("COMPLETED", "REUSED")
+    direct = build_mixture(accepted, questions, str(tmp_path / "direct"), MixtureConfig())
+    assert _rows(arm.mixture_train) == _rows(direct.train_uri)  # the stage builds what build_mixture does

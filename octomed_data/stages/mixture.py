@@ -16,16 +16,26 @@ class MixtureStage(GlobalStage):
 
     name = "mixture"
 
-    def __init__(self, paths: RunPaths, config: MixtureConfig | None = None) -> None:
+    def __init__(
+        self,
+        paths: RunPaths,
+        config: MixtureConfig | None = None,
+        *,
+        questions: str | None = None,
+        audit: str | None = None,
+    ) -> None:
+        """``questions``/``audit``: another run's (a lab arm's traces are its base run's); default the run's."""
         super().__init__(paths)
         self.config = config or MixtureConfig()
+        self.questions = questions or paths.questions
+        self.audit = audit or paths.audit
 
     def done_uri(self) -> str:
         return MixtureFolder(self.paths.mixture).done
 
     def inputs(self) -> list[str]:
-        audit = [self.paths.audit] if self.config.exclude_audit_flags else []
-        return [self.paths.accepted, self.paths.questions, *audit]
+        audit = [self.audit] if self.config.exclude_audit_flags else []
+        return [self.paths.accepted, self.questions, *audit]
 
     def settings(self) -> dict[str, Any]:
         return self.config.model_dump(mode="json")
@@ -36,7 +46,7 @@ class MixtureStage(GlobalStage):
         if not storage.Dataset(self.paths.accepted).manifest():
             raise StorageError(f"no accepted samples at {self.paths.accepted}: run the filter stage first")
         return build_mixture(
-            self.paths.accepted, self.paths.questions, self.paths.mixture, self.config, audit=self.paths.audit
+            self.paths.accepted, self.questions, self.paths.mixture, self.config, audit=self.audit
         ).to_dict()
 
 
