@@ -352,12 +352,3 @@ class RayExecutor:
             if bar is not None:
                 bar.close()
         return out
-
-
-def __getattr__(name: str) -> Any:
-    """The distill CLI's Ray helpers moved to :mod:`tasks.ray_distill` (old imports keep working)."""
-    if name in ("run_distill", "distill_shard_ray"):
-        import tasks.ray_distill
-
-        return getattr(tasks.ray_distill, name)
-    raise AttributeError(name)

@@ -20,17 +20,6 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("octomed_data", "flows", "tasks", "training", "evaluation")
 
 KNOWN: set[frozenset[str]] = {
-    # inference (ha): client -> fleet -> transport_http -> client
-    frozenset(
-        {
-            "octomed_data.inference.client",
-            "octomed_data.inference.fleet",
-            "octomed_data.inference.transport_http",
-        }
-    ),
-    # tasks.ray_executor's lazy re-export of the distill CLI helpers, until cli/distill.py and ha's
-    # tests import them from tasks.ray_distill
-    frozenset({"tasks.ray_distill", "tasks.ray_executor"}),
     # octomed_data.ingest's lazy re-export of ingest/ingest_many, until tests/test_images.py,
     # tests/distill/test_routing.py and tests/verify/test_verify_judge.py import them from the stage
     frozenset({"octomed_data.ingest", "octomed_data.stages.ingest"}),
