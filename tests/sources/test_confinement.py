@@ -20,9 +20,9 @@ import pytest
 
 from octomed_data import storage
 from octomed_data.images import ImageStore
-from octomed_data.ingest import ingest
 from octomed_data.sources import iter_records
 from octomed_data.sources.paths import SourcePath
+from octomed_data.stages.ingest import ingest
 
 SECRET_TEXT = b"root:x:0:0:TOP-SECRET-MARKER-4f1c9e:/root:/bin/bash\n"
 

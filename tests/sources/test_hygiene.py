@@ -29,10 +29,10 @@ import pytest
 from octomed_data import storage
 from octomed_data.errors import OctomedError, SourceError
 from octomed_data.images import ImageStore
-from octomed_data.ingest import ingest
 from octomed_data.schema import QUESTION_SCHEMA, question_row, strip_controls
 from octomed_data.sources import iter_records
 from octomed_data.sources import paths as source_paths
+from octomed_data.stages.ingest import ingest
 
 MEDQA = "medqa/phrases_no_exclude_test.jsonl"
 # Everything that must go, and what must stay.
