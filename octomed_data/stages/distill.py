@@ -71,12 +71,6 @@ class DistillStage(Stage):
         other.progress = runtime.progress if runtime.progress is not None else self.progress
         return other
 
-    def with_runtime(
-        self, *, api_keys: Mapping[str, Any] | None = None, limiter: Any = None, progress: Any = None
-    ) -> DistillStage:
-        """Old name of :meth:`bind` (kept until no executor calls it)."""
-        return self.bind(Runtime(api_keys=dict(api_keys or {}), limiter=limiter, progress=progress))
-
     def input_dataset(self) -> storage.Dataset:
         return storage.Dataset(self.questions, QUESTION_SCHEMA)
 
