@@ -24,6 +24,7 @@ from prefect.futures import as_completed
 
 from octomed_data.errors import ConfigError
 from octomed_data.stages import Runtime, ShardOutcome, Stage, describe_error
+from octomed_data.stages.records import RECORD_KEYS
 from octomed_data.stages.runner import RETRY, cause, endpoint_keys, record_failure, run_guarded
 
 
@@ -68,20 +69,20 @@ def shard_task(
         # The shard runs in a Ray actor (its log lines stay there): what it puts on its attempt
         # record while it runs (a batch's state) is logged here, in the task's logs.
         with watch_record(stage, shard, get_run_logger().info):
-            outcome = RayPool.get(ray_address).run(stage, shard, runtime=runtime, force=force, attempt=attempt)
+            outcome = RayPool.get(ray_address).run(
+                stage, shard, runtime=runtime, force=force, attempt=attempt
+            )
     except BaseException as exc:  # a Ray actor killed by the OOM killer: no shard stays RUNNING
         record_failure(stage, shard, attempt, exc)
         raise cause(exc) from None
     return outcome.to_dict()
 
 
-WATCHED = ("batch",)  # live fields of an attempt record worth a log line when they change
-
-
 @contextlib.contextmanager
 def watch_record(stage: Stage, shard: str, log: Callable[[str], Any], every_s: float = 5.0) -> Iterator[None]:
-    """Log changes of the shard's live record fields (:data:`WATCHED`) every ``every_s`` while the
-    block runs (a shard on a Ray actor, whose own log lines do not reach the Prefect UI)."""
+    """Log what a running shard puts on its attempt record (any field besides the runner's own,
+    :data:`~octomed_data.stages.records.RECORD_KEYS`, e.g. a batch's state) as it changes, every
+    ``every_s`` while the block runs (a shard on a Ray actor, whose log lines never reach Prefect)."""
     from octomed_data import storage
 
     uri = stage.paths.state_uri(stage.name, shard)
@@ -94,7 +95,9 @@ def watch_record(stage: Stage, shard: str, log: Callable[[str], Any], every_s: f
                 doc = storage.read_json(uri) if storage.exists(uri) else {}
             except Exception:  # a record being replaced: next time
                 continue
-            for field in WATCHED:
+            if doc.get("state") != "RUNNING":
+                continue
+            for field in sorted(set(doc) - RECORD_KEYS):
                 if doc.get(field) is not None and doc.get(field) != seen.get(field):
                     seen[field] = doc[field]
                     log(f"{stage.name} {shard}: {field} {doc[field]}")

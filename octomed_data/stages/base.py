@@ -28,7 +28,7 @@ from pydantic import SecretStr
 from octomed_data import storage
 from octomed_data.errors import OctomedError
 from octomed_data.layout import RunPaths
-from octomed_data.stages.records import record_shard, shard_name
+from octomed_data.stages.records import RECORD_KEYS, record_shard, shard_name
 
 if TYPE_CHECKING:
     from octomed_data.teachers import TeacherConfig
@@ -308,15 +308,12 @@ def _completed(stage: Stage, shard: str, attempt: int, t0: float, counts: dict[s
     return ShardOutcome(shard, "COMPLETED", counts, seconds=seconds)
 
 
-_RECORD_KEYS = {"stage", "shard", "state", "attempt", "seconds", "updated_at", "reused", "error"}
-
-
 def _flat(counts: dict[str, Any]) -> dict[str, Any]:
     """Counts that fit a table cell (nested dicts summarised by their total; lists and the attempt
     record's own keys left out)."""
     out: dict[str, Any] = {}
     for k, v in counts.items():
-        if k in _RECORD_KEYS or isinstance(v, list):
+        if k in RECORD_KEYS or isinstance(v, list):
             continue
         if isinstance(v, dict):
             out[k] = sum(x for x in v.values() if isinstance(x, int | float))

@@ -12,6 +12,13 @@ from octomed_data.errors import StorageError
 if TYPE_CHECKING:
     from octomed_data.layout import RunPaths
 
+# The fields the runner itself writes on an attempt record; any other field is the stage's own
+# (its counts, or a live status it puts there while it runs, e.g. a batch's state).
+RECORD_KEYS = frozenset(
+    {"stage", "shard", "state", "attempt", "seconds", "updated_at", "reused", "error"}
+    | {"previous_seconds", "total_seconds", "node_id"}
+)
+
 
 def record_shard(paths: RunPaths, stage: str, shard: str, state: str, **info: Any) -> dict[str, Any]:
     """Write one shard's attempt record (RUNNING / COMPLETED / FAILED / SKIPPED) and counts."""
