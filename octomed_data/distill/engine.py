@@ -40,11 +40,10 @@ from octomed_data.inference.processor import RequestProcessor, open_clients, req
 from octomed_data.inference.ratelimit import LocalRateLimiter, RateLimiter
 from octomed_data.inference.replies import read_choice
 from octomed_data.inference.retry import Backoff
-from octomed_data.inference.servers import SIMULATED_TEACHER, simulated_reply
 from octomed_data.layout import DistillFolder
 from octomed_data.prompts import build_messages
 from octomed_data.schema import QUESTION_SCHEMA
-from octomed_data.teachers import DistillConfig, TeacherConfig
+from octomed_data.teachers import SIMULATED_LABEL, DistillConfig, TeacherConfig, simulated_reply
 
 __all__ = [
     "ShardReport",
@@ -166,7 +165,7 @@ def add_reply_rows(
         # The replica that served it (a fleet's), else the teacher's one URL; never a key or query.
         row.update(reply_fields(choice), endpoint=endpoint)
         if simulated:
-            row["teacher"] = SIMULATED_TEACHER
+            row["teacher"] = SIMULATED_LABEL
         row.update(
             prompt_tokens=p_tok,
             completion_tokens=c_tok,

@@ -31,11 +31,10 @@ from octomed_data.inference.processor import RequestProcessor, request_kwargs
 from octomed_data.inference.ratelimit import RateLimiter
 from octomed_data.inference.replies import read_choice
 from octomed_data.inference.retry import Backoff
-from octomed_data.inference.servers import SIMULATED_TEACHER, simulated_reply
 from octomed_data.layout import DifficultyFolder
 from octomed_data.prompts import build_messages
 from octomed_data.schema import QUESTION_SCHEMA, SCORE_SCHEMA
-from octomed_data.teachers import TeacherConfig
+from octomed_data.teachers import SIMULATED_LABEL, TeacherConfig, simulated_reply
 
 GRADING_VERSION = "difficulty-v1"  # part of every score's key: change the prompt -> bump this
 SCALE = (1, 10)
@@ -169,7 +168,7 @@ async def _grade_question(proc: RequestProcessor, tc: EndpointClient, q: Mapping
             proc.counters.prompt_tokens += usage.prompt_tokens or 0
             proc.counters.completion_tokens += usage.completion_tokens or 0
         if simulated_reply(response):
-            rec["teacher"] = SIMULATED_TEACHER  # simulated scores are never passed off as a real grader's
+            rec["teacher"] = SIMULATED_LABEL  # simulated scores are never passed off as a real grader's
     proc.add(rec)
 
 

@@ -45,16 +45,6 @@ class ServerKind(enum.StrEnum):
 
 
 SERVER_CHOICES = ("auto", *(k.value for k in ServerKind))
-# The simulated teacher's protocol mark: its replies carry this ``system_fingerprint`` (and its
-# ``/models`` this owner), and rows made from them name the teacher ``sandbox``, whatever the
-# config calls it (:mod:`octomed_data.sandbox` serves it).
-SIMULATED_FINGERPRINT = "octomed-sandbox"
-SIMULATED_TEACHER = "sandbox"
-
-
-def simulated_reply(response: Any) -> bool:
-    """True for a reply of the simulated teacher (never passed off as a real teacher's)."""
-    return getattr(response, "system_fingerprint", None) == SIMULATED_FINGERPRINT
 
 
 @dataclass(frozen=True)
