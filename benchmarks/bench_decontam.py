@@ -36,9 +36,9 @@ import pyarrow as pa  # noqa: E402
 
 from octomed_data import storage  # noqa: E402
 from octomed_data.decontam.index import DecontamIndex  # noqa: E402
-from octomed_data.decontam.shard import decontaminate  # noqa: E402
 from octomed_data.decontam.text import tokens  # noqa: E402
 from octomed_data.schema import QUESTION_SCHEMA  # noqa: E402
+from octomed_data.stages.decontaminate import decontaminate  # noqa: E402
 
 DATA = Path(os.environ.get("OCTOMED_SHARED_DATA", REPO.parent / "shared" / "data"))
 BATCH = 8192
@@ -95,7 +95,7 @@ def _decontam_child(questions: str, out: str) -> None:
 
 
 def bench_real(work: Path, repeats: int) -> dict:
-    from octomed_data.ingest import ingest
+    from octomed_data.stages.ingest import ingest
 
     benchmarks_out = work / "benchmarks"
     for fmt, rel, images in REAL_INPUTS:

@@ -40,7 +40,7 @@ CASES: dict[str, tuple[str, str, str | None, dict[str, str]]] = {
 _CHILD = r"""
 import json, resource, sys, time
 import pandas, pyarrow.parquet  # noqa: F401  (pyarrow imports pandas on the first shard: not ingest work)
-from octomed_data.ingest import ingest
+from octomed_data.stages.ingest import ingest
 fmt, src, out, images, options = json.loads(sys.argv[1])
 t = time.perf_counter()
 r = ingest(fmt, src, out, images=images, **options)

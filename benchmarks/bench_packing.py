@@ -66,8 +66,8 @@ def real_prompts(work: Path) -> tuple[np.ndarray, np.ndarray]:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from octomed_data import storage
-    from octomed_data.ingest import ingest
     from octomed_data.prompts import render_question, system_prompt
+    from octomed_data.stages.ingest import ingest
 
     processor = Qwen2VLImageProcessorPil()  # Qwen2.5-VL's defaults: 3,136..12,845,056 pixels, 14px, merge 2
     out = work / "questions"
