@@ -42,7 +42,7 @@ from octomed_data.job_config import EvalConfig
 from octomed_data.layout import EvaluationFolder, RunPaths
 from octomed_data.recipe import Recipe, load_recipe
 from octomed_data.stages import describe_error
-from octomed_data.stages.mixture import ExportStage
+from octomed_data.stages.mixture import ExportStage, MixtureStage
 from training.stage import TrainStage
 
 BASE_STAGES = ["ingest", "decontaminate", "distill", "filter"]
@@ -87,15 +87,13 @@ def _base_model(recipe: Recipe, exp: ExperimentPaths) -> str | None:
     model_path = recipe.training.config.model_path
     if model_path or not recipe.training.tiny_model:
         return model_path
-    from training import tiny
+    from training.tiny import ensure_model
 
     if "://" not in exp.store or exp.store.startswith("file://"):
         target = os.path.abspath(exp.tiny_model.removeprefix("file://"))
     else:  # models are local folders: a temp folder when the store is remote
         target = os.path.join(tempfile.gettempdir(), "octomed", "experiments", exp.name, "models", "tiny")
-    if not os.path.exists(os.path.join(target, "config.json")):
-        (tiny.build_vl_model if recipe.training.tiny_model == "vl" else tiny.build_text_model)(target)
-    return target
+    return ensure_model(recipe.training.tiny_model, target)
 
 
 @task(name="select-arm")
@@ -105,12 +103,10 @@ def select_task(base: RunPaths, spec: ExperimentSpec, arm_name: str, out: str) -
 
 @task(name="mixture-arm")
 def mixture_task(recipe: Recipe, base: RunPaths, arm: RunPaths) -> dict[str, Any]:
-    from octomed_data.mixture import build_mixture
-
-    # An arm's traces come from the base run: so does the gold-label audit that may exclude some.
-    return build_mixture(
-        arm.accepted, base.questions, arm.mixture, recipe.mixture, audit=base.audit
-    ).to_dict()
+    """The arm's mixture: its traces come from the base run, so do the questions and the gold-label
+    audit that may exclude some."""
+    stage = MixtureStage(arm, recipe.mixture, questions=base.questions, audit=base.audit)
+    return run_global(stage).counts
 
 
 @task(name="export-arm")

@@ -85,12 +85,8 @@ def train_config(recipe: Recipe, paths: RunPaths, params: TrainParams) -> TrainC
     options = recipe.training.config
     model_path = params.model_path or options.model_path
     if model_path is None and recipe.training.tiny_model:
-        tiny = _training_module("training.tiny")
         target = _local_dir(paths, paths.tiny_model(recipe.training.tiny_model))
-        if not os.path.exists(os.path.join(target, "config.json")):
-            build = tiny.build_vl_model if recipe.training.tiny_model == "vl" else tiny.build_text_model
-            build(target)
-        model_path = target
+        model_path = _training_module("training.tiny").ensure_model(recipe.training.tiny_model, target)
     if model_path is None:
         raise ConfigError("no model to train: set training.config.model_path in the recipe or the form")
     # The TRL export's "text" configuration (text rows) for a text-only model, "vision" (every row)

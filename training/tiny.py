@@ -13,6 +13,7 @@ real ones.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -233,3 +234,10 @@ def _write_provenance(out: Path, kind: str, hidden_size: int, num_layers: int, s
             indent=2,
         )
     )
+
+
+def ensure_model(kind: str, out_dir: str) -> str:
+    """The tiny ``kind`` model ("text" or "vl") at ``out_dir``, built there once (a recipe's ``tiny_model``)."""
+    if not os.path.exists(os.path.join(out_dir, "config.json")):
+        (build_vl_model if kind == "vl" else build_text_model)(out_dir)
+    return out_dir
