@@ -1,9 +1,14 @@
 """THE inference client and its parts.
 
-* :mod:`~octomed_data.inference.client`: :class:`~octomed_data.inference.client.EndpointClient`
-  (one OpenAI-compatible endpoint behind a transport), ``request_with_retries`` (THE request
-  path of distillation, grading and evaluation), error classification, key scrubbing,
-  ``TeacherUnreachable``, ``sample_seed``.
+* :mod:`~octomed_data.inference.processor`: THE request processor (bounded fan-out, journal, retry
+  accounting, abort) of distillation, the LLM judge, difficulty grading and evaluation; its
+  backends: online (:mod:`~octomed_data.inference.client`: ``EndpointClient``,
+  ``request_with_retries``, ``TeacherUnreachable``, ``sample_seed``) and Batch
+  (:mod:`~octomed_data.inference.batch_run`, records in :mod:`~octomed_data.inference.batch_records`,
+  over :mod:`~octomed_data.inference.batch_api`); :mod:`~octomed_data.inference.journal`: the
+  durable request journal.
+* :mod:`~octomed_data.inference.wire`: the transport protocol, error classification, key scrubbing;
+  :mod:`~octomed_data.inference.transport_http` (the lean transport), :mod:`~octomed_data.inference.fleet`.
 * :mod:`~octomed_data.inference.retry`: ``Backoff``, Retry-After parsing, the dead-endpoint ``Breaker``.
 * :mod:`~octomed_data.inference.ratelimit`: requests/tokens-per-window budgets per teacher.
 * :mod:`~octomed_data.inference.replies`, :mod:`~octomed_data.inference.servers`: reading replies,
