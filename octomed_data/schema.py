@@ -93,9 +93,8 @@ QUARANTINE_SCHEMA = pa.schema(
 REMOVED_SCHEMA = pa.schema(
     list(QUESTION_SCHEMA)
     + [
-        pa.field(
-            "match_kind", pa.string(), nullable=False
-        ),  # text_ngram | text_exact | image_sha256 | image_phash
+        # text_ngram | text_exact | image_sha256 | image_phash
+        pa.field("match_kind", pa.string(), nullable=False),
         pa.field("match_benchmark", pa.string(), nullable=False),
         pa.field("match_item", pa.string(), nullable=False),  # benchmark item id
         pa.field("match_detail", pa.string()),  # the shared n-gram, or the hamming distance
@@ -356,13 +355,15 @@ class RecordError(ValueError):
         self.detail = detail
 
 
-# C0/C1 controls (tab, newline and a CR before a newline kept) and the bidirectional-text controls.
-_CTRL = re.compile("[\x00-\x08\v\f\x0e-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]|\r(?!\n)")
+# C0/C1 controls (tab, newline and a CR before a newline kept) and the bidirectional-text controls;
+# _ANY_CTRL (no alternation: 3x faster) finds candidates, _CTRL removes them.
+_CONTROL_CHARS = "\x00-\x08\v\f\x0e-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+_ANY_CTRL, _CTRL = re.compile(f"[{_CONTROL_CHARS}\r]"), re.compile(f"[{_CONTROL_CHARS}]|\r(?!\n)")
 
 
 def strip_controls(text: str, tally: list[int] | None = None) -> str:
     """``text`` without control characters (NUL, ESC, bidi overrides ...); their number goes to ``tally``."""
-    text, n = _CTRL.subn("", text)
+    text, n = _CTRL.subn("", text) if _ANY_CTRL.search(text) else (text, 0)
     (tally if tally is not None else []).append(n)
     return text
 
@@ -415,8 +416,7 @@ def question_row(
     anatomy: str | None = None,
     metadata: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Build one validated question row (control characters stripped, their number in the metadata's
-    ``control_chars_removed``); raises :class:`RecordError` for an invalid record."""
+    """One validated question row, controls stripped (:func:`strip_controls`); else :class:`RecordError`."""
     task, cut = TaskType(task_type), []
     question = strip_controls(question, cut).strip() if isinstance(question, str) else ""
     if not question:

@@ -355,12 +355,14 @@ def short_answer_task(answer: str, default: TaskType) -> TaskType:
 def _clean_metadata(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
     if not metadata:
         return None
-    out = {k: v for k, v in metadata.items() if v is not None and v != "" and v != "NULL"}
+    items = ((k, strip_controls(v) if isinstance(v, str) else v) for k, v in metadata.items())
+    out = {k: v for k, v in items if v is not None and v != "" and v != "NULL"}
     return out or None
 
 
 def clean_metadata(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Drop empty / ``"NULL"`` values so metadata carries only what the source says."""
+    """Drop empty / ``"NULL"`` values so metadata carries only what the source says; control
+    characters are stripped from its text values (as from the question's texts)."""
     return _clean_metadata(metadata)
 
 

@@ -218,7 +218,7 @@ def _parts_at(location: SourcePath) -> list[Part]:
         return [_file_part(location, *_split_name(location.stem))]
     dict_json = location / "dataset_dict.json"
     if dict_json.exists():  # DatasetDict.save_to_disk: one saved Dataset folder per split
-        splits = json.loads(dict_json.read_bytes()).get("splits") or []
+        splits = _json_file(dict_json).get("splits") or []
         return [p for name in splits for p in _saved_dataset(location / name, name)]
     if (location / "state.json").exists():
         return _saved_dataset(location, None)
@@ -231,9 +231,20 @@ def _parts_at(location: SourcePath) -> list[Part]:
     return [_file_part(f, *_split_name(f.relative_to(location))) for f in files]
 
 
+def _json_file(path: SourcePath) -> dict[str, Any]:
+    """A ``save_to_disk`` JSON file (``state.json`` ...); a damaged one is a SourceError naming it."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise SourceError(f"{path}: expected a JSON object")
+    return data
+
+
 def _saved_dataset(folder: SourcePath, split: str | None) -> list[Part]:
     """The Arrow files of one ``Dataset.save_to_disk`` folder, in order."""
-    state = json.loads((folder / "state.json").read_bytes())
+    state = _json_file(folder / "state.json")
     name, named = (split, True) if split else (state.get("_split"), True)
     if not name:
         name, named = _split_name(folder.name)

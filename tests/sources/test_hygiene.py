@@ -145,6 +145,13 @@ def test_newlines_tabs_and_crlf_stay(shared_data):
     assert strip_controls("\u202eevil\x00", tally) == "evil" and tally == [2]
 
 
+def test_metadata_texts_are_stripped_too(shared_data, tmp_path):
+    rec = _medqa_lines(shared_data, 1)[0]
+    (tmp_path / "m.jsonl").write_text(json.dumps(dict(rec, meta_info="step\x1b[2J1\u202e")) + "\n")
+    [(kind, row)] = _records("medqa", tmp_path / "m.jsonl")
+    assert kind == "question" and json.loads(row["metadata"])["meta_info"] == "step[2J1"
+
+
 def test_a_text_of_only_controls_is_empty(shared_data, tmp_path):
     rec = _medqa_lines(shared_data, 1)[0]
     (tmp_path / "x.jsonl").write_text(json.dumps(dict(rec, question="\x00\u202e\x1b")) + "\n")
@@ -293,3 +300,9 @@ def test_corrupt_arrow_names_the_file(tmp_path):
     bad.write_bytes(b"ARROW1\x00\x00not really arrow at all")
     with pytest.raises(SourceError, match=re.escape(str(bad))):
         _records("hf", bad, mapping=MAPPING)
+
+
+def test_corrupt_save_to_disk_state_names_the_file(tmp_path):
+    (tmp_path / "state.json").write_text('{"_data_files": [')
+    with pytest.raises(SourceError, match=re.escape(str(tmp_path / "state.json")) + ".*not valid JSON"):
+        _records("hf", tmp_path, mapping=MAPPING)
