@@ -155,13 +155,3 @@ def _measure(raw: str, questions_uri: str) -> dict[str, dict[str, float]]:
             "pass_rate": sum(d["correct"]) / n,
         }
     return out
-
-
-def __getattr__(name: str) -> Any:
-    """``shard_report`` / ``summarize`` / ``run_local`` / ``finalize`` moved to
-    :mod:`octomed_data.stages.distill_run`; kept here only until tasks/ray_distill.py switches."""
-    if name in ("shard_report", "summarize", "run_local", "finalize"):
-        from octomed_data.stages import distill_run
-
-        return getattr(distill_run, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,10 +15,10 @@ import pytest
 from octomed_data import storage
 from octomed_data.distill import distill_shard
 from octomed_data.errors import ConfigError
-from octomed_data.ingest import ingest
 from octomed_data.recipe import load_recipe
 from octomed_data.sandbox import start_sandbox
 from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA, question_row
+from octomed_data.stages.ingest import ingest
 from octomed_data.teachers import DistillConfig
 
 SAMPLE = Path(__file__).resolve().parents[2] / "octomed_data" / "sample_data" / "vqa_rad"

@@ -86,12 +86,13 @@ def test_server_is_detected_and_honours_seeds_and_n(vllm_server) -> None:
 def test_distill_through_ray_stores_vllm_reasoning(vllm_server, ray_local, tmp_path: Path) -> None:
     from pydantic import SecretStr
 
-    from tasks.ray_distill import run_distill
+    from octomed_data.stages.distill_run import run_distill
+    from tasks.ray_executor import RayExecutor
 
     q_uri, out, out_off = str(tmp_path / "q"), str(tmp_path / "out"), str(tmp_path / "out-noseed")
     questions = make_questions(q_uri, 8)
     keys = {"vllm-r1": SecretStr(KEY)}
-    summary = run_distill(q_uri, out, _config(vllm_server.base_url), api_keys=keys, progress=False)
+    summary = run_distill(q_uri, out, _config(vllm_server.base_url), RayExecutor(), api_keys=keys)
     assert summary["complete"] and summary["stored"] == summary["expected"] == 32 and summary["failed"] == 0
     # Server kind detected as vLLM: n honoured, so one request per question.
     assert summary["requests"] == 8
@@ -119,7 +120,7 @@ def test_distill_through_ray_stores_vllm_reasoning(vllm_server, ray_local, tmp_p
     assert all(len(s) == 1 and None not in s for s in by_q.values())
     # Seed policy off: nothing sent, nothing recorded; the run is still exact.
     summary = run_distill(
-        q_uri, out_off, _config(vllm_server.base_url, seed_policy="off"), api_keys=keys, progress=False
+        q_uri, out_off, _config(vllm_server.base_url, seed_policy="off"), RayExecutor(), api_keys=keys
     )
     assert summary["complete"] and summary["stored"] == 32
     assert {r["seed"] for r in _raw(out_off)} == {None}

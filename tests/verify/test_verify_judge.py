@@ -17,7 +17,6 @@ import pytest
 
 from octomed_data import storage
 from octomed_data.distill.journal import segment_uris
-from octomed_data.ingest import ingest_many
 from octomed_data.layout import FilterFolder, RunPaths
 from octomed_data.report import report_markdown, sample_stats
 from octomed_data.sandbox import FaultConfig, start_sandbox
@@ -25,6 +24,7 @@ from octomed_data.schema import VERDICT_SCHEMA
 from octomed_data.stages import LocalExecutor, run_stage
 from octomed_data.stages.distill import DistillStage
 from octomed_data.stages.filter import FilterStage
+from octomed_data.stages.ingest import ingest_many
 from octomed_data.teachers import DistillConfig, TeacherConfig
 from octomed_data.verify import VerifySettings, is_open
 from octomed_data.verify.calibration import Calibration
