@@ -138,3 +138,52 @@ def test_layout_names_every_stage_output(tmp_path) -> None:
     assert RunPaths.at(str(tmp_path / "out")).raw == str(tmp_path / "out" / "distill" / "raw")
     with pytest.raises(ValueError, match="unknown stage folder"):
         paths.stage("distil")
+
+
+def test_training_and_evaluation_blocks_are_typed_and_filled_in_per_run() -> None:
+    """The recipe's blocks are the job settings themselves: a run adds only its locations."""
+    from octomed_data.job_config import EvalConfig, EvalOptions, TrainConfig, TrainOptions
+
+    recipe = load_recipe("demo")
+    assert isinstance(recipe.training.config, TrainOptions) and isinstance(
+        recipe.evaluation.config, EvalOptions
+    )
+    job = recipe.training.config.job(["a.parquet"], "out", model_path="m")
+    written = {"max_steps": 2, "global_batch_size": 2, "per_device_batch_size": 1, "max_seq_len": 1024}
+    same = TrainConfig(
+        train_data=["a.parquet"],
+        output_uri="out",
+        model_path="m",
+        zero_stage=0,
+        gradient_checkpointing=False,
+        **written,
+    )
+    assert job == same and job.config_hash() == same.config_hash()
+    ev = recipe.evaluation.config.job("ckpt", benchmarks=["medqa"])
+    assert isinstance(ev, EvalConfig) and (ev.model, ev.seeds, ev.limit, ev.prefill_think) == (
+        "ckpt",
+        2,
+        4,
+        True,
+    )
+    # run.json keeps the blocks as written (not every default), and reads back to the same recipe.
+    public = recipe.public_dict()
+    assert public["training"]["config"] == written | {"zero_stage": 0, "gradient_checkpointing": False}
+    assert load_recipe(overrides={}) == recipe and type(recipe).model_validate(public) == recipe
+
+
+def test_evaluation_endpoint_settings_take_the_teachers_names_old_names_warn(caplog) -> None:
+    from octomed_data.job_config import EvalConfig
+    from octomed_data.teachers import TeacherConfig
+
+    assert {"max_in_flight", "timeout_s"} <= set(TeacherConfig.model_fields)
+    with caplog.at_level("WARNING", logger="octomed_data.job_config"):
+        old = EvalConfig(model="m", benchmarks="medqa", concurrency=4, request_timeout_s=9)
+    assert (old.max_in_flight, old.timeout_s) == (4, 9.0)
+    assert "'concurrency' is deprecated: use 'max_in_flight'" in caplog.text
+    assert "'request_timeout_s' is deprecated: use 'timeout_s'" in caplog.text
+    both = EvalConfig(model="m", benchmarks="medqa", concurrency=4, max_in_flight=7)
+    assert both.max_in_flight == 7  # the new name wins
+    recipe = load_recipe(overrides={"evaluation": {"config": {"concurrency": 3, "request_timeout_s": 5}}})
+    assert (recipe.evaluation.config.max_in_flight, recipe.evaluation.config.timeout_s) == (3, 5.0)
+    assert "concurrency" not in EvalConfig.model_fields and "request_timeout_s" not in EvalConfig.model_fields
