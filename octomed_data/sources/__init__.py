@@ -130,7 +130,8 @@ def iter_records(
         target = SourcePath.of(input_path)
         if not target.exists():
             raise SourceError(f"input path does not exist: {input_path}")
-        target.check_readable_kind()
+        if target.archive and target.is_file():  # a folder named x.zip is a folder
+            target.check_readable_kind()
     img_dir = SourcePath.of(images_dir) if images_dir else None
     if img_dir is not None and not img_dir.is_dir():
         raise SourceError(f"images folder does not exist: {images_dir}")
