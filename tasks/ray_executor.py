@@ -30,9 +30,9 @@ from ray.exceptions import ActorUnschedulableError, RayActorError
 
 from octomed_data import storage
 from octomed_data.inference.ratelimit import LeasedRateLimiter, WindowBudget, lease_chunk, safety_margin
-from octomed_data.stages import Runtime, ShardOutcome, Stage, describe_error
-from octomed_data.stages.local import shard_progress_bar
-from octomed_data.stages.runner import RetryPolicy, arun_guarded, cause, endpoint_keys
+from octomed_data.stages import Runtime, ShardOutcome, Stage
+from octomed_data.stages.local import map_shards
+from octomed_data.stages.runner import RetryPolicy, arun_guarded, endpoint_keys
 
 NAMESPACE = "octomed"
 BUDGET_ACTOR = "octomed-teacher-budget"
@@ -308,47 +308,11 @@ class RayExecutor:
     def map(self, stage: Stage, shards: Sequence[str], *, force: bool = False) -> dict[str, ShardOutcome]:
         self.pool.configure(stage)
         runtime = Runtime(api_keys=endpoint_keys(stage))
-        pending: dict[Any, tuple[str, Any, int, int]] = {}  # ref -> (shard, worker, attempt, resends)
-        later: list[tuple[float, str, int]] = []  # (not before, shard, attempt): backed-off retries
 
-        def send(shard: str, attempt: int = 1, resends: int = 0) -> None:
-            worker, ref = self.pool.submit(stage, shard, runtime, force=force, attempt=attempt)
-            pending[ref] = (shard, worker, attempt, resends)
+        def one(shard: str) -> ShardOutcome:
+            attempt = lambda n: self.pool.run(stage, shard, runtime, force=force, attempt=n)  # noqa: E731
+            return self.policy.run(shard, attempt)
 
-        for s in shards:
-            send(s)
-        out: dict[str, ShardOutcome] = {}
-        bar = shard_progress_bar(len(shards), f"{stage.name} (ray)") if self.progress else None
-        try:
-            while pending or later:
-                now = time.monotonic()
-                for item in [x for x in later if x[0] <= now]:
-                    later.remove(item)
-                    send(item[1], item[2])
-                wait_s = max(0.0, min(x[0] for x in later) - now) if later else None
-                if not pending:
-                    time.sleep(wait_s or 0.0)
-                    continue
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
-                for ref in ready:
-                    shard, worker, attempt, resends = pending.pop(ref)
-                    try:
-                        out[shard] = ray.get(ref)
-                    except WORKER_GONE as exc:  # its node died: a new worker on a live node
-                        if resends < RESENDS:
-                            self.pool.replace(worker)
-                            send(shard, attempt, resends + 1)
-                            continue
-                        out[shard] = ShardOutcome(shard, "FAILED", error=describe_error(cause(exc)))
-                    except Exception as exc:  # the shard's own error, recorded by the runner
-                        if attempt <= self.policy.retries and self.policy.retryable(exc):
-                            delay = self.policy.delays()[attempt - 1]
-                            later.append((time.monotonic() + delay, shard, attempt + 1))
-                            continue
-                        out[shard] = ShardOutcome(shard, "FAILED", error=describe_error(cause(exc)))
-                    if bar is not None:
-                        bar.update(1)
-        finally:
-            if bar is not None:
-                bar.close()
-        return out
+        # Threads only wait on Ray: as many as the pool runs at once.
+        workers = len(self.pool.workers) * self.pool.shards_per_worker
+        return map_shards(one, shards, workers, f"{stage.name} (ray)" if self.progress else None)

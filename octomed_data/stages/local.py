@@ -44,25 +44,34 @@ class LocalExecutor:
             attempt = lambda n: run_guarded(stage, shard, runtime, force=force, attempt=n)  # noqa: E731
             return self.policy.run(shard, attempt)
 
-        bar = shard_progress_bar(len(shards), stage.name) if self.progress and len(shards) > 1 else None
-        out: dict[str, ShardOutcome] = {}
-        try:
-            if self.workers == 1 or len(shards) <= 1:
-                for shard in shards:
-                    out[shard] = one(shard)
+        desc = stage.name if self.progress and len(shards) > 1 else None
+        return map_shards(one, shards, self.workers, desc)
+
+
+def map_shards(
+    one: Callable[[str], ShardOutcome], shards: Sequence[str], workers: int, progress: str | None = None
+) -> dict[str, ShardOutcome]:
+    """``one(shard)`` for every shard, ``workers`` at a time (threads; in order when one), with a
+    shards-done bar named ``progress`` (None: no bar)."""
+    bar = shard_progress_bar(len(shards), progress) if progress else None
+    out: dict[str, ShardOutcome] = {}
+    try:
+        if workers == 1 or len(shards) <= 1:
+            for shard in shards:
+                out[shard] = one(shard)
+                if bar is not None:
+                    bar.update(1)
+        else:
+            with ThreadPoolExecutor(workers, thread_name_prefix="shard") as pool:
+                futures = {pool.submit(one, s): s for s in shards}
+                for fut in as_completed(futures):
+                    out[futures[fut]] = fut.result()
                     if bar is not None:
                         bar.update(1)
-            else:
-                with ThreadPoolExecutor(self.workers, thread_name_prefix=f"{stage.name}-shard") as pool:
-                    futures = {pool.submit(one, s): s for s in shards}
-                    for fut in as_completed(futures):
-                        out[futures[fut]] = fut.result()
-                        if bar is not None:
-                            bar.update(1)
-        finally:
-            if bar is not None:
-                bar.close()
-        return out
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
 
 
 def shard_progress_bar(total: int, desc: str):
