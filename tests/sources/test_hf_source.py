@@ -106,9 +106,9 @@ def test_pmc_vqa_layout_with_embedded_images_and_figure_paths(shared_data, tmp_p
         "Answer_label": "C",
         "Answer": "X-ray",
     }
-    rows = [dict(base, Figure_path=p.name, image=str(p)) for p in images]
+    # The image bytes embedded, as the hub's parquet files hold them ({bytes, path: file name}).
+    rows = [dict(base, Figure_path=p.name, image={"bytes": p.read_bytes(), "path": p.name}) for p in images]
     ds = datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())
-    ds = ds.map(lambda r: r)  # embed the image bytes as the hub's parquet files do
     ds.to_parquet(str(tmp_path / "train.parquet"))
     store = ImageStore(str(tmp_path / "store"))
     questions, bad = run("hf", str(tmp_path / "train.parquet"), mapping="pmc_vqa", image_store=store)
