@@ -433,10 +433,3 @@ def embedded_run_report(
     parts["outputs"] = dict(parts["outputs"]) | {"report": folder.markdown, "plot": folder.plot}
     stats = stats or sample_stats(run_statistics(paths))
     return report_markdown(stats=stats, png=storage.read_bytes(folder.plot), **parts)
-
-
-def write_run_report(paths: RunPaths) -> tuple[ReportResult, str]:
-    """Write ``RUN/report/report.{md,png}``; returns the result and the markdown with the PNG embedded."""
-    parts = run_report_parts(paths)
-    result = write_report(run_statistics(paths), paths.report, **parts)
-    return result, embedded_run_report(paths, parts, result.stats)
