@@ -14,8 +14,10 @@ from flows.common import RunParams, apply_verify, prepare, publish_markdown, pub
 from octomed_data.errors import StorageError
 from octomed_data.layout import RunPaths
 from octomed_data.recipe import Recipe
-from octomed_data.report import rejection_rows, run_cost, write_run_report
+from octomed_data.report import embedded_run_report, rejection_rows, run_cost, run_statistics, sample_stats
+from octomed_data.stages import GLOBAL_SHARD, LocalExecutor, raise_for_failures, run_stage
 from octomed_data.stages.filter import FilterStage, judge_for
+from octomed_data.stages.report import ReportStage
 from octomed_data.verify import VerifySettings
 
 VERIFY_HELP = (
@@ -26,26 +28,21 @@ VERIFY_HELP = (
 
 @task(name="write-report", retries=2)
 def report_task(paths: RunPaths) -> dict[str, Any]:
-    """Write ``RUN/report/report.{md,png}`` and publish the report, rejection and cost artifacts."""
-    result, embedded = write_run_report(paths)
+    """Write ``RUN/report/report.{md,png}`` (the report stage: rewritten only when what it shows
+    changed) and publish the report, rejection and cost artifacts."""
+    result = run_stage(ReportStage(paths), LocalExecutor(progress=False))
+    raise_for_failures(result)
+    counts = result.outcomes[GLOBAL_SHARD].counts
+    stats = sample_stats(run_statistics(paths))
     publish_table(
-        "rejections",
-        paths,
-        rejection_rows(result.stats),
-        f"Rejection sampling per source, run {paths.run_id}",
+        "rejections", paths, rejection_rows(stats), f"Rejection sampling per source, run {paths.run_id}"
     )
     cost = run_cost(paths)
     if cost:
         rows = [{"item": k, "value": v} for k, v in cost.items()]
         publish_table("cost", paths, rows, f"Cost so far, run {paths.run_id}")
-    publish_markdown("report", paths, embedded, f"Run report {paths.run_id}")
-    return {
-        "report": result.markdown_uri,
-        "plot": result.png_uri,
-        "samples": result.stats.samples,
-        "accepted": result.stats.accepted,
-        "sandbox": result.stats.any_sandbox,
-    }
+    publish_markdown("report", paths, embedded_run_report(paths, stats=stats), f"Run report {paths.run_id}")
+    return {k: counts[k] for k in ("report", "plot", "samples", "accepted", "sandbox")}
 
 
 @contextlib.contextmanager

@@ -47,7 +47,7 @@ def _cmd_refilter(args: argparse.Namespace) -> int:
     from octomed_data import storage
     from octomed_data.recipe import load_recipe
     from octomed_data.runs import change_verify, open_run_folder
-    from octomed_data.stages import LocalExecutor, raise_for_failures, run_stage
+    from octomed_data.stages import GLOBAL_SHARD, LocalExecutor, raise_for_failures, run_stage
     from octomed_data.stages.filter import FilterStage, judge_for
 
     store = default_store(args.store)
@@ -80,10 +80,11 @@ def _cmd_refilter(args: argparse.Namespace) -> int:
         f"refilter: {len(result.outcomes)} shard(s) judged again: {after.get('accepted')} of "
         f"{after.get('samples')} samples accepted{was}; {judged} judge request(s), no distillation request"
     )
-    from octomed_data.report import write_run_report
+    from octomed_data.stages.report import ReportStage
 
-    report, _ = write_run_report(paths)
-    print(f"  statistics: {paths.stats}\n  report:     {report.markdown_uri}")
+    report = run_stage(ReportStage(paths), LocalExecutor(progress=False))
+    raise_for_failures(report)
+    print(f"  statistics: {paths.stats}\n  report:     {report.outcomes[GLOBAL_SHARD].counts['report']}")
     print(f"  history:    {paths.verify_history}")
     if not args.filter_only:
         _downstream(paths, recipe)
