@@ -7,6 +7,7 @@ from typing import Any
 from prefect import flow
 
 from flows.common import RunParams, prepare, publish_table, run_stage_flow
+from octomed_data.stages import GLOBAL_SHARD
 from octomed_data.stages.mixture import ExportStage
 
 EXPORT_FLOW_NAME = "export"  # a completed run of this flow is what the training automation listens for
@@ -17,9 +18,7 @@ def export_flow(run: RunParams = RunParams()) -> dict[str, Any]:
     """``RUN/mixture`` -> ``RUN/export/llamafactory/…`` and ``RUN/export/trl/{text,vision}/…``."""
     recipe, paths = prepare(run)
     stage = ExportStage(paths, recipe.export.model_dump())
-    result = next(
-        iter(run_stage_flow(stage, run.model_copy(update={"shards": None})).outcomes.values())
-    ).counts
+    result = run_stage_flow(stage, run.model_copy(update={"shards": None})).outcomes[GLOBAL_SHARD].counts
     rows = [
         {"format": fmt, "split": split, "rows": result["rows"][fmt][split], "uri": uri}
         for fmt, splits in result["datasets"].items()

@@ -8,6 +8,7 @@ from prefect import flow
 
 from flows.common import RunParams, prepare, publish_markdown, run_stage_flow
 from octomed_data.errors import ConfigError
+from octomed_data.stages import GLOBAL_SHARD
 from octomed_data.stages.release import ReleaseStage
 
 
@@ -60,8 +61,7 @@ def release_flow(
         with_images=with_images,  # None: the recipe's release.with_images (read by release())
         licenses=settings.licenses,
     )
-    outcome = run_stage_flow(stage, run.model_copy(update={"shards": None})).outcomes
-    result = next(iter(outcome.values())).counts
+    result = run_stage_flow(stage, run.model_copy(update={"shards": None})).outcomes[GLOBAL_SHARD].counts
     publish_markdown("release", paths, release_markdown(result), f"Release of run {paths.run_id}")
     print(f"release: {result['rows']} question(s) at {result['uri']}")
     return {"run_id": paths.run_id} | result
