@@ -49,8 +49,10 @@ class ToyStage(Stage):
         fail_times: dict[str, int] | None = None,
         config_error: tuple[str, ...] = (),
         hold_s: float = 0.0,
+        endpoint: TeacherConfig = ENDPOINT,
     ) -> None:
         super().__init__(paths)
+        self.endpoint = endpoint
         self.fail_times = dict(fail_times or {})
         self.config_error = set(config_error)
         self.hold_s = hold_s
@@ -66,7 +68,7 @@ class ToyStage(Stage):
         return "toy-1"
 
     def endpoints(self) -> list[TeacherConfig]:
-        return [ENDPOINT]
+        return [self.endpoint]
 
     def bind(self, runtime: Runtime) -> ToyStage:
         other = copy.copy(self)
@@ -259,3 +261,26 @@ def test_local_second_runner_waits_for_the_first_and_finds_the_shard_done(key_in
 
 def test_served_second_runner_waits_for_the_first_and_finds_the_shard_done(served, tmp_path) -> None:
     check_second_runner_waits(served[0], tmp_path)
+
+
+def test_prefect_lends_a_key_from_a_secret_block_and_a_missing_block_fails_every_shard_once(
+    prefect_harness, tmp_path, monkeypatch
+) -> None:
+    """A teacher naming a Prefect Secret block gets its key from there (not the environment); a
+    block that does not exist fails every shard in one line naming it, and nothing runs."""
+    from prefect.blocks.system import Secret
+
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    Secret(value=KEY).save("octomed-toy-key", overwrite=True)
+    paths = make_run(tmp_path / "run")
+    with_block = ENDPOINT.model_copy(update={"api_key_secret": "octomed-toy-key"})
+    result = run_prefect(ToyStage(paths, endpoint=with_block))
+    assert {s: o.counts["key_ok"] for s, o in result.outcomes.items()} == dict.fromkeys(SHARDS, True)
+
+    missing = ENDPOINT.model_copy(update={"api_key_secret": "octomed-no-such-block"})
+    other = make_run(tmp_path / "other")
+    failed = run_prefect(ToyStage(other, endpoint=missing))
+    assert set(failed.failed) == set(SHARDS)
+    assert all("'octomed-no-such-block' for teacher 'toy'" in e for e in failed.failed.values())
+    assert {s: attempts(other, s) for s in SHARDS} == dict.fromkeys(SHARDS, 0)
+    assert {r["state"] for r in records(other).values()} == {"FAILED"}
