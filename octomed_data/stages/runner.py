@@ -69,7 +69,7 @@ class RetryPolicy:
         raise AssertionError("unreachable")
 
 
-RETRY = RetryPolicy()  # the policy of the Prefect and Ray executors (local: no retry unless asked)
+RETRY = RetryPolicy()  # the Prefect executor's (flows); local and Ray (the CLI): no retry unless asked
 
 
 def endpoint_keys(stage: Stage, load_secret: Callable[[str], str] | None = None) -> dict[str, SecretStr]:
