@@ -107,3 +107,6 @@ def test_the_fast_tier_check_knows_a_real_component_from_a_plain_subprocess() ->
     assert heavy_command([python, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app"])
     assert heavy_command([python, "-c", "import hashlib; print(1)"]) is None
     assert heavy_command(["git", "status", "/tmp/ray-results/x"]) is None
+    assert heavy_command([python, "-m", "pip", "install", "six"]) == "pip"
+    assert heavy_command([python, "-m", "venv", "/tmp/v"]) == "venv"
+    assert heavy_command(["/work/.venv/bin/python", "-c", "print('docker-compose.yml')"]) is None

@@ -14,12 +14,13 @@ REAL_PATHS = (
     "experiment/test_experiment.py",  # the experiment CLI as a subprocess (Prefect + Ray + DeepSpeed)
     "test_export_llamafactory.py",  # LLaMA-Factory's own venv, one training step
 )
-# Tests that start one themselves: the CLI as a subprocess, python -m training.sft, torchrun.
+# Tests that start one themselves: the CLI as a subprocess, python -m training.sft, torchrun, pip.
 REAL_TESTS = {
     "distill/test_batch.py": {"test_kill_9_between_submit_and_collect_collects_the_same_batches"},
     "distill/test_distill_resume.py": {"test_kill_9_then_same_command_requests_nothing_stored"},
     "test_ingest.py": {"test_cli_unreachable_s3_endpoint_subprocess"},
     "test_sandbox.py": {"test_sandbox_teacher_command_runs_as_a_subprocess"},
+    "test_venvs.py": {"test_cached_venv_builds_once_and_fails_in_one_line"},  # pip installs into a new venv
     "training/test_final_loss.py": {
         "test_final_loss_is_the_last_steps_loss_in_the_result_and_checkpoint_json"
     },
@@ -37,11 +38,10 @@ REAL_TESTS = {
         "test_stale_local_checkpoints_never_rotate_away_fresh_saves",
     },
 }
-# A subprocess whose command line holds one of these starts a real component (conftest checks it).
-HEAVY_COMMANDS = (
-    "octomed_data.cli", "octomed-data", "training.sft", "torchrun", "deepspeed", "llamafactory",
-    "vllm", "uvicorn", "docker", "raylet", "gcs_server", "ray",
-)  # fmt: skip
+# A subprocess starts a real component when a word of its command line is one of HEAVY_WORDS
+# (a program or module name) or contains one of HEAVY_PARTS (conftest checks the fast tier by these).
+HEAVY_WORDS = ("octomed-data", "torchrun", "deepspeed", "docker", "ray", "pip", "pip3", "venv")
+HEAVY_PARTS = ("octomed_data.cli", "training.sft", "llamafactory", "vllm", "uvicorn", "raylet", "gcs_server")
 
 
 def real_reason(rel: str, name: str, fixturenames) -> str | None:
@@ -65,8 +65,9 @@ def heavy_command(args) -> str | None:
         text = os.fsdecode(part) if isinstance(part, (bytes, os.PathLike)) else str(part)
         words += text.split() if isinstance(args, (str, bytes)) else [text]
     for word in words:
-        base = os.path.basename(word)
-        for heavy in HEAVY_COMMANDS:
-            if base == heavy or (heavy != "ray" and heavy in word):
-                return heavy
+        if os.path.basename(word) in HEAVY_WORDS:
+            return os.path.basename(word)
+        for part in HEAVY_PARTS:
+            if part in word:
+                return part
     return None
