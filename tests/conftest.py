@@ -89,7 +89,7 @@ def pytest_runtest_makereport(item, call):
         seen.add(id(exc))
         if folder in str(exc) or folder in str(getattr(exc, "filename", "") or ""):
             report.outcome = "skipped"
-            report.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: {missing}")
+            report.longrepr = (str(item.path), (item.location[1] or 0) + 1, f"Skipped: {missing}")
             return
         exc = exc.__cause__ or exc.__context__
 
