@@ -49,6 +49,7 @@ LAB_OVERRIDES: dict[str, Any] = {
             "name": "figure_mcq",
             "format": "pmc_vqa",
             "input": "package:sample_data/lab/figure_mcq.csv",
+            "images": "package:sample_data",  # its Figure_path names files under sample_data/
         }
     ],
 }
