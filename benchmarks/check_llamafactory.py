@@ -57,7 +57,7 @@ def _fixture_export(work: Path) -> Path:
     from octomed_data.export import export
     from octomed_data.mixture import MixtureConfig, build_mixture
     from tests.conftest import _shared_data_dir
-    from tests.orchestration_data import write_inputs
+    from tests.support.orchestration import write_inputs
 
     accepted, questions = write_inputs(_shared_data_dir(), str(work / "in"), n_text=8, n_image=3)
     mix = build_mixture(accepted, questions, str(work / "mix"), MixtureConfig(validation_fraction=0.25))

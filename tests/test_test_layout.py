@@ -55,7 +55,6 @@ def _scanned() -> list[Path]:
         p
         for p in sorted(TESTS.rglob("*.py"))
         if not any(part in NOT_SCANNED_DIRS for part in p.relative_to(TESTS).parts[:-1])
-        and p.name != "orchestration_data.py"
     ]
 
 
