@@ -7,8 +7,6 @@ sample. Running the distill stage and then the filter stage (the CLI's ``run_loc
 ``finalize``) is :mod:`octomed_data.stages.distill_run`'s.
 """
 
-from typing import Any
-
 from octomed_data.distill.compact import ShardReport, config_fingerprint, is_shard_done
 from octomed_data.distill.engine import adistill_shard, distill_shard, shard_names
 from octomed_data.distill.journal import raw_uri, read_done_keys, sample_key
@@ -29,13 +27,3 @@ __all__ = [
     "sample_seed",
     "shard_names",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    """``finalize`` / ``run_local`` moved to :mod:`octomed_data.stages.distill_run`; kept here only
-    until the last outside importer (tests/support/distill.py, tasks/ray_distill.py) switches."""
-    if name in ("finalize", "run_local"):
-        from octomed_data.stages import distill_run
-
-        return getattr(distill_run, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

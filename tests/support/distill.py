@@ -56,8 +56,8 @@ def read_raw(out: str, q_uri: str | None = None):
     rows = storage.Dataset(storage.join(out, "raw"), SAMPLE_SCHEMA).read_all().to_pylist()
     if q_uri is None:
         return rows
-    from octomed_data.distill import finalize
     from octomed_data.schema import VERDICT_SCHEMA
+    from octomed_data.stages.distill_run import finalize
 
     finalize(out, q_uri)
     verdicts = storage.Dataset(storage.join(out, "verdicts"), VERDICT_SCHEMA).read_all().to_pylist()
