@@ -28,9 +28,13 @@ from octomed_data.layout import RunPaths
 from octomed_data.release_card import registry_info
 
 
-def _cli(*args: str, home: Path) -> subprocess.CompletedProcess:
+def _cli(*args: str, home: Path, api: str | None = None) -> subprocess.CompletedProcess:
+    """The CLI as a process: with its own local Prefect, as a user would (the module's first run),
+    or against ``api``, the session's Prefect server (one API start instead of one per run)."""
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PREFECT_HOME=str(home))
-    env.pop("PREFECT_API_URL", None)  # the child runs its own local Prefect, as a user would
+    env.pop("PREFECT_API_URL", None)
+    if api is not None:
+        env["PREFECT_API_URL"] = api
     return subprocess.run(
         [sys.executable, "-m", "octomed_data.cli", "experiment", *args],
         env=env,
@@ -38,6 +42,14 @@ def _cli(*args: str, home: Path) -> subprocess.CompletedProcess:
         text=True,
         timeout=1200,
     )
+
+
+@pytest.fixture(scope="module")
+def prefect_api(prefect_harness) -> str:
+    """The session's Prefect API URL, for CLI processes after the first."""
+    from prefect.settings import PREFECT_API_URL
+
+    return str(PREFECT_API_URL.value())
 
 
 @pytest.fixture(scope="module")
@@ -255,24 +267,28 @@ def test_selection_first_k_is_nested_groups_and_bands_and_fingerprints(lab, tmp_
         select_arm(base, Arm(name="x", sources=["no-such-source"]), str(tmp_path / "x"))
 
 
-def test_a_rerun_reuses_finished_arms_and_one_arm_can_be_rerun_alone(lab) -> None:
+def test_a_rerun_reuses_finished_arms_and_one_arm_can_be_rerun_alone(prefect_api, lab) -> None:
     tmp, store, _ = lab
     exp = ExperimentPaths(store, "sources")
     before = {a: json.loads(Path(exp.record(a)).read_text()) for a in ("text", "multimodal", "all")}
-    again = _cli("sources", "--store", store, home=tmp / "prefect")
+    again = _cli("sources", "--store", store, home=tmp / "prefect", api=prefect_api)
     assert again.returncode == 0, again.stderr[-3000:]
     said = again.stdout + again.stderr
     assert all(f"arm {a}: finished before" in said for a in ("text", "multimodal", "classification", "all"))
     after = {a: json.loads(Path(exp.record(a)).read_text()) for a in before}
     assert after == before  # nothing trained again
-    alone = _cli("sources", "--store", store, "--arm", "text", "--force", home=tmp / "prefect")
+    alone = _cli(
+        "sources", "--store", store, "--arm", "text", "--force", home=tmp / "prefect", api=prefect_api
+    )
     assert alone.returncode == 0, alone.stderr[-3000:]
     text = json.loads(Path(exp.record("text")).read_text())
     assert text["updated_at"] > before["text"]["updated_at"] and text["data"] == before["text"]["data"]
     assert json.loads(Path(exp.record("all")).read_text()) == before["all"]
 
 
-def test_a_failed_arm_leaves_the_others_in_the_report_and_names_how_to_rerun_it(lab, tmp_path: Path) -> None:
+def test_a_failed_arm_leaves_the_others_in_the_report_and_names_how_to_rerun_it(
+    prefect_api, lab, tmp_path: Path
+) -> None:
     tmp, store, _ = lab
     spec = tmp_path / "broken.yaml"
     spec.write_text(
@@ -280,7 +296,7 @@ def test_a_failed_arm_leaves_the_others_in_the_report_and_names_how_to_rerun_it(
         "evaluation: {seeds: 1}\narms:\n  - {name: ok, sources: [classification]}\n"
         "  - {name: empty, sources: [classification], pass_rate: [0.0, 0.0]}\n"
     )
-    proc = _cli(str(spec), "--store", store, home=tmp / "prefect")
+    proc = _cli(str(spec), "--store", store, home=tmp / "prefect", api=prefect_api)
     assert proc.returncode == 2
     error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "arm(s) empty failed" in error[0] and "--arm empty" in error[0]
@@ -290,7 +306,7 @@ def test_a_failed_arm_leaves_the_others_in_the_report_and_names_how_to_rerun_it(
     assert "| ok | COMPLETED |" in Path(exp.report).read_text()
 
 
-def test_same_epochs_trains_epochs_not_the_recipes_max_steps(lab, tmp_path: Path) -> None:
+def test_same_epochs_trains_epochs_not_the_recipes_max_steps(prefect_api, lab, tmp_path: Path) -> None:
     """Review finding: under same_epochs the recipe's max_steps (2 in the lab recipe) still won."""
     tmp, store, _ = lab
     spec = tmp_path / "epochs.yaml"
@@ -299,7 +315,7 @@ def test_same_epochs_trains_epochs_not_the_recipes_max_steps(lab, tmp_path: Path
         "training: {num_train_epochs: 1, report_to: none}\nevaluation: {seeds: 1}\narms:\n"
         "  - {name: cls, sources: [classification]}\n  - {name: cls1, sources: [classification], samples_per_question: 1}\n"
     )
-    proc = _cli(str(spec), "--store", store, "--arm", "cls", home=tmp / "prefect")
+    proc = _cli(str(spec), "--store", store, "--arm", "cls", home=tmp / "prefect", api=prefect_api)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(Path(ExperimentPaths(store, "epochs").record("cls")).read_text())
     rows = record["mixture"]["train_rows"]
@@ -309,7 +325,7 @@ def test_same_epochs_trains_epochs_not_the_recipes_max_steps(lab, tmp_path: Path
     assert "| cls1 | NOT RUN |" in report
 
 
-def test_a_changed_setting_makes_other_arms_stale_in_the_report(lab, tmp_path: Path) -> None:
+def test_a_changed_setting_makes_other_arms_stale_in_the_report(prefect_api, lab, tmp_path: Path) -> None:
     """Review finding: the report mixed arms trained under other settings with the current ones."""
     tmp, store, _ = lab
     changed = load_spec("sources").model_dump(mode="json")
@@ -318,7 +334,7 @@ def test_a_changed_setting_makes_other_arms_stale_in_the_report(lab, tmp_path: P
 
     spec = tmp_path / "sources.yaml"
     spec.write_text(yaml.safe_dump(changed))
-    proc = _cli(str(spec), "--store", store, "--arm", "classification", home=tmp / "prefect")
+    proc = _cli(str(spec), "--store", store, "--arm", "classification", home=tmp / "prefect", api=prefect_api)
     assert proc.returncode == 0, proc.stderr[-3000:]
     exp = ExperimentPaths(store, "sources")
     report = Path(exp.report).read_text()
@@ -328,7 +344,7 @@ def test_a_changed_setting_makes_other_arms_stale_in_the_report(lab, tmp_path: P
     assert all(r["mean"] is None for r in comparison["accuracy"] if r["arm"] == "all")
 
 
-def test_arms_with_identical_data_and_training_train_once(lab, tmp_path: Path) -> None:
+def test_arms_with_identical_data_and_training_train_once(prefect_api, lab, tmp_path: Path) -> None:
     """cot vs direct prompting: one checkpoint, evaluated under each arm's prompting. A truly direct
     arm (answer-only training data) has another data fingerprint: its own checkpoint, trained on
     exports with no reasoning, evaluated with no ``<think>`` prefill."""
@@ -341,7 +357,7 @@ def test_arms_with_identical_data_and_training_train_once(lab, tmp_path: Path) -
         "  - {name: direct, sources: [classification], evaluation: {prompting: direct}}\n"
         "  - {name: answer, sources: [classification], export: answer_only, evaluation: {prompting: direct}}\n"
     )
-    proc = _cli(str(spec), "--store", store, home=tmp / "prefect")
+    proc = _cli(str(spec), "--store", store, home=tmp / "prefect", api=prefect_api)
     assert proc.returncode == 0, proc.stderr[-3000:]
     said = proc.stdout + proc.stderr
     assert "arm direct: same data and training as arm cot: its checkpoint, not trained again" in said
@@ -392,7 +408,9 @@ def test_arms_with_identical_data_and_training_train_once(lab, tmp_path: Path) -
         assert metrics["protocol"]["prefill_think"] is (arm == "cot")  # the lab recipe prefills for cot
 
 
-def test_learning_curves_evaluate_intermediate_checkpoints_and_recompute(lab, tmp_path: Path) -> None:
+def test_learning_curves_evaluate_intermediate_checkpoints_and_recompute(
+    prefect_api, lab, tmp_path: Path
+) -> None:
     """Issue 22: ``evaluation.every_steps`` evaluates the checkpoint saved every N steps with the
     arm's protocol; comparison.json's learning curves (accuracy against examples seen, plotted in
     learning_curves.png) recompute from each checkpoint's predictions file."""
@@ -404,7 +422,7 @@ def test_learning_curves_evaluate_intermediate_checkpoints_and_recompute(lab, tm
         "  - {name: cls, sources: [classification]}\n"
         "  - {name: cls-k1, sources: [classification], samples_per_question: 1}\n"
     )
-    proc = _cli(str(spec), "--store", store, home=tmp / "prefect")
+    proc = _cli(str(spec), "--store", store, home=tmp / "prefect", api=prefect_api)
     assert proc.returncode == 0, proc.stderr[-3000:]
     exp = ExperimentPaths(store, "curves")
     comparison = json.loads(Path(exp.comparison).read_text())
@@ -428,7 +446,9 @@ def test_learning_curves_evaluate_intermediate_checkpoints_and_recompute(lab, tm
             assert p["accuracy"] == pytest.approx(sum(means.values()) / len(means))
 
 
-def test_teachers_distil_the_same_questions_once_each_and_are_compared(lab, tmp_path: Path) -> None:
+def test_teachers_distil_the_same_questions_once_each_and_are_compared(
+    prefect_api, lab, tmp_path: Path
+) -> None:
     """Issue 22: a spec's teachers each distil the base questions once (run <base_run>-<teacher>, the
     recipe with the teacher's overrides); arms train on each teacher's traces; the report's teacher
     table has each teacher's pass rate, reasoning length and (simulated) cost, recomputed here from
@@ -447,7 +467,7 @@ def test_teachers_distil_the_same_questions_once_each_and_are_compared(lab, tmp_
         "  - {name: cheap, sources: [classification], teacher_run: cheap}\n"
         "  - {name: dear, sources: [classification], teacher_run: dear}\n"
     )
-    proc = _cli(str(spec), "--store", store, home=tmp / "prefect")
+    proc = _cli(str(spec), "--store", store, home=tmp / "prefect", api=prefect_api)
     assert proc.returncode == 0, proc.stderr[-3000:]
     exp = ExperimentPaths(store, "teachers")
     comparison = json.loads(Path(exp.comparison).read_text())
