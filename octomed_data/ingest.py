@@ -466,13 +466,3 @@ __all__ = [
     "demo_entries",
     "SAMPLE_DATA_DIR",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    """``ingest`` / ``ingest_many`` run the ingest stage: they live in :mod:`octomed_data.stages.ingest`
-    (this re-export stays only until every importer imports them from there)."""
-    if name in ("ingest", "ingest_many"):
-        import octomed_data.stages.ingest as stage_module
-
-        return getattr(stage_module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

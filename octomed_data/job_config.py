@@ -304,10 +304,10 @@ class EvalConfig(EvalOptions):
         return self.model
 
     def resolved_output_uri(self) -> str:
-        from octomed_data.storage import join
+        from octomed_data.layout import CheckpointFolder
 
         if self.output_uri:
             return self.output_uri
         if self.model.startswith(("http://", "https://")):
             raise ConfigError("an endpoint model needs an output location: pass --out URI (output_uri)")
-        return join(self.model, "eval", self.name)
+        return CheckpointFolder(self.model).evaluation(self.name)

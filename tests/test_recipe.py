@@ -10,6 +10,7 @@ from octomed_data.errors import ConfigError, StorageError
 from octomed_data.layout import RunPaths
 from octomed_data.recipe import load_recipe
 from octomed_data.runs import check_run_id, open_run, record_shard, shard_states, start_run
+from octomed_data.stages import Runtime
 
 
 def write(tmp_path, data: dict) -> str:
@@ -77,7 +78,7 @@ def test_audit_settings_reach_the_filter_stage(tmp_path) -> None:
     recipe = load_recipe("demo", {"audit": {"min_samples": 2, "agree_share": 0.9}})
     stage = FilterStage.for_recipe(RunPaths(str(tmp_path), "r1"), recipe)
     assert (stage.audit.min_samples, stage.audit.agree_share) == (2, 0.9)
-    assert stage.with_runtime().audit == stage.audit
+    assert stage.bind(Runtime()).audit == stage.audit
 
 
 def test_recipe_file_errors_are_one_line(tmp_path) -> None:

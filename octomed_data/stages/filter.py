@@ -131,10 +131,6 @@ class FilterStage(Stage):
         other.limiter = runtime.limiter if runtime.limiter is not None else self.limiter
         return other
 
-    def with_runtime(self, **runtime: Any) -> FilterStage:
-        """:meth:`bind` under its former name."""
-        return self.bind(Runtime(**runtime))
-
     @property
     def verdicts_uri(self) -> str:
         return FilterFolder(self.out).verdicts

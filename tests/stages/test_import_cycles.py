@@ -19,11 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("octomed_data", "flows", "tasks", "training", "evaluation")
 
-KNOWN: set[frozenset[str]] = {
-    # octomed_data.ingest's lazy re-export of ingest/ingest_many, until tests/test_images.py,
-    # tests/distill/test_routing.py and tests/verify/test_verify_judge.py import them from the stage
-    frozenset({"octomed_data.ingest", "octomed_data.stages.ingest"}),
-}
+KNOWN: set[frozenset[str]] = set()
 
 
 def module_name(path: Path, root: Path) -> str:
