@@ -55,6 +55,10 @@ class TrainStage(Stage):
     def record_uri(self) -> str:
         return training_record_uri(self.paths, self.export)
 
+    def lease_wait_s(self) -> float | None:
+        """A trigger for another export waits for the training that runs (hours), as before."""
+        return self.wait_s
+
     def record(self) -> dict[str, Any]:
         return storage.read_json(self.record_uri) if storage.exists(self.record_uri) else {}
 
@@ -104,6 +108,7 @@ class TrainStage(Stage):
             storage.write_json(
                 self.record_uri,
                 {"key": self.key, "state": "COMPLETED", "owner": lease.owner, "finished": time.time()}
+                | {k: v for k, v in result.items() if isinstance(v, str | int | float | bool)}
                 | {"config_hash": self.config_hash, "result": result},
             )
         return result

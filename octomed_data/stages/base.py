@@ -154,6 +154,11 @@ class Stage(ABC):
         done = self.done_dataset()
         return [done] if done is not None else []
 
+    def lease_wait_s(self) -> float | None:
+        """How long a runner waits for another writer's lease on a shard (None: two lease TTLs);
+        a stage whose shards run for hours (training) waits for the one running."""
+        return None
+
     def fingerprint(self) -> str | None:
         """Settings that make a committed shard current (None: any committed shard is)."""
         return None

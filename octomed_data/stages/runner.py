@@ -127,7 +127,8 @@ def run_guarded(
     ttl = ttl_s or LEASE_TTL_S
     try:
         bound = stage.bind(runtime or Runtime())
-        with shard_lease(stage.paths, stage.name, shard, new_owner(owner), ttl).hold(wait_s=2 * ttl):
+        wait = stage.lease_wait_s() or 2 * ttl
+        with shard_lease(stage.paths, stage.name, shard, new_owner(owner), ttl).hold(wait_s=wait):
             return run_one(bound, shard, force=force, attempt=attempt)
     except BaseException as exc:
         record_failure(stage, shard, attempt, exc)
@@ -170,7 +171,7 @@ async def run_fenced(
     checks the lease first (epoch fencing).
     """
     lease = shard_lease(stage.paths, stage.name, shard, owner or new_owner("async:"), ttl_s)
-    await asyncio.to_thread(lease.acquire, ttl_s * 2, min(1.0, ttl_s / 5))
+    await asyncio.to_thread(lease.acquire, stage.lease_wait_s() or ttl_s * 2, min(1.0, ttl_s / 5))
     with lease.fence():  # the shard's task (and its writer tasks) check the lease before each write
         task = asyncio.ensure_future(work())
     lost: list[str] = []
