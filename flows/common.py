@@ -9,6 +9,7 @@ naming the shards that failed and how to re-run them.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from collections.abc import Sequence
@@ -64,12 +65,14 @@ class RunParams(BaseModel):
 
 def prepare(run: RunParams) -> tuple[Recipe, RunPaths]:
     """Open the run named by ``run`` (its recorded recipe wins) or start a new one from the recipe."""
-    recipe = load_recipe(run.recipe_path)
-    store = default_store(run.store, recipe.store)
+    # An existing run opened on an explicit store needs no recipe file (its run.json holds it).
+    explicit = (run.store or os.environ.get(ENV_STORE) or "") if run.run_id else ""
+    recipe = None if explicit else load_recipe(run.recipe_path)
+    store = explicit or default_store(run.store, recipe.store if recipe else None)
     if run.run_id and storage.exists(RunPaths(store, run.run_id).run_json):
         return open_run(run.run_id, store)
-    paths = start_run(recipe, run.run_id, store)
-    return recipe, paths
+    recipe = recipe or load_recipe(run.recipe_path)
+    return recipe, start_run(recipe, run.run_id, store)
 
 
 def apply_verify(paths: RunPaths, recipe: Recipe, verify: Any, by: str) -> Recipe:

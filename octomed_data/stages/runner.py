@@ -149,7 +149,9 @@ async def arun_guarded(
     try:
         bound = stage.bind(runtime or Runtime())
         work = lambda: arun_one(bound, shard, force=force, attempt=attempt)  # noqa: E731
-        return await run_fenced(stage, shard, work, ttl_s=ttl_s or LEASE_TTL_S, owner=new_owner(owner))
+        ttl = ttl_s or LEASE_TTL_S
+        wait = stage.lease_wait_s()
+        return await run_fenced(stage, shard, work, ttl_s=ttl, owner=new_owner(owner), wait_s=wait)
     except BaseException as exc:
         await asyncio.to_thread(record_failure, stage, shard, attempt, exc)
         raise
@@ -162,16 +164,17 @@ async def run_fenced(
     *,
     ttl_s: float = LEASE_TTL_S,
     owner: str | None = None,
+    wait_s: float | None = None,
 ) -> Any:
     """Await ``work()`` while holding the shard's lease: one writer per shard at a time.
 
-    Waits for a lease held by someone else to be released or to expire, renews it every
+    Waits (``wait_s``, default two TTLs) for a lease held by someone else to be released or to expire, renews it every
     ``ttl_s / 3`` while the shard runs, and cancels the shard the moment another owner has taken
     the lease over. Between heartbeats the fence stops it: every journal segment and shard commit
     checks the lease first (epoch fencing).
     """
     lease = shard_lease(stage.paths, stage.name, shard, owner or new_owner("async:"), ttl_s)
-    await asyncio.to_thread(lease.acquire, stage.lease_wait_s() or ttl_s * 2, min(1.0, ttl_s / 5))
+    await asyncio.to_thread(lease.acquire, wait_s or ttl_s * 2, min(1.0, ttl_s / 5))
     with lease.fence():  # the shard's task (and its writer tasks) check the lease before each write
         task = asyncio.ensure_future(work())
     lost: list[str] = []
