@@ -15,8 +15,9 @@ from octomed_data.errors import StorageError
 from octomed_data.layout import RunPaths
 from octomed_data.recipe import Recipe
 from octomed_data.report import embedded_run_report, rejection_rows, run_cost, run_statistics, sample_stats
+from octomed_data.sandbox.standin import judge_for
 from octomed_data.stages import GLOBAL_SHARD, LocalExecutor, raise_for_failures, run_stage
-from octomed_data.stages.filter import FilterStage, judge_for
+from octomed_data.stages.filter import FilterStage
 from octomed_data.stages.report import ReportStage
 from octomed_data.verify import VerifySettings
 

@@ -33,7 +33,14 @@ from octomed_data.config import first_error
 from octomed_data.errors import ConfigError
 from octomed_data.job_config import EvalOptions, TrainOptions
 from octomed_data.mixture import MixtureConfig
-from octomed_data.teachers import ROUTING_KEYS, DistillConfig, TeacherConfig, image_route_key
+from octomed_data.teachers import (
+    ROUTING_KEYS,
+    SIMULATED_LABEL,
+    DistillConfig,
+    TeacherConfig,
+    image_route_key,
+    is_simulated,
+)
 from octomed_data.verify import VerifySettings
 
 DEMO_RECIPE = "demo"
@@ -53,7 +60,6 @@ LAB_OVERRIDES: dict[str, Any] = {
         }
     ],
 }
-SANDBOX_TEACHER = "sandbox"
 SANDBOX_MODEL = "sandbox-not-a-model"
 # A recipe teacher with no base_url uses this endpoint when set, else the loopback sandbox.
 ENV_TEACHER_BASE_URL = "OCTOMED_TEACHER_BASE_URL"
@@ -220,7 +226,7 @@ class Recipe(BaseModel):
     sources: list[SourceEntry] = Field(default_factory=list)
     sources_file: str | None = None  # YAML list of entries (or {entries: [...]}) added to ``sources``
     decontam: DecontamSettings = Field(default_factory=DecontamSettings)
-    teachers: list[RecipeTeacher] = Field(default_factory=lambda: [RecipeTeacher(name=SANDBOX_TEACHER)])
+    teachers: list[RecipeTeacher] = Field(default_factory=lambda: [RecipeTeacher(name=SIMULATED_LABEL)])
     routing: dict[str, str] = Field(default_factory=dict)
     distill: DistillSettings = Field(default_factory=DistillSettings)
     # How open-ended answers are verified, per source (octomed_data.verify): exact, normalized, judge.
@@ -296,10 +302,10 @@ class Recipe(BaseModel):
             elif t.base_url is None:
                 if sandbox_url is None:
                     raise ConfigError(f"teacher {t.name!r} has no base_url and no sandbox teacher is running")
-                rename[t.name] = SANDBOX_TEACHER
-                if any(x.name == SANDBOX_TEACHER for x in teachers):
+                rename[t.name] = SIMULATED_LABEL
+                if any(is_simulated(x) for x in teachers):
                     continue
-                data.update(name=SANDBOX_TEACHER, base_url=sandbox_url, model=SANDBOX_MODEL)
+                data.update(name=SIMULATED_LABEL, base_url=sandbox_url, model=SANDBOX_MODEL, simulated=True)
                 # The recipe's prices stay: the cost ledger prices sandbox replies at them and marks
                 # the cost simulated (octomed_data.cost), so a demo shows what a real run would cost.
                 data.update(api_key_secret=None)
@@ -325,7 +331,7 @@ class Recipe(BaseModel):
         name = self.verify.judge or self.teachers[0].name
         teacher = next(t for t in self.teachers if t.name == name)
         if teacher.base_url is None and not os.environ.get(ENV_TEACHER_BASE_URL):
-            name = SANDBOX_TEACHER
+            name = SIMULATED_LABEL
         return config.teacher(name)
 
     def public_dict(self) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from octomed_data.decontam.text import NGRAM
 from octomed_data.prompts import SYSTEM_PROMPTS
 from octomed_data.recipe import Recipe
 from octomed_data.registry import BUNDLED_REGISTRY, load_registry, registry_counts
-from octomed_data.teachers import TeacherConfig
+from octomed_data.teachers import TeacherConfig, is_simulated
 
 # Per source format: (Hugging Face licence id, note). "unknown": no licence stated upstream.
 SOURCE_LICENSES: dict[str, tuple[str, str]] = {
@@ -428,7 +428,7 @@ def _limitations(
         )
     if summary.get("unknown_sampling_params"):
         out.append(f"- {summary['unknown_sampling_params']} response(s) lack recorded sampling params.")
-    if "sandbox" in used:
+    if any(is_simulated(t) for t in used):
         out.append("- Responses by teacher `sandbox` come from the factory's loopback test teacher: they "
                    "are NOT model traces and must not be used for training.")  # fmt: skip
     return out + [""]

@@ -14,7 +14,7 @@ from octomed_data import storage
 from octomed_data.errors import StorageError
 from octomed_data.layout import RunPaths
 from octomed_data.recipe import Recipe, parse_recipe
-from octomed_data.teachers import TeacherConfig
+from octomed_data.teachers import SIMULATED_LABEL, TeacherConfig
 
 
 def run_recipe(paths: RunPaths) -> Recipe:
@@ -33,9 +33,9 @@ def teacher_configs(paths: RunPaths, recipe: Recipe) -> list[TeacherConfig]:
                 out.append(TeacherConfig.model_validate(t))
             except ValidationError:
                 continue
-    for t in recipe.teachers:  # sandbox-bound recipe teachers ran as the teacher named "sandbox"
+    for t in recipe.teachers:  # sandbox-bound recipe teachers ran as the simulated teacher
         data = t.model_dump() | {"base_url": t.base_url or "recipe"}
-        out += [TeacherConfig(**data), TeacherConfig(**(data | {"name": "sandbox"}))]
+        out += [TeacherConfig(**data), TeacherConfig(**(data | {"name": SIMULATED_LABEL, "simulated": True}))]
     return out
 
 

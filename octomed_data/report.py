@@ -17,8 +17,8 @@ from typing import Any
 
 from octomed_data import storage
 from octomed_data.layout import FilterFolder, ReportFolder, RunPaths
+from octomed_data.teachers import SIMULATED_LABEL, is_simulated
 
-SANDBOX_TEACHER = "sandbox"
 _RESERVOIR = 20_000  # lengths kept per task type for the box plot; counts and means stay exact
 
 
@@ -67,11 +67,11 @@ class SampleStats:
 
     @property
     def sandbox_only(self) -> bool:
-        return bool(self.teachers) and set(self.teachers) == {SANDBOX_TEACHER}
+        return bool(self.teachers) and all(is_simulated(t) for t in self.teachers)
 
     @property
     def any_sandbox(self) -> bool:
-        return SANDBOX_TEACHER in self.teachers
+        return any(is_simulated(t) for t in self.teachers)
 
 
 def sample_stats(stats: Mapping[str, Any]) -> SampleStats:
@@ -239,7 +239,7 @@ def render_plot(stats: SampleStats) -> bytes:
     if stats.sandbox_only:
         fig.suptitle("SANDBOX TEACHER: not model traces", color="#B00020")
     elif stats.any_sandbox:
-        share = stats.teachers[SANDBOX_TEACHER] / sum(stats.teachers.values())
+        share = stats.teachers[SIMULATED_LABEL] / sum(stats.teachers.values())
         fig.suptitle(f"{share:.0%} of samples from the SANDBOX TEACHER (not model traces)", color="#B00020")
     fig.tight_layout()
     buf = io.BytesIO()
@@ -271,7 +271,7 @@ def report_markdown(
     """The run report. ``png`` is a link target (URI) or the PNG bytes, embedded as a data URI."""
     lines = [f"# OctoMed data factory run `{run_id}`", ""]
     if stats.any_sandbox:
-        share = stats.teachers[SANDBOX_TEACHER] / max(1, sum(stats.teachers.values()))
+        share = stats.teachers[SIMULATED_LABEL] / max(1, sum(stats.teachers.values()))
         lines += [
             f"> **Warning: {share:.0%} of the samples come from the sandbox teacher (`teacher=sandbox`). "
             "These are NOT model traces**: the sandbox is a deterministic OpenAI-compatible stand-in "

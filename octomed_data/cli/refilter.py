@@ -47,8 +47,9 @@ def _cmd_refilter(args: argparse.Namespace) -> int:
     from octomed_data import storage
     from octomed_data.recipe import load_recipe
     from octomed_data.runs import change_verify, open_run_folder
+    from octomed_data.sandbox.standin import judge_for
     from octomed_data.stages import GLOBAL_SHARD, LocalExecutor, raise_for_failures, run_stage
-    from octomed_data.stages.filter import FilterStage, judge_for
+    from octomed_data.stages.filter import FilterStage
 
     store = default_store(args.store)
     recipe, paths = open_run_folder(args.run, store)

@@ -55,10 +55,6 @@ from octomed_data.sandbox.replies import (
 from octomed_data.sandbox.server import SandboxHandle, build_app, max_in_window, start_sandbox
 from octomed_data.sandbox.state import FaultConfig, app_state
 
-# Old private spellings some tests still import (until they move to the public names).
-_answer_for = answer_for
-_prompt_text = prompt_text
-
 __all__ = [
     "answer_for",
     "prompt_text",

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
@@ -35,25 +34,6 @@ def recipe_judge(recipe: Recipe, sandbox_url: str | None = NO_SANDBOX_URL) -> Te
     if not recipe.verify.needs_judge:
         return None
     return recipe.judge_teacher(recipe.distill_config(sandbox_url=sandbox_url))
-
-
-@contextlib.contextmanager
-def judge_for(recipe: Recipe, notice: Any = print) -> Iterator[TeacherConfig | None]:
-    """The recipe's judge with a live endpoint: when it has none, the sandbox runs meanwhile (its
-    verdicts then come from the sandbox, not a model; ``notice`` is told so)."""
-    if not recipe.verify.needs_judge:
-        yield None
-        return
-    if not recipe.uses_sandbox():
-        yield recipe_judge(recipe, sandbox_url=None)
-        return
-    from octomed_data.sandbox import FaultConfig, start_sandbox
-
-    notice("judge: no teacher endpoint configured -> the SANDBOX judge (NOT a model) decides open answers")
-    with start_sandbox(
-        latency_s=recipe.distill.sandbox.latency_s, faults=FaultConfig(**recipe.distill.sandbox.faults)
-    ) as sandbox:
-        yield recipe_judge(recipe, sandbox_url=sandbox.base_url)
 
 
 class FilterStage(Stage):

@@ -20,8 +20,7 @@ from octomed_data.inference.client import sample_seed
 from octomed_data.layout import RunPaths
 from octomed_data.report import shard_table_rows
 from octomed_data.runs import shard_states
-from octomed_data.sandbox import FaultConfig, start_sandbox
-from octomed_data.sandbox_batch import BatchConfig
+from octomed_data.sandbox import BatchConfig, FaultConfig, start_sandbox
 from octomed_data.schema import SAMPLE_SCHEMA
 from octomed_data.stages.distill_run import run_local
 from octomed_data.teachers import DistillConfig

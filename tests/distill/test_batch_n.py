@@ -14,8 +14,7 @@ import pytest
 from octomed_data import storage
 from octomed_data.distill import estimate
 from octomed_data.distill.batch import batch_estimate, batch_n_support, n_support_uri, read_records
-from octomed_data.sandbox import FaultConfig, start_sandbox
-from octomed_data.sandbox_batch import BatchConfig
+from octomed_data.sandbox import BatchConfig, FaultConfig, start_sandbox
 from octomed_data.schema import SAMPLE_SCHEMA
 from octomed_data.stages.distill_run import run_local
 from tests.support.distill import config, make_questions

@@ -25,9 +25,9 @@ from octomed_data.prompts import build_messages
 from octomed_data.sandbox import (
     SANDBOX_MARK,
     FaultConfig,
-    _answer_for,
-    _prompt_text,
+    answer_for,
     max_in_window,
+    prompt_text,
     start_sandbox,
 )
 from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA, question_row
@@ -96,7 +96,7 @@ def test_faults_every_question_gets_exactly_n_verified_samples(tmp_path: Path) -
         if r["reject_reason"] == "truncated":
             assert r["finish_reason"] == "length" and r["extracted_answer"] is None
             continue
-        chosen, _, _ = _answer_for(_prompt_text(build_messages(q)), r["seed"], 0)
+        chosen, _, _ = answer_for(prompt_text(build_messages(q)), r["seed"], 0)
         assert r["extracted_answer"] == chosen, r["response"]
         assert r["correct"] == (chosen == q["answer"])
         assert r["reject_reason"] == (None if r["correct"] else "wrong_answer")

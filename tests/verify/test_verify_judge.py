@@ -301,7 +301,7 @@ def test_failed_judgements_leave_the_shard_uncommitted_and_are_retried(
 def test_a_batch_mode_judge_gives_the_online_verdicts_through_the_batch_api(
     distilled: Path, tmp_path: Path
 ) -> None:
-    from octomed_data.sandbox_batch import BatchConfig
+    from octomed_data.sandbox import BatchConfig
 
     shard = "pathvqa-00000"
     online, batch = tmp_path / "online", tmp_path / "batch"
