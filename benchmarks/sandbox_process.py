@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def start_sandbox_process(*args: str) -> tuple[subprocess.Popen, str]:
     """``octomed-data sandbox-teacher --port 0 --no-log ARGS``; returns (process, base URL)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "octomed_data.cli", "sandbox-teacher", "--port", "0", "--no-log", *args],
+        [sys.executable, "-m", "cli", "sandbox-teacher", "--port", "0", "--no-log", *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

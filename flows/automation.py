@@ -83,9 +83,9 @@ def ensure_automation_for(deployment_name: str = "train/train", *, enabled: bool
 
 if __name__ == "__main__":
     # ``python -m flows.automation [--deployment train/train] [--disable]`` is
-    # ``octomed-data automation ...`` (argparse lives in octomed_data/cli/).
+    # ``octomed-data automation ...`` (argparse lives in cli/).
     import sys
 
-    from octomed_data.cli import main
+    from cli import main
 
     sys.exit(main(["automation", *sys.argv[1:]]))

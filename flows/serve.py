@@ -45,7 +45,7 @@ def serve(recipe_path: str = "demo", *, with_automation: bool = True, schedules:
 
 
 if __name__ == "__main__":
-    # The same parser as ``octomed-data serve`` (argparse lives in octomed_data/cli/).
-    from octomed_data.cli import main
+    # The same parser as ``octomed-data serve`` (argparse lives in cli/).
+    from cli import main
 
     sys.exit(main(["serve", *sys.argv[1:]]))

@@ -12,8 +12,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from cli import main
 from octomed_data import storage
-from octomed_data.cli import main
 from octomed_data.errors import ConfigError, OctomedError
 from octomed_data.ingest import demo_entries
 from octomed_data.schema import QUARANTINE_SCHEMA, QUESTION_SCHEMA
@@ -204,7 +204,7 @@ def test_cli_unreachable_s3_endpoint_subprocess(shared_data, tmp_path):
         [
             sys.executable,
             "-m",
-            "octomed_data.cli",
+            "cli",
             "ingest",
             "medqa",
             str(shared_data / "medqa/phrases_no_exclude_test.jsonl"),

@@ -10,7 +10,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("octomed_data", "flows", "tasks", "training", "evaluation")
+PACKAGES = ("octomed_data", "cli", "flows", "tasks", "training", "evaluation")
 LAYOUT = "octomed_data/layout.py"
 # The storage layer names its own dataset files (``part-<shard>.parquet``, ``_manifest/``): below the layout.
 STORAGE = "octomed_data/storage"

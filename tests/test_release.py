@@ -25,8 +25,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from cli import main
 from octomed_data import storage
-from octomed_data.cli import main
 from octomed_data.decontam.index import DecontamIndex
 from octomed_data.errors import ConfigError
 from octomed_data.images import ImageStore

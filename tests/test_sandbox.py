@@ -82,7 +82,7 @@ def test_server_side_rpm_counts_violations() -> None:
 def test_sandbox_teacher_command_runs_as_a_subprocess(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.Popen(
-        [sys.executable, "-m", "octomed_data.cli", "sandbox-teacher", "--port", "0", "--style", "think"],
+        [sys.executable, "-m", "cli", "sandbox-teacher", "--port", "0", "--style", "think"],
         cwd=root,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

@@ -14,11 +14,11 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("octomed_data", "flows", "tasks", "training", "evaluation")
-OWN = ("octomed_data/sandbox/", "octomed_data/cli/sandbox.py", "octomed_data/teachers.py")
+PACKAGES = ("octomed_data", "cli", "flows", "tasks", "training", "evaluation")
+OWN = ("octomed_data/sandbox/", "cli/sandbox.py", "octomed_data/teachers.py")
 NAME_CONSTANTS = {"SANDBOX_TEACHER", "SANDBOX_FINGERPRINT"}
 # Where a stand-in is started (composition, not judgement): the CLI and the flows.
-MAY_START = ("octomed_data/cli/", "flows/")
+MAY_START = ("cli/", "flows/")
 LABEL = "sandbox"
 
 

@@ -98,7 +98,7 @@ def test_tiers_mark_what_starts_a_real_component() -> None:
 
 def test_the_fast_tier_check_knows_a_real_component_from_a_plain_subprocess() -> None:
     python = sys.executable
-    assert heavy_command([python, "-m", "octomed_data.cli", "distill", "q"]) == "octomed_data.cli"
+    assert heavy_command([python, "-m", "cli", "distill", "q"]) == "cli"
     assert heavy_command([python, "-m", "training.sft", "--config", "c.yaml"]) == "training.sft"
     assert heavy_command(["torchrun", "--nproc_per_node", "2"]) == "torchrun"
     assert heavy_command([str(Path(python).with_name("ray")), "start", "--head"]) == "ray"

@@ -43,7 +43,7 @@ Modules: :mod:`.text` (normalisation, tokens, hashes; imports nothing from the r
 uses it to link benchmark copies), :mod:`.index` (:class:`DecontamIndex`, :class:`Match`,
 :func:`load_index`; the module that reads the registry), :mod:`.shard` (:func:`decontaminate_shard`; a whole dataset is the decontaminate stage,
 :func:`octomed_data.stages.decontaminate.decontaminate`); the ``decontaminate`` and ``registry`` commands
-are in :mod:`octomed_data.cli.decontam`. The index and shard names are loaded on first
+are in :mod:`cli.decontam`. The index and shard names are loaded on first
 use, so importing the text rules (as the registry does) never imports the index.
 """
 

@@ -158,7 +158,7 @@ def _write_config(path: Path, base_url: str) -> str:
 
 
 def _command(q_uri: str, out: str, cfg: str) -> list[str]:
-    cli = [sys.executable, "-m", "octomed_data.cli", "distill", q_uri, "--config", cfg]
+    cli = [sys.executable, "-m", "cli", "distill", q_uri, "--config", cfg]
     return [*cli, "--executor", "local", "--no-progress", "--out", out]
 
 

@@ -133,7 +133,7 @@ def test_cli_states_the_simulated_cost_and_the_batch_saving(tmp_path: Path, caps
     to ``sandbox``; ``tests/test_cost.py`` prices sandbox rows of a teacher named otherwise.)"""
     import yaml
 
-    from octomed_data.cli import main
+    from cli import main
 
     q_uri, out = str(tmp_path / "q"), str(tmp_path / "out")
     make_questions(q_uri, 10)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from cli import main
 from octomed_data import storage
-from octomed_data.cli import main
 from octomed_data.distill.filtering import (
     GRADING_SYSTEM_PROMPT,
     SCORE_SCHEMA,

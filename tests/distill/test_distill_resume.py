@@ -25,7 +25,7 @@ def _command(q_uri: str, out: str, base_url: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "octomed_data.cli",
+        "cli",
         "distill",
         q_uri,
         "--base-url",

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
+from cli import main
 from octomed_data import storage
-from octomed_data.cli import main
 from octomed_data.errors import ConfigError
 from octomed_data.schema import VERDICT_SCHEMA
 from octomed_data.stats import source_statistics

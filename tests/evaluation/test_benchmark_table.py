@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from cli import build_parser
+from cli.eval import config_from_args
 from evaluation.benchmarks import BENCHMARKS
 from octomed_data import registry
 from octomed_data.benchmarks import BENCHMARKS as TABLE
 from octomed_data.benchmarks import eval_sets, expected_items, held_out_files
-from octomed_data.cli import build_parser
-from octomed_data.cli.eval import config_from_args
 from octomed_data.errors import ConfigError
 from octomed_data.schema import TaskType
 

@@ -236,7 +236,7 @@ def test_hf_tiny_vl_model_on_real_vqa_rad_images(shared_data, tmp_path):
 
 
 def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    from octomed_data.cli import main
+    from cli import main
 
     rc = main(argv)
     cap = capsys.readouterr()

@@ -36,7 +36,7 @@ def _cli(*args: str, home: Path, api: str | None = None) -> subprocess.Completed
     if api is not None:
         env["PREFECT_API_URL"] = api
     return subprocess.run(
-        [sys.executable, "-m", "octomed_data.cli", "experiment", *args],
+        [sys.executable, "-m", "cli", "experiment", *args],
         env=env,
         capture_output=True,
         text=True,

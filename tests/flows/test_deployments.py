@@ -15,8 +15,8 @@ from prefect.flows import load_flow_from_entrypoint
 from prefect.utilities.importtools import import_object
 from prefect.utilities.templating import apply_values
 
+from cli import main
 from flows.deployments import DEPLOYMENTS, FACTORY_CRON, prefect_yaml, spec
-from octomed_data.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT_YAML = ROOT / "deploy" / "prefect.yaml"

@@ -237,7 +237,7 @@ def test_killed_run_resumes_without_redoing_shards(prefect_harness, ray_local, t
         [
             sys.executable,
             "-m",
-            "octomed_data.cli",
+            "cli",
             "run",
             recipe,
             "--run-id",
@@ -357,7 +357,7 @@ def test_automation_fires_training_deployment(finished_run):
 
 
 def test_rerun_unknown_run_is_one_line_error(tmp_path, capsys):
-    from octomed_data.cli import main
+    from cli import main
 
     assert main(["rerun", "nope", "--shard", "0", "--store", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

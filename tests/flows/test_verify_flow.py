@@ -68,9 +68,9 @@ def test_run_with_a_changed_verify_block_rejudges_the_run_without_distilling(
     deployment's UI field) does the same."""
     import os
 
+    from cli import main
     from flows.common import RunParams
     from flows.filter import filter_flow
-    from octomed_data.cli import main
     from octomed_data.rejection import read_verify_history
     from octomed_data.runs import open_run
     from octomed_data.sandbox import FaultConfig, start_sandbox

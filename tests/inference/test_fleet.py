@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
+from cli import main
 from octomed_data import storage
-from octomed_data.cli import main
 from octomed_data.distill.engine import distill_shard
 from octomed_data.errors import ConfigError
 from octomed_data.inference.client import EndpointClient, request_with_retries

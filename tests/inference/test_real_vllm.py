@@ -140,7 +140,7 @@ def test_kill_9_then_resume_against_vllm(vllm_server, tmp_path: Path) -> None:
     q_uri, out = str(tmp_path / "q"), str(tmp_path / "out")
     make_questions(q_uri, 40)
     cmd = [
-        sys.executable, "-m", "octomed_data.cli", "distill", q_uri, "--out", out,
+        sys.executable, "-m", "cli", "distill", q_uri, "--out", out,
         "--base-url", vllm_server.base_url, "--model", "tiny-r1", "--teacher-name", "vllm-r1",
         "--samples", "4", "--max-tokens", "200", "--max-in-flight", "1", "--executor", "local", "--no-progress",
     ]  # fmt: skip

@@ -15,7 +15,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from octomed_data.cli import main
+from cli import main
 from octomed_data.errors import ConfigError, SourceError
 from octomed_data.images import ImageStore
 from octomed_data.sources import iter_records

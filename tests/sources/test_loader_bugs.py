@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from cli import main
 from octomed_data import storage
-from octomed_data.cli import main
 from octomed_data.images import ImageStore
 from octomed_data.layout import IngestFolder
 from octomed_data.schema import QUARANTINE_SCHEMA, QUESTION_SCHEMA

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from cli import main
 from octomed_data import storage
-from octomed_data.cli import main
 from octomed_data.images import ImageStore
 from octomed_data.layout import IngestFolder
 from octomed_data.recipe import parse_recipe

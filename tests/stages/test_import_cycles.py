@@ -17,7 +17,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("octomed_data", "flows", "tasks", "training", "evaluation")
+PACKAGES = ("octomed_data", "cli", "flows", "tasks", "training", "evaluation")
 
 KNOWN: set[frozenset[str]] = set()
 

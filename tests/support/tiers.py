@@ -41,7 +41,7 @@ REAL_TESTS = {
 # A subprocess starts a real component when a word of its command line is one of HEAVY_WORDS
 # (a program or module name) or contains one of HEAVY_PARTS (conftest checks the fast tier by these).
 HEAVY_WORDS = ("octomed-data", "torchrun", "deepspeed", "docker", "ray", "pip", "pip3", "venv")
-HEAVY_PARTS = ("octomed_data.cli", "training.sft", "llamafactory", "vllm", "uvicorn", "raylet", "gcs_server")
+HEAVY_PARTS = ("cli", "training.sft", "llamafactory", "vllm", "uvicorn", "raylet", "gcs_server")
 
 
 def real_reason(rel: str, name: str, fixturenames) -> str | None:

@@ -216,7 +216,7 @@ def test_text_model_refuses_multimodal_rows_and_bad_paths(tiny_text, tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    from octomed_data.cli import main
+    from cli import main
 
     assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
     err = capsys.readouterr().err.strip()

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cli import main
 from octomed_data import storage
-from octomed_data.cli import main
 from octomed_data.errors import ConfigError
 from octomed_data.layout import RunPaths
 from octomed_data.recipe import parse_recipe
@@ -215,7 +215,7 @@ def test_a_judge_that_is_not_a_run_teacher_is_refused(finished, tmp_path):
 def test_a_given_recipe_applies_its_verify_block_an_implied_one_only_says_so(finished, capsys):
     """``run RECIPE --run-id R`` re-judges with the recipe's verify block; ``demo --run-id R`` (the
     recipe is implied, not given) keeps the run's and says so; other blocks are named, not applied."""
-    from octomed_data.cli.run import saved_run_verify
+    from cli.run import saved_run_verify
 
     saved, _ = open_run(finished.run_id, finished.store)
     same = saved_run_verify(saved, "r.yaml", finished.run_id, finished.store)

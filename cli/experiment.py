@@ -6,7 +6,7 @@ import argparse
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
-    from octomed_data.cli.run import closed_network_defaults
+    from cli.run import closed_network_defaults
     from octomed_data.experiment import load_spec
 
     spec = load_spec(args.spec)  # a bad spec or arm name is one line, before Prefect starts

@@ -1,4 +1,4 @@
-"""``octomed-data train`` / ``tiny-model`` commands (``eval`` is :mod:`octomed_data.cli.eval`).
+"""``octomed-data train`` / ``tiny-model`` commands (``eval`` is :mod:`cli.eval`).
 
 ``train`` runs in this process (single process; DeepSpeed gets single-process defaults). For
 several GPUs, ``train --launch-line N`` prints the ``deepspeed`` (or ``torchrun``) command that

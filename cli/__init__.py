@@ -18,18 +18,18 @@ import sys
 from octomed_data.errors import OctomedError
 
 COMMAND_MODULES = [
-    "octomed_data.cli.ingest",  # ingest
-    "octomed_data.cli.decontam",  # decontaminate, registry
-    "octomed_data.cli.distill",  # distill, filter-difficulty
-    "octomed_data.cli.sandbox",  # sandbox-teacher
-    "octomed_data.cli.vllm",  # vllm setup, vllm serve
-    "octomed_data.cli.mixture",  # mix, export
-    "octomed_data.cli.release",  # release
-    "octomed_data.cli.run",  # demo, run, rerun, serve, deployments (drive the Prefect flows)
-    "octomed_data.cli.refilter",  # refilter (judge a run's stored replies again)
-    "octomed_data.cli.train",  # train, tiny-model
-    "octomed_data.cli.eval",  # eval
-    "octomed_data.cli.experiment",  # experiment (the recipe lab)
+    "cli.ingest",  # ingest
+    "cli.decontam",  # decontaminate, registry
+    "cli.distill",  # distill, filter-difficulty
+    "cli.sandbox",  # sandbox-teacher
+    "cli.vllm",  # vllm setup, vllm serve
+    "cli.mixture",  # mix, export
+    "cli.release",  # release
+    "cli.run",  # demo, run, rerun, serve, deployments (drive the Prefect flows)
+    "cli.refilter",  # refilter (judge a run's stored replies again)
+    "cli.train",  # train, tiny-model
+    "cli.eval",  # eval
+    "cli.experiment",  # experiment (the recipe lab)
 ]
 
 
