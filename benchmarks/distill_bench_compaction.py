@@ -104,14 +104,14 @@ def compaction_run(work: str, total: int, shard_samples: int) -> dict:
             shard = f"{shard_no:05d}"
             n = min(shard_samples, total - done)
 
-            async def journal_shard(shard: str = shard, n: int = n) -> set[str]:
+            async def journal_shard(shard: str = shard, n: int = n) -> dict[str, bool]:
                 writer = JournalWriter(out, shard, every=256, interval_s=0.5).start()
-                qids = set()
+                qids: dict[str, bool] = {}  # question id -> has an image (compact_shard's route)
                 for i in range(n):
                     row = synthetic_row(rng, i, shard)
                     row["prompt_version"] = cfg.prompt_version
                     row["params_hash"] = cfg.teachers[0].params_hash()
-                    qids.add(row["question_id"])
+                    qids[row["question_id"]] = False  # text_mcq: no image
                     writer.add(row)
                     nonlocal trace_chars
                     trace_chars += len(row["reasoning"])
