@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from octomed_data import cli
+import cli
 from tests.support.decontam_rows import write_mixed_questions
 
 
