@@ -22,13 +22,13 @@ def load_verify_file(path: str) -> Any:
     import yaml
     from pydantic import ValidationError
 
-    from octomed_data.config import first_error
+    from octomed_data.config import first_error, safe_load_capped
     from octomed_data.errors import ConfigError
     from octomed_data.verify import VerifySettings
 
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            data = safe_load_capped(fh.read(), f"verify file {path}")
     except FileNotFoundError:
         raise ConfigError(f"verify file {path} does not exist") from None
     except yaml.YAMLError as exc:

@@ -440,9 +440,11 @@ def demo_entries(config: str | Path = DEMO_CONFIG) -> list[dict[str, Any]]:
     """The ingest entries of the bundled demo (``sample_data/demo.yaml``), paths made absolute."""
     import yaml
 
+    from octomed_data.config import safe_load_capped
+
     path = Path(config)
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        doc = safe_load_capped(path.read_text(encoding="utf-8"), f"demo config {path}")
     except FileNotFoundError:
         raise ConfigError(f"demo config not found: {path}") from None
     except yaml.YAMLError as exc:

@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from octomed_data.audit import AuditSettings
-from octomed_data.config import first_error
+from octomed_data.config import first_error, safe_load_capped
 from octomed_data.errors import ConfigError
 from octomed_data.job_config import EvalOptions, TrainOptions
 from octomed_data.mixture import MixtureConfig
@@ -357,7 +357,7 @@ class Recipe(BaseModel):
         if self.sources_file:
             path = self.resolve_path(self.sources_file)
             try:
-                data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+                data = safe_load_capped(Path(path).read_text(encoding="utf-8"), f"sources_file {path}")
             except FileNotFoundError:
                 raise ConfigError(f"sources_file not found: {path}") from None
             except yaml.YAMLError as exc:
@@ -418,7 +418,7 @@ def load_recipe(
             raise ConfigError(f"recipe file not found: {p}")
         text, where, base_dir = p.read_text(encoding="utf-8"), f"recipe {p}", str(p.resolve().parent)
     try:
-        data = yaml.safe_load(text) or {}
+        data = safe_load_capped(text, where) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if overrides:
