@@ -35,6 +35,8 @@ def summary_lines(result: IngestResult) -> list[str]:
             )
     if result.reasons:
         lines.append("quarantine reasons: " + ", ".join(f"{k}={v}" for k, v in result.reasons.items()))
+    if result.cleaned:
+        lines.append("cleaned: " + ", ".join(f"{k}={v}" for k, v in result.cleaned.items()))
     lines.append(f"questions:  {result.questions_uri}  ({len(result.shards)} shards)")
     lines.append(f"quarantine: {result.quarantine_uri}  ({len(result.quarantine_shards)} shards)")
     lines.append(

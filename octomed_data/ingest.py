@@ -60,6 +60,7 @@ class IngestResult:
     images_stored: int = 0  # objects newly written to the image store
     images_decoded: int = 0
     per_source: dict[str, dict[str, int]] = field(default_factory=dict)
+    cleaned: dict[str, int] = field(default_factory=dict)  # control_chars_removed, records_with_control_chars
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -248,6 +249,7 @@ def ingest_entry(
     x_writer = _ShardSplitter(quarantine_ds, plan.prefix, shard_size, extra)
     counts: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
+    cleaned: Counter[str] = Counter()  # control characters stripped by the loaders
     # Same output + same shard names = a re-run that replaces them. Say so when the shards
     # being replaced came from another input: that is lost data if it was not intended.
     this_input = f"{extra['format']}:{extra['input']}"
@@ -270,6 +272,7 @@ def ingest_entry(
             str(entry["input"]),
             image_store=store,
             images_dir=entry.get("images"),
+            counts=cleaned,
             **plan.options,
         )
         for kind, row in records:
@@ -305,6 +308,7 @@ def ingest_entry(
         "quarantine_shards": x_writer.written,
         "images_stored": store.written,
         "images_decoded": store.decoded,
+        "cleaned": dict(sorted(cleaned.items())),
         "seconds": round(time.perf_counter() - started, 3),
     }
     row = {k: extra[k] for k in ("entry", "format", "input")} | {
@@ -400,6 +404,8 @@ def summarize_ingest(out: str, plans: list[EntryPlan], seconds: float = 0.0) -> 
         result.quarantine_shards.extend(f"{s}-dup" for s in c["shards"] if f"{s}-dup" in x_manifest)
         result.images_stored += c["images_stored"]
         result.images_decoded += c["images_decoded"]
+        for key, n in (c.get("cleaned") or {}).items():  # markers written before this field have none
+            result.cleaned[key] = result.cleaned.get(key, 0) + n
     result.reasons = dict(sorted(reasons.items()))
     result.seconds = seconds
     storage.write_json(IngestFolder(out).summary, result.to_dict())

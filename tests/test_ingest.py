@@ -320,3 +320,24 @@ def test_entries_with_colliding_names_each_keep_their_input(shared_data, tmp_pat
     f.write_text("".join(_medqa_lines(shared_data, 2)))
     plans = plan_entries([{"name": n, "format": "medqa", "input": str(f)} for n in ("m", "m", "m-2")])
     assert len({p.name for p in plans}) == 3
+
+
+def test_control_characters_stripped_at_ingest_are_counted_in_the_summary(shared_data, tmp_path, capsys):
+    """Real MedQA records, one with a NUL and a right-to-left override injected: the summary, ingest.json
+    and the CLI line say how many characters were stripped, and the stored question has none."""
+    lines = (shared_data / "medqa/phrases_no_exclude_test.jsonl").read_text(encoding="utf-8").splitlines()[:5]
+    rec = json.loads(lines[2])
+    rec["question"] = "\x00" + rec["question"][:20] + "\u202e" + rec["question"][20:]
+    lines[2] = json.dumps(rec)
+    src = tmp_path / "medqa.jsonl"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    result = ingest("medqa", str(src), str(out))
+    assert result.cleaned == {"control_chars_removed": 2, "records_with_control_chars": 1}
+    assert json.loads((out / "ingest.json").read_text())["cleaned"] == result.cleaned
+    texts = (
+        storage.Dataset(str(out / "questions"), QUESTION_SCHEMA).read_all(["question"]).column(0).to_pylist()
+    )
+    assert len(texts) == 5 and not any("\x00" in t or "\u202e" in t for t in texts)
+    assert main(["ingest", "medqa", str(src), "--out", str(tmp_path / "cli")]) == 0
+    assert "cleaned: control_chars_removed=2, records_with_control_chars=1" in capsys.readouterr().out
