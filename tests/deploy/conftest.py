@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,32 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-VAR = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[?-])([^}]*))?\}")
-
-
-def read_env_example() -> dict[str, str]:
-    out = {}
-    for line in (ROOT / ".env.example").read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            key, _, value = line.partition("=")
-            out[key.strip()] = value.strip()
-    return out
-
-
-def interpolate(text: str, env: dict[str, str]) -> str:
-    """``${VAR}``, ``${VAR:-default}``, ``${VAR:?error}`` and ``$$`` as docker compose reads them."""
-
-    def sub(m: re.Match[str]) -> str:
-        name, op, arg = m.group(1), m.group(2), m.group(3)
-        value = env.get(name, "")
-        if op in (":?", "?") and not value:
-            raise ValueError(f"{name}: {arg}")
-        if op in (":-", "-") and not value:
-            return arg
-        return value
-
-    return VAR.sub(sub, text).replace("$$", "$")
+from tests.support.compose import ROOT, interpolate, read_env_example
 
 
 @pytest.fixture(scope="session")

@@ -12,42 +12,23 @@ from __future__ import annotations
 import importlib
 import json
 import re
-from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-VAR = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[?-])([^}]*))?\}")
+from tests.support.compose import ROOT, VAR, interpolate, read_env_example
+
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|AUTH|API_KEY|ROOT_USER")
 
 
 def env_example() -> dict[str, str]:
-    out = {}
-    for line in (ROOT / ".env.example").read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            key, _, value = line.partition("=")
-            out[key.strip()] = value.strip()
-    return out
+    return read_env_example()
 
 
 def compose_text() -> str:
     return (ROOT / "docker-compose.yml").read_text()
-
-
-def interpolate(text: str, env: dict[str, str]) -> str:
-    def sub(m: re.Match[str]) -> str:
-        name, op, arg = m.group(1), m.group(2), m.group(3)
-        value = env.get(name, "")
-        if op in (":?", "?") and not value:
-            raise ValueError(f"{name}: {arg}")
-        if op in (":-", "-") and not value:
-            return arg
-        return value
-
-    return VAR.sub(sub, text).replace("$$", "$")
 
 
 @pytest.fixture(scope="module")
