@@ -35,6 +35,7 @@ from typing import Any
 from octomed_data import storage
 from octomed_data.answers import Extraction, extract_answer, looks_like_refusal
 from octomed_data.errors import StorageError
+from octomed_data.release_safety import SECRET_IN_REPLY
 from octomed_data.schema import (
     ACCEPTED_SCHEMA,
     QUESTION_SCHEMA,
@@ -58,6 +59,8 @@ def _read(row: Mapping[str, Any], options: list[tuple[str, str]]) -> tuple[str |
     """(reject reason decided before any answer check, the extraction when an answer was read)."""
     if row.get("reject_reason") == FAILED:
         return FAILED, None
+    if row.get("reject_reason") == SECRET_IN_REPLY:  # scrubbed when stored: never accepted
+        return SECRET_IN_REPLY, None
     finish = row.get("finish_reason")
     if finish == "length":
         return "truncated", None

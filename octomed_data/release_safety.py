@@ -122,23 +122,135 @@ def image_metadata_chunks(data: bytes) -> list[str]:
     return ["not a PNG or JPEG file"]
 
 
+# How a key's character may be spelled where it leaks: itself, percent-encoded (once or twice,
+# either hex case: ``quote``, ``quote_plus``, a full encoder's ``%2D``), or JSON-escaped
+# (``\u002d``, ``\/``); a space also as ``+`` (``quote_plus``).
+def _char_forms(char: str) -> str:
+    alts = [re.escape(char)]
+    alts.append("".join(f"%(?:25)?(?i:{b:02x})" for b in char.encode("utf-8")))
+    alts.append(rf"\\u(?i:{ord(char):04x})" if ord(char) <= 0xFFFF else "")
+    if char == " ":
+        alts.append(r"\+")
+    if char in '/\\"':
+        alts.append(re.escape("\\" + char))
+    return "(?:" + "|".join(a for a in alts if a) + ")"
+
+
+def _base64_cores(secret: str) -> list[str]:
+    """The base64 characters (standard and URL-safe) that any base64 text holding ``secret`` holds,
+    whatever the key's offset in the encoded bytes (0, 1 or 2 mod 3): the encoding of the complete
+    3-byte groups made only of the key's bytes."""
+    import base64
+
+    data, cores = secret.encode("utf-8"), []
+    for offset, skip in ((0, 0), (1, 2), (2, 3)):
+        padded = b"\0" * offset + data
+        whole = padded[: len(padded) - len(padded) % 3]
+        core = base64.b64encode(whole).decode("ascii")[skip:]
+        for form in (core, core.translate(str.maketrans("+/", "-_"))):
+            if len(form) >= _MIN_SECRET_CHARS and form not in cores:
+                cores.append(form)
+    return cores
+
+
+def secret_forms(secret: str) -> list[str]:
+    """The spellings of ``secret`` a scan looks for, before per-character escapes: the key itself
+    and the base64 cores of :func:`_base64_cores` (each also matched URL-encoded or JSON-escaped)."""
+    return [secret, *_base64_cores(secret)]
+
+
+def secret_pattern(secrets: Iterable[str]) -> re.Pattern[str] | None:
+    """One regex finding any of ``secrets`` raw, URL-encoded (``quote``, ``quote_plus``, ``%2D``,
+    twice-encoded), JSON-escaped, or base64 (standard or URL-safe, any alignment; those forms URL-
+    encoded or JSON-escaped too). None when no secret is long enough to scan for."""
+    forms = sorted(
+        {f for s in secrets if len(s) >= _MIN_SECRET_CHARS for f in secret_forms(s)}, key=len, reverse=True
+    )
+    if not forms:
+        return None
+    return re.compile("|".join("".join(_char_forms(c) for c in form) for form in forms))
+
+
+REDACTED = "[redacted key]"
+# The reject reason of a teacher reply that held a key (scrubbed before it was stored).
+SECRET_IN_REPLY = "secret_in_reply"
+
+
+def scrub_secrets(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every spelling of every secret (see :func:`secret_pattern`) replaced."""
+    pattern = secret_pattern(secrets)
+    return text if pattern is None or not text else pattern.sub(REDACTED, text)
+
+
 class SecretGuard:
-    """Refuses rows holding a teacher's API key (the values of the teachers' key variables)."""
+    """Finds, refuses or scrubs a teacher's API key (the values of the teachers' key variables) in
+    text or bytes, in every encoding :func:`secret_pattern` knows: the one key scan of releases,
+    exports, training data and stored replies."""
 
     def __init__(self, secrets: Mapping[str, SecretStr]) -> None:
         self.secrets = {k: v for k, v in secrets.items() if len(v.get_secret_value()) >= _MIN_SECRET_CHARS}
+        self._patterns = {name: secret_pattern([v.get_secret_value()]) for name, v in self.secrets.items()}
+        self._any = secret_pattern(v.get_secret_value() for v in self.secrets.values())
 
     @classmethod
     def from_env(cls, env_names: Iterable[str]) -> SecretGuard:
         return cls({n: SecretStr(os.environ[n]) for n in sorted(set(env_names)) if os.environ.get(n)})
 
+    @classmethod
+    def of_values(cls, values: Mapping[str, str]) -> SecretGuard:
+        """A guard over plain ``name -> key`` values (a stage's clients' keys)."""
+        return cls({n: SecretStr(v) for n, v in values.items() if v})
+
+    def __bool__(self) -> bool:
+        return bool(self.secrets)
+
+    def find(self, text: str | None) -> str | None:
+        """The name of the first key ``text`` holds (in any encoding), or None."""
+        if not text or self._any is None or self._any.search(text) is None:
+            return None
+        return next(name for name, p in self._patterns.items() if p is not None and p.search(text))
+
+    def find_bytes(self, data: bytes) -> str | None:
+        """:meth:`find` for binary content (bytes read as Latin-1: an ASCII key reads as itself)."""
+        found = self.find(data.decode("latin-1"))
+        if found is None and data:
+            found = self.find(data.decode("utf-8", "replace"))
+        return found
+
+    def scrub(self, text: str | None) -> str | None:
+        """``text`` with every spelling of every key replaced by :data:`REDACTED`."""
+        if not text or self._any is None:
+            return text
+        return self._any.sub(REDACTED, text)
+
+    def scrub_row(self, row: dict[str, Any], columns: Iterable[str] | None = None) -> list[str]:
+        """Scrub every text value of ``row`` (or of its ``columns``) in place, lists and dicts too;
+        returns the columns that held a key."""
+        hit = []
+        for column in list(row) if columns is None else [c for c in columns if c in row]:
+            value = row[column]
+            clean = self._scrub_value(value)
+            if clean != value:
+                row[column] = clean
+                hit.append(column)
+        return hit
+
+    def _scrub_value(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.scrub(value)
+        if isinstance(value, list):
+            return [self._scrub_value(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self._scrub_value(v) for k, v in value.items()}
+        return value
+
     def check(self, text: str, where: str) -> None:
-        for name, secret in self.secrets.items():
-            if secret.get_secret_value() in text:
-                raise ConfigError(f"{where} holds the API key of ${name}; not published")
+        name = self.find(text)
+        if name is not None:
+            raise ConfigError(f"{where} holds the API key of ${name}; not published")
 
     def check_bytes(self, data: bytes, where: str) -> None:
         """:meth:`check` for binary content (an image file)."""
-        for name, secret in self.secrets.items():
-            if secret.get_secret_value().encode("utf-8") in data:
-                raise ConfigError(f"{where} holds the API key of ${name}; not published")
+        name = self.find_bytes(data)
+        if name is not None:
+            raise ConfigError(f"{where} holds the API key of ${name}; not published")

@@ -16,6 +16,7 @@ At the end the journal is compacted into ``OUT/raw`` (:mod:`octomed_data.distill
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Container, Iterable, Mapping
@@ -42,8 +43,15 @@ from octomed_data.inference.replies import read_choice
 from octomed_data.inference.retry import Backoff
 from octomed_data.layout import DistillFolder
 from octomed_data.prompts import build_messages
+from octomed_data.release_safety import SECRET_IN_REPLY, SecretGuard
 from octomed_data.schema import QUESTION_SCHEMA
-from octomed_data.teachers import SIMULATED_LABEL, DistillConfig, TeacherConfig, simulated_reply
+from octomed_data.teachers import (
+    SIMULATED_LABEL,
+    SIMULATED_NO_KEY,
+    DistillConfig,
+    TeacherConfig,
+    simulated_reply,
+)
 
 __all__ = [
     "ShardReport",
@@ -53,6 +61,7 @@ __all__ = [
     "distill_shard",
     "is_shard_done",
     "reply_fields",
+    "reply_guard",
     "shard_names",
     "shard_routes",
 ]
@@ -62,6 +71,41 @@ log = logging.getLogger("octomed_data.distill")
 # Question fields a reply row needs (:func:`base_row`): kept in a batch record, so a batch is
 # collected after a restart without re-reading its questions.
 Q_FIELDS = ("question_id", "source", "task_type", "answer")
+# What a teacher (or its server) wrote into a row: scanned for the keys the shard sends.
+REPLY_COLUMNS = ("reasoning", "response", "refusal", "finish_reason", "error")
+
+
+@functools.lru_cache(maxsize=32)
+def _guard_over(keys: tuple[tuple[str, str], ...]) -> SecretGuard:
+    return SecretGuard.of_values(dict(keys))
+
+
+def reply_guard(clients: Mapping[str, EndpointClient]) -> SecretGuard:
+    """The key scan for what ``clients``' teachers reply: every key this shard sends (a simulated
+    teacher's placeholder is no key), in every encoding :class:`SecretGuard` knows."""
+    keys = {
+        c.teacher.api_key_env or c.teacher.name: c.secret
+        for c in clients.values()
+        if c.secret and c.secret != SIMULATED_NO_KEY
+    }
+    return _guard_over(tuple(sorted(keys.items())))
+
+
+def guard_reply_row(guard: SecretGuard, row: dict[str, Any]) -> None:
+    """Scrub a teacher's key out of a reply row's texts; a row that held one is rejected as
+    ``secret_in_reply`` (stored, so it is counted and never requested again, but never accepted)."""
+    if not guard:
+        return
+    held = guard.scrub_row(row, REPLY_COLUMNS)
+    if held and row.get("reject_reason") != FAILED:
+        row["reject_reason"] = SECRET_IN_REPLY
+        log.warning(
+            "question %s sample %s: the reply held a teacher's API key (%s): scrubbed, rejected as %s",
+            row.get("question_id"),
+            row.get("sample_idx"),
+            ", ".join(held),
+            SECRET_IN_REPLY,
+        )
 
 
 def reply_fields(choice: Any) -> dict[str, Any]:
@@ -120,6 +164,7 @@ async def _sample_group(
         for i in group:
             row = base_row(q, tc.teacher, config, i, recorded, tc.params_hash)
             row.update(reject_reason=FAILED, attempts=reply.attempts, error=reply.error, created_at=now_ms)
+            guard_reply_row(reply_guard(proc.clients), row)  # an error text in any encoding too
             proc.add(row)
     else:
         leftover = add_reply_rows(
@@ -155,6 +200,7 @@ def add_reply_rows(
     # Simulated traces are never passed off as a real teacher's, whatever the config calls it.
     simulated = simulated_reply(response)
     endpoint = tc.endpoint_of(response)
+    guard = reply_guard(proc.clients)
     for j, (i, choice) in enumerate(zip(group, choices, strict=False)):
         # Usage is per request: the prompt is billed once, completion split over choices.
         p_tok = (usage.prompt_tokens if usage else None) if j == 0 else 0
@@ -176,6 +222,7 @@ def add_reply_rows(
         )
         proc.counters.prompt_tokens += p_tok or 0
         proc.counters.completion_tokens += c_tok or 0
+        guard_reply_row(guard, row)
         proc.add(row)
     return group[len(choices) :]
 
