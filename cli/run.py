@@ -20,9 +20,13 @@ from octomed_data.layout import DEFAULT_STORE, STAGES, ExportFolder, RunPaths, d
 
 
 def closed_network_defaults(local_ray: bool) -> None:
-    """Settings for a laptop / CI run: no telemetry, and no Ray token auth for a local Ray."""
+    """Settings for a laptop / CI run: no telemetry, no Ray token auth for a local Ray, and start
+    limits for the embedded Prefect API fit for a busy machine (:mod:`flows.startup`)."""
     import logging
 
+    from flows.startup import busy_machine_defaults
+
+    busy_machine_defaults()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call drowns the output
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -76,7 +80,10 @@ def _run_factory(
     recipe_given: bool = True,
 ) -> int:
     from octomed_data.recipe import load_recipe
+    from octomed_data.runs import check_run_id
 
+    if run_id is not None:
+        check_run_id(run_id)  # one line and exit 2, before any recipe is read or Prefect starts
     recipe = None if run_id and shards else load_recipe(recipe_path)
     closed_network_defaults(local_ray=recipe is None or recipe.distill.ray_address is None)
     if recipe is not None and recipe.uses_sandbox() and (not stages or "distill" in stages):
@@ -86,6 +93,9 @@ def _run_factory(
     verify = None
     if recipe is not None:
         verify = saved_run_verify(recipe, recipe_path, run_id, store, apply=recipe_given)
+    from flows.startup import ensure_prefect_api
+
+    ensure_prefect_api()  # the embedded API (no PREFECT_API_URL): a busy machine's limit, one retry
     from flows.common import RunParams
     from flows.factory import factory_flow
 
@@ -140,8 +150,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_rerun(args: argparse.Namespace) -> int:
-    from octomed_data.runs import open_run
+    from octomed_data.runs import check_run_id, open_run
 
+    check_run_id(args.run_id)
     store = default_store(args.store)
     open_run(args.run_id, store)  # fail early, in one line, on a wrong id or store
     return _run_factory("demo", run_id=args.run_id, store=store, shards=args.shard or None)

@@ -10,21 +10,29 @@ naming the shards that failed and how to re-run them.
 from __future__ import annotations
 
 import os
-import re
-import threading
 from collections.abc import Sequence
 from typing import Any
 
 from prefect import get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
+from flows.artifacts import (  # the dashboard's cards live in flows/artifacts.py; importable from here
+    artifact_index_markdown as artifact_index_markdown,
+)
+from flows.artifacts import artifact_key as artifact_key
+from flows.artifacts import new_progress_artifact
+from flows.artifacts import publish_artifact_index as publish_artifact_index
+from flows.artifacts import publish_markdown as publish_markdown
+from flows.artifacts import publish_shard_table as publish_shard_table
+from flows.artifacts import publish_table as publish_table
+from flows.artifacts import published as published
+from flows.artifacts import remember as remember
+from flows.naming import derived_run_id, label_flow_run
 from octomed_data import storage
 from octomed_data.layout import ENV_STORE as ENV_STORE  # flows/training imports it from here
 from octomed_data.layout import RunPaths, default_store
 from octomed_data.recipe import Recipe, load_recipe
-from octomed_data.report import shard_table_rows
-from octomed_data.runs import open_run, shard_states, start_run
+from octomed_data.runs import open_run, start_run
 from octomed_data.stages import Stage, StageFailed, StageResult, raise_for_failures, run_stage
 
 LIBRARY_LOGGER = "octomed_data"
@@ -56,7 +64,12 @@ class RunParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     recipe_path: str = Field("demo", description="Recipe YAML path, or 'demo' for the embedded demo recipe.")
-    run_id: str | None = Field(None, description="Existing run to continue; empty starts a new run.")
+    run_id: str | None = Field(
+        None,
+        description="The run to work on. Empty: the factory (and ingest) start a new run, named after "
+        "this flow run, which a Retry of it continues; train, checkpoint, evaluate and the later "
+        "stages need an existing run's id.",
+    )
     store: str | None = Field(None, description="Override the recipe's store URI (file path or s3://...).")
     shards: list[str] | None = Field(
         None, description="Only these shards (names or numbers) in per-shard stages; empty = all."
@@ -64,15 +77,26 @@ class RunParams(BaseModel):
 
 
 def prepare(run: RunParams) -> tuple[Recipe, RunPaths]:
-    """Open the run named by ``run`` (its recorded recipe wins) or start a new one from the recipe."""
+    """Open the run named by ``run`` (its recorded recipe wins) or start a new one from the recipe.
+
+    Without a ``run_id``, inside a flow run, the run id is derived from the flow run
+    (:mod:`flows.naming`): a retry of that flow run resumes the same run. The flow run is named and
+    tagged after the run id."""
+    recipe, paths = open_or_start(run)
+    label_flow_run(paths.run_id)
+    return recipe, paths
+
+
+def open_or_start(run: RunParams) -> tuple[Recipe, RunPaths]:
     # An existing run opened on an explicit store needs no recipe file (its run.json holds it).
     explicit = (run.store or os.environ.get(ENV_STORE) or "") if run.run_id else ""
     recipe = None if explicit else load_recipe(run.recipe_path)
     store = explicit or default_store(run.store, recipe.store if recipe else None)
-    if run.run_id and storage.exists(RunPaths(store, run.run_id).run_json):
-        return open_run(run.run_id, store)
+    run_id = run.run_id or (derived_run_id(recipe.name) if recipe else None)
+    if run_id and storage.exists(RunPaths(store, run_id).run_json):
+        return open_run(run_id, store)
     recipe = recipe or load_recipe(run.recipe_path)
-    return recipe, start_run(recipe, run.run_id, store)
+    return recipe, start_run(recipe, run_id, store)
 
 
 def apply_verify(paths: RunPaths, recipe: Recipe, verify: Any, by: str) -> Recipe:
@@ -99,18 +123,13 @@ def run_stage_flow(
     max_in_flight: int | None = None,
 ) -> StageResult:
     """Run ``stage`` with the Prefect executor (shards named in ``run``, else all) and publish its table."""
-    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+    from prefect.artifacts import update_progress_artifact
 
     from tasks.prefect_executor import PrefectExecutor
 
     paths = stage.paths
     shards = stage.select(run.shards)
-    progress_id = None
-    if len(shards) > 1:
-        key = artifact_key(f"{stage.name}-progress", paths.run_id)
-        description = f"{stage.name}: shards done, run {paths.run_id}"
-        progress_id = create_progress_artifact(0.0, key=key, description=description)
-        remember(paths, key, description)
+    progress_id = new_progress_artifact(paths, stage.name) if len(shards) > 1 else None
     done = [0]
 
     def on_outcome(outcome: Any) -> None:
@@ -134,71 +153,6 @@ def run_stage_flow(
     if raise_on_failure:
         raise_for_failures(result, lambda bad: rerun_hint(paths, bad))
     return result
-
-
-def artifact_key(kind: str, run_id: str) -> str:
-    """Artifact keys allow lowercase letters, digits and dashes only."""
-    return re.sub(r"[^a-z0-9-]+", "-", f"{kind}-{run_id}".lower()).strip("-")[:120]
-
-
-# Artifacts published in this process, per run: the factory run links them all on one card (the
-# stages' artifacts belong to their subflow runs, so the factory's Artifacts tab would miss them).
-_published: dict[str, dict[str, str]] = {}
-_published_lock = threading.Lock()
-
-
-def remember(paths: RunPaths, key: str, description: str) -> None:
-    with _published_lock:
-        _published.setdefault(paths.run_id, {})[key] = description
-
-
-def published(paths: RunPaths) -> dict[str, str]:
-    """Artifact keys (and descriptions) published for this run in this process."""
-    with _published_lock:
-        return dict(_published.get(paths.run_id, {}))
-
-
-def artifact_index_markdown(paths: RunPaths, keys: dict[str, str]) -> str:
-    lines = [f"# Artifacts of run `{paths.run_id}`", "", "| artifact | what |", "|---|---|"]
-    lines += [f"| [{key}](/artifacts/key/{key}) | {desc} |" for key, desc in sorted(keys.items())]
-    return "\n".join(lines + ["", f"Run folder: `{paths.root}`"])
-
-
-def publish_artifact_index(paths: RunPaths) -> str:
-    """One card on the factory run linking every stage's artifacts (tables, progress, report)."""
-    key = artifact_key("artifacts", paths.run_id)
-    create_markdown_artifact(
-        artifact_index_markdown(paths, published(paths)),
-        key=key,
-        description=f"Every artifact of run {paths.run_id}, with links",
-    )
-    return key
-
-
-def publish_shard_table(paths: RunPaths, stage: str | None = None) -> list[dict[str, Any]]:
-    """Table artifact of shard states (state, error, counts) for one stage or the whole run.
-
-    One key per stage (``shards-<stage>-<run>``), published once when the stage ends: a run shows
-    one card per stage, not one per shard update.
-    """
-    rows = shard_table_rows(shard_states(paths, stage))
-    if rows:
-        key = artifact_key(f"shards-{stage}" if stage else "shards", paths.run_id)
-        description = f"Shards of run {paths.run_id}" + (f" ({stage})" if stage else "")
-        create_table_artifact(rows, key=key, description=description)
-        remember(paths, key, description)
-    return rows
-
-
-def publish_table(kind: str, paths: RunPaths, rows: list[dict[str, Any]], description: str) -> None:
-    if rows:
-        create_table_artifact(rows, key=artifact_key(kind, paths.run_id), description=description)
-        remember(paths, artifact_key(kind, paths.run_id), description)
-
-
-def publish_markdown(kind: str, paths: RunPaths, markdown: str, description: str) -> None:
-    create_markdown_artifact(markdown, key=artifact_key(kind, paths.run_id), description=description)
-    remember(paths, artifact_key(kind, paths.run_id), description)
 
 
 def rerun_hint(paths: RunPaths, failed: Sequence[str]) -> str:

@@ -51,11 +51,13 @@ def teacher_endpoints(recipe: Recipe) -> Iterator[Any]:
 @flow(name="distill", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=64))
 def distill_flow(run: RunParams = RunParams()) -> dict[str, Any]:
     """``RUN/decontaminate/questions`` -> ``RUN/distill/raw``, one Prefect task per shard."""
-    from tasks.ray_executor import RayPool
+    from flows.startup import connect_ray
 
     recipe, paths = prepare(run)
     ray_address = recipe.distill.ray_address or os.environ.get("OCTOMED_RAY_ADDRESS") or None
-    RayPool.get(ray_address)  # connect once, from the flow's thread (concurrent ray.init calls race)
+    # Connect once, from the flow's thread (concurrent ray.init calls race); a local Ray that does
+    # not start in time on a busy machine is started once more.
+    connect_ray(ray_address)
     with teacher_endpoints(recipe) as config:
         stage = DistillStage(paths, config)
         if not stage.input_shards():

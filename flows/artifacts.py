@@ -1,0 +1,216 @@
+"""The dashboard's artifacts: one per key, REPLACED on every pass, and summarised for big runs.
+
+Prefect keeps every artifact created under a key as a new version, so a card published on every
+pass over a run grew the database pass after pass (the shard tables doubled: 291 KB -> 2.0 MB from
+100 to 1,000 shards). Every artifact here goes through :func:`replace_artifact`: the earlier
+versions under its key are deleted before the new one is created, so a second pass over the same
+run leaves the same artifacts (and bytes) as the first.
+
+Shard tables: up to :data:`SHARD_TABLE_ROWS` shards the card is the table itself; past that it is a
+summary (a table per stage: shards by state, counts and seconds summed; then the failed shards, at
+most :data:`FAILED_ROWS` listed) and the full table is written as CSV into the run's ``report/``
+folder, named and linked on the card.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import re
+import threading
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from octomed_data import storage
+from octomed_data.layout import RunPaths
+from octomed_data.report import shard_table_rows
+from octomed_data.runs import shard_states
+
+SHARD_TABLE_ROWS = 300  # a table card up to this many shards; past it a summary + the CSV file
+FAILED_ROWS = 100  # failed shards listed on a summary card (the CSV has all of them)
+COUNT_KEYS = ("input", "kept", "removed", "questions", "samples", "accepted", "seconds")
+
+log = logging.getLogger("octomed_data.flows")
+
+
+def artifact_key(kind: str, run_id: str) -> str:
+    """Artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"{kind}-{run_id}".lower()).strip("-")[:120]
+
+
+def drop_artifacts(key: str) -> int:
+    """Delete every artifact (every version) stored under ``key``; how many were deleted."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    dropped = 0
+    with get_client(sync_client=True) as client:
+        while True:
+            found = client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), limit=200
+            )
+            for artifact in found:
+                client.delete_artifact(artifact.id)
+            dropped += len(found)
+            if len(found) < 200:
+                return dropped
+
+
+def replace_artifact(key: str, create: Callable[[], Any]) -> Any:
+    """``create()`` the artifact under ``key`` after deleting its earlier versions (a pass over a
+    run replaces its cards, never appends to them). A failed clean-up is one warning line."""
+    try:
+        drop_artifacts(key)
+    except Exception as exc:  # the card still gets published; the old version stays beside it
+        log.warning("could not replace earlier versions of artifact %s: %s", key, exc)
+    return create()
+
+
+# Artifacts published in this process, per run: the factory run links them all on one card (the
+# stages' artifacts belong to their subflow runs, so the factory's Artifacts tab would miss them).
+_published: dict[str, dict[str, str]] = {}
+_published_lock = threading.Lock()
+
+
+def remember(paths: RunPaths, key: str, description: str) -> None:
+    with _published_lock:
+        _published.setdefault(paths.run_id, {})[key] = description
+
+
+def published(paths: RunPaths) -> dict[str, str]:
+    """Artifact keys (and descriptions) published for this run in this process."""
+    with _published_lock:
+        return dict(_published.get(paths.run_id, {}))
+
+
+def artifact_index_markdown(paths: RunPaths, keys: dict[str, str]) -> str:
+    lines = [f"# Artifacts of run `{paths.run_id}`", "", "| artifact | what |", "|---|---|"]
+    lines += [f"| [{key}](/artifacts/key/{key}) | {desc} |" for key, desc in sorted(keys.items())]
+    return "\n".join(lines + ["", f"Run folder: `{paths.root}`"])
+
+
+def publish_artifact_index(paths: RunPaths) -> str:
+    """One card on the factory run linking every stage's artifacts (tables, progress, report)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    key = artifact_key("artifacts", paths.run_id)
+    markdown = artifact_index_markdown(paths, published(paths))
+    description = f"Every artifact of run {paths.run_id}, with links"
+    replace_artifact(key, lambda: create_markdown_artifact(markdown, key=key, description=description))
+    return key
+
+
+def shard_table_name(stage: str | None) -> str:
+    """The full shard table's file name in the run's ``report/`` folder."""
+    return f"shards-{stage}.csv" if stage else "shards.csv"
+
+
+def shard_table_csv(rows: list[dict[str, Any]]) -> bytes:
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=keys, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in row.items()})
+    return out.getvalue().encode("utf-8")
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+
+
+def _cell(value: Any) -> str:
+    text = "" if value is None else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")[:200]
+
+
+def shard_summary_markdown(paths: RunPaths, rows: list[dict[str, Any]], table_uri: str) -> str:
+    """A table per stage (shards by state, counts and seconds summed), the failed shards, and where
+    the full table is."""
+    by_stage: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_stage[str(row.get("stage") or "?")].append(row)
+    lines = [f"# Shards of run `{paths.run_id}`: {len(rows)} shards", ""]
+    link = table_uri if "://" in table_uri else f"file://{table_uri}"
+    lines += [f"Full table (one row per shard): [{table_uri}]({link})", ""]
+    for stage, items in by_stage.items():
+        states = Counter(str(r.get("state")) for r in items)
+        lines += [f"## {stage}: {len(items)} shards", "", "| | total |", "|---|---|"]
+        lines += [f"| {state} | {n} |" for state, n in sorted(states.items())]
+        for key in COUNT_KEYS:
+            if any(r.get(key) is not None for r in items):
+                total = sum(_number(r.get(key)) for r in items)
+                lines.append(f"| {key} | {total:,.1f} |" if key == "seconds" else f"| {key} | {total:,.0f} |")
+        lines.append("")
+    failed = [r for r in rows if r.get("state") == "FAILED"]
+    lines += [f"## Failed shards: {len(failed)}", ""]
+    if failed:
+        lines += ["| stage | shard | attempts | error |", "|---|---|---|---|"]
+        lines += [
+            f"| {_cell(r.get('stage'))} | {_cell(r.get('shard'))} | {_cell(r.get('attempt'))} | "
+            f"{_cell(r.get('error'))} |"
+            for r in failed[:FAILED_ROWS]
+        ]
+        if len(failed) > FAILED_ROWS:
+            lines.append(f"\n... and {len(failed) - FAILED_ROWS} more (see the full table)")
+    return "\n".join(lines)
+
+
+def publish_shard_table(paths: RunPaths, stage: str | None = None) -> list[dict[str, Any]]:
+    """The shard card of one stage (``shards-<stage>-<run>``) or of the whole run (``shards-<run>``),
+    published once when the stage (the run) ends and replacing the card of any earlier pass.
+
+    Up to :data:`SHARD_TABLE_ROWS` shards: a table of shard states (state, error, counts). Past
+    that: a summary card, with the full table written to ``report/shards[-<stage>].csv``."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    rows = shard_table_rows(shard_states(paths, stage))
+    if not rows:
+        return rows
+    key = artifact_key(f"shards-{stage}" if stage else "shards", paths.run_id)
+    description = f"Shards of run {paths.run_id}" + (f" ({stage})" if stage else "")
+    if len(rows) <= SHARD_TABLE_ROWS:
+        replace_artifact(key, lambda: create_table_artifact(rows, key=key, description=description))
+    else:
+        table_uri = storage.join(paths.report, shard_table_name(stage))
+        storage.write_bytes(table_uri, shard_table_csv(rows))
+        markdown = shard_summary_markdown(paths, rows, table_uri)
+        description += f": summary of {len(rows)} shards, full table in {table_uri}"
+        replace_artifact(key, lambda: create_markdown_artifact(markdown, key=key, description=description))
+    remember(paths, key, description)
+    return rows
+
+
+def publish_table(kind: str, paths: RunPaths, rows: list[dict[str, Any]], description: str) -> None:
+    from prefect.artifacts import create_table_artifact
+
+    if rows:
+        key = artifact_key(kind, paths.run_id)
+        replace_artifact(key, lambda: create_table_artifact(rows, key=key, description=description))
+        remember(paths, key, description)
+
+
+def publish_markdown(kind: str, paths: RunPaths, markdown: str, description: str) -> None:
+    from prefect.artifacts import create_markdown_artifact
+
+    key = artifact_key(kind, paths.run_id)
+    replace_artifact(key, lambda: create_markdown_artifact(markdown, key=key, description=description))
+    remember(paths, key, description)
+
+
+def new_progress_artifact(paths: RunPaths, stage: str) -> Any:
+    """The stage's progress card for this pass (replacing an earlier pass's), at 0 %."""
+    from prefect.artifacts import create_progress_artifact
+
+    key = artifact_key(f"{stage}-progress", paths.run_id)
+    description = f"{stage}: shards done, run {paths.run_id}"
+    progress_id = replace_artifact(
+        key, lambda: create_progress_artifact(0.0, key=key, description=description)
+    )
+    remember(paths, key, description)
+    return progress_id
