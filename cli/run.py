@@ -236,14 +236,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve", help="serve the factory's deployments (schedules, UI forms, automation)"
     )
     s.add_argument("--recipe", default="demo", help="recipe the deployments run by default")
-    s.add_argument("--no-automation", action="store_true", help="don't create the mixture->train automation")
+    s.add_argument("--no-automation", action="store_true", help="don't create the export->train automation")
     s.add_argument("--no-schedules", action="store_true", help="serve without cron schedules")
     s.set_defaults(func=_cmd_serve)
 
     a = subparsers.add_parser(
-        "automation", help="create the mixture -> train automation for a deployed train deployment"
+        "automation", help="create the export -> train automation for a deployed train deployment"
     )
-    a.add_argument("--deployment", default="train/train", help="FLOW/DEPLOYMENT to start on a mixture")
+    a.add_argument("--deployment", default="train/train", help="FLOW/DEPLOYMENT to start when an export completes")
     a.add_argument("--disable", action="store_true", help="remove the automation instead")
     a.set_defaults(func=_cmd_automation)
 

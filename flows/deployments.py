@@ -129,7 +129,7 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
     DeploymentSpec(
         name="mixture",
         entrypoint="flows/mixture.py:mixture_flow",
-        description="Rebuild a run's mixture; its completion triggers the train deployment.",
+        description="Rebuild a run's mixture (the export flow's completion, not this one's, triggers the train deployment).",
         tags=("octomed", "stage"),
     ),
     DeploymentSpec(
@@ -149,7 +149,7 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
         name="train",
         entrypoint="flows/training.py:train_flow",
         description="SFT on a run's TRL export (UI form), then checkpoint registration and evaluation; "
-        "started from the UI or by the mixture automation.",
+        "started from the UI or by the automation when an export completes.",
         tags=("octomed", "training"),
         form="params",
     ),
@@ -253,7 +253,7 @@ HEADER = """\
 # Prefect deployments of the octomed data factory, for a work pool and worker. From the project folder:
 #   prefect work-pool create octomed --type process
 #   prefect --no-prompt deploy --all --prefect-file deploy/prefect.yaml
-#   python -m flows.automation            # the mixture -> train automation
+#   python -m flows.automation            # the export -> train automation
 #   prefect worker start --pool octomed
 # At deploy time OCTOMED_HOME (default: the folder `prefect deploy` runs in; /app in the image) is
 # where the worker runs flows from, and OCTOMED_RECIPE (default: $OCTOMED_HOME/recipes/factory.yaml;
