@@ -32,7 +32,9 @@ so memory stays one shard's flagged ids; a missing or stale audit is a one-line 
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
+import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -99,12 +101,29 @@ def _as_list(uris: str | Sequence[str]) -> list[str]:
     return [uris] if isinstance(uris, str) else list(uris)
 
 
-class _Spill:
-    """Buffers rows per bucket and commits them as work shards ``b<bucket>-<n>`` when full."""
+def row_bytes(value: Any) -> int:
+    """The memory a row (or any value of one) takes as Python objects, measured with ``getsizeof``."""
+    if isinstance(value, dict):
+        return sys.getsizeof(value) + sum(row_bytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sys.getsizeof(value) + sum(row_bytes(v) for v in value)
+    return sys.getsizeof(value)
 
-    def __init__(self, dataset: storage.Dataset, limit_rows: int) -> None:
+
+def _peek_mean_bytes(rows: Iterator[dict[str, Any]], n: int = 512) -> tuple[Iterator[dict[str, Any]], float]:
+    """``rows`` unchanged, and the mean Python size of its first ``n`` rows (0 when empty)."""
+    head = list(itertools.islice(rows, n))
+    mean = sum(row_bytes(r) for r in head) / len(head) if head else 0.0
+    return itertools.chain(head, rows), mean
+
+
+class _Spill:
+    """Buffers rows per bucket and commits them as work shards ``b<bucket>-<n>`` when the buffered
+    rows reach ``limit_bytes`` (their measured Python size)."""
+
+    def __init__(self, dataset: storage.Dataset, limit_bytes: int) -> None:
         self.dataset = dataset
-        self.limit = limit_rows
+        self.limit = limit_bytes
         self.buffers: dict[int, list[dict[str, Any]]] = defaultdict(list)
         self.buffered = 0
         self.chunks: Counter[int] = Counter()
@@ -112,7 +131,7 @@ class _Spill:
 
     def add(self, bucket: int, row: dict[str, Any]) -> None:
         self.buffers[bucket].append(row)
-        self.buffered += 1
+        self.buffered += row_bytes(row)
         if self.buffered >= self.limit:
             self.flush()
 
@@ -204,16 +223,27 @@ def build_mixture(
     if flags and len(audit_uris) != len(accepted_uris):
         raise ConfigError(f"{len(accepted_uris)} accepted dataset(s) but {len(audit_uris)} audit dataset(s)")
     n_samples = _count_rows(accepted_uris)
-    n_buckets = max(1, math.ceil(n_samples / config.bucket_rows))
-    spill_limit = max(1000, min(config.bucket_rows, 20_000))
-
-    # Pass 1: partition samples and questions by question_id.
+    n_questions = _count_rows(question_uris)
+    # Memory: a quarter of memory_mb for the spill buffers, a quarter for one work bucket (its
+    # samples and questions as Python rows), half for one output partition (read and sorted in
+    # Arrow, two copies). Bucket and partition counts follow from the rows' measured sizes.
+    budget = config.memory_mb * 2**20
     counts: dict[str, SourceCounts] = defaultdict(SourceCounts)
-    sample_spill = _Spill(storage.Dataset(folder.spill("samples"), _WORK_SAMPLE_SCHEMA), spill_limit)
     if flags:
         rows = _iter_unflagged(accepted_uris, audit_uris, flags, _SAMPLE_COLUMNS, counts)
     else:
         rows = _iter_rows(accepted_uris, _SAMPLE_COLUMNS)
+    rows, sample_bytes = _peek_mean_bytes(rows)
+    question_rows, question_bytes = _peek_mean_bytes(_iter_rows(question_uris, _QUESTION_COLUMNS))
+    n_buckets = max(
+        1,
+        math.ceil(n_samples / config.bucket_rows) if config.bucket_rows else 1,
+        math.ceil((n_samples * sample_bytes + n_questions * question_bytes) / (budget / 4)),
+    )
+    spill_limit = budget // 8  # two spills may buffer at once (samples, then questions; two splits)
+
+    # Pass 1: partition samples and questions by question_id.
+    sample_spill = _Spill(storage.Dataset(folder.spill("samples"), _WORK_SAMPLE_SCHEMA), spill_limit)
     for row in tqdm(rows, total=n_samples, desc="mixture: partition", disable=not progress, unit="trace"):
         if not row.get("correct"):
             continue  # only accepted traces enter a mixture, whatever dataset we were given
@@ -223,7 +253,7 @@ def build_mixture(
         sample_spill.add(h64("bucket", row["question_id"]) % n_buckets, row)
     sample_spill.flush()
     question_spill = _Spill(storage.Dataset(folder.spill("questions"), _WORK_QUESTION_SCHEMA), spill_limit)
-    for row in _iter_rows(question_uris, _QUESTION_COLUMNS):
+    for row in question_rows:
         bucket = h64("bucket", row["question_id"]) % n_buckets
         if bucket in sample_spill.shards:  # a question nobody answered correctly is not needed
             question_spill.add(bucket, row)
@@ -267,7 +297,15 @@ def build_mixture(
                 strata[(src, task_type)].add(question_id, split, config.seed)
     moves = stratified_moves(strata) if config.stratify_validation and config.validation_fraction > 0 else {}
     del strata
-    n_out = {s: max(1, math.ceil(expected[s] / config.shard_rows)) for s in SPLITS}
+    out_bytes = 2 * (
+        sample_bytes + question_bytes
+    )  # a mixture row is a trace + its question, read and sorted
+    n_out = {
+        s: max(
+            1, math.ceil(expected[s] / config.shard_rows), math.ceil(expected[s] * out_bytes / (budget / 2))
+        )
+        for s in SPLITS
+    }
 
     # Pass 2b: select, join with the question, assign split and shuffle key, range-partition.
     shuffle_spills = {

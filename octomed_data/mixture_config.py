@@ -45,7 +45,18 @@ class MixtureConfig(BaseModel):
         description="Leave out every trace of questions the gold-label audit flagged with one of these "
         "(suspected_label_error, never_correct); empty: the audit is not read.",
     )
-    bucket_rows: int = Field(50_000, ge=1, description="Target samples per work bucket (memory bound).")
+    memory_mb: int = Field(
+        256,
+        ge=8,
+        description="Memory for the rows held at once, in MiB (the one memory bound): spill buffers, one "
+        "work bucket and one output partition are sized from the rows' measured bytes, so longer traces "
+        "mean more buckets and partitions, never more memory.",
+    )
+    bucket_rows: int | None = Field(
+        None,
+        ge=1,
+        description="Also at most this many samples per work bucket (a test knob; memory_mb bounds bytes).",
+    )
 
     @field_validator("weights")
     @classmethod

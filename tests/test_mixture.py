@@ -232,3 +232,65 @@ def test_mixture_and_export_stages_rebuild_only_for_new_inputs_or_settings(share
     assert (arm_state(), arm_state()) == ("COMPLETED", "REUSED")
     direct = build_mixture(accepted, questions, str(tmp_path / "direct"), MixtureConfig())
     assert _rows(arm.mixture_train) == _rows(direct.train_uri)  # the stage builds what build_mixture does
+
+
+def _long_inputs(root: str, n_questions: int, samples: int, words: int) -> tuple[str, str]:
+    """Questions with ``samples`` accepted traces of ~``words`` words each (R1-length when large)."""
+    from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA, question_row
+
+    questions, traces = [], []
+    filler = " ".join(f"finding{i % 97}" for i in range(words))
+    for i in range(n_questions):
+        q = question_row(
+            source=f"src{i % 3}", split="train", task_type="text_mcq", question=f"Which one? case {i}",
+            options={"A": "a", "B": "b"}, answer="A", input_file="t", record_index=i,
+        )  # fmt: skip
+        questions.append(q)
+        for k in range(samples):
+            traces.append(
+                {
+                    "question_id": q["question_id"], "source": q["source"], "task_type": q["task_type"],
+                    "sample_idx": k, "seed": k, "teacher": "t", "model": "m", "prompt_version": "1",
+                    "params_hash": "x", "reasoning": f"{filler} {k}", "gold_answer": "A",
+                    "response": "Final answer: \\boxed{A}", "extracted_answer": "A", "correct": True,
+                }
+            )  # fmt: skip
+    storage.Dataset(f"{root}/questions", QUESTION_SCHEMA).write_shard(0, questions)
+    accepted = storage.Dataset(f"{root}/accepted", SAMPLE_SCHEMA)
+    for start in range(0, len(traces), 500):
+        accepted.write_shard(start // 500, traces[start : start + 500])
+    return f"{root}/accepted", f"{root}/questions"
+
+
+def _python_peak(fn) -> int:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_is_bounded_in_bytes_not_rows(tmp_path):
+    """Issue 26: 3x the (long) traces with the same memory_mb keep the Python peak flat, and the
+    rows and their order do not depend on memory_mb. With the old row bound (50,000 samples per
+    bucket) all 2,700 traces (~9 MB of text) were one bucket held as dicts."""
+    small = _long_inputs(str(tmp_path / "small"), 150, 6, 500)
+    large = _long_inputs(str(tmp_path / "large"), 450, 6, 500)
+    cfg = MixtureConfig(memory_mb=8, validation_fraction=0.1)
+    peak_small = _python_peak(lambda: build_mixture(*small, str(tmp_path / "ms"), cfg))
+    peak_large = _python_peak(lambda: build_mixture(*large, str(tmp_path / "ml"), cfg))
+    text_large = 450 * 6 * len(" ".join(f"finding{i % 97}" for i in range(500)))
+    assert peak_large < 1.3 * peak_small, (peak_small, peak_large)
+    assert peak_large < text_large, (peak_large, text_large)  # never the whole input at once
+    roomy = build_mixture(
+        *large, str(tmp_path / "roomy"), MixtureConfig(memory_mb=1024, validation_fraction=0.1)
+    )
+    tight = load_result(str(tmp_path / "ml"))
+    order = lambda uri: [(r["question_id"], r["reasoning"][-3:]) for r in _rows(uri)]  # noqa: E731
+    assert (
+        order(roomy.train_uri) == order(tight.train_uri) and len(order(roomy.train_uri)) == tight.rows_train
+    )
+    assert len(storage.Dataset(tight.train_uri).manifest()) > len(storage.Dataset(roomy.train_uri).manifest())
