@@ -56,9 +56,15 @@ class TeacherConfig(BaseModel):
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     max_tokens: int = Field(8192, gt=0)
     timeout_s: float = Field(600.0, gt=0.0)
-    # Consecutive connection-level failures (no reply in between) tolerated before a shard fails
-    # with one line naming this teacher; None: octomed_data.inference.outage's default (2 min).
+    # The outage rule (octomed_data.inference.outage): a teacher giving no reply (refused, reset,
+    # hung, 5xx) is waited for this long, then the shard fails with one line naming this teacher
+    # and the failure mode; None: the default (2 min).
     outage_budget_s: float | None = Field(None, gt=0.0)
+    # With requests in flight and nothing heard for this long, GET /models tells a hung server
+    # from a long generation (repeated every this long); no answer in the timeout is an outage.
+    health_probe_s: float = Field(30.0, gt=0.0)
+    health_probe_timeout_s: float = Field(10.0, gt=0.0)
+    connect_timeout_s: float = Field(10.0, gt=0.0)  # a new connection that does not open fails
     max_in_flight: int = Field(64, gt=0)
     rpm: int | None = Field(None, gt=0)  # requests per rate window (per minute by default)
     tpm: int | None = Field(None, gt=0)  # tokens per rate window

@@ -31,7 +31,7 @@ from pydantic import SecretStr
 
 from octomed_data.errors import ConfigError, OctomedError
 from octomed_data.inference.fleet import FleetTransport, describe, public_url, served_by
-from octomed_data.inference.outage import OutageBreaker, outage_budget_s
+from octomed_data.inference.outage import outage_breaker
 from octomed_data.inference.ratelimit import RateLimiter
 from octomed_data.inference.retry import (
     BREAKER_THRESHOLD,
@@ -111,7 +111,13 @@ def make_transport(teacher: TeacherConfig, key: SecretStr, name: str | None = No
     def one(url: str) -> Transport:
         if name == "sdk":
             return OpenAITransport(url, key, teacher.timeout_s)
-        return HTTPTransport(url, key, teacher.timeout_s, max_connections=teacher.max_in_flight)
+        return HTTPTransport(
+            url,
+            key,
+            teacher.timeout_s,
+            max_connections=teacher.max_in_flight,
+            connect_timeout_s=teacher.connect_timeout_s,
+        )
 
     urls = teacher.replica_urls()
     if len(urls) == 1:
@@ -160,15 +166,14 @@ class EndpointClient:
         self.params_hash = teacher.params_hash()
         # The endpoint rows record for a single-endpoint teacher (a fleet's replies name their own).
         self.endpoint = public_url(teacher.base_url)
-        # One breaker per teacher: N requests failing in a row, or the teacher's outage budget
-        # (seconds of consecutive connection-level failures), whichever comes first. A fleet
-        # reports one replica's failures as failovers, so only all replicas down trips it.
-        self.breaker: Breaker = OutageBreaker(
-            teacher.name,
-            describe(teacher.replica_urls()),
-            breaker_threshold,
-            budget_s=outage_budget_s(teacher),
+        # One breaker per teacher: the outage rule is time (the teacher's outage budget, health
+        # probes while requests are in flight: octomed_data.inference.outage); ``breaker_threshold``
+        # is the never-worked rule's count. A fleet reports one replica's failures as failovers,
+        # so only all replicas down spends the budget.
+        self.breaker: Breaker = outage_breaker(
+            teacher.name, describe(teacher.replica_urls()), breaker_threshold, teacher
         )
+        self.breaker.probe = getattr(self.transport, "probe", None)
         self.avg_completion = float(min(teacher.max_tokens, 1024))
 
     @property
@@ -201,7 +206,10 @@ class EndpointClient:
         return served_by(response) or self.endpoint
 
     async def close(self) -> None:
-        await self.transport.close()
+        try:
+            await self.breaker.close()
+        finally:
+            await self.transport.close()
 
 
 _request_ids = itertools.count()
@@ -227,19 +235,59 @@ async def request_with_retries(
     to the client's breaker. Returns (response or None, attempts made, latency of the successful
     attempt, last error with secrets scrubbed). ``stop()`` returning a message, or the breaker
     tripping, ends the retries early (a request stopped so does not count as given up).
+    A connection-level failure while the teacher answers nothing (an outage) uses up no attempt:
+    the breaker's outage budget decides when to stop (:mod:`octomed_data.inference.outage`).
     """
-    teacher = client.teacher
     breaker = client.breaker
     request = next(_request_ids)
+    breaker.enter()
+    try:
+        return await _attempts(
+            client,
+            breaker,
+            request,
+            kwargs,
+            max_attempts,
+            limiter,
+            estimate,
+            backoff,
+            n,
+            sleep,
+            stop,
+            on_attempt,
+        )
+    finally:
+        breaker.leave()
+
+
+async def _attempts(
+    client: EndpointClient,
+    breaker: Breaker,
+    request: int,
+    kwargs: dict[str, Any],
+    max_attempts: int,
+    limiter: RateLimiter,
+    estimate: int,
+    backoff: Callable[[int, float | None], float],
+    n: int,
+    sleep: Callable[[float], Any],
+    stop: Callable[[], str | None],
+    on_attempt: Callable[[int], None] | None,
+) -> tuple[Any | None, int, float, str | None]:
+    teacher = client.teacher
     last_error: str | None = None
-    for attempt in range(1, max_attempts + 1):
+    attempt = 0  # attempts made
+    counted = 0  # attempts that count against max_attempts
+    while True:
         reason = stop() or breaker.tripped
         if reason:
-            return None, attempt - 1, 0.0, last_error or reason
+            return None, attempt, 0.0, last_error or reason
         await limiter.acquire(teacher.name, estimate)
+        attempt += 1
         if on_attempt is not None:
             on_attempt(attempt)
         started = time.monotonic()
+        replies = breaker.replies
         try:
             # The transport's timeout bounds each read, not the whole reply: a server that
             # trickles bytes could hold a slot for ever. This bounds the request end to end.
@@ -258,10 +306,18 @@ async def request_with_retries(
             breaker.failed(request, failure, last_error)
             if breaker.tripped:
                 return None, attempt, 0.0, last_error  # stopped: the endpoint is down
-            if not failure.retryable or attempt == max_attempts:
+            # The outage rule: while the teacher gives no reply at all (to any request since this
+            # attempt was sent), its outage budget decides, not this request's attempts.
+            outage = failure.outage and breaker.time_based and breaker.replies == replies
+            if not outage:
+                counted += 1
+            if not failure.retryable or counted >= max_attempts:
                 breaker.request_gave_up(attempt, last_error)
                 return None, attempt, 0.0, last_error
-            await breaker.pause(backoff(attempt, failure.delay), sleep)
+            delay = backoff(min(attempt, 16), failure.delay)
+            if outage and failure.delay is None:
+                delay = min(delay, breaker.retry_max_s)  # notice a teacher back within seconds
+            await breaker.pause(delay, sleep)
             continue
         latency = time.monotonic() - started
         usage = getattr(response, "usage", None)
@@ -271,4 +327,3 @@ async def request_with_retries(
             client.avg_completion = 0.9 * client.avg_completion + 0.1 * usage.completion_tokens / n
         breaker.succeeded()
         return response, attempt, latency, None
-    return None, max_attempts, 0.0, last_error

@@ -155,6 +155,28 @@ class FleetTransport:
         replica.served += 1
         return Served(response, replica.url)
 
+    async def probe(self) -> None:
+        """The teacher's health probe: answered when any replica answers its own probe (a replica
+        with no ``probe()`` counts as answering: its requests are its probes)."""
+        probes = [getattr(r.transport, "probe", None) for r in self.replicas]
+        if any(p is None for p in probes):
+            return
+        tasks = [asyncio.ensure_future(p()) for p in probes]  # a hung replica must not hide the rest
+        error: BaseException | None = None
+        try:
+            for done in asyncio.as_completed(tasks):
+                try:
+                    await done
+                    return
+                except Exception as exc:  # this replica is out: wait for the others
+                    error = exc
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        assert error is not None
+        raise error
+
     def classify(self, exc: BaseException) -> Failure:
         """A failover is retryable at once and no outage; anything else as the replicas classify it."""
         if isinstance(exc, ReplicaDown):

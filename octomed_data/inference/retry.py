@@ -30,15 +30,23 @@ class Failure(Exception):
     ``retryable``: another attempt may succeed. ``delay``: the server's Retry-After, when it sent
     one. ``outage``: a connection-level failure (refused/reset connection, timeout, HTTP 5xx): the
     endpoint itself may be down. The breaker counts only these; a 4xx or a malformed 200 is a reply.
+    ``mode``: how an outage looks, in a few words for the outage line (``connection refused``,
+    ``HTTP 503``, ``timed out``); the message when not given.
     """
 
     def __init__(
-        self, message: str, retryable: bool, delay: float | None = None, outage: bool = False
+        self,
+        message: str,
+        retryable: bool,
+        delay: float | None = None,
+        outage: bool = False,
+        mode: str | None = None,
     ) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.delay = delay
         self.outage = outage
+        self.mode = mode or message
 
 
 def parse_retry_after(
@@ -102,7 +110,13 @@ class Breaker:
     Once tripped, :attr:`tripped` holds one line saying why, every request stops before its next
     attempt, and requests sleeping in a backoff wake at once (:meth:`pause`). A warning is logged
     when failures start to pile up (at half the threshold), so a stalled run does not look frozen.
+
+    :class:`~octomed_data.inference.outage.OutageBreaker` (every endpoint client's) replaces the
+    counted outage rule by time (``time_based``): see :mod:`octomed_data.inference.outage`.
     """
+
+    time_based = False  # True: outage failures are judged by time, and use up no request attempts
+    retry_max_s = float("inf")  # the longest backoff after an outage failure (time-based breakers)
 
     def __init__(
         self,
@@ -116,6 +130,7 @@ class Breaker:
         self.threshold = max(1, threshold)
         self.clock = clock
         self.successes = 0
+        self.replies = 0  # answers from the server (successes and errors it chose to send)
         self.gave_up = 0  # requests that failed after all their attempts
         self.last_error: str | None = None
         self.last_attempts = 0
@@ -139,6 +154,7 @@ class Breaker:
 
     def replied(self) -> None:
         """The server answered (a success, or an error it chose to send): the endpoint is up."""
+        self.replies += 1
         if self._warned and self._streak:
             log.info(
                 "teacher %r at %s answers again after %d failures", self.name, self.url, self._streak_failures
@@ -191,6 +207,15 @@ class Breaker:
                 f"teacher {self.name!r} at {self.url}: {self.gave_up} samples failed "
                 f"(the last after {attempts} {tries}) and none succeeded; last error: {error}"
             )
+
+    def enter(self) -> None:
+        """A request starts (its retries included); a time-based breaker watches while any wait."""
+
+    def leave(self) -> None:
+        """The request that :meth:`enter` announced is over."""
+
+    async def close(self) -> None:
+        """Stop what the breaker runs in the background (nothing here)."""
 
     def trip(self, reason: str) -> None:
         if self.tripped:

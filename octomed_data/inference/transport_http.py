@@ -27,6 +27,10 @@ from pydantic import SecretStr
 from octomed_data.inference.retry import Failure
 from octomed_data.inference.wire import HTTPStatusError, classify
 
+# Connections beyond the in-flight bound: room for health probes (GET /models) when every request
+# slot holds a long generation.
+PROBE_CONNECTIONS = 2
+
 __all__ = [
     "Fields",
     "HTTPStatusError",
@@ -110,10 +114,20 @@ class HTTPTransport:
     The pool is created lazily inside the running event loop (clients are built in a worker
     thread, and a session belongs to one loop). ``timeout_s`` bounds each request end to end
     (:func:`~octomed_data.inference.client.request_with_retries` bounds it too, whatever the
-    transport); the pool keeps up to ``max_connections`` connections alive to the endpoint.
+    transport); the pool keeps up to ``max_connections`` connections alive to the endpoint, plus
+    :data:`PROBE_CONNECTIONS` so a health probe (:meth:`probe`) never waits behind requests in
+    flight. A connection that does not open in ``connect_timeout_s`` fails (a host that is gone
+    drops the SYN: without this it would take the whole ``timeout_s`` to notice).
     """
 
-    def __init__(self, base_url: str, key: SecretStr, timeout_s: float, max_connections: int = 256) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        key: SecretStr,
+        timeout_s: float,
+        max_connections: int = 256,
+        connect_timeout_s: float | None = None,
+    ) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.models_url = base_url.rstrip("/") + "/models"
         self.headers = {
@@ -121,13 +135,16 @@ class HTTPTransport:
             "Content-Type": "application/json",
             "Accept": "application/json",
         }
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        connect = min(connect_timeout_s, timeout_s) if connect_timeout_s else None
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect)
         self.max_connections = max_connections
         self.session: aiohttp.ClientSession | None = None
 
     def open(self) -> aiohttp.ClientSession:
         if self.session is None or self.session.closed:
-            connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0, ttl_dns_cache=300)
+            connector = aiohttp.TCPConnector(
+                limit=self.max_connections + PROBE_CONNECTIONS, limit_per_host=0, ttl_dns_cache=300
+            )
             self.session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=self.timeout,

@@ -8,6 +8,7 @@ Retry-After); :func:`scrub` takes keys out of every error before it is stored or
 
 from __future__ import annotations
 
+import errno
 import re
 from collections.abc import Iterable
 from typing import Any, Protocol
@@ -59,6 +60,29 @@ def retry_after(exc: BaseException) -> float | None:
     return None if response is None else parse_retry_after(response.headers)
 
 
+def connection_mode(exc: BaseException) -> str:
+    """How a connection-level failure looks, in a few words (the outage line's failure mode)."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "server disconnected"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "reply cut short"
+    seen: BaseException | None = exc
+    for _ in range(6):  # the cause chain: SDK error -> httpx error -> OSError
+        if seen is None:
+            break
+        inner = getattr(seen, "os_error", None)  # aiohttp's ClientConnectorError
+        for e in (seen, inner):
+            code = getattr(e, "errno", None)
+            if isinstance(e, ConnectionRefusedError) or code == errno.ECONNREFUSED:
+                return "connection refused"
+            if isinstance(e, ConnectionResetError) or code == errno.ECONNRESET:
+                return "connection reset"
+        if isinstance(seen, TimeoutError):
+            return "connect timed out" if isinstance(seen, aiohttp.ConnectionTimeoutError) else "timed out"
+        seen = seen.__cause__ or seen.__context__
+    return "connection error"
+
+
 def classify(exc: BaseException) -> Failure:
     """Map a transport's (SDK, aiohttp or local) exception to a :class:`Failure`.
 
@@ -73,25 +97,28 @@ def classify(exc: BaseException) -> Failure:
         if code == 429:
             return Failure("rate limited (429)", True, delay)
         retryable = code in RETRYABLE_STATUS or code >= 500
-        return Failure(f"HTTP {code}: {one_line(exc.message)}", retryable, delay, outage=code >= 500)
+        message = f"HTTP {code}: {one_line(exc.message)}"
+        return Failure(message, retryable, delay, outage=code >= 500, mode=f"HTTP {code}")
     if isinstance(exc, TimeoutError):  # before aiohttp's: its ServerTimeoutError is both
-        return Failure("request timed out", True, outage=True)
+        return Failure("request timed out", True, outage=True, mode=connection_mode(exc))
     if isinstance(
         exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ClientResponseError)
     ):
-        return Failure(f"connection error ({type(exc).__name__})", True, outage=True)
+        message = f"connection error ({type(exc).__name__})"
+        return Failure(message, True, outage=True, mode=connection_mode(exc))
     if isinstance(exc, openai.RateLimitError):
         return Failure("rate limited (429)", True, retry_after(exc))
     if isinstance(exc, openai.APIStatusError):
         code = exc.status_code
         retryable = code in RETRYABLE_STATUS or code >= 500
-        return Failure(f"HTTP {code}: {one_line(str(exc))}", retryable, retry_after(exc), outage=code >= 500)
+        message = f"HTTP {code}: {one_line(str(exc))}"
+        return Failure(message, retryable, retry_after(exc), outage=code >= 500, mode=f"HTTP {code}")
     if isinstance(exc, openai.APITimeoutError):
-        return Failure("request timed out", True, outage=True)
+        return Failure("request timed out", True, outage=True, mode="timed out")
     if isinstance(exc, openai.APIConnectionError):
         cause = exc.__cause__
         detail = f" ({type(cause).__name__})" if cause is not None else ""
-        return Failure(f"connection error{detail}", True, outage=True)
+        return Failure(f"connection error{detail}", True, outage=True, mode=connection_mode(exc))
     if isinstance(exc, (ValueError, openai.APIResponseValidationError, KeyError, TypeError, AttributeError)):
         return Failure(f"malformed response: {type(exc).__name__}", True)
     return Failure(f"{type(exc).__name__}: {one_line(str(exc), 300)}", True)

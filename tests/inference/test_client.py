@@ -1,7 +1,9 @@
 """THE inference client: error classification, key scrubbing, request fields, backoff, breaker.
 
 The breaker's outage rule is pinned end to end: a teacher that answers, then goes down mid-run,
-fails the shard in seconds (not after every sample's backed-off attempts), and what succeeded stays.
+fails the shard once its outage budget is spent (not after every sample's backed-off attempts,
+not before the budget), and what succeeded stays. tests/inference/test_outage.py pins the rest
+of the rule (restart, hung, refused, slow) against loopback teachers.
 """
 
 from __future__ import annotations
@@ -242,9 +244,17 @@ def test_a_tripped_breaker_cancels_requests_in_flight() -> None:
 
 
 def test_request_with_retries_stops_every_request_once_the_endpoint_is_dead() -> None:
-    """The module-level loop (what evaluation uses) feeds and obeys the client's breaker."""
+    """The module-level loop (what evaluation uses) feeds and obeys the client's breaker.
+
+    Issue 24: the outage rule is time, not a count: 12 requests refused over and over are retried
+    for the teacher's outage budget (here 2 s), then all stop at once."""
     teacher = TeacherConfig(
-        name="t", base_url="http://127.0.0.1:9/v1", model="m", server="openai", timeout_s=5
+        name="t",
+        base_url="http://127.0.0.1:9/v1",
+        model="m",
+        server="openai",
+        timeout_s=5,
+        outage_budget_s=2.0,
     )
 
     client = EndpointClient(teacher, SecretStr("sk-test-0000000000001"), breaker_threshold=4)
@@ -267,9 +277,16 @@ def test_request_with_retries_stops_every_request_once_the_endpoint_is_dead() ->
 
     started = time.monotonic()
     results = asyncio.run(main())
-    assert time.monotonic() - started < 10  # not 12 requests x 6 backed-off attempts (~30 s each)
-    assert client.breaker.tripped and "unreachable: connection error" in client.breaker.tripped
-    assert all(r[0] is None for r in results) and all(r[1] <= 2 for r in results[:-1])
+    elapsed = time.monotonic() - started
+    # Retried for the budget (not failed at once), stopped right after it: not 12 requests x 6
+    # backed-off attempts (~30 s each).
+    assert 2.0 <= elapsed < 10, elapsed
+    line = client.breaker.tripped
+    assert line and "unreachable (connection refused)" in line and "outage budget of 2 s spent" in line
+    assert "last server error: connection error" in line and "\n" not in line
+    # No request gave up on its own attempts: connection-level failures in an outage use none up.
+    assert all(r[0] is None for r in results) and all(r[1] >= 2 for r in results[:-1])
+    assert client.breaker.gave_up == 0
     assert results[-1][1] == 0 and results[-1][3] == client.breaker.tripped
     assert "sk-test-0000000000001" not in client.breaker.tripped
 
@@ -297,9 +314,16 @@ def test_teacher_down_mid_run_fails_the_shard_in_seconds_and_keeps_what_succeede
     q_uri, out = str(tmp_path / "q"), str(tmp_path / "out")
     make_questions(q_uri, 60)
     # Production backoff (1 s base, 60 s cap, 6 attempts): without the breaker every one of the
-    # ~200 samples left would spend 1+2+4+8+16 s backing off, 48 tasks at a time.
+    # ~200 samples left would spend 1+2+4+8+16 s backing off, 48 tasks at a time. Issue 24: the
+    # outage rule is time, so the shard fails once the teacher's budget (here 3 s) is spent.
     with start_sandbox(latency_s=0.05) as sb:
-        cfg = config(sb.base_url, backoff_base_s=1.0, backoff_max_s=60.0, max_attempts=6)
+        cfg = config(
+            sb.base_url,
+            backoff_base_s=1.0,
+            backoff_max_s=60.0,
+            max_attempts=6,
+            teacher={"outage_budget_s": 3.0},
+        )
         watcher = _stop_after(sb, 40)
         started = time.monotonic()
         with caplog.at_level(logging.WARNING, logger="octomed_data.inference"):
@@ -307,11 +331,12 @@ def test_teacher_down_mid_run_fails_the_shard_in_seconds_and_keeps_what_succeede
         elapsed = time.monotonic() - started
         watcher.join(10)
     print(f"time to fail: {elapsed:.2f} s; {report.stored} stored; aborted: {report.aborted}")
-    assert elapsed < 15, elapsed
+    assert 3.0 <= elapsed < 15, elapsed
     assert report.aborted and report.aborted.startswith("teacher 'sandbox' at ")
-    assert "unreachable: connection error" in report.aborted and "consecutive failures over" in report.aborted
+    assert "unreachable (connection refused)" in report.aborted
+    assert "outage budget of 3 s spent" in report.aborted and "consecutive failed attempts" in report.aborted
     assert "requests had succeeded" in report.aborted and "\n" not in report.aborted
-    assert any("requests failed in a row" in r.getMessage() for r in caplog.records)
+    assert any("outage budget spent" in r.getMessage() for r in caplog.records)
     assert not report.complete and 40 <= report.stored < report.expected == 240
     rows = read_raw(out)
     assert sum(r["reject_reason"] != "request_failed" for r in rows) == report.stored
