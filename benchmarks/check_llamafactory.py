@@ -10,10 +10,12 @@ The check: export a mixture (or take ``--export``), copy ``export/llamafactory``
 folder, and there run LLaMA-Factory's ``get_dataset`` (``qwen2_vl`` template and mm_plugin) over
 every exported row of both splits (image blocks == images, images found, ``<think>``, the answer
 line in the labels, the system turn used), then one SFT step on a tiny Qwen2.5-VL
-(``benchmarks/llamafactory_worker.py``). Prints one JSON summary; exit 0 when everything holds.
-A venv that cannot be built is one line on stderr and exit 2, never a skip.
+(``benchmarks/llamafactory_worker.py``). ``--text-only``: the text-only datasets
+(``octomed_text_*``, no images column) with the ``qwen`` template and two SFT steps on a tiny
+text-only Qwen2, which refuses any image input. Prints one JSON summary; exit 0 when everything
+holds. A venv that cannot be built is one line on stderr and exit 2, never a skip.
 
-    python benchmarks/check_llamafactory.py [--export RUN/export] [--version 0.9.5] [--rebuild]
+    python benchmarks/check_llamafactory.py [--export RUN/export] [--text-only] [--version 0.9.5] [--rebuild]
 """
 
 from __future__ import annotations
@@ -65,9 +67,18 @@ def _fixture_export(work: Path) -> Path:
     return work / "export"
 
 
-def check(export_dir: str | None, version: str = VERSION, rebuild: bool = False, keep: bool = False) -> dict:
+def check(
+    export_dir: str | None,
+    version: str = VERSION,
+    rebuild: bool = False,
+    keep: bool = False,
+    text_only: bool = False,
+) -> dict:
     from octomed_data import storage
-    from training.tiny import build_vl_model
+    from octomed_data.export_formats import llamafactory_text_split
+    from training.tiny import build_text_model, build_vl_model
+
+    mode, steps = ("text", 2) if text_only else ("vision", 1)
 
     python, build_s = ensure_venv(version, rebuild)
     work = Path(tempfile.mkdtemp(prefix="octomed-lf-"))
@@ -76,18 +87,21 @@ def check(export_dir: str | None, version: str = VERSION, rebuild: bool = False,
         run = work / "run"
         source = Path(export_dir) if export_dir else _fixture_export(run)
         lf_source = source / "llamafactory" if (source / "llamafactory").is_dir() else source
-        expected = {
-            split: storage.Dataset(str(lf_source / split)).num_rows() for split in ("train", "validation")
-        }
+        split_dir = (
+            (lambda s: llamafactory_text_split(str(lf_source), s))
+            if text_only
+            else (lambda s: str(lf_source / s))
+        )
+        expected = {split: storage.Dataset(split_dir(split)).num_rows() for split in ("train", "validation")}
         dataset_dir = work / "copied" / "llamafactory"  # the folder alone, somewhere else
         shutil.copytree(lf_source, dataset_dir)
         if not export_dir:
             shutil.rmtree(run)  # nothing of the run is left but the copy
-        build_vl_model(work / "model")
+        (build_text_model if text_only else build_vl_model)(work / "model")
         prep_s = round(time.time() - t0, 1)
         t1 = time.time()
         proc = subprocess.run(
-            [str(python), str(WORKER), str(dataset_dir), str(work / "model"), str(work / "out")],
+            [str(python), str(WORKER), str(dataset_dir), str(work / "model"), str(work / "out"), mode],
             capture_output=True,
             text=True,
             timeout=900,
@@ -106,12 +120,13 @@ def check(export_dir: str | None, version: str = VERSION, rebuild: bool = False,
                 problems.append(f"{split}: LLaMA-Factory loaded {got['rows']} of {n} rows")
             if got["bad"]:
                 problems.append(f"{split}: {len(got['bad'])} bad rows, first {got['bad'][0]}")
-        if report.get("global_step") != 1:
-            problems.append(f"training did not take one step: {report.get('global_step')}")
+        if report.get("global_step") != steps:
+            problems.append(f"training did not take {steps} step(s): {report.get('global_step')}")
         return {
             "ok": not problems,
             "problems": problems,
             "llamafactory": version,
+            "mode": mode,
             "venv": str(python.parent.parent),
             "venv_build_s": build_s,
             "prepare_s": prep_s,
@@ -129,12 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--export", default=None, help="an export folder (or its llamafactory/); default: a fixture"
     )
+    parser.add_argument("--text-only", action="store_true", help="the text-only datasets, a text model")
     parser.add_argument("--version", default=VERSION)
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached venv")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args(argv)
     try:
-        result = check(args.export, args.version, args.rebuild, args.keep)
+        result = check(args.export, args.version, args.rebuild, args.keep, text_only=args.text_only)
     except BuildError as exc:
         print(
             f"check_llamafactory: cannot build the LLaMA-Factory {args.version} venv: {exc}", file=sys.stderr

@@ -1,9 +1,12 @@
 """Runs inside LLaMA-Factory's own venv (started by ``benchmarks/check_llamafactory.py``; it does not
-import this project): LLaMA-Factory's ``get_dataset`` over every exported row, then one SFT step.
+import this project): LLaMA-Factory's ``get_dataset`` over every exported row, then SFT steps.
 
-``python llamafactory_worker.py DATASET_DIR MODEL_DIR OUT_DIR`` prints one JSON line of results.
-On CPU: torchaudio is stubbed (mm_plugin imports it; the registry's build is a CUDA one) and the
-processor is the Qwen2.5-VL one with the PIL image processor (the torchvision one can't run here).
+``python llamafactory_worker.py DATASET_DIR MODEL_DIR OUT_DIR [vision|text]`` prints one JSON line of
+results. ``vision`` (default): the ``octomed_*`` datasets, a tiny Qwen2.5-VL, the ``qwen2_vl``
+template, one step. ``text``: the text-only ``octomed_text_*`` datasets, a tiny text-only Qwen2, the
+``qwen`` template, two steps. On CPU: torchaudio is stubbed (mm_plugin imports it; the registry's
+build is a CUDA one) and the VL processor is the Qwen2.5-VL one with the PIL image processor (the
+torchvision one can't run here).
 """
 
 from __future__ import annotations
@@ -46,7 +49,12 @@ def _pil_processor(model_dir: str):
     return processor
 
 
-def main(dataset_dir: str, model_dir: str, out_dir: str) -> dict:
+# mode -> (dataset prefix, template, SFT steps)
+MODES = {"vision": ("octomed_", "qwen2_vl", 1), "text": ("octomed_text_", "qwen", 2)}
+
+
+def main(dataset_dir: str, model_dir: str, out_dir: str, mode: str = "vision") -> dict:
+    prefix, template_name, steps = MODES[mode]
     _stub_torchaudio()
     os.environ.setdefault("DISABLE_VERSION_CHECK", "1")
     import llamafactory.model.loader as loader
@@ -56,7 +64,8 @@ def main(dataset_dir: str, model_dir: str, out_dir: str) -> dict:
         def from_pretrained(path, **_kw):
             return _pil_processor(path)
 
-    loader.AutoProcessor = _AutoProcessor
+    if mode == "vision":
+        loader.AutoProcessor = _AutoProcessor
     from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
     from llamafactory.hparams import get_train_args
     from llamafactory.train.tuner import run_exp
@@ -66,15 +75,15 @@ def main(dataset_dir: str, model_dir: str, out_dir: str) -> dict:
         "do_train": True,
         "model_name_or_path": model_dir,
         "dataset_dir": dataset_dir,
-        "dataset": "octomed_train",
-        "eval_dataset": "octomed_validation",
-        "template": "qwen2_vl",
+        "dataset": f"{prefix}train",
+        "eval_dataset": f"{prefix}validation",
+        "template": template_name,
         "finetuning_type": "full",
         "cutoff_len": 8192,
         "output_dir": out_dir,
         "overwrite_output_dir": True,
         "per_device_train_batch_size": 4,
-        "max_steps": 1,
+        "max_steps": steps,
         "learning_rate": 1e-4,
         "report_to": "none",
         "save_strategy": "no",
@@ -92,7 +101,7 @@ def main(dataset_dir: str, model_dir: str, out_dir: str) -> dict:
     module = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
     vision_start = tokenizer.convert_tokens_to_ids("<|vision_start|>")
     image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    report: dict = {"get_dataset_s": round(time.time() - t0, 1), "splits": {}}
+    report: dict = {"mode": mode, "get_dataset_s": round(time.time() - t0, 1), "splits": {}}
     for name, ds in (("train", module["train_dataset"]), ("validation", module["eval_dataset"])):
         if isinstance(ds, dict):  # several eval datasets come back by name
             ds = next(iter(ds.values()))
@@ -104,12 +113,18 @@ def main(dataset_dir: str, model_dir: str, out_dir: str) -> dict:
             labels_text = tokenizer.decode(learned, skip_special_tokens=False)
             prompt_text = tokenizer.decode(ids, skip_special_tokens=False)
             problems = []
-            if ids.count(vision_start) != len(images):
-                problems.append(f"{ids.count(vision_start)} image blocks for {len(images)} images")
-            if images and ids.count(image_pad) == 0:
-                problems.append("no image tokens")
-            if image_pad in learned:
-                problems.append("image tokens in labels")
+            if mode == "text":  # a text-only model: no image, no placeholder anywhere
+                if images:
+                    problems.append(f"{len(images)} images in a text-only row")
+                if "<image>" in prompt_text or "<|vision_start|>" in prompt_text:
+                    problems.append("an image placeholder in a text-only row")
+            else:
+                if ids.count(vision_start) != len(images):
+                    problems.append(f"{ids.count(vision_start)} image blocks for {len(images)} images")
+                if images and ids.count(image_pad) == 0:
+                    problems.append("no image tokens")
+                if image_pad in learned:
+                    problems.append("image tokens in labels")
             if not labels_text.startswith("<think>") or "</think>" not in labels_text:
                 problems.append("no <think>...</think> in labels")
             if "Final answer: \\boxed{" not in labels_text:
@@ -137,5 +152,5 @@ def main(dataset_dir: str, model_dir: str, out_dir: str) -> dict:
 
 
 if __name__ == "__main__":
-    result = main(*sys.argv[1:4])
+    result = main(*sys.argv[1:5])
     print("OCTOMED_RESULT " + json.dumps(result))

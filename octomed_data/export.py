@@ -3,16 +3,20 @@
 Layout (every folder is self-contained: copy it anywhere, or download it from ``s3://``)::
 
     OUT/export.json                       settings (answer format, image references) and counts
-    OUT/llamafactory/dataset_info.json    registers octomed_train / octomed_validation
+    OUT/llamafactory/dataset_info.json    registers octomed_{train,validation} (every row, vision
+                                          models) and octomed_text_{train,validation} (text-only)
     OUT/llamafactory/export.json          the same metadata, for a folder copied alone
-    OUT/llamafactory/images/ab/<sha256>.png   each image once (copied or hard-linked), content-addressed
+    OUT/llamafactory/images/ab/<sha256>.png   each image once (hard-linked to the run's image store
+                                          where one filesystem allows, else copied), content-addressed
     OUT/llamafactory/{train,validation}/  rows: messages [{role, content: str}], images [path]
+    OUT/llamafactory/text/{train,validation}/  text rows only, no images column (text-only models)
     OUT/trl/dataset_info.json             which configuration is for which model
     OUT/trl/README.md                     dataset card: load_dataset(OUT/trl, "text" | "vision")
     OUT/trl/text/{train,validation}/      text rows, TRL language-modelling form: string content,
                                           no images column (text-only models)
     OUT/trl/vision/{train,validation}/    every row, TRL vision form: typed content parts with one
                                           {"type": "image"} per image, images as HF Image values (VLMs)
+                                          that reference the run's image store (embed_images: a copy)
 
 LLaMA-Factory: the user turn starts with one ``<image>`` token per image; literal placeholders in
 question or trace text are escaped, so the number of ``<image>`` tokens always equals
@@ -20,7 +24,19 @@ question or trace text are escaped, so the number of ``<image>`` tokens always e
 against its ``media_dir`` (default: ``dataset_dir``): pass ``dataset_dir=OUT/llamafactory``.
 ``llamafactory_images="absolute"`` writes the run's image URIs instead (shared filesystems only).
 
-TRL: images are embedded PNG bytes by default (``embed_images=False``: the run's image URIs).
+TRL: images are stored once. By default each HF Image value is ``{bytes: None, path: <the run's
+content-addressed image URI>}`` (``ingest/images/ab/<sha256>.png``), so the vision configuration
+needs the run's image store where it is read (the project's trainer reads the URI, on ``s3://``
+too). ``embed_images=True`` writes a self-contained copy instead: the PNG bytes in the Parquet.
+
+Duplicates: two replies that stated the same answer differently become the same row once the
+answer line is normalised; only the first is written (:func:`octomed_data.export_turns.trace_key`,
+across splits and shards), the others are counted per split in ``duplicates``. A weight's copies
+(the mixture's ``copy``) are kept. Memory: one 16-byte key per exported row.
+
+Keys: every text of every mixture row is scanned for the values of the teachers' API key variables
+(``secret_env``; :class:`octomed_data.release_safety.SecretGuard`); a row holding one refuses the
+export with one line naming the file, row and column (never the key), and nothing is left written.
 
 Side columns (both formats, every row): ``question_id``, ``source``, ``teacher`` and the verifier's
 provenance of the trace, ``verifier`` (exact | normalized | judge), ``verifier_rule`` (exact |
@@ -46,9 +62,10 @@ bounded memory. :func:`load_export` loads one exported split (local or object st
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -59,10 +76,13 @@ from octomed_data.errors import ConfigError, StorageError
 from octomed_data.export_formats import (
     EXPORT_VERSION,
     LLAMAFACTORY_SCHEMA,
+    LLAMAFACTORY_TEXT_SCHEMA,
     ImageBundle,
     dataset_info,
     llamafactory_image,
     llamafactory_row,
+    llamafactory_text_row,
+    llamafactory_text_split,
     trl_card,
     trl_dataset_info,
     trl_schemas,
@@ -71,6 +91,7 @@ from octomed_data.export_formats import (
 )
 from octomed_data.export_turns import (
     IMAGE_TOKEN,
+    Turns,
     check_settings,
     escape_placeholders,
     export_system_prompt,
@@ -79,12 +100,19 @@ from octomed_data.export_turns import (
     prepare,
 )
 from octomed_data.layout import SPLITS, ExportFolder
+from octomed_data.release_safety import SecretGuard
+from octomed_data.teachers import TeacherConfig
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("llamafactory", "trl")
 IMAGE_REFS = ("relative", "absolute")
+# The key variable a teacher uses unless its config names another: scanned when the caller names none.
+DEFAULT_SECRET_ENV = (TeacherConfig.model_fields["api_key_env"].default,)
 
 __all__ = [  # re-exported: the names other modules import from here
-    "EXPORT_VERSION", "IMAGE_TOKEN", "LLAMAFACTORY_SCHEMA", "ExportResult", "escape_placeholders", "export",
+    "DEFAULT_SECRET_ENV", "EXPORT_VERSION", "IMAGE_TOKEN", "LLAMAFACTORY_SCHEMA", "ExportResult",
+    "escape_placeholders", "export",
     "final_answer_line", "load_export", "normalize_reply",
 ]  # fmt: skip
 
@@ -93,8 +121,9 @@ __all__ = [  # re-exported: the names other modules import from here
 class ExportResult:
     """Where each dataset and split went, and what the export did.
 
-    ``datasets`` keys: ``llamafactory``; ``trl`` (the vision configuration: every row, for VLMs and
-    the project's trainer); ``trl_text`` (the text configuration: text rows only).
+    ``datasets`` keys: ``llamafactory`` (every row, the vision dataset); ``llamafactory_text`` (text
+    rows only, no images column: for text-only models); ``trl`` (the vision configuration: every
+    row, for VLMs and the project's trainer); ``trl_text`` (the text configuration: text rows only).
     """
 
     uri: str
@@ -102,9 +131,12 @@ class ExportResult:
     rows: dict[str, dict[str, int]] = field(default_factory=dict)
     escaped_placeholders: int = 0  # literal placeholders rewritten in text (per exported row set)
     answers: dict[str, int] = field(default_factory=dict)  # kept / replaced / appended / dropped / as_is
+    # Rows left out per split because an earlier row is the same training example once its answer
+    # line is normalised (:func:`octomed_data.export_turns.trace_key`); a weight's copies are kept.
+    duplicates: dict[str, int] = field(default_factory=dict)
     images: dict[str, int] = field(
         default_factory=dict
-    )  # LLaMA-Factory image files: copied / linked / reused
+    )  # LLaMA-Factory image files: copied / linked / reused; TRL: trl_embedded / trl_referenced
     settings: dict[str, Any] = field(default_factory=dict)
     # Exported traces per verifier that accepted them (exact | normalized | judge | unknown: the
     # mixture did not carry it).
@@ -120,15 +152,18 @@ def export(
     out: str,
     *,
     formats: Sequence[str] | None = None,
-    embed_images: bool = True,
+    embed_images: bool = False,
     llamafactory_images: str = "relative",
     answer_format: str = "normalize",
     content: str = "reasoning",
+    secret_env: Iterable[str] | None = None,
     progress: bool = False,
 ) -> ExportResult:
-    """Export every split of the mixture at ``mixture_uri`` to ``out`` (layout: module docstring)."""
-    from tqdm import tqdm
+    """Export every split of the mixture at ``mixture_uri`` to ``out`` (layout: module docstring).
 
+    ``secret_env``: the environment variables holding the teachers' API keys (default
+    :data:`DEFAULT_SECRET_ENV`); a mixture row holding one of their values refuses the export.
+    """
     formats = list(formats or FORMATS)
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
@@ -143,6 +178,7 @@ def export(
     if not any(ds.manifest() for ds in sources.values()):
         raise StorageError(f"no mixture shards under {mixture_uri} (expected train/ and validation/)")
     storage.ensure_writable(out)
+    key_names = sorted(set(DEFAULT_SECRET_ENV if secret_env is None else secret_env))
     settings = {
         "export_version": EXPORT_VERSION,
         "answer_format": answer_format,
@@ -154,58 +190,36 @@ def export(
         },
         "llamafactory_images": llamafactory_images,
         "embed_images": embed_images,
+        "dedupe": "after answer normalisation (copies of a weight kept)",
+        "key_scan": key_names,  # variable names only, never values
     }
     result = ExportResult(uri=out, settings=settings)
     folder = ExportFolder(out)
-    lf_dir, trl_dir = folder.llamafactory, folder.trl
-    targets: dict[str, dict[str, storage.Dataset]] = {}
-    schemas = trl_schemas() if "trl" in formats else {}
-    if "llamafactory" in formats:
-        targets["llamafactory"] = {
-            s: storage.Dataset(storage.join(lf_dir, s), LLAMAFACTORY_SCHEMA) for s in SPLITS
-        }
-    if "trl" in formats:
-        targets["trl"] = {s: storage.Dataset(folder.trl_split(False, s), schemas["vision"]) for s in SPLITS}
-        targets["trl_text"] = {s: storage.Dataset(folder.trl_split(True, s), schemas["text"]) for s in SPLITS}
-        for s in SPLITS:  # the single-dataset layout of export version 1
-            _clear(storage.Dataset(storage.join(trl_dir, s)))
-    for per_split in targets.values():
-        for ds in per_split.values():
-            _clear(ds)
-    bundle = ImageBundle(lf_dir)
-    answers: Counter[str] = Counter()
-    verified: Counter[str] = Counter()
-    for split, src in sources.items():
-        totals: Counter[str] = Counter()
-        for shard in tqdm(src.manifest(), desc=f"export {split}", disable=not progress):
-            out_rows: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
-            for row in src.iter_rows(shards=[shard]):
-                turns = prepare(row, answer_format, content)
-                if turns is None:
-                    answers["dropped"] += 1
-                    continue
-                answers[turns.answer] += 1
-                verified[row.get("verifier") or "unknown"] += 1
-                result.escaped_placeholders += turns.escaped
-                if "llamafactory" in targets:
-                    paths = [llamafactory_image(im, bundle, llamafactory_images) for im in turns.images]
-                    out_rows["llamafactory"].append(llamafactory_row(row, turns, paths))
-                if "trl" in targets:
-                    out_rows["trl"].append(trl_vision_row(row, turns, embed_images=embed_images))
-                    if not turns.images:
-                        out_rows["trl_text"].append(trl_text_row(row, turns))
-            for name, rows in out_rows.items():
-                ds = targets[name][split]
-                ds.write_shard(shard, pa.Table.from_pylist(rows, schema=ds.schema))
-                totals[name] += len(rows)
-        for name, per_split in targets.items():
-            result.datasets.setdefault(name, {})[split] = per_split[split].uri
-            result.rows.setdefault(name, {})[split] = totals[name]
-    result.answers = dict(sorted(answers.items()))
-    result.verified_by = dict(sorted(verified.items()))
-    result.images = dict(sorted(bundle.counts.items()))
+    targets = _targets(folder, formats)
+    pass_ = _Pass(
+        targets=targets,
+        bundle=ImageBundle(folder.llamafactory),
+        guard=SecretGuard.from_env(key_names),
+        embed_images=embed_images,
+        llamafactory_images=llamafactory_images,
+        answer_format=answer_format,
+        content=content,
+        result=result,
+    )
+    try:
+        for split, src in sources.items():
+            pass_.split(split, src, progress)
+    except ConfigError:
+        for per_split in targets.values():  # a refused export leaves no partial dataset behind
+            for ds in per_split.values():
+                _clear(ds)
+        raise
+    result.answers = dict(sorted(pass_.answers.items()))
+    result.verified_by = dict(sorted(pass_.verified.items()))
+    result.images = dict(sorted((pass_.bundle.counts + pass_.trl_images).items()))
     result.seconds = round(time.time() - t0, 3)
     meta = {"mixture": mixture_uri} | result.to_dict()
+    lf_dir, trl_dir = folder.llamafactory, folder.trl
     if "llamafactory" in formats:
         storage.write_json(folder.dataset_info(lf_dir), dataset_info())
         storage.write_json(folder.format_summary(lf_dir), meta)
@@ -214,7 +228,122 @@ def export(
         storage.write_bytes(folder.card(trl_dir), trl_card().encode("utf-8"))
         storage.write_json(folder.format_summary(trl_dir), meta)
     storage.write_json(folder.summary, meta)
+    if sum(result.duplicates.values()):
+        log.info("export: %s duplicate row(s) left out after answer normalisation", result.duplicates)
     return result
+
+
+def _targets(folder: ExportFolder, formats: Sequence[str]) -> dict[str, dict[str, storage.Dataset]]:
+    """The datasets this export writes (dataset name -> split -> Dataset), emptied first."""
+    lf_dir, trl_dir = folder.llamafactory, folder.trl
+    targets: dict[str, dict[str, storage.Dataset]] = {}
+    if "llamafactory" in formats:
+        targets["llamafactory"] = {
+            s: storage.Dataset(storage.join(lf_dir, s), LLAMAFACTORY_SCHEMA) for s in SPLITS
+        }
+        targets["llamafactory_text"] = {
+            s: storage.Dataset(llamafactory_text_split(lf_dir, s), LLAMAFACTORY_TEXT_SCHEMA) for s in SPLITS
+        }
+    if "trl" in formats:
+        schemas = trl_schemas()
+        targets["trl"] = {s: storage.Dataset(folder.trl_split(False, s), schemas["vision"]) for s in SPLITS}
+        targets["trl_text"] = {s: storage.Dataset(folder.trl_split(True, s), schemas["text"]) for s in SPLITS}
+        for s in SPLITS:  # the single-dataset layout of export version 1
+            _clear(storage.Dataset(storage.join(trl_dir, s)))
+    for per_split in targets.values():
+        for ds in per_split.values():
+            _clear(ds)
+    return targets
+
+
+@dataclass
+class _Pass:
+    """One export pass: the rows of every split, deduplicated and scanned for keys, per target."""
+
+    targets: dict[str, dict[str, storage.Dataset]]
+    bundle: ImageBundle
+    guard: SecretGuard
+    embed_images: bool
+    llamafactory_images: str
+    answer_format: str
+    content: str
+    result: ExportResult
+    # Keys of the rows written so far (16 bytes each, ~80 bytes of memory per exported row).
+    seen: set[bytes] = field(default_factory=set)
+    answers: Counter[str] = field(default_factory=Counter)
+    verified: Counter[str] = field(default_factory=Counter)
+    trl_images: Counter[str] = field(default_factory=Counter)
+
+    def split(self, split: str, src: storage.Dataset, progress: bool) -> None:
+        from tqdm import tqdm
+
+        totals: Counter[str] = Counter()
+        duplicates = 0
+        for shard in tqdm(src.manifest(), desc=f"export {split}", disable=not progress):
+            out_rows: dict[str, list[dict[str, Any]]] = {name: [] for name in self.targets}
+            where = src.file_uri(shard)
+            for i, row in enumerate(src.iter_rows(shards=[shard])):
+                scan_row(self.guard, row, f"{where} row {i}")
+                turns = prepare(row, self.answer_format, self.content)
+                if turns is None:
+                    self.answers["dropped"] += 1
+                    continue
+                self.answers[turns.answer] += 1
+                if turns.key in self.seen:
+                    duplicates += 1
+                    continue
+                self.seen.add(turns.key)
+                self.verified[row.get("verifier") or "unknown"] += 1
+                self.result.escaped_placeholders += turns.escaped
+                self.rows(row, turns, out_rows, f"{where} row {i}")
+            for name, rows in out_rows.items():
+                ds = self.targets[name][split]
+                ds.write_shard(shard, pa.Table.from_pylist(rows, schema=ds.schema))
+                totals[name] += len(rows)
+        for name, per_split in self.targets.items():
+            self.result.datasets.setdefault(name, {})[split] = per_split[split].uri
+            self.result.rows.setdefault(name, {})[split] = totals[name]
+        self.result.duplicates[split] = duplicates
+
+    def rows(
+        self, row: dict[str, Any], turns: Turns, out: dict[str, list[dict[str, Any]]], where: str
+    ) -> None:
+        if "llamafactory" in self.targets:
+            paths = [llamafactory_image(im, self.bundle, self.llamafactory_images) for im in turns.images]
+            out["llamafactory"].append(llamafactory_row(row, turns, paths))
+            if not turns.images:
+                out["llamafactory_text"].append(llamafactory_text_row(row, turns))
+        if "trl" in self.targets:
+            vision = trl_vision_row(row, turns, embed_images=self.embed_images)
+            for n, image in enumerate(vision["images"]):
+                if image["bytes"] is not None:
+                    self.guard.check_bytes(image["bytes"], f"{where} image {n}")
+            self.trl_images["trl_embedded" if self.embed_images else "trl_referenced"] += len(turns.images)
+            out["trl"].append(vision)
+            if not turns.images:
+                out["trl_text"].append(trl_text_row(row, turns))
+
+
+def scan_row(guard: SecretGuard, row: dict[str, Any], where: str) -> None:
+    """A :class:`ConfigError` in one line when a text column of a mixture row holds a key: which file,
+    row and column (never the key itself)."""
+    if not guard.secrets:
+        return
+    for column, value in row.items():
+        texts = [value] if isinstance(value, str) else _strings(value)
+        for text in texts:
+            try:
+                guard.check(text, f"{where} column {column!r}")
+            except ConfigError as exc:
+                raise ConfigError(f"export refused: {exc}".removesuffix("; not published")) from None
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list | tuple):
+        return [s for v in value for s in _strings(v)]
+    return [value] if isinstance(value, str) else []
 
 
 def _clear(ds: storage.Dataset) -> None:

@@ -34,6 +34,12 @@ LLAMAFACTORY_SCHEMA = pa.schema(
     ],
     metadata={"octomed.schema": "export.llamafactory", "octomed.schema_version": EXPORT_VERSION},
 )
+# The text-only dataset: text rows, no images column (a text-only model refuses any image input).
+LLAMAFACTORY_TEXT_SCHEMA = LLAMAFACTORY_SCHEMA.remove(
+    LLAMAFACTORY_SCHEMA.get_field_index("images")
+).with_metadata({"octomed.schema": "export.llamafactory.text", "octomed.schema_version": EXPORT_VERSION})
+# LLaMA-Factory's text-only splits live in ``llamafactory/text/<split>`` (named like TRL's configuration).
+LLAMAFACTORY_TEXT_DIR = "text"
 
 
 def _features_schema(features: Any, name: str) -> pa.Schema:
@@ -95,6 +101,20 @@ def llamafactory_row(row: Mapping[str, Any], turns: Turns, image_paths: Sequence
     } | side_columns(row)
 
 
+def llamafactory_text_row(row: Mapping[str, Any], turns: Turns) -> dict[str, Any]:
+    """One sharegpt row of the text-only dataset: no image token, no images column."""
+    if turns.images:
+        raise ValueError("an image row has no text-only form")
+    out = llamafactory_row(row, turns, [])
+    del out["images"]
+    return out
+
+
+def llamafactory_text_split(dataset_dir: str, split: str) -> str:
+    """Where a split of the text-only LLaMA-Factory dataset goes (``dataset_dir/text/<split>``)."""
+    return storage.join(dataset_dir, LLAMAFACTORY_TEXT_DIR, split)
+
+
 def trl_text_row(row: Mapping[str, Any], turns: Turns) -> dict[str, Any]:
     """TRL conversational language modelling: string content, no images."""
     if turns.images:
@@ -116,7 +136,8 @@ def trl_vision_row(row: Mapping[str, Any], turns: Turns, *, embed_images: bool =
             {"bytes": storage.read_bytes(im["uri"]), "path": f"{im['sha256']}.png"} for im in turns.images
         ]
     else:
-        values = [{"bytes": None, "path": im["uri"]} for im in turns.images]
+        # The run's content-addressed image store: each image stays stored once.
+        values = [{"bytes": None, "path": storage.absolute_uri(im["uri"])} for im in turns.images]
     return {
         "messages": [
             {"role": "system", "content": [{"type": "text", "text": turns.system}]},
@@ -177,7 +198,9 @@ class ImageBundle:
 
 
 def dataset_info(prefix: str = "octomed") -> dict[str, Any]:
-    """LLaMA-Factory ``dataset_info.json`` for the two split folders next to it.
+    """LLaMA-Factory ``dataset_info.json``: ``<prefix>_<split>`` for the split folders next to it
+    (every row, images column: vision models) and ``<prefix>_text_<split>`` for ``text/<split>``
+    (text rows only, no images column: text-only models, which refuse any image input).
 
     The folders are registered as ``script_url``, not ``file_name``: for a ``file_name`` folder
     LLaMA-Factory hands *every* directory entry to ``load_dataset`` and stops with "File types
@@ -196,7 +219,11 @@ def dataset_info(prefix: str = "octomed") -> dict[str, Any]:
             "system_tag": "system",
         },
     }
-    return {f"{prefix}_{split}": {"script_url": split, "split": "train", **entry} for split in SPLITS}
+    text = entry | {"columns": {"messages": "messages"}}
+    return {f"{prefix}_{split}": {"script_url": split, "split": "train", **entry} for split in SPLITS} | {
+        f"{prefix}_text_{split}": {"script_url": f"{LLAMAFACTORY_TEXT_DIR}/{split}", "split": "train", **text}
+        for split in SPLITS
+    }
 
 
 def trl_dataset_info(rows: Mapping[str, Mapping[str, int]]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ line the system prompt asks for, and the side columns."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -97,6 +98,8 @@ class Turns:
     images: list[dict[str, Any]]
     escaped: int
     answer: str  # kept / replaced / appended / as_is
+    # What makes two rows the same training example (:func:`trace_key`): equal keys are duplicates.
+    key: bytes = b""
 
 
 def check_settings(answer_format: str, content: str) -> None:
@@ -131,20 +134,50 @@ def prepare(
     else:
         action = "as_is"
     user, n1 = escape_placeholders(user_text(row))
+    reasoning = (row.get("reasoning") or "").strip()
+    images = list(row.get("images") or [])
+    key = trace_key(row, user, images, reasoning, response or "")
     if content == "answer_only":
         # The normalised reply ends in the answer line; everything before it (and the reasoning) goes.
         assistant, n2 = escape_placeholders((response or "").split("\n")[-1].strip())
     else:
-        reasoning = (row.get("reasoning") or "").strip()
         assistant, n2 = escape_placeholders(f"<think>\n{reasoning}\n</think>\n\n{response}")
     return Turns(
         system=export_system_prompt(row["task_type"], answer_format, content),
         user=user,
         assistant=assistant,
-        images=list(row.get("images") or []),
+        images=images,
         escaped=n1 + n2,
         answer=action,
+        key=key,
     )
+
+
+def trace_key(
+    row: Mapping[str, Any], user: str, images: Sequence[Mapping[str, Any]], reasoning: str, response: str
+) -> bytes:
+    """A 16-byte digest of what a trainer sees of a trace once its reply is normalised: task type
+    (the system prompt), user turn, images (by content address), reasoning and the normalised reply,
+    plus the mixture's ``copy`` index, so a weight's deliberate repeats are not duplicates.
+
+    Two replies that differed only in how they stated the answer ("The answer is B." / "**B**")
+    normalise to the same line and get the same key. The key is taken from the reasoning form in
+    every content mode, so an answer-only export keeps exactly the rows of the reasoning export.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for part in (
+        row.get("task_type") or "",
+        user,
+        str(len(images)),
+        *(str(im.get("sha256") or im.get("uri") or "") for im in images),
+        reasoning,
+        response,
+        str(row.get("copy") or 0),
+    ):
+        data = part.encode("utf-8", "surrogatepass")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.digest()
 
 
 def side_columns(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -86,14 +86,29 @@ def test_llamafactory_dataset_info_loads_as_llamafactory_does(mixture, tmp_path)
     result = export(mixture.uri, str(tmp_path / "exp"), formats=["llamafactory"])
     dataset_dir = storage.join(result.uri, "llamafactory")
     info = storage.read_json(storage.join(dataset_dir, "dataset_info.json"))
-    assert set(info) == {"octomed_train", "octomed_validation"}
+    assert set(info) == {
+        "octomed_train",
+        "octomed_validation",
+        "octomed_text_train",
+        "octomed_text_validation",
+    }
     expected = {"octomed_train": mixture.rows_train, "octomed_validation": mixture.rows_validation}
+    for split in ("train", "validation"):  # the text-only dataset: the rows without images
+        expected[f"octomed_text_{split}"] = result.rows["llamafactory_text"][split]
+    assert result.rows["llamafactory_text"]["train"] > 0
     for name, entry in info.items():
         assert entry["formatting"] == "sharegpt" and "file_name" not in entry
-        assert entry["columns"] == {"messages": "messages", "images": "images"}
         loaded = datasets.load_dataset(path=f"{dataset_dir}/{entry['script_url']}", split=entry["split"])
         assert len(loaded) == expected[name]
-        assert set(loaded.column_names) >= {"messages", "images"}
+        if name.startswith("octomed_text_"):
+            assert entry["columns"] == {"messages": "messages"}
+            assert "images" not in loaded.column_names and "messages" in loaded.column_names
+            assert not any(IMAGE_TOKEN in m["content"] for row in loaded for m in row["messages"])
+        else:
+            assert entry["columns"] == {"messages": "messages", "images": "images"}
+            assert set(loaded.column_names) >= {"messages", "images"}
+    vision = load_export(result.datasets["llamafactory"]["train"])
+    assert sum(1 for row in vision if not row["images"]) == expected["octomed_text_train"]
 
 
 def test_llamafactory_absolute_images(mixture, tmp_path, s3_bucket, shared_data):
@@ -112,8 +127,8 @@ def test_llamafactory_absolute_images(mixture, tmp_path, s3_bucket, shared_data)
 
 
 def test_trl_text_and_vision_configurations(mixture, tmp_path):
-
-    result = export(mixture.uri, str(tmp_path / "exp"), formats=["trl"])
+    """The self-contained copy (``embed_images=True``, on request): the folder alone loads."""
+    result = export(mixture.uri, str(tmp_path / "exp"), formats=["trl"], embed_images=True)
     copy = tmp_path / "elsewhere" / "trl"
     shutil.copytree(tmp_path / "exp" / "trl", copy)
     shutil.rmtree(tmp_path / "exp")
@@ -170,7 +185,7 @@ def test_export_errors(tmp_path, mixture):
 
 
 def test_embedded_image_is_the_normalised_png(mixture, tmp_path):
-    result = export(mixture.uri, str(tmp_path / "e"), formats=["trl"])
+    result = export(mixture.uri, str(tmp_path / "e"), formats=["trl"], embed_images=True)
     table = storage.Dataset(result.datasets["trl"]["train"]).read_all()
     rows = [r for r in table.to_pylist() if r["images"]]
     img = rows[0]["images"][0]

@@ -44,7 +44,7 @@ def trl_copy(shared_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("trl-run")
     accepted, questions = write_inputs(shared_data, str(root / "in"), n_text=6, n_image=2)
     mix = build_mixture(accepted, questions, str(root / "mix"), MixtureConfig(validation_fraction=0.25))
-    export(mix.uri, str(root / "exp"), formats=["trl"])
+    export(mix.uri, str(root / "exp"), formats=["trl"], embed_images=True)  # a self-contained copy
     copy = tmp_path_factory.mktemp("elsewhere") / "trl"
     shutil.copytree(root / "exp" / "trl", copy)
     shutil.rmtree(root)
