@@ -8,11 +8,17 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.common import RunParams, prepare, publish_table, run_stage_flow
+from flows.naming import run_name
 from octomed_data.errors import StorageError
 from octomed_data.stages.decontaminate import DecontaminateStage
 
 
-@flow(name="decontaminate", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(
+    name="decontaminate",
+    flow_run_name=run_name,
+    log_prints=True,
+    task_runner=ThreadPoolTaskRunner(max_workers=2),
+)
 def decontaminate_flow(run: RunParams = RunParams()) -> dict[str, Any]:
     """``RUN/ingest/questions`` -> ``RUN/decontaminate/{questions,removed}``, shard by shard."""
     recipe, paths = prepare(run)

@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.common import RunParams, prepare, run_stage_flow
+from flows.naming import run_name
 from octomed_data.errors import StorageError
 from octomed_data.recipe import Recipe
 from octomed_data.stages.distill import DistillStage
@@ -48,7 +49,9 @@ def teacher_endpoints(recipe: Recipe) -> Iterator[Any]:
 
 
 # Threads only wait on Ray; how many shards run at once is the recipe's distill.max_concurrent_shards.
-@flow(name="distill", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=64))
+@flow(
+    name="distill", flow_run_name=run_name, log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=64)
+)
 def distill_flow(run: RunParams = RunParams()) -> dict[str, Any]:
     """``RUN/decontaminate/questions`` -> ``RUN/distill/raw``, one Prefect task per shard."""
     from flows.startup import connect_ray

@@ -7,13 +7,14 @@ from typing import Any
 from prefect import flow
 
 from flows.common import RunParams, prepare, publish_table, run_stage_flow
+from flows.naming import run_name
 from octomed_data.stages import GLOBAL_SHARD
 from octomed_data.stages.mixture import ExportStage
 
 EXPORT_FLOW_NAME = "export"  # a completed run of this flow is what the training automation listens for
 
 
-@flow(name=EXPORT_FLOW_NAME, log_prints=True)
+@flow(name=EXPORT_FLOW_NAME, flow_run_name=run_name, log_prints=True)
 def export_flow(run: RunParams = RunParams()) -> dict[str, Any]:
     """``RUN/mixture`` -> ``RUN/export/llamafactory/…`` and ``RUN/export/trl/{text,vision}/…``."""
     recipe, paths = prepare(run)

@@ -29,6 +29,7 @@ from flows.export import export_flow
 from flows.filter import VERIFY_HELP, filter_flow, report_task
 from flows.ingest import ingest_flow
 from flows.mixture import mixture_flow
+from flows.naming import run_name
 from flows.release import release_flow
 from flows.training import TrainParams, checkpoint_flow, evaluate_flow, train_flow
 from octomed_data.layout import STAGES
@@ -50,7 +51,7 @@ def training_left_to_automation(automation_on: bool, exported: bool) -> bool:
     return automation_on and exported and automation_active()
 
 
-@flow(name="factory", log_prints=True)
+@flow(name="factory", flow_run_name=run_name, log_prints=True)
 def factory_flow(
     run: RunParams = RunParams(),
     stages: list[Stage] | None = None,

@@ -7,10 +7,11 @@ from typing import Any
 from prefect import flow
 
 from flows.common import RunParams, prepare, publish_table, run_stage_flow
+from flows.naming import run_name
 from octomed_data.stages.ingest import IngestStage
 
 
-@flow(name="ingest", log_prints=True)
+@flow(name="ingest", flow_run_name=run_name, log_prints=True)
 def ingest_flow(run: RunParams = RunParams()) -> dict[str, Any]:
     """Read the recipe's sources into ``RUN/ingest`` (one task per source entry; done entries are kept)."""
     recipe, paths = prepare(run)

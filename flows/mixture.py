@@ -7,13 +7,14 @@ from typing import Any
 from prefect import flow
 
 from flows.common import RunParams, prepare, publish_table, run_stage_flow
+from flows.naming import run_name
 from octomed_data.stages import GLOBAL_SHARD
 from octomed_data.stages.mixture import MixtureStage
 
 MIXTURE_FLOW_NAME = "mixture"
 
 
-@flow(name=MIXTURE_FLOW_NAME, log_prints=True)
+@flow(name=MIXTURE_FLOW_NAME, flow_run_name=run_name, log_prints=True)
 def mixture_flow(run: RunParams = RunParams()) -> dict[str, Any]:
     """Build ``RUN/mixture/{train,validation}`` from ``RUN/filter/accepted`` and the questions."""
     recipe, paths = prepare(run)

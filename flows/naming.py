@@ -82,3 +82,24 @@ def label_flow_run(run_id: str) -> bool:
         return False
     fr.name, fr.tags = run_id, tags  # the context's copy, so a second prepare() asks nothing
     return True
+
+
+def run_name() -> str:
+    """``flow_run_name`` of the run flows: the run id from the moment the flow run starts (so the
+    engine's own log lines say it too), derived as :func:`flow_run_run_id` when the form left it
+    empty; the flow run's own name when it cannot be told yet (an unreadable recipe fails later,
+    in :func:`flows.common.prepare`, with its own message)."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    fallback = str(getattr(getattr(ctx, "flow_run", None), "name", "") or "run")
+    try:
+        run = (ctx.parameters or {}).get("run")
+        get = run.get if isinstance(run, dict) else (lambda k: getattr(run, k, None))
+        if get("run_id"):
+            return str(get("run_id"))
+        from octomed_data.recipe import load_recipe
+
+        return derived_run_id(load_recipe(get("recipe_path") or "demo").name) or fallback
+    except Exception:
+        return fallback

@@ -7,6 +7,7 @@ from typing import Any
 from prefect import flow
 
 from flows.common import RunParams, prepare, publish_markdown, run_stage_flow
+from flows.naming import run_name
 from octomed_data.errors import ConfigError
 from octomed_data.stages import GLOBAL_SHARD
 from octomed_data.stages.release import ReleaseStage
@@ -37,7 +38,7 @@ def release_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines + ["", f"Patient/DICOM metadata fields removed: {dropped}."])
 
 
-@flow(name="release", log_prints=True)
+@flow(name="release", flow_run_name=run_name, log_prints=True)
 def release_flow(
     run: RunParams = RunParams(),
     out: str | None = None,
