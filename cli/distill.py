@@ -158,12 +158,13 @@ def _cli(args: argparse.Namespace) -> int:
     print(line, file=sys.stderr)
     if summary.get("aborted"):
         raise TeacherUnreachable(summary["aborted"])
-    if summary["failed"]:
-        print(
-            f"error: {summary['failed']} samples failed after all attempts; "
-            "run the same command again to retry exactly those",
-            file=sys.stderr,
-        )
+    if summary["not_committed"]:
+        from octomed_data.stages.committed import not_committed_line
+
+        # One line: the asked-for shards that are not committed and why (failed samples, the lease
+        # held by another run or lost mid-shard, the store unreachable); never exit 0 without them.
+        line = not_committed_line("distill", summary["not_committed"], summary["asked"])
+        print(f"error: {line}; run the same command again to complete exactly those", file=sys.stderr)
         return 1
     return 0
 

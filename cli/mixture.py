@@ -7,7 +7,7 @@ import json
 
 from octomed_data.config import first_error
 from octomed_data.errors import ConfigError
-from octomed_data.mixture import MixtureConfig, build_mixture, parse_weights
+from octomed_data.mixture import MixtureConfig, parse_weights
 
 
 def _cmd_mix(args: argparse.Namespace) -> int:
@@ -25,24 +25,31 @@ def _cmd_mix(args: argparse.Namespace) -> int:
         )
     except ValidationError as exc:
         raise ConfigError(f"invalid mixture settings: {first_error(exc)}") from None
-    result = build_mixture(args.accepted, args.questions, args.out, config, audit=args.audit, progress=True)
-    print(json.dumps(result.to_dict(), indent=2))
+    from octomed_data.stages.committed import run_global_step
+    from octomed_data.stages.folder_steps import FolderMixtureStage
+
+    stage = FolderMixtureStage(
+        args.accepted, args.questions, args.out, config, audit=args.audit, progress=True
+    )
+    print(json.dumps(run_global_step(stage), indent=2))
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from octomed_data.export import export
+    from octomed_data.stages.committed import run_global_step
+    from octomed_data.stages.folder_steps import FolderExportStage
 
-    result = export(
-        args.mixture,
-        args.out,
-        formats=args.format,
-        embed_images=not args.no_embed,
-        llamafactory_images=args.llamafactory_images,
-        answer_format=args.answer_format,
-        progress=True,
+    settings = {
+        "formats": args.format,
+        "embed_images": not args.no_embed,
+        "llamafactory_images": args.llamafactory_images,
+        "answer_format": args.answer_format,
+    }
+    print(
+        json.dumps(
+            run_global_step(FolderExportStage(args.mixture, args.out, settings, progress=True)), indent=2
+        )
     )
-    print(json.dumps(result.to_dict(), indent=2))
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from pydantic import SecretStr
@@ -21,6 +22,8 @@ from octomed_data.errors import StorageError
 from octomed_data.inference.ratelimit import WindowBudget
 from octomed_data.layout import DistillFolder, RunPaths
 from octomed_data.schema import QUESTION_SCHEMA
+from octomed_data.stages.base import ShardIncomplete, StageFailed, StageResult
+from octomed_data.stages.committed import ShardsNotCommitted, not_committed, not_committed_line, user_message
 from octomed_data.stages.distill import DistillStage
 from octomed_data.stages.filter import FilterStage
 from octomed_data.stages.local import Executor, LocalExecutor, raise_for_failures, run_stage
@@ -54,13 +57,61 @@ def run_distill(
     stage.progress = progress
     result = run_stage(stage, executor, shards=names, force=False)
     reports = [r for r in (shard_report(out, s) for s in names) if r is not None]
-    if result.failed and not reports:
+    if result.failed and not reports and all(user_message(e) for e in result.failed.values()):
         raise_for_failures(result)  # no shard got as far as its raw output (a config error ...)
-    final = finalize(out, questions_uri, config, executor)
+    reports = [r if ran_here(result, r.shard) else as_reused(r) for r in reports]
+    details = {r.shard: incomplete_reason(r) for r in reports if not r.complete}
+    missing = not_committed(result, names, details)
+    final: dict[str, Any] = {}
+    if reports:
+        try:
+            final = finalize(out, questions_uri, config, executor)
+        except StageFailed as exc:
+            if not missing:
+                raise
+            line = not_committed_line(stage.name, missing, len(names))
+            raise ShardsNotCommitted(f"{line}; and {exc}", missing) from None
     # run_stage finalizes a stage only once every shard is done; the cost ledger (the distill
     # stage's finalize) also reports a partial run (named shards, failed samples): what it paid.
     cost = result.final or stage.finalize(stage.input_shards())
-    return summarize(reports, final | cost, result.failed)
+    summary = summarize(reports, final | cost, result.failed)
+    summary["complete"] = summary["complete"] and not missing
+    return summary | {"not_committed": missing, "asked": len(names)}
+
+
+def ran_here(result: StageResult, shard: str) -> bool:
+    """Whether this pass ran ``shard`` into its raw marker (complete, or committed with samples
+    missing); a reused shard's marker, or one another run committed, reports that run's work."""
+    outcome = result.outcomes.get(shard)
+    if outcome is None:
+        return False
+    return outcome.state == "COMPLETED" or (
+        outcome.state == "FAILED" and (outcome.error or "").startswith(ShardIncomplete.__name__)
+    )
+
+
+def as_reused(report: ShardReport) -> ShardReport:
+    """A shard's report as a pass that sent nothing for it sees it: everything stored was there before."""
+    return replace(
+        report,
+        stored_before=report.stored,
+        new_samples=0,
+        requests=0,
+        retries=0,
+        prompt_tokens=0,
+        completion_tokens=0,
+        batches=0,
+        batches_resumed=0,
+        batch_requests=0,
+        batch_samples=0,
+        batch_fallback=0,
+        aborted=None,
+        seconds=0.0,
+    )
+
+
+def incomplete_reason(report: ShardReport) -> str:
+    return f"{report.failed} sample(s) failed" + (f", {report.aborted}" if report.aborted else "")
 
 
 def run_local(
