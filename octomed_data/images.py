@@ -10,7 +10,8 @@ bytes is the image's content address; a 64-bit DCT perceptual hash finds near-du
 representative slice); :class:`ImageStore` stores each normalised image once, content-addressed
 under ``<root>/images/<sha[:2]>/<sha>.png``. Per-image problems raise
 :class:`~octomed_data.schema.RecordError` (``missing_image``, ``corrupt_image``,
-``unreadable_image``) so the record is quarantined.
+``unreadable_image``, ``image_too_large``: past a size :mod:`~octomed_data.image_limits` checks
+before anything is allocated) so the record is quarantined, never the source.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from octomed_data import image_limits as limits
 from octomed_data import storage
 from octomed_data.errors import StorageError
 from octomed_data.layout import image_object, images_dir
@@ -114,7 +116,9 @@ def open_raster(source: str | bytes) -> Image.Image:
     """Decode a JPEG/PNG (or any PIL raster) from a path or bytes, EXIF orientation applied."""
     from PIL import ImageOps
 
-    img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)  # the header only
+    width, height = img.size
+    limits.check_declared(width * height, limits.MAX_SOURCE_PIXELS, f"{width}x{height} pixel image")
     img.load()
     return ImageOps.exif_transpose(img)
 
@@ -218,6 +222,7 @@ def load_dicom(path: str) -> LoadedImage:
                 "unreadable_image", "DICOM dataset could not be parsed (no pixel data, no SOP class)"
             )
         raise RecordError("unreadable_image", f"{what} has no pixel data")
+    limits.check_dicom_size(ds, what)
     meta = getattr(ds, "file_meta", None)
     if meta is not None and "TransferSyntaxUID" not in meta:
         # Files without File Meta (no preamble) still say how they were parsed.
@@ -279,6 +284,10 @@ def load_nifti(path: str) -> LoadedImage:
         raise RecordError("corrupt_image", f"not a readable NIfTI file ({type(exc).__name__})") from None
     if len(shape) < 2 or min(shape[:2]) < 1:
         raise RecordError("unreadable_image", f"NIfTI has no 2-D image data (shape {tuple(shape)})")
+    dims = [int(d) for d in shape[:3]]
+    limits.check_declared(math.prod(dims), limits.MAX_VOLUME_VOXELS, f"NIfTI volume {dims}")
+    largest = sorted(dims)[-2:]  # the slice read is at most the two largest axes
+    limits.check_declared(largest[0] * largest[1], limits.MAX_SOURCE_PIXELS, "NIfTI slice")
     try:
         if len(shape) == 2:
             plane = np.asanyarray(img.dataobj[:, :])
@@ -333,15 +342,24 @@ def load_image(path: str | os.PathLike[str]) -> LoadedImage:
         raise RecordError("missing_image", f"cannot read {path}: {exc.strerror or exc}") from None
     if not head:
         raise RecordError("corrupt_image", f"empty file: {os.path.basename(path)}")
+    limits.check_declared(
+        os.path.getsize(path), limits.MAX_IMAGE_BYTES, f"{os.path.basename(path)}: file bytes"
+    )
     try:
         if _looks_like_nifti(path, head):
             return load_nifti(path)
         if _looks_like_dicom(path, head):
             return load_dicom(path)
         return LoadedImage(open_raster(path), None)
-    except (RecordError, MemoryError):
+    except RecordError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # PIL's own check, at twice its threshold
+        raise RecordError(limits.TOO_LARGE, f"{os.path.basename(path)}: {exc}") from None
+    except MemoryError:  # whatever the checks let through: still one record, never the source
+        raise RecordError(
+            limits.TOO_LARGE, f"{os.path.basename(path)}: decoding needs more memory than this process has"
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise RecordError(
             "corrupt_image", f"cannot decode {os.path.basename(path)}: {type(exc).__name__}"
         ) from None
@@ -460,6 +478,13 @@ def _load_bytes(data: bytes, name: str) -> LoadedImage:
 
 def _load_remote(uri: str) -> LoadedImage:
     """Decode an image stored at a remote URI (read once, decoded from bytes)."""
+    try:
+        fs, where = storage.filesystem(uri)
+        size = fs.size(where)
+    except Exception:  # noqa: BLE001  (no size: read_bytes says what is wrong)
+        size = None
+    if size is not None:
+        limits.check_declared(int(size), limits.MAX_IMAGE_BYTES, f"{uri.rsplit('/', 1)[-1]}: file bytes")
     try:
         data = storage.read_bytes(uri)
     except StorageError as exc:
