@@ -1,8 +1,11 @@
 """``octomed-data train`` / ``tiny-model`` commands (``eval`` is :mod:`cli.eval`).
 
-``train`` runs in this process (single process; DeepSpeed gets single-process defaults). For
-several GPUs, ``train --launch-line N`` prints the ``deepspeed`` (or ``torchrun``) command that
-runs ``python -m training.sft`` on N GPUs with the same config, which is how multi-GPU jobs start.
+``train`` starts the job through a launcher (torchrun by default, one process per GPU) and runs it
+exactly once per settings and output folder (:mod:`training.once`): the same settings train
+nothing, a larger ``--max-steps`` extends a finished run, other settings are refused in one line
+unless ``--force``. Killing the command (even ``kill -9``) stops its launcher and workers. For
+several nodes, ``train --launch-line N`` prints the ``deepspeed`` (or ``torchrun``) command that
+runs ``python -m training.sft`` on N GPUs with the same config.
 """
 
 from __future__ import annotations
@@ -43,6 +46,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config-out", default=None, help="with --launch-line: where the resolved config goes")
     p.add_argument("--print-deepspeed-config", action="store_true", help="print the DeepSpeed JSON and exit")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="OUTPUT holds a finished training with other settings: train these into OUTPUT-<config hash> "
+        "(the old model is kept). Without it such a job is refused, naming the settings that differ; "
+        "the same settings train nothing, a larger --max-steps extends the finished run",
+    )
     p.set_defaults(func=_train)
 
     p = subparsers.add_parser(
@@ -103,6 +113,7 @@ def _train(args: argparse.Namespace) -> int:
         processes=args.processes,
         on_line=lambda line: print(line, file=sys.stderr),
         progress=not args.no_progress,
+        force=args.force,
     )
     print(json.dumps(result))
     return 0

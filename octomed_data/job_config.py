@@ -103,6 +103,9 @@ class TrainOptions(BaseModel):
     # each other; global_batch_size then counts examples, not rows.
     packing: bool = True
     packing_window: int = Field(default=4096, ge=1)  # examples bin-packed together (and streaming buffer)
+    # Environment variables holding API keys (the recipe's teachers' ``api_key_env``): training
+    # refuses data that holds one of their values.
+    secret_env_names: list[str] = Field(default_factory=lambda: ["OPENAI_API_KEY", "TEACHER_API_KEY"])
 
     @field_validator("global_batch_size", "per_device_batch_size")
     @classmethod
@@ -177,22 +180,33 @@ class TrainConfig(TrainOptions):
             raise ConfigError(f"precision {self.precision!r} needs a GPU; use 'fp32' or 'auto' on CPU")
         return self.precision
 
+    def settings(self) -> dict[str, Any]:
+        """What changes what is trained (not where it is written, how it is logged or checked),
+        as JSON values: what :meth:`config_hash` hashes and a finished training is compared with."""
+        return json.loads(json.dumps(self.model_dump(mode="json", exclude=NOT_SETTINGS)))
+
     def config_hash(self) -> str:
         """Stable hash of everything that changes what is trained (not where it is written)."""
-        payload = self.model_dump(
-            exclude={
-                "output_uri",
-                "work_dir",
-                "logging_steps",
-                "dataloader_num_workers",
-                "save_steps",
-                "save_total_limit",
-                "resume",
-                "report_to",
-                "logging_dir",
-            }
-        )
+        payload = self.model_dump(exclude=NOT_SETTINGS)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# TrainConfig fields that do not change what is trained: outside config_hash and the settings a
+# finished training is compared with.
+NOT_SETTINGS = frozenset(
+    {
+        "output_uri",
+        "work_dir",
+        "logging_steps",
+        "dataloader_num_workers",
+        "save_steps",
+        "save_total_limit",
+        "resume",
+        "report_to",
+        "logging_dir",
+        "secret_env_names",
+    }
+)
 
 
 # Old evaluation names of the endpoint settings -> the teachers' names (TeacherConfig).

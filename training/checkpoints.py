@@ -1,6 +1,6 @@
 """Checkpoint I/O shared by SFT and evaluation: the ``checkpoint.json`` marker (written last, so a
 checkpoint without it is an incomplete upload), listing, uploading and downloading checkpoint
-folders (streamed, local or ``s3://``), and finding the newest resumable intermediate checkpoint.
+folders (streamed, local or ``s3://``), and listing the intermediate checkpoints.
 """
 
 from __future__ import annotations
@@ -43,27 +43,6 @@ def list_files(uri: str) -> list[str]:
     return sorted(
         p[len(base) + 1 :] for p in found if p.startswith(base + "/") and CHECKPOINT_MARKER not in p
     )
-
-
-def latest_resumable(
-    output_uri: str, config_hash: str, data_manifest: list[dict[str, Any]] | None = None
-) -> tuple[str, dict[str, Any]] | None:
-    """The newest uploaded intermediate checkpoint of this exact config (URI, marker), if any.
-
-    Checkpoints of another config (schedule, model, data URIs) or of other data files (row
-    counts differ) are never resumed from.
-    """
-    found = []
-    for step, uri, marker in intermediate_checkpoints(output_uri):
-        same_data = data_manifest is None or marker.get("data_manifest") == data_manifest
-        if marker.get("config_hash") == config_hash and same_data:
-            found.append((step, uri, marker))
-        else:
-            log.warning("not resuming from %s: it was trained with another config", uri.rsplit("/", 1)[-1])
-    if not found:
-        return None
-    _, uri, marker = max(found, key=lambda f: f[0])
-    return uri, marker
 
 
 def download_folder(src_uri: str, files: list[str], local: Path) -> Path:

@@ -116,6 +116,34 @@ def count_rows_with_images(files: Sequence[DataFile]) -> int:
     return total
 
 
+def refuse_secrets(files: Sequence[DataFile], env_names: Sequence[str]) -> None:
+    """One ConfigError when a row of the export holds the value of an API key variable in
+    ``env_names`` (the teachers' keys): a reflected key is never trained into a model.
+
+    Every column but the image bytes is scanned, batch by batch, with the release's
+    :class:`~octomed_data.release_safety.SecretGuard`.
+    """
+    from octomed_data.release_safety import SecretGuard
+
+    guard = SecretGuard.from_env(env_names)
+    if not guard.secrets:
+        return
+    for f in files:
+        fs, path = storage.filesystem(f.uri)
+        with fs.open(path, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            columns = [n for n in pf.schema_arrow.names if n != "images"]
+            first = 0
+            for batch in pf.iter_batches(columns=columns, batch_size=4096):
+                text = "\n".join(map(str, batch.to_pylist()))
+                try:
+                    guard.check(text, f"training data {f.uri} (rows {first}-{first + batch.num_rows - 1})")
+                except ConfigError as exc:
+                    reason = str(exc).split(";")[0]
+                    raise ConfigError(f"{reason}; nothing trained (scrub the key and export again)") from None
+                first += batch.num_rows
+
+
 # --------------------------------------------------------------------------- conversations
 
 

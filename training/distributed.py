@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
+import sys
 from pathlib import Path
 
 
@@ -78,3 +80,21 @@ def all_reduce_sum(value: int) -> int:
         dist.all_reduce(t)
         return int(t.item())
     return value
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent dies (``PR_SET_PDEATHSIG``).
+
+    A launcher started with this gets SIGTERM when the command that started it is killed, even
+    by SIGKILL (and stops its workers); a worker asks for SIGKILL when its launcher dies. A no-op
+    where prctl is not available.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(sig), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return

@@ -31,6 +31,7 @@ import yaml
 
 from octomed_data.errors import ConfigError, OctomedError
 from octomed_data.job_config import TrainConfig
+from training.distributed import die_with_parent
 
 Launcher = Literal["auto", "inprocess", "torchrun", "deepspeed"]
 LAUNCHERS: tuple[str, ...] = ("auto", "inprocess", "torchrun", "deepspeed")
@@ -120,13 +121,15 @@ def launch_command(
     raise ConfigError(f"unknown launcher {launcher!r} (deepspeed or torchrun)")
 
 
-def preflight(config: TrainConfig) -> None:
-    """Cheap checks of what the job will need, so a wrong path is one line before any process starts."""
+def preflight(config: TrainConfig) -> list[Any]:
+    """Checks of what the job will need, so a wrong path (or data holding an API key) is one line
+    before any process starts; returns the export's data files (``training.data.DataFile``)."""
     from octomed_data import storage
-    from training.data import check_columns, resolve_data_files
+    from training.data import check_columns, refuse_secrets, resolve_data_files
 
     files = resolve_data_files(config.train_data)
     check_columns(files)
+    refuse_secrets(files, config.secret_env_names)
     storage.ensure_writable(config.output_uri)
     model = config.model_path
     if "://" in model and not model.startswith("file://"):
@@ -139,6 +142,7 @@ def preflight(config: TrainConfig) -> None:
         path = Path(model.removeprefix("file://"))
         if path.exists() or not is_hub_id(model):
             check_model_path(str(path))
+    return files
 
 
 def start_job(
@@ -170,6 +174,9 @@ def start_job(
             text=True,
             errors="replace",
             start_new_session=True,  # the whole job (launcher + workers) can be stopped as one group
+            # Killed with the command that started it (kill -9 of `octomed-data train` included):
+            # the launcher gets SIGTERM and stops its workers.
+            preexec_fn=die_with_parent,
         )
     except FileNotFoundError:
         raise ConfigError(
@@ -195,8 +202,15 @@ def launch_training(
     processes: int | None = None,
     on_line: Callable[[str], None] | None = None,
     progress: bool = False,
+    force: bool | None = None,
 ) -> dict[str, Any]:
     """Run one SFT job and return its TrainResult as a dict.
+
+    Exactly once (:mod:`training.once`): a finished training of the same settings starts no process
+    and returns its result (``trained_already``). ``force``: None (a library call, e.g. the recipe
+    lab) trains other settings over a finished training, as ``train`` does; False refuses them in
+    one line naming the settings that differ; True trains them into a folder of their own
+    (``checkpoint_uri`` of the result says where). The command line and the train flow pass it.
 
     ``launcher``: ``auto`` (= ``torchrun``), ``torchrun``, ``deepspeed`` or ``inprocess``.
     ``processes``: processes on this node (default: one per GPU, 1 on CPU). ``on_line`` receives
@@ -208,7 +222,22 @@ def launch_training(
     if processes < 1:
         raise ConfigError(f"processes must be >= 1, got {processes}")
     config.batch_plan(processes)  # a batch the job can't reach fails here, before anything starts
-    preflight(config)
+    files = preflight(config)
+    from training.once import finished_result, prior_training, route_output
+
+    manifest = [{"uri": f.uri, "rows": f.rows} for f in files]
+    if force is not None:
+        config, what = route_output(config, manifest, force=force)
+        if on_line is not None:
+            on_line(what)
+    prior = prior_training(config, manifest)
+    if prior.state == "done":  # nothing to train: no process is started
+        if on_line is not None and force is None:  # route_output said it otherwise
+            on_line(
+                f"{config.output_uri} is trained already with these settings (step {prior.step}): nothing trained"
+            )
+        rows = sum(f.rows for f in files)
+        return finished_result(prior, rows) | {"checkpoint_uri": config.output_uri}
     if launcher == "inprocess":
         if processes != 1:
             raise ConfigError("the inprocess launcher runs one process; use torchrun for several")

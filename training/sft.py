@@ -11,6 +11,10 @@
 4. :func:`tokenize`: loss on assistant tokens only (:mod:`training.data`), counting malformed rows;
 5. :func:`batching`: sequence packing (:mod:`training.packing`) or the padding collator;
 6. :func:`~training.run_checkpoints.resume_checkpoint`: the newest uploaded intermediate checkpoint of this config, if any;
+   before any of it, :func:`training.once.prior_training`: a finished training of the same settings
+   trains nothing (its result is returned), one asking only for more ``max_steps`` is extended, and
+   a job whose last checkpoint is at ``max_steps`` (killed before its final marker) writes the final
+   model from that checkpoint without training a step;
 7. :func:`~training.run_checkpoints.save_final`: the final model (ZeRO-3 gathers full weights) uploaded to ``output_uri`` with
    ``checkpoint.json`` written last (:mod:`training.checkpoints`), so a checkpoint without it is
    known to be incomplete.
@@ -29,6 +33,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -50,13 +55,21 @@ from training.data import (
     check_columns,
     count_rows_with_images,
     encoded_features,
+    refuse_secrets,
     resolve_data_files,
 )
 from training.deepspeed_config import deepspeed_config
-from training.distributed import all_reduce_sum, ensure_distributed_env, node_lock
+from training.distributed import all_reduce_sum, die_with_parent, ensure_distributed_env, node_lock
 from training.models import is_vision_model, load_model_and_processors, resolve_model
+from training.once import finished_result, prior_training
 from training.packing import build_packed_data
-from training.run_checkpoints import resume_checkpoint, save_final
+from training.run_checkpoints import (
+    finalize_from_checkpoint,
+    latest_resumable,
+    remove_final_marker,
+    resume_checkpoint,
+    save_final,
+)
 from training.trainer_parts import (
     CountingEncoder,
     final_loss_of,
@@ -86,6 +99,7 @@ class TrainResult:
     resumed_from_step: int = 0  # > 0 when the run continued an uploaded intermediate checkpoint
     examples_per_step: float | None = None  # examples per optimizer step (packing: expected, from the mean)
     packing: dict[str, Any] | None = None  # packing statistics and plan; None when padding
+    trained_already: bool = False  # True: a finished training of these settings was found, nothing trained
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,9 +125,11 @@ def _encoded_ok(encode_error: str | None) -> bool:
 
 
 def load_training_files(config: TrainConfig) -> tuple[list[DataFile], int]:
-    """The export's committed Parquet files, checked, and their row count (no rows: one error)."""
+    """The export's committed Parquet files, checked, and their row count (no rows: one error; a
+    file holding the value of an API key variable named by ``secret_env_names``: one error)."""
     files = resolve_data_files(config.train_data)
     check_columns(files)
+    refuse_secrets(files, config.secret_env_names)
     rows = sum(f.rows for f in files)
     if rows == 0:
         raise ConfigError(f"training data {config.train_data} has no rows")
@@ -319,6 +335,36 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     files, rows = load_training_files(config)
     plan = config.batch_plan()
     storage.ensure_writable(config.output_uri)
+    manifest = [{"uri": f.uri, "rows": f.rows} for f in files]
+    prior = prior_training(config, manifest)
+    if prior.state == "done":
+        log.info(
+            "%s is trained already with these settings (step %d): nothing trained",
+            config.output_uri,
+            prior.step,
+        )
+        return TrainResult(**finished_result(prior, rows) | {"checkpoint_uri": config.output_uri})
+    if prior.state == "extend":
+        log.info(
+            "extending the training at %s from step %d to max_steps %s",
+            config.output_uri,
+            prior.step,
+            config.max_steps,
+        )
+    elif prior.state == "other":
+        log.warning(
+            "%s holds a finished training with other settings (%s): training these settings from step 0 "
+            "replaces it",
+            config.output_uri,
+            prior.describe(),
+        )
+    last = latest_resumable(config, manifest) if config.resume else None
+    if last is not None and config.max_steps is not None and int(last[1]["step"]) >= config.max_steps:
+        # Killed after its last checkpoint, before its final marker: the model is that checkpoint's.
+        return TrainResult(
+            **finalize_from_checkpoint(config, last, job_work_dir(config), rows=rows)
+            | {"runtime_s": round(time.time() - started, 3)}
+        )
 
     import torch
 
@@ -368,7 +414,9 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         callbacks=[log_last_step_callback()] + ([uploads] if config.save_steps else []),
     )
     holder.append(trainer)
-    resume_from = resume_checkpoint(config, meta, work_dir, args)
+    resume_from = resume_checkpoint(last, work_dir, args)
+    if rank == 0 and prior.state in ("extend", "other"):
+        remove_final_marker(config.output_uri)  # the folder is not a finished training until this one ends
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     samples_seen = all_reduce_sum(trainer.samples_seen_local)
     losses = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
@@ -422,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--result-file", default=None, help="rank 0 writes the TrainResult JSON here")
     args = parser.parse_args(argv)
+    if "LOCAL_RANK" in os.environ:  # started by a launcher: never outlive it
+        die_with_parent(signal.SIGKILL)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_yaml_config(args.config, TrainConfig, {"max_steps": args.max_steps})
