@@ -174,9 +174,9 @@ class OutageBreaker(Breaker):
             self._spent(self.clock())
 
     def _spent(self, now: float) -> None:
-        span = now - (self.outage_since or now)
+        span = now - (self.outage_since if self.outage_since is not None else now)
         if self.successes:
-            since = now - (self._last_success or now)
+            since = now - (self._last_success if self._last_success is not None else now)
             history = f"{self.successes} requests had succeeded, the last {since:.1f} s ago"
         else:
             history = "none succeeded"
