@@ -15,7 +15,7 @@ import tempfile
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flows.common import ENV_STORE, RunParams, prepare, publish_markdown, publish_table
 from octomed_data import storage
@@ -48,12 +48,20 @@ def _training_module(name: str):
         raise
 
 
+class TrainRunParams(RunParams):
+    """The run to train: an existing one (training never starts a run)."""
+
+    run_id: str | None = Field(
+        None, description="Required: the existing run whose export to train on (training never starts a run)."
+    )
+
+
 class TrainParams(BaseModel):
     """The training form in the UI: the run whose export to train on, plus the common knobs."""
 
     model_config = ConfigDict(extra="forbid")
 
-    run: RunParams = Field(default_factory=RunParams)
+    run: TrainRunParams = Field(default_factory=TrainRunParams)
     model_path: str | None = Field(None, description="Local model folder; empty: the recipe's setting.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     learning_rate: float | None = Field(None, gt=0)
@@ -66,6 +74,18 @@ class TrainParams(BaseModel):
         None, ge=1, description="Processes per node (Ray: workers). Empty: one per GPU."
     )
     evaluate: bool = Field(True, description="Register the checkpoint and evaluate it afterwards.")
+    force: bool = Field(
+        False,
+        description="The run's checkpoint is trained with other settings: train these into a new folder "
+        "beside it (the old model is kept). Off: such a job is refused, naming the settings that differ. "
+        "The same settings train nothing; a larger max_steps extends the finished training.",
+    )
+
+    @field_validator("run", mode="before")
+    @classmethod
+    def _run(cls, v: Any) -> Any:
+        """A plain :class:`RunParams` (what the deployments and the automation hand over) is accepted."""
+        return v.model_dump() if isinstance(v, RunParams) else v
 
 
 def _local_dir(paths: RunPaths, name: str) -> str:
@@ -131,10 +151,11 @@ def train_task(config: Any, launcher: str, processes: int | None, ray_address: s
 
 
 @task(name="register-checkpoint", retries=2)
-def checkpoint_task(paths: RunPaths) -> dict[str, Any]:
-    """Verify the uploaded checkpoint and record it as this run's (and the store's latest) model."""
+def checkpoint_task(paths: RunPaths, uri: str | None = None) -> dict[str, Any]:
+    """Verify the uploaded checkpoint (default: the run's ``checkpoints``; a forced job's folder
+    beside it) and record it as this run's (and the store's latest) model."""
     checkpoints = _training_module("training.checkpoints")
-    uri = paths.checkpoints
+    uri = uri or paths.checkpoints
     marker = checkpoints.read_checkpoint_marker(uri)
     record = {"run_id": paths.run_id, "checkpoint_uri": uri, "marker": marker}
     storage.write_json(paths.checkpoint_record, record)
@@ -252,24 +273,55 @@ def train_flow(params: TrainParams = TrainParams()) -> dict[str, Any]:
     """
     found = existing_run(params.run)  # refuse in one line before anything is created
     # The export's fingerprint (or one ConfigError line) before the run is opened; the job runs
-    # with the recipe and paths the run was opened with (bound below, before the stage runs).
+    # with the config made below from the recipe and paths the run was opened with.
     stage_module = _training_module("training.stage")
     stage = stage_module.TrainStage(
-        found, lambda: _train(recipe, paths, params), owner=_flow_run_id() or None
+        found, lambda: _train(config, recipe, params), owner=_flow_run_id() or None
     )
-    run_params = params.run.model_copy(update={"run_id": found.run_id, "store": found.store})
+    run_params = RunParams(recipe_path=params.run.recipe_path, run_id=found.run_id, store=found.store)
     recipe, paths = prepare(run_params)
     # A trigger for the export another job trains right now is a no-op (not a wait for its lease).
     other = stage.trained_elsewhere()
-    outcome = None if other else run_global(stage)
-    if outcome is None or outcome.state == "REUSED" or outcome.counts.get(stage_module.ALREADY):
+    if other:
+        print(
+            f"training: another job ({other}) trains export {stage.export} of run {paths.run_id}; nothing to do"
+        )
+        return {"run_id": paths.run_id, "key": stage.key, "skipped": True}
+    # Exactly once per settings (training.once): the same settings train nothing, a larger max_steps
+    # extends the finished training, other settings are refused in one line naming them unless forced
+    # (then they go to a folder of their own).
+    config, what = routed_config(recipe, paths, params)
+    print(f"training: {what}")
+    stage.config_hash = config.config_hash()  # done: this export trained with these settings
+    outcome = run_global(stage)
+    if (
+        outcome.state == "REUSED"
+        or outcome.counts.get(stage_module.ALREADY)
+        or (
+            outcome.counts.get("trained_already")
+            and outcome.counts.get("checkpoint_uri") == _registered(paths)
+        )
+    ):
         print(f"training: export {stage.export} of run {paths.run_id} is trained (or training) already")
         return {"run_id": paths.run_id, "key": stage.key, "skipped": True}
     return _after_training(recipe, paths, params, outcome.counts)
 
 
-def _train(recipe: Recipe, paths: RunPaths, params: TrainParams) -> dict[str, Any]:
+def routed_config(recipe: Recipe, paths: RunPaths, params: TrainParams) -> tuple[TrainConfig, str]:
+    """The job's config (in a folder of its own when forced) and one line saying what it will do."""
     config = train_config(recipe, paths, params)
+    files = _training_module("training.data").resolve_data_files(config.train_data)
+    manifest = [{"uri": f.uri, "rows": f.rows} for f in files]
+    return _training_module("training.once").route_output(config, manifest, force=params.force)
+
+
+def _registered(paths: RunPaths) -> str | None:
+    """The checkpoint registered as the run's, if any."""
+    record = storage.read_json(paths.checkpoint_record) if storage.exists(paths.checkpoint_record) else {}
+    return record.get("checkpoint_uri")
+
+
+def _train(config: TrainConfig, recipe: Recipe, params: TrainParams) -> dict[str, Any]:
     return train_task(
         config,
         params.launcher or recipe.training.launcher,
@@ -298,8 +350,14 @@ def _after_training(
     print(f"train: checkpoint at {result.get('checkpoint_uri')}")
     out = {"run_id": paths.run_id, "train": result}
     if params.evaluate:
-        run = params.run.model_copy(update={"run_id": paths.run_id, "store": paths.store})
-        out["checkpoint"] = checkpoint_flow(run)
-        if recipe.evaluation.enabled:
-            out["evaluate"] = evaluate_flow(run)
+        uri = result.get("checkpoint_uri") or paths.checkpoints
+        if uri == paths.checkpoints:
+            run = RunParams(recipe_path=params.run.recipe_path, run_id=paths.run_id, store=paths.store)
+            out["checkpoint"] = checkpoint_flow(run)
+            if recipe.evaluation.enabled:
+                out["evaluate"] = evaluate_flow(run)
+        else:  # a forced job's own folder
+            out["checkpoint"] = checkpoint_task(paths, uri)
+            if recipe.evaluation.enabled:
+                out["evaluate"] = evaluate_task(paths, eval_config(recipe, paths, uri))
     return out
