@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from flows.common import RunParams, apply_verify, prepare, publish_markdown, publish_table, run_stage_flow
@@ -19,6 +20,7 @@ from octomed_data.sandbox.standin import judge_for
 from octomed_data.stages import GLOBAL_SHARD, LocalExecutor, raise_for_failures, run_stage
 from octomed_data.stages.filter import FilterStage
 from octomed_data.stages.report import ReportStage
+from octomed_data.stages.runner import shard_limit
 from octomed_data.verify import VerifySettings
 
 VERIFY_HELP = (
@@ -54,7 +56,9 @@ def judge_teacher(recipe: Recipe) -> Iterator[Any]:
         yield judge
 
 
-@flow(name="filter", log_prints=True)
+# At most shard_limit() filter shards at once (OCTOMED_MAX_SHARDS_IN_FLIGHT): Prefect's default
+# thread pool is unbounded, and the executor submits no more than that many shards anyway.
+@flow(name="filter", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=shard_limit()))
 def filter_flow(
     run: RunParams = RunParams(),
     verify: VerifySettings | None = Field(None, description=VERIFY_HELP),
@@ -71,7 +75,7 @@ def filter_flow(
             raise StorageError(f"no distilled samples at {stage.raw}: run the distill flow first")
         # Named shards are judged again; any other shard not judged yet (e.g. after a failed distill
         # shard was repaired) is judged too, so the statistics cover the whole run.
-        result = run_stage_flow(stage, run, also_pending=True)
+        result = run_stage_flow(stage, run, also_pending=True, max_in_flight=shard_limit())
     report = report_task(paths)
     print(
         f"filter: {report['accepted']} of {report['samples']} samples accepted; report at {report['report']}"

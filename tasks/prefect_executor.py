@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -25,7 +24,15 @@ from prefect.futures import as_completed
 from octomed_data.errors import ConfigError
 from octomed_data.stages import Runtime, ShardOutcome, Stage, describe_error
 from octomed_data.stages.records import RECORD_KEYS
-from octomed_data.stages.runner import RETRY, cause, endpoint_keys, record_failure, run_guarded
+from octomed_data.stages.runner import (
+    RETRY,
+    cause,
+    drive,
+    endpoint_keys,
+    record_failure,
+    run_guarded,
+    shard_limit,
+)
 
 
 def _retryable(task: Any, task_run: Any, state: Any) -> bool:
@@ -119,7 +126,8 @@ def load_secret(name: str) -> str:
 
 
 class PrefectExecutor:
-    """Submits one :func:`shard_task` per shard to the flow's task runner and collects outcomes."""
+    """Submits one :func:`shard_task` per shard to the flow's task runner, at most
+    ``max_in_flight`` at once (:func:`~octomed_data.stages.runner.shard_limit`), and collects outcomes."""
 
     def __init__(
         self,
@@ -129,7 +137,7 @@ class PrefectExecutor:
         on_outcome: Callable[[ShardOutcome], Any] | None = None,
         max_in_flight: int | None = None,
     ) -> None:
-        self.max_in_flight = max_in_flight  # None: as many as the flow's task runner takes
+        self.max_in_flight = max_in_flight  # None: the runner's default (stages.runner.shard_limit)
         self.ray = ray
         self.ray_address = ray_address
         self.on_outcome = on_outcome
@@ -141,30 +149,32 @@ class PrefectExecutor:
             for s in shards:
                 record_failure(stage, s, 1, exc)
             return {s: ShardOutcome(s, "FAILED", error=describe_error(exc)) for s in shards}
-        queue = deque(shards)
-        limit = self.max_in_flight or len(queue) or 1
-        inflight: dict[Any, str] = {}
-        out: dict[str, ShardOutcome] = {}
-        while queue or inflight:
-            while queue and len(inflight) < limit:  # at most max_in_flight shards at once
-                s = queue.popleft()
-                label = f"{stage.name} {s}"
-                inflight[shard_task.submit(stage, s, force, label, self.ray, self.ray_address, runtime)] = s
-            fut = next(as_completed(list(inflight)))
-            shard = inflight.pop(fut)
-            fut.wait()  # the final state, not the API's possibly older view of it
-            if fut.state.is_completed():
-                d = fut.result()
-                out[shard] = ShardOutcome(
-                    shard, d["state"], d.get("counts") or {}, d.get("error"), d["seconds"]
-                )
-            else:
-                try:
-                    fut.result(raise_on_failure=True)
-                    error = fut.state.message or "failed"
-                except BaseException as exc:
-                    error = describe_error(getattr(exc, "cause", None) or exc)
-                out[shard] = ShardOutcome(shard, "FAILED", error=error)
-            if self.on_outcome is not None:
-                self.on_outcome(out[shard])
-        return out
+        limit = shard_limit(self.max_in_flight)  # never "all": the runner's one bound
+
+        def start(s: str) -> Any:
+            return shard_task.submit(
+                stage, s, force, f"{stage.name} {s}", self.ray, self.ray_address, runtime
+            )
+
+        return drive(
+            shards,
+            limit,
+            start,
+            lambda inflight: next(as_completed(list(inflight))),
+            outcome_of,
+            self.on_outcome,
+        )
+
+
+def outcome_of(shard: str, fut: Any) -> ShardOutcome:
+    """A finished :func:`shard_task` run as the shard's outcome (its error, when it failed)."""
+    fut.wait()  # the final state, not the API's possibly older view of it
+    if fut.state.is_completed():
+        d = fut.result()
+        return ShardOutcome(shard, d["state"], d.get("counts") or {}, d.get("error"), d["seconds"])
+    try:
+        fut.result(raise_on_failure=True)
+        error = fut.state.message or "failed"
+    except BaseException as exc:
+        error = describe_error(getattr(exc, "cause", None) or exc)
+    return ShardOutcome(shard, "FAILED", error=error)

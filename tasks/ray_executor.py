@@ -32,7 +32,7 @@ from octomed_data import storage
 from octomed_data.inference.ratelimit import LeasedRateLimiter, WindowBudget, lease_chunk, safety_margin
 from octomed_data.stages import Runtime, ShardOutcome, Stage
 from octomed_data.stages.local import map_shards
-from octomed_data.stages.runner import RetryPolicy, arun_guarded, endpoint_keys
+from octomed_data.stages.runner import RetryPolicy, arun_guarded, endpoint_keys, shard_limit
 
 NAMESPACE = "octomed"
 BUDGET_ACTOR = "octomed-teacher-budget"
@@ -313,6 +313,6 @@ class RayExecutor:
             attempt = lambda n: self.pool.run(stage, shard, runtime, force=force, attempt=n)  # noqa: E731
             return self.policy.run(shard, attempt)
 
-        # Threads only wait on Ray: as many as the pool runs at once.
-        workers = len(self.pool.workers) * self.pool.shards_per_worker
+        # Threads only wait on Ray: as many as the pool runs at once (the runner's one bound).
+        workers = shard_limit(len(self.pool.workers) * self.pool.shards_per_worker)
         return map_shards(one, shards, workers, f"{stage.name} (ray)" if self.progress else None)

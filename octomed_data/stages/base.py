@@ -17,16 +17,22 @@ per shard, or a Ray actor pool (``tasks/``).
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import posixpath
+import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import SecretStr
 
 from octomed_data import storage
-from octomed_data.errors import OctomedError
+from octomed_data.errors import OctomedError, StorageError
 from octomed_data.layout import RunPaths
 from octomed_data.stages.records import RECORD_KEYS, record_shard, shard_name
 
@@ -122,6 +128,81 @@ class StageResult:
         }
 
 
+class MarkerView:
+    """One pass's look at a dataset, read as :meth:`storage.Dataset.manifest` reads it (a shard
+    is committed when its marker and the file it names both exist) but once: its marker folder
+    and its data folder listed once, and, on the first question about a marker, every marker
+    read once (many at a time on an object store). Answers ``shard_info`` and the committed
+    names with no further request. A pass (:func:`~.local.run_stage`) takes one per dataset it
+    asks about and drops it before shards run, so it never goes stale there."""
+
+    def __init__(self, dataset: storage.Dataset) -> None:
+        self.dataset = dataset
+        self.uri = dataset.uri
+        self._fs, self._path = storage.filesystem(dataset.uri)
+        self._sep = posixpath if "://" in dataset.uri else os.path
+        self._mdir = self._sep.join(self._path, storage.MANIFEST_DIR)
+        markers = [n for n in self._list(self._mdir) if n.endswith(".json") and not n.startswith(".")]
+        self._files = set(self._list(self._path)) if markers else set()
+        self._markers = markers
+        self._infos: dict[str, storage.ShardInfo] | None = None
+        self._lock = threading.Lock()
+
+    def _list(self, folder: str) -> list[str]:
+        try:
+            listed = storage.wrap(self.uri, self._fs.ls, folder, detail=False, refresh=True)
+        except (FileNotFoundError, StorageError) as exc:
+            if isinstance(exc, FileNotFoundError) or isinstance(exc.__cause__, FileNotFoundError):
+                return []
+            raise
+        return sorted(posixpath.basename(str(p).rstrip("/")) for p in listed)
+
+    def names(self) -> list[str]:
+        """The committed shards, from the two listings alone (a marker is ``<shard>.json``, its
+        file the dataset's file name for the shard)."""
+        names = (n.removesuffix(".json") for n in self._markers)
+        return [n for n in names if self._file_of(n) in self._files]
+
+    def _file_of(self, shard: str) -> str:
+        try:
+            return posixpath.basename(self.dataset.file_uri(shard))
+        except ValueError:  # not a shard name this dataset would write
+            return ""
+
+    def infos(self) -> dict[str, storage.ShardInfo]:
+        with self._lock:
+            if self._infos is None:
+                paths = [self._sep.join(self._mdir, n) for n in self._markers]
+                infos = (self._parse(p, b) for p, b in (self._read(paths) if paths else {}).items())
+                self._infos = {i.shard: i for i in infos if i.file in self._files}
+            return self._infos
+
+    def _parse(self, path: str, data: bytes) -> storage.ShardInfo:
+        try:
+            return storage.ShardInfo(**json.loads(data))
+        except (ValueError, TypeError) as exc:
+            raise StorageError(
+                f"unreadable shard marker {self.uri} {posixpath.basename(path)}: {exc}"
+            ) from None
+
+    def _read(self, paths: list[str]) -> dict[str, bytes]:
+        if not any(c in self._mdir for c in "*?["):  # fsspec would take those for a glob
+            return storage.wrap(self.uri, self._fs.cat, paths, on_error="omit")
+        out: dict[str, bytes] = {}
+        for p in paths:
+            with contextlib.suppress(FileNotFoundError):
+                out[p] = storage.wrap(self.uri, self._fs.cat_file, p)
+        return out
+
+    def shard_info(self, shard: str) -> storage.ShardInfo | None:
+        return self.infos().get(shard)
+
+
+# The look each stage is taking in a pass (by stage object; never pickled with it).
+_VIEWS: weakref.WeakKeyDictionary[Any, dict[str, MarkerView]] = weakref.WeakKeyDictionary()
+_VIEWS_LOCK = threading.Lock()
+
+
 class Stage(ABC):
     """One stage of the factory over one run (see the module docstring)."""
 
@@ -135,12 +216,64 @@ class Stage(ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.paths.root!r})"
 
+    # ---------------------------------------------------------------- one look per pass
+    @contextlib.contextmanager
+    def viewing(self) -> Iterator[Stage]:
+        """While the block runs, the done and input datasets' markers are read once (a listing of
+        each folder, each marker once) and every question below (:meth:`is_done`,
+        :meth:`done_counts`, :meth:`input_shards`, :meth:`input_version`, :meth:`drop_stale`) is
+        answered from that look: a few store requests per shard per pass, not one per question.
+        The runner holds it only while no shard runs (never pickled with the stage)."""
+        with _VIEWS_LOCK:
+            previous = _VIEWS.get(self)
+            _VIEWS[self] = {}
+        try:
+            yield self
+        finally:
+            with _VIEWS_LOCK:
+                if previous is None:
+                    _VIEWS.pop(self, None)
+                else:
+                    _VIEWS[self] = previous
+
+    def looking(self) -> bool:
+        """Whether a pass's look (:meth:`viewing`) is open on this stage."""
+        with _VIEWS_LOCK:
+            return self in _VIEWS
+
+    def _view(self, dataset: storage.Dataset | None) -> MarkerView | None:
+        with _VIEWS_LOCK:
+            views = _VIEWS.get(self)
+        if views is None or dataset is None:
+            return None
+        with _VIEWS_LOCK:  # one look per dataset, even asked from several threads
+            view = views.get(dataset.uri)
+            if view is None:
+                view = views[dataset.uri] = MarkerView(dataset)
+            return view
+
+    def done_info(self, shard: str) -> storage.ShardInfo | None:
+        """The done dataset's committed marker of ``shard`` (from the pass's look when there is one)."""
+        done = self.done_dataset()
+        if done is None:
+            return None
+        view = self._view(done)
+        return view.shard_info(shard) if view is not None else done.shard_info(shard)
+
+    def input_info(self, shard: str) -> storage.ShardInfo | None:
+        """The input dataset's committed marker of ``shard`` (NotImplementedError: no input dataset)."""
+        ds = self.input_dataset()
+        view = self._view(ds)
+        return view.shard_info(shard) if view is not None else ds.shard_info(shard)
+
     # ---------------------------------------------------------------- contract
     def input_shards(self) -> list[str]:
         """The shards this stage runs over (sorted)."""
         if self.global_step:
             return [GLOBAL_SHARD]
-        return list(self.input_dataset().manifest())
+        ds = self.input_dataset()
+        view = self._view(ds)
+        return sorted(view.names()) if view is not None else list(ds.manifest())
 
     def input_dataset(self) -> storage.Dataset:
         raise NotImplementedError(f"{type(self).__name__} names no input dataset")
@@ -183,10 +316,9 @@ class Stage(ABC):
     def input_version(self, shard: str) -> float | None:
         """When the input shard was committed (None: the stage reads no per-shard input)."""
         try:
-            ds = self.input_dataset()
+            info = self.input_info(shard)
         except NotImplementedError:
             return None
-        info = ds.shard_info(shard)
         return info.committed_at if info is not None else None
 
     def marker_extra(self, shard: str, counts: dict[str, Any], **more: Any) -> dict[str, Any]:
@@ -206,8 +338,10 @@ class Stage(ABC):
         done = self.done_dataset()
         if done is None:
             return False
-        info = done.shard_info(shard)
-        if info is None or not storage.exists(storage.join(done.uri, info.file)):
+        info = self.done_info(shard)  # committed: its marker and the file it names exist
+        if info is None:
+            return False
+        if self._view(done) is None and not storage.exists(storage.join(done.uri, info.file)):
             return False
         wanted = self.fingerprint()
         if wanted is not None and info.extra.get("fingerprint") != wanted:
@@ -221,15 +355,23 @@ class Stage(ABC):
         return True
 
     def done_counts(self, shard: str) -> dict[str, Any]:
-        done = self.done_dataset()
-        info = done.shard_info(shard) if done is not None else None
+        info = self.done_info(shard)
         return dict(info.extra.get("counts") or {}) if info is not None else {}
 
     def drop_stale(self, inputs: Sequence[str]) -> list[str]:
-        """Un-commit outputs of input shards that no longer exist (the one stale-shard cleaner)."""
+        """Un-commit outputs of input shards that no longer exist (the one stale-shard cleaner);
+        in a pass's look, a dataset's committed shards come from that one listing."""
         stale: set[str] = set()
+        wanted = set(inputs)
         for ds in self.output_datasets():
-            stale.update(ds.drop_stale(inputs))
+            view = self._view(ds)
+            if view is None:
+                stale.update(ds.drop_stale(inputs))
+                continue
+            for name in view.names():
+                if name not in wanted:
+                    ds.delete_shard(name)
+                    stale.add(name)
         return sorted(stale)
 
     def select(self, wanted: Sequence[str | int] | None) -> list[str]:

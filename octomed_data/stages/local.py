@@ -8,13 +8,14 @@ done, then finalise. Executors only decide where the runner's
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Any, Protocol
 
 from octomed_data.stages.base import Runtime, ShardOutcome, Stage, StageFailed, StageResult
-from octomed_data.stages.runner import RetryPolicy, endpoint_keys, run_guarded
+from octomed_data.stages.runner import RetryPolicy, drive, endpoint_keys, run_guarded
 
 
 class Executor(Protocol):
@@ -49,29 +50,36 @@ class LocalExecutor:
 
 
 def map_shards(
-    one: Callable[[str], ShardOutcome], shards: Sequence[str], workers: int, progress: str | None = None
+    one: Callable[[str], ShardOutcome],
+    shards: Iterable[str],
+    workers: int,
+    progress: str | None = None,
+    total: int | None = None,
 ) -> dict[str, ShardOutcome]:
-    """``one(shard)`` for every shard, ``workers`` at a time (threads; in order when one), with a
-    shards-done bar named ``progress`` (None: no bar)."""
-    bar = shard_progress_bar(len(shards), progress) if progress else None
-    out: dict[str, ShardOutcome] = {}
+    """``one(shard)`` for every shard, ``workers`` at a time (threads; in order when one), through
+    the runner's one in-flight loop (:func:`~octomed_data.stages.runner.drive`), with a
+    shards-done bar named ``progress`` (None: no bar; ``total``: its length, for an iterator)."""
+    if total is None and isinstance(shards, Sequence):
+        total = len(shards)
+    bar = shard_progress_bar(total or 0, progress) if progress else None
+    tick = (lambda _o: bar.update(1)) if bar is not None else None
     try:
-        if workers == 1 or len(shards) <= 1:
-            for shard in shards:
-                out[shard] = one(shard)
-                if bar is not None:
-                    bar.update(1)
-        else:
-            with ThreadPoolExecutor(workers, thread_name_prefix="shard") as pool:
-                futures = {pool.submit(one, s): s for s in shards}
-                for fut in as_completed(futures):
-                    out[futures[fut]] = fut.result()
-                    if bar is not None:
-                        bar.update(1)
+        if workers <= 1 or total == 1:
+            return drive(
+                shards, 1, lambda s: s, lambda handles: next(iter(handles)), lambda s, _h: one(s), tick
+            )
+        with ThreadPoolExecutor(workers, thread_name_prefix="shard") as pool:
+            return drive(
+                shards,
+                workers,
+                lambda s: pool.submit(one, s),
+                lambda handles: next(iter(wait(handles, return_when=FIRST_COMPLETED).done)),
+                lambda _s, fut: fut.result(),
+                tick,
+            )
     finally:
         if bar is not None:
             bar.close()
-    return out
 
 
 def shard_progress_bar(total: int, desc: str):
@@ -100,51 +108,64 @@ def run_stage(
     also run every other shard that is not done (a downstream stage completing a repaired run).
     """
     executor = executor or LocalExecutor()
-    selected = stage.select(shards)
-    if shards and also_pending:
-        others = [s for s in stage.input_shards() if s not in selected]
-        others_done = done_map(stage, others)
-        selected += [s for s in others if not others_done[s]]
-    force = bool(shards) if force is None else force
     result = StageResult(stage.name)
-    # Done shards are answered here from their markers: no task, no actor call, no request.
-    named = set(stage.select(shards)) if force else set()
-    done = done_map(stage, [s for s in selected if s not in named])  # the global shard too
-    todo = [s for s in selected if s in named or not done[s]]
-    for s in selected:
-        if s not in todo:
-            result.outcomes[s] = ShardOutcome(s, "REUSED", stage.done_counts(s))
-    outcomes = executor.map(stage, todo, force=force) if todo else {}
-    result.outcomes.update(outcomes)
-    if outcomes and not stage.global_step:
-        # A shard done before this pass can be stale after it (an ingest entry whose duplicates were
-        # judged against an entry this pass re-ingested): one more round runs exactly those.
-        reused = [s for s, o in result.outcomes.items() if o.state == "REUSED"]
-        now_done = done_map(stage, reused)
-        stale = [s for s in reused if not now_done[s]]
-        if stale:
-            again = executor.map(stage, stale, force=False)
-            result.outcomes.update(again)
-            outcomes = outcomes | again
-    if on_outcome is not None:
-        for o in outcomes.values():
-            on_outcome(o)
-    inputs = stage.input_shards()
-    if not shards and not stage.global_step:
-        result.stale = stage.drop_stale(inputs)
-    if not stage.global_step:
-        checked = [s for s in inputs if s not in result.failed]
-        now_done = done_map(stage, checked)
-        result.pending = [s for s in checked if not now_done[s]]
+    with contextlib.ExitStack() as look:
+        # One look at the markers per pass (each folder listed once, each marker read once),
+        # dropped while shards run and taken again after: see Stage.viewing.
+        look.enter_context(stage.viewing())
+        selected = stage.select(shards)
+        if shards and also_pending:
+            others = [s for s in stage.input_shards() if s not in selected]
+            others_done = done_map(stage, others)
+            selected += [s for s in others if not others_done[s]]
+        force = bool(shards) if force is None else force
+        # Done shards are answered here from their markers: no task, no actor call, no request.
+        named = set(stage.select(shards)) if force else set()
+        done = done_map(stage, [s for s in selected if s not in named])  # the global shard too
+        todo = [s for s in selected if s in named or not done[s]]
+        for s in selected:
+            if s not in todo:
+                result.outcomes[s] = ShardOutcome(s, "REUSED", stage.done_counts(s))
+        outcomes: dict[str, ShardOutcome] = {}
+        if todo:
+            look.close()  # shards write markers now: what was read is no longer the truth
+            outcomes = executor.map(stage, todo, force=force)
+            result.outcomes.update(outcomes)
+            look.enter_context(stage.viewing())
+        if outcomes and not stage.global_step:
+            # A shard done before this pass can be stale after it (an ingest entry whose duplicates
+            # were judged against an entry this pass re-ingested): one more round runs exactly those.
+            reused = [s for s, o in result.outcomes.items() if o.state == "REUSED"]
+            now_done = done_map(stage, reused)
+            stale = [s for s in reused if not now_done[s]]
+            if stale:
+                look.close()
+                again = executor.map(stage, stale, force=False)
+                result.outcomes.update(again)
+                outcomes = outcomes | again
+                look.enter_context(stage.viewing())
+        if on_outcome is not None:
+            for o in outcomes.values():
+                on_outcome(o)
+        inputs = stage.input_shards()
+        if not shards and not stage.global_step:
+            result.stale = stage.drop_stale(inputs)
+        if not stage.global_step:
+            checked = [s for s in inputs if s not in result.failed]
+            if outcomes:
+                now_done = done_map(stage, checked)
+            else:  # nothing written this pass: the first answers still hold
+                now_done = {s: done[s] if s in done else stage.is_done(s) for s in checked}
+            result.pending = [s for s in checked if not now_done[s]]
     if finalize and not result.failed and not result.pending:
         result.final = stage.finalize(inputs)
     return result
 
 
 def done_map(stage: Stage, shards: Sequence[str], threads: int = 16) -> dict[str, bool]:
-    """``stage.is_done`` for many shards; concurrently, since each is a few small storage reads
-    (tens of thousands of shards on an object store would otherwise take minutes per pass)."""
-    if len(shards) <= threads:
+    """``stage.is_done`` for many shards; concurrently, since outside a pass's look
+    (:meth:`Stage.viewing`) each is a few small storage reads; inside one, answered from it."""
+    if stage.looking() or len(shards) <= threads:
         return {s: stage.is_done(s) for s in shards}
     with ThreadPoolExecutor(threads, thread_name_prefix=f"{stage.name}-done") as pool:
         return dict(zip(shards, pool.map(stage.is_done, shards), strict=True))

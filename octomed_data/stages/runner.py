@@ -8,6 +8,11 @@
   TTL; every data write checks it first (fencing), so a leftover writer whose lease was taken
   over publishes nothing more. A failure around the shard (the lease, the binding) is recorded
   too, so no shard stays RUNNING.
+* **Shards in flight** (:func:`shard_limit`, :func:`drive`): the one bound on how many shards
+  of a pass run at once (an executor's ``workers``/``max_in_flight``, else
+  ``OCTOMED_MAX_SHARDS_IN_FLIGHT``, default 8; never "all"), and the one loop that keeps that
+  many started, hands each completion only the in-flight handles (linear in shards) and streams
+  each outcome on.
 * **Retries** (:class:`RetryPolicy`): what is retryable (anything but a
   :class:`~octomed_data.errors.ConfigError`, which fails the same way every time), how many
   attempts, and the backoff. Local and Ray executors loop with :meth:`RetryPolicy.run`; the Prefect
@@ -20,9 +25,9 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Hashable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import SecretStr
 
@@ -34,6 +39,58 @@ from octomed_data.stages.records import record_shard
 # A shard's lease TTL: a writer whose process died stops renewing it, so a restarted run takes the
 # shard over at most this long after.
 LEASE_TTL_S = float(os.environ.get("OCTOMED_SHARD_LEASE_TTL_S", "15"))
+
+
+DEFAULT_MAX_SHARDS_IN_FLIGHT = 8
+
+H = TypeVar("H", bound=Hashable)
+
+
+def shard_limit(wanted: int | None = None) -> int:
+    """How many shards of one pass may run at once: ``wanted`` (an executor's workers, a flow's
+    ``max_in_flight``), else ``OCTOMED_MAX_SHARDS_IN_FLIGHT`` (default 8); at least one, never
+    "as many as there are shards"."""
+    if wanted is None or wanted <= 0:
+        raw = os.environ.get("OCTOMED_MAX_SHARDS_IN_FLIGHT", "")
+        try:
+            wanted = int(raw) if raw.strip() else DEFAULT_MAX_SHARDS_IN_FLIGHT
+        except ValueError:
+            raise ConfigError(f"OCTOMED_MAX_SHARDS_IN_FLIGHT must be a whole number, not {raw!r}") from None
+    return max(1, wanted)
+
+
+def drive(
+    shards: Iterable[str],
+    limit: int,
+    start: Callable[[str], H],
+    next_done: Callable[[Collection[H]], H],
+    finish: Callable[[str, H], ShardOutcome],
+    on_outcome: Callable[[ShardOutcome], Any] | None = None,
+) -> dict[str, ShardOutcome]:
+    """The one in-flight loop of every executor: ``start(shard)`` for at most ``limit`` shards at
+    a time (``shards`` is read lazily); ``next_done(in_flight)`` waits for one of the handles in
+    flight (never more than ``limit`` of them, so a pass is linear in shards); ``finish`` turns
+    it into the shard's outcome, which ``on_outcome`` sees as it comes. Only the in-flight
+    handles and the (small) outcomes are kept."""
+    limit = max(1, limit)
+    pending = iter(shards)
+    inflight: dict[H, str] = {}
+    out: dict[str, ShardOutcome] = {}
+    exhausted = False
+    while True:
+        while not exhausted and len(inflight) < limit:
+            shard = next(pending, None)
+            if shard is None:
+                exhausted = True
+                break
+            inflight[start(shard)] = shard
+        if not inflight:
+            return out
+        handle = next_done(inflight.keys())
+        shard = inflight.pop(handle)
+        out[shard] = outcome = finish(shard, handle)
+        if on_outcome is not None:
+            on_outcome(outcome)
 
 
 def cause(exc: BaseException) -> BaseException:

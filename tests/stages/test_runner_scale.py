@@ -1,0 +1,172 @@
+"""The runner at scale: a bounded number of shards in flight with every executor, completion
+linear in shards, and a re-run over a finished run answered with a few store requests per shard."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from octomed_data import storage
+from octomed_data.errors import ConfigError
+from octomed_data.layout import RunPaths
+from octomed_data.stages import LocalExecutor, Stage, run_stage
+from octomed_data.stages.runner import DEFAULT_MAX_SHARDS_IN_FLIGHT, drive, shard_limit
+from tests.support.store_requests import s3_requests
+
+SCHEMA = pa.schema([("x", pa.int64())])
+
+
+class CountingStage(Stage):
+    """``in`` -> ``out`` (x + 1); counts the shards running at once (threads of one process)."""
+
+    name = "counting"
+
+    def __init__(self, paths: RunPaths, shards: int = 0, hold_s: float = 0.0) -> None:
+        super().__init__(paths)
+        self.n = shards
+        self.hold_s = hold_s
+        self.lock = threading.Lock()
+        self.running = 0
+        self.peak = 0
+        self.ran: list[str] = []
+
+    def input_dataset(self) -> storage.Dataset:
+        return storage.Dataset(storage.join(self.paths.root, "in"), SCHEMA)
+
+    def done_dataset(self) -> storage.Dataset:
+        return storage.Dataset(storage.join(self.paths.root, "out"), SCHEMA)
+
+    def fingerprint(self) -> str | None:
+        return "counting-1"
+
+    def input_shards(self) -> list[str]:
+        return [f"{i:05d}" for i in range(self.n)] if self.n else super().input_shards()
+
+    def run_shard(self, shard: str) -> dict[str, Any]:
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            self.ran.append(shard)
+        try:
+            time.sleep(self.hold_s)
+            if self.n:  # no datasets: only the concurrency is looked at
+                return {"rows": 0}
+            rows = [{"x": r["x"] + 1} for r in self.input_dataset().read_shard(shard).to_pylist()]
+            self.done_dataset().write_shard(shard, rows, extra=self.marker_extra(shard, {"rows": len(rows)}))
+            return {"rows": len(rows)}
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def test_shard_limit_is_one_setting_and_never_all(monkeypatch) -> None:
+    monkeypatch.delenv("OCTOMED_MAX_SHARDS_IN_FLIGHT", raising=False)
+    assert shard_limit() == DEFAULT_MAX_SHARDS_IN_FLIGHT == 8
+    assert shard_limit(3) == 3 and shard_limit(0) == 8
+    monkeypatch.setenv("OCTOMED_MAX_SHARDS_IN_FLIGHT", "5")
+    assert shard_limit() == 5 and shard_limit(None) == 5 and shard_limit(12) == 12
+    monkeypatch.setenv("OCTOMED_MAX_SHARDS_IN_FLIGHT", "many")
+    with pytest.raises(ConfigError, match="OCTOMED_MAX_SHARDS_IN_FLIGHT must be a whole number"):
+        shard_limit()
+
+
+def test_drive_keeps_the_limit_and_each_completion_sees_only_the_shards_in_flight() -> None:
+    """20,000 shards, 6 at a time, finishing in random order: never more than 6 started and
+    unfinished, the shard list read lazily, and each completion handed at most 6 handles (the
+    old loop handed every pending future to each completion: quadratic)."""
+    n, limit = 20_000, 6
+    rng = random.Random(7)
+    started: list[str] = []
+    finished: list[str] = []
+    seen = {"handles": 0, "calls": 0, "peak": 0}
+
+    def shards():
+        for i in range(n):
+            assert len(started) - len(finished) <= limit  # read only when a slot is free
+            yield f"s{i}"
+
+    def start(shard: str) -> str:
+        started.append(shard)
+        seen["peak"] = max(seen["peak"], len(started) - len(finished))
+        return f"handle-{shard}"
+
+    def next_done(inflight) -> str:
+        handles = list(inflight)
+        seen["handles"] += len(handles)
+        seen["calls"] += 1
+        return rng.choice(handles)
+
+    def finish(shard: str, handle: str):
+        assert handle == f"handle-{shard}"
+        finished.append(shard)
+        from octomed_data.stages import ShardOutcome
+
+        return ShardOutcome(shard, "COMPLETED")
+
+    streamed: list[str] = []
+    out = drive(shards(), limit, start, next_done, finish, lambda o: streamed.append(o.shard))
+    assert len(out) == n and sorted(streamed) == sorted(out) and len(set(started)) == n
+    assert seen["peak"] == limit
+    assert seen["calls"] == n and seen["handles"] <= limit * n
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_local_executor_runs_at_most_its_workers_at_once(tmp_path: Path, workers: int) -> None:
+    stage = CountingStage(RunPaths.at(str(tmp_path / "run")), shards=24, hold_s=0.01)
+    result = run_stage(stage, LocalExecutor(workers=workers, progress=False), finalize=False)
+    assert sorted(stage.ran) == stage.input_shards()
+    assert {o.state for o in result.outcomes.values()} == {"COMPLETED"}
+    assert 1 <= stage.peak <= workers
+    if workers == 1:
+        assert stage.ran == stage.input_shards()  # in order
+
+
+def test_prefect_executor_default_is_bounded_not_all(prefect_harness, tmp_path: Path, monkeypatch) -> None:
+    """No max_in_flight given: the runner's one limit (here 3), not one task per shard at once."""
+    from prefect import flow
+
+    from tasks.prefect_executor import PrefectExecutor
+
+    monkeypatch.setenv("OCTOMED_MAX_SHARDS_IN_FLIGHT", "3")
+    stage = CountingStage(RunPaths.at(str(tmp_path / "run")), shards=10, hold_s=0.2)
+
+    @flow(name="bounded-shards")
+    def bounded():
+        return run_stage(stage, PrefectExecutor(), finalize=False)
+
+    result = bounded()
+    assert {o.state for o in result.outcomes.values()} == {"COMPLETED"}
+    assert sorted(stage.ran) == stage.input_shards()
+    assert 2 <= stage.peak <= 3
+
+
+def write_inputs(root: str, shards: int) -> RunPaths:
+    paths = RunPaths.at(root)
+    source = storage.Dataset(storage.join(root, "in"), SCHEMA)
+    for i in range(shards):
+        source.write_shard(f"{i:05d}", [{"x": i}])
+    return paths
+
+
+def test_rerun_of_a_finished_stage_on_s3_makes_few_requests_per_done_shard(s3_bucket: str) -> None:
+    """A re-run of a finished stage on s3:// answers every shard from one look at the markers:
+    at most 5 store requests per done shard (was ~109 per shard before: each marker read ~15 times)."""
+    n = 30
+    paths = write_inputs(f"{s3_bucket}/runs/r1", n)
+    first = run_stage(CountingStage(paths), LocalExecutor(workers=4, progress=False))
+    assert not first.failed and not first.pending and len(first.outcomes) == n
+    again = CountingStage(paths)
+    with s3_requests(paths.root) as counts:
+        result = run_stage(again, LocalExecutor(workers=4, progress=False))
+    assert again.ran == [] and {o.state for o in result.outcomes.values()} == {"REUSED"}
+    assert result.totals()["rows"] == n and not result.pending and not result.stale
+    total = sum(counts.values())
+    assert 0 < total <= 5 * n, dict(counts)
+    # What a shard that is done costs: its two markers (done and input), read once each.
+    assert counts["GetObject"] <= 2 * n + 2, dict(counts)
