@@ -136,8 +136,9 @@ def test_artifacts_created(finished_run):
         reports = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["report-clean"]))
         )
-        # one version from the filter flow, one at the end of the factory; each embeds the plot
-        assert len(reports) == 2 and all("data:image/png;base64," in r.data for r in reports)
+        # The filter flow publishes it, the factory's end replaces it (issue 26: replaced, not
+        # appended; two versions were kept before); it embeds the plot.
+        assert len(reports) == 1 and all("data:image/png;base64," in r.data for r in reports)
 
 
 def test_factory_run_links_every_stage_artifact(finished_run):
@@ -169,6 +170,80 @@ def test_factory_run_links_every_stage_artifact(finished_run):
         assert f"[{kind}-clean](/artifacts/key/{kind}-clean)" in index.data
     for stage in ("ingest", "decontaminate", "distill", "filter"):
         assert f"shards-{stage}-clean" in index.data
+
+
+def _artifacts_of(run_id: str) -> list[tuple[str, int]]:
+    """(key, bytes) of every artifact (every version) of the run, from the API."""
+    import json
+
+    from prefect.client.orchestration import get_client
+
+    out: list[tuple[str, int]] = []
+    with get_client(sync_client=True) as client:
+        while True:
+            page = client.read_artifacts(limit=200, offset=len(out))
+            out += [(a.key or "", len(json.dumps(a.data)) + len(a.description or "")) for a in page]
+            if len(page) < 200:
+                break
+    return sorted((k, n) for k, n in out if k.endswith(f"-{run_id}"))
+
+
+def test_a_second_pass_replaces_the_artifacts_and_flow_runs_carry_the_run_id(finished_run):
+    """Issue 26: a pass over a run replaced its cards, it did not append to them (they doubled on
+    every pass). Issue 24: the run's flow runs are named after the run id and tagged with it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    from flows.common import RunParams
+    from flows.factory import factory_flow
+    from flows.naming import run_tag
+
+    _, paths, _ = finished_run
+    first = _artifacts_of("clean")
+    assert len(first) >= 12 and len({k for k, _ in first}) == len(first)  # one version per key
+    factory_flow(run=RunParams(run_id="clean", store=paths.store), stages=None)
+    second = _artifacts_of("clean")
+    assert second == first  # the same keys, one version each, the same bytes
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[run_tag("clean")])), limit=200
+        )
+        flows = {client.read_flow(r.flow_id).name for r in runs}
+    assert {r.name for r in runs} == {"clean"}
+    assert {"factory", "ingest", "decontaminate", "distill", "filter", "mixture", "export"} <= flows
+
+
+def test_a_big_runs_shard_card_is_a_summary_and_the_full_table_a_file(prefect_harness, tmp_path):
+    """Past SHARD_TABLE_ROWS shards the card is a summary (per stage, failed shards) linking the
+    full table, written as CSV into the run's report folder; a second publish replaces the card."""
+    import csv
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.artifacts import SHARD_TABLE_ROWS, publish_shard_table
+
+    paths = RunPaths(str(tmp_path / "store"), "big")
+    n = SHARD_TABLE_ROWS + 1
+    for i in range(n):
+        state = "FAILED" if i == 3 else "COMPLETED"
+        storage.write_json(
+            paths.state_uri("distill", f"s-{i:05d}"),
+            {"stage": "distill", "shard": f"s-{i:05d}", "state": state, "attempt": 1, "questions": 2},
+        )
+    for _ in range(2):
+        rows = publish_shard_table(paths, "distill")
+    assert len(rows) == n
+    with get_client(sync_client=True) as client:
+        (card,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["shards-distill-big"]))
+        )
+    assert card.type == "markdown" and "## distill: 301 shards" in card.data and "| FAILED | 1 |" in card.data
+    assert "s-00003" in card.data and "s-00004" not in card.data
+    table = Path(paths.report) / "shards-distill.csv"
+    assert str(table) in card.data
+    with open(table, encoding="utf-8") as fh:
+        assert len(list(csv.DictReader(fh))) == n
 
 
 def test_failed_shard_rerun_alone(finished_run, monkeypatch, tmp_path):
