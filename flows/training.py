@@ -100,20 +100,27 @@ def _local_dir(paths: RunPaths, name: str) -> str:
     return path
 
 
-def train_config(recipe: Recipe, paths: RunPaths, params: TrainParams) -> TrainConfig:
-    """The TrainConfig for this run: recipe settings, run locations, then the form's overrides."""
+def train_config(recipe: Recipe, paths: RunPaths, params: TrainParams, *, build: bool = True) -> TrainConfig:
+    """The TrainConfig for this run: recipe settings, run locations, then the form's overrides
+    (``build`` False: the recipe's tiny model is named, not built yet)."""
     options = recipe.training.config
     model_path = params.model_path or options.model_path
-    if model_path is None and recipe.training.tiny_model:
-        target = _local_dir(paths, paths.tiny_model(recipe.training.tiny_model))
-        model_path = _training_module("training.tiny").ensure_model(recipe.training.tiny_model, target)
+    tiny = recipe.training.tiny_model if model_path is None else None
+    if tiny:
+        target = _local_dir(paths, paths.tiny_model(tiny))
+        model_path = _training_module("training.tiny").ensure_model(tiny, target) if build else target
     if model_path is None:
         raise ConfigError("no model to train: set training.config.model_path in the recipe or the form")
     # The TRL export's "text" configuration (text rows) for a text-only model, "vision" (every row)
     # otherwise; a model that is not a local folder yet (hub id, checkpoint URI) gets "vision".
     config_file = os.path.join(str(model_path), "config.json")
-    text_only = os.path.isfile(config_file) and not _training_module("training.models").is_vision_model(
-        model_path
+    text_only = (
+        (tiny != "vl")
+        if tiny
+        else (
+            os.path.isfile(config_file)
+            and not _training_module("training.models").is_vision_model(model_path)
+        )
     )
     export_uri = paths.trl_split(text_only, "train")
     files = storage.Dataset(export_uri).files()
@@ -276,7 +283,7 @@ def train_flow(params: TrainParams = TrainParams()) -> dict[str, Any]:
     # with the config made below from the recipe and paths the run was opened with.
     stage_module = _training_module("training.stage")
     stage = stage_module.TrainStage(
-        found, lambda: _train(config, recipe, params), owner=_flow_run_id() or None
+        found, lambda: _train(recipe, paths, params), owner=_flow_run_id() or None
     )
     run_params = RunParams(recipe_path=params.run.recipe_path, run_id=found.run_id, store=found.store)
     recipe, paths = prepare(run_params)
@@ -290,7 +297,7 @@ def train_flow(params: TrainParams = TrainParams()) -> dict[str, Any]:
     # Exactly once per settings (training.once): the same settings train nothing, a larger max_steps
     # extends the finished training, other settings are refused in one line naming them unless forced
     # (then they go to a folder of their own).
-    config, what = routed_config(recipe, paths, params)
+    config, what = routed_config(recipe, paths, params, build=False)
     print(f"training: {what}")
     stage.config_hash = config.config_hash()  # done: this export trained with these settings
     outcome = run_global(stage)
@@ -307,9 +314,11 @@ def train_flow(params: TrainParams = TrainParams()) -> dict[str, Any]:
     return _after_training(recipe, paths, params, outcome.counts)
 
 
-def routed_config(recipe: Recipe, paths: RunPaths, params: TrainParams) -> tuple[TrainConfig, str]:
+def routed_config(
+    recipe: Recipe, paths: RunPaths, params: TrainParams, *, build: bool = True
+) -> tuple[TrainConfig, str]:
     """The job's config (in a folder of its own when forced) and one line saying what it will do."""
-    config = train_config(recipe, paths, params)
+    config = train_config(recipe, paths, params, build=build)
     files = _training_module("training.data").resolve_data_files(config.train_data)
     manifest = [{"uri": f.uri, "rows": f.rows} for f in files]
     return _training_module("training.once").route_output(config, manifest, force=params.force)
@@ -321,7 +330,9 @@ def _registered(paths: RunPaths) -> str | None:
     return record.get("checkpoint_uri")
 
 
-def _train(config: TrainConfig, recipe: Recipe, params: TrainParams) -> dict[str, Any]:
+def _train(recipe: Recipe, paths: RunPaths, params: TrainParams) -> dict[str, Any]:
+    """The job, under the checkpoint folder's lease: routed again (what it finds there now)."""
+    config, _ = routed_config(recipe, paths, params)
     return train_task(
         config,
         params.launcher or recipe.training.launcher,

@@ -68,3 +68,35 @@ def training_rows(n: int) -> list[dict]:
             {"messages": messages, "images": [], "question_id": f"q{i}", "source": "s", "teacher": "t"}
         )
     return rows
+
+
+def weights_hash(checkpoint_uri: str) -> str:
+    """The SHA-256 of a checkpoint folder's ``model.safetensors`` (local or ``s3://``)."""
+    import hashlib
+
+    from octomed_data import storage
+
+    return hashlib.sha256(storage.read_bytes(f"{checkpoint_uri.rstrip('/')}/model.safetensors")).hexdigest()
+
+
+def small_job(export_uri: str, model: Path, output_uri: str, work: Path, **kw):
+    """A 1-process TrainConfig of a few steps on the tiny model (ZeRO-2, checkpoint every 2 steps)."""
+    from octomed_data.job_config import TrainConfig
+
+    base = {
+        "train_data": [export_uri],
+        "model_path": str(model),
+        "output_uri": output_uri,
+        "global_batch_size": 4,
+        "per_device_batch_size": 2,
+        "max_steps": 2,
+        "learning_rate": 2e-3,
+        "lr_scheduler_type": "constant",
+        "warmup_ratio": 0.0,
+        "max_seq_len": 256,
+        "zero_stage": 2,
+        "logging_steps": 1,
+        "save_steps": 2,
+        "work_dir": str(work),
+    }
+    return TrainConfig(**(base | kw))

@@ -290,9 +290,11 @@ def test_sft_zero3_on_cpu_to_s3_then_evaluate(tiny_text, tmp_path, s3_bucket):
     assert step40["step"] == 40 and not step40["final"] and "trainer_state.json" in step40["files"]
     assert any(f.startswith("global_step40/") for f in step40["files"])  # DeepSpeed ZeRO shards
 
-    # A run killed after step 40 (its later checkpoints never uploaded) resumes from step 40.
+    # A run killed after step 40 (its later checkpoints and its final marker never uploaded) resumes
+    # from step 40. (With its final marker it would be a finished training: nothing to train.)
     fs, path = storage.filesystem(f"{checkpoint}/checkpoints/checkpoint-80")
     fs.rm(path, recursive=True)
+    fs.rm(storage.filesystem(f"{checkpoint}/checkpoint.json")[1])
     resumed = run_sft(tmp_path / "train.yaml")
     assert resumed["resumed_from_step"] == 40 and resumed["steps"] == 80
     assert resumed["samples_seen"] == 40 * 8 and math.isfinite(resumed["final_loss"])
