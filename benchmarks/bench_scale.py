@@ -1,0 +1,294 @@
+"""The factory's shard loop as shards grow 10x at a time: distill -> filter over N shards with a
+fast loopback (sandbox) teacher, a first pass and a re-run over the finished run, on a local
+folder and on ``s3://`` (a loopback moto server).
+
+Each (store, shards, pass) runs in a fresh child process (so its peak RSS is its own) through the
+one runner, ``run_stage`` with the local executor (``--workers`` shards at once: the runner's one
+bound), and reports wall and CPU seconds, the driver's and its process tree's peak RSS, and on
+``s3://`` the store requests it sent (counted on the s3fs client, retries included) per shard.
+The sandbox teacher and the S3 server run in the parent, so their CPU is not counted.
+
+    .venv/bin/python benchmarks/bench_scale.py --shards 100 1000 --stores local s3 --json scale.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from octomed_data import storage  # noqa: E402
+from octomed_data.layout import RunPaths  # noqa: E402
+from octomed_data.schema import QUESTION_SCHEMA, question_row  # noqa: E402
+
+DRUGS = ["Metformin", "Insulin glargine", "Glipizide", "Sitagliptin"]
+
+
+def write_questions(paths: RunPaths, shards: int, per_shard: int) -> None:
+    """``shards`` shards of ``per_shard`` multiple-choice questions as the distill stage's input."""
+    ds = storage.Dataset(paths.questions, QUESTION_SCHEMA)
+    opts = {chr(65 + j): DRUGS[j] for j in range(4)}
+    for s in range(shards):
+        rows = [
+            question_row(
+                source="bench",
+                split="train",
+                task_type="text_mcq",
+                question=f"Case {s}-{i}: new type 2 diabetes, HbA1c 7.{i % 10}%. First-line drug?",
+                answer="A",
+                input_file="bench",
+                record_index=s * per_shard + i,
+                options=opts,
+            )
+            for i in range(per_shard)
+        ]
+        ds.write_shard(f"bench-{s:05d}", rows)
+
+
+# ------------------------------------------------------------------------------ the child: one pass
+class TreePeak:
+    """Peak RSS of this process and its descendants, sampled every ``every_s``."""
+
+    def __init__(self, every_s: float = 0.1) -> None:
+        import psutil
+
+        self.proc = psutil.Process()
+        self.peak = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, args=(every_s,), daemon=True)
+        self.thread.start()
+
+    def run(self, every_s: float) -> None:
+        import psutil
+
+        while not self.stop.is_set():
+            total = 0
+            for p in [self.proc, *self.proc.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    continue
+            self.peak = max(self.peak, total)
+            self.stop.wait(every_s)
+
+    def done(self) -> int:
+        self.stop.set()
+        self.thread.join()
+        return self.peak
+
+
+def count_requests(uri: str) -> Counter:
+    """Every request the store's s3fs client sends from now on, by operation (empty off S3)."""
+    counts: Counter = Counter()
+    if storage.protocol_of(uri) not in ("s3", "s3a"):
+        return counts
+    fs, _ = storage.filesystem(uri)
+    lock = threading.Lock()
+
+    def count(**kwargs: Any) -> None:
+        with lock:
+            counts[kwargs.get("event_name", "").rsplit(".", 1)[-1]] += 1
+
+    fs.s3.meta.events.register("before-send.s3", count, unique_id="bench-scale-count")
+    return counts
+
+
+def child(args: argparse.Namespace) -> None:
+    from octomed_data.stages import LocalExecutor, run_stage
+    from octomed_data.stages.distill import DistillStage
+    from octomed_data.stages.filter import FilterStage
+    from octomed_data.teachers import DistillConfig
+
+    logging.disable(logging.WARNING)
+    paths = RunPaths(args.store, args.run_id)
+    teacher = {"name": "sandbox", "base_url": args.base_url, "model": "bench", "max_in_flight": 64}
+    config = DistillConfig.parse({"teachers": [teacher], "samples": args.samples})
+    tree = TreePeak()
+    counts = count_requests(paths.root)
+    t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    stages: dict[str, Any] = {}
+    loop = Counter()  # the shard loop's requests (run_stage without its finalize)
+    for stage in (DistillStage(paths, config), FilterStage(paths, samples_per_question=args.samples)):
+        s0, before = time.perf_counter(), Counter(counts)
+        result = run_stage(stage, LocalExecutor(workers=args.workers, progress=False), finalize=False)
+        states = Counter(o.state for o in result.outcomes.values())
+        if result.failed or result.pending:
+            raise SystemExit(f"{stage.name}: failed {len(result.failed)}, pending {len(result.pending)}")
+        loop += Counter(counts) - before
+        s1 = time.perf_counter()
+        stage.finalize(stage.input_shards())  # what run_stage does next: the stage's global step
+        stages[stage.name] = {
+            "wall_s": round(time.perf_counter() - s0, 2),
+            "finalize_s": round(time.perf_counter() - s1, 2),
+            "states": dict(states),
+            "stale": len(result.stale),
+        }
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    out = {
+        "wall_s": round(time.perf_counter() - t0, 2),
+        "cpu_s": round(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, 2),
+        "driver_peak_mb": round(r1.ru_maxrss / 1024, 1),
+        "tree_peak_mb": round(max(tree.done(), r1.ru_maxrss * 1024) / 2**20, 1),
+        "requests": sum(counts.values()) if counts else None,
+        "loop_requests": sum(loop.values()) if counts else None,
+        "requests_by_op": dict(counts),
+        "loop_requests_by_op": dict(loop),
+        "stages": stages,
+    }
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+# --------------------------------------------------------------------------------- the parent
+def start_s3() -> tuple[Any, str]:
+    from moto.server import ThreadedMotoServer
+
+    from octomed_data.inference.vllm_service import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    return server, f"http://127.0.0.1:{port}"
+
+
+def one_pass(store: str, run_id: str, base_url: str, args: argparse.Namespace, env: dict[str, str]) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--store", store, "--run-id", run_id, "--base-url", base_url]
+    cmd += ["--samples", str(args.samples), "--workers", str(args.workers)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"pass failed ({proc.returncode}): {(proc.stderr or proc.stdout)[-2000:]}")
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shards", type=int, nargs="+", default=[100, 1000])
+    ap.add_argument("--stores", nargs="+", choices=["local", "s3"], default=["local", "s3"])
+    ap.add_argument("--questions", type=int, default=2, help="questions per shard")
+    ap.add_argument("--samples", type=int, default=1, help="samples per question")
+    ap.add_argument("--workers", type=int, default=8, help="shards at once (the runner's bound)")
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument(
+        "--s3-first-max",
+        type=int,
+        default=100,
+        help="above this many shards, the s3 re-run is over the finished local run copied to the bucket "
+        "(a first pass through the loopback S3 server takes ~1 s a shard on 2 cores)",
+    )
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--store", help=argparse.SUPPRESS)
+    ap.add_argument("--run-id", help=argparse.SUPPRESS)
+    ap.add_argument("--base-url", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    from sandbox_process import start_sandbox_process
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the S3 server's request lines
+
+    sandbox, base_url = start_sandbox_process("--latency-ms", "1", "--style", "mixed")
+    s3 = None
+    rows: list[dict[str, Any]] = []
+    tmp = tempfile.mkdtemp(prefix="bench-scale-")
+    args.stores = sorted(args.stores)  # local first: a big s3 re-run copies its finished run
+    try:
+        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+        for kind in args.stores:
+            if kind == "s3" and s3 is None:
+                import s3fs
+
+                s3, endpoint = start_s3()
+                creds = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}
+                os.environ.update(creds, OCTOMED_S3_ENDPOINT_URL=endpoint)
+                env.update(creds, OCTOMED_S3_ENDPOINT_URL=endpoint)
+                bucket = f"octomed-bench-{uuid.uuid4().hex[:8]}"
+                s3fs.S3FileSystem(endpoint_url=endpoint, key="bench", secret="bench").mkdir(bucket)
+            store = f"{tmp}/local" if kind == "local" else f"s3://{bucket}"
+            for n in args.shards:
+                run_id = f"scale-{n}"
+                seed = kind == "s3" and n > args.s3_first_max and "local" in args.stores
+                passes = ("rerun",) if seed else ("first", "rerun")
+                if seed:  # the finished local run, copied: a re-run over a finished run on s3://
+                    fs, _ = storage.filesystem(store)
+                    fs.put(
+                        RunPaths(f"{tmp}/local", run_id).root, RunPaths(store, run_id).root, recursive=True
+                    )
+                else:
+                    write_questions(RunPaths(store, run_id), n, args.questions)
+                for name in passes:
+                    res = one_pass(store, run_id, base_url, args, env)
+                    row = {"store": kind, "shards": n, "pass": name, "seeded": seed} | res
+                    for key in ("requests", "loop_requests"):  # per shard of each of the 2 stages
+                        per = res[key] / (2 * n) if res[key] is not None else None
+                        row[key.replace("requests", "per_shard")] = round(per, 2) if per is not None else None
+                    rows.append(row)
+                    print_row(row)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        sandbox.kill()
+        if s3 is not None:
+            s3.stop()
+    growth = growth_rows(rows)
+    for g in growth:
+        print(
+            f"growth {g['store']:5} {g['pass']:5} {g['from']}->{g['to']} shards: wall x{g['wall']}, "
+            f"cpu x{g['cpu']}, driver peak RSS {g['driver_rss']:+.0%}, tree {g['tree_rss']:+.0%}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "growth": growth}, indent=1))
+
+
+def print_row(r: dict[str, Any]) -> None:
+    req = "    n/a    n/a"
+    if r["per_shard"] is not None:
+        req = f"{r['per_shard']:7.2f} {r['loop_per_shard']:6.2f}"
+    print(
+        f"{r['store']:5} {r['shards']:6} {r['pass']:5}  wall {r['wall_s']:8.1f} s  cpu {r['cpu_s']:8.1f} s  "
+        f"driver {r['driver_peak_mb']:7.1f} MB  tree {r['tree_peak_mb']:7.1f} MB  requests/shard (all, loop) {req}",
+        flush=True,
+    )
+
+
+def growth_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each 10x step of shards, per store and pass: wall and CPU ratios, RSS change."""
+    out = []
+    by = {(r["store"], r["pass"], r["shards"]): r for r in rows}
+    for (store, name, n), a in sorted(by.items()):
+        b = by.get((store, name, n * 10))
+        if b is None:
+            continue
+        out.append(
+            {
+                "store": store,
+                "pass": name,
+                "from": n,
+                "to": n * 10,
+                "wall": round(b["wall_s"] / max(a["wall_s"], 1e-9), 2),
+                "cpu": round(b["cpu_s"] / max(a["cpu_s"], 1e-9), 2),
+                "driver_rss": round(b["driver_peak_mb"] / a["driver_peak_mb"] - 1, 3),
+                "tree_rss": round(b["tree_peak_mb"] / a["tree_peak_mb"] - 1, 3),
+            }
+        )
+    return out
+
+
+if __name__ == "__main__":
+    main()
