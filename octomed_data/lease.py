@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import threading
@@ -23,6 +24,9 @@ from octomed_data.errors import OctomedError, StorageError
 
 if TYPE_CHECKING:
     from octomed_data.layout import RunPaths
+
+
+log = logging.getLogger(__name__)
 
 
 class LeaseHeld(OctomedError):
@@ -183,7 +187,14 @@ class Lease:
     def release(self) -> None:
         """Give the lease up (only if it is still ours); the epoch stays, so epochs only grow."""
         if self.held():
-            storage.write_json(self.uri, self._doc() | {"owner": None, "expires_at": 0.0})
+            doc = self._doc() | {"owner": None, "expires_at": 0.0}
+            try:
+                storage.write_json(self.uri, doc)
+            except StorageError as exc:
+                # A full disk: rewrite the record in place, else let it expire (never hide the
+                # holder's own error behind this one).
+                if not storage.overwrite_in_place(self.uri, json.dumps(doc).encode()):
+                    log.warning("could not release %s (it expires in %.0f s): %s", self.uri, self.ttl_s, exc)
 
     @contextlib.contextmanager
     def hold(self, wait_s: float = 0.0, on_lost: Any = None) -> Iterator[Lease]:

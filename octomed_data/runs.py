@@ -13,6 +13,7 @@ import datetime as _dt
 import hashlib
 import os
 import re
+import time
 from typing import Any
 
 from octomed_data import storage
@@ -165,13 +166,44 @@ def change_verify(paths: RunPaths, verify: Any, *, by: str) -> tuple[Recipe, str
 
 
 def shard_states(paths: RunPaths, stage: str | None = None) -> list[dict[str, Any]]:
-    """All recorded shard attempts of a run (optionally one stage), in stage then shard order."""
+    """All recorded shard attempts of a run (optionally one stage), in stage then shard order.
+
+    An attempt recorded RUNNING whose writer is gone (its shard lease released or expired: the
+    process was cancelled, terminated or killed before it could record how it ended) reads as
+    FAILED, saying so; a released one is also recorded FAILED, under the shard's lease.
+    """
     stages = [stage] if stage else list(STAGES)
     out: list[dict[str, Any]] = []
     for name in stages:
         for uri in storage.list_files(paths.state_dir(name), suffix=".json"):
-            out.append(storage.read_json(uri))
+            out.append(settled_state(paths, storage.read_json(uri)))
     return out
+
+
+def settled_state(paths: RunPaths, record: dict[str, Any], now: float | None = None) -> dict[str, Any]:
+    """``record`` as it stands: a RUNNING attempt without a live writer is FAILED (see
+    :func:`shard_states`); any other record as it is."""
+    stage, shard = record.get("stage"), record.get("shard")
+    if record.get("state") != "RUNNING" or not isinstance(stage, str) or not isinstance(shard, str):
+        return record
+    lease = Lease(paths.shard_lease(stage, shard), new_owner("settle:"))
+    held = lease.read()
+    if held is None:  # never leased (written outside the stage runner): nothing to tell
+        return record
+    released = not held.get("owner")
+    if not released and float(held.get("expires_at", 0)) > (now or time.time()):
+        return record  # a live writer
+    how = "cancelled or stopped" if released else "killed, terminated or cut off (its lease expired)"
+    error = f"the attempt ended without recording an outcome: {how}"
+    if released and lease.try_acquire():  # no attempt can start while this lease is ours
+        try:
+            current = storage.read_json(paths.state_uri(stage, shard))
+            if current.get("state") == "RUNNING" and current.get("attempt") == record.get("attempt"):
+                return record_shard(paths, stage, shard, "FAILED", attempt=record.get("attempt"), error=error)
+            return current
+        finally:
+            lease.release()
+    return {**record, "state": "FAILED", "error": error}
 
 
 def training_dir(paths: RunPaths) -> str:

@@ -4,6 +4,8 @@ counts), written by the stage runner for people and the shard table, never read 
 from __future__ import annotations
 
 import datetime as _dt
+import json
+import logging
 from typing import TYPE_CHECKING, Any
 
 from octomed_data import storage
@@ -11,6 +13,11 @@ from octomed_data.errors import StorageError
 
 if TYPE_CHECKING:
     from octomed_data.layout import RunPaths
+
+log = logging.getLogger(__name__)
+
+# An attempt that ended without its output: recorded even when the store is full.
+ENDED_BADLY = frozenset({"FAILED", "CANCELLED"})
 
 # The fields the runner itself writes on an attempt record; any other field is the stage's own
 # (its counts, or a live status it puts there while it runs, e.g. a batch's state).
@@ -21,7 +28,8 @@ RECORD_KEYS = frozenset(
 
 
 def record_shard(paths: RunPaths, stage: str, shard: str, state: str, **info: Any) -> dict[str, Any]:
-    """Write one shard's attempt record (RUNNING / COMPLETED / FAILED / SKIPPED) and counts."""
+    """Write one shard's attempt record (RUNNING / COMPLETED / FAILED / CANCELLED / SKIPPED) and
+    counts. A FAILED or CANCELLED record never raises (a full disk: rewritten in place, or logged)."""
     uri = paths.state_uri(stage, shard)
     now = _dt.datetime.now(_dt.UTC)
     doc = {"stage": stage, "shard": shard, "state": state, "updated_at": now.isoformat()}
@@ -29,8 +37,28 @@ def record_shard(paths: RunPaths, stage: str, shard: str, state: str, **info: An
     attempt = info.get("attempt")
     if isinstance(attempt, int) and not info.get("reused"):
         _add_total_seconds(uri, doc, attempt, now)
-    storage.write_json(uri, doc)
+    if state == "RUNNING":
+        _clean_temp_files(paths, stage)
+    try:
+        storage.write_json(uri, doc)
+    except StorageError as exc:
+        if state not in ENDED_BADLY:
+            raise
+        # A full disk (no room for the atomic write's temp file) must not leave the shard RUNNING,
+        # nor replace the shard's own error with this one: rewrite the record in place, and if even
+        # that fails, log it and let the shard's error go on.
+        data = json.dumps(doc, indent=2, sort_keys=True, default=str).encode("utf-8")
+        if not storage.overwrite_in_place(uri, data):
+            log.warning("could not record %s shard %s as %s: %s", stage, shard, state, exc)
     return doc
+
+
+def _clean_temp_files(paths: RunPaths, stage: str) -> None:
+    """A new attempt clears dead writers' temp files from the stage's state folder."""
+    try:
+        storage.clean_temp_files(paths.state_dir(stage))
+    except StorageError as exc:  # housekeeping: never fails a shard
+        log.warning("could not clean temp files in %s: %s", paths.state_dir(stage), exc)
 
 
 def _add_total_seconds(uri: str, doc: dict[str, Any], attempt: int, now: _dt.datetime) -> None:

@@ -2,12 +2,15 @@
 
 A *dataset* is a folder ``URI`` holding ``part-<shard>.parquet`` files and a manifest folder
 ``URI/_manifest/`` with one JSON marker per committed shard (file, row count, bytes). A shard
-is committed in two steps: the Parquet file is written atomically (temp file + rename on
-filesystems that rename atomically; a single PUT on object stores, which makes an object
-visible only once complete), then its marker is written the same way. Readers go by the
-manifest, so they never see a half-written shard, and re-writing a shard replaces it, so a
-re-run never duplicates rows. Folders starting with ``_`` or ``.`` are ignored by
-``pyarrow.dataset`` and by the ``*.parquet`` glob that ``datasets.load_dataset`` is given.
+is committed in two steps: its marker is written, then the Parquet file is put in place
+atomically (a hidden temp file renamed on filesystems that rename atomically; a single PUT on
+object stores, which makes an object visible only once complete). A shard is committed when its
+marker and the file it names both exist, so the files standard readers see (``pyarrow.dataset``,
+the ``*.parquet`` glob that ``datasets.load_dataset`` is given) are exactly the committed shards
+at every moment, whatever is killed when; re-writing a shard takes its old file away first, so a
+re-run never duplicates rows. Temp files and folders starting with ``_`` or ``.`` are ignored by
+those readers; what killed writers leave (temp files, a marker without its file) is cleared by
+the next writer of the shard and by :meth:`Dataset.drop_stale`.
 
 URIs: a plain path or ``file://`` (default), ``s3://bucket/prefix`` through s3fs against any
 S3-compatible endpoint, or ``memory://`` (tests). S3 endpoint and credentials come from the
@@ -30,8 +33,10 @@ from octomed_data.storage.dataset import (
     table_to_parquet_bytes,
 )
 from octomed_data.storage.files import (
+    UnreadableFile,
     absolute_uri,
     check_fence,
+    clean_temp_files,
     configure,
     create_exclusive,
     describe_error,
@@ -40,15 +45,18 @@ from octomed_data.storage.files import (
     fenced,
     filesystem,
     glob_escape,
+    in_fence,
     is_local,
     join,
     list_files,
     list_prefixed,
+    overwrite_in_place,
     protocol_of,
     read_bytes,
     read_json,
     remove_quietly,
     storage_options,
+    temp_name,
     to_uri,
     update_digest,
     wrap,
@@ -62,8 +70,10 @@ __all__ = [
     "SHARD_NAME",
     "ShardInfo",
     "ShardWriter",
+    "UnreadableFile",
     "absolute_uri",
     "check_fence",
+    "clean_temp_files",
     "configure",
     "create_exclusive",
     "describe_error",
@@ -72,16 +82,19 @@ __all__ = [
     "fenced",
     "filesystem",
     "glob_escape",
+    "in_fence",
     "is_local",
     "join",
     "list_files",
     "list_prefixed",
+    "overwrite_in_place",
     "protocol_of",
     "read_bytes",
     "read_json",
     "remove_quietly",
     "storage_options",
     "table_to_parquet_bytes",
+    "temp_name",
     "to_uri",
     "update_digest",
     "wrap",

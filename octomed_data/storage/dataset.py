@@ -11,7 +11,6 @@ import posixpath
 import re
 import tempfile
 import time
-import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -22,14 +21,20 @@ import pyarrow.parquet as pq
 
 from octomed_data.errors import StorageError
 from octomed_data.storage.files import (
+    UnreadableFile,
     check_fence,
+    clean_temp_files,
+    describe_error,
     exists,
     filesystem,
+    in_fence,
     is_local,
     join,
     protocol_of,
-    read_json,
+    read_bytes,
     remove_quietly,
+    temp_name,
+    temp_target,
     wrap,
     write_json,
 )
@@ -89,12 +94,14 @@ class ShardWriter:
             folder = os.path.dirname(self.path) or "."
             wrap(self.target, os.makedirs, folder, exist_ok=True)
         else:
-            folder = None  # the system temp folder
-        fd, self.spill = tempfile.mkstemp(prefix=f".part-{self.shard}.parquet.", suffix=".tmp", dir=folder)
-        os.close(fd)
+            folder = tempfile.gettempdir()  # a local spill, uploaded in one PUT on commit
+        # What earlier attempts at this shard left: their spills, a file without its marker.
+        dataset.clean_shard(self.shard)
+        base = self.target.rsplit("/", 1)[-1]
+        self.spill = os.path.join(folder, temp_name(base if is_local(self.fs) else f"octomed-{base}"))
         # Not committed (an exception, a dropped writer): the spill file goes with the writer.
         self._cleanup = weakref.finalize(self, remove_quietly, self.spill)
-        self.writer = pq.ParquetWriter(self.spill, self.schema, compression="zstd")
+        self.writer = self._guard(pq.ParquetWriter, self.spill, self.schema, compression="zstd")
         self.buffer: list[dict[str, Any]] = []
         self.buffered_bytes = 0
         self.rows = 0
@@ -108,34 +115,51 @@ class ShardWriter:
         if len(self.buffer) >= self.per_group or self.buffered_bytes >= self.bytes_per_group:
             self.flush()
 
+    def _guard(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn`` with its errors (a full disk, ...) named after this shard's file, not a temp file."""
+        try:
+            return fn(*args, **kwargs)
+        except StorageError:
+            raise
+        except (OSError, ValueError, RuntimeError) as exc:
+            self._drop()  # a failed write leaves the writer unusable: its spill goes now
+            raise StorageError(f"shard {self.shard}: {describe_error(self.target, exc)}") from exc
+
+    def _drop(self) -> None:
+        writer = getattr(self, "writer", None)
+        if writer is not None:
+            try:
+                writer.close()
+            except (OSError, ValueError, RuntimeError):
+                pass
+        self._cleanup()
+
     def add_table(self, table: pa.Table) -> None:
         self.flush()
         table = table.select(self.schema.names).cast(self.schema)
         if table.num_rows:
-            self.writer.write_table(table)
+            self._guard(self.writer.write_table, table)
             self.rows += table.num_rows
 
     def flush(self) -> None:
         if self.buffer:
-            self.writer.write_table(pa.Table.from_pylist(self.buffer, schema=self.schema))
+            self._guard(self.writer.write_table, pa.Table.from_pylist(self.buffer, schema=self.schema))
             self.rows += len(self.buffer)
             self.buffer = []
             self.buffered_bytes = 0
 
     def commit(self, extra: Mapping[str, Any] | None = None) -> ShardInfo:
-        """Publish the Parquet file atomically, then its manifest marker: the shard's done-signal."""
+        """Publish the shard: its marker, then its Parquet file (atomically) as the commit point.
+
+        A shard is committed when its marker AND the file the marker names exist
+        (:meth:`Dataset.manifest`). The file goes in place last, so a file that readers see
+        (``pyarrow.dataset``, a ``*.parquet`` glob) always has its marker, and a crash at any step
+        leaves either the old commit, nothing, or a marker without its file (not committed, re-run).
+        """
         self.flush()
-        self.writer.close()
+        self._guard(self.writer.close)
         size = os.path.getsize(self.spill)
-        # An earlier commit's marker goes first: a crash between the new file and the new marker
-        # then leaves no marker (not done, re-run), never an old marker describing the new file.
         marker = self.dataset.marker_uri(self.shard)
-        check_fence(self.target)  # a writer that lost the shard's lease publishes nothing
-        if exists(marker):
-            fs, path = filesystem(marker)
-            wrap(marker, fs.rm, path)
-        wrap(self.target, self._publish)
-        self._cleanup.detach()
         info = ShardInfo(
             shard=self.shard,
             file=self.target.rsplit("/", 1)[-1],
@@ -144,8 +168,16 @@ class ShardWriter:
             committed_at=time.time(),
             extra=dict(extra or {}),
         )
+        check_fence(self.target)  # a writer that lost the shard's lease publishes nothing
+        # An earlier commit's file goes first: its marker alone then commits nothing, and is never
+        # taken for a description of the new file.
+        if exists(self.target):
+            wrap(self.target, self.fs.rm, self.path)
         check_fence(marker)
-        write_json(marker, asdict(info))
+        self._guard(write_json, marker, asdict(info))
+        check_fence(self.target)
+        self._guard(self._publish)
+        self._cleanup.detach()
         return info
 
     def _publish(self) -> None:
@@ -158,9 +190,7 @@ class ShardWriter:
             if protocol_of(self.target) in ("s3", "s3a", "gs", "gcs", "az", "abfs"):
                 self.fs.put_file(self.spill, self.path)  # one upload: visible only once complete
             else:
-                tmp = posixpath.join(
-                    posixpath.dirname(self.path), f".{posixpath.basename(self.path)}.{uuid.uuid4().hex}.tmp"
-                )
+                tmp = posixpath.join(posixpath.dirname(self.path), temp_name(posixpath.basename(self.path)))
                 self.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
                 self.fs.put_file(self.spill, tmp)
                 self.fs.mv(tmp, self.path)
@@ -224,7 +254,8 @@ class Dataset:
         return ShardWriter(self, shard, rows_per_group)
 
     def manifest(self) -> dict[str, ShardInfo]:
-        """Committed shards, by name, sorted."""
+        """Committed shards, by name, sorted: a marker whose file exists (a marker alone is a
+        commit that did not finish)."""
         fs, path = filesystem(self.uri)
         mdir = posixpath.join(path, MANIFEST_DIR) if "://" in self.uri else os.path.join(path, MANIFEST_DIR)
         if not wrap(self.uri, fs.exists, mdir):
@@ -234,16 +265,46 @@ class Dataset:
             base = posixpath.basename(p)
             if not base.endswith(".json") or base.startswith("."):
                 continue
-            info = json.loads(wrap(self.uri, fs.cat_file, p))
-            out[info["shard"]] = ShardInfo(**info)
+            uri = join(self.uri, MANIFEST_DIR, base)
+            info = self._info(uri, wrap(uri, fs.cat_file, p))
+            out[info.shard] = info
+        if out:
+            present = self._file_names()
+            out = {k: v for k, v in out.items() if v.file in present}
         return dict(sorted(out.items()))
 
+    @staticmethod
+    def _info(uri: str, data: bytes) -> ShardInfo:
+        try:
+            return ShardInfo(**json.loads(data))
+        except (ValueError, TypeError) as exc:
+            raise UnreadableFile(f"unreadable shard marker {uri}: {exc}") from None
+
+    def _file_names(self) -> set[str]:
+        fs, path = filesystem(self.uri)
+        try:
+            listed = wrap(self.uri, fs.ls, path, detail=False)
+        except StorageError as exc:
+            if isinstance(exc.__cause__, FileNotFoundError):
+                return set()
+            raise
+        return {posixpath.basename(str(p).rstrip("/")) for p in listed}
+
     def is_committed(self, shard: int | str) -> bool:
-        return exists(self.marker_uri(shard))
+        return self.shard_info(shard) is not None
 
     def shard_info(self, shard: int | str) -> ShardInfo | None:
+        """The shard's marker when it is committed (its file exists too), else None."""
         uri = self.marker_uri(shard)
-        return ShardInfo(**read_json(uri)) if exists(uri) else None
+        if not exists(uri):
+            return None
+        try:
+            info = self._info(uri, read_bytes(uri))
+        except StorageError as exc:
+            if isinstance(exc.__cause__, FileNotFoundError):  # un-committed meanwhile
+                return None
+            raise
+        return info if exists(join(self.uri, info.file)) else None
 
     def num_rows(self) -> int:
         return sum(s.rows for s in self.manifest().values())
@@ -253,9 +314,14 @@ class Dataset:
         return [join(self.uri, s.file) for s in self.manifest().values()]
 
     def read_shard(self, shard: int | str, columns: Sequence[str] | None = None) -> pa.Table:
-        fs, path = filesystem(self.file_uri(shard))
-        with wrap(self.uri, fs.open, path, "rb") as fh:
-            return pq.read_table(fh, columns=list(columns) if columns else None)
+        uri = self.file_uri(shard)
+        fs, path = filesystem(uri)
+
+        def read() -> pa.Table:
+            with fs.open(path, "rb") as fh:
+                return pq.read_table(fh, columns=list(columns) if columns else None)
+
+        return _named(uri, read)
 
     def iter_batches(
         self,
@@ -270,19 +336,29 @@ class Dataset:
         existed) comes back as nulls instead of an error."""
         names = list(shards) if shards is not None else list(self.manifest())
         for name in names:
-            fs, path = filesystem(self.file_uri(name))
-            with wrap(self.uri, fs.open, path, "rb") as fh:
-                pf = pq.ParquetFile(fh)
-                wanted = list(columns) if columns else None
-                present = set(pf.schema_arrow.names)
-                if not fill_missing or wanted is None or all(c in present for c in wanted):
-                    yield from pf.iter_batches(batch_size=batch_size, columns=wanted)
-                    continue
-                for batch in pf.iter_batches(
-                    batch_size=batch_size, columns=[c for c in wanted if c in present]
-                ):
-                    arrays = [batch.column(c) if c in present else pa.nulls(batch.num_rows) for c in wanted]
-                    yield pa.RecordBatch.from_arrays(arrays, names=wanted)
+            uri = self.file_uri(name)
+            batches = self._file_batches(uri, batch_size, columns, fill_missing)
+            try:
+                while (batch := _named(uri, next, batches, None)) is not None:
+                    yield batch
+            finally:
+                batches.close()
+
+    @staticmethod
+    def _file_batches(
+        uri: str, batch_size: int, columns: Sequence[str] | None, fill_missing: bool
+    ) -> Iterator[pa.RecordBatch]:
+        fs, path = filesystem(uri)
+        with fs.open(path, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            wanted = list(columns) if columns else None
+            present = set(pf.schema_arrow.names)
+            if not fill_missing or wanted is None or all(c in present for c in wanted):
+                yield from pf.iter_batches(batch_size=batch_size, columns=wanted)
+                return
+            for batch in pf.iter_batches(batch_size=batch_size, columns=[c for c in wanted if c in present]):
+                arrays = [batch.column(c) if c in present else pa.nulls(batch.num_rows) for c in wanted]
+                yield pa.RecordBatch.from_arrays(arrays, names=wanted)
 
     def iter_rows(
         self, batch_size: int = 4096, shards: Sequence[str] | None = None
@@ -304,17 +380,98 @@ class Dataset:
         """Un-commit every committed shard not in ``keep`` (and, when given, ``owns(name)``).
 
         The one stale-shard cleaner: a stage whose input shards vanished, or a re-run that wrote
-        fewer shards, calls this so re-runs never leave stale rows behind.
+        fewer shards, calls this so re-runs never leave stale rows behind. It also clears what
+        killed writers left (:meth:`clean_leftovers`).
         """
         wanted = set(keep)
         stale = [n for n in self.manifest() if n not in wanted and (owns is None or owns(n))]
         for name in stale:
             self.delete_shard(name)
+        self.clean_leftovers(owns)
         return stale
 
     def delete_shard(self, shard: int | str) -> None:
-        """Un-commit a shard: marker first, so readers stop seeing it before the file goes."""
-        for uri in (self.marker_uri(shard), self.file_uri(shard)):
+        """Un-commit a shard: its file first (readers stop seeing it; the marker alone commits
+        nothing), then its marker."""
+        for uri in (self.file_uri(shard), self.marker_uri(shard)):
             fs, path = filesystem(uri)
             if wrap(uri, fs.exists, path):
                 wrap(uri, fs.rm, path)
+
+    # ------------------------------------------------------------------ leftovers of killed writers
+    def _shard_of_file(self, name: str) -> str | None:
+        head, tail = f"{self.file_prefix}-", ".parquet"
+        if name.startswith(head) and name.endswith(tail) and len(name) > len(head) + len(tail):
+            shard = name[len(head) : -len(tail)]
+            return shard if SHARD_NAME.match(shard) else None
+        return None
+
+    def _remove_orphan(self, shard: str) -> bool:
+        """Remove ``shard``'s file if no marker commits it (a writer killed before the marker
+        existed). Safe beside a live writer: a writer puts the marker before the file and takes
+        the file away before the marker, so a file seen first and then no marker is an orphan."""
+        uri = self.file_uri(shard)
+        if not exists(uri) or exists(self.marker_uri(shard)):
+            return False
+        fs, path = filesystem(uri)
+        try:
+            wrap(uri, fs.rm, path)
+        except StorageError as exc:
+            if not isinstance(exc.__cause__, FileNotFoundError):
+                raise
+        return True
+
+    def clean_shard(self, shard: str) -> list[str]:
+        """Before a shard is written: remove what earlier attempts at it left behind (its file
+        without a marker; spill and temp files of dead writers; under the shard's lease, every
+        other writer's spill of this shard, since that writer lost the lease)."""
+        removed = [self.file_uri(shard)] if self._remove_orphan(shard) else []
+        target = self.file_uri(shard).rsplit("/", 1)[-1]
+        marker = f"{shard}.json"
+        fenced = in_fence()
+        mine = os.getpid()
+
+        def ours(name: str) -> bool:
+            return fenced and temp_target(name) == target and f"~{mine}~" not in name
+
+        fs, _ = filesystem(self.uri)
+        if is_local(fs):
+            removed += clean_temp_files(self.uri, ours)
+            removed += clean_temp_files(
+                join(self.uri, MANIFEST_DIR), lambda n: fenced and temp_target(n) == marker
+            )
+        else:
+            removed += clean_temp_files(tempfile.gettempdir(), only=lambda n: n.startswith(".octomed-"))
+        return removed
+
+    def clean_leftovers(self, owns: Callable[[str], bool] | None = None) -> list[str]:
+        """Remove every leftover of killed writers (shard files without a marker, dead writers'
+        spill and temp files); ``owns(shard)`` limits it to this writer's shards."""
+        fs, path = filesystem(self.uri)
+        names = self._file_names()
+        removed = []
+        for name in sorted(names):
+            shard = self._shard_of_file(name)
+            if shard is not None and (owns is None or owns(shard)) and self._remove_orphan(shard):
+                removed.append(join(self.uri, name))
+        if is_local(fs):
+            removed += clean_temp_files(self.uri)
+            removed += clean_temp_files(join(self.uri, MANIFEST_DIR))
+        return removed
+
+
+def _named(uri: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` with a storage or Parquet error turned into a one-line error naming ``uri``."""
+    try:
+        return fn(*args)
+    except StorageError:
+        raise
+    except (OSError, ValueError, RuntimeError) as exc:  # ArrowInvalid is a ValueError
+        name = type(exc).__module__.split(".")[0]
+        if name == "pyarrow" and not isinstance(exc, OSError | FileNotFoundError):
+            raise UnreadableFile(f"not a readable Parquet file: {uri} ({str(exc).splitlines()[0]})") from exc
+        raise StorageError(describe_error(uri, exc)) from exc
+    except Exception as exc:
+        if type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "s3fs"):
+            raise StorageError(describe_error(uri, exc)) from exc
+        raise

@@ -15,8 +15,9 @@ import json
 import os
 import posixpath
 import re
-import tempfile
+import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -98,6 +99,8 @@ def describe_error(uri: str, exc: BaseException) -> str:
     """One line saying why ``uri`` could not be used (no traceback, no secrets)."""
     name = type(exc).__name__
     msg = str(exc).splitlines()[0] if str(exc) else name
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device writing {uri}: {msg}"
     if "Could not connect" in msg or "EndpointConnectionError" in name or "Connect" in name:
         return f"cannot reach the storage endpoint for {uri}: {msg}"
     if isinstance(exc, PermissionError) or "AccessDenied" in msg or "InvalidAccessKeyId" in msg:
@@ -146,13 +149,17 @@ def _atomic_put(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     if parent:
         fs.makedirs(parent, exist_ok=True)
     # Hidden and not ending in .parquet: no reader or "*.parquet" glob picks up a half-written file.
-    tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+    tmp = posixpath.join(parent, temp_name(posixpath.basename(path)))
     if fs.protocol in ("file", "local") or "file" in fs.protocol:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            remove_quietly(tmp)  # a full disk, an interrupt: no half-written temp file stays
+            raise
     else:
         with fs.open(tmp, "wb") as fh:
             fh.write(data)
@@ -163,6 +170,103 @@ def write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` to ``uri`` atomically: readers see the old object or the new, never half."""
     fs, path = filesystem(uri)
     wrap(uri, _atomic_put, fs, path, data)
+
+
+def overwrite_in_place(uri: str, data: bytes) -> bool:
+    """Rewrite an existing local file in place (truncate, write, fsync): the last resort when an
+    atomic write cannot make its temp file (a full disk), since the file's own blocks are freed
+    first. Not atomic; False when ``uri`` is not an existing local file or the write failed."""
+    fs, path = filesystem(uri)
+    if not is_local(fs) or not os.path.isfile(path):
+        return False
+    try:
+        with open(path, "r+b") as fh:
+            fh.truncate(0)
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------- temp files and leftovers
+# Every temp file the storage layer makes (an atomic write's, a shard's spill) is hidden and named
+# ``.<target>~<pid>~<host>~<random>.tmp``: no reader or ``*.parquet`` glob sees it, and the next
+# pass can tell a dead writer's leftover (this host, process gone) from a live writer's file.
+LEFTOVER_AGE_S = 3600.0  # a temp file untouched this long whose writer cannot be asked is dead
+_TEMP = re.compile(r"^\.(?P<target>.+?)(?:~(?P<pid>\d+)~(?P<host>[^~]*)~[0-9a-f]+|\.[A-Za-z0-9_]+)\.tmp$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]", "-", socket.gethostname())
+
+
+def temp_name(target: str) -> str:
+    """The hidden temp-file name for a file that will become ``target`` (a base name)."""
+    return f".{target}~{os.getpid()}~{_host()}~{uuid.uuid4().hex[:12]}.tmp"
+
+
+def temp_target(name: str) -> str | None:
+    """The target base name of a temp file's name (new or older naming); None: not a temp file."""
+    m = _TEMP.match(name)
+    return m.group("target") if m else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's live process
+        return True
+    return True
+
+
+def temp_is_dead(name: str, mtime: float, now: float | None = None) -> bool:
+    """Whether the temp file ``name`` (modified at ``mtime``) is a dead writer's leftover: its
+    process is gone from this host, or (another host, older naming) untouched for an hour."""
+    m = _TEMP.match(name)
+    if m is None:
+        return False
+    if m.group("pid") and m.group("host") == _host():
+        return int(m.group("pid")) != os.getpid() and not _pid_alive(int(m.group("pid")))
+    return (now or time.time()) - mtime > LEFTOVER_AGE_S
+
+
+def clean_temp_files(
+    folder: str, also: Callable[[str], bool] | None = None, only: Callable[[str], bool] | None = None
+) -> list[str]:
+    """Remove dead writers' temp files directly in local ``folder`` (see :func:`temp_is_dead`),
+    and those whose name ``also(name)`` says this writer owns (a shard's lease holder cleaning its
+    shard's spills); ``only(name)`` limits it to some names (a shared folder such as /tmp).
+    Object stores get no temp files (a PUT is atomic): nothing to do there."""
+    fs, path = filesystem(folder)
+    if not is_local(fs):
+        return []
+    try:
+        entries = list(os.scandir(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as exc:
+        raise StorageError(describe_error(folder, exc)) from exc
+    removed = []
+    now = time.time()
+    for entry in entries:
+        if not entry.name.endswith(".tmp") or not entry.name.startswith("."):
+            continue
+        if only is not None and not only(entry.name):
+            continue
+        try:
+            dead = temp_is_dead(entry.name, entry.stat().st_mtime, now) or (
+                also is not None and also(entry.name)
+            )
+        except FileNotFoundError:
+            continue
+        if dead:
+            remove_quietly(entry.path)
+            removed.append(entry.name)
+    return removed
 
 
 def update_digest(digest: Any, uri: str, chunk: int = 8 * 2**20) -> None:
@@ -186,9 +290,9 @@ def create_exclusive(uri: str, data: bytes) -> bool | None:
         wrap(uri, os.makedirs, folder, exist_ok=True)
         # Written whole to a hidden file, then linked into place: link() fails when the name exists,
         # and a reader never sees the file empty (an O_EXCL create is visible before its write).
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        tmp = os.path.join(folder, temp_name(os.path.basename(path)))
         try:
-            with os.fdopen(fd, "wb") as fh:
+            with open(tmp, "xb") as fh:
                 fh.write(data)
             os.link(tmp, path)
         except FileExistsError:
@@ -253,6 +357,11 @@ def fenced(check: Callable[[str], None]) -> Iterator[None]:
         _FENCE.reset(token)
 
 
+def in_fence() -> bool:
+    """Whether this context writes under a fence (a shard's lease holder)."""
+    return _FENCE.get() is not None
+
+
 def check_fence(uri: str) -> None:
     """Raise if this context's writer has lost its right to write (no-op outside a fence)."""
     check = _FENCE.get()
@@ -301,8 +410,16 @@ def write_json(uri: str, obj: Any) -> None:
     write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode("utf-8"))
 
 
+class UnreadableFile(StorageError, ValueError):
+    """A stored file whose bytes are not what they should be (bad JSON, not Parquet); names it."""
+
+
 def read_json(uri: str) -> Any:
-    return json.loads(read_bytes(uri))
+    data = read_bytes(uri)
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise UnreadableFile(f"unreadable JSON in {uri}: {exc}") from None
 
 
 def ensure_writable(uri: str) -> None:
