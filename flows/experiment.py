@@ -28,6 +28,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
+from flows.artifacts import replace_artifact
 from flows.common import RunParams, artifact_key
 from flows.training import TrainParams, eval_config, run_global, train_config, train_task
 from octomed_data import storage
@@ -394,10 +395,12 @@ def report_task(spec: ExperimentSpec, exp: ExperimentPaths, recipe: Recipe) -> d
         inline = inline.replace(
             "](learning_curves.png)", f"](data:image/png;base64,{base64.b64encode(curves).decode()})"
         )
-    create_markdown_artifact(
-        inline,
-        key=artifact_key("experiment", spec.name),
-        description=f"Experiment {spec.name}: arms compared",
+    key = artifact_key("experiment", spec.name)
+    replace_artifact(  # a pass replaces the card, never appends a version (issue 26)
+        key,
+        lambda: create_markdown_artifact(
+            inline, key=key, description=f"Experiment {spec.name}: arms compared"
+        ),
     )
     plots = {"curves_plot": exp.curves_plot} if curves is not None else {}
     return {"report": exp.report, "plot": exp.plot, "comparison": exp.comparison} | plots | result

@@ -137,7 +137,7 @@ class DecontaminateStage(Stage):
         return out
 
     def done_counts(self, shard: str) -> dict[str, Any]:
-        info = self.done_dataset().shard_info(shard)
+        info = self.done_info(shard)  # from the pass's one look at the markers, when there is one
         extra = info.extra if info is not None else {}
         return {k: extra.get(k) for k in ("input", "kept", "removed", "by_benchmark") if k in extra}
 

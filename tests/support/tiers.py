@@ -16,6 +16,7 @@ REAL_PATHS = (
 )
 # Tests that start one themselves: the CLI as a subprocess, python -m training.sft, torchrun, pip.
 REAL_TESTS = {
+    "flows/test_busy_machine.py": {"test_demo_passes_beside_two_cpu_burners"},
     "distill/test_batch.py": {"test_kill_9_between_submit_and_collect_collects_the_same_batches"},
     "distill/test_distill_resume.py": {"test_kill_9_then_same_command_requests_nothing_stored"},
     "test_ingest.py": {"test_cli_unreachable_s3_endpoint_subprocess"},
