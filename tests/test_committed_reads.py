@@ -284,3 +284,14 @@ def test_storage_read_errors_name_the_file(tmp_path):
         storage.read_json(str(tmp_path / "x.json"))
     with pytest.raises(ValueError):  # still a ValueError for callers that catch one
         storage.read_json(str(tmp_path / "x.json"))
+
+
+def test_a_rewrite_clears_a_killed_writers_temp_file_of_the_same_file(tmp_path):
+    """A config or state record whose earlier write was killed midway: its temp file goes with the next write."""
+    host = files_module.temp_name("x").split("~")[2]
+    dead = _dead_pid()
+    (tmp_path / f".config.json~{dead}~{host}~ab12.tmp").write_text('{"half":')
+    live = tmp_path / f".config.json~{os.getpid()}~{host}~cd34.tmp"  # this process: maybe mid-write
+    live.write_text("{")
+    storage.write_json(str(tmp_path / "config.json"), {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "config.json"]

@@ -151,6 +151,7 @@ def _atomic_put(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     # Hidden and not ending in .parquet: no reader or "*.parquet" glob picks up a half-written file.
     tmp = posixpath.join(parent, temp_name(posixpath.basename(path)))
     if fs.protocol in ("file", "local") or "file" in fs.protocol:
+        _clean_dead_temps_of(parent or ".", posixpath.basename(path))
         try:
             with open(tmp, "wb") as fh:
                 fh.write(data)
@@ -232,6 +233,23 @@ def temp_is_dead(name: str, mtime: float, now: float | None = None) -> bool:
     if m.group("pid") and m.group("host") == _host():
         return int(m.group("pid")) != os.getpid() and not _pid_alive(int(m.group("pid")))
     return (now or time.time()) - mtime > LEFTOVER_AGE_S
+
+
+def _clean_dead_temps_of(folder: str, target: str) -> None:
+    """Before ``target`` is written: remove dead writers' temp files of it (a writer killed
+    mid-write of the same file: a state record, a marker, a config)."""
+    head = f".{target}"
+    try:
+        entries = [e for e in os.scandir(folder) if e.name.startswith(head) and e.name.endswith(".tmp")]
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        try:
+            if temp_target(entry.name) == target and temp_is_dead(entry.name, entry.stat().st_mtime, now):
+                remove_quietly(entry.path)
+        except OSError:
+            continue
 
 
 def clean_temp_files(
