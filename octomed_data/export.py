@@ -224,8 +224,10 @@ def export(
         storage.write_json(folder.dataset_info(lf_dir), dataset_info())
         storage.write_json(folder.format_summary(lf_dir), meta)
     if "trl" in formats:
-        storage.write_json(folder.dataset_info(trl_dir), trl_dataset_info(result.rows))
-        storage.write_bytes(folder.card(trl_dir), trl_card().encode("utf-8"))
+        storage.write_json(
+            folder.dataset_info(trl_dir), trl_dataset_info(result.rows, embed_images=embed_images)
+        )
+        storage.write_bytes(folder.card(trl_dir), trl_card(embed_images=embed_images).encode("utf-8"))
         storage.write_json(folder.format_summary(trl_dir), meta)
     storage.write_json(folder.summary, meta)
     if sum(result.duplicates.values()):

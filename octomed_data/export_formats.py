@@ -226,7 +226,14 @@ def dataset_info(prefix: str = "octomed") -> dict[str, Any]:
     }
 
 
-def trl_dataset_info(rows: Mapping[str, Mapping[str, int]]) -> dict[str, Any]:
+IMAGES_REFERENCED = (
+    "the run's content-addressed image store, referenced by URI (path; bytes null): read it where the "
+    "run's store is reachable, or export with embed_images for a self-contained copy"
+)
+IMAGES_EMBEDDED = "PNG bytes embedded in the rows (a self-contained copy)"
+
+
+def trl_dataset_info(rows: Mapping[str, Mapping[str, int]], *, embed_images: bool = False) -> dict[str, Any]:
     """Which TRL configuration is for which model (``OUT/trl/dataset_info.json``)."""
     return {
         "text": {
@@ -241,13 +248,14 @@ def trl_dataset_info(rows: Mapping[str, Mapping[str, int]]) -> dict[str, Any]:
             "form": "TRL conversational vision: messages [{role, content: [{type, text}]}] with one "
             "{type: image} part per image, images [HF Image]",
             "rows": "every row (text rows have no image)",
+            "images": IMAGES_EMBEDDED if embed_images else IMAGES_REFERENCED,
             "splits": {s: f"vision/{s}" for s in SPLITS},
             "num_rows": dict(rows.get("trl", {})),
         },
     }
 
 
-def trl_card() -> str:
+def trl_card(*, embed_images: bool = False) -> str:
     """A dataset card whose YAML lets ``datasets.load_dataset(OUT/trl, config)`` find the shards."""
     lines = ["---", "configs:"]
     for config in TRL_CONFIGS:
@@ -262,7 +270,9 @@ def trl_card() -> str:
         "- `text`: text rows in TRL's conversational language-modelling form (string `content`, no",
         "  `images` column): for text-only models.",
         "- `vision`: every row in TRL's conversational vision form (typed content parts, `images`):",
-        "  for vision-language models.",
+        "  for vision-language models. Images: "
+        + (IMAGES_EMBEDDED if embed_images else IMAGES_REFERENCED)
+        + ".",
         "",
         "`datasets.load_dataset(<this folder>, 'text', split='train')`; see `dataset_info.json` and `export.json`.",
         "",

@@ -136,7 +136,9 @@ def test_export_refuses_a_row_holding_a_teachers_key(mixture, tmp_path, monkeypa
         str(tmp_path / "m2"),
         leak(
             "options",
-            lambda opts: [o | {"text": f"{o['text']} {KEY[::-1]}"} if i == 0 else o for i, o in enumerate(opts)],
+            lambda opts: [
+                o | {"text": f"{o['text']} {KEY[::-1]}"} if i == 0 else o for i, o in enumerate(opts)
+            ],
         ),
     )
     export(in_options, str(tmp_path / "not-scanned"), formats=["llamafactory"])  # not a named variable
@@ -174,6 +176,10 @@ def test_vision_exports_reference_the_run_image_store_by_default(mixture, tmp_pa
             load_image(image_ref(im)).size
             == Image.open(io.BytesIO(stored[os.path.basename(im["path"])])).size
         )
+    assert (
+        "referenced"
+        in storage.read_json(str(tmp_path / "ref" / "trl" / "dataset_info.json"))["vision"]["images"]
+    )
     vision = load_config(tmp_path / "ref" / "trl", "vision", "train")
     decoded = [im for r in vision for im in r["images"]]
     assert len(decoded) == len(refs) and all(isinstance(im, Image.Image) for im in decoded)
@@ -185,6 +191,10 @@ def test_vision_exports_reference_the_run_image_store_by_default(mixture, tmp_pa
     # the self-contained copy on request embeds the bytes: the export is bigger by about the images
     embedded = export(mixture.uri, str(tmp_path / "emb"), embed_images=True)
     assert embedded.images["trl_embedded"] == result.images["trl_referenced"]
+    assert (
+        "embedded"
+        in storage.read_json(str(tmp_path / "emb" / "trl" / "dataset_info.json"))["vision"]["images"]
+    )
     ref_bytes, emb_bytes = _tree_bytes(tmp_path / "ref" / "trl"), _tree_bytes(tmp_path / "emb" / "trl")
     referenced_images = sum(len(stored[os.path.basename(im["path"])]) for im in refs)
     assert emb_bytes - ref_bytes > 0.5 * referenced_images
