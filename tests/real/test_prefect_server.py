@@ -12,7 +12,9 @@ drives it:
 5. the factory deployment's nightly schedule is active;
 6. a secret canary (the teacher's key, only in the environment of the processes that start runs)
    appears in no API response, in no file under the store or the PREFECT_HOME (SQLite included),
-   and nowhere in a ``pg_dump`` of the PostgreSQL database.
+   and nowhere in a ``pg_dump`` of the PostgreSQL database;
+7. the UI's Retry of a FAILED factory run started without a ``run_id`` continues the same run id
+   (derived from the flow run) and redoes no committed stage; flow runs are named and tagged after it.
 
 The teachers are sandbox teachers started here on loopback: ``primary`` serves every text task type,
 ``down`` serves ``text_mcq`` (the one ``synth`` shard) and has nothing listening until the re-run.
@@ -472,6 +474,98 @@ def test_real_server_serve_rerun_train_once_schedule_and_canary(stack: Stack) ->
         f"real server test ({s.database}): {time.time() - t_start:.0f} s after a "
         f"{s.server_start_s:.0f} s server start"
     )
+
+
+# ----------------------------------------------------------------------------------- Retry resumes
+RETRY_STAGES = ["ingest", "decontaminate", "distill", "filter", "mixture"]  # no export: no training
+
+
+def _retry_from_the_ui(s: Stack, flow_run_id) -> dict[str, Any]:
+    """What the UI's Retry button sends: the FAILED flow run back to AwaitingRetry (not forced)."""
+    import httpx
+
+    state = {"type": "SCHEDULED", "name": "AwaitingRetry", "message": "Retry from the UI"}
+    r = httpx.post(
+        f"{s.api}/flow_runs/{flow_run_id}/set_state", json={"state": state, "force": False}, timeout=30
+    )
+    r.raise_for_status()
+    return r.json()
+
+
+def _run_folders(s: Stack) -> set[str]:
+    runs = Path(s.store) / "runs"
+    return {p.name for p in runs.iterdir() if (p / "run.json").exists()} if runs.exists() else set()
+
+
+def test_ui_retry_of_a_failed_factory_run_resumes_the_same_run_and_redoes_nothing(stack: Stack) -> None:
+    """A factory deployment run started WITHOUT a run_id fails (the `down` teacher is down); the UI's
+    Retry of that flow run continues the same run id: no ingest, decontaminate or distill shard that
+    was committed runs again, and every flow run of it is named and tagged after the run id."""
+    from prefect.client.schemas.objects import StateType
+
+    from flows.naming import run_tag
+    from octomed_data.sandbox import start_sandbox
+
+    s = stack
+    t0 = time.time()
+    if s.down_sandbox is not None:  # the scenario above brought it back: down again
+        s.down_sandbox.stop()
+        s.down_sandbox = None
+    before = _run_folders(s)
+    with _client() as client:
+        dep = client.read_deployment_by_name("factory/factory")
+        params = {"run": {"recipe_path": s.recipe, "run_id": None, "store": None, "shards": None}}
+        created = client.create_flow_run_from_deployment(dep.id, parameters=params | {"stages": RETRY_STAGES})
+    first = _wait_final(created.id, 240, s)
+    assert first.state.type == StateType.FAILED, first.state
+    (run_id,) = _run_folders(s) - before  # the run the flow run started, named after it
+    assert run_id.startswith("srvtest-") and run_id.endswith(created.id.hex[:8]), run_id
+    assert first.name == run_id and run_tag(run_id) in first.tags, (first.name, first.tags)
+    paths = RunPaths(s.store, run_id)
+    committed = {
+        stage: {p.name: p.read_bytes() for p in Path(uri).glob("part-*.parquet")}
+        for stage, uri in (
+            ("ingest", paths.ingested),
+            ("decontaminate", paths.questions),
+            ("distill", paths.raw),
+        )
+    }
+    assert committed["ingest"] and committed["decontaminate"]
+    # The failed shard's raw file holds its failed samples, marked incomplete: not done, redone.
+    assert storage.Dataset(paths.raw).shard_info(BROKEN).extra["complete"] is False
+    committed["distill"].pop(f"part-{BROKEN}.parquet")
+    assert set(committed["distill"]) == {"part-pathvqa-00000.parquet", "part-pathvqa-00001.parquet"}
+
+    s.down_sandbox = start_sandbox(port=s.down_port, latency_s=0.0)
+    t_retry = time.time()
+    answer = _retry_from_the_ui(s, created.id)
+    assert answer["status"] == "ACCEPT", answer
+    second = _wait_final(created.id, 240, s)
+    assert second.state.type == StateType.COMPLETED, (second.state, (s.tmp / "serve.log").read_text()[-4000:])
+    assert second.id == created.id and second.run_count >= 2
+
+    # One run id: no new run folder, every "run <id>:" line of both tries names the same run.
+    assert _run_folders(s) - before == {run_id}
+    family = _family(created.id)
+    said = {m.split(":")[0] for m in _logs([f.id for f in family]) if m.startswith("run ") and ":" in m}
+    assert said == {f"run {run_id}"}, said
+    # Every flow run of it (both tries, every stage) is named and tagged after the run id.
+    assert {f.name for f in family} == {run_id}, sorted({f.name for f in family})
+    assert all(run_tag(run_id) in f.tags for f in family)
+    # No committed stage redone: the retry's shard tasks are the failed distill shard and the
+    # stages that had not run yet (filter, mixture); the committed files are byte-identical.
+    retried = [f.id for f in family if f.start_time is not None and f.start_time.timestamp() >= t_retry - 1]
+    assert retried and len(retried) < len(family)
+    names = {t.name for t in _task_runs(retried)}
+    redone = {n for n in names if n.split(" ")[0] in ("ingest", "decontaminate", "distill")}
+    assert redone == {f"distill {BROKEN}"}, sorted(names)
+    for stage, files in committed.items():
+        uri = {"ingest": paths.ingested, "decontaminate": paths.questions, "distill": paths.raw}[stage]
+        now = {p.name: p.read_bytes() for p in Path(uri).glob("part-*.parquet")}
+        assert {k: now[k] for k in files} == files, stage
+    assert storage.Dataset(paths.raw).shard_info(BROKEN).extra["complete"] is True
+    assert storage.Dataset(paths.mixture_train).num_rows() > 0
+    print(f"UI retry test ({s.database}): {time.time() - t0:.0f} s")
 
 
 def _read_everything(api: str) -> dict[str, list[str]]:
