@@ -243,7 +243,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a = subparsers.add_parser(
         "automation", help="create the export -> train automation for a deployed train deployment"
     )
-    a.add_argument("--deployment", default="train/train", help="FLOW/DEPLOYMENT to start when an export completes")
+    a.add_argument(
+        "--deployment", default="train/train", help="FLOW/DEPLOYMENT to start when an export completes"
+    )
     a.add_argument("--disable", action="store_true", help="remove the automation instead")
     a.set_defaults(func=_cmd_automation)
 

@@ -4,7 +4,9 @@ A flow composes stages (:mod:`octomed_data.stages`) and publishes artifacts; it 
 logic. :func:`run_stage_flow` is the one way a flow runs a stage: the Prefect executor (one task
 per shard, named ``<stage> <shard>``), a progress artifact updated per shard, one shard table per
 stage when it ends (artifact data grows with the shards, not with their square), and one error line
-naming the shards that failed and how to re-run them.
+naming the shards that failed and how to re-run them. The cards themselves (replaced on every pass,
+summarised for big runs) are :mod:`flows.artifacts`; the run id of a flow run started without one
+(a Retry resumes it) and flow run names are :mod:`flows.naming`.
 """
 
 from __future__ import annotations
