@@ -13,14 +13,13 @@ import pyarrow as pa
 
 from octomed_data import storage
 from octomed_data.errors import ConfigError, StorageError
-from octomed_data.export_turns import IMAGE_TOKEN, Turns, side_columns
+from octomed_data.export_turns import EXPORT_VERSION, IMAGE_TOKEN, Turns, side_columns
 from octomed_data.images import sha256_hex
 from octomed_data.layout import SPLITS, image_object
 from octomed_data.schema import VERDICT_SCHEMA, VERIFIER_FIELDS
 
 TRL_CONFIGS = ("text", "vision")
 IMAGE_DIR = "images"
-EXPORT_VERSION = "3"  # 3: the verifier's provenance as side columns
 
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
 LLAMAFACTORY_SCHEMA = pa.schema(

@@ -20,7 +20,9 @@ CONTENTS = ("reasoning", "answer_only")
 IMAGE_REFS = ("relative", "absolute")
 IMAGE_DIR = "images"
 IMAGE_TOKEN = "<image>"
-EXPORT_VERSION = "3"  # 3: the verifier's provenance as side columns
+# 4: duplicates dropped after answer normalisation, LLaMA-Factory's text-only dataset, TRL images
+# referenced in the run's store by default; 3: the verifier's provenance as side columns
+EXPORT_VERSION = "4"
 # A last line at most this long that states the reply's answer is an answer line: it is replaced
 # by the normalised one. Longer lines carry explanation, so the normalised line is appended.
 ANSWER_LINE_MAX_CHARS = 80
