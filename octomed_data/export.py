@@ -1,6 +1,7 @@
 """Export a mixture for SFT: LLaMA-Factory sharegpt and TRL conversational, both as Parquet.
 
-Layout (every folder is self-contained: copy it anywhere, or download it from ``s3://``)::
+Layout (``llamafactory/`` and ``trl/text`` are self-contained: copy them anywhere, or download them
+from ``s3://``; ``trl/vision`` references the run's image store unless ``embed_images``)::
 
     OUT/export.json                       settings (answer format, image references) and counts
     OUT/llamafactory/dataset_info.json    registers octomed_{train,validation} (every row, vision
