@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -102,11 +103,48 @@ def connect_ray(address: str | None) -> Any:
 
     if address is not None or ray.is_initialized():
         return RayPool.get(address)
+    before = set(descendants())
 
     def undo() -> None:
         try:
             ray.shutdown()
         except Exception:  # nothing was started: nothing to stop
             pass
+        # A start that timed out leaves its GCS, raylet and reaper running (Ray never learned of
+        # them): stop the ones this try started, so the retry does not compete with them for CPU.
+        for pid, cmdline in descendants().items():
+            if pid not in before and "ray" in cmdline:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:  # gone already
+                    pass
 
     return with_retry(lambda: RayPool.get(address), undo, "local Ray")
+
+
+def descendants() -> dict[int, str]:
+    """pid -> command line of every descendant of this process (Linux ``/proc``; empty elsewhere)."""
+    parent: dict[int, int] = {}
+    try:
+        names = [n for n in os.listdir("/proc") if n.isdigit()]
+    except OSError:
+        return {}
+    for name in names:
+        try:
+            with open(f"/proc/{name}/stat", encoding="utf-8", errors="replace") as fh:
+                stat = fh.read()
+            parent[int(name)] = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    out: dict[int, str] = {}
+    todo = [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        for child in (c for c, p in parent.items() if p == pid):
+            try:
+                with open(f"/proc/{child}/cmdline", "rb") as fh:
+                    out[child] = fh.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                out[child] = ""
+            todo.append(child)
+    return out

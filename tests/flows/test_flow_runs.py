@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -97,10 +99,12 @@ def test_local_ray_that_fails_to_start_is_shut_down_and_started_again(monkeypatc
     from tasks.ray_executor import RayPool
 
     events: list[str] = []
+    left: list[subprocess.Popen] = []
 
     def get(address=None, size=None):
         events.append(f"get {address}")
-        if len(events) == 1:
+        if len(events) == 1:  # a half-started node: a process the failed try leaves behind
+            left.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "stray-gcs"]))
             raise Exception("The current node timed out during startup.")
         return "pool"
 
@@ -109,6 +113,7 @@ def test_local_ray_that_fails_to_start_is_shut_down_and_started_again(monkeypatc
     monkeypatch.setattr(RayPool, "get", staticmethod(get))
     assert flows.startup.connect_ray(None) == "pool"
     assert events == ["get None", "shutdown", "get None"]
+    assert left[0].wait(timeout=10) == -9  # the failed try's leftover was stopped before the retry
     events.clear()
     with pytest.raises(Exception, match="timed out"):  # a cluster address: no second try here
         flows.startup.connect_ray("ray://10.0.0.1:10001")
