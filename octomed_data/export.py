@@ -214,6 +214,9 @@ def export(
         for per_split in targets.values():  # a refused export leaves no partial dataset behind
             for ds in per_split.values():
                 _clear(ds)
+        for folder_ in (folder.llamafactory, folder.trl):  # nor an earlier export's description
+            _remove(folder.format_summary(folder_), folder.dataset_info(folder_))
+        _remove(folder.summary)
         raise
     result.answers = dict(sorted(pass_.answers.items()))
     result.verified_by = dict(sorted(pass_.verified.items()))
@@ -347,6 +350,13 @@ def _strings(value: Any) -> list[str]:
     if isinstance(value, list | tuple):
         return [s for v in value for s in _strings(v)]
     return [value] if isinstance(value, str) else []
+
+
+def _remove(*uris: str) -> None:
+    for uri in uris:
+        if storage.exists(uri):
+            fs, path = storage.filesystem(uri)
+            fs.rm(path)
 
 
 def _clear(ds: storage.Dataset) -> None:

@@ -128,8 +128,12 @@ def test_export_refuses_a_row_holding_a_teachers_key(mixture, tmp_path, monkeypa
     assert "\n" not in line and KEY not in line and KEY[4:12] not in line
     assert "export refused" in line and "column 'response'" in line and "$OPENAI_API_KEY" in line
     assert "part-" in line and "train" in line and "row 1" in line
+    export(mixture.uri, out)  # an earlier export in the same folder: refused, it goes too
+    with pytest.raises(ConfigError):
+        export(reflected, out)
     for sub in ("llamafactory/train", "llamafactory/validation", "trl/vision/train", "trl/text/train"):
         assert storage.Dataset(os.path.join(out, sub)).manifest() == {}, sub  # nothing left written
+    assert not any(name.endswith(".json") for _, _, files in os.walk(out) for name in files)
     # a key in a list column (the options), under another teacher's variable
     in_options = _rewrite(
         mixture,
