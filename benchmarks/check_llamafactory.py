@@ -87,12 +87,12 @@ def check(
         run = work / "run"
         source = Path(export_dir) if export_dir else _fixture_export(run)
         lf_source = source / "llamafactory" if (source / "llamafactory").is_dir() else source
-        split_dir = (
-            (lambda s: llamafactory_text_split(str(lf_source), s))
-            if text_only
-            else (lambda s: str(lf_source / s))
-        )
-        expected = {split: storage.Dataset(split_dir(split)).num_rows() for split in ("train", "validation")}
+        expected = {}
+        for split in ("train", "validation"):
+            split_dir = (
+                llamafactory_text_split(str(lf_source), split) if text_only else str(lf_source / split)
+            )
+            expected[split] = storage.Dataset(split_dir).num_rows()
         dataset_dir = work / "copied" / "llamafactory"  # the folder alone, somewhere else
         shutil.copytree(lf_source, dataset_dir)
         if not export_dir:
