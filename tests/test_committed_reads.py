@@ -295,3 +295,14 @@ def test_a_rewrite_clears_a_killed_writers_temp_file_of_the_same_file(tmp_path):
     live.write_text("{")
     storage.write_json(str(tmp_path / "config.json"), {"a": 1})
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "config.json"]
+
+
+def test_a_listing_clears_dead_writers_temp_files(tmp_path):
+    """A journal segment whose write was killed midway: its name is never written again; the next
+    pass's listing of the folder removes the temp file."""
+    host = files_module.temp_name("x").split("~")[2]
+    (tmp_path / "0001-a.jsonl.zst").write_bytes(b"x")
+    dead = tmp_path / f".0002-b.jsonl.zst~{_dead_pid()}~{host}~ab12.tmp"
+    dead.write_bytes(b"half")
+    assert storage.list_files(str(tmp_path)) == [str(tmp_path / "0001-a.jsonl.zst")]
+    assert not dead.exists()

@@ -9,8 +9,11 @@ marker and the file it names both exist, so the files standard readers see (``py
 the ``*.parquet`` glob that ``datasets.load_dataset`` is given) are exactly the committed shards
 at every moment, whatever is killed when; re-writing a shard takes its old file away first, so a
 re-run never duplicates rows. Temp files and folders starting with ``_`` or ``.`` are ignored by
-those readers; what killed writers leave (temp files, a marker without its file) is cleared by
-the next writer of the shard and by :meth:`Dataset.drop_stale`.
+those readers. What killed writers leave is cleared: their temp files (named
+``.<file>~<pid>~<host>~<random>.tmp``, removed once that process is gone, or after an hour for
+another host's) by the next write of the same file, the next writer of the shard and
+:meth:`Dataset.drop_stale`; a shard file without its marker (left by versions that wrote the
+file first) by the same two; a marker without its file is replaced by the shard's next commit.
 
 URIs: a plain path or ``file://`` (default), ``s3://bucket/prefix`` through s3fs against any
 S3-compatible endpoint, or ``memory://`` (tests). S3 endpoint and credentials come from the

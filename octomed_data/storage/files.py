@@ -412,15 +412,16 @@ def glob_escape(path: str) -> str:
 
 
 def list_files(uri: str, suffix: str = "") -> list[str]:
-    """URIs of the visible files directly in folder ``uri`` (sorted; hidden names skipped)."""
+    """URIs of the visible files directly in folder ``uri`` (sorted; hidden names skipped).
+
+    Dead writers' temp files found there (see :func:`temp_is_dead`) are removed on the way."""
     fs, path = filesystem(uri)
     if not wrap(uri, fs.exists, path):
         return []
-    names = sorted(
-        posixpath.basename(p.rstrip("/"))
-        for p in wrap(uri, fs.ls, path, detail=False)
-        if p.rstrip("/").endswith(suffix)
-    )
+    listed = [posixpath.basename(p.rstrip("/")) for p in wrap(uri, fs.ls, path, detail=False)]
+    if is_local(fs) and any(n.startswith(".") and n.endswith(".tmp") for n in listed):
+        clean_temp_files(uri)  # a killed writer's temp file (a journal segment's): gone on the next look
+    names = sorted(n for n in listed if n.endswith(suffix))
     return [join(uri, n) for n in names if not n.startswith((".", "_"))]
 
 

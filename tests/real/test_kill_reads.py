@@ -74,7 +74,8 @@ def _kill_loop(cmd: list[str], root: Path, kills: int, rng: random.Random, log: 
     """Start ``cmd`` and kill its process group at a random moment, ``kills`` times, checking the
     readers after each; then run it whole. The moment: just after a random one of its first
     commits (0-30 ms later: often inside the next one), or a random time once it writes."""
-    env = {**os.environ, "OPENAI_API_KEY": KEY, "PYTHONPATH": ROOT}
+    # Shard leases of 2 s: a killed run's lease expires before the next run waits long for it.
+    env = {**os.environ, "OPENAI_API_KEY": KEY, "PYTHONPATH": ROOT, "OCTOMED_SHARD_LEASE_TTL_S": "2"}
     done = 0
     for attempt in range(kills + 4):
         if done == kills:
