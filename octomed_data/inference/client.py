@@ -235,8 +235,9 @@ async def request_with_retries(
     to the client's breaker. Returns (response or None, attempts made, latency of the successful
     attempt, last error with secrets scrubbed). ``stop()`` returning a message, or the breaker
     tripping, ends the retries early (a request stopped so does not count as given up).
-    A connection-level failure while the teacher answers nothing (an outage) uses up no attempt:
-    the breaker's outage budget decides when to stop (:mod:`octomed_data.inference.outage`).
+    A connection-level failure while the teacher is down (no reply since the attempt was sent, no
+    answer to a health probe) uses up no attempt: the breaker's outage budget decides when to
+    stop (:mod:`octomed_data.inference.outage`).
     """
     breaker = client.breaker
     request = next(_request_ids)
@@ -303,12 +304,22 @@ async def _attempts(
             failure = client.transport.classify(exc)
             last_error = scrub(str(failure), [client.secret])
             limiter.record_usage(teacher.name, estimate, 0)
+            failed_at = breaker.clock()
             breaker.failed(request, failure, last_error)
             if breaker.tripped:
                 return None, attempt, 0.0, last_error  # stopped: the endpoint is down
-            # The outage rule: while the teacher gives no reply at all (to any request since this
-            # attempt was sent), its outage budget decides, not this request's attempts.
-            outage = failure.outage and breaker.time_based and breaker.replies == replies
+            # The outage rule: while the teacher is down (no reply to any request since this
+            # attempt was sent, and no answer to a health probe), its outage budget decides, not
+            # this request's attempts.
+            outage = (
+                failure.outage
+                and failure.retryable
+                and breaker.time_based
+                and breaker.replies == replies
+                and await breaker.down(failed_at)
+            )
+            if breaker.tripped:
+                return None, attempt, 0.0, last_error
             if not outage:
                 counted += 1
             if not failure.retryable or counted >= max_attempts:

@@ -103,6 +103,8 @@ class OutageBreaker(Breaker):
         self._logged_at = float("-inf")
         self._quiet_since = self.clock()  # last time the teacher was heard (or nothing was in flight)
         self._watch: asyncio.Task[None] | None = None
+        self._check: asyncio.Future[bool] | None = None  # the shared "is it down?" probe
+        self._check_started = float("-inf")
 
     @property
     def retry_max_s(self) -> float:
@@ -247,6 +249,36 @@ class OutageBreaker(Breaker):
                 self._end_outage()
         finally:
             self._quiet_since = self.clock()  # the next probe after another quiet spell
+
+    async def down(self, since: float) -> bool:
+        """Is the teacher down, asked after a request failed at ``since`` (``clock()`` time)?
+
+        A health probe sent at or after ``since`` answers, shared by every request that asks
+        meanwhile (a burst of failures costs one probe): no answer (refused, reset, 5xx, nothing
+        in ``probe_timeout_s``) means down, so the failure uses up no attempt of the request and
+        the outage budget decides; an answer below 500 means the server is up and the failure
+        was the request's own (a dropped connection, a 500 for this prompt, its timeout), counted
+        against its ``max_attempts`` as before. Without a probe, nothing is known: False.
+        """
+        if self.probe is None:
+            return False
+        check = self._check
+        if check is None or self._check_started < since or check.get_loop() is not asyncio.get_running_loop():
+            self._check_started = self.clock()
+            check = self._check = asyncio.ensure_future(self._ask())
+        return await asyncio.shield(check)
+
+    async def _ask(self) -> bool:
+        assert self.probe is not None
+        self.probes += 1
+        try:
+            async with asyncio.timeout(self.probe_timeout_s):
+                await self.probe()
+        except TimeoutError:
+            return True
+        except Exception as exc:  # what it means, as for a chat request
+            return classify(exc).outage
+        return False
 
     def _probe_failed(self, failure: Failure) -> None:
         self.failed(-1, failure, str(failure))

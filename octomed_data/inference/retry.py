@@ -217,6 +217,11 @@ class Breaker:
     async def close(self) -> None:
         """Stop what the breaker runs in the background (nothing here)."""
 
+    async def down(self, since: float) -> bool:
+        """Is the endpoint down (asked after a failure at ``since``)? A counting breaker cannot
+        tell: every failure counts against the request's attempts."""
+        return False
+
     def trip(self, reason: str) -> None:
         if self.tripped:
             return

@@ -129,6 +129,10 @@ class _Flaky:
             raise aiohttp.ServerDisconnectedError()
         return type("R", (), {"choices": [object()], "usage": None})()
 
+    async def probe(self) -> None:  # GET /models: refused while the teacher is down
+        if self.calls < self.down:
+            raise aiohttp.ServerDisconnectedError()
+
     def classify(self, exc):
         return classify(exc)
 
@@ -159,6 +163,36 @@ def test_an_outage_uses_up_no_attempts_of_a_request() -> None:
         response, attempts, _, error = asyncio.run(one())
         assert response is not None and error is None and attempts == 11 == flaky.calls
         assert client.breaker.tripped is None and client.breaker.gave_up == 0
+
+
+class _Alive(_Flaky):
+    """Drops this request's connection, but answers GET /models: the server is up."""
+
+    async def probe(self) -> None:
+        pass
+
+
+def test_a_failure_of_a_server_that_answers_probes_counts_against_the_attempts() -> None:
+    """A dropped connection or a 500 from a server that answers its health probe is the request's
+    own failure, not an outage: it gives up after max_attempts, as before."""
+    teacher = TeacherConfig(name="t", base_url="http://127.0.0.1:9/v1", model="m", server="generic")
+    for status in (None, 500):
+        alive = _Alive(10, status)
+        client = EndpointClient(teacher, SecretStr("sk-test-0000000000009"), transport=alive)
+        kwargs = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+        async def one(c=client, kwargs=kwargs) -> tuple:
+            try:
+                limiter = LocalRateLimiter.for_teachers([teacher])
+                return await request_with_retries(
+                    c, kwargs, max_attempts=2, limiter=limiter, estimate=10, backoff=Backoff(0.001, 0.01)
+                )
+            finally:
+                await c.close()
+
+        response, attempts, _, error = asyncio.run(one())
+        assert response is None and attempts == 2 == alive.calls and error
+        assert client.breaker.gave_up == 1 and client.breaker.probes == 2
 
 
 # ---------------------------------------------------------------------------- loopback teachers
