@@ -15,6 +15,7 @@ from octomed_data.distill.compact import config_fingerprint
 from octomed_data.distill.engine import adistill_shard
 from octomed_data.inference.ratelimit import LocalRateLimiter
 from octomed_data.layout import DistillFolder, RunPaths
+from octomed_data.lease import LeaseHeld
 from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA
 from octomed_data.stages.base import Runtime, ShardIncomplete, Stage
 from octomed_data.teachers import DistillConfig, TeacherConfig
@@ -82,6 +83,7 @@ class DistillStage(Stage):
 
     async def arun_shard(self, shard: str) -> dict[str, Any]:
         """Distill one shard on the running event loop (Ray actors call this)."""
+        quiet_lost_leases(asyncio.get_running_loop())
         limiter = self.limiter
         if limiter is None and self.budgets:
             limiter = LocalRateLimiter(self.budgets)
@@ -138,3 +140,20 @@ class DistillStage(Stage):
         uri = DistillFolder(self.out).cost
         storage.write_json(uri, cost)
         return {"cost_uri": uri, "cost": cost}
+
+
+def quiet_lost_leases(loop: asyncio.AbstractEventLoop) -> None:
+    """A shard that lost its lease stops writing: its request tasks end with the :class:`LeaseHeld`
+    the fence raised, which the shard's own error already reports in one line. Say so in one log
+    line instead of asyncio's "Task exception was never retrieved" traceback per task."""
+    if loop.get_exception_handler() is not None:
+        return
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, LeaseHeld):
+            log.warning("distill: a request task stopped: %s", exc)
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)

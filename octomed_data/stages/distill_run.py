@@ -23,10 +23,16 @@ from octomed_data.inference.ratelimit import WindowBudget
 from octomed_data.layout import DistillFolder, RunPaths
 from octomed_data.schema import QUESTION_SCHEMA
 from octomed_data.stages.base import ShardIncomplete, StageFailed, StageResult
-from octomed_data.stages.committed import ShardsNotCommitted, not_committed, not_committed_line, user_message
+from octomed_data.stages.committed import (
+    ShardsNotCommitted,
+    not_committed,
+    not_committed_line,
+    raise_unless_committed,
+    user_message,
+)
 from octomed_data.stages.distill import DistillStage
 from octomed_data.stages.filter import FilterStage
-from octomed_data.stages.local import Executor, LocalExecutor, raise_for_failures, run_stage
+from octomed_data.stages.local import Executor, LocalExecutor, done_map, raise_for_failures, run_stage
 from octomed_data.teachers import DistillConfig
 
 
@@ -74,8 +80,11 @@ def run_distill(
     # run_stage finalizes a stage only once every shard is done; the cost ledger (the distill
     # stage's finalize) also reports a partial run (named shards, failed samples): what it paid.
     cost = result.final or stage.finalize(stage.input_shards())
+    if missing:  # another run may have committed a shard this one could not (it held the lease)
+        now = done_map(stage, list(missing))
+        missing = {s: why for s, why in missing.items() if not now[s]}
     summary = summarize(reports, final | cost, result.failed)
-    summary["complete"] = summary["complete"] and not missing
+    summary["complete"] = not missing  # every asked-for shard committed (by this run or another)
     return summary | {"not_committed": missing, "asked": len(names)}
 
 
@@ -203,5 +212,5 @@ def finalize(
         samples_per_question=config.samples if config else None,
     )
     result = run_stage(stage, executor or LocalExecutor(progress=False), force=False)
-    raise_for_failures(result)
+    raise_unless_committed(result)  # one line: the filter shards not committed, and why
     return result.final | {"accepted_uri": stage.accepted_uri}

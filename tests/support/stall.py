@@ -76,7 +76,7 @@ class StallingProxy:
                 self.flowing.wait()
                 dst.sendall(data)
                 self.bytes += len(data)
-        except OSError:
+        except (OSError, ValueError):  # the other direction closed both sockets
             pass
         finally:
             for s in (src, dst):
