@@ -120,8 +120,9 @@ class ExportSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     formats: list[Literal["llamafactory", "trl"]] = Field(default_factory=lambda: ["llamafactory", "trl"])
-    # TRL: PNG bytes inside the Parquet (self-contained, also on s3://); false: the run's image URIs.
-    embed_images: bool = True
+    # TRL: false (default) references the run's content-addressed image store (images stored once);
+    # true writes a self-contained copy (PNG bytes in the Parquet).
+    embed_images: bool = False
     # LLaMA-Factory: "relative" copies (hard-links where it can) each image once into
     # export/llamafactory/images/ and references it relative to that folder (its dataset_dir), so the
     # folder trains anywhere; "absolute" writes the run's image URIs (a shared filesystem only).

@@ -294,3 +294,32 @@ def test_memory_is_bounded_in_bytes_not_rows(tmp_path):
         order(roomy.train_uri) == order(tight.train_uri) and len(order(roomy.train_uri)) == tight.rows_train
     )
     assert len(storage.Dataset(tight.train_uri).manifest()) > len(storage.Dataset(roomy.train_uri).manifest())
+
+
+def test_export_stage_refuses_the_key_of_any_teacher_the_run_names(shared_data, tmp_path, monkeypatch):
+    """Issue 25: the export's key scan uses each teacher's key variable from the run's recipe, not
+    only OPENAI_API_KEY; the refusal is one line that names the variable, never the key."""
+    from octomed_data.recipe import load_recipe
+    from octomed_data.runs import start_run
+    from octomed_data.schema import ACCEPTED_SCHEMA
+    from octomed_data.stages import LocalExecutor, run_stage
+    from octomed_data.stages.mixture import ExportStage, MixtureStage
+
+    demo = load_recipe("demo")
+    teacher = demo.teachers[0].model_copy(update={"api_key_env": "R1_TEACHER_KEY"})
+    recipe = demo.model_copy(update={"teachers": [teacher]})
+    paths = start_run(recipe, "keys", str(tmp_path / "store"))
+    accepted, questions = write_inputs(shared_data, str(tmp_path / "in"), n_text=4, n_image=0)
+    key = "sk-r1-teacher-0123456789abcdef"
+    monkeypatch.setenv("R1_TEACHER_KEY", key)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    rows = _rows(accepted)
+    rows[0]["reasoning"] += f" (the header said Bearer {key})"
+    storage.Dataset(paths.accepted, ACCEPTED_SCHEMA).write_shard("00000", rows)
+    storage.Dataset(paths.questions, storage.Dataset(questions).read_all().schema).write_shard(
+        "00000", storage.Dataset(questions).read_all()
+    )
+    assert "R1_TEACHER_KEY" in ExportStage(paths).secret_env()
+    assert run_stage(MixtureStage(paths), LocalExecutor(progress=False)).outcomes["all"].state == "COMPLETED"
+    outcome = run_stage(ExportStage(paths), LocalExecutor(progress=False)).outcomes["all"]
+    assert outcome.state == "FAILED" and "$R1_TEACHER_KEY" in outcome.error and key not in outcome.error

@@ -155,7 +155,7 @@ def test_training_and_evaluation_blocks_are_typed_and_filled_in_per_run() -> Non
         train_data=["a.parquet"],
         output_uri="out",
         model_path="m",
-        zero_stage=0,
+        zero_stage=2,
         gradient_checkpointing=False,
         **written,
     )
@@ -169,7 +169,7 @@ def test_training_and_evaluation_blocks_are_typed_and_filled_in_per_run() -> Non
     )
     # run.json keeps the blocks as written (not every default), and reads back to the same recipe.
     public = recipe.public_dict()
-    assert public["training"]["config"] == written | {"zero_stage": 0, "gradient_checkpointing": False}
+    assert public["training"]["config"] == written | {"zero_stage": 2, "gradient_checkpointing": False}
     assert load_recipe(overrides={}) == recipe and type(recipe).model_validate(public) == recipe
 
 

@@ -70,7 +70,23 @@ class ExportStage(GlobalStage):
 
         return {"version": EXPORT_VERSION, **self.export_settings}
 
+    def secret_env(self) -> list[str]:
+        """The variables holding the keys the export must not contain: the default one and each
+        teacher's the run names (names only; never in the fingerprint: they decide no output)."""
+        from octomed_data.export import DEFAULT_SECRET_ENV
+        from octomed_data.release_run import run_recipe, teacher_configs
+
+        names = list(DEFAULT_SECRET_ENV)
+        if storage.exists(self.paths.run_json):  # a lab arm has none: the default key variable
+            names += [
+                t.api_key_env for t in teacher_configs(self.paths, run_recipe(self.paths)) if t.api_key_env
+            ]
+        return list(dict.fromkeys(names))
+
     def build(self) -> dict[str, Any]:
         from octomed_data.export import export
 
-        return export(self.paths.mixture, self.paths.export, **self.export_settings).to_dict()
+        settings = self.export_settings
+        return export(
+            self.paths.mixture, self.paths.export, secret_env=self.secret_env(), **settings
+        ).to_dict()
