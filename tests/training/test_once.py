@@ -10,6 +10,7 @@ the loopback S3 server.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -140,7 +141,7 @@ def test_the_train_form_says_run_id_is_required_and_offers_force() -> None:
 # --------------------------------------------------------------------------- real jobs (torchrun, S3)
 
 
-def test_rerun_extend_and_force(tiny, export_uri, s3_bucket, tmp_path) -> None:
+def test_rerun_trains_nothing_and_a_larger_max_steps_extends(tiny, export_uri, s3_bucket, tmp_path) -> None:
     from training.launch import launch_training
 
     job = small_job(export_uri, tiny, f"{s3_bucket}/once", tmp_path / "work")
@@ -177,18 +178,6 @@ def test_rerun_extend_and_force(tiny, export_uri, s3_bucket, tmp_path) -> None:
     assert longer["steps"] == 3 and longer["resumed_from_step"] == 2 and longer["samples_seen"] == 4
     assert any(f"resuming from {job.output_uri}/checkpoints/checkpoint-2 (step 2)" in line for line in lines)
     assert storage.read_json(f"{job.output_uri}/checkpoint.json")["step"] == 3
-    extended = weights_hash(job.output_uri)
-
-    # Other settings: refused in one line naming them; forced, into a folder of its own.
-    other = job.model_copy(update={"max_steps": 1, "learning_rate": 1e-3})
-    with pytest.raises(
-        ConfigError, match=r"learning_rate 0\.002 -> 0\.001, max_steps 3 -> 1\); nothing trained"
-    ):
-        launch_training(other, work_dir=tmp_path / "job", launcher="torchrun", processes=1, force=False)
-    forced = launch_training(other, work_dir=tmp_path / "job", launcher="torchrun", processes=1, force=True)
-    assert forced["checkpoint_uri"] == f"{job.output_uri}-{other.config_hash()}" and forced["steps"] == 1
-    assert storage.read_json(f"{forced['checkpoint_uri']}/checkpoint.json")["config"]["learning_rate"] == 1e-3
-    assert weights_hash(job.output_uri) == extended  # the old model is kept
 
 
 def test_kill_before_final_marker_then_rerun(tiny, export_uri, s3_bucket, tmp_path, monkeypatch) -> None:
@@ -215,16 +204,46 @@ def test_kill_before_final_marker_then_rerun(tiny, export_uri, s3_bucket, tmp_pa
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(final["files"])
     assert not any(f.startswith(("global_step", "optimizer", "trainer_state")) for f in final["files"])
     assert weights_hash(job.output_uri) == weights_hash(f"{job.output_uri}/checkpoints/checkpoint-2")
-    assert launch_training(job, work_dir=tmp_path / "job", launcher="torchrun", processes=1)[
-        "trained_already"
-    ]
+    again = launch_training(job, work_dir=tmp_path / "job", launcher="torchrun", processes=1)
+    assert again["trained_already"] and again["steps"] == 2
+
+
+def test_force_trains_other_settings_into_a_new_folder(tiny, export_uri, s3_bucket, tmp_path, capsys) -> None:
+    """Through the command line: other settings than a finished training's are refused in one line
+    naming them; with --force they are trained into a folder of their own, the old one untouched."""
+    from cli import main
+    from training.checkpoints import list_files
+
+    job = small_job(export_uri, tiny, f"{s3_bucket}/trained", tmp_path / "work", zero_stage=0)
+    _finished(job, 2)
+    before = storage.read_json(f"{job.output_uri}/checkpoint.json"), list_files(job.output_uri)
+    other = job.model_copy(update={"max_steps": 1, "learning_rate": 1e-3})
+    config = tmp_path / "other.yaml"
+    config.write_text(yaml.safe_dump(other.model_dump(mode="json")))
+    assert main(["train", "--config", str(config), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {job.output_uri} holds a finished training")
+    assert "(learning_rate 0.002 -> 0.001, max_steps 2 -> 1); nothing trained: force it" in err[0]
+    assert main(["train", "--config", str(config), "--no-progress", "--force"]) == 0
+    forced = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert forced["checkpoint_uri"] == f"{job.output_uri}-{other.config_hash()}" and forced["steps"] == 1
+    marker = storage.read_json(f"{forced['checkpoint_uri']}/checkpoint.json")
+    assert marker["config"]["learning_rate"] == 1e-3 and "model.safetensors" in marker["files"]
+    # The old folder untouched.
+    assert (storage.read_json(f"{job.output_uri}/checkpoint.json"), list_files(job.output_uri)) == before
 
 
 def test_kill_9_of_train_command_leaves_no_worker(tiny, export_uri, s3_bucket, tmp_path) -> None:
     import psutil
 
     job = small_job(
-        export_uri, tiny, f"{s3_bucket}/cli-killed", tmp_path / "work", max_steps=500, save_steps=None
+        export_uri,
+        tiny,
+        f"{s3_bucket}/cli-killed",
+        tmp_path / "work",
+        max_steps=100000,
+        save_steps=None,
+        logging_steps=100000,
     )
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump(job.model_dump(mode="json")))
@@ -239,20 +258,39 @@ def test_kill_9_of_train_command_leaves_no_worker(tiny, export_uri, s3_bucket, t
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+    def command_lines(processes: list) -> str:
+        lines = []
+        for p in processes:
+            try:
+                lines.append(" ".join(p.cmdline()))
+            except psutil.Error:  # exited meanwhile
+                pass
+        return " ".join(lines)
+
+    # The first step logs its loss (then nothing for 100000 steps: a quiet job, as a real one is
+    # between its logs, which a closed output pipe alone would not stop).
     job_processes: list = []
     assert proc.stdout is not None
-    for line in proc.stdout:  # a worker logs its first loss: launcher and worker are up
+    for line in proc.stdout:
         if "'loss':" in line:
             job_processes = psutil.Process(proc.pid).children(recursive=True)
             break
-    names = " ".join(" ".join(p.cmdline()) for p in job_processes)
-    assert "torchrun" in names and "training.sft" in names
+    names = command_lines(job_processes)
+    assert "torchrun" in names and "training.sft" in names, names
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     proc.stdout.close()
 
     def alive() -> list[int]:
-        return [p.pid for p in job_processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        running = []
+        for p in job_processes:
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    running.append(p.pid)
+            except psutil.Error:
+                pass
+        return running
 
     deadline = time.time() + 30
     while alive() and time.time() < deadline:
