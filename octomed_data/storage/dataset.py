@@ -171,7 +171,7 @@ class ShardWriter:
         check_fence(self.target)  # a writer that lost the shard's lease publishes nothing
         # An earlier commit's file goes first: its marker alone then commits nothing, and is never
         # taken for a description of the new file.
-        if exists(self.target):
+        if fresh_exists(self.target):
             wrap(self.target, self.fs.rm, self.path)
         check_fence(marker)
         self._guard(write_json, marker, asdict(info))
@@ -261,7 +261,7 @@ class Dataset:
         if not wrap(self.uri, fs.exists, mdir):
             return {}
         out: dict[str, ShardInfo] = {}
-        for p in sorted(wrap(self.uri, fs.ls, mdir, detail=False)):
+        for p in sorted(wrap(self.uri, fs.ls, mdir, detail=False, refresh=True)):
             base = posixpath.basename(p)
             if not base.endswith(".json") or base.startswith("."):
                 continue
@@ -283,7 +283,7 @@ class Dataset:
     def _file_names(self) -> set[str]:
         fs, path = filesystem(self.uri)
         try:
-            listed = wrap(self.uri, fs.ls, path, detail=False)
+            listed = wrap(self.uri, fs.ls, path, detail=False, refresh=True)
         except StorageError as exc:
             if isinstance(exc.__cause__, FileNotFoundError):
                 return set()
@@ -304,7 +304,7 @@ class Dataset:
             if isinstance(exc.__cause__, FileNotFoundError):  # un-committed meanwhile
                 return None
             raise
-        return info if exists(join(self.uri, info.file)) else None
+        return info if fresh_exists(join(self.uri, info.file)) else None
 
     def num_rows(self) -> int:
         return sum(s.rows for s in self.manifest().values())
@@ -411,7 +411,7 @@ class Dataset:
         existed). Safe beside a live writer: a writer puts the marker before the file and takes
         the file away before the marker, so a file seen first and then no marker is an orphan."""
         uri = self.file_uri(shard)
-        if not exists(uri) or exists(self.marker_uri(shard)):
+        if not fresh_exists(uri) or fresh_exists(self.marker_uri(shard)):
             return False
         fs, path = filesystem(uri)
         try:
@@ -458,6 +458,14 @@ class Dataset:
             removed += clean_temp_files(self.uri)
             removed += clean_temp_files(join(self.uri, MANIFEST_DIR))
         return removed
+
+
+def fresh_exists(uri: str) -> bool:
+    """Whether ``uri`` exists, asked of the store itself (not a listing cached by this process:
+    s3fs answers from a cached folder listing, which another writer may have outdated)."""
+    fs, path = filesystem(uri)
+    fs.invalidate_cache(posixpath.dirname(path))
+    return bool(wrap(uri, fs.exists, path))
 
 
 def _named(uri: str, fn: Callable[..., Any], *args: Any) -> Any:
