@@ -124,26 +124,34 @@ def child(args: argparse.Namespace) -> None:
     t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     stages: dict[str, Any] = {}
     loop = Counter()  # the shard loop's requests (run_stage without its finalize)
-    for stage in (DistillStage(paths, config), FilterStage(paths, samples_per_question=args.samples)):
+    # Both shard loops first, then both finalize steps (the stages' global steps), so the loops'
+    # own peak RSS and requests are measured apart from the statistics and cost passes.
+    both = (DistillStage(paths, config), FilterStage(paths, samples_per_question=args.samples))
+    for stage in both:
         s0, before = time.perf_counter(), Counter(counts)
         result = run_stage(stage, LocalExecutor(workers=args.workers, progress=False), finalize=False)
         states = Counter(o.state for o in result.outcomes.values())
         if result.failed or result.pending:
             raise SystemExit(f"{stage.name}: failed {len(result.failed)}, pending {len(result.pending)}")
         loop += Counter(counts) - before
-        s1 = time.perf_counter()
-        stage.finalize(stage.input_shards())  # what run_stage does next: the stage's global step
         stages[stage.name] = {
             "wall_s": round(time.perf_counter() - s0, 2),
-            "finalize_s": round(time.perf_counter() - s1, 2),
             "states": dict(states),
             "stale": len(result.stale),
         }
+    loop_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    loop_wall = time.perf_counter() - t0
+    for stage in both:
+        s1 = time.perf_counter()
+        stage.finalize(stage.input_shards())  # what run_stage does after the loop
+        stages[stage.name]["finalize_s"] = round(time.perf_counter() - s1, 2)
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     out = {
         "wall_s": round(time.perf_counter() - t0, 2),
         "cpu_s": round(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, 2),
         "driver_peak_mb": round(r1.ru_maxrss / 1024, 1),
+        "loop_wall_s": round(loop_wall, 2),
+        "loop_peak_mb": round(loop_peak / 1024, 1),
         "tree_peak_mb": round(max(tree.done(), r1.ru_maxrss * 1024) / 2**20, 1),
         "requests": sum(counts.values()) if counts else None,
         "loop_requests": sum(loop.values()) if counts else None,
@@ -250,7 +258,8 @@ def main() -> None:
     for g in growth:
         print(
             f"growth {g['store']:5} {g['pass']:5} {g['from']}->{g['to']} shards: wall x{g['wall']}, "
-            f"cpu x{g['cpu']}, driver peak RSS {g['driver_rss']:+.0%}, tree {g['tree_rss']:+.0%}"
+            f"cpu x{g['cpu']}, driver peak RSS {g['driver_rss']:+.0%} (loops {g['loop_rss']:+.0%}, "
+            f"loop wall x{g['loop_wall']}), tree {g['tree_rss']:+.0%}"
         )
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "growth": growth}, indent=1))
@@ -262,7 +271,7 @@ def print_row(r: dict[str, Any]) -> None:
         req = f"{r['per_shard']:7.2f} {r['loop_per_shard']:6.2f}"
     print(
         f"{r['store']:5} {r['shards']:6} {r['pass']:5}  wall {r['wall_s']:8.1f} s  cpu {r['cpu_s']:8.1f} s  "
-        f"driver {r['driver_peak_mb']:7.1f} MB  tree {r['tree_peak_mb']:7.1f} MB  requests/shard (all, loop) {req}",
+        f"driver {r['driver_peak_mb']:7.1f} MB (loops {r['loop_peak_mb']:6.1f})  tree {r['tree_peak_mb']:7.1f} MB  requests/shard (all, loop) {req}",
         flush=True,
     )
 
@@ -284,6 +293,8 @@ def growth_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "wall": round(b["wall_s"] / max(a["wall_s"], 1e-9), 2),
                 "cpu": round(b["cpu_s"] / max(a["cpu_s"], 1e-9), 2),
                 "driver_rss": round(b["driver_peak_mb"] / a["driver_peak_mb"] - 1, 3),
+                "loop_rss": round(b["loop_peak_mb"] / a["loop_peak_mb"] - 1, 3),
+                "loop_wall": round(b["loop_wall_s"] / max(a["loop_wall_s"], 1e-9), 2),
                 "tree_rss": round(b["tree_peak_mb"] / a["tree_peak_mb"] - 1, 3),
             }
         )
