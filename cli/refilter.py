@@ -48,7 +48,8 @@ def _cmd_refilter(args: argparse.Namespace) -> int:
     from octomed_data.recipe import load_recipe
     from octomed_data.runs import change_verify, open_run_folder
     from octomed_data.sandbox.standin import judge_for
-    from octomed_data.stages import GLOBAL_SHARD, LocalExecutor, raise_for_failures, run_stage
+    from octomed_data.stages import LocalExecutor, run_stage
+    from octomed_data.stages.committed import raise_unless_committed, run_global_step
     from octomed_data.stages.filter import FilterStage
 
     store = default_store(args.store)
@@ -71,7 +72,7 @@ def _cmd_refilter(args: argparse.Namespace) -> int:
                 f"run {paths.run_id} has no distilled replies at {stage.raw}: nothing to judge"
             )
         result = run_stage(stage, LocalExecutor(progress=True), force=True)
-        raise_for_failures(result)
+        raise_unless_committed(result)  # one line: the shards not re-judged, and why
     counts = [o.counts or {} for o in result.outcomes.values()]
     stats = (result.final or {}).get("stats") or {}
     after = stats.get("overall") or {}
@@ -83,9 +84,8 @@ def _cmd_refilter(args: argparse.Namespace) -> int:
     )
     from octomed_data.stages.report import ReportStage
 
-    report = run_stage(ReportStage(paths), LocalExecutor(progress=False))
-    raise_for_failures(report)
-    print(f"  statistics: {paths.stats}\n  report:     {report.outcomes[GLOBAL_SHARD].counts['report']}")
+    report = run_global_step(ReportStage(paths))
+    print(f"  statistics: {paths.stats}\n  report:     {report['report']}")
     print(f"  history:    {paths.verify_history}")
     if not args.filter_only:
         _downstream(paths, recipe)
@@ -95,16 +95,15 @@ def _cmd_refilter(args: argparse.Namespace) -> int:
 def _downstream(paths: Any, recipe: Any) -> None:
     """Rebuild the mixture and export the run already has: they hold the old verdicts' traces."""
     from octomed_data import storage
-    from octomed_data.stages import LocalExecutor, raise_for_failures, run_stage
+    from octomed_data.stages.committed import run_global_step
     from octomed_data.stages.mixture import ExportStage, MixtureStage
 
     if not storage.exists(paths.mixture_summary):
         return
-    raise_for_failures(run_stage(MixtureStage(paths, recipe.mixture), LocalExecutor(progress=False)))
+    run_global_step(MixtureStage(paths, recipe.mixture))
     print(f"  mixture:    {paths.mixture} (rebuilt from the new accepted traces)")
     if storage.exists(paths.export_summary):
-        stage = ExportStage(paths, recipe.export.model_dump())
-        raise_for_failures(run_stage(stage, LocalExecutor(progress=False)))
+        run_global_step(ExportStage(paths, recipe.export.model_dump()))
         print(f"  export:     {paths.export} (rebuilt)")
 
 

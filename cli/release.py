@@ -9,25 +9,24 @@ from octomed_data.layout import DEFAULT_STORE, ENV_STORE, default_store
 
 
 def _cmd_release(args: argparse.Namespace) -> int:
+    # Not through ReleaseStage yet: its done marker (ReleaseFolder.done) is a Parquet file inside
+    # the published folder, which readers of OUT's Parquet files count as a row (requested).
+    from octomed_data.release import release
     from octomed_data.runs import open_run
-    from octomed_data.stages.committed import run_global_step
-    from octomed_data.stages.release import ReleaseStage
 
     recipe, paths = open_run(args.run_id, default_store(args.store))
-    stage = ReleaseStage(
+    result = release(
         paths,
         args.out,
         all_responses=args.all_responses or recipe.release.all_responses,
         with_images=True if args.with_images else None,  # None: the recipe's release.with_images
         licenses=recipe.release.licenses,
+        progress=True,
     )
-    result = run_global_step(stage)  # the release's marker (OUT/_done) says done, as in the flow
-    summary = {k: v for k, v in result.items() if k != "files"} | {"files": len(result.get("files") or [])}
+    summary = {k: v for k, v in result.to_dict().items() if k != "files"} | {"files": len(result.files)}
     print(json.dumps(summary, indent=2))
-    images = f", {result['images']} image(s) embedded" if result.get("with_images") else ""
-    print(
-        f"release: {result['rows']} question(s), {result['responses']} response(s){images}; card {result['card']}"
-    )
+    images = f", {result.images} image(s) embedded" if result.with_images else ""
+    print(f"release: {result.rows} question(s), {result.responses} response(s){images}; card {result.card}")
     return 0
 
 

@@ -254,3 +254,27 @@ def test_mix_and_export_run_their_global_step_marker_and_name_a_held_one(
     assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "e2")]) == 2
     line = one_error_line(capsys)
     assert "not committed" not in line and "nope" in line, line
+
+
+# ---------------------------------------------------------------------------- refilter
+
+
+def test_refilter_names_the_filter_shard_another_run_holds(
+    tmp_path, monkeypatch, capsys, short_leases
+) -> None:
+    from tests.support.rejudge import KEY_ENV, build_run
+
+    monkeypatch.setenv(KEY_ENV, "sk-exit-codes-test")
+    with start_sandbox() as sb:
+        paths = build_run(tmp_path / "store", sb.base_url)
+        shards = sorted(storage.Dataset(paths.verdicts).manifest())
+        argv = ["refilter", paths.run_id, "--store", paths.store, "--filter-only"]
+        capsys.readouterr()
+        with held_by_another_run(paths.root, "filter", shards[-1]):
+            assert main(argv) == 2
+        assert one_error_line(capsys) == (
+            f"error: 1 of {len(shards)} filter shard(s) not committed: {shards[-1]} (lease held by another run); "
+            "run the same command again to complete them"
+        )
+        assert main(argv) == 0
+    assert errors(capsys.readouterr().err) == []
