@@ -170,3 +170,39 @@ def test_rerun_of_a_finished_stage_on_s3_makes_few_requests_per_done_shard(s3_bu
     assert 0 < total <= 5 * n, dict(counts)
     # What a shard that is done costs: its two markers (done and input), read once each.
     assert counts["GetObject"] <= 2 * n + 2, dict(counts)
+
+
+def test_a_pass_reads_each_marker_once_and_asks_no_marker_again(tmp_path: Path, monkeypatch) -> None:
+    """A re-run over a finished stage takes one look per dataset (a listing of each folder, each
+    marker read once) and answers every question from it: no per-shard marker read, no manifest."""
+    n = 12
+    paths = write_inputs(str(tmp_path / "run"), n)
+    first = run_stage(CountingStage(paths), LocalExecutor(workers=2, progress=False))
+    assert not first.failed and not first.pending
+    calls: dict[str, int] = {"shard_info": 0, "manifest": 0}
+    for name in calls:
+        orig = getattr(storage.Dataset, name)
+
+        def counted(self, *a, _orig=orig, _name=name, **kw):
+            calls[_name] += 1
+            return _orig(self, *a, **kw)
+
+        monkeypatch.setattr(storage.Dataset, name, counted)
+    read: list[str] = []
+    fs_cat = type(storage.filesystem(paths.root)[0]).cat
+
+    def cat(self, path, *a, **kw):
+        read.extend(path if isinstance(path, list) else [path])
+        return fs_cat(self, path, *a, **kw)
+
+    monkeypatch.setattr(type(storage.filesystem(paths.root)[0]), "cat", cat)
+    again = CountingStage(paths)
+    result = run_stage(again, LocalExecutor(workers=2, progress=False))
+    assert again.ran == [] and {o.state for o in result.outcomes.values()} == {"REUSED"}
+    assert result.totals()["rows"] == n and not result.pending
+    assert calls == {"shard_info": 0, "manifest": 0}
+    markers = [p for p in read if "_manifest" in p]
+    assert len(markers) == 2 * n and len(set(markers)) == 2 * n  # done and input markers, once each
+    # Outside a pass the same questions read the store directly, with the same answers.
+    assert all(again.is_done(s) for s in again.input_shards())
+    assert calls["shard_info"] > 0
