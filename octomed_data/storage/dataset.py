@@ -280,8 +280,9 @@ class Dataset:
         except (ValueError, TypeError) as exc:
             raise UnreadableFile(f"unreadable shard marker {uri}: {exc}") from None
 
-    def _file_names(self) -> set[str]:
-        fs, path = filesystem(self.uri)
+    def _file_names(self, sub: str = "") -> set[str]:
+        """Names in the dataset's folder (or its ``sub`` folder), listed fresh."""
+        fs, path = filesystem(join(self.uri, sub) if sub else self.uri)
         try:
             listed = wrap(self.uri, fs.ls, path, detail=False, refresh=True)
         except StorageError as exc:
@@ -448,11 +449,14 @@ class Dataset:
         """Remove every leftover of killed writers (shard files without a marker, dead writers'
         spill and temp files); ``owns(shard)`` limits it to this writer's shards."""
         fs, path = filesystem(self.uri)
-        names = self._file_names()
+        names = self._file_names()  # the files first, then the markers: see _remove_orphan
+        markers = self._file_names(MANIFEST_DIR) if names else set()
         removed = []
         for name in sorted(names):
             shard = self._shard_of_file(name)
-            if shard is not None and (owns is None or owns(shard)) and self._remove_orphan(shard):
+            if shard is None or f"{shard}.json" in markers or (owns is not None and not owns(shard)):
+                continue
+            if self._remove_orphan(shard):  # asked again of the store, one by one
                 removed.append(join(self.uri, name))
         if is_local(fs):
             removed += clean_temp_files(self.uri)
