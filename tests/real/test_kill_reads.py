@@ -60,6 +60,10 @@ def _check_readers(root: Path, when: str) -> dict[str, int]:
     return counts
 
 
+def _shards(folder: Path) -> set[str]:
+    return {Path(info).stem.split("-", 1)[-1] for info in _committed(folder)}
+
+
 def _writes_since(root: Path, t0: float, pattern: str) -> int:
     n = 0
     for m in root.rglob(pattern):
@@ -108,6 +112,14 @@ def _kill_loop(cmd: list[str], root: Path, kills: int, rng: random.Random, log: 
                 done += 1
             proc.wait()
         results.setdefault("checked", []).append(_check_readers(root, f"after kill {done} of {cmd[3]}"))
+        # What the kill cut short (printed: the readers were checked beside half-done writes).
+        halfway = [p.name for p in root.rglob("*.tmp")] + [
+            m.name
+            for f in _folders(root)
+            for m in (f / "_manifest").glob("*.json")
+            if m.stem not in _shards(f)
+        ]
+        results.setdefault("halfway", []).append(len(halfway))
         results.setdefault("seconds", []).append(round(time.time() - t0, 1))
     results["kills"] = done
     t0 = time.time()
@@ -152,6 +164,7 @@ def test_readers_see_only_committed_rows_through_repeated_kill_9(shared_data: Pa
             results["final"].stdout[-2000:] + results["final"].stderr[-2000:]
         )
     print("seconds per ingest run:", a["seconds"], "per distill run:", b["seconds"])
+    print("unfinished writes left by each kill: ingest", a["halfway"], "distill", b["halfway"])
     assert a["kills"] + b["kills"] >= 10 and a["kills"] >= 4 and b["kills"] >= 4, (a["kills"], b["kills"])
     assert any(sum(c.values()) for c in a["checked"]) and any(sum(c.values()) for c in b["checked"])
 
@@ -185,3 +198,51 @@ def test_readers_see_only_committed_rows_through_repeated_kill_9(shared_data: Pa
     # Nothing the killed writers left stays behind: no temp file, no file without its marker.
     for root in (ingest_out, distill_out):
         assert not [p for p in root.rglob("*.tmp")], sorted(p.name for p in root.rglob("*.tmp"))
+
+
+class _Cut(BaseException):
+    """A kill -9 between a commit's marker and its file."""
+
+
+def test_s3_readers_see_only_committed_rows_when_a_commit_is_cut_short(s3_bucket, monkeypatch) -> None:
+    """On an object store too: the marker goes first, the one PUT of the file is the commit point;
+    the next writer of the shard and the next pass clear a marker-less file of older versions."""
+    import pyarrow as pa
+
+    from octomed_data import storage
+    from octomed_data.storage import dataset as dataset_module
+
+    schema = pa.schema([("x", pa.int64())])
+    ds = storage.Dataset(f"{s3_bucket}/d", schema)
+    fs, path = storage.filesystem(ds.uri)
+
+    def seen() -> int:
+        fs.invalidate_cache()
+        return pads.dataset(path, filesystem=fs, format="parquet").count_rows()
+
+    ds.write_shard("00000", [{"x": i} for i in range(30)])
+    ds.write_shard("00001", [{"x": i} for i in range(20)])
+    real = dataset_module.write_json
+
+    def cut(uri: str, obj: object) -> None:
+        real(uri, obj)
+        raise _Cut
+
+    monkeypatch.setattr(dataset_module, "write_json", cut)
+    writer = ds.writer("00001")
+    writer.add({"x": 99})
+    try:
+        writer.commit()
+    except _Cut:
+        pass
+    monkeypatch.undo()
+    writer.abort()
+    assert seen() == ds.num_rows() == 30 and ds.shard_info("00001") is None
+    # A marker-less file (what a kill -9 left with older versions) goes with the next pass.
+    with fs.open(f"{path}/part-00002.parquet", "wb") as fh:
+        pq.write_table(pa.table({"x": [1, 2, 3]}), fh)
+    assert seen() == 33
+    ds.drop_stale(keep=["00000", "00001"])
+    assert seen() == ds.num_rows() == 30
+    ds.write_shard("00001", [{"x": 1}])
+    assert seen() == ds.num_rows() == 31
