@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib
+import json
 import os
 import tempfile
 from typing import Any, Literal
@@ -100,27 +101,20 @@ def _local_dir(paths: RunPaths, name: str) -> str:
     return path
 
 
-def train_config(recipe: Recipe, paths: RunPaths, params: TrainParams, *, build: bool = True) -> TrainConfig:
-    """The TrainConfig for this run: recipe settings, run locations, then the form's overrides
-    (``build`` False: the recipe's tiny model is named, not built yet)."""
+def train_config(recipe: Recipe, paths: RunPaths, params: TrainParams) -> TrainConfig:
+    """The TrainConfig for this run: recipe settings, run locations, then the form's overrides."""
     options = recipe.training.config
     model_path = params.model_path or options.model_path
-    tiny = recipe.training.tiny_model if model_path is None else None
-    if tiny:
-        target = _local_dir(paths, paths.tiny_model(tiny))
-        model_path = _training_module("training.tiny").ensure_model(tiny, target) if build else target
+    if model_path is None and recipe.training.tiny_model:
+        target = _local_dir(paths, paths.tiny_model(recipe.training.tiny_model))
+        model_path = _training_module("training.tiny").ensure_model(recipe.training.tiny_model, target)
     if model_path is None:
         raise ConfigError("no model to train: set training.config.model_path in the recipe or the form")
     # The TRL export's "text" configuration (text rows) for a text-only model, "vision" (every row)
     # otherwise; a model that is not a local folder yet (hub id, checkpoint URI) gets "vision".
     config_file = os.path.join(str(model_path), "config.json")
-    text_only = (
-        (tiny != "vl")
-        if tiny
-        else (
-            os.path.isfile(config_file)
-            and not _training_module("training.models").is_vision_model(model_path)
-        )
+    text_only = os.path.isfile(config_file) and not _training_module("training.models").is_vision_model(
+        model_path
     )
     export_uri = paths.trl_split(text_only, "train")
     files = storage.Dataset(export_uri).files()
@@ -294,12 +288,10 @@ def train_flow(params: TrainParams = TrainParams()) -> dict[str, Any]:
             f"training: another job ({other}) trains export {stage.export} of run {paths.run_id}; nothing to do"
         )
         return {"run_id": paths.run_id, "key": stage.key, "skipped": True}
-    # Exactly once per settings (training.once): the same settings train nothing, a larger max_steps
-    # extends the finished training, other settings are refused in one line naming them unless forced
-    # (then they go to a folder of their own).
-    config, what = routed_config(recipe, paths, params, build=False)
-    print(f"training: {what}")
-    stage.config_hash = config.config_hash()  # done: this export trained with these settings
+    # Done: this export trained with these settings (the recipe's, the form's). Other settings reach
+    # the job, which trains each settings exactly once (training.once): a larger max_steps extends
+    # the finished training, other settings are refused in one line naming them unless forced.
+    stage.config_hash = form_hash(recipe, params)
     outcome = run_global(stage)
     if (
         outcome.state == "REUSED"
@@ -309,16 +301,26 @@ def train_flow(params: TrainParams = TrainParams()) -> dict[str, Any]:
             and outcome.counts.get("checkpoint_uri") == _registered(paths)
         )
     ):
-        print(f"training: export {stage.export} of run {paths.run_id} is trained (or training) already")
+        print(
+            f"training: export {stage.export} of run {paths.run_id} is trained with these settings "
+            "(or training) already; nothing to train"
+        )
         return {"run_id": paths.run_id, "key": stage.key, "skipped": True}
     return _after_training(recipe, paths, params, outcome.counts)
 
 
-def routed_config(
-    recipe: Recipe, paths: RunPaths, params: TrainParams, *, build: bool = True
-) -> tuple[TrainConfig, str]:
+def form_hash(recipe: Recipe, params: TrainParams) -> str:
+    """The settings a train trigger asks for (the run's recipe's, then the form's), without the
+    export or the model folder: what the training record of an export is done for."""
+    asked = recipe.training.config.model_dump(mode="json") | {
+        k: getattr(params, k) for k in ("model_path", "max_steps", "learning_rate", "num_train_epochs")
+    }
+    return hashlib.sha256(json.dumps(asked, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def routed_config(recipe: Recipe, paths: RunPaths, params: TrainParams) -> tuple[TrainConfig, str]:
     """The job's config (in a folder of its own when forced) and one line saying what it will do."""
-    config = train_config(recipe, paths, params, build=build)
+    config = train_config(recipe, paths, params)
     files = _training_module("training.data").resolve_data_files(config.train_data)
     manifest = [{"uri": f.uri, "rows": f.rows} for f in files]
     return _training_module("training.once").route_output(config, manifest, force=params.force)
@@ -332,7 +334,8 @@ def _registered(paths: RunPaths) -> str | None:
 
 def _train(recipe: Recipe, paths: RunPaths, params: TrainParams) -> dict[str, Any]:
     """The job, under the checkpoint folder's lease: routed again (what it finds there now)."""
-    config, _ = routed_config(recipe, paths, params)
+    config, what = routed_config(recipe, paths, params)
+    print(f"training: {what}")
     return train_task(
         config,
         params.launcher or recipe.training.launcher,
