@@ -312,8 +312,9 @@ def _run_with_export(tmp_path: Path, run_id: str = "t1") -> RunPaths:
     from octomed_data.runs import start_run
 
     paths = start_run(load_recipe("demo"), run_id, str(tmp_path / "store"))
-    ds = storage.Dataset(storage.join(paths.trl_export(True), "train"))
-    ds.write_shard(0, pa.table({"messages": ["[]"] * 3}))
+    for text_only in (True, False):  # an export has both TRL configurations (text rows, every row)
+        ds = storage.Dataset(paths.trl_split(text_only, "train"))
+        ds.write_shard(0, pa.table({"messages": ["[]"] * 3}))
     return paths
 
 
