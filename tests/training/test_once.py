@@ -299,3 +299,36 @@ def test_kill_9_of_train_command_leaves_no_worker(tiny, export_uri, s3_bucket, t
     for pid in left:  # never leave them to the rest of the suite
         os.kill(pid, signal.SIGKILL)
     assert not left, f"still running after kill -9 of the train command: {left}"
+
+
+def test_train_flow_names_other_settings_and_forces_them_into_a_new_folder(tmp_path, prefect_harness) -> None:
+    """The train form: settings other than the finished training's fail in one line naming them;
+    ``force`` trains them into a folder of their own, registered as the run's checkpoint."""
+    from flows.common import RunParams
+    from flows.training import TrainParams, train_config, train_flow
+    from octomed_data.recipe import load_recipe
+    from octomed_data.runs import start_run
+
+    demo = load_recipe("demo")
+    recipe = demo.model_copy(update={"evaluation": demo.evaluation.model_copy(update={"enabled": False})})
+    paths = start_run(recipe, "once", str(tmp_path / "store"))
+    storage.Dataset(paths.trl_split(False, "train"), LLAMAFACTORY_SCHEMA).write_shard(0, training_rows(4))
+    params = TrainParams(
+        run=RunParams(run_id=paths.run_id, store=paths.store), launcher="torchrun", processes=1, max_steps=1
+    )
+    asked = train_config(recipe, paths, params)
+    _finished(asked.model_copy(update={"learning_rate": asked.learning_rate * 2}), 1)  # trained before
+    with pytest.raises(
+        Exception, match=r"learning_rate 0\.0001 -> 5e-05\); nothing trained: force it"
+    ) as exc:
+        train_flow(params)
+    assert "\n" not in str(exc.value)
+    assert not storage.exists(f"{paths.checkpoints}-{asked.config_hash()}")
+
+    out = train_flow(params.model_copy(update={"force": True}))
+    forced = f"{paths.checkpoints}-{asked.config_hash()}"
+    assert out["train"]["checkpoint_uri"] == forced and out["train"]["steps"] == 1
+    assert out["checkpoint"]["checkpoint_uri"] == forced
+    assert storage.read_json(paths.checkpoint_record)["checkpoint_uri"] == forced
+    assert storage.read_json(f"{paths.checkpoints}/checkpoint.json")["config"]["learning_rate"] == 1e-4
+    assert train_flow(params.model_copy(update={"force": True}))["skipped"]  # once
