@@ -242,4 +242,24 @@ def _cli_filter_difficulty(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    if result["incomplete_shards"]:  # not graded here: another run held the lease, the store failed ...
+        from octomed_data.stages.committed import not_committed_line
+
+        missing = {s: attempt_reason(args.out, "difficulty", s) for s in result["incomplete_shards"]}
+        line = not_committed_line("difficulty", missing, len(result["shards"]))
+        print(f"error: {line}; run the same command again to complete exactly those", file=sys.stderr)
+        return 1
     return 0
+
+
+def attempt_reason(out: str, stage: str, shard: str) -> str:
+    """Why ``shard`` is not committed, as its last attempt record says (for the message only)."""
+    from octomed_data.layout import RunPaths
+    from octomed_data.stages.committed import NOT_DONE, reason
+
+    uri = RunPaths.at(out).state_uri(stage, shard)
+    try:
+        record = storage.read_json(uri) if storage.exists(uri) else {}
+    except Exception:  # unreadable record (the store itself may be the problem)
+        record = {}
+    return reason(record["error"]) if record.get("state") == "FAILED" and record.get("error") else NOT_DONE

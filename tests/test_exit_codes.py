@@ -278,3 +278,23 @@ def test_refilter_names_the_filter_shard_another_run_holds(
         )
         assert main(argv) == 0
     assert errors(capsys.readouterr().err) == []
+
+
+def test_filter_difficulty_names_the_shard_another_run_holds(
+    tmp_path, monkeypatch, capsys, short_leases
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    q_uri, out = str(tmp_path / "q"), str(tmp_path / "grading")
+    make_questions(q_uri, 3, shard="00000")
+    make_questions(q_uri, 3, shard="00001", offset=3)
+    with start_sandbox() as sb:
+        argv = ["filter-difficulty", q_uri, "--base-url", sb.base_url, "--model", "sandbox-grader"]
+        argv += ["--low", "1", "--high", "10", "--out", out, "--no-progress"]
+        with held_by_another_run(out, "difficulty", "00001"):
+            assert main(argv) == 1
+        assert one_error_line(capsys) == (
+            "error: 1 of 2 difficulty shard(s) not committed: 00001 (lease held by another run); "
+            "run the same command again to complete exactly those"
+        )
+        assert main(argv) == 0
+    assert errors(capsys.readouterr().err) == []
