@@ -111,7 +111,8 @@ def _kill_loop(cmd: list[str], root: Path, kills: int, rng: random.Random, log: 
                 os.killpg(proc.pid, signal.SIGKILL)
                 done += 1
             proc.wait()
-        results.setdefault("checked", []).append(_check_readers(root, f"after kill {done} of {cmd[3]}"))
+        when = f"after kill {done} of {cmd[3]} (OCTOMED_KILL_SEED={results['seed']})"
+        results.setdefault("checked", []).append(_check_readers(root, when))
         # What the kill cut short (printed: the readers were checked beside half-done writes).
         halfway = [p.name for p in root.rglob("*.tmp")] + [
             m.name
@@ -129,7 +130,8 @@ def _kill_loop(cmd: list[str], root: Path, kills: int, rng: random.Random, log: 
 
 
 def test_readers_see_only_committed_rows_through_repeated_kill_9(shared_data: Path, tmp_path: Path) -> None:
-    rng = random.Random(int(os.environ.get("OCTOMED_KILL_SEED", "0")) or None)
+    seed = int(os.environ.get("OCTOMED_KILL_SEED") or random.randrange(2**31))  # set it to replay a failure
+    print(f"OCTOMED_KILL_SEED={seed}")
     source = shared_data / "medqa" / "medqa_input.head200.jsonl"
     ingest_out = tmp_path / "ingested"
     ingest = [sys.executable, "-m", "cli", "ingest", "medqa", str(source), "--out", str(ingest_out)]
@@ -144,14 +146,16 @@ def test_readers_see_only_committed_rows_through_repeated_kill_9(shared_data: Pa
         distill += ["--model", "sandbox-r1", "--teacher-name", "sandbox", "--samples", str(SAMPLES)]
         distill += ["--max-in-flight", "4", "--executor", "local", "--out", str(distill_out), "--no-progress"]
         loader.join()
-        a: dict = {}
-        b: dict = {}
+        a: dict = {"seed": seed}
+        b: dict = {"seed": seed}
         loops = [
             threading.Thread(
-                target=_kill_loop, args=(ingest, ingest_out, INGEST_KILLS, rng, tmp_path / "i.log", a)
+                target=_kill_loop,
+                args=(ingest, ingest_out, INGEST_KILLS, random.Random(seed), tmp_path / "i.log", a),
             ),
             threading.Thread(
-                target=_kill_loop, args=(distill, distill_out, DISTILL_KILLS, rng, tmp_path / "d.log", b)
+                target=_kill_loop,
+                args=(distill, distill_out, DISTILL_KILLS, random.Random(seed + 1), tmp_path / "d.log", b),
             ),
         ]
         for t in loops:
