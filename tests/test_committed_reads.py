@@ -306,3 +306,31 @@ def test_a_listing_clears_dead_writers_temp_files(tmp_path):
     dead.write_bytes(b"half")
     assert storage.list_files(str(tmp_path)) == [str(tmp_path / "0001-a.jsonl.zst")]
     assert not dead.exists()
+
+
+def test_ingest_on_a_full_disk_names_the_shard_file_and_records_failed(shared_data, tmp_path, monkeypatch):
+    """The reported case: the error said ``state/ingest/medqa.json`` and the record stayed RUNNING."""
+    from octomed_data.stages.ingest import ingest
+
+    real_open = builtins.open
+    disk_full = []
+
+    def full_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if disk_full and any(c in mode for c in "wax") and not os.path.exists(file):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(file, mode, *args, **kwargs)
+
+    def full_write(self: Any, *args: Any, **kwargs: Any) -> None:
+        disk_full.append(True)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", full_write)
+    monkeypatch.setattr(files_module, "open", full_open, raising=False)
+    out = tmp_path / "out"
+    with pytest.raises(Exception) as err:
+        ingest("medqa", str(shared_data / "medqa" / "medqa_input.head200.jsonl"), str(out), shard_size=50)
+    assert "no space left on the device writing" in str(err.value) and "part-00000.parquet" in str(err.value)
+    assert "state/ingest" not in str(err.value)
+    record = json.loads((out / "state" / "ingest" / "medqa.json").read_text())
+    assert record["state"] == "FAILED" and "questions/part-00000.parquet" in record["error"]
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
