@@ -359,6 +359,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
             prior.describe(),
         )
     last = latest_resumable(config, manifest) if config.resume else None
+    if prior.state == "extend" and last is None:
+        log.warning("no intermediate checkpoint of %s to continue: training from step 0", config.output_uri)
     if last is not None and config.max_steps is not None and int(last[1]["step"]) >= config.max_steps:
         # Killed after its last checkpoint, before its final marker: the model is that checkpoint's.
         return TrainResult(
