@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 
 from octomed_data.decontam.index import (
     DEFAULT_PHASH_THRESHOLD,
@@ -10,7 +11,10 @@ from octomed_data.decontam.index import (
     DecontamError,
     DecontamIndex,
 )
+from octomed_data.layout import RunPaths
 from octomed_data.registry import build_registry, load_registry, registry_counts, write_registry
+from octomed_data.stages.base import StageFailed
+from octomed_data.stages.committed import reraise_with_reasons
 from octomed_data.stages.decontaminate import decontaminate
 
 
@@ -20,15 +24,19 @@ def _cmd_decontaminate(args: argparse.Namespace) -> int:
     index = None
     if args.index:
         index = DecontamIndex.load(args.index)
-    result = decontaminate(
-        args.questions_uri,
-        args.out,
-        registry=args.registry,
-        index=index,
-        phash_threshold=args.phash_threshold,
-        short_match=args.short_match,
-        progress=not args.quiet,
-    )
+    started = time.time()
+    try:
+        result = decontaminate(
+            args.questions_uri,
+            args.out,
+            registry=args.registry,
+            index=index,
+            phash_threshold=args.phash_threshold,
+            short_match=args.short_match,
+            progress=not args.quiet,
+        )
+    except StageFailed as exc:  # one line: every shard not committed, and why
+        reraise_with_reasons(exc, RunPaths.at(args.out), "decontaminate", started)
     print(f"questions: {result.input}  kept: {result.kept}  removed: {result.removed}")
     for name, n in result.by_benchmark.items():
         print(f"  removed for {name}: {n}")

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from octomed_data.errors import ConfigError
 from octomed_data.ingest import IngestResult
+from octomed_data.layout import RunPaths
 from octomed_data.sources import FORMATS
+from octomed_data.stages.base import StageFailed
+from octomed_data.stages.committed import reraise_with_reasons
 from octomed_data.stages.ingest import ingest
 
 
@@ -50,16 +54,20 @@ def _run(args: argparse.Namespace) -> int:
     if args.split:
         options["split"] = args.split
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    result = ingest(
-        args.format,
-        args.input,
-        args.out,
-        images=args.images,
-        shard_size=args.shard_size,
-        progress=progress,
-        shard_prefix=args.shard_prefix,
-        **options,
-    )
+    started = time.time()
+    try:
+        result = ingest(
+            args.format,
+            args.input,
+            args.out,
+            images=args.images,
+            shard_size=args.shard_size,
+            progress=progress,
+            shard_prefix=args.shard_prefix,
+            **options,
+        )
+    except StageFailed as exc:  # one line: every shard not committed, and why
+        reraise_with_reasons(exc, RunPaths.at(args.out), "ingest", started)
     print("\n".join(summary_lines(result)))
     return 0
 

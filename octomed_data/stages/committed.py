@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from octomed_data.errors import OctomedError
+from octomed_data.layout import RunPaths
 from octomed_data.stages.base import GLOBAL_SHARD, Stage, StageFailed, StageResult
 
 if TYPE_CHECKING:
@@ -147,3 +148,33 @@ def run_global_step(stage: Stage, executor: Executor | None = None) -> dict[str,
     result = run_stage(stage, executor or LocalExecutor(progress=False))
     raise_for_global_step(result)
     return result.outcomes[GLOBAL_SHARD].counts
+
+
+def failed_attempts(paths: RunPaths, stage: str, since: float) -> dict[str, str]:
+    """Shards of ``stage`` whose last attempt, recorded at or after ``since`` (epoch seconds),
+    FAILED, with the reason. For a message when only a pass's error is at hand (a library
+    function that raised); the attempt records never decide what runs."""
+    import datetime as dt
+
+    from octomed_data import storage
+
+    found: dict[str, str] = {}
+    for uri in storage.list_files(paths.state_dir(stage), ".json"):
+        try:
+            record = storage.read_json(uri)
+            when = dt.datetime.fromisoformat(record.get("updated_at") or "").timestamp()
+        except Exception:  # an unreadable record says nothing
+            continue
+        if record.get("state") == "FAILED" and when >= since and record.get("shard"):
+            found[str(record["shard"])] = reason(record.get("error"))
+    return found
+
+
+def reraise_with_reasons(exc: StageFailed, paths: RunPaths, stage: str, since: float) -> None:
+    """Raise ``exc`` again as the one not-committed line (every failed shard with its reason) when
+    the stage's attempt records since ``since`` name them; else ``exc`` itself."""
+    missing = failed_attempts(paths, stage, since)
+    if not missing:
+        raise exc
+    line = not_committed_line(stage, missing)
+    raise ShardsNotCommitted(f"{line}; run the same command again to complete them", missing) from None
