@@ -237,7 +237,8 @@ async def request_with_retries(
     tripping, ends the retries early (a request stopped so does not count as given up).
     A connection-level failure while the teacher is down (no reply since the attempt was sent, no
     answer to a health probe) uses up no attempt: the breaker's outage budget decides when to
-    stop (:mod:`octomed_data.inference.outage`).
+    stop (:mod:`octomed_data.inference.outage`). ``max_attempts=1`` turns every retry off, these
+    included.
     """
     breaker = client.breaker
     request = next(_request_ids)
@@ -312,7 +313,8 @@ async def _attempts(
             # attempt was sent, and no answer to a health probe), its outage budget decides, not
             # this request's attempts.
             outage = (
-                failure.outage
+                max_attempts > 1  # one attempt asked for: no retry at all, outage waits included
+                and failure.outage
                 and failure.retryable
                 and breaker.time_based
                 and breaker.replies == replies

@@ -7,7 +7,8 @@ still loading its model), reset or dropped connections, HTTP 5xx, timeouts, and 
 and retry with backoff (capped at :meth:`OutageBreaker.retry_max_s` so a teacher that is back is
 noticed within seconds), and outage-type failures do not use up a request's ``max_attempts``
 (see :func:`~octomed_data.inference.client.request_with_retries`), so the shard goes on, with
-exact output, once the teacher answers again. Once the budget is spent with no reply in between,
+exact output, once the teacher answers again (``max_attempts: 1`` turns every retry off, these
+included: each request is sent once). Once the budget is spent with no reply in between,
 :class:`OutageBreaker` trips with ONE line naming the teacher, its URL, the failure mode
 (``connection refused``, ``HTTP 503``, ``hung: ...``) and the last error; every request of the
 shard stops at once (requests asleep in a backoff or hung in flight are woken or cancelled).
