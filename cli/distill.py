@@ -156,14 +156,16 @@ def _cli(args: argparse.Namespace) -> int:
     if summary.get("cost_uri") and storage.exists(summary["cost_uri"]):
         line += f"; {cost_line(storage.read_json(summary['cost_uri']))}"
     print(line, file=sys.stderr)
-    if summary.get("aborted"):
-        raise TeacherUnreachable(summary["aborted"])
-    if summary["not_committed"]:
-        from octomed_data.stages.committed import not_committed_line
+    from octomed_data.stages.committed import not_committed_line
 
+    missing = summary["not_committed"]
+    if summary.get("aborted"):
+        shards = f"; {not_committed_line('distill', missing, summary['asked'])}" if missing else ""
+        raise TeacherUnreachable(f"{summary['aborted']}{shards}")
+    if missing:
         # One line: the asked-for shards that are not committed and why (failed samples, the lease
         # held by another run or lost mid-shard, the store unreachable); never exit 0 without them.
-        line = not_committed_line("distill", summary["not_committed"], summary["asked"])
+        line = not_committed_line("distill", missing, summary["asked"])
         print(f"error: {line}; run the same command again to complete exactly those", file=sys.stderr)
         return 1
     return 0
