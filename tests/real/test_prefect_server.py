@@ -497,6 +497,9 @@ def _run_folders(s: Stack) -> set[str]:
     return {p.name for p in runs.iterdir() if (p / "run.json").exists()} if runs.exists() else set()
 
 
+# On the SQLite stack only: the run id derivation and the Retry transition do not depend on the
+# database (the PostgreSQL stack runs the scenario above), and it saves a factory run of CI time.
+@pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
 def test_ui_retry_of_a_failed_factory_run_resumes_the_same_run_and_redoes_nothing(stack: Stack) -> None:
     """A factory deployment run started WITHOUT a run_id fails (the `down` teacher is down); the UI's
     Retry of that flow run continues the same run id: no ingest, decontaminate or distill shard that
