@@ -25,7 +25,7 @@ from octomed_data import storage
 from octomed_data.errors import ConfigError
 from octomed_data.export import LLAMAFACTORY_SCHEMA
 from octomed_data.job_config import TrainConfig
-from tests.support.sft import REPO, small_job, training_rows, weights_hash
+from tests.support.sft import REPO, run_sft, small_job, training_rows, weights_hash
 from training.once import ENV_KILL_BEFORE_FINAL_MARKER, prior_training, resumable, route_output
 
 KEY = "sk-test-0123456789abcdefghij"
@@ -231,6 +231,14 @@ def test_force_trains_other_settings_into_a_new_folder(tiny, export_uri, s3_buck
     assert marker["config"]["learning_rate"] == 1e-3 and "model.safetensors" in marker["files"]
     # The old folder untouched.
     assert (storage.read_json(f"{job.output_uri}/checkpoint.json"), list_files(job.output_uri)) == before
+    # A worker started by hand (python -m training.sft) on the finished folder trains nothing either.
+    weights = weights_hash(forced["checkpoint_uri"])
+    config.write_text(
+        yaml.safe_dump(other.model_dump(mode="json") | {"output_uri": forced["checkpoint_uri"]})
+    )
+    again = run_sft(config)
+    assert again["trained_already"] and again["steps"] == 1 and again["samples_seen"] == 0
+    assert weights_hash(forced["checkpoint_uri"]) == weights
 
 
 def test_kill_9_of_train_command_leaves_no_worker(tiny, export_uri, s3_bucket, tmp_path) -> None:
