@@ -278,7 +278,6 @@ class ReleaseFolder:
     data = _at("data", doc="The release rows: ``data/<split>-<shard>.parquet`` (+ ``data/_manifest/``).")
     card = _at("README.md", doc="The dataset card (``README.md`` with YAML metadata), written last.")
     summary = _at("release.json")
-    done = _at("_done", doc=_DONE)
 
 
 @dataclass(frozen=True)
@@ -348,6 +347,17 @@ class RunPaths:
 
     training_state = property(lambda self: self.state_dir("training"), doc="Training's bookkeeping.")
     checkpoint_lease = property(lambda self: storage.join(self.training_state, "checkpoints.lease"))
+
+    def release_done(self, out: str) -> str:
+        """``state/release/<hash of OUT>``: the done marker of a release published to ``out``,
+        kept in the run, not in the published folder (whose every Parquet file is release rows)."""
+        import hashlib
+
+        return storage.join(self.state_dir("release"), hashlib.sha256(out.encode()).hexdigest()[:16])
+
+    def shard_table(self, stage: str | None = None) -> str:
+        """``report/shards[-<stage>].csv``: the full shard table a big run's summary card links."""
+        return storage.join(self.report, f"shards-{stage}.csv" if stage else "shards.csv")
 
     def training_record(self, fingerprint: str) -> str:
         """``state/training/<export fingerprint>.json``: who trained (or trains) this export."""

@@ -646,8 +646,9 @@ def test_a_judge_verified_release_carries_the_verifier_and_the_calibration(canar
 
 
 def test_release_stage_is_done_until_its_inputs_or_settings_change(run, tmp_path):
-    """The release is a global step with a done marker in OUT: released again unchanged, nothing is
-    rewritten; a changed setting, a re-committed verdicts shard or a deleted release rebuilds it."""
+    """The release is a global step with a done marker in the run (never in OUT, whose every Parquet
+    file is release rows): released again unchanged, nothing is rewritten; a changed setting, a
+    re-committed verdicts shard or a deleted release rebuilds it."""
     from octomed_data.stages import LocalExecutor, raise_for_failures, run_stage
     from octomed_data.stages.release import ReleaseStage
 
@@ -673,5 +674,6 @@ def test_release_stage_is_done_until_its_inputs_or_settings_change(run, tmp_path
     verdicts.write_shard(shard, verdicts.read_shard(shard), extra=verdicts.shard_info(shard).extra)
     assert release_once(all_responses=True).state == "COMPLETED" and card.stat().st_mtime_ns > written
     assert release_once(all_responses=True).state == "REUSED"
-    shutil.rmtree(out)  # the marker lives in the release: a deleted release is released again
+    assert not [p for p in out.rglob("*") if "_done" in p.parts]  # OUT holds only the release
+    shutil.rmtree(out)  # the marker stays in the run, but OUT's card is gone: released again
     assert release_once(all_responses=True).state == "COMPLETED" and card.exists()

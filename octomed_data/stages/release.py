@@ -12,7 +12,8 @@ from octomed_data.stages.global_step import GlobalStage, file_digest
 class ReleaseStage(GlobalStage):
     """Questions + ``filter/accepted`` (or ``distill/raw``) -> ``OUT/data/train-*`` + card.
 
-    Done (its marker in ``OUT/_done``) for the same settings, the same recipe as run and registry
+    Done (its marker in the run, ``state/release/<hash of OUT>``, so the published folder holds only
+    release files; and OUT's card, written last, must exist) for the same settings, the same recipe as run and registry
     pack, and the same commits of the run's questions, removed, raw, verdicts and accepted shards."""
 
     name = "release"
@@ -33,7 +34,12 @@ class ReleaseStage(GlobalStage):
         self.licenses = dict(licenses or {})
 
     def done_uri(self) -> str:
-        return ReleaseFolder(self.out).done
+        return self.paths.release_done(self.out)
+
+    def is_done(self, shard: str) -> bool:
+        from octomed_data import storage
+
+        return super().is_done(shard) and storage.exists(ReleaseFolder(self.out).card)
 
     def inputs(self) -> list[str]:
         p = self.paths
