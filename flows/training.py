@@ -268,13 +268,16 @@ def _flow_run_id() -> str:
 def train_flow(params: TrainParams = TrainParams()) -> dict[str, Any]:
     """SFT on the run's TRL export, then (by default) register and evaluate the checkpoint.
 
-    Exactly once per (run, export): the training stage (``training.stage.TrainStage``, run by
-    ``run_stage``) is done when the export's training record says COMPLETED; a trigger for an export
-    being trained by another job is a no-op, and one lease keeps two jobs out of one checkpoint folder.
+    Exactly once per (run, export, settings): the training stage (``training.stage.TrainStage``,
+    run by ``run_stage``) is done when the export's training record says COMPLETED for the settings
+    asked for (:func:`form_hash`); a trigger for an export being trained by another job is a no-op,
+    and one lease keeps two jobs out of one checkpoint folder. Other settings reach the job, which
+    extends a finished training for a larger ``max_steps`` and refuses anything else in one line
+    naming it unless ``force`` (then a folder of its own: :mod:`training.once`).
     """
     found = existing_run(params.run)  # refuse in one line before anything is created
     # The export's fingerprint (or one ConfigError line) before the run is opened; the job runs
-    # with the config made below from the recipe and paths the run was opened with.
+    # with the recipe and paths the run was opened with (bound below, before the stage runs).
     stage_module = _training_module("training.stage")
     stage = stage_module.TrainStage(
         found, lambda: _train(recipe, paths, params), owner=_flow_run_id() or None

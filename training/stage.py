@@ -1,8 +1,9 @@
 """Training as a stage: a global step (one shard, ``all``) run by :func:`run_stage` like any other.
 
 Done is the run's training record for the export it trains on (``state/training/<export
-fingerprint>.json`` COMPLETED): a finished export is never trained again, however often training
-is triggered. One lease on the run's checkpoint folder (``state/training/checkpoints.lease``,
+fingerprint>.json`` COMPLETED, for the settings the stage names: ``config_hash``): a finished
+export is never trained again with the same settings, however often training is triggered (what
+other settings do is the job's: :mod:`training.once`). One lease on the run's checkpoint folder (``state/training/checkpoints.lease``,
 heartbeat-renewed) keeps two jobs from training into it at once; a trigger for the export another
 job trains right now is a no-op (``{"already_trained": True}``), one for another export waits for the folder.
 """
