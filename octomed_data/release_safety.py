@@ -182,6 +182,9 @@ def scrub_secrets(text: str, secrets: Iterable[str]) -> str:
     return text if pattern is None or not text else pattern.sub(REDACTED, text)
 
 
+_KEY_NAME = re.compile(r"(_API_KEY|_TOKEN|SECRET|PASSWORD|_ACCESS_KEY)", re.I)
+
+
 class SecretGuard:
     """Finds, refuses or scrubs a teacher's API key (the values of the teachers' key variables) in
     text or bytes, in every encoding :func:`secret_pattern` knows: the one key scan of releases,
@@ -195,6 +198,13 @@ class SecretGuard:
     @classmethod
     def from_env(cls, env_names: Iterable[str]) -> SecretGuard:
         return cls({n: SecretStr(os.environ[n]) for n in sorted(set(env_names)) if os.environ.get(n)})
+
+    @classmethod
+    def from_process_env(cls) -> SecretGuard:
+        """A guard over every variable of this process whose name says it holds a key
+        (``*_API_KEY``, ``*_TOKEN``, ``*SECRET*``, ``*PASSWORD*``): for error texts written to
+        state, where the stage's own teachers are not at hand."""
+        return cls.from_env(n for n in os.environ if _KEY_NAME.search(n))
 
     @classmethod
     def of_values(cls, values: Mapping[str, str]) -> SecretGuard:

@@ -208,3 +208,26 @@ def test_a_reflecting_teachers_key_reaches_no_byte_of_the_run_exports_or_release
     assert sum(1 for _ in (tmp_path / "store").rglob("*.parquet")) > 10
     assert os.path.isdir(paths.export.removeprefix("file://"))
     assert key_hits(tmp_path / "store", CANARY) == []
+
+
+def test_attempt_records_scrub_every_encoding_of_a_process_key(tmp_path, monkeypatch):
+    """Issue 25: an error text written to ``state/<stage>/<shard>.json`` that quotes a key held in
+    this process's environment (URL-encoded, base64, raw) keeps none of it; other text stays."""
+    import base64
+    import urllib.parse
+
+    from octomed_data.layout import RunPaths
+    from octomed_data.stages.records import record_shard
+
+    key = "sk-state-0123456789abcdefXYZ"
+    monkeypatch.setenv("DEEPSEEK_API_KEY", key)
+    error = (
+        f"HTTP 401 for https://t/v1?key={urllib.parse.quote(key, safe='')} "
+        f"auth={base64.b64encode(key.encode()).decode()} raw={key} model=r1"
+    )
+    paths = RunPaths.at(str(tmp_path / "run"))
+    record_shard(paths, "distill", "00000", "FAILED", attempt=1, error=error)
+    text = (tmp_path / "run" / "state" / "distill" / "00000.json").read_text()
+    assert "model=r1" in text and "HTTP 401" in text
+    assert SecretGuard.of_values({"K": key}).find(text) is None, text
+    assert "sk-state" not in text and urllib.parse.quote(key, safe="") not in text

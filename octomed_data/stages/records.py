@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from octomed_data import storage
 from octomed_data.errors import StorageError
+from octomed_data.release_safety import SecretGuard
 
 if TYPE_CHECKING:
     from octomed_data.layout import RunPaths
@@ -34,6 +35,8 @@ def record_shard(paths: RunPaths, stage: str, shard: str, state: str, **info: An
     now = _dt.datetime.now(_dt.UTC)
     doc = {"stage": stage, "shard": shard, "state": state, "updated_at": now.isoformat()}
     doc.update(info)
+    if isinstance(doc.get("error"), str):  # an error text may quote a key, in any encoding
+        doc["error"] = SecretGuard.from_process_env().scrub(doc["error"])
     attempt = info.get("attempt")
     if isinstance(attempt, int) and not info.get("reused"):
         _add_total_seconds(uri, doc, attempt, now)
