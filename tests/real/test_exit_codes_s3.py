@@ -4,12 +4,14 @@ concurrent runs on one output (local and ``s3://``). A run exits 0 only when eve
 asked for is committed, else it names the shards that are not in one line; the same command
 again completes the output exactly (every question's samples once).
 
+While the store stalls, the run's lease expires and another run takes the shard in progress over.
 Knobs are shrunk for seconds: shard leases of 1 s (``OCTOMED_SHARD_LEASE_TTL_S``; 0.5 s for the
 concurrent runs, so a run waits 1 s for a shard the other writes for 4 s), a 4 s stall.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -22,6 +24,8 @@ from pathlib import Path
 import pytest
 
 from octomed_data import storage
+from octomed_data.layout import RunPaths
+from octomed_data.lease import LeaseHeld, shard_lease
 from octomed_data.sandbox import start_sandbox
 from octomed_data.schema import SAMPLE_SCHEMA
 from tests.support.distill import KEY, make_questions
@@ -106,19 +110,32 @@ def test_a_store_that_stalls_mid_run_never_exits_0_with_shards_missing(
             stderr=subprocess.PIPE,
             text=True,
         )
-        # Once the first shard is committed (read past the proxy), the store stops answering for 4 s.
+        # Once the first shard is committed (read past the proxy), the store stops answering the
+        # run for 4 s; its 1 s lease expires meanwhile and another run (here, past the proxy) takes
+        # the shard in progress over, as a restarted or concurrent run would.
         deadline = time.monotonic() + 60
+        taken = None
         while proc.poll() is None and time.monotonic() < deadline:
             storage.filesystem(out)[0].invalidate_cache()
-            if storage.Dataset(storage.join(out, "raw")).manifest():
+            done = storage.Dataset(storage.join(out, "raw")).manifest()
+            if done:
                 proxy.stall(4.0)
+                time.sleep(1.5)
+                shard = next((f"0000{s}" for s in range(3) if f"0000{s}" not in done), None)
+                if shard is not None:
+                    lease = shard_lease(RunPaths.at(out), "distill", shard, "another-run:", ttl_s=30)
+                    with contextlib.suppress(LeaseHeld):
+                        taken = lease.acquire(wait_s=1.0)
                 break
             time.sleep(0.05)
         out_text, err = proc.communicate(timeout=120)
-        assert proxy.stalls or proc.returncode is not None
+        if taken is not None:
+            taken.release()
         line = check_exit(proc.returncode, err, complete(out, questions))
         if line is not None:
-            assert "distill" in line or "filter" in line
+            assert re.search(
+                r"(distill|filter) shard\(s\) not committed: .*\(lease (lost|held by another run)\)", line
+            ), line
         finish_with_a_rerun(q_uri, out, sb.base_url, environment(s3_endpoint), questions)
     assert proxy.stalls, "the store never stalled: the run finished before its first shard was seen"
 
