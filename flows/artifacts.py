@@ -103,11 +103,6 @@ def publish_artifact_index(paths: RunPaths) -> str:
     return key
 
 
-def shard_table_name(stage: str | None) -> str:
-    """The full shard table's file name in the run's ``report/`` folder."""
-    return f"shards-{stage}.csv" if stage else "shards.csv"
-
-
 def shard_table_csv(rows: list[dict[str, Any]]) -> bytes:
     keys: list[str] = []
     for row in rows:
@@ -177,7 +172,7 @@ def publish_shard_table(paths: RunPaths, stage: str | None = None) -> list[dict[
     if len(rows) <= SHARD_TABLE_ROWS:
         replace_artifact(key, lambda: create_table_artifact(rows, key=key, description=description))
     else:
-        table_uri = storage.join(paths.report, shard_table_name(stage))
+        table_uri = paths.shard_table(stage)
         storage.write_bytes(table_uri, shard_table_csv(rows))
         markdown = shard_summary_markdown(paths, rows, table_uri)
         description += f": summary of {len(rows)} shards, full table in {table_uri}"
