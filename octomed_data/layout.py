@@ -21,6 +21,8 @@ export         ``export/llamafactory``, ``trl``       ``export/_done`` (likewise
 train          ``checkpoints/``                       ``checkpoints/final/checkpoint.json``
 evaluate       ``evaluate/``                          ``evaluate/metrics.json``
 report         ``report/report.{md,png}``             ``report/_done`` (likewise)
+rl             ``rl/data``, ``rl/checkpoints``,       ``rl/data/_done``; ``rl/checkpoints/
+               ``metrics.jsonl``, ``evaluate``        checkpoint.json``
 =============  ===================================  ============================================
 
 Each stage's folder has its own small layout (:class:`IngestFolder`, :class:`DecontamFolder`,
@@ -53,7 +55,7 @@ STAGES = (
 )
 #: The folders a run's stages write (``train``/``checkpoint`` write ``checkpoints``).
 STAGE_FOLDERS = (
-    "ingest", "decontaminate", "distill", "filter", "mixture", "export", "checkpoints", "evaluate", "report",
+    "ingest", "decontaminate", "distill", "filter", "mixture", "export", "checkpoints", "evaluate", "report", "rl",
 )  # fmt: skip
 SPLITS = ("train", "validation")  # the mixture's splits, and every export's
 ENV_STORE = "OCTOMED_STORE"
@@ -248,6 +250,29 @@ class CheckpointFolder:
 
 
 @dataclass(frozen=True)
+class RLFolder:
+    """What reinforcement learning after SFT writes (a run's ``rl/``): its prompts with gold answers
+    (``data/{train,validation}``, a global step with ``data/_done``), the GRPO job's checkpoints
+    (``checkpoints/``, a :class:`CheckpointFolder`), its metrics and the RL checkpoint's evaluation."""
+
+    root: str
+    data = _at("data")
+    data_summary = _at("data", "rl_data.json")
+    data_done = _at("data", "_done", doc=_DONE)
+    checkpoints = _at(
+        "checkpoints", doc="The GRPO job's output: a CheckpointFolder (``checkpoint.json`` last)."
+    )
+    metrics = _at("metrics.jsonl", doc="Rewards, lengths and pass rates per logged step.")
+    plot = _at("rl.png", doc="Reward and response length over steps.")
+    evaluation = _at("evaluate", doc="The RL checkpoint's evaluation (an EvaluationFolder).")
+    comparison = _at("sft_vs_rl.md", doc="SFT vs SFT+RL per benchmark, with bootstrap intervals.")
+
+    def split(self, name: str) -> str:
+        """One split of the RL prompts (``data/train`` or ``data/validation``)."""
+        return storage.join(self.data, name)
+
+
+@dataclass(frozen=True)
 class EvaluationFolder:
     """What an evaluation writes under its output (a run's ``evaluate/``)."""
 
@@ -395,6 +420,11 @@ class RunPaths:
     checkpoint_marker = _of(CheckpointFolder, "checkpoints", "marker", doc="The final checkpoint's marker.")
     evaluation = property(lambda self: self.stage("evaluate"))
     report = property(lambda self: self.stage("report"))
+    rl = property(lambda self: self.stage("rl"), doc="Reinforcement learning after SFT (an RLFolder).")
+
+    def rl_state(self) -> str:
+        """``state/rl``: the RL job's records and lease (exactly once per checkpoint, data, settings)."""
+        return self.state_dir("rl")
 
     def trl_export(self, text_only: bool) -> str:
         """The TRL export folder training reads (``trl/text`` or ``trl/vision``)."""
