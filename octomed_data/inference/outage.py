@@ -5,9 +5,11 @@ still loading its model), reset or dropped connections, HTTP 5xx, timeouts, and 
 (accepts connections, never answers). While the teacher gives no reply for less than its
 ``outage_budget_s`` (default :data:`DEFAULT_OUTAGE_BUDGET_S`), no shard fails: requests wait
 and retry with backoff (capped at :meth:`OutageBreaker.retry_max_s` so a teacher that is back is
-noticed within seconds), and outage-type failures do not use up a request's ``max_attempts``
-(see :func:`~octomed_data.inference.client.request_with_retries`), so the shard goes on, with
-exact output, once the teacher answers again (``max_attempts: 1`` turns every retry off, these
+noticed within seconds), and failures while the teacher is down do not use up a request's
+``max_attempts`` (:func:`~octomed_data.inference.client.request_with_retries` asks
+:meth:`OutageBreaker.down`: no reply since the attempt was sent and no answer to a shared health
+probe; a server that answers the probe is up, and the failure is the request's own, counted as
+before), so the shard goes on, with exact output, once the teacher answers again (``max_attempts: 1`` turns every retry off, these
 included: each request is sent once). Once the budget is spent with no reply in between,
 :class:`OutageBreaker` trips with ONE line naming the teacher, its URL, the failure mode
 (``connection refused``, ``HTTP 503``, ``hung: ...``) and the last error; every request of the
