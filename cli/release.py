@@ -9,13 +9,12 @@ from octomed_data.layout import DEFAULT_STORE, ENV_STORE, default_store
 
 
 def _cmd_release(args: argparse.Namespace) -> int:
-    # Not through ReleaseStage yet: its done marker (ReleaseFolder.done) is a Parquet file inside
-    # the published folder, which readers of OUT's Parquet files count as a row (requested).
-    from octomed_data.release import release
     from octomed_data.runs import open_run
+    from octomed_data.stages.committed import run_global_step
+    from octomed_data.stages.release import ReleaseStage
 
     recipe, paths = open_run(args.run_id, default_store(args.store))
-    result = release(
+    stage = ReleaseStage(
         paths,
         args.out,
         all_responses=args.all_responses or recipe.release.all_responses,
@@ -23,10 +22,13 @@ def _cmd_release(args: argparse.Namespace) -> int:
         licenses=recipe.release.licenses,
         progress=True,
     )
-    summary = {k: v for k, v in result.to_dict().items() if k != "files"} | {"files": len(result.files)}
+    result = run_global_step(stage)  # done is the release's marker in the run, as in the flow
+    summary = {k: v for k, v in result.items() if k != "files"} | {"files": len(result.get("files") or [])}
     print(json.dumps(summary, indent=2))
-    images = f", {result.images} image(s) embedded" if result.with_images else ""
-    print(f"release: {result.rows} question(s), {result.responses} response(s){images}; card {result.card}")
+    images = f", {result['images']} image(s) embedded" if result.get("with_images") else ""
+    print(
+        f"release: {result['rows']} question(s), {result['responses']} response(s){images}; card {result['card']}"
+    )
     return 0
 
 

@@ -26,8 +26,10 @@ class ReleaseStage(GlobalStage):
         all_responses: bool = False,
         with_images: bool | None = None,
         licenses: Mapping[str, str] | None = None,
+        progress: bool = False,
     ) -> None:
         super().__init__(paths)
+        self.progress = progress  # a progress bar (the CLI); decides no output
         self.out = out
         self.all_responses = all_responses
         self.with_images = with_images  # None: the recipe's release.with_images
@@ -72,5 +74,6 @@ class ReleaseStage(GlobalStage):
             all_responses=self.all_responses,
             with_images=self.with_images,
             licenses=self.licenses,
+            progress=self.progress,
         )
         return result.to_dict()
