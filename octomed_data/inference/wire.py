@@ -17,6 +17,7 @@ import aiohttp
 import openai
 
 from octomed_data.inference.retry import Failure, parse_retry_after
+from octomed_data.release_safety import scrub_secrets
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
 # Key-shaped: a key prefix, then a long run holding a digit ("sk-proj-3f9...", "api_0123..."); prose
@@ -40,11 +41,13 @@ def scrub(text: str, secrets: Iterable[str]) -> str:
     """Remove keys (and anything key-shaped) from an error message before it is stored or logged.
 
     A key is replaced where it stands as a token of its own, never inside a longer word: a short
-    placeholder key must not turn ``max_tokens`` into ``ma***_tokens``.
+    placeholder key must not turn ``max_tokens`` into ``ma***_tokens``. Keys of 8+ characters are
+    also replaced in every other spelling (:func:`~octomed_data.release_safety.scrub_secrets`).
     """
+    secrets = [s for s in secrets if s]
     for s in secrets:
-        if s:
-            text = re.sub(rf"(?<![A-Za-z0-9_\-]){re.escape(s)}(?![A-Za-z0-9_\-])", "***", text)
+        text = re.sub(rf"(?<![A-Za-z0-9_\-]){re.escape(s)}(?![A-Za-z0-9_\-])", "***", text)
+    text = scrub_secrets(text, secrets)  # URL-encoded, JSON-escaped and base64 spellings too
     return _KEYLIKE.sub("***", text)
 
 

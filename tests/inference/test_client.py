@@ -63,6 +63,16 @@ def test_scrub_replaces_only_key_shaped_text() -> None:
     assert "abcdefghij12" not in scrub("Bearer abcdefghij12 rejected", ["abcdefghij12"])
     assert scrub("key-shaped api_0123456789ab leaks", []) == "key-shaped *** leaks"
     assert scrub("set api_key_env to the variable", []) == "set api_key_env to the variable"
+    # Issue 25: the other spellings of a key in an error text (URL-encoded, base64) go too.
+    import base64
+    import urllib.parse
+
+    key = "sk-live-abcdef123456"
+    text = (
+        f"GET /v1?k={urllib.parse.quote(key, safe='')} auth={base64.b64encode(key.encode()).decode()} failed"
+    )
+    clean = scrub(text, [key])
+    assert urllib.parse.quote(key, safe="") not in clean and "c2stbGl2ZS1" not in clean and "failed" in clean
 
 
 def test_request_fields_follow_the_server_kind_and_seed_policy() -> None:
