@@ -33,6 +33,7 @@ from octomed_data.config import first_error, safe_load_capped
 from octomed_data.errors import ConfigError
 from octomed_data.job_config import EvalOptions, TrainOptions
 from octomed_data.mixture import MixtureConfig
+from octomed_data.rl.config import RLOptions
 from octomed_data.teachers import (
     ROUTING_KEYS,
     SIMULATED_LABEL,
@@ -239,6 +240,8 @@ class Recipe(BaseModel):
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     evaluation: EvalSettings = Field(default_factory=EvalSettings)
     release: ReleaseSettings = Field(default_factory=ReleaseSettings)
+    # Reinforcement learning after SFT (octomed_data.rl): its data, rewards and GRPO job; off by default.
+    rl: RLOptions = Field(default_factory=RLOptions)
     automation: AutomationSettings = Field(default_factory=AutomationSettings)
     base_dir: str | None = Field(None, description="Folder relative input paths resolve against.")
 
