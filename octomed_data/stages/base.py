@@ -128,6 +128,10 @@ class StageResult:
         }
 
 
+MARKERS_PER_CALL = 256  # markers a pass's look reads per store call
+MARKER_READS_AT_ONCE = 32  # of which at most this many requests at once (object stores)
+
+
 class MarkerView:
     """One pass's look at a dataset, read as :meth:`storage.Dataset.manifest` reads it (a shard
     is committed when its marker and the file it names both exist) but once: its marker folder
@@ -187,7 +191,14 @@ class MarkerView:
 
     def _read(self, paths: list[str]) -> dict[str, bytes]:
         if not any(c in self._mdir for c in "*?["):  # fsspec would take those for a glob
-            return storage.wrap(self.uri, self._fs.cat, paths, on_error="omit")
+            # A few hundred markers per call, a few dozen requests at once: memory stays flat in
+            # shards (one call over every marker holds a request's state per marker at once).
+            more = {"batch_size": MARKER_READS_AT_ONCE} if getattr(self._fs, "async_impl", False) else {}
+            out: dict[str, bytes] = {}
+            for i in range(0, len(paths), MARKERS_PER_CALL):
+                chunk = paths[i : i + MARKERS_PER_CALL]
+                out.update(storage.wrap(self.uri, self._fs.cat, chunk, on_error="omit", **more))
+            return out
         out: dict[str, bytes] = {}
         for p in paths:
             with contextlib.suppress(FileNotFoundError):
