@@ -347,7 +347,7 @@ def _run_arm(
             record["tensorboard"] = tensorboard  # `tensorboard --logdir` it
         job = TrainStage(
             paths,
-            lambda c=config: train_task(c, recipe.training.launcher, None, None),
+            lambda c=config: train_task(_fresh(c) if force else c, recipe.training.launcher, None, None),
             rerun=force,
             config_hash=f"{config.config_hash()}-{config.save_steps}",  # + the learning curve's checkpoints
         )
@@ -404,6 +404,16 @@ def report_task(spec: ExperimentSpec, exp: ExperimentPaths, recipe: Recipe) -> d
     )
     plots = {"curves_plot": exp.curves_plot} if curves is not None else {}
     return {"report": exp.report, "plot": exp.plot, "comparison": exp.comparison} | plots | result
+
+
+def _fresh(config: Any) -> Any:
+    """``--force`` trains the arm again from step 0: a job finds a finished training of the same
+    settings and trains nothing (training is exactly once, ``training/once.py``), so un-finish it
+    and start without resuming."""
+    from training.run_checkpoints import remove_final_marker
+
+    remove_final_marker(config.output_uri)
+    return config.model_copy(update={"resume": False})
 
 
 def teacher_base(spec: ExperimentSpec, exp: ExperimentPaths, name: str) -> RunPaths:

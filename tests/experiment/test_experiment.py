@@ -283,6 +283,7 @@ def test_a_rerun_reuses_finished_arms_and_one_arm_can_be_rerun_alone(prefect_api
     assert alone.returncode == 0, alone.stderr[-3000:]
     text = json.loads(Path(exp.record("text")).read_text())
     assert text["updated_at"] > before["text"]["updated_at"] and text["data"] == before["text"]["data"]
+    assert not text["train"].get("trained_already"), text["train"]  # --force trained it again
     assert json.loads(Path(exp.record("all")).read_text()) == before["all"]
 
 
