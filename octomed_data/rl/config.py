@@ -94,5 +94,6 @@ class RLOptions(BaseModel):
         return self.pass_rate_min < pass_rate < self.pass_rate_max
 
     def data_settings(self) -> dict[str, Any]:
-        """What decides the RL data (the data step's fingerprint): everything but the trainer's settings."""
-        return self.model_dump(mode="json", exclude={"trainer", "enabled"})
+        """What decides the RL data (the data step's fingerprint): everything but the trainer's settings,
+        ``enabled`` and ``format_reward`` (they decide no prompt)."""
+        return self.model_dump(mode="json", exclude={"trainer", "enabled", "format_reward"})
