@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "cli.train",  # train, tiny-model
     "cli.eval",  # eval
     "cli.experiment",  # experiment (the recipe lab)
+    "cli.rl",  # rl (GRPO after SFT)
 ]
 
 

@@ -6,6 +6,11 @@ export), with a ``RunDeployment`` action on the ``train`` deployment. The trigge
 parameter (run id, store) is templated into the training run, so it trains on exactly that export.
 Training itself is idempotent per (run, export) (:func:`flows.training.train_flow`), so a second
 trigger for the same export is a no-op.
+
+A second automation (:func:`rl_automation`, ``octomed-rl-after-train``) starts the ``rl``
+deployment when a ``train`` flow run completes, with ``only_if_enabled``: the RL flow runs only
+when the run's recipe says ``rl.enabled`` (the automation cannot read the recipe; the flow does),
+and trains exactly once per (SFT checkpoint, RL data, settings) however often it fires.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from flows.export import EXPORT_FLOW_NAME
 
 AUTOMATION_NAME = "octomed-train-on-export"
 OLD_AUTOMATION_NAMES = ("octomed-train-on-mixture",)  # removed when the automation is (re)created
+RL_AUTOMATION_NAME = "octomed-rl-after-train"
+TRAIN_FLOW_NAME = "train"
+RL_DEPLOYMENT = "rl/rl"
 
 
 def training_automation(
@@ -72,12 +80,53 @@ def automation_active() -> bool:
         return False
 
 
+def rl_automation(
+    rl_deployment_id: UUID, *, train_flow_name: str = TRAIN_FLOW_NAME, name: str = RL_AUTOMATION_NAME
+) -> Automation:
+    """RL after SFT: a completed ``train`` flow run starts the ``rl`` deployment on the same run
+    (its ``params.run``), which trains only when the run's recipe says ``rl.enabled``."""
+    return Automation(
+        name=name,
+        description="Start the RL deployment when a train flow run completes (runs only where the "
+        "run's recipe says rl.enabled).",
+        enabled=True,
+        trigger=EventTrigger(
+            expect={"prefect.flow-run.Completed"},
+            match_related={"prefect.resource.role": "flow", "prefect.resource.name": train_flow_name},
+            posture=Posture.Reactive,
+            threshold=1,
+        ),
+        actions=[
+            RunDeployment(
+                source="selected",
+                deployment_id=rl_deployment_id,
+                parameters={
+                    "params": {"run": "{{ flow_run.parameters.params.run }}", "only_if_enabled": True}
+                },
+            )
+        ],
+    )
+
+
+def ensure_rl_automation(rl_deployment_id: UUID, *, enabled: bool = True) -> Automation | None:
+    """Create (or replace) the RL automation; with ``enabled=False`` remove it. Idempotent by name."""
+    while True:
+        try:
+            Automation.read(name=RL_AUTOMATION_NAME).delete()
+        except ValueError:
+            break
+    return rl_automation(rl_deployment_id).create() if enabled else None
+
+
 def ensure_automation_for(deployment_name: str = "train/train", *, enabled: bool = True) -> Automation | None:
-    """Create (or remove) the automation for the deployment ``FLOW/DEPLOYMENT`` (after ``prefect deploy``)."""
+    """Create (or remove) the automation for the deployment ``FLOW/DEPLOYMENT`` (after ``prefect deploy``):
+    ``rl/rl`` gets the RL-after-train automation, any other the export -> train one."""
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name(deployment_name)
+    if deployment_name == RL_DEPLOYMENT:
+        return ensure_rl_automation(deployment.id, enabled=enabled)
     return ensure_training_automation(deployment.id, enabled=enabled)
 
 

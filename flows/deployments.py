@@ -45,13 +45,13 @@ PREFECT_VERSION = "3.9.1"
 @dataclass(frozen=True)
 class DeploymentSpec:
     """One deployment. ``form`` is the flow's single parameter: ``run`` (RunParams), ``params``
-    (TrainParams) or ``experiment`` (ExperimentParams, also named ``params``)."""
+    (TrainParams), ``experiment`` (ExperimentParams) or ``rl`` (RLParams; both also named ``params``)."""
 
     name: str
     entrypoint: str  # "flows/factory.py:factory_flow", relative to the project folder
     description: str
     tags: tuple[str, ...]
-    form: Literal["run", "params", "experiment"] = "run"
+    form: Literal["run", "params", "experiment", "rl"] = "run"
     rejudge: bool = False  # the form also has ``verify``: new verifier settings to re-judge a run with
     cron: str | None = None
     concurrency_limit: int | None = None
@@ -82,6 +82,10 @@ class DeploymentSpec:
             from flows.training import TrainParams
 
             return {"params": TrainParams(run=run).model_dump(mode="json")}
+        if self.form == "rl":
+            from flows.rl import RLParams
+
+            return {"params": RLParams(run=run).model_dump(mode="json")}
         out: dict[str, Any] = {"run": run.model_dump(mode="json")}
         if self.rejudge:
             out["verify"] = None  # empty: the run keeps its settings
@@ -152,6 +156,15 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
         "started from the UI or by the automation when an export completes.",
         tags=("octomed", "training"),
         form="params",
+    ),
+    DeploymentSpec(
+        name="rl",
+        entrypoint="flows/rl.py:rl_flow",
+        description="RL after SFT (GRPO, the factory's verifier as the reward) on a run with a finished "
+        "SFT checkpoint, then the RL checkpoint's evaluation and SFT vs SFT+RL; exactly once per "
+        "(checkpoint, RL data, settings); started from the UI or by the automation after a train run.",
+        tags=("octomed", "training", "rl"),
+        form="rl",
     ),
     DeploymentSpec(
         name="experiment",
