@@ -115,8 +115,22 @@ def correctness_reward(
     judge: JudgeEndpoint | None = None,
 ) -> float:
     """1.0 when the filter's verdict says the completion of ``row``'s question is correct, else 0.0."""
-    columns = {k: [v] for k, v in row.items()}
-    return BatchJudge(verify or VerifySettings(), judge).rewards([completion], columns)[0]
+    batch = (
+        _default_batch()
+        if verify is None and judge is None
+        else BatchJudge(verify or VerifySettings(), judge)
+    )
+    return batch.rewards([completion], {k: [v] for k, v in row.items()})[0]
+
+
+_DEFAULT: list[BatchJudge] = []
+
+
+def _default_batch() -> BatchJudge:
+    """The default settings' (exact match) judge, built once per process."""
+    if not _DEFAULT:
+        _DEFAULT.append(BatchJudge(VerifySettings(), None))
+    return _DEFAULT[0]
 
 
 def format_ok(completion: Any, row: Mapping[str, Any]) -> bool:
@@ -158,10 +172,11 @@ class BatchJudge:
             raise JudgeRewardsNeedEndpoint(_needs_endpoint(settings))
         self.settings = settings
         self.endpoint = endpoint
+        self.plain = Verifier(settings)  # no judge: one verifier for every call (its matcher built once)
 
     def verifier(self, rows: Sequence[tuple[dict[str, Any], list[tuple[str, str]], str]]) -> Verifier:
         if self.endpoint is None or not judge_sources(self.settings):
-            return Verifier(self.settings)
+            return self.plain
         verifier = Verifier(self.settings, self.endpoint.teacher)
         jobs = {}
         for row, options, question in rows:
