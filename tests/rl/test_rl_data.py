@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from octomed_data.rl.data import RL_SCHEMA, build_rl_data
 from octomed_data.schema import QUESTION_SCHEMA, VERDICT_SCHEMA
 from octomed_data.stages import LocalExecutor, raise_for_failures, run_stage
 from octomed_data.stages.rl_data import RLDataStage
+from tests.support.release import build_run
 from tests.support.rl import (
     benchmark_questions,
     image_question,
@@ -194,3 +196,41 @@ def test_the_recipe_has_an_rl_block_off_by_default():
     assert recipe.rl.enabled and recipe.rl.trainer.max_steps == 3
     with pytest.raises(ConfigError, match="rl"):
         load_recipe("demo", overrides={"rl": {"pass_rate_band": [0, 1]}})
+
+
+def test_rl_data_of_a_distilled_and_filtered_run_without_decontamination(tmp_path):
+    """The demo's sources plus real MedQA test items, ingested, NOT decontaminated, distilled by the
+    sandbox and filtered: the RL data holds no registry match, and its pass rates are the filter's."""
+    medqa = Path(__file__).parents[2] / "octomed_data" / "sample_data" / "medqa"
+    entry = {
+        "format": "medqa",
+        "input": str(medqa / "phrases_no_exclude_test.head8.jsonl"),
+        "name": "medqa_test",
+    }
+    paths = build_run(tmp_path / "store", [entry], decontam=False)
+    result = run_stage(RLDataStage(paths, RLOptions(inclusive=True)), LocalExecutor())
+    raise_for_failures(result)
+    summary = storage.read_json(RLFolder(paths.rl).data_summary)
+    # The 8 MedQA test items (source ``medqa``; the demo's other benchmark items too) are left out.
+    assert summary["per_source"]["medqa"]["benchmark_excluded"] == 8
+    assert summary["per_source"]["medqa"]["selected"] == 0
+    got = rows_of(paths)
+    questions = storage.Dataset(paths.questions, QUESTION_SCHEMA).read_all()
+    index = DecontamIndex.from_registry()
+    matched = {
+        r["question_id"]
+        for r, m in zip(questions.to_pylist(), index.check_table(questions), strict=True)
+        if m
+    }
+    assert len(matched) >= 8 and not matched & set(got)
+    verdicts = storage.Dataset(paths.verdicts, VERDICT_SCHEMA).read_all().to_pylist()
+    judged, ok = Counter(), Counter()
+    for v in verdicts:
+        if v["reject_reason"] != "request_failed":
+            judged[v["question_id"]] += 1
+            ok[v["question_id"]] += v["correct"]
+    assert got and all(
+        r["pass_rate"] == ok[q] / judged[q] and r["samples"] == judged[q] for q, r in got.items()
+    )
+    assert {bool(r["images"]) for r in got.values()} == {True, False}  # text and image prompts
+    assert run_stage(RLDataStage(paths, RLOptions(inclusive=True))).outcomes["all"].state == "REUSED"
