@@ -159,9 +159,12 @@ def publish_rl(paths: RunPaths, result: dict[str, Any]) -> None:
 @flow(name="rl", log_prints=True)
 def rl_flow(params: RLParams = RLParams()) -> dict[str, Any]:
     """RL data -> GRPO on the run's SFT checkpoint (exactly once) -> evaluation -> SFT vs SFT+RL."""
-    from training.rl_stage import RLStage, rl_job
+    from octomed_data.errors import ConfigError
+    from training.rl_stage import RLStage, rl_job, sft_identity
     from training.stage import ALREADY
 
+    if not params.run.run_id:
+        raise ConfigError("rl needs run.run_id: the run with a finished SFT checkpoint (nothing was created)")
     found = existing_run(params.run)
     recipe, paths = prepare(
         RunParams(recipe_path=params.run.recipe_path, run_id=found.run_id, store=found.store)
@@ -170,10 +173,11 @@ def rl_flow(params: RLParams = RLParams()) -> dict[str, Any]:
     if params.only_if_enabled and not recipe.rl.enabled:
         print(f"rl: run {paths.run_id}'s recipe leaves rl.enabled off; nothing to do")
         return {"run_id": paths.run_id, "skipped": True, "enabled": False}
+    sft = sft_checkpoint(paths)
+    sft_identity(sft)  # one line before anything is written when the run has no finished SFT checkpoint
     data = rl_data_task(paths, recipe)
     print(f"rl: RL prompts {data}")
     overrides = {k: getattr(params, k) for k in ("max_steps", "learning_rate", "num_generations")}
-    sft = sft_checkpoint(paths)
     job = rl_job(recipe, paths, sft_checkpoint=sft, work_dir=work_dir(paths, "rl-work"), overrides=overrides)
     stage = RLStage(
         paths, job, lambda: grpo_task(job, params.launcher, params.processes), owner=_flow_run_id()

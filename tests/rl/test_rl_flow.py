@@ -15,6 +15,7 @@ from octomed_data.layout import CheckpointFolder, RLFolder, RunPaths
 from octomed_data.recipe import Recipe, load_recipe
 from octomed_data.runs import start_run
 from octomed_data.schema import QUESTION_SCHEMA, REMOVED_SCHEMA, VERDICT_SCHEMA, question_row
+from tests.support.flows import artifact_keys
 from tests.support.sft import weights_hash
 
 GOLD_LINE = "Final answer: \\boxed{A}"
@@ -173,6 +174,8 @@ def test_sft_then_rl_then_evaluation_with_the_factorys_verifier_as_the_reward(rl
     report = storage.read_bytes(rl.comparison).decode()
     assert "| medqa | 2 | 2 |" in report and "95% CI" in report
     assert [r["benchmark"] for r in out["comparison"]] == ["medqa"]
+    keys = [f"{k}-{paths.run_id}" for k in ("rl", "rl-comparison")]
+    assert artifact_keys(keys) == set(keys)
 
 
 def test_a_second_trigger_trains_nothing_and_the_cli_says_so(rl_run, capsys) -> None:
@@ -195,3 +198,8 @@ def test_a_second_trigger_trains_nothing_and_the_cli_says_so(rl_run, capsys) -> 
     assert weights_hash(rl.checkpoints) == before[0]
     assert main(["rl", "nosuchrun", "--store", paths.store]) == 2
     assert "no run 'nosuchrun'" in capsys.readouterr().err
+    # A run without a finished SFT checkpoint: one line, exit 2, nothing written.
+    bare = start_run(_recipe(paths.store), "bare", paths.store)
+    assert main(["rl", "bare", "--store", paths.store]) == 2
+    assert "no finished SFT checkpoint" in capsys.readouterr().err
+    assert not storage.exists(RLFolder(bare.rl).data_done)
