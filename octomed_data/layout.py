@@ -266,6 +266,10 @@ class RLFolder:
     plot = _at("rl.png", doc="Reward and response length over steps.")
     evaluation = _at("evaluate", doc="The RL checkpoint's evaluation (an EvaluationFolder).")
     comparison = _at("sft_vs_rl.md", doc="SFT vs SFT+RL per benchmark, with bootstrap intervals.")
+    judge = _at(
+        "judge",
+        doc="The reward's LLM-judge journal (``judge/_journal/<batch>/``), when the verify settings judge.",
+    )
 
     def split(self, name: str) -> str:
         """One split of the RL prompts (``data/train`` or ``data/validation``)."""

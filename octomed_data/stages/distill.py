@@ -131,7 +131,7 @@ class DistillStage(Stage):
         return asyncio.run(self.arun_shard(shard))
 
     def done_counts(self, shard: str) -> dict[str, Any]:
-        info = self.done_dataset().shard_info(shard)
+        info = self.done_info(shard)  # from the pass's one look at the markers, when there is one
         return dict(info.extra.get("counts") or {}) if info is not None else {}
 
     def finalize(self, shards: Any) -> dict[str, Any]:
