@@ -203,3 +203,37 @@ def test_a_second_trigger_trains_nothing_and_the_cli_says_so(rl_run, capsys) -> 
     assert main(["rl", "bare", "--store", paths.store]) == 2
     assert "no finished SFT checkpoint" in capsys.readouterr().err
     assert not storage.exists(RLFolder(bare.rl).data_done)
+
+
+def test_a_finished_train_run_starts_the_rl_deployment_on_that_run(rl_run) -> None:
+    """The automation after SFT: a completed train flow run starts ``rl`` with its run, asking
+    the flow to train only where the run's recipe says rl.enabled."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    from flows.automation import RL_AUTOMATION_NAME, ensure_rl_automation
+    from flows.common import RunParams
+    from flows.rl import rl_flow
+    from flows.training import TrainParams, train_flow
+
+    paths = rl_run[0]
+    deployment_id = rl_flow.to_deployment(name="rl").apply()
+    automation = ensure_rl_automation(deployment_id)
+    assert automation is not None and automation.name == RL_AUTOMATION_NAME
+    time.sleep(2)  # the triggers service loads new automations periodically
+    run = RunParams(run_id=paths.run_id, store=paths.store)
+    assert train_flow(TrainParams(run=run, launcher="inprocess", evaluate=False))["skipped"]
+    runs = []
+    deadline = time.time() + 60
+    with get_client(sync_client=True) as client:
+        while time.time() < deadline and not runs:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+            )
+            time.sleep(1)
+    assert runs, "the automation did not start the rl deployment"
+    params = runs[0].parameters["params"]
+    assert params["run"]["run_id"] == paths.run_id and params["only_if_enabled"] is True
+    assert ensure_rl_automation(deployment_id, enabled=False) is None
