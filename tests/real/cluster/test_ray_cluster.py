@@ -142,6 +142,10 @@ def test_distill_spreads_over_two_nodes_key_only_in_driver_and_survives_a_dead_n
         assert None not in nodes.values(), nodes
         assert set(nodes.values()) == {n["NodeID"] for n in ray.nodes() if n["Alive"]}, nodes
 
+        # 1b. Beyond one machine (issue 26): the filter (sharded) and the mixture (a global step)
+        #     run on the cluster's actors and give the same rows as the local executor.
+        _same_rows_on_ray_and_locally(tmp_path, address)
+
         # 2. The worker node dies mid-shard: Ray restarts the actor on the head node and retries;
         #    the journal keeps what was stored, so every question ends with exactly N samples.
         #    Only its raylet is killed (a raylet crash): `ray start --block` then ends every other
@@ -197,6 +201,37 @@ def test_distill_spreads_over_two_nodes_key_only_in_driver_and_survives_a_dead_n
         assert not left and worker.poll() is not None, left
     finally:
         sandbox.stop()
+
+
+def _same_rows_on_ray_and_locally(tmp_path: Path, address: str) -> None:
+    from octomed_data.distill import raw_uri
+    from octomed_data.stages import LocalExecutor, raise_for_failures, run_stage
+    from octomed_data.stages.filter import FilterStage
+    from octomed_data.stages.mixture import MixtureStage
+    from tasks.ray_executor import RayExecutor
+
+    raw = raw_uri(str(tmp_path / "spread" / "run"))  # the distill stage above wrote its raw here
+    questions = str(tmp_path / "spread" / "questions")
+    rows: dict[str, dict[str, list]] = {}
+    for name, executor in (("ray", RayExecutor(address)), ("local", LocalExecutor(progress=False))):
+        paths = RunPaths.at(str(tmp_path / f"global-{name}"))
+        filtered = run_stage(FilterStage(paths, raw=raw, questions=questions), executor)
+        raise_for_failures(filtered)
+        assert len(filtered.outcomes) == 4 and {o.state for o in filtered.outcomes.values()} == {"COMPLETED"}
+        mixed = run_stage(MixtureStage(paths, questions=questions), executor)
+        raise_for_failures(mixed)
+        rows[name] = {
+            uri: storage.Dataset(getattr(paths, uri)).read_all().sort_by(keys).to_pylist()
+            for uri, keys in (
+                ("verdicts", [("question_id", "ascending"), ("sample_idx", "ascending")]),
+                ("accepted", [("question_id", "ascending"), ("sample_idx", "ascending")]),
+                ("mixture_train", [("shuffle_key", "ascending")]),
+                ("mixture_validation", [("shuffle_key", "ascending")]),
+            )
+        }
+    assert rows["ray"]["verdicts"] and rows["ray"]["mixture_train"]
+    for uri in rows["local"]:
+        assert rows["ray"][uri] == rows["local"][uri], uri
 
 
 def _running(proc) -> bool:
