@@ -160,7 +160,7 @@ def publish_rl(paths: RunPaths, result: dict[str, Any]) -> None:
 def rl_flow(params: RLParams = RLParams()) -> dict[str, Any]:
     """RL data -> GRPO on the run's SFT checkpoint (exactly once) -> evaluation -> SFT vs SFT+RL."""
     from octomed_data.errors import ConfigError
-    from training.rl_stage import RLStage, rl_job, sft_identity
+    from training.rl_stage import RLStage, check_rewards, rl_job, sft_identity
     from training.stage import ALREADY
 
     if not params.run.run_id:
@@ -173,6 +173,7 @@ def rl_flow(params: RLParams = RLParams()) -> dict[str, Any]:
     if params.only_if_enabled and not recipe.rl.enabled:
         print(f"rl: run {paths.run_id}'s recipe leaves rl.enabled off; nothing to do")
         return {"run_id": paths.run_id, "skipped": True, "enabled": False}
+    check_rewards(recipe)
     sft = sft_checkpoint(paths)
     sft_identity(sft)  # one line before anything is written when the run has no finished SFT checkpoint
     data = rl_data_task(paths, recipe)

@@ -67,6 +67,15 @@ def sft_identity(checkpoint_uri: str) -> dict[str, Any]:
     }
 
 
+def check_rewards(recipe: Recipe) -> None:
+    """The reward the recipe's ``verify:`` settings ask for can be computed by the GRPO job (else one line)."""
+    if recipe.verify.needs_judge:
+        raise ConfigError(
+            "rl: the recipe's verify settings send open answers to the LLM judge; the GRPO job has no "
+            "judge endpoint yet (exact and normalized sources only): nothing was trained"
+        )
+
+
 def rl_job(
     recipe: Recipe,
     paths: RunPaths,
@@ -77,6 +86,7 @@ def rl_job(
 ) -> RLJob:
     """The run's GRPO job: its SFT checkpoint as the policy, its RL prompts, the recipe's settings
     (``rl.trainer``, then ``overrides``), the recipe's ``verify:`` settings for the reward."""
+    check_rewards(recipe)
     rl = RLFolder(paths.rl)
     trainer = recipe.rl.trainer.model_dump(mode="json") | {
         k: v for k, v in (overrides or {}).items() if v is not None

@@ -64,6 +64,18 @@ def test_the_rl_stage_trains_once_per_checkpoint_data_and_settings(tmp_path: Pat
     assert storage.read_json(paths.state_uri("rl", job.config_hash()))["state"] == "COMPLETED"
 
 
+def test_judge_mode_rewards_are_refused_in_one_line_before_anything_runs(tmp_path: Path) -> None:
+    from octomed_data.errors import ConfigError
+    from octomed_data.recipe import Recipe
+    from training.rl_stage import rl_job
+
+    data = load_recipe("demo").model_dump(mode="json") | {"verify": {"default": "judge"}}
+    recipe = Recipe.model_validate(data)
+    paths = start_run(recipe, "j1", str(tmp_path / "store"))
+    with pytest.raises(ConfigError, match="no judge endpoint"):
+        rl_job(recipe, paths, sft_checkpoint=paths.checkpoints, work_dir=str(tmp_path / "w"))
+
+
 def _predictions(uri: str, correct: dict[str, list[bool]]) -> None:
     rows = [
         {"benchmark": "medqa", "question_id": q, "task_type": "text_mcq", "seed": s, "correct": ok}
