@@ -3,8 +3,9 @@
 Runs the ``rl`` flow (what the dashboard's ``rl`` form and the automation after a train run start):
 the RL prompts, GRPO on the run's SFT checkpoint (exactly once per checkpoint, RL data and
 settings: a second command trains nothing and says so), the RL checkpoint's evaluation and
-``rl/sft_vs_rl.md``. Exit 0 when the flow finished (trained, or nothing to train), 2 for a wrong
-run, store or setting (one line), 1 when the job failed.
+``rl/sft_vs_rl.md``. Exit 0 when the flow finished (trained, or nothing to train: it says so);
+2 with one ``error:`` line for a wrong run or store, a run without a finished SFT checkpoint, a
+setting out of range or a failed GRPO job; 1 for anything unexpected.
 """
 
 from __future__ import annotations
