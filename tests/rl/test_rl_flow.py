@@ -168,6 +168,7 @@ def test_sft_then_rl_then_evaluation_with_the_factorys_verifier_as_the_reward(rl
     columns = {k: [v, v] for k, v in row.items() if k != "prompt"}
     assert correctness(None, [GOLD_LINE, "Final answer: \\boxed{B}"], **columns) == [1.0, 0.0]
     assert storage.read_bytes(rl.plot)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((Path(paths.local("rl-work")) / "tensorboard").rglob("events.out.tfevents*"))
     # Evaluated with SFT's protocol (same benchmark, items, seeds), compared in rl/sft_vs_rl.md.
     assert out["evaluate_rl"]["output_uri"] == rl.evaluation
     assert set(out["evaluate_rl"]["per_benchmark"]) == set(out["evaluate_sft"]["per_benchmark"]) == {"medqa"}
