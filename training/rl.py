@@ -70,6 +70,10 @@ class RLJob(BaseModel):
     inputs: dict[str, Any] = Field(
         default_factory=dict, description="What the job trains from: SFT marker + data commit."
     )
+    judge: dict[str, Any] | None = Field(
+        None, description="The LLM judge teacher (TeacherConfig; its key comes from its env variable)."
+    )
+    judge_journal: str | None = Field(None, description="The reward judge's journal (RLFolder.judge).")
 
     def t(self, name: str, default: Any = None) -> Any:
         return self.trainer.get(name, default)
@@ -81,6 +85,8 @@ class RLJob(BaseModel):
             "verify": self.verify,
             "format_weight": self.format_weight,
             "inputs": self.inputs,
+            # The judge's model and sampling decide rewards; where it is served does not.
+            "judge": {k: v for k, v in (self.judge or {}).items() if k != "base_url"} or None,
         }
 
     def config_hash(self) -> str:
@@ -109,6 +115,26 @@ def finished(job: RLJob) -> dict[str, Any] | None:
         "plot_uri": job.plot_uri,
         "trained_already": True,
     }
+
+
+def job_rewards(job: RLJob) -> list[Any]:
+    """The job's reward functions: the filter's verdict (the recipe's ``verify:`` settings, the LLM
+    judge through the one inference client when they name one, journalled in ``judge_journal``),
+    plus the format reward when weighted."""
+    from octomed_data.rl.reward import reward_functions
+    from octomed_data.teachers import TeacherConfig, resolve_api_key
+    from octomed_data.verify import VerifySettings
+    from octomed_data.verify.judge import JudgeEndpoint
+
+    verify = VerifySettings.model_validate(job.verify) if job.verify else None
+    endpoint = None
+    if job.judge:
+        teacher = TeacherConfig.model_validate(job.judge)
+        if not job.judge_journal:
+            raise ConfigError("rl: a judge needs a journal folder (judge_journal)")
+        attempts = verify.max_attempts if verify else 6
+        endpoint = JudgeEndpoint(teacher, resolve_api_key(teacher), job.judge_journal, max_attempts=attempts)
+    return reward_functions(verify, job.format_weight, judge=endpoint)
 
 
 def load_prompts(job: RLJob, tokenizer: Any) -> tuple[Any, dict[str, int]]:
@@ -228,8 +254,6 @@ def train_grpo(job: RLJob, *, progress: bool = False) -> dict[str, Any]:
     from transformers import AutoTokenizer
     from trl import GRPOTrainer
 
-    from octomed_data.rl.reward import reward_functions
-    from octomed_data.verify import VerifySettings
     from training.checkpoints import download_folder, intermediate_checkpoints
     from training.models import resolve_model
     from training.run_checkpoints import remove_final_marker, save_final
@@ -244,8 +268,7 @@ def train_grpo(job: RLJob, *, progress: bool = False) -> dict[str, Any]:
     args = grpo_config(job, work, cuda=cuda, progress=progress)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         shutil.rmtree(work / "trainer", ignore_errors=True)  # a resume comes from the store
-    verify = VerifySettings.model_validate(job.verify) if job.verify else None
-    rewards = reward_functions(verify, job.format_weight)
+    rewards = job_rewards(job)
     config_hash = job.config_hash()
     meta = {"config_hash": config_hash, "settings": job.settings(), "kind": "grpo"}
     ours = [c for c in intermediate_checkpoints(job.output_uri, config_hash)]

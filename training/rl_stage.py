@@ -67,13 +67,28 @@ def sft_identity(checkpoint_uri: str) -> dict[str, Any]:
     }
 
 
+def judge_of(recipe: Recipe) -> dict[str, Any] | None:
+    """The recipe's judge teacher as the filter resolves it (no key: the job reads its env
+    variable), or None when no source is judged; a sandbox-bound judge is one ConfigError line
+    (the GRPO job starts no sandbox teacher)."""
+    from octomed_data.stages.filter import recipe_judge
+    from octomed_data.teachers import is_simulated
+
+    teacher = recipe_judge(recipe)
+    if teacher is None:
+        return None
+    if is_simulated(teacher):
+        raise ConfigError(
+            "rl: the recipe's verify settings send open answers to the LLM judge, and the judge is the "
+            "sandbox teacher, which the GRPO job does not start; give the judge teacher a base_url "
+            "(or $OCTOMED_TEACHER_BASE_URL): nothing was trained"
+        )
+    return teacher.model_dump(mode="json")
+
+
 def check_rewards(recipe: Recipe) -> None:
     """The reward the recipe's ``verify:`` settings ask for can be computed by the GRPO job (else one line)."""
-    if recipe.verify.needs_judge:
-        raise ConfigError(
-            "rl: the recipe's verify settings send open answers to the LLM judge; the GRPO job has no "
-            "judge endpoint yet (exact and normalized sources only): nothing was trained"
-        )
+    judge_of(recipe)
 
 
 def rl_job(
@@ -86,7 +101,7 @@ def rl_job(
 ) -> RLJob:
     """The run's GRPO job: its SFT checkpoint as the policy, its RL prompts, the recipe's settings
     (``rl.trainer``, then ``overrides``), the recipe's ``verify:`` settings for the reward."""
-    check_rewards(recipe)
+    judge = judge_of(recipe)
     rl = RLFolder(paths.rl)
     trainer = recipe.rl.trainer.model_dump(mode="json") | {
         k: v for k, v in (overrides or {}).items() if v is not None
@@ -103,6 +118,8 @@ def rl_job(
         verify=recipe.verify.model_dump(mode="json"),
         format_weight=recipe.rl.format_reward,
         inputs={"sft": sft_identity(sft_checkpoint), "rl_data": rl_data_fingerprint(paths)},
+        judge=judge,
+        judge_journal=rl.judge if judge else None,
     )
 
 

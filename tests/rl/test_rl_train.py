@@ -64,7 +64,7 @@ def test_the_rl_stage_trains_once_per_checkpoint_data_and_settings(tmp_path: Pat
     assert storage.read_json(paths.state_uri("rl", job.config_hash()))["state"] == "COMPLETED"
 
 
-def test_judge_mode_rewards_are_refused_in_one_line_before_anything_runs(tmp_path: Path) -> None:
+def test_a_sandbox_bound_judge_is_refused_in_one_line_before_anything_runs(tmp_path: Path) -> None:
     from octomed_data.errors import ConfigError
     from octomed_data.recipe import Recipe
     from training.rl_stage import rl_job
@@ -72,7 +72,7 @@ def test_judge_mode_rewards_are_refused_in_one_line_before_anything_runs(tmp_pat
     data = load_recipe("demo").model_dump(mode="json") | {"verify": {"default": "judge"}}
     recipe = Recipe.model_validate(data)
     paths = start_run(recipe, "j1", str(tmp_path / "store"))
-    with pytest.raises(ConfigError, match="no judge endpoint"):
+    with pytest.raises(ConfigError, match="the judge is the sandbox teacher"):
         rl_job(recipe, paths, sft_checkpoint=paths.checkpoints, work_dir=str(tmp_path / "w"))
 
 
@@ -143,3 +143,36 @@ def test_grpo_checkpoints_to_s3_and_a_killed_job_resumes_from_its_last_checkpoin
     metrics = [json.loads(x) for x in storage.read_bytes(job.metrics_uri).decode().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     assert storage.read_json(CheckpointFolder(out).marker)["step"] == 2
+
+
+def test_a_judged_recipe_gives_the_job_its_judge_and_the_rewards_ask_it(tmp_path: Path, monkeypatch) -> None:
+    from octomed_data.recipe import Recipe
+    from octomed_data.sandbox import start_sandbox
+    from tests.support.rl import open_question
+    from training.rl import job_rewards
+    from training.rl_stage import judge_of
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-rl-judge")
+    qs = [open_question(i) for i in range(3)]
+    columns = {
+        "question_id": [q["question_id"] for q in qs],
+        "task_type": [q["task_type"] for q in qs],
+        "options": [q["options"] for q in qs],
+        "gold_answer": [q["answer"] for q in qs],
+    }
+    replies = ["Final answer: \\boxed{the Vellum-0 gland}", "Final answer: \\boxed{vellum gland 1}",
+               "Final answer: \\boxed{the spleen}"]  # fmt: skip
+    with start_sandbox() as sb:
+        data = load_recipe("demo").model_dump(mode="json") | {"verify": {"default": "judge"}}
+        data["teachers"][0] |= {"base_url": sb.base_url, "model": "sandbox-judge", "temperature": 0.0}
+        judge = judge_of(Recipe.model_validate(data))
+        assert judge is not None and judge["model"] == "sandbox-judge"
+        job = _job(tmp_path, "out").model_copy(
+            update={"verify": {"default": "judge"}, "judge": judge, "judge_journal": str(tmp_path / "judge")}
+        )
+        assert "sk-test-rl-judge" not in job.model_dump_json()  # the key is read where the job runs
+        rewards = job_rewards(job)[0](None, replies, **columns)
+        asked = sum(1 for e in sb.stats()["log"] if e["kind"] == "judge")
+    assert rewards[1] == 1.0 and rewards[2] == 0.0  # normalized match; the judge says no
+    assert asked == 2 and list((tmp_path / "judge").rglob("*"))  # journalled in the job's folder
+    assert job.config_hash() != _job(tmp_path, "out").config_hash()
