@@ -53,6 +53,10 @@ METRIC_KEYS = {
 }
 
 
+# The policy's processor files the final checkpoint keeps (the tokenizer is saved by itself).
+PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json")
+
+
 class RLJob(BaseModel):
     """One GRPO job: where the policy, prompts and outputs are, and its settings."""
 
@@ -314,6 +318,9 @@ def train_grpo(job: RLJob, *, progress: bool = False) -> dict[str, Any]:
     trainer.save_model(str(final_dir))  # every rank (ZeRO-3 gathers the weights)
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(str(final_dir))
+        for name in PROCESSOR_FILES:  # a VL policy stays evaluable as one (its image processor)
+            if (policy / name).is_file() and not (final_dir / name).exists():
+                shutil.copy2(policy / name, final_dir / name)
         plot_metrics(kept, job.plot_uri) if kept else None
         finished_as = SimpleNamespace(
             steps=steps,
