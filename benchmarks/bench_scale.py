@@ -138,6 +138,7 @@ def child(args: argparse.Namespace) -> None:
             "wall_s": round(time.perf_counter() - s0, 2),
             "states": dict(states),
             "stale": len(result.stale),
+            "peak_after_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
     loop_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     loop_wall = time.perf_counter() - t0
