@@ -75,6 +75,6 @@ def _rl(args: argparse.Namespace) -> int:
         "comparison": out.get("comparison"),
     }
     if out.get("skipped"):
-        print("rl: nothing to train (trained already with these settings, or rl.enabled is off)")
+        print("rl: nothing to train (this SFT checkpoint, RL data and settings are trained already)")
     print(json.dumps(summary, default=str))
     return 0
