@@ -13,7 +13,9 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 
 from octomed_data.errors import OctomedError
 
@@ -46,7 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a Prefect cancel, ``kill PID``, ``docker stop``) as an interrupt of the main thread:
+    the attempt in progress unwinds like on Ctrl-C, so its record ends FAILED (never RUNNING) and
+    its lease is released; the command exits 143."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -65,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     except OctomedError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("error: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
