@@ -13,6 +13,8 @@ A spec's ``teachers`` each distil the base questions once (run ``<base_run>-<tea
 with the teacher's overrides); an arm with ``teacher_run`` selects from that run and its record
 carries the teacher's pass rate, reasoning length and cost. With ``evaluation.every_steps`` an arm
 saves a checkpoint every N steps and evaluates each (its learning curve, ``curve`` in ``arm.json``).
+An arm with ``rl: true`` then runs GRPO on its SFT checkpoint (``flows.experiment_rl``: once per
+arm; an SFT twin shares the SFT training) and evaluates the RL checkpoint (``rl`` in ``arm.json``).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class ExperimentParams(BaseModel):
     spec: str = Field(
         "sources",
         description="A ready-made spec (sources, samples, length, cot, difficulty, samples_vs_epochs, "
-        "teacher) or a spec YAML path.",
+        "teacher, sft_vs_rl) or a spec YAML path.",
     )
     arms: list[str] | None = Field(None, description="Only these arms (e.g. a failed one); empty: every arm.")
     force: bool = Field(False, description="Re-run the chosen arms even when they are finished.")
@@ -231,6 +233,15 @@ def recipe_settings(recipe: Recipe, model_path: str | None) -> dict[str, Any]:
     }
 
 
+def arm_recipe_settings(recipe: Recipe, model_path: str | None, arm: Any) -> dict[str, Any]:
+    """``recipe_settings``, plus the ``rl:`` and ``verify:`` settings for an arm with RL."""
+    if not arm.rl:
+        return recipe_settings(recipe, model_path)
+    from flows.experiment_rl import rl_settings
+
+    return recipe_settings(recipe, model_path) | rl_settings(recipe)
+
+
 def training_key(spec: ExperimentSpec, arm_name: str, settings: dict[str, Any], data_fingerprint: str) -> str:
     """What decides an arm's checkpoint: its data fingerprint and every training setting (the arm's
     training overrides, control, the spec's training, the recipe's training, mixture and export
@@ -270,9 +281,9 @@ def arm_flow(spec_ref: str, arm: str, store: str | None = None, force: bool = Fa
     arm_cfg = spec.arm(arm)
     base = RunPaths(exp.store, spec.base_run_of(arm_cfg))  # its teacher's distillation, if it names one
     model_path = _base_model(recipe, exp)
-    settings = spec.settings_fingerprint(arm_cfg, recipe_settings(recipe, model_path))
+    settings = spec.settings_fingerprint(arm_cfg, arm_recipe_settings(recipe, model_path, arm_cfg))
     record: dict[str, Any] = {"status": "RUNNING", "settings": settings}
-    record["spec"] = spec.arm_settings(arm_cfg, recipe_settings(recipe, model_path))
+    record["spec"] = spec.arm_settings(arm_cfg, arm_recipe_settings(recipe, model_path, arm_cfg))
     try:
         data = select_task(base, spec, arm, exp.arm(arm).accepted)  # no teacher request: cheap
     except Exception as exc:
@@ -355,6 +366,12 @@ def _run_arm(
         record["trained_by"] = arm
         write_record(exp, arm, record)  # its checkpoint is findable by twins from here on
         checkpoint = paths.checkpoints
+    if arm_cfg.rl:  # GRPO on the SFT checkpoint, once; the RL checkpoint is what the arm evaluates
+        from flows.experiment_rl import rl_arm
+
+        record["rl"] = rl_arm(spec, recipe, exp, base, arm, checkpoint, force)
+        write_record(exp, arm, record)
+        checkpoint = record["rl"]["checkpoint"]
     eval_cfg = _eval_config(recipe, spec, arm, paths, base, checkpoint)
     result = evaluate_task(paths, eval_cfg)
     record["evaluation"] = {
@@ -375,7 +392,8 @@ def report_task(spec: ExperimentSpec, exp: ExperimentPaths, recipe: Recipe) -> d
     model_path = _base_model(recipe, exp)
     records = {
         a.name: current(
-            read_record(exp, a.name), spec.settings_fingerprint(a, recipe_settings(recipe, model_path))
+            read_record(exp, a.name),
+            spec.settings_fingerprint(a, arm_recipe_settings(recipe, model_path, a)),
         )
         for a in spec.arms
     }

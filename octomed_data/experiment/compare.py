@@ -354,6 +354,8 @@ def compare(
             "final_loss": rec.get("train", {}).get("final_loss"),
             "trained_by": rec.get("trained_by") or (a.name if rec.get("train") else None),
         }
+        if rec.get("rl") and data[a.name]["trained_by"]:  # its SFT checkpoint, then its own GRPO run
+            data[a.name]["trained_by"] += " + RL"
     same: dict[str, list[str]] = defaultdict(list)
     shared: dict[str, list[str]] = defaultdict(list)
     for name, d in data.items():

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from octomed_data.config import first_error, read_yaml
 from octomed_data.errors import ConfigError
+from octomed_data.rl.config import GRPOSettings
 from octomed_data.schema import TaskType
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
@@ -109,6 +110,11 @@ class Arm(BaseModel):
     export: Literal["reasoning", "answer_only"] = "reasoning"
     training: ArmTraining = Field(default_factory=ArmTraining)
     evaluation: ArmEvaluation = Field(default_factory=ArmEvaluation)
+    # Reinforcement learning after the arm's SFT: GRPO (the factory's verifier as the reward) on the
+    # base run's RL prompts (the recipe's ``rl:`` block), once per arm; the RL checkpoint is what
+    # the arm evaluates. ``rl_trainer``: overrides of the recipe's ``rl.trainer`` (GRPOSettings).
+    rl: bool = False
+    rl_trainer: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _band(self) -> Arm:
@@ -116,6 +122,13 @@ class Arm(BaseModel):
             low, high = self.pass_rate
             if not 0.0 <= low <= high <= 1.0:
                 raise ValueError(f"pass_rate must be [low, high] within [0, 1], got {list(self.pass_rate)}")
+        if self.rl_trainer is not None:
+            if not self.rl:
+                raise ValueError(f"arm {self.name!r}: rl_trainer is set but rl is not true")
+            try:
+                GRPOSettings.model_validate(self.rl_trainer)
+            except ValidationError as exc:
+                raise ValueError(f"arm {self.name!r}: rl_trainer: {first_error(exc)}") from None
         return self
 
     def selection(self) -> dict[str, Any]:
@@ -229,6 +242,12 @@ class ExperimentSpec(BaseModel):
                 raise ValueError(
                     f"arm {a.name!r}: teacher_run {a.teacher_run!r} is not one of the teachers {teachers}"
                 )
+        for a in self.arms:
+            if a.rl and self.every_steps(a):
+                raise ValueError(
+                    f"arm {a.name!r}: an RL arm has no learning curve (its intermediate checkpoints are "
+                    "SFT's): set evaluation.every_steps on the other arms only"
+                )
         banded = [a for a in self.arms if a.pass_rate is not None]
         if not self.allow_overlap:
             for i, a in enumerate(banded):
@@ -259,8 +278,10 @@ class ExperimentSpec(BaseModel):
         """Everything but the selected traces that decides an arm's result: the arm, control,
         protocol, the base run, and ``recipe`` (what of the recipe the arm uses: training, mixture,
         export and evaluation settings, the base model)."""
+        # An arm without RL dumps as before the RL fields existed (its fingerprint is unchanged).
+        plain = set() if arm.rl else {"rl", "rl_trainer"}
         settings = {
-            "arm": arm.model_dump(mode="json", exclude={"name", "description"}),
+            "arm": arm.model_dump(mode="json", exclude={"name", "description"} | plain),
             "control": self.control,
             "training": self.training.model_dump(mode="json"),
             "evaluation": self.evaluation.model_dump(mode="json"),
@@ -288,7 +309,16 @@ class ExperimentSpec(BaseModel):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-READY_MADE = ("sources", "samples", "length", "cot", "difficulty", "samples_vs_epochs", "teacher")
+READY_MADE = (
+    "sources",
+    "samples",
+    "length",
+    "cot",
+    "difficulty",
+    "samples_vs_epochs",
+    "teacher",
+    "sft_vs_rl",
+)
 
 
 def spec_path(ref: str) -> str:

@@ -109,3 +109,39 @@ def test_learning_curves_and_teacher_table_are_recomputed_from_predictions(tmp_p
     # No arm with a curve: no learning-curve plot or section.
     plain = compare(spec, _records(tmp_path / "again", REF, X))
     assert learning_curves_png(plain) is None and "Learning curves" not in report_markdown(plain)
+
+
+def test_the_sft_vs_rl_spec_loads_and_only_its_rl_arm_fingerprints_rl_settings() -> None:
+    spec = load_spec("sft_vs_rl")
+    sft, rl = spec.arm("sft"), spec.arm("sft_rl")
+    assert spec.recipe == "lab" and spec.reference == "sft" and (sft.rl, rl.rl) == (False, True)
+    # The same SFT data and training: the arms share one SFT checkpoint (the flow's twin).
+    assert sft.selection() == rl.selection() and sft.training == rl.training
+    assert rl.rl_trainer and rl.rl_trainer["max_steps"] <= 2
+    # An arm without RL fingerprints as before the RL fields existed; the RL arm's settings differ.
+    assert "rl" not in spec.arm_settings(sft)["arm"] and spec.arm_settings(rl)["arm"]["rl"] is True
+    assert spec.settings_fingerprint(sft) != spec.settings_fingerprint(rl)
+
+
+@pytest.mark.parametrize(
+    "arm, message",
+    [
+        (
+            {"name": "x", "rl": True, "rl_trainer": {"num_generations": 1}},
+            "arm 'x': rl_trainer: num_generations: Input should be greater than or equal to 2",
+        ),
+        ({"name": "x", "rl": True, "rl_trainer": {"max_step": 2}}, "arm 'x': rl_trainer: max_step: Extra"),
+        ({"name": "x", "rl_trainer": {"max_steps": 2}}, "arm 'x': rl_trainer is set but rl is not true"),
+    ],
+)
+def test_a_bad_rl_trainer_override_is_one_error_line(arm: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_spec(SPEC | {"arms": [{"name": "ref"}, arm]})
+    assert "\n" not in str(info.value)
+
+
+def test_an_rl_arm_has_no_learning_curve() -> None:
+    with pytest.raises(ConfigError, match="an RL arm has no learning curve"):
+        parse_spec(
+            SPEC | {"arms": [{"name": "ref"}, {"name": "x", "rl": True}], "evaluation": {"every_steps": 1}}
+        )
