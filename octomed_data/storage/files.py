@@ -402,6 +402,18 @@ def list_prefixed(uri_prefix: str) -> list[str]:
     not the whole folder's)."""
     fs, path = filesystem(uri_prefix)
     folder = uri_prefix.rsplit("/", 1)[0] if "/" in uri_prefix else "."
+    if is_local(fs):
+        # One directory scan (fsspec's local glob walks the folder and stats every entry: a lease
+        # taken per shard in a folder of 2 files per shard made a pass quadratic in shards).
+        parent, stem = os.path.split(path)
+        try:
+            with os.scandir(parent or ".") as entries:
+                names = [e.name for e in entries if e.name.startswith(stem) and not e.is_dir()]
+        except (FileNotFoundError, NotADirectoryError):
+            names = []
+        except OSError as exc:
+            raise StorageError(f"cannot list {uri_prefix}*: {exc}") from None
+        return sorted(join(folder, n) for n in names)
     found = wrap(uri_prefix, fs.glob, glob_escape(path) + "*")
     return sorted(join(folder, posixpath.basename(p.rstrip("/"))) for p in found)
 
