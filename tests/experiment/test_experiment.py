@@ -500,3 +500,59 @@ def test_teachers_distil_the_same_questions_once_each_and_are_compared(
     assert table["dear"]["pass_rate"] < table["cheap"]["pass_rate"]  # a share of its replies cut off
     fingerprints = {comparison["data"][a]["fingerprint"] for a in ("cheap", "dear")}
     assert len(fingerprints) == 2 and "## Teachers" in Path(exp.report).read_text()
+
+
+def test_sft_vs_rl_trains_sft_once_then_grpo_and_a_rerun_trains_nothing(prefect_api, lab) -> None:
+    """Issue 27, the lab's "sft vs sft+rl": both arms share one SFT training, the sft_rl arm runs
+    GRPO from the sft arm's SFT checkpoint on the base run's RL prompts and is evaluated on the RL
+    checkpoint with the same protocol; the comparison has both; a second run trains nothing."""
+    from octomed_data.layout import RLFolder
+
+    tmp, store, _ = lab
+    proc = _cli("sft_vs_rl", "--store", store, home=tmp / "prefect", api=prefect_api)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    said = proc.stdout + proc.stderr
+    assert "arm sft_rl: same data and training as arm sft: its checkpoint, not trained again" in said
+    exp = ExperimentPaths(store, "sft_vs_rl")
+    sft, rl = (json.loads(Path(exp.record(a)).read_text()) for a in ("sft", "sft_rl"))
+    assert sft["status"] == rl["status"] == "COMPLETED"
+    assert sft["trained_by"] == rl["trained_by"] == "sft" and rl["train"] == sft["train"]
+    assert not Path(exp.arm("sft_rl").checkpoints).exists()  # SFT trained once, by the sft arm
+    job = rl["rl"]
+    # The GRPO job started from the sft arm's SFT checkpoint (the one the sft arm evaluated) ...
+    assert job["sft_checkpoint"] == sft["evaluation"]["checkpoint"] == exp.arm("sft").checkpoints
+    sft_marker = json.loads(Path(exp.arm("sft").checkpoints, "checkpoint.json").read_text())
+    rl_marker = json.loads(Path(job["checkpoint"], "checkpoint.json").read_text())
+    assert rl_marker["config_hash"] == job["config_hash"] and rl_marker["step"] == job["trainer"]["max_steps"]
+    assert rl_marker["settings"]["inputs"]["sft"]["config_hash"] == sft_marker["config_hash"]
+    assert rl_marker["settings"]["inputs"]["sft"]["uri"] == exp.arm("sft").checkpoints
+    assert job["job"]["steps"] == 2 and job["job"]["trained_already"] is False and job["job"]["prompts"] > 0
+    steps = [json.loads(line)["step"] for line in Path(job["metrics_uri"]).read_text().splitlines()]
+    assert steps == [1, 2]
+    # ... on the base run's RL prompts, into the arm's own rl/ folder, and is what the arm evaluated.
+    assert job["data_fingerprint"] and Path(RLFolder(RunPaths(store, "lab-base").rl).data_done).exists()
+    assert rl["evaluation"]["checkpoint"] == job["checkpoint"] == RLFolder(exp.arm("sft_rl").rl).checkpoints
+    # The lab's comparison: both arms, sft_rl's Δ against sft recomputed from the predictions.
+    comparison = json.loads(Path(exp.comparison).read_text())
+    report = Path(exp.report).read_text()
+    assert "| sft | COMPLETED |" in report and "| sft_rl | COMPLETED |" in report
+    assert comparison["data"]["sft_rl"]["trained_by"] == "sft + RL" and comparison["shared_checkpoints"] == []
+    per_seed = _accuracy_from_predictions(rl["evaluation"]["predictions_uri"])
+    assert set(per_seed) == {"medqa", "vqa_rad", "imaging_cls_lab"}
+    for bench in per_seed:
+        (row,) = [r for r in comparison["accuracy"] if r["arm"] == "sft_rl" and r["benchmark"] == bench]
+        diff = _paired_matrix(rl["evaluation"], sft["evaluation"], bench)
+        assert row["delta"] == pytest.approx(float(diff.mean()))
+        assert (row["ci_low"], row["ci_high"]) == tuple(
+            paired_bootstrap([diff])[k] for k in ("ci_low", "ci_high")
+        )
+    # A second run trains nothing: both arms reused, the RL job's record and checkpoint untouched.
+    rl_state = Path(exp.arm("sft_rl").state_uri("rl", job["config_hash"]))
+    stamps = {p: p.stat().st_mtime_ns for p in (rl_state, Path(job["checkpoint"], "checkpoint.json"))}
+    again = _cli("sft_vs_rl", "--store", store, home=tmp / "prefect", api=prefect_api)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    said = again.stdout + again.stderr
+    assert all(f"arm {a}: finished before" in said for a in ("sft", "sft_rl")), said[-3000:]
+    assert "GRPO from the SFT checkpoint" not in said
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert json.loads(Path(exp.record("sft_rl")).read_text())["updated_at"] == rl["updated_at"]
