@@ -401,7 +401,7 @@ def run_cost(paths: RunPaths) -> dict[str, Any]:
     if not storage.exists(paths.cost):
         return {}
     cost = storage.read_json(paths.cost)
-    flat = {k: v for k, v in cost.items() if isinstance(v, int | float | str)}
+    flat = {k: v for k, v in cost.items() if isinstance(v, int | float | str) and k != "basis"}
     return flat or {"cost": str(cost)[:200]}
 
 

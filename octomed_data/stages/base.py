@@ -271,6 +271,17 @@ class Stage(ABC):
         view = self._view(done)
         return view.shard_info(shard) if view is not None else done.shard_info(shard)
 
+    def done_basis(self, shards: Sequence[str], **extra: Any) -> str:
+        """A digest of the commits of ``shards``' done markers and ``extra``: a finalize whose
+        basis equals the one its last output recorded has nothing new to summarise (a re-run of
+        a finished run then reads no shard's data again)."""
+        import hashlib
+        import json
+
+        commits = {s: (i.committed_at if (i := self.done_info(s)) is not None else None) for s in shards}
+        text = json.dumps({"commits": commits, "extra": extra}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
     def input_info(self, shard: str) -> storage.ShardInfo | None:
         """The input dataset's committed marker of ``shard`` (NotImplementedError: no input dataset)."""
         ds = self.input_dataset()

@@ -135,9 +135,16 @@ class DistillStage(Stage):
         return dict(info.extra.get("counts") or {}) if info is not None else {}
 
     def finalize(self, shards: Any) -> dict[str, Any]:
-        """The cost ledger over every committed raw shard (``distill/cost.json``)."""
-        cost = cost_ledger(DistillFolder(self.out).raw, self.config)
+        """The cost ledger over every committed raw shard (``distill/cost.json``); skipped when the
+        raw shards are the ones the last ledger counted (its ``basis``)."""
         uri = DistillFolder(self.out).cost
+        basis = self.done_basis(shards, config=self.config.model_dump(mode="json"))
+        if storage.exists(uri):
+            previous = storage.read_json(uri)
+            if previous.get("basis") == basis:
+                return {"cost_uri": uri, "cost": previous, "reused": True}
+        cost = cost_ledger(DistillFolder(self.out).raw, self.config)
+        cost["basis"] = basis
         storage.write_json(uri, cost)
         return {"cost_uri": uri, "cost": cost}
 

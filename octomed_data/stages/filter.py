@@ -168,10 +168,22 @@ class FilterStage(Stage):
         return dict(info.extra.get("counts") or {}) if info is not None else {}
 
     def finalize(self, shards: Sequence[str]) -> dict[str, Any]:
-        """The one statistics pass: ``stats.json``, which the report reads too."""
+        """The one statistics pass: ``stats.json``, which the report reads too. Skipped when the
+        verdicts it would read are the ones the last ``stats.json`` summarised (its ``basis``)."""
         from octomed_data.stats import source_statistics
         from octomed_data.verify.judge import judge_cost
 
+        basis = self.done_basis(
+            shards,
+            fingerprint=self.fingerprint(),
+            audit=self.audit.model_dump(mode="json"),
+            samples=self.samples_per_question,
+            judge_journal=storage.exists(self.judge_journal),
+        )
+        if storage.exists(self.stats_uri):
+            previous = storage.read_json(self.stats_uri)
+            if previous.get("basis") == basis:
+                return {"stats_uri": self.stats_uri, "stats": previous, "reused": True}
         stats = source_statistics(
             self.verdicts_uri,
             self.questions,
@@ -186,6 +198,7 @@ class FilterStage(Stage):
         verifier["judge"] = self.judge_info()
         if self.judge is not None or storage.exists(self.judge_journal):
             verifier["judge_cost"] = judge_cost(self.judge_journal, self.judge)
+        stats["basis"] = basis
         storage.write_json(self.stats_uri, stats)
         self.record_history(shards, stats)
         return {"stats_uri": self.stats_uri, "stats": stats}

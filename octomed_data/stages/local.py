@@ -157,8 +157,9 @@ def run_stage(
             else:  # nothing written this pass: the first answers still hold
                 now_done = {s: done[s] if s in done else stage.is_done(s) for s in checked}
             result.pending = [s for s in checked if not now_done[s]]
-    if finalize and not result.failed and not result.pending:
-        result.final = stage.finalize(inputs)
+        if finalize and not result.failed and not result.pending:
+            # Inside the look: a finalize reads the markers it needs from it (it writes none).
+            result.final = stage.finalize(inputs)
     return result
 
 

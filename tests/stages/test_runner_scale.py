@@ -206,3 +206,38 @@ def test_a_pass_reads_each_marker_once_and_asks_no_marker_again(tmp_path: Path, 
     # Outside a pass the same questions read the store directly, with the same answers.
     assert all(again.is_done(s) for s in again.input_shards())
     assert calls["shard_info"] > 0
+
+
+def test_a_rerun_of_a_finished_distill_and_filter_on_s3_costs_at_most_5_requests_per_shard(
+    s3_bucket: str,
+) -> None:
+    """Issue 26: the whole re-run (distill, then the filter, each with its finalize) of a finished
+    run on s3:// costs at most 5 store requests per shard: the shard loops answer from one look at
+    the markers, and the statistics and cost passes see that their inputs are the ones their last
+    outputs summarised (``basis``) and read no shard again. A re-committed shard makes them redo."""
+    from octomed_data.sandbox import start_sandbox
+    from octomed_data.stages.distill_run import run_local
+    from tests.support.distill import config, make_questions
+
+    n = 20  # a few requests per pass are fixed (configs, stats.json, cost.json): not per shard
+    q_uri, out = f"{s3_bucket}/rerun/q", f"{s3_bucket}/rerun/out"
+    for s in range(n):
+        make_questions(q_uri, 2, shard=f"{s:05d}", offset=2 * s)
+    with start_sandbox() as sb:
+        cfg = config(sb.base_url, samples=1)
+        first = run_local(q_uri, out, cfg, progress=False)
+        assert first["complete"], first
+        stats_before = storage.read_json(f"{out}/stats.json")
+        with s3_requests(out) as counts:
+            again = run_local(q_uri, out, cfg, progress=False)
+        assert again["complete"] and sb.stats()["requests"] == 2 * n  # nothing asked again
+    assert sum(counts.values()) <= 5 * n * 2, dict(counts)  # two stages of n shards each
+    assert storage.read_json(f"{out}/stats.json") == stats_before and stats_before.get("basis")
+    # A verdicts shard committed again: the statistics pass runs again (a new basis).
+    verdicts = storage.Dataset(f"{out}/verdicts")
+    verdicts.write_shard("00000", verdicts.read_shard("00000"), extra=verdicts.shard_info("00000").extra)
+    from octomed_data.stages.filter import FilterStage
+
+    stage = FilterStage(RunPaths.at(out), raw=f"{out}/raw", questions=q_uri, out=out)
+    redone = run_stage(stage, LocalExecutor(progress=False)).final
+    assert not redone.get("reused") and redone["stats"]["basis"] != stats_before["basis"]
