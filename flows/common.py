@@ -157,6 +157,18 @@ def run_stage_flow(
     return result
 
 
+def ray_options(recipe: Recipe, stage: str) -> dict[str, Any]:
+    """``run_stage_flow``'s Ray arguments for ``stage``: the cluster when the recipe lists the stage
+    in ``ray_stages`` (connected here, once, from the flow's thread), else nothing (in process)."""
+    if stage not in recipe.ray_stages:
+        return {}
+    from flows.startup import connect_ray
+
+    address = recipe.distill.ray_address or os.environ.get("OCTOMED_RAY_ADDRESS") or None
+    connect_ray(address)
+    return {"ray": True, "ray_address": address}
+
+
 def rerun_hint(paths: RunPaths, failed: Sequence[str]) -> str:
     shards = " ".join(f"--shard {s}" for s in failed)
     return f"re-run them alone: octomed-data rerun {paths.run_id} {shards} --store {paths.store}"

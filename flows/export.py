@@ -6,7 +6,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.common import RunParams, prepare, publish_table, run_stage_flow
+from flows.common import RunParams, prepare, publish_table, ray_options, run_stage_flow
 from flows.naming import run_name
 from octomed_data.stages import GLOBAL_SHARD
 from octomed_data.stages.mixture import ExportStage
@@ -19,7 +19,8 @@ def export_flow(run: RunParams = RunParams()) -> dict[str, Any]:
     """``RUN/mixture`` -> ``RUN/export/llamafactory/…`` and ``RUN/export/trl/{text,vision}/…``."""
     recipe, paths = prepare(run)
     stage = ExportStage(paths, recipe.export.model_dump())
-    result = run_stage_flow(stage, run.model_copy(update={"shards": None})).outcomes[GLOBAL_SHARD].counts
+    one = run.model_copy(update={"shards": None})
+    result = run_stage_flow(stage, one, **ray_options(recipe, "export")).outcomes[GLOBAL_SHARD].counts
     rows = [
         {"format": fmt, "split": split, "rows": result["rows"][fmt][split], "uri": uri}
         for fmt, splits in result["datasets"].items()

@@ -11,7 +11,15 @@ from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
-from flows.common import RunParams, apply_verify, prepare, publish_markdown, publish_table, run_stage_flow
+from flows.common import (
+    RunParams,
+    apply_verify,
+    prepare,
+    publish_markdown,
+    publish_table,
+    ray_options,
+    run_stage_flow,
+)
 from octomed_data.errors import StorageError
 from octomed_data.layout import RunPaths
 from octomed_data.recipe import Recipe
@@ -75,7 +83,9 @@ def filter_flow(
             raise StorageError(f"no distilled samples at {stage.raw}: run the distill flow first")
         # Named shards are judged again; any other shard not judged yet (e.g. after a failed distill
         # shard was repaired) is judged too, so the statistics cover the whole run.
-        result = run_stage_flow(stage, run, also_pending=True, max_in_flight=shard_limit())
+        result = run_stage_flow(
+            stage, run, also_pending=True, max_in_flight=shard_limit(), **ray_options(recipe, "filter")
+        )
     report = report_task(paths)
     print(
         f"filter: {report['accepted']} of {report['samples']} samples accepted; report at {report['report']}"

@@ -243,6 +243,10 @@ class Recipe(BaseModel):
     # Reinforcement learning after SFT (octomed_data.rl): its data, rewards and GRPO job; off by default.
     rl: RLOptions = Field(default_factory=RLOptions)
     automation: AutomationSettings = Field(default_factory=AutomationSettings)
+    # Stages whose shards run on the Ray cluster (distill.ray_address, else $OCTOMED_RAY_ADDRESS, else
+    # a local Ray) instead of the flow's own process: the filter and the global steps mixture and
+    # export; the outputs are the same either way (tests/real/cluster). Distillation always runs there.
+    ray_stages: list[Literal["filter", "mixture", "export"]] = Field(default_factory=list)
     base_dir: str | None = Field(None, description="Folder relative input paths resolve against.")
 
     @field_validator("teachers")

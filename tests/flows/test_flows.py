@@ -27,7 +27,9 @@ SAMPLE_DATA = Path(__file__).resolve().parents[2] / "octomed_data" / "sample_dat
 SAMPLES = 2
 
 
-def write_recipe(tmp: Path, *, training: bool = False, concurrent: int = 2, latency: float = 0.0) -> str:
+def write_recipe(
+    tmp: Path, *, training: bool = False, concurrent: int = 2, latency: float = 0.0, ray_stages: tuple = ()
+) -> str:
     """A small recipe: 80 PathVQA textbook questions (4 shards) + 8 MedQA test items (removed)."""
     recipe = {
         "name": "flowtest",
@@ -63,6 +65,7 @@ def write_recipe(tmp: Path, *, training: bool = False, concurrent: int = 2, late
             },
         },
         "evaluation": {"enabled": training, "config": {"limit": 2, "max_new_tokens": 8, "batch_size": 2}},
+        "ray_stages": list(ray_stages),
     }
     path = tmp / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -82,7 +85,8 @@ def finished_run(prefect_harness, ray_local, tmp_path_factory):
     from flows.factory import factory_flow
 
     tmp = tmp_path_factory.mktemp("factory")
-    recipe = write_recipe(tmp)
+    # The filter, mixture and export shards run on (local) Ray, as a recipe asks for a cluster.
+    recipe = write_recipe(tmp, ray_stages=("filter", "mixture", "export"))
     t0 = time.time()
     result = factory_flow(run=RunParams(recipe_path=recipe, run_id="clean"), stages=None)
     return result, RunPaths(str(tmp / "store"), "clean"), time.time() - t0
@@ -110,6 +114,9 @@ def test_factory_end_to_end(finished_run):
     assert len(states) == len(storage.Dataset(paths.questions).manifest())
     assert {s["state"] for s in states} == {"COMPLETED"}
     assert storage.exists(storage.join(paths.root, "run.json"))
+    # ray_stages: the filter's shards ran in Ray actors (each records the node that ran it).
+    filtered = shard_states(paths, "filter")
+    assert filtered and all(s.get("node_id") for s in filtered), filtered
 
 
 def test_artifacts_created(finished_run):
