@@ -264,4 +264,8 @@ def attempt_reason(out: str, stage: str, shard: str) -> str:
         record = storage.read_json(uri) if storage.exists(uri) else {}
     except Exception:  # unreadable record (the store itself may be the problem)
         record = {}
-    return reason(record["error"]) if record.get("state") == "FAILED" and record.get("error") else NOT_DONE
+    return (
+        reason(record["error"])
+        if record.get("state") in ("FAILED", "CANCELLED") and record.get("error")
+        else NOT_DONE
+    )

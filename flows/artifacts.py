@@ -142,7 +142,7 @@ def shard_summary_markdown(paths: RunPaths, rows: list[dict[str, Any]], table_ur
                 total = sum(_number(r.get(key)) for r in items)
                 lines.append(f"| {key} | {total:,.1f} |" if key == "seconds" else f"| {key} | {total:,.0f} |")
         lines.append("")
-    failed = [r for r in rows if r.get("state") == "FAILED"]
+    failed = [r for r in rows if r.get("state") in ("FAILED", "CANCELLED")]
     lines += [f"## Failed shards: {len(failed)}", ""]
     if failed:
         lines += ["| stage | shard | attempts | error |", "|---|---|---|---|"]

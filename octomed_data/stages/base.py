@@ -463,10 +463,21 @@ def _started(stage: Stage, shard: str, attempt: int) -> float:
     return time.time()
 
 
+def ended_state(exc: BaseException) -> str:
+    """How an attempt that raised ``exc`` ended: CANCELLED when it was interrupted (Ctrl-C, SIGTERM
+    through the CLI, a cancelled task or process exit), else FAILED."""
+    import asyncio
+
+    return (
+        "CANCELLED" if isinstance(exc, KeyboardInterrupt | SystemExit | asyncio.CancelledError) else "FAILED"
+    )
+
+
 def _failed(stage: Stage, shard: str, attempt: int, t0: float, exc: BaseException) -> None:
-    error = describe_error(exc)
+    error = describe_error(exc) or type(exc).__name__
     seconds = round(time.time() - t0, 3)
-    record_shard(stage.paths, stage.name, shard, "FAILED", attempt=attempt, error=error, seconds=seconds)
+    state = ended_state(exc)
+    record_shard(stage.paths, stage.name, shard, state, attempt=attempt, error=error, seconds=seconds)
 
 
 def _completed(stage: Stage, shard: str, attempt: int, t0: float, counts: dict[str, Any]) -> ShardOutcome:

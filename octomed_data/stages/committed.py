@@ -165,7 +165,7 @@ def failed_attempts(paths: RunPaths, stage: str, since: float) -> dict[str, str]
             when = dt.datetime.fromisoformat(record.get("updated_at") or "").timestamp()
         except Exception:  # an unreadable record says nothing
             continue
-        if record.get("state") == "FAILED" and when >= since and record.get("shard"):
+        if record.get("state") in ("FAILED", "CANCELLED") and when >= since and record.get("shard"):
             found[str(record["shard"])] = reason(record.get("error"))
     return found
 

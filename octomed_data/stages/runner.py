@@ -33,7 +33,15 @@ from pydantic import SecretStr
 
 from octomed_data.errors import ConfigError
 from octomed_data.lease import LeaseHeld, new_owner, shard_lease
-from octomed_data.stages.base import Runtime, ShardOutcome, Stage, arun_one, describe_error, run_one
+from octomed_data.stages.base import (
+    Runtime,
+    ShardOutcome,
+    Stage,
+    arun_one,
+    describe_error,
+    ended_state,
+    run_one,
+)
 from octomed_data.stages.records import record_shard
 
 # A shard's lease TTL: a writer whose process died stops renewing it, so a restarted run takes the
@@ -164,9 +172,10 @@ def record_failure(stage: Stage, shard: str, attempt: int, exc: BaseException) -
         current = storage.read_json(uri) if storage.exists(uri) else {}
     except Exception:
         current = {}
-    if current.get("state") == "FAILED" and current.get("attempt") == attempt:
+    if current.get("state") in ("FAILED", "CANCELLED") and current.get("attempt") == attempt:
         return
-    record_shard(stage.paths, stage.name, shard, "FAILED", attempt=attempt, error=describe_error(cause(exc)))
+    error = describe_error(cause(exc))
+    record_shard(stage.paths, stage.name, shard, ended_state(exc), attempt=attempt, error=error)
 
 
 def run_guarded(

@@ -52,6 +52,7 @@ def test_sigterm_ends_every_attempt_record_and_a_rerun_completes(tmp_path: Path)
         assert "error: terminated (SIGTERM)" in stderr and "Traceback" not in stderr
         states = [json.loads(p.read_text()) for p in out.rglob("state/distill/*.json")]
         assert states and not [s for s in states if s["state"] == "RUNNING"], states
+        assert "CANCELLED" in {s["state"] for s in states}, states  # the attempt it interrupted
         again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr[-2000:]
     raw = pads.dataset(str(out / "raw"), format="parquet").to_table(columns=["question_id"]).to_pylist()
