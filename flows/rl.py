@@ -13,9 +13,6 @@ automation starts it after a finished train flow run when the run's recipe says 
 from __future__ import annotations
 
 import base64
-import hashlib
-import os
-import tempfile
 from typing import Any, Literal
 
 import numpy as np
@@ -23,7 +20,7 @@ from prefect import flow, get_run_logger, task
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flows.common import RunParams, prepare, publish_markdown
-from flows.training import TrainRunParams, eval_config, evaluate_task, existing_run, run_global
+from flows.training import TrainRunParams, eval_config, evaluate_task, existing_run, local_dir, run_global
 from octomed_data import storage
 from octomed_data.experiment.compare import ci_text, item_outcomes, paired_bootstrap, signed
 from octomed_data.layout import RLFolder, RunPaths
@@ -56,15 +53,7 @@ class RLParams(BaseModel):
         return v.model_dump() if isinstance(v, RunParams) else v
 
 
-def work_dir(paths: RunPaths, name: str) -> str:
-    """A local folder for the job (models must be local): under the run for file stores."""
-    if "://" not in paths.store or paths.store.startswith("file://"):
-        path = os.path.abspath(paths.local(name).removeprefix("file://"))
-    else:
-        digest = hashlib.sha256(paths.root.encode()).hexdigest()[:10]
-        path = os.path.join(tempfile.gettempdir(), "octomed", f"{paths.run_id}-{digest}", name)
-    os.makedirs(path, exist_ok=True)
-    return path
+work_dir = local_dir  # the one rule for a job's local folder (flows.training)
 
 
 def sft_checkpoint(paths: RunPaths) -> str:

@@ -89,7 +89,7 @@ class TrainParams(BaseModel):
         return v.model_dump() if isinstance(v, RunParams) else v
 
 
-def _local_dir(paths: RunPaths, name: str) -> str:
+def local_dir(paths: RunPaths, name: str) -> str:
     """A local folder for things that must be local (models): under the run for file stores."""
     if "://" not in paths.store or paths.store.startswith("file://"):
         path = os.path.abspath(paths.local(name).removeprefix("file://"))
@@ -106,7 +106,7 @@ def train_config(recipe: Recipe, paths: RunPaths, params: TrainParams) -> TrainC
     options = recipe.training.config
     model_path = params.model_path or options.model_path
     if model_path is None and recipe.training.tiny_model:
-        target = _local_dir(paths, paths.tiny_model(recipe.training.tiny_model))
+        target = local_dir(paths, paths.tiny_model(recipe.training.tiny_model))
         model_path = _training_module("training.tiny").ensure_model(recipe.training.tiny_model, target)
     if model_path is None:
         raise ConfigError("no model to train: set training.config.model_path in the recipe or the form")
@@ -125,7 +125,7 @@ def train_config(recipe: Recipe, paths: RunPaths, params: TrainParams) -> TrainC
         files,
         paths.checkpoints,
         model_path=model_path,
-        work_dir=options.work_dir or _local_dir(paths, "train-work"),
+        work_dir=options.work_dir or local_dir(paths, "train-work"),
         **{k: v for k, v in overrides.items() if v is not None},
     )
 
@@ -192,7 +192,7 @@ def eval_config(recipe: Recipe, paths: RunPaths, checkpoint: str | None = None) 
             raise StorageError(f"no evaluation questions at {questions}")
         inputs = {"questions_uri": questions}
     # The tiny demo model is text-only or VL as built; a work folder under the run keeps downloads local.
-    work_dir = block.config.work_dir or _local_dir(paths, "eval-work")
+    work_dir = block.config.work_dir or local_dir(paths, "eval-work")
     return block.config.job(
         checkpoint or paths.checkpoints, output_uri=paths.evaluation, work_dir=work_dir, **inputs
     )
