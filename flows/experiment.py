@@ -318,6 +318,10 @@ def _run_arm(
 ) -> None:
     """The arm's mixture, export, training (or its twin's checkpoint) and evaluation, into ``record``."""
     arm_cfg, paths = spec.arm(arm), exp.arm(arm)
+    if arm_cfg.rl:  # a reward the GRPO job cannot compute is one line before anything trains
+        from training.rl_stage import check_rewards
+
+        check_rewards(recipe)
     key = training_key(spec, arm, recipe_settings(recipe, model_path), data["fingerprint"])
     record["train_key"] = key
     write_record(exp, arm, record)

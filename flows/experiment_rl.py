@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from flows.rl import grpo_task, rl_data_task, work_dir
-from flows.training import run_global
+from flows.rl import grpo_task, rl_data_task
+from flows.training import local_dir, run_global
 from octomed_data.experiment import ExperimentSpec
 from octomed_data.experiment.arms import ExperimentPaths
 from octomed_data.layout import RLFolder, RunPaths
@@ -56,7 +56,7 @@ def rl_arm(
         recipe,
         base,
         sft_checkpoint=sft_checkpoint,
-        work_dir=work_dir(paths, "rl-work"),
+        work_dir=local_dir(paths, "rl-work"),
         overrides=spec.arm(arm).rl_trainer,
     )
     job = job.model_copy(  # the prompts are the base run's; what GRPO writes is the arm's
