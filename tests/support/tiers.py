@@ -16,6 +16,9 @@ REAL_PATHS = (
 )
 # Tests that start one themselves: the CLI as a subprocess, python -m training.sft, torchrun, pip.
 REAL_TESTS = {
+    "inference/test_outage.py": {
+        "test_a_45_s_restart_under_the_default_120_s_budget_finishes_the_cli_run_exactly"
+    },
     "flows/test_busy_machine.py": {"test_demo_passes_beside_two_cpu_burners"},
     "distill/test_batch.py": {"test_kill_9_between_submit_and_collect_collects_the_same_batches"},
     "distill/test_distill_resume.py": {"test_kill_9_then_same_command_requests_nothing_stored"},
