@@ -34,7 +34,7 @@ from pydantic import SecretStr
 from octomed_data import storage
 from octomed_data.errors import OctomedError, StorageError
 from octomed_data.layout import RunPaths
-from octomed_data.stages.records import RECORD_KEYS, record_shard, shard_name
+from octomed_data.stages.records import RECORD_KEYS, ended_state, record_shard, shard_name
 
 if TYPE_CHECKING:
     from octomed_data.teachers import TeacherConfig
@@ -461,16 +461,6 @@ def _reused(stage: Stage, shard: str, force: bool) -> ShardOutcome | None:
 def _started(stage: Stage, shard: str, attempt: int) -> float:
     record_shard(stage.paths, stage.name, shard, "RUNNING", attempt=attempt)
     return time.time()
-
-
-def ended_state(exc: BaseException) -> str:
-    """How an attempt that raised ``exc`` ended: CANCELLED when it was interrupted (Ctrl-C, SIGTERM
-    through the CLI, a cancelled task or process exit), else FAILED."""
-    import asyncio
-
-    return (
-        "CANCELLED" if isinstance(exc, KeyboardInterrupt | SystemExit | asyncio.CancelledError) else "FAILED"
-    )
 
 
 def _failed(stage: Stage, shard: str, attempt: int, t0: float, exc: BaseException) -> None:

@@ -28,6 +28,16 @@ RECORD_KEYS = frozenset(
 )
 
 
+def ended_state(exc: BaseException) -> str:
+    """How an attempt that raised ``exc`` ended: CANCELLED when it was interrupted (Ctrl-C, SIGTERM
+    through the CLI, a cancelled task or process exit), else FAILED."""
+    import asyncio
+
+    return (
+        "CANCELLED" if isinstance(exc, KeyboardInterrupt | SystemExit | asyncio.CancelledError) else "FAILED"
+    )
+
+
 def record_shard(paths: RunPaths, stage: str, shard: str, state: str, **info: Any) -> dict[str, Any]:
     """Write one shard's attempt record (RUNNING / COMPLETED / FAILED / CANCELLED / SKIPPED) and
     counts. A FAILED or CANCELLED record never raises (a full disk: rewritten in place, or logged)."""

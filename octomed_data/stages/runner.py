@@ -39,10 +39,9 @@ from octomed_data.stages.base import (
     Stage,
     arun_one,
     describe_error,
-    ended_state,
     run_one,
 )
-from octomed_data.stages.records import record_shard
+from octomed_data.stages.records import ended_state, record_shard
 
 # A shard's lease TTL: a writer whose process died stops renewing it, so a restarted run takes the
 # shard over at most this long after.
