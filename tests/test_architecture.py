@@ -221,3 +221,24 @@ def test_the_scanner_sees_each_kind_of_offence(tmp_path: Path, monkeypatch) -> N
         ("heavy", "octomed_data/helper.py", "cli"),
         ("heavy-module-level", "cli/eager.py", "ray"),
     }
+
+
+MAX_LINES = 500  # issue 23: files with one job each
+
+
+def long_files(root: Path) -> list[str]:
+    """``path: lines`` of every non-test Python file (packages and benchmarks) over MAX_LINES."""
+    out = []
+    for folder in (*PACKAGES, "benchmarks"):
+        for path in sorted((root / folder).rglob("*.py")):
+            n = len(path.read_text(encoding="utf-8").splitlines())
+            if n > MAX_LINES:
+                out.append(f"{path.relative_to(root)}: {n}")
+    return out
+
+
+def test_no_non_test_file_is_over_500_lines(tmp_path: Path) -> None:
+    assert long_files(ROOT) == []
+    (tmp_path / "flows").mkdir()
+    (tmp_path / "flows" / "big.py").write_text("x = 1\n" * (MAX_LINES + 1))
+    assert long_files(tmp_path) == [f"flows/big.py: {MAX_LINES + 1}"]
