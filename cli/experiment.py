@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "spec",
-        help="spec YAML, or a ready-made one: sources, samples, length, cot, difficulty, samples_vs_epochs, teacher",
+        help="spec YAML, or a ready-made one: sources, samples, length, cot, difficulty, samples_vs_epochs, teacher, sft_vs_rl",
     )
     p.add_argument("--arm", action="append", help="only this arm (repeatable), e.g. to re-run a failed one")
     p.add_argument("--force", action="store_true", help="re-run the chosen arms even when finished")
