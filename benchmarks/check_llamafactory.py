@@ -42,6 +42,17 @@ TORCH = "torch==2.13.0"
 WORKER = Path(__file__).resolve().parent / "llamafactory_worker.py"
 
 
+# Variables a launcher sets per process: inherited from a job that ran in this process (an
+# in-process SFT or GRPO run sets them), they would send LLaMA-Factory's trainer to a dead store.
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def worker_env() -> dict[str, str]:
+    """The LLaMA-Factory worker's environment: this one without PYTHONPATH and launcher variables."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS and not k.startswith("TORCHELASTIC_")}
+    return env | {"PYTHONPATH": "", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def ensure_venv(version: str = VERSION, rebuild: bool = False) -> tuple[Path, float]:
     """LLaMA-Factory's venv (built once, reused while its ready marker is there); (python, build seconds)."""
     python, seconds = cached_venv(
@@ -106,7 +117,7 @@ def check(
             text=True,
             timeout=900,
             cwd=str(work),
-            env={**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+            env=worker_env(),
         )
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("OCTOMED_RESULT ")), None)
         if proc.returncode != 0 or line is None:
