@@ -24,7 +24,7 @@ from tests.support.distill import make_questions
 KEY = "sk-test-kill-reads-7c1e0d2a"
 ROOT = str(Path(__file__).resolve().parents[2])
 INGEST_KILLS, DISTILL_KILLS = 5, 5  # at least 10 kills in all, the two commands side by side
-SHARDS, PER_SHARD, SAMPLES = 6, 8, 2
+SHARDS, PER_SHARD, SAMPLES = 12, 8, 2  # enough shards that 5 kills each still find work left
 
 
 def _folders(root: Path) -> list[Path]:
@@ -141,7 +141,7 @@ def test_readers_see_only_committed_rows_through_repeated_kill_9(shared_data: Pa
         make_questions(q_uri, PER_SHARD, shard=f"{s:05d}", offset=PER_SHARD * s)
     loader = threading.Thread(target=lambda: __import__("datasets"))  # its import takes seconds
     loader.start()
-    with start_sandbox(latency_s=0.02) as sb:
+    with start_sandbox(latency_s=0.05) as sb:  # each run lasts long enough to be killed
         distill = [sys.executable, "-m", "cli", "distill", q_uri, "--base-url", sb.base_url]
         distill += ["--model", "sandbox-r1", "--teacher-name", "sandbox", "--samples", str(SAMPLES)]
         distill += ["--max-in-flight", "4", "--executor", "local", "--out", str(distill_out), "--no-progress"]
