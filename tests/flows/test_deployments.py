@@ -120,3 +120,27 @@ def test_serve_builds_the_same_deployments(monkeypatch):
         assert crons == [s["cron"] for s in want.get("schedules", [])]
     assert served["train"].parameters["params"]["launcher"] is None
     assert not any(d.schedules for d in deployments("demo", schedules=False))
+
+
+def test_serve_creates_both_automations_and_no_automation_removes_them(prefect_harness, monkeypatch):
+    """``serve`` registers export -> train and train -> RL; ``serve --no-automation`` removes both."""
+    from prefect.automations import Automation
+
+    from flows.automation import AUTOMATION_NAME, RL_AUTOMATION_NAME
+    from flows.serve import apply_automations, deployments
+
+    monkeypatch.chdir(ROOT)
+    deps = deployments("demo", schedules=False)
+    made = apply_automations(deps, train=True, rl=True)
+    assert made["train"].name == AUTOMATION_NAME and made["rl"].name == RL_AUTOMATION_NAME
+    rl_action = Automation.read(name=RL_AUTOMATION_NAME).actions[0]
+    train_action = Automation.read(name=AUTOMATION_NAME).actions[0]
+    assert rl_action.deployment_id == made["rl"].actions[0].deployment_id
+    assert rl_action.deployment_id != train_action.deployment_id
+    assert apply_automations(deps, train=False, rl=False) == {"train": None, "rl": None}
+    for name in (AUTOMATION_NAME, RL_AUTOMATION_NAME):
+        try:
+            Automation.read(name=name)
+        except ValueError:
+            continue
+        raise AssertionError(f"{name} still exists after --no-automation")
