@@ -33,7 +33,9 @@ too). ``embed_images=True`` writes a self-contained copy instead: the PNG bytes 
 Duplicates: two replies that stated the same answer differently become the same row once the
 answer line is normalised; only the first is written (:func:`octomed_data.export_turns.trace_key`,
 across splits and shards), the others are counted per split in ``duplicates``. A weight's copies
-(the mixture's ``copy``) are kept. Memory: one 16-byte key per exported row.
+(the mixture's ``copy``) are kept. Memory: the keys of the rows written so far are held up to an
+eighth of ``memory_mb`` (default: the ``memory_mb`` the mixture was built with), the rest in an
+on-disk table (:mod:`octomed_data.export_dedupe`); the same rows come out whatever the limit.
 
 Keys: every text of every mixture row is scanned for the values of the teachers' API key variables
 (``secret_env``; :class:`octomed_data.release_safety.SecretGuard`); a row holding one refuses the
@@ -74,6 +76,7 @@ import pyarrow as pa
 
 from octomed_data import storage
 from octomed_data.errors import ConfigError, StorageError
+from octomed_data.export_dedupe import DEFAULT_MEMORY_MB, SeenKeys, dedupe_limit_bytes
 from octomed_data.export_formats import (
     EXPORT_VERSION,
     LLAMAFACTORY_SCHEMA,
@@ -100,7 +103,7 @@ from octomed_data.export_turns import (
     normalize_reply,
     prepare,
 )
-from octomed_data.layout import SPLITS, ExportFolder
+from octomed_data.layout import SPLITS, ExportFolder, MixtureFolder
 from octomed_data.release_safety import SecretGuard
 from octomed_data.teachers import TeacherConfig
 
@@ -159,11 +162,14 @@ def export(
     content: str = "reasoning",
     secret_env: Iterable[str] | None = None,
     progress: bool = False,
+    memory_mb: float | None = None,
 ) -> ExportResult:
     """Export every split of the mixture at ``mixture_uri`` to ``out`` (layout: module docstring).
 
     ``secret_env``: the environment variables holding the teachers' API keys (default
     :data:`DEFAULT_SECRET_ENV`); a mixture row holding one of their values refuses the export.
+    ``memory_mb``: the memory bound of the duplicate check (default: the mixture's ``memory_mb``);
+    it changes no output.
     """
     formats = list(formats or FORMATS)
     unknown = sorted(set(formats) - set(FORMATS))
@@ -206,10 +212,14 @@ def export(
         answer_format=answer_format,
         content=content,
         result=result,
+        seen=SeenKeys(
+            dedupe_limit_bytes(memory_mb if memory_mb is not None else mixture_memory_mb(mixture_uri))
+        ),
     )
     try:
-        for split, src in sources.items():
-            pass_.split(split, src, progress)
+        with pass_.seen:
+            for split, src in sources.items():
+                pass_.split(split, src, progress)
     except ConfigError:
         for per_split in targets.values():  # a refused export leaves no partial dataset behind
             for ds in per_split.values():
@@ -274,8 +284,8 @@ class _Pass:
     answer_format: str
     content: str
     result: ExportResult
-    # Keys of the rows written so far (16 bytes each, ~80 bytes of memory per exported row).
-    seen: set[bytes] = field(default_factory=set)
+    # Keys of the rows written so far (bounded in memory; the rest on disk).
+    seen: SeenKeys = field(default_factory=lambda: SeenKeys(dedupe_limit_bytes(DEFAULT_MEMORY_MB)))
     answers: Counter[str] = field(default_factory=Counter)
     verified: Counter[str] = field(default_factory=Counter)
     trl_images: Counter[str] = field(default_factory=Counter)
@@ -295,10 +305,9 @@ class _Pass:
                     self.answers["dropped"] += 1
                     continue
                 self.answers[turns.answer] += 1
-                if turns.key in self.seen:
+                if not self.seen.add(turns.key):
                     duplicates += 1
                     continue
-                self.seen.add(turns.key)
                 self.verified[row.get("verifier") or "unknown"] += 1
                 self.result.escaped_placeholders += turns.escaped
                 self.rows(row, turns, out_rows, f"{where} row {i}")
@@ -328,6 +337,19 @@ class _Pass:
             out["trl"].append(vision)
             if not turns.images:
                 out["trl_text"].append(trl_text_row(row, turns))
+
+
+def mixture_memory_mb(mixture_uri: str) -> float:
+    """The ``memory_mb`` the mixture at ``mixture_uri`` was built with (its ``mixture.json``), else
+    the default."""
+    summary = MixtureFolder(mixture_uri).summary
+    try:
+        value = (
+            storage.read_json(summary).get("config", {}).get("memory_mb") if storage.exists(summary) else None
+        )
+    except (OSError, ValueError, AttributeError):
+        value = None
+    return float(value) if isinstance(value, int | float) and value > 0 else float(DEFAULT_MEMORY_MB)
 
 
 def scan_row(guard: SecretGuard, row: dict[str, Any], where: str) -> None:
