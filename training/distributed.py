@@ -29,6 +29,24 @@ def ensure_distributed_env() -> None:
 
 
 @contextlib.contextmanager
+def distributed_env():
+    """:func:`ensure_distributed_env` for the length of a block, then the caller's environment as it
+    was: an in-process job (the lab, a flow, a test) leaves no RANK/MASTER_PORT behind for the
+    subprocesses its caller starts later (they would try to join a process group on a dead port)."""
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    before = {name: os.environ.get(name) for name in names}
+    ensure_distributed_env()
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
 def node_lock(path: Path):
     """An exclusive lock among the processes of one node (an flock on a file in the work folder)."""
     import fcntl

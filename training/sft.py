@@ -59,7 +59,7 @@ from training.data import (
     resolve_data_files,
 )
 from training.deepspeed_config import deepspeed_config
-from training.distributed import all_reduce_sum, die_with_parent, ensure_distributed_env, node_lock
+from training.distributed import all_reduce_sum, die_with_parent, distributed_env, node_lock
 from training.models import is_vision_model, load_model_and_processors, resolve_model
 from training.once import finished_result, prior_training
 from training.packing import build_packed_data
@@ -328,7 +328,12 @@ def batching(
 
 def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     """Run SFT as configured; returns where the checkpoint went and what the run did."""
-    ensure_distributed_env()
+    with distributed_env():
+        return train_job(config, progress=progress)
+
+
+def train_job(config: TrainConfig, *, progress: bool) -> TrainResult:
+    """:func:`train` inside the distributed variables it needs."""
     # torch.distributed warns on every ZeRO collective about renamed APIs DeepSpeed still calls.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     started = time.time()
