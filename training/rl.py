@@ -53,6 +53,10 @@ METRIC_KEYS = {
 }
 
 
+# How image prompts reach the policy (part of every job's settings): 1 = a vision-language policy
+# trains on them (training.rl_vision), a text-only one leaves them out, counted.
+IMAGE_PROMPTS = 1
+
 # The policy's processor files the final checkpoint keeps (the tokenizer is saved by itself).
 PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json")
 
@@ -78,6 +82,11 @@ class RLJob(BaseModel):
         None, description="The LLM judge teacher (TeacherConfig; its key comes from its env variable)."
     )
     judge_journal: str | None = Field(None, description="The reward judge's journal (RLFolder.judge).")
+    max_pixels: int = Field(
+        262144,
+        ge=784,
+        description="Image prompts' images are downscaled to at most this many pixels (as SFT).",
+    )
 
     def t(self, name: str, default: Any = None) -> Any:
         return self.trainer.get(name, default)
@@ -91,6 +100,8 @@ class RLJob(BaseModel):
             "inputs": self.inputs,
             # The judge's model and sampling decide rewards; where it is served does not.
             "judge": {k: v for k, v in (self.judge or {}).items() if k != "base_url"} or None,
+            # A vision-language policy trains on the image prompts (IMAGE_PROMPTS), seen at this size.
+            "images": {"handling": IMAGE_PROMPTS, "max_pixels": self.max_pixels},
         }
 
     def config_hash(self) -> str:
@@ -141,28 +152,45 @@ def job_rewards(job: RLJob) -> list[Any]:
     return reward_functions(verify, job.format_weight, judge=endpoint)
 
 
-def load_prompts(job: RLJob, tokenizer: Any) -> tuple[Any, dict[str, int]]:
-    """The RL prompts as a ``datasets.Dataset`` (the reward functions get every other column);
-    prompts longer than ``max_prompt_length`` tokens and image prompts for a text-only policy are
-    left out and counted."""
+def load_prompts(job: RLJob, tokenizer: Any, image_processor: Any = None) -> tuple[Any, dict[str, int]]:
+    """The RL prompts as a ``datasets.Dataset`` (the reward functions get every other column) and
+    what was left out, counted by reason: prompts longer than ``max_prompt_length`` tokens (an
+    image prompt counted with its images expanded), and every image prompt when the policy is
+    text-only (no ``image_processor``), or, for a vision-language policy, one whose image cannot be
+    read. For a vision-language policy the image prompts stay in: the dataset loads their images
+    from the run's image store when a batch asks for them (:class:`training.rl_vision.ImagePrompts`)."""
     from datasets import Dataset
+
+    from octomed_data.schema import RecordError
+    from training.rl_vision import ImagePrompts, image_prompt_tokens, prompt_tokens
 
     rows, skipped = [], {"prompt_too_long": 0, "image_prompt": 0}
     limit = int(job.t("max_prompt_length", 512))
     for row in storage.Dataset(job.data_uri).iter_rows():
-        if row.get("images"):
+        uris = list(row.get("images") or [])
+        if uris and image_processor is None:
             skipped["image_prompt"] += 1
             continue
-        ids = tokenizer.apply_chat_template(row["prompt"], tokenize=True, add_generation_prompt=True)
-        if len(ids["input_ids"] if isinstance(ids, dict) else ids) > limit:
+        try:
+            if uris:
+                n = image_prompt_tokens(tokenizer, row["prompt"], uris, image_processor, job.max_pixels)
+            else:
+                n = prompt_tokens(tokenizer, row["prompt"])
+        except RecordError as exc:  # an image missing from the store, or unreadable
+            skipped[exc.reason] = skipped.get(exc.reason, 0) + 1
+            log.warning("RL prompt %s left out: %s", row.get("question_id"), exc)
+            continue
+        if n > limit:
             skipped["prompt_too_long"] += 1
             continue
-        rows.append({k: v for k, v in row.items() if k != "images"})
+        rows.append(row | {"images": uris})
     if not rows:
         raise ConfigError(
             f"no RL prompt to train on at {job.data_uri} (left out: {skipped}); build the RL data first"
         )
-    return Dataset.from_list(rows), skipped
+    if image_processor is None:
+        return Dataset.from_list([{k: v for k, v in r.items() if k != "images"} for r in rows]), skipped
+    return Dataset.from_list(rows).with_transform(ImagePrompts(job.max_pixels)), skipped
 
 
 def grpo_config(job: RLJob, work_dir: Path, *, cuda: bool, progress: bool) -> Any:
@@ -259,7 +287,8 @@ def train_grpo(job: RLJob, *, progress: bool = False) -> dict[str, Any]:
     from trl import GRPOTrainer
 
     from training.checkpoints import download_folder, intermediate_checkpoints
-    from training.models import resolve_model
+    from training.models import is_vision_model, resolve_model
+    from training.rl_vision import vl_processor
     from training.run_checkpoints import remove_final_marker, save_final
     from training.trainer_parts import upload_callback
 
@@ -268,7 +297,19 @@ def train_grpo(job: RLJob, *, progress: bool = False) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     policy = resolve_model(job.model_uri, work / "policy")
     tokenizer = AutoTokenizer.from_pretrained(str(policy))
-    dataset, skipped = load_prompts(job, tokenizer)
+    # A vision-language policy gets TRL's VLM path: a processor, and the image prompts' images.
+    processor = vl_processor(policy, tokenizer) if is_vision_model(policy) else None
+    image_processor = processor.image_processor if processor is not None else None
+    dataset, skipped = load_prompts(job, tokenizer, image_processor)
+    image_prompts = (
+        sum(1 for uris in dataset.data.column("images").to_pylist() if uris) if processor is not None else 0
+    )
+    if skipped["image_prompt"]:
+        log.warning("%d image prompt(s) left out: the policy is text-only", skipped["image_prompt"])
+    if image_prompts:
+        log.info(
+            "%d of %d prompts carry images: the vision-language policy sees them", image_prompts, len(dataset)
+        )
     args = grpo_config(job, work, cuda=cuda, progress=progress)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         shutil.rmtree(work / "trainer", ignore_errors=True)  # a resume comes from the store
@@ -291,7 +332,7 @@ def train_grpo(job: RLJob, *, progress: bool = False) -> dict[str, Any]:
         reward_funcs=rewards,
         args=args,
         train_dataset=dataset,
-        processing_class=tokenizer,
+        processing_class=processor if processor is not None else tokenizer,
         callbacks=[upload_callback(job.output_uri, meta), metrics_callback(job, kept)],
     )
     t0 = time.time()
@@ -305,6 +346,8 @@ def train_grpo(job: RLJob, *, progress: bool = False) -> dict[str, Any]:
         "final_loss": float(losses[-1]) if losses else None,
         "train_loss": float(out.training_loss) if out.training_loss is not None else None,
         "prompts": len(dataset),
+        "image_prompts": image_prompts,
+        "image_prompts_left_out": skipped["image_prompt"],  # a text-only policy cannot see them
         "skipped": skipped,
         "resumed_from_step": int(ours[-1][0]) if ours else 0,
         "seconds": round(seconds, 3),

@@ -120,6 +120,7 @@ def rl_job(
         inputs={"sft": sft_identity(sft_checkpoint), "rl_data": rl_data_fingerprint(paths)},
         judge=judge,
         judge_journal=rl.judge if judge else None,
+        max_pixels=recipe.training.config.max_pixels,  # image prompts at SFT's image size
     )
 
 
