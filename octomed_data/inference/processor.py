@@ -73,11 +73,17 @@ def open_clients(
     return {t.name: EndpointClient(t, resolve_api_key(t, api_keys)) for t in teachers}
 
 
+CANCEL_WAIT_S = 10.0  # how long a failed fan-out waits for its cancelled tasks to unwind
+
+
 def raise_failed(tasks: Iterable[asyncio.Task[Any]]) -> None:
-    """Re-raise the exception of the first finished task that failed."""
-    for t in tasks:
-        if t.done() and not t.cancelled() and t.exception() is not None:
-            raise t.exception()  # type: ignore[misc]
+    """Re-raise the exception of the first finished task that failed. Every finished task's
+    exception is retrieved, so several tasks failing at once (a lost lease fails them all) leave
+    no "Task exception was never retrieved" traceback behind."""
+    failed = [t.exception() for t in tasks if t.done() and not t.cancelled()]
+    first = next((e for e in failed if e is not None), None)
+    if first is not None:
+        raise first
 
 
 class RequestProcessor:
@@ -187,12 +193,17 @@ class RequestProcessor:
             else:
                 for work in works:
                     await add(work)
-            if tasks:
-                finished, tasks = await asyncio.wait(tasks)
+            while tasks:  # the first failure ends the wait (the rest are cancelled below)
+                finished, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
                 raise_failed(finished)
         finally:
             for task in tasks:
                 task.cancel()
+            if tasks:  # let them unwind, and retrieve what they ended with
+                done, _ = await asyncio.wait(tasks, timeout=CANCEL_WAIT_S)
+                for task in done:
+                    if not task.cancelled():
+                        task.exception()
             if isinstance(works, AsyncGenerator):
                 await works.aclose()
 
