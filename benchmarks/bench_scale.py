@@ -124,6 +124,27 @@ def child(args: argparse.Namespace) -> None:
     t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     stages: dict[str, Any] = {}
     loop = Counter()  # the shard loop's requests (run_stage without its finalize)
+    if args.prefect:  # the flows' way: run_stage_flow per stage, its cards, one flow run
+        import scale_prefect
+
+        both = (DistillStage(paths, config), FilterStage(paths, samples_per_question=args.samples))
+        stages = scale_prefect.run_pass(paths, both, args.workers)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        wall = round(time.perf_counter() - t0, 2)
+        out = {
+            "wall_s": wall,
+            "cpu_s": round(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, 2),
+            "driver_peak_mb": round(r1.ru_maxrss / 1024, 1),
+            "loop_wall_s": wall,
+            "loop_peak_mb": round(r1.ru_maxrss / 1024, 1),
+            "tree_peak_mb": round(max(tree.done(), r1.ru_maxrss * 1024) / 2**20, 1),
+            "requests": sum(counts.values()) if counts else None,
+            "loop_requests": None,
+            "requests_by_op": dict(counts),
+            "stages": stages,
+        }
+        print("RESULT " + json.dumps(out), flush=True)
+        return
     # Both shard loops first, then both finalize steps (the stages' global steps), so the loops'
     # own peak RSS and requests are measured apart from the statistics and cost passes.
     both = (DistillStage(paths, config), FilterStage(paths, samples_per_question=args.samples))
@@ -178,6 +199,21 @@ def start_s3() -> tuple[Any, str]:
 def one_pass(store: str, run_id: str, base_url: str, args: argparse.Namespace, env: dict[str, str]) -> dict:
     cmd = [sys.executable, __file__, "--child", "--store", store, "--run-id", run_id, "--base-url", base_url]
     cmd += ["--samples", str(args.samples), "--workers", str(args.workers)]
+    cmd += ["--prefect"] if args.prefect else []
+    if args.py_spy:  # a flame profile of each pass (py-spy samples the child from outside)
+        out = Path(args.py_spy) / f"{run_id}-{len(list(Path(args.py_spy).glob(run_id + '-*')))}.txt"
+        cmd = [
+            str(Path(sys.executable).parent / "py-spy"),
+            "record",
+            "--format",
+            "raw",
+            "-r",
+            "50",
+            "-o",
+            str(out),
+            "--",
+            *cmd,
+        ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
@@ -185,8 +221,29 @@ def one_pass(store: str, run_id: str, base_url: str, args: argparse.Namespace, e
     return json.loads(line.removeprefix("RESULT "))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    axis = argparse.ArgumentParser(add_help=False)
+    axis.add_argument("--axis", choices=["shards", "samples"], default="shards")
+    known, rest = axis.parse_known_args(argv)
+    if known.axis == "samples":  # the samples axis: its own module and options
+        import scale_samples
+
+        scale_samples.main(rest)
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--axis",
+        choices=["shards", "samples"],
+        default="shards",
+        help="shards (this module) or samples (benchmarks/scale_samples.py, its options after this one)",
+    )
+    ap.add_argument(
+        "--prefect",
+        action="store_true",
+        help="run each pass through Prefect (run_stage_flow, its cards) against one SQLite Prefect API; "
+        "report its database bytes and artifact bytes after each pass",
+    )
     ap.add_argument("--shards", type=int, nargs="+", default=[100, 1000])
     ap.add_argument("--stores", nargs="+", choices=["local", "s3"], default=["local", "s3"])
     ap.add_argument("--questions", type=int, default=2, help="questions per shard")
@@ -200,11 +257,12 @@ def main() -> None:
         help="above this many shards, the s3 re-run is over the finished local run copied to the bucket "
         "(a first pass through the loopback S3 server takes ~1 s a shard on 2 cores)",
     )
+    ap.add_argument("--py-spy", default=None, help="a folder: profile each pass with py-spy (raw stacks)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--store", help=argparse.SUPPRESS)
     ap.add_argument("--run-id", help=argparse.SUPPRESS)
     ap.add_argument("--base-url", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.child:
         child(args)
         return
@@ -214,12 +272,18 @@ def main() -> None:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the S3 server's request lines
 
     sandbox, base_url = start_sandbox_process("--latency-ms", "1", "--style", "mixed")
-    s3 = None
+    s3 = prefect_server = None
     rows: list[dict[str, Any]] = []
     tmp = tempfile.mkdtemp(prefix="bench-scale-")
     args.stores = sorted(args.stores)  # local first: a big s3 re-run copies its finished run
     try:
         env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+        if args.prefect:
+            import scale_prefect
+
+            os.makedirs(f"{tmp}/prefect", exist_ok=True)
+            prefect_server, api_url, prefect_db = scale_prefect.start_server(f"{tmp}/prefect")
+            env.update(PREFECT_API_URL=api_url, PREFECT_LOGGING_TO_API_ENABLED="false")
         for kind in args.stores:
             if kind == "s3" and s3 is None:
                 import s3fs
@@ -245,8 +309,11 @@ def main() -> None:
                 for name in passes:
                     res = one_pass(store, run_id, base_url, args, env)
                     row = {"store": kind, "shards": n, "pass": name, "seeded": seed} | res
+                    row["files_per_shard"] = round(scale_prefect_files(RunPaths(store, run_id).root) / n, 2)
+                    if args.prefect:  # what the Prefect API holds after this pass (every run so far)
+                        row["prefect"] = scale_prefect.measure(api_url, prefect_db)
                     for key in ("requests", "loop_requests"):  # per shard of each of the 2 stages
-                        per = res[key] / (2 * n) if res[key] is not None else None
+                        per = res[key] / (2 * n) if res.get(key) is not None else None
                         row[key.replace("requests", "per_shard")] = round(per, 2) if per is not None else None
                     rows.append(row)
                     print_row(row)
@@ -255,6 +322,8 @@ def main() -> None:
         sandbox.kill()
         if s3 is not None:
             s3.stop()
+        if prefect_server is not None:
+            prefect_server.stop()
     growth = growth_rows(rows)
     for g in growth:
         print(
@@ -266,13 +335,28 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({"rows": rows, "growth": growth}, indent=1))
 
 
+def scale_prefect_files(root: str) -> int:
+    import scale_prefect
+
+    return scale_prefect.store_files(root)
+
+
 def print_row(r: dict[str, Any]) -> None:
     req = "    n/a    n/a"
     if r["per_shard"] is not None:
-        req = f"{r['per_shard']:7.2f} {r['loop_per_shard']:6.2f}"
+        loop = f"{r['loop_per_shard']:6.2f}" if r["loop_per_shard"] is not None else "   n/a"
+        req = f"{r['per_shard']:7.2f} {loop}"
+    extra = ""
+    if "prefect" in r:
+        p = r["prefect"]
+        extra = (
+            f"  prefect db {p['db_bytes'] / 2**20:.1f} MB, {p['artifacts']} artifacts "
+            f"{p['artifact_bytes'] / 1024:.1f} KB, {p['flow_runs']} flow runs"
+        )
     print(
         f"{r['store']:5} {r['shards']:6} {r['pass']:5}  wall {r['wall_s']:8.1f} s  cpu {r['cpu_s']:8.1f} s  "
-        f"driver {r['driver_peak_mb']:7.1f} MB (loops {r['loop_peak_mb']:6.1f})  tree {r['tree_peak_mb']:7.1f} MB  requests/shard (all, loop) {req}",
+        f"driver {r['driver_peak_mb']:7.1f} MB (loops {r['loop_peak_mb']:6.1f})  tree {r['tree_peak_mb']:7.1f} MB  "
+        f"requests/shard (all, loop) {req}  files/shard {r['files_per_shard']:.1f}{extra}",
         flush=True,
     )
 

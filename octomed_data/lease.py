@@ -87,8 +87,23 @@ class Lease:
     def _claim_uri(self, epoch: int) -> str:
         return f"{self.uri}.{epoch:010d}"
 
-    def _claims(self) -> list[int]:
-        """Epochs claimed so far: one prefix listing (``<name>.lease.*``), not the stage's folder."""
+    def _claims(self, floor: int = 0) -> list[int]:
+        """Epochs claimed above ``floor`` (the record's epoch) so far, and ``floor``'s own claim.
+
+        An object store answers one prefix listing (``<name>.lease.*``), not the stage's folder.
+        A local folder cannot list a prefix without reading every entry (``state/<stage>/`` holds
+        a few files per shard: one scan per lease made a pass quadratic in shards), so its claims
+        are asked for by name, from ``floor`` up: each taker claims the highest epoch it saw plus
+        one, and claims are removed only below a winner's epoch, so those above the record's
+        epoch are consecutive."""
+        fs, _ = storage.filesystem(self.uri)
+        if storage.is_local(fs):
+            out = [floor] if floor > 0 and storage.exists(self._claim_uri(floor)) else []
+            epoch = floor + 1
+            while storage.exists(self._claim_uri(epoch)):
+                out.append(epoch)
+                epoch += 1
+            return out
         base = self.uri.rsplit("/", 1)[-1]
         out = []
         for uri in storage.list_prefixed(self.uri + "."):
@@ -117,15 +132,15 @@ class Lease:
             return self.renew()
         if cur is not None and cur.get("owner") and float(cur.get("expires_at", 0)) > time.time():
             return False
-        claims = self._claims()
         recorded = int(cur.get("epoch", 0)) if cur else 0
+        claims = self._claims(recorded)
         latest = max(claims, default=0)
         if latest > recorded:  # a claim without its record: a takeover in progress, or a dead taker
             claim = self._read(self._claim_uri(latest))
             if claim is None or float(claim.get("claimed_at", 0)) + self.ttl_s > time.time():
                 return False  # unreadable counts as in progress: never two takers of one epoch
         epoch = max(latest, recorded) + 1
-        if not self._claim(epoch) or max(self._claims(), default=0) > epoch:
+        if not self._claim(epoch) or max(self._claims(epoch), default=0) > epoch:
             return False
         self.epoch = epoch
         storage.write_json(self.uri, self._doc())
@@ -156,7 +171,7 @@ class Lease:
         cur = self.read()
         if cur is None or cur.get("owner") != self.owner or int(cur.get("epoch", 0)) != self.epoch:
             return False
-        if max(self._claims(), default=0) > self.epoch:  # a takeover is under way
+        if max(self._claims(self.epoch), default=0) > self.epoch:  # a takeover is under way
             return False
         storage.write_json(self.uri, self._doc())
         return True

@@ -436,7 +436,7 @@ class Dataset:
             return fenced and temp_target(name) == target and f"~{mine}~" not in name
 
         fs, _ = filesystem(self.uri)
-        if is_local(fs):
+        if is_local(fs):  # each shard's look: a big folder only once in a while (files.scan_due)
             removed += clean_temp_files(self.uri, ours)
             removed += clean_temp_files(
                 join(self.uri, MANIFEST_DIR), lambda n: fenced and temp_target(n) == marker
@@ -459,8 +459,8 @@ class Dataset:
             if self._remove_orphan(shard):  # asked again of the store, one by one
                 removed.append(join(self.uri, name))
         if is_local(fs):
-            removed += clean_temp_files(self.uri)
-            removed += clean_temp_files(join(self.uri, MANIFEST_DIR))
+            removed += clean_temp_files(self.uri, when_due=False)
+            removed += clean_temp_files(join(self.uri, MANIFEST_DIR), when_due=False)
         return removed
 
 
