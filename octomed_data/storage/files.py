@@ -25,6 +25,7 @@ from typing import Any
 import fsspec
 
 from octomed_data.errors import StorageError
+from octomed_data.storage.scans import scan_due, scanned
 
 _configured: dict[str, dict[str, Any]] = {}
 _lock = threading.Lock()
@@ -233,37 +234,6 @@ def temp_is_dead(name: str, mtime: float, now: float | None = None) -> bool:
     if m.group("pid") and m.group("host") == _host():
         return int(m.group("pid")) != os.getpid() and not _pid_alive(int(m.group("pid")))
     return (now or time.time()) - mtime > LEFTOVER_AGE_S
-
-
-# A write's own look for leftovers scans its whole folder, and a run's busiest folders hold a few
-# files per shard (``state/<stage>/``, a dataset's ``_manifest/``): scanning one per write made a
-# pass quadratic in shards (20 ms a scan of 30,000 entries, several per shard). A folder of more
-# than SMALL_FOLDER entries is scanned again by a write only once SCAN_EVERY_S_PER_ENTRY times its
-# size has passed since this process last scanned it (30 s for 30,000 entries: the scans then cost
-# well under 1% of the pass); a smaller one on every write. Each pass's cleaner
-# (:meth:`Dataset.drop_stale`) still scans every dataset folder.
-SMALL_FOLDER = 1000
-SCAN_EVERY_S_PER_ENTRY = 0.001
-_SCANS: dict[str, tuple[float, int]] = {}  # folder -> (time.monotonic() of the last scan, entries)
-_SCANS_LOCK = threading.Lock()
-
-
-def scan_due(folder: str) -> bool:
-    """Whether a write's look for leftovers in local ``folder`` should scan it now (see above)."""
-    with _SCANS_LOCK:
-        last = _SCANS.get(os.path.abspath(folder))
-    if last is None:
-        return True
-    at, entries = last
-    return entries <= SMALL_FOLDER or time.monotonic() - at >= entries * SCAN_EVERY_S_PER_ENTRY
-
-
-def scanned(folder: str, entries: int) -> None:
-    """Note that ``folder`` was just scanned and held ``entries`` entries."""
-    with _SCANS_LOCK:
-        if len(_SCANS) > 4096:  # one entry per folder written: bounded all the same
-            _SCANS.clear()
-        _SCANS[os.path.abspath(folder)] = (time.monotonic(), entries)
 
 
 def _clean_dead_temps_of(folder: str, target: str) -> None:

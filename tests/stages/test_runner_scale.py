@@ -252,12 +252,13 @@ def test_a_first_pass_on_a_local_store_scans_no_big_folder_per_shard(tmp_path: P
     import sys
 
     from octomed_data.storage import files as files_module
+    from octomed_data.storage import scans as scan_memo
 
     n = 60
     paths = write_inputs(str(tmp_path / "run"), n)
-    monkeypatch.setattr(files_module, "SMALL_FOLDER", 20)  # "big" from 20 entries on, here
-    monkeypatch.setattr(files_module, "SCAN_EVERY_S_PER_ENTRY", 10.0)
-    monkeypatch.setattr(files_module, "_SCANS", {})
+    monkeypatch.setattr(scan_memo, "SMALL_FOLDER", 20)  # "big" from 20 entries on, here
+    monkeypatch.setattr(scan_memo, "SCAN_EVERY_S_PER_ENTRY", 10.0)
+    scan_memo.forget_scans()
     scans: list[tuple[str, int]] = []
     real_scandir = os.scandir
 
@@ -305,6 +306,6 @@ def test_a_first_pass_on_a_local_store_scans_no_big_folder_per_shard(tmp_path: P
     Path(leftover).write_bytes(b"{")
     storage.write_json(paths.state_uri(stage.name, "00001"), {"state": "COMPLETED"})
     assert Path(leftover).exists()  # the folder was scanned a moment ago
-    monkeypatch.setattr(files_module, "SCAN_EVERY_S_PER_ENTRY", 0.0)
+    monkeypatch.setattr(scan_memo, "SCAN_EVERY_S_PER_ENTRY", 0.0)
     storage.write_json(paths.state_uri(stage.name, "00001"), {"state": "COMPLETED"})
     assert not Path(leftover).exists()
