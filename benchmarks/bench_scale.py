@@ -165,7 +165,8 @@ def child(args: argparse.Namespace) -> None:
     loop_wall = time.perf_counter() - t0
     for stage in both:
         s1 = time.perf_counter()
-        stage.finalize(stage.input_shards())  # what run_stage does after the loop
+        with stage.viewing():  # what run_stage does after the loop, inside its look at the markers
+            stage.finalize(stage.input_shards())
         stages[stage.name]["finalize_s"] = round(time.perf_counter() - s1, 2)
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     out = {
@@ -251,6 +252,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=8, help="shards at once (the runner's bound)")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument(
+        "--s3-shards", type=int, nargs="+", default=None, help="on s3, only these of --shards (default: all)"
+    )
+    ap.add_argument(
         "--s3-first-max",
         type=int,
         default=100,
@@ -296,6 +300,8 @@ def main(argv: list[str] | None = None) -> None:
                 s3fs.S3FileSystem(endpoint_url=endpoint, key="bench", secret="bench").mkdir(bucket)
             store = f"{tmp}/local" if kind == "local" else f"s3://{bucket}"
             for n in args.shards:
+                if kind == "s3" and args.s3_shards is not None and n not in args.s3_shards:
+                    continue
                 run_id = f"scale-{n}"
                 seed = kind == "s3" and n > args.s3_first_max and "local" in args.stores
                 passes = ("rerun",) if seed else ("first", "rerun")
