@@ -93,6 +93,7 @@ def child(args: argparse.Namespace) -> None:
     from octomed_data.teachers import DistillConfig
 
     logging.disable(logging.WARNING)
+    commits = count_commits()
     paths = RunPaths.at(args.root)
     teacher = {
         "name": "sandbox",
@@ -120,6 +121,7 @@ def child(args: argparse.Namespace) -> None:
     out_steps: dict[str, Any] = {}
     for name in STEPS:
         step_tree = TreePeak()
+        commits["n"] = 0
         s0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
         counts = steps[name]()
         c1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -131,6 +133,7 @@ def child(args: argparse.Namespace) -> None:
             "driver_peak_after_mb": round(c1.ru_maxrss / 1024, 1),
             "bytes": size,
             "files": files,
+            "write_shard_calls": commits["n"],  # Dataset.write_shard (the spills included; not ShardWriter)
             "counts": summarise(name, counts),
         }
         print(f"STEP {name} " + json.dumps(out_steps[name]), flush=True)
@@ -146,6 +149,26 @@ def child(args: argparse.Namespace) -> None:
         "steps": out_steps,
     }
     print("RESULT " + json.dumps(out), flush=True)
+
+
+def count_commits() -> dict[str, int]:
+    """Counts every ``Dataset.write_shard`` in this process from now on (one commit: a Parquet
+    file and its marker), so a step's temporary spill shards show even after it removed them."""
+    import threading
+
+    from octomed_data import storage
+
+    counts = {"n": 0}
+    lock = threading.Lock()
+    write = storage.Dataset.write_shard
+
+    def counted(self: Any, *a: Any, **kw: Any) -> Any:
+        with lock:
+            counts["n"] += 1
+        return write(self, *a, **kw)
+
+    storage.Dataset.write_shard = counted  # type: ignore[method-assign]
+    return counts
 
 
 def summarise(step: str, counts: dict[str, Any]) -> dict[str, Any]:
