@@ -40,6 +40,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from octomed_data import storage
@@ -300,12 +301,12 @@ def build_mixture(
     out_bytes = 2 * (
         sample_bytes + question_bytes
     )  # a mixture row is a trace + its question, read and sorted
-    n_out = {
-        s: max(
-            1, math.ceil(expected[s] / config.shard_rows), math.ceil(expected[s] * out_bytes / (budget / 2))
-        )
-        for s in SPLITS
-    }
+    # Output shards: at most shard_rows rows and half the budget each. The shuffle spills into
+    # fewer, coarser ranges, bounded by bytes alone (each a run of whole output shards): a spill
+    # writes one chunk per range it buffered rows of, so ranges in step with shard_rows would make
+    # the chunks grow with rows x rows.
+    n_spill = {s: max(1, math.ceil(expected[s] * out_bytes / (budget / 2))) for s in SPLITS}
+    n_out = {s: max(n_spill[s], math.ceil(expected[s] / config.shard_rows)) for s in SPLITS}
 
     # Pass 2b: select, join with the question, assign split and shuffle key, range-partition.
     shuffle_spills = {
@@ -358,7 +359,9 @@ def build_mixture(
                     "copy": copy,
                     "shuffle_key": key,
                 }
-                shuffle_spills[split].add(int(key * n_out[split] // 2**64), out_row)
+                shuffle_spills[split].add(
+                    int(key * n_out[split] // 2**64) * n_spill[split] // n_out[split], out_row
+                )
                 if split == "train":
                     counts[src].rows_train += 1
                 else:
@@ -368,22 +371,31 @@ def build_mixture(
     for spill in shuffle_spills.values():
         spill.flush()
 
-    # Pass 3: sort each range partition by its key; shard order = global shuffle order.
+    # Pass 3: sort each spilled range by its key and cut it into its output shards (output shard p
+    # holds the keys k with k * n_out // 2**64 == p); shard order = global shuffle order.
     rows_out: Counter[str] = Counter()
     for split in SPLITS:
         target = storage.Dataset(MixtureFolder(out).split(split), MIXTURE_SCHEMA)
         target.drop_stale(keep=[])  # a rebuilt mixture replaces, never mixes, the earlier one
         spill = shuffle_spills[split]
         src_ds = storage.Dataset(spill.dataset.uri)
-        for part in range(n_out[split]):
-            names = spill.shards.get(part, [])
+        part = 0
+        for spilled in range(n_spill[split]):
+            names = spill.shards.get(spilled, [])
             if names:
                 table = pa.concat_tables([src_ds.read_shard(n) for n in names])
                 table = table.sort_by("shuffle_key")
             else:
                 table = MIXTURE_SCHEMA.empty_table()
-            target.write_shard(part, table)
-            rows_out[split] += table.num_rows
+            keys = table.column("shuffle_key").to_numpy()
+            start = 0
+            while part < n_out[split] and part * n_spill[split] // n_out[split] == spilled:
+                # the first key of the next output shard: the smallest k with k * n_out >= (part + 1) * 2**64
+                bound = -(-(part + 1) * 2**64 // n_out[split])
+                end = len(keys) if bound >= 2**64 else int(np.searchsorted(keys, np.uint64(bound)))
+                target.write_shard(part, table.slice(start, end - start))
+                rows_out[split] += end - start
+                start, part = end, part + 1
     _remove_tree(work)
 
     result = MixtureResult(

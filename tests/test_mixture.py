@@ -323,3 +323,35 @@ def test_export_stage_refuses_the_key_of_any_teacher_the_run_names(shared_data, 
     assert run_stage(MixtureStage(paths), LocalExecutor(progress=False)).outcomes["all"].state == "COMPLETED"
     outcome = run_stage(ExportStage(paths), LocalExecutor(progress=False)).outcomes["all"]
     assert outcome.state == "FAILED" and "$R1_TEACHER_KEY" in outcome.error and key not in outcome.error
+
+
+def test_shuffle_spill_chunks_do_not_grow_with_output_shards(tmp_path, monkeypatch):
+    """Issue 26: the shuffle spills into ranges bounded by bytes alone and cuts each sorted range into
+    its output shards, so many small output shards (shard_rows) add no spill chunks: the chunks had
+    grown with rows x rows (one per output shard per spill flush). Same rows, same order."""
+    inputs = _long_inputs(str(tmp_path / "in"), 150, 6, 500)
+    chunks = {"n": 0}
+    write = storage.Dataset.write_shard
+
+    def counted(self, *args, **kwargs):
+        if "/_work/" in self.uri and "shuffle" in self.uri:
+            chunks["n"] += 1
+        return write(self, *args, **kwargs)
+
+    monkeypatch.setattr(storage.Dataset, "write_shard", counted)
+    built = {}
+    for rows in (5000, 5):
+        chunks["n"] = 0
+        cfg = MixtureConfig(memory_mb=8, validation_fraction=0.1, shard_rows=rows)
+        built[rows] = (build_mixture(*inputs, str(tmp_path / f"m{rows}"), cfg), chunks["n"])
+    (wide, wide_chunks), (narrow, narrow_chunks) = built[5000], built[5]
+    shards = lambda res: len(storage.Dataset(res.train_uri).manifest())  # noqa: E731
+    assert shards(narrow) >= wide.rows_train // 5 > 10 * shards(wide)
+    assert narrow_chunks == wide_chunks, (narrow_chunks, wide_chunks)
+    order = lambda res: [(r["question_id"], r["shuffle_key"]) for r in _rows(res.train_uri)]  # noqa: E731
+    assert order(narrow) == order(wide) and len(order(wide)) == wide.rows_train
+    keys = [k for _, k in order(narrow)]
+    assert keys == sorted(keys)
+    for name in storage.Dataset(narrow.train_uri).manifest():  # each shard holds its own key range
+        part = [r["shuffle_key"] for r in storage.Dataset(narrow.train_uri).read_shard(name).to_pylist()]
+        assert all(k * shards(narrow) // 2**64 == int(name) for k in part)
