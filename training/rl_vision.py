@@ -12,7 +12,8 @@ What this module adds to that:
 * :func:`vl_processor`: the Qwen2.5-VL processor from the policy's tokenizer (its chat template,
   the one SFT encoded with) and the PIL image processor SFT patches images with
   (:func:`training.models.load_image_processor`); the full processor insists on a video
-  processor, which needs torchvision (not installable on CPU machines), so it goes without.
+  processor, which needs torchvision (not installable on CPU machines), so it goes without. Its
+  tokenizer pads on the left, as TRL pads the prompts (TRL's own ``AutoProcessor`` load does too).
 * :func:`image_prompt_tokens`: a prompt's length with its images expanded, from the image headers
   only (the same resizes as SFT: :func:`training.packing.image_token_count`), so
   ``max_prompt_length`` leaves out image prompts as it does text prompts.
@@ -26,6 +27,7 @@ What this module adds to that:
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,17 +58,23 @@ def vl_processor(model_path: str | Path, tokenizer: Any) -> Any:
             return super().__call__(images=images, text=text, **kwargs)
 
         def save_pretrained(self, save_directory, *args, **kwargs):
-            # What a checkpoint needs to load again: the tokenizer and the image processor
-            # (the processor's own save would serialize the missing video processor).
-            self.tokenizer.save_pretrained(save_directory)
+            # What a checkpoint needs to load again: the policy's tokenizer as it came (its own
+            # padding sides) and the image processor (the processor's own save would serialize
+            # the missing video processor).
+            tokenizer.save_pretrained(save_directory)
             self.image_processor.save_pretrained(save_directory)
             return []
 
     if not tokenizer.chat_template:
         raise ConfigError(f"the policy's tokenizer at {model_path} has no chat template")
+    # TRL left-pads the prompts it generates from, and takes the per-token image types
+    # (mm_token_type_ids) from this processor's batch: padded on the other side, they would mark
+    # text tokens as an image's (wrong 3-D positions, or a crash once prompt lengths differ).
+    left = copy.deepcopy(tokenizer)
+    left.padding_side = left.truncation_side = "left"
     return ImageOnlyProcessor(
         image_processor=load_image_processor(model_path),
-        tokenizer=tokenizer,
+        tokenizer=left,
         video_processor=None,
         chat_template=tokenizer.chat_template,
     )

@@ -140,6 +140,19 @@ def test_a_vision_language_policy_trains_on_image_prompts_and_sees_their_images(
         return forward(self, hidden_states, grid_thw, **kwargs)
 
     monkeypatch.setattr(tower, "forward", recording)
+    # Qwen2.5-VL places each image by its token types (mm_token_type_ids): in every model call they
+    # must mark exactly the image pads of input_ids (a pad on the wrong side would give an image's
+    # 3-D positions to text tokens, or fail once a batch's prompts differ in length).
+    model_cls = modeling_qwen2_5_vl.Qwen2_5_VLModel
+    rope_index = model_cls.get_rope_index
+    misplaced: list[int] = []
+
+    def checked(self, input_ids=None, mm_token_type_ids=None, *args, **kwargs):
+        pads = input_ids == self.config.image_token_id
+        misplaced.append(int(((mm_token_type_ids == 1) != pads).sum()))
+        return rope_index(self, input_ids, mm_token_type_ids, *args, **kwargs)
+
+    monkeypatch.setattr(model_cls, "get_rope_index", checked)
     job = _job(rl_data, models["vl"])
     result = train_grpo(job)
 
@@ -152,6 +165,7 @@ def test_a_vision_language_policy_trains_on_image_prompts_and_sees_their_images(
     want = sorted(_expected_grids(job, models["vl"]) * NUM_GENERATIONS)
     assert len(want) == 2 * NUM_GENERATIONS
     assert len(seen) >= 2 and all(sorted(call) == want for call in seen), (seen, want)
+    assert misplaced and not any(misplaced), misplaced
     metrics = [json.loads(x) for x in storage.read_bytes(job.metrics_uri).decode().splitlines()]
     assert [m["step"] for m in metrics] == [1] and "pass_rate" in metrics[0]
     # The checkpoint stays a vision-language model with its image processor (evaluable as one).
