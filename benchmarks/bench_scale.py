@@ -116,6 +116,10 @@ def child(args: argparse.Namespace) -> None:
     from octomed_data.teachers import DistillConfig
 
     logging.disable(logging.WARNING)
+    if args.trace_memory:  # where the Python allocations of the pass are (slower; a diagnosis)
+        import tracemalloc
+
+        tracemalloc.start(16)
     paths = RunPaths(args.store, args.run_id)
     teacher = {"name": "sandbox", "base_url": args.base_url, "model": "bench", "max_in_flight": 64}
     config = DistillConfig.parse({"teachers": [teacher], "samples": args.samples})
@@ -162,6 +166,7 @@ def child(args: argparse.Namespace) -> None:
             "peak_after_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
     loop_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    trace = memory_trace() if args.trace_memory else None
     loop_wall = time.perf_counter() - t0
     for stage in both:
         s1 = time.perf_counter()
@@ -182,7 +187,35 @@ def child(args: argparse.Namespace) -> None:
         "loop_requests_by_op": dict(loop),
         "stages": stages,
     }
+    if trace is not None:
+        out["trace"] = trace
     print("RESULT " + json.dumps(out), flush=True)
+
+
+def memory_trace() -> dict[str, Any]:
+    """Python-allocated bytes now and at peak, the biggest allocation sites still held, and what
+    the s3fs listing cache holds (native memory, e.g. aiohttp's and pyarrow's, is not traced)."""
+    import tracemalloc
+
+    cur, peak = tracemalloc.get_traced_memory()
+    skip = [
+        tracemalloc.Filter(False, "<frozen importlib._bootstrap*>"),
+        tracemalloc.Filter(False, "<unknown>"),
+    ]
+    top = tracemalloc.take_snapshot().filter_traces(skip).statistics("traceback")[:8]
+    sites = []
+    for stat in top:
+        frames = [f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}" for f in stat.traceback[-6:]]
+        sites.append({"kb": round(stat.size / 1024, 1), "count": stat.count, "where": " < ".join(frames)})
+    caches = {}
+    import fsspec
+
+    for cls in (fsspec.get_filesystem_class("s3"),):
+        for fs in getattr(cls, "_cache", {}).values():
+            caches[type(fs).__name__] = sum(len(v) for v in getattr(fs, "dircache", {}).values())
+    return {"traced_mb": round(cur / 2**20, 1), "traced_peak_mb": round(peak / 2**20, 1), "sites": sites} | {
+        "dircache_entries": caches
+    }
 
 
 # --------------------------------------------------------------------------------- the parent
@@ -201,6 +234,7 @@ def one_pass(store: str, run_id: str, base_url: str, args: argparse.Namespace, e
     cmd = [sys.executable, __file__, "--child", "--store", store, "--run-id", run_id, "--base-url", base_url]
     cmd += ["--samples", str(args.samples), "--workers", str(args.workers)]
     cmd += ["--prefect"] if args.prefect else []
+    cmd += ["--trace-memory"] if args.trace_memory else []
     if args.py_spy:  # a flame profile of each pass (py-spy samples the child from outside)
         out = Path(args.py_spy) / f"{run_id}-{len(list(Path(args.py_spy).glob(run_id + '-*')))}.txt"
         cmd = [
@@ -261,6 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         help="above this many shards, the s3 re-run is over the finished local run copied to the bucket "
         "(a first pass through the loopback S3 server takes ~1 s a shard on 2 cores)",
     )
+    ap.add_argument("--trace-memory", action="store_true", help="tracemalloc in each pass (a diagnosis)")
     ap.add_argument("--py-spy", default=None, help="a folder: profile each pass with py-spy (raw stacks)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--store", help=argparse.SUPPRESS)
