@@ -258,3 +258,26 @@ def test_a_text_only_policy_leaves_image_prompts_out_and_counts_them(rl_data: Pa
     assert result["skipped"]["image_prompt"] == 2 and result["image_prompts_left_out"] == 2
     marker = storage.read_json(CheckpointFolder(job.output_uri).marker)
     assert marker["skipped"]["image_prompt"] == 2
+
+
+def test_the_run_s_job_sees_images_at_the_sft_size_and_that_size_is_a_setting(rl_data: Path) -> None:
+    from octomed_data.layout import RLFolder
+    from octomed_data.recipe import Recipe, load_recipe
+    from octomed_data.runs import start_run
+    from training.rl_stage import rl_job
+
+    def job_of(max_pixels: int | None, run_id: str) -> RLJob:
+        data = load_recipe("demo").model_dump(mode="json")
+        if max_pixels is not None:
+            data["training"]["config"] = data["training"].get("config", {}) | {"max_pixels": max_pixels}
+        recipe = Recipe.model_validate(data)
+        paths = start_run(recipe, run_id, str(rl_data / "store-runs"))
+        storage.write_bytes(CheckpointFolder(paths.checkpoints).marker, b'{"final": true, "created_at": "t"}')
+        rows = storage.Dataset(str(rl_data / "rl-data")).read_all()
+        storage.Dataset(RLFolder(paths.rl).split("train"), RL_SCHEMA).write_shard(0, rows)
+        return rl_job(recipe, paths, sft_checkpoint=paths.checkpoints, work_dir=str(rl_data / "w"))
+
+    default, smaller = job_of(None, "a"), job_of(200704, "b")
+    assert default.max_pixels == 262144 and smaller.max_pixels == 200704  # training.config.max_pixels
+    assert default.settings()["images"] == {"handling": 1, "max_pixels": 262144}
+    assert smaller.config_hash() != default.model_copy(update={"inputs": smaller.inputs}).config_hash()
