@@ -11,6 +11,10 @@ TensorBoard and to ``metrics_uri`` (JSON lines); ``plot_uri`` gets reward and re
 steps. DeepSpeed ZeRO as in SFT when ``zero_stage > 0``; vLLM generation (colocated) only where a
 GPU is present and ``use_vllm`` asks for it, else the model's own ``generate``.
 
+A vision-language policy (Qwen2(.5)-VL) trains on the image prompts too, through TRL's VLM path
+(:mod:`training.rl_vision`: the processor, the images from the run's image store at ``max_pixels``,
+the placeholders); a text-only policy leaves them out, counted (``skipped["image_prompt"]``).
+
 ``python -m training.rl --config JOB.json --result-file OUT.json`` is the process a launcher
 starts (:func:`training.rl_stage.launch_rl`); ``train_grpo`` runs it in the calling process.
 """
