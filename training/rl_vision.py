@@ -134,8 +134,7 @@ class ImagePrompts:
     def __init__(self, max_pixels: int, cache_size: int = 64) -> None:
         self.max_pixels = max_pixels
         self.cache_size = cache_size
-        self.cache: OrderedDict[str, Any] = OrderedDict()
-        self.loaded = 0  # images decoded from the store (cache misses)
+        self.cache: OrderedDict[str, Any] = OrderedDict()  # GRPO asks for a prompt num_generations times
 
     def image(self, uri: str) -> Any:
         from training.data import fit_pixels, load_image
@@ -144,7 +143,6 @@ class ImagePrompts:
             self.cache.move_to_end(uri)
             return self.cache[uri]
         image = fit_pixels(load_image({"bytes": None, "path": uri}), self.max_pixels)
-        self.loaded += 1
         self.cache[uri] = image
         if len(self.cache) > self.cache_size:
             self.cache.popitem(last=False)
