@@ -169,7 +169,7 @@ def load_prompts(job: RLJob, tokenizer: Any, image_processor: Any = None) -> tup
     from training.rl_vision import ImagePrompts, image_prompt_tokens, prompt_tokens
 
     rows, skipped = [], {"prompt_too_long": 0, "image_prompt": 0}
-    limit = int(job.t("max_prompt_length", 512))
+    limit = int(job.t("max_prompt_length", 1024))
     for row in storage.Dataset(job.data_uri).iter_rows():
         uris = list(row.get("images") or [])
         if uris and image_processor is None:

@@ -21,7 +21,9 @@ class GRPOSettings(BaseModel):
     max_steps: int = Field(2, ge=1)
     learning_rate: float = Field(1e-6, gt=0)
     beta: float = Field(0.04, ge=0, description="KL coefficient against the SFT (reference) model.")
-    max_prompt_length: int = Field(512, ge=1)
+    max_prompt_length: int = Field(
+        1024, ge=1
+    )  # a MedQA stem + options, or an image (334 tokens at 262,144 px) + text
     max_completion_length: int = Field(64, ge=1)
     per_device_train_batch_size: int = Field(4, ge=1)
     temperature: float = Field(1.0, gt=0)
