@@ -85,8 +85,10 @@ def launch_command(
     hostfile: str | None = None,
     extra_args: Sequence[str] = (),
     local_programs: bool = False,
+    module: str = "training.sft",
 ) -> list[str]:
-    """The command line that runs ``training.sft`` on ``num_gpus`` processes per node.
+    """The command line that runs ``module`` (SFT's ``training.sft``, GRPO's ``training.rl``) on
+    ``num_gpus`` processes per node.
 
     The one builder: ``octomed-data train --launch-line`` prints it for a cluster, and
     :func:`start_job` runs it on this node (``local_programs``: the launcher scripts of this
@@ -98,7 +100,7 @@ def launch_command(
     if num_gpus < 1 or num_nodes < 1:
         raise ConfigError("num_gpus and num_nodes must be >= 1")
     program = _program if local_programs else str
-    tail = ["training.sft", "--config", str(config_path), *extra_args]
+    tail = [module, "--config", str(config_path), *extra_args]
     if launcher == "deepspeed":
         cmd = [program("deepspeed"), "--num_gpus", str(num_gpus)]
         if num_nodes > 1:

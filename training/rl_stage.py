@@ -189,8 +189,8 @@ def launch_rl(
         launcher=launcher,
         extra_args=["--result-file", str(result_path), "--no-progress"],
         local_programs=True,
+        module="training.rl",
     )
-    cmd[cmd.index("training.sft")] = "training.rl"  # the same launcher line, the GRPO module
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)

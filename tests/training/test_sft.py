@@ -107,6 +107,9 @@ def test_deepspeed_config_and_launch_lines():
     assert "10.0.0.1:29500" in tr and tr[-3:] == ["training.sft", "--config", "c.yaml"]
     with pytest.raises(ConfigError, match="hostfile"):
         launch_command("c.yaml", num_gpus=8, num_nodes=2)
+    grpo = launch_command("j.json", num_gpus=2, launcher="torchrun", module="training.rl")
+    assert grpo == ["torchrun", "--standalone", "--nproc_per_node", "2", "--nnodes", "1", "-m", "training.rl",
+                    "--config", "j.json"]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- encoding + collator
