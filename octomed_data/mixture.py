@@ -34,10 +34,9 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -48,6 +47,7 @@ from octomed_data.audit import flagged_questions
 from octomed_data.errors import ConfigError, StorageError
 from octomed_data.layout import SPLITS, FilterFolder, MixtureFolder
 from octomed_data.mixture_config import MixtureConfig, MixtureResult, SourceCounts, load_result, parse_weights
+from octomed_data.mixture_partition import Partition, remove_tree, row_bytes
 from octomed_data.mixture_select import (
     Stratum,
     bucket_candidates,
@@ -102,49 +102,11 @@ def _as_list(uris: str | Sequence[str]) -> list[str]:
     return [uris] if isinstance(uris, str) else list(uris)
 
 
-def row_bytes(value: Any) -> int:
-    """The memory a row (or any value of one) takes as Python objects, measured with ``getsizeof``."""
-    if isinstance(value, dict):
-        return sys.getsizeof(value) + sum(row_bytes(v) for v in value.values())
-    if isinstance(value, list | tuple):
-        return sys.getsizeof(value) + sum(row_bytes(v) for v in value)
-    return sys.getsizeof(value)
-
-
 def _peek_mean_bytes(rows: Iterator[dict[str, Any]], n: int = 512) -> tuple[Iterator[dict[str, Any]], float]:
     """``rows`` unchanged, and the mean Python size of its first ``n`` rows (0 when empty)."""
     head = list(itertools.islice(rows, n))
     mean = sum(row_bytes(r) for r in head) / len(head) if head else 0.0
     return itertools.chain(head, rows), mean
-
-
-class _Spill:
-    """Buffers rows per bucket and commits them as work shards ``b<bucket>-<n>`` when the buffered
-    rows reach ``limit_bytes`` (their measured Python size)."""
-
-    def __init__(self, dataset: storage.Dataset, limit_bytes: int) -> None:
-        self.dataset = dataset
-        self.limit = limit_bytes
-        self.buffers: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        self.buffered = 0
-        self.chunks: Counter[int] = Counter()
-        self.shards: dict[int, list[str]] = defaultdict(list)
-
-    def add(self, bucket: int, row: dict[str, Any]) -> None:
-        self.buffers[bucket].append(row)
-        self.buffered += row_bytes(row)
-        if self.buffered >= self.limit:
-            self.flush()
-
-    def flush(self) -> None:
-        for bucket, rows in self.buffers.items():
-            if rows:
-                name = f"b{bucket:05d}-{self.chunks[bucket]:05d}"
-                self.chunks[bucket] += 1
-                self.dataset.write_shard(name, rows)
-                self.shards[bucket].append(name)
-        self.buffers = defaultdict(list)
-        self.buffered = 0
 
 
 def _count_rows(uris: Iterable[str]) -> int:
@@ -218,7 +180,7 @@ def build_mixture(
     storage.ensure_writable(out)
     folder = MixtureFolder(out)
     work = folder.work
-    _remove_tree(work)
+    remove_tree(work)
     flags = list(dict.fromkeys(config.exclude_audit_flags))
     audit_uris = _as_list(audit) if audit is not None else [audit_uri_beside(u) for u in accepted_uris]
     if flags and len(audit_uris) != len(accepted_uris):
@@ -244,7 +206,13 @@ def build_mixture(
     spill_limit = budget // 8  # two spills may buffer at once (samples, then questions; two splits)
 
     # Pass 1: partition samples and questions by question_id.
-    sample_spill = _Spill(storage.Dataset(folder.spill("samples"), _WORK_SAMPLE_SCHEMA), spill_limit)
+    def question_bucket(table: pa.Table) -> np.ndarray:
+        ids = table.column("question_id").to_pylist()
+        return np.array([h64("bucket", q) % n_buckets for q in ids], dtype=np.int64)
+
+    sample_spill = Partition(
+        folder.spill("samples"), _WORK_SAMPLE_SCHEMA, n_buckets, spill_limit, question_bucket
+    )
     for row in tqdm(rows, total=n_samples, desc="mixture: partition", disable=not progress, unit="trace"):
         if not row.get("correct"):
             continue  # only accepted traces enter a mixture, whatever dataset we were given
@@ -252,13 +220,15 @@ def build_mixture(
         row.pop("correct")
         row["dedupe_key"] = dedupe_key(row["question_id"], row["reasoning"], row["response"])
         sample_spill.add(h64("bucket", row["question_id"]) % n_buckets, row)
-    sample_spill.flush()
-    question_spill = _Spill(storage.Dataset(folder.spill("questions"), _WORK_QUESTION_SCHEMA), spill_limit)
+    sample_spill.finish()
+    question_spill = Partition(
+        folder.spill("questions"), _WORK_QUESTION_SCHEMA, n_buckets, spill_limit, question_bucket
+    )
     for row in question_rows:
         bucket = h64("bucket", row["question_id"]) % n_buckets
         if bucket in sample_spill.shards:  # a question nobody answered correctly is not needed
             question_spill.add(bucket, row)
-    question_spill.flush()
+    question_spill.finish()
     samples_ds = storage.Dataset(folder.spill("samples"))
     questions_ds = storage.Dataset(folder.spill("questions"))
 
@@ -269,7 +239,7 @@ def build_mixture(
     capped = set(config.caps)
     expected: Counter[str] = Counter()
     strata: dict[tuple[str, str], Stratum] = defaultdict(Stratum)
-    for bucket in sample_spill.shards:
+    for bucket in sorted(sample_spill.shards):
         bucket_rows = list(samples_ds.iter_rows(shards=sample_spill.shards[bucket]))
         scratch: dict[str, SourceCounts] = defaultdict(SourceCounts)
         seen_here: set[str] = set()  # every trace of a question is in this bucket
@@ -309,8 +279,19 @@ def build_mixture(
     n_out = {s: max(n_spill[s], math.ceil(expected[s] / config.shard_rows)) for s in SPLITS}
 
     # Pass 2b: select, join with the question, assign split and shuffle key, range-partition.
+    def spill_range(split: str, key: int) -> int:
+        return int(key * n_out[split] // 2**64) * n_spill[split] // n_out[split]
+
+    def range_of(split: str) -> Callable[[pa.Table], np.ndarray]:
+        def bucket_of(table: pa.Table) -> np.ndarray:
+            keys = table.column("shuffle_key").to_pylist()
+            return np.array([spill_range(split, k) for k in keys], dtype=np.int64)
+
+        return bucket_of
+
     shuffle_spills = {
-        s: _Spill(storage.Dataset(folder.spill(f"shuffle-{s}"), MIXTURE_SCHEMA), spill_limit) for s in SPLITS
+        s: Partition(folder.spill(f"shuffle-{s}"), MIXTURE_SCHEMA, n_spill[s], spill_limit, range_of(s))
+        for s in SPLITS
     }
     questions_by_split: dict[str, set[str]] = {s: set() for s in SPLITS}
     q_counts: Counter[str] = Counter()
@@ -359,9 +340,7 @@ def build_mixture(
                     "copy": copy,
                     "shuffle_key": key,
                 }
-                shuffle_spills[split].add(
-                    int(key * n_out[split] // 2**64) * n_spill[split] // n_out[split], out_row
-                )
+                shuffle_spills[split].add(spill_range(split, key), out_row)
                 if split == "train":
                     counts[src].rows_train += 1
                 else:
@@ -369,7 +348,7 @@ def build_mixture(
         # The set of ids per split is only needed for counting questions; keep it per bucket.
         questions_by_split = {s: set() for s in SPLITS}
     for spill in shuffle_spills.values():
-        spill.flush()
+        spill.finish()
 
     # Pass 3: sort each spilled range by its key and cut it into its output shards (output shard p
     # holds the keys k with k * n_out // 2**64 == p); shard order = global shuffle order.
@@ -378,7 +357,7 @@ def build_mixture(
         target = storage.Dataset(MixtureFolder(out).split(split), MIXTURE_SCHEMA)
         target.drop_stale(keep=[])  # a rebuilt mixture replaces, never mixes, the earlier one
         spill = shuffle_spills[split]
-        src_ds = storage.Dataset(spill.dataset.uri)
+        src_ds = storage.Dataset(spill.uri)
         part = 0
         for spilled in range(n_spill[split]):
             names = spill.shards.get(spilled, [])
@@ -396,7 +375,7 @@ def build_mixture(
                 target.write_shard(part, table.slice(start, end - start))
                 rows_out[split] += end - start
                 start, part = end, part + 1
-    _remove_tree(work)
+    remove_tree(work)
 
     result = MixtureResult(
         uri=out,
@@ -420,12 +399,3 @@ def build_mixture(
         | result.to_dict(),
     )
     return result
-
-
-def _remove_tree(uri: str) -> None:
-    fs, path = storage.filesystem(uri)
-    try:
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
-    except FileNotFoundError:
-        pass

@@ -1,0 +1,155 @@
+"""The mixture's spills: rows into hash (or key-range) buckets with a bounded fan-out, so the number of
+work files grows linearly with the data.
+
+One streaming pass that partitions data of size D into B buckets through a buffer of size M writes
+one chunk per bucket each time the buffer fills: (D / M) x B chunks, and with B in proportion to
+D / M (a bucket must fit in memory later) the chunks grow with the square of the data. Here a pass
+partitions into at most ``fan`` buckets, ``fan`` chosen so each flushed chunk is at least
+:data:`MIN_CHUNK_BYTES`; with more buckets than ``fan``, the first pass partitions into ``fan`` groups
+of consecutive buckets, and each further level re-partitions each group into ``fan`` sub-groups until
+every group is one bucket (levels = ceil(log_fan(buckets)), one for small data: then the chunks are
+named and cut exactly as a single pass cuts them). Every level reads and writes the data once, in
+order, so each bucket ends with exactly the rows, in the same order, that a single pass gives it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from octomed_data import storage
+
+MIN_CHUNK_BYTES = 2 * 2**20  # the smallest chunk a pass aims to write (measured Python size)
+
+
+def row_bytes(value: Any) -> int:
+    """The memory a row (or any value of one) takes as Python objects, measured with ``getsizeof``."""
+    if isinstance(value, dict):
+        return sys.getsizeof(value) + sum(row_bytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sys.getsizeof(value) + sum(row_bytes(v) for v in value)
+    return sys.getsizeof(value)
+
+
+def remove_tree(uri: str) -> None:
+    fs, path = storage.filesystem(uri)
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+
+
+def fan_out(limit_bytes: int) -> int:
+    """Buckets one pass fills through a buffer of ``limit_bytes``: chunks of ``MIN_CHUNK_BYTES`` or more."""
+    return max(2, limit_bytes // MIN_CHUNK_BYTES)
+
+
+def levels_for(n_buckets: int, fan: int) -> int:
+    levels = 1
+    while fan**levels < n_buckets:
+        levels += 1
+    return levels
+
+
+class Spill:
+    """Buffers rows per bucket and commits them as work shards ``b<bucket>-<n>`` when the buffered
+    rows reach ``limit_bytes`` (their measured Python size, or Arrow size for tables)."""
+
+    def __init__(self, dataset: storage.Dataset, limit_bytes: int) -> None:
+        self.dataset = dataset
+        self.limit = limit_bytes
+        self.buffers: dict[int, list[Any]] = defaultdict(list)
+        self.buffered = 0
+        self.chunks: Counter[int] = Counter()
+        self.shards: dict[int, list[str]] = defaultdict(list)
+
+    def add(self, bucket: int, row: dict[str, Any]) -> None:
+        self.buffers[bucket].append(row)
+        self.buffered += row_bytes(row)
+        if self.buffered >= self.limit:
+            self.flush()
+
+    def add_table(self, bucket: int, table: pa.Table) -> None:
+        self.buffers[bucket].append(table)
+        self.buffered += table.nbytes
+        if self.buffered >= self.limit:
+            self.flush()
+
+    def flush(self) -> None:
+        for bucket, rows in self.buffers.items():
+            if rows:
+                name = f"b{bucket:05d}-{self.chunks[bucket]:05d}"
+                self.chunks[bucket] += 1
+                data = pa.concat_tables(rows) if isinstance(rows[0], pa.Table) else rows
+                self.dataset.write_shard(name, data)
+                self.shards[bucket].append(name)
+        self.buffers = defaultdict(list)
+        self.buffered = 0
+
+    @property
+    def written(self) -> int:
+        return sum(self.chunks.values())
+
+
+class Partition:
+    """Rows into ``n_buckets`` buckets of the dataset at ``uri``, at most ``fan_out(limit_bytes)`` a pass.
+
+    ``add(bucket, row)`` streams the rows; ``finish()`` runs the further levels (each reads a group's
+    chunks back as Arrow tables and asks ``bucket_of`` for each row's bucket, the one ``add`` was
+    given) and returns bucket -> its shard names at ``uri``, the rows in the order they were added.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        schema: pa.Schema,
+        n_buckets: int,
+        limit_bytes: int,
+        bucket_of: Callable[[pa.Table], np.ndarray],
+    ) -> None:
+        self.uri, self.schema, self.limit, self.bucket_of = uri, schema, limit_bytes, bucket_of
+        self.fan = fan_out(limit_bytes)
+        self.levels = levels_for(n_buckets, self.fan)
+        self.stride = self.fan ** (self.levels - 1)
+        self.spill = Spill(storage.Dataset(self._level_uri(1), schema), limit_bytes)
+        self.chunks_written = 0
+        self.shards: dict[int, list[str]] = {}
+
+    def _level_uri(self, level: int) -> str:
+        return self.uri if level == self.levels else f"{self.uri}.level{level}"
+
+    def add(self, bucket: int, row: dict[str, Any]) -> None:
+        self.spill.add(bucket // self.stride, row)
+
+    def finish(self) -> dict[int, list[str]]:
+        self.spill.flush()
+        self.chunks_written = self.spill.written
+        groups = dict(self.spill.shards)
+        for level in range(2, self.levels + 1):
+            stride = self.fan ** (self.levels - level)
+            source = storage.Dataset(self._level_uri(level - 1))
+            target = storage.Dataset(self._level_uri(level), self.schema)
+            regrouped: dict[int, list[str]] = {}
+            for group in sorted(groups):
+                spill = Spill(target, self.limit)
+                for name in groups[group]:
+                    table = source.read_shard(name)
+                    sub = self.bucket_of(table) // stride
+                    order = np.argsort(sub, kind="stable")
+                    ids, starts = np.unique(sub[order], return_index=True)
+                    ends = list(starts[1:]) + [len(order)]
+                    for sub_id, start, end in zip(ids.tolist(), starts.tolist(), ends, strict=True):
+                        spill.add_table(sub_id, table.take(order[start:end]))
+                spill.flush()
+                self.chunks_written += spill.written
+                regrouped.update(spill.shards)
+            remove_tree(source.uri)
+            groups = regrouped
+        self.shards = {b: groups[b] for b in sorted(groups)}
+        return self.shards
