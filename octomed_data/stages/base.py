@@ -26,7 +26,7 @@ import time
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import SecretStr
@@ -77,7 +77,7 @@ class Runtime:
     progress: Any | None = None  # a progress callback/bar, or None
 
 
-@dataclass
+@dataclass(slots=True)  # one per shard in a pass's result: no per-instance dict
 class ShardOutcome:
     """What happened to one shard in one executor pass."""
 
@@ -181,35 +181,35 @@ class MarkerView:
             if self._infos is None:
                 paths = [self._sep.join(self._mdir, n) for n in self._markers]
                 self._infos = {}
-                for path, data in (self._read(paths) if paths else {}).items():
-                    info = self._parse(path, data)
-                    if info.file in self._files:
-                        self._infos[info.shard] = json.dumps(asdict(info), separators=(",", ":")).encode()
+                for chunk in self._read(paths):  # compacted chunk by chunk: never every marker as read
+                    for path, data in chunk.items():
+                        doc = self._parse(path, data)
+                        if doc["file"] in self._files:
+                            self._infos[doc["shard"]] = json.dumps(doc, separators=(",", ":")).encode()
             return self._infos
 
-    def _parse(self, path: str, data: bytes) -> storage.ShardInfo:
+    def _parse(self, path: str, data: bytes) -> dict[str, Any]:
         try:
-            return storage.ShardInfo(**json.loads(data))
+            doc = json.loads(data)
+            storage.ShardInfo(**doc)  # what shard_info will build: fail here, naming the marker
+            return doc
         except (ValueError, TypeError) as exc:
             raise StorageError(
                 f"unreadable shard marker {self.uri} {posixpath.basename(path)}: {exc}"
             ) from None
 
-    def _read(self, paths: list[str]) -> dict[str, bytes]:
+    def _read(self, paths: list[str]) -> Iterator[dict[str, bytes]]:
         if not any(c in self._mdir for c in "*?["):  # fsspec would take those for a glob
             # A few hundred markers per call, a few dozen requests at once: memory stays flat in
             # shards (one call over every marker holds a request's state per marker at once).
             more = {"batch_size": MARKER_READS_AT_ONCE} if getattr(self._fs, "async_impl", False) else {}
-            out: dict[str, bytes] = {}
             for i in range(0, len(paths), MARKERS_PER_CALL):
                 chunk = paths[i : i + MARKERS_PER_CALL]
-                out.update(storage.wrap(self.uri, self._fs.cat, chunk, on_error="omit", **more))
-            return out
-        out: dict[str, bytes] = {}
+                yield storage.wrap(self.uri, self._fs.cat, chunk, on_error="omit", **more)
+            return
         for p in paths:
             with contextlib.suppress(FileNotFoundError):
-                out[p] = storage.wrap(self.uri, self._fs.cat_file, p)
-        return out
+                yield {p: storage.wrap(self.uri, self._fs.cat_file, p)}
 
     def shard_info(self, shard: str) -> storage.ShardInfo | None:
         data = self.infos().get(shard)

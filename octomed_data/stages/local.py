@@ -115,7 +115,8 @@ def run_stage(
         look.enter_context(stage.viewing())
         selected = stage.select(shards)
         if shards and also_pending:
-            others = [s for s in stage.input_shards() if s not in selected]
+            chosen = set(selected)
+            others = [s for s in stage.input_shards() if s not in chosen]
             others_done = done_map(stage, others)
             selected += [s for s in others if not others_done[s]]
         force = bool(shards) if force is None else force
@@ -123,8 +124,9 @@ def run_stage(
         named = set(stage.select(shards)) if force else set()
         done = done_map(stage, [s for s in selected if s not in named])  # the global shard too
         todo = [s for s in selected if s in named or not done[s]]
+        running = set(todo)  # sets, not lists: a pass is linear in shards
         for s in selected:
-            if s not in todo:
+            if s not in running:
                 result.outcomes[s] = ShardOutcome(s, "REUSED", stage.done_counts(s))
         outcomes: dict[str, ShardOutcome] = {}
         if todo:
@@ -151,7 +153,8 @@ def run_stage(
         if not shards and not stage.global_step:
             result.stale = stage.drop_stale(inputs)
         if not stage.global_step:
-            checked = [s for s in inputs if s not in result.failed]
+            failed = result.failed  # a property over every outcome: once, not once per shard
+            checked = [s for s in inputs if s not in failed]
             if outcomes:
                 now_done = done_map(stage, checked)
             else:  # nothing written this pass: the first answers still hold
