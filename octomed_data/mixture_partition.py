@@ -97,12 +97,33 @@ class Spill:
         return sum(self.chunks.values())
 
 
+def sub_range(lo: Any, hi: Any, fan: int, bucket: Any) -> Any:
+    """The first bucket of the sub-range ``bucket`` falls in when ``[lo, hi)`` is cut into
+    ``min(fan, hi - lo)`` near-equal ranges of consecutive buckets (ints or numpy arrays)."""
+    size = hi - lo
+    parts = min(fan, size)
+    index = (bucket - lo) * parts // size
+    return lo + -(-index * size // parts)
+
+
+def cut(ranges: dict[int, int], fan: int) -> dict[int, int]:
+    """Every range ``{lo: hi}`` cut into ``min(fan, hi - lo)`` sub-ranges: ``{lo: hi}`` of those."""
+    out: dict[int, int] = {}
+    for lo, hi in ranges.items():
+        parts = min(fan, hi - lo)
+        bounds = [lo + -(-i * (hi - lo) // parts) for i in range(parts + 1)]
+        out.update(zip(bounds[:-1], bounds[1:], strict=True))
+    return out
+
+
 class Partition:
     """Rows into ``n_buckets`` buckets of the dataset at ``uri``, at most ``fan_out(limit_bytes)`` a pass.
 
-    ``add(bucket, row)`` streams the rows; ``finish()`` runs the further levels (each reads a group's
-    chunks back as Arrow tables and asks ``bucket_of`` for each row's bucket, the one ``add`` was
-    given) and returns bucket -> its shard names at ``uri``, the rows in the order they were added.
+    Each level cuts every range of consecutive buckets into at most ``fan`` near-equal ranges (a
+    range is named by its first bucket) until every range is one bucket. ``add(bucket, row)`` streams
+    the rows into the first level; ``finish()`` runs the further levels (each reads a range's chunks
+    back as Arrow tables and asks ``bucket_of`` for each row's bucket, the one ``add`` was given) and
+    returns bucket -> its shard names at ``uri``, the rows in the order they were added.
     """
 
     def __init__(
@@ -114,9 +135,9 @@ class Partition:
         bucket_of: Callable[[pa.Table], np.ndarray],
     ) -> None:
         self.uri, self.schema, self.limit, self.bucket_of = uri, schema, limit_bytes, bucket_of
+        self.n_buckets = n_buckets
         self.fan = fan_out(limit_bytes)
         self.levels = levels_for(n_buckets, self.fan)
-        self.stride = self.fan ** (self.levels - 1)
         self.spill = Spill(storage.Dataset(self._level_uri(1), schema), limit_bytes)
         self.chunks_written = 0
         self.shards: dict[int, list[str]] = {}
@@ -125,31 +146,31 @@ class Partition:
         return self.uri if level == self.levels else f"{self.uri}.level{level}"
 
     def add(self, bucket: int, row: dict[str, Any]) -> None:
-        self.spill.add(bucket // self.stride, row)
+        self.spill.add(sub_range(0, self.n_buckets, self.fan, bucket), row)
 
     def finish(self) -> dict[int, list[str]]:
         self.spill.flush()
         self.chunks_written = self.spill.written
+        ranges = cut({0: self.n_buckets}, self.fan)
         groups = dict(self.spill.shards)
         for level in range(2, self.levels + 1):
-            stride = self.fan ** (self.levels - level)
             source = storage.Dataset(self._level_uri(level - 1))
             target = storage.Dataset(self._level_uri(level), self.schema)
             regrouped: dict[int, list[str]] = {}
-            for group in sorted(groups):
+            for lo in sorted(groups):
                 spill = Spill(target, self.limit)
-                for name in groups[group]:
+                for name in groups[lo]:
                     table = source.read_shard(name)
-                    sub = self.bucket_of(table) // stride
+                    sub = sub_range(lo, ranges[lo], self.fan, self.bucket_of(table))
                     order = np.argsort(sub, kind="stable")
                     ids, starts = np.unique(sub[order], return_index=True)
-                    ends = list(starts[1:]) + [len(order)]
-                    for sub_id, start, end in zip(ids.tolist(), starts.tolist(), ends, strict=True):
-                        spill.add_table(sub_id, table.take(order[start:end]))
+                    ends = [*starts[1:].tolist(), len(order)]
+                    for sub_lo, start, end in zip(ids.tolist(), starts.tolist(), ends, strict=True):
+                        spill.add_table(sub_lo, table.take(order[start:end]))
                 spill.flush()
                 self.chunks_written += spill.written
                 regrouped.update(spill.shards)
             remove_tree(source.uri)
-            groups = regrouped
+            groups, ranges = regrouped, cut(ranges, self.fan)
         self.shards = {b: groups[b] for b in sorted(groups)}
         return self.shards

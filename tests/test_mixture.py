@@ -355,3 +355,92 @@ def test_shuffle_spill_chunks_do_not_grow_with_output_shards(tmp_path, monkeypat
     for name in storage.Dataset(narrow.train_uri).manifest():  # each shard holds its own key range
         part = [r["shuffle_key"] for r in storage.Dataset(narrow.train_uri).read_shard(name).to_pylist()]
         assert all(k * shards(narrow) // 2**64 == int(name) for k in part)
+
+
+def _partition_chunks(n_rows: int, tmp_path, name: str, read_back: bool = True) -> tuple[int, dict]:
+    """Partition ``n_rows`` ~350-byte rows into one hash bucket per 100 rows (a bucket ~2x the buffer,
+    as the mixture sizes them) through a 16 KB buffer; (work shards written, bucket -> its rows)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from octomed_data.mixture_partition import Partition
+    from octomed_data.mixture_select import h64
+
+    schema = pa.schema([("n", pa.int64()), ("text", pa.string())])
+    n_buckets = n_rows // 100
+    bucket_of = lambda t: np.array([h64("b", n) % n_buckets for n in t.column("n").to_pylist()])  # noqa: E731
+    part = Partition(str(tmp_path / name), schema, n_buckets, 16 * 2**10, bucket_of)
+    for n in range(n_rows):
+        part.add(h64("b", n) % n_buckets, {"n": n, "text": "x" * 100})
+    shards = part.finish()
+    if not read_back:
+        return part.chunks_written, {}
+    got = {
+        b: [r["n"] for r in storage.Dataset(part.uri).iter_rows(shards=names)] for b, names in shards.items()
+    }
+    return part.chunks_written, got
+
+
+def test_partition_chunks_grow_linearly_with_rows(tmp_path, monkeypatch):
+    """Issue 26: the mixture's spills partition with a bounded fan-out (4 buckets a pass here),
+    level by level, so the work shards grow with the rows times the levels (log_4 of the buckets):
+    1x, 3x, 9x the rows and buckets (8, 24, 72: 2, 3, 4 levels) write at most ~2x the chunks per
+    row. One pass into every bucket (the fan-out unbounded, as before) writes one chunk per bucket
+    per buffer flush: chunks per row grow with the rows (~3x from 1x to 3x). Every bucket gets
+    its rows in the order they came."""
+    from octomed_data import mixture_partition
+
+    monkeypatch.setattr(mixture_partition, "MIN_CHUNK_BYTES", 4 * 2**10)  # fan-out 4
+    sizes = (800, 2400, 7200)
+    leveled = {n: _partition_chunks(n, tmp_path, f"l{n}") for n in sizes}
+    per_row = [leveled[n][0] / n for n in sizes]
+    assert per_row[2] < 2.2 * per_row[0], per_row
+    for n in sizes:
+        assert sorted(x for rows in leveled[n][1].values() for x in rows) == list(range(n))
+        assert all(rows == sorted(rows) for rows in leveled[n][1].values())  # rows keep their order
+    monkeypatch.setattr(mixture_partition, "MIN_CHUNK_BYTES", 1)  # one pass into every bucket
+    one_pass_800 = _partition_chunks(800, tmp_path, "o800")
+    assert one_pass_800[1] == leveled[800][1]  # the same buckets, the same rows, the same order
+
+    def count_only(self, shard, data, extra=None):  # a single pass reads nothing back
+        return None
+
+    monkeypatch.setattr(storage.Dataset, "write_shard", count_only)
+    one_pass_7200 = _partition_chunks(7200, tmp_path, "o7200", read_back=False)[0]
+    assert one_pass_7200 / 7200 > 3.5 * one_pass_800[0] / 800, (one_pass_800[0], one_pass_7200)
+    assert one_pass_7200 > 2 * leveled[7200][0], (one_pass_7200, leveled[7200][0])
+
+
+def test_multi_level_spills_write_the_same_mixture(tmp_path, monkeypatch):
+    """Issue 26: a mixture whose spills take several levels (fan-out 2) writes the same output
+    shards, byte for byte, and the same counts as one pass into every bucket."""
+    import hashlib
+
+    from octomed_data import mixture_partition
+
+    inputs = _long_inputs(str(tmp_path / "in"), 300, 6, 300)
+    cfg = MixtureConfig(memory_mb=8, validation_fraction=0.2, caps={"src0": 400}, weights={"src1": 1.5})
+    levels: list[int] = []
+    finish = mixture_partition.Partition.finish
+    monkeypatch.setattr(
+        mixture_partition.Partition, "finish", lambda self: (levels.append(self.levels), finish(self))[1]
+    )
+    built = {}
+    for name, min_chunk in (("leveled", mixture_partition.MIN_CHUNK_BYTES), ("one_pass", 1)):
+        monkeypatch.setattr(mixture_partition, "MIN_CHUNK_BYTES", min_chunk)
+        built[name] = build_mixture(*inputs, str(tmp_path / name), cfg)
+    assert max(levels) >= 2 and set(levels[4:]) == {1}  # several levels, then one pass each
+
+    def digests(res):
+        out = {}
+        for uri in (res.train_uri, res.validation_uri):
+            ds = storage.Dataset(uri)
+            for shard in ds.manifest():
+                with open(ds.file_uri(shard), "rb") as fh:
+                    out[(uri.rsplit("/", 1)[-1], shard)] = hashlib.sha256(fh.read()).hexdigest()
+        return out
+
+    a, b = built["leveled"], built["one_pass"]
+    assert digests(a) == digests(b) and len(digests(a)) > 4
+    paths = {"seconds": 0, "uri": "", "train_uri": "", "validation_uri": ""}
+    assert {**a.to_dict(), **paths} == {**b.to_dict(), **paths}
