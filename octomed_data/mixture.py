@@ -8,12 +8,15 @@ plus ``OUT/mixture.json`` with per-source counts.
 Nothing holds a whole run in memory. The work is three streaming passes over hash buckets:
 
 1. *partition*: samples and questions are spilled to ``OUT/_work`` bucketed by ``question_id``,
-   so every trace of a question, and the question itself, land in the same bucket;
+   so every trace of a question, and the question itself, land in the same bucket; with more
+   buckets than one pass can fill in chunks of a useful size, the spill goes level by level
+   (:mod:`octomed_data.mixture_partition`), so the work files grow linearly with the data;
 2. *select*: per bucket, duplicates (same question + same normalised reasoning and response)
    are dropped, the per-question limit and the per-source weight are applied, and per-source
    caps keep the traces with the smallest seeded priority (a bounded heap per capped source);
-3. *shuffle*: selected rows are range-partitioned by a seeded 64-bit key and each partition
-   is sorted, so concatenating the output shards in order is one global seeded shuffle.
+3. *shuffle*: selected rows are range-partitioned by a seeded 64-bit key (level by level too)
+   and each partition is sorted, so concatenating the output shards in order is one global
+   seeded shuffle.
 
 Every random choice is a hash of (seed, content), so the same inputs and seed give the same
 mixture on any machine and with any bucket count. The train/validation split is by
