@@ -58,11 +58,12 @@ def levels_for(n_buckets: int, fan: int) -> int:
 
 
 class Spill:
-    """Buffers rows per bucket and commits them as work shards ``b<bucket>-<n>`` when the buffered
-    rows reach ``limit_bytes`` (their measured Python size, or Arrow size for tables)."""
+    """Buffers rows per bucket and commits them as work shards ``b<bucket>-<n>`` of
+    ``dataset_of(bucket)`` when the buffered rows reach ``limit_bytes`` (their measured Python size,
+    or Arrow size for tables)."""
 
-    def __init__(self, dataset: storage.Dataset, limit_bytes: int) -> None:
-        self.dataset = dataset
+    def __init__(self, dataset_of: Callable[[int], storage.Dataset], limit_bytes: int) -> None:
+        self.dataset_of = dataset_of
         self.limit = limit_bytes
         self.buffers: dict[int, list[Any]] = defaultdict(list)
         self.buffered = 0
@@ -87,7 +88,7 @@ class Spill:
                 name = f"b{bucket:05d}-{self.chunks[bucket]:05d}"
                 self.chunks[bucket] += 1
                 data = pa.concat_tables(rows) if isinstance(rows[0], pa.Table) else rows
-                self.dataset.write_shard(name, data)
+                self.dataset_of(bucket).write_shard(name, data)
                 self.shards[bucket].append(name)
         self.buffers = defaultdict(list)
         self.buffered = 0
@@ -123,7 +124,9 @@ class Partition:
     range is named by its first bucket) until every range is one bucket. ``add(bucket, row)`` streams
     the rows into the first level; ``finish()`` runs the further levels (each reads a range's chunks
     back as Arrow tables and asks ``bucket_of`` for each row's bucket, the one ``add`` was given) and
-    returns bucket -> its shard names at ``uri``, the rows in the order they were added.
+    returns bucket -> its shard names at ``uri``, the rows in the order they were added. A range
+    that is one bucket goes to ``uri`` at once; the others wait at ``uri.level<n>``, removed once
+    the next level has read them.
     """
 
     def __init__(
@@ -138,12 +141,15 @@ class Partition:
         self.n_buckets = n_buckets
         self.fan = fan_out(limit_bytes)
         self.levels = levels_for(n_buckets, self.fan)
-        self.spill = Spill(storage.Dataset(self._level_uri(1), schema), limit_bytes)
+        self.final = storage.Dataset(uri, schema)
+        self.ranges = cut({0: n_buckets}, self.fan)
+        self.spill = Spill(self._place(1, self.ranges), limit_bytes)
         self.chunks_written = 0
         self.shards: dict[int, list[str]] = {}
 
-    def _level_uri(self, level: int) -> str:
-        return self.uri if level == self.levels else f"{self.uri}.level{level}"
+    def _place(self, level: int, ranges: dict[int, int]) -> Callable[[int], storage.Dataset]:
+        waiting = storage.Dataset(f"{self.uri}.level{level}", self.schema)
+        return lambda lo: self.final if ranges[lo] - lo == 1 else waiting
 
     def add(self, bucket: int, row: dict[str, Any]) -> None:
         self.spill.add(sub_range(0, self.n_buckets, self.fan, bucket), row)
@@ -151,26 +157,29 @@ class Partition:
     def finish(self) -> dict[int, list[str]]:
         self.spill.flush()
         self.chunks_written = self.spill.written
-        ranges = cut({0: self.n_buckets}, self.fan)
-        groups = dict(self.spill.shards)
-        for level in range(2, self.levels + 1):
-            source = storage.Dataset(self._level_uri(level - 1))
-            target = storage.Dataset(self._level_uri(level), self.schema)
-            regrouped: dict[int, list[str]] = {}
+        done: dict[int, list[str]] = {}
+        ranges, groups, level = self.ranges, dict(self.spill.shards), 1
+        while True:
+            done.update({lo: groups.pop(lo) for lo in list(groups) if ranges[lo] - lo == 1})
+            if not groups:
+                break
+            level += 1
+            source = storage.Dataset(f"{self.uri}.level{level - 1}")
+            parents = {lo: ranges[lo] for lo in groups}
+            ranges = cut(parents, self.fan)
+            spill = Spill(self._place(level, ranges), self.limit)
             for lo in sorted(groups):
-                spill = Spill(target, self.limit)
                 for name in groups[lo]:
                     table = source.read_shard(name)
-                    sub = sub_range(lo, ranges[lo], self.fan, self.bucket_of(table))
+                    sub = sub_range(lo, parents[lo], self.fan, self.bucket_of(table))
                     order = np.argsort(sub, kind="stable")
                     ids, starts = np.unique(sub[order], return_index=True)
                     ends = [*starts[1:].tolist(), len(order)]
                     for sub_lo, start, end in zip(ids.tolist(), starts.tolist(), ends, strict=True):
                         spill.add_table(sub_lo, table.take(order[start:end]))
-                spill.flush()
-                self.chunks_written += spill.written
-                regrouped.update(spill.shards)
+            spill.flush()
+            self.chunks_written += spill.written
             remove_tree(source.uri)
-            groups, ranges = regrouped, cut(ranges, self.fan)
-        self.shards = {b: groups[b] for b in sorted(groups)}
+            groups = dict(spill.shards)
+        self.shards = {b: done[b] for b in sorted(done)}
         return self.shards
