@@ -11,7 +11,8 @@ at every moment, whatever is killed when; re-writing a shard takes its old file 
 re-run never duplicates rows. Temp files and folders starting with ``_`` or ``.`` are ignored by
 those readers. What killed writers leave is cleared: their temp files (named
 ``.<file>~<pid>~<host>~<random>.tmp``, removed once that process is gone, or after an hour for
-another host's) by the next write of the same file, the next writer of the shard and
+another host's) by the next write of the same file, the next writer of the shard (in a folder of
+more than 1,000 entries, a write's look comes once in a while: :mod:`.scans`) and
 :meth:`Dataset.drop_stale`; a shard file without its marker (left by versions that wrote the
 file first) by the same two; a marker without its file is replaced by the shard's next commit.
 
