@@ -33,6 +33,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # The two-raylet cluster tests run in their own pytest process (tests/real/test_clusters.py starts
 # it with OCTOMED_CLUSTER_TESTS=1): a driver of a cluster that was killed can be ended by Ray later.
 collect_ignore_glob = [] if os.environ.get("OCTOMED_CLUSTER_TESTS") else ["real/cluster/*"]
+# The real tier runs in several pytest processes at once (pytest-xdist): a plain ray.init() would
+# join the newest cluster started with `ray start` (the cluster tests') instead of starting its own.
+# RAY_ADDRESS=local makes it start its own; the cluster tests' process names its clusters itself.
+if not os.environ.get("OCTOMED_CLUSTER_TESTS"):
+    os.environ.setdefault("RAY_ADDRESS", "local")
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
