@@ -34,7 +34,7 @@ from pydantic import SecretStr
 from octomed_data import storage
 from octomed_data.errors import OctomedError, StorageError
 from octomed_data.layout import RunPaths
-from octomed_data.stages.records import RECORD_KEYS, ended_state, record_shard, shard_name
+from octomed_data.stages.records import RECORD_KEYS, ended_state, interned, record_shard, shard_name
 
 if TYPE_CHECKING:
     from octomed_data.teachers import TeacherConfig
@@ -385,7 +385,7 @@ class Stage(ABC):
 
     def done_counts(self, shard: str) -> dict[str, Any]:
         info = self.done_info(shard)
-        return dict(info.extra.get("counts") or {}) if info is not None else {}
+        return interned(info.extra.get("counts") or {}) if info is not None else {}
 
     def drop_stale(self, inputs: Sequence[str]) -> list[str]:
         """Un-commit outputs of input shards that no longer exist (the one stale-shard cleaner);

@@ -130,10 +130,6 @@ class DistillStage(Stage):
     def run_shard(self, shard: str) -> dict[str, Any]:
         return asyncio.run(self.arun_shard(shard))
 
-    def done_counts(self, shard: str) -> dict[str, Any]:
-        info = self.done_info(shard)  # from the pass's one look at the markers, when there is one
-        return dict(info.extra.get("counts") or {}) if info is not None else {}
-
     def finalize(self, shards: Any) -> dict[str, Any]:
         """The cost ledger over every committed raw shard (``distill/cost.json``); skipped when the
         raw shards are the ones the last ledger counted (its ``basis``)."""

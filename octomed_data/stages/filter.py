@@ -163,10 +163,6 @@ class FilterStage(Stage):
         except JudgeIncomplete as exc:
             raise ShardIncomplete(str(exc)) from None
 
-    def done_counts(self, shard: str) -> dict[str, Any]:
-        info = self.done_info(shard)  # from the pass's one look at the markers, when there is one
-        return dict(info.extra.get("counts") or {}) if info is not None else {}
-
     def finalize(self, shards: Sequence[str]) -> dict[str, Any]:
         """The one statistics pass: ``stats.json``, which the report reads too. Skipped when the
         verdicts it would read are the ones the last ``stats.json`` summarised (its ``basis``)."""
