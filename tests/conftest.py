@@ -42,7 +42,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from tests.support.net import free_port  # noqa: E402 (after the path is set)
-from tests.support.tiers import REAL_TESTS, heavy_command, real_reason  # noqa: E402
+from tests.support.tiers import REAL_TESTS, SLOW_FILES, heavy_command, real_reason  # noqa: E402
 
 
 def _shared_data_dir() -> Path:
@@ -110,6 +110,8 @@ def pytest_collection_modifyitems(config, items) -> None:
         names.setdefault(rel, set()).add(getattr(item, "originalname", item.name))
         if real_reason(rel, item.name, item.fixturenames):
             item.add_marker(pytest.mark.real)
+    rank = {rel: i for i, rel in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(Path(item.path).resolve().relative_to(tests).as_posix(), len(rank)))
     stale = {f"{rel}::{n}" for rel, listed in REAL_TESTS.items() if rel in names for n in listed - names[rel]}
     if stale:  # a renamed test would silently fall into the fast tier
         raise pytest.UsageError(

@@ -42,6 +42,17 @@ REAL_TESTS = {
         "test_stale_local_checkpoints_never_rotate_away_fresh_saves",
     },
 }
+# The real tier's longest files, longest first: tests/conftest.py moves them to the front, so that
+# under `pytest -n 3 --dist loadfile` they start first instead of running alone at the end.
+SLOW_FILES = (
+    "real/test_prefect_server.py",
+    "experiment/test_experiment.py",
+    "real/test_clusters.py",
+    "training/test_sft.py",
+    "flows/test_busy_machine.py",
+    "inference/test_real_vllm.py",
+    "training/test_once.py",
+)
 # A subprocess starts a real component when a word of its command line is one of HEAVY_WORDS
 # (a program or module name) or contains one of HEAVY_PARTS (conftest checks the fast tier by these).
 HEAVY_WORDS = ("octomed-data", "torchrun", "deepspeed", "docker", "ray", "pip", "pip3", "venv")
