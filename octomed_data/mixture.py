@@ -35,22 +35,28 @@ so memory stays one shard's flagged ids; a missing or stale audit is a one-line 
 from __future__ import annotations
 
 import heapq
-import itertools
 import math
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from octomed_data import storage
-from octomed_data.audit import flagged_questions
 from octomed_data.errors import ConfigError, StorageError
-from octomed_data.layout import SPLITS, FilterFolder, MixtureFolder
+from octomed_data.layout import SPLITS, MixtureFolder
 from octomed_data.mixture_config import MixtureConfig, MixtureResult, SourceCounts, load_result, parse_weights
-from octomed_data.mixture_partition import Partition, remove_tree, row_bytes
+from octomed_data.mixture_input import (
+    audit_uri_beside,
+    bucket_hasher,
+    correct_only,
+    iter_batches,
+    iter_unflagged,
+    peek_mean_bytes,
+)
+from octomed_data.mixture_partition import Partition, remove_tree
 from octomed_data.mixture_select import (
     Stratum,
     bucket_candidates,
@@ -63,8 +69,8 @@ from octomed_data.mixture_select import (
 from octomed_data.schema import ACCEPTED_SCHEMA, MIXTURE_SCHEMA, QUESTION_SCHEMA
 
 __all__ = [  # re-exported: the names other modules import from here
-    "MIXTURE_SCHEMA", "SPLITS", "MixtureConfig", "MixtureResult", "SourceCounts", "build_mixture", "load_result",
-    "parse_weights",
+    "MIXTURE_SCHEMA", "SPLITS", "MixtureConfig", "MixtureResult", "SourceCounts", "audit_uri_beside",
+    "build_mixture", "load_result", "parse_weights",
 ]  # fmt: skip
 
 _SAMPLE_COLUMNS = [
@@ -99,61 +105,24 @@ _WORK_SAMPLE_SCHEMA = pa.schema(
     + [pa.field("dedupe_key", pa.string(), nullable=False)]
 )
 _WORK_QUESTION_SCHEMA = pa.schema([QUESTION_SCHEMA.field(c) for c in _QUESTION_COLUMNS])
+_PENDING_ROWS = 2048  # mixture rows made into one Arrow table on their way to the shuffle spill
 
 
 def _as_list(uris: str | Sequence[str]) -> list[str]:
     return [uris] if isinstance(uris, str) else list(uris)
 
 
-def _peek_mean_bytes(rows: Iterator[dict[str, Any]], n: int = 512) -> tuple[Iterator[dict[str, Any]], float]:
-    """``rows`` unchanged, and the mean Python size of its first ``n`` rows (0 when empty)."""
-    head = list(itertools.islice(rows, n))
-    mean = sum(row_bytes(r) for r in head) / len(head) if head else 0.0
-    return itertools.chain(head, rows), mean
-
-
 def _count_rows(uris: Iterable[str]) -> int:
     return sum(storage.Dataset(u).num_rows() for u in uris)
 
 
-def _iter_rows(uris: Iterable[str], columns: Sequence[str]) -> Iterator[dict[str, Any]]:
-    for uri in uris:
-        ds = storage.Dataset(uri)
-        if not ds.manifest():
-            continue
-        for batch in ds.iter_batches(batch_size=2048, columns=columns, fill_missing=True):
-            yield from batch.to_pylist()
-
-
-def audit_uri_beside(accepted_uri: str) -> str:
-    """The filter's audit dataset beside its ``accepted`` dataset (``filter/accepted`` -> ``filter/audit``)."""
-    trimmed = accepted_uri.rstrip("/")
-    return FilterFolder(trimmed.rsplit("/", 1)[0] if "/" in trimmed else ".").audit
-
-
-def _iter_unflagged(
-    uris: Sequence[str],
-    audits: Sequence[str],
-    flags: Sequence[str],
-    columns: Sequence[str],
-    counts: dict[str, SourceCounts],
-) -> Iterator[dict[str, Any]]:
-    """Accepted rows shard by shard, without those of questions the audit flagged (counted)."""
-    for uri, audit in zip(uris, audits, strict=True):
-        ds = storage.Dataset(uri)
-        for shard in ds.manifest():
-            flagged = flagged_questions(audit, shard, flags)
-            excluded: set[str] = set()
-            for batch in ds.iter_batches(batch_size=2048, columns=columns, shards=[shard], fill_missing=True):
-                for row in batch.to_pylist():
-                    if row["question_id"] in flagged and row.get("correct"):
-                        counts[row["source"]].accepted += 1  # read, then left out
-                        counts[row["source"]].excluded_by_audit += 1
-                        if row["question_id"] not in excluded:
-                            excluded.add(row["question_id"])
-                            counts[row["source"]].questions_excluded_by_audit += 1
-                        continue
-                    yield row
+def _spill_ranges(keys: np.ndarray, n_out: int, n_spill: int) -> np.ndarray:
+    """Each shuffle key's spill range, ``(k * n_out // 2**64) * n_spill // n_out``, exact in uint64:
+    k * n_out = hi * n_out * 2**32 + lo * n_out with hi, lo the key's 32-bit halves (n_out < 2**31)."""
+    keys = np.asarray(keys, dtype=np.uint64)
+    n, half = np.uint64(n_out), np.uint64(32)
+    high = (keys >> half) * n + (((keys & np.uint64(0xFFFFFFFF)) * n) >> half)
+    return (high >> half).astype(np.int64) * n_spill // n_out
 
 
 def build_mixture(
@@ -196,41 +165,44 @@ def build_mixture(
     budget = config.memory_mb * 2**20
     counts: dict[str, SourceCounts] = defaultdict(SourceCounts)
     if flags:
-        rows = _iter_unflagged(accepted_uris, audit_uris, flags, _SAMPLE_COLUMNS, counts)
+        batches = iter_unflagged(accepted_uris, audit_uris, flags, _SAMPLE_COLUMNS, counts)
     else:
-        rows = _iter_rows(accepted_uris, _SAMPLE_COLUMNS)
-    rows, sample_bytes = _peek_mean_bytes(rows)
-    question_rows, question_bytes = _peek_mean_bytes(_iter_rows(question_uris, _QUESTION_COLUMNS))
+        batches = iter_batches(accepted_uris, _SAMPLE_COLUMNS)
+    batches, sample_bytes = peek_mean_bytes(batches)
+    question_batches, question_bytes = peek_mean_bytes(iter_batches(question_uris, _QUESTION_COLUMNS))
     n_buckets = max(
         1,
         math.ceil(n_samples / config.bucket_rows) if config.bucket_rows else 1,
         math.ceil((n_samples * sample_bytes + n_questions * question_bytes) / (budget / 4)),
     )
-    spill_limit = budget // 8  # two spills may buffer at once (samples, then questions; two splits)
+    spill_limit = budget // 8  # two spills may buffer at once (two splits), Arrow bytes
 
-    # Pass 1: partition samples and questions by question_id.
-    def question_bucket(table: pa.Table) -> np.ndarray:
-        ids = table.column("question_id").to_pylist()
-        return np.array([h64("bucket", q) % n_buckets for q in ids], dtype=np.int64)
-
+    # Pass 1: partition samples and questions by question_id, a batch at a time.
+    question_bucket = bucket_hasher(n_buckets)
     sample_spill = Partition(
         folder.spill("samples"), _WORK_SAMPLE_SCHEMA, n_buckets, spill_limit, question_bucket
     )
-    for row in tqdm(rows, total=n_samples, desc="mixture: partition", disable=not progress, unit="trace"):
-        if not row.get("correct"):
-            continue  # only accepted traces enter a mixture, whatever dataset we were given
-        counts[row["source"]].accepted += 1
-        row.pop("correct")
-        row["dedupe_key"] = dedupe_key(row["question_id"], row["reasoning"], row["response"])
-        sample_spill.add(h64("bucket", row["question_id"]) % n_buckets, row)
+    bar = tqdm(total=n_samples, desc="mixture: partition", disable=not progress, unit="trace")
+    for batch in batches:
+        bar.update(batch.num_rows)
+        table = correct_only(batch)  # only accepted traces enter a mixture, whatever dataset we were given
+        for src, n in Counter(table.column("source").to_pylist()).items():
+            counts[src].accepted += n
+        texts = (table.column(c).to_pylist() for c in ("question_id", "reasoning", "response"))
+        keys = [dedupe_key(q, a, r) for q, a, r in zip(*texts, strict=True)]
+        table = table.append_column("dedupe_key", pa.array(keys, pa.string()))
+        sample_spill.add_table(question_bucket(table), table)
+    bar.close()
     sample_spill.finish()
     question_spill = Partition(
         folder.spill("questions"), _WORK_QUESTION_SCHEMA, n_buckets, spill_limit, question_bucket
     )
-    for row in question_rows:
-        bucket = h64("bucket", row["question_id"]) % n_buckets
-        if bucket in sample_spill.shards:  # a question nobody answered correctly is not needed
-            question_spill.add(bucket, row)
+    answered = np.array(sorted(sample_spill.shards), dtype=np.int64)
+    for batch in question_batches:
+        table = pa.Table.from_batches([batch])
+        buckets = question_bucket(table)
+        needed = np.isin(buckets, answered)  # a question nobody answered correctly is not needed
+        question_spill.add_table(buckets[needed], table.filter(pa.array(needed)))
     question_spill.finish()
     samples_ds = storage.Dataset(folder.spill("samples"))
     questions_ds = storage.Dataset(folder.spill("questions"))
@@ -282,13 +254,10 @@ def build_mixture(
     n_out = {s: max(n_spill[s], math.ceil(expected[s] / config.shard_rows)) for s in SPLITS}
 
     # Pass 2b: select, join with the question, assign split and shuffle key, range-partition.
-    def spill_range(split: str, key: int) -> int:
-        return int(key * n_out[split] // 2**64) * n_spill[split] // n_out[split]
-
     def range_of(split: str) -> Callable[[pa.Table], np.ndarray]:
         def bucket_of(table: pa.Table) -> np.ndarray:
-            keys = table.column("shuffle_key").to_pylist()
-            return np.array([spill_range(split, k) for k in keys], dtype=np.int64)
+            keys = table.column("shuffle_key").to_numpy()
+            return _spill_ranges(keys, n_out[split], n_spill[split])
 
         return bucket_of
 
@@ -298,6 +267,14 @@ def build_mixture(
     }
     questions_by_split: dict[str, set[str]] = {s: set() for s in SPLITS}
     q_counts: Counter[str] = Counter()
+    pending: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}  # rows on their way to a spill
+
+    def spill_pending(split: str) -> None:  # one Arrow table, its ranges computed at once
+        if pending[split]:
+            table = pa.Table.from_pylist(pending[split], schema=MIXTURE_SCHEMA)
+            shuffle_spills[split].add_table(range_of(split)(table), table)
+            pending[split] = []
+
     for bucket in tqdm(sorted(sample_spill.shards), desc="mixture: select", disable=not progress):
         bucket_rows = list(samples_ds.iter_rows(shards=sample_spill.shards[bucket]))
         qshards = question_spill.shards.get(bucket, [])
@@ -343,14 +320,19 @@ def build_mixture(
                     "copy": copy,
                     "shuffle_key": key,
                 }
-                shuffle_spills[split].add(spill_range(split, key), out_row)
+                pending[split].append(out_row)
+                if len(pending[split]) >= _PENDING_ROWS:
+                    spill_pending(split)
                 if split == "train":
                     counts[src].rows_train += 1
                 else:
                     counts[src].rows_validation += 1
         # The set of ids per split is only needed for counting questions; keep it per bucket.
         questions_by_split = {s: set() for s in SPLITS}
-    for spill in shuffle_spills.values():
+        for split in SPLITS:  # the rows of one bucket at most: they hold its strings
+            spill_pending(split)
+    for split, spill in shuffle_spills.items():
+        spill_pending(split)
         spill.finish()
 
     # Pass 3: sort each spilled range by its key and cut it into its output shards (output shard p

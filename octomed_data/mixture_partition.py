@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -24,13 +24,17 @@ import pyarrow as pa
 
 from octomed_data import storage
 
-MIN_CHUNK_BYTES = 2 * 2**20  # the smallest chunk a pass aims to write (measured Python size)
+MIN_CHUNK_BYTES = 2**20  # the smallest chunk a pass aims to write (Arrow bytes; rows: measured Python size)
+_FLAT = frozenset({str, int, float, bool, bytes, type(None)})  # getsizeof is their whole size
 
 
 def row_bytes(value: Any) -> int:
     """The memory a row (or any value of one) takes as Python objects, measured with ``getsizeof``."""
     if isinstance(value, dict):
-        return sys.getsizeof(value) + sum(row_bytes(v) for v in value.values())
+        values = value.values()
+        if _FLAT.issuperset(map(type, values)):  # a flat row: no Python loop (the same sum)
+            return sys.getsizeof(value) + sum(map(sys.getsizeof, values))
+        return sys.getsizeof(value) + sum(row_bytes(v) for v in values)
     if isinstance(value, list | tuple):
         return sys.getsizeof(value) + sum(row_bytes(v) for v in value)
     return sys.getsizeof(value)
@@ -60,7 +64,7 @@ def levels_for(n_buckets: int, fan: int) -> int:
 class Spill:
     """Buffers rows per bucket and commits them as work shards ``b<bucket>-<n>`` of
     ``dataset_of(bucket)`` when the buffered rows reach ``limit_bytes`` (their measured Python size,
-    or Arrow size for tables)."""
+    or Arrow size for tables; a buffer holds one or the other)."""
 
     def __init__(self, dataset_of: Callable[[int], storage.Dataset], limit_bytes: int) -> None:
         self.dataset_of = dataset_of
@@ -76,9 +80,11 @@ class Spill:
         if self.buffered >= self.limit:
             self.flush()
 
-    def add_table(self, bucket: int, table: pa.Table) -> None:
-        self.buffers[bucket].append(table)
-        self.buffered += table.nbytes
+    def add_tables(self, pieces: Iterable[tuple[int, pa.Table]], nbytes: int) -> None:
+        """Tables into their buckets, ``nbytes`` in all (slices of one table: counted once)."""
+        for bucket, table in pieces:
+            self.buffers[bucket].append(table)
+        self.buffered += nbytes
         if self.buffered >= self.limit:
             self.flush()
 
@@ -87,8 +93,12 @@ class Spill:
             if rows:
                 name = f"b{bucket:05d}-{self.chunks[bucket]:05d}"
                 self.chunks[bucket] += 1
-                data = pa.concat_tables(rows) if isinstance(rows[0], pa.Table) else rows
-                self.dataset_of(bucket).write_shard(name, data)
+                dataset = self.dataset_of(bucket)
+                if isinstance(rows[0], pa.Table):
+                    data = pa.concat_tables(rows)
+                else:  # one Arrow table, not a row at a time
+                    data = pa.Table.from_pylist(rows, schema=dataset.schema)
+                dataset.write_shard(name, data)
                 self.shards[bucket].append(name)
         self.buffers = defaultdict(list)
         self.buffered = 0
@@ -105,6 +115,20 @@ def sub_range(lo: Any, hi: Any, fan: int, bucket: Any) -> Any:
     parts = min(fan, size)
     index = (bucket - lo) * parts // size
     return lo + -(-index * size // parts)
+
+
+def scatter(spill: Spill, table: pa.Table, sub: np.ndarray) -> None:
+    """``table``'s rows into ``spill`` by ``sub`` (each row's range), in their order within each range."""
+    if not table.num_rows:
+        return
+    order = np.argsort(sub, kind="stable")
+    ids, starts = np.unique(sub[order], return_index=True)
+    ends = [*starts[1:].tolist(), len(order)]
+    ordered = table.take(order) if len(ids) > 1 else table
+    pieces = [
+        (b, ordered.slice(a, e - a)) for b, a, e in zip(ids.tolist(), starts.tolist(), ends, strict=True)
+    ]
+    spill.add_tables(pieces, ordered.nbytes)
 
 
 def cut(ranges: dict[int, int], fan: int) -> dict[int, int]:
@@ -154,6 +178,13 @@ class Partition:
     def add(self, bucket: int, row: dict[str, Any]) -> None:
         self.spill.add(sub_range(0, self.n_buckets, self.fan, bucket), row)
 
+    def add_table(self, buckets: np.ndarray, table: pa.Table) -> None:
+        """``table``'s rows, row i into bucket ``buckets[i]`` (cast to the schema; Arrow-sized)."""
+        table = table.select(self.schema.names).cast(self.schema)
+        scatter(
+            self.spill, table, sub_range(0, self.n_buckets, self.fan, np.asarray(buckets, dtype=np.int64))
+        )
+
     def finish(self) -> dict[int, list[str]]:
         self.spill.flush()
         self.chunks_written = self.spill.written
@@ -171,12 +202,7 @@ class Partition:
             for lo in sorted(groups):
                 for name in groups[lo]:
                     table = source.read_shard(name)
-                    sub = sub_range(lo, parents[lo], self.fan, self.bucket_of(table))
-                    order = np.argsort(sub, kind="stable")
-                    ids, starts = np.unique(sub[order], return_index=True)
-                    ends = [*starts[1:].tolist(), len(order)]
-                    for sub_lo, start, end in zip(ids.tolist(), starts.tolist(), ends, strict=True):
-                        spill.add_table(sub_lo, table.take(order[start:end]))
+                    scatter(spill, table, sub_range(lo, parents[lo], self.fan, self.bucket_of(table)))
             spill.flush()
             self.chunks_written += spill.written
             remove_tree(source.uri)
