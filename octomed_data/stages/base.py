@@ -19,21 +19,21 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import posixpath
 import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import SecretStr
 
 from octomed_data import storage
-from octomed_data.errors import OctomedError, StorageError
+from octomed_data.errors import OctomedError
 from octomed_data.layout import RunPaths
+from octomed_data.stages.markers import MarkerView
+from octomed_data.stages.outcomes import Outcomes, ShardOutcome
 from octomed_data.stages.records import RECORD_KEYS, ended_state, interned, record_shard, shard_name
 
 if TYPE_CHECKING:
@@ -77,34 +77,21 @@ class Runtime:
     progress: Any | None = None  # a progress callback/bar, or None
 
 
-@dataclass(slots=True)  # one per shard in a pass's result: no per-instance dict
-class ShardOutcome:
-    """What happened to one shard in one executor pass."""
-
-    shard: str
-    state: str  # COMPLETED | REUSED | FAILED
-    counts: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"shard": self.shard, "state": self.state, "error": self.error, "seconds": self.seconds} | {
-            "counts": self.counts
-        }
-
-
 @dataclass
 class StageResult:
     """One executor pass over a stage: per-shard outcomes, what is still not done, the finalize output."""
 
     stage: str
-    outcomes: dict[str, ShardOutcome] = field(default_factory=dict)
+    # shard -> outcome: a dict, kept compactly (one per shard of the stage: see .outcomes)
+    outcomes: MutableMapping[str, ShardOutcome] = field(default_factory=Outcomes)
     pending: list[str] = field(default_factory=list)  # input shards not done after this pass
     stale: list[str] = field(default_factory=list)  # outputs of vanished input shards, dropped
     final: dict[str, Any] = field(default_factory=dict)
 
     @property
     def failed(self) -> dict[str, str]:
+        if isinstance(self.outcomes, Outcomes):  # without building every REUSED outcome
+            return self.outcomes.failed()
         return {s: o.error or "failed" for s, o in self.outcomes.items() if o.state == "FAILED"}
 
     def totals(self) -> dict[str, int]:
@@ -126,94 +113,6 @@ class StageResult:
             "totals": self.totals(),
             "final": self.final,
         }
-
-
-MARKERS_PER_CALL = 256  # markers a pass's look reads per store call
-MARKER_READS_AT_ONCE = 32  # of which at most this many requests at once (object stores)
-
-
-class MarkerView:
-    """One pass's look at a dataset, read as :meth:`storage.Dataset.manifest` reads it (a shard
-    is committed when its marker and the file it names both exist) but once: its marker folder
-    and its data folder listed once, and, on the first question about a marker, every marker
-    read once (many at a time on an object store). Answers ``shard_info`` and the committed
-    names with no further request. A pass (:func:`~.local.run_stage`) takes one per dataset it
-    asks about and drops it before shards run, so it never goes stale there."""
-
-    def __init__(self, dataset: storage.Dataset) -> None:
-        self.dataset = dataset
-        self.uri = dataset.uri
-        self._fs, self._path = storage.filesystem(dataset.uri)
-        self._sep = posixpath if "://" in dataset.uri else os.path
-        self._mdir = self._sep.join(self._path, storage.MANIFEST_DIR)
-        markers = [n for n in self._list(self._mdir) if n.endswith(".json") and not n.startswith(".")]
-        self._files = set(self._list(self._path)) if markers else set()
-        self._markers = markers
-        # shard -> committed marker as compact JSON, parsed on each question (parsed, ~5x the
-        # bytes: a pass over 10,000 shards holds every marker of two datasets at once)
-        self._infos: dict[str, bytes] | None = None
-        self._lock = threading.Lock()
-
-    def _list(self, folder: str) -> list[str]:
-        try:
-            listed = storage.wrap(self.uri, self._fs.ls, folder, detail=False, refresh=True)
-        except (FileNotFoundError, StorageError) as exc:
-            if isinstance(exc, FileNotFoundError) or isinstance(exc.__cause__, FileNotFoundError):
-                return []
-            raise
-        return sorted(posixpath.basename(str(p).rstrip("/")) for p in listed)
-
-    def names(self) -> list[str]:
-        """The committed shards, from the two listings alone (a marker is ``<shard>.json``, its
-        file the dataset's file name for the shard)."""
-        names = (n.removesuffix(".json") for n in self._markers)
-        return [n for n in names if self._file_of(n) in self._files]
-
-    def _file_of(self, shard: str) -> str:
-        try:
-            return posixpath.basename(self.dataset.file_uri(shard))
-        except ValueError:  # not a shard name this dataset would write
-            return ""
-
-    def infos(self) -> dict[str, bytes]:
-        """Every committed shard's marker (compact JSON), read on the first question."""
-        with self._lock:
-            if self._infos is None:
-                paths = [self._sep.join(self._mdir, n) for n in self._markers]
-                self._infos = {}
-                for chunk in self._read(paths):  # compacted chunk by chunk: never every marker as read
-                    for path, data in chunk.items():
-                        doc = self._parse(path, data)
-                        if doc["file"] in self._files:
-                            self._infos[doc["shard"]] = json.dumps(doc, separators=(",", ":")).encode()
-            return self._infos
-
-    def _parse(self, path: str, data: bytes) -> dict[str, Any]:
-        try:
-            doc = json.loads(data)
-            storage.ShardInfo(**doc)  # what shard_info will build: fail here, naming the marker
-            return doc
-        except (ValueError, TypeError) as exc:
-            raise StorageError(
-                f"unreadable shard marker {self.uri} {posixpath.basename(path)}: {exc}"
-            ) from None
-
-    def _read(self, paths: list[str]) -> Iterator[dict[str, bytes]]:
-        if not any(c in self._mdir for c in "*?["):  # fsspec would take those for a glob
-            # A few hundred markers per call, a few dozen requests at once: memory stays flat in
-            # shards (one call over every marker holds a request's state per marker at once).
-            more = {"batch_size": MARKER_READS_AT_ONCE} if getattr(self._fs, "async_impl", False) else {}
-            for i in range(0, len(paths), MARKERS_PER_CALL):
-                chunk = paths[i : i + MARKERS_PER_CALL]
-                yield storage.wrap(self.uri, self._fs.cat, chunk, on_error="omit", **more)
-            return
-        for p in paths:
-            with contextlib.suppress(FileNotFoundError):
-                yield {p: storage.wrap(self.uri, self._fs.cat_file, p)}
-
-    def shard_info(self, shard: str) -> storage.ShardInfo | None:
-        data = self.infos().get(shard)
-        return storage.ShardInfo(**json.loads(data)) if data is not None else None
 
 
 # The look each stage is taking in a pass (by stage object; never pickled with it).
@@ -283,7 +182,6 @@ class Stage(ABC):
         basis equals the one its last output recorded has nothing new to summarise (a re-run of
         a finished run then reads no shard's data again)."""
         import hashlib
-        import json
 
         commits = {s: (i.committed_at if (i := self.done_info(s)) is not None else None) for s in shards}
         text = json.dumps({"commits": commits, "extra": extra}, sort_keys=True, default=str)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Any, Protocol
 
 from octomed_data.stages.base import Runtime, ShardOutcome, Stage, StageFailed, StageResult
+from octomed_data.stages.outcomes import Outcomes
 from octomed_data.stages.runner import RetryPolicy, drive, endpoint_keys, run_guarded
 
 
@@ -22,7 +23,7 @@ class Executor(Protocol):
     """Runs each shard somewhere through the runner (:mod:`.runner`); returns every shard's outcome
     (never raises for one)."""
 
-    def map(self, stage: Stage, shards: Sequence[str], *, force: bool) -> dict[str, ShardOutcome]: ...
+    def map(self, stage: Stage, shards: Sequence[str], *, force: bool) -> Mapping[str, ShardOutcome]: ...
 
 
 class LocalExecutor:
@@ -38,7 +39,9 @@ class LocalExecutor:
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.policy = RetryPolicy(retries=retries)
 
-    def map(self, stage: Stage, shards: Sequence[str], *, force: bool = False) -> dict[str, ShardOutcome]:
+    def map(
+        self, stage: Stage, shards: Sequence[str], *, force: bool = False
+    ) -> MutableMapping[str, ShardOutcome]:
         runtime = Runtime(api_keys=endpoint_keys(stage))
 
         def one(shard: str) -> ShardOutcome:
@@ -55,7 +58,7 @@ def map_shards(
     workers: int,
     progress: str | None = None,
     total: int | None = None,
-) -> dict[str, ShardOutcome]:
+) -> MutableMapping[str, ShardOutcome]:
     """``one(shard)`` for every shard, ``workers`` at a time (threads; in order when one), through
     the runner's one in-flight loop (:func:`~octomed_data.stages.runner.drive`), with a
     shards-done bar named ``progress`` (None: no bar; ``total``: its length, for an iterator)."""
@@ -128,10 +131,10 @@ def run_stage(
         for s in selected:
             if s not in running:
                 result.outcomes[s] = ShardOutcome(s, "REUSED", stage.done_counts(s))
-        outcomes: dict[str, ShardOutcome] = {}
+        outcomes = Outcomes()  # this pass's own (kept compactly, as the result's)
         if todo:
             look.close()  # shards write markers now: what was read is no longer the truth
-            outcomes = executor.map(stage, todo, force=force)
+            outcomes.update(executor.map(stage, todo, force=force))
             result.outcomes.update(outcomes)
             look.enter_context(stage.viewing())
         if outcomes and not stage.global_step:
@@ -144,7 +147,7 @@ def run_stage(
                 look.close()
                 again = executor.map(stage, stale, force=False)
                 result.outcomes.update(again)
-                outcomes = outcomes | again
+                outcomes.update(again)
                 look.enter_context(stage.viewing())
         if on_outcome is not None:
             for o in outcomes.values():

@@ -25,7 +25,7 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Collection, Hashable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Hashable, Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -41,6 +41,7 @@ from octomed_data.stages.base import (
     describe_error,
     run_one,
 )
+from octomed_data.stages.outcomes import Outcomes
 from octomed_data.stages.records import ended_state, record_shard
 
 # A shard's lease TTL: a writer whose process died stops renewing it, so a restarted run takes the
@@ -73,16 +74,16 @@ def drive(
     next_done: Callable[[Collection[H]], H],
     finish: Callable[[str, H], ShardOutcome],
     on_outcome: Callable[[ShardOutcome], Any] | None = None,
-) -> dict[str, ShardOutcome]:
+) -> MutableMapping[str, ShardOutcome]:
     """The one in-flight loop of every executor: ``start(shard)`` for at most ``limit`` shards at
     a time (``shards`` is read lazily); ``next_done(in_flight)`` waits for one of the handles in
     flight (never more than ``limit`` of them, so a pass is linear in shards); ``finish`` turns
     it into the shard's outcome, which ``on_outcome`` sees as it comes. Only the in-flight
-    handles and the (small) outcomes are kept."""
+    handles and the outcomes (compactly: :class:`~.outcomes.Outcomes`) are kept."""
     limit = max(1, limit)
     pending = iter(shards)
     inflight: dict[H, str] = {}
-    out: dict[str, ShardOutcome] = {}
+    out = Outcomes()  # one per shard of the pass: kept compactly
     exhausted = False
     while True:
         while not exhausted and len(inflight) < limit:
