@@ -52,3 +52,16 @@ def deepspeed_config(config: TrainConfig) -> dict[str, Any]:
             "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
         }
     return ds
+
+
+def skip_inference_kernels() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory all-reduce kernel in this process.
+
+    DeepSpeed's process-group start builds ``deepspeed_shm_comm`` (C++, ~50 s of CPU on the first use
+    in each venv, again whenever the venv's path changes) although only its ``inference_all_reduce``
+    calls it; training's all-reduces are ``torch.distributed``'s. Marked incompatible, the kernel is
+    never built and DeepSpeed falls back to the process group, as it does on machines without it.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

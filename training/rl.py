@@ -203,9 +203,10 @@ def grpo_config(job: RLJob, work_dir: Path, *, cuda: bool, progress: bool) -> An
     zero = int(job.t("zero_stage", 0))
     ds = None
     if zero > 0:
-        from training.deepspeed_config import deepspeed_config
+        from training.deepspeed_config import deepspeed_config, skip_inference_kernels
 
         ds = deepspeed_config(SimpleNamespace(zero_stage=zero, offload_optimizer=False))
+        skip_inference_kernels()
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(work_dir / "tensorboard")  # transformers 5: env only
     return GRPOConfig(
         output_dir=str(work_dir / "trainer"),

@@ -105,9 +105,11 @@ def finalize_from_checkpoint(
     final_dir = work_dir / "final-from-checkpoint"
     shutil.rmtree(final_dir, ignore_errors=True)  # what an earlier try left
     download_folder(uri, model_files, final_dir)
-    from training.deepspeed_config import deepspeed_config
+    from training.deepspeed_config import deepspeed_config, skip_inference_kernels
 
     ds_config = deepspeed_config(config) if config.zero_stage > 0 else None
+    if ds_config:
+        skip_inference_kernels()
     meta = {k: v for k, v in marker.items() if k not in ("step", "loss", "samples_seen", "final", "files")}
     meta |= {"config_hash": config.config_hash(), "config": config.model_dump()}
     save_final(config, _Finished(result), loaded=None, final_dir=final_dir, ds_config=ds_config, meta=meta)

@@ -58,7 +58,7 @@ from training.data import (
     refuse_secrets,
     resolve_data_files,
 )
-from training.deepspeed_config import deepspeed_config
+from training.deepspeed_config import deepspeed_config, skip_inference_kernels
 from training.distributed import all_reduce_sum, die_with_parent, distributed_env, node_lock
 from training.models import is_vision_model, load_model_and_processors, resolve_model
 from training.once import finished_result, prior_training
@@ -380,6 +380,8 @@ def train_job(config: TrainConfig, *, progress: bool) -> TrainResult:
     rank = int(os.environ.get("RANK", "0"))
     work_dir = job_work_dir(config)
     ds_config = deepspeed_config(config) if config.zero_stage > 0 else None
+    if ds_config:
+        skip_inference_kernels()
     loaded = load_model(config, work_dir, files, rows)
     args = training_arguments(
         config,

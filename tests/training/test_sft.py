@@ -1,8 +1,8 @@
 """Training and evaluation entry points, on CPU with tiny models built offline.
 
 DeepSpeed runs start in a subprocess (``python -m training.sft``), as a launcher would start them:
-each gets a clean process group and environment. The first run on a machine compiles a
-DeepSpeed communication op (~26 s, cached afterwards in ~/.cache/torch_extensions).
+each gets a clean process group and environment. No run compiles DeepSpeed's shared-memory
+inference kernel, which training never calls (``training.deepspeed_config.skip_inference_kernels``).
 """
 
 from __future__ import annotations
@@ -254,8 +254,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 # --------------------------------------------------------------------------- end to end
 
 
-def test_sft_zero3_on_cpu_to_s3_then_evaluate(tiny_text, tmp_path, s3_bucket):
-    """Tiny Qwen2, DeepSpeed ZeRO-3, checkpoint uploaded to S3; then eval reloads it and generates."""
+def test_sft_zero3_on_cpu_to_s3_then_evaluate(tiny_text, tmp_path, s3_bucket, monkeypatch):
+    """Tiny Qwen2, DeepSpeed ZeRO-3, checkpoint uploaded to S3; then eval reloads it and generates.
+    The job JIT-builds no DeepSpeed kernel it does not use (the shared-memory inference all-reduce
+    took ~50 s of CPU per venv)."""
+    extensions = tmp_path / "torch_extensions"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
     export = storage.Dataset(str(tmp_path / "export"), LLAMAFACTORY_SCHEMA)
     export.write_shard(0, training_rows(8))
     malformed = {"messages": [{"role": "user", "content": "no reply"}], "images": [], "question_id": "bad"}
@@ -279,6 +283,7 @@ def test_sft_zero3_on_cpu_to_s3_then_evaluate(tiny_text, tmp_path, s3_bucket):
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
     result = run_sft(tmp_path / "train.yaml")
 
+    assert not any(extensions.glob("*shm_comm*"))  # nothing JIT-built for the job (folder may not exist)
     assert result["steps"] == 80 and result["samples_seen"] == 80 * 8 and result["resumed_from_step"] == 0
     assert result["rows"] == 17 and result["skipped"] == {"no_assistant_turn": 1}
     losses = result["losses"]
