@@ -56,7 +56,7 @@ from octomed_data.mixture_input import (
     iter_unflagged,
     peek_mean_bytes,
 )
-from octomed_data.mixture_partition import Partition, remove_tree
+from octomed_data.mixture_partition import Partition, remove_tree, spill_ranges
 from octomed_data.mixture_select import (
     Stratum,
     bucket_candidates,
@@ -114,15 +114,6 @@ def _as_list(uris: str | Sequence[str]) -> list[str]:
 
 def _count_rows(uris: Iterable[str]) -> int:
     return sum(storage.Dataset(u).num_rows() for u in uris)
-
-
-def _spill_ranges(keys: np.ndarray, n_out: int, n_spill: int) -> np.ndarray:
-    """Each shuffle key's spill range, ``(k * n_out // 2**64) * n_spill // n_out``, exact in uint64:
-    k * n_out = hi * n_out * 2**32 + lo * n_out with hi, lo the key's 32-bit halves (n_out < 2**31)."""
-    keys = np.asarray(keys, dtype=np.uint64)
-    n, half = np.uint64(n_out), np.uint64(32)
-    high = (keys >> half) * n + (((keys & np.uint64(0xFFFFFFFF)) * n) >> half)
-    return (high >> half).astype(np.int64) * n_spill // n_out
 
 
 def build_mixture(
@@ -257,7 +248,7 @@ def build_mixture(
     def range_of(split: str) -> Callable[[pa.Table], np.ndarray]:
         def bucket_of(table: pa.Table) -> np.ndarray:
             keys = table.column("shuffle_key").to_numpy()
-            return _spill_ranges(keys, n_out[split], n_spill[split])
+            return spill_ranges(keys, n_out[split], n_spill[split])
 
         return bucket_of
 

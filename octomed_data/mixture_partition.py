@@ -131,6 +131,15 @@ def scatter(spill: Spill, table: pa.Table, sub: np.ndarray) -> None:
     spill.add_tables(pieces, ordered.nbytes)
 
 
+def spill_ranges(keys: np.ndarray, n_out: int, n_spill: int) -> np.ndarray:
+    """Each shuffle key's spill range, ``(k * n_out // 2**64) * n_spill // n_out``, exact in uint64:
+    k * n_out = hi * n_out * 2**32 + lo * n_out with hi, lo the key's 32-bit halves (n_out < 2**31)."""
+    keys = np.asarray(keys, dtype=np.uint64)
+    n, half = np.uint64(n_out), np.uint64(32)
+    high = (keys >> half) * n + (((keys & np.uint64(0xFFFFFFFF)) * n) >> half)
+    return (high >> half).astype(np.int64) * n_spill // n_out
+
+
 def cut(ranges: dict[int, int], fan: int) -> dict[int, int]:
     """Every range ``{lo: hi}`` cut into ``min(fan, hi - lo)`` sub-ranges: ``{lo: hi}`` of those."""
     out: dict[int, int] = {}
