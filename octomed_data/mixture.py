@@ -10,12 +10,17 @@ Nothing holds a whole run in memory. The work is three streaming passes over has
 1. *partition*: samples and questions are spilled to ``OUT/_work`` bucketed by ``question_id``,
    so every trace of a question, and the question itself, land in the same bucket; with more
    buckets than one pass can fill in chunks of a useful size, the spill goes level by level
-   (:mod:`octomed_data.mixture_partition`), so the work files grow linearly with the data;
+   (:mod:`octomed_data.mixture_partition`), so the work files grow linearly with the data. The
+   pass takes Arrow batches (:mod:`octomed_data.mixture_input`): per trace only its dedupe key
+   is Python work, buckets are hashed once per distinct question, and the spill buffers hold Arrow
+   tables sized in Arrow bytes; a further level moves Arrow tables, so a level costs I/O, not
+   per-row Python work, and the step stays linear in the samples;
 2. *select*: per bucket, duplicates (same question + same normalised reasoning and response)
    are dropped, the per-question limit and the per-source weight are applied, and per-source
    caps keep the traces with the smallest seeded priority (a bounded heap per capped source);
-3. *shuffle*: selected rows are range-partitioned by a seeded 64-bit key (level by level too)
-   and each partition is sorted, so concatenating the output shards in order is one global
+3. *shuffle*: selected rows are range-partitioned by a seeded 64-bit key (level by level too;
+   a bucket's rows go to the spill as Arrow tables of up to 2,048 rows, their ranges computed in
+   numpy) and each partition is sorted, so concatenating the output shards in order is one global
    seeded shuffle.
 
 Every random choice is a hash of (seed, content), so the same inputs and seed give the same
