@@ -42,16 +42,19 @@ REAL_TESTS = {
         "test_stale_local_checkpoints_never_rotate_away_fresh_saves",
     },
 }
-# The real tier's longest files, longest first: tests/conftest.py moves them to the front, so that
-# under `pytest -n 3 --dist loadfile` they start first instead of running alone at the end.
+# The real tier's longest files, longest first (measured: pytest --junitxml, 2026-12-07): tests/conftest.py
+# moves them to the front and .ci/run keeps collection order (--no-loadscope-reorder; xdist otherwise
+# orders files by their number of tests), so under `pytest -n N --dist loadfile` they start first
+# instead of running alone at the end.
 SLOW_FILES = (
-    "real/test_prefect_server.py",
-    "experiment/test_experiment.py",
-    "real/test_clusters.py",
-    "training/test_sft.py",
-    "flows/test_busy_machine.py",
-    "inference/test_real_vllm.py",
-    "training/test_once.py",
+    "experiment/test_experiment.py",  # ~720 s: the lab's CLI runs
+    "real/test_prefect_server.py",  # ~590 s: a real Prefect server on SQLite and PostgreSQL
+    "real/test_clusters.py",  # ~310 s: two-raylet Ray clusters
+    "training/test_sft.py",  # ~270 s
+    "inference/test_real_vllm.py",  # ~210 s
+    "flows/test_flows.py",  # ~150 s
+    "flows/test_busy_machine.py",  # ~110 s
+    "training/test_once.py",  # ~100 s
 )
 # A subprocess starts a real component when a word of its command line is one of HEAVY_WORDS
 # (a program or module name) or contains one of HEAVY_PARTS (conftest checks the fast tier by these).
