@@ -171,7 +171,7 @@ def build_mixture(
         math.ceil(n_samples / config.bucket_rows) if config.bucket_rows else 1,
         math.ceil((n_samples * sample_bytes + n_questions * question_bytes) / (budget / 4)),
     )
-    spill_limit = budget // 8  # two spills may buffer at once (two splits), Arrow bytes
+    spill_limit = budget // 4  # Arrow bytes; one partition buffers at a time (the splits share it)
 
     # Pass 1: partition samples and questions by question_id, a batch at a time.
     question_bucket = bucket_hasher(n_buckets)
@@ -257,8 +257,12 @@ def build_mixture(
 
         return bucket_of
 
+    # The two splits buffer at once: each gets the spill budget in proportion to its rows, so the
+    # larger writes fewer, larger chunks (a chunk's fixed cost would otherwise grow with the ranges).
+    total = max(1, sum(expected[s] for s in SPLITS))
+    limit = {s: max(budget // 64, spill_limit * expected[s] // total) for s in SPLITS}
     shuffle_spills = {
-        s: Partition(folder.spill(f"shuffle-{s}"), MIXTURE_SCHEMA, n_spill[s], spill_limit, range_of(s))
+        s: Partition(folder.spill(f"shuffle-{s}"), MIXTURE_SCHEMA, n_spill[s], limit[s], range_of(s))
         for s in SPLITS
     }
     questions_by_split: dict[str, set[str]] = {s: set() for s in SPLITS}
