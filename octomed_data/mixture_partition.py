@@ -12,7 +12,7 @@ named and cut exactly as a single pass cuts them). Every level reads and writes 
 order, so each bucket ends with exactly the rows, in the same order, that a single pass gives it.
 
 The mixture hands whole Arrow tables to :meth:`Partition.add_table` (the buffer counts their Arrow
-bytes: ``fan`` = 32 at the default 256 MB, chunks of 1 MiB and more), and ``bucket_of`` must be
+bytes: ``fan`` = 64 at the default 256 MB, chunks of 1 MiB and more), and ``bucket_of`` must be
 vectorised (a bucket per distinct question, numpy on shuffle keys): a further level then costs one
 Parquet read and write of the data, never per-row Python work, so levels keep the step linear.
 Rows (:meth:`Partition.add`) are counted by their Python size and written as one table per chunk.
