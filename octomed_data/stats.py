@@ -26,6 +26,7 @@ over a finished run counts nothing twice; audit shards of vanished verdicts shar
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -161,7 +162,7 @@ def source_statistics(
     ds = storage.Dataset(verdicts, VERDICT_SCHEMA)
     cols = ["question_id", "source", "correct", "reject_reason", "reasoning_chars", "reasoning_words"]
     cols += ["task_type", "teacher", "verifier", "judge_correct", "extracted_answer", "gold_answer"]
-    raw_shards = ds.manifest()
+    raw_shards = ds.committed(lambda info: dataclasses.replace(info, extra={}))  # not every marker's extra
     for shard, info in raw_shards.items():
         per_q: dict[str, list[Any]] = {}  # question_id -> [source, n, correct]
         shard_audit = ShardAudit(audit_settings, matcher)
@@ -206,7 +207,7 @@ def source_statistics(
             _count_not_distilled(questions_uri, shard, set(per_q), sources, total)
     if questions_uri:
         qds = storage.Dataset(questions_uri, QUESTION_SCHEMA)
-        for shard in qds.manifest():
+        for shard in qds.committed_names():
             if shard not in raw_shards:
                 _count_not_distilled(questions_uri, shard, set(), sources, total)
     storage.Dataset(audit_uri).drop_stale(list(raw_shards))  # audits of verdicts shards now gone

@@ -164,3 +164,24 @@ def test_missing_bucket_is_one_clear_error(shared_data, s3_endpoint):
             "medqa", str(shared_data / "medqa/phrases_no_exclude_test.jsonl"), "s3://no-such-bucket-here/run"
         )
     assert "does not exist" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_temp_file_scan_holds_only_the_temp_files(tmp_path) -> None:
+    """A 10,000-entry folder's scan for dead writers' temp files keeps only those, not a list of
+    every entry (at 10,000 shards a state folder has 30,000, and shard threads may scan at once)."""
+    import tracemalloc
+
+    from octomed_data.storage.files import clean_temp_files
+
+    for i in range(10_000):
+        (tmp_path / f"{i:05d}.json").write_text("{}")
+    (tmp_path / ".00001.json.dead.tmp").write_text("{}")
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        removed = clean_temp_files(str(tmp_path), when_due=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert removed == [] and (tmp_path / ".00001.json.dead.tmp").exists()  # a fresh one: not dead yet
+    assert peak < 500_000, peak

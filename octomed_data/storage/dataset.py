@@ -256,22 +256,29 @@ class Dataset:
     def manifest(self) -> dict[str, ShardInfo]:
         """Committed shards, by name, sorted: a marker whose file exists (a marker alone is a
         commit that did not finish)."""
+        return self.committed(lambda info: info)
+
+    def committed_names(self) -> list[str]:
+        """The committed shards' names, sorted, as :meth:`manifest` finds them, holding only the
+        names (not every marker parsed at once: ~4 KB a distill marker, 40 MB at 10,000 shards)."""
+        return list(self.committed(lambda info: None))
+
+    def committed(self, keep: Callable[[ShardInfo], Any]) -> dict[str, Any]:
+        """:meth:`manifest` holding only ``keep(marker)`` of each committed shard."""
         fs, path = filesystem(self.uri)
         mdir = posixpath.join(path, MANIFEST_DIR) if "://" in self.uri else os.path.join(path, MANIFEST_DIR)
         if not wrap(self.uri, fs.exists, mdir):
             return {}
-        out: dict[str, ShardInfo] = {}
+        out: dict[str, tuple[str, Any]] = {}
         for p in sorted(wrap(self.uri, fs.ls, mdir, detail=False, refresh=True)):
             base = posixpath.basename(p)
             if not base.endswith(".json") or base.startswith("."):
                 continue
             uri = join(self.uri, MANIFEST_DIR, base)
             info = self._info(uri, wrap(uri, fs.cat_file, p))
-            out[info.shard] = info
-        if out:
-            present = self._file_names()
-            out = {k: v for k, v in out.items() if v.file in present}
-        return dict(sorted(out.items()))
+            out[info.shard] = (info.file, keep(info))
+        present = self._file_names() if out else set()
+        return {k: v for k, (file, v) in sorted(out.items()) if file in present}
 
     @staticmethod
     def _info(uri: str, data: bytes) -> ShardInfo:
@@ -335,7 +342,7 @@ class Dataset:
 
         ``fill_missing``: a requested column a shard does not have (written before the column
         existed) comes back as nulls instead of an error."""
-        names = list(shards) if shards is not None else list(self.manifest())
+        names = list(shards) if shards is not None else self.committed_names()
         for name in names:
             uri = self.file_uri(name)
             batches = self._file_batches(uri, batch_size, columns, fill_missing)
@@ -385,7 +392,7 @@ class Dataset:
         killed writers left (:meth:`clean_leftovers`).
         """
         wanted = set(keep)
-        stale = [n for n in self.manifest() if n not in wanted and (owns is None or owns(n))]
+        stale = [n for n in self.committed_names() if n not in wanted and (owns is None or owns(n))]
         for name in stale:
             self.delete_shard(name)
         self.clean_leftovers(owns)
