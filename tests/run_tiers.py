@@ -11,6 +11,7 @@ is 0 only when both tiers passed; each tier's wall time is printed at the end.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -27,7 +28,7 @@ REAL = ["-m", "real", "-n", "3", "--dist", "loadfile", "--no-loadscope-reorder"]
 
 def pytest(args: list[str], extra: list[str], **kw) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "pytest", "-q", *args, *extra]
-    print("$", " ".join(cmd), flush=True)
+    print("$", shlex.join(cmd), flush=True)
     return subprocess.Popen(cmd, cwd=ROOT, **kw)
 
 
