@@ -4,7 +4,7 @@ An ``EventTrigger`` on ``prefect.flow-run.Completed`` for flow runs of the ``exp
 export training reads is committed when that flow completes: firing on the mixture raced the
 export), with a ``RunDeployment`` action on the ``train`` deployment. The triggering run's ``run``
 parameter (run id, store) is templated into the training run, so it trains on exactly that export.
-Training itself is idempotent per (run, export) (:func:`flows.training.train_flow`), so a second
+Training itself is idempotent per (run, export) (:func:`flows.train.train_flow`), so a second
 trigger for the same export is a no-op.
 
 A second automation (:func:`rl_automation`, ``octomed-rl-after-train``) starts the ``rl``

@@ -31,7 +31,7 @@ from flows.artifacts import published as published
 from flows.artifacts import remember as remember
 from flows.naming import derived_run_id, label_flow_run
 from octomed_data import storage
-from octomed_data.layout import ENV_STORE as ENV_STORE  # flows/training imports it from here
+from octomed_data.layout import ENV_STORE as ENV_STORE  # flows/train imports it from here
 from octomed_data.layout import RunPaths, default_store
 from octomed_data.recipe import Recipe, load_recipe
 from octomed_data.runs import open_run, start_run

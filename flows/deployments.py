@@ -79,7 +79,7 @@ class DeploymentSpec:
 
             return {"params": ExperimentParams().model_dump(mode="json")}
         if self.form == "params":
-            from flows.training import TrainParams
+            from flows.train import TrainParams
 
             return {"params": TrainParams(run=run).model_dump(mode="json")}
         if self.form == "rl":
@@ -151,7 +151,7 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
     ),
     DeploymentSpec(
         name="train",
-        entrypoint="flows/training.py:train_flow",
+        entrypoint="flows/train.py:train_flow",
         description="SFT on a run's TRL export (UI form), then checkpoint registration and evaluation; "
         "started from the UI or by the automation when an export completes.",
         tags=("octomed", "training"),
@@ -176,13 +176,13 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
     ),
     DeploymentSpec(
         name="checkpoint",
-        entrypoint="flows/training.py:checkpoint_flow",
+        entrypoint="flows/train.py:checkpoint_flow",
         description="Register a run's trained checkpoint.",
         tags=("octomed", "training"),
     ),
     DeploymentSpec(
         name="evaluate",
-        entrypoint="flows/training.py:evaluate_flow",
+        entrypoint="flows/train.py:evaluate_flow",
         description="Evaluate a run's checkpoint on held-out questions.",
         tags=("octomed", "training"),
     ),

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flows.artifacts import replace_artifact
 from flows.common import RunParams, artifact_key
-from flows.training import TrainParams, eval_config, run_global, train_config, train_task
+from flows.train import TrainParams, eval_config, run_global, train_config, train_task
 from octomed_data import storage
 from octomed_data.errors import OctomedError
 from octomed_data.experiment import ExperimentSpec, load_spec

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from flows.rl import grpo_task, rl_data_task
-from flows.training import local_dir, run_global
+from flows.train import local_dir, run_global
 from octomed_data.experiment import ExperimentSpec
 from octomed_data.experiment.arms import ExperimentPaths
 from octomed_data.layout import RLFolder, RunPaths

@@ -31,7 +31,7 @@ from flows.ingest import ingest_flow
 from flows.mixture import mixture_flow
 from flows.naming import run_name
 from flows.release import release_flow
-from flows.training import TrainParams, checkpoint_flow, evaluate_flow, train_flow
+from flows.train import TrainParams, checkpoint_flow, evaluate_flow, train_flow
 from octomed_data.layout import STAGES
 from octomed_data.verify import VerifySettings
 

@@ -4,7 +4,7 @@
 (``RLDataStage``: prompts with gold answers in the pass-rate band, never a benchmark item), the
 GRPO job (``training.rl_stage.RLStage``: exactly once per SFT checkpoint, RL data and settings;
 a second trigger trains nothing), the evaluation of the RL checkpoint with the harness and
-protocol of SFT's (``flows.training.eval_config``, written to ``rl/evaluate``), and
+protocol of SFT's (``flows.train.eval_config``, written to ``rl/evaluate``), and
 ``rl/sft_vs_rl.md``: per benchmark, SFT vs SFT+RL accuracy with the lab's paired bootstrap
 interval (``octomed_data.experiment.compare``). The ``rl`` deployment is its dashboard form; the
 automation starts it after a finished train flow run when the run's recipe says ``rl.enabled``.
@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger, task
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flows.common import RunParams, prepare, publish_markdown
-from flows.training import TrainRunParams, eval_config, evaluate_task, existing_run, local_dir, run_global
+from flows.train import TrainRunParams, eval_config, evaluate_task, existing_run, local_dir, run_global
 from octomed_data import storage
 from octomed_data.experiment.compare import ci_text, item_outcomes, paired_bootstrap, signed
 from octomed_data.layout import RLFolder, RunPaths
@@ -53,7 +53,7 @@ class RLParams(BaseModel):
         return v.model_dump() if isinstance(v, RunParams) else v
 
 
-work_dir = local_dir  # the one rule for a job's local folder (flows.training)
+work_dir = local_dir  # the one rule for a job's local folder (flows.train)
 
 
 def sft_checkpoint(paths: RunPaths) -> str:

@@ -398,7 +398,7 @@ def test_request_errors_fail_the_run_or_are_shown(shared_data, tmp_path):
     assert sampling_extras_for("llamacpp", "auto") == {"top_k": 0, "repeat_penalty": 1.0}
     assert sampling_extras_for("generic", "on") == {"top_k": -1, "repetition_penalty": 1.0}
     assert sampling_extras_for("vllm", "off") == {}
-    from flows.training import _TABLE_COLUMNS
+    from flows.train import _TABLE_COLUMNS
 
     assert "request_errors" in _TABLE_COLUMNS
 

@@ -144,3 +144,34 @@ def test_serve_creates_both_automations_and_no_automation_removes_them(prefect_h
         except ValueError:
             continue
         raise AssertionError(f"{name} still exists after --no-automation")
+
+
+def test_no_entrypoint_folder_module_shadows_an_imported_package():
+    """Prefect loads an entrypoint ``flows/x.py:f`` as a script, with ``flows/`` first on ``sys.path``
+    (and the file registered as top-level module ``x``): a ``flows/training.py`` then shadowed the
+    ``training`` package, and the RL flow run the automation starts failed with ``No module named
+    'training.rl_stage'; 'training' is not a package``. No module beside an entrypoint may share its
+    name with a top-level name any project file imports."""
+    import ast
+
+    folders = {(ROOT / d.entrypoint.split(":")[0]).parent for d in DEPLOYMENTS}
+    siblings = {p.stem: p for folder in folders for p in folder.glob("*.py") if p.stem != "__init__"}
+    imported: dict[str, str] = {}
+    for package in ("octomed_data", "cli", "flows", "tasks", "training", "evaluation"):
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for name in names:
+                    imported.setdefault(name.split(".")[0], str(path.relative_to(ROOT)))
+    assert {"training", "octomed_data", "prefect"} <= set(imported)  # the scan reads what it should
+    clashes = {
+        f"{siblings[n].relative_to(ROOT)} (imported as a package in {imported[n]})"
+        for n in siblings
+        if n in imported
+    }
+    assert not clashes, f"rename: {sorted(clashes)}"

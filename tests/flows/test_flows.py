@@ -417,7 +417,7 @@ def test_automation_fires_training_deployment(finished_run):
     from flows.automation import AUTOMATION_NAME, ensure_training_automation
     from flows.common import RunParams
     from flows.export import export_flow
-    from flows.training import train_flow
+    from flows.train import train_flow
 
     _, paths, _ = finished_run
     deployment_id = train_flow.to_deployment(name="train").apply()
@@ -457,7 +457,7 @@ def test_relative_store_becomes_absolute(tmp_path, monkeypatch):
 def test_train_flow_launches_torchrun_then_registers_and_evaluates(finished_run):
     """The dashboard's train deployment path: torchrun job, checkpoint registered, eval artifacts published."""
     from flows.common import RunParams
-    from flows.training import TrainParams, evaluate_flow, train_flow
+    from flows.train import TrainParams, evaluate_flow, train_flow
 
     _, paths, _ = finished_run
     run = RunParams(run_id=paths.run_id, store=paths.store)

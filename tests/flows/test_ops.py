@@ -323,7 +323,7 @@ def test_train_refuses_a_run_without_an_export_before_creating_anything(
 ) -> None:
     """Defect 6: a quick run of train/train with its defaults created an empty run folder, then failed."""
     from flows.common import RunParams
-    from flows.training import TrainParams, train_flow
+    from flows.train import TrainParams, train_flow
     from octomed_data.errors import ConfigError
     from octomed_data.recipe import load_recipe
     from octomed_data.runs import start_run
@@ -347,9 +347,9 @@ def test_training_runs_once_per_run_and_export_however_often_it_is_triggered(
     """Defect 1: the factory and the automation both trained one run, into one checkpoint folder.
     Now the second trigger for the same export is a no-op, also while the first one still trains,
     and a new export trains again (after the first job let go of the checkpoint folder)."""
-    import flows.training as training
+    import flows.train as training
     from flows.common import RunParams
-    from flows.training import TrainParams, train_flow
+    from flows.train import TrainParams, train_flow
 
     paths = _run_with_export(tmp_path)
     calls: list[float] = []
@@ -392,7 +392,7 @@ def test_factory_leaves_training_to_the_automation_only_when_it_exists(prefect_h
     `serve --no-automation` nobody trained. Now it asks the server."""
     from flows.automation import AUTOMATION_NAME, ensure_training_automation
     from flows.factory import training_left_to_automation
-    from flows.training import train_flow
+    from flows.train import train_flow
 
     deployment_id = train_flow.to_deployment(name="train").apply()
     ensure_training_automation(deployment_id, enabled=False)

@@ -369,6 +369,28 @@ def _check_trained_once(s: Stack, run_id: str, factory_run_ids: list[Any]) -> No
     assert marker["step"] == 1
 
 
+def _check_rl_after_train(s: Stack, run_id: str) -> None:
+    """The automation after a finished train run starts the ``rl`` deployment once; it loads and
+    runs (a ``flows/`` module named like a package once broke its imports) and, the recipe leaving
+    ``rl.enabled`` off, trains nothing."""
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.objects import StateType
+
+    def rl_runs() -> list[Any]:
+        with _client() as client:
+            runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["rl"])), limit=200)
+        return [r for r in runs if r.parameters.get("params", {}).get("run", {}).get("run_id") == run_id]
+
+    _wait(rl_runs, 60, f"the automation to start the rl flow for {run_id}", s)
+    (run,) = rl_runs()
+    run = _wait_final(run.id, 120, s)
+    assert run.state.type == StateType.COMPLETED, (run.state, (s.tmp / "serve.log").read_text()[-4000:])
+    assert run.created_by is not None and run.created_by.type == "AUTOMATION", run.created_by
+    assert run.parameters["params"]["only_if_enabled"] is True
+    said = "leaves rl.enabled off; nothing to do"  # the flow's log, shipped in batches after it ends
+    _wait(lambda: any(said in m for m in _logs([run.id])), 30, f"the rl flow run's log line {said!r}", s)
+
+
 def _raw_files(paths: RunPaths) -> dict[str, bytes]:
     root = Path(paths.raw)
     return {p.name: p.read_bytes() for p in sorted(root.glob("part-*.parquet"))}
@@ -429,6 +451,7 @@ def test_real_server_serve_rerun_train_once_schedule_and_canary(stack: Stack) ->
 
     # 4. Training once, by the automation, for the deployment run ...
     _check_trained_once(s, "srv", family2)
+    _check_rl_after_train(s, "srv")
 
     # ... and for a factory started with `octomed-data run` (PREFECT_API_URL set, key where it starts).
     cli = _start(

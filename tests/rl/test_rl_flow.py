@@ -116,7 +116,7 @@ def rl_run(prefect_harness, tmp_path_factory):
     import octomed_data.rl.reward as reward
     from flows.common import RunParams
     from flows.rl import RLParams, rl_flow
-    from flows.training import TrainParams, train_flow
+    from flows.train import TrainParams, train_flow
 
     paths = build_run(tmp_path_factory.mktemp("rl") / "store")
     run = RunParams(run_id=paths.run_id, store=paths.store)
@@ -217,7 +217,7 @@ def test_a_finished_train_run_starts_the_rl_deployment_on_that_run(rl_run) -> No
     from flows.automation import RL_AUTOMATION_NAME, ensure_rl_automation
     from flows.common import RunParams
     from flows.rl import rl_flow
-    from flows.training import TrainParams, train_flow
+    from flows.train import TrainParams, train_flow
 
     paths = rl_run[0]
     deployment_id = rl_flow.to_deployment(name="rl").apply()

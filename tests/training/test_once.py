@@ -129,7 +129,7 @@ def test_training_refuses_data_holding_an_api_key(tmp_path, monkeypatch) -> None
 
 def test_the_train_form_says_run_id_is_required_and_offers_force() -> None:
     from flows.common import RunParams
-    from flows.training import TrainParams
+    from flows.train import TrainParams
 
     schema = TrainParams.model_json_schema()
     run_id = schema["$defs"]["TrainRunParams"]["properties"]["run_id"]["description"]
@@ -313,7 +313,7 @@ def test_train_flow_names_other_settings_and_forces_them_into_a_new_folder(tmp_p
     """The train form: settings other than the finished training's fail in one line naming them;
     ``force`` trains them into a folder of their own, registered as the run's checkpoint."""
     from flows.common import RunParams
-    from flows.training import TrainParams, train_config, train_flow
+    from flows.train import TrainParams, train_config, train_flow
     from octomed_data.recipe import load_recipe
     from octomed_data.runs import start_run
 
