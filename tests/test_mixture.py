@@ -7,6 +7,7 @@ import pytest
 from octomed_data import storage
 from octomed_data.errors import ConfigError
 from octomed_data.mixture import MixtureConfig, build_mixture, load_result, parse_weights
+from tests.support.mixture import accepted_inputs
 from tests.support.orchestration import write_inputs
 
 
@@ -236,30 +237,8 @@ def test_mixture_and_export_stages_rebuild_only_for_new_inputs_or_settings(share
 
 def _long_inputs(root: str, n_questions: int, samples: int, words: int) -> tuple[str, str]:
     """Questions with ``samples`` accepted traces of ~``words`` words each (R1-length when large)."""
-    from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA, question_row
-
-    questions, traces = [], []
     filler = " ".join(f"finding{i % 97}" for i in range(words))
-    for i in range(n_questions):
-        q = question_row(
-            source=f"src{i % 3}", split="train", task_type="text_mcq", question=f"Which one? case {i}",
-            options={"A": "a", "B": "b"}, answer="A", input_file="t", record_index=i,
-        )  # fmt: skip
-        questions.append(q)
-        for k in range(samples):
-            traces.append(
-                {
-                    "question_id": q["question_id"], "source": q["source"], "task_type": q["task_type"],
-                    "sample_idx": k, "seed": k, "teacher": "t", "model": "m", "prompt_version": "1",
-                    "params_hash": "x", "reasoning": f"{filler} {k}", "gold_answer": "A",
-                    "response": "Final answer: \\boxed{A}", "extracted_answer": "A", "correct": True,
-                }
-            )  # fmt: skip
-    storage.Dataset(f"{root}/questions", QUESTION_SCHEMA).write_shard(0, questions)
-    accepted = storage.Dataset(f"{root}/accepted", SAMPLE_SCHEMA)
-    for start in range(0, len(traces), 500):
-        accepted.write_shard(start // 500, traces[start : start + 500])
-    return f"{root}/accepted", f"{root}/questions"
+    return accepted_inputs(root, n_questions, samples, lambda i, k: f"{filler} {k}", rows_per_shard=500)
 
 
 def _python_peak(fn) -> int:

@@ -8,34 +8,13 @@ import numpy as np
 
 from octomed_data import storage
 from octomed_data.mixture import MixtureConfig, build_mixture
+from tests.support.mixture import accepted_inputs
 
 
 def _inputs(root: str, n_questions: int, samples: int) -> tuple[str, str]:
     """``n_questions`` questions with ``samples`` short accepted traces each (4 shards)."""
-    from octomed_data.schema import QUESTION_SCHEMA, SAMPLE_SCHEMA, question_row
-
-    questions, traces = [], []
-    for i in range(n_questions):
-        q = question_row(
-            source=f"src{i % 3}", split="train", task_type="text_mcq", question=f"Which one? case {i}",
-            options={"A": "a", "B": "b"}, answer="A", input_file="t", record_index=i,
-        )  # fmt: skip
-        questions.append(q)
-        for k in range(samples):
-            traces.append(
-                {
-                    "question_id": q["question_id"], "source": q["source"], "task_type": q["task_type"],
-                    "sample_idx": k, "seed": k, "teacher": "t", "model": "m", "prompt_version": "1",
-                    "params_hash": "x", "reasoning": f"case {i}: finding {k} " * 8, "gold_answer": "A",
-                    "response": "Final answer: \\boxed{A}", "extracted_answer": "A", "correct": True,
-                }
-            )  # fmt: skip
-    storage.Dataset(f"{root}/questions", QUESTION_SCHEMA).write_shard(0, questions)
-    accepted = storage.Dataset(f"{root}/accepted", SAMPLE_SCHEMA)
-    per_shard = -(-len(traces) // 4)
-    for start in range(0, len(traces), per_shard):
-        accepted.write_shard(start // per_shard, traces[start : start + per_shard])
-    return f"{root}/accepted", f"{root}/questions"
+    per_shard = -(-n_questions * samples // 4)
+    return accepted_inputs(root, n_questions, samples, lambda i, k: f"case {i}: finding {k} " * 8, per_shard)
 
 
 def test_spill_levels_add_no_per_row_hashing(tmp_path, monkeypatch):
