@@ -148,7 +148,10 @@ def child(args: argparse.Namespace) -> None:
         import scale_prefect
 
         both = (DistillStage(paths, config), FilterStage(paths, samples_per_question=args.samples))
-        stages = scale_prefect.run_pass(paths, both, args.workers)
+        stages = scale_prefect.run_pass(
+            paths, both, args.workers, memory_trace if args.trace_memory else None
+        )
+        trace = stages.pop("trace", None)
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         wall = round(time.perf_counter() - t0, 2)
         out = {
@@ -163,6 +166,8 @@ def child(args: argparse.Namespace) -> None:
             "requests_by_op": dict(counts),
             "stages": stages,
         }
+        if trace is not None:
+            out["trace"] = trace
         print("RESULT " + json.dumps(out), flush=True)
         return
     # Both shard loops first, then both finalize steps (the stages' global steps), so the loops'

@@ -33,8 +33,9 @@ def start_server(folder: str) -> tuple[Any, str, Path]:
     return server, server.api_url, db
 
 
-def run_pass(paths: Any, stages: tuple[Any, ...], workers: int) -> dict[str, Any]:
-    """One pass in this process (the child) through Prefect; the stages' states."""
+def run_pass(paths: Any, stages: tuple[Any, ...], workers: int, trace: Any = None) -> dict[str, Any]:
+    """One pass in this process (the child) through Prefect; the stages' states (and ``trace()``'s
+    look at the Python memory before the flow run ends, under ``"trace"``, when given)."""
     from collections import Counter
 
     from prefect import flow
@@ -50,6 +51,8 @@ def run_pass(paths: Any, stages: tuple[Any, ...], workers: int) -> dict[str, Any
             out[stage.name] = {"states": dict(Counter(o.state for o in result.outcomes.values()))}
         publish_shard_table(paths)  # the factory's whole-run table and its index card
         publish_artifact_index(paths)
+        if trace is not None:  # while the flow run (and what it holds) is still there
+            out["trace"] = trace()
         return out
 
     return bench_scale()

@@ -284,3 +284,30 @@ def test_prefect_lends_a_key_from_a_secret_block_and_a_missing_block_fails_every
     assert all("'octomed-no-such-block' for teacher 'toy'" in e for e in failed.failed.values())
     assert {s: attempts(other, s) for s in SHARDS} == dict.fromkeys(SHARDS, 0)
     assert {r["state"] for r in records(other).values()} == {"FAILED"}
+
+
+def test_a_prefect_pass_keeps_nothing_per_shard_task_in_the_flow_run(
+    key_in_env, prefect_harness, tmp_path
+) -> None:
+    """Issue 26: Prefect's flow run keeps, for its whole life, a copy of each task's state keyed by
+    its result's id, the thread pool's cancel event and an assets set per task run (~2.4 KB a task
+    run: the driver grew +50% from 1,000 to 10,000 shards through Prefect). The executor lets go of
+    a shard task's entries as soon as it has read its outcome."""
+    from prefect import flow
+    from prefect.context import FlowRunContext
+
+    from tasks.prefect_executor import PrefectExecutor
+
+    paths = make_run(tmp_path / "run")
+
+    @flow(name="toy-stage")
+    def toy_flow():
+        result = run_stage(ToyStage(paths, fail_times={"00001": 1}), PrefectExecutor())
+        ctx = FlowRunContext.get()
+        kept = [entry[0].state_details.task_run_id for entry in ctx.run_results.values()]
+        return result, kept, len(ctx.task_run_assets), len(ctx.task_runner._cancel_events)
+
+    result, kept, assets, cancel_events = toy_flow()
+    assert {s: o.state for s, o in result.outcomes.items()} == dict.fromkeys(SHARDS, "COMPLETED")
+    assert {s: attempts(paths, s) for s in SHARDS} == {"00000": 1, "00001": 2, "00002": 1}
+    assert (kept, assets, cancel_events) == ([], 0, 0)
