@@ -129,6 +129,7 @@ class MarkerView:
             # A few hundred markers per call, a few dozen requests at once: memory stays flat in
             # shards (one call over every marker holds a request's state per marker at once).
             more = {"batch_size": MARKER_READS_AT_ONCE} if getattr(self._fs, "async_impl", False) else {}
+            more |= storage.one_get(self._fs)
             for i in range(0, len(paths), MARKERS_PER_CALL):
                 chunk = paths[i : i + MARKERS_PER_CALL]
                 yield storage.wrap(self.uri, self._fs.cat, chunk, on_error="omit", **more)

@@ -30,6 +30,7 @@ from octomed_data.storage.files import (
     in_fence,
     is_local,
     join,
+    one_get,
     protocol_of,
     read_bytes,
     remove_quietly,
@@ -270,12 +271,14 @@ class Dataset:
         if not wrap(self.uri, fs.exists, mdir):
             return {}
         out: dict[str, tuple[str, Any]] = {}
-        for p in sorted(wrap(self.uri, fs.ls, mdir, detail=False, refresh=True)):
+        listed = sorted(wrap(self.uri, fs.ls, mdir, detail=False, refresh=True))
+        fs.invalidate_cache(mdir)  # the names are enough: no per-object cache of the listing held
+        for p in listed:
             base = posixpath.basename(p)
             if not base.endswith(".json") or base.startswith("."):
                 continue
             uri = join(self.uri, MANIFEST_DIR, base)
-            info = self._info(uri, wrap(uri, fs.cat_file, p))
+            info = self._info(uri, wrap(uri, fs.cat_file, p, **one_get(fs)))
             out[info.shard] = (info.file, keep(info))
         present = self._file_names() if out else set()
         return {k: v for k, (file, v) in sorted(out.items()) if file in present}

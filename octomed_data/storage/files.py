@@ -414,9 +414,17 @@ def check_fence(uri: str) -> None:
         check(uri)
 
 
+def one_get(fs: fsspec.AbstractFileSystem) -> dict[str, Any]:
+    """``cat``/``cat_file`` options for a whole small object in one GET: s3fs (``max_concurrency``
+    above 1, its default) first asks for the object's size, a HEAD request per read unless a cached
+    listing of its folder answers (a linear search of that listing: a pass over 10,000 shards was
+    quadratic in them), to split large objects into concurrent ranged reads."""
+    return {"max_concurrency": 1} if getattr(fs, "max_concurrency", 1) > 1 else {}
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
-    return wrap(uri, fs.cat_file, path)
+    return wrap(uri, fs.cat_file, path, **one_get(fs))
 
 
 def exists(uri: str) -> bool:
