@@ -415,10 +415,8 @@ def check_fence(uri: str) -> None:
 
 
 def one_get(fs: fsspec.AbstractFileSystem) -> dict[str, Any]:
-    """``cat``/``cat_file`` options for a whole small object in one GET: s3fs (``max_concurrency``
-    above 1, its default) first asks for the object's size, a HEAD request per read unless a cached
-    listing of its folder answers (a linear search of that listing: a pass over 10,000 shards was
-    quadratic in them), to split large objects into concurrent ranged reads."""
+    """``cat_file`` options for a small object in one GET (s3fs asks its size first: a HEAD, or a
+    linear search of a cached folder listing per read, quadratic in shards on a 10,000-shard pass)."""
     return {"max_concurrency": 1} if getattr(fs, "max_concurrency", 1) > 1 else {}
 
 
@@ -433,13 +431,11 @@ def exists(uri: str) -> bool:
 
 
 def list_prefixed(uri_prefix: str) -> list[str]:
-    """URIs of the files whose path starts with ``uri_prefix`` (one prefix listing on object stores,
-    not the whole folder's)."""
+    """URIs of the files whose path starts with ``uri_prefix`` (on object stores, a prefix listing)."""
     fs, path = filesystem(uri_prefix)
     folder = uri_prefix.rsplit("/", 1)[0] if "/" in uri_prefix else "."
     if is_local(fs):
-        # One directory scan (fsspec's local glob walks the folder and stats every entry: a lease
-        # taken per shard in a folder of 2 files per shard made a pass quadratic in shards).
+        # One scan (fsspec's local glob stats every entry: a lease per shard made passes quadratic).
         parent, stem = os.path.split(path)
         try:
             with os.scandir(parent or ".") as entries:
@@ -459,9 +455,8 @@ def glob_escape(path: str) -> str:
 
 
 def list_files(uri: str, suffix: str = "") -> list[str]:
-    """URIs of the visible files directly in folder ``uri`` (sorted; hidden names skipped).
-
-    Dead writers' temp files found there (see :func:`temp_is_dead`) are removed on the way."""
+    """URIs of the visible files directly in folder ``uri`` (sorted; hidden names skipped); dead
+    writers' temp files found there (see :func:`temp_is_dead`) are removed on the way."""
     fs, path = filesystem(uri)
     if not wrap(uri, fs.exists, path):
         return []
@@ -496,8 +491,7 @@ def ensure_writable(uri: str) -> None:
         if len(bucket) < 3:
             raise StorageError(f"invalid bucket name in {uri!r}")
         try:
-            # A listing tells "endpoint unreachable" apart from "no such bucket" (exists() can't).
-            fs.ls(bucket, refresh=True)
+            fs.ls(bucket, refresh=True)  # tells "endpoint unreachable" from "no such bucket"
         except FileNotFoundError:
             raise StorageError(f"bucket {bucket!r} does not exist at the configured S3 endpoint") from None
         except Exception as exc:  # botocore/aiohttp errors are not OSError subclasses
