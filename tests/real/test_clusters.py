@@ -14,9 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.timeout(1500)  # the subprocess's own limit: pytest-timeout's default 600 s cut it on a loaded CI
 def test_ray_cluster_tests_pass_in_their_own_process(tmp_path) -> None:
     env = dict(os.environ, OCTOMED_CLUSTER_TESTS="1")
     env.pop("RAY_ADDRESS", None)
