@@ -192,11 +192,10 @@ class PrefectExecutor:
 def outcome_of(shard: str, fut: Any) -> ShardOutcome:
     """A finished :func:`shard_task` run as the shard's outcome (its error, when it failed)."""
     fut.wait()  # the final state, not the API's possibly older view of it
+    forget(fut)
     if fut.state.is_completed():
         d = fut.result()
-        forget(fut)
         return ShardOutcome(shard, d["state"], d.get("counts") or {}, d.get("error"), d["seconds"])
-    forget(fut)
     try:
         fut.result(raise_on_failure=True)
         error = fut.state.message or "failed"
