@@ -147,7 +147,9 @@ def test_ray_train_one_worker_per_node_survives_a_dead_node_and_resumes_from_s3(
 
     # 1. Uninterrupted reference: two workers (1 CPU each on 1-CPU nodes), one on each node.
     head = {ray_head_node()}
+    ref_started = time.time()
     ref = run("reference")
+    ref_seconds = time.time() - ref_started
     assert ref["steps"] == STEPS and ref["resumed_from_step"] == 0 and len(ref["losses"]) == STEPS
     assert sorted(ref["nodes"]) == sorted(cluster.alive()) and len(set(ref["nodes"])) == 2
     (worker_node,) = set(ref["nodes"]) - head
@@ -161,7 +163,9 @@ def test_ray_train_one_worker_per_node_survives_a_dead_node_and_resumes_from_s3(
     first_marker = f"{s3_bucket}/killed/checkpoints/checkpoint-2/checkpoint.json"
 
     def kill_after_first_checkpoint() -> None:
-        deadline = time.time() + 150
+        # Checkpoint-2 comes a tenth of the way into a run like the reference; on a loaded CI the
+        # reference itself can take minutes, so wait up to three reference runs, never under 150 s.
+        deadline = time.time() + max(150.0, 3 * ref_seconds)
         while time.time() < deadline and not storage.exists(first_marker):
             time.sleep(0.1)
         killed_at.append(time.time())
@@ -169,13 +173,12 @@ def test_ray_train_one_worker_per_node_survives_a_dead_node_and_resumes_from_s3(
 
     killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     killer.start()
-    started = time.time()
     with pytest.raises(TrainingFailed, match=r"Ray Train job \(2 workers\) failed"):
         run("killed")
     killer.join()
     assert killed_at and storage.exists(first_marker)
     assert not storage.exists(f"{s3_bucket}/killed/checkpoint.json")  # it never finished
-    assert time.time() - started < 150
+    assert time.time() - killed_at[0] < 150  # the dead node fails the job; it does not hang
     deadline = time.time() + 60  # the head notices the dead raylet after missed health checks
     while worker_node in cluster.alive() and time.time() < deadline:
         time.sleep(0.5)
