@@ -22,7 +22,7 @@ from typing import Any
 from octomed_data import storage
 from octomed_data.config import first_error
 from octomed_data.cost import cost_line
-from octomed_data.distill import estimate, shard_names
+from octomed_data.distill import estimate
 from octomed_data.errors import ConfigError
 from octomed_data.inference.client import TeacherUnreachable
 from octomed_data.layout import DifficultyFolder
@@ -133,13 +133,13 @@ def _cli(args: argparse.Namespace) -> int:
         result = estimate(args.questions_uri, config, sample_questions=args.estimate_questions, out=args.out)
         print(json.dumps(batch_estimate(result, config, args.out), indent=2))
         return 0
-    from octomed_data.stages.distill_run import run_distill, run_local
+    from octomed_data.stages.distill_run import asked_shards, run_distill, run_local
 
     if args.executor == "ray":
         # The Ray executor lives outside the library (tasks/); loaded only when asked for.
         from tasks.ray_executor import RayExecutor
 
-        shard_names(args.questions_uri)  # no committed shard: one error line, before Ray starts
+        asked_shards(args.questions_uri, args.shards)  # no committed shard: one error line, before Ray starts
         executor = RayExecutor(args.address, progress=not args.no_progress)
         summary = run_distill(args.questions_uri, args.out, config, executor, shards=args.shards)
     else:

@@ -8,7 +8,7 @@ sample. Running the distill stage and then the filter stage (the CLI's ``run_loc
 """
 
 from octomed_data.distill.compact import ShardReport, config_fingerprint, is_shard_done
-from octomed_data.distill.engine import adistill_shard, distill_shard, shard_names
+from octomed_data.distill.engine import adistill_shard, distill_shard
 from octomed_data.distill.journal import raw_uri, read_done_keys, sample_key
 from octomed_data.distill.run import estimate
 from octomed_data.inference.client import TeacherUnreachable, sample_seed
@@ -25,5 +25,4 @@ __all__ = [
     "read_done_keys",
     "sample_key",
     "sample_seed",
-    "shard_names",
 ]

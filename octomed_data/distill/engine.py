@@ -62,7 +62,6 @@ __all__ = [
     "is_shard_done",
     "reply_fields",
     "reply_guard",
-    "shard_names",
     "shard_routes",
 ]
 
@@ -233,14 +232,6 @@ def _question_batches(questions_uri: str, shard: str) -> Iterable[list[dict[str,
         raise StorageError(f"questions shard {shard!r} is not committed in {questions_uri}")
     for batch in ds.iter_batches(batch_size=256, shards=[shard]):
         yield batch.to_pylist()
-
-
-def shard_names(questions_uri: str) -> list[str]:
-    """The committed shards of a questions dataset (raises a clear error when there are none)."""
-    manifest = storage.Dataset(questions_uri, QUESTION_SCHEMA).manifest()
-    if not manifest:
-        raise StorageError(f"no committed question shards in {questions_uri}")
-    return list(manifest)
 
 
 class DistillBatches:

@@ -16,7 +16,6 @@ from pydantic import SecretStr
 
 from octomed_data import storage
 from octomed_data.distill.compact import ShardReport
-from octomed_data.distill.engine import shard_names
 from octomed_data.distill.journal import raw_uri
 from octomed_data.errors import StorageError
 from octomed_data.inference.ratelimit import WindowBudget
@@ -33,6 +32,7 @@ from octomed_data.stages.committed import (
 from octomed_data.stages.distill import DistillStage
 from octomed_data.stages.filter import FilterStage
 from octomed_data.stages.local import Executor, LocalExecutor, done_map, raise_for_failures, run_stage
+from octomed_data.stages.markers import MarkerView
 from octomed_data.teachers import DistillConfig
 
 
@@ -49,9 +49,8 @@ def run_distill(
     """Distill every (or the given) questions shard with ``executor``, then judge every raw shard
     (the filter stage: ``OUT/accepted``, ``OUT/verdicts``, ``OUT/stats.json``); returns a summary.
     ``progress``: a per-sample bar (anything with ``update(n)``) for shards run in this process."""
-    names = list(shards) if shards else shard_names(questions_uri)
-    manifest = storage.Dataset(questions_uri, QUESTION_SCHEMA).manifest()
-    missing = [s for s in names if s not in manifest]
+    names, committed = asked_shards(questions_uri, shards)
+    missing = [s for s in names if s not in committed]
     if missing:
         raise StorageError(f"questions shards not committed in {questions_uri}: {', '.join(missing)}")
     storage.ensure_writable(out)
@@ -62,7 +61,8 @@ def run_distill(
     )
     stage.progress = progress
     result = run_stage(stage, executor, shards=names, force=False)
-    reports = [r for r in (shard_report(out, s) for s in names) if r is not None]
+    raw = MarkerView(storage.Dataset(raw_uri(out)))  # one look after the pass: each marker read once
+    reports = [r for r in (shard_report(raw, s) for s in names) if r is not None]
     if result.failed and not reports and all(user_message(e) for e in result.failed.values()):
         raise_for_failures(result)  # no shard got as far as its raw output (a config error ...)
     reports = [r if ran_here(result, r.shard) else as_reused(r) for r in reports]
@@ -137,9 +137,10 @@ def run_local(
     if progress:
         from tqdm import tqdm
 
-        names = list(shards) if shards else shard_names(questions_uri)
-        manifest = storage.Dataset(questions_uri, QUESTION_SCHEMA).manifest()
-        total = sum(manifest[s].rows for s in names if s in manifest) * config.samples
+        view = MarkerView(storage.Dataset(questions_uri, QUESTION_SCHEMA))
+        names = list(shards) if shards else view.names()
+        infos = [i for i in map(view.shard_info, names) if i is not None]
+        total = sum(i.rows for i in infos) * config.samples
         bar = tqdm(total=total, unit="sample", desc="distill", file=sys.stderr, dynamic_ncols=True)
     try:
         executor = LocalExecutor(progress=False)
@@ -151,8 +152,18 @@ def run_local(
             bar.close()
 
 
-def shard_report(out: str, shard: str) -> ShardReport | None:
-    info = storage.Dataset(raw_uri(out)).shard_info(shard)
+def asked_shards(questions_uri: str, shards: Sequence[str] | None) -> tuple[list[str], set[str]]:
+    """The shards a run asks for (the given ones, else every committed questions shard) and the
+    committed ones, from two listings of the questions dataset (no marker read); a clear error
+    when it has no committed shard."""
+    committed = MarkerView(storage.Dataset(questions_uri, QUESTION_SCHEMA)).names()
+    if not shards and not committed:
+        raise StorageError(f"no committed question shards in {questions_uri}")
+    return (list(shards) if shards else committed), set(committed)
+
+
+def shard_report(raw: MarkerView, shard: str) -> ShardReport | None:
+    info = raw.shard_info(shard)
     if info is None or "report" not in info.extra:
         return None
     return ShardReport(**info.extra["report"])
