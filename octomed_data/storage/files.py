@@ -54,6 +54,7 @@ def storage_options(uri: str) -> dict[str, Any]:
             opts["endpoint_url"] = endpoint
         # Fail fast on an unreachable endpoint instead of retrying for minutes.
         opts["config_kwargs"] = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3}}
+        opts["use_listings_cache"] = False  # no listing kept for good (~1 KB/object; stale once written)
         opts.update(_configured.get("s3", {}))
         return opts
     return dict(_configured.get(proto, {}))
@@ -415,8 +416,7 @@ def check_fence(uri: str) -> None:
 
 
 def one_get(fs: fsspec.AbstractFileSystem) -> dict[str, Any]:
-    """``cat_file`` options for a small object in one GET (s3fs asks its size first: a HEAD, or a
-    linear search of a cached folder listing per read, quadratic in shards on a 10,000-shard pass)."""
+    """``cat_file`` options for a small object in one GET (else s3fs first asks its size: a HEAD)."""
     return {"max_concurrency": 1} if getattr(fs, "max_concurrency", 1) > 1 else {}
 
 

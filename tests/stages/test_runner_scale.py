@@ -232,6 +232,13 @@ def test_a_rerun_of_a_finished_distill_and_filter_on_s3_costs_at_most_5_requests
             again = run_local(q_uri, out, cfg, progress=False)
         assert again["complete"] and sb.stats()["requests"] == 2 * n  # nothing asked again
     assert sum(counts.values()) <= 5 * n * 2, dict(counts)  # two stages of n shards each
+    # Each done shard's markers are read once per look (questions, raw twice, verdicts: ~100 GETs;
+    # the questions dataset's names come from its listings alone), no existence asked per shard.
+    assert counts["GetObject"] <= 5 * n + 5 and counts["HeadObject"] <= 5, dict(counts)
+    # and no listing's per-object details kept for the process's life (s3fs's dircache: ~1 KB
+    # an object; it held every listed marker and data file, 8 folders and 164 objects here).
+    fs, _ = storage.filesystem(out)
+    assert sum(len(v) for v in fs.dircache.values()) < n, {k: len(v) for k, v in fs.dircache.items()}
     assert storage.read_json(f"{out}/stats.json") == stats_before and stats_before.get("basis")
     # A verdicts shard committed again: the statistics pass runs again (a new basis).
     verdicts = storage.Dataset(f"{out}/verdicts")
