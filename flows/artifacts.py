@@ -14,24 +14,16 @@ folder, named and linked on the card.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import re
 import threading
-from collections import Counter, defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from octomed_data import storage
 from octomed_data.layout import RunPaths
-from octomed_data.report import shard_table_rows
-from octomed_data.runs import shard_states
-
-SHARD_TABLE_ROWS = 300  # a table card up to this many shards; past it a summary + the CSV file
-FAILED_ROWS = 100  # failed shards listed on a summary card (the CSV has all of them)
-COUNT_KEYS = ("input", "kept", "removed", "questions", "samples", "accepted", "seconds")
+from octomed_data.shard_table import FAILED_ROWS as FAILED_ROWS
+from octomed_data.shard_table import SHARD_TABLE_ROWS as SHARD_TABLE_ROWS
+from octomed_data.shard_table import shard_table
 
 log = logging.getLogger("octomed_data.flows")
 
@@ -103,82 +95,28 @@ def publish_artifact_index(paths: RunPaths) -> str:
     return key
 
 
-def shard_table_csv(rows: list[dict[str, Any]]) -> bytes:
-    keys: list[str] = []
-    for row in rows:
-        keys += [k for k in row if k not in keys]
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=keys, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in row.items()})
-    return out.getvalue().encode("utf-8")
-
-
-def _number(value: Any) -> float:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
-
-
-def _cell(value: Any) -> str:
-    text = "" if value is None else str(value)
-    return text.replace("|", "\\|").replace("\n", " ")[:200]
-
-
-def shard_summary_markdown(paths: RunPaths, rows: list[dict[str, Any]], table_uri: str) -> str:
-    """A table per stage (shards by state, counts and seconds summed), the failed shards, and where
-    the full table is."""
-    by_stage: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        by_stage[str(row.get("stage") or "?")].append(row)
-    lines = [f"# Shards of run `{paths.run_id}`: {len(rows)} shards", ""]
-    link = table_uri if "://" in table_uri else f"file://{table_uri}"
-    lines += [f"Full table (one row per shard): [{table_uri}]({link})", ""]
-    for stage, items in by_stage.items():
-        states = Counter(str(r.get("state")) for r in items)
-        lines += [f"## {stage}: {len(items)} shards", "", "| | total |", "|---|---|"]
-        lines += [f"| {state} | {n} |" for state, n in sorted(states.items())]
-        for key in COUNT_KEYS:
-            if any(r.get(key) is not None for r in items):
-                total = sum(_number(r.get(key)) for r in items)
-                lines.append(f"| {key} | {total:,.1f} |" if key == "seconds" else f"| {key} | {total:,.0f} |")
-        lines.append("")
-    failed = [r for r in rows if r.get("state") in ("FAILED", "CANCELLED")]
-    lines += [f"## Failed shards: {len(failed)}", ""]
-    if failed:
-        lines += ["| stage | shard | attempts | error |", "|---|---|---|---|"]
-        lines += [
-            f"| {_cell(r.get('stage'))} | {_cell(r.get('shard'))} | {_cell(r.get('attempt'))} | "
-            f"{_cell(r.get('error'))} |"
-            for r in failed[:FAILED_ROWS]
-        ]
-        if len(failed) > FAILED_ROWS:
-            lines.append(f"\n... and {len(failed) - FAILED_ROWS} more (see the full table)")
-    return "\n".join(lines)
-
-
-def publish_shard_table(paths: RunPaths, stage: str | None = None) -> list[dict[str, Any]]:
+def publish_shard_table(paths: RunPaths, stage: str | None = None) -> int:
     """The shard card of one stage (``shards-<stage>-<run>``) or of the whole run (``shards-<run>``),
-    published once when the stage (the run) ends and replacing the card of any earlier pass.
-
-    Up to :data:`SHARD_TABLE_ROWS` shards: a table of shard states (state, error, counts). Past
-    that: a summary card, with the full table written to ``report/shards[-<stage>].csv``."""
+    published once when the stage (the run) ends and replacing the card of any earlier pass; how
+    many shards it covers. Up to :data:`SHARD_TABLE_ROWS` shards the card is the table of shard
+    states; past that a summary, the full table in ``report/shards[-<stage>].csv``
+    (:func:`~octomed_data.shard_table.shard_table`: the records read one at a time)."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    rows = shard_table_rows(shard_states(paths, stage))
-    if not rows:
-        return rows
+    table = shard_table(paths, stage)
+    if not table.total:
+        return 0
     key = artifact_key(f"shards-{stage}" if stage else "shards", paths.run_id)
     description = f"Shards of run {paths.run_id}" + (f" ({stage})" if stage else "")
-    if len(rows) <= SHARD_TABLE_ROWS:
+    if table.summary is None:
+        rows = table.rows
         replace_artifact(key, lambda: create_table_artifact(rows, key=key, description=description))
     else:
-        table_uri = paths.shard_table(stage)
-        storage.write_bytes(table_uri, shard_table_csv(rows))
-        markdown = shard_summary_markdown(paths, rows, table_uri)
-        description += f": summary of {len(rows)} shards, full table in {table_uri}"
+        markdown = table.summary.markdown(table.table_uri, f"Shards of run `{paths.run_id}`")
+        description += f": summary of {table.total} shards, full table in {table.table_uri}"
         replace_artifact(key, lambda: create_markdown_artifact(markdown, key=key, description=description))
     remember(paths, key, description)
-    return rows
+    return table.total
 
 
 def publish_table(kind: str, paths: RunPaths, rows: list[dict[str, Any]], description: str) -> None:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import base64
 import io
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from octomed_data import storage
 from octomed_data.layout import FilterFolder, ReportFolder, RunPaths
+from octomed_data.shard_table import ShardTable, shard_table, shard_table_rows
 from octomed_data.teachers import SIMULATED_LABEL, is_simulated
 
 _RESERVOIR = 20_000  # lengths kept per task type for the box plot; counts and means stay exact
@@ -190,23 +191,6 @@ def rejection_rows(stats: SampleStats) -> list[dict[str, Any]]:
     return rows
 
 
-def shard_table_rows(shards: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Rows for the shard table: stage, shard, state, error (early: visible without scrolling),
-    attempts, seconds over every attempt, counts; unknown keys are dropped."""
-    keys = ("stage", "shard", "state", "error", "attempt", "seconds", "input", "kept", "removed")
-    keys += ("questions", "samples", "accepted")
-    shards = list(shards)
-    if any(s.get("batch") for s in shards):
-        keys += ("batch",)  # batch-mode teachers: each shard's batches by status (only then)
-    rows = []
-    for s in shards:
-        row = {k: s.get(k) for k in keys}
-        if s.get("total_seconds") is not None:
-            row["seconds"] = s["total_seconds"]  # every attempt's time, not only the last one's
-        rows.append(row)
-    return rows
-
-
 def render_plot(stats: SampleStats) -> bytes:
     """PNG with reasoning length per task type and pass rate per source (matplotlib Agg)."""
     import matplotlib
@@ -262,7 +246,7 @@ def report_markdown(
     *,
     run_id: str,
     stats: SampleStats,
-    shards: Sequence[Mapping[str, Any]] = (),
+    shards: Sequence[Mapping[str, Any]] | ShardTable = (),
     outputs: Mapping[str, str] | None = None,
     cost: Mapping[str, Any] | None = None,
     counts: Mapping[str, Any] | None = None,
@@ -302,7 +286,11 @@ def report_markdown(
         lines += [f"![reasoning length and pass rate]({src})", ""]
     if cost:
         lines += ["## Cost", "", _md_table([{"item": k, "value": v} for k, v in cost.items()]), ""]
-    if shards:
+    if isinstance(shards, ShardTable):
+        summary = shards.summary
+        text = summary.markdown(shards.table_uri, level=2) if summary else _md_table(shards.rows)
+        lines += ["## Shards", "", text, ""]
+    elif shards:
         lines += ["## Shards", "", _md_table(shard_table_rows(shards)), ""]
     if outputs:
         lines += ["## Outputs", "", _md_table([{"output": k, "uri": v} for k, v in outputs.items()]), ""]
@@ -322,7 +310,7 @@ def write_report(
     out: str,
     *,
     run_id: str,
-    shards: Sequence[Mapping[str, Any]] = (),
+    shards: Sequence[Mapping[str, Any]] | ShardTable = (),
     outputs: Mapping[str, str] | None = None,
     cost: Mapping[str, Any] | None = None,
     counts: Mapping[str, Any] | None = None,
@@ -411,12 +399,11 @@ def run_statistics(paths: RunPaths) -> dict[str, Any]:
 
 
 def run_report_parts(paths: RunPaths) -> dict[str, Any]:
-    """What the run report shows besides the statistics: shard attempts, outputs, cost, counts."""
-    from octomed_data.runs import shard_states
-
+    """What the run report shows besides the statistics: shard attempts (a table, or past a few
+    hundred shards a summary and the full table as CSV), outputs, cost, counts."""
     return {
         "run_id": paths.run_id,
-        "shards": shard_states(paths),
+        "shards": shard_table(paths),
         "outputs": run_outputs(paths),
         "cost": run_cost(paths),
         "counts": run_counts(paths),

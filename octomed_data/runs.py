@@ -14,6 +14,7 @@ import hashlib
 import os
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from octomed_data import storage
@@ -166,18 +167,22 @@ def change_verify(paths: RunPaths, verify: Any, *, by: str) -> tuple[Recipe, str
 
 
 def shard_states(paths: RunPaths, stage: str | None = None) -> list[dict[str, Any]]:
-    """All recorded shard attempts of a run (optionally one stage), in stage then shard order.
+    """All recorded shard attempts of a run (optionally one stage), in stage then shard order
+    (:func:`iter_shard_states`, as a list)."""
+    return list(iter_shard_states(paths, stage))
+
+
+def iter_shard_states(paths: RunPaths, stage: str | None = None) -> Iterator[dict[str, Any]]:
+    """Each recorded shard attempt of a run (optionally one stage), in stage then shard order, read
+    as it is asked for (a run of 10,000 shards is never held as records).
 
     An attempt recorded RUNNING whose writer is gone (its shard lease released or expired: the
     process was cancelled, terminated or killed before it could record how it ended) reads as
     FAILED, saying so; a released one is also recorded FAILED, under the shard's lease.
     """
-    stages = [stage] if stage else list(STAGES)
-    out: list[dict[str, Any]] = []
-    for name in stages:
+    for name in [stage] if stage else list(STAGES):
         for uri in storage.list_files(paths.state_dir(name), suffix=".json"):
-            out.append(settled_state(paths, storage.read_json(uri)))
-    return out
+            yield settled_state(paths, storage.read_json(uri))
 
 
 def settled_state(paths: RunPaths, record: dict[str, Any], now: float | None = None) -> dict[str, Any]:

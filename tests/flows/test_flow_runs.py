@@ -153,7 +153,7 @@ def _rows(n: int, failed: set[int]) -> list[dict]:
 
 
 def test_a_big_runs_shard_card_is_a_summary_per_stage_with_the_failed_shards(tmp_path) -> None:
-    from flows.artifacts import FAILED_ROWS, shard_summary_markdown, shard_table_csv
+    from octomed_data.shard_table import FAILED_ROWS, shard_summary_markdown, shard_table_csv
 
     paths = RunPaths(str(tmp_path), "big")
     rows = _rows(1000, failed={7, 500}) + [
@@ -173,3 +173,55 @@ def test_a_big_runs_shard_card_is_a_summary_per_stage_with_the_failed_shards(tmp
     assert f"and {400 - FAILED_ROWS} more" in many and f"(file://{tmp_path}/t.csv)" in many
     table = list(csv.DictReader(io.StringIO(shard_table_csv(rows).decode())))
     assert len(table) == 1001 and table[7]["state"] == "FAILED" and table[-1]["accepted"] == "15"
+
+
+def test_a_big_runs_shard_table_reads_the_records_one_at_a_time(tmp_path, monkeypatch) -> None:
+    """Issue 26: the shard table of a run past the table size (the dashboard's card, the run
+    report) never holds the run's records (at 10,000 shards the records and rows held at once
+    were ~45 MB of the driver); it writes the same summary and the full CSV table."""
+    import octomed_data.shard_table as st
+    from octomed_data.report import report_markdown, sample_stats
+
+    class Record(dict):
+        alive = most = 0
+
+        def __init__(self, *a, **kw) -> None:
+            super().__init__(*a, **kw)
+            Record.alive += 1
+            Record.most = max(Record.most, Record.alive)
+
+        def __del__(self) -> None:
+            Record.alive -= 1
+
+    n = 2_000
+    rows = _rows(n, failed={5, 1500})
+    asked: list = []
+
+    def records(paths, stage=None):
+        asked.append(stage)
+        for row in rows:
+            yield Record(row)
+
+    monkeypatch.setattr(st, "iter_shard_states", records)
+    paths = RunPaths(str(tmp_path), "big")
+    table = st.shard_table(paths, "distill")
+    assert asked == ["distill"] and table.total == n and table.rows == [] and table.summary is not None
+    assert Record.most <= st.SHARD_TABLE_ROWS + 2, Record.most  # was every record at once: n
+    assert table.table_uri == paths.shard_table("distill")
+    with open(table.table_uri, encoding="utf-8") as fh:
+        csv_rows = list(csv.DictReader(fh))
+    assert [r["shard"] for r in csv_rows] == [r["shard"] for r in rows]
+    assert csv_rows[5]["state"] == "FAILED" and csv_rows[5]["error"] == rows[5]["error"]
+    card = table.summary.markdown(table.table_uri, "Shards of run `big`")
+    assert card == st.shard_summary_markdown(paths, rows, table.table_uri)  # the same as from a list
+    assert "| FAILED | 2 |" in card and "| questions | 20,000 |" in card and "src-01500" in card
+    # The run report shows the summary under its Shards heading, not 2,000 table rows.
+    report = report_markdown(run_id="big", stats=sample_stats({}), shards=table)
+    assert "## Shards" in report and "### distill: 2000 shards" in report and "src-00006" not in report
+    rows[:] = rows[:3]  # up to SHARD_TABLE_ROWS shards: the rows themselves
+    small = st.shard_table(paths, "filter")
+    assert small.summary is None and [r["shard"] for r in small.rows] == [
+        "src-00000",
+        "src-00001",
+        "src-00002",
+    ]
