@@ -8,7 +8,7 @@ filter stage's ``OUT/stats.json``; nothing here writes an output of its own.
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -61,8 +61,8 @@ def run_distill(
     )
     stage.progress = progress
     result = run_stage(stage, executor, shards=names, force=False)
-    raw = MarkerView(storage.Dataset(raw_uri(out)))  # one look after the pass: each marker read once
-    reports = [r for r in (shard_report(raw, s) for s in names) if r is not None]
+    info_of = raw_infos(out, len(names))
+    reports = [r for r in (shard_report(info_of(s)) for s in names) if r is not None]
     if result.failed and not reports and all(user_message(e) for e in result.failed.values()):
         raise_for_failures(result)  # no shard got as far as its raw output (a config error ...)
     reports = [r if ran_here(result, r.shard) else as_reused(r) for r in reports]
@@ -162,8 +162,16 @@ def asked_shards(questions_uri: str, shards: Sequence[str] | None) -> tuple[list
     return (list(shards) if shards else committed), set(committed)
 
 
-def shard_report(raw: MarkerView, shard: str) -> ShardReport | None:
-    info = raw.shard_info(shard)
+def raw_infos(out: str, asked: int) -> Callable[[str], storage.ShardInfo | None]:
+    """How to read the raw markers of ``asked`` shards after a pass: one look (two listings, each
+    marker read once, many at a time) unless the run has many more shards than were asked (a
+    re-run of a few shards of a big run), then each asked marker alone (~3 requests a shard)."""
+    raw = storage.Dataset(raw_uri(out))
+    view = MarkerView(raw)
+    return view.shard_info if len(view.names()) <= 3 * asked else raw.shard_info
+
+
+def shard_report(info: storage.ShardInfo | None) -> ShardReport | None:
     if info is None or "report" not in info.extra:
         return None
     return ShardReport(**info.extra["report"])

@@ -231,6 +231,13 @@ def test_a_rerun_of_a_finished_distill_and_filter_on_s3_costs_at_most_5_requests
         with s3_requests(out) as counts:
             again = run_local(q_uri, out, cfg, progress=False)
         assert again["complete"] and sb.stats()["requests"] == 2 * n  # nothing asked again
+        # One shard of the run asked again: its raw marker read alone, not the run's every marker.
+        with s3_requests(out) as one:
+            single = run_local(q_uri, out, cfg, shards=["00003"], progress=False)
+        assert single["complete"] and single["asked"] == 1 and sb.stats()["requests"] == 2 * n
+        assert [r["shard"] for r in single["shards"]] == ["00003"] and single["stored"] == 2
+        # the two passes' looks (questions and raw; raw and verdicts) read every marker; no fifth look
+        assert one["GetObject"] <= 4 * n + 5, dict(one)
     assert sum(counts.values()) <= 5 * n * 2, dict(counts)  # two stages of n shards each
     # Each done shard's markers are read once per look (questions, raw twice, verdicts: ~100 GETs;
     # the questions dataset's names come from its listings alone), no existence asked per shard.
