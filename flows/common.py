@@ -130,7 +130,8 @@ def run_stage_flow(
     from tasks.prefect_executor import PrefectExecutor
 
     paths = stage.paths
-    shards = stage.select(run.shards)
+    with stage.viewing():  # the shard names from two listings: no marker read, none held
+        shards = stage.select(run.shards)
     progress_id = new_progress_artifact(paths, stage.name) if len(shards) > 1 else None
     done = [0]
 

@@ -212,7 +212,7 @@ class Stage(ABC):
             return [GLOBAL_SHARD]
         ds = self.input_dataset()
         view = self._view(ds)
-        return sorted(view.names()) if view is not None else list(ds.manifest())
+        return sorted(view.names()) if view is not None else ds.committed_names()  # names only held
 
     def input_dataset(self) -> storage.Dataset:
         raise NotImplementedError(f"{type(self).__name__} names no input dataset")

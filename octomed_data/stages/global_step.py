@@ -60,7 +60,7 @@ class GlobalStage(Stage):
 
     def input_version(self, shard: str) -> str:  # type: ignore[override]  # a digest, not one commit
         commits = {
-            uri: {n: i.committed_at for n, i in storage.Dataset(uri).manifest().items()}
+            uri: storage.Dataset(uri).committed(lambda i: i.committed_at)  # one field held per marker
             for uri in self.inputs()
         }
         return digest(commits)

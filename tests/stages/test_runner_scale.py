@@ -345,3 +345,33 @@ def test_a_pass_asks_for_the_failed_shards_a_few_times_not_once_per_shard(
     result = run_stage(CountingStage(paths), LocalExecutor(workers=2, progress=False))
     assert len(result.outcomes) == n and not result.pending
     assert asked[0] <= 3, asked[0]
+
+
+def test_a_stages_shards_asked_outside_a_look_hold_no_marker(tmp_path: Path, monkeypatch) -> None:
+    """Issue 26: a stage's shard names asked outside a pass's look (``Stage.select`` in a flow
+    before the pass) read the markers one at a time and keep only the names: holding every
+    parsed marker (~4 KB a distill marker) was most of a 10,000-shard re-run's growth through
+    Prefect. Inside a look they come from two listings, with no marker read at all."""
+    import weakref
+
+    n = 40
+    paths = write_inputs(str(tmp_path / "run"), n)
+    stage = CountingStage(paths)
+    alive, most, made = [0], [0], [0]
+    parse = storage.Dataset._info
+
+    def info(uri, data):
+        parsed = parse(uri, data)
+        alive[0] += 1
+        made[0] += 1
+        most[0] = max(most[0], alive[0])
+        weakref.finalize(parsed, lambda: alive.__setitem__(0, alive[0] - 1))
+        return parsed
+
+    monkeypatch.setattr(storage.Dataset, "_info", staticmethod(info))
+    assert stage.select(None) == [f"{i:05d}" for i in range(n)]
+    assert made[0] == n and most[0] <= 2, (made, most)  # every marker read, one held at a time
+    made[0] = 0
+    with stage.viewing():
+        assert stage.select(None) == [f"{i:05d}" for i in range(n)]
+    assert made[0] == 0
