@@ -82,7 +82,7 @@ def _open(params: ExperimentParams) -> tuple[ExperimentSpec, Recipe, ExperimentP
 
 
 def base_is_filtered(base: RunPaths) -> bool:
-    return storage.exists(base.stats) and bool(storage.Dataset(base.accepted).manifest())
+    return storage.exists(base.stats) and storage.Dataset(base.accepted).has_committed()
 
 
 def _base_model(recipe: Recipe, exp: ExperimentPaths) -> str | None:

@@ -188,7 +188,7 @@ def eval_config(recipe: Recipe, paths: RunPaths, checkpoint: str | None = None) 
         inputs: dict[str, Any] = {"benchmarks": list(block.benchmarks), "data_dir": data_dir}
     else:
         questions = block.questions or paths.removed
-        if not storage.Dataset(questions).manifest():
+        if not storage.Dataset(questions).has_committed():
             raise StorageError(f"no evaluation questions at {questions}")
         inputs = {"questions_uri": questions}
     # The tiny demo model is text-only or VL as built; a work folder under the run keeps downloads local.

@@ -182,7 +182,7 @@ def export(
         )
     t0 = time.time()
     sources = {s: storage.Dataset(storage.join(mixture_uri, s)) for s in SPLITS}
-    if not any(ds.manifest() for ds in sources.values()):
+    if not any(ds.has_committed() for ds in sources.values()):
         raise StorageError(f"no mixture shards under {mixture_uri} (expected train/ and validation/)")
     storage.ensure_writable(out)
     key_names = sorted(set(DEFAULT_SECRET_ENV if secret_env is None else secret_env))
@@ -295,7 +295,7 @@ class _Pass:
 
         totals: Counter[str] = Counter()
         duplicates = 0
-        for shard in tqdm(src.manifest(), desc=f"export {split}", disable=not progress):
+        for shard in tqdm(src.committed_names(), desc=f"export {split}", disable=not progress):
             out_rows: dict[str, list[dict[str, Any]]] = {name: [] for name in self.targets}
             where = src.file_uri(shard)
             for i, row in enumerate(src.iter_rows(shards=[shard])):

@@ -99,8 +99,10 @@ class _ShardSplitter:
     def owned_inputs(self) -> set[str]:
         """Inputs (format:path) of the shards already committed under this writer's prefix."""
         return {
-            f"{info.extra.get('format')}:{info.extra.get('input')}"
-            for name, info in self.dataset.manifest().items()
+            owned
+            for name, owned in self.dataset.committed(
+                lambda info: f"{info.extra.get('format')}:{info.extra.get('input')}"
+            ).items()
             if _owned_by(name, self.prefix)
         }
 
@@ -378,14 +380,14 @@ def summarize_ingest(out: str, plans: list[EntryPlan], seconds: float = 0.0) -> 
     )
     entries = storage.Dataset(entries_uri(out))
     reasons: Counter[str] = Counter()
-    q_manifest = questions_ds.manifest()
-    x_manifest = quarantine_ds.manifest()
+    q_manifest = set(questions_ds.committed_names())
+    x_manifest = quarantine_ds.committed(lambda info: info.rows)
     for plan in plans:
         info = entries.shard_info(plan.name)
         if info is None:
             continue
         c = info.extra["counts"]
-        dup_moved = sum(x_manifest[f"{s}-dup"].rows for s in c["shards"] if f"{s}-dup" in x_manifest)
+        dup_moved = sum(x_manifest[f"{s}-dup"] for s in c["shards"] if f"{s}-dup" in x_manifest)
         questions = c["questions"] - dup_moved
         quarantined = c["quarantined"] + dup_moved
         result.per_source[plan.name] = {

@@ -142,7 +142,7 @@ def build_mixture(
     t0 = time.time()
     accepted_uris, question_uris = _as_list(accepted), _as_list(questions)
     for uri in accepted_uris + question_uris:
-        if not storage.Dataset(uri).manifest():
+        if not storage.Dataset(uri).has_committed():
             if not storage.exists(uri):
                 raise StorageError(f"mixture input not found: {uri}")
     storage.ensure_writable(out)

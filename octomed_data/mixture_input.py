@@ -32,7 +32,7 @@ def audit_uri_beside(accepted_uri: str) -> str:
 def iter_batches(uris: Iterable[str], columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
     for uri in uris:
         ds = storage.Dataset(uri)
-        if not ds.manifest():
+        if not ds.has_committed():
             continue
         yield from ds.iter_batches(batch_size=BATCH_ROWS, columns=columns, fill_missing=True)
 
@@ -48,7 +48,7 @@ def iter_unflagged(
     (counted: read, then left out)."""
     for uri, audit in zip(uris, audits, strict=True):
         ds = storage.Dataset(uri)
-        for shard in ds.manifest():
+        for shard in ds.committed_names():
             flagged = flagged_questions(audit, shard, flags)
             excluded: set[str] = set()
             for batch in ds.iter_batches(

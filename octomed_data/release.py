@@ -362,7 +362,7 @@ def release(
     recipe = run_recipe(paths)
     if with_images is None:
         with_images = recipe.release.with_images
-    shards = list(storage.Dataset(paths.questions, QUESTION_SCHEMA).manifest())
+    shards = storage.Dataset(paths.questions, QUESTION_SCHEMA).committed_names()
     if not shards:
         raise StorageError(f"run {paths.run_id} has no questions at {paths.questions}: nothing to release")
     # Done as the filter flow committed it: the run's own verifier settings and judge (the judge's
@@ -446,17 +446,17 @@ def release(
 def dataset_info(target: storage.Dataset) -> dict[str, Any]:
     """The card's ``dataset_info``, as ``datasets`` reads it: the features and the one split with
     its rows and bytes (uncompressed size of the Parquet data; ``download_size``: the files)."""
-    shards = target.manifest().values()
+    shards = target.committed(lambda info: (info.file, info.rows, info.bytes)).values()
     num_bytes = 0
-    for info in shards:
-        fs, path = storage.filesystem(storage.join(target.uri, info.file))
+    for file, _, _ in shards:
+        fs, path = storage.filesystem(storage.join(target.uri, file))
         with fs.open(path, "rb") as fh:
             meta = pq.ParquetFile(fh).metadata
             num_bytes += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
     return {
         "features": release_features(target.schema or RELEASE_SCHEMA)._to_yaml_list(),
-        "splits": [{"name": SPLIT, "num_bytes": num_bytes, "num_examples": sum(s.rows for s in shards)}],
-        "download_size": sum(s.bytes for s in shards),
+        "splits": [{"name": SPLIT, "num_bytes": num_bytes, "num_examples": sum(s[1] for s in shards)}],
+        "download_size": sum(s[2] for s in shards),
         "dataset_size": num_bytes,
     }
 

@@ -364,7 +364,7 @@ def run_counts(paths: RunPaths) -> dict[str, Any]:
 
     def rows(uri: str) -> int | None:
         ds = storage.Dataset(uri)
-        return ds.num_rows() if ds.manifest() else None
+        return ds.num_rows() if ds.has_committed() else None
 
     counts: dict[str, Any] = {
         "questions ingested": rows(paths.ingested),
@@ -374,7 +374,7 @@ def run_counts(paths: RunPaths) -> dict[str, Any]:
         "mixture rows (validation)": rows(paths.mixture_validation),
     }
     removed = storage.Dataset(paths.removed)
-    if removed.manifest():
+    if removed.has_committed():
         by_benchmark: Counter[str] = Counter()
         for batch in removed.iter_batches(columns=["match_benchmark"]):
             by_benchmark.update(batch.column(0).to_pylist())

@@ -57,6 +57,29 @@ def test_manifest_counts_and_rewrite_replaces(root):
     assert list(ds.manifest()) == ["00000"] and ds.read_all().num_rows == 5
 
 
+def test_has_committed_reads_markers_only_up_to_the_first_committed_shard(root, monkeypatch):
+    ds = storage.Dataset(storage.join(root, "questions"), QUESTION_SCHEMA)
+    reads: list[str] = []
+    info = storage.Dataset._info
+    monkeypatch.setattr(
+        storage.Dataset, "_info", staticmethod(lambda uri, data: reads.append(uri) or info(uri, data))
+    )
+    assert not ds.has_committed() and reads == []  # no marker folder
+    for shard in range(4):
+        ds.write_shard(shard, _questions(3, offset=3 * shard))
+    fs, path = storage.filesystem(ds.file_uri(0))
+    fs.rm(path)  # shard 0: a marker whose file is gone is not a commit
+    reads.clear()
+    assert ds.has_committed() and len(reads) == 2  # 00000 (no file), then 00001
+    reads.clear()
+    assert ds.committed(lambda i: i.rows) == {"00001": 3, "00002": 3, "00003": 3} and len(reads) == 4
+    assert ds.committed_names() == list(ds.manifest()) == ["00001", "00002", "00003"] and ds.num_rows() == 9
+    assert ds.files() == [ds.file_uri(s) for s in ("00001", "00002", "00003")]
+    for shard in (1, 2, 3):
+        ds.delete_shard(shard)
+    assert not ds.has_committed()
+
+
 def test_reader_never_sees_a_partial_shard(root):
     """While shards are written, a concurrent reader only ever finds complete Parquet files."""
     ds = storage.Dataset(storage.join(root, "questions"), QUESTION_SCHEMA)

@@ -43,10 +43,10 @@ class DecontamResult:
 def questions_dataset(questions_uri: str) -> storage.Dataset:
     """The question dataset at ``questions_uri``, or at ``questions_uri/questions`` (an ingest output root)."""
     ds = storage.Dataset(questions_uri, QUESTION_SCHEMA)
-    if ds.manifest():
+    if ds.has_committed():
         return ds
     nested = storage.Dataset(IngestFolder(questions_uri).questions, QUESTION_SCHEMA)
-    if nested.manifest():
+    if nested.has_committed():
         return nested
     raise DecontamError(
         f"no committed question shards at {questions_uri} (nor at {nested.uri}); "

@@ -134,7 +134,7 @@ def _measure(raw: str, questions_uri: str) -> dict[str, dict[str, float]]:
     cols = ["teacher", "prompt_tokens", "completion_tokens", "latency_s", "correct", "reject_reason"]
     ds = storage.Dataset(raw, SAMPLE_SCHEMA)
     options: dict[str, list[tuple[str, str]]] = {}
-    for shard in ds.manifest():
+    for shard in ds.committed_names():
         options.update(question_options(questions_uri, shard))
     for row in ds.iter_rows():
         if row["reject_reason"] == "request_failed":

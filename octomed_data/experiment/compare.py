@@ -51,7 +51,7 @@ def arm_metrics(predictions_uri: str) -> dict[str, Any]:
     hits: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     tokens: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     task_tokens: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for shard in sorted(ds.manifest()):
+    for shard in ds.committed_names():
         t = ds.read_shard(shard, _COLUMNS)
         for bench, task, seed, ok, rt in zip(*(t.column(c).to_pylist() for c in _COLUMNS), strict=True):
             cell = hits[bench][int(seed or 0)]
@@ -91,7 +91,7 @@ def question_images(questions_uri: str) -> dict[str, bool]:
 
     ds = storage.Dataset(questions_uri)
     out: dict[str, bool] = {}
-    for shard in sorted(ds.manifest()):
+    for shard in ds.committed_names():
         t = ds.read_shard(shard, ["question_id", "images"])
         counts = pc.fill_null(pc.list_value_length(t.column("images")), 0).to_pylist()
         out.update(zip(t.column("question_id").to_pylist(), [n > 0 for n in counts], strict=True))
@@ -116,7 +116,7 @@ def item_outcomes(predictions_uri: str) -> dict[str, dict[str, Any]]:
     cells: dict[str, dict[tuple[str, int], bool]] = defaultdict(dict)
     tasks: dict[str, dict[str, str]] = defaultdict(dict)
     columns = ["benchmark", "question_id", "task_type", "seed", "correct"]
-    for shard in sorted(ds.manifest()):
+    for shard in ds.committed_names():
         t = ds.read_shard(shard, columns)
         for bench, qid, task, seed, ok in zip(*(t.column(c).to_pylist() for c in columns), strict=True):
             cells[bench][(qid, int(seed or 0))] = bool(ok)

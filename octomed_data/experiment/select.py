@@ -49,7 +49,7 @@ def base_sources(base: RunPaths) -> set[str]:
     """Every source with accepted traces in the base run (one column read)."""
     ds = storage.Dataset(base.accepted)
     return {
-        s for shard in sorted(ds.manifest()) for s in ds.read_shard(shard, ["source"]).column(0).to_pylist()
+        s for shard in ds.committed_names() for s in ds.read_shard(shard, ["source"]).column(0).to_pylist()
     }
 
 
@@ -118,7 +118,7 @@ def _first_k(
 def select_arm(base: RunPaths, arm: Arm, out: str) -> ArmData:
     """Write the arm's selection of the base run's accepted traces to ``out``; return its data record."""
     accepted = storage.Dataset(base.accepted)
-    shards = sorted(accepted.manifest())
+    shards = accepted.committed_names()
     if not shards:
         raise ConfigError(
             f"the base run {base.run_id!r} has no accepted traces at {base.accepted}: "
@@ -191,7 +191,7 @@ def teacher_summary(base: RunPaths) -> dict[str, Any]:
     cost = storage.read_json(base.cost) if storage.exists(base.cost) else {}
     tokens = [0, 0]
     ds = storage.Dataset(base.accepted)
-    for shard in sorted(ds.manifest()):
+    for shard in ds.committed_names():
         for t in ds.read_shard(shard, ["completion_tokens"]).column(0).to_pylist():
             tokens[0] += int(t or 0)
             tokens[1] += 1

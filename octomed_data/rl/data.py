@@ -199,10 +199,10 @@ def removed_ids(paths: RunPaths) -> set[str]:
 
 def _inputs(paths: RunPaths) -> list[str]:
     """The questions shards, each with committed verdicts (else one ConfigError line)."""
-    shards = sorted(storage.Dataset(paths.questions, QUESTION_SCHEMA).manifest())
+    shards = storage.Dataset(paths.questions, QUESTION_SCHEMA).committed_names()
     if not shards:
         raise StorageError(f"no questions at {paths.questions}: run decontamination first")
-    judged = storage.Dataset(paths.verdicts, VERDICT_SCHEMA).manifest()
+    judged = set(storage.Dataset(paths.verdicts, VERDICT_SCHEMA).committed_names())
     missing = [s for s in shards if s not in judged]
     if missing:
         named = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")

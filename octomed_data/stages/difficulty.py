@@ -196,7 +196,7 @@ def filter_by_difficulty(
         backoff_max_s=backoff_max_s,
     )
     resolve_api_key(teacher, api_keys)  # a missing key fails here, before any work
-    manifest = stage.input_dataset().manifest()
+    manifest = stage.input_dataset().committed(lambda info: info.rows)
     names = list(shards) if shards else list(manifest)
     if not names:
         raise StorageError(f"no committed question shards in {questions_uri}")
@@ -206,7 +206,7 @@ def filter_by_difficulty(
     if progress:
         from tqdm import tqdm
 
-        total = sum(manifest[s].rows for s in names)
+        total = sum(manifest[s] for s in names)
         stage.progress = tqdm(total=total, unit="sample", desc="grade", file=sys.stderr, dynamic_ncols=True)
     try:
         result = run_stage(stage, LocalExecutor(progress=False), shards=names, force=False)

@@ -43,7 +43,7 @@ class MixtureStage(GlobalStage):
     def build(self) -> dict[str, Any]:
         from octomed_data.mixture import build_mixture
 
-        if not storage.Dataset(self.paths.accepted).manifest():
+        if not storage.Dataset(self.paths.accepted).has_committed():
             raise StorageError(f"no accepted samples at {self.paths.accepted}: run the filter stage first")
         return build_mixture(
             self.paths.accepted, self.questions, self.paths.mixture, self.config, audit=self.audit

@@ -210,8 +210,7 @@ class Dataset:
     def __init__(self, uri: str, schema: pa.Schema | None = None, file_prefix: str = "part") -> None:
         self.uri = uri.rstrip("/") if uri.endswith("/") and len(uri) > 1 else uri
         self.schema = schema
-        # Shard files are ``<file_prefix>-<shard>.parquet``; a release names them after its split
-        # (``train-<shard>.parquet``), the file pattern the Hugging Face hub reads splits from.
+        # ``<file_prefix>-<shard>.parquet``; a release's ``train-…``: the hub's split file pattern.
         if not SHARD_NAME.match(file_prefix):
             raise ValueError(f"invalid file prefix {file_prefix!r}")
         self.file_prefix = file_prefix
@@ -255,33 +254,41 @@ class Dataset:
         return ShardWriter(self, shard, rows_per_group)
 
     def manifest(self) -> dict[str, ShardInfo]:
-        """Committed shards, by name, sorted: a marker whose file exists (a marker alone is a
-        commit that did not finish)."""
+        """Committed shards by name, sorted: a marker whose file exists (a marker alone: unfinished)."""
         return self.committed(lambda info: info)
 
     def committed_names(self) -> list[str]:
-        """The committed shards' names, sorted, as :meth:`manifest` finds them, holding only the
-        names (not every marker parsed at once: ~4 KB a distill marker, 40 MB at 10,000 shards)."""
+        """:meth:`manifest`'s names only (not every marker held parsed: ~4 KB a distill marker)."""
         return list(self.committed(lambda info: None))
 
     def committed(self, keep: Callable[[ShardInfo], Any]) -> dict[str, Any]:
         """:meth:`manifest` holding only ``keep(marker)`` of each committed shard."""
+        return dict(sorted(self._committed(keep)))
+
+    def is_committed(self, shard: int | str) -> bool:
+        return self.shard_info(shard) is not None
+
+    def has_committed(self) -> bool:
+        """Whether any shard is committed (markers read up to the first committed one)."""
+        return next(self._committed(lambda info: None), None) is not None
+
+    def _committed(self, keep: Callable[[ShardInfo], Any]) -> Iterator[tuple[str, Any]]:
         fs, path = filesystem(self.uri)
         mdir = posixpath.join(path, MANIFEST_DIR) if "://" in self.uri else os.path.join(path, MANIFEST_DIR)
         if not wrap(self.uri, fs.exists, mdir):
-            return {}
-        out: dict[str, tuple[str, Any]] = {}
+            return
         listed = sorted(wrap(self.uri, fs.ls, mdir, detail=False, refresh=True))
         fs.invalidate_cache(mdir)  # the names are enough: no per-object cache of the listing held
+        present: set[str] | None = None  # listed after a marker read: a marker follows its file
         for p in listed:
             base = posixpath.basename(p)
             if not base.endswith(".json") or base.startswith("."):
                 continue
             uri = join(self.uri, MANIFEST_DIR, base)
             info = self._info(uri, wrap(uri, fs.cat_file, p, **one_get(fs)))
-            out[info.shard] = (info.file, keep(info))
-        present = self._file_names() if out else set()
-        return {k: v for k, (file, v) in sorted(out.items()) if file in present}
+            present = self._file_names() if present is None else present
+            if info.file in present:
+                yield info.shard, keep(info)
 
     @staticmethod
     def _info(uri: str, data: bytes) -> ShardInfo:
@@ -301,9 +308,6 @@ class Dataset:
             raise
         return {posixpath.basename(str(p).rstrip("/")) for p in listed}
 
-    def is_committed(self, shard: int | str) -> bool:
-        return self.shard_info(shard) is not None
-
     def shard_info(self, shard: int | str) -> ShardInfo | None:
         """The shard's marker when it is committed (its file exists too), else None."""
         uri = self.marker_uri(shard)
@@ -318,11 +322,11 @@ class Dataset:
         return info if fresh_exists(join(self.uri, info.file)) else None
 
     def num_rows(self) -> int:
-        return sum(s.rows for s in self.manifest().values())
+        return sum(self.committed(lambda info: info.rows).values())
 
     def files(self) -> list[str]:
         """URIs of the committed shard files (what ``datasets.load_dataset`` should be given)."""
-        return [join(self.uri, s.file) for s in self.manifest().values()]
+        return list(self.committed(lambda info: join(self.uri, info.file)).values())
 
     def read_shard(self, shard: int | str, columns: Sequence[str] | None = None) -> pa.Table:
         uri = self.file_uri(shard)
@@ -341,10 +345,8 @@ class Dataset:
         shards: Sequence[str] | None = None,
         fill_missing: bool = False,
     ) -> Iterator[pa.RecordBatch]:
-        """Stream committed shards batch by batch; memory stays bounded by one batch.
-
-        ``fill_missing``: a requested column a shard does not have (written before the column
-        existed) comes back as nulls instead of an error."""
+        """Stream committed shards batch by batch (memory bounded by one batch). ``fill_missing``: a
+        requested column a shard lacks (written before it existed) comes back as nulls, no error."""
         names = list(shards) if shards is not None else self.committed_names()
         for name in names:
             uri = self.file_uri(name)
@@ -379,7 +381,7 @@ class Dataset:
 
     def read_all(self, columns: Sequence[str] | None = None) -> pa.Table:
         """Read every committed shard (for small datasets and tests only)."""
-        tables = [self.read_shard(s, columns) for s in self.manifest()]
+        tables = [self.read_shard(s, columns) for s in self.committed_names()]
         if not tables:
             if self.schema is None:
                 raise StorageError(f"no committed shards in {self.uri}")
@@ -475,8 +477,7 @@ class Dataset:
 
 
 def fresh_exists(uri: str) -> bool:
-    """Whether ``uri`` exists, asked of the store itself (not a listing cached by this process:
-    s3fs answers from a cached folder listing, which another writer may have outdated)."""
+    """Whether ``uri`` exists, asked of the store (not of a folder listing this process cached)."""
     fs, path = filesystem(uri)
     fs.invalidate_cache(posixpath.dirname(path))
     return bool(wrap(uri, fs.exists, path))
