@@ -14,6 +14,7 @@ import json
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from octomed_data import storage
@@ -75,7 +76,8 @@ class ShardSummary:
         self.failed: list[dict[str, Any]] = []
         self.failed_count = 0
 
-    def add(self, row: Mapping[str, Any]) -> None:
+    def add(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Count ``row`` in; returns it."""
         stage = str(row.get("stage") or "?")
         self.total += 1
         self.states[stage][str(row.get("state"))] += 1
@@ -87,6 +89,7 @@ class ShardSummary:
             self.failed_count += 1
             if len(self.failed) < FAILED_ROWS:
                 self.failed.append({k: row.get(k) for k in ("stage", "shard", "attempt", "error")})
+        return row
 
     def markdown(self, table_uri: str, title: str = "", level: int = 1) -> str:
         """A table per stage, the failed shards, and where the full table is; under ``title`` at
@@ -127,37 +130,30 @@ class ShardTable:
     """A run's (a stage's) shard table: its ``rows`` when there are at most :data:`SHARD_TABLE_ROWS`
     shards, else a ``summary`` with the full table written to ``table_uri``."""
 
-    total: int
     rows: list[dict[str, Any]] = field(default_factory=list)
     summary: ShardSummary | None = None
     table_uri: str = ""
+
+    @property
+    def total(self) -> int:
+        return self.summary.total if self.summary is not None else len(self.rows)
 
 
 def shard_table(paths: RunPaths, stage: str | None = None) -> ShardTable:
     """The shard table of ``paths``' run (one ``stage``, else all), reading one record at a time;
     past :data:`SHARD_TABLE_ROWS` shards the full table goes to ``report/shards[-<stage>].csv``."""
-    states = iter_shard_states(paths, stage)
-    head: list[dict[str, Any]] = []
-    for state in states:
-        head.append(state)
-        if len(head) > SHARD_TABLE_ROWS:
-            break
-    else:
-        rows = shard_table_rows(head)
-        return ShardTable(total=len(rows), rows=rows)
+    states = iter(iter_shard_states(paths, stage))
+    head = list(islice(states, SHARD_TABLE_ROWS + 1))
+    if len(head) <= SHARD_TABLE_ROWS:
+        return ShardTable(rows=shard_table_rows(head))
     summary = ShardSummary()
 
-    def rows_of(first: list[dict[str, Any]], rest: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        while first:  # the first records, let go as they are written
-            yield summarised(first.pop(0))
-        for state in rest:
-            yield summarised(state)
-
-    def summarised(state: Mapping[str, Any]) -> dict[str, Any]:
-        row = shard_table_row(state)
-        summary.add(row)
-        return row
+    def rows() -> Iterator[dict[str, Any]]:
+        while head:  # the first records, let go as they are written
+            yield summary.add(shard_table_row(head.pop(0)))
+        for state in states:
+            yield summary.add(shard_table_row(state))
 
     table_uri = paths.shard_table(stage)
-    storage.write_bytes(table_uri, shard_table_csv(rows_of(head, states)))
-    return ShardTable(total=summary.total, summary=summary, table_uri=table_uri)
+    storage.write_bytes(table_uri, shard_table_csv(rows()))
+    return ShardTable(summary=summary, table_uri=table_uri)
