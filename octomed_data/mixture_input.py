@@ -31,10 +31,9 @@ def audit_uri_beside(accepted_uri: str) -> str:
 
 def iter_batches(uris: Iterable[str], columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
     for uri in uris:
-        ds = storage.Dataset(uri)
-        if not ds.has_committed():
-            continue
-        yield from ds.iter_batches(batch_size=BATCH_ROWS, columns=columns, fill_missing=True)
+        yield from storage.Dataset(uri).iter_batches(
+            batch_size=BATCH_ROWS, columns=columns, fill_missing=True
+        )
 
 
 def iter_unflagged(
