@@ -279,7 +279,7 @@ class Dataset:
             return
         listed = sorted(wrap(self.uri, fs.ls, mdir, detail=False, refresh=True))
         fs.invalidate_cache(mdir)  # the names are enough: no per-object cache of the listing held
-        present: set[str] | None = None  # listed after a marker read: a marker follows its file
+        present: set[str] | None = None  # the files, listed once, after the markers: a commit's last step
         for p in listed:
             base = posixpath.basename(p)
             if not base.endswith(".json") or base.startswith("."):
