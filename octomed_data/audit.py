@@ -120,11 +120,6 @@ def _key(answer: str | None, kind: str) -> str | None:
     return key or None
 
 
-def answer_key(answer: str | None, task_type: str) -> str | None:
-    """The form two answers are compared in: the verdict's own (label, verdict word, normalised text)."""
-    return _key(answer, _kind(task_type))
-
-
 @dataclass
 class _Question:
     source: str

@@ -108,10 +108,6 @@ def phash(img: Image.Image) -> int:
     return value
 
 
-def hamming(a: int, b: int) -> int:
-    return (int(a) ^ int(b)).bit_count()
-
-
 def open_raster(source: str | bytes) -> Image.Image:
     """Decode a JPEG/PNG (or any PIL raster) from a path or bytes, EXIF orientation applied."""
     from PIL import ImageOps

@@ -211,11 +211,6 @@ def settled_state(paths: RunPaths, record: dict[str, Any], now: float | None = N
     return {**record, "state": "FAILED", "error": error}
 
 
-def training_dir(paths: RunPaths) -> str:
-    """Where training's bookkeeping lives: ``state/training/`` (not a shard stage)."""
-    return paths.training_state
-
-
 def export_fingerprint(paths: RunPaths) -> str:
     """The content hash of the run's TRL export: training's idempotency key is (run, this).
 
