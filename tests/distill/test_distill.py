@@ -130,23 +130,27 @@ def test_rate_limit_holds_at_the_server(tmp_path: Path) -> None:
     q_uri, out = str(tmp_path / "q"), str(tmp_path / "out")
     make_questions(q_uri, 20)
     # The server enforces the same budget and counts every request over it. The limiter's margin
-    # (0.5 s, not the default 0.1 s) covers the delivery delay of a loaded machine: the server stamps a
+    # (1.0 s, not the default 0.1 s) covers the delivery delay of a loaded machine: the server stamps a
     # request when it has read it, the limiter when it grants it.
     faults = FaultConfig(rpm=10, rpm_window_s=1.0)
     granted: list[float] = []
 
-    class Recording(LocalRateLimiter):
-        async def acquire(self, teacher: str, tokens: int) -> None:
-            await super().acquire(teacher, tokens)
-            granted.append(time.monotonic())
+    class Recording(WindowBudget):
+        """The limiter's own grant times (a time taken after ``acquire`` returns can be late under
+        load, which would make a later window look fuller than the limiter ever let it be)."""
 
-    limiter = Recording({"sandbox": WindowBudget(10, None, 1.0, margin_s=0.5)})
+        def take(self, n: int, tokens_each: int, now: float) -> tuple[int, float]:
+            got, wait = super().take(n, tokens_each, now)
+            granted.extend([now] * got)
+            return got, wait
+
+    limiter = LocalRateLimiter({"sandbox": Recording(10, None, 1.0, margin_s=1.0)})
     with start_sandbox(faults=faults) as sb:
         cfg = config(sb.base_url, samples=2, teacher={"rpm": 10, "rate_window_s": 1.0, "max_in_flight": 32})
         report = distill_shard(q_uri, "00000", out, cfg, limiter=limiter)
         stats = sb.stats()
     assert report.complete and stats["requests"] == 40 == len(granted)
-    assert max_in_window(granted, 1.5) <= 10  # the client's side: exact, whatever the load
+    assert max_in_window(granted, 2.0) <= 10  # the client's side: exact, whatever the load
     assert stats["violations"] == 0
     assert max_in_window([r["t"] for r in stats["log"]], 1.0) <= 10
 
