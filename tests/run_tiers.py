@@ -25,7 +25,7 @@ FAST = ["-m", "not real", "-n", "2"]
 # --no-loadscope-reorder: files in collection order (tests/support/tiers.py SLOW_FILES first), not
 # sorted by their number of tests, so the longest files start first.
 # --durations: the slowest real tests named at the end of every CI log (where its time goes).
-REAL = ["-m", "real", "-n", "4", "--dist", "loadfile", "--no-loadscope-reorder", "--durations=20"]
+REAL = ["-m", "real", "-n", "3", "--dist", "loadfile", "--no-loadscope-reorder", "--durations=20"]
 
 
 def pytest(args: list[str], extra: list[str], **kw) -> subprocess.Popen:
