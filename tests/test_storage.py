@@ -208,3 +208,67 @@ def test_a_temp_file_scan_holds_only_the_temp_files(tmp_path) -> None:
         tracemalloc.stop()
     assert removed == [] and (tmp_path / ".00001.json.dead.tmp").exists()  # a fresh one: not dead yet
     assert peak < 500_000, peak
+
+
+def test_wrap_tries_again_on_server_errors_only(monkeypatch) -> None:
+    """A store's 500/503 answers are tried again after a pause (bounded); anything else (a refused
+    connection, a missing object) fails at once, as one StorageError line."""
+    from octomed_data.storage import files as files_module
+
+    monkeypatch.setattr(files_module, "SERVER_ERROR_PAUSES_S", (0.01, 0.01))
+    calls: list[int] = []
+
+    def flaky(fails: int, exc: Exception):
+        def call() -> str:
+            calls.append(1)
+            if len(calls) <= fails:
+                raise exc
+            return "ok"
+
+        return call
+
+    assert storage.wrap("s3://b/k", flaky(2, OSError(121, "Internal Server Error"))) == "ok"
+    assert len(calls) == 3
+    for fails, exc, tries in (
+        (3, OSError(121, "Internal Server Error"), 3),  # the pauses are used up
+        (1, OSError("Could not connect to the endpoint URL"), 1),
+        (1, FileNotFoundError("k"), 1),
+        (1, OSError(16, "Please reduce your request rate. SlowDown"), 2),  # S3's 503, then ok
+    ):
+        calls.clear()
+        if tries > fails:
+            assert storage.wrap("s3://b/k", flaky(fails, exc)) == "ok"
+        else:
+            with pytest.raises(StorageError) as err:
+                storage.wrap("s3://b/k", flaky(fails, exc))
+            assert "\n" not in str(err.value) and "s3://b/k" in str(err.value)
+        assert len(calls) == tries, (exc, calls)
+
+
+def test_a_burst_of_500s_longer_than_botocores_own_retries_is_ridden_out(s3_bucket, monkeypatch) -> None:
+    """moto's listing races a delete anywhere in its bucket and answers 500 (real S3 can answer
+    500/503 too): a burst longer than botocore's 4 quick attempts no longer fails the listing."""
+    import moto.s3.models as moto_models
+
+    from octomed_data.storage import files as files_module
+
+    monkeypatch.setattr(files_module, "SERVER_ERROR_PAUSES_S", (0.05, 0.05))
+    folder = f"{s3_bucket}/burst"
+    storage.write_bytes(f"{folder}/a.json", b"{}")
+    real_list = moto_models.S3Backend.list_objects
+    burst = {"left": 6, "failed": 0}
+
+    def list_objects(self, *args, **kwargs):
+        if burst["left"] > 0:
+            burst["left"] -= 1
+            burst["failed"] += 1
+            raise KeyError("a key deleted while the bucket was listed")  # moto's own race: a 500
+        return real_list(self, *args, **kwargs)
+
+    monkeypatch.setattr(moto_models.S3Backend, "list_objects", list_objects)
+    assert storage.list_prefixed(f"{folder}/a") == [f"{folder}/a.json"]
+    assert burst["failed"] == 6  # more than botocore alone rides out
+    burst["left"] = 10**6  # a store that keeps failing: still one line, after bounded tries
+    with pytest.raises(StorageError, match="Internal Server Error"):
+        storage.list_prefixed(f"{folder}/a")
+    assert 6 < burst["failed"] < 6 + 20

@@ -36,20 +36,18 @@ from octomed_data.storage.dataset import (
     ShardWriter,
     table_to_parquet_bytes,
 )
+from octomed_data.storage.fences import check_fence, fenced, in_fence
 from octomed_data.storage.files import (
     UnreadableFile,
     absolute_uri,
-    check_fence,
     clean_temp_files,
     configure,
     create_exclusive,
     describe_error,
     ensure_writable,
     exists,
-    fenced,
     filesystem,
     glob_escape,
-    in_fence,
     is_local,
     join,
     list_files,

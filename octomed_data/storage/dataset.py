@@ -20,14 +20,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from octomed_data.errors import StorageError
+from octomed_data.storage.fences import check_fence, in_fence
 from octomed_data.storage.files import (
     UnreadableFile,
-    check_fence,
     clean_temp_files,
     describe_error,
     exists,
     filesystem,
-    in_fence,
     is_local,
     join,
     one_get,

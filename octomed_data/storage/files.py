@@ -1,4 +1,4 @@
-"""Files behind fsspec URIs: reading, atomic and exclusive writes, listing, write fences.
+"""Files behind fsspec URIs: reading, atomic and exclusive writes, listing (write fences: :mod:`.fences`).
 
 URIs: a plain path or ``file://`` (default), ``s3://bucket/prefix`` through s3fs against any
 S3-compatible endpoint, or ``memory://`` (tests). S3 endpoint and credentials come from the
@@ -9,7 +9,6 @@ environment (``OCTOMED_S3_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL``; ``AWS_ACCESS_K
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import errno
 import json
 import os
@@ -19,7 +18,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import fsspec
@@ -114,18 +113,30 @@ def describe_error(uri: str, exc: BaseException) -> str:
     return f"storage error on {uri}: {name}: {msg}"
 
 
+# A burst of server errors (S3 asks clients to retry 500/503s) can outlast botocore's own few quick
+# attempts (moto's listing races a delete elsewhere in the bucket): a wrapped call is tried again
+# after each of these pauses while the store answers with server errors. An unreachable endpoint,
+# a denied or missing object fail at once.
+SERVER_ERROR_PAUSES_S = (1.0, 3.0)
+_SERVER_ERROR = re.compile(r"Internal Server Error|Service Unavailable|SlowDown|\((?:500|502|503)\)")
+_STORE_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs")  # their errors are not OSErrors
+
+
 def wrap(uri: str, fn, *args, **kwargs):
-    """``fn(*args, **kwargs)`` with its storage errors turned into one-line storage errors."""
-    try:
-        return fn(*args, **kwargs)
-    except StorageError:
-        raise
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise StorageError(describe_error(uri, exc)) from exc
-    except Exception as exc:  # botocore / aiohttp errors are not OSError subclasses
-        if type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "s3fs"):
-            raise StorageError(describe_error(uri, exc)) from exc
-        raise
+    """``fn(*args, **kwargs)`` with its storage errors turned into one-line storage errors, tried
+    again while the store answers with server errors (:data:`SERVER_ERROR_PAUSES_S`)."""
+    for pause in (*SERVER_ERROR_PAUSES_S, None):
+        try:
+            return fn(*args, **kwargs)
+        except StorageError:
+            raise
+        except Exception as exc:
+            ours = isinstance(exc, (OSError, ValueError, RuntimeError))
+            if not ours and type(exc).__module__.split(".")[0] not in _STORE_MODULES:
+                raise
+            if pause is None or not _SERVER_ERROR.search(str(exc)):
+                raise StorageError(describe_error(uri, exc)) from exc
+        time.sleep(pause)
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -135,10 +146,8 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 def remove_quietly(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.remove(path)
-    except FileNotFoundError:
-        pass
 
 
 def _atomic_put(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
@@ -222,7 +231,7 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except OSError:  # EPERM: someone else's live process
-        return True
+        pass
     return True
 
 
@@ -382,37 +391,6 @@ def _s3_create(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
         except FileNotFoundError:
             return False
     return True
-
-
-# ----------------------------------------------------------------------------------- write fences
-# A shard's writer runs inside ``fenced(check)``: before each data write that could publish
-# something (a journal segment, a shard's file and marker) ``check_fence(uri)`` calls ``check``,
-# which raises when the writer no longer holds the shard's lease (another job took it over).
-_FENCE: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar(
-    "octomed_write_fence", default=None
-)
-
-
-@contextlib.contextmanager
-def fenced(check: Callable[[str], None]) -> Iterator[None]:
-    """Writes made in this context (and tasks/threads started from it) call ``check(uri)`` first."""
-    token = _FENCE.set(check)
-    try:
-        yield
-    finally:
-        _FENCE.reset(token)
-
-
-def in_fence() -> bool:
-    """Whether this context writes under a fence (a shard's lease holder)."""
-    return _FENCE.get() is not None
-
-
-def check_fence(uri: str) -> None:
-    """Raise if this context's writer has lost its right to write (no-op outside a fence)."""
-    check = _FENCE.get()
-    if check is not None:
-        check(uri)
 
 
 def one_get(fs: fsspec.AbstractFileSystem) -> dict[str, Any]:
