@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from octomed_data import storage  # noqa: E402
 from octomed_data.layout import RunPaths  # noqa: E402
 from octomed_data.schema import QUESTION_SCHEMA, question_row  # noqa: E402
+from octomed_data.stages.runner import RETRY  # noqa: E402
 
 DRUGS = ["Metformin", "Insulin glargine", "Glipizide", "Sitagliptin"]
 
@@ -175,10 +176,15 @@ def child(args: argparse.Namespace) -> None:
     both = (DistillStage(paths, config), FilterStage(paths, samples_per_question=args.samples))
     for stage in both:
         s0, before = time.perf_counter(), Counter(counts)
-        result = run_stage(stage, LocalExecutor(workers=args.workers, progress=False), finalize=False)
+        result = run_stage(
+            stage, LocalExecutor(workers=args.workers, progress=False, retries=args.retries), finalize=False
+        )
         states = Counter(o.state for o in result.outcomes.values())
         if result.failed or result.pending:
-            raise SystemExit(f"{stage.name}: failed {len(result.failed)}, pending {len(result.pending)}")
+            first = next(iter(result.failed.items()), None)  # the first failure's own words
+            raise SystemExit(
+                f"{stage.name}: failed {len(result.failed)}, pending {len(result.pending)}; first: {first}"
+            )
         loop += Counter(counts) - before
         stages[stage.name] = {
             "wall_s": round(time.perf_counter() - s0, 2),
@@ -272,7 +278,7 @@ def seed_moto(local_root: str, bucket: str, s3_root: str) -> int:
 
 def one_pass(store: str, run_id: str, base_url: str, args: argparse.Namespace, env: dict[str, str]) -> dict:
     cmd = [sys.executable, __file__, "--child", "--store", store, "--run-id", run_id, "--base-url", base_url]
-    cmd += ["--samples", str(args.samples), "--workers", str(args.workers)]
+    cmd += ["--samples", str(args.samples), "--workers", str(args.workers), "--retries", str(args.retries)]
     cmd += ["--prefect"] if args.prefect else []
     cmd += ["--trace-memory"] if args.trace_memory else []
     if args.py_spy:  # a flame profile of each pass (py-spy samples the child from outside)
@@ -292,7 +298,7 @@ def one_pass(store: str, run_id: str, base_url: str, args: argparse.Namespace, e
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
-        raise SystemExit(f"pass failed ({proc.returncode}): {(proc.stderr or proc.stdout)[-2000:]}")
+        raise SystemExit(f"pass failed ({proc.returncode}): {(proc.stderr or proc.stdout)[-8000:]}")
     return json.loads(line.removeprefix("RESULT "))
 
 
@@ -324,6 +330,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--questions", type=int, default=2, help="questions per shard")
     ap.add_argument("--samples", type=int, default=1, help="samples per question")
     ap.add_argument("--workers", type=int, default=8, help="shards at once (the runner's bound)")
+    ap.add_argument(
+        "--retries",
+        type=int,
+        default=RETRY.retries,
+        help="tries again per failed shard (default: the flows' policy; the CLI's is 0)",
+    )
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument(
         "--s3-shards", type=int, nargs="+", default=None, help="on s3, only these of --shards (default: all)"
