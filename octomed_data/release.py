@@ -446,17 +446,19 @@ def release(
 def dataset_info(target: storage.Dataset) -> dict[str, Any]:
     """The card's ``dataset_info``, as ``datasets`` reads it: the features and the one split with
     its rows and bytes (uncompressed size of the Parquet data; ``download_size``: the files)."""
-    shards = target.committed(lambda info: (info.file, info.rows, info.bytes)).values()
+    shards = target.committed(lambda info: (info.file, info.rows, info.bytes)).values()  # not whole markers
     num_bytes = 0
-    for file, _, _ in shards:
+    for file, _rows, _size in shards:
         fs, path = storage.filesystem(storage.join(target.uri, file))
         with fs.open(path, "rb") as fh:
             meta = pq.ParquetFile(fh).metadata
             num_bytes += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
     return {
         "features": release_features(target.schema or RELEASE_SCHEMA)._to_yaml_list(),
-        "splits": [{"name": SPLIT, "num_bytes": num_bytes, "num_examples": sum(s[1] for s in shards)}],
-        "download_size": sum(s[2] for s in shards),
+        "splits": [
+            {"name": SPLIT, "num_bytes": num_bytes, "num_examples": sum(rows for _, rows, _ in shards)}
+        ],
+        "download_size": sum(size for _, _, size in shards),
         "dataset_size": num_bytes,
     }
 

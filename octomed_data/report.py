@@ -362,9 +362,9 @@ def run_outputs(paths: RunPaths) -> dict[str, str]:
 def run_counts(paths: RunPaths) -> dict[str, Any]:
     """Question counts per stage, and what decontamination removed per benchmark (streamed)."""
 
-    def rows(uri: str) -> int | None:
-        ds = storage.Dataset(uri)
-        return ds.num_rows() if ds.has_committed() else None
+    def rows(uri: str) -> int | None:  # None: nothing committed there (one look at the markers)
+        counted = storage.Dataset(uri).committed(lambda info: info.rows)
+        return sum(counted.values()) if counted else None
 
     counts: dict[str, Any] = {
         "questions ingested": rows(paths.ingested),

@@ -35,14 +35,17 @@ def pytest(args: list[str], extra: list[str], **kw) -> subprocess.Popen:
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """The tier's whole process group (pytest, its workers and the servers they started)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+    """The tier's whole process group (pytest, its workers and the servers they started): SIGINT
+    first, so pytest tears its fixtures down (servers started in a session of their own, such as
+    PostgreSQL or a Prefect server, outlive a SIGTERM to this group), then SIGTERM, then SIGKILL."""
+    for sig, wait_s in ((signal.SIGINT, 60), (signal.SIGTERM, 30), (signal.SIGKILL, None)):
+        if proc.poll() is not None:
+            return
+        os.killpg(proc.pid, sig)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=wait_s)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            continue
 
 
 def follow(path: Path, proc: subprocess.Popen) -> None:
