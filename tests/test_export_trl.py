@@ -117,17 +117,10 @@ def test_trl_text_model_trains_on_text_configuration(trl_copy, tmp_path):
 
 def _tiny_vl_processor(model_dir, tokenizer):
     """Qwen2.5-VL processor from the PIL image processor (the video processor needs torchvision)."""
-    from transformers import Qwen2_5_VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from training.models import image_only_vl_processor_class, load_image_processor
 
-    class Processor(Qwen2_5_VLProcessor):
-        def check_argument_for_proper_class(self, name, arg):
-            if name == "video_processor" and arg is None:
-                return None
-            return super().check_argument_for_proper_class(name, arg)
-
-    return Processor(
-        image_processor=Qwen2VLImageProcessorPil.from_pretrained(model_dir),
+    return image_only_vl_processor_class()(
+        image_processor=load_image_processor(model_dir),
         tokenizer=tokenizer,
         video_processor=None,
         chat_template=GENERATION_TEMPLATE,

@@ -117,3 +117,17 @@ def load_image_processor(model_path: str | Path):
     if not (Path(model_path) / "preprocessor_config.json").is_file():
         raise ConfigError(f"vision model at {model_path} has no preprocessor_config.json")
     return Qwen2VLImageProcessorPil.from_pretrained(str(model_path), local_files_only=True)
+
+
+def image_only_vl_processor_class() -> type:
+    """Qwen2.5-VL's processor class for images only: it accepts no video processor (the torchvision
+    one can't be installed on CPU machines), so it is built with ``video_processor=None``."""
+    from transformers import Qwen2_5_VLProcessor
+
+    class ImageOnlyVLProcessor(Qwen2_5_VLProcessor):
+        def check_argument_for_proper_class(self, name, arg):
+            if name == "video_processor" and arg is None:
+                return None
+            return super().check_argument_for_proper_class(name, arg)
+
+    return ImageOnlyVLProcessor

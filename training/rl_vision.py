@@ -38,17 +38,10 @@ from octomed_data.errors import ConfigError
 
 def vl_processor(model_path: str | Path, tokenizer: Any) -> Any:
     """A Qwen2.5-VL processor (``ProcessorMixin``: TRL's VLM path) without a video processor."""
-    from transformers import Qwen2_5_VLProcessor
+    from training.models import image_only_vl_processor_class, load_image_processor
 
-    from training.models import load_image_processor
-
-    class ImageOnlyProcessor(Qwen2_5_VLProcessor):
+    class ImageOnlyProcessor(image_only_vl_processor_class()):
         """Qwen2.5-VL's processor for images only (no torchvision video processor)."""
-
-        def check_argument_for_proper_class(self, name, arg):
-            if name == "video_processor" and arg is None:
-                return None
-            return super().check_argument_for_proper_class(name, arg)
 
         def __call__(self, images=None, text=None, **kwargs):
             # TRL passes one entry per prompt, None for a text prompt of a mixed batch; the
