@@ -21,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_TESTS = 5  # pytest's exit status when a selection holds no test of a tier
+STOP_WAITS_S = (60.0, 30.0)  # how long a stopped tier has after SIGINT, then after SIGTERM
 FAST = ["-m", "not real", "-n", "2"]
 # --no-loadscope-reorder: files in collection order (tests/support/tiers.py SLOW_FILES first), not
 # sorted by their number of tests, so the longest files start first.
@@ -38,7 +39,8 @@ def stop(proc: subprocess.Popen) -> None:
     """The tier's whole process group (pytest, its workers and the servers they started): SIGINT
     first, so pytest tears its fixtures down (servers started in a session of their own, such as
     PostgreSQL or a Prefect server, outlive a SIGTERM to this group), then SIGTERM, then SIGKILL."""
-    for sig, wait_s in ((signal.SIGINT, 60), (signal.SIGTERM, 30), (signal.SIGKILL, None)):
+    waits = (*STOP_WAITS_S, None)
+    for sig, wait_s in zip((signal.SIGINT, signal.SIGTERM, signal.SIGKILL), waits, strict=True):
         if proc.poll() is not None:
             return
         os.killpg(proc.pid, sig)
