@@ -393,7 +393,13 @@ def main(argv: list[str] | None = None) -> None:
                 seed = kind == "s3" and n > args.s3_first_max and "local" in args.stores
                 passes = ("rerun",) if seed else ("first", "rerun")
                 if seed:  # the finished local run, copied: a re-run over a finished run on s3://
-                    seed_moto(RunPaths(f"{tmp}/local", run_id).root, bucket, RunPaths(store, run_id).root)
+                    copied = seed_moto(
+                        RunPaths(f"{tmp}/local", run_id).root, bucket, RunPaths(store, run_id).root
+                    )
+                    print(
+                        f"s3 {n}: the finished local run copied into the S3 server ({copied} objects)",
+                        flush=True,
+                    )
                 else:
                     write_questions(RunPaths(store, run_id), n, args.questions)
                 for name in passes:
