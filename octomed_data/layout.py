@@ -396,10 +396,6 @@ class RunPaths:
     ingested = _of(IngestFolder, "ingest", "questions", doc="Questions as ingested (before decontamination).")
     quarantine = _of(IngestFolder, "ingest", "quarantine")
     ingest_entries = _of(IngestFolder, "ingest", "entries", doc="The ingest stage's done-signal.")
-    ingest_summary = _of(IngestFolder, "ingest", "summary")
-    images_root = property(
-        lambda self: self.stage("ingest"), doc="The folder whose ``images/`` is the image store."
-    )
     questions = _of(DecontamFolder, "decontaminate", "kept", doc="Questions that go to the teachers.")
     removed = _of(DecontamFolder, "decontaminate", "removed")
     decontam_index = _of(DecontamFolder, "decontaminate", "index")

@@ -393,13 +393,6 @@ def make_question_id(
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:24]
 
 
-def option_labels(n: int) -> list[str]:
-    """Labels for ``n`` options: A, B, C, ... (at most 26)."""
-    if not 0 <= n <= 26:
-        raise RecordError("too_many_options", f"{n} options")
-    return [chr(ord("A") + i) for i in range(n)]
-
-
 def question_row(
     *,
     source: str,

@@ -133,7 +133,6 @@ class Breaker:
         self.replies = 0  # answers from the server (successes and errors it chose to send)
         self.gave_up = 0  # requests that failed after all their attempts
         self.last_error: str | None = None
-        self.last_attempts = 0
         self.tripped: str | None = None
         self._last_success: float | None = None
         self._streak: set[int] = set()  # requests failed (connection level) since the last reply
@@ -200,7 +199,6 @@ class Breaker:
         """A request failed after ``attempts`` attempts (its last error ``error``)."""
         self.gave_up += 1
         self.last_error = error
-        self.last_attempts = attempts
         if self.successes == 0 and self.gave_up >= self.threshold:
             tries = "attempt" if attempts == 1 else "attempts"
             self.trip(

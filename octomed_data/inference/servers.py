@@ -44,9 +44,6 @@ class ServerKind(enum.StrEnum):
     GENERIC = "generic"
 
 
-SERVER_CHOICES = ("auto", *(k.value for k in ServerKind))
-
-
 @dataclass(frozen=True)
 class ServerProfile:
     """What a server kind accepts."""

