@@ -422,10 +422,6 @@ class RunPaths:
     report = property(lambda self: self.stage("report"))
     rl = property(lambda self: self.stage("rl"), doc="Reinforcement learning after SFT (an RLFolder).")
 
-    def rl_state(self) -> str:
-        """``state/rl``: the RL job's records and lease (exactly once per checkpoint, data, settings)."""
-        return self.state_dir("rl")
-
     def trl_export(self, text_only: bool) -> str:
         """The TRL export folder training reads (``trl/text`` or ``trl/vision``)."""
         return ExportFolder(self.export).trl_config(text_only)

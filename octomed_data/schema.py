@@ -484,8 +484,3 @@ def quarantine_row(
 def options_of(row: Mapping[str, Any]) -> list[tuple[str, str]]:
     """The ordered (label, text) options of a question row."""
     return [(o["label"], o["text"]) for o in (row.get("options") or [])]
-
-
-def to_table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
-    """Rows -> Arrow table with exactly ``schema`` (missing nullable fields become null)."""
-    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
