@@ -18,7 +18,6 @@ KEY = "sk-test-ray-SECRET-77d0e1"
 
 def test_ray_runs_shards_end_to_end_within_one_global_budget(tmp_path: Path, ray_local) -> None:
     from octomed_data.stages.distill_run import run_distill
-    from tasks.ray_distill import distill_shard_ray
     from tasks.ray_executor import RayExecutor
 
     q_uri, out = str(tmp_path / "q"), str(tmp_path / "out")
@@ -31,7 +30,7 @@ def test_ray_runs_shards_end_to_end_within_one_global_budget(tmp_path: Path, ray
         cfg = config(sb.base_url, samples=2, teacher={"rpm": 16, "rate_window_s": 1.0})
         keys = {"sandbox": SecretStr(KEY)}
         summary = run_distill(q_uri, out, cfg, RayExecutor(), shards=["00000", "00001"], api_keys=keys)
-        one = distill_shard_ray(q_uri, "00002", out, cfg, api_keys=keys)
+        one = run_distill(q_uri, out, cfg, RayExecutor(), shards=["00002"], api_keys=keys)  # as the CLI
         stats = sb.stats()
     assert summary["complete"] and summary["stored"] == 40 and summary["failed"] == 0
     assert one["complete"] and one["stored"] == 8
@@ -45,7 +44,9 @@ def test_ray_runs_shards_end_to_end_within_one_global_budget(tmp_path: Path, ray
     assert storage.exists(storage.join(out, "stats.json")) and storage.exists(storage.join(out, "cost.json"))
     # Actor calls are idempotent: running a finished shard again sends nothing.
     with start_sandbox() as sb2:
-        again = distill_shard_ray(q_uri, "00000", out, config(sb2.base_url, samples=2), api_keys=keys)
+        again = run_distill(
+            q_uri, out, config(sb2.base_url, samples=2), RayExecutor(), shards=["00000"], api_keys=keys
+        )
         assert sb2.stats()["requests"] == 0
     assert again["complete"] and again["requests"] == 0
 
