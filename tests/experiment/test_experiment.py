@@ -28,6 +28,11 @@ from octomed_data.layout import RunPaths
 from octomed_data.release_card import registry_info
 
 
+# The module's first test sets up ``lab`` (the whole ablation through the CLI: 474 s in a green CI
+# run at load 5-23, within reach of pytest-timeout's default 600 s on a slower day).
+pytestmark = pytest.mark.timeout(1200)
+
+
 def _cli(*args: str, home: Path, api: str | None = None) -> subprocess.CompletedProcess:
     """The CLI as a process: with its own local Prefect, as a user would (the module's first run),
     or against ``api``, the session's Prefect server (one API start instead of one per run)."""
