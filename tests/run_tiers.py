@@ -29,8 +29,12 @@ FAST = ["-m", "not real", "-n", "2"]
 REAL = ["-m", "real", "-n", "3", "--dist", "loadfile", "--no-loadscope-reorder", "--durations=20"]
 
 
-def pytest(args: list[str], extra: list[str], **kw) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "pytest", "-q", *args, *extra]
+def pytest(args: list[str], extra: list[str], tier: str, **kw) -> subprocess.Popen:
+    # OCTOMED_TIER_REPORTS=<folder>: each tier's per-test times as JUnit XML (<folder>/<tier>.xml),
+    # to see where a CI run's time went (SLOW_FILES in tests/support/tiers.py is measured this way).
+    reports = os.environ.get("OCTOMED_TIER_REPORTS")
+    junit = [f"--junitxml={Path(reports, tier + '.xml')}"] if reports else []
+    cmd = [sys.executable, "-m", "pytest", "-q", *args, *junit, *extra]
     print("$", shlex.join(cmd), flush=True)
     return subprocess.Popen(cmd, cwd=ROOT, **kw)
 
@@ -73,10 +77,10 @@ def main(extra: list[str]) -> int:
         log = Path(tmp) / "real.log"
         with open(log, "wb") as out:
             # Its own process group, so that stopping it stops the servers its workers started.
-            real = pytest(REAL, extra, stdout=out, stderr=subprocess.STDOUT, process_group=0)
+            real = pytest(REAL, extra, "real", stdout=out, stderr=subprocess.STDOUT, process_group=0)
         fast = None
         try:
-            fast = pytest(FAST, extra)
+            fast = pytest(FAST, extra, "fast")
             fast_rc = fast.wait()
             fast_s = time.monotonic() - t0
             print(f"fast tier: exit {fast_rc} after {fast_s / 60:.1f} min", flush=True)

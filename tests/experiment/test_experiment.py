@@ -27,7 +27,6 @@ from octomed_data.experiment.spec import Arm
 from octomed_data.layout import RunPaths
 from octomed_data.release_card import registry_info
 
-
 # The module's first test sets up ``lab`` (the whole ablation through the CLI: 474 s in a green CI
 # run at load 5-23, within reach of pytest-timeout's default 600 s on a slower day).
 pytestmark = pytest.mark.timeout(1200)
