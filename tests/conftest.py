@@ -99,6 +99,18 @@ def pytest_runtest_makereport(item, call):
         exc = exc.__cause__ or exc.__context__
 
 
+if os.environ.get("OCTOMED_TEST_CPU"):  # per-test CPU seconds (tests/support/cputime.py)
+    from tests.support.cputime import CpuRecorder  # noqa: E402
+
+    _CPU = CpuRecorder(os.environ["OCTOMED_TEST_CPU"])
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        started = _CPU.start()
+        yield
+        _CPU.finish(item.nodeid, started)
+
+
 # --- Tiers -------------------------------------------------------------------------------------
 
 

@@ -53,3 +53,32 @@ def test_stop_still_kills_a_tier_that_ignores_sigint_and_sigterm(tmp_path, monke
     t0 = time.monotonic()
     stop(proc)
     assert proc.returncode == -9 and not out.exists() and time.monotonic() - t0 < 10
+
+
+def test_cpu_time_of_a_test_counts_the_processes_it_started(tmp_path) -> None:
+    """tests/support/cputime.py (OCTOMED_TEST_CPU): a child's CPU, reaped or still running, is counted."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from tests.support.cputime import TICK, CpuRecorder
+
+    recorder = CpuRecorder(str(tmp_path))
+    started = recorder.start()
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n"
+    subprocess.run([sys.executable, "-c", burn], check=True)  # reaped: its time is in our cutime
+    live = subprocess.Popen([sys.executable, "-c", burn + "import time; time.sleep(30)"])
+    try:
+        while True:  # until the running child has burnt its 0.6 s
+            with open(f"/proc/{live.pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            if sum(int(x) for x in fields[11:13]) / TICK >= 0.6:
+                break
+            time.sleep(0.05)  # this process itself stays nearly idle
+        recorder.finish("x::y", started)
+    finally:
+        live.kill()
+        live.wait()
+    (line,) = [json.loads(x) for x in recorder.path.read_text().splitlines()]
+    assert line["test"] == "x::y" and line["cpu_s"] >= 1.2 - 0.1, line
