@@ -62,7 +62,7 @@ def test_cpu_time_of_a_test_counts_the_processes_it_started(tmp_path) -> None:
     import sys
     import time
 
-    from tests.support.cputime import TICK, CpuRecorder
+    from tests.support.cputime import TICK, CpuRecorder, processes
 
     recorder = CpuRecorder(str(tmp_path))
     started = recorder.start()
@@ -71,9 +71,7 @@ def test_cpu_time_of_a_test_counts_the_processes_it_started(tmp_path) -> None:
     live = subprocess.Popen([sys.executable, "-c", burn + "import time; time.sleep(30)"])
     try:
         while True:  # until the running child has burnt its 0.6 s
-            with open(f"/proc/{live.pid}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-            if sum(int(x) for x in fields[11:13]) / TICK >= 0.6:
+            if processes()[live.pid][2] / TICK >= 0.6:
                 break
             time.sleep(0.05)  # this process itself stays nearly idle
         recorder.finish("x::y", started)

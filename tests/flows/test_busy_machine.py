@@ -19,64 +19,22 @@ import pytest
 
 BIN = Path(sys.executable).parent
 BURNERS = 2
-# A burner burns while fewer than BURNERS other processes, outside the demo's process tree, are
-# running (state R in /proc), and yields while at least that many are: on an idle machine both burn for the
-# whole demo, as `while True: pass` did; beside a loaded CI (load 10+) they no longer take ~150
-# CPU-seconds from the other tests for competition that is already there.
-BURNER = """
-import os, sys, time
-need, log, demo_file = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-me = os.getpid()
-
-def running_others():
-    try:
-        demo = int(open(demo_file).read())
-    except (OSError, ValueError):
-        demo = -1
-    parent, running = {}, []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as fh:
-                    state, ppid = fh.read().rsplit(")", 1)[1].split()[:2]
-            except OSError:
-                continue
-            parent[int(name)] = int(ppid)
-            if state == "R":
-                running.append(int(name))
-
-    def in_demo(pid):
-        while pid > 1:
-            if pid == demo:
-                return True
-            pid = parent.get(pid, 0)
-        return False
-
-    return sum(pid != me and not in_demo(pid) for pid in running)
-
-burnt = yielded = 0.0
-while True:
-    busy = running_others() >= need
-    t0 = time.monotonic()
-    if busy:
-        time.sleep(0.25)
-        yielded += time.monotonic() - t0
-    else:
-        while time.monotonic() - t0 < 0.25:
-            pass
-        burnt += time.monotonic() - t0
-    with open(log, "w") as fh:
-        fh.write(f"{burnt:.0f} s burnt, {yielded:.0f} s yielded")
-"""
+REPO = Path(__file__).resolve().parents[2]
+# Each burner (tests/support/burner.py) burns while fewer than BURNERS other processes, outside the
+# demo's process tree, are running, and yields while at least that many are: on an idle machine both
+# burn for the whole demo, as `while True: pass` did; beside a loaded CI (load 10+) they no longer
+# take ~150 CPU-seconds from the other tests for competition that is already there.
 
 
 @pytest.mark.real
 def test_demo_passes_beside_two_cpu_burners(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "OCTOMED_STORE"}
     env |= {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    demo_file, logs = tmp_path / "demo-session", [tmp_path / f"burner-{i}.txt" for i in range(BURNERS)]
+    demo_file, logs = tmp_path / "demo-pid", [tmp_path / f"burner-{i}.txt" for i in range(BURNERS)]
     burners = [
-        subprocess.Popen([sys.executable, "-c", BURNER, str(BURNERS), str(log), str(demo_file)])
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.support.burner", str(BURNERS), str(log), str(demo_file)], cwd=REPO
+        )
         for log in logs
     ]
     t0 = time.time()

@@ -14,8 +14,8 @@ from pathlib import Path
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _processes() -> dict[int, tuple[int, int]]:
-    """pid -> (parent pid, clock ticks used by it and by the children it reaped)."""
+def processes() -> dict[int, tuple[str, int, int]]:
+    """pid -> (state, parent pid, clock ticks used by it and by the children it reaped)."""
     found = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -26,21 +26,21 @@ def _processes() -> dict[int, tuple[int, int]]:
         except OSError:  # gone meanwhile
             continue
         fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-        # ppid is field 4 of proc(5), utime/stime/cutime/cstime fields 14-17.
-        found[int(name)] = (int(fields[1]), sum(int(x) for x in fields[11:15]))
+        # state and ppid are fields 3 and 4 of proc(5), utime/stime/cutime/cstime fields 14-17.
+        found[int(name)] = (fields[0], int(fields[1]), sum(int(x) for x in fields[11:15]))
     return found
 
 
 def tree_cpu_s(root: int) -> float:
     """CPU seconds of ``root`` and its live descendants, each with the children it reaped."""
-    procs = _processes()
+    procs = processes()
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in procs.items():
+    for pid, (_, ppid, _) in procs.items():
         children.setdefault(ppid, []).append(pid)
     total, todo = 0, [root]
     while todo:
         pid = todo.pop()
-        total += procs.get(pid, (0, 0))[1]
+        total += procs.get(pid, ("", 0, 0))[2]
         todo += children.get(pid, [])
     return total / TICK
 
